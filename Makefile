@@ -53,7 +53,7 @@ else
   NVCC_ARCH = -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 endif
 
-BUILD_FLAGS = $(CFLAGS) $(ARCH) $(WARN) $(OMPFLAGS)
+BUILD_FLAGS = $(CFLAGS) $(ARCH) $(WARN) $(OMPFLAGS) -D_DEFAULT_SOURCE
 # Passive OpenMP waiting: busy-waiting threads made small models ~6x slower
 # on 2-core machines (see README).
 RUN_ENV = OMP_WAIT_POLICY=PASSIVE

@@ -1661,6 +1661,9 @@ SMDEF void sm_model_backward(sm_model *m);
 #include <string.h>
 #include <time.h>
 #include <dirent.h>
+#if defined(__linux__) && !defined(SM_NO_HUGEPAGES)
+#include <sys/mman.h> /* madvise(MADV_HUGEPAGE): see sm__advise_huge_pages */
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -1720,6 +1723,24 @@ SMDEF sm_status sm_fail(sm_error *err, sm_status code, const char *fmt, ...) {
     return code;
 }
 
+/* Big tables (Engram, PEER experts, their gradients and Adam moments) are
+ * read and written at random rows: with 4 KB pages nearly every touched row
+ * is a TLB miss and a page walk. On Linux we ask for transparent huge pages
+ * (2 MB) on such buffers before their first touch. madvise is declared by
+ * glibc only with _DEFAULT_SOURCE or _GNU_SOURCE; without it (or with
+ * SM_NO_HUGEPAGES defined) this is a no-op. Results do not depend on it. */
+#define SM__HUGE_PAGE ((size_t)2 << 20)
+static void sm__advise_huge_pages(void *p, size_t bytes) {
+#if defined(MADV_HUGEPAGE)
+    size_t start = ((size_t)(uintptr_t)p + SM__HUGE_PAGE - 1) & ~(SM__HUGE_PAGE - 1);
+    size_t end = ((size_t)(uintptr_t)p + bytes) & ~(SM__HUGE_PAGE - 1);
+    if (bytes >= 8 * SM__HUGE_PAGE && end > start)
+        (void)madvise((void *)(uintptr_t)start, end - start, MADV_HUGEPAGE);
+#else
+    (void)p, (void)bytes;
+#endif
+}
+
 SMDEF void *sm_alloc(size_t count, size_t elem_size, const char *what, sm_error *err) {
     void *p;
     if (elem_size != 0 && count > (size_t)-1 / elem_size) {
@@ -1733,6 +1754,7 @@ SMDEF void *sm_alloc(size_t count, size_t elem_size, const char *what, sm_error 
                 count * elem_size);
         return NULL;
     }
+    sm__advise_huge_pages(p, count * elem_size);
     memset(p, 0, count * elem_size);
     return p;
 }
@@ -7518,14 +7540,47 @@ static double sm__sumsq(const float *x, size_t n) {
     return s;
 }
 
+/* Sum of squares of the grad rows of t (all of it when dense), in a fixed
+ * order whatever the thread count: each block of SM__NORM_BLOCK rows is
+ * summed on its own, then the block sums in order. */
+#define SM__NORM_BLOCK 64
+#define SM__NORM_CHUNK 1024 /* a dense tensor counts as rows of this length */
+#define SM__NORM_AHEAD 4    /* rows prefetched ahead in a sparse table */
+static double sm__rows_sumsq(const float *g, const uint32_t *rows, size_t n_rows, size_t row_size) {
+    double partial[SM__NORM_BLOCK], s = 0.0;
+    size_t n_blocks = (n_rows + SM__NORM_BLOCK - 1) / SM__NORM_BLOCK, b0, b;
+    for (b0 = 0; b0 < n_blocks; b0 += SM__NORM_BLOCK) { /* SM__NORM_BLOCK blocks per pass */
+        long nb = (long)(n_blocks - b0 < SM__NORM_BLOCK ? n_blocks - b0 : SM__NORM_BLOCK), bi;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (nb * SM__NORM_BLOCK * row_size > 65536)
+#endif
+        for (bi = 0; bi < nb; bi++) {
+            size_t r = (b0 + (size_t)bi) * SM__NORM_BLOCK, end = r + SM__NORM_BLOCK, i;
+            double acc = 0.0;
+            if (end > n_rows) end = n_rows;
+            for (; r < end; r++) {
+                const float *x = g + (rows ? (size_t)rows[r] : r) * row_size;
+                float row = 0.0f; /* one row: short enough to sum in float */
+                if (rows && r + SM__NORM_AHEAD < n_rows) /* random rows of a big table */
+                    for (i = 0; i < row_size; i += 16)
+                        SM__PREFETCH(g + (size_t)rows[r + SM__NORM_AHEAD] * row_size + i);
+                for (i = 0; i < row_size; i++) row += x[i] * x[i];
+                acc += row;
+            }
+            partial[bi] = acc;
+        }
+        for (b = 0; b < (size_t)nb; b++) s += partial[b];
+    }
+    return s;
+}
+
 static double sm__tensor_grad_sumsq(const sm_params *p, const sm_param_tensor *t) {
     const float *g = p->grad + t->offset;
-    double s = 0.0;
-    size_t r;
-    if (!t->rows) return sm__sumsq(g, t->size);
-    for (r = 0; r < t->rows->count; r++)
-        s += sm__sumsq(g + (size_t)t->rows->rows[r] * t->row_size, t->row_size);
-    return s;
+    size_t full = t->size / SM__NORM_CHUNK * SM__NORM_CHUNK;
+    if (t->rows) return sm__rows_sumsq(g, t->rows->rows, t->rows->count, t->row_size);
+    /* dense: chunks of SM__NORM_CHUNK, then the tail */
+    return sm__rows_sumsq(g, NULL, full / SM__NORM_CHUNK, SM__NORM_CHUNK) +
+           sm__rows_sumsq(g + full, NULL, t->size > full ? 1 : 0, t->size - full);
 }
 
 SMDEF double sm_params_grad_norm(const sm_params *p) {
@@ -7577,33 +7632,60 @@ static void sm__adam_prefetch_row(const sm_params *p, size_t offset, size_t n) {
     }
 }
 
+/* Adam over the touched rows of a sparse table. The rows of a set are
+ * distinct, so threads never share one; the update is elementwise, so the
+ * result does not depend on the thread count. Zeroes the rows' gradients. */
+static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float lr, float clip_scale,
+                           float bc1, float bc2) {
+    const sm_param_group *g = &p->groups[t->group];
+    const uint32_t *rows = t->rows->rows;
+    long n = (long)t->rows->count, r;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if ((size_t)n * t->row_size > 65536)
+#endif
+    for (r = 0; r < n; r++) {
+        size_t ro = t->offset + (size_t)rows[r] * t->row_size;
+        if (r + SM__ADAM_AHEAD < n) /* random rows of a big table */
+            sm__adam_prefetch_row(p, t->offset + (size_t)rows[r + SM__ADAM_AHEAD] * t->row_size,
+                                  t->row_size);
+        if (lr != 0.0f)
+            sm__adamw_span(p->data + ro, p->grad + ro, p->m + ro, p->v + ro, t->row_size, g, lr,
+                           clip_scale, bc1, bc2, t->no_decay);
+        memset(p->grad + ro, 0, t->row_size * sizeof(float));
+    }
+}
+
+#define SM__ADAM_CHUNK 4096 /* floats per thread task of a dense update */
+static void sm__adamw_dense(const sm_params *p, const sm_param_tensor *t, float lr, float clip_scale,
+                            float bc1, float bc2) {
+    const sm_param_group *g = &p->groups[t->group];
+    long n_chunks = (long)((t->size + SM__ADAM_CHUNK - 1) / SM__ADAM_CHUNK), c;
+    if (lr == 0.0f) return;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (t->size > 65536)
+#endif
+    for (c = 0; c < n_chunks; c++) {
+        size_t o = t->offset + (size_t)c * SM__ADAM_CHUNK, len = t->size - (size_t)c * SM__ADAM_CHUNK;
+        if (len > SM__ADAM_CHUNK) len = SM__ADAM_CHUNK;
+        sm__adamw_span(p->data + o, p->grad + o, p->m + o, p->v + o, len, g, lr, clip_scale, bc1,
+                       bc2, t->no_decay);
+    }
+}
+
 SMDEF void sm_params_adamw_step(sm_params *p, float lr_factor, float clip_scale) {
     int i;
-    float bc1, bc2;
     p->step++;
     for (i = 0; i < p->n_tensors; i++) {
         const sm_param_tensor *t = &p->tensors[i];
         const sm_param_group *g = &p->groups[t->group];
         float lr = g->lr * g->lr_mult * lr_factor;
-        size_t o = t->offset, r;
-        bc1 = 1.0f - powf(g->beta1, (float)p->step);
-        bc2 = 1.0f - powf(g->beta2, (float)p->step);
+        float bc1 = 1.0f - powf(g->beta1, (float)p->step);
+        float bc2 = 1.0f - powf(g->beta2, (float)p->step);
         if (!t->rows) {
-            if (lr != 0.0f)
-                sm__adamw_span(p->data + o, p->grad + o, p->m + o, p->v + o, t->size, g, lr,
-                               clip_scale, bc1, bc2, t->no_decay);
+            sm__adamw_dense(p, t, lr, clip_scale, bc1, bc2);
             continue;
         }
-        for (r = 0; r < t->rows->count; r++) {
-            size_t ro = o + (size_t)t->rows->rows[r] * t->row_size;
-            if (r + SM__ADAM_AHEAD < t->rows->count) /* random rows of a big table */
-                sm__adam_prefetch_row(p, o + (size_t)t->rows->rows[r + SM__ADAM_AHEAD] * t->row_size,
-                                      t->row_size);
-            if (lr != 0.0f)
-                sm__adamw_span(p->data + ro, p->grad + ro, p->m + ro, p->v + ro, t->row_size, g,
-                               lr, clip_scale, bc1, bc2, t->no_decay);
-            memset(p->grad + ro, 0, t->row_size * sizeof(float));
-        }
+        sm__adamw_rows(p, t, lr, clip_scale, bc1, bc2);
         sm_row_set_clear(t->rows);
     }
 }

@@ -195,9 +195,9 @@ static int test_file_roundtrip_and_corruption(void) {
     sm_writer w;
     sm_reader r;
     sm_error err;
-    uint32_t v32;
-    uint64_t v64;
-    float f;
+    uint32_t v32 = 0;
+    uint64_t v64 = 0;
+    float f = 0.0f;
     unsigned char *bytes;
     size_t n;
     FILE *fp;
@@ -1058,6 +1058,71 @@ static int test_adamw_sparse_rows_equal_dense(void) {
     }
     sm_params_free(&sp), sm_params_free(&dp), sm_row_set_free(&rows);
     return 0;
+}
+
+/* The optimizer's norm and update run across threads (rows of a sparse
+ * table, chunks of a dense tensor) yet give bit-identical results for 1 and
+ * 2 threads; the norm matches a double-precision sum. Sizes are above the
+ * parallel thresholds. */
+static int t_optimizer_run(int threads, float *data_out, double *norm_out) {
+    const size_t R = 4096, D = 64, DENSE = 200003;
+    sm_params p;
+    sm_row_set rows;
+    sm_error err;
+    sm_rng r;
+    size_t i, k;
+    double ref = 0.0;
+    int bad = 0;
+#ifdef _OPENMP
+    omp_set_num_threads(threads);
+#else
+    (void)threads;
+#endif
+    memset(&p, 0, sizeof p);
+    CHECK_OK(sm_row_set_init(&rows, R, &err));
+    sm_params_add_group(&p, sm_param_group_default("g", 0.01f), &err);
+    sm_params_add_tensor(&p, "table", R * D, 0, D, &rows, &err);
+    sm_params_add_tensor(&p, "dense", DENSE, 0, 0, NULL, &err);
+    CHECK_OK(sm_params_alloc(&p, &err));
+    sm_rng_seed(&r, 21);
+    sm_rng_fill_normal(&r, p.data, p.total, 1);
+    for (k = 0; k < 2500; k++) {
+        size_t row = (size_t)(sm_rng_u64(&r) % R);
+        if (rows.mark[row]) continue;
+        sm_row_set_add(&rows, row);
+        for (i = 0; i < D; i++) p.grad[row * D + i] = sm_rng_normal(&r);
+    }
+    for (i = 0; i < DENSE; i++) p.grad[R * D + i] = sm_rng_normal(&r);
+    for (i = 0; i < p.total; i++) ref += (double)p.grad[i] * p.grad[i];
+    *norm_out = sm_params_grad_norm(&p);
+    CHECK(fabs(*norm_out - sqrt(ref)) < 1e-6 * sqrt(ref), "norm %.9g vs %.9g", *norm_out, sqrt(ref));
+    sm_params_adamw_step(&p, 1.0f, sm_clip_scale(*norm_out, 1.0f));
+    memcpy(data_out, p.data, p.total * sizeof(float));
+    for (i = 0; i < R * D; i++) bad |= p.grad[i] != 0.0f;
+    CHECK(!bad, "sparse gradients not zeroed by the step");
+    sm_params_free(&p), sm_row_set_free(&rows);
+    return 0;
+}
+
+static int test_optimizer_deterministic_across_threads(void) {
+    const size_t total = 4096 * 64 + 200003;
+    float *a = (float *)t_alloc(total), *b = (float *)t_alloc(total);
+    double na = 0, nb = 0;
+    int bad = 0;
+#ifdef _OPENMP
+    int threads0 = omp_get_max_threads();
+#endif
+    bad |= t_optimizer_run(1, a, &na);
+    bad |= t_optimizer_run(2, b, &nb);
+#ifdef _OPENMP
+    omp_set_num_threads(threads0);
+#endif
+    if (!bad) {
+        CHECK(na == nb, "grad norm depends on the thread count: %.17g vs %.17g", na, nb);
+        CHECK(memcmp(a, b, total * sizeof(float)) == 0, "AdamW step depends on the thread count");
+    }
+    free(a), free(b);
+    return bad;
 }
 
 static int test_grad_clip_and_schedule(void) {
@@ -5410,7 +5475,7 @@ static const t_case t_cases[] = {
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula),
     T(test_adamw_sparse_rows_equal_dense),
-    T(test_grad_clip_and_schedule),
+    T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
     DATA_TESTS,
     MPHF_TESTS,
     MHC_TESTS,
