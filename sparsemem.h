@@ -1578,6 +1578,7 @@ typedef struct sm_sublayer {
     float *fch, *fch_gelu, *peer_out;    /* FFN */
     sm_engram_acts engram_acts;
     sm_peer_acts peer_acts;
+    sm_row_set peer_rows; /* FFN with PEER: experts of its table touched this step */
     /* diagnostics of the last forward/backward */
     double out_norm;  /* mean over positions of ||F(u)||_2 */
     double peer_norm; /* FFN with PEER: the same for the PEER output alone */
@@ -1602,8 +1603,6 @@ typedef struct sm_model {
     int has_hot_set;
     unsigned char *ngram_hot; /* [N, n_orders] 1 where that n-gram is hot */
     sm_engram_scratch engram_scratch;
-    /* PEER */
-    sm_row_set peer_rows;
     /* activations for batches up to B_max x seq_len */
     int B_max, B, T;
     float *act_mem;
@@ -7893,11 +7892,12 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
         o->fcproj_b = sm__add_param(p, "fcproj_b", l, C, g, 0, err);
         if (o->fcproj_b == (size_t)-1) return SM_ERR_INVALID_ARG;
     }
-    if (s->has_peer) {
+    if (s->has_peer) { /* each PEER layer has its own expert table and row set */
         char prefix[32];
+        sm_status st = sm_row_set_init(&s->peer_rows, (size_t)c->peer.n_sub * c->peer.n_sub, err);
         snprintf(prefix, sizeof prefix, "h%d.peer", l);
-        return sm_peer_register(p, prefix, &c->peer, c->d_model, m->g_peer, m->g_peer,
-                                &m->peer_rows, &o->peer, err);
+        return st != SM_OK ? st : sm_peer_register(p, prefix, &c->peer, c->d_model, m->g_peer,
+                                                   m->g_peer, &s->peer_rows, &o->peer, err);
     }
     return SM_OK;
 }
@@ -7924,11 +7924,8 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
                                             m->g_engram_table, &m->engram_rows, err);
         if (st != SM_OK) return st;
     }
-    if (sm__model_has_peer(c)) {
+    if (sm__model_has_peer(c))
         m->g_peer = sm__add_group(p, "peer", c->lr * c->peer_lr_mult, 0.0f, err);
-        st = sm_row_set_init(&m->peer_rows, (size_t)c->peer.n_sub * c->peer.n_sub, err);
-        if (st != SM_OK) return st;
-    }
     if (c->use_mhc) m->g_mhc = sm__add_group(p, "mhc", c->lr * c->mhc_lr_mult, 0.0f, err);
     if (m->g_backbone < 0 || (c->use_mhc && m->g_mhc < 0)) return SM_ERR_INVALID_ARG;
     m->wte = sm__add_param(p, "wte", -1, V * C, m->g_backbone, 0, err);
@@ -8155,13 +8152,13 @@ SMDEF void sm_model_free(sm_model *m) {
     for (i = 0; i < m->n_sub; i++) {
         if (m->sub[i].kind == SM_SUBLAYER_ENGRAM) sm_engram_acts_free(&m->sub[i].engram_acts);
         if (m->sub[i].has_peer) sm_peer_acts_free(&m->sub[i].peer_acts);
+        if (m->sub[i].has_peer) sm_row_set_free(&m->sub[i].peer_rows);
     }
     if (m->cfg.use_engram) {
         sm_ngram_hash_free(&m->hash);
         sm_engram_scratch_free(&m->engram_scratch);
         sm_row_set_free(&m->engram_rows);
     }
-    if (sm__model_has_peer(&m->cfg)) sm_row_set_free(&m->peer_rows);
     sm_params_free(&m->params);
     SM_FREE(m->act_mem);
     SM_FREE(m->grad_mem);
@@ -8405,7 +8402,7 @@ static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float
     if (s->has_peer) {
         sm_peer_params pp = sm__peer_view(m, m->params.data, s);
         sm_peer_params pg = sm__peer_view(m, m->params.grad, s);
-        sm_peer_backward(m->dln, &pg, &m->peer_rows, dy, s->ln, &pp, &s->peer_acts, N, NULL);
+        sm_peer_backward(m->dln, &pg, &s->peer_rows, dy, s->ln, &pp, &s->peer_acts, N, NULL);
     }
     sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C);
 }

@@ -630,6 +630,48 @@ static int test_model_with_modules_gradient(void) {
     return 0;
 }
 
+/* With two PEER layers, a step moves exactly the experts each layer
+ * retrieved, in each layer's own table (one row set per table). */
+static int test_model_two_peer_layers_update_own_rows(void) {
+    sm_model m;
+    sm_model_config cfg = t_tiny_module_config();
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    int i, l, e, n_peer = 0;
+    float *before;
+    cfg.use_engram = 0;
+    cfg.peer_n_layers = 2, cfg.peer_layer_ids[0] = 0, cfg.peer_layer_ids[1] = 1;
+    cfg.peer.n_sub = 6; /* 36 experts, 24 retrievals per layer: some stay untouched */
+    CHECK_OK(sm_model_init(&m, &cfg, 2, 77, &err));
+    before = (float *)t_alloc(m.params.total);
+    memcpy(before, m.params.data, sizeof(float) * m.params.total);
+    sm_params_zero_grad(&m.params);
+    CHECK_OK(sm_model_forward(&m, inputs, targets, NULL, 2, 6, &err));
+    sm_model_backward(&m);
+    sm_params_adamw_step(&m.params, 1.0f, 1.0f);
+    for (l = 0; l < m.n_sub; l++) {
+        const sm_sublayer *s = &m.sub[l];
+        size_t row = 2 * (size_t)cfg.d_model, base;
+        unsigned char hit[36] = {0};
+        if (!s->has_peer) continue;
+        n_peer++;
+        base = (size_t)-1; /* the offset of this layer's expert table */
+        for (i = 0; i < m.params.n_tensors; i++)
+            if (m.params.tensors[i].rows == &s->peer_rows) base = m.params.tensors[i].offset;
+        CHECK(base != (size_t)-1, "layer %d: no expert table uses its row set", s->layer);
+        for (i = 0; i < 2 * 6 * cfg.peer.heads * cfg.peer.topk; i++) hit[s->peer_acts.expert[i]] = 1;
+        for (e = 0; e < 36; e++) {
+            int moved = memcmp(m.params.data + base + e * row, before + base + e * row, row * sizeof(float)) != 0;
+            CHECK(moved == hit[e], "layer %d expert %d: retrieved %d, moved %d", s->layer, e, hit[e], moved);
+        }
+    }
+    CHECK(n_peer == 2, "expected two PEER layers, found %d", n_peer);
+    free(before);
+    sm_model_free(&m);
+    return 0;
+}
+
 /* Every tensor of an mHC model (4 streams, dynamic maps) with Engram too. */
 static int test_model_with_mhc_gradient(void) {
     sm_model m;
@@ -891,7 +933,9 @@ static int test_trainer_cli_options(void) {
     char a5[] = "--engram", a6[] = "1,3", a7[] = "--resume", a8[] = "runA";
     char *argv[] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
     char b0[] = "--no-such-option", c0[] = "--steps", c1[] = "12x", d0[] = "--preset", d1[] = "huge";
-    char *bad1[] = {b0}, *bad2[] = {c0, c1}, *bad3[] = {d0, d1}, *bad4[] = {c0};
+    char e0[] = "--device", e1[] = "tpu", e2[] = "cuda";
+    char *bad1[] = {b0}, *bad2[] = {c0, c1}, *bad3[] = {d0, d1}, *bad4[] = {c0}, *bad5[] = {e0, e1};
+    char *gpu[] = {e0, e2};
     FILE *f;
     char help[16384];
     size_t n;
@@ -906,6 +950,8 @@ static int test_trainer_cli_options(void) {
     CHECK(tr_parse(&o, 2, bad2, pos, &n_pos) != 0, "malformed number accepted");
     CHECK(tr_parse(&o, 2, bad3, pos, &n_pos) != 0, "unknown preset accepted");
     CHECK(tr_parse(&o, 1, bad4, pos, &n_pos) != 0, "missing value accepted");
+    CHECK(tr_parse(&o, 2, bad5, pos, &n_pos) != 0, "unknown device accepted");
+    CHECK(tr_parse(&o, 2, gpu, pos, &n_pos) != 0, "--device cuda accepted by a build without CUDA");
     f = tmpfile();
     CHECK(f != NULL, "tmpfile");
     tr_usage(f);
@@ -5463,7 +5509,7 @@ static const t_case t_cases[] = {
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),
-    T(test_model_with_modules_gradient),
+    T(test_model_with_modules_gradient), T(test_model_two_peer_layers_update_own_rows),
     T(test_model_with_mhc_gradient),
     T(test_model_mhc_starts_near_baseline),
     T(test_model_nine_iso_and_gradient),
