@@ -54,6 +54,11 @@ else
 endif
 
 BUILD_FLAGS = $(CFLAGS) $(ARCH) $(WARN) $(OMPFLAGS) -D_DEFAULT_SOURCE
+ifneq ($(NVCC),)
+  CUDA_TARGETS = tests_cuda trainer_cuda bench/bench_cuda
+  NVCC_WARN = -Xcompiler -Wall,-Wextra $(if $(filter 1,$(WERROR)),-Werror all-warnings -Xcompiler -Werror)
+  NVCC_FLAGS = -O3 -std=c++14 $(NVCC_ARCH) $(NVCC_WARN) $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
+endif
 # Passive OpenMP waiting: busy-waiting threads made small models ~6x slower
 # on 2-core machines (see README).
 RUN_ENV = OMP_WAIT_POLICY=PASSIVE
@@ -61,8 +66,8 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
-.PHONY: all test asan headercheck bench data clean valgrind deps reproduce demo
-all: trainer tests $(EXAMPLES) $(BENCHES)
+.PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo
+all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
 STB_HEADER = /usr/include/stb/stb_image_write.h
@@ -84,11 +89,30 @@ tests: tests.c trainer.c sparsemem.h | deps
 examples/%: examples/%.c sparsemem.h
 	$(CC) $(BUILD_FLAGS) -I. -o $@ $< $(LDLIBS)
 
-bench/%: bench/%.c sparsemem.h
+bench/%: bench/%.c bench/bench_common.h sparsemem.h
 	$(CC) $(BUILD_FLAGS) -I. $(if $(HAVE_CBLAS),-DSM_BENCH_CBLAS) -o $@ $< $(LDLIBS) $(if $(HAVE_CBLAS),-lopenblas)
 
 test: tests
 	$(RUN_ENV) ./tests
+
+# The CUDA backend against the CPU (skips, passing, without a GPU).
+tests_cuda: tests_cuda.cu sparsemem_cuda.cuh sparsemem.h
+	$(if $(NVCC),,@echo "nvcc not found: install the CUDA toolkit to build the GPU path"; exit 1)
+	$(NVCC) $(NVCC_FLAGS) -o $@ tests_cuda.cu -lcublas
+
+test-cuda: tests_cuda
+	$(RUN_ENV) ./tests_cuda
+
+# The trainer with --device cuda: trainer.c (C) linked with the library and
+# its CUDA backend compiled by nvcc.
+trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_cuda.cuh | deps
+	$(NVCC) $(NVCC_FLAGS) -c -o trainer_cuda_lib.o trainer_cuda.cu
+	$(CC) $(BUILD_FLAGS) -DTR_WITH_CUDA -c -o trainer_cuda_main.o trainer.c
+	$(NVCC) $(NVCC_ARCH) -o $@ trainer_cuda_main.o trainer_cuda_lib.o -lcublas -lm $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
+	rm -f trainer_cuda_main.o trainer_cuda_lib.o
+
+bench/bench_cuda: bench/bench_cuda.cu bench/bench_common.h sparsemem.h sparsemem_cuda.cuh
+	$(NVCC) $(NVCC_FLAGS) -I. -o $@ bench/bench_cuda.cu -lcublas
 
 asan: tests.c trainer.c sparsemem.h | deps
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
@@ -128,4 +152,4 @@ demo: trainer
 	bash scripts/demo.sh
 
 clean:
-	rm -f trainer tests tests_asan tests_vg $(EXAMPLES) $(BENCHES) .hc.c
+	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg $(EXAMPLES) $(BENCHES) .hc.c

@@ -72,6 +72,15 @@
 #define SMDEF extern
 #endif
 
+/* SM_HD marks the pure integer functions (mixing, n-gram hashing, MPHF and
+ * fingerprint lookups) that sparsemem_cuda.cuh also runs on the GPU: under
+ * nvcc they compile for host and device, in C the mark is empty. */
+#ifdef __CUDACC__
+#define SM_HD __host__ __device__
+#else
+#define SM_HD
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -125,7 +134,7 @@ SMDEF float sm_rng_normal(sm_rng *r);                /* standard normal */
 SMDEF void sm_rng_fill_normal(sm_rng *r, float *x, size_t n, float stddev);
 SMDEF uint64_t sm_splitmix64(uint64_t *state);
 /* A strong 64-bit mixer (bijective), used for hashing integer keys. */
-SMDEF uint64_t sm_mix64(uint64_t x);
+SMDEF SM_HD uint64_t sm_mix64(uint64_t x);
 
 /* 64-bit file checksum: FNV-1a style over little-endian 8-byte words, then
  * the byte tail. sm_checksum64 is the one-shot form; the streaming form gives
@@ -554,7 +563,7 @@ SMDEF sm_status sm_mphf_build(sm_mphf *f, const uint64_t *keys, size_t n,
                               const sm_mphf_config *cfg, sm_error *err);
 SMDEF void sm_mphf_free(sm_mphf *f);
 
-SMDEF uint32_t sm_mphf_lookup(const sm_mphf *f, uint64_t key);
+SMDEF SM_HD uint32_t sm_mphf_lookup(const sm_mphf *f, uint64_t key);
 /* out[i] = sm_mphf_lookup(f, keys[i]), computed in groups whose pilot bytes
  * are prefetched first so the cache misses overlap. */
 SMDEF void sm_mphf_lookup_batch(const sm_mphf *f, const uint64_t *keys, uint32_t *out,
@@ -586,7 +595,7 @@ SMDEF sm_status sm_fingerprints_build(sm_fingerprints *fp, const sm_mphf *f,
                                       sm_error *err);
 SMDEF void sm_fingerprints_free(sm_fingerprints *fp);
 /* Whether key's fingerprint is the one stored at slot (slot < fp->n). */
-SMDEF int sm_fingerprints_match(const sm_fingerprints *fp, uint64_t key, uint32_t slot);
+SMDEF SM_HD int sm_fingerprints_match(const sm_fingerprints *fp, uint64_t key, uint32_t slot);
 /* Whether key is (probably) in the set: match at sm_mphf_lookup(f, key). */
 SMDEF int sm_fingerprints_contains(const sm_fingerprints *fp, const sm_mphf *f,
                                    uint64_t key);
@@ -696,9 +705,9 @@ SMDEF sm_status sm_ngram_hash_init(sm_ngram_hash *h, const sm_ngram_hash_config 
                                    sm_error *err);
 SMDEF void sm_ngram_hash_free(sm_ngram_hash *h);
 /* Hash set used by Engram layer `layer` (0..n_layers-1). */
-SMDEF int sm_ngram_hash_set(const sm_ngram_hash *h, int layer);
+SMDEF SM_HD int sm_ngram_hash_set(const sm_ngram_hash *h, int layer);
 /* mix of one n-gram of the given order; gram[0] = current token, gram[1] = previous... */
-SMDEF uint64_t sm_ngram_hash_mix(const sm_ngram_hash *h, int layer, const uint32_t *gram,
+SMDEF SM_HD uint64_t sm_ngram_hash_mix(const sm_ngram_hash *h, int layer, const uint32_t *gram,
                                  int order);
 /* Indices of every position of B sequences of T tokens for Engram layer
  * `layer`: rows[B*T, n_slots] within each head's table and/or flat[B*T, n_slots]
@@ -963,7 +972,7 @@ SMDEF sm_status sm_nine_iso_config(sm_nine_iso *iso, const sm_ngram_hash_config 
 /* ---- n-gram counting ---- */
 
 /* The key of gram[0..order) (gram[0] = current token). */
-SMDEF uint64_t sm_nine_key(const uint32_t *gram, int order);
+SMDEF SM_HD uint64_t sm_nine_key(const uint32_t *gram, int order);
 /* Keys of the order-`order` n-grams ending at each of the n positions of one
  * token stream, read as sm_ngram_hash_compute does with h's pad_id and
  * reset_at_doc (doc_start may be NULL). */
@@ -1767,7 +1776,7 @@ SMDEF uint64_t sm_splitmix64(uint64_t *state) {
     return z ^ (z >> 31);
 }
 
-SMDEF uint64_t sm_mix64(uint64_t x) {
+SMDEF SM_HD uint64_t sm_mix64(uint64_t x) {
     x ^= x >> 33;
     x *= 0xff51afd7ed558ccdULL;
     x ^= x >> 33;
@@ -3607,7 +3616,7 @@ static size_t sm__packed_words(uint64_t count, uint32_t width) {
     return (size_t)((count * width + 63) / 64 + 1);
 }
 
-static uint64_t sm__packed_get(const uint64_t *words, uint64_t i, uint32_t width) {
+static SM_HD uint64_t sm__packed_get(const uint64_t *words, uint64_t i, uint32_t width) {
     uint64_t bit = i * width, v;
     unsigned shift = (unsigned)(bit & 63);
     v = words[bit >> 6] >> shift;
@@ -3631,7 +3640,7 @@ static uint32_t sm__bit_width(uint64_t v) {
 
 /* ---- hashing ---- */
 
-static uint64_t sm__mphf_hash(uint64_t key, uint64_t seed) { return sm_mix64(key ^ seed); }
+static SM_HD uint64_t sm__mphf_hash(uint64_t key, uint64_t seed) { return sm_mix64(key ^ seed); }
 
 /* Fills the skewed bucket map's constants for m buckets: dense buckets
  * [0, p2) take hashes u < D as u * p2 / D (fixed point, 32 fraction bits),
@@ -3648,7 +3657,7 @@ static void sm__mphf_set_buckets(sm_mphf *f, uint64_t m) {
 
 /* Both candidates are computed and one selected by a mask, not a branch:
  * the dense/sparse choice is a coin flip no branch predictor can learn. */
-static uint64_t sm__mphf_bucket(const sm_mphf *f, uint64_t hk) {
+static SM_HD uint64_t sm__mphf_bucket(const sm_mphf *f, uint64_t hk) {
     uint64_t u = hk >> 32;
     uint64_t dense = (u * f->dense_mult) >> 32;
     uint64_t sparse = f->dense_buckets + (((u - SM__MPHF_DENSE_HASHES) * f->sparse_mult) >> 32);
@@ -3660,7 +3669,7 @@ static uint64_t sm__mphf_bucket(const sm_mphf *f, uint64_t hk) {
  * by an odd multiplier and xored in, one xorshift-multiply round mixes the
  * result, and its top 32 bits are scaled to the table (Lemire's fast range,
  * floor(x * t / 2^32)), which needs table_size <= 2^32. */
-static uint64_t sm__mphf_position(uint64_t hk, uint64_t pilot, uint64_t table_size) {
+static SM_HD uint64_t sm__mphf_position(uint64_t hk, uint64_t pilot, uint64_t table_size) {
     uint64_t x = hk ^ (pilot * 0x9e3779b97f4a7c15ULL);
     x = (x ^ (x >> 31)) * 0xd6e8feb86659fd93ULL;
     return ((x >> 32) * table_size) >> 32;
@@ -3668,13 +3677,13 @@ static uint64_t sm__mphf_position(uint64_t hk, uint64_t pilot, uint64_t table_si
 
 /* ---- query ---- */
 
-static unsigned sm__mphf_escapes_before(const uint8_t *block, unsigned j) {
+static SM_HD unsigned sm__mphf_escapes_before(const uint8_t *block, unsigned j) {
     unsigned i, c = 0;
     for (i = 0; i < j; i++) c += block[i] == SM__MPHF_ESCAPE;
     return c;
 }
 
-static uint64_t sm__mphf_pilot(const sm_mphf *f, uint64_t b) {
+static SM_HD uint64_t sm__mphf_pilot(const sm_mphf *f, uint64_t b) {
     uint64_t p = f->pilots[b], idx;
     if (p != SM__MPHF_ESCAPE) return p;
     idx = f->block_overflows[b / SM__MPHF_BLOCK] +
@@ -3683,13 +3692,13 @@ static uint64_t sm__mphf_pilot(const sm_mphf *f, uint64_t b) {
     return SM__MPHF_ESCAPE + sm__packed_get(f->overflow, idx, f->overflow_width);
 }
 
-static uint32_t sm__mphf_slot(const sm_mphf *f, uint64_t hk, uint64_t b) {
+static SM_HD uint32_t sm__mphf_slot(const sm_mphf *f, uint64_t hk, uint64_t b) {
     uint64_t pos = sm__mphf_position(hk, sm__mphf_pilot(f, b), f->table_size);
     if (pos < f->n) return (uint32_t)pos;
     return (uint32_t)sm__packed_get(f->remap, pos - f->n, f->remap_width);
 }
 
-SMDEF uint32_t sm_mphf_lookup(const sm_mphf *f, uint64_t key) {
+SMDEF SM_HD uint32_t sm_mphf_lookup(const sm_mphf *f, uint64_t key) {
     uint64_t hk = sm__mphf_hash(key, f->seed);
     return sm__mphf_slot(f, hk, sm__mphf_bucket(f, hk));
 }
@@ -4128,11 +4137,11 @@ SMDEF sm_status sm_mphf_load(sm_mphf *f, const char *path, sm_error *err) {
 /* ---- fingerprints ---- */
 
 /* A 64-bit hash of the key that shares no seed with the MPHF's. */
-static uint32_t sm__fingerprint(uint64_t key, uint64_t seed, int bits) {
+static SM_HD uint32_t sm__fingerprint(uint64_t key, uint64_t seed, int bits) {
     return (uint32_t)(sm_mix64(key ^ seed) >> (64 - bits));
 }
 
-static uint32_t sm__fingerprint_at(const sm_fingerprints *fp, uint64_t slot) {
+static SM_HD uint32_t sm__fingerprint_at(const sm_fingerprints *fp, uint64_t slot) {
     const unsigned char *p = fp->data + slot * (uint64_t)(fp->bits / 8);
     return fp->bits == 8 ? p[0] : (uint32_t)p[0] | (uint32_t)p[1] << 8;
 }
@@ -4191,7 +4200,7 @@ SMDEF void sm_fingerprints_free(sm_fingerprints *fp) {
     memset(fp, 0, sizeof *fp);
 }
 
-SMDEF int sm_fingerprints_match(const sm_fingerprints *fp, uint64_t key, uint32_t slot) {
+SMDEF SM_HD int sm_fingerprints_match(const sm_fingerprints *fp, uint64_t key, uint32_t slot) {
     return slot < fp->n && sm__fingerprint_at(fp, slot) == sm__fingerprint(key, fp->seed, fp->bits);
 }
 
@@ -4321,7 +4330,7 @@ static uint64_t sm__ngram_next_prime(uint64_t n) {
     return n;
 }
 
-SMDEF int sm_ngram_hash_set(const sm_ngram_hash *h, int layer) {
+SMDEF SM_HD int sm_ngram_hash_set(const sm_ngram_hash *h, int layer) {
     return h->cfg.share_tables ? 0 : layer;
 }
 
@@ -4385,7 +4394,7 @@ SMDEF void sm_ngram_hash_free(sm_ngram_hash *h) {
     memset(h, 0, sizeof *h);
 }
 
-SMDEF uint64_t sm_ngram_hash_mix(const sm_ngram_hash *h, int layer, const uint32_t *gram,
+SMDEF SM_HD uint64_t sm_ngram_hash_mix(const sm_ngram_hash *h, int layer, const uint32_t *gram,
                                  int order) {
     const uint64_t *m = h->mult + (size_t)sm_ngram_hash_set(h, layer) * SM_NGRAM_MAX_ORDER;
     uint64_t mix = 0;
@@ -5283,7 +5292,7 @@ SMDEF sm_status sm_nine_iso_config(sm_nine_iso *iso, const sm_ngram_hash_config 
 
 /* ---- Engram-Nine: n-gram keys and counting ---------------------------- */
 
-SMDEF uint64_t sm_nine_key(const uint32_t *gram, int order) {
+SMDEF SM_HD uint64_t sm_nine_key(const uint32_t *gram, int order) {
     uint64_t k = sm_mix64((uint64_t)order);
     int i;
     for (i = 0; i < order; i++)
@@ -5497,7 +5506,7 @@ static sm_status sm__nine_check_hash(const sm_nine *nine, const sm_ngram_hash *h
 
 /* Hot row of head j under membership-only routing: multi-head hashing into
  * the order's n_hot rows. */
-static uint64_t sm__nine_member_row(uint64_t key, int set, int j, uint32_t n_hot) {
+static SM_HD uint64_t sm__nine_member_row(uint64_t key, int set, int j, uint32_t n_hot) {
     return sm_mix64(key + SM__NINE_GOLDEN * (uint64_t)(1 + set * SM_NGRAM_MAX_HEADS + j)) % n_hot;
 }
 

@@ -9,12 +9,17 @@
  *   trainer --help   every option, with its default
  *
  * A GPT-style model (sparsemem.h) with optional Engram, PEER and mHC
- * modules, trained on CPU; per-module learning-rate schedules for the
+ * modules, trained on CPU (or the GPU: --device cuda in a build with
+ * CUDA, `make trainer_cuda`); per-module learning-rate schedules for the
  * "Redundancy Bottleneck" study; diagnostics logged as CSV per evaluation
  * and drawn as PNG plots. */
 #define _POSIX_C_SOURCE 200809L
+#ifdef TR_WITH_CUDA /* built by `make trainer_cuda`: the library comes from trainer_cuda.cu */
+#include "sparsemem_cuda.cuh"
+#else
 #define SPARSEMEM_IMPLEMENTATION
 #include "sparsemem.h"
+#endif
 
 #include <ctype.h>
 #include <errno.h>
@@ -1489,6 +1494,7 @@ typedef struct {
     /* what to do */
     char data[TR_PATH], out[TR_PATH], ckpt[TR_PATH], prompt[TR_PATH];
     char preset[32], schedule[512], engram_layers[128], peer_layers[128], strategy[32];
+    char device[16];
     char tokenizer[TR_PATH], tag[64], baseline[64], x_col[32], y_cols[256], title[128];
     int log_y;
     int resume, threads, vocab, quiet;
@@ -1540,6 +1546,7 @@ static const tr_opt_spec tr_specs[] = {
     OPT("seed", O_U64, seed, "model initialisation seed"),
     OPT("data-seed", O_U64, data_seed, "batch sampling seed"),
     OPT("threads", O_INT, threads, "OpenMP threads (0 = all cores)"),
+    OPT("device", O_STR, device, "train on: cpu | cuda (a build with CUDA: make trainer_cuda)"),
     OPT("quiet", O_FLAG, quiet, "no progress line"),
     OPT("vocab", O_INT, vocab, "BPE vocabulary size (tokenize)"),
     OPT("val-frac", O_FLOAT, val_frac, "fraction of documents held out for validation"),
@@ -1700,6 +1707,22 @@ static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
 }
 
 /* Parses options after the command; positional arguments are collected. */
+/* --device: cpu, or cuda in a build with CUDA. */
+static int tr_check_device(const char *device) {
+    if (!device[0] || strcmp(device, "cpu") == 0) return 0;
+    if (strcmp(device, "cuda") != 0) {
+        fprintf(stderr, "trainer: --device %s: expected cpu or cuda\n", device);
+        return -1;
+    }
+#ifndef TR_WITH_CUDA
+    fprintf(stderr, "trainer: --device cuda: this trainer was built without CUDA; build the GPU "
+                    "trainer with `make trainer_cuda` (needs nvcc) and run ./trainer_cuda\n");
+    return -1;
+#else
+    return 0;
+#endif
+}
+
 static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     int i, j, k;
     *n_pos = 0;
@@ -1738,7 +1761,7 @@ static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
         }
         if (tr_set_option(o, &tr_specs[k], eq ? eq + 1 : argv[++i]) != 0) return -1;
     }
-    return 0;
+    return tr_check_device(o->device);
 }
 
 /* "1,3" -> ids {1, 3}; returns the count, or -1 on a malformed list. */
@@ -2157,8 +2180,9 @@ static void tr_measure_outputs(const sm_model *m, tr_module_stats *st) {
     }
 }
 
-/* Parameter-gradient norms per module (before the optimizer step). */
-static void tr_measure_param_grads(const sm_model *m, tr_module_stats *st) {
+/* Parameter-gradient norms per module (before the optimizer step), from
+ * the gradient norm of each parameter group, group_norm[group id]. */
+static void tr_measure_param_grads(const sm_model *m, const double *group_norm, tr_module_stats *st) {
     int groups[TR_N_MODULES][2], k, j;
     tr_module_groups(m, groups);
     for (k = 0; k < TR_N_MODULES; k++) {
@@ -2166,7 +2190,7 @@ static void tr_measure_param_grads(const sm_model *m, tr_module_stats *st) {
         int any = 0;
         for (j = 0; j < 2; j++)
             if (groups[k][j] >= 0) {
-                double g = sm_params_group_grad_norm(&m->params, groups[k][j]);
+                double g = group_norm[groups[k][j]];
                 ss += g * g;
                 any = 1;
             }
@@ -2261,7 +2285,103 @@ typedef struct {
     double loss_avg; /* moving average of the training loss (logged) */
     int *in, *tg;
     unsigned char *doc, *label;
+    int on_gpu; /* --device cuda: the step runs on the GPU; the host model is
+                   brought up to date (tr_to_host) before evals and checkpoints */
+#ifdef TR_WITH_CUDA
+    smc_ctx gpu;
+    smc_model gpu_model;
+#endif
 } tr_run;
+
+/* ---- the training step's operations, on the CPU or the GPU ---- */
+
+static void tr_zero_grad(tr_run *r) {
+#ifdef TR_WITH_CUDA
+    if (r->on_gpu) {
+        smc_params_zero_grad(&r->gpu, &r->gpu_model.params);
+        return;
+    }
+#endif
+    sm_params_zero_grad(&r->model.params);
+}
+
+static sm_status tr_forward(tr_run *r, int B, int T, sm_error *err) {
+#ifdef TR_WITH_CUDA
+    if (r->on_gpu) return smc_model_forward(&r->gpu_model, r->in, r->tg, r->doc, B, T, err);
+#endif
+    return sm_model_forward(&r->model, r->in, r->tg, r->doc, B, T, err);
+}
+
+/* The backward, and the per-sublayer norms it measures on the host model. */
+static void tr_backward(tr_run *r) {
+#ifdef TR_WITH_CUDA
+    if (r->on_gpu) {
+        sm_error err = {SM_OK, ""};
+        smc_model_backward(&r->gpu_model);
+        if (smc_model_fetch_diagnostics(&r->gpu_model, &err) != SM_OK) tr_die("GPU backward", &err);
+        return;
+    }
+#endif
+    sm_model_backward(&r->model);
+}
+
+/* Gradient norm of one parameter group, or of all (group < 0). */
+static double tr_grad_norm(tr_run *r, int group) {
+#ifdef TR_WITH_CUDA
+    if (r->on_gpu)
+        return group < 0 ? smc_params_grad_norm(&r->gpu, &r->gpu_model.params)
+                         : smc_params_group_grad_norm(&r->gpu, &r->gpu_model.params, group);
+#endif
+    return group < 0 ? sm_params_grad_norm(&r->model.params)
+                     : sm_params_group_grad_norm(&r->model.params, group);
+}
+
+static void tr_adamw(tr_run *r, float lr_factor, float clip) {
+#ifdef TR_WITH_CUDA
+    if (r->on_gpu) {
+        smc_params_adamw_step(&r->gpu, &r->gpu_model.params, lr_factor, clip);
+        return;
+    }
+#endif
+    sm_params_adamw_step(&r->model.params, lr_factor, clip);
+}
+
+/* With --device cuda: the GPU's parameters and moments into the host
+ * model (evaluation and checkpoints read the host model). */
+static void tr_to_host(tr_run *r) {
+#ifdef TR_WITH_CUDA
+    sm_error err = {SM_OK, ""};
+    if (r->on_gpu && smc_model_download(&r->gpu_model, &err) != SM_OK) tr_die("GPU -> host", &err);
+#else
+    (void)r;
+#endif
+}
+
+/* Starts the GPU model from the host model (after init or resume); the
+ * option was checked by tr_parse. */
+static void tr_device_setup(tr_run *r, const tr_opts *o) {
+#ifdef TR_WITH_CUDA
+    sm_error err = {SM_OK, ""};
+    if (strcmp(o->device, "cuda") != 0) return;
+    if (smc_init(&r->gpu, 0, &err) != SM_OK) tr_die("--device cuda", &err);
+    if (smc_model_init(&r->gpu_model, &r->gpu, &r->model, &err) != SM_OK) tr_die("GPU model", &err);
+    r->on_gpu = 1;
+    if (!o->quiet) printf("device: %s (%d SMs), GEMMs in TF32\n", r->gpu.name, r->gpu.sm_count);
+#else
+    (void)r, (void)o;
+#endif
+}
+
+static void tr_device_free(tr_run *r) {
+#ifdef TR_WITH_CUDA
+    if (r->on_gpu) {
+        smc_model_free(&r->gpu_model);
+        smc_free(&r->gpu);
+    }
+#else
+    (void)r;
+#endif
+}
 
 static double tr_engram_alpha_mean(const sm_model *m) {
     double s = 0;
@@ -2693,6 +2813,7 @@ static void tr_run_setup(tr_run *r, tr_opts *o) {
     r->loss_avg = NAN;
     if (o->resume) tr_resume(r, o);
     else if (r->cfg.nine.n_hot[0] > 0 && (o->nine > 0 || o->hot_labels > 0)) tr_build_hot_set(r, o);
+    tr_device_setup(r, o);
     N = (size_t)o->batch * o->seq_len;
     r->in = (int *)sm_alloc(N, sizeof(int), "batch inputs", &err);
     r->tg = (int *)sm_alloc(N, sizeof(int), "batch targets", &err);
@@ -2702,6 +2823,7 @@ static void tr_run_setup(tr_run *r, tr_opts *o) {
 }
 
 static void tr_run_free(tr_run *r) {
+    tr_device_free(r);
     sm_model_free(&r->model);
     tr_free_data(&r->data);
     sm_free(r->in), sm_free(r->tg), sm_free(r->doc), sm_free(r->label);
@@ -2713,32 +2835,33 @@ static int tr_step(tr_run *r, const tr_opts *o, double *loss_out, char *msg, siz
     sm_model *m = &r->model;
     sm_error err = {SM_OK, ""};
     float lr[TR_N_MODULES], clip;
-    double gnorm, t0 = sm_now();
+    double gnorm, group_norm[SM_MAX_GROUPS], t0 = sm_now();
+    int g;
     tr_module_stats st;
     tr_current_lrs(o, r, lr);
     tr_apply_module_lrs(m, lr, o->lr);
     sm_loader_next(&r->loader, r->in, r->tg, r->doc);
     if (r->step == o->debug_nan_step) m->params.data[m->wte] = NAN;
-    sm_params_zero_grad(&m->params);
-    if (sm_model_forward(m, r->in, r->tg, r->doc, o->batch, o->seq_len, &err) != SM_OK)
-        tr_die("forward", &err);
+    tr_zero_grad(r);
+    if (tr_forward(r, o->batch, o->seq_len, &err) != SM_OK) tr_die("forward", &err);
     *loss_out = m->loss;
     if (!sm_is_finite(m->loss)) {
         snprintf(msg, msg_size, "the loss is %g at step %ld", (double)m->loss, r->step);
         return 1;
     }
-    sm_model_backward(m);
-    gnorm = sm_params_grad_norm(&m->params);
+    tr_backward(r);
+    gnorm = tr_grad_norm(r, -1);
     if (!(gnorm < INFINITY)) {
         snprintf(msg, msg_size, "the gradient norm is %g at step %ld", gnorm, r->step);
         return 1;
     }
     tr_measure_outputs(m, &st);
-    tr_measure_param_grads(m, &st);
+    for (g = 0; g < m->params.n_groups; g++) group_norm[g] = tr_grad_norm(r, g);
+    tr_measure_param_grads(m, group_norm, &st);
     tr_stats_ema(&r->train_avg, &st, 0.9);
     tr_stats_ema(&r->coord.avg, &st, 0.9);
     clip = sm_clip_scale(gnorm, o->grad_clip);
-    sm_params_adamw_step(&m->params, sm_lr_schedule(r->step, o->warmup, o->steps, o->min_lr_ratio), clip);
+    tr_adamw(r, sm_lr_schedule(r->step, o->warmup, o->steps, o->min_lr_ratio), clip);
     if (strcmp(o->strategy, "auto") == 0 && o->coord_every > 0 && (r->step + 1) % o->coord_every == 0)
         tr_coord_update(&r->coord);
     r->step++;
@@ -2837,17 +2960,21 @@ static int tr_train(tr_opts *o) {
         if ((o->eval_every > 0 && r.step % o->eval_every == 0) || r.step == o->steps) {
             float lr[TR_N_MODULES];
             tr_current_lrs(o, &r, lr);
+            tr_to_host(&r);
             /* every logged eval uses the same batches, so the curve compares like with like */
             e = tr_evaluate(&r, o->batch, o->eval_batches);
             tr_log_eval(evlog, &r, r.loss_avg, &e, lr);
             if (!o->quiet && isatty(fileno(stdout))) printf("\n");
             if (!o->quiet) printf("eval step %ld: val loss %.4f (ppl %.2f)\n", r.step, e.loss, e.ppl);
         }
-        if ((o->ckpt_every > 0 && r.step % o->ckpt_every == 0) || r.step == end)
+        if ((o->ckpt_every > 0 && r.step % o->ckpt_every == 0) || r.step == end) {
+            tr_to_host(&r);
             if (tr_save_checkpoint(&r, o, path, &err) != SM_OK) tr_die("checkpoint", &err);
+        }
     }
     if (!o->quiet && isatty(fileno(stdout))) printf("\n");
     if (r.step == o->steps) { /* the final numbers cover the whole validation split */
+        tr_to_host(&r);
         if (o->eval_batches > 0) e = tr_evaluate(&r, o->batch, 0);
         tr_write_summary(o, &r, &e, r.loss_avg);
         if (e.has_route) tr_write_route_tables(o, &e.route);

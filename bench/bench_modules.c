@@ -22,6 +22,7 @@
  *           (The Engram-Nine paper measured Nine 11-12% slower; target 3%.) */
 #define SPARSEMEM_IMPLEMENTATION
 #include "sparsemem.h"
+#include "bench_common.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,15 +54,7 @@ static double step_seconds(sm_model *m) {
     return sm_now() - t;
 }
 
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
-static double median(bench_cfg *c) {
-    qsort(c->times, (size_t)c->n, sizeof(double), cmp_double);
-    return c->times[c->n / 2];
-}
+static double median(bench_cfg *c) { return median_of(c->times, c->n); }
 
 /* Build every configuration, warm each up (first touches of the big
  * buffers page-fault), then time `rounds` interleaved rounds. */
@@ -176,25 +169,6 @@ static double mhc_layer_seconds(const sm_model_config *cfg, int rounds) {
     free(p), free(g), free(x), free(xn), free(dx), free(dxn), free(u), free(y), free(du), free(dy);
     free(dmaps), free(actm);
     return best;
-}
-
-/* Token ids with Zipf(1.1) frequencies over the vocabulary (inverse CDF). */
-static void zipf_tokens(int *out, size_t n, int V, sm_rng *r) {
-    double *cdf = (double *)malloc(sizeof(double) * V), z = 0;
-    size_t i;
-    int v;
-    for (v = 0; v < V; v++) z += pow(v + 1, -1.1), cdf[v] = z;
-    for (i = 0; i < n; i++) {
-        double u = sm_rng_uniform(r) * z;
-        int lo = 0, hi = V - 1;
-        while (lo < hi) {
-            int mid = (lo + hi) / 2;
-            if (cdf[mid] < u) lo = mid + 1;
-            else hi = mid;
-        }
-        out[i] = lo;
-    }
-    free(cdf);
 }
 
 static void bench_nine(int rounds) {
