@@ -1445,7 +1445,7 @@ SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n);
 SMDEF void sm_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
 SMDEF void sm_silu_forward(float *out, const float *inp, size_t n);
 SMDEF void sm_silu_backward(float *dinp, const float *inp, const float *dout, size_t n);
-SMDEF float sm_sigmoid(float x);
+SMDEF SM_HD float sm_sigmoid(float x);
 
 /* Token + learned position embedding: out[b,t] = wte[tokens[b,t]] + wpe[t]. */
 SMDEF void sm_embedding_forward(float *out, const int *tokens, const float *wte, const float *wpe,
@@ -1694,6 +1694,31 @@ SMDEF void sm_model_backward(sm_model *m);
 #define SM_ASSERT(x) assert(x)
 #endif
 
+/* ---- scalar activations (also device code under nvcc) ---- */
+
+SMDEF SM_HD float sm_sigmoid(float x) {
+    return x >= 0 ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
+}
+
+/* GELU, tanh form (GPT-2): gelu(x) = x/2 (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3),
+ * gelu'(x) = (1 + tanh u)/2 + x/2 (1 - tanh^2 u) du/dx. */
+#define SM__GELU_K 0.7978845608028654f /* sqrt(2/pi) */
+static SM_HD float sm__gelu(float x) {
+    return 0.5f * x * (1.0f + tanhf(SM__GELU_K * (x + 0.044715f * x * x * x)));
+}
+
+static SM_HD float sm__gelu_grad(float x) {
+    float t = tanhf(SM__GELU_K * (x + 0.044715f * x * x * x));
+    float du = SM__GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
+    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
+}
+
+/* silu(x) = x sigmoid(x); silu'(x) = s (1 + x (1 - s)), s = sigmoid(x). */
+static SM_HD float sm__silu_grad(float x) {
+    float s = sm_sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
 /* A hint to fetch p's cache line ahead of use (no effect on results). */
 #if defined(__GNUC__) || defined(__clang__)
 #define SM__PREFETCH(p) __builtin_prefetch(p)
@@ -1768,6 +1793,14 @@ SMDEF void *sm_alloc(size_t count, size_t elem_size, const char *what, sm_error 
 }
 
 SMDEF void sm_free(void *p) { SM_FREE(p); }
+
+/* Activation buffers are allocated through these, so sparsemem_cuda.cuh
+ * lays out the same structs in device memory with its own pair. */
+typedef void *(*sm__alloc_fn)(size_t bytes, const char *what, sm_error *err);
+typedef void (*sm__free_fn)(void *p);
+static void *sm__host_alloc(size_t bytes, const char *what, sm_error *err) {
+    return sm_alloc(bytes, 1, what, err);
+}
 
 SMDEF uint64_t sm_splitmix64(uint64_t *state) {
     uint64_t z = (*state += 0x9e3779b97f4a7c15ULL);
@@ -4735,15 +4768,15 @@ SMDEF void sm_engram_init_layer(const sm_engram_params *p, const sm_engram_confi
 
 /* ---- Engram layer: activations ---- */
 
-SMDEF sm_status sm_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *c, int N,
-                                     sm_error *err) {
+static sm_status sm__engram_acts_alloc_with(sm_engram_acts *a, const sm_engram_config *c, int N,
+                                            sm__alloc_fn alloc, sm_error *err) {
     size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
     size_t tiers = c->hot_key_proj ? 2 * n * dm : 0;
     float *mem;
     memset(a, 0, sizeof *a);
     if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram acts: N %d < 1", N);
-    mem = (float *)sm_alloc(n * (dm + 7 * d + 5) + tiers, sizeof(float), "engram activations",
-                            err);
+    mem = (float *)alloc((n * (dm + 7 * d + 5) + tiers) * sizeof(float), "engram activations",
+                         err);
     if (!mem) return SM_ERR_OOM;
     a->e = mem;
     a->key = a->e + n * dm;
@@ -4766,19 +4799,24 @@ SMDEF sm_status sm_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *
     return SM_OK;
 }
 
+SMDEF sm_status sm_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *c, int N,
+                                     sm_error *err) {
+    return sm__engram_acts_alloc_with(a, c, N, sm__host_alloc, err);
+}
+
 SMDEF void sm_engram_acts_free(sm_engram_acts *a) {
     SM_FREE(a->e); /* the start of the one allocation */
     memset(a, 0, sizeof *a);
 }
 
-SMDEF sm_status sm_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_config *c, int N,
-                                        sm_error *err) {
+static sm_status sm__engram_scratch_alloc_with(sm_engram_scratch *s, const sm_engram_config *c,
+                                               int N, sm__alloc_fn alloc, sm_error *err) {
     size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
     float *mem;
     memset(s, 0, sizeof *s);
     if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram scratch: N %d < 1", N);
-    mem = (float *)sm_alloc(n * (7 * d + dm + 1) + (c->hot_key_proj ? n * dm : 0),
-                            sizeof(float), "engram scratch", err);
+    mem = (float *)alloc((n * (7 * d + dm + 1) + (c->hot_key_proj ? n * dm : 0)) * sizeof(float),
+                         "engram scratch", err);
     if (!mem) return SM_ERR_OOM;
     s->dconv = mem;
     s->dv_n = s->dconv + n * d;
@@ -4792,6 +4830,11 @@ SMDEF sm_status sm_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_co
     if (c->hot_key_proj) s->de_tier = s->dgate + n;
     s->N = N;
     return SM_OK;
+}
+
+SMDEF sm_status sm_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_config *c, int N,
+                                        sm_error *err) {
+    return sm__engram_scratch_alloc_with(s, c, N, sm__host_alloc, err);
 }
 
 SMDEF void sm_engram_scratch_free(sm_engram_scratch *s) {
@@ -4836,12 +4879,12 @@ static double sm__engram_dot(const float *a, const float *b, int n) {
  * s(g) = g, and its derivative (0 inside the clamp, as the reference code's
  * clamp_min gives). */
 #define SM__ENGRAM_GATE_EPS 1e-6f
-static float sm__engram_squash(float g, int signed_sqrt) {
+static SM_HD float sm__engram_squash(float g, int signed_sqrt) {
     if (!signed_sqrt) return g;
     return (g > 0 ? 1.0f : g < 0 ? -1.0f : 0.0f) * sqrtf(fmaxf(fabsf(g), SM__ENGRAM_GATE_EPS));
 }
 
-static float sm__engram_squash_grad(float g, int signed_sqrt) {
+static SM_HD float sm__engram_squash_grad(float g, int signed_sqrt) {
     if (!signed_sqrt) return 1.0f;
     return fabsf(g) > SM__ENGRAM_GATE_EPS ? 0.5f / sqrtf(fabsf(g)) : 0.0f;
 }
@@ -6041,8 +6084,20 @@ SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
 
 /* ---- activations ---- */
 
-SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                  int max_bt, sm_error *err) {
+/* Frees every buffer of a (with the allocator's own free) and clears it. */
+static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
+    void *bufs[] = {a->q_raw, a->q, a->q_rstd, a->q_mean, a->expert, a->weight, a->pre,
+                    a->sub_scores, a->dq, a->dpre, a->dscore, a->wact, a->sort_key,
+                    a->sort_slot, a->run_start};
+    size_t i;
+    for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
+        if (bufs[i]) release(bufs[i]);
+    memset(a, 0, sizeof *a);
+}
+
+static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
+                                         int max_bt, sm__alloc_fn alloc, sm__free_fn release,
+                                         sm_error *err) {
     size_t bt = (size_t)max_bt, hk, slots;
     sm_status st = sm_peer_validate(cfg, d_model, err);
     memset(a, 0, sizeof *a);
@@ -6053,49 +6108,37 @@ SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, in
     a->cfg = *cfg;
     a->d_model = d_model;
     a->max_bt = max_bt;
-    a->q_raw = (float *)sm_alloc(bt * hk, sizeof(float), "peer q_raw", err);
-    a->q = (float *)sm_alloc(bt * hk, sizeof(float), "peer q", err);
-    a->q_rstd = (float *)sm_alloc(bt * (size_t)cfg->heads, sizeof(float), "peer q_rstd", err);
-    a->q_mean = (float *)sm_alloc(bt * (size_t)cfg->heads, sizeof(float), "peer q_mean", err);
-    a->expert = (int32_t *)sm_alloc(slots, sizeof(int32_t), "peer expert ids", err);
-    a->weight = (float *)sm_alloc(slots, sizeof(float), "peer weights", err);
-    a->pre = (float *)sm_alloc(slots, sizeof(float), "peer pre-activations", err);
-    a->sub_scores = (float *)sm_alloc(bt * 2 * (size_t)cfg->n_sub, sizeof(float),
-                                      "peer sub-key scores", err);
-    a->dq = (float *)sm_alloc(bt * hk, sizeof(float), "peer dq", err);
-    a->dpre = (float *)sm_alloc(slots, sizeof(float), "peer dpre", err);
-    a->dscore = (float *)sm_alloc(slots, sizeof(float), "peer dscore", err);
-    a->wact = (float *)sm_alloc(slots, sizeof(float), "peer wact", err);
-    a->sort_key = (uint32_t *)sm_alloc(2 * slots, sizeof(uint32_t), "peer sort keys", err);
-    a->sort_slot = (uint32_t *)sm_alloc(2 * slots, sizeof(uint32_t), "peer sort slots", err);
-    a->run_start = (uint32_t *)sm_alloc(slots + 1, sizeof(uint32_t), "peer runs", err);
+    a->q_raw = (float *)alloc(bt * hk * sizeof(float), "peer q_raw", err);
+    a->q = (float *)alloc(bt * hk * sizeof(float), "peer q", err);
+    a->q_rstd = (float *)alloc(bt * (size_t)cfg->heads * sizeof(float), "peer q_rstd", err);
+    a->q_mean = (float *)alloc(bt * (size_t)cfg->heads * sizeof(float), "peer q_mean", err);
+    a->expert = (int32_t *)alloc(slots * sizeof(int32_t), "peer expert ids", err);
+    a->weight = (float *)alloc(slots * sizeof(float), "peer weights", err);
+    a->pre = (float *)alloc(slots * sizeof(float), "peer pre-activations", err);
+    a->sub_scores = (float *)alloc(bt * 2 * (size_t)cfg->n_sub * sizeof(float),
+                                   "peer sub-key scores", err);
+    a->dq = (float *)alloc(bt * hk * sizeof(float), "peer dq", err);
+    a->dpre = (float *)alloc(slots * sizeof(float), "peer dpre", err);
+    a->dscore = (float *)alloc(slots * sizeof(float), "peer dscore", err);
+    a->wact = (float *)alloc(slots * sizeof(float), "peer wact", err);
+    a->sort_key = (uint32_t *)alloc(2 * slots * sizeof(uint32_t), "peer sort keys", err);
+    a->sort_slot = (uint32_t *)alloc(2 * slots * sizeof(uint32_t), "peer sort slots", err);
+    a->run_start = (uint32_t *)alloc((slots + 1) * sizeof(uint32_t), "peer runs", err);
     if (!a->q_raw || !a->q || !a->q_rstd || !a->q_mean || !a->expert || !a->weight || !a->pre ||
         !a->sub_scores || !a->dq || !a->dpre || !a->dscore || !a->wact || !a->sort_key ||
         !a->sort_slot || !a->run_start) {
-        sm_peer_acts_free(a);
+        sm__peer_acts_release(a, release);
         return SM_ERR_OOM;
     }
     return SM_OK;
 }
 
-SMDEF void sm_peer_acts_free(sm_peer_acts *a) {
-    SM_FREE(a->q_raw);
-    SM_FREE(a->q);
-    SM_FREE(a->q_rstd);
-    SM_FREE(a->q_mean);
-    SM_FREE(a->expert);
-    SM_FREE(a->weight);
-    SM_FREE(a->pre);
-    SM_FREE(a->sub_scores);
-    SM_FREE(a->dq);
-    SM_FREE(a->dpre);
-    SM_FREE(a->dscore);
-    SM_FREE(a->wact);
-    SM_FREE(a->sort_key);
-    SM_FREE(a->sort_slot);
-    SM_FREE(a->run_start);
-    memset(a, 0, sizeof *a);
+SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
+                                  int max_bt, sm_error *err) {
+    return sm__peer_acts_init_with(a, cfg, d_model, max_bt, sm__host_alloc, sm_free, err);
 }
+
+SMDEF void sm_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, sm_free); }
 
 /* ---- small vector kernels ---- */
 
@@ -6128,18 +6171,14 @@ static void sm__peer_axpy(float *y, float alpha, const float *x, int n) {
     for (i = 0; i < n; i++) y[i] += alpha * x[i];
 }
 
-static float sm__peer_act(sm_peer_activation kind, float x) {
-    float y;
+static SM_HD float sm__peer_act(sm_peer_activation kind, float x) {
     if (kind == SM_PEER_ACT_RELU) return x > 0.0f ? x : 0.0f;
-    sm_gelu_forward(&y, &x, 1);
-    return y;
+    return sm__gelu(x);
 }
 
-static float sm__peer_act_grad(sm_peer_activation kind, float x) {
-    float d = 0.0f, one = 1.0f;
+static SM_HD float sm__peer_act_grad(sm_peer_activation kind, float x) {
     if (kind == SM_PEER_ACT_RELU) return x > 0.0f ? 1.0f : 0.0f;
-    sm_gelu_backward(&d, &x, &one, 1);
-    return d;
+    return sm__gelu_grad(x);
 }
 
 /* w = softmax(score) over k values (score[0] is the largest). */
@@ -7194,30 +7233,16 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
     }
 }
 
-#define SM__GELU_K 0.7978845608028654f /* sqrt(2/pi) */
-
 SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
     size_t i;
-    for (i = 0; i < n; i++) {
-        float x = inp[i];
-        out[i] = 0.5f * x * (1.0f + tanhf(SM__GELU_K * (x + 0.044715f * x * x * x)));
-    }
+    for (i = 0; i < n; i++) out[i] = sm__gelu(inp[i]);
 }
 
 SMDEF void sm_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
     size_t i;
-    for (i = 0; i < n; i++) {
-        float x = inp[i];
-        float u = SM__GELU_K * (x + 0.044715f * x * x * x);
-        float t = tanhf(u);
-        float du = SM__GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-        dinp[i] += dout[i] * (0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du);
-    }
+    for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
 }
 
-SMDEF float sm_sigmoid(float x) {
-    return x >= 0 ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
-}
 
 SMDEF void sm_silu_forward(float *out, const float *inp, size_t n) {
     size_t i;
@@ -7226,10 +7251,7 @@ SMDEF void sm_silu_forward(float *out, const float *inp, size_t n) {
 
 SMDEF void sm_silu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
     size_t i;
-    for (i = 0; i < n; i++) {
-        float s = sm_sigmoid(inp[i]);
-        dinp[i] += dout[i] * s * (1.0f + inp[i] * (1.0f - s));
-    }
+    for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__silu_grad(inp[i]);
 }
 
 SMDEF void sm_embedding_forward(float *out, const int *tokens, const float *wte, const float *wpe,

@@ -102,7 +102,6 @@ SMDEF void smc_row_set_clear(smc_ctx *c, smc_row_set *s);
 /* The set's size (waits for the stream). */
 SMDEF size_t smc_row_set_count(smc_ctx *c, const smc_row_set *s);
 
-
 /* ===================================================================== */
 /* 2. MPHF and n-gram hashing                                            */
 /* ===================================================================== */
@@ -518,6 +517,43 @@ SMDEF sm_status smc_model_fetch_diagnostics(smc_model *g, sm_error *err);
 /* Blocks of SMC__THREADS covering n items. */
 static unsigned smc__blocks(size_t n) { return (unsigned)((n + SMC__THREADS - 1) / SMC__THREADS); }
 
+/* ---- reductions: every lane (thread) of the warp (block) gets the result;
+ *      block versions need blockDim.x a multiple of 32 and every thread ---- */
+
+template <typename T> static __device__ T smc__warp_sum(T v) {
+    int o;
+    for (o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+static __device__ float smc__warp_max(float v) {
+    int o;
+    for (o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+/* Warp results meet in shared memory; the first barrier keeps a previous
+ * call's readers from seeing this call's writes. */
+template <typename T> static __device__ T smc__block_sum(T v) {
+    __shared__ T part[32];
+    int lane = threadIdx.x & 31;
+    v = smc__warp_sum(v);
+    __syncthreads();
+    if (lane == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    return smc__warp_sum(lane < (int)(blockDim.x >> 5) ? part[lane] : (T)0);
+}
+
+static __device__ float smc__block_max(float v) {
+    __shared__ float part[32];
+    int lane = threadIdx.x & 31;
+    v = smc__warp_max(v);
+    __syncthreads();
+    if (lane == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    return smc__warp_max(lane < (int)(blockDim.x >> 5) ? part[lane] : -INFINITY);
+}
+
 static sm_status smc__cuda_fail(sm_error *err, cudaError_t e, const char *what) {
     return sm_fail(err, SM_ERR_IO, "cuda: %s: %s", what, cudaGetErrorString(e));
 }
@@ -679,7 +715,6 @@ SMDEF size_t smc_row_set_count(smc_ctx *c, const smc_row_set *s) {
     cudaStreamSynchronize(c->stream);
     return n;
 }
-
 
 /* ---- 2. MPHF and n-gram hashing ------------------------------------- */
 
@@ -1006,7 +1041,6 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
 
 #define SMC__ENGRAM_ROWS (SMC__THREADS / 32) /* rows per block of the warp-per-row kernels */
 #define SMC__ENGRAM_COL_ROWS 8               /* row lanes of the column-sum blocks (x 32 columns) */
-#define SMC__ENGRAM_GATE_EPS 1e-6f           /* sparsemem.h's SM__ENGRAM_GATE_EPS */
 
 /* The sizes kernels need, from the config. */
 typedef struct smc__engram_shape {
@@ -1028,33 +1062,7 @@ static smc__engram_shape smc__engram_shape_of(const sm_engram_config *cfg) {
 
 SMDEF sm_status smc_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *c, int N,
                                       sm_error *err) {
-    size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
-    size_t tiers = c->hot_key_proj ? 2 * n * dm : 0;
-    float *mem;
-    memset(a, 0, sizeof *a);
-    if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram acts: N %d < 1", N);
-    mem = (float *)smc_malloc((n * (dm + 7 * d + 5) + tiers) * sizeof(float),
-                              "engram activations", err);
-    if (!mem) return SM_ERR_OOM;
-    a->e = mem;
-    a->key = a->e + n * dm;
-    a->key_n = a->key + n * d;
-    a->query_n = a->key_n + n * d;
-    a->value = a->query_n + n * d;
-    a->v = a->value + n * d;
-    a->v_n = a->v + n * d;
-    a->conv = a->v_n + n * d;
-    a->rstd_key = a->conv + n * d;
-    a->rstd_query = a->rstd_key + n;
-    a->rstd_v = a->rstd_query + n;
-    a->gate = a->rstd_v + n;
-    a->alpha = a->gate + n;
-    if (c->hot_key_proj) {
-        a->e_cold = a->alpha + n;
-        a->e_hot = a->e_cold + n * dm;
-    }
-    a->N = N;
-    return SM_OK;
+    return sm__engram_acts_alloc_with(a, c, N, smc_malloc, err);
 }
 
 SMDEF void smc_engram_acts_free(sm_engram_acts *a) {
@@ -1064,26 +1072,7 @@ SMDEF void smc_engram_acts_free(sm_engram_acts *a) {
 
 SMDEF sm_status smc_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_config *c,
                                          int N, sm_error *err) {
-    size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
-    float *mem;
-    memset(s, 0, sizeof *s);
-    if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram scratch: N %d < 1", N);
-    mem = (float *)smc_malloc((n * (7 * d + dm + 1) + (c->hot_key_proj ? n * dm : 0)) *
-                                  sizeof(float),
-                              "engram scratch", err);
-    if (!mem) return SM_ERR_OOM;
-    s->dconv = mem;
-    s->dv_n = s->dconv + n * d;
-    s->dv = s->dv_n + n * d;
-    s->dvalue = s->dv + n * d;
-    s->dquery_n = s->dvalue + n * d;
-    s->dkey_n = s->dquery_n + n * d;
-    s->dkey = s->dkey_n + n * d;
-    s->de = s->dkey + n * d;
-    s->dgate = s->de + n * dm;
-    if (c->hot_key_proj) s->de_tier = s->dgate + n;
-    s->N = N;
-    return SM_OK;
+    return sm__engram_scratch_alloc_with(s, c, N, smc_malloc, err);
 }
 
 SMDEF void smc_engram_scratch_free(sm_engram_scratch *s) {
@@ -1093,29 +1082,6 @@ SMDEF void smc_engram_scratch_free(sm_engram_scratch *s) {
 
 /* ---- device helpers ---- */
 
-static __device__ float smc__engram_warp_sum(float v) {
-    int o;
-    for (o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-/* sm_sigmoid. */
-static __device__ float smc__engram_sigmoid(float x) {
-    return x >= 0 ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
-}
-
-/* The gate squash s(g) = sign(g) sqrt(max(|g|, eps)) or g, and s'(g), 0 inside
- * the clamp (sm__engram_squash, sm__engram_squash_grad). */
-static __device__ float smc__engram_squash(float g, int signed_sqrt) {
-    if (!signed_sqrt) return g;
-    return (g > 0 ? 1.0f : g < 0 ? -1.0f : 0.0f) * sqrtf(fmaxf(fabsf(g), SMC__ENGRAM_GATE_EPS));
-}
-
-static __device__ float smc__engram_squash_grad(float g, int signed_sqrt) {
-    if (!signed_sqrt) return 1.0f;
-    return fabsf(g) > SMC__ENGRAM_GATE_EPS ? 0.5f / sqrtf(fabsf(g)) : 0.0f;
-}
-
 /* y = x / rms(x) * w over one row of C by one warp (sm_rmsnorm_forward);
  * returns 1/rms. Each lane touches the columns lane, lane + 32, ... so it
  * reads back only what it wrote itself. */
@@ -1124,7 +1090,7 @@ static __device__ float smc__engram_warp_rmsnorm(float *y, const float *x, const
     float ss = 0.0f, r;
     int j;
     for (j = lane; j < C; j += 32) ss += x[j] * x[j];
-    ss = smc__engram_warp_sum(ss);
+    ss = smc__warp_sum(ss);
     r = 1.0f / sqrtf(ss / (float)C + SM_RMSNORM_EPS);
     for (j = lane; j < C; j += 32) y[j] = x[j] * r * w[j];
     return r;
@@ -1181,7 +1147,7 @@ static __global__ void smc__engram_gate_kernel(sm_engram_acts a, const float *h,
     rk = smc__engram_warp_rmsnorm(a.key_n + o, a.key + o, p.norm_key, d, lane);
     rq = smc__engram_warp_rmsnorm(a.query_n + o, h + o, p.norm_query, d, lane);
     for (j = lane; j < d; j += 32) dot += a.query_n[o + j] * a.key_n[o + j];
-    dot = smc__engram_warp_sum(dot);
+    dot = smc__warp_sum(dot);
     if (lane) return;
     if (gate_hot && hot)
         for (j = 0; j < n_orders; j++)
@@ -1190,7 +1156,7 @@ static __global__ void smc__engram_gate_kernel(sm_engram_acts a, const float *h,
     a.rstd_key[n] = rk;
     a.rstd_query[n] = rq;
     a.gate[n] = g;
-    a.alpha[n] = smc__engram_sigmoid(smc__engram_squash(g, signed_sqrt));
+    a.alpha[n] = sm_sigmoid(sm__engram_squash(g, signed_sqrt));
 }
 
 /* One warp per position: v = alpha * value, v_n = RMSNorm_v(v). */
@@ -1220,7 +1186,7 @@ static __global__ void smc__engram_conv_kernel(float *out, float *conv, const fl
     for (j = 0; j < SM_ENGRAM_CONV_KERNEL && t - j * dil >= 0; j++)
         acc += w[ch * SM_ENGRAM_CONV_KERNEL + j] * v_n[i - (size_t)j * dil * d];
     conv[i] = acc;
-    out[i] = acc * smc__engram_sigmoid(acc) + v[i];
+    out[i] = acc * sm_sigmoid(acc) + v[i];
 }
 
 SMDEF void smc_engram_forward_routed(smc_ctx *c, float *out, sm_engram_acts *acts,
@@ -1315,7 +1281,7 @@ static __global__ void smc__engram_rmsnorm_back_kernel(float *dinp, const float 
     if (n >= N) return;
     r = rstd[n];
     for (k = lane; k < C; k += 32) dot += dout[o + k] * weight[k] * inp[o + k] * r;
-    mean_dot = smc__engram_warp_sum(dot) / (float)C;
+    mean_dot = smc__warp_sum(dot) / (float)C;
     for (k = lane; k < C; k += 32)
         dinp[o + k] += r * (dout[o + k] * weight[k] - inp[o + k] * r * mean_dot);
 }
@@ -1348,7 +1314,7 @@ static __global__ void smc__engram_silu_back_kernel(float *dconv, const float *c
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     float s;
     if (i >= total) return;
-    s = smc__engram_sigmoid(conv[i]);
+    s = sm_sigmoid(conv[i]);
     dconv[i] = dout[i] * s * (1.0f + conv[i] * (1.0f - s));
 }
 
@@ -1378,9 +1344,9 @@ static __global__ void smc__engram_gate_back_kernel(sm_engram_scratch s, sm_engr
     float al, dalpha = 0.0f, dg;
     if (n >= N) return;
     for (j = lane; j < d; j += 32) dalpha += s.dv[o + j] * a.value[o + j];
-    dalpha = smc__engram_warp_sum(dalpha);
+    dalpha = smc__warp_sum(dalpha);
     al = a.alpha[n];
-    dg = dalpha * al * (1.0f - al) * smc__engram_squash_grad(a.gate[n], signed_sqrt);
+    dg = dalpha * al * (1.0f - al) * sm__engram_squash_grad(a.gate[n], signed_sqrt);
     if (lane == 0) s.dgate[n] = dg;
     for (j = lane; j < d; j += 32) {
         s.dvalue[o + j] = al * s.dv[o + j];
@@ -1394,17 +1360,12 @@ static __global__ void smc__engram_gate_back_kernel(sm_engram_scratch s, sm_engr
 static __global__ void smc__engram_hot_gate_back_kernel(float *dgate_hot, const float *dgate,
                                                         const unsigned char *hot, int N,
                                                         int n_orders) {
-    __shared__ float part[SMC__THREADS / 32];
-    int o = blockIdx.x, n, lane = threadIdx.x & 31;
+    int o = blockIdx.x, n;
     float s = 0.0f;
     for (n = threadIdx.x; n < N; n += blockDim.x)
         if (hot[(size_t)n * n_orders + o]) s += dgate[n];
-    s = smc__engram_warp_sum(s);
-    if (lane == 0) part[threadIdx.x / 32] = s;
-    __syncthreads();
-    if (threadIdx.x >= 32) return;
-    s = smc__engram_warp_sum(lane < (int)(blockDim.x / 32) ? part[lane] : 0.0f);
-    if (lane == 0) dgate_hot[o] += s;
+    s = smc__block_sum(s);
+    if (threadIdx.x == 0) dgate_hot[o] += s;
 }
 
 /* de[hot order blocks] = de_tier: the W_K^hot term replaces the W_K one there
@@ -1504,18 +1465,12 @@ SMDEF void smc_engram_backward(smc_ctx *c, float *dh, const sm_engram_params *g,
 #define SMC__PEER_CHUNK SMC__THREADS /* slots whose coefficients a block stages at once */
 #define SMC__PEER_GAIN_ROWS 128      /* positions per block of the gain gradient */
 
-template <typename T> static __device__ T smc__peer_warp_sum(T v) {
-    int o;
-    for (o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(SMC__PEER_FULL, v, o);
-    return v;
-}
-
 /* a . b over n values by one warp (every lane gets the result). */
 static __device__ float smc__peer_warp_dot(const float *a, const float *b, int n) {
     float s = 0.0f;
     int i;
     for (i = threadIdx.x & 31; i < n; i += 32) s += a[i] * b[i];
-    return smc__peer_warp_sum(s);
+    return smc__warp_sum(s);
 }
 
 /* The row of the calling warp in a launch of a warp per row. */
@@ -1524,21 +1479,6 @@ static __device__ size_t smc__peer_warp_row(void) {
 }
 
 static unsigned smc__peer_warp_blocks(size_t rows) { return smc__blocks(rows * 32); }
-
-/* sm__peer_act and sm__peer_act_grad: GELU (sm_gelu_forward/backward's
- * tanh form) or ReLU, and the derivative. */
-static __device__ float smc__peer_act(sm_peer_activation kind, float x) {
-    if (kind == SM_PEER_ACT_RELU) return x > 0.0f ? x : 0.0f;
-    return 0.5f * x * (1.0f + tanhf(SM__GELU_K * (x + 0.044715f * x * x * x)));
-}
-
-static __device__ float smc__peer_act_grad(sm_peer_activation kind, float x) {
-    float t, du;
-    if (kind == SM_PEER_ACT_RELU) return x > 0.0f ? 1.0f : 0.0f;
-    t = tanhf(SM__GELU_K * (x + 0.044715f * x * x * x));
-    du = SM__GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-}
 
 /* ---- warp top-k ----
  * A warp keeps a sorted list of the k best (score, id) pairs seen: lane
@@ -1628,7 +1568,7 @@ static __device__ void smc__peer_warp_product_topk(const float *s1, const float 
 static __device__ float smc__peer_warp_softmax(float score, int k) {
     float top = __shfl_sync(SMC__PEER_FULL, score, 0);
     float e = (threadIdx.x & 31) < (unsigned)k ? expf(score - top) : 0.0f;
-    return e / smc__peer_warp_sum(e);
+    return e / smc__warp_sum(e);
 }
 
 /* A warp per row: the product-key top-k of s1, s2 [rows, n_sub] into
@@ -1682,52 +1622,10 @@ SMDEF void smc_peer_product_topk(smc_ctx *c, const float *s1, const float *s2, i
 
 SMDEF sm_status smc_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
                                    int max_bt, sm_error *err) {
-    size_t bt = (size_t)max_bt, hk, slots;
-    sm_status st = sm_peer_validate(cfg, d_model, err);
-    memset(a, 0, sizeof *a);
-    if (st != SM_OK) return st;
-    if (max_bt < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: max_bt %d < 1", max_bt);
-    hk = (size_t)cfg->heads * (size_t)cfg->d_key;
-    slots = bt * (size_t)cfg->heads * (size_t)cfg->topk;
-    a->cfg = *cfg;
-    a->d_model = d_model;
-    a->max_bt = max_bt;
-    a->q_raw = (float *)smc_malloc(bt * hk * 4, "peer q_raw", err);
-    a->q = (float *)smc_malloc(bt * hk * 4, "peer q", err);
-    a->q_rstd = (float *)smc_malloc(bt * (size_t)cfg->heads * 4, "peer q_rstd", err);
-    a->q_mean = (float *)smc_malloc(bt * (size_t)cfg->heads * 4, "peer q_mean", err);
-    a->expert = (int32_t *)smc_malloc(slots * 4, "peer expert ids", err);
-    a->weight = (float *)smc_malloc(slots * 4, "peer weights", err);
-    a->pre = (float *)smc_malloc(slots * 4, "peer pre-activations", err);
-    a->sub_scores = (float *)smc_malloc(bt * 2 * (size_t)cfg->n_sub * 4, "peer sub-key scores",
-                                        err);
-    a->dq = (float *)smc_malloc(bt * hk * 4, "peer dq", err);
-    a->dpre = (float *)smc_malloc(slots * 4, "peer dpre", err);
-    a->dscore = (float *)smc_malloc(slots * 4, "peer dscore", err);
-    a->wact = (float *)smc_malloc(slots * 4, "peer wact", err);
-    if (!a->q_raw || !a->q || !a->q_rstd || !a->q_mean || !a->expert || !a->weight || !a->pre ||
-        !a->sub_scores || !a->dq || !a->dpre || !a->dscore || !a->wact) {
-        smc_peer_acts_free(a);
-        return SM_ERR_OOM;
-    }
-    return SM_OK;
+    return sm__peer_acts_init_with(a, cfg, d_model, max_bt, smc_malloc, smc_dfree, err);
 }
 
-SMDEF void smc_peer_acts_free(sm_peer_acts *a) {
-    smc_dfree(a->q_raw);
-    smc_dfree(a->q);
-    smc_dfree(a->q_rstd);
-    smc_dfree(a->q_mean);
-    smc_dfree(a->expert);
-    smc_dfree(a->weight);
-    smc_dfree(a->pre);
-    smc_dfree(a->sub_scores);
-    smc_dfree(a->dq);
-    smc_dfree(a->dpre);
-    smc_dfree(a->dscore);
-    smc_dfree(a->wact);
-    memset(a, 0, sizeof *a);
-}
+SMDEF void smc_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, smc_dfree); }
 
 /* ---- query normalisation ---- */
 
@@ -1746,11 +1644,11 @@ static __global__ void smc__peer_norm_forward_kernel(sm_peer_acts a, const float
     g = gain + (size_t)(n % a.cfg.heads) * d;
     if (a.cfg.query_norm == SM_PEER_NORM_LAYER) {
         for (i = lane; i < d; i += 32) mu += r[i];
-        mu = smc__peer_warp_sum(mu) / d;
+        mu = smc__warp_sum(mu) / d;
     }
     m = (float)mu;
     for (i = lane; i < d; i += 32) ss += (double)(r[i] - m) * (r[i] - m);
-    ss = smc__peer_warp_sum(ss);
+    ss = smc__warp_sum(ss);
     rs = (float)(1.0 / sqrt(ss / d + SM_PEER_NORM_EPS));
     for (i = lane; i < d; i += 32) a.q[n * d + i] = (r[i] - m) * rs * g[i];
     if (lane == 0) {
@@ -1780,8 +1678,8 @@ static __global__ void smc__peer_norm_backward_kernel(sm_peer_acts a, const floa
         gx += g * (r[i] - mean) * rstd;
         gm += g;
     }
-    gx = smc__peer_warp_sum(gx);
-    gm = smc__peer_warp_sum(gm);
+    gx = smc__warp_sum(gx);
+    gm = smc__warp_sum(gm);
     mgx = (float)(gx / d);
     mg = a.cfg.query_norm == SM_PEER_NORM_LAYER ? (float)(gm / d) : 0.0f;
     for (i = lane; i < d; i += 32) {
@@ -1876,7 +1774,7 @@ static __global__ void smc__peer_experts_forward_kernel(float *out, sm_peer_acts
             float pre = smc__peer_warp_dot(experts + (size_t)e * 2 * D, xt, D);
             if (lane == 0) {
                 a.pre[slot] = pre;
-                coef[r] = a.weight[slot] * smc__peer_act(a.cfg.activation, pre);
+                coef[r] = a.weight[slot] * sm__peer_act(a.cfg.activation, pre);
                 ids[r] = e;
             }
         }
@@ -1915,8 +1813,8 @@ static __device__ void smc__peer_slot_grads(const sm_peer_acts *a, const float *
         float dv = smc__peer_warp_dot(dy, experts + (size_t)a->expert[slot] * 2 * D + D, D);
         if ((threadIdx.x & 31) == 0) {
             float w = a->weight[slot], pre = a->pre[slot];
-            float act = smc__peer_act(a->cfg.activation, pre);
-            a->dpre[slot] = w * dv * smc__peer_act_grad(a->cfg.activation, pre);
+            float act = sm__peer_act(a->cfg.activation, pre);
+            a->dpre[slot] = w * dv * sm__peer_act_grad(a->cfg.activation, pre);
             a->wact[slot] = w * act;
             a->dscore[slot] = act * dv;
         }
@@ -1930,7 +1828,7 @@ static __device__ void smc__peer_softmax_backward(const sm_peer_acts *a, size_t 
     for (j = threadIdx.x >> 5; j < a->cfg.heads; j += blockDim.x >> 5) {
         size_t slot = base + (size_t)j * k + lane;
         float w = lane < k ? a->weight[slot] : 0.0f, dw = lane < k ? a->dscore[slot] : 0.0f;
-        float wdw = smc__peer_warp_sum(w * dw);
+        float wdw = smc__warp_sum(w * dw);
         if (lane < k) a->dscore[slot] = w * (dw - wdw);
     }
 }
@@ -2144,11 +2042,6 @@ static __device__ smc__mhc_src smc__mhc_src_at(const float *z, const float *gate
 /* sm__mhc_gate_of. */
 static __device__ int smc__mhc_gate_of(int k, int n) {
     return k < n ? SM_MHC_GATE_PRE : k < 2 * n ? SM_MHC_GATE_POST : SM_MHC_GATE_RES;
-}
-
-/* sm_sigmoid, written the same way. */
-static __device__ float smc__mhc_sigmoid(float x) {
-    return x >= 0 ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
 }
 
 static __device__ float smc__sk_row_max(smc__mhc_src L, int i, int n) {
@@ -2372,8 +2265,8 @@ static __global__ void smc__mhc_maps_forward_kernel(float *maps, const float *z,
     pre = smc__mhc_src_at(z, gate, bias, d, t, 0, SM_MHC_GATE_PRE);
     post = smc__mhc_src_at(z, gate, bias, d, t, n, SM_MHC_GATE_POST);
     for (i = 0; i < n; i++) {
-        h[i] = smc__mhc_sigmoid(smc__mhc_arg(pre, i));
-        h[n + i] = 2.0f * smc__mhc_sigmoid(smc__mhc_arg(post, i));
+        h[i] = sm_sigmoid(smc__mhc_arg(pre, i));
+        h[n + i] = 2.0f * sm_sigmoid(smc__mhc_arg(post, i));
     }
     smc__sk_forward(h + 2 * n, smc__mhc_src_at(z, gate, bias, d, t, 2 * n, SM_MHC_GATE_RES),
                     smc__sk_scratch(stride), n, iters);
@@ -2406,19 +2299,6 @@ static __global__ void smc__mhc_maps_backward_kernel(float *dmaps, const float *
 
 #define SMC__MHC_ROW_THREADS 256 /* one block per token (a multiple of 32) */
 
-/* The sum of v over the block, returned to every thread. */
-static __device__ float smc__mhc_block_sum(float v) {
-    __shared__ float part[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5, o;
-    for (o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    __syncthreads(); /* a previous call may still be reading part */
-    if (lane == 0) part[warp] = v;
-    __syncthreads();
-    v = lane < warps ? part[lane] : 0.0f;
-    for (o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
 /* sm_rmsnorm_forward with weight NULL: out = x r, r = 1/sqrt(mean(x^2) + eps). */
 static __global__ void smc__mhc_rmsnorm_forward_kernel(float *out, float *rstd, const float *inp,
                                                        int C) {
@@ -2427,7 +2307,7 @@ static __global__ void smc__mhc_rmsnorm_forward_kernel(float *out, float *rstd, 
     float ss = 0.0f, r;
     int k;
     for (k = threadIdx.x; k < C; k += blockDim.x) ss += x[k] * x[k];
-    ss = smc__mhc_block_sum(ss);
+    ss = smc__block_sum(ss);
     r = (float)(1.0 / sqrt((double)ss / C + SM_RMSNORM_EPS));
     for (k = threadIdx.x; k < C; k += blockDim.x) y[k] = x[k] * r;
     if (threadIdx.x == 0) rstd[blockIdx.x] = r;
@@ -2442,7 +2322,7 @@ static __global__ void smc__mhc_rmsnorm_backward_kernel(float *dinp, const float
     float r = rstd[blockIdx.x], dot = 0.0f, mean_dot;
     int k;
     for (k = threadIdx.x; k < C; k += blockDim.x) dot += g[k] * x[k] * r;
-    mean_dot = smc__mhc_block_sum(dot) / C;
+    mean_dot = smc__block_sum(dot) / C;
     for (k = threadIdx.x; k < C; k += blockDim.x) dx[k] += r * (g[k] - x[k] * r * mean_dot);
 }
 
@@ -2823,33 +2703,10 @@ SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
 
 #define SMC__WARP 32
 #define SMC__WARPS (SMC__THREADS / SMC__WARP) /* warps (rows) per block */
-#define SMC__GELU_K 0.7978845608028654f       /* sqrt(2/pi), as SM__GELU_K */
 
 /* Blocks of SMC__WARPS warps, one warp per row. */
 static unsigned smc__warp_blocks(size_t rows) {
     return (unsigned)((rows + SMC__WARPS - 1) / SMC__WARPS);
-}
-
-/* The sum (or, with is_max, the maximum) of v over a warp, in every lane. */
-static __device__ float smc__warp_reduce(float v, int is_max) {
-    int off;
-    for (off = SMC__WARP / 2; off > 0; off /= 2) {
-        float o = __shfl_xor_sync(0xffffffffu, v, off);
-        v = is_max ? fmaxf(v, o) : v + o;
-    }
-    return v;
-}
-
-/* The same over a block (blockDim.x a multiple of 32), in every thread;
- * shm holds 32 floats. */
-static __device__ float smc__block_reduce(float v, int is_max, float *shm) {
-    int lane = threadIdx.x % SMC__WARP, warp = threadIdx.x / SMC__WARP;
-    v = smc__warp_reduce(v, is_max);
-    __syncthreads(); /* shm may still be read by the previous call */
-    if (lane == 0) shm[warp] = v;
-    __syncthreads();
-    v = lane < (int)(blockDim.x / SMC__WARP) ? shm[lane] : (is_max ? -INFINITY : 0.0f);
-    return smc__warp_reduce(v, is_max);
 }
 
 /* ---- column sums ---- */
@@ -2904,7 +2761,7 @@ static __global__ void smc__rmsnorm_forward_kernel(float *out, float *rstd, cons
     x = inp + (size_t)n * C;
     y = out + (size_t)n * C;
     for (i = lane; i < C; i += SMC__WARP) ss += x[i] * x[i];
-    r = 1.0f / sqrtf(smc__warp_reduce(ss, 0) / C + SM_RMSNORM_EPS);
+    r = 1.0f / sqrtf(smc__warp_sum(ss) / C + SM_RMSNORM_EPS);
     for (i = lane; i < C; i += SMC__WARP) y[i] = x[i] * r * (weight ? weight[i] : 1.0f);
     if (lane == 0) rstd[n] = r;
 }
@@ -2930,7 +2787,7 @@ static __global__ void smc__rmsnorm_backward_kernel(float *dinp, const float *do
     dx = dinp + (size_t)n * C;
     r = rstd[n];
     for (i = lane; i < C; i += SMC__WARP) dot += dy[i] * (weight ? weight[i] : 1.0f) * x[i] * r;
-    mean_dot = smc__warp_reduce(dot, 0) / C;
+    mean_dot = smc__warp_sum(dot) / C;
     for (i = lane; i < C; i += SMC__WARP) {
         float g = dy[i] * (weight ? weight[i] : 1.0f);
         dx[i] += r * (g - x[i] * r * mean_dot);
@@ -2974,35 +2831,15 @@ SMDEF void smc_linear_backward(smc_ctx *c, float *dinp, float *dweight, float *d
 
 /* ---- GELU and SiLU ---- */
 
-/* The formulas of sm_gelu_* and sm_silu_*, operation for operation. */
-static __device__ float smc__gelu(float x) {
-    return 0.5f * x * (1.0f + tanhf(SMC__GELU_K * (x + 0.044715f * x * x * x)));
-}
-
-static __device__ float smc__gelu_grad(float x) {
-    float t = tanhf(SMC__GELU_K * (x + 0.044715f * x * x * x));
-    float du = SMC__GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
-    return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
-}
-
-static __device__ float smc__sigmoid(float x) {
-    return x >= 0 ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
-}
-
-static __device__ float smc__silu_grad(float x) {
-    float s = smc__sigmoid(x);
-    return s * (1.0f + x * (1.0f - s));
-}
-
 static __global__ void smc__act_forward_kernel(float *out, const float *inp, size_t n, int silu) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) out[i] = silu ? inp[i] * smc__sigmoid(inp[i]) : smc__gelu(inp[i]);
+    if (i < n) out[i] = silu ? inp[i] * sm_sigmoid(inp[i]) : sm__gelu(inp[i]);
 }
 
 static __global__ void smc__act_backward_kernel(float *dinp, const float *inp, const float *dout,
                                                 size_t n, int silu) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dinp[i] += dout[i] * (silu ? smc__silu_grad(inp[i]) : smc__gelu_grad(inp[i]));
+    if (i < n) dinp[i] += dout[i] * (silu ? sm__silu_grad(inp[i]) : sm__gelu_grad(inp[i]));
 }
 
 static void smc__act_forward(smc_ctx *c, float *out, const float *inp, size_t n, int silu) {
@@ -3135,12 +2972,12 @@ static __global__ void smc__causal_softmax_kernel(float *att, size_t rows, int T
     row = att + r * T;
     t = (int)(r % T);
     for (i = lane; i <= t; i += SMC__WARP) maxv = fmaxf(maxv, row[i]);
-    maxv = smc__warp_reduce(maxv, 1);
+    maxv = smc__warp_max(maxv);
     for (i = lane; i <= t; i += SMC__WARP) {
         row[i] = expf(row[i] - maxv);
         sum += row[i];
     }
-    inv = 1.0f / smc__warp_reduce(sum, 0);
+    inv = 1.0f / smc__warp_sum(sum);
     for (i = lane; i < T; i += SMC__WARP) row[i] = i <= t ? row[i] * inv : 0.0f;
 }
 
@@ -3157,7 +2994,7 @@ static __global__ void smc__causal_softmax_backward_kernel(float *datt, const fl
     g = datt + r * T;
     t = (int)(r % T);
     for (i = lane; i <= t; i += SMC__WARP) dot += a[i] * g[i];
-    dot = smc__warp_reduce(dot, 0);
+    dot = smc__warp_sum(dot);
     for (i = lane; i < T; i += SMC__WARP) g[i] = i <= t ? a[i] * (g[i] - dot) * scale : 0.0f;
 }
 
@@ -3206,16 +3043,15 @@ SMDEF void smc_attention_backward(smc_ctx *c, float *dqkv, const float *dout, co
  * writes the loss. */
 static __global__ void smc__crossentropy_rows_kernel(float *losses, float *probs,
                                                      const int *targets, int V) {
-    __shared__ float shm[SMC__WARP];
     float *row = probs + (size_t)blockIdx.x * V, maxv = -INFINITY, sum = 0.0f;
     int target = targets[blockIdx.x], v;
     for (v = threadIdx.x; v < V; v += blockDim.x) maxv = fmaxf(maxv, row[v]);
-    maxv = smc__block_reduce(maxv, 1, shm);
+    maxv = smc__block_max(maxv);
     for (v = threadIdx.x; v < V; v += blockDim.x) {
         row[v] = expf(row[v] - maxv);
         sum += row[v];
     }
-    sum = smc__block_reduce(sum, 0, shm);
+    sum = smc__block_sum(sum);
     for (v = threadIdx.x; v < V; v += blockDim.x) {
         row[v] /= sum;
         if (v == target) losses[blockIdx.x] = -logf(fmaxf(row[v], 1e-30f));
@@ -3233,7 +3069,6 @@ typedef struct {
 /* One block: the mean of the counted losses (ignored ones are 0). */
 static __global__ void smc__loss_mean_kernel(smc__loss_mean *res, const float *losses,
                                              const int *targets, int N) {
-    __shared__ float shm[SMC__WARP];
     float total = 0.0f;
     int base, counted = 0;
     for (base = 0; base < N; base += blockDim.x) { /* uniform trip count for the barrier */
@@ -3241,7 +3076,7 @@ static __global__ void smc__loss_mean_kernel(smc__loss_mean *res, const float *l
         if (counts) total += losses[n];
         counted += __syncthreads_count(counts);
     }
-    total = smc__block_reduce(total, 0, shm);
+    total = smc__block_sum(total);
     if (threadIdx.x != 0) return;
     res->mean = counted ? (float)((double)total / counted) : 0.0f;
     res->counted = counted;
@@ -3331,19 +3166,6 @@ static __device__ size_t smc__params_warp(void) {
 
 static __device__ size_t smc__params_warps(void) { return (size_t)gridDim.x * blockDim.x / 32; }
 
-/* The sum of x over a block of SMC__THREADS threads, valid in thread 0. */
-static __device__ double smc__params_block_sum(double x) {
-    __shared__ double warp_sum[SMC__PARAMS_WARPS];
-    int o;
-    for (o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
-    if (threadIdx.x % 32 == 0) warp_sum[threadIdx.x / 32] = x;
-    __syncthreads();
-    if (threadIdx.x >= 32) return 0.0;
-    x = threadIdx.x < SMC__PARAMS_WARPS ? warp_sum[threadIdx.x] : 0.0;
-    for (o = 16; o > 0; o >>= 1) x += __shfl_down_sync(0xffffffffu, x, o);
-    return x;
-}
-
 /* Level 1 of a squared norm: block b writes the sum of g^2 over its rows to
  * partial[b]. */
 static __global__ void smc__params_sumsq_kernel(double *partial, const float *g,
@@ -3354,7 +3176,7 @@ static __global__ void smc__params_sumsq_kernel(double *partial, const float *g,
         o = smc__params_row_start(&s, r, &len);
         for (i = threadIdx.x % 32; i < len; i += 32) acc += (double)g[o + i] * g[o + i];
     }
-    acc = smc__params_block_sum(acc);
+    acc = smc__block_sum(acc);
     if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
@@ -3364,7 +3186,7 @@ static __global__ void smc__params_add_partials_kernel(double *sum, const double
     double acc = 0.0;
     unsigned i;
     for (i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
-    acc = smc__params_block_sum(acc);
+    acc = smc__block_sum(acc);
     if (threadIdx.x == 0) *sum += acc;
 }
 
@@ -3632,7 +3454,7 @@ static __global__ void smc__row_norms_kernel(float *out, const float *x, int N, 
     float s = 0.0f;
     if (n >= N) return;
     for (i = lane; i < C; i += 32) s += x[(size_t)n * C + i] * x[(size_t)n * C + i];
-    for (i = 16; i > 0; i >>= 1) s += __shfl_down_sync(0xffffffffu, s, i);
+    s = smc__warp_sum(s);
     if (lane == 0) atomicAdd(out, sum_sq ? s : sqrtf(s) / (float)N);
 }
 
