@@ -232,9 +232,9 @@ SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_par
  * As on the CPU, the cost per step does not grow with N except for the
  * O(sqrt N) sub-key scoring. */
 
-/* Device sm_peer_acts for up to max_bt positions (the CPU sizes, in device
- * memory). sort_key, sort_slot and run_start stay NULL: the GPU backward
- * scatters expert rows with atomics and needs no sort. */
+/* Device sm_peer_acts for up to max_bt positions: the CPU's buffers and
+ * sizes (laid out by the CPU's code), in device memory. The sort buffers
+ * are unused: the GPU backward scatters expert rows with atomics. */
 SMDEF sm_status smc_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
                                    int max_bt, sm_error *err);
 SMDEF void smc_peer_acts_free(sm_peer_acts *a);
