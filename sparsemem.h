@@ -4450,16 +4450,23 @@ static int sm__ngram_doc_begin(const sm_ngram_hash *h, const unsigned char *doc_
     return h->cfg.reset_at_doc && doc_start && doc_start[t] ? t : begin;
 }
 
-SMDEF sm_status sm_ngram_hash_compute(const sm_ngram_hash *h, int layer, uint32_t *rows,
-                                      uint32_t *flat, const uint32_t *tokens,
-                                      const unsigned char *doc_start, int B, int T,
+static sm_status sm__ngram_check_args(const sm_ngram_hash *h, int layer, int B, int T,
                                       sm_error *err) {
-    int b, t, i, j, set, K = h->cfg.n_heads;
     if (layer < 0 || layer >= h->cfg.n_layers)
         return sm_fail(err, SM_ERR_INVALID_ARG, "ngram hash: layer %d not in 0..%d", layer,
                        h->cfg.n_layers - 1);
     if (B < 0 || T < 0)
         return sm_fail(err, SM_ERR_INVALID_ARG, "ngram hash: B %d / T %d negative", B, T);
+    return SM_OK;
+}
+
+SMDEF sm_status sm_ngram_hash_compute(const sm_ngram_hash *h, int layer, uint32_t *rows,
+                                      uint32_t *flat, const uint32_t *tokens,
+                                      const unsigned char *doc_start, int B, int T,
+                                      sm_error *err) {
+    int b, t, i, j, set, K = h->cfg.n_heads;
+    sm_status st = sm__ngram_check_args(h, layer, B, T, err);
+    if (st != SM_OK) return st;
     set = sm_ngram_hash_set(h, layer);
     for (b = 0; b < B; b++) {
         const uint32_t *seq = tokens + (size_t)b * T;
@@ -6596,7 +6603,8 @@ static void sm__sinkhorn_kernel(float *K, const float *L, int n) {
 
 /* Runs the scaling iterations. With keep != 0, u_t goes to u + (t-1) n and
  * v_t to v + t n (v_0 = 1 at v); otherwise each step overwrites u and v. */
-static void sm__sinkhorn_scalings(float *u, float *v, const float *K, int n, int iters, int keep) {
+static SM_HD void sm__sinkhorn_scalings(float *u, float *v, const float *K, int n, int iters,
+                                         int keep) {
     size_t step = keep ? (size_t)n : 0;
     const float *v_prev = v;
     int t, i, j;
@@ -6627,22 +6635,11 @@ SMDEF void sm_sinkhorn_forward(float *out, const float *logits, int n, int iters
         for (j = 0; j < n; j++) out[i * n + j] = u[i] * K[i * n + j] * v[j];
 }
 
-/* Reverse mode through the unrolled scalings. For a step w = 1 / (A s):
- * dA s-part and ds follow from d(1/r) = -dw / r^2 = -dw * w^2. */
-SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *logits, int n,
-                                int iters) {
-    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], dK[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
-    float u[SM_SINKHORN_MAX_ITERS * SM_SINKHORN_MAX_N];
-    float v[(SM_SINKHORN_MAX_ITERS + 1) * SM_SINKHORN_MAX_N];
-    float du[SM_SINKHORN_MAX_N], dv[SM_SINKHORN_MAX_N], dr[SM_SINKHORN_MAX_N];
-    const float *uT, *vT;
-    int t, i, j;
-    SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
-    sm__sinkhorn_kernel(K, logits, n);
-    sm__sinkhorn_scalings(u, v, K, n, iters, 1);
-    uT = u + (size_t)(iters - 1) * n;
-    vT = v + (size_t)iters * n;
-    /* out_ij = uT_i K_ij vT_j */
+/* Backward through out_ij = uT_i K_ij vT_j: dK, and du, dv of the last round. */
+static SM_HD void sm__sinkhorn_backward_output(float *dK, float *du, float *dv, const float *dout,
+                                               const float *K, const float *uT, const float *vT,
+                                               int n) {
+    int i, j;
     for (i = 0; i < n; i++) du[i] = 0, dv[i] = 0;
     for (i = 0; i < n; i++)
         for (j = 0; j < n; j++) {
@@ -6651,27 +6648,49 @@ SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *
             du[i] += g * K[i * n + j] * vT[j];
             dv[j] += g * K[i * n + j] * uT[i];
         }
-    for (t = iters; t >= 1; t--) {
-        const float *u_t = u + (size_t)(t - 1) * n, *v_t = v + (size_t)t * n;
-        const float *v_prev = v + (size_t)(t - 1) * n;
-        /* column step v_t = 1 / (K^T u_t): dc_j = -dv_j v_tj^2 */
-        for (j = 0; j < n; j++) dr[j] = -dv[j] * v_t[j] * v_t[j];
-        for (i = 0; i < n; i++)
-            for (j = 0; j < n; j++) {
-                dK[i * n + j] += u_t[i] * dr[j];
-                du[i] += K[i * n + j] * dr[j];
-            }
-        /* row step u_t = 1 / (K v_{t-1}): dr_i = -du_i u_ti^2 */
-        for (i = 0; i < n; i++) dr[i] = -du[i] * u_t[i] * u_t[i];
-        for (j = 0; j < n; j++) dv[j] = 0;
-        for (i = 0; i < n; i++) {
-            for (j = 0; j < n; j++) {
-                dK[i * n + j] += dr[i] * v_prev[j];
-                dv[j] += K[i * n + j] * dr[i];
-            }
-            du[i] = 0;
+}
+
+/* Backward through round t: the column step v_t = 1 / (K^T u_t), then the
+ * row step u_t = 1 / (K v_{t-1}); for w = 1 / (A s), d(A s) = -dw w^2. On
+ * entry du, dv are the gradients of u_t, v_t; on exit dv is that of v_{t-1}
+ * and du is 0. */
+static SM_HD void sm__sinkhorn_backward_round(float *dK, float *du, float *dv, float *dr,
+                                              const float *K, const float *u_t,
+                                              const float *v_t, const float *v_prev, int n) {
+    int i, j;
+    for (j = 0; j < n; j++) dr[j] = -dv[j] * v_t[j] * v_t[j];
+    for (i = 0; i < n; i++)
+        for (j = 0; j < n; j++) {
+            dK[i * n + j] += u_t[i] * dr[j];
+            du[i] += K[i * n + j] * dr[j];
         }
+    for (i = 0; i < n; i++) dr[i] = -du[i] * u_t[i] * u_t[i];
+    for (j = 0; j < n; j++) dv[j] = 0;
+    for (i = 0; i < n; i++) {
+        for (j = 0; j < n; j++) {
+            dK[i * n + j] += dr[i] * v_prev[j];
+            dv[j] += K[i * n + j] * dr[i];
+        }
+        du[i] = 0;
     }
+}
+
+/* Reverse mode through the unrolled scalings (exact: every u_t, v_t kept). */
+SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *logits, int n,
+                                int iters) {
+    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], dK[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    float u[SM_SINKHORN_MAX_ITERS * SM_SINKHORN_MAX_N];
+    float v[(SM_SINKHORN_MAX_ITERS + 1) * SM_SINKHORN_MAX_N];
+    float du[SM_SINKHORN_MAX_N], dv[SM_SINKHORN_MAX_N], dr[SM_SINKHORN_MAX_N];
+    int t, i, j;
+    SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
+    sm__sinkhorn_kernel(K, logits, n);
+    sm__sinkhorn_scalings(u, v, K, n, iters, 1);
+    sm__sinkhorn_backward_output(dK, du, dv, dout, K, u + (size_t)(iters - 1) * n,
+                                 v + (size_t)iters * n, n);
+    for (t = iters; t >= 1; t--)
+        sm__sinkhorn_backward_round(dK, du, dv, dr, K, u + (size_t)(t - 1) * n,
+                                    v + (size_t)t * n, v + (size_t)(t - 1) * n, n);
     /* K = exp(L - rowmax) where not clamped */
     for (i = 0; i < n; i++) {
         float m = sm__max_of(logits + i * n, n);

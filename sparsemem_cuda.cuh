@@ -142,17 +142,9 @@ SMDEF sm_status smc_ngram_hash_compute(smc_ctx *c, const smc_ngram_hash *h, int 
                                        const unsigned char *doc_start, int B, int T,
                                        sm_error *err);
 
-/* An sm_nine hot tier on the device: what routing reads (the layout copied
- * from the host, each hot order's MPHF and fingerprints uploaded). */
-typedef struct smc_nine {
-    sm_nine_config cfg; /* n_hot[] and route as built */
-    int n_orders, orders[SM_NGRAM_MAX_ORDER], n_heads;
-    uint32_t pad_id;
-    int reset_at_doc;
-    uint64_t hot_offset[SM_NGRAM_MAX_ORDER], set_rows;
-    smc_mphf mphf[SM_NGRAM_MAX_ORDER];
-    smc_fingerprints fp[SM_NGRAM_MAX_ORDER];
-} smc_nine;
+/* An sm_nine hot tier on the device: the host's layout fields, each hot
+ * order's MPHF and fingerprints with device arrays. */
+typedef sm_nine smc_nine;
 
 SMDEF sm_status smc_nine_upload(smc_nine *d, const sm_nine *nine, sm_error *err);
 SMDEF void smc_nine_free(smc_nine *d);
@@ -886,22 +878,12 @@ static __global__ void smc__ngram_hash_kernel(uint32_t *rows, uint32_t *flat, sm
     if (flat) flat[i] = h.offsets[head] + row;
 }
 
-static sm_status smc__ngram_check_args(const smc_ngram_hash *h, int layer, int B, int T,
-                                       sm_error *err) {
-    if (layer < 0 || layer >= h->cfg.n_layers)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "ngram hash: layer %d not in 0..%d", layer,
-                       h->cfg.n_layers - 1);
-    if (B < 0 || T < 0)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "ngram hash: B %d / T %d negative", B, T);
-    return SM_OK;
-}
-
 SMDEF sm_status smc_ngram_hash_compute(smc_ctx *c, const smc_ngram_hash *h, int layer,
                                        uint32_t *rows, uint32_t *flat, const uint32_t *tokens,
                                        const unsigned char *doc_start, int B, int T,
                                        sm_error *err) {
     size_t total = (size_t)B * (size_t)T * (size_t)h->n_slots;
-    sm_status st = smc__ngram_check_args(h, layer, B, T, err);
+    sm_status st = sm__ngram_check_args(h, layer, B, T, err);
     if (st != SM_OK || total == 0 || (!rows && !flat)) return st;
     smc__ngram_hash_kernel<<<smc__blocks(total), SMC__THREADS, 0, c->stream>>>(
         rows, flat, smc__ngram_source(&h->cfg, tokens, doc_start, T), *h, layer, total);
@@ -913,14 +895,9 @@ SMDEF sm_status smc_ngram_hash_compute(smc_ctx *c, const smc_ngram_hash *h, int 
 SMDEF sm_status smc_nine_upload(smc_nine *d, const sm_nine *nine, sm_error *err) {
     sm_status st = SM_OK;
     int i;
-    memset(d, 0, sizeof *d);
-    d->cfg = nine->cfg, d->n_orders = nine->n_orders, d->n_heads = nine->n_heads;
-    d->pad_id = nine->pad_id, d->reset_at_doc = nine->reset_at_doc;
-    d->set_rows = nine->set_rows;
-    for (i = 0; i < SM_NGRAM_MAX_ORDER; i++) {
-        d->orders[i] = nine->orders[i];
-        d->hot_offset[i] = nine->hot_offset[i];
-    }
+    *d = *nine;
+    memset(d->mphf, 0, sizeof d->mphf); /* the arrays are replaced by device copies */
+    memset(d->fp, 0, sizeof d->fp);
     for (i = 0; i < nine->n_orders && st == SM_OK; i++) {
         if (!nine->cfg.n_hot[i]) continue;
         st = smc_mphf_upload(&d->mphf[i], &nine->mphf[i], err);
@@ -937,35 +914,6 @@ SMDEF void smc_nine_free(smc_nine *d) {
         smc_fingerprints_free(&d->fp[i]);
     }
     memset(d, 0, sizeof *d);
-}
-
-/* The checks of sparsemem.h's sm__nine_check_hash: the hash reads n-grams
- * as the counting did, and with need_rows its table holds this hot tier. */
-static sm_status smc__nine_check_hash(const smc_nine *nine, const smc_ngram_hash *h,
-                                      int need_rows, sm_error *err) {
-    int i;
-    if (h->cfg.n_orders != nine->n_orders)
-        return sm_fail(err, SM_ERR_MISMATCH, "nine: hash has %d orders, the hot tier %d",
-                       h->cfg.n_orders, nine->n_orders);
-    for (i = 0; i < nine->n_orders; i++)
-        if (h->cfg.orders[i] != nine->orders[i])
-            return sm_fail(err, SM_ERR_MISMATCH, "nine: hash orders[%d] = %d, hot tier %d", i,
-                           h->cfg.orders[i], nine->orders[i]);
-    if (h->cfg.pad_id != nine->pad_id || h->cfg.reset_at_doc != nine->reset_at_doc)
-        return sm_fail(err, SM_ERR_MISMATCH,
-                       "nine: hash pad_id %u / reset_at_doc %d, hot tier counted with %u / %d",
-                       (unsigned)h->cfg.pad_id, h->cfg.reset_at_doc, (unsigned)nine->pad_id,
-                       nine->reset_at_doc);
-    if (!need_rows) return SM_OK;
-    if (h->cfg.n_heads != nine->n_heads)
-        return sm_fail(err, SM_ERR_MISMATCH, "nine: hash n_heads %d, hot tier %d",
-                       h->cfg.n_heads, nine->n_heads);
-    if ((uint64_t)h->cfg.extra_rows != (uint64_t)h->n_sets * nine->set_rows)
-        return sm_fail(err, SM_ERR_MISMATCH,
-                       "nine: hash extra_rows %u, the hot tier needs %llu (sm_nine_hot_rows)",
-                       (unsigned)h->cfg.extra_rows,
-                       (unsigned long long)((uint64_t)h->n_sets * nine->set_rows));
-    return SM_OK;
 }
 
 /* One order's routing, as the route kernel reads it. */
@@ -1014,7 +962,7 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
     size_t N = (size_t)B * (size_t)T;
     smc__nine_order job;
     int i;
-    sm_status st = smc__nine_check_hash(nine, h, flat != NULL, err);
+    sm_status st = sm__nine_check_hash(nine, h, flat != NULL, err);
     if (st != SM_OK) return st;
     if (flat)
         st = smc_ngram_hash_compute(c, h, layer, NULL, flat, tokens, doc_start, B, T, err);
@@ -1990,11 +1938,6 @@ SMDEF void smc_peer_usage_free(sm_peer_usage *u) {
 
 /* ---- 5. mHC ----------------------------------------------------------- */
 
-/* The clamp of the shifted Sinkhorn logits (SM__SINKHORN_LOG_FLOOR). */
-#define SMC__SK_LOG_FLOOR 30.0f
-#ifdef SM__SINKHORN_LOG_FLOOR
-static_assert(SM__SINKHORN_LOG_FLOOR == SMC__SK_LOG_FLOOR, "Sinkhorn clamp differs from the CPU");
-#endif
 #define SMC__MHC_MAX_K (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)
 
 /* Shapes every mHC kernel needs: tokens, streams, channels, maps per token. */
@@ -2061,33 +2004,8 @@ static __device__ void smc__sk_exp(float *K, smc__mhc_src L, int n) {
         float m = smc__sk_row_max(L, i, n);
         for (j = 0; j < n; j++) {
             float s = smc__mhc_arg(L, i * n + j) - m;
-            K[i * n + j] = expf(s > -SMC__SK_LOG_FLOOR ? s : -SMC__SK_LOG_FLOOR);
+            K[i * n + j] = expf(s > -SM__SINKHORN_LOG_FLOOR ? s : -SM__SINKHORN_LOG_FLOOR);
         }
-    }
-}
-
-/* sm__sinkhorn_scalings: u_t = 1 / (K v_{t-1}), v_t = 1 / (K^T u_t), v_0 = 1.
- * With keep != 0, u_t goes to u + (t-1) n and v_t to v + t n; otherwise each
- * round overwrites u and v. */
-static __device__ void smc__sk_scalings(float *u, float *v, const float *K, int n, int iters,
-                                        int keep) {
-    size_t step = keep ? (size_t)n : 0;
-    const float *v_prev = v;
-    int t, i, j;
-    for (j = 0; j < n; j++) v[j] = 1.0f;
-    for (t = 1; t <= iters; t++) {
-        float *u_t = u + (t - 1) * step, *v_t = v + t * step;
-        for (i = 0; i < n; i++) {
-            float s = 0;
-            for (j = 0; j < n; j++) s += K[i * n + j] * v_prev[j];
-            u_t[i] = 1.0f / s;
-        }
-        for (j = 0; j < n; j++) {
-            float s = 0;
-            for (i = 0; i < n; i++) s += K[i * n + j] * u_t[i];
-            v_t[j] = 1.0f / s;
-        }
-        v_prev = v_t;
     }
 }
 
@@ -2104,48 +2022,9 @@ static __device__ void smc__sk_forward(float *out, smc__mhc_src L, float *w, int
     float *K = w, *u = K + n * n, *v = u + n;
     int i, j;
     smc__sk_exp(K, L, n);
-    smc__sk_scalings(u, v, K, n, iters, 0);
+    sm__sinkhorn_scalings(u, v, K, n, iters, 0);
     for (i = 0; i < n; i++)
         for (j = 0; j < n; j++) out[i * n + j] = u[i] * K[i * n + j] * v[j];
-}
-
-/* Backward through out_ij = uT_i K_ij vT_j: dK, and du, dv of the last round. */
-static __device__ void smc__sk_backward_output(float *dK, float *du, float *dv, const float *dout,
-                                               const float *K, const float *uT, const float *vT,
-                                               int n) {
-    int i, j;
-    for (i = 0; i < n; i++) du[i] = 0, dv[i] = 0;
-    for (i = 0; i < n; i++)
-        for (j = 0; j < n; j++) {
-            float g = dout[i * n + j];
-            dK[i * n + j] = g * uT[i] * vT[j];
-            du[i] += g * K[i * n + j] * vT[j];
-            dv[j] += g * K[i * n + j] * uT[i];
-        }
-}
-
-/* Backward through round t (column step, then row step): for w = 1 / (A s),
- * d(A s) = -dw w^2. On entry du, dv are the gradients of u_t, v_t; on exit
- * dv is that of v_{t-1} and du is 0. */
-static __device__ void smc__sk_backward_round(float *dK, float *du, float *dv, float *dr,
-                                              const float *K, const float *u_t,
-                                              const float *v_t, const float *v_prev, int n) {
-    int i, j;
-    for (j = 0; j < n; j++) dr[j] = -dv[j] * v_t[j] * v_t[j];
-    for (i = 0; i < n; i++)
-        for (j = 0; j < n; j++) {
-            dK[i * n + j] += u_t[i] * dr[j];
-            du[i] += K[i * n + j] * dr[j];
-        }
-    for (i = 0; i < n; i++) dr[i] = -du[i] * u_t[i] * u_t[i];
-    for (j = 0; j < n; j++) dv[j] = 0;
-    for (i = 0; i < n; i++) {
-        for (j = 0; j < n; j++) {
-            dK[i * n + j] += dr[i] * v_prev[j];
-            dv[j] += K[i * n + j] * dr[i];
-        }
-        du[i] = 0;
-    }
 }
 
 /* sm_sinkhorn_backward of one matrix, loop for loop. w holds
@@ -2158,17 +2037,17 @@ static __device__ const float *smc__sk_backward(float *w, const float *dout, smc
     float *u = dr + n, *v = u + (size_t)iters * n;
     int t, i, j;
     smc__sk_exp(K, L, n);
-    smc__sk_scalings(u, v, K, n, iters, 1);
-    smc__sk_backward_output(dK, du, dv, dout, K, u + (size_t)(iters - 1) * n,
+    sm__sinkhorn_scalings(u, v, K, n, iters, 1);
+    sm__sinkhorn_backward_output(dK, du, dv, dout, K, u + (size_t)(iters - 1) * n,
                             v + (size_t)iters * n, n);
     for (t = iters; t >= 1; t--)
-        smc__sk_backward_round(dK, du, dv, dr, K, u + (size_t)(t - 1) * n, v + (size_t)t * n,
+        sm__sinkhorn_backward_round(dK, du, dv, dr, K, u + (size_t)(t - 1) * n, v + (size_t)t * n,
                                v + (size_t)(t - 1) * n, n);
     for (i = 0; i < n; i++) {
         float m = smc__sk_row_max(L, i, n);
         for (j = 0; j < n; j++) {
             int e = i * n + j;
-            dK[e] = smc__mhc_arg(L, e) - m > -SMC__SK_LOG_FLOOR ? dK[e] * K[e] : 0.0f;
+            dK[e] = smc__mhc_arg(L, e) - m > -SM__SINKHORN_LOG_FLOOR ? dK[e] * K[e] : 0.0f;
         }
     }
     return dK;
