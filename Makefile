@@ -83,7 +83,7 @@ deps:
 trainer: trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) $(BLASFLAGS) -o $@ trainer.c $(LDLIBS) $(BLASLIBS)
 
-tests: tests.c trainer.c sparsemem.h | deps
+tests: tests.c tests_harness.h trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 
 examples/%: examples/%.c sparsemem.h
@@ -96,7 +96,7 @@ test: tests
 	$(RUN_ENV) ./tests
 
 # The CUDA backend against the CPU (skips, passing, without a GPU).
-tests_cuda: tests_cuda.cu sparsemem_cuda.cuh sparsemem.h
+tests_cuda: tests_cuda.cu tests_harness.h sparsemem_cuda.cuh sparsemem.h
 	$(if $(NVCC),,@echo "nvcc not found: install the CUDA toolkit to build the GPU path"; exit 1)
 	$(NVCC) $(NVCC_FLAGS) -o $@ tests_cuda.cu -lcublas
 
@@ -114,13 +114,13 @@ trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_cuda.cuh | deps
 bench/bench_cuda: bench/bench_cuda.cu bench/bench_common.h sparsemem.h sparsemem_cuda.cuh
 	$(NVCC) $(NVCC_FLAGS) -I. -o $@ bench/bench_cuda.cu -lcublas
 
-asan: tests.c trainer.c sparsemem.h | deps
+asan: tests.c tests_harness.h trainer.c sparsemem.h | deps
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 	  $(WARN) -o tests_asan tests.c $(LDLIBS)
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ./tests_asan
 
 # Portable -O1 build (valgrind does not decode AVX-512); FILTER selects tests.
-valgrind: tests.c trainer.c sparsemem.h | deps
+valgrind: tests.c tests_harness.h trainer.c sparsemem.h | deps
 	$(CC) -O1 -g $(WARN) -o tests_vg tests.c $(LDLIBS)
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect ./tests_vg $(FILTER)
 

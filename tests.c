@@ -17,42 +17,7 @@
 
 /* ---- harness -------------------------------------------------------- */
 
-static char t_fail_msg[512];
-
-/* Record the first failure of the running test and return 1 from it. */
-#define CHECK(cond, ...)                                                        \
-    do {                                                                        \
-        if (!(cond)) {                                                          \
-            char t__buf[400];                                                   \
-            snprintf(t__buf, sizeof t__buf, __VA_ARGS__);                       \
-            snprintf(t_fail_msg, sizeof t_fail_msg, "%s:%d: %s", __FILE__, __LINE__, \
-                     t__buf);                                                   \
-            return 1;                                                           \
-        }                                                                       \
-    } while (0)
-
-#define CHECK_OK(expr)                                                          \
-    do {                                                                        \
-        sm_error t__err = {SM_OK, ""};                                          \
-        sm_status t__st = (expr);                                               \
-        (void)t__err;                                                           \
-        CHECK(t__st == SM_OK, "%s -> %s", #expr, sm_strerror(t__st));           \
-    } while (0)
-
-static void *t_alloc(size_t n_floats) {
-    void *p = calloc(n_floats ? n_floats : 1, sizeof(float));
-    if (!p) {
-        fprintf(stderr, "tests: out of memory\n");
-        exit(2);
-    }
-    return p;
-}
-
-static float *t_randn(sm_rng *r, size_t n, float std) {
-    float *x = (float *)t_alloc(n);
-    sm_rng_fill_normal(r, x, n, std);
-    return x;
-}
+#include "tests_harness.h"
 
 static double t_max_abs_diff(const float *a, const float *b, size_t n) {
     double m = 0;
@@ -5488,12 +5453,6 @@ static int test_parity_sinkhorn(void) {
 
 /* ---- registry ------------------------------------------------------- */
 
-typedef struct {
-    const char *name;
-    int (*fn)(void);
-} t_case;
-
-#define T(fn) {#fn, fn}
 static const t_case t_cases[] = {
     T(test_rng_deterministic),
     T(test_checksum_streaming),
@@ -5533,25 +5492,5 @@ static const t_case t_cases[] = {
 };
 
 int main(int argc, char **argv) {
-    const char *filter = argc > 1 ? argv[1] : NULL;
-    size_t i;
-    int passed = 0, failed = 0;
-    for (i = 0; i < sizeof t_cases / sizeof t_cases[0]; i++) {
-        double t0;
-        int bad;
-        if (filter && !strstr(t_cases[i].name, filter)) continue;
-        t_fail_msg[0] = 0;
-        t0 = sm_now();
-        bad = t_cases[i].fn();
-        if (bad) {
-            printf("FAIL %-48s %s\n", t_cases[i].name, t_fail_msg);
-            failed++;
-        } else {
-            printf("ok   %-48s (%.2fs)\n", t_cases[i].name, sm_now() - t0);
-            passed++;
-        }
-        fflush(stdout);
-    }
-    printf("%d passed, %d failed\n", passed, failed);
-    return failed ? 1 : 0;
+    return t_run(t_cases, sizeof t_cases / sizeof t_cases[0], argc > 1 ? argv[1] : NULL) ? 1 : 0;
 }

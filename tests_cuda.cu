@@ -19,24 +19,9 @@
 
 /* ---- harness -------------------------------------------------------- */
 
-static char t_fail_msg[512];
+#include "tests_harness.h"
+
 static smc_ctx T_GPU; /* the context every test uses */
-
-#define CHECK(cond, ...)                                                                     \
-    do {                                                                                     \
-        if (!(cond)) {                                                                       \
-            char t__buf[400];                                                                \
-            snprintf(t__buf, sizeof t__buf, __VA_ARGS__);                                    \
-            snprintf(t_fail_msg, sizeof t_fail_msg, "%s:%d: %s", __FILE__, __LINE__, t__buf); \
-            return 1;                                                                        \
-        }                                                                                    \
-    } while (0)
-
-#define CHECK_OK(expr)                                                                       \
-    do {                                                                                     \
-        sm_status t__st = (expr);                                                            \
-        CHECK(t__st == SM_OK, "%s -> %s", #expr, sm_strerror(t__st));                        \
-    } while (0)
 
 /* Waits for the GPU and fails the test on a CUDA error. */
 #define CHECK_SYNC(what)                                                                     \
@@ -44,21 +29,6 @@ static smc_ctx T_GPU; /* the context every test uses */
         sm_error t__e;                                                                       \
         CHECK(smc_sync(&T_GPU, what, &t__e) == SM_OK, "%s", t__e.msg);                       \
     } while (0)
-
-static void *t_alloc(size_t n_floats) {
-    void *p = calloc(n_floats ? n_floats : 1, sizeof(float));
-    if (!p) {
-        fprintf(stderr, "tests_cuda: out of memory\n");
-        exit(2);
-    }
-    return p;
-}
-
-static float *t_randn(sm_rng *r, size_t n, float std) {
-    float *x = (float *)t_alloc(n);
-    sm_rng_fill_normal(r, x, n, std);
-    return x;
-}
 
 /* A device copy of n floats (or ints, of the same size) from the host. */
 static void *t_dev(const void *host, size_t n) {
@@ -2023,12 +1993,6 @@ static int test_model_step_all_modules(void) { return t_model_step_matches("epm"
 
 /* ---- runner ---------------------------------------------------------- */
 
-typedef struct {
-    const char *name;
-    int (*fn)(void);
-} t_case;
-#define T(f) {#f, f}
-
 static const t_case t_cases[] = {
     T(test_gemm_all_transposes), T(test_device_errors_named),
     SMC_TESTS_ENGRAM,
@@ -2040,9 +2004,8 @@ static const t_case t_cases[] = {
 };
 
 int main(int argc, char **argv) {
-    const char *filter = argc > 1 ? argv[1] : NULL;
-    int passed = 0, failed = 0;
-    size_t i, n = sizeof t_cases / sizeof t_cases[0];
+    size_t n = sizeof t_cases / sizeof t_cases[0];
+    int failed;
     sm_error err;
     if (smc_device_count() == 0) {
         printf("no CUDA device: %zu GPU tests skipped\n", n);
@@ -2056,18 +2019,7 @@ int main(int argc, char **argv) {
     }
     smc_set_tf32(&T_GPU, 0);
     printf("device: %s (%d SMs)\n", T_GPU.name, T_GPU.sm_count);
-    for (i = 0; i < n; i++) {
-        double t0;
-        int bad;
-        if (filter && !strstr(t_cases[i].name, filter)) continue;
-        t_fail_msg[0] = 0;
-        t0 = sm_now();
-        bad = t_cases[i].fn();
-        printf("%s %-48s (%.2fs)%s%s\n", bad ? "FAIL" : "ok  ", t_cases[i].name, sm_now() - t0,
-               bad ? "  " : "", bad ? t_fail_msg : "");
-        bad ? failed++ : passed++;
-    }
+    failed = t_run(t_cases, n, argc > 1 ? argv[1] : NULL);
     smc_free(&T_GPU);
-    printf("%d passed, %d failed\n", passed, failed);
     return failed ? 1 : 0;
 }
