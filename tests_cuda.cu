@@ -281,6 +281,9 @@ static int test_engram_ngram_hash(void) {
             uint32_t *flat = (uint32_t *)t_alloc((size_t)N * h.n_slots);
             const unsigned char *d = variants[v][2] ? doc : NULL;
             CHECK_OK(sm_ngram_hash_compute(&h, layer, rows, flat, tok, d, B, T, &err));
+            /* sentinels: a row or index the GPU did not write cannot match */
+            cudaMemset(drows, 0xff, (size_t)N * h.n_slots * 4);
+            cudaMemset(dflat, 0xff, (size_t)N * h.n_slots * 4);
             CHECK_OK(smc_ngram_hash_compute(&T_GPU, &dh, layer, drows, dflat, dtok,
                                             variants[v][2] ? ddoc : NULL, B, T, &err));
             CHECK_SYNC("ngram hash");
@@ -356,6 +359,8 @@ static int test_engram_nine_route(void) {
             uint32_t *flat = (uint32_t *)t_alloc((size_t)N * h.n_slots);
             unsigned char *hot = (unsigned char *)t_alloc((size_t)N * hc.n_orders / 4 + 1);
             CHECK_OK(sm_nine_route(&nine, &h, layer, flat, hot, tok, doc, B, T, &err));
+            cudaMemset(dflat, 0xff, (size_t)N * h.n_slots * 4); /* sentinels, as above */
+            cudaMemset(dhot, 0xab, (size_t)N * hc.n_orders);
             CHECK_OK(smc_nine_route(&T_GPU, &dn, &dh, layer, dflat, dhot, dtok, ddoc, B, T,
                                     &err));
             CHECK_SYNC("nine route");
@@ -363,6 +368,7 @@ static int test_engram_nine_route(void) {
                   "mode %d layer %d: routed flat indices differ", mode, layer);
             CHECK(t_engram_same(dhot, hot, (size_t)N * hc.n_orders),
                   "mode %d layer %d: hot flags differ", mode, layer);
+            cudaMemset(dhot, 0xab, (size_t)N * hc.n_orders);
             CHECK_OK(smc_nine_route(&T_GPU, &dn, &dh, layer, NULL, dhot, dtok, ddoc, B, T, &err));
             CHECK_SYNC("nine route, flags only");
             CHECK(t_engram_same(dhot, hot, (size_t)N * hc.n_orders),
@@ -1923,14 +1929,32 @@ static sm_model_config t_model_config(const char *mods) {
     return c;
 }
 
-/* Forward (loss), backward (every gradient) and one AdamW step of the CPU
- * model and its GPU mirror from the same weights and batch. Tolerances:
- * the loss to 1e-5 relative, gradients and updated weights to 2e-4 of
- * 1 + |value| (GPU sums run in another order; atomics in the scatters). */
+/* Per-sublayer diagnostics of the GPU model (fetched into its host model)
+ * against the CPU model's, to 1e-4 relative. */
+static int t_model_diagnostics_match(const sm_model *gpu_host, const sm_model *cpu, const char *mods) {
+    int i;
+    for (i = 0; i < cpu->n_sub; i++) {
+        const sm_sublayer *a = &gpu_host->sub[i], *b = &cpu->sub[i];
+        CHECK(fabs(a->out_norm - b->out_norm) <= 1e-4 * (1 + b->out_norm) &&
+                  fabs(a->peer_norm - b->peer_norm) <= 1e-4 * (1 + b->peer_norm) &&
+                  fabs(a->grad_norm - b->grad_norm) <= 1e-4 * (1 + b->grad_norm),
+              "%s: sublayer %d diagnostics %g %g %g vs CPU %g %g %g", mods, i, a->out_norm,
+              a->peer_norm, a->grad_norm, b->out_norm, b->peer_norm, b->grad_norm);
+    }
+    return 0;
+}
+
+/* Forward (loss), backward (every gradient, the diagnostics) and one AdamW
+ * step of the CPU model and its GPU mirror from the same weights and batch:
+ * a batch smaller than the models' capacity (B 3 of 4, T 20 of 24) with
+ * document starts. Tolerances: the loss to 1e-5 relative, gradients and
+ * updated weights to 2e-4 of 1 + |value| (GPU sums run in another order;
+ * atomics in the scatters). */
 static int t_model_step_matches(const char *mods) {
     sm_model_config cfg = t_model_config(mods);
-    const int B = 3, T = 24, N = B * T;
+    const int B_max = 4, B = 3, T = 20, N = B * T;
     int inputs[B * T], targets[B * T];
+    unsigned char doc[B * T];
     uint32_t stream[B * T];
     sm_model cpu, host;
     smc_model gpu;
@@ -1943,8 +1967,9 @@ static int t_model_step_matches(const char *mods) {
     sm_rng_seed(&r, 11);
     for (i = 0; i < N; i++) inputs[i] = (int)(sm_rng_u64(&r) % 20), stream[i] = (uint32_t)inputs[i];
     for (i = 0; i < N; i++) targets[i] = i % 7 == 3 ? SM_IGNORE_INDEX : inputs[(i + 1) % N];
-    CHECK_OK(sm_model_init(&cpu, &cfg, B, 5, &err));
-    CHECK_OK(sm_model_init(&host, &cfg, B, 5, &err));
+    for (i = 0; i < N; i++) doc[i] = i % T == 0 || i % 13 == 5;
+    CHECK_OK(sm_model_init(&cpu, &cfg, B_max, 5, &err));
+    CHECK_OK(sm_model_init(&host, &cfg, B_max, 5, &err));
     if (cfg.use_nine) {
         CHECK_OK(sm_model_build_hot_set(&cpu, stream, NULL, N, &err));
         CHECK_OK(sm_model_build_hot_set(&host, stream, NULL, N, &err));
@@ -1952,13 +1977,15 @@ static int t_model_step_matches(const char *mods) {
     CHECK_OK(smc_model_init(&gpu, &T_GPU, &host, &err));
     sm_params_zero_grad(&cpu.params);
     smc_params_zero_grad(&T_GPU, &gpu.params);
-    CHECK_OK(sm_model_forward(&cpu, inputs, targets, NULL, B, T, &err));
-    CHECK_OK(smc_model_forward(&gpu, inputs, targets, NULL, B, T, &err));
+    CHECK_OK(sm_model_forward(&cpu, inputs, targets, doc, B, T, &err));
+    CHECK_OK(smc_model_forward(&gpu, inputs, targets, doc, B, T, &err));
     CHECK(fabs(host.loss - cpu.loss) <= 1e-5 * fabs(cpu.loss), "%s: loss %.7f (GPU) vs %.7f", mods,
           host.loss, cpu.loss);
     sm_model_backward(&cpu);
     smc_model_backward(&gpu);
     CHECK_SYNC("model backward");
+    CHECK_OK(smc_model_fetch_diagnostics(&gpu, &err));
+    if (t_model_diagnostics_match(&host, &cpu, mods)) return 1;
     g = t_host(gpu.params.grad, cpu.params.total);
     for (i = 0; i < cpu.params.n_tensors; i++) {
         const sm_param_tensor *t = &cpu.params.tensors[i];
