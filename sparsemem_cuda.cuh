@@ -66,6 +66,11 @@ SMDEF void smc_set_tf32(smc_ctx *c, int on);
 /* Waits for the queued work; a CUDA error becomes SM_ERR_IO naming `what`. */
 SMDEF sm_status smc_sync(smc_ctx *c, const char *what, sm_error *err);
 
+/* Device memory (zeroed) and blocking host <-> device copies. These run on
+ * the legacy default stream, which orders them after the work queued on a
+ * context's stream (smc_init makes a blocking stream), so host code may
+ * copy between steps without a sync. smc_zero is queued on the context's
+ * stream. */
 SMDEF void *smc_malloc(size_t bytes, const char *what, sm_error *err);
 SMDEF void smc_dfree(void *p);
 SMDEF sm_status smc_upload(void *dst, const void *src, size_t bytes, sm_error *err);
