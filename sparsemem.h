@@ -1719,6 +1719,19 @@ static SM_HD float sm__silu_grad(float x) {
     return s * (1.0f + x * (1.0f - s));
 }
 
+/* a . b in 8 interleaved partial sums (vectorizes without reassociating
+ * flags; a fixed order, so deterministic). */
+static float sm__dot(const float *a, const float *b, int n) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    float s;
+    int i, l;
+    for (i = 0; i + 8 <= n; i += 8)
+        for (l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
+    s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* A hint to fetch p's cache line ahead of use (no effect on results). */
 #if defined(__GNUC__) || defined(__clang__)
 #define SM__PREFETCH(p) __builtin_prefetch(p)
@@ -6151,16 +6164,6 @@ SMDEF void sm_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, sm_free
 
 /* Dot product with 8 independent partial sums (vectorisable without
  * reassociation, and the same order on every run). */
-static float sm__peer_dot(const float *a, const float *b, int n) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    float s;
-    int i, l;
-    for (i = 0; i + 8 <= n; i += 8)
-        for (l = 0; l < 8; l++) acc[l] += a[i + l] * b[i + l];
-    s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 /* Expert rows are scattered over a table that can be far larger than the
  * caches: fetching a row a few rows ahead of its use hides most of the
@@ -6296,7 +6299,7 @@ static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x
             float pre;
             if (slot + SM__PEER_PREFETCH_AHEAD < n_slots)
                 sm__peer_prefetch_row(experts, (size_t)a->expert[slot + SM__PEER_PREFETCH_AHEAD], 2 * D);
-            pre = sm__peer_dot(u, xt, D);
+            pre = sm__dot(u, xt, D);
             a->pre[slot] = pre;
             sm__peer_axpy(ot, a->weight[slot] * sm__peer_act(a->cfg.activation, pre), u + D, D);
         }
@@ -6352,7 +6355,7 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
                 if (slot + SM__PEER_PREFETCH_AHEAD < n_slots)
                     sm__peer_prefetch_row(p->experts, (size_t)a->expert[slot + SM__PEER_PREFETCH_AHEAD],
                                           2 * D);
-                float act = sm__peer_act(c->activation, pre), dv = sm__peer_dot(dy, u + D, D);
+                float act = sm__peer_act(c->activation, pre), dv = sm__dot(dy, u + D, D);
                 a->dpre[slot] = w * dv * sm__peer_act_grad(c->activation, pre);
                 a->wact[slot] = w * act;
                 if (dx) sm__peer_axpy(dx + (size_t)t * D, a->dpre[slot], u, D);
@@ -6625,8 +6628,9 @@ static SM_HD void sm__sinkhorn_scalings(float *u, float *v, const float *K, int 
     }
 }
 
-SMDEF void sm_sinkhorn_forward(float *out, const float *logits, int n, int iters) {
-    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N], v[SM_SINKHORN_MAX_N];
+static void sm__sinkhorn_forward_n(float *out, const float *logits, int n, int iters) {
+    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N] = {0};
+    float v[SM_SINKHORN_MAX_N];
     int i, j;
     SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
     sm__sinkhorn_kernel(K, logits, n);
@@ -6676,8 +6680,8 @@ static SM_HD void sm__sinkhorn_backward_round(float *dK, float *du, float *dv, f
 }
 
 /* Reverse mode through the unrolled scalings (exact: every u_t, v_t kept). */
-SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *logits, int n,
-                                int iters) {
+static void sm__sinkhorn_backward_n(float *dlogits, const float *dout, const float *logits, int n,
+                                    int iters) {
     float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], dK[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
     float u[SM_SINKHORN_MAX_ITERS * SM_SINKHORN_MAX_N];
     float v[(SM_SINKHORN_MAX_ITERS + 1) * SM_SINKHORN_MAX_N];
@@ -6698,6 +6702,19 @@ SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *
             if (logits[i * n + j] - m > -SM__SINKHORN_LOG_FLOOR)
                 dlogits[i * n + j] += dK[i * n + j] * K[i * n + j];
     }
+}
+
+/* n = 4 (mHC's default) as a compile-time constant: the small loops unroll
+ * into straight-line code, with the same operations in the same order. */
+SMDEF void sm_sinkhorn_forward(float *out, const float *logits, int n, int iters) {
+    if (n == 4) sm__sinkhorn_forward_n(out, logits, 4, iters);
+    else sm__sinkhorn_forward_n(out, logits, n, iters);
+}
+
+SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *logits, int n,
+                                int iters) {
+    if (n == 4) sm__sinkhorn_backward_n(dlogits, dout, logits, 4, iters);
+    else sm__sinkhorn_backward_n(dlogits, dout, logits, n, iters);
 }
 
 SMDEF void sm_sinkhorn_forward_batched(float *out, const float *logits, int count, int n,
@@ -7000,20 +7017,12 @@ static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const 
     int i, j, c;
     for (i = 0; i < n; i++) {
         const float *g = dx_next + i * C;
-        float dot = 0.0f;
-        for (c = 0; c < C; c++) {
-            dy[c] += h_post[i] * g[c];
-            dot += g[c] * y[c];
-        }
-        dmaps[n + i] += dot;
+        for (c = 0; c < C; c++) dy[c] += h_post[i] * g[c];
+        dmaps[n + i] += sm__dot(g, y, C);
         for (j = 0; j < n; j++) {
             float w = h_res[i * n + j];
-            dot = 0.0f;
-            for (c = 0; c < C; c++) {
-                dx[j * C + c] += w * g[c];
-                dot += g[c] * x[j * C + c];
-            }
-            dmaps[2 * n + i * n + j] += dot;
+            for (c = 0; c < C; c++) dx[j * C + c] += w * g[c];
+            dmaps[2 * n + i * n + j] += sm__dot(g, x + j * C, C);
         }
     }
 }
@@ -7040,12 +7049,8 @@ static void sm__mhc_pre_token_backward(float *dx, float *dmaps, const float *du,
     float arg[2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
     int i, c;
     for (i = 0; i < n; i++) {
-        float dot = 0.0f;
-        for (c = 0; c < C; c++) {
-            dx[i * C + c] += maps[i] * du[c];
-            dot += du[c] * x[i * C + c];
-        }
-        dmaps[i] += dot;
+        for (c = 0; c < C; c++) dx[i * C + c] += maps[i] * du[c];
+        dmaps[i] += sm__dot(du, x + i * C, C);
     }
     sm__mhc_map_args(arg, z, p, n);
     sm__mhc_maps_backward(dmaps, maps, arg, n, iters);
