@@ -1706,7 +1706,6 @@ static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
     return 0;
 }
 
-/* Parses options after the command; positional arguments are collected. */
 /* --device: cpu, or cuda in a build with CUDA. */
 static int tr_check_device(const char *device) {
     if (!device[0] || strcmp(device, "cpu") == 0) return 0;
@@ -1723,6 +1722,7 @@ static int tr_check_device(const char *device) {
 #endif
 }
 
+/* Parses options after the command; positional arguments are collected. */
 static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     int i, j, k;
     *n_pos = 0;
@@ -2841,7 +2841,7 @@ static int tr_step(tr_run *r, const tr_opts *o, double *loss_out, char *msg, siz
     tr_current_lrs(o, r, lr);
     tr_apply_module_lrs(m, lr, o->lr);
     sm_loader_next(&r->loader, r->in, r->tg, r->doc);
-    if (r->step == o->debug_nan_step) m->params.data[m->wte] = NAN;
+    if (r->step == o->debug_nan_step) m->params.data[m->wte] = NAN; /* test hook (CPU runs) */
     tr_zero_grad(r);
     if (tr_forward(r, o->batch, o->seq_len, &err) != SM_OK) tr_die("forward", &err);
     *loss_out = m->loss;
