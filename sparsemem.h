@@ -72,9 +72,10 @@
 #define SMDEF extern
 #endif
 
-/* SM_HD marks the pure integer functions (mixing, n-gram hashing, MPHF and
- * fingerprint lookups) that sparsemem_cuda.cuh also runs on the GPU: under
- * nvcc they compile for host and device, in C the mark is empty. */
+/* SM_HD marks the small pure functions (mixing, n-gram hashing, MPHF and
+ * fingerprint lookups, scalar activations, Sinkhorn steps) that
+ * sparsemem_cuda.cuh also runs on the GPU: under nvcc they compile for host
+ * and device, in C the mark is empty. */
 #ifdef __CUDACC__
 #define SM_HD __host__ __device__
 #else

@@ -25,9 +25,21 @@
  *     GPU where a sort would cost more (embedding, Engram and PEER gradient
  *     scatters): those gradients agree with the CPU to rounding, not bits.
  *
- * Table of contents
- *   1. Context        device, stream, cuBLAS, memory, errors, GEMM
- *   (the layers follow, in sparsemem.h's order)
+ * Status: compiled and reviewed, not yet run on a GPU (tests_cuda.cu holds
+ * the checks a GPU session runs first: `make test-cuda`).
+ *
+ * Table of contents (declarations first, then the implementation in the
+ * same order)
+ *   1. Context        device, stream, cuBLAS, memory, errors, GEMM, row sets,
+ *                     warp/block reductions
+ *   2. MPHF and n-gram hashing   lookups, fingerprints, hashing, Nine routing
+ *   3. Engram         gather, gate, conv, table scatter
+ *   4. PEER           sub-key scores, warp top-k, experts, usage
+ *   5. mHC            Sinkhorn, stream maps and mixing, diagnostics
+ *   6. Backbone and loss   embedding, RMSNorm, linear, GELU/SiLU, attention,
+ *                     cross-entropy
+ *   7. Optimizer      device parameters, grad norm, AdamW (dense, sparse rows)
+ *   8. Model          sm_model on the GPU
  *
  * License: MIT or public domain (Unlicense), at your choice; see
  * sparsemem.h.
@@ -162,7 +174,9 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
                                const uint32_t *tokens, const unsigned char *doc_start, int B,
                                int T, sm_error *err);
 
-/* ===== 3. Engram ===== */
+/* ===================================================================== */
+/* 3. Engram                                                             */
+/* ===================================================================== */
 /* The Engram layer of sparsemem.h section 4 on the device, on the CPU's
  * own structs holding device pointers: sm_engram_params (parameters or
  * gradients, e.g. an sm_engram_params_view of a device buffer),
@@ -274,7 +288,9 @@ SMDEF sm_status smc_peer_usage_download(smc_ctx *c, sm_peer_usage *host,
                                         const sm_peer_usage *u, sm_error *err);
 SMDEF void smc_peer_usage_free(sm_peer_usage *u);
 
-/* ===== 5. mHC: manifold-constrained hyper-connections ===== */
+/* ===================================================================== */
+/* 5. mHC: manifold-constrained hyper-connections                        */
+/* ===================================================================== */
 /* The GPU side of sparsemem.h section 7, with its shapes, layouts and call
  * order: streams x[BT, n, C], per-token maps [H_pre | H_post | H_res] of K =
  * sm_mhc_map_count(n) floats, parameters and activations as the CPU's
@@ -339,7 +355,9 @@ SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
                                          const sm_mhc_act *acts, int layers,
                                          const sm_mhc_config *cfg, int BT, sm_error *err);
 
-/* ===== 6. Backbone and loss ===== */
+/* ===================================================================== */
+/* 6. Backbone and loss                                                  */
+/* ===================================================================== */
 /* The GPU sm_rmsnorm_*, sm_linear_*, sm_gelu_* / sm_silu_*, sm_embedding_*,
  * sm_attention_* and sm_crossentropy_* (sparsemem.h sections 8 and 9): the
  * same arguments, shapes and NULL conventions, with device pointers. Sums
