@@ -475,8 +475,11 @@ SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, flo
  * and a "device shadow" sm_model whose activation pointers point into GPU
  * memory, carved by the same code as the CPU model's, so the forward and
  * backward below read line for line like sm_model_forward/backward.
- * The n-gram indices are computed on the host by the CPU code (integer
- * work, a few ms per batch) and uploaded with the tokens.
+ * The n-gram rows of a batch are computed on the device (canonical ids,
+ * hashing, and with Engram-Nine the hot-tier routing through the MPHF and
+ * fingerprints), with the CPU's integer functions: the same rows as the
+ * CPU model. Build the host model's hot set and canon table before
+ * smc_model_init (they are uploaded there).
  * Per-sublayer diagnostics (out_norm, peer_norm, grad_norm) are computed
  * on the device and copied into the host model's sublayers by
  * smc_model_fetch_diagnostics. Checkpoints: smc_model_download copies the
@@ -489,12 +492,17 @@ typedef struct smc_model {
     smc_params params;   /* device parameters, gradients, moments */
     smc_row_set engram_rows;
     smc_row_set peer_rows[SM_MAX_SUBLAYERS]; /* of the sublayers with PEER */
+    smc_ngram_hash hash; /* Engram: the hash tables on the device */
+    smc_nine nine;       /* Engram-Nine: the hot set on the device */
+    uint32_t *canon;     /* [V] token -> canonical id */
+    unsigned char *doc_start; /* [N] of the batch */
     float *diag;         /* [n_sub][3]: out_norm, peer_norm, grad_norm */
     float *att_scratch;  /* attention backward's score gradients (shared by layers) */
 } smc_model;
 
 /* Mirrors `host` (already initialised, B_max as given to sm_model_init) on
- * the GPU and uploads its parameters and moments. */
+ * the GPU and uploads its parameters and moments, and with Engram its hash
+ * tables, canon table and hot set (set and build those first). */
 SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_error *err);
 SMDEF void smc_model_free(smc_model *g);
 /* inputs/targets/doc_start are host arrays of B*T; sets host->loss and
@@ -3435,30 +3443,54 @@ static void smc__residual_forward(smc_model *g, sm_sublayer *s, float *x_next) {
     }
 }
 
-/* Tokens, document starts, and the n-gram rows (hashed on the host by the
- * CPU model's code) to the device. */
+/* ngram_tokens[i] = canon[inputs[i]] (sm__engram_hash_batch's first step). */
+static __global__ void smc__canon_kernel(uint32_t *out, const int *inputs, const uint32_t *canon,
+                                         size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) out[i] = canon[inputs[i]];
+}
+
+/* sm__engram_hash_batch on the device: the flat table rows of every Engram
+ * layer (through the hot tier with use_nine, which also writes the hot
+ * flags of layer 0's routing). */
+static sm_status smc__engram_hash_batch(smc_model *g, sm_error *err) {
+    sm_model *m = &g->d;
+    int N = m->B * m->T, i;
+    size_t per_layer = (size_t)N * m->hash.n_slots;
+    sm_status st = SM_OK;
+    if (m->cfg.use_nine && !g->host->has_hot_set)
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "use_nine: build the hot set before smc_model_init (sm_model_build_hot_set)");
+    smc__canon_kernel<<<smc__blocks((size_t)N), SMC__THREADS, 0, g->c->stream>>>(
+        m->ngram_tokens, m->inputs, g->canon, (size_t)N);
+    for (i = 0; i < m->cfg.engram.hash.n_layers && st == SM_OK; i++) {
+        uint32_t *flat = m->ngram_idx + i * per_layer;
+        if (m->cfg.use_nine)
+            st = smc_nine_route(g->c, &g->nine, &g->hash, i, flat, i == 0 ? m->ngram_hot : NULL,
+                                m->ngram_tokens, g->doc_start, m->B, m->T, err);
+        else
+            st = smc_ngram_hash_compute(g->c, &g->hash, i, NULL, flat, m->ngram_tokens,
+                                        g->doc_start, m->B, m->T, err);
+    }
+    return st;
+}
+
+/* Checks the batch like the CPU forward, uploads tokens, targets and
+ * document starts, and computes the n-gram rows. */
 static sm_status smc__upload_batch(smc_model *g, const int *inputs, const int *targets,
                                    const unsigned char *doc_start, int B, int T, sm_error *err) {
-    sm_model *h = g->host, *m = &g->d;
+    sm_model *m = &g->d;
     int N = B * T;
-    sm_status st = sm__check_batch(h, inputs, targets, B, T, err);
+    sm_status st = sm__check_batch(g->host, inputs, targets, B, T, err);
     if (st != SM_OK) return st;
-    h->B = m->B = B;
-    h->T = m->T = T;
-    memcpy(h->inputs, inputs, sizeof(int) * N);
-    if (doc_start)
-        memcpy(h->doc_start, doc_start, (size_t)N);
-    else
-        memset(h->doc_start, 0, (size_t)N);
+    g->host->B = m->B = B;
+    g->host->T = m->T = T;
     st = smc_upload(m->inputs, inputs, sizeof(int) * N, err);
     if (st == SM_OK && targets) st = smc_upload(m->targets, targets, sizeof(int) * N, err);
-    if (st != SM_OK || !h->cfg.use_engram) return st;
-    if ((st = sm__engram_hash_batch(h, err)) != SM_OK) return st;
-    st = smc_upload(m->ngram_idx, h->ngram_idx,
-                    sizeof(uint32_t) * N * h->hash.n_slots * h->cfg.engram.hash.n_layers, err);
-    if (st == SM_OK && h->cfg.use_nine)
-        st = smc_upload(m->ngram_hot, h->ngram_hot, (size_t)N * h->cfg.engram.hash.n_orders, err);
-    return st;
+    if (st != SM_OK || !m->cfg.use_engram) return st;
+    if (doc_start) st = smc_upload(g->doc_start, doc_start, (size_t)N, err);
+    else smc_zero(g->c, g->doc_start, (size_t)N);
+    return st == SM_OK ? smc__engram_hash_batch(g, err) : st;
 }
 
 SMDEF sm_status smc_model_forward(smc_model *g, const int *inputs, const int *targets,
@@ -3618,6 +3650,31 @@ SMDEF void smc_model_backward(smc_model *g) {
 
 /* ---- set-up ---- */
 
+/* The Engram side of a batch on the device: hash tables, hot set and canon
+ * table (uploaded from the host model), tokens, document starts, rows,
+ * hot flags and the layer's backward scratch. */
+static sm_status smc__alloc_engram_batch(smc_model *g, size_t N, sm_error *err) {
+    sm_model *m = &g->d, *h = g->host;
+    const sm_model_config *c = &m->cfg;
+    sm_status st = smc_engram_scratch_alloc(&m->engram_scratch, &c->engram, (int)N, err);
+    if (st == SM_OK) st = smc_ngram_hash_upload(&g->hash, &h->hash, err);
+    if (st == SM_OK && h->has_hot_set) st = smc_nine_upload(&g->nine, &h->nine, err);
+    if (st != SM_OK) return st;
+    g->canon = (uint32_t *)smc_malloc((size_t)c->vocab_size * 4, "canon table", err);
+    if (!g->canon) return SM_ERR_OOM;
+    if ((st = smc_upload(g->canon, h->canon, (size_t)c->vocab_size * 4, err)) != SM_OK) return st;
+    g->doc_start = (unsigned char *)smc_malloc(N, "document starts", err);
+    m->ngram_tokens = g->doc_start ? (uint32_t *)smc_malloc(N * 4, "n-gram tokens", err) : NULL;
+    m->ngram_idx = m->ngram_tokens ? (uint32_t *)smc_malloc(
+                                         N * m->hash.n_slots * c->engram.hash.n_layers * 4,
+                                         "n-gram indices", err)
+                                   : NULL;
+    m->ngram_hot = m->ngram_idx ? (unsigned char *)smc_malloc(N * c->engram.hash.n_orders,
+                                                              "hot flags", err)
+                                : NULL;
+    return m->ngram_hot ? SM_OK : SM_ERR_OOM;
+}
+
 /* The shadow's activations: the CPU model's carving over device arenas,
  * plus device module activations and batch buffers. */
 static sm_status smc__alloc_shadow(smc_model *g, sm_error *err) {
@@ -3651,12 +3708,7 @@ static sm_status smc__alloc_shadow(smc_model *g, sm_error *err) {
         if (s->has_peer) st = smc_peer_acts_init(&s->peer_acts, &c->peer, c->d_model, (int)N, err);
     }
     if (st != SM_OK || !c->use_engram) return st;
-    st = smc_engram_scratch_alloc(&m->engram_scratch, &c->engram, (int)N, err);
-    m->ngram_idx = st == SM_OK ? (uint32_t *)smc_malloc(N * m->hash.n_slots * c->engram.hash.n_layers * 4,
-                                                        "n-gram indices", err) : NULL;
-    m->ngram_hot = m->ngram_idx ? (unsigned char *)smc_malloc(N * c->engram.hash.n_orders, "hot flags", err)
-                                : NULL;
-    return m->ngram_hot ? SM_OK : SM_ERR_OOM;
+    return smc__alloc_engram_batch(g, N, err);
 }
 
 /* The shadow starts as a copy of the host model with every host pointer
@@ -3728,8 +3780,13 @@ SMDEF void smc_model_free(smc_model *g) {
     smc_dfree(m->grad_mem);
     smc_dfree(m->inputs);
     smc_dfree(m->targets);
+    smc_dfree(m->ngram_tokens);
     smc_dfree(m->ngram_idx);
     smc_dfree(m->ngram_hot);
+    smc_dfree(g->canon);
+    smc_dfree(g->doc_start);
+    smc_ngram_hash_free(&g->hash);
+    smc_nine_free(&g->nine);
     smc_dfree(g->diag);
     smc_dfree(g->att_scratch);
     smc_row_set_free(&g->engram_rows);
