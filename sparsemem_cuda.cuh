@@ -3721,6 +3721,7 @@ static void smc__shadow_from_host(smc_model *g) {
     memset(&m->engram_rows, 0, sizeof m->engram_rows);
     memset(&m->nine, 0, sizeof m->nine);
     memset(&m->engram_scratch, 0, sizeof m->engram_scratch);
+    m->hash.mult = NULL, m->hash.primes = NULL, m->hash.offsets = NULL; /* sizes stay */
     m->canon = m->ngram_tokens = m->ngram_idx = NULL;
     m->ngram_hot = m->doc_start = NULL;
     m->inputs = m->targets = NULL;
