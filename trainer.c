@@ -2325,15 +2325,22 @@ static void tr_backward(tr_run *r) {
     sm_model_backward(&r->model);
 }
 
-/* Gradient norm of one parameter group, or of all (group < 0). */
-static double tr_grad_norm(tr_run *r, int group) {
+/* Gradient norm of each parameter group into group_norm[], and the global
+ * norm derived from them (every tensor is in exactly one group), so the
+ * gradients are read once. */
+static double tr_grad_norms(tr_run *r, double *group_norm) {
+    double ss = 0.0;
+    int g;
+    for (g = 0; g < r->model.params.n_groups; g++) {
 #ifdef TR_WITH_CUDA
-    if (r->on_gpu)
-        return group < 0 ? smc_params_grad_norm(&r->gpu, &r->gpu_model.params)
-                         : smc_params_group_grad_norm(&r->gpu, &r->gpu_model.params, group);
+        if (r->on_gpu)
+            group_norm[g] = smc_params_group_grad_norm(&r->gpu, &r->gpu_model.params, g);
+        else
 #endif
-    return group < 0 ? sm_params_grad_norm(&r->model.params)
-                     : sm_params_group_grad_norm(&r->model.params, group);
+            group_norm[g] = sm_params_group_grad_norm(&r->model.params, g);
+        ss += group_norm[g] * group_norm[g];
+    }
+    return sqrt(ss);
 }
 
 static void tr_adamw(tr_run *r, float lr_factor, float clip) {
@@ -2836,7 +2843,6 @@ static int tr_step(tr_run *r, const tr_opts *o, double *loss_out, char *msg, siz
     sm_error err = {SM_OK, ""};
     float lr[TR_N_MODULES], clip;
     double gnorm, group_norm[SM_MAX_GROUPS], t0 = sm_now();
-    int g;
     tr_module_stats st;
     tr_current_lrs(o, r, lr);
     tr_apply_module_lrs(m, lr, o->lr);
@@ -2850,13 +2856,12 @@ static int tr_step(tr_run *r, const tr_opts *o, double *loss_out, char *msg, siz
         return 1;
     }
     tr_backward(r);
-    gnorm = tr_grad_norm(r, -1);
+    gnorm = tr_grad_norms(r, group_norm);
     if (!(gnorm < INFINITY)) {
         snprintf(msg, msg_size, "the gradient norm is %g at step %ld", gnorm, r->step);
         return 1;
     }
     tr_measure_outputs(m, &st);
-    for (g = 0; g < m->params.n_groups; g++) group_norm[g] = tr_grad_norm(r, g);
     tr_measure_param_grads(m, group_norm, &st);
     tr_stats_ema(&r->train_avg, &st, 0.9);
     tr_stats_ema(&r->coord.avg, &st, 0.9);
