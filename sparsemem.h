@@ -1722,8 +1722,8 @@ static SM_HD float sm__silu_grad(float x) {
 
 /* a . b in 32 interleaved partial sums, added pairwise at the end: without
  * reassociation flags the compiler keeps them as independent vector chains
- * (a single chain is add-latency bound: 7x slower at n = 128 here). A fixed
- * order, so deterministic. */
+ * (a single chain is bound by the add latency). A fixed order, so
+ * deterministic. */
 static float sm__dot(const float *a, const float *b, int n) {
     float acc[32] = {0}, s;
     int i, l, w;
