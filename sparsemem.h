@@ -1433,6 +1433,14 @@ SMDEF void sm_rmsnorm_forward(float *out, float *rstd, const float *inp, const f
                               int N, int C);
 SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                                const float *weight, const float *rstd, int N, int C);
+/* The same with `groups` gains weight[groups, C] taken in turn: row n uses
+ * gain n % groups (Engram's per-stream norms over [N, S, C] streams);
+ * groups = 1 is the plain RMSNorm. */
+SMDEF void sm_rmsnorm_grouped_forward(float *out, float *rstd, const float *inp,
+                                      const float *weight, int N, int C, int groups);
+SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float *dout,
+                                       const float *inp, const float *weight, const float *rstd,
+                                       int N, int C, int groups);
 
 /* Linear: out[N,OC] = inp[N,C] weight[OC,C]^T + bias[OC] (bias may be NULL). */
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
@@ -7190,33 +7198,45 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers
 
 /* ---- 8. Backbone layers ---- */
 
-SMDEF void sm_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
-                              int N, int C) {
+/* Gain row of row n (NULL: no gain). */
+static const float *sm__rmsnorm_gain(const float *weight, int n, int C, int groups) {
+    return weight ? weight + (size_t)(n % groups) * C : NULL;
+}
+
+SMDEF void sm_rmsnorm_grouped_forward(float *out, float *rstd, const float *inp,
+                                      const float *weight, int N, int C, int groups) {
     int n;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * C > 32768)
 #endif
     for (n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
+        const float *x = inp + (size_t)n * C, *w = sm__rmsnorm_gain(weight, n, C, groups);
         float *y = out + (size_t)n * C;
         double ss = 0.0;
         float r;
         int c;
         for (c = 0; c < C; c++) ss += (double)x[c] * x[c];
         r = (float)(1.0 / sqrt(ss / C + SM_RMSNORM_EPS));
-        for (c = 0; c < C; c++) y[c] = x[c] * r * (weight ? weight[c] : 1.0f);
+        for (c = 0; c < C; c++) y[c] = x[c] * r * (w ? w[c] : 1.0f);
         rstd[n] = r;
     }
 }
 
+SMDEF void sm_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
+                              int N, int C) {
+    sm_rmsnorm_grouped_forward(out, rstd, inp, weight, N, C, 1);
+}
+
 /* With xh = x*r: dx = r * (g - xh * mean(g . xh)), g = dout * weight. */
-SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                               const float *weight, const float *rstd, int N, int C) {
+SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float *dout,
+                                       const float *inp, const float *weight, const float *rstd,
+                                       int N, int C, int groups) {
     int n, c;
     if (dweight) /* serial over n so the sum is deterministic */
         for (n = 0; n < N; n++) {
             const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
-            for (c = 0; c < C; c++) dweight[c] += dy[c] * x[c] * rstd[n];
+            float *dw = dweight + (size_t)(n % groups) * C;
+            for (c = 0; c < C; c++) dw[c] += dy[c] * x[c] * rstd[n];
         }
     if (!dinp) return;
 #ifdef _OPENMP
@@ -7224,18 +7244,24 @@ SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, c
 #endif
     for (n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        const float *w = sm__rmsnorm_gain(weight, n, C, groups);
         float *dx = dinp + (size_t)n * C;
         float r = rstd[n];
         double dot = 0.0;
         float mean_dot;
         int k;
-        for (k = 0; k < C; k++) dot += (double)dy[k] * (weight ? weight[k] : 1.0f) * x[k] * r;
+        for (k = 0; k < C; k++) dot += (double)dy[k] * (w ? w[k] : 1.0f) * x[k] * r;
         mean_dot = (float)(dot / C);
         for (k = 0; k < C; k++) {
-            float g = dy[k] * (weight ? weight[k] : 1.0f);
+            float g = dy[k] * (w ? w[k] : 1.0f);
             dx[k] += r * (g - x[k] * r * mean_dot);
         }
     }
+}
+
+SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                               const float *weight, const float *rstd, int N, int C) {
+    sm_rmsnorm_grouped_backward(dinp, dweight, dout, inp, weight, rstd, N, C, 1);
 }
 
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,

@@ -264,6 +264,38 @@ static int test_rmsnorm_gradient(void) {
     return 0;
 }
 
+/* OC is the number of gain groups here. */
+static double t_rmsnorm_grouped_loss(void *p) {
+    t_layer_ctx *c = (t_layer_ctx *)p;
+    sm_rmsnorm_grouped_forward(c->out, c->aux, c->inp, c->weight, c->N, c->C, c->OC);
+    return t_weighted_sum(c->out, c->w_out, (size_t)c->N * c->C);
+}
+
+/* Three gains taken in turn: row n equals the plain RMSNorm of that row with
+ * gain n % 3, and both gradients check (each gain row gets only its rows'). */
+static int test_rmsnorm_grouped_gradient(void) {
+    sm_rng r;
+    t_layer_ctx c;
+    float *dinp, *dw, one[12], rstd;
+    int N = 7, C = 12, G = 3, n;
+    sm_rng_seed(&r, 2);
+    c.N = N, c.C = C, c.OC = G;
+    c.inp = t_randn(&r, N * C, 1.5f), c.weight = t_randn(&r, G * C, 1.0f);
+    c.out = (float *)t_alloc(N * C), c.w_out = t_randn(&r, N * C, 1.0f), c.aux = (float *)t_alloc(N);
+    dinp = (float *)t_alloc(N * C), dw = (float *)t_alloc(G * C);
+    t_rmsnorm_grouped_loss(&c);
+    for (n = 0; n < N; n++) {
+        sm_rmsnorm_forward(one, &rstd, c.inp + n * C, c.weight + (n % G) * C, 1, C);
+        CHECK(memcmp(one, c.out + n * C, sizeof one) == 0 && rstd == c.aux[n],
+              "row %d differs from RMSNorm with gain %d", n, n % G);
+    }
+    sm_rmsnorm_grouped_backward(dinp, dw, c.w_out, c.inp, c.weight, c.aux, N, C, G);
+    CHECK_GRAD("grouped rmsnorm dinp", c.inp, dinp, N * C, t_rmsnorm_grouped_loss, &c);
+    CHECK_GRAD("grouped rmsnorm dweight", c.weight, dw, G * C, t_rmsnorm_grouped_loss, &c);
+    free(c.inp), free(c.weight), free(c.out), free(c.w_out), free(c.aux), free(dinp), free(dw);
+    return 0;
+}
+
 static double t_linear_loss(void *p) {
     t_layer_ctx *c = (t_layer_ctx *)p;
     sm_linear_forward(c->out, c->inp, c->weight, c->bias, c->N, c->C, c->OC);
@@ -5458,7 +5490,7 @@ static const t_case t_cases[] = {
     T(test_checksum_streaming),
     T(test_file_roundtrip_and_corruption),
     T(test_sgemm_matches_reference),
-    T(test_rmsnorm_gradient),
+    T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient),
     T(test_linear_gradient),
     T(test_activation_gradients),
     T(test_attention_gradient_and_causality),
