@@ -648,6 +648,19 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
  *    parameter group (sm_engram_table_group: Adam, lr = table_lr_mult x base,
  *    default 5, no weight decay) so a step costs O(rows touched).
  *
+ *    Inside hyper-connections (n_streams = S > 1), the form of DeepSeek's
+ *    reference code: h is mHC's S residual streams h[N, S, d] and the layer is
+ *    no mHC branch (no H_pre / H_post around it). The memory e, the table and
+ *    W_V are shared; the gate and the conv are per stream s:
+ *        k_s     = W_K^s e + b_K^s
+ *        alpha_s = sigmoid(squash(<RMSNorm_q^s(h_s), RMSNorm_k^s(k_s)> / sqrt(d)))
+ *        v_s     = alpha_s * (W_V e)
+ *        out_s   = v_s + SiLU(conv^s(RMSNorm_v^s(v_s)))   the caller adds out_s to h_s
+ *    Per-stream tensors are stacked stream-major: W_K (and W_K^hot) [S*d,
+ *    d_mem], b_K and the three gains [S, d], conv [S*d, 4], gate_hot [S,
+ *    n_orders]; activations are [N, S, d] like the streams (gate, alpha and
+ *    the rstds [N, S]). S = 1 is the layer above, bit for bit.
+ *
  * 3. Engram-Nine layer variants (both off by default; they need the per-
  *    position hot flags hot[N, n_orders] of sm_nine_route, passed to
  *    sm_engram_forward_routed / sm_engram_backward_routed; hot = NULL reads
@@ -670,6 +683,7 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
 #define SM_NGRAM_MAX_HEADS 64   /* hash heads per order */
 #define SM_NGRAM_MAX_LAYERS 64  /* Engram layers per hasher */
 #define SM_ENGRAM_CONV_KERNEL 4 /* taps of the causal depthwise convolution */
+#define SM_ENGRAM_MAX_STREAMS 16 /* n_streams, as mHC's (SM_SINKHORN_MAX_N) */
 
 typedef struct sm_ngram_hash_config {
     int n_orders;                       /* number of orders used (1..8) */
@@ -760,10 +774,11 @@ typedef struct sm_engram_config {
     float table_lr_mult;  /* table learning rate = this x base lr */
     int hot_key_proj;     /* Engram-Nine variant: W_K^hot for hot order blocks (default 0) */
     int hot_gate;         /* Engram-Nine variant: per-order hot indicator in the gate (default 0) */
+    int n_streams;        /* S: hidden streams read and written (default 1; > 1: inside mHC, above) */
 } sm_engram_config;
 
 /* hash defaults, d_model 128, d_head 16, signed sqrt on, std 0.02, lr x5,
- * Nine variants off. */
+ * Nine variants off, one stream. */
 SMDEF sm_engram_config sm_engram_default_config(void);
 SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err);
 /* d_mem = n_orders * n_heads * d_head */
@@ -774,15 +789,15 @@ SMDEF int sm_engram_d_mem(const sm_engram_config *c);
  * layer reads are chosen by its flat indices. */
 typedef struct sm_engram_params {
     float *table;
-    float *w_key;      /* [d, d_mem] */
-    float *b_key;      /* [d] */
-    float *w_value;    /* [d, d_mem] */
-    float *norm_query; /* [d] RMSNorm gain on h */
-    float *norm_key;   /* [d] RMSNorm gain on k */
-    float *norm_value; /* [d] RMSNorm gain on v */
-    float *conv;       /* [d, 4] depthwise taps, tap j reads position t - j*dil */
-    float *w_key_hot;  /* [d, d_mem] with hot_key_proj, else NULL */
-    float *gate_hot;   /* [n_orders] with hot_gate, else NULL */
+    float *w_key;      /* [S*d, d_mem] */
+    float *b_key;      /* [S, d] */
+    float *w_value;    /* [d, d_mem] (shared by the streams) */
+    float *norm_query; /* [S, d] RMSNorm gain on h */
+    float *norm_key;   /* [S, d] RMSNorm gain on k */
+    float *norm_value; /* [S, d] RMSNorm gain on v */
+    float *conv;       /* [S*d, 4] depthwise taps, tap j reads position t - j*dil */
+    float *w_key_hot;  /* [S*d, d_mem] with hot_key_proj, else NULL */
+    float *gate_hot;   /* [S, n_orders] with hot_gate, else NULL */
 } sm_engram_params;
 
 /* Offsets (in floats) of the same tensors inside one flat sm_params buffer;
@@ -820,16 +835,16 @@ SMDEF void sm_engram_init_layer(const sm_engram_params *p, const sm_engram_confi
 /* Saved forward activations of one layer for N = B*T positions (one allocation). */
 typedef struct sm_engram_acts {
     float *e;          /* [N, d_mem] gathered memory vector */
-    float *key;        /* [N, d] W_K e + b_K */
-    float *key_n;      /* [N, d] RMSNorm_k(key) */
-    float *query_n;    /* [N, d] RMSNorm_q(h) */
+    float *key;        /* [N, S, d] W_K e + b_K */
+    float *key_n;      /* [N, S, d] RMSNorm_k(key) */
+    float *query_n;    /* [N, S, d] RMSNorm_q(h) */
     float *value;      /* [N, d] W_V e */
-    float *v;          /* [N, d] alpha * value */
-    float *v_n;        /* [N, d] RMSNorm_v(v) */
-    float *conv;       /* [N, d] conv pre-activation */
-    float *rstd_key, *rstd_query, *rstd_v; /* [N] */
-    float *gate;       /* [N] g before the signed sqrt */
-    float *alpha;      /* [N] the gate, kept for diagnostics */
+    float *v;          /* [N, S, d] alpha * value */
+    float *v_n;        /* [N, S, d] RMSNorm_v(v) */
+    float *conv;       /* [N, S, d] conv pre-activation */
+    float *rstd_key, *rstd_query, *rstd_v; /* [N, S] */
+    float *gate;       /* [N, S] g before the signed sqrt */
+    float *alpha;      /* [N, S] the gate, kept for diagnostics */
     float *e_cold, *e_hot; /* [N, d_mem] e split by tier, with hot_key_proj (else NULL) */
     int N;
 } sm_engram_acts;
@@ -839,9 +854,10 @@ SMDEF void sm_engram_acts_free(sm_engram_acts *a);
 
 /* Backward temporaries (one allocation; one can serve every layer). */
 typedef struct sm_engram_scratch {
-    float *dconv, *dv_n, *dv, *dvalue, *dquery_n, *dkey_n, *dkey; /* [N, d] */
-    float *de;                                                 /* [N, d_mem] */
-    float *dgate;                                              /* [N] dL/dg */
+    float *dconv, *dv_n, *dv, *dquery_n, *dkey_n, *dkey; /* [N, S, d] */
+    float *dvalue;                                       /* [N, d] */
+    float *de;                                           /* [N, d_mem] */
+    float *dgate;                                        /* [N, S] dL/dg */
     float *de_tier; /* [N, d_mem] one key projection's de, with hot_key_proj (else NULL) */
     int N;
 } sm_engram_scratch;
@@ -849,7 +865,7 @@ SMDEF sm_status sm_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_co
                                         sm_error *err);
 SMDEF void sm_engram_scratch_free(sm_engram_scratch *s);
 
-/* out[B*T, d] from h[B*T, d] and flat[B*T, n_slots] (sm_ngram_hash_compute). */
+/* out[B*T, S, d] from h[B*T, S, d] and flat[B*T, n_slots] (sm_ngram_hash_compute). */
 SMDEF void sm_engram_forward(float *out, sm_engram_acts *acts, const float *h,
                              const uint32_t *flat, const sm_engram_params *p,
                              const sm_engram_config *c, int B, int T);
@@ -861,7 +877,7 @@ SMDEF void sm_engram_forward_routed(float *out, sm_engram_acts *acts, const floa
                                     int B, int T);
 /* Accumulates dh (gate path only; may be NULL) and every gradient in g; the
  * table gradient only on the rows in flat, which are added to rows (may be
- * NULL). dout[B*T, d]. */
+ * NULL). dout[B*T, S, d]. */
 SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *rows,
                               const float *dout, const float *h, const uint32_t *flat,
                               const sm_engram_params *p, const sm_engram_acts *acts,
@@ -4665,6 +4681,7 @@ SMDEF sm_engram_config sm_engram_default_config(void) {
     c.signed_sqrt_gate = 1;
     c.table_init_std = 0.02f;
     c.table_lr_mult = 5.0f;
+    c.n_streams = 1;
     return c;
 }
 
@@ -4688,6 +4705,9 @@ SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err) {
                        c->hot_key_proj);
     if (c->hot_gate != 0 && c->hot_gate != 1)
         return sm_fail(err, SM_ERR_INVALID_ARG, "engram: hot_gate %d must be 0 or 1", c->hot_gate);
+    if (c->n_streams < 1 || c->n_streams > SM_ENGRAM_MAX_STREAMS)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "engram: n_streams %d not in 1..%d", c->n_streams,
+                       SM_ENGRAM_MAX_STREAMS);
     return SM_OK;
 }
 
@@ -4701,17 +4721,17 @@ SMDEF size_t sm_engram_table_size(const sm_ngram_hash *h, const sm_engram_config
 
 /* Floats of the variant tensors W_K^hot and gate_hot (0 when off). */
 static size_t sm__engram_w_key_hot_size(const sm_engram_config *c) {
-    return c->hot_key_proj ? (size_t)c->d_model * (size_t)sm_engram_d_mem(c) : 0;
+    return c->hot_key_proj ? (size_t)c->n_streams * c->d_model * (size_t)sm_engram_d_mem(c) : 0;
 }
 
 static size_t sm__engram_gate_hot_size(const sm_engram_config *c) {
-    return c->hot_gate ? (size_t)c->hash.n_orders : 0;
+    return c->hot_gate ? (size_t)c->n_streams * c->hash.n_orders : 0;
 }
 
 SMDEF size_t sm_engram_layer_size(const sm_engram_config *c) {
-    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
-    return 2 * d * dm + 4 * d + d * SM_ENGRAM_CONV_KERNEL + sm__engram_w_key_hot_size(c) +
-           sm__engram_gate_hot_size(c);
+    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c), Sd = c->n_streams * d;
+    return Sd * dm + d * dm + 4 * Sd + Sd * SM_ENGRAM_CONV_KERNEL +
+           sm__engram_w_key_hot_size(c) + sm__engram_gate_hot_size(c);
 }
 
 SMDEF sm_param_group sm_engram_table_group(const sm_engram_config *c, float base_lr) {
@@ -4735,14 +4755,14 @@ SMDEF sm_status sm_engram_params_add_table(sm_params *p, size_t *offset, const s
 SMDEF sm_status sm_engram_params_add_layer(sm_params *p, sm_engram_offsets *off,
                                            size_t table_offset, const sm_engram_config *c,
                                            int layer, int group, sm_error *err) {
-    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
+    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c), Sd = c->n_streams * d;
     const char *names[9] = {"w_key", "b_key", "w_value", "norm_query", "norm_key",
                             "norm_value", "conv", "w_key_hot", "gate_hot"};
     size_t sizes[9], *dst[9];
     char name[48];
     int i;
-    sizes[0] = d * dm, sizes[1] = d, sizes[2] = d * dm, sizes[3] = sizes[4] = sizes[5] = d;
-    sizes[6] = d * SM_ENGRAM_CONV_KERNEL;
+    sizes[0] = Sd * dm, sizes[1] = Sd, sizes[2] = d * dm, sizes[3] = sizes[4] = sizes[5] = Sd;
+    sizes[6] = Sd * SM_ENGRAM_CONV_KERNEL;
     sizes[7] = sm__engram_w_key_hot_size(c), sizes[8] = sm__engram_gate_hot_size(c);
     dst[0] = &off->w_key, dst[1] = &off->b_key, dst[2] = &off->w_value;
     dst[3] = &off->norm_query, dst[4] = &off->norm_key, dst[5] = &off->norm_value;
@@ -4785,16 +4805,16 @@ static void sm__engram_fill(float *x, size_t n, float value) {
 
 SMDEF void sm_engram_init_layer(const sm_engram_params *p, const sm_engram_config *c,
                                 sm_rng *rng) {
-    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
+    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c), Sd = c->n_streams * d;
     float std = 1.0f / sqrtf((float)dm);
-    sm_rng_fill_normal(rng, p->w_key, d * dm, std);
+    sm_rng_fill_normal(rng, p->w_key, Sd * dm, std);
     sm_rng_fill_normal(rng, p->w_value, d * dm, std);
-    sm__engram_fill(p->b_key, d, 0.0f);
-    sm__engram_fill(p->norm_query, d, 1.0f);
-    sm__engram_fill(p->norm_key, d, 1.0f);
-    sm__engram_fill(p->norm_value, d, 1.0f);
-    sm__engram_fill(p->conv, d * SM_ENGRAM_CONV_KERNEL, 0.0f);
-    if (c->hot_key_proj) sm_rng_fill_normal(rng, p->w_key_hot, d * dm, std);
+    sm__engram_fill(p->b_key, Sd, 0.0f);
+    sm__engram_fill(p->norm_query, Sd, 1.0f);
+    sm__engram_fill(p->norm_key, Sd, 1.0f);
+    sm__engram_fill(p->norm_value, Sd, 1.0f);
+    sm__engram_fill(p->conv, Sd * SM_ENGRAM_CONV_KERNEL, 0.0f);
+    if (c->hot_key_proj) sm_rng_fill_normal(rng, p->w_key_hot, Sd * dm, std);
     if (c->hot_gate) sm__engram_fill(p->gate_hot, sm__engram_gate_hot_size(c), 0.0f);
 }
 
@@ -4803,28 +4823,28 @@ SMDEF void sm_engram_init_layer(const sm_engram_params *p, const sm_engram_confi
 static sm_status sm__engram_acts_alloc_with(sm_engram_acts *a, const sm_engram_config *c, int N,
                                             sm__alloc_fn alloc, sm_error *err) {
     size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
-    size_t tiers = c->hot_key_proj ? 2 * n * dm : 0;
+    size_t nS = n * c->n_streams, nSd = nS * d, tiers = c->hot_key_proj ? 2 * n * dm : 0;
     float *mem;
     memset(a, 0, sizeof *a);
     if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram acts: N %d < 1", N);
-    mem = (float *)alloc((n * (dm + 7 * d + 5) + tiers) * sizeof(float), "engram activations",
-                         err);
+    mem = (float *)alloc((n * (dm + d) + 6 * nSd + 5 * nS + tiers) * sizeof(float),
+                         "engram activations", err);
     if (!mem) return SM_ERR_OOM;
     a->e = mem;
     a->key = a->e + n * dm;
-    a->key_n = a->key + n * d;
-    a->query_n = a->key_n + n * d;
-    a->value = a->query_n + n * d;
+    a->key_n = a->key + nSd;
+    a->query_n = a->key_n + nSd;
+    a->value = a->query_n + nSd;
     a->v = a->value + n * d;
-    a->v_n = a->v + n * d;
-    a->conv = a->v_n + n * d;
-    a->rstd_key = a->conv + n * d;
-    a->rstd_query = a->rstd_key + n;
-    a->rstd_v = a->rstd_query + n;
-    a->gate = a->rstd_v + n;
-    a->alpha = a->gate + n;
+    a->v_n = a->v + nSd;
+    a->conv = a->v_n + nSd;
+    a->rstd_key = a->conv + nSd;
+    a->rstd_query = a->rstd_key + nS;
+    a->rstd_v = a->rstd_query + nS;
+    a->gate = a->rstd_v + nS;
+    a->alpha = a->gate + nS;
     if (c->hot_key_proj) {
-        a->e_cold = a->alpha + n;
+        a->e_cold = a->alpha + nS;
         a->e_hot = a->e_cold + n * dm;
     }
     a->N = N;
@@ -4844,22 +4864,24 @@ SMDEF void sm_engram_acts_free(sm_engram_acts *a) {
 static sm_status sm__engram_scratch_alloc_with(sm_engram_scratch *s, const sm_engram_config *c,
                                                int N, sm__alloc_fn alloc, sm_error *err) {
     size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
+    size_t nS = n * c->n_streams, nSd = nS * d;
     float *mem;
     memset(s, 0, sizeof *s);
     if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram scratch: N %d < 1", N);
-    mem = (float *)alloc((n * (7 * d + dm + 1) + (c->hot_key_proj ? n * dm : 0)) * sizeof(float),
+    mem = (float *)alloc((6 * nSd + n * (d + dm) + nS + (c->hot_key_proj ? n * dm : 0)) *
+                             sizeof(float),
                          "engram scratch", err);
     if (!mem) return SM_ERR_OOM;
     s->dconv = mem;
-    s->dv_n = s->dconv + n * d;
-    s->dv = s->dv_n + n * d;
-    s->dvalue = s->dv + n * d;
+    s->dv_n = s->dconv + nSd;
+    s->dv = s->dv_n + nSd;
+    s->dvalue = s->dv + nSd;
     s->dquery_n = s->dvalue + n * d;
-    s->dkey_n = s->dquery_n + n * d;
-    s->dkey = s->dkey_n + n * d;
-    s->de = s->dkey + n * d;
+    s->dkey_n = s->dquery_n + nSd;
+    s->dkey = s->dkey_n + nSd;
+    s->de = s->dkey + nSd;
     s->dgate = s->de + n * dm;
-    if (c->hot_key_proj) s->de_tier = s->dgate + n;
+    if (c->hot_key_proj) s->de_tier = s->dgate + nS;
     s->N = N;
     return SM_OK;
 }
@@ -4953,55 +4975,59 @@ static void sm__engram_add_tier(float *de, const float *part, const unsigned cha
         }
 }
 
-/* key = W_K e + b_K, or with hot_key_proj W_K e_cold + W_K^hot e_hot + b_K. */
+/* key = W_K e + b_K, or with hot_key_proj W_K e_cold + W_K^hot e_hot + b_K:
+ * all streams' keys at once, [N, S*d]. */
 static void sm__engram_key_forward(sm_engram_acts *a, const unsigned char *hot,
                                    const sm_engram_params *p, const sm_engram_config *c, int N) {
-    int d = c->d_model, dm = sm_engram_d_mem(c);
+    int Sd = c->n_streams * c->d_model, dm = sm_engram_d_mem(c);
     if (!c->hot_key_proj) {
-        sm_linear_forward(a->key, a->e, p->w_key, p->b_key, N, dm, d);
+        sm_linear_forward(a->key, a->e, p->w_key, p->b_key, N, dm, Sd);
         return;
     }
     sm__engram_split_tiers(a->e_cold, a->e_hot, a->e, hot, c, N);
-    sm_linear_forward(a->key, a->e_cold, p->w_key, p->b_key, N, dm, d);
-    sm_sgemm(0, 1, N, d, dm, 1.0f, a->e_hot, dm, p->w_key_hot, dm, 1.0f, a->key, d);
+    sm_linear_forward(a->key, a->e_cold, p->w_key, p->b_key, N, dm, Sd);
+    sm_sgemm(0, 1, N, Sd, dm, 1.0f, a->e_hot, dm, p->w_key_hot, dm, 1.0f, a->key, Sd);
 }
 
-/* The hot_gate term sum_o gate_hot[o] hot[n, o] (0 when the variant is off). */
+/* The hot_gate term of stream s at position n, sum_o gate_hot[s, o] hot[n, o]
+ * (0 when the variant is off). */
 static float sm__engram_hot_bias(const unsigned char *hot, const sm_engram_params *p,
-                                 const sm_engram_config *c, int n) {
+                                 const sm_engram_config *c, int n, int s) {
     float bias = 0.0f;
-    int o;
+    int o, n_orders = c->hash.n_orders;
     if (!c->hot_gate) return 0.0f;
-    for (o = 0; o < c->hash.n_orders; o++)
-        if (sm__engram_is_hot(hot, n, o, c->hash.n_orders)) bias += p->gate_hot[o];
+    for (o = 0; o < n_orders; o++)
+        if (sm__engram_is_hot(hot, n, o, n_orders)) bias += p->gate_hot[s * n_orders + o];
     return bias;
 }
 
-/* alpha = sigmoid(s(<RMSNorm_q(h), RMSNorm_k(key)> / sqrt(d) + hot bias)). */
+/* alpha = sigmoid(s(<RMSNorm_q(h), RMSNorm_k(key)> / sqrt(d) + hot bias)) for
+ * every (position, stream) row r = n*S + s, each stream with its own gains. */
 static void sm__engram_gate_forward(sm_engram_acts *a, const float *h, const unsigned char *hot,
                                     const sm_engram_params *p, const sm_engram_config *c, int N) {
-    int n, d = c->d_model;
+    int r, d = c->d_model, S = c->n_streams, R = N * S;
     float inv_sqrt_d = 1.0f / sqrtf((float)d);
     sm__engram_key_forward(a, hot, p, c, N);
-    sm_rmsnorm_forward(a->key_n, a->rstd_key, a->key, p->norm_key, N, d);
-    sm_rmsnorm_forward(a->query_n, a->rstd_query, h, p->norm_query, N, d);
+    sm_rmsnorm_grouped_forward(a->key_n, a->rstd_key, a->key, p->norm_key, R, d, S);
+    sm_rmsnorm_grouped_forward(a->query_n, a->rstd_query, h, p->norm_query, R, d, S);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if ((size_t)N * d > 32768)
+#pragma omp parallel for schedule(static) if ((size_t)R * d > 32768)
 #endif
-    for (n = 0; n < N; n++) {
-        float g = (float)sm__engram_dot(a->query_n + (size_t)n * d, a->key_n + (size_t)n * d, d);
-        a->gate[n] = g * inv_sqrt_d + sm__engram_hot_bias(hot, p, c, n);
-        a->alpha[n] = sm_sigmoid(sm__engram_squash(a->gate[n], c->signed_sqrt_gate));
+    for (r = 0; r < R; r++) {
+        float g = (float)sm__engram_dot(a->query_n + (size_t)r * d, a->key_n + (size_t)r * d, d);
+        a->gate[r] = g * inv_sqrt_d + sm__engram_hot_bias(hot, p, c, r / S, r % S);
+        a->alpha[r] = sm_sigmoid(sm__engram_squash(a->gate[r], c->signed_sqrt_gate));
     }
 }
 
-/* v = alpha * (W_V e). */
+/* v[n, s] = alpha[n, s] * (W_V e)[n]: one value, gated per stream. */
 static void sm__engram_value_forward(sm_engram_acts *a, const sm_engram_params *p,
                                      const sm_engram_config *c, int N) {
-    int n, j, d = c->d_model;
+    int r, j, d = c->d_model, S = c->n_streams;
     sm_linear_forward(a->value, a->e, p->w_value, NULL, N, sm_engram_d_mem(c), d);
-    for (n = 0; n < N; n++)
-        for (j = 0; j < d; j++) a->v[(size_t)n * d + j] = a->alpha[n] * a->value[(size_t)n * d + j];
+    for (r = 0; r < N * S; r++)
+        for (j = 0; j < d; j++)
+            a->v[(size_t)r * d + j] = a->alpha[r] * a->value[(size_t)(r / S) * d + j];
 }
 
 /* y[b,t,ch] = sum_j w[ch,j] x[b, t - j*dil, ch] over taps inside the sequence. */
@@ -5026,18 +5052,19 @@ SMDEF void sm_engram_forward_routed(float *out, sm_engram_acts *acts, const floa
                                     const uint32_t *flat, const unsigned char *hot,
                                     const sm_engram_params *p, const sm_engram_config *c,
                                     int B, int T) {
-    int N = B * T, d = c->d_model, n_slots = c->hash.n_orders * c->hash.n_heads;
-    size_t i, nd = (size_t)N * d;
+    int N = B * T, d = c->d_model, S = c->n_streams, n_slots = c->hash.n_orders * c->hash.n_heads;
+    size_t i, nSd = (size_t)N * S * d;
     SM_ASSERT(N <= acts->N);
     SM_ASSERT(!c->hot_key_proj || acts->e_hot); /* acts allocated for this config */
     sm__engram_gather(acts->e, p->table, flat, N, n_slots, c->d_head);
     sm__engram_gate_forward(acts, h, hot, p, c, N);
     sm__engram_value_forward(acts, p, c, N);
-    sm_rmsnorm_forward(acts->v_n, acts->rstd_v, acts->v, p->norm_value, N, d);
-    sm__engram_conv_forward(acts->conv, acts->v_n, p->conv, B, T, d,
+    sm_rmsnorm_grouped_forward(acts->v_n, acts->rstd_v, acts->v, p->norm_value, N * S, d, S);
+    /* the streams' channels side by side: one depthwise conv over S*d channels */
+    sm__engram_conv_forward(acts->conv, acts->v_n, p->conv, B, T, S * d,
                             c->hash.orders[c->hash.n_orders - 1]);
-    sm_silu_forward(out, acts->conv, nd);
-    for (i = 0; i < nd; i++) out[i] += acts->v[i];
+    sm_silu_forward(out, acts->conv, nSd);
+    for (i = 0; i < nSd; i++) out[i] += acts->v[i];
 }
 
 SMDEF void sm_engram_forward(float *out, sm_engram_acts *acts, const float *h,
@@ -5081,27 +5108,33 @@ static void sm__engram_conv_backward(float *dx, float *dw, const float *dy, cons
     }
 }
 
-/* From dv (gradient of v = alpha * value): dvalue = alpha dv and, through
- * g = <q_n, k_n>/sqrt(d), dquery_n = dg k_n / sqrt(d), dkey_n = dg q_n / sqrt(d)
- * with dg = <dv, value> alpha (1 - alpha) s'(g). */
+/* From dv (gradient of v_s = alpha_s * value): dvalue = sum_s alpha_s dv_s
+ * (the streams share the value) and, per stream, through g = <q_n, k_n>/sqrt(d),
+ * dquery_n = dg k_n / sqrt(d), dkey_n = dg q_n / sqrt(d) with
+ * dg = <dv_s, value> alpha_s (1 - alpha_s) s'(g). */
 static void sm__engram_gate_backward(const sm_engram_scratch *s, const sm_engram_acts *a,
                                      const sm_engram_config *c, int N) {
-    int n, d = c->d_model;
+    int n, d = c->d_model, S = c->n_streams;
     float inv_sqrt_d = 1.0f / sqrtf((float)d);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if ((size_t)N * d > 32768)
+#pragma omp parallel for schedule(static) if ((size_t)N * S * d > 32768)
 #endif
     for (n = 0; n < N; n++) {
-        size_t o = (size_t)n * d;
-        float al = a->alpha[n], dalpha = (float)sm__engram_dot(s->dv + o, a->value + o, d);
-        float dg = dalpha * al * (1.0f - al) * sm__engram_squash_grad(a->gate[n],
-                                                                        c->signed_sqrt_gate);
-        int j;
-        s->dgate[n] = dg;
-        for (j = 0; j < d; j++) {
-            s->dvalue[o + j] = al * s->dv[o + j];
-            s->dquery_n[o + j] = dg * inv_sqrt_d * a->key_n[o + j];
-            s->dkey_n[o + j] = dg * inv_sqrt_d * a->query_n[o + j];
+        const float *value = a->value + (size_t)n * d;
+        float *dvalue = s->dvalue + (size_t)n * d;
+        int st, j;
+        for (j = 0; j < d; j++) dvalue[j] = 0.0f;
+        for (st = 0; st < S; st++) {
+            size_t r = (size_t)n * S + st, o = r * d;
+            float al = a->alpha[r], dalpha = (float)sm__engram_dot(s->dv + o, value, d);
+            float dg = dalpha * al * (1.0f - al) * sm__engram_squash_grad(a->gate[r],
+                                                                            c->signed_sqrt_gate);
+            s->dgate[r] = dg;
+            for (j = 0; j < d; j++) {
+                dvalue[j] += al * s->dv[o + j];
+                s->dquery_n[o + j] = dg * inv_sqrt_d * a->key_n[o + j];
+                s->dkey_n[o + j] = dg * inv_sqrt_d * a->query_n[o + j];
+            }
         }
     }
 }
@@ -5128,17 +5161,19 @@ static void sm__engram_scatter(float *dtable, sm_row_set *rows, const float *de,
         for (i = 0; i < n_idx; i++) sm_row_set_add(rows, flat[i]);
 }
 
-/* dgate_hot[o] += sum over positions hot for order o of dL/dg (serial: deterministic). */
+/* dgate_hot[s, o] += sum over positions hot for order o of stream s's dL/dg
+ * (serial: deterministic). */
 static void sm__engram_hot_gate_backward(float *dgate_hot, const float *dgate,
                                          const unsigned char *hot, const sm_engram_config *c,
                                          int N) {
-    int n, o;
-    for (o = 0; o < c->hash.n_orders; o++) {
-        double sum = 0.0;
-        for (n = 0; n < N; n++)
-            if (sm__engram_is_hot(hot, n, o, c->hash.n_orders)) sum += dgate[n];
-        dgate_hot[o] += (float)sum;
-    }
+    int n, o, st, S = c->n_streams, n_orders = c->hash.n_orders;
+    for (st = 0; st < S; st++)
+        for (o = 0; o < n_orders; o++) {
+            double sum = 0.0;
+            for (n = 0; n < N; n++)
+                if (sm__engram_is_hot(hot, n, o, n_orders)) sum += dgate[(size_t)n * S + st];
+            dgate_hot[st * n_orders + o] += (float)sum;
+        }
 }
 
 /* Backward of sm__engram_key_forward into de (zeroed by the caller) and the
@@ -5147,19 +5182,19 @@ static void sm__engram_key_backward(const sm_engram_params *g, const unsigned ch
                                     const sm_engram_params *p, const sm_engram_acts *a,
                                     const sm_engram_scratch *s, const sm_engram_config *c,
                                     int N) {
-    int d = c->d_model, dm = sm_engram_d_mem(c);
+    int Sd = c->n_streams * c->d_model, dm = sm_engram_d_mem(c);
     size_t ne = (size_t)N * dm;
     if (!c->hot_key_proj) {
-        sm_linear_backward(s->de, g->w_key, g->b_key, s->dkey, a->e, p->w_key, N, dm, d);
+        sm_linear_backward(s->de, g->w_key, g->b_key, s->dkey, a->e, p->w_key, N, dm, Sd);
         return;
     }
-    sm_linear_backward(NULL, g->w_key, g->b_key, s->dkey, a->e_cold, p->w_key, N, dm, d);
-    sm_linear_backward(NULL, g->w_key_hot, NULL, s->dkey, a->e_hot, p->w_key_hot, N, dm, d);
+    sm_linear_backward(NULL, g->w_key, g->b_key, s->dkey, a->e_cold, p->w_key, N, dm, Sd);
+    sm_linear_backward(NULL, g->w_key_hot, NULL, s->dkey, a->e_hot, p->w_key_hot, N, dm, Sd);
     memset(s->de_tier, 0, ne * sizeof(float));
-    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key, N, dm, d);
+    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key, N, dm, Sd);
     sm__engram_add_tier(s->de, s->de_tier, hot, 0, c, N);
     memset(s->de_tier, 0, ne * sizeof(float));
-    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key_hot, N, dm, d);
+    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key_hot, N, dm, Sd);
     sm__engram_add_tier(s->de, s->de_tier, hot, 1, c, N);
 }
 
@@ -5168,27 +5203,28 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *acts, const sm_engram_scratch *s,
                                      const sm_engram_config *c, int B, int T) {
-    int N = B * T, d = c->d_model, dm = sm_engram_d_mem(c);
+    int N = B * T, d = c->d_model, S = c->n_streams, R = N * S, dm = sm_engram_d_mem(c);
     int n_slots = c->hash.n_orders * c->hash.n_heads;
-    size_t nd = (size_t)N * d;
+    size_t nSd = (size_t)R * d;
     SM_ASSERT(N <= acts->N && N <= s->N);
     SM_ASSERT(!c->hot_key_proj || s->de_tier); /* scratch allocated for this config */
-    /* out = v + SiLU(conv(RMSNorm_v(v))) */
-    memset(s->dconv, 0, nd * sizeof(float));
-    sm_silu_backward(s->dconv, acts->conv, dout, nd);
-    memset(s->dv_n, 0, nd * sizeof(float));
-    sm__engram_conv_backward(s->dv_n, g->conv, s->dconv, acts->v_n, p->conv, B, T, d,
+    /* out = v + SiLU(conv(RMSNorm_v(v))), per (position, stream) row */
+    memset(s->dconv, 0, nSd * sizeof(float));
+    sm_silu_backward(s->dconv, acts->conv, dout, nSd);
+    memset(s->dv_n, 0, nSd * sizeof(float));
+    sm__engram_conv_backward(s->dv_n, g->conv, s->dconv, acts->v_n, p->conv, B, T, S * d,
                              c->hash.orders[c->hash.n_orders - 1]);
-    memcpy(s->dv, dout, nd * sizeof(float));
-    sm_rmsnorm_backward(s->dv, g->norm_value, s->dv_n, acts->v, p->norm_value, acts->rstd_v, N, d);
+    memcpy(s->dv, dout, nSd * sizeof(float));
+    sm_rmsnorm_grouped_backward(s->dv, g->norm_value, s->dv_n, acts->v, p->norm_value,
+                                acts->rstd_v, R, d, S);
     /* v = alpha * value, alpha from the gate */
     sm__engram_gate_backward(s, acts, c, N);
     if (c->hot_gate) sm__engram_hot_gate_backward(g->gate_hot, s->dgate, hot, c, N);
-    sm_rmsnorm_backward(dh, g->norm_query, s->dquery_n, h, p->norm_query, acts->rstd_query, N,
-                        d);
-    memset(s->dkey, 0, nd * sizeof(float));
-    sm_rmsnorm_backward(s->dkey, g->norm_key, s->dkey_n, acts->key, p->norm_key, acts->rstd_key,
-                        N, d);
+    sm_rmsnorm_grouped_backward(dh, g->norm_query, s->dquery_n, h, p->norm_query,
+                                acts->rstd_query, R, d, S);
+    memset(s->dkey, 0, nSd * sizeof(float));
+    sm_rmsnorm_grouped_backward(s->dkey, g->norm_key, s->dkey_n, acts->key, p->norm_key,
+                                acts->rstd_key, R, d, S);
     /* key = W_K e + b_K, value = W_V e, e = gathered table rows */
     memset(s->de, 0, (size_t)N * dm * sizeof(float));
     sm__engram_key_backward(g, hot, p, acts, s, c, N);

@@ -185,7 +185,9 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
  * Requirements as on the CPU: acts / scratch allocated for this config
  * with at least B*T positions. Differences from the CPU, to rounding only:
  * row sums in fp32 (the CPU sums some in double), and the table, gain,
- * bias and conv gradients summed with atomics in no fixed order. */
+ * bias and conv gradients summed with atomics in no fixed order.
+ * One stream only: the per-stream form inside mHC (n_streams > 1) is not
+ * implemented on the GPU, and the allocations below refuse it. */
 
 SMDEF sm_status smc_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *c, int N,
                                       sm_error *err);
@@ -1039,9 +1041,19 @@ static smc__engram_shape smc__engram_shape_of(const sm_engram_config *cfg) {
 
 /* ---- activations and scratch: the CPU's one-allocation layouts ---- */
 
+/* The kernels below handle one stream (see the section's header). */
+static sm_status smc__engram_check_streams(const sm_engram_config *c, sm_error *err) {
+    if (c->n_streams == 1) return SM_OK;
+    return sm_fail(err, SM_ERR_INVALID_ARG,
+                   "engram: n_streams %d (the per-stream form inside mHC) is not implemented on "
+                   "the GPU; use one stream (Engram as an mHC branch)",
+                   c->n_streams);
+}
+
 SMDEF sm_status smc_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *c, int N,
                                       sm_error *err) {
-    return sm__engram_acts_alloc_with(a, c, N, smc_malloc, err);
+    sm_status st = smc__engram_check_streams(c, err);
+    return st != SM_OK ? st : sm__engram_acts_alloc_with(a, c, N, smc_malloc, err);
 }
 
 SMDEF void smc_engram_acts_free(sm_engram_acts *a) {
@@ -1051,7 +1063,8 @@ SMDEF void smc_engram_acts_free(sm_engram_acts *a) {
 
 SMDEF sm_status smc_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_config *c,
                                          int N, sm_error *err) {
-    return sm__engram_scratch_alloc_with(s, c, N, smc_malloc, err);
+    sm_status st = smc__engram_check_streams(c, err);
+    return st != SM_OK ? st : sm__engram_scratch_alloc_with(s, c, N, smc_malloc, err);
 }
 
 SMDEF void smc_engram_scratch_free(sm_engram_scratch *s) {
