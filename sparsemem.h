@@ -1536,6 +1536,16 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
  * with the maps computed from x (see the mHC section); the embedding is
  * copied into every stream and the streams are averaged before the final
  * norm (sm_mhc_collapse_forward explains the choice).
+ * Engram with mHC takes one of two forms (engram_mhc):
+ *   SM_ENGRAM_MHC_PER_STREAM (default), DeepSeek's reference code: Engram
+ *     reads every stream and adds out_s to stream s outside the mixing,
+ *     x_s <- x_s + Engram_s(x) (engram.n_streams = n: a key projection,
+ *     norms and conv per stream, the table and W_V shared; section 4);
+ *   SM_ENGRAM_MHC_BRANCH: an mHC branch like attention and the MLP, one
+ *     gate on u = H_pre x and H_post spreading the output.
+ * The per-stream form has n-1 more copies of W_K, b_K, the gains and the
+ * conv (and of the Nine variants' W_K^hot, gate_hot), and no mHC maps at
+ * its sublayer.
  * Final RMSNorm, LM head tied to the token embedding (or untied).
  *
  * Parameter groups (each its own lr and schedule multiplier):
@@ -1575,7 +1585,14 @@ typedef struct sm_model_config {
     int use_mhc;
     sm_mhc_config mhc;    /* mhc.channels must equal d_model */
     float mhc_lr_mult;    /* mhc group lr = this x lr */
+    /* Engram with mHC: SM_ENGRAM_MHC_PER_STREAM (default) or _BRANCH (see
+     * above). sm_model_init sets engram.n_streams from it (n in the
+     * per-stream form, else 1): leave engram.n_streams at 1. */
+    int engram_mhc;
 } sm_model_config;
+
+#define SM_ENGRAM_MHC_PER_STREAM 0
+#define SM_ENGRAM_MHC_BRANCH 1
 
 SMDEF sm_model_config sm_model_default_config(void);
 SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err);
@@ -1601,11 +1618,12 @@ typedef struct sm_sublayer {
     int layer;        /* transformer layer index */
     int engram_index; /* Engram: which Engram layer (0..n-1) */
     int has_mlp, has_peer;
+    int in_mhc;       /* 1: an mHC branch (u = H_pre x, ...); 0 without mHC or per-stream Engram */
     sm_sublayer_offsets off;
     /* activations (N = B*T positions) */
     float *x_in;      /* [N, S*C] residual streams entering (S = 1 without mHC) */
-    float *u;         /* [N, C] sublayer input: x_in without mHC, else H_pre x_in */
-    float *y;         /* [N, C] F(u) */
+    float *u;         /* [N, C] sublayer input: H_pre x_in in mHC, else x_in */
+    float *y;         /* [N, C] F(u); [N, S*C] for a per-stream Engram */
     sm_mhc_act mhc_act;
     float *ln, *ln_rstd;                 /* attention / FFN pre-norm */
     float *qkv, *att, *atty;             /* attention */
@@ -1614,7 +1632,7 @@ typedef struct sm_sublayer {
     sm_peer_acts peer_acts;
     sm_row_set peer_rows; /* FFN with PEER: experts of its table touched this step */
     /* diagnostics of the last forward/backward */
-    double out_norm;  /* mean over positions of ||F(u)||_2 */
+    double out_norm;  /* mean over positions of ||F(u)||_2 (all streams of a per-stream Engram) */
     double peer_norm; /* FFN with PEER: the same for the PEER output alone */
     double grad_norm; /* ||dL/dF(u)||_2 over the batch */
 } sm_sublayer;
@@ -7882,6 +7900,25 @@ static sm_status sm__validate_layer_ids(const int *ids, int n, int n_layer, cons
     return SM_OK;
 }
 
+/* The streams the Engram layer reads: every residual stream in the
+ * per-stream form with mHC, else one. */
+static int sm__engram_streams(const sm_model_config *c) {
+    return c->use_mhc && c->engram_mhc == SM_ENGRAM_MHC_PER_STREAM ? c->mhc.n_streams : 1;
+}
+
+static sm_status sm__validate_engram_mhc(const sm_model_config *c, sm_error *err) {
+    if (c->engram_mhc != SM_ENGRAM_MHC_PER_STREAM && c->engram_mhc != SM_ENGRAM_MHC_BRANCH)
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "engram_mhc %d must be SM_ENGRAM_MHC_PER_STREAM (0) or _BRANCH (1)",
+                       c->engram_mhc);
+    if (c->use_engram && c->engram.n_streams != 1 && c->engram.n_streams != sm__engram_streams(c))
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "engram.n_streams %d: the model sets it from use_mhc and engram_mhc "
+                       "(%d here); leave it at 1",
+                       c->engram.n_streams, sm__engram_streams(c));
+    return SM_OK;
+}
+
 SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
     sm_status st = sm__validate_backbone(c, err);
     if (st != SM_OK) return st;
@@ -7923,9 +7960,10 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
                            c->mhc.channels, c->d_model);
         if (!(c->mhc_lr_mult >= 0.0f))
             return sm_fail(err, SM_ERR_INVALID_ARG, "mhc_lr_mult %g must be >= 0", c->mhc_lr_mult);
-        return sm_mhc_validate_config(&c->mhc, err);
+        st = sm_mhc_validate_config(&c->mhc, err);
+        if (st != SM_OK) return st;
     }
-    return SM_OK;
+    return sm__validate_engram_mhc(c, err);
 }
 
 /* Residual streams: n with mHC, else 1. */
@@ -7950,11 +7988,12 @@ static void sm__model_plan(sm_model *m) {
         if (e >= 0) {
             s = &m->sub[m->n_sub++];
             s->kind = SM_SUBLAYER_ENGRAM, s->layer = l, s->engram_index = e;
+            s->in_mhc = c->use_mhc && c->engram.n_streams == 1;
         }
         s = &m->sub[m->n_sub++];
-        s->kind = SM_SUBLAYER_ATTN, s->layer = l;
+        s->kind = SM_SUBLAYER_ATTN, s->layer = l, s->in_mhc = c->use_mhc;
         s = &m->sub[m->n_sub++];
-        s->kind = SM_SUBLAYER_FFN, s->layer = l;
+        s->kind = SM_SUBLAYER_FFN, s->layer = l, s->in_mhc = c->use_mhc;
         s->has_peer = has_peer;
         s->has_mlp = !(has_peer && c->peer_replace_mlp);
     }
@@ -7988,7 +8027,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     sm_params *p = &m->params;
     sm_sublayer_offsets *o = &s->off;
     int l = s->layer, g = m->g_backbone;
-    if (c->use_mhc) {
+    if (s->in_mhc) {
         char name[32];
         snprintf(name, sizeof name, "mhc_%s", sm__sublayer_names[s->kind]);
         o->mhc = sm__add_param(p, name, l, sm_mhc_param_layout(&c->mhc).total, m->g_mhc, 0, err);
@@ -8082,7 +8121,7 @@ static sm_status sm__init_sublayer(sm_model *m, sm_sublayer *s, uint64_t seed, s
     const sm_sublayer_offsets *o = &s->off;
     sm_rng rng, *r = &rng;
     sm__part_rng(r, seed, s->layer, 8 + (int)s->kind);
-    if (c->use_mhc) {
+    if (s->in_mhc) {
         sm_rng mr;
         sm_status st;
         sm__part_rng(&mr, seed, s->layer, 16 + (int)s->kind);
@@ -8151,6 +8190,12 @@ static float *sm__take(sm__arena *a, size_t n) {
     return p;
 }
 
+/* Width of a sublayer's output F(u) per position: C, or S*C for Engram in
+ * the per-stream form. */
+static int sm__sublayer_width(const sm_model *m, const sm_sublayer *s) {
+    return m->cfg.d_model * (s->kind == SM_SUBLAYER_ENGRAM ? m->cfg.engram.n_streams : 1);
+}
+
 /* Carve the backbone activations of every sublayer, then the final norm,
  * logits and losses, out of the arena. */
 static void sm__carve_acts(sm_model *m, sm__arena *a) {
@@ -8163,9 +8208,9 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
     for (i = 0; i < m->n_sub; i++) {
         sm_sublayer *s = &m->sub[i];
         s->x_in = sm__take(a, N * S * C);
-        s->u = c->use_mhc ? sm__take(a, N * C) : s->x_in;
-        s->y = sm__take(a, N * C);
-        if (c->use_mhc) {
+        s->u = s->in_mhc ? sm__take(a, N * C) : s->x_in;
+        s->y = sm__take(a, N * (size_t)sm__sublayer_width(m, s));
+        if (s->in_mhc) {
             float *block = sm__take(a, sm_mhc_act_size(&c->mhc, (int)N));
             if (a->base) s->mhc_act = sm_mhc_act_at(&c->mhc, (int)N, block);
         }
@@ -8198,7 +8243,7 @@ static void sm__carve_grads(sm_model *m, sm__arena *a) {
     m->dres = sm__take(a, N * S * C);
     m->dres_prev = m->cfg.use_mhc ? sm__take(a, N * S * C) : NULL;
     m->dmaps = m->cfg.use_mhc ? sm__take(a, N * (size_t)sm_mhc_map_count(m->cfg.mhc.n_streams)) : NULL;
-    m->dy = sm__take(a, N * C);
+    m->dy = sm__take(a, N * S * C); /* [N, S*C] for a per-stream Engram */
     m->du = sm__take(a, N * C);
     m->dln = sm__take(a, N * C);
     m->datty = sm__take(a, N * C);
@@ -8260,6 +8305,7 @@ SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max
     if (B_max < 1 || B_max > 1 << 16)
         return sm_fail(err, SM_ERR_INVALID_ARG, "batch size %d out of range [1, 65536]", B_max);
     m->cfg = *cfg;
+    m->cfg.engram.n_streams = sm__engram_streams(cfg);
     sm__model_plan(m);
     st = sm__model_layout(m, err);
     if (st == SM_OK) st = sm__model_alloc_acts(m, B_max, err);
@@ -8367,21 +8413,22 @@ static void sm__sublayer_forward(sm_model *m, sm_sublayer *s, const float *u) {
     if (s->kind == SM_SUBLAYER_ENGRAM) sm__engram_forward(m, s, u);
     else if (s->kind == SM_SUBLAYER_ATTN) sm__attn_forward(m, s, u);
     else sm__ffn_forward(m, s, u);
-    s->out_norm = sm__mean_row_norm(s->y, m->B * m->T, m->cfg.d_model);
+    s->out_norm = sm__mean_row_norm(s->y, m->B * m->T, sm__sublayer_width(m, s));
 }
 
 static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_sublayer *s) {
     return sm_mhc_params_at(&m->cfg.mhc, base + s->off.mhc);
 }
 
-/* x_next = x + F(x), or with mHC: u = H_pre x, x_next = H_res x + H_post^T F(u). */
+/* x_next = x + F(x) (every stream: F reads them all), or in an mHC branch:
+ * u = H_pre x, x_next = H_res x + H_post^T F(u). */
 static void sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next) {
-    size_t NC = (size_t)m->B * m->T * m->cfg.d_model;
+    size_t NSC = (size_t)m->B * m->T * sm__streams(&m->cfg) * m->cfg.d_model;
     int N = m->B * m->T;
-    if (!m->cfg.use_mhc) {
+    if (!s->in_mhc) {
         sm__sublayer_forward(m, s, s->x_in);
-        memcpy(x_next, s->x_in, sizeof(float) * NC);
-        sm__add_inplace(x_next, s->y, NC);
+        memcpy(x_next, s->x_in, sizeof(float) * NSC);
+        sm__add_inplace(x_next, s->y, NSC);
         return;
     }
     {
@@ -8539,7 +8586,7 @@ static void sm__engram_backward(sm_model *m, const sm_sublayer *s, float *du, co
 
 static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const float *dy,
                                   const float *u) {
-    s->grad_norm = sqrt(sm__sumsq(dy, (size_t)m->B * m->T * m->cfg.d_model));
+    s->grad_norm = sqrt(sm__sumsq(dy, (size_t)m->B * m->T * sm__sublayer_width(m, s)));
     if (s->kind == SM_SUBLAYER_ENGRAM) sm__engram_backward(m, s, du, dy, u);
     else if (s->kind == SM_SUBLAYER_ATTN) sm__attn_backward(m, s, du, dy, u);
     else sm__ffn_backward(m, s, du, dy, u);
@@ -8551,8 +8598,8 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
     int N = m->B * m->T;
     size_t NC = (size_t)N * m->cfg.d_model;
     float *swap;
-    if (!m->cfg.use_mhc) { /* dy = dx_next, and dx = dx_next + dF/dx^T dy */
-        memcpy(m->dy, m->dres, sizeof(float) * NC);
+    if (!s->in_mhc) { /* dy = dx_next, and dx = dx_next + dF/dx^T dy */
+        memcpy(m->dy, m->dres, sizeof(float) * NC * sm__streams(&m->cfg));
         sm__sublayer_backward(m, s, m->dres, m->dy, s->x_in);
         return;
     }

@@ -504,7 +504,9 @@ typedef struct smc_model {
 
 /* Mirrors `host` (already initialised, B_max as given to sm_model_init) on
  * the GPU and uploads its parameters and moments, and with Engram its hash
- * tables, canon table and hot set (set and build those first). */
+ * tables, canon table and hot set (set and build those first). Refuses a
+ * model with Engram and mHC in the per-stream form (engram_mhc): the GPU has
+ * the branch form only. */
 SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_error *err);
 SMDEF void smc_model_free(smc_model *g);
 /* inputs/targets/doc_start are host arrays of B*T; sets host->loss and
@@ -3768,6 +3770,11 @@ static sm_status smc__bind_sparse_tables(smc_model *g, sm_error *err) {
 SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_error *err) {
     sm_status st;
     memset(g, 0, sizeof *g);
+    if (host->cfg.use_engram && host->cfg.engram.n_streams > 1)
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "smc_model: Engram inside mHC in the per-stream form (engram_mhc = "
+                       "SM_ENGRAM_MHC_PER_STREAM) is not implemented on the GPU; build the model "
+                       "with engram_mhc = SM_ENGRAM_MHC_BRANCH");
     g->host = host;
     g->c = c;
     smc__shadow_from_host(g);

@@ -669,21 +669,96 @@ static int test_model_two_peer_layers_update_own_rows(void) {
     return 0;
 }
 
-/* Every tensor of an mHC model (4 streams, dynamic maps) with Engram too. */
-static int test_model_with_mhc_gradient(void) {
-    sm_model m;
+/* The tiny Engram model with mHC (4 streams, dynamic maps input-dependent
+ * enough to matter), Engram in the form `engram_mhc`. */
+static sm_model_config t_tiny_mhc_config(int engram_mhc) {
     sm_model_config cfg = t_tiny_module_config();
-    sm_error err;
-    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
-    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
     cfg.peer_n_layers = 0;
     cfg.use_mhc = 1;
     cfg.mhc.channels = cfg.d_model;
-    cfg.mhc.phi_init_std = 0.5f; /* make the maps input-dependent enough to matter */
+    cfg.mhc.phi_init_std = 0.5f;
     cfg.mhc.gate_init = 0.5f;
-    CHECK_OK(sm_model_init(&m, &cfg, 2, 321, &err));
-    if (t_check_model_gradients(&m, inputs, targets, 2, 6, 1e-3f)) return 1;
-    sm_model_free(&m);
+    cfg.engram_mhc = engram_mhc;
+    return cfg;
+}
+
+/* Every tensor of an mHC model with Engram too, in both of Engram's forms. */
+static int test_model_with_mhc_gradient(void) {
+    sm_model m;
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    int form;
+    for (form = SM_ENGRAM_MHC_PER_STREAM; form <= SM_ENGRAM_MHC_BRANCH; form++) {
+        sm_model_config cfg = t_tiny_mhc_config(form);
+        CHECK_OK(sm_model_init(&m, &cfg, 2, 321, &err));
+        if (t_check_model_gradients(&m, inputs, targets, 2, 6, 1e-3f)) return 1;
+        sm_model_free(&m);
+    }
+    return 0;
+}
+
+/* Size of the tensor called `name` (0 if absent). */
+static size_t t_tensor_size(const sm_model *m, const char *name) {
+    int i;
+    for (i = 0; i < m->params.n_tensors; i++)
+        if (strcmp(m->params.tensors[i].name, name) == 0) return m->params.tensors[i].size;
+    return 0;
+}
+
+/* Engram's two forms with mHC. Per-stream (the default): n key projections
+ * and gain sets, one W_V, no mHC maps at the Engram sublayer, and its output
+ * added to every stream as it is (x_next = x + y, no H_res / H_post); the
+ * streams get different gates. Branch: one of each and the sublayer's maps.
+ * engram.n_streams is the model's to set, and a bad engram_mhc is named. */
+static int test_model_engram_mhc_forms(void) {
+    sm_model ps, br;
+    sm_model_config cfg = t_tiny_mhc_config(SM_ENGRAM_MHC_PER_STREAM);
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    size_t C = 8, dm, NSC = 12 * 4 * 8, i;
+    int e = 2, n, separate = 0; /* layer 1's Engram sublayer follows layer 0's two */
+    CHECK(sm_model_default_config().engram_mhc == SM_ENGRAM_MHC_PER_STREAM, "default form");
+    CHECK_OK(sm_model_init(&ps, &cfg, 2, 5, &err));
+    cfg.engram_mhc = SM_ENGRAM_MHC_BRANCH;
+    CHECK_OK(sm_model_init(&br, &cfg, 2, 5, &err));
+    dm = (size_t)sm_engram_d_mem(&ps.cfg.engram);
+    CHECK(ps.cfg.engram.n_streams == 4 && br.cfg.engram.n_streams == 1, "streams %d / %d",
+          ps.cfg.engram.n_streams, br.cfg.engram.n_streams);
+    CHECK(ps.sub[e].kind == SM_SUBLAYER_ENGRAM && !ps.sub[e].in_mhc && br.sub[e].in_mhc &&
+              ps.sub[e + 1].in_mhc,
+          "sublayer forms");
+    CHECK(t_tensor_size(&ps, "engram0.w_key") == 4 * C * dm &&
+              t_tensor_size(&br, "engram0.w_key") == C * dm &&
+              t_tensor_size(&ps, "engram0.w_value") == C * dm &&
+              t_tensor_size(&ps, "engram0.norm_query") == 4 * C &&
+              t_tensor_size(&ps, "engram0.conv") == 4 * C * 4,
+          "per-stream tensor sizes");
+    CHECK(t_tensor_size(&ps, "h1.mhc_engram") == 0 && t_tensor_size(&br, "h1.mhc_engram") > 0,
+          "mHC maps at the Engram sublayer: per-stream %zu, branch %zu",
+          t_tensor_size(&ps, "h1.mhc_engram"), t_tensor_size(&br, "h1.mhc_engram"));
+    CHECK_OK(sm_model_forward(&ps, inputs, targets, NULL, 2, 6, &err));
+    CHECK_OK(sm_model_forward(&br, inputs, targets, NULL, 2, 6, &err));
+    for (i = 0; i < NSC; i++)
+        CHECK(ps.sub[e + 1].x_in[i] == ps.sub[e].x_in[i] + ps.sub[e].y[i],
+              "stream value %zu: x_next %g != x %g + out %g", i, ps.sub[e + 1].x_in[i],
+              ps.sub[e].x_in[i], ps.sub[e].y[i]);
+    for (n = 0; n < 12; n++)
+        separate |= ps.sub[e].engram_acts.alpha[n * 4] != ps.sub[e].engram_acts.alpha[n * 4 + 1];
+    CHECK(separate, "the streams share one gate");
+    CHECK(ps.loss != br.loss, "the two forms give the same loss %g", ps.loss);
+    sm_model_free(&ps), sm_model_free(&br);
+    cfg.engram_mhc = 2;
+    CHECK(sm_model_init(&ps, &cfg, 2, 5, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "engram_mhc"),
+          "engram_mhc 2: %s", err.msg);
+    cfg.engram_mhc = SM_ENGRAM_MHC_BRANCH, cfg.engram.n_streams = 4;
+    CHECK(sm_model_init(&ps, &cfg, 2, 5, &err) == SM_ERR_INVALID_ARG &&
+              strstr(err.msg, "engram.n_streams"),
+          "n_streams 4 with the branch form: %s", err.msg);
+    cfg.engram_mhc = SM_ENGRAM_MHC_PER_STREAM;
+    CHECK_OK(sm_model_init(&ps, &cfg, 2, 5, &err)); /* agrees with the model's choice */
+    sm_model_free(&ps);
     return 0;
 }
 
@@ -896,6 +971,15 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     fwrite(bytes + 4, 1, n - 4, f);
     fclose(f);
     CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT, "wrong magic accepted");
+    { /* a valid file of format v1, from before engram_mhc: refused, not misread */
+        sm_writer w;
+        CHECK_OK(sm_writer_open(&w, "test_tmp_bad.ckpt", TR_CKPT_MAGIC, 1u, &err));
+        sm_writer_bytes(&w, bytes + 8, n - 16);
+        CHECK_OK(sm_writer_commit(&w, &err));
+    }
+    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
+              strstr(err.msg, "v1") && strstr(err.msg, "--engram-mhc"),
+          "format v1 checkpoint: %s", err.msg);
     sm_free(bytes);
     remove("test_tmp_bad.ckpt");
     return 0;
@@ -957,6 +1041,58 @@ static int test_trainer_cli_options(void) {
     help[n] = 0;
     fclose(f);
     for (i = 0; i < TR_N_SPECS; i++) CHECK(strstr(help, tr_specs[i].name) != NULL, "--help misses --%s", tr_specs[i].name);
+    return 0;
+}
+
+/* --engram-mhc: per-stream by default, branch by default with --device cuda
+ * (the GPU has no per-stream form; asking for it there is refused), a bad
+ * value named. A per-stream run with route labels writes per-layer gates in
+ * (0, 1) (the mean over the streams' gates), and its checkpoint records the
+ * form. */
+static int test_trainer_engram_mhc_option(void) {
+    tr_opts o, saved;
+    sm_model_config cfg = sm_model_default_config();
+    sm_reader rd;
+    sm_error err;
+    char msg[256];
+    double a_hot = -1, a_cold = -1;
+    int layer = -1;
+    FILE *f;
+    tr_defaults(&o);
+    o.quiet = 1;
+    cfg.use_engram = cfg.use_mhc = 1;
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_PER_STREAM,
+          "CPU default: %d", cfg.engram_mhc);
+    snprintf(o.device, sizeof o.device, "cuda");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_BRANCH,
+          "--device cuda default: %d", cfg.engram_mhc);
+    snprintf(o.engram_mhc, sizeof o.engram_mhc, "per-stream");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) != 0 && strstr(msg, "cuda"),
+          "per-stream on the GPU: %s", msg);
+    o.device[0] = 0;
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_PER_STREAM,
+          "explicit per-stream");
+    snprintf(o.engram_mhc, sizeof o.engram_mhc, "branch");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_BRANCH,
+          "explicit branch");
+    snprintf(o.engram_mhc, sizeof o.engram_mhc, "both");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) != 0 && strstr(msg, "'both'"), "bad value: %s", msg);
+
+    t_remove_tree("test_tmp_run_ps");
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_trainer_opts(&o, "test_tmp_run_ps");
+    o.hot_labels = 10, o.steps = 4, o.eval_every = 4;
+    CHECK(tr_train(&o) == 0, "per-stream run failed");
+    f = fopen("test_tmp_run_ps/route_layers.csv", "r");
+    CHECK(f != NULL, "no route table");
+    CHECK(fscanf(f, "layer,alpha_hot,alpha_cold %d,%lf,%lf", &layer, &a_hot, &a_cold) == 3, "route table format");
+    fclose(f);
+    CHECK(layer == 0 && a_hot > 0 && a_hot < 1 && a_cold > 0 && a_cold < 1, "gates %g %g", a_hot, a_cold);
+    CHECK_OK(tr_read_checkpoint_header(&rd, "test_tmp_run_ps/model.ckpt", &cfg, &saved, &err));
+    sm_reader_close(&rd);
+    CHECK(cfg.use_mhc && cfg.use_engram && cfg.engram_mhc == SM_ENGRAM_MHC_PER_STREAM,
+          "checkpoint form %d", cfg.engram_mhc);
+    t_remove_tree("test_tmp_run_ps");
     return 0;
 }
 
@@ -5645,6 +5781,7 @@ static const t_case t_cases[] = {
     T(test_model_overfits_fixed_sequence),
     T(test_model_with_modules_gradient), T(test_model_two_peer_layers_update_own_rows),
     T(test_model_with_mhc_gradient),
+    T(test_model_engram_mhc_forms),
     T(test_model_mhc_starts_near_baseline),
     T(test_model_nine_iso_and_gradient),
     T(test_trainer_schedule_parser),
@@ -5652,6 +5789,7 @@ static const t_case t_cases[] = {
     T(test_trainer_corrupt_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_cli_options),
+    T(test_trainer_engram_mhc_option),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula),
     T(test_adamw_sparse_rows_equal_dense),
