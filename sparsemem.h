@@ -638,7 +638,7 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
  *        v     = alpha * (W_V e)                     W_V [d, d_mem], no bias
  *        c     = causal depthwise conv(RMSNorm_v(v)): c[t,ch] = sum_j w[ch,j] vn[t-j*dil,ch]
  *                (j = 0..3, tap 0 = the current position, dil = max order, zeros
- *                before the sequence start)
+ *                before the sequence start, none at document starts: below)
  *        out   = v + SiLU(c)                         the caller adds out to h
  *    The three RMSNorms have learnable gains (norm_query, norm_key, norm_value,
  *    init 1). Init: table N(0, table_init_std^2) (default 0.02, about a GPT-2
@@ -647,6 +647,14 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
  *    in an sm_row_set and only those rows get gradient; put it in its own
  *    parameter group (sm_engram_table_group: Adam, lr = table_lr_mult x base,
  *    default 5, no weight decay) so a step costs O(rows touched).
+ *    Documents: the hash reads pad_id before a document start (reset_at_doc),
+ *    the conv does not stop there. Documents are concatenated as in GPT-2
+ *    training: attention (sm_attention_forward has no document mask) and the
+ *    conv both mix context across the EOT that opens each document, and the
+ *    model learns to discount what precedes it. The reset is about keys: an
+ *    n-gram spanning two documents is no phrase, and the rows it hits would
+ *    train on noise (reset_at_doc = 0 hashes across them as the reference
+ *    code does).
  *
  *    Inside hyper-connections (n_streams = S > 1), the form of DeepSeek's
  *    reference code: h is mHC's S residual streams h[N, S, d] and the layer is
@@ -945,7 +953,13 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
  * tensors are identical when the layer variants are off.
  *
  * Route-stratified evaluation (paper 4.3): per-position hot labels, loss
- * split hot/cold, per-layer alpha hot/cold and alpha buckets. */
+ * split hot/cold, per-layer alpha hot/cold and alpha buckets.
+ *
+ * Per-layer tensors: besides W_K, W_V, the RMSNorms and the conv, the paper
+ * lists a W_Q and an output projection per Engram layer (4.1). We follow
+ * DeepSeek's Engram instead (section 4): the query is RMSNorm_q(h) with a
+ * gain and no projection, and out goes to the residual unprojected; Nine
+ * and Hash share these layers and differ only in the table. */
 
 #define SM_NINE_ROUTE_MPHF 0
 #define SM_NINE_ROUTE_MEMBERSHIP 1
