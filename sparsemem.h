@@ -638,7 +638,7 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
  *        v     = alpha * (W_V e)                     W_V [d, d_mem], no bias
  *        c     = causal depthwise conv(RMSNorm_v(v)): c[t,ch] = sum_j w[ch,j] vn[t-j*dil,ch]
  *                (j = 0..3, tap 0 = the current position, dil = max order, zeros
- *                before the sequence start)
+ *                before the sequence start, none at document starts: below)
  *        out   = v + SiLU(c)                         the caller adds out to h
  *    The three RMSNorms have learnable gains (norm_query, norm_key, norm_value,
  *    init 1). Init: table N(0, table_init_std^2) (default 0.02, about a GPT-2
@@ -647,6 +647,27 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
  *    in an sm_row_set and only those rows get gradient; put it in its own
  *    parameter group (sm_engram_table_group: Adam, lr = table_lr_mult x base,
  *    default 5, no weight decay) so a step costs O(rows touched).
+ *    Documents: the hash reads pad_id before a document start (reset_at_doc),
+ *    the conv does not stop there. Documents are concatenated as in GPT-2
+ *    training: attention (sm_attention_forward has no document mask) and the
+ *    conv both mix context across the EOT that opens each document, and the
+ *    model learns to discount what precedes it. The reset is about keys: an
+ *    n-gram spanning two documents is no phrase, and the rows it hits would
+ *    train on noise (reset_at_doc = 0 hashes across them as the reference
+ *    code does).
+ *
+ *    Inside hyper-connections (n_streams = S > 1), the form of DeepSeek's
+ *    reference code: h is mHC's S residual streams h[N, S, d] and the layer is
+ *    no mHC branch (no H_pre / H_post around it). The memory e, the table and
+ *    W_V are shared; the gate and the conv are per stream s:
+ *        k_s     = W_K^s e + b_K^s
+ *        alpha_s = sigmoid(squash(<RMSNorm_q^s(h_s), RMSNorm_k^s(k_s)> / sqrt(d)))
+ *        v_s     = alpha_s * (W_V e)
+ *        out_s   = v_s + SiLU(conv^s(RMSNorm_v^s(v_s)))   the caller adds out_s to h_s
+ *    Per-stream tensors are stacked stream-major: W_K (and W_K^hot) [S*d,
+ *    d_mem], b_K and the three gains [S, d], conv [S*d, 4], gate_hot [S,
+ *    n_orders]; activations are [N, S, d] like the streams (gate, alpha and
+ *    the rstds [N, S]). S = 1 is the layer above, bit for bit.
  *
  * 3. Engram-Nine layer variants (both off by default; they need the per-
  *    position hot flags hot[N, n_orders] of sm_nine_route, passed to
@@ -670,6 +691,7 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
 #define SM_NGRAM_MAX_HEADS 64   /* hash heads per order */
 #define SM_NGRAM_MAX_LAYERS 64  /* Engram layers per hasher */
 #define SM_ENGRAM_CONV_KERNEL 4 /* taps of the causal depthwise convolution */
+#define SM_ENGRAM_MAX_STREAMS 16 /* n_streams, as mHC's (SM_SINKHORN_MAX_N) */
 
 typedef struct sm_ngram_hash_config {
     int n_orders;                       /* number of orders used (1..8) */
@@ -760,10 +782,11 @@ typedef struct sm_engram_config {
     float table_lr_mult;  /* table learning rate = this x base lr */
     int hot_key_proj;     /* Engram-Nine variant: W_K^hot for hot order blocks (default 0) */
     int hot_gate;         /* Engram-Nine variant: per-order hot indicator in the gate (default 0) */
+    int n_streams;        /* S: hidden streams read and written (default 1; > 1: inside mHC, above) */
 } sm_engram_config;
 
 /* hash defaults, d_model 128, d_head 16, signed sqrt on, std 0.02, lr x5,
- * Nine variants off. */
+ * Nine variants off, one stream. */
 SMDEF sm_engram_config sm_engram_default_config(void);
 SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err);
 /* d_mem = n_orders * n_heads * d_head */
@@ -774,15 +797,15 @@ SMDEF int sm_engram_d_mem(const sm_engram_config *c);
  * layer reads are chosen by its flat indices. */
 typedef struct sm_engram_params {
     float *table;
-    float *w_key;      /* [d, d_mem] */
-    float *b_key;      /* [d] */
-    float *w_value;    /* [d, d_mem] */
-    float *norm_query; /* [d] RMSNorm gain on h */
-    float *norm_key;   /* [d] RMSNorm gain on k */
-    float *norm_value; /* [d] RMSNorm gain on v */
-    float *conv;       /* [d, 4] depthwise taps, tap j reads position t - j*dil */
-    float *w_key_hot;  /* [d, d_mem] with hot_key_proj, else NULL */
-    float *gate_hot;   /* [n_orders] with hot_gate, else NULL */
+    float *w_key;      /* [S*d, d_mem] */
+    float *b_key;      /* [S, d] */
+    float *w_value;    /* [d, d_mem] (shared by the streams) */
+    float *norm_query; /* [S, d] RMSNorm gain on h */
+    float *norm_key;   /* [S, d] RMSNorm gain on k */
+    float *norm_value; /* [S, d] RMSNorm gain on v */
+    float *conv;       /* [S*d, 4] depthwise taps, tap j reads position t - j*dil */
+    float *w_key_hot;  /* [S*d, d_mem] with hot_key_proj, else NULL */
+    float *gate_hot;   /* [S, n_orders] with hot_gate, else NULL */
 } sm_engram_params;
 
 /* Offsets (in floats) of the same tensors inside one flat sm_params buffer;
@@ -820,16 +843,16 @@ SMDEF void sm_engram_init_layer(const sm_engram_params *p, const sm_engram_confi
 /* Saved forward activations of one layer for N = B*T positions (one allocation). */
 typedef struct sm_engram_acts {
     float *e;          /* [N, d_mem] gathered memory vector */
-    float *key;        /* [N, d] W_K e + b_K */
-    float *key_n;      /* [N, d] RMSNorm_k(key) */
-    float *query_n;    /* [N, d] RMSNorm_q(h) */
+    float *key;        /* [N, S, d] W_K e + b_K */
+    float *key_n;      /* [N, S, d] RMSNorm_k(key) */
+    float *query_n;    /* [N, S, d] RMSNorm_q(h) */
     float *value;      /* [N, d] W_V e */
-    float *v;          /* [N, d] alpha * value */
-    float *v_n;        /* [N, d] RMSNorm_v(v) */
-    float *conv;       /* [N, d] conv pre-activation */
-    float *rstd_key, *rstd_query, *rstd_v; /* [N] */
-    float *gate;       /* [N] g before the signed sqrt */
-    float *alpha;      /* [N] the gate, kept for diagnostics */
+    float *v;          /* [N, S, d] alpha * value */
+    float *v_n;        /* [N, S, d] RMSNorm_v(v) */
+    float *conv;       /* [N, S, d] conv pre-activation */
+    float *rstd_key, *rstd_query, *rstd_v; /* [N, S] */
+    float *gate;       /* [N, S] g before the signed sqrt */
+    float *alpha;      /* [N, S] the gate, kept for diagnostics */
     float *e_cold, *e_hot; /* [N, d_mem] e split by tier, with hot_key_proj (else NULL) */
     int N;
 } sm_engram_acts;
@@ -839,9 +862,10 @@ SMDEF void sm_engram_acts_free(sm_engram_acts *a);
 
 /* Backward temporaries (one allocation; one can serve every layer). */
 typedef struct sm_engram_scratch {
-    float *dconv, *dv_n, *dv, *dvalue, *dquery_n, *dkey_n, *dkey; /* [N, d] */
-    float *de;                                                 /* [N, d_mem] */
-    float *dgate;                                              /* [N] dL/dg */
+    float *dconv, *dv_n, *dv, *dquery_n, *dkey_n, *dkey; /* [N, S, d] */
+    float *dvalue;                                       /* [N, d] */
+    float *de;                                           /* [N, d_mem] */
+    float *dgate;                                        /* [N, S] dL/dg */
     float *de_tier; /* [N, d_mem] one key projection's de, with hot_key_proj (else NULL) */
     int N;
 } sm_engram_scratch;
@@ -849,7 +873,7 @@ SMDEF sm_status sm_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_co
                                         sm_error *err);
 SMDEF void sm_engram_scratch_free(sm_engram_scratch *s);
 
-/* out[B*T, d] from h[B*T, d] and flat[B*T, n_slots] (sm_ngram_hash_compute). */
+/* out[B*T, S, d] from h[B*T, S, d] and flat[B*T, n_slots] (sm_ngram_hash_compute). */
 SMDEF void sm_engram_forward(float *out, sm_engram_acts *acts, const float *h,
                              const uint32_t *flat, const sm_engram_params *p,
                              const sm_engram_config *c, int B, int T);
@@ -861,7 +885,7 @@ SMDEF void sm_engram_forward_routed(float *out, sm_engram_acts *acts, const floa
                                     int B, int T);
 /* Accumulates dh (gate path only; may be NULL) and every gradient in g; the
  * table gradient only on the rows in flat, which are added to rows (may be
- * NULL). dout[B*T, d]. */
+ * NULL). dout[B*T, S, d]. */
 SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *rows,
                               const float *dout, const float *h, const uint32_t *flat,
                               const sm_engram_params *p, const sm_engram_acts *acts,
@@ -929,7 +953,13 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
  * tensors are identical when the layer variants are off.
  *
  * Route-stratified evaluation (paper 4.3): per-position hot labels, loss
- * split hot/cold, per-layer alpha hot/cold and alpha buckets. */
+ * split hot/cold, per-layer alpha hot/cold and alpha buckets.
+ *
+ * Per-layer tensors: besides W_K, W_V, the RMSNorms and the conv, the paper
+ * lists a W_Q and an output projection per Engram layer (4.1). We follow
+ * DeepSeek's Engram instead (section 4): the query is RMSNorm_q(h) with a
+ * gain and no projection, and out goes to the residual unprojected; Nine
+ * and Hash share these layers and differ only in the table. */
 
 #define SM_NINE_ROUTE_MPHF 0
 #define SM_NINE_ROUTE_MEMBERSHIP 1
@@ -1433,6 +1463,14 @@ SMDEF void sm_rmsnorm_forward(float *out, float *rstd, const float *inp, const f
                               int N, int C);
 SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                                const float *weight, const float *rstd, int N, int C);
+/* The same with `groups` gains weight[groups, C] taken in turn: row n uses
+ * gain n % groups (Engram's per-stream norms over [N, S, C] streams);
+ * groups = 1 is the plain RMSNorm. */
+SMDEF void sm_rmsnorm_grouped_forward(float *out, float *rstd, const float *inp,
+                                      const float *weight, int N, int C, int groups);
+SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float *dout,
+                                       const float *inp, const float *weight, const float *rstd,
+                                       int N, int C, int groups);
 
 /* Linear: out[N,OC] = inp[N,C] weight[OC,C]^T + bias[OC] (bias may be NULL). */
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
@@ -1512,6 +1550,16 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
  * with the maps computed from x (see the mHC section); the embedding is
  * copied into every stream and the streams are averaged before the final
  * norm (sm_mhc_collapse_forward explains the choice).
+ * Engram with mHC takes one of two forms (engram_mhc):
+ *   SM_ENGRAM_MHC_PER_STREAM (default), DeepSeek's reference code: Engram
+ *     reads every stream and adds out_s to stream s outside the mixing,
+ *     x_s <- x_s + Engram_s(x) (engram.n_streams = n: a key projection,
+ *     norms and conv per stream, the table and W_V shared; section 4);
+ *   SM_ENGRAM_MHC_BRANCH: an mHC branch like attention and the MLP, one
+ *     gate on u = H_pre x and H_post spreading the output.
+ * The per-stream form has n-1 more copies of W_K, b_K, the gains and the
+ * conv (and of the Nine variants' W_K^hot, gate_hot), and no mHC maps at
+ * its sublayer.
  * Final RMSNorm, LM head tied to the token embedding (or untied).
  *
  * Parameter groups (each its own lr and schedule multiplier):
@@ -1551,7 +1599,14 @@ typedef struct sm_model_config {
     int use_mhc;
     sm_mhc_config mhc;    /* mhc.channels must equal d_model */
     float mhc_lr_mult;    /* mhc group lr = this x lr */
+    /* Engram with mHC: SM_ENGRAM_MHC_PER_STREAM (default) or _BRANCH (see
+     * above). sm_model_init sets engram.n_streams from it (n in the
+     * per-stream form, else 1): leave engram.n_streams at 1. */
+    int engram_mhc;
 } sm_model_config;
+
+#define SM_ENGRAM_MHC_PER_STREAM 0
+#define SM_ENGRAM_MHC_BRANCH 1
 
 SMDEF sm_model_config sm_model_default_config(void);
 SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err);
@@ -1577,11 +1632,12 @@ typedef struct sm_sublayer {
     int layer;        /* transformer layer index */
     int engram_index; /* Engram: which Engram layer (0..n-1) */
     int has_mlp, has_peer;
+    int in_mhc;       /* 1: an mHC branch (u = H_pre x, ...); 0 without mHC or per-stream Engram */
     sm_sublayer_offsets off;
     /* activations (N = B*T positions) */
     float *x_in;      /* [N, S*C] residual streams entering (S = 1 without mHC) */
-    float *u;         /* [N, C] sublayer input: x_in without mHC, else H_pre x_in */
-    float *y;         /* [N, C] F(u) */
+    float *u;         /* [N, C] sublayer input: H_pre x_in in mHC, else x_in */
+    float *y;         /* [N, C] F(u); [N, S*C] for a per-stream Engram */
     sm_mhc_act mhc_act;
     float *ln, *ln_rstd;                 /* attention / FFN pre-norm */
     float *qkv, *att, *atty;             /* attention */
@@ -1590,7 +1646,7 @@ typedef struct sm_sublayer {
     sm_peer_acts peer_acts;
     sm_row_set peer_rows; /* FFN with PEER: experts of its table touched this step */
     /* diagnostics of the last forward/backward */
-    double out_norm;  /* mean over positions of ||F(u)||_2 */
+    double out_norm;  /* mean over positions of ||F(u)||_2 (all streams of a per-stream Engram) */
     double peer_norm; /* FFN with PEER: the same for the PEER output alone */
     double grad_norm; /* ||dL/dF(u)||_2 over the batch */
 } sm_sublayer;
@@ -4657,6 +4713,7 @@ SMDEF sm_engram_config sm_engram_default_config(void) {
     c.signed_sqrt_gate = 1;
     c.table_init_std = 0.02f;
     c.table_lr_mult = 5.0f;
+    c.n_streams = 1;
     return c;
 }
 
@@ -4680,6 +4737,9 @@ SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err) {
                        c->hot_key_proj);
     if (c->hot_gate != 0 && c->hot_gate != 1)
         return sm_fail(err, SM_ERR_INVALID_ARG, "engram: hot_gate %d must be 0 or 1", c->hot_gate);
+    if (c->n_streams < 1 || c->n_streams > SM_ENGRAM_MAX_STREAMS)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "engram: n_streams %d not in 1..%d", c->n_streams,
+                       SM_ENGRAM_MAX_STREAMS);
     return SM_OK;
 }
 
@@ -4693,17 +4753,17 @@ SMDEF size_t sm_engram_table_size(const sm_ngram_hash *h, const sm_engram_config
 
 /* Floats of the variant tensors W_K^hot and gate_hot (0 when off). */
 static size_t sm__engram_w_key_hot_size(const sm_engram_config *c) {
-    return c->hot_key_proj ? (size_t)c->d_model * (size_t)sm_engram_d_mem(c) : 0;
+    return c->hot_key_proj ? (size_t)c->n_streams * c->d_model * (size_t)sm_engram_d_mem(c) : 0;
 }
 
 static size_t sm__engram_gate_hot_size(const sm_engram_config *c) {
-    return c->hot_gate ? (size_t)c->hash.n_orders : 0;
+    return c->hot_gate ? (size_t)c->n_streams * c->hash.n_orders : 0;
 }
 
 SMDEF size_t sm_engram_layer_size(const sm_engram_config *c) {
-    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
-    return 2 * d * dm + 4 * d + d * SM_ENGRAM_CONV_KERNEL + sm__engram_w_key_hot_size(c) +
-           sm__engram_gate_hot_size(c);
+    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c), Sd = c->n_streams * d;
+    return Sd * dm + d * dm + 4 * Sd + Sd * SM_ENGRAM_CONV_KERNEL +
+           sm__engram_w_key_hot_size(c) + sm__engram_gate_hot_size(c);
 }
 
 SMDEF sm_param_group sm_engram_table_group(const sm_engram_config *c, float base_lr) {
@@ -4727,14 +4787,14 @@ SMDEF sm_status sm_engram_params_add_table(sm_params *p, size_t *offset, const s
 SMDEF sm_status sm_engram_params_add_layer(sm_params *p, sm_engram_offsets *off,
                                            size_t table_offset, const sm_engram_config *c,
                                            int layer, int group, sm_error *err) {
-    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
+    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c), Sd = c->n_streams * d;
     const char *names[9] = {"w_key", "b_key", "w_value", "norm_query", "norm_key",
                             "norm_value", "conv", "w_key_hot", "gate_hot"};
     size_t sizes[9], *dst[9];
     char name[48];
     int i;
-    sizes[0] = d * dm, sizes[1] = d, sizes[2] = d * dm, sizes[3] = sizes[4] = sizes[5] = d;
-    sizes[6] = d * SM_ENGRAM_CONV_KERNEL;
+    sizes[0] = Sd * dm, sizes[1] = Sd, sizes[2] = d * dm, sizes[3] = sizes[4] = sizes[5] = Sd;
+    sizes[6] = Sd * SM_ENGRAM_CONV_KERNEL;
     sizes[7] = sm__engram_w_key_hot_size(c), sizes[8] = sm__engram_gate_hot_size(c);
     dst[0] = &off->w_key, dst[1] = &off->b_key, dst[2] = &off->w_value;
     dst[3] = &off->norm_query, dst[4] = &off->norm_key, dst[5] = &off->norm_value;
@@ -4777,16 +4837,16 @@ static void sm__engram_fill(float *x, size_t n, float value) {
 
 SMDEF void sm_engram_init_layer(const sm_engram_params *p, const sm_engram_config *c,
                                 sm_rng *rng) {
-    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
+    size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c), Sd = c->n_streams * d;
     float std = 1.0f / sqrtf((float)dm);
-    sm_rng_fill_normal(rng, p->w_key, d * dm, std);
+    sm_rng_fill_normal(rng, p->w_key, Sd * dm, std);
     sm_rng_fill_normal(rng, p->w_value, d * dm, std);
-    sm__engram_fill(p->b_key, d, 0.0f);
-    sm__engram_fill(p->norm_query, d, 1.0f);
-    sm__engram_fill(p->norm_key, d, 1.0f);
-    sm__engram_fill(p->norm_value, d, 1.0f);
-    sm__engram_fill(p->conv, d * SM_ENGRAM_CONV_KERNEL, 0.0f);
-    if (c->hot_key_proj) sm_rng_fill_normal(rng, p->w_key_hot, d * dm, std);
+    sm__engram_fill(p->b_key, Sd, 0.0f);
+    sm__engram_fill(p->norm_query, Sd, 1.0f);
+    sm__engram_fill(p->norm_key, Sd, 1.0f);
+    sm__engram_fill(p->norm_value, Sd, 1.0f);
+    sm__engram_fill(p->conv, Sd * SM_ENGRAM_CONV_KERNEL, 0.0f);
+    if (c->hot_key_proj) sm_rng_fill_normal(rng, p->w_key_hot, Sd * dm, std);
     if (c->hot_gate) sm__engram_fill(p->gate_hot, sm__engram_gate_hot_size(c), 0.0f);
 }
 
@@ -4795,28 +4855,28 @@ SMDEF void sm_engram_init_layer(const sm_engram_params *p, const sm_engram_confi
 static sm_status sm__engram_acts_alloc_with(sm_engram_acts *a, const sm_engram_config *c, int N,
                                             sm__alloc_fn alloc, sm_error *err) {
     size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
-    size_t tiers = c->hot_key_proj ? 2 * n * dm : 0;
+    size_t nS = n * c->n_streams, nSd = nS * d, tiers = c->hot_key_proj ? 2 * n * dm : 0;
     float *mem;
     memset(a, 0, sizeof *a);
     if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram acts: N %d < 1", N);
-    mem = (float *)alloc((n * (dm + 7 * d + 5) + tiers) * sizeof(float), "engram activations",
-                         err);
+    mem = (float *)alloc((n * (dm + d) + 6 * nSd + 5 * nS + tiers) * sizeof(float),
+                         "engram activations", err);
     if (!mem) return SM_ERR_OOM;
     a->e = mem;
     a->key = a->e + n * dm;
-    a->key_n = a->key + n * d;
-    a->query_n = a->key_n + n * d;
-    a->value = a->query_n + n * d;
+    a->key_n = a->key + nSd;
+    a->query_n = a->key_n + nSd;
+    a->value = a->query_n + nSd;
     a->v = a->value + n * d;
-    a->v_n = a->v + n * d;
-    a->conv = a->v_n + n * d;
-    a->rstd_key = a->conv + n * d;
-    a->rstd_query = a->rstd_key + n;
-    a->rstd_v = a->rstd_query + n;
-    a->gate = a->rstd_v + n;
-    a->alpha = a->gate + n;
+    a->v_n = a->v + nSd;
+    a->conv = a->v_n + nSd;
+    a->rstd_key = a->conv + nSd;
+    a->rstd_query = a->rstd_key + nS;
+    a->rstd_v = a->rstd_query + nS;
+    a->gate = a->rstd_v + nS;
+    a->alpha = a->gate + nS;
     if (c->hot_key_proj) {
-        a->e_cold = a->alpha + n;
+        a->e_cold = a->alpha + nS;
         a->e_hot = a->e_cold + n * dm;
     }
     a->N = N;
@@ -4836,22 +4896,24 @@ SMDEF void sm_engram_acts_free(sm_engram_acts *a) {
 static sm_status sm__engram_scratch_alloc_with(sm_engram_scratch *s, const sm_engram_config *c,
                                                int N, sm__alloc_fn alloc, sm_error *err) {
     size_t n = (size_t)N, d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
+    size_t nS = n * c->n_streams, nSd = nS * d;
     float *mem;
     memset(s, 0, sizeof *s);
     if (N < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "engram scratch: N %d < 1", N);
-    mem = (float *)alloc((n * (7 * d + dm + 1) + (c->hot_key_proj ? n * dm : 0)) * sizeof(float),
+    mem = (float *)alloc((6 * nSd + n * (d + dm) + nS + (c->hot_key_proj ? n * dm : 0)) *
+                             sizeof(float),
                          "engram scratch", err);
     if (!mem) return SM_ERR_OOM;
     s->dconv = mem;
-    s->dv_n = s->dconv + n * d;
-    s->dv = s->dv_n + n * d;
-    s->dvalue = s->dv + n * d;
+    s->dv_n = s->dconv + nSd;
+    s->dv = s->dv_n + nSd;
+    s->dvalue = s->dv + nSd;
     s->dquery_n = s->dvalue + n * d;
-    s->dkey_n = s->dquery_n + n * d;
-    s->dkey = s->dkey_n + n * d;
-    s->de = s->dkey + n * d;
+    s->dkey_n = s->dquery_n + nSd;
+    s->dkey = s->dkey_n + nSd;
+    s->de = s->dkey + nSd;
     s->dgate = s->de + n * dm;
-    if (c->hot_key_proj) s->de_tier = s->dgate + n;
+    if (c->hot_key_proj) s->de_tier = s->dgate + nS;
     s->N = N;
     return SM_OK;
 }
@@ -4945,55 +5007,59 @@ static void sm__engram_add_tier(float *de, const float *part, const unsigned cha
         }
 }
 
-/* key = W_K e + b_K, or with hot_key_proj W_K e_cold + W_K^hot e_hot + b_K. */
+/* key = W_K e + b_K, or with hot_key_proj W_K e_cold + W_K^hot e_hot + b_K:
+ * all streams' keys at once, [N, S*d]. */
 static void sm__engram_key_forward(sm_engram_acts *a, const unsigned char *hot,
                                    const sm_engram_params *p, const sm_engram_config *c, int N) {
-    int d = c->d_model, dm = sm_engram_d_mem(c);
+    int Sd = c->n_streams * c->d_model, dm = sm_engram_d_mem(c);
     if (!c->hot_key_proj) {
-        sm_linear_forward(a->key, a->e, p->w_key, p->b_key, N, dm, d);
+        sm_linear_forward(a->key, a->e, p->w_key, p->b_key, N, dm, Sd);
         return;
     }
     sm__engram_split_tiers(a->e_cold, a->e_hot, a->e, hot, c, N);
-    sm_linear_forward(a->key, a->e_cold, p->w_key, p->b_key, N, dm, d);
-    sm_sgemm(0, 1, N, d, dm, 1.0f, a->e_hot, dm, p->w_key_hot, dm, 1.0f, a->key, d);
+    sm_linear_forward(a->key, a->e_cold, p->w_key, p->b_key, N, dm, Sd);
+    sm_sgemm(0, 1, N, Sd, dm, 1.0f, a->e_hot, dm, p->w_key_hot, dm, 1.0f, a->key, Sd);
 }
 
-/* The hot_gate term sum_o gate_hot[o] hot[n, o] (0 when the variant is off). */
+/* The hot_gate term of stream s at position n, sum_o gate_hot[s, o] hot[n, o]
+ * (0 when the variant is off). */
 static float sm__engram_hot_bias(const unsigned char *hot, const sm_engram_params *p,
-                                 const sm_engram_config *c, int n) {
+                                 const sm_engram_config *c, int n, int s) {
     float bias = 0.0f;
-    int o;
+    int o, n_orders = c->hash.n_orders;
     if (!c->hot_gate) return 0.0f;
-    for (o = 0; o < c->hash.n_orders; o++)
-        if (sm__engram_is_hot(hot, n, o, c->hash.n_orders)) bias += p->gate_hot[o];
+    for (o = 0; o < n_orders; o++)
+        if (sm__engram_is_hot(hot, n, o, n_orders)) bias += p->gate_hot[s * n_orders + o];
     return bias;
 }
 
-/* alpha = sigmoid(s(<RMSNorm_q(h), RMSNorm_k(key)> / sqrt(d) + hot bias)). */
+/* alpha = sigmoid(s(<RMSNorm_q(h), RMSNorm_k(key)> / sqrt(d) + hot bias)) for
+ * every (position, stream) row r = n*S + s, each stream with its own gains. */
 static void sm__engram_gate_forward(sm_engram_acts *a, const float *h, const unsigned char *hot,
                                     const sm_engram_params *p, const sm_engram_config *c, int N) {
-    int n, d = c->d_model;
+    int r, d = c->d_model, S = c->n_streams, R = N * S;
     float inv_sqrt_d = 1.0f / sqrtf((float)d);
     sm__engram_key_forward(a, hot, p, c, N);
-    sm_rmsnorm_forward(a->key_n, a->rstd_key, a->key, p->norm_key, N, d);
-    sm_rmsnorm_forward(a->query_n, a->rstd_query, h, p->norm_query, N, d);
+    sm_rmsnorm_grouped_forward(a->key_n, a->rstd_key, a->key, p->norm_key, R, d, S);
+    sm_rmsnorm_grouped_forward(a->query_n, a->rstd_query, h, p->norm_query, R, d, S);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if ((size_t)N * d > 32768)
+#pragma omp parallel for schedule(static) if ((size_t)R * d > 32768)
 #endif
-    for (n = 0; n < N; n++) {
-        float g = (float)sm__engram_dot(a->query_n + (size_t)n * d, a->key_n + (size_t)n * d, d);
-        a->gate[n] = g * inv_sqrt_d + sm__engram_hot_bias(hot, p, c, n);
-        a->alpha[n] = sm_sigmoid(sm__engram_squash(a->gate[n], c->signed_sqrt_gate));
+    for (r = 0; r < R; r++) {
+        float g = (float)sm__engram_dot(a->query_n + (size_t)r * d, a->key_n + (size_t)r * d, d);
+        a->gate[r] = g * inv_sqrt_d + sm__engram_hot_bias(hot, p, c, r / S, r % S);
+        a->alpha[r] = sm_sigmoid(sm__engram_squash(a->gate[r], c->signed_sqrt_gate));
     }
 }
 
-/* v = alpha * (W_V e). */
+/* v[n, s] = alpha[n, s] * (W_V e)[n]: one value, gated per stream. */
 static void sm__engram_value_forward(sm_engram_acts *a, const sm_engram_params *p,
                                      const sm_engram_config *c, int N) {
-    int n, j, d = c->d_model;
+    int r, j, d = c->d_model, S = c->n_streams;
     sm_linear_forward(a->value, a->e, p->w_value, NULL, N, sm_engram_d_mem(c), d);
-    for (n = 0; n < N; n++)
-        for (j = 0; j < d; j++) a->v[(size_t)n * d + j] = a->alpha[n] * a->value[(size_t)n * d + j];
+    for (r = 0; r < N * S; r++)
+        for (j = 0; j < d; j++)
+            a->v[(size_t)r * d + j] = a->alpha[r] * a->value[(size_t)(r / S) * d + j];
 }
 
 /* y[b,t,ch] = sum_j w[ch,j] x[b, t - j*dil, ch] over taps inside the sequence. */
@@ -5018,18 +5084,19 @@ SMDEF void sm_engram_forward_routed(float *out, sm_engram_acts *acts, const floa
                                     const uint32_t *flat, const unsigned char *hot,
                                     const sm_engram_params *p, const sm_engram_config *c,
                                     int B, int T) {
-    int N = B * T, d = c->d_model, n_slots = c->hash.n_orders * c->hash.n_heads;
-    size_t i, nd = (size_t)N * d;
+    int N = B * T, d = c->d_model, S = c->n_streams, n_slots = c->hash.n_orders * c->hash.n_heads;
+    size_t i, nSd = (size_t)N * S * d;
     SM_ASSERT(N <= acts->N);
     SM_ASSERT(!c->hot_key_proj || acts->e_hot); /* acts allocated for this config */
     sm__engram_gather(acts->e, p->table, flat, N, n_slots, c->d_head);
     sm__engram_gate_forward(acts, h, hot, p, c, N);
     sm__engram_value_forward(acts, p, c, N);
-    sm_rmsnorm_forward(acts->v_n, acts->rstd_v, acts->v, p->norm_value, N, d);
-    sm__engram_conv_forward(acts->conv, acts->v_n, p->conv, B, T, d,
+    sm_rmsnorm_grouped_forward(acts->v_n, acts->rstd_v, acts->v, p->norm_value, N * S, d, S);
+    /* the streams' channels side by side: one depthwise conv over S*d channels */
+    sm__engram_conv_forward(acts->conv, acts->v_n, p->conv, B, T, S * d,
                             c->hash.orders[c->hash.n_orders - 1]);
-    sm_silu_forward(out, acts->conv, nd);
-    for (i = 0; i < nd; i++) out[i] += acts->v[i];
+    sm_silu_forward(out, acts->conv, nSd);
+    for (i = 0; i < nSd; i++) out[i] += acts->v[i];
 }
 
 SMDEF void sm_engram_forward(float *out, sm_engram_acts *acts, const float *h,
@@ -5073,27 +5140,33 @@ static void sm__engram_conv_backward(float *dx, float *dw, const float *dy, cons
     }
 }
 
-/* From dv (gradient of v = alpha * value): dvalue = alpha dv and, through
- * g = <q_n, k_n>/sqrt(d), dquery_n = dg k_n / sqrt(d), dkey_n = dg q_n / sqrt(d)
- * with dg = <dv, value> alpha (1 - alpha) s'(g). */
+/* From dv (gradient of v_s = alpha_s * value): dvalue = sum_s alpha_s dv_s
+ * (the streams share the value) and, per stream, through g = <q_n, k_n>/sqrt(d),
+ * dquery_n = dg k_n / sqrt(d), dkey_n = dg q_n / sqrt(d) with
+ * dg = <dv_s, value> alpha_s (1 - alpha_s) s'(g). */
 static void sm__engram_gate_backward(const sm_engram_scratch *s, const sm_engram_acts *a,
                                      const sm_engram_config *c, int N) {
-    int n, d = c->d_model;
+    int n, d = c->d_model, S = c->n_streams;
     float inv_sqrt_d = 1.0f / sqrtf((float)d);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if ((size_t)N * d > 32768)
+#pragma omp parallel for schedule(static) if ((size_t)N * S * d > 32768)
 #endif
     for (n = 0; n < N; n++) {
-        size_t o = (size_t)n * d;
-        float al = a->alpha[n], dalpha = (float)sm__engram_dot(s->dv + o, a->value + o, d);
-        float dg = dalpha * al * (1.0f - al) * sm__engram_squash_grad(a->gate[n],
-                                                                        c->signed_sqrt_gate);
-        int j;
-        s->dgate[n] = dg;
-        for (j = 0; j < d; j++) {
-            s->dvalue[o + j] = al * s->dv[o + j];
-            s->dquery_n[o + j] = dg * inv_sqrt_d * a->key_n[o + j];
-            s->dkey_n[o + j] = dg * inv_sqrt_d * a->query_n[o + j];
+        const float *value = a->value + (size_t)n * d;
+        float *dvalue = s->dvalue + (size_t)n * d;
+        int st, j;
+        for (j = 0; j < d; j++) dvalue[j] = 0.0f;
+        for (st = 0; st < S; st++) {
+            size_t r = (size_t)n * S + st, o = r * d;
+            float al = a->alpha[r], dalpha = (float)sm__engram_dot(s->dv + o, value, d);
+            float dg = dalpha * al * (1.0f - al) * sm__engram_squash_grad(a->gate[r],
+                                                                            c->signed_sqrt_gate);
+            s->dgate[r] = dg;
+            for (j = 0; j < d; j++) {
+                dvalue[j] += al * s->dv[o + j];
+                s->dquery_n[o + j] = dg * inv_sqrt_d * a->key_n[o + j];
+                s->dkey_n[o + j] = dg * inv_sqrt_d * a->query_n[o + j];
+            }
         }
     }
 }
@@ -5120,17 +5193,19 @@ static void sm__engram_scatter(float *dtable, sm_row_set *rows, const float *de,
         for (i = 0; i < n_idx; i++) sm_row_set_add(rows, flat[i]);
 }
 
-/* dgate_hot[o] += sum over positions hot for order o of dL/dg (serial: deterministic). */
+/* dgate_hot[s, o] += sum over positions hot for order o of stream s's dL/dg
+ * (serial: deterministic). */
 static void sm__engram_hot_gate_backward(float *dgate_hot, const float *dgate,
                                          const unsigned char *hot, const sm_engram_config *c,
                                          int N) {
-    int n, o;
-    for (o = 0; o < c->hash.n_orders; o++) {
-        double sum = 0.0;
-        for (n = 0; n < N; n++)
-            if (sm__engram_is_hot(hot, n, o, c->hash.n_orders)) sum += dgate[n];
-        dgate_hot[o] += (float)sum;
-    }
+    int n, o, st, S = c->n_streams, n_orders = c->hash.n_orders;
+    for (st = 0; st < S; st++)
+        for (o = 0; o < n_orders; o++) {
+            double sum = 0.0;
+            for (n = 0; n < N; n++)
+                if (sm__engram_is_hot(hot, n, o, n_orders)) sum += dgate[(size_t)n * S + st];
+            dgate_hot[st * n_orders + o] += (float)sum;
+        }
 }
 
 /* Backward of sm__engram_key_forward into de (zeroed by the caller) and the
@@ -5139,19 +5214,19 @@ static void sm__engram_key_backward(const sm_engram_params *g, const unsigned ch
                                     const sm_engram_params *p, const sm_engram_acts *a,
                                     const sm_engram_scratch *s, const sm_engram_config *c,
                                     int N) {
-    int d = c->d_model, dm = sm_engram_d_mem(c);
+    int Sd = c->n_streams * c->d_model, dm = sm_engram_d_mem(c);
     size_t ne = (size_t)N * dm;
     if (!c->hot_key_proj) {
-        sm_linear_backward(s->de, g->w_key, g->b_key, s->dkey, a->e, p->w_key, N, dm, d);
+        sm_linear_backward(s->de, g->w_key, g->b_key, s->dkey, a->e, p->w_key, N, dm, Sd);
         return;
     }
-    sm_linear_backward(NULL, g->w_key, g->b_key, s->dkey, a->e_cold, p->w_key, N, dm, d);
-    sm_linear_backward(NULL, g->w_key_hot, NULL, s->dkey, a->e_hot, p->w_key_hot, N, dm, d);
+    sm_linear_backward(NULL, g->w_key, g->b_key, s->dkey, a->e_cold, p->w_key, N, dm, Sd);
+    sm_linear_backward(NULL, g->w_key_hot, NULL, s->dkey, a->e_hot, p->w_key_hot, N, dm, Sd);
     memset(s->de_tier, 0, ne * sizeof(float));
-    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key, N, dm, d);
+    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key, N, dm, Sd);
     sm__engram_add_tier(s->de, s->de_tier, hot, 0, c, N);
     memset(s->de_tier, 0, ne * sizeof(float));
-    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key_hot, N, dm, d);
+    sm_linear_backward(s->de_tier, NULL, NULL, s->dkey, NULL, p->w_key_hot, N, dm, Sd);
     sm__engram_add_tier(s->de, s->de_tier, hot, 1, c, N);
 }
 
@@ -5160,27 +5235,28 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *acts, const sm_engram_scratch *s,
                                      const sm_engram_config *c, int B, int T) {
-    int N = B * T, d = c->d_model, dm = sm_engram_d_mem(c);
+    int N = B * T, d = c->d_model, S = c->n_streams, R = N * S, dm = sm_engram_d_mem(c);
     int n_slots = c->hash.n_orders * c->hash.n_heads;
-    size_t nd = (size_t)N * d;
+    size_t nSd = (size_t)R * d;
     SM_ASSERT(N <= acts->N && N <= s->N);
     SM_ASSERT(!c->hot_key_proj || s->de_tier); /* scratch allocated for this config */
-    /* out = v + SiLU(conv(RMSNorm_v(v))) */
-    memset(s->dconv, 0, nd * sizeof(float));
-    sm_silu_backward(s->dconv, acts->conv, dout, nd);
-    memset(s->dv_n, 0, nd * sizeof(float));
-    sm__engram_conv_backward(s->dv_n, g->conv, s->dconv, acts->v_n, p->conv, B, T, d,
+    /* out = v + SiLU(conv(RMSNorm_v(v))), per (position, stream) row */
+    memset(s->dconv, 0, nSd * sizeof(float));
+    sm_silu_backward(s->dconv, acts->conv, dout, nSd);
+    memset(s->dv_n, 0, nSd * sizeof(float));
+    sm__engram_conv_backward(s->dv_n, g->conv, s->dconv, acts->v_n, p->conv, B, T, S * d,
                              c->hash.orders[c->hash.n_orders - 1]);
-    memcpy(s->dv, dout, nd * sizeof(float));
-    sm_rmsnorm_backward(s->dv, g->norm_value, s->dv_n, acts->v, p->norm_value, acts->rstd_v, N, d);
+    memcpy(s->dv, dout, nSd * sizeof(float));
+    sm_rmsnorm_grouped_backward(s->dv, g->norm_value, s->dv_n, acts->v, p->norm_value,
+                                acts->rstd_v, R, d, S);
     /* v = alpha * value, alpha from the gate */
     sm__engram_gate_backward(s, acts, c, N);
     if (c->hot_gate) sm__engram_hot_gate_backward(g->gate_hot, s->dgate, hot, c, N);
-    sm_rmsnorm_backward(dh, g->norm_query, s->dquery_n, h, p->norm_query, acts->rstd_query, N,
-                        d);
-    memset(s->dkey, 0, nd * sizeof(float));
-    sm_rmsnorm_backward(s->dkey, g->norm_key, s->dkey_n, acts->key, p->norm_key, acts->rstd_key,
-                        N, d);
+    sm_rmsnorm_grouped_backward(dh, g->norm_query, s->dquery_n, h, p->norm_query,
+                                acts->rstd_query, R, d, S);
+    memset(s->dkey, 0, nSd * sizeof(float));
+    sm_rmsnorm_grouped_backward(s->dkey, g->norm_key, s->dkey_n, acts->key, p->norm_key,
+                                acts->rstd_key, R, d, S);
     /* key = W_K e + b_K, value = W_V e, e = gathered table rows */
     memset(s->de, 0, (size_t)N * dm * sizeof(float));
     sm__engram_key_backward(g, hot, p, acts, s, c, N);
@@ -7190,33 +7266,45 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers
 
 /* ---- 8. Backbone layers ---- */
 
-SMDEF void sm_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
-                              int N, int C) {
+/* Gain row of row n (NULL: no gain). */
+static const float *sm__rmsnorm_gain(const float *weight, int n, int C, int groups) {
+    return weight ? weight + (size_t)(n % groups) * C : NULL;
+}
+
+SMDEF void sm_rmsnorm_grouped_forward(float *out, float *rstd, const float *inp,
+                                      const float *weight, int N, int C, int groups) {
     int n;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * C > 32768)
 #endif
     for (n = 0; n < N; n++) {
-        const float *x = inp + (size_t)n * C;
+        const float *x = inp + (size_t)n * C, *w = sm__rmsnorm_gain(weight, n, C, groups);
         float *y = out + (size_t)n * C;
         double ss = 0.0;
         float r;
         int c;
         for (c = 0; c < C; c++) ss += (double)x[c] * x[c];
         r = (float)(1.0 / sqrt(ss / C + SM_RMSNORM_EPS));
-        for (c = 0; c < C; c++) y[c] = x[c] * r * (weight ? weight[c] : 1.0f);
+        for (c = 0; c < C; c++) y[c] = x[c] * r * (w ? w[c] : 1.0f);
         rstd[n] = r;
     }
 }
 
+SMDEF void sm_rmsnorm_forward(float *out, float *rstd, const float *inp, const float *weight,
+                              int N, int C) {
+    sm_rmsnorm_grouped_forward(out, rstd, inp, weight, N, C, 1);
+}
+
 /* With xh = x*r: dx = r * (g - xh * mean(g . xh)), g = dout * weight. */
-SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
-                               const float *weight, const float *rstd, int N, int C) {
+SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float *dout,
+                                       const float *inp, const float *weight, const float *rstd,
+                                       int N, int C, int groups) {
     int n, c;
     if (dweight) /* serial over n so the sum is deterministic */
         for (n = 0; n < N; n++) {
             const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
-            for (c = 0; c < C; c++) dweight[c] += dy[c] * x[c] * rstd[n];
+            float *dw = dweight + (size_t)(n % groups) * C;
+            for (c = 0; c < C; c++) dw[c] += dy[c] * x[c] * rstd[n];
         }
     if (!dinp) return;
 #ifdef _OPENMP
@@ -7224,18 +7312,24 @@ SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, c
 #endif
     for (n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        const float *w = sm__rmsnorm_gain(weight, n, C, groups);
         float *dx = dinp + (size_t)n * C;
         float r = rstd[n];
         double dot = 0.0;
         float mean_dot;
         int k;
-        for (k = 0; k < C; k++) dot += (double)dy[k] * (weight ? weight[k] : 1.0f) * x[k] * r;
+        for (k = 0; k < C; k++) dot += (double)dy[k] * (w ? w[k] : 1.0f) * x[k] * r;
         mean_dot = (float)(dot / C);
         for (k = 0; k < C; k++) {
-            float g = dy[k] * (weight ? weight[k] : 1.0f);
+            float g = dy[k] * (w ? w[k] : 1.0f);
             dx[k] += r * (g - x[k] * r * mean_dot);
         }
     }
+}
+
+SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
+                               const float *weight, const float *rstd, int N, int C) {
+    sm_rmsnorm_grouped_backward(dinp, dweight, dout, inp, weight, rstd, N, C, 1);
 }
 
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
@@ -7820,6 +7914,25 @@ static sm_status sm__validate_layer_ids(const int *ids, int n, int n_layer, cons
     return SM_OK;
 }
 
+/* The streams the Engram layer reads: every residual stream in the
+ * per-stream form with mHC, else one. */
+static int sm__engram_streams(const sm_model_config *c) {
+    return c->use_mhc && c->engram_mhc == SM_ENGRAM_MHC_PER_STREAM ? c->mhc.n_streams : 1;
+}
+
+static sm_status sm__validate_engram_mhc(const sm_model_config *c, sm_error *err) {
+    if (c->engram_mhc != SM_ENGRAM_MHC_PER_STREAM && c->engram_mhc != SM_ENGRAM_MHC_BRANCH)
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "engram_mhc %d must be SM_ENGRAM_MHC_PER_STREAM (0) or _BRANCH (1)",
+                       c->engram_mhc);
+    if (c->use_engram && c->engram.n_streams != 1 && c->engram.n_streams != sm__engram_streams(c))
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "engram.n_streams %d: the model sets it from use_mhc and engram_mhc "
+                       "(%d here); leave it at 1",
+                       c->engram.n_streams, sm__engram_streams(c));
+    return SM_OK;
+}
+
 SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
     sm_status st = sm__validate_backbone(c, err);
     if (st != SM_OK) return st;
@@ -7861,9 +7974,10 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
                            c->mhc.channels, c->d_model);
         if (!(c->mhc_lr_mult >= 0.0f))
             return sm_fail(err, SM_ERR_INVALID_ARG, "mhc_lr_mult %g must be >= 0", c->mhc_lr_mult);
-        return sm_mhc_validate_config(&c->mhc, err);
+        st = sm_mhc_validate_config(&c->mhc, err);
+        if (st != SM_OK) return st;
     }
-    return SM_OK;
+    return sm__validate_engram_mhc(c, err);
 }
 
 /* Residual streams: n with mHC, else 1. */
@@ -7888,11 +8002,12 @@ static void sm__model_plan(sm_model *m) {
         if (e >= 0) {
             s = &m->sub[m->n_sub++];
             s->kind = SM_SUBLAYER_ENGRAM, s->layer = l, s->engram_index = e;
+            s->in_mhc = c->use_mhc && c->engram.n_streams == 1;
         }
         s = &m->sub[m->n_sub++];
-        s->kind = SM_SUBLAYER_ATTN, s->layer = l;
+        s->kind = SM_SUBLAYER_ATTN, s->layer = l, s->in_mhc = c->use_mhc;
         s = &m->sub[m->n_sub++];
-        s->kind = SM_SUBLAYER_FFN, s->layer = l;
+        s->kind = SM_SUBLAYER_FFN, s->layer = l, s->in_mhc = c->use_mhc;
         s->has_peer = has_peer;
         s->has_mlp = !(has_peer && c->peer_replace_mlp);
     }
@@ -7926,7 +8041,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     sm_params *p = &m->params;
     sm_sublayer_offsets *o = &s->off;
     int l = s->layer, g = m->g_backbone;
-    if (c->use_mhc) {
+    if (s->in_mhc) {
         char name[32];
         snprintf(name, sizeof name, "mhc_%s", sm__sublayer_names[s->kind]);
         o->mhc = sm__add_param(p, name, l, sm_mhc_param_layout(&c->mhc).total, m->g_mhc, 0, err);
@@ -8020,7 +8135,7 @@ static sm_status sm__init_sublayer(sm_model *m, sm_sublayer *s, uint64_t seed, s
     const sm_sublayer_offsets *o = &s->off;
     sm_rng rng, *r = &rng;
     sm__part_rng(r, seed, s->layer, 8 + (int)s->kind);
-    if (c->use_mhc) {
+    if (s->in_mhc) {
         sm_rng mr;
         sm_status st;
         sm__part_rng(&mr, seed, s->layer, 16 + (int)s->kind);
@@ -8089,6 +8204,12 @@ static float *sm__take(sm__arena *a, size_t n) {
     return p;
 }
 
+/* Width of a sublayer's output F(u) per position: C, or S*C for Engram in
+ * the per-stream form. */
+static int sm__sublayer_width(const sm_model *m, const sm_sublayer *s) {
+    return m->cfg.d_model * (s->kind == SM_SUBLAYER_ENGRAM ? m->cfg.engram.n_streams : 1);
+}
+
 /* Carve the backbone activations of every sublayer, then the final norm,
  * logits and losses, out of the arena. */
 static void sm__carve_acts(sm_model *m, sm__arena *a) {
@@ -8101,9 +8222,9 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
     for (i = 0; i < m->n_sub; i++) {
         sm_sublayer *s = &m->sub[i];
         s->x_in = sm__take(a, N * S * C);
-        s->u = c->use_mhc ? sm__take(a, N * C) : s->x_in;
-        s->y = sm__take(a, N * C);
-        if (c->use_mhc) {
+        s->u = s->in_mhc ? sm__take(a, N * C) : s->x_in;
+        s->y = sm__take(a, N * (size_t)sm__sublayer_width(m, s));
+        if (s->in_mhc) {
             float *block = sm__take(a, sm_mhc_act_size(&c->mhc, (int)N));
             if (a->base) s->mhc_act = sm_mhc_act_at(&c->mhc, (int)N, block);
         }
@@ -8136,7 +8257,7 @@ static void sm__carve_grads(sm_model *m, sm__arena *a) {
     m->dres = sm__take(a, N * S * C);
     m->dres_prev = m->cfg.use_mhc ? sm__take(a, N * S * C) : NULL;
     m->dmaps = m->cfg.use_mhc ? sm__take(a, N * (size_t)sm_mhc_map_count(m->cfg.mhc.n_streams)) : NULL;
-    m->dy = sm__take(a, N * C);
+    m->dy = sm__take(a, N * S * C); /* [N, S*C] for a per-stream Engram */
     m->du = sm__take(a, N * C);
     m->dln = sm__take(a, N * C);
     m->datty = sm__take(a, N * C);
@@ -8198,6 +8319,7 @@ SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max
     if (B_max < 1 || B_max > 1 << 16)
         return sm_fail(err, SM_ERR_INVALID_ARG, "batch size %d out of range [1, 65536]", B_max);
     m->cfg = *cfg;
+    m->cfg.engram.n_streams = sm__engram_streams(cfg);
     sm__model_plan(m);
     st = sm__model_layout(m, err);
     if (st == SM_OK) st = sm__model_alloc_acts(m, B_max, err);
@@ -8305,21 +8427,22 @@ static void sm__sublayer_forward(sm_model *m, sm_sublayer *s, const float *u) {
     if (s->kind == SM_SUBLAYER_ENGRAM) sm__engram_forward(m, s, u);
     else if (s->kind == SM_SUBLAYER_ATTN) sm__attn_forward(m, s, u);
     else sm__ffn_forward(m, s, u);
-    s->out_norm = sm__mean_row_norm(s->y, m->B * m->T, m->cfg.d_model);
+    s->out_norm = sm__mean_row_norm(s->y, m->B * m->T, sm__sublayer_width(m, s));
 }
 
 static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_sublayer *s) {
     return sm_mhc_params_at(&m->cfg.mhc, base + s->off.mhc);
 }
 
-/* x_next = x + F(x), or with mHC: u = H_pre x, x_next = H_res x + H_post^T F(u). */
+/* x_next = x + F(x) (every stream: F reads them all), or in an mHC branch:
+ * u = H_pre x, x_next = H_res x + H_post^T F(u). */
 static void sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next) {
-    size_t NC = (size_t)m->B * m->T * m->cfg.d_model;
+    size_t NSC = (size_t)m->B * m->T * sm__streams(&m->cfg) * m->cfg.d_model;
     int N = m->B * m->T;
-    if (!m->cfg.use_mhc) {
+    if (!s->in_mhc) {
         sm__sublayer_forward(m, s, s->x_in);
-        memcpy(x_next, s->x_in, sizeof(float) * NC);
-        sm__add_inplace(x_next, s->y, NC);
+        memcpy(x_next, s->x_in, sizeof(float) * NSC);
+        sm__add_inplace(x_next, s->y, NSC);
         return;
     }
     {
@@ -8477,7 +8600,7 @@ static void sm__engram_backward(sm_model *m, const sm_sublayer *s, float *du, co
 
 static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const float *dy,
                                   const float *u) {
-    s->grad_norm = sqrt(sm__sumsq(dy, (size_t)m->B * m->T * m->cfg.d_model));
+    s->grad_norm = sqrt(sm__sumsq(dy, (size_t)m->B * m->T * sm__sublayer_width(m, s)));
     if (s->kind == SM_SUBLAYER_ENGRAM) sm__engram_backward(m, s, du, dy, u);
     else if (s->kind == SM_SUBLAYER_ATTN) sm__attn_backward(m, s, du, dy, u);
     else sm__ffn_backward(m, s, du, dy, u);
@@ -8489,8 +8612,8 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
     int N = m->B * m->T;
     size_t NC = (size_t)N * m->cfg.d_model;
     float *swap;
-    if (!m->cfg.use_mhc) { /* dy = dx_next, and dx = dx_next + dF/dx^T dy */
-        memcpy(m->dy, m->dres, sizeof(float) * NC);
+    if (!s->in_mhc) { /* dy = dx_next, and dx = dx_next + dF/dx^T dy */
+        memcpy(m->dy, m->dres, sizeof(float) * NC * sm__streams(&m->cfg));
         sm__sublayer_backward(m, s, m->dres, m->dy, s->x_in);
         return;
     }

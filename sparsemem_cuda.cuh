@@ -185,7 +185,9 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
  * Requirements as on the CPU: acts / scratch allocated for this config
  * with at least B*T positions. Differences from the CPU, to rounding only:
  * row sums in fp32 (the CPU sums some in double), and the table, gain,
- * bias and conv gradients summed with atomics in no fixed order. */
+ * bias and conv gradients summed with atomics in no fixed order.
+ * One stream only: the per-stream form inside mHC (n_streams > 1) is not
+ * implemented on the GPU, and the allocations below refuse it. */
 
 SMDEF sm_status smc_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *c, int N,
                                       sm_error *err);
@@ -502,7 +504,9 @@ typedef struct smc_model {
 
 /* Mirrors `host` (already initialised, B_max as given to sm_model_init) on
  * the GPU and uploads its parameters and moments, and with Engram its hash
- * tables, canon table and hot set (set and build those first). */
+ * tables, canon table and hot set (set and build those first). Refuses a
+ * model with Engram and mHC in the per-stream form (engram_mhc): the GPU has
+ * the branch form only. */
 SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_error *err);
 SMDEF void smc_model_free(smc_model *g);
 /* inputs/targets/doc_start are host arrays of B*T; sets host->loss and
@@ -1039,9 +1043,19 @@ static smc__engram_shape smc__engram_shape_of(const sm_engram_config *cfg) {
 
 /* ---- activations and scratch: the CPU's one-allocation layouts ---- */
 
+/* The kernels below handle one stream (see the section's header). */
+static sm_status smc__engram_check_streams(const sm_engram_config *c, sm_error *err) {
+    if (c->n_streams == 1) return SM_OK;
+    return sm_fail(err, SM_ERR_INVALID_ARG,
+                   "engram: n_streams %d (the per-stream form inside mHC) is not implemented on "
+                   "the GPU; use one stream (Engram as an mHC branch)",
+                   c->n_streams);
+}
+
 SMDEF sm_status smc_engram_acts_alloc(sm_engram_acts *a, const sm_engram_config *c, int N,
                                       sm_error *err) {
-    return sm__engram_acts_alloc_with(a, c, N, smc_malloc, err);
+    sm_status st = smc__engram_check_streams(c, err);
+    return st != SM_OK ? st : sm__engram_acts_alloc_with(a, c, N, smc_malloc, err);
 }
 
 SMDEF void smc_engram_acts_free(sm_engram_acts *a) {
@@ -1051,7 +1065,8 @@ SMDEF void smc_engram_acts_free(sm_engram_acts *a) {
 
 SMDEF sm_status smc_engram_scratch_alloc(sm_engram_scratch *s, const sm_engram_config *c,
                                          int N, sm_error *err) {
-    return sm__engram_scratch_alloc_with(s, c, N, smc_malloc, err);
+    sm_status st = smc__engram_check_streams(c, err);
+    return st != SM_OK ? st : sm__engram_scratch_alloc_with(s, c, N, smc_malloc, err);
 }
 
 SMDEF void smc_engram_scratch_free(sm_engram_scratch *s) {
@@ -3755,6 +3770,11 @@ static sm_status smc__bind_sparse_tables(smc_model *g, sm_error *err) {
 SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_error *err) {
     sm_status st;
     memset(g, 0, sizeof *g);
+    if (host->cfg.use_engram && host->cfg.engram.n_streams > 1)
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "smc_model: Engram inside mHC in the per-stream form (engram_mhc = "
+                       "SM_ENGRAM_MHC_PER_STREAM) is not implemented on the GPU; build the model "
+                       "with engram_mhc = SM_ENGRAM_MHC_BRANCH");
     g->host = host;
     g->c = c;
     smc__shadow_from_host(g);

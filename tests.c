@@ -264,6 +264,38 @@ static int test_rmsnorm_gradient(void) {
     return 0;
 }
 
+/* OC is the number of gain groups here. */
+static double t_rmsnorm_grouped_loss(void *p) {
+    t_layer_ctx *c = (t_layer_ctx *)p;
+    sm_rmsnorm_grouped_forward(c->out, c->aux, c->inp, c->weight, c->N, c->C, c->OC);
+    return t_weighted_sum(c->out, c->w_out, (size_t)c->N * c->C);
+}
+
+/* Three gains taken in turn: row n equals the plain RMSNorm of that row with
+ * gain n % 3, and both gradients check (each gain row gets only its rows'). */
+static int test_rmsnorm_grouped_gradient(void) {
+    sm_rng r;
+    t_layer_ctx c;
+    float *dinp, *dw, one[12], rstd;
+    int N = 7, C = 12, G = 3, n;
+    sm_rng_seed(&r, 2);
+    c.N = N, c.C = C, c.OC = G;
+    c.inp = t_randn(&r, N * C, 1.5f), c.weight = t_randn(&r, G * C, 1.0f);
+    c.out = (float *)t_alloc(N * C), c.w_out = t_randn(&r, N * C, 1.0f), c.aux = (float *)t_alloc(N);
+    dinp = (float *)t_alloc(N * C), dw = (float *)t_alloc(G * C);
+    t_rmsnorm_grouped_loss(&c);
+    for (n = 0; n < N; n++) {
+        sm_rmsnorm_forward(one, &rstd, c.inp + n * C, c.weight + (n % G) * C, 1, C);
+        CHECK(memcmp(one, c.out + n * C, sizeof one) == 0 && rstd == c.aux[n],
+              "row %d differs from RMSNorm with gain %d", n, n % G);
+    }
+    sm_rmsnorm_grouped_backward(dinp, dw, c.w_out, c.inp, c.weight, c.aux, N, C, G);
+    CHECK_GRAD("grouped rmsnorm dinp", c.inp, dinp, N * C, t_rmsnorm_grouped_loss, &c);
+    CHECK_GRAD("grouped rmsnorm dweight", c.weight, dw, G * C, t_rmsnorm_grouped_loss, &c);
+    free(c.inp), free(c.weight), free(c.out), free(c.w_out), free(c.aux), free(dinp), free(dw);
+    return 0;
+}
+
 static double t_linear_loss(void *p) {
     t_layer_ctx *c = (t_layer_ctx *)p;
     sm_linear_forward(c->out, c->inp, c->weight, c->bias, c->N, c->C, c->OC);
@@ -637,21 +669,96 @@ static int test_model_two_peer_layers_update_own_rows(void) {
     return 0;
 }
 
-/* Every tensor of an mHC model (4 streams, dynamic maps) with Engram too. */
-static int test_model_with_mhc_gradient(void) {
-    sm_model m;
+/* The tiny Engram model with mHC (4 streams, dynamic maps input-dependent
+ * enough to matter), Engram in the form `engram_mhc`. */
+static sm_model_config t_tiny_mhc_config(int engram_mhc) {
     sm_model_config cfg = t_tiny_module_config();
-    sm_error err;
-    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
-    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
     cfg.peer_n_layers = 0;
     cfg.use_mhc = 1;
     cfg.mhc.channels = cfg.d_model;
-    cfg.mhc.phi_init_std = 0.5f; /* make the maps input-dependent enough to matter */
+    cfg.mhc.phi_init_std = 0.5f;
     cfg.mhc.gate_init = 0.5f;
-    CHECK_OK(sm_model_init(&m, &cfg, 2, 321, &err));
-    if (t_check_model_gradients(&m, inputs, targets, 2, 6, 1e-3f)) return 1;
-    sm_model_free(&m);
+    cfg.engram_mhc = engram_mhc;
+    return cfg;
+}
+
+/* Every tensor of an mHC model with Engram too, in both of Engram's forms. */
+static int test_model_with_mhc_gradient(void) {
+    sm_model m;
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    int form;
+    for (form = SM_ENGRAM_MHC_PER_STREAM; form <= SM_ENGRAM_MHC_BRANCH; form++) {
+        sm_model_config cfg = t_tiny_mhc_config(form);
+        CHECK_OK(sm_model_init(&m, &cfg, 2, 321, &err));
+        if (t_check_model_gradients(&m, inputs, targets, 2, 6, 1e-3f)) return 1;
+        sm_model_free(&m);
+    }
+    return 0;
+}
+
+/* Size of the tensor called `name` (0 if absent). */
+static size_t t_tensor_size(const sm_model *m, const char *name) {
+    int i;
+    for (i = 0; i < m->params.n_tensors; i++)
+        if (strcmp(m->params.tensors[i].name, name) == 0) return m->params.tensors[i].size;
+    return 0;
+}
+
+/* Engram's two forms with mHC. Per-stream (the default): n key projections
+ * and gain sets, one W_V, no mHC maps at the Engram sublayer, and its output
+ * added to every stream as it is (x_next = x + y, no H_res / H_post); the
+ * streams get different gates. Branch: one of each and the sublayer's maps.
+ * engram.n_streams is the model's to set, and a bad engram_mhc is named. */
+static int test_model_engram_mhc_forms(void) {
+    sm_model ps, br;
+    sm_model_config cfg = t_tiny_mhc_config(SM_ENGRAM_MHC_PER_STREAM);
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    size_t C = 8, dm, NSC = 12 * 4 * 8, i;
+    int e = 2, n, separate = 0; /* layer 1's Engram sublayer follows layer 0's two */
+    CHECK(sm_model_default_config().engram_mhc == SM_ENGRAM_MHC_PER_STREAM, "default form");
+    CHECK_OK(sm_model_init(&ps, &cfg, 2, 5, &err));
+    cfg.engram_mhc = SM_ENGRAM_MHC_BRANCH;
+    CHECK_OK(sm_model_init(&br, &cfg, 2, 5, &err));
+    dm = (size_t)sm_engram_d_mem(&ps.cfg.engram);
+    CHECK(ps.cfg.engram.n_streams == 4 && br.cfg.engram.n_streams == 1, "streams %d / %d",
+          ps.cfg.engram.n_streams, br.cfg.engram.n_streams);
+    CHECK(ps.sub[e].kind == SM_SUBLAYER_ENGRAM && !ps.sub[e].in_mhc && br.sub[e].in_mhc &&
+              ps.sub[e + 1].in_mhc,
+          "sublayer forms");
+    CHECK(t_tensor_size(&ps, "engram0.w_key") == 4 * C * dm &&
+              t_tensor_size(&br, "engram0.w_key") == C * dm &&
+              t_tensor_size(&ps, "engram0.w_value") == C * dm &&
+              t_tensor_size(&ps, "engram0.norm_query") == 4 * C &&
+              t_tensor_size(&ps, "engram0.conv") == 4 * C * 4,
+          "per-stream tensor sizes");
+    CHECK(t_tensor_size(&ps, "h1.mhc_engram") == 0 && t_tensor_size(&br, "h1.mhc_engram") > 0,
+          "mHC maps at the Engram sublayer: per-stream %zu, branch %zu",
+          t_tensor_size(&ps, "h1.mhc_engram"), t_tensor_size(&br, "h1.mhc_engram"));
+    CHECK_OK(sm_model_forward(&ps, inputs, targets, NULL, 2, 6, &err));
+    CHECK_OK(sm_model_forward(&br, inputs, targets, NULL, 2, 6, &err));
+    for (i = 0; i < NSC; i++)
+        CHECK(ps.sub[e + 1].x_in[i] == ps.sub[e].x_in[i] + ps.sub[e].y[i],
+              "stream value %zu: x_next %g != x %g + out %g", i, ps.sub[e + 1].x_in[i],
+              ps.sub[e].x_in[i], ps.sub[e].y[i]);
+    for (n = 0; n < 12; n++)
+        separate |= ps.sub[e].engram_acts.alpha[n * 4] != ps.sub[e].engram_acts.alpha[n * 4 + 1];
+    CHECK(separate, "the streams share one gate");
+    CHECK(ps.loss != br.loss, "the two forms give the same loss %g", ps.loss);
+    sm_model_free(&ps), sm_model_free(&br);
+    cfg.engram_mhc = 2;
+    CHECK(sm_model_init(&ps, &cfg, 2, 5, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "engram_mhc"),
+          "engram_mhc 2: %s", err.msg);
+    cfg.engram_mhc = SM_ENGRAM_MHC_BRANCH, cfg.engram.n_streams = 4;
+    CHECK(sm_model_init(&ps, &cfg, 2, 5, &err) == SM_ERR_INVALID_ARG &&
+              strstr(err.msg, "engram.n_streams"),
+          "n_streams 4 with the branch form: %s", err.msg);
+    cfg.engram_mhc = SM_ENGRAM_MHC_PER_STREAM;
+    CHECK_OK(sm_model_init(&ps, &cfg, 2, 5, &err)); /* agrees with the model's choice */
+    sm_model_free(&ps);
     return 0;
 }
 
@@ -864,6 +971,15 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     fwrite(bytes + 4, 1, n - 4, f);
     fclose(f);
     CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT, "wrong magic accepted");
+    { /* a valid file of format v1, from before engram_mhc: refused, not misread */
+        sm_writer w;
+        CHECK_OK(sm_writer_open(&w, "test_tmp_bad.ckpt", TR_CKPT_MAGIC, 1u, &err));
+        sm_writer_bytes(&w, bytes + 8, n - 16);
+        CHECK_OK(sm_writer_commit(&w, &err));
+    }
+    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
+              strstr(err.msg, "v1") && strstr(err.msg, "--engram-mhc"),
+          "format v1 checkpoint: %s", err.msg);
     sm_free(bytes);
     remove("test_tmp_bad.ckpt");
     return 0;
@@ -925,6 +1041,58 @@ static int test_trainer_cli_options(void) {
     help[n] = 0;
     fclose(f);
     for (i = 0; i < TR_N_SPECS; i++) CHECK(strstr(help, tr_specs[i].name) != NULL, "--help misses --%s", tr_specs[i].name);
+    return 0;
+}
+
+/* --engram-mhc: per-stream by default, branch by default with --device cuda
+ * (the GPU has no per-stream form; asking for it there is refused), a bad
+ * value named. A per-stream run with route labels writes per-layer gates in
+ * (0, 1) (the mean over the streams' gates), and its checkpoint records the
+ * form. */
+static int test_trainer_engram_mhc_option(void) {
+    tr_opts o, saved;
+    sm_model_config cfg = sm_model_default_config();
+    sm_reader rd;
+    sm_error err;
+    char msg[256];
+    double a_hot = -1, a_cold = -1;
+    int layer = -1;
+    FILE *f;
+    tr_defaults(&o);
+    o.quiet = 1;
+    cfg.use_engram = cfg.use_mhc = 1;
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_PER_STREAM,
+          "CPU default: %d", cfg.engram_mhc);
+    snprintf(o.device, sizeof o.device, "cuda");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_BRANCH,
+          "--device cuda default: %d", cfg.engram_mhc);
+    snprintf(o.engram_mhc, sizeof o.engram_mhc, "per-stream");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) != 0 && strstr(msg, "cuda"),
+          "per-stream on the GPU: %s", msg);
+    o.device[0] = 0;
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_PER_STREAM,
+          "explicit per-stream");
+    snprintf(o.engram_mhc, sizeof o.engram_mhc, "branch");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) == 0 && cfg.engram_mhc == SM_ENGRAM_MHC_BRANCH,
+          "explicit branch");
+    snprintf(o.engram_mhc, sizeof o.engram_mhc, "both");
+    CHECK(tr_engram_mhc(&o, &cfg, msg, sizeof msg) != 0 && strstr(msg, "'both'"), "bad value: %s", msg);
+
+    t_remove_tree("test_tmp_run_ps");
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_trainer_opts(&o, "test_tmp_run_ps");
+    o.hot_labels = 10, o.steps = 4, o.eval_every = 4;
+    CHECK(tr_train(&o) == 0, "per-stream run failed");
+    f = fopen("test_tmp_run_ps/route_layers.csv", "r");
+    CHECK(f != NULL, "no route table");
+    CHECK(fscanf(f, "layer,alpha_hot,alpha_cold %d,%lf,%lf", &layer, &a_hot, &a_cold) == 3, "route table format");
+    fclose(f);
+    CHECK(layer == 0 && a_hot > 0 && a_hot < 1 && a_cold > 0 && a_cold < 1, "gates %g %g", a_hot, a_cold);
+    CHECK_OK(tr_read_checkpoint_header(&rd, "test_tmp_run_ps/model.ckpt", &cfg, &saved, &err));
+    sm_reader_close(&rd);
+    CHECK(cfg.use_mhc && cfg.use_engram && cfg.engram_mhc == SM_ENGRAM_MHC_PER_STREAM,
+          "checkpoint form %d", cfg.engram_mhc);
+    t_remove_tree("test_tmp_run_ps");
     return 0;
 }
 
@@ -3313,6 +3481,12 @@ static int test_engram_config_validation(void) {
     CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
               strstr(err.msg, "table_lr_mult"),
           "negative lr mult: %s", err.msg);
+    bad = c, bad.n_streams = 0;
+    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_streams"),
+          "0 streams: %s", err.msg);
+    bad = c, bad.n_streams = SM_ENGRAM_MAX_STREAMS + 1;
+    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_streams"),
+          "too many streams: %s", err.msg);
     return 0;
 }
 
@@ -3543,7 +3717,7 @@ static int test_engram_hash_collisions_balls_into_bins(void) {
 typedef struct {
     sm_engram_config c;
     sm_ngram_hash hash;
-    int B, T, N, d, dm, n_slots;
+    int B, T, N, d, dm, n_slots, S; /* S = c.n_streams: h, out [N, S, d] */
     uint32_t *tok, *flat;
     unsigned char *hot; /* [N, n_orders] Engram-Nine hot flags, NULL = all cold */
     float *h, *w, *out, *dh;
@@ -3554,22 +3728,23 @@ typedef struct {
     sm_row_set rows;
 } t_engram;
 
-/* Lays params out in buf: table, then the layer's dense tensors. */
+/* Lays params out in buf: table, then the layer's dense tensors (the
+ * per-stream ones S times as large). */
 static sm_engram_params t_engram_view(float *buf, const t_engram *f) {
     sm_engram_offsets off;
-    size_t d = (size_t)f->d, dm = (size_t)f->dm;
+    size_t d = (size_t)f->d, dm = (size_t)f->dm, Sd = (size_t)f->S * f->d;
     off.table = 0;
     off.w_key = sm_engram_table_size(&f->hash, &f->c);
-    off.b_key = off.w_key + d * dm;
-    off.w_value = off.b_key + d;
+    off.b_key = off.w_key + Sd * dm;
+    off.w_value = off.b_key + Sd;
     off.norm_query = off.w_value + d * dm;
-    off.norm_key = off.norm_query + d;
-    off.norm_value = off.norm_key + d;
-    off.conv = off.norm_value + d;
+    off.norm_key = off.norm_query + Sd;
+    off.norm_value = off.norm_key + Sd;
+    off.conv = off.norm_value + Sd;
     off.w_key_hot = off.gate_hot = SM_ENGRAM_NO_TENSOR;
-    if (f->c.hot_key_proj) off.w_key_hot = off.conv + d * SM_ENGRAM_CONV_KERNEL;
+    if (f->c.hot_key_proj) off.w_key_hot = off.conv + Sd * SM_ENGRAM_CONV_KERNEL;
     if (f->c.hot_gate)
-        off.gate_hot = off.conv + d * SM_ENGRAM_CONV_KERNEL + (f->c.hot_key_proj ? d * dm : 0);
+        off.gate_hot = off.conv + Sd * SM_ENGRAM_CONV_KERNEL + (f->c.hot_key_proj ? Sd * dm : 0);
     return sm_engram_params_view(buf, &off);
 }
 
@@ -3580,7 +3755,7 @@ static size_t t_engram_nparams(const t_engram *f) {
 static double t_engram_loss(void *ctx) {
     t_engram *f = (t_engram *)ctx;
     sm_engram_forward_routed(f->out, &f->acts, f->h, f->flat, f->hot, &f->p, &f->c, f->B, f->T);
-    return t_weighted_sum(f->out, f->w, (size_t)f->N * f->d);
+    return t_weighted_sum(f->out, f->w, (size_t)f->N * f->S * f->d);
 }
 
 /* The signed sqrt is steep near g = 0 (s' = 1/(2 sqrt|g|)), where eps = 1e-2
@@ -3591,7 +3766,7 @@ static int t_engram_gates_clear_of_zero(t_engram *f, sm_rng *r) {
     for (tries = 0; tries < 50; tries++) {
         int close = 0;
         t_engram_loss(f);
-        for (n = 0; n < f->N; n++)
+        for (n = 0; n < f->N * f->S; n++)
             if (fabsf(f->acts.gate[n]) < 0.1f) {
                 sm_rng_fill_normal(r, f->h + (size_t)n * f->d, (size_t)f->d, 1.0f);
                 close++;
@@ -3608,17 +3783,19 @@ static int t_engram_gates_clear_of_zero(t_engram *f, sm_rng *r) {
  * path carries gradient. */
 /* hot_key_proj / hot_gate switch the Engram-Nine variants on; with either,
  * random hot flags (about half the order blocks), a W_K^hot unlike W_K and
- * nonzero gate_hot scalars. */
-static int t_engram_setup_variant(t_engram *f, int signed_sqrt, uint64_t seed, int hot_key_proj,
-                                  int hot_gate) {
+ * nonzero gate_hot scalars. streams > 1: the per-stream form, every stream's
+ * tensors drawn independently. */
+static int t_engram_setup_streams(t_engram *f, int signed_sqrt, uint64_t seed, int hot_key_proj,
+                                  int hot_gate, int streams) {
     sm_rng r;
-    size_t i, np;
+    size_t i, np, Sd;
     memset(f, 0, sizeof *f);
     f->c = sm_engram_default_config();
     f->c.hash.n_heads = 2, f->c.hash.table_rows = 5;
     f->c.d_model = 8, f->c.d_head = 3, f->c.signed_sqrt_gate = signed_sqrt;
-    f->c.hot_key_proj = hot_key_proj, f->c.hot_gate = hot_gate;
+    f->c.hot_key_proj = hot_key_proj, f->c.hot_gate = hot_gate, f->c.n_streams = streams;
     f->B = 2, f->T = 11, f->N = f->B * f->T, f->d = 8, f->dm = sm_engram_d_mem(&f->c);
+    f->S = streams, Sd = (size_t)streams * f->d;
     CHECK_OK(sm_ngram_hash_init(&f->hash, &f->c.hash, NULL));
     f->n_slots = f->hash.n_slots;
     sm_rng_seed(&r, seed);
@@ -3634,26 +3811,33 @@ static int t_engram_setup_variant(t_engram *f, int signed_sqrt, uint64_t seed, i
     f->c.table_init_std = 1.0f;
     sm_engram_init_table(f->p.table, &f->hash, &f->c, &r);
     sm_engram_init_layer(&f->p, &f->c, &r);
-    for (i = 0; i < (size_t)f->d; i++) {
+    for (i = 0; i < Sd; i++) {
         f->p.b_key[i] = 0.3f * sm_rng_normal(&r);
         f->p.norm_query[i] += 0.3f * sm_rng_normal(&r);
         f->p.norm_key[i] += 0.3f * sm_rng_normal(&r);
         f->p.norm_value[i] += 0.3f * sm_rng_normal(&r);
     }
-    sm_rng_fill_normal(&r, f->p.conv, (size_t)f->d * SM_ENGRAM_CONV_KERNEL, 0.5f);
+    sm_rng_fill_normal(&r, f->p.conv, Sd * SM_ENGRAM_CONV_KERNEL, 0.5f);
     if (hot_key_proj || hot_gate) {
         f->hot = (unsigned char *)calloc((size_t)f->N * f->c.hash.n_orders, 1);
         for (i = 0; i < (size_t)f->N * f->c.hash.n_orders; i++) f->hot[i] = sm_rng_below(&r, 2);
     }
-    if (hot_gate) f->p.gate_hot[0] = 0.7f, f->p.gate_hot[1] = -0.4f;
-    f->h = t_randn(&r, (size_t)f->N * f->d, 1.0f);
-    f->w = t_randn(&r, (size_t)f->N * f->d, 1.0f);
-    f->out = (float *)t_alloc((size_t)f->N * f->d);
-    f->dh = (float *)t_alloc((size_t)f->N * f->d);
+    if (hot_gate)
+        for (i = 0; i < (size_t)streams; i++)
+            f->p.gate_hot[2 * i] = 0.7f - 0.2f * i, f->p.gate_hot[2 * i + 1] = -0.4f + 0.3f * i;
+    f->h = t_randn(&r, (size_t)f->N * Sd, 1.0f);
+    f->w = t_randn(&r, (size_t)f->N * Sd, 1.0f);
+    f->out = (float *)t_alloc((size_t)f->N * Sd);
+    f->dh = (float *)t_alloc((size_t)f->N * Sd);
     CHECK_OK(sm_engram_acts_alloc(&f->acts, &f->c, f->N, NULL));
     CHECK_OK(sm_engram_scratch_alloc(&f->scratch, &f->c, f->N, NULL));
     CHECK_OK(sm_row_set_init(&f->rows, f->hash.total_rows, NULL));
     return signed_sqrt ? t_engram_gates_clear_of_zero(f, &r) : 0;
+}
+
+static int t_engram_setup_variant(t_engram *f, int signed_sqrt, uint64_t seed, int hot_key_proj,
+                                  int hot_gate) {
+    return t_engram_setup_streams(f, signed_sqrt, seed, hot_key_proj, hot_gate, 1);
 }
 
 static int t_engram_setup(t_engram *f, int signed_sqrt, uint64_t seed) {
@@ -3672,7 +3856,7 @@ static void t_engram_teardown(t_engram *f) {
 /* Analytic gradients of L = sum w * out into dh and gbuf. */
 static void t_engram_grads(t_engram *f) {
     memset(f->gbuf, 0, t_engram_nparams(f) * sizeof(float));
-    memset(f->dh, 0, (size_t)f->N * f->d * sizeof(float));
+    memset(f->dh, 0, (size_t)f->N * f->S * f->d * sizeof(float));
     t_engram_loss(f);
     sm_engram_backward_routed(f->dh, &f->g, &f->rows, f->w, f->h, f->flat, f->hot, &f->p,
                               &f->acts, &f->scratch, &f->c, f->B, f->T);
@@ -3969,6 +4153,131 @@ static int test_engram_variant_params(void) {
     return 0;
 }
 
+/* ---- Engram inside mHC: the per-stream form ---- */
+
+/* |a - b| within 1e-5 of 1 + |b| (GEMMs over S*d outputs may sum in
+ * another order than over d). */
+static int t_close(float a, float b) { return fabsf(a - b) <= 1e-5f * (1.0f + fabsf(b)); }
+
+/* Stream s of x[N, S, width] against y[N, width]. */
+static int t_stream_matches(const float *x, const float *y, int N, int S, int s, size_t width) {
+    int n;
+    size_t j;
+    for (n = 0; n < N; n++)
+        for (j = 0; j < width; j++)
+            if (!t_close(x[((size_t)n * S + s) * width + j], y[(size_t)n * width + j])) return 0;
+    return 1;
+}
+
+/* Stream s's block of a stacked per-stream tensor [S, size] against y[size]. */
+static int t_block_matches(const float *x, const float *y, int s, size_t size) {
+    size_t j;
+    for (j = 0; j < size; j++)
+        if (!t_close(x[(size_t)s * size + j], y[j])) return 0;
+    return 1;
+}
+
+/* The per-stream form with S = 3 (Nine variants on) is three one-stream
+ * layers sharing the table and W_V: stream s's output, dh and per-stream
+ * gradients equal those of a one-stream layer given h_s and stream s's W_K,
+ * b_K, gains, conv, W_K^hot and gate_hot, and the table and W_V gradients
+ * are the sum over the streams. */
+static int test_engram_streams_are_layers_sharing_memory(void) {
+    t_engram f, one;
+    float *table_sum, *wv_sum;
+    size_t d = 8, dm, nt, j;
+    int S = 3, s, n, separate = 0;
+    if (t_engram_setup_streams(&f, 1, 71, 1, 1, S)) return 1;
+    if (t_engram_setup_variant(&one, 1, 71, 1, 1)) return 1;
+    dm = (size_t)f.dm, nt = sm_engram_table_size(&f.hash, &f.c);
+    t_engram_grads(&f);
+    for (n = 0; n < f.N; n++) separate |= f.acts.alpha[n * S] != f.acts.alpha[n * S + 1];
+    CHECK(separate, "the streams share one gate");
+    memcpy(one.flat, f.flat, sizeof(uint32_t) * f.N * f.n_slots);
+    memcpy(one.hot, f.hot, (size_t)f.N * 2);
+    memcpy(one.p.table, f.p.table, nt * sizeof(float));
+    memcpy(one.p.w_value, f.p.w_value, d * dm * sizeof(float));
+    table_sum = (float *)t_alloc(nt), wv_sum = (float *)t_alloc(d * dm);
+    for (s = 0; s < S; s++) {
+        memcpy(one.p.w_key, f.p.w_key + s * d * dm, d * dm * sizeof(float));
+        memcpy(one.p.w_key_hot, f.p.w_key_hot + s * d * dm, d * dm * sizeof(float));
+        memcpy(one.p.b_key, f.p.b_key + s * d, d * sizeof(float));
+        memcpy(one.p.norm_query, f.p.norm_query + s * d, d * sizeof(float));
+        memcpy(one.p.norm_key, f.p.norm_key + s * d, d * sizeof(float));
+        memcpy(one.p.norm_value, f.p.norm_value + s * d, d * sizeof(float));
+        memcpy(one.p.conv, f.p.conv + s * d * 4, d * 4 * sizeof(float));
+        memcpy(one.p.gate_hot, f.p.gate_hot + s * 2, 2 * sizeof(float));
+        for (n = 0; n < f.N; n++)
+            for (j = 0; j < d; j++) {
+                one.h[n * d + j] = f.h[((size_t)n * S + s) * d + j];
+                one.w[n * d + j] = f.w[((size_t)n * S + s) * d + j];
+            }
+        t_engram_grads(&one);
+        CHECK(t_stream_matches(f.out, one.out, f.N, S, s, d), "stream %d: output", s);
+        CHECK(t_stream_matches(f.dh, one.dh, f.N, S, s, d), "stream %d: dh", s);
+        CHECK(t_block_matches(f.g.w_key, one.g.w_key, s, d * dm) &&
+                  t_block_matches(f.g.w_key_hot, one.g.w_key_hot, s, d * dm) &&
+                  t_block_matches(f.g.b_key, one.g.b_key, s, d) &&
+                  t_block_matches(f.g.norm_query, one.g.norm_query, s, d) &&
+                  t_block_matches(f.g.norm_key, one.g.norm_key, s, d) &&
+                  t_block_matches(f.g.norm_value, one.g.norm_value, s, d) &&
+                  t_block_matches(f.g.conv, one.g.conv, s, d * 4) &&
+                  t_block_matches(f.g.gate_hot, one.g.gate_hot, s, 2),
+              "stream %d: per-stream gradients", s);
+        for (j = 0; j < nt; j++) table_sum[j] += one.g.table[j];
+        for (j = 0; j < d * dm; j++) wv_sum[j] += one.g.w_value[j];
+    }
+    CHECK(t_block_matches(f.g.table, table_sum, 0, nt), "table gradient is not the streams' sum");
+    CHECK(t_block_matches(f.g.w_value, wv_sum, 0, d * dm), "W_V gradient is not the streams' sum");
+    free(table_sum), free(wv_sum);
+    t_engram_teardown(&one);
+    t_engram_teardown(&f);
+    return 0;
+}
+
+/* Three streams have three times the gates near the signed sqrt's steep
+ * region (|g| >= 0.1 after t_engram_gates_clear_of_zero): eps 2.5e-3 keeps
+ * the central difference within tolerance of the curvature there. */
+#define CHECK_GRAD_STREAMS(what, param, grad, n)                                              \
+    do {                                                                                      \
+        if (t_gradcheck_both(what, param, grad, n, t_engram_loss, &f, 2.5e-3f, 2e-3, 2e-2))   \
+            return 1;                                                                         \
+    } while (0)
+
+static int test_engram_streams_grad(void) {
+    t_engram f;
+    size_t Sd;
+    if (t_engram_setup_streams(&f, 1, 72, 0, 0, 3)) return 1;
+    Sd = (size_t)f.S * f.d;
+    t_engram_grads(&f);
+    CHECK_GRAD_STREAMS("streams dh", f.h, f.dh, (size_t)f.N * Sd);
+    CHECK_GRAD_STREAMS("streams W_K", f.p.w_key, f.g.w_key, Sd * f.dm);
+    CHECK_GRAD_STREAMS("streams b_K", f.p.b_key, f.g.b_key, Sd);
+    CHECK_GRAD_STREAMS("streams W_V", f.p.w_value, f.g.w_value, (size_t)f.d * f.dm);
+    CHECK_GRAD_STREAMS("streams norm_query", f.p.norm_query, f.g.norm_query, Sd);
+    CHECK_GRAD_STREAMS("streams norm_key", f.p.norm_key, f.g.norm_key, Sd);
+    CHECK_GRAD_STREAMS("streams norm_value", f.p.norm_value, f.g.norm_value, Sd);
+    CHECK_GRAD_STREAMS("streams conv", f.p.conv, f.g.conv, Sd * 4);
+    CHECK_GRAD_STREAMS("streams table", f.p.table, f.g.table,
+                       sm_engram_table_size(&f.hash, &f.c));
+    t_engram_teardown(&f);
+    return 0;
+}
+
+static int test_engram_streams_grad_variants(void) {
+    t_engram f;
+    size_t Sd;
+    if (t_engram_setup_streams(&f, 0, 73, 1, 1, 3)) return 1;
+    Sd = (size_t)f.S * f.d;
+    t_engram_grads(&f);
+    CHECK_GRAD_STREAMS("streams gate_hot", f.p.gate_hot, f.g.gate_hot, (size_t)f.S * 2);
+    CHECK_GRAD_STREAMS("streams W_K^hot", f.p.w_key_hot, f.g.w_key_hot, Sd * f.dm);
+    CHECK_GRAD_STREAMS("streams W_K (hot variants)", f.p.w_key, f.g.w_key, Sd * f.dm);
+    CHECK_GRAD_STREAMS("streams dh (hot variants)", f.h, f.dh, (size_t)f.N * Sd);
+    t_engram_teardown(&f);
+    return 0;
+}
+
 #define ENGRAM_TESTS                                                                           \
     T(test_engram_config_validation), T(test_engram_hash_deterministic),                        \
         T(test_engram_hash_formula), T(test_engram_hash_primes_distinct),                       \
@@ -3980,7 +4289,9 @@ static int test_engram_variant_params(void) {
         T(test_engram_grad_norms_and_conv), T(test_engram_grad_table),                          \
         T(test_engram_grad_plain_gate), T(test_engram_sparse_rows),                             \
         T(test_engram_variants_reduce_to_plain), T(test_engram_grad_hot_key_proj),              \
-        T(test_engram_grad_hot_gate), T(test_engram_variant_params)
+        T(test_engram_grad_hot_gate), T(test_engram_variant_params),                            \
+        T(test_engram_streams_are_layers_sharing_memory), T(test_engram_streams_grad),          \
+        T(test_engram_streams_grad_variants)
 
 /* ---- Engram-Nine hot tier ------------------------------------------- */
 /* Uses t_engram_english / t_engram_words from the Engram tests (included
@@ -5458,7 +5769,7 @@ static const t_case t_cases[] = {
     T(test_checksum_streaming),
     T(test_file_roundtrip_and_corruption),
     T(test_sgemm_matches_reference),
-    T(test_rmsnorm_gradient),
+    T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient),
     T(test_linear_gradient),
     T(test_activation_gradients),
     T(test_attention_gradient_and_causality),
@@ -5470,6 +5781,7 @@ static const t_case t_cases[] = {
     T(test_model_overfits_fixed_sequence),
     T(test_model_with_modules_gradient), T(test_model_two_peer_layers_update_own_rows),
     T(test_model_with_mhc_gradient),
+    T(test_model_engram_mhc_forms),
     T(test_model_mhc_starts_near_baseline),
     T(test_model_nine_iso_and_gradient),
     T(test_trainer_schedule_parser),
@@ -5477,6 +5789,7 @@ static const t_case t_cases[] = {
     T(test_trainer_corrupt_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_cli_options),
+    T(test_trainer_engram_mhc_option),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula),
     T(test_adamw_sparse_rows_equal_dense),

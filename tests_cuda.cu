@@ -1905,7 +1905,8 @@ static int test_optimizer_check_names_tensor(void) {
 
 /* A small model (V 97, T 24, 2 layers, C 48) with the modules `mods`
  * selects: 'e' Engram at layer 1, 'n' Engram-Nine (hot set from the batch),
- * 'p' PEER added to layer 0's MLP, 'm' mHC with 4 streams. */
+ * 'p' PEER added to layer 0's MLP, 'm' mHC with 4 streams (Engram as an mHC
+ * branch: the GPU's form). */
 static sm_model_config t_model_config(const char *mods) {
     sm_model_config c = sm_model_default_config();
     c.vocab_size = 97, c.seq_len = 24, c.n_layer = 2, c.n_head = 3, c.d_model = 48, c.d_ff = 96;
@@ -1925,7 +1926,7 @@ static sm_model_config t_model_config(const char *mods) {
         c.peer_n_layers = 1, c.peer_layer_ids[0] = 0, c.peer_replace_mlp = 0;
         c.peer.n_sub = 12, c.peer.heads = 2, c.peer.topk = 4, c.peer.d_key = 16;
     }
-    if (strchr(mods, 'm')) c.use_mhc = 1, c.mhc.channels = 48;
+    if (strchr(mods, 'm')) c.use_mhc = 1, c.mhc.channels = 48, c.engram_mhc = SM_ENGRAM_MHC_BRANCH;
     return c;
 }
 
@@ -2025,10 +2026,26 @@ static int test_model_step_tf32(void) {
     return bad;
 }
 
+/* Engram's per-stream form inside mHC has no GPU version: refused at init,
+ * with a message naming the option to change. */
+static int test_model_refuses_per_stream_engram(void) {
+    sm_model_config cfg = t_model_config("em");
+    sm_model host;
+    smc_model gpu;
+    sm_error err;
+    cfg.engram_mhc = SM_ENGRAM_MHC_PER_STREAM;
+    CHECK_OK(sm_model_init(&host, &cfg, 2, 5, &err));
+    CHECK(smc_model_init(&gpu, &T_GPU, &host, &err) == SM_ERR_INVALID_ARG &&
+              strstr(err.msg, "SM_ENGRAM_MHC_BRANCH"),
+          "per-stream Engram accepted on the GPU: %s", err.msg);
+    sm_model_free(&host);
+    return 0;
+}
+
 #define SMC_TESTS_MODEL                                                                         \
     T(test_model_step_backbone), T(test_model_step_engram), T(test_model_step_nine),            \
         T(test_model_step_peer), T(test_model_step_mhc), T(test_model_step_all_modules),       \
-        T(test_model_step_tf32)
+        T(test_model_step_tf32), T(test_model_refuses_per_stream_engram)
 
 /* ---- runner ---------------------------------------------------------- */
 

@@ -1507,6 +1507,7 @@ typedef struct {
     long engram_rows;
     int peer_experts_sqrt, peer_heads, peer_topk, peer_d_key, peer_add;
     int mhc_streams, mhc_static;
+    char engram_mhc[16];  /* per-stream | branch; empty: per-stream, branch with --device cuda */
     long nine, hot_labels;
     char nine_route[16];
     int nine_hot_key, nine_hot_gate;
@@ -1594,6 +1595,7 @@ static const tr_opt_spec tr_specs[] = {
     OPT("peer-add", O_FLAG, peer_add, "add PEER to the MLP instead of replacing it"),
     OPT("mhc", O_INT, mhc_streams, "mHC residual streams (0 = off, 4 = paper)"),
     OPT("mhc-static", O_FLAG, mhc_static, "static mHC maps (no input dependence)"),
+    OPT("engram-mhc", O_STR, engram_mhc, "Engram with mHC: per-stream (reference code; default) | branch (--device cuda: branch)"),
     OPT("strategy", O_STR, strategy, "joint | freeze | differential | auto (see --schedule)"),
     OPT("schedule", O_STR, schedule, "phases 'START:module=lr,...;...' (START a step or N%)"),
     OPT("coord-every", O_INT, coord_every, "steps between automatic lr adjustments (auto)"),
@@ -2078,6 +2080,29 @@ static int tr_nine_config(const tr_opts *o, sm_model_config *c, char *msg, size_
     return 0;
 }
 
+/* --engram-mhc: Engram's form with mHC. The GPU has only the branch form,
+ * which --device cuda then takes by default (and says so). */
+static int tr_engram_mhc(const tr_opts *o, sm_model_config *c, char *msg, size_t n) {
+    int cuda = strcmp(o->device, "cuda") == 0;
+    if (!o->engram_mhc[0]) {
+        c->engram_mhc = cuda ? SM_ENGRAM_MHC_BRANCH : SM_ENGRAM_MHC_PER_STREAM;
+        if (cuda && c->use_engram && c->use_mhc && !o->quiet)
+            printf("Engram with mHC: the branch form (--device cuda has no per-stream form)\n");
+        return 0;
+    }
+    if (strcmp(o->engram_mhc, "per-stream") == 0) c->engram_mhc = SM_ENGRAM_MHC_PER_STREAM;
+    else if (strcmp(o->engram_mhc, "branch") == 0) c->engram_mhc = SM_ENGRAM_MHC_BRANCH;
+    else {
+        snprintf(msg, n, "--engram-mhc: '%s' is neither per-stream nor branch", o->engram_mhc);
+        return -1;
+    }
+    if (cuda && c->engram_mhc == SM_ENGRAM_MHC_PER_STREAM) {
+        snprintf(msg, n, "--engram-mhc per-stream is not implemented on --device cuda; use branch");
+        return -1;
+    }
+    return 0;
+}
+
 static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char *msg, size_t n) {
     int ids[SM_NGRAM_MAX_LAYERS], k, i;
     *c = sm_model_default_config();
@@ -2115,7 +2140,7 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
     c->mhc.n_streams = o->mhc_streams > 0 ? o->mhc_streams : 4;
     c->mhc.channels = o->d_model;
     c->mhc.dynamic = !o->mhc_static;
-    return 0;
+    return tr_engram_mhc(o, c, msg, n);
 }
 
 /* Parameter groups belonging to each schedulable module. */
@@ -2390,29 +2415,34 @@ static void tr_device_free(tr_run *r) {
 #endif
 }
 
+/* Mean Engram gate over positions (and streams, for a per-stream Engram). */
 static double tr_engram_alpha_mean(const sm_model *m) {
     double s = 0;
-    int i, n = 0, j, N = m->B * m->T;
+    int i, n = 0, j, NS = m->B * m->T * m->cfg.engram.n_streams;
     for (i = 0; i < m->n_sub; i++) {
         if (m->sub[i].kind != SM_SUBLAYER_ENGRAM) continue;
-        for (j = 0; j < N; j++) s += m->sub[i].engram_acts.alpha[j];
-        n += N;
+        for (j = 0; j < NS; j++) s += m->sub[i].engram_acts.alpha[j];
+        n += NS;
     }
     return n ? s / n : NAN;
 }
 
+/* Over the mHC branches (a per-stream Engram has no maps: its residual map
+ * is the identity, which leaves the composite gain unchanged). */
 static void tr_mhc_stats(const sm_model *m, tr_eval *e) {
     sm_mhc_act acts[SM_MAX_SUBLAYERS];
     sm_rowcol_stats gain;
-    int i, N = m->B * m->T;
+    int i, n = 0, N = m->B * m->T;
     double err = 0;
     if (!m->cfg.use_mhc) return;
     for (i = 0; i < m->n_sub; i++) {
-        sm_rowcol_stats r = sm_mhc_res_sum_error(&m->sub[i].mhc_act, &m->cfg.mhc, N);
+        sm_rowcol_stats r;
+        if (!m->sub[i].in_mhc) continue;
+        r = sm_mhc_res_sum_error(&m->sub[i].mhc_act, &m->cfg.mhc, N);
         err = fmax(err, fmax(r.row_max, r.col_max));
-        acts[i] = m->sub[i].mhc_act;
+        acts[n++] = m->sub[i].mhc_act;
     }
-    gain = sm_mhc_amax_gain_tokens(acts, m->n_sub, &m->cfg.mhc, N);
+    gain = sm_mhc_amax_gain_tokens(acts, n, &m->cfg.mhc, N);
     e->mhc_sum_err = fmax(isnan(e->mhc_sum_err) ? 0 : e->mhc_sum_err, err);
     e->mhc_amax_fwd = fmax(isnan(e->mhc_amax_fwd) ? 0 : e->mhc_amax_fwd, gain.row_max);
     e->mhc_amax_bwd = fmax(isnan(e->mhc_amax_bwd) ? 0 : e->mhc_amax_bwd, gain.col_max);
@@ -2420,17 +2450,33 @@ static void tr_mhc_stats(const sm_model *m, tr_eval *e) {
 
 /* Route-stratified statistics of one eval batch: positions labelled hot
  * when any of their n-grams is in the top-N set, with each Engram layer's
- * gate. */
+ * gate (for a per-stream Engram the mean of its streams' gates). */
 static void tr_route_add(tr_run *r, sm_route_stats *route, int B) {
     const float *alpha[SM_NGRAM_MAX_LAYERS];
     sm_error err = {SM_OK, ""};
-    int i, N = B * r->cfg.seq_len;
-    for (i = 0; i < r->model.n_sub; i++)
-        if (r->model.sub[i].kind == SM_SUBLAYER_ENGRAM)
-            alpha[r->model.sub[i].engram_index] = r->model.sub[i].engram_acts.alpha;
+    int i, j, k, N = B * r->cfg.seq_len, S = r->model.cfg.engram.n_streams;
+    float *mean = NULL;
+    if (S > 1 && !(mean = (float *)sm_alloc((size_t)r->cfg.engram.hash.n_layers * N, sizeof(float),
+                                            "per-position gates", &err)))
+        tr_die("route statistics", &err);
+    for (i = 0; i < r->model.n_sub; i++) {
+        const sm_sublayer *s = &r->model.sub[i];
+        float *m;
+        if (s->kind != SM_SUBLAYER_ENGRAM) continue;
+        alpha[s->engram_index] = s->engram_acts.alpha;
+        if (S == 1) continue;
+        m = mean + (size_t)s->engram_index * N;
+        for (j = 0; j < N; j++) {
+            double sum = 0;
+            for (k = 0; k < S; k++) sum += s->engram_acts.alpha[(size_t)j * S + k];
+            m[j] = (float)(sum / S);
+        }
+        alpha[s->engram_index] = m;
+    }
     sm_nine_label(r->label, r->model.ngram_hot, N, r->cfg.engram.hash.n_orders, SM_NINE_LABEL_ANY);
     if (sm_route_stats_add(route, r->model.losses, r->tg, r->label, alpha, N, &err) != SM_OK)
         tr_die("route statistics", &err);
+    sm_free(mean);
 }
 
 /* Loss over contiguous held-out text: non-overlapping windows, every
@@ -2499,14 +2545,16 @@ static tr_eval tr_evaluate(tr_run *r, int B, int max_batches) {
 /* ===================================================================== */
 /* Checkpoints                                                           */
 /* ===================================================================== */
-/* File "SMCK" v1 (sm_writer: written to a temp file and renamed, with a
+/* File "SMCK" v2 (sm_writer: written to a temp file and renamed, with a
  * checksum): the model config and training options as raw structs (a
- * checkpoint is read by the build that wrote it; the sizes are checked),
+ * checkpoint is read by the build that wrote it; the sizes are checked;
+ * v2 added engram_mhc, so a v1 file is refused rather than read as a
+ * config it does not describe),
  * the step, the parameters and both Adam moments, the parameter groups
  * (learning-rate multipliers included), the data loader state, the
  * coordination state and the running statistics. */
 #define TR_CKPT_MAGIC 0x4b434d53u /* "SMCK" */
-#define TR_CKPT_VERSION 1u
+#define TR_CKPT_VERSION 2u
 
 static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const char *path,
                                     sm_error *err) {
@@ -2543,6 +2591,12 @@ static sm_status tr_read_checkpoint_header(sm_reader *rd, const char *path, sm_m
     uint32_t n = 0;
     sm_status st = sm_reader_open(rd, path, TR_CKPT_MAGIC, TR_CKPT_VERSION, "checkpoint", err);
     if (st != SM_OK) return st;
+    if (rd->version < TR_CKPT_VERSION) {
+        unsigned version = (unsigned)rd->version;
+        sm_reader_close(rd);
+        return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: format v%u predates Engram's form with mHC (--engram-mhc, format v%u); read it with the build that wrote it",
+                       path, version, (unsigned)TR_CKPT_VERSION);
+    }
     if ((st = sm_reader_u32(rd, &n, err)) != SM_OK) return st;
     if (n != sizeof *cfg)
         return sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: model config of %u bytes, this build uses %zu (written by another version)",
