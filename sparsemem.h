@@ -248,12 +248,19 @@ SMDEF sm_param_group sm_param_group_default(const char *name, float lr);
 /* One named tensor inside the flat parameter buffer. With rows != NULL the
  * tensor is a table of (size / row_size) rows updated sparsely: only the
  * rows in the set move (lazy Adam: untouched rows and their moments stay
- * bit-identical), and their gradients are zeroed after the update. */
+ * bit-identical), and their gradients are zeroed after the update.
+ * Weight decay rule (every module here registers by it): dense weight
+ * matrices decay (attention/MLP weights, an untied head, Engram W_K, W_V,
+ * W_K^hot, PEER W_q, mHC phi); norm gains, biases, embedding and lookup
+ * tables (wte, wpe, Engram rows, PEER sub-keys and experts), conv taps and
+ * scalar gates (Engram gate_hot, mHC a) do not. A tensor added with
+ * sm_params_add_tensor decays (no_decay = 0) until the caller says
+ * otherwise. */
 typedef struct sm_param_tensor {
     char name[48];
     size_t offset, size;
     int group;
-    int no_decay; /* 1: weight decay skipped (norm gains, biases, embeddings) */
+    int no_decay; /* 1: weight decay skipped; see the rule below */
     size_t row_size;
     sm_row_set *rows;
 } sm_param_tensor;
@@ -1172,8 +1179,9 @@ SMDEF void sm_peer_bind(sm_peer_params *p, float *base, const sm_peer_sizes *sz)
 /* Adds the five tensors, in the bind order, to a parameter table: the dense
  * four to `group`, the expert table to `expert_group` as a sparse table of
  * N rows of 2*d_model updated through `expert_rows` (initialised by the
- * caller with N rows). *offset receives the offset of the first tensor:
- * after sm_params_alloc, bind params at data+offset and grads at grad+offset. */
+ * caller with N rows). Only w_q decays (the rule at sm_param_tensor).
+ * *offset receives the offset of the first tensor: after sm_params_alloc,
+ * bind params at data+offset and grads at grad+offset. */
 SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer_config *cfg,
                                  int d_model, int group, int expert_group,
                                  sm_row_set *expert_rows, size_t *offset, sm_error *err);
@@ -1530,7 +1538,7 @@ typedef struct sm_model_config {
     int tied_head;  /* 1: logits = x wte^T */
     float init_std; /* 0.02; residual output projections get init_std/sqrt(2 n_layer) */
     float lr;       /* backbone group learning rate (other groups scale from it) */
-    float weight_decay;
+    float weight_decay; /* every group but engram_table; matrices only (see no_decay) */
     /* Engram: on when use_engram; placement = engram.hash.layer_ids */
     int use_engram;
     sm_engram_config engram;
@@ -2279,6 +2287,17 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     SM_FREE(Bp);
     SM_FREE(Apool);
 #endif
+}
+
+/* ---- Parameter buffers (the rest is with the optimizer, section 10) ---- */
+
+/* sm_params_add_tensor, then the weight decay rule's verdict for the tensor
+ * (decay = 0 for gains, biases, tables, conv taps and gates: see no_decay). */
+static size_t sm__params_add_decay(sm_params *p, const char *name, size_t size, int group,
+                                   size_t row_size, sm_row_set *rows, int decay, sm_error *err) {
+    size_t off = sm_params_add_tensor(p, name, size, group, row_size, rows, err);
+    if (off != (size_t)-1) p->tensors[p->n_tensors - 1].no_decay = !decay;
+    return off;
 }
 
 /* ---- Tokenizer, compression, token files, corpora, loader ----------- */
@@ -4719,8 +4738,8 @@ SMDEF sm_status sm_engram_params_add_table(sm_params *p, size_t *offset, const s
         return sm_fail(err, SM_ERR_INVALID_ARG,
                        "engram table: row set has %zu rows, the table %u", rows ? rows->nrows : 0,
                        (unsigned)h->total_rows);
-    *offset = sm_params_add_tensor(p, "engram.table", sm_engram_table_size(h, c), group,
-                                   (size_t)c->d_head, rows, err);
+    *offset = sm__params_add_decay(p, "engram.table", sm_engram_table_size(h, c), group,
+                                   (size_t)c->d_head, rows, 0, err);
     return *offset == (size_t)-1 ? SM_ERR_INVALID_ARG : SM_OK;
 }
 
@@ -4730,6 +4749,7 @@ SMDEF sm_status sm_engram_params_add_layer(sm_params *p, sm_engram_offsets *off,
     size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c);
     const char *names[9] = {"w_key", "b_key", "w_value", "norm_query", "norm_key",
                             "norm_value", "conv", "w_key_hot", "gate_hot"};
+    const int decay[9] = {1, 0, 1, 0, 0, 0, 0, 1, 0}; /* the matrices only (see no_decay) */
     size_t sizes[9], *dst[9];
     char name[48];
     int i;
@@ -4744,7 +4764,7 @@ SMDEF sm_status sm_engram_params_add_layer(sm_params *p, sm_engram_offsets *off,
         *dst[i] = SM_ENGRAM_NO_TENSOR;
         if (sizes[i] == 0) continue; /* a variant that is switched off */
         snprintf(name, sizeof name, "engram%d.%s", layer, names[i]);
-        *dst[i] = sm_params_add_tensor(p, name, sizes[i], group, 0, NULL, err);
+        *dst[i] = sm__params_add_decay(p, name, sizes[i], group, 0, NULL, decay[i], err);
         if (*dst[i] == (size_t)-1) return SM_ERR_INVALID_ARG;
     }
     return SM_OK;
@@ -6079,15 +6099,16 @@ SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer
                        prefix, sz.n_experts, expert_rows ? expert_rows->nrows : 0);
     /* the checks above leave sm_params_add_tensor nothing to reject */
     snprintf(name, sizeof name, "%s.w_q", prefix);
-    *offset = sm_params_add_tensor(p, name, sz.w_q, group, 0, NULL, err);
+    *offset = sm__params_add_decay(p, name, sz.w_q, group, 0, NULL, 1, err);
     snprintf(name, sizeof name, "%s.q_gain", prefix);
-    sm_params_add_tensor(p, name, sz.q_gain, group, 0, NULL, err);
+    sm__params_add_decay(p, name, sz.q_gain, group, 0, NULL, 0, err);
     snprintf(name, sizeof name, "%s.keys1", prefix);
-    sm_params_add_tensor(p, name, sz.keys1, group, 0, NULL, err);
+    sm__params_add_decay(p, name, sz.keys1, group, 0, NULL, 0, err);
     snprintf(name, sizeof name, "%s.keys2", prefix);
-    sm_params_add_tensor(p, name, sz.keys2, group, 0, NULL, err);
+    sm__params_add_decay(p, name, sz.keys2, group, 0, NULL, 0, err);
     snprintf(name, sizeof name, "%s.experts", prefix);
-    sm_params_add_tensor(p, name, sz.experts, expert_group, 2 * (size_t)d_model, expert_rows, err);
+    sm__params_add_decay(p, name, sz.experts, expert_group, 2 * (size_t)d_model, expert_rows, 0,
+                         err);
     return SM_OK;
 }
 
@@ -7902,14 +7923,11 @@ static void sm__model_plan(sm_model *m) {
 static size_t sm__add_param(sm_params *p, const char *name, int layer, size_t size, int group,
                             int decay, sm_error *err) {
     char full[48];
-    size_t off;
     if (layer >= 0)
         snprintf(full, sizeof full, "h%d.%s", layer, name);
     else
         snprintf(full, sizeof full, "%s", name);
-    off = sm_params_add_tensor(p, full, size, group, 0, NULL, err);
-    if (off != (size_t)-1) p->tensors[p->n_tensors - 1].no_decay = !decay;
-    return off;
+    return sm__params_add_decay(p, full, size, group, 0, NULL, decay, err);
 }
 
 static int sm__add_group(sm_params *p, const char *name, float lr, float wd, sm_error *err) {
@@ -7920,6 +7938,24 @@ static int sm__add_group(sm_params *p, const char *name, float lr, float wd, sm_
 
 static const char *const sm__sublayer_names[3] = {"engram", "attn", "ffn"};
 
+/* One sublayer's mHC block (sm_mhc_param_layout) as two adjacent tensors:
+ * phi, a matrix that decays (dynamic variant only), then the gates and
+ * biases, which do not. Returns the block's offset. */
+static size_t sm__add_mhc_params(sm_params *p, const sm_mhc_config *mc, int layer,
+                                 const char *sublayer, int group, sm_error *err) {
+    sm_mhc_layout ml = sm_mhc_param_layout(mc);
+    char name[32];
+    size_t first = p->total;
+    if (ml.phi.size) {
+        snprintf(name, sizeof name, "mhc_%s.phi", sublayer);
+        if (sm__add_param(p, name, layer, ml.phi.size, group, 1, err) == (size_t)-1) return (size_t)-1;
+    }
+    snprintf(name, sizeof name, "mhc_%s.gate_bias", sublayer);
+    if (sm__add_param(p, name, layer, ml.total - ml.phi.size, group, 0, err) == (size_t)-1)
+        return (size_t)-1;
+    return first;
+}
+
 static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err) {
     const sm_model_config *c = &m->cfg;
     size_t C = (size_t)c->d_model, F = (size_t)c->d_ff;
@@ -7927,9 +7963,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     sm_sublayer_offsets *o = &s->off;
     int l = s->layer, g = m->g_backbone;
     if (c->use_mhc) {
-        char name[32];
-        snprintf(name, sizeof name, "mhc_%s", sm__sublayer_names[s->kind]);
-        o->mhc = sm__add_param(p, name, l, sm_mhc_param_layout(&c->mhc).total, m->g_mhc, 0, err);
+        o->mhc = sm__add_mhc_params(p, &c->mhc, l, sm__sublayer_names[s->kind], m->g_mhc, err);
         if (o->mhc == (size_t)-1) return SM_ERR_INVALID_ARG;
     }
     if (s->kind == SM_SUBLAYER_ENGRAM)
@@ -7984,8 +8018,8 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
         if (st != SM_OK) return st;
     }
     if (sm__model_has_peer(c))
-        m->g_peer = sm__add_group(p, "peer", c->lr * c->peer_lr_mult, 0.0f, err);
-    if (c->use_mhc) m->g_mhc = sm__add_group(p, "mhc", c->lr * c->mhc_lr_mult, 0.0f, err);
+        m->g_peer = sm__add_group(p, "peer", c->lr * c->peer_lr_mult, c->weight_decay, err);
+    if (c->use_mhc) m->g_mhc = sm__add_group(p, "mhc", c->lr * c->mhc_lr_mult, c->weight_decay, err);
     if (m->g_backbone < 0 || (c->use_mhc && m->g_mhc < 0)) return SM_ERR_INVALID_ARG;
     m->wte = sm__add_param(p, "wte", -1, V * C, m->g_backbone, 0, err);
     m->wpe = sm__add_param(p, "wpe", -1, (size_t)c->seq_len * C, m->g_backbone, 0, err);
