@@ -677,6 +677,9 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
 #define SM_NGRAM_MAX_HEADS 64   /* hash heads per order */
 #define SM_NGRAM_MAX_LAYERS 64  /* Engram layers per hasher */
 #define SM_ENGRAM_CONV_KERNEL 4 /* taps of the causal depthwise convolution */
+/* The default pad id: above every vocabulary (BPE <= 2^20, sm_model <= 2^24
+ * tokens), so (x, pad) never hashes like (x, a real token). */
+#define SM_NGRAM_PAD_ID 0xffffffffu
 
 typedef struct sm_ngram_hash_config {
     int n_orders;                       /* number of orders used (1..8) */
@@ -687,13 +690,15 @@ typedef struct sm_ngram_hash_config {
     int layer_ids[SM_NGRAM_MAX_LAYERS]; /* their (distinct) transformer layer indices */
     int share_tables;                   /* 1: one hash set + table for all layers */
     uint64_t seed;
-    uint32_t pad_id;                    /* token read before a sequence / document start */
+    uint32_t pad_id;                    /* token read before a sequence / document start:
+                                           no real token's id (sm_model checks pad_id >= vocab) */
     int reset_at_doc;                   /* 1: n-grams do not reach across a document start */
     uint32_t extra_rows;                /* rows appended after the hashed heads (default 0) */
 } sm_ngram_hash_config;
 
 /* orders {2,3}, K = 4, 100000 rows per head, one layer (id 1), own tables,
- * seed 0x5eed, pad 0, reset at document boundaries, no extra rows. */
+ * seed 0x5eed, pad SM_NGRAM_PAD_ID, reset at document boundaries, no extra
+ * rows. */
 SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void);
 SMDEF sm_status sm_ngram_hash_validate(const sm_ngram_hash_config *c, sm_error *err);
 
@@ -4330,7 +4335,7 @@ SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void) {
     c.layer_ids[0] = 1;
     c.share_tables = 0;
     c.seed = 0x5eed;
-    c.pad_id = 0;
+    c.pad_id = SM_NGRAM_PAD_ID;
     c.reset_at_doc = 1;
     return c;
 }
@@ -7853,6 +7858,9 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
             st = sm__validate_layer_ids(c->engram.hash.layer_ids, c->engram.hash.n_layers,
                                         c->n_layer, "engram.hash.layer_ids", err);
         if (st != SM_OK) return st;
+        if (c->engram.hash.pad_id < (uint32_t)c->vocab_size)
+            return sm_fail(err, SM_ERR_INVALID_ARG, "engram.hash.pad_id %u is a token id (vocab_size %d): the pad must not alias a real token; use >= vocab_size (default SM_NGRAM_PAD_ID)",
+                           (unsigned)c->engram.hash.pad_id, c->vocab_size);
     }
     if (c->use_nine) {
         if (!c->use_engram)

@@ -692,8 +692,8 @@ static int test_model_nine_iso_and_gradient(void) {
     ncfg.nine.n_hot[0] = 4, ncfg.nine.n_hot[1] = 3;
     CHECK_OK(sm_nine_iso_config(&iso, &cfg.engram.hash, &ncfg.nine, &err));
     ncfg.use_nine = 1, ncfg.engram.hash = iso.cold, ncfg.nine = iso.nine;
-    CHECK_OK(sm_model_init(&hash, &cfg, 2, 9, &err));
-    CHECK_OK(sm_model_init(&nine, &ncfg, 2, 9, &err));
+    CHECK_OK(sm_model_init(&hash, &cfg, 2, 10, &err));
+    CHECK_OK(sm_model_init(&nine, &ncfg, 2, 10, &err));
     CHECK(hash.params.total == nine.params.total, "not iso-parameter: hash %zu vs nine %zu", hash.params.total,
           nine.params.total);
     for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
@@ -702,6 +702,10 @@ static int test_model_nine_iso_and_gradient(void) {
     CHECK_OK(sm_model_forward(&nine, inputs, targets, NULL, 2, 6, &err));
     for (i = 0; i < 12 * nine.cfg.engram.hash.n_orders; i++) hot_positions += nine.ngram_hot[i];
     CHECK(hot_positions > 0, "no position routed to the hot tier");
+    CHECK(nine.sub[2].kind == SM_SUBLAYER_ENGRAM, "sublayer 2 is not layer 1's Engram");
+    for (i = 0; i < 12; i++) /* sqrt(|g|) bends too fast near 0 for finite differences */
+        CHECK(fabsf(nine.sub[2].engram_acts.gate[i]) > 0.1f, "gate %g at position %d: pick another seed",
+              nine.sub[2].engram_acts.gate[i], i);
     if (t_check_model_gradients(&nine, inputs, targets, 2, 6, 1e-3f)) return 1;
     sm_model_free(&hash), sm_model_free(&nine);
     return 0;
@@ -3546,6 +3550,35 @@ static int test_engram_hash_pad_sequence_start(void) {
     return 0;
 }
 
+/* The default pad is no token: with it the n-grams of position 0, (x, pad)
+ * and (x, pad, pad), hash unlike those of x after the token 0, (x, 0) and
+ * (x, 0, pad) (a pad of 0 made them the same rows); a model refuses a pad
+ * inside its vocabulary. */
+static int test_engram_hash_default_pad_is_no_token(void) {
+    enum { SLOTS = 8 };
+    uint32_t alone[1] = {77}, after_zero[2] = {0, 77};
+    uint32_t ra[SLOTS], rz[2 * SLOTS];
+    sm_ngram_hash h;
+    sm_ngram_hash_config c = t_engram_hash_config(1000, 3);
+    sm_model_config mc = t_tiny_module_config();
+    sm_model m;
+    sm_error err;
+    CHECK(c.pad_id >= SM_BPE_MAX_VOCAB && c.pad_id >= 1u << 24, "default pad %u is a possible token id",
+          (unsigned)c.pad_id);
+    CHECK_OK(sm_ngram_hash_init(&h, &c, NULL));
+    CHECK_OK(sm_ngram_hash_compute(&h, 0, ra, NULL, alone, NULL, 1, 1, NULL));
+    CHECK_OK(sm_ngram_hash_compute(&h, 0, rz, NULL, after_zero, NULL, 1, 2, NULL));
+    CHECK(memcmp(ra, rz + SLOTS, sizeof ra) != 0, "the pad hashes like token 0");
+    sm_ngram_hash_free(&h);
+    mc.engram.hash.pad_id = (uint32_t)mc.vocab_size - 1;
+    CHECK(sm_model_init(&m, &mc, 1, 1, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "pad_id"),
+          "a pad inside the vocabulary accepted (%s)", err.msg);
+    mc.engram.hash.pad_id = (uint32_t)mc.vocab_size;
+    CHECK_OK(sm_model_init(&m, &mc, 1, 1, &err));
+    sm_model_free(&m);
+    return 0;
+}
+
 /* With reset, a document starting mid-sequence hashes as if it began the
  * sequence; without reset its first n-grams reach into the previous one. */
 static int test_engram_hash_doc_boundary(void) {
@@ -4064,6 +4097,7 @@ static int test_engram_variant_params(void) {
     T(test_engram_config_validation), T(test_engram_hash_deterministic),                        \
         T(test_engram_hash_formula), T(test_engram_hash_primes_distinct),                       \
         T(test_engram_hash_shared_tables), T(test_engram_hash_pad_sequence_start),              \
+        T(test_engram_hash_default_pad_is_no_token),                                            \
         T(test_engram_hash_doc_boundary), T(test_engram_hash_occupancy_chi2),                   \
         T(test_engram_hash_collisions_balls_into_bins),                                         \
         T(test_engram_forward_matches_definition), T(test_engram_forward_init_is_gated_value),  \
@@ -4158,13 +4192,13 @@ static int test_nine_config_validation(void) {
     return 0;
 }
 
-/* Brute-force distinct counts, sorted by (count desc, key asc). */
+/* Brute-force distinct counts (default pad), sorted by (count desc, key asc). */
 static size_t t_nine_brute_top(uint64_t *dk, uint64_t *dc, const uint32_t *tok,
                                const unsigned char *doc_start, int n, int order) {
     size_t nd = 0, i, j;
     int t;
     for (t = 0; t < n; t++) {
-        uint64_t key = t_nine_brute_key(tok, t_nine_begin(doc_start, 0, t), t, order, 0);
+        uint64_t key = t_nine_brute_key(tok, t_nine_begin(doc_start, 0, t), t, order, SM_NGRAM_PAD_ID);
         int at = t_nine_linear_find(dk, nd, key);
         if (at < 0)
             dk[nd] = key, dc[nd++] = 1;
@@ -4198,7 +4232,7 @@ static int test_nine_top_keys_bruteforce(void) {
         uint64_t covered = 0, want_covered = 0;
         CHECK_OK(sm_nine_stream_keys(keys, &h, order, tok, doc, n, NULL));
         for (t = 0; t < n; t++)
-            CHECK(keys[t] == t_nine_brute_key(tok, t_nine_begin(doc, 0, t), t, order, 0),
+            CHECK(keys[t] == t_nine_brute_key(tok, t_nine_begin(doc, 0, t), t, order, h.cfg.pad_id),
                   "order %d key at %d", order, t);
         for (cut = 10; cut < nd && dc[cut - 1] != dc[cut]; cut++) {
         }
@@ -4269,7 +4303,7 @@ static void t_nine_teardown(t_nine *f) {
 /* Key of order index i at position (b, t) of the routed batch. */
 static uint64_t t_nine_batch_key(const t_nine *f, int b, int t, int i) {
     int seq0 = b * f->T, at = seq0 + t, begin = t_nine_begin(f->doc, seq0, at);
-    return t_nine_brute_key(f->tok, begin, at, f->h.cfg.orders[i], 0);
+    return t_nine_brute_key(f->tok, begin, at, f->h.cfg.orders[i], f->h.cfg.pad_id);
 }
 
 /* Hot flags equal membership in the brute-force top-N lists (sequence and

@@ -2100,7 +2100,6 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
     c->engram.hash.table_rows = o->engram_rows > 0 && o->engram_rows < 0xffffffffL ? (uint32_t)o->engram_rows : 0;
     c->engram.hash.share_tables = o->engram_shared;
     c->engram.hash.seed = o->seed;
-    c->engram.hash.pad_id = (uint32_t)vocab; /* no compressed id reaches the vocabulary size */
     if (tr_nine_config(o, c, msg, n) != 0) return -1;
     k = tr_parse_layers(o->peer_layers, c->peer_layer_ids, SM_MAX_SUBLAYERS / 3);
     if (k < 0) {
