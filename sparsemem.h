@@ -238,7 +238,10 @@ SMDEF void sm_row_set_free(sm_row_set *s);
 /* Hyper-parameters of one parameter group. The effective learning rate is
  * lr * lr_mult * (schedule factor passed to the step); lr_mult is the knob
  * that per-module schedules and automatic coordination change during
- * training (lr_mult = 0 freezes the group). */
+ * training. lr_mult = 0 freezes the group's weights, but its Adam moments
+ * keep following the gradients (as PyTorch's Adam does at lr 0), so a
+ * group that thaws resumes with current moments, not ones from before the
+ * freeze. */
 typedef struct sm_param_group {
     char name[32];
     float lr, beta1, beta2, eps, weight_decay, lr_mult;
@@ -7732,9 +7735,8 @@ static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float l
         if (r + SM__ADAM_AHEAD < n) /* random rows of a big table */
             sm__adam_prefetch_row(p, t->offset + (size_t)rows[r + SM__ADAM_AHEAD] * t->row_size,
                                   t->row_size);
-        if (lr != 0.0f)
-            sm__adamw_span(p->data + ro, p->grad + ro, p->m + ro, p->v + ro, t->row_size, g, lr,
-                           clip_scale, bc1, bc2, t->no_decay);
+        sm__adamw_span(p->data + ro, p->grad + ro, p->m + ro, p->v + ro, t->row_size, g, lr,
+                       clip_scale, bc1, bc2, t->no_decay);
         memset(p->grad + ro, 0, t->row_size * sizeof(float));
     }
 }
@@ -7744,7 +7746,6 @@ static void sm__adamw_dense(const sm_params *p, const sm_param_tensor *t, float 
                             float bc1, float bc2) {
     const sm_param_group *g = &p->groups[t->group];
     long n_chunks = (long)((t->size + SM__ADAM_CHUNK - 1) / SM__ADAM_CHUNK), c;
-    if (lr == 0.0f) return;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (t->size > 65536)
 #endif

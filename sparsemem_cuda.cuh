@@ -3129,16 +3129,16 @@ static __device__ void smc__adamw_element(float *w, float grad, float *m, float 
     *w -= h->lr * ((mi / h->bc1) / (sqrtf(vi / h->bc2) + h->eps) + h->weight_decay * *w);
 }
 
-/* AdamW over the rows of s (none when lr == 0); a sparse tensor's rows also
- * get their gradients zeroed, as sm__adamw_rows does. Rows of a set are
- * distinct, so no two warps share an element. */
+/* AdamW over the rows of s (at lr 0 the moments still move); a sparse
+ * tensor's rows also get their gradients zeroed, as sm__adamw_rows does.
+ * Rows of a set are distinct, so no two warps share an element. */
 static __global__ void smc__params_adamw_kernel(float *w, float *g, float *m, float *v,
                                                 smc__params_rows s, smc__adamw_hp h) {
     size_t n = smc__params_rows_count(&s), r, len, o, i;
     for (r = smc__params_warp(); r < n; r += smc__params_warps()) {
         o = smc__params_row_start(&s, r, &len);
         for (i = o + threadIdx.x % 32; i < o + len; i += 32) {
-            if (h.lr != 0.0f) smc__adamw_element(&w[i], g[i], &m[i], &v[i], &h);
+            smc__adamw_element(&w[i], g[i], &m[i], &v[i], &h);
             if (s.list) g[i] = 0.0f;
         }
     }
@@ -3333,7 +3333,6 @@ SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, flo
         smc__params_rows s =
             smc__params_run(d, i, SMC__PARAMS_SAME_GROUP | SMC__PARAMS_SAME_DECAY, &end);
         smc__adamw_hp h = smc__adamw_hp_of(p, &p->tensors[i], lr_factor, clip_scale);
-        if (!s.list && h.lr == 0.0f) continue; /* a frozen dense run: nothing to do */
         smc__params_adamw_kernel<<<smc__params_grid(c, &s), SMC__THREADS, 0, c->stream>>>(
             d->data, d->grad, d->m, d->v, s, h);
         if (s.list) smc_row_set_clear(c, d->rows[i]);

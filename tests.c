@@ -1028,6 +1028,49 @@ static int test_adamw_matches_formula(void) {
     return 0;
 }
 
+/* A frozen group (lr_mult 0) keeps its weights, dense tensor and touched
+ * table rows alike, while its moments follow the gradients as at any lr
+ * (PyTorch's Adam at lr 0); thawed, the next step uses those moments. */
+static int test_adamw_frozen_group_keeps_moments(void) {
+    const size_t R = 5, D = 2, row = 3;
+    sm_params p;
+    sm_row_set rows;
+    sm_error err;
+    double w[2] = {0.5, -0.25}, mm[2] = {0, 0}, vv[2] = {0, 0};
+    int t, e;
+    memset(&p, 0, sizeof p);
+    CHECK_OK(sm_row_set_init(&rows, R, &err));
+    CHECK(sm_params_add_group(&p, sm_param_group_default("g", 0.1f), &err) == 0, "group");
+    sm_params_add_tensor(&p, "dense", 1, 0, 0, NULL, &err);
+    sm_params_add_tensor(&p, "table", R * D, 0, D, &rows, &err);
+    CHECK_OK(sm_params_alloc(&p, &err));
+    p.data[0] = (float)w[0], p.data[1 + row * D] = (float)w[1];
+    for (t = 1; t <= 9; t++) {
+        int frozen = t >= 3 && t <= 7;
+        p.groups[0].lr_mult = frozen ? 0.0f : 1.0f;
+        for (e = 0; e < 2; e++) {
+            double gr = (e ? -0.2 : 0.3) * t * (t % 2 ? 1 : -1), lr = frozen ? 0.0 : 0.1;
+            p.grad[e ? 1 + row * D : 0] = (float)gr;
+            mm[e] = 0.9 * mm[e] + 0.1 * gr;
+            vv[e] = 0.95 * vv[e] + 0.05 * gr * gr;
+            w[e] -= lr * (mm[e] / (1 - pow(0.9, t))) / (sqrt(vv[e] / (1 - pow(0.95, t))) + 1e-8);
+        }
+        sm_row_set_add(&rows, row);
+        sm_params_adamw_step(&p, 1.0f, 1.0f);
+        for (e = 0; e < 2; e++) {
+            size_t i = e ? 1 + row * D : 0;
+            CHECK(fabs(p.m[i] - mm[e]) < 1e-6 && fabs(p.v[i] - vv[e]) < 1e-6,
+                  "step %d%s, %s: m %g v %g, AdamW says %g %g", t, frozen ? " (frozen)" : "",
+                  e ? "table row" : "dense", p.m[i], p.v[i], mm[e], vv[e]);
+            CHECK(fabs(p.data[i] - w[e]) < 1e-6, "step %d%s, %s: w %g, AdamW says %g", t,
+                  frozen ? " (frozen)" : "", e ? "table row" : "dense", p.data[i], w[e]);
+        }
+        CHECK(p.grad[1 + row * D] == 0.0f && rows.count == 0, "step %d: the row's step was not finished", t);
+    }
+    sm_params_free(&p), sm_row_set_free(&rows);
+    return 0;
+}
+
 /* A sparse table's step moves exactly the touched rows, like a dense step
  * restricted to them, and leaves every other row (and its moments) alone. */
 static int test_adamw_sparse_rows_equal_dense(void) {
@@ -5603,7 +5646,7 @@ static const t_case t_cases[] = {
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_cli_options),
     T(test_trainer_eval_sample_report),
-    T(test_adamw_matches_formula),
+    T(test_adamw_matches_formula), T(test_adamw_frozen_group_keeps_moments),
     T(test_adamw_sparse_rows_equal_dense), T(test_params_decay_rule_every_tensor),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
     DATA_TESTS,

@@ -1726,8 +1726,9 @@ static int t_opt_norms_match(const sm_params *p, const smc_params *d) {
     return 0;
 }
 
-/* The GPU step left every float it must not move bit-identical: all of the
- * frozen group and the table rows not marked in was[table] before the step.
+/* The GPU step left every float it must not move bit-identical: the table
+ * rows not marked in was[table] before the step, and the weights of the
+ * frozen group (whose moments still move, as on the CPU).
  * before/after: data, m, v downloaded around the step. */
 static int t_opt_unmoved(const sm_params *p, float *const before[3], float *const after[3],
                          unsigned char *const was[2]) {
@@ -1739,8 +1740,8 @@ static int t_opt_unmoved(const sm_params *p, float *const before[3], float *cons
         size_t n_rows = table < 0 ? 1 : T_OPT_TABLE_ROWS[table], len = t->size / n_rows;
         for (row = 0; row < n_rows; row++) {
             size_t o = t->offset + row * len;
-            if (!frozen && (table < 0 || was[table][row])) continue;
-            for (k = 0; k < 3; k++)
+            int n_fixed = table >= 0 && !was[table][row] ? 3 : frozen; /* arrays: data, m, v */
+            for (k = 0; k < n_fixed; k++)
                 CHECK(memcmp(before[k] + o, after[k] + o, len * sizeof(float)) == 0,
                       "%s row %zu (array %d) moved but must not", t->name, row, k);
         }
