@@ -250,8 +250,13 @@ SMDEF sm_param_group sm_param_group_default(const char *name, float lr);
 
 /* One named tensor inside the flat parameter buffer. With rows != NULL the
  * tensor is a table of (size / row_size) rows updated sparsely: only the
- * rows in the set move (lazy Adam: untouched rows and their moments stay
- * bit-identical), and their gradients are zeroed after the update.
+ * rows in the set move, and their gradients are zeroed after the update.
+ * This is lazy AdamW (PyTorch's SparseAdam does the same), not dense AdamW:
+ * an untouched row keeps its weights and moments bit-identical (dense
+ * AdamW would keep moving it on its momentum and decay its moments), and
+ * the bias correction uses the global step t, not a per-row count: a row
+ * first touched at a large t moves about lr (1-beta1)/sqrt(1-beta2)
+ * (~0.45 lr at 0.9/0.95) on that step, where a per-row count gives lr.
  * Weight decay rule (every module here registers by it): dense weight
  * matrices decay (attention/MLP weights, an untied head, Engram W_K, W_V,
  * W_K^hot, PEER W_q, mHC phi); norm gains, biases, embedding and lookup

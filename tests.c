@@ -1118,6 +1118,66 @@ static int test_adamw_sparse_rows_equal_dense(void) {
     return 0;
 }
 
+/* Lazy AdamW on a sparse table, pinned against the formula: row A is
+ * touched at step 1, left alone for K steps, touched again; row B is first
+ * touched at step K+2. Lazy: A keeps w, m, v while untouched and its
+ * moments resume where they were; B's first step uses the global bias
+ * correction, so it moves lr (1-b1)/sqrt(1-b2) / (bc1/sqrt(bc2)), ~0.45 lr.
+ * Dense AdamW (the same table as a dense tensor) keeps moving A on its
+ * momentum in between and ends elsewhere: the test tells the two apart. */
+static int test_adamw_sparse_rows_are_lazy(void) {
+    enum { K = 200, A = 1, B = 3 };
+    const size_t R = 4;
+    const double lr = 0.01, b1 = 0.9, b2 = 0.95, g1 = 0.5, g2 = -0.3;
+    sm_params sp, dp;
+    sm_row_set rows;
+    sm_error err;
+    double wa = 0.2, wb = -0.1, ma = 0, va = 0, dense_w = 0.2, dm = 0, dv = 0, t_last = K + 2, bc1, bc2;
+    float after_first[3] = {0, 0, 0}; /* row A's w, m, v after step 1 */
+    int t;
+    memset(&sp, 0, sizeof sp), memset(&dp, 0, sizeof dp);
+    CHECK_OK(sm_row_set_init(&rows, R, &err));
+    sm_params_add_group(&sp, sm_param_group_default("table", (float)lr), &err);
+    sm_params_add_group(&dp, sm_param_group_default("table", (float)lr), &err);
+    sm_params_add_tensor(&sp, "t", R, 0, 1, &rows, &err);
+    sm_params_add_tensor(&dp, "t", R, 0, 0, NULL, &err);
+    CHECK_OK(sm_params_alloc(&sp, &err));
+    CHECK_OK(sm_params_alloc(&dp, &err));
+    sp.data[A] = dp.data[A] = (float)wa, sp.data[B] = dp.data[B] = (float)wb;
+    for (t = 1; t <= K + 2; t++) {
+        double ga = t == 1 ? g1 : t == K + 2 ? g2 : 0.0;
+        sm_params_zero_grad(&dp);
+        dp.grad[A] = sp.grad[A] = (float)ga;
+        if (ga != 0.0) sm_row_set_add(&rows, A);
+        if (t == K + 2) dp.grad[B] = sp.grad[B] = (float)g1, sm_row_set_add(&rows, B);
+        sm_params_adamw_step(&sp, 1.0f, 1.0f);
+        sm_params_adamw_step(&dp, 1.0f, 1.0f);
+        dm = b1 * dm + (1 - b1) * ga, dv = b2 * dv + (1 - b2) * ga * ga; /* dense AdamW, row A */
+        dense_w -= lr * (dm / (1 - pow(b1, t))) / (sqrt(dv / (1 - pow(b2, t))) + 1e-8);
+        if (t == 1) {
+            ma = (1 - b1) * g1, va = (1 - b2) * g1 * g1;
+            wa -= lr * (ma / (1 - b1)) / (sqrt(va / (1 - b2)) + 1e-8);
+            after_first[0] = sp.data[A], after_first[1] = sp.m[A], after_first[2] = sp.v[A];
+        }
+        if (t > 1 && t <= K + 1)
+            CHECK(sp.data[A] == after_first[0] && sp.m[A] == after_first[1] && sp.v[A] == after_first[2],
+                  "step %d: untouched row A changed (w %g m %g v %g)", t, sp.data[A], sp.m[A], sp.v[A]);
+    }
+    bc1 = 1 - pow(b1, t_last), bc2 = 1 - pow(b2, t_last);
+    ma = b1 * ma + (1 - b1) * g2, va = b2 * va + (1 - b2) * g2 * g2;
+    wa -= lr * (ma / bc1) / (sqrt(va / bc2) + 1e-8);
+    wb -= lr * ((1 - b1) * g1 / bc1) / (sqrt((1 - b2) * g1 * g1 / bc2) + 1e-8);
+    CHECK(fabs(sp.data[A] - wa) < 1e-7 && fabs(sp.m[A] - ma) < 1e-7 && fabs(sp.v[A] - va) < 1e-7,
+          "row A after the gap: w %.8g m %.8g v %.8g, lazy AdamW says %.8g %.8g %.8g", sp.data[A],
+          sp.m[A], sp.v[A], wa, ma, va);
+    CHECK(fabs(sp.data[B] - wb) < 1e-7, "row B's first step: w %.8g, lazy AdamW says %.8g", sp.data[B], wb);
+    CHECK(fabs((-0.1 - wb) / lr - 0.447) < 0.01, "row B moved %g lr, not ~0.45 lr", (-0.1 - wb) / lr);
+    CHECK(fabs(dp.data[A] - dense_w) < 1e-6, "dense step: %.8g vs %.8g", dp.data[A], dense_w);
+    CHECK(fabs(dense_w - wa) > lr, "dense %.6g and lazy %.6g too close to tell apart", dense_w, wa);
+    sm_params_free(&sp), sm_params_free(&dp), sm_row_set_free(&rows);
+    return 0;
+}
+
 /* The weight decay rule (sparsemem.h, sm_param_tensor): by role, matrices
  * decay and gains, biases, tables, conv taps and gates do not. Every tensor
  * of a model with every module on (Engram with the Nine hot tier and both
@@ -5647,7 +5707,8 @@ static const t_case t_cases[] = {
     T(test_trainer_cli_options),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula), T(test_adamw_frozen_group_keeps_moments),
-    T(test_adamw_sparse_rows_equal_dense), T(test_params_decay_rule_every_tensor),
+    T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),
+    T(test_params_decay_rule_every_tensor),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
     DATA_TESTS,
     MPHF_TESTS,
