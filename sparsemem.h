@@ -1113,15 +1113,19 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
  * retrieval heads. Per position x and head j:
  *   q      = norm(W_q[j] x) * gain[j]            (d_key values)
  *   q1, q2 = the two halves of q                  (d_key/2 each)
- *   s1[a]  = q1 . K1[j][a],  s2[b] = q2 . K2[j][b],   a, b < s
+ *   s1[a]  = q1 . K1[a],  s2[b] = q2 . K2[b],     a, b < s
  *   the expert with product key (a, b) is i = a*s + b, score s1[a] + s2[b];
  *   the top-k of all N scores is found exactly from the top-k of s1 and of
  *   s2 (k x k candidate sums, then the final top-k), so routing costs
  *   O(s d_key + k^2) per head instead of O(N d_key);
  *   w      = softmax over the k selected scores
  *   out   += sum_k w_k act(u_i . x) v_i          (summed over heads)
- * Sub-keys are per head (as in the paper and PKM); heads share the expert
- * pool. Query normalisation: the paper applies BatchNorm to the query,
+ * Heads share the expert pool. With shared_keys (the default) they also
+ * share one set of sub-keys K1, K2, each head scoring it with its own query,
+ * as in the paper ("different heads share the same pool of experts with the
+ * same set of product keys"); with shared_keys = 0 each head j has its own
+ * K1[j], K2[j], as in PKM's multi-head memory (h times the key parameters).
+ * Query normalisation: the paper applies BatchNorm to the query,
  * which mixes positions (not causal, and train/eval dependent). Here it is a
  * per-token norm of each head's query over its d_key values, RMSNorm or
  * LayerNorm (centred), with a learned gain and no bias; eps SM_PEER_NORM_EPS.
@@ -1130,8 +1134,9 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
  * buffer (sm_peer_param_sizes gives the sizes, sm_peer_bind the pointers):
  *   w_q      [h*d_key, d_model]   query net (linear, no bias)
  *   q_gain   [h*d_key]            norm gain
- *   keys1    [h, s, d_key/2]      sub-keys of the first query half
- *   keys2    [h, s, d_key/2]      sub-keys of the second query half
+ *   keys1    [h_k, s, d_key/2]    sub-keys of the first query half
+ *   keys2    [h_k, s, d_key/2]    sub-keys of the second query half
+ *                                 (h_k = 1 with shared_keys, else h)
  *   experts  [N, 2*d_model]       row i = (u_i, v_i): down and up vectors
  * U and V share one table so one sm_row_set marks an expert for both (the
  * optimizer clears a row set after updating its tensor, so two tensors
@@ -1163,14 +1168,16 @@ typedef enum sm_peer_query_norm {
 
 typedef struct sm_peer_config {
     int n_sub;   /* s: sub-keys per half; N = s^2 experts (any s >= 1) */
-    int heads;   /* h: retrieval heads, each with its own query and sub-keys */
+    int heads;   /* h: retrieval heads, each with its own query */
     int topk;    /* k: experts per head and position (k <= s, k <= 32) */
     int d_key;   /* query/key width (even: split in two halves) */
     sm_peer_activation activation;
     sm_peer_query_norm query_norm;
+    int shared_keys; /* 1: one set of sub-keys for all heads (the paper); 0: one per head */
 } sm_peer_config;
 
-/* s = 128 (16384 experts), h = 4, k = 8, d_key = 64, GELU, RMSNorm. */
+/* s = 128 (16384 experts), h = 4, k = 8, d_key = 64, GELU, RMSNorm, shared
+ * sub-keys. */
 SMDEF sm_peer_config sm_peer_default_config(void);
 SMDEF sm_status sm_peer_validate(const sm_peer_config *cfg, int d_model, sm_error *err);
 
@@ -6035,6 +6042,17 @@ SMDEF void sm_peer_product_topk(const float *s1, const float *s2, int n_sub, int
 
 /* ---- configuration and parameters ---- */
 
+/* Sub-key tables: one shared by all heads, or one per head. */
+static SM_HD int sm__peer_key_tables(const sm_peer_config *c) {
+    return c->shared_keys ? 1 : c->heads;
+}
+
+/* Offset (in floats) of sub-key `sub` in the K1 or K2 table that head j reads. */
+static SM_HD size_t sm__peer_key_row(const sm_peer_config *c, int j, int sub) {
+    size_t table = c->shared_keys ? 0 : (size_t)j;
+    return (table * (size_t)c->n_sub + (size_t)sub) * (size_t)(c->d_key / 2);
+}
+
 SMDEF sm_peer_config sm_peer_default_config(void) {
     sm_peer_config c;
     memset(&c, 0, sizeof c);
@@ -6044,6 +6062,7 @@ SMDEF sm_peer_config sm_peer_default_config(void) {
     c.d_key = 64;
     c.activation = SM_PEER_ACT_GELU;
     c.query_norm = SM_PEER_NORM_RMS;
+    c.shared_keys = 1;
     return c;
 }
 
@@ -6064,6 +6083,9 @@ SMDEF sm_status sm_peer_validate(const sm_peer_config *c, int d_model, sm_error 
     if (c->query_norm != SM_PEER_NORM_RMS && c->query_norm != SM_PEER_NORM_LAYER)
         return sm_fail(err, SM_ERR_INVALID_ARG, "peer: query_norm %d is not RMS or LayerNorm",
                        (int)c->query_norm);
+    if (c->shared_keys != 0 && c->shared_keys != 1)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "peer: shared_keys %d must be 0 or 1",
+                       c->shared_keys);
     if ((size_t)c->n_sub * (size_t)c->n_sub > ((size_t)-1) / (2 * (size_t)d_model))
         return sm_fail(err, SM_ERR_INVALID_ARG, "peer: n_sub %d with d_model %d overflows size_t",
                        c->n_sub, d_model);
@@ -6080,7 +6102,8 @@ SMDEF sm_status sm_peer_param_sizes(const sm_peer_config *c, int d_model, sm_pee
     out->d_model = d_model;
     out->w_q = hk * (size_t)d_model;
     out->q_gain = hk;
-    out->keys1 = out->keys2 = (size_t)c->heads * (size_t)c->n_sub * (size_t)(c->d_key / 2);
+    out->keys1 = out->keys2 =
+        (size_t)sm__peer_key_tables(c) * (size_t)c->n_sub * (size_t)(c->d_key / 2);
     out->experts = out->n_experts * 2 * (size_t)d_model;
     out->total = out->w_q + out->q_gain + out->keys1 + out->keys2 + out->experts;
     return SM_OK;
@@ -6301,7 +6324,7 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
 static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int BT) {
     const sm_peer_config *c = &a->cfg;
     int s = c->n_sub, half = c->d_key / 2, k = c->topk, ld = c->heads * c->d_key, t;
-    size_t key_off = (size_t)j * s * half;
+    size_t key_off = sm__peer_key_row(c, j, 0);
     const float *qj = a->q + (size_t)j * c->d_key;
     float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
     sm_sgemm(0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
@@ -6403,8 +6426,7 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
             for (r = 0; r < k; r++) {
                 size_t slot = base + r;
                 int e = a->expert[slot];
-                size_t key_a = ((size_t)j * s + (size_t)(e / s)) * half;
-                size_t key_b = ((size_t)j * s + (size_t)(e % s)) * half;
+                size_t key_a = sm__peer_key_row(c, j, e / s), key_b = sm__peer_key_row(c, j, e % s);
                 float ds = a->weight[slot] * (dw[r] - wdw);
                 a->dscore[slot] = ds;
                 sm__peer_axpy(dqt + (size_t)j * c->d_key, ds, p->keys1 + key_a, half);
@@ -6414,29 +6436,31 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
     }
 }
 
-/* dK1[j][a] += dscore q1, dK2[j][b] += dscore q2: parallel over heads (each
- * head owns its sub-keys), in slot order within a head. */
+/* dK1[a] += dscore q1, dK2[b] += dscore q2 into the tables each head
+ * reads: one task per (table, half), its slots in order (position, head,
+ * rank), so the sums do not depend on the thread count; shared keys are
+ * two tasks that gather every head. */
 static void sm__peer_keys_backward(const sm_peer_params *g, const sm_peer_acts *a, int BT) {
     const sm_peer_config *c = &a->cfg;
-    int k = c->topk, s = c->n_sub, half = c->d_key / 2, j;
+    int k = c->topk, s = c->n_sub, half = c->d_key / 2, task;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (BT * k * c->d_key > 32768)
 #endif
-    for (j = 0; j < c->heads; j++) {
-        int t, r;
-        for (t = 0; t < BT; t++) {
-            size_t base = ((size_t)t * c->heads + j) * k;
-            const float *q1 = a->q + ((size_t)t * c->heads + j) * c->d_key;
-            for (r = 0; r < k; r++) {
-                int e = a->expert[base + r];
-                float ds = a->dscore[base + r];
-                if (g->keys1)
-                    sm__peer_axpy(g->keys1 + ((size_t)j * s + (size_t)(e / s)) * half, ds, q1, half);
-                if (g->keys2)
-                    sm__peer_axpy(g->keys2 + ((size_t)j * s + (size_t)(e % s)) * half, ds,
-                                  q1 + half, half);
+    for (task = 0; task < 2 * sm__peer_key_tables(c); task++) {
+        int table = task / 2, second = task % 2, t, j, r;
+        int first = c->shared_keys ? 0 : table, end = c->shared_keys ? c->heads : table + 1;
+        float *dk = second ? g->keys2 : g->keys1;
+        if (!dk) continue;
+        for (t = 0; t < BT; t++)
+            for (j = first; j < end; j++) { /* the heads that read this table */
+                size_t n = (size_t)t * c->heads + j;
+                const float *q = a->q + n * c->d_key + (second ? half : 0);
+                for (r = 0; r < k; r++) {
+                    int e = a->expert[n * k + r];
+                    sm__peer_axpy(dk + sm__peer_key_row(c, j, second ? e % s : e / s),
+                                  a->dscore[n * k + r], q, half);
+                }
             }
-        }
     }
 }
 

@@ -1724,7 +1724,7 @@ static void smc__peer_route_head(smc_ctx *c, sm_peer_acts *a, const sm_peer_para
                                  int BT) {
     const sm_peer_config *cf = &a->cfg;
     int s = cf->n_sub, half = cf->d_key / 2, k = cf->topk, ld = cf->heads * cf->d_key;
-    size_t key_off = (size_t)j * s * half;
+    size_t key_off = sm__peer_key_row(cf, j, 0);
     const float *qj = a->q + (size_t)j * cf->d_key;
     float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
     smc_sgemm(c, 0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
@@ -1824,8 +1824,9 @@ static __device__ void smc__peer_dx_from_experts(float *dxt, const sm_peer_acts 
     }
 }
 
-/* dq_t (overwritten) = per head j, sum_r dscore_r (K1[j][a_r], K2[j][b_r])
- * with expert e_r = a_r s + b_r: score = q1 . K1[a] + q2 . K2[b]. */
+/* dq_t (overwritten) = per head j, sum_r dscore_r (K1[a_r], K2[b_r]) from
+ * head j's key table (sm__peer_key_row) with expert e_r = a_r s + b_r:
+ * score = q1 . K1[a] + q2 . K2[b]. */
 static __device__ void smc__peer_dq_from_keys(float *dqt, const sm_peer_acts *a,
                                               const sm_peer_params *p, size_t base) {
     int d = a->cfg.d_key, half = d / 2, k = a->cfg.topk, s = a->cfg.n_sub, i, r;
@@ -1836,7 +1837,7 @@ static __device__ void smc__peer_dq_from_keys(float *dqt, const sm_peer_acts *a,
         float acc = 0.0f;
         for (r = 0; r < k; r++) {
             int e = a->expert[slot + r], sub = col < half ? e / s : e % s;
-            acc += a->dscore[slot + r] * keys[((size_t)j * s + sub) * half + col % half];
+            acc += a->dscore[slot + r] * keys[sm__peer_key_row(&a->cfg, j, sub) + col % half];
         }
         dqt[i] = acc;
     }
@@ -1857,9 +1858,9 @@ static __global__ void smc__peer_slots_backward_kernel(float *dx, sm_peer_acts a
     smc__peer_dq_from_keys(a.dq + t * a.cfg.heads * a.cfg.d_key, &a, &p, base);
 }
 
-/* sm__peer_keys_backward: dK1[j][a] += dscore q1, dK2[j][b] += dscore q2,
- * a thread per (slot, query value); atomics, since a sub-key serves many
- * slots. */
+/* sm__peer_keys_backward: dK1[a] += dscore q1, dK2[b] += dscore q2 in the
+ * table of the slot's head, a thread per (slot, query value); atomics,
+ * since a sub-key serves many slots (of every head, when shared). */
 static __global__ void smc__peer_keys_backward_kernel(float *gk1, float *gk2, sm_peer_acts a,
                                                       size_t n) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, slot, row;
@@ -1873,9 +1874,9 @@ static __global__ void smc__peer_keys_backward_kernel(float *gk1, float *gk2, sm
     e = a.expert[slot];
     g = a.dscore[slot] * a.q[row * d + col];
     if (col < half) {
-        if (gk1) atomicAdd(gk1 + ((size_t)j * s + e / s) * half + col, g);
+        if (gk1) atomicAdd(gk1 + sm__peer_key_row(&a.cfg, j, e / s) + col, g);
     } else if (gk2) {
-        atomicAdd(gk2 + ((size_t)j * s + e % s) * half + col - half, g);
+        atomicAdd(gk2 + sm__peer_key_row(&a.cfg, j, e % s) + col - half, g);
     }
 }
 

@@ -602,7 +602,7 @@ static int test_model_two_peer_layers_update_own_rows(void) {
     sm_model_config cfg = t_tiny_module_config();
     sm_error err;
     int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
-    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    int targets[12] = {5, 2, 9, 3, 3, 8, 10, 4, 7, 7, 6, 1}; /* none ignored: all get gradient */
     int i, l, e, n_peer = 0;
     float *before;
     cfg.use_engram = 0;
@@ -868,6 +868,20 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     fwrite(bytes + 4, 1, n - 4, f);
     fclose(f);
     CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT, "wrong magic accepted");
+    { /* a valid file of version 1 (PEER with per-head sub-keys, an older config struct) */
+        uint32_t v1 = 1;
+        uint64_t sum;
+        memcpy(bytes + 4, &v1, 4);
+        sum = sm_checksum64(bytes, n - 8);
+        memcpy(bytes + n - 8, &sum, 8);
+        f = fopen("test_tmp_bad.ckpt", "wb");
+        fwrite(bytes, 1, n, f);
+        fclose(f);
+        CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
+                  strstr(err.msg, "version 1") && strstr(err.msg, "shared_keys"),
+              "a version 1 checkpoint: %s", err.msg);
+        sm_reader_close(&rd);
+    }
     sm_free(bytes);
     remove("test_tmp_bad.ckpt");
     return 0;
@@ -929,6 +943,18 @@ static int test_trainer_cli_options(void) {
     help[n] = 0;
     fclose(f);
     for (i = 0; i < TR_N_SPECS; i++) CHECK(strstr(help, tr_specs[i].name) != NULL, "--help misses --%s", tr_specs[i].name);
+    { /* PEER's sub-keys: shared by default (the paper), per head on request */
+        char p0[] = "--peer", p1[] = "1", p2[] = "--peer-shared-keys", p3[] = "0";
+        char *peer[] = {p0, p1, p2, p3}, msg[256];
+        sm_model_config cfg;
+        tr_defaults(&o);
+        CHECK(tr_parse(&o, 2, peer, pos, &n_pos) == 0 && tr_model_config(&o, 64, &cfg, msg, sizeof msg) == 0,
+              "--peer 1");
+        CHECK(cfg.peer_n_layers == 1 && cfg.peer.shared_keys == 1, "PEER sub-keys not shared by default");
+        CHECK(tr_parse(&o, 4, peer, pos, &n_pos) == 0 && tr_model_config(&o, 64, &cfg, msg, sizeof msg) == 0 &&
+                  cfg.peer.shared_keys == 0,
+              "--peer-shared-keys 0 not applied");
+    }
     return 0;
 }
 
@@ -3036,14 +3062,15 @@ static double t_peer_loss(void *ctx) {
 }
 
 /* Ranking of all N experts for position t, head j by brute force: the
- * normalised query against every full key (K1[a] ; K2[b]), in double. */
+ * normalised query against every full key (K1[a] ; K2[b]) of the head's
+ * key table (the one table when shared), in double. */
 static void t_peer_rank_all(const t_peer *f, int t, int j, t_ranked *ref) {
     const sm_peer_config *c = &f->cfg;
-    int s = c->n_sub, half = c->d_key / 2, N = s * s, i, l;
+    int s = c->n_sub, half = c->d_key / 2, N = s * s, i, l, table = c->shared_keys ? 0 : j;
     const float *q = f->acts.q + ((size_t)t * c->heads + j) * c->d_key;
     for (i = 0; i < N; i++) {
-        const float *k1 = f->p.keys1 + ((size_t)j * s + i / s) * half;
-        const float *k2 = f->p.keys2 + ((size_t)j * s + i % s) * half;
+        const float *k1 = f->p.keys1 + ((size_t)table * s + i / s) * half;
+        const float *k2 = f->p.keys2 + ((size_t)table * s + i % s) * half;
         double sc = 0.0;
         for (l = 0; l < half; l++) sc += (double)q[l] * k1[l] + (double)q[half + l] * k2[l];
         ref[i].score = sc;
@@ -3104,11 +3131,17 @@ static sm_peer_config t_peer_small_config(int s, int h, int k, int d_key) {
     return c;
 }
 
+/* Both sub-key forms: shared (every head's scores feed one K1, K2) and per head. */
 static int test_peer_gradcheck_gelu_rmsnorm(void) {
-    t_peer f;
-    int bad = t_peer_setup_with_margin(&f, t_peer_small_config(5, 2, 3, 8), 8, 3, 21, 0.05);
-    if (!bad) bad = t_peer_gradcheck_all(&f);
-    t_peer_free(&f);
+    int shared, bad = 0;
+    for (shared = 1; shared >= 0 && !bad; shared--) {
+        sm_peer_config c = t_peer_small_config(5, 2, 3, 8);
+        t_peer f;
+        c.shared_keys = shared;
+        bad = t_peer_setup_with_margin(&f, c, 8, 3, 21, 0.05);
+        if (!bad) bad = t_peer_gradcheck_all(&f);
+        t_peer_free(&f);
+    }
     return bad;
 }
 
@@ -3160,10 +3193,10 @@ static int t_peer_check_bruteforce(sm_peer_config cfg, uint64_t seed) {
     t_peer_free(&f);
     free(ref);
     CHECK(!bad, "setup failed");
-    CHECK(mismatch < 0, "s=%d k=%d h=%d: slot %d differs from brute-force top-k", cfg.n_sub,
-          cfg.topk, cfg.heads, mismatch);
-    CHECK(worst_out < 1e-5, "s=%d k=%d h=%d: output differs from the dense formula by %g",
-          cfg.n_sub, cfg.topk, cfg.heads, worst_out);
+    CHECK(mismatch < 0, "s=%d k=%d h=%d shared %d: slot %d differs from brute-force top-k",
+          cfg.n_sub, cfg.topk, cfg.heads, cfg.shared_keys, mismatch);
+    CHECK(worst_out < 1e-5, "s=%d k=%d h=%d shared %d: output differs from the dense formula by %g",
+          cfg.n_sub, cfg.topk, cfg.heads, cfg.shared_keys, worst_out);
     return 0;
 }
 
@@ -3171,12 +3204,13 @@ static int test_peer_product_keys_match_bruteforce(void) {
     static const int cases[][4] = {/* s, k, h, d_key */
                                    {1, 1, 1, 2},  {3, 2, 1, 8},  {7, 5, 2, 8},  {12, 8, 3, 16},
                                    {16, 4, 2, 6}, {33, 32, 2, 8}, {45, 13, 1, 32}};
-    int i;
+    int i, shared;
     for (i = 0; i < 7; i++)
-        if (t_peer_check_bruteforce(t_peer_small_config(cases[i][0], cases[i][2], cases[i][1],
-                                                        cases[i][3]),
-                                    100 + (uint64_t)i))
-            return 1;
+        for (shared = 0; shared < 2; shared++) {
+            sm_peer_config c = t_peer_small_config(cases[i][0], cases[i][2], cases[i][1], cases[i][3]);
+            c.shared_keys = shared;
+            if (t_peer_check_bruteforce(c, 100 + (uint64_t)i)) return 1;
+        }
     return 0;
 }
 
@@ -3291,9 +3325,9 @@ static int test_peer_usage_stats(void) {
 
 static int test_peer_validate_names_field(void) {
     static const char *fields[] = {"n_sub", "heads", "topk", "topk", "d_key", "d_key",
-                                   "activation", "query_norm", "d_model"};
+                                   "activation", "query_norm", "shared_keys", "d_model"};
     int i;
-    for (i = 0; i < 9; i++) {
+    for (i = 0; i < 10; i++) {
         sm_peer_config c = sm_peer_default_config();
         sm_error err = {SM_OK, ""};
         int d_model = 64;
@@ -3306,6 +3340,7 @@ static int test_peer_validate_names_field(void) {
         case 5: c.d_key = 0; break;
         case 6: c.activation = (sm_peer_activation)7; break;
         case 7: c.query_norm = (sm_peer_query_norm)5; break;
+        case 8: c.shared_keys = 2; break;
         default: d_model = 0; break;
         }
         CHECK(sm_peer_validate(&c, d_model, &err) == SM_ERR_INVALID_ARG, "case %d accepted", i);
@@ -3314,7 +3349,15 @@ static int test_peer_validate_names_field(void) {
     }
     {
         sm_peer_config c = sm_peer_default_config();
+        sm_peer_sizes shared, own;
         CHECK_OK(sm_peer_validate(&c, 64, NULL));
+        CHECK(c.shared_keys == 1, "the default is not the paper's shared sub-keys");
+        CHECK_OK(sm_peer_param_sizes(&c, 64, &shared, NULL));
+        c.shared_keys = 0;
+        CHECK_OK(sm_peer_param_sizes(&c, 64, &own, NULL));
+        CHECK(shared.keys1 == (size_t)c.n_sub * c.d_key / 2 && own.keys1 == c.heads * shared.keys1 &&
+                  own.total - shared.total == 2 * (own.keys1 - shared.keys1),
+              "sub-key sizes: shared %zu, per head %zu", shared.keys1, own.keys1);
     }
     return 0;
 }
@@ -5559,6 +5602,7 @@ static int test_parity_peer(void) {
     cfg = sm_peer_default_config();
     cfg.n_sub = sz[2], cfg.topk = sz[3], cfg.heads = sz[4], cfg.d_key = sz[5];
     cfg.activation = SM_PEER_ACT_GELU, cfg.query_norm = SM_PEER_NORM_RMS;
+    cfg.shared_keys = 0; /* the fixture's heads have their own sub-keys, keys [h, s, d_key/2] */
     CHECK(BT > 0, "bad sizes in %s", fx.path);
     CHECK_OK(sm_peer_validate(&cfg, D, NULL));
     CHECK_OK(sm_peer_param_sizes(&cfg, D, &ps, NULL));
