@@ -268,7 +268,7 @@ typedef struct sm_param_tensor {
     char name[48];
     size_t offset, size;
     int group;
-    int no_decay; /* 1: weight decay skipped; see the rule below */
+    int no_decay; /* 1: weight decay skipped; see the rule above */
     size_t row_size;
     sm_row_set *rows;
 } sm_param_tensor;
@@ -6426,7 +6426,8 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
             for (r = 0; r < k; r++) {
                 size_t slot = base + r;
                 int e = a->expert[slot];
-                size_t key_a = sm__peer_key_row(c, j, e / s), key_b = sm__peer_key_row(c, j, e % s);
+                size_t key_a = sm__peer_key_row(c, j, e / s);
+                size_t key_b = sm__peer_key_row(c, j, e % s);
                 float ds = a->weight[slot] * (dw[r] - wdw);
                 a->dscore[slot] = ds;
                 sm__peer_axpy(dqt + (size_t)j * c->d_key, ds, p->keys1 + key_a, half);
