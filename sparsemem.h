@@ -238,7 +238,10 @@ SMDEF void sm_row_set_free(sm_row_set *s);
 /* Hyper-parameters of one parameter group. The effective learning rate is
  * lr * lr_mult * (schedule factor passed to the step); lr_mult is the knob
  * that per-module schedules and automatic coordination change during
- * training (lr_mult = 0 freezes the group). */
+ * training. lr_mult = 0 freezes the group's weights, but its Adam moments
+ * keep following the gradients (as PyTorch's Adam does at lr 0), so a
+ * group that thaws resumes with current moments, not ones from before the
+ * freeze. */
 typedef struct sm_param_group {
     char name[32];
     float lr, beta1, beta2, eps, weight_decay, lr_mult;
@@ -247,13 +250,25 @@ SMDEF sm_param_group sm_param_group_default(const char *name, float lr);
 
 /* One named tensor inside the flat parameter buffer. With rows != NULL the
  * tensor is a table of (size / row_size) rows updated sparsely: only the
- * rows in the set move (lazy Adam: untouched rows and their moments stay
- * bit-identical), and their gradients are zeroed after the update. */
+ * rows in the set move, and their gradients are zeroed after the update.
+ * This is lazy AdamW (PyTorch's SparseAdam does the same), not dense AdamW:
+ * an untouched row keeps its weights and moments bit-identical (dense
+ * AdamW would keep moving it on its momentum and decay its moments), and
+ * the bias correction uses the global step t, not a per-row count: a row
+ * first touched at a large t moves about lr (1-beta1)/sqrt(1-beta2)
+ * (~0.45 lr at 0.9/0.95) on that step, where a per-row count gives lr.
+ * Weight decay rule (every module here registers by it): dense weight
+ * matrices decay (attention/MLP weights, an untied head, Engram W_K, W_V,
+ * W_K^hot, PEER W_q, mHC phi); norm gains, biases, embedding and lookup
+ * tables (wte, wpe, Engram rows, PEER sub-keys and experts), conv taps and
+ * scalar gates (Engram gate_hot, mHC a) do not. A tensor added with
+ * sm_params_add_tensor decays (no_decay = 0) until the caller says
+ * otherwise. */
 typedef struct sm_param_tensor {
     char name[48];
     size_t offset, size;
     int group;
-    int no_decay; /* 1: weight decay skipped (norm gains, biases, embeddings) */
+    int no_decay; /* 1: weight decay skipped; see the rule above */
     size_t row_size;
     sm_row_set *rows;
 } sm_param_tensor;
@@ -692,6 +707,9 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
 #define SM_NGRAM_MAX_LAYERS 64  /* Engram layers per hasher */
 #define SM_ENGRAM_CONV_KERNEL 4 /* taps of the causal depthwise convolution */
 #define SM_ENGRAM_MAX_STREAMS 16 /* n_streams, as mHC's (SM_SINKHORN_MAX_N) */
+/* The default pad id: above every vocabulary (BPE <= 2^20, sm_model <= 2^24
+ * tokens), so (x, pad) never hashes like (x, a real token). */
+#define SM_NGRAM_PAD_ID 0xffffffffu
 
 typedef struct sm_ngram_hash_config {
     int n_orders;                       /* number of orders used (1..8) */
@@ -702,13 +720,15 @@ typedef struct sm_ngram_hash_config {
     int layer_ids[SM_NGRAM_MAX_LAYERS]; /* their (distinct) transformer layer indices */
     int share_tables;                   /* 1: one hash set + table for all layers */
     uint64_t seed;
-    uint32_t pad_id;                    /* token read before a sequence / document start */
+    uint32_t pad_id;                    /* token read before a sequence / document start:
+                                           no real token's id (sm_model checks pad_id >= vocab) */
     int reset_at_doc;                   /* 1: n-grams do not reach across a document start */
     uint32_t extra_rows;                /* rows appended after the hashed heads (default 0) */
 } sm_ngram_hash_config;
 
 /* orders {2,3}, K = 4, 100000 rows per head, one layer (id 1), own tables,
- * seed 0x5eed, pad 0, reset at document boundaries, no extra rows. */
+ * seed 0x5eed, pad SM_NGRAM_PAD_ID, reset at document boundaries, no extra
+ * rows. */
 SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void);
 SMDEF sm_status sm_ngram_hash_validate(const sm_ngram_hash_config *c, sm_error *err);
 
@@ -1123,15 +1143,19 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
  * retrieval heads. Per position x and head j:
  *   q      = norm(W_q[j] x) * gain[j]            (d_key values)
  *   q1, q2 = the two halves of q                  (d_key/2 each)
- *   s1[a]  = q1 . K1[j][a],  s2[b] = q2 . K2[j][b],   a, b < s
+ *   s1[a]  = q1 . K1[a],  s2[b] = q2 . K2[b],     a, b < s
  *   the expert with product key (a, b) is i = a*s + b, score s1[a] + s2[b];
  *   the top-k of all N scores is found exactly from the top-k of s1 and of
  *   s2 (k x k candidate sums, then the final top-k), so routing costs
  *   O(s d_key + k^2) per head instead of O(N d_key);
  *   w      = softmax over the k selected scores
  *   out   += sum_k w_k act(u_i . x) v_i          (summed over heads)
- * Sub-keys are per head (as in the paper and PKM); heads share the expert
- * pool. Query normalisation: the paper applies BatchNorm to the query,
+ * Heads share the expert pool. With shared_keys (the default) they also
+ * share one set of sub-keys K1, K2, each head scoring it with its own query,
+ * as in the paper ("different heads share the same pool of experts with the
+ * same set of product keys"); with shared_keys = 0 each head j has its own
+ * K1[j], K2[j], as in PKM's multi-head memory (h times the key parameters).
+ * Query normalisation: the paper applies BatchNorm to the query,
  * which mixes positions (not causal, and train/eval dependent). Here it is a
  * per-token norm of each head's query over its d_key values, RMSNorm or
  * LayerNorm (centred), with a learned gain and no bias; eps SM_PEER_NORM_EPS.
@@ -1140,8 +1164,9 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
  * buffer (sm_peer_param_sizes gives the sizes, sm_peer_bind the pointers):
  *   w_q      [h*d_key, d_model]   query net (linear, no bias)
  *   q_gain   [h*d_key]            norm gain
- *   keys1    [h, s, d_key/2]      sub-keys of the first query half
- *   keys2    [h, s, d_key/2]      sub-keys of the second query half
+ *   keys1    [h_k, s, d_key/2]    sub-keys of the first query half
+ *   keys2    [h_k, s, d_key/2]    sub-keys of the second query half
+ *                                 (h_k = 1 with shared_keys, else h)
  *   experts  [N, 2*d_model]       row i = (u_i, v_i): down and up vectors
  * U and V share one table so one sm_row_set marks an expert for both (the
  * optimizer clears a row set after updating its tensor, so two tensors
@@ -1173,14 +1198,16 @@ typedef enum sm_peer_query_norm {
 
 typedef struct sm_peer_config {
     int n_sub;   /* s: sub-keys per half; N = s^2 experts (any s >= 1) */
-    int heads;   /* h: retrieval heads, each with its own query and sub-keys */
+    int heads;   /* h: retrieval heads, each with its own query */
     int topk;    /* k: experts per head and position (k <= s, k <= 32) */
     int d_key;   /* query/key width (even: split in two halves) */
     sm_peer_activation activation;
     sm_peer_query_norm query_norm;
+    int shared_keys; /* 1: one set of sub-keys for all heads (the paper); 0: one per head */
 } sm_peer_config;
 
-/* s = 128 (16384 experts), h = 4, k = 8, d_key = 64, GELU, RMSNorm. */
+/* s = 128 (16384 experts), h = 4, k = 8, d_key = 64, GELU, RMSNorm, shared
+ * sub-keys. */
 SMDEF sm_peer_config sm_peer_default_config(void);
 SMDEF sm_status sm_peer_validate(const sm_peer_config *cfg, int d_model, sm_error *err);
 
@@ -1202,8 +1229,9 @@ SMDEF void sm_peer_bind(sm_peer_params *p, float *base, const sm_peer_sizes *sz)
 /* Adds the five tensors, in the bind order, to a parameter table: the dense
  * four to `group`, the expert table to `expert_group` as a sparse table of
  * N rows of 2*d_model updated through `expert_rows` (initialised by the
- * caller with N rows). *offset receives the offset of the first tensor:
- * after sm_params_alloc, bind params at data+offset and grads at grad+offset. */
+ * caller with N rows). Only w_q decays (the rule at sm_param_tensor).
+ * *offset receives the offset of the first tensor: after sm_params_alloc,
+ * bind params at data+offset and grads at grad+offset. */
 SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer_config *cfg,
                                  int d_model, int group, int expert_group,
                                  sm_row_set *expert_rows, size_t *offset, sm_error *err);
@@ -1578,7 +1606,7 @@ typedef struct sm_model_config {
     int tied_head;  /* 1: logits = x wte^T */
     float init_std; /* 0.02; residual output projections get init_std/sqrt(2 n_layer) */
     float lr;       /* backbone group learning rate (other groups scale from it) */
-    float weight_decay;
+    float weight_decay; /* every group but engram_table; matrices only (see no_decay) */
     /* Engram: on when use_engram; placement = engram.hash.layer_ids */
     int use_engram;
     sm_engram_config engram;
@@ -2335,6 +2363,17 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     SM_FREE(Bp);
     SM_FREE(Apool);
 #endif
+}
+
+/* ---- Parameter buffers (the rest is with the optimizer, section 10) ---- */
+
+/* sm_params_add_tensor, then the weight decay rule's verdict for the tensor
+ * (decay = 0 for gains, biases, tables, conv taps and gates: see no_decay). */
+static size_t sm__params_add_decay(sm_params *p, const char *name, size_t size, int group,
+                                   size_t row_size, sm_row_set *rows, int decay, sm_error *err) {
+    size_t off = sm_params_add_tensor(p, name, size, group, row_size, rows, err);
+    if (off != (size_t)-1) p->tensors[p->n_tensors - 1].no_decay = !decay;
+    return off;
 }
 
 /* ---- Tokenizer, compression, token files, corpora, loader ----------- */
@@ -4367,7 +4406,7 @@ SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void) {
     c.layer_ids[0] = 1;
     c.share_tables = 0;
     c.seed = 0x5eed;
-    c.pad_id = 0;
+    c.pad_id = SM_NGRAM_PAD_ID;
     c.reset_at_doc = 1;
     return c;
 }
@@ -4779,8 +4818,8 @@ SMDEF sm_status sm_engram_params_add_table(sm_params *p, size_t *offset, const s
         return sm_fail(err, SM_ERR_INVALID_ARG,
                        "engram table: row set has %zu rows, the table %u", rows ? rows->nrows : 0,
                        (unsigned)h->total_rows);
-    *offset = sm_params_add_tensor(p, "engram.table", sm_engram_table_size(h, c), group,
-                                   (size_t)c->d_head, rows, err);
+    *offset = sm__params_add_decay(p, "engram.table", sm_engram_table_size(h, c), group,
+                                   (size_t)c->d_head, rows, 0, err);
     return *offset == (size_t)-1 ? SM_ERR_INVALID_ARG : SM_OK;
 }
 
@@ -4790,6 +4829,7 @@ SMDEF sm_status sm_engram_params_add_layer(sm_params *p, sm_engram_offsets *off,
     size_t d = (size_t)c->d_model, dm = (size_t)sm_engram_d_mem(c), Sd = c->n_streams * d;
     const char *names[9] = {"w_key", "b_key", "w_value", "norm_query", "norm_key",
                             "norm_value", "conv", "w_key_hot", "gate_hot"};
+    const int decay[9] = {1, 0, 1, 0, 0, 0, 0, 1, 0}; /* the matrices only (see no_decay) */
     size_t sizes[9], *dst[9];
     char name[48];
     int i;
@@ -4804,7 +4844,7 @@ SMDEF sm_status sm_engram_params_add_layer(sm_params *p, sm_engram_offsets *off,
         *dst[i] = SM_ENGRAM_NO_TENSOR;
         if (sizes[i] == 0) continue; /* a variant that is switched off */
         snprintf(name, sizeof name, "engram%d.%s", layer, names[i]);
-        *dst[i] = sm_params_add_tensor(p, name, sizes[i], group, 0, NULL, err);
+        *dst[i] = sm__params_add_decay(p, name, sizes[i], group, 0, NULL, decay[i], err);
         if (*dst[i] == (size_t)-1) return SM_ERR_INVALID_ARG;
     }
     return SM_OK;
@@ -6078,6 +6118,17 @@ SMDEF void sm_peer_product_topk(const float *s1, const float *s2, int n_sub, int
 
 /* ---- configuration and parameters ---- */
 
+/* Sub-key tables: one shared by all heads, or one per head. */
+static SM_HD int sm__peer_key_tables(const sm_peer_config *c) {
+    return c->shared_keys ? 1 : c->heads;
+}
+
+/* Offset (in floats) of sub-key `sub` in the K1 or K2 table that head j reads. */
+static SM_HD size_t sm__peer_key_row(const sm_peer_config *c, int j, int sub) {
+    size_t table = c->shared_keys ? 0 : (size_t)j;
+    return (table * (size_t)c->n_sub + (size_t)sub) * (size_t)(c->d_key / 2);
+}
+
 SMDEF sm_peer_config sm_peer_default_config(void) {
     sm_peer_config c;
     memset(&c, 0, sizeof c);
@@ -6087,6 +6138,7 @@ SMDEF sm_peer_config sm_peer_default_config(void) {
     c.d_key = 64;
     c.activation = SM_PEER_ACT_GELU;
     c.query_norm = SM_PEER_NORM_RMS;
+    c.shared_keys = 1;
     return c;
 }
 
@@ -6107,6 +6159,9 @@ SMDEF sm_status sm_peer_validate(const sm_peer_config *c, int d_model, sm_error 
     if (c->query_norm != SM_PEER_NORM_RMS && c->query_norm != SM_PEER_NORM_LAYER)
         return sm_fail(err, SM_ERR_INVALID_ARG, "peer: query_norm %d is not RMS or LayerNorm",
                        (int)c->query_norm);
+    if (c->shared_keys != 0 && c->shared_keys != 1)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "peer: shared_keys %d must be 0 or 1",
+                       c->shared_keys);
     if ((size_t)c->n_sub * (size_t)c->n_sub > ((size_t)-1) / (2 * (size_t)d_model))
         return sm_fail(err, SM_ERR_INVALID_ARG, "peer: n_sub %d with d_model %d overflows size_t",
                        c->n_sub, d_model);
@@ -6123,7 +6178,8 @@ SMDEF sm_status sm_peer_param_sizes(const sm_peer_config *c, int d_model, sm_pee
     out->d_model = d_model;
     out->w_q = hk * (size_t)d_model;
     out->q_gain = hk;
-    out->keys1 = out->keys2 = (size_t)c->heads * (size_t)c->n_sub * (size_t)(c->d_key / 2);
+    out->keys1 = out->keys2 =
+        (size_t)sm__peer_key_tables(c) * (size_t)c->n_sub * (size_t)(c->d_key / 2);
     out->experts = out->n_experts * 2 * (size_t)d_model;
     out->total = out->w_q + out->q_gain + out->keys1 + out->keys2 + out->experts;
     return SM_OK;
@@ -6155,15 +6211,16 @@ SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer
                        prefix, sz.n_experts, expert_rows ? expert_rows->nrows : 0);
     /* the checks above leave sm_params_add_tensor nothing to reject */
     snprintf(name, sizeof name, "%s.w_q", prefix);
-    *offset = sm_params_add_tensor(p, name, sz.w_q, group, 0, NULL, err);
+    *offset = sm__params_add_decay(p, name, sz.w_q, group, 0, NULL, 1, err);
     snprintf(name, sizeof name, "%s.q_gain", prefix);
-    sm_params_add_tensor(p, name, sz.q_gain, group, 0, NULL, err);
+    sm__params_add_decay(p, name, sz.q_gain, group, 0, NULL, 0, err);
     snprintf(name, sizeof name, "%s.keys1", prefix);
-    sm_params_add_tensor(p, name, sz.keys1, group, 0, NULL, err);
+    sm__params_add_decay(p, name, sz.keys1, group, 0, NULL, 0, err);
     snprintf(name, sizeof name, "%s.keys2", prefix);
-    sm_params_add_tensor(p, name, sz.keys2, group, 0, NULL, err);
+    sm__params_add_decay(p, name, sz.keys2, group, 0, NULL, 0, err);
     snprintf(name, sizeof name, "%s.experts", prefix);
-    sm_params_add_tensor(p, name, sz.experts, expert_group, 2 * (size_t)d_model, expert_rows, err);
+    sm__params_add_decay(p, name, sz.experts, expert_group, 2 * (size_t)d_model, expert_rows, 0,
+                         err);
     return SM_OK;
 }
 
@@ -6343,7 +6400,7 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
 static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int BT) {
     const sm_peer_config *c = &a->cfg;
     int s = c->n_sub, half = c->d_key / 2, k = c->topk, ld = c->heads * c->d_key, t;
-    size_t key_off = (size_t)j * s * half;
+    size_t key_off = sm__peer_key_row(c, j, 0);
     const float *qj = a->q + (size_t)j * c->d_key;
     float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
     sm_sgemm(0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
@@ -6445,8 +6502,8 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
             for (r = 0; r < k; r++) {
                 size_t slot = base + r;
                 int e = a->expert[slot];
-                size_t key_a = ((size_t)j * s + (size_t)(e / s)) * half;
-                size_t key_b = ((size_t)j * s + (size_t)(e % s)) * half;
+                size_t key_a = sm__peer_key_row(c, j, e / s);
+                size_t key_b = sm__peer_key_row(c, j, e % s);
                 float ds = a->weight[slot] * (dw[r] - wdw);
                 a->dscore[slot] = ds;
                 sm__peer_axpy(dqt + (size_t)j * c->d_key, ds, p->keys1 + key_a, half);
@@ -6456,29 +6513,31 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
     }
 }
 
-/* dK1[j][a] += dscore q1, dK2[j][b] += dscore q2: parallel over heads (each
- * head owns its sub-keys), in slot order within a head. */
+/* dK1[a] += dscore q1, dK2[b] += dscore q2 into the tables each head
+ * reads: one task per (table, half), its slots in order (position, head,
+ * rank), so the sums do not depend on the thread count; shared keys are
+ * two tasks that gather every head. */
 static void sm__peer_keys_backward(const sm_peer_params *g, const sm_peer_acts *a, int BT) {
     const sm_peer_config *c = &a->cfg;
-    int k = c->topk, s = c->n_sub, half = c->d_key / 2, j;
+    int k = c->topk, s = c->n_sub, half = c->d_key / 2, task;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (BT * k * c->d_key > 32768)
 #endif
-    for (j = 0; j < c->heads; j++) {
-        int t, r;
-        for (t = 0; t < BT; t++) {
-            size_t base = ((size_t)t * c->heads + j) * k;
-            const float *q1 = a->q + ((size_t)t * c->heads + j) * c->d_key;
-            for (r = 0; r < k; r++) {
-                int e = a->expert[base + r];
-                float ds = a->dscore[base + r];
-                if (g->keys1)
-                    sm__peer_axpy(g->keys1 + ((size_t)j * s + (size_t)(e / s)) * half, ds, q1, half);
-                if (g->keys2)
-                    sm__peer_axpy(g->keys2 + ((size_t)j * s + (size_t)(e % s)) * half, ds,
-                                  q1 + half, half);
+    for (task = 0; task < 2 * sm__peer_key_tables(c); task++) {
+        int table = task / 2, second = task % 2, t, j, r;
+        int first = c->shared_keys ? 0 : table, end = c->shared_keys ? c->heads : table + 1;
+        float *dk = second ? g->keys2 : g->keys1;
+        if (!dk) continue;
+        for (t = 0; t < BT; t++)
+            for (j = first; j < end; j++) { /* the heads that read this table */
+                size_t n = (size_t)t * c->heads + j;
+                const float *q = a->q + n * c->d_key + (second ? half : 0);
+                for (r = 0; r < k; r++) {
+                    int e = a->expert[n * k + r];
+                    sm__peer_axpy(dk + sm__peer_key_row(c, j, second ? e % s : e / s),
+                                  a->dscore[n * k + r], q, half);
+                }
             }
-        }
     }
 }
 
@@ -7800,9 +7859,8 @@ static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float l
         if (r + SM__ADAM_AHEAD < n) /* random rows of a big table */
             sm__adam_prefetch_row(p, t->offset + (size_t)rows[r + SM__ADAM_AHEAD] * t->row_size,
                                   t->row_size);
-        if (lr != 0.0f)
-            sm__adamw_span(p->data + ro, p->grad + ro, p->m + ro, p->v + ro, t->row_size, g, lr,
-                           clip_scale, bc1, bc2, t->no_decay);
+        sm__adamw_span(p->data + ro, p->grad + ro, p->m + ro, p->v + ro, t->row_size, g, lr,
+                       clip_scale, bc1, bc2, t->no_decay);
         memset(p->grad + ro, 0, t->row_size * sizeof(float));
     }
 }
@@ -7812,7 +7870,6 @@ static void sm__adamw_dense(const sm_params *p, const sm_param_tensor *t, float 
                             float bc1, float bc2) {
     const sm_param_group *g = &p->groups[t->group];
     long n_chunks = (long)((t->size + SM__ADAM_CHUNK - 1) / SM__ADAM_CHUNK), c;
-    if (lr == 0.0f) return;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (t->size > 65536)
 #endif
@@ -7945,6 +8002,9 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
             st = sm__validate_layer_ids(c->engram.hash.layer_ids, c->engram.hash.n_layers,
                                         c->n_layer, "engram.hash.layer_ids", err);
         if (st != SM_OK) return st;
+        if (c->engram.hash.pad_id < (uint32_t)c->vocab_size)
+            return sm_fail(err, SM_ERR_INVALID_ARG, "engram.hash.pad_id %u is a token id (vocab_size %d): the pad must not alias a real token; use >= vocab_size (default SM_NGRAM_PAD_ID)",
+                           (unsigned)c->engram.hash.pad_id, c->vocab_size);
     }
     if (c->use_nine) {
         if (!c->use_engram)
@@ -8017,14 +8077,11 @@ static void sm__model_plan(sm_model *m) {
 static size_t sm__add_param(sm_params *p, const char *name, int layer, size_t size, int group,
                             int decay, sm_error *err) {
     char full[48];
-    size_t off;
     if (layer >= 0)
         snprintf(full, sizeof full, "h%d.%s", layer, name);
     else
         snprintf(full, sizeof full, "%s", name);
-    off = sm_params_add_tensor(p, full, size, group, 0, NULL, err);
-    if (off != (size_t)-1) p->tensors[p->n_tensors - 1].no_decay = !decay;
-    return off;
+    return sm__params_add_decay(p, full, size, group, 0, NULL, decay, err);
 }
 
 static int sm__add_group(sm_params *p, const char *name, float lr, float wd, sm_error *err) {
@@ -8035,6 +8092,24 @@ static int sm__add_group(sm_params *p, const char *name, float lr, float wd, sm_
 
 static const char *const sm__sublayer_names[3] = {"engram", "attn", "ffn"};
 
+/* One sublayer's mHC block (sm_mhc_param_layout) as two adjacent tensors:
+ * phi, a matrix that decays (dynamic variant only), then the gates and
+ * biases, which do not. Returns the block's offset. */
+static size_t sm__add_mhc_params(sm_params *p, const sm_mhc_config *mc, int layer,
+                                 const char *sublayer, int group, sm_error *err) {
+    sm_mhc_layout ml = sm_mhc_param_layout(mc);
+    char name[32];
+    size_t first = p->total;
+    if (ml.phi.size) {
+        snprintf(name, sizeof name, "mhc_%s.phi", sublayer);
+        if (sm__add_param(p, name, layer, ml.phi.size, group, 1, err) == (size_t)-1) return (size_t)-1;
+    }
+    snprintf(name, sizeof name, "mhc_%s.gate_bias", sublayer);
+    if (sm__add_param(p, name, layer, ml.total - ml.phi.size, group, 0, err) == (size_t)-1)
+        return (size_t)-1;
+    return first;
+}
+
 static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err) {
     const sm_model_config *c = &m->cfg;
     size_t C = (size_t)c->d_model, F = (size_t)c->d_ff;
@@ -8042,9 +8117,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     sm_sublayer_offsets *o = &s->off;
     int l = s->layer, g = m->g_backbone;
     if (s->in_mhc) {
-        char name[32];
-        snprintf(name, sizeof name, "mhc_%s", sm__sublayer_names[s->kind]);
-        o->mhc = sm__add_param(p, name, l, sm_mhc_param_layout(&c->mhc).total, m->g_mhc, 0, err);
+        o->mhc = sm__add_mhc_params(p, &c->mhc, l, sm__sublayer_names[s->kind], m->g_mhc, err);
         if (o->mhc == (size_t)-1) return SM_ERR_INVALID_ARG;
     }
     if (s->kind == SM_SUBLAYER_ENGRAM)
@@ -8099,8 +8172,8 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
         if (st != SM_OK) return st;
     }
     if (sm__model_has_peer(c))
-        m->g_peer = sm__add_group(p, "peer", c->lr * c->peer_lr_mult, 0.0f, err);
-    if (c->use_mhc) m->g_mhc = sm__add_group(p, "mhc", c->lr * c->mhc_lr_mult, 0.0f, err);
+        m->g_peer = sm__add_group(p, "peer", c->lr * c->peer_lr_mult, c->weight_decay, err);
+    if (c->use_mhc) m->g_mhc = sm__add_group(p, "mhc", c->lr * c->mhc_lr_mult, c->weight_decay, err);
     if (m->g_backbone < 0 || (c->use_mhc && m->g_mhc < 0)) return SM_ERR_INVALID_ARG;
     m->wte = sm__add_param(p, "wte", -1, V * C, m->g_backbone, 0, err);
     m->wpe = sm__add_param(p, "wpe", -1, (size_t)c->seq_len * C, m->g_backbone, 0, err);

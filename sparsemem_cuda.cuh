@@ -1739,7 +1739,7 @@ static void smc__peer_route_head(smc_ctx *c, sm_peer_acts *a, const sm_peer_para
                                  int BT) {
     const sm_peer_config *cf = &a->cfg;
     int s = cf->n_sub, half = cf->d_key / 2, k = cf->topk, ld = cf->heads * cf->d_key;
-    size_t key_off = (size_t)j * s * half;
+    size_t key_off = sm__peer_key_row(cf, j, 0);
     const float *qj = a->q + (size_t)j * cf->d_key;
     float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
     smc_sgemm(c, 0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
@@ -1839,8 +1839,9 @@ static __device__ void smc__peer_dx_from_experts(float *dxt, const sm_peer_acts 
     }
 }
 
-/* dq_t (overwritten) = per head j, sum_r dscore_r (K1[j][a_r], K2[j][b_r])
- * with expert e_r = a_r s + b_r: score = q1 . K1[a] + q2 . K2[b]. */
+/* dq_t (overwritten) = per head j, sum_r dscore_r (K1[a_r], K2[b_r]) from
+ * head j's key table (sm__peer_key_row) with expert e_r = a_r s + b_r:
+ * score = q1 . K1[a] + q2 . K2[b]. */
 static __device__ void smc__peer_dq_from_keys(float *dqt, const sm_peer_acts *a,
                                               const sm_peer_params *p, size_t base) {
     int d = a->cfg.d_key, half = d / 2, k = a->cfg.topk, s = a->cfg.n_sub, i, r;
@@ -1851,7 +1852,7 @@ static __device__ void smc__peer_dq_from_keys(float *dqt, const sm_peer_acts *a,
         float acc = 0.0f;
         for (r = 0; r < k; r++) {
             int e = a->expert[slot + r], sub = col < half ? e / s : e % s;
-            acc += a->dscore[slot + r] * keys[((size_t)j * s + sub) * half + col % half];
+            acc += a->dscore[slot + r] * keys[sm__peer_key_row(&a->cfg, j, sub) + col % half];
         }
         dqt[i] = acc;
     }
@@ -1872,9 +1873,9 @@ static __global__ void smc__peer_slots_backward_kernel(float *dx, sm_peer_acts a
     smc__peer_dq_from_keys(a.dq + t * a.cfg.heads * a.cfg.d_key, &a, &p, base);
 }
 
-/* sm__peer_keys_backward: dK1[j][a] += dscore q1, dK2[j][b] += dscore q2,
- * a thread per (slot, query value); atomics, since a sub-key serves many
- * slots. */
+/* sm__peer_keys_backward: dK1[a] += dscore q1, dK2[b] += dscore q2 in the
+ * table of the slot's head, a thread per (slot, query value); atomics,
+ * since a sub-key serves many slots (of every head, when shared). */
 static __global__ void smc__peer_keys_backward_kernel(float *gk1, float *gk2, sm_peer_acts a,
                                                       size_t n) {
     size_t idx = (size_t)blockIdx.x * blockDim.x + threadIdx.x, slot, row;
@@ -1888,9 +1889,9 @@ static __global__ void smc__peer_keys_backward_kernel(float *gk1, float *gk2, sm
     e = a.expert[slot];
     g = a.dscore[slot] * a.q[row * d + col];
     if (col < half) {
-        if (gk1) atomicAdd(gk1 + ((size_t)j * s + e / s) * half + col, g);
+        if (gk1) atomicAdd(gk1 + sm__peer_key_row(&a.cfg, j, e / s) + col, g);
     } else if (gk2) {
-        atomicAdd(gk2 + ((size_t)j * s + e % s) * half + col - half, g);
+        atomicAdd(gk2 + sm__peer_key_row(&a.cfg, j, e % s) + col - half, g);
     }
 }
 
@@ -3144,16 +3145,16 @@ static __device__ void smc__adamw_element(float *w, float grad, float *m, float 
     *w -= h->lr * ((mi / h->bc1) / (sqrtf(vi / h->bc2) + h->eps) + h->weight_decay * *w);
 }
 
-/* AdamW over the rows of s (none when lr == 0); a sparse tensor's rows also
- * get their gradients zeroed, as sm__adamw_rows does. Rows of a set are
- * distinct, so no two warps share an element. */
+/* AdamW over the rows of s (at lr 0 the moments still move); a sparse
+ * tensor's rows also get their gradients zeroed, as sm__adamw_rows does.
+ * Rows of a set are distinct, so no two warps share an element. */
 static __global__ void smc__params_adamw_kernel(float *w, float *g, float *m, float *v,
                                                 smc__params_rows s, smc__adamw_hp h) {
     size_t n = smc__params_rows_count(&s), r, len, o, i;
     for (r = smc__params_warp(); r < n; r += smc__params_warps()) {
         o = smc__params_row_start(&s, r, &len);
         for (i = o + threadIdx.x % 32; i < o + len; i += 32) {
-            if (h.lr != 0.0f) smc__adamw_element(&w[i], g[i], &m[i], &v[i], &h);
+            smc__adamw_element(&w[i], g[i], &m[i], &v[i], &h);
             if (s.list) g[i] = 0.0f;
         }
     }
@@ -3348,7 +3349,6 @@ SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, flo
         smc__params_rows s =
             smc__params_run(d, i, SMC__PARAMS_SAME_GROUP | SMC__PARAMS_SAME_DECAY, &end);
         smc__adamw_hp h = smc__adamw_hp_of(p, &p->tensors[i], lr_factor, clip_scale);
-        if (!s.list && h.lr == 0.0f) continue; /* a frozen dense run: nothing to do */
         smc__params_adamw_kernel<<<smc__params_grid(c, &s), SMC__THREADS, 0, c->stream>>>(
             d->data, d->grad, d->m, d->v, s, h);
         if (s.list) smc_row_set_clear(c, d->rows[i]);

@@ -762,8 +762,9 @@ static double t_peer_min_gap(const t_peer *P) {
     double gap = INFINITY;
     for (row = 0; row < P->BT * h; row++) {
         const float *q = P->acts.q + (size_t)row * c->d_key;
-        const float *k1 = P->p.keys1 + (size_t)(row % h) * s * half;
-        const float *k2 = P->p.keys2 + (size_t)(row % h) * s * half;
+        size_t table = c->shared_keys ? 0 : (size_t)(row % h); /* the head's sub-keys */
+        const float *k1 = P->p.keys1 + table * s * half;
+        const float *k2 = P->p.keys2 + table * s * half;
         for (a = 0; a < s; a++) {
             s1[a] = s2[a] = 0.0f;
             for (i = 0; i < half; i++) {
@@ -927,6 +928,13 @@ static int test_peer_gelu_rms_like_cpu(void) {
     return t_peer_check(&c, 40, 13, 51, 0);
 }
 
+/* The same with a sub-key table per head (the other tests share one). */
+static int test_peer_per_head_keys_like_cpu(void) {
+    sm_peer_config c = t_peer_cfg(37, 3, 5, 18, SM_PEER_ACT_GELU, SM_PEER_NORM_RMS);
+    c.shared_keys = 0;
+    return t_peer_check(&c, 40, 13, 58, 0);
+}
+
 /* k = 32, the largest, over 32 x 32 candidate sums. */
 static int test_peer_relu_layernorm_k32_like_cpu(void) {
     sm_peer_config c = t_peer_cfg(45, 2, 32, 8, SM_PEER_ACT_RELU, SM_PEER_NORM_LAYER);
@@ -1016,7 +1024,8 @@ static int test_peer_rejects_bad_bt(void) {
 
 #define SMC_TESTS_peer                                                                         \
     T(test_peer_topk_ties_like_cpu), T(test_peer_product_topk_ties_like_cpu),                  \
-        T(test_peer_gelu_rms_like_cpu), T(test_peer_relu_layernorm_k32_like_cpu),              \
+        T(test_peer_gelu_rms_like_cpu), T(test_peer_per_head_keys_like_cpu),                   \
+        T(test_peer_relu_layernorm_k32_like_cpu),                                              \
         T(test_peer_k_equals_s_partial_grads), T(test_peer_many_slots_like_cpu),               \
         T(test_peer_wide_like_cpu), T(test_peer_k1_like_cpu), T(test_peer_usage_like_cpu),     \
         T(test_peer_rejects_bad_bt)
@@ -1726,8 +1735,9 @@ static int t_opt_norms_match(const sm_params *p, const smc_params *d) {
     return 0;
 }
 
-/* The GPU step left every float it must not move bit-identical: all of the
- * frozen group and the table rows not marked in was[table] before the step.
+/* The GPU step left every float it must not move bit-identical: the table
+ * rows not marked in was[table] before the step, and the weights of the
+ * frozen group (whose moments still move, as on the CPU).
  * before/after: data, m, v downloaded around the step. */
 static int t_opt_unmoved(const sm_params *p, float *const before[3], float *const after[3],
                          unsigned char *const was[2]) {
@@ -1739,8 +1749,8 @@ static int t_opt_unmoved(const sm_params *p, float *const before[3], float *cons
         size_t n_rows = table < 0 ? 1 : T_OPT_TABLE_ROWS[table], len = t->size / n_rows;
         for (row = 0; row < n_rows; row++) {
             size_t o = t->offset + row * len;
-            if (!frozen && (table < 0 || was[table][row])) continue;
-            for (k = 0; k < 3; k++)
+            int n_fixed = table >= 0 && !was[table][row] ? 3 : frozen; /* arrays: data, m, v */
+            for (k = 0; k < n_fixed; k++)
                 CHECK(memcmp(before[k] + o, after[k] + o, len * sizeof(float)) == 0,
                       "%s row %zu (array %d) moved but must not", t->name, row, k);
         }

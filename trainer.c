@@ -1505,7 +1505,7 @@ typedef struct {
     int n_layer, d_model, n_head, seq_len, d_ff;
     int engram_heads, engram_d_head, engram_shared, engram_no_sqrt;
     long engram_rows;
-    int peer_experts_sqrt, peer_heads, peer_topk, peer_d_key, peer_add;
+    int peer_experts_sqrt, peer_heads, peer_topk, peer_d_key, peer_add, peer_shared_keys;
     int mhc_streams, mhc_static;
     char engram_mhc[16];  /* per-stream | branch; empty: per-stream, branch with --device cuda */
     long nine, hot_labels;
@@ -1592,6 +1592,7 @@ static const tr_opt_spec tr_specs[] = {
     OPT("peer-heads", O_INT, peer_heads, "PEER retrieval heads"),
     OPT("peer-topk", O_INT, peer_topk, "PEER experts per head"),
     OPT("peer-d-key", O_INT, peer_d_key, "PEER query/key width"),
+    OPT("peer-shared-keys", O_INT, peer_shared_keys, "PEER sub-keys: 1 = one set for all heads (paper), 0 = one per head"),
     OPT("peer-add", O_FLAG, peer_add, "add PEER to the MLP instead of replacing it"),
     OPT("mhc", O_INT, mhc_streams, "mHC residual streams (0 = off, 4 = paper)"),
     OPT("mhc-static", O_FLAG, mhc_static, "static mHC maps (no input dependence)"),
@@ -1624,6 +1625,7 @@ static void tr_defaults(tr_opts *o) {
     o->lr_engram = o->lr_peer = o->lr_mhc = -1.0f;
     o->engram_rows = 20011, o->engram_heads = 4, o->engram_d_head = 16;
     o->peer_experts_sqrt = 64, o->peer_heads = 4, o->peer_topk = 8, o->peer_d_key = 64;
+    o->peer_shared_keys = 1;
     o->coord_every = 20;
     o->debug_nan_step = -1;
     o->sample_tokens = 200, o->temperature = 0.8f, o->top_k = 40;
@@ -2125,7 +2127,6 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
     c->engram.hash.table_rows = o->engram_rows > 0 && o->engram_rows < 0xffffffffL ? (uint32_t)o->engram_rows : 0;
     c->engram.hash.share_tables = o->engram_shared;
     c->engram.hash.seed = o->seed;
-    c->engram.hash.pad_id = (uint32_t)vocab; /* no compressed id reaches the vocabulary size */
     if (tr_nine_config(o, c, msg, n) != 0) return -1;
     k = tr_parse_layers(o->peer_layers, c->peer_layer_ids, SM_MAX_SUBLAYERS / 3);
     if (k < 0) {
@@ -2136,6 +2137,7 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
     c->peer_replace_mlp = !o->peer_add;
     c->peer.n_sub = o->peer_experts_sqrt, c->peer.heads = o->peer_heads;
     c->peer.topk = o->peer_topk, c->peer.d_key = o->peer_d_key;
+    c->peer.shared_keys = o->peer_shared_keys;
     c->use_mhc = o->mhc_streams > 0;
     c->mhc.n_streams = o->mhc_streams > 0 ? o->mhc_streams : 4;
     c->mhc.channels = o->d_model;
@@ -2554,6 +2556,9 @@ static tr_eval tr_evaluate(tr_run *r, int B, int max_batches) {
  * (learning-rate multipliers included), the data loader state, the
  * coordination state and the running statistics. */
 #define TR_CKPT_MAGIC 0x4b434d53u /* "SMCK" */
+/* v2: the model config gained engram_mhc (Engram's form with mHC) and
+ * sm_peer_config shared_keys (v1 PEER layers had per-head sub-keys); the raw
+ * v1 config no longer fits the struct, so v1 is refused. */
 #define TR_CKPT_VERSION 2u
 
 static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const char *path,
@@ -2594,7 +2599,7 @@ static sm_status tr_read_checkpoint_header(sm_reader *rd, const char *path, sm_m
     if (rd->version < TR_CKPT_VERSION) {
         unsigned version = (unsigned)rd->version;
         sm_reader_close(rd);
-        return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: format v%u predates Engram's form with mHC (--engram-mhc, format v%u); read it with the build that wrote it",
+        return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: format v%u predates Engram's form with mHC (--engram-mhc) and PEER's shared sub-keys (shared_keys; v1 PEER had per-head sub-keys); this build reads v%u: read it with the build that wrote it or train again",
                        path, version, (unsigned)TR_CKPT_VERSION);
     }
     if ((st = sm_reader_u32(rd, &n, err)) != SM_OK) return st;

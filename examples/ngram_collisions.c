@@ -4,7 +4,7 @@
  *   ./ngram_collisions TEXT_FILE [ROWS_PER_HEAD=10007] [HEADS=4]
  *
  * Splits the text into words (runs of letters and digits, lowercased), maps
- * each word to an id with a 24-bit FNV-1a hash (0 is the pad), hashes the 2-
+ * each word to an id with a 24-bit FNV-1a hash (the pad is above them), hashes the 2-
  * and 3-grams the way an Engram layer does (sm_ngram_hash_compute) and
  * prints, per head: distinct n-grams D, the head's prime size p, rows used,
  * the fraction of distinct n-grams that share their row with another, and
@@ -18,7 +18,7 @@
 
 static int is_word_char(unsigned char c) { return isalnum(c) || c >= 0x80; }
 
-/* Word ids in [1, 2^24]: word-level collisions are rare below ~100K words. */
+/* Word ids in [0, 2^24): word-level collisions are rare below ~100K words. */
 static size_t words_to_ids(uint32_t *ids, const unsigned char *text, size_t size) {
     size_t i = 0, n = 0;
     while (i < size) {
@@ -26,7 +26,7 @@ static size_t words_to_ids(uint32_t *ids, const unsigned char *text, size_t size
         size_t len = 0;
         for (; i < size && is_word_char(text[i]); i++, len++)
             h = (h ^ (uint32_t)tolower(text[i])) * 16777619u;
-        if (len) ids[n++] = 1 + (h & 0xffffffu);
+        if (len) ids[n++] = h & 0xffffffu;
         else i++;
     }
     return n;
