@@ -10,10 +10,13 @@
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h> /* decodes the PNGs the plots write */
 
+#include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 /* ---- harness -------------------------------------------------------- */
 
@@ -925,6 +928,68 @@ static int test_trainer_cli_options(void) {
     help[n] = 0;
     fclose(f);
     for (i = 0; i < TR_N_SPECS; i++) CHECK(strstr(help, tr_specs[i].name) != NULL, "--help misses --%s", tr_specs[i].name);
+    return 0;
+}
+
+/* ---- the trainer in a child process: what exits, crashes or is killed ---- */
+
+#define T_CHILD_LOG "test_tmp_child.txt"
+
+/* Runs fn(arg) in a forked child with its stdout and stderr in
+ * T_CHILD_LOG, and copies that output into out (NUL-terminated). Returns
+ * fn's exit status, or -N when the child died from signal N. The child is
+ * single-threaded: libgomp's thread pool belongs to the parent, and a forked
+ * child that starts a team of threads hangs. */
+static int t_in_child(int (*fn)(void *), void *arg, char *out, size_t out_size) {
+    int status = 0, fd;
+    size_t n = 0;
+    FILE *f;
+    pid_t pid;
+    fflush(NULL); /* or the child's exit() writes the parent's buffered output again */
+    pid = fork();
+    if (pid < 0) return -1000;
+    if (pid == 0) {
+        fd = open(T_CHILD_LOG, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(111);
+#ifdef _OPENMP
+        omp_set_num_threads(1);
+#endif
+        exit(fn(arg));
+    }
+    if (waitpid(pid, &status, 0) != pid) return -1001;
+    if (out_size) {
+        f = fopen(T_CHILD_LOG, "r");
+        n = f ? fread(out, 1, out_size - 1, f) : 0;
+        if (f) fclose(f);
+        out[n] = 0;
+    }
+    remove(T_CHILD_LOG);
+    return WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+static int t_cli_main(void *cmdline) {
+    char buf[2048], *argv[160], *save = NULL, *tok;
+    int argc = 0;
+    snprintf(buf, sizeof buf, "trainer %s", (const char *)cmdline);
+    for (tok = strtok_r(buf, " ", &save); tok && argc < 159; tok = strtok_r(NULL, " ", &save)) argv[argc++] = tok;
+    argv[argc] = NULL;
+    return tr_main(argc, argv);
+}
+
+/* `trainer CMDLINE` (split at spaces) in a child: its exit status (-N:
+ * killed by signal N), its output in out. */
+static int t_cli(const char *cmdline, char *out, size_t out_size) {
+    return t_in_child(t_cli_main, (void *)cmdline, out, out_size);
+}
+
+/* The command line's dispatch: help, an unknown command. */
+static int test_trainer_cli_commands(void) {
+    char out[16384];
+    int rc = t_cli("--help", out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "usage: trainer COMMAND") && strstr(out, "--engram-rows"),
+          "trainer --help: status %d, output %.200s", rc, out);
+    rc = t_cli("fly --steps 3", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "unknown command 'fly'"), "unknown command: status %d, output %.200s", rc, out);
     return 0;
 }
 
@@ -5477,6 +5542,7 @@ static const t_case t_cases[] = {
     T(test_trainer_corrupt_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_cli_options),
+    T(test_trainer_cli_commands),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula),
     T(test_adamw_sparse_rows_equal_dense),

@@ -3511,8 +3511,8 @@ static int tr_cmd_plot(const tr_opts *o) {
 /* main                                                                  */
 /* ===================================================================== */
 
-#ifndef TRAINER_NO_MAIN
-int main(int argc, char **argv) {
+/* The command line; tests run it in a child process (TRAINER_NO_MAIN). */
+static int tr_main(int argc, char **argv) {
     tr_opts o;
     char *pos[64];
     int n_pos = 0;
@@ -3542,4 +3542,7 @@ int main(int argc, char **argv) {
     fprintf(stderr, "trainer: unknown command '%s' (see trainer --help)\n", cmd);
     return 1;
 }
+
+#ifndef TRAINER_NO_MAIN
+int main(int argc, char **argv) { return tr_main(argc, argv); }
 #endif
