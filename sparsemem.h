@@ -1664,6 +1664,7 @@ SMDEF void sm_model_backward(sm_model *m);
 #ifndef SPARSEMEM_IMPLEMENTATION_DONE
 #define SPARSEMEM_IMPLEMENTATION_DONE
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -1987,7 +1988,14 @@ SMDEF sm_status sm_read_file(const char *path, unsigned char **data, size_t *siz
     unsigned char *buf;
     *data = NULL;
     *size = 0;
-    if (!f) return sm_fail(err, SM_ERR_IO, "cannot open %s", path);
+    if (!f) return sm_fail(err, SM_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    /* a folder opens too (POSIX), with a "size" of LONG_MAX: reading a byte
+     * is what tells it from a file */
+    if (getc(f) == EOF && ferror(f)) {
+        int e = errno;
+        fclose(f);
+        return sm_fail(err, SM_ERR_IO, "cannot read %s: %s", path, strerror(e));
+    }
     if (fseek(f, 0, SEEK_END) != 0 || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
         fclose(f);
         return sm_fail(err, SM_ERR_IO, "cannot determine the size of %s", path);
@@ -2039,9 +2047,10 @@ SMDEF sm_status sm_reader_open(sm_reader *r, const char *path, uint32_t magic,
     st = sm_read_file(path, &r->data, &r->size, err);
     if (st != SM_OK) return st;
     if (r->size < 16) {
+        size_t n = r->size;
         sm_reader_close(r);
         return sm_fail(err, SM_ERR_TRUNCATED, "%s %s: only %zu bytes, too short to be valid",
-                       what, path, r->size);
+                       what, path, n);
     }
     memcpy(&got_magic, r->data, 4);
     memcpy(&version, r->data + 4, 4);
@@ -3475,6 +3484,7 @@ SMDEF sm_status sm_corpus_split(const sm_corpus *c, float val_fraction, size_t *
     }
     /* the tolerance keeps 0.05f * 40 (= 2.00000003) at 2 documents */
     n_val = (size_t)ceil((double)val_fraction * (double)c->n_docs - 1e-6);
+    if (val_fraction > 0.0f && n_val < 1) n_val = 1;
     if (val_fraction > 0.0f && c->n_docs < 2)
         return sm_fail(err, SM_ERR_INVALID_ARG,
                        "split: %zu document(s) cannot give both a training and a validation set",
@@ -3491,7 +3501,8 @@ SMDEF sm_status sm_corpus_tokenize(const sm_bpe *b, const sm_corpus *c, size_t f
     sm_status st;
     memset(out, 0, sizeof *out);
     if (first >= last || last > c->n_docs)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "tokenize: documents [%zu, %zu) of %zu", first,
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "tokenize: no documents in [%zu, %zu) of a corpus of %zu documents", first,
                        last, c->n_docs);
     bytes = c->doc_offsets[last] - c->doc_offsets[first];
     if ((st = sm__tokens_alloc(out, bytes + (last - first), last - first, err))) return st;

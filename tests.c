@@ -199,6 +199,7 @@ static int test_file_roundtrip_and_corruption(void) {
     fwrite(bytes, 1, 9, fp);
     fclose(fp);
     CHECK(sm_reader_open(&r, path, 0x54534554u, 3, "test file", &err) == SM_ERR_TRUNCATED, "truncation accepted");
+    CHECK(strstr(err.msg, "only 9 bytes") != NULL, "the message misstates the size: %s", err.msg);
     free(bytes);
     /* an aborted write leaves the old file alone */
     CHECK_OK(sm_writer_open(&w, path, 0x54534554u, 3, &err));
@@ -209,6 +210,10 @@ static int test_file_roundtrip_and_corruption(void) {
     free(bytes);
     remove(path);
     CHECK(sm_reader_open(&r, "no/such/file", 1, 1, "test file", &err) == SM_ERR_IO, "missing file");
+    CHECK(strstr(err.msg, "no/such/file") && strstr(err.msg, strerror(ENOENT)), "missing file: %s", err.msg);
+    /* a folder opens as a FILE on POSIX systems; it must not read as a file of LONG_MAX bytes */
+    CHECK(sm_reader_open(&r, ".", 1, 1, "test file", &err) == SM_ERR_IO, "a folder read as a file: %s", err.msg);
+    CHECK(strstr(err.msg, strerror(EISDIR)) && !strstr(err.msg, "memory"), "a folder: %s", err.msg);
     return 0;
 }
 
@@ -1648,7 +1653,7 @@ static int test_data_corpus_split_tokenize(void) {
     char doc[128];
     sm_corpus c;
     sm_bpe b;
-    sm_tokens tr, va;
+    sm_tokens tr, va, none;
     sm_error e;
     size_t ntrain, d, i;
     unsigned char back[256];
@@ -1665,9 +1670,13 @@ static int test_data_corpus_split_tokenize(void) {
           "fraction 1.5: %s", e.msg);
     CHECK_OK(sm_corpus_split(&c, 1.0f, &ntrain, &e));
     CHECK(ntrain == 0, "fraction 1 (evaluation-only) kept %zu training documents", ntrain);
+    CHECK_OK(sm_corpus_split(&c, 1e-9f, &ntrain, &e)); /* ceil(4e-8 - tolerance) = 0 */
+    CHECK(ntrain == 39, "a fraction > 0 held out %zu documents, not at least one", 40 - ntrain);
     CHECK_OK(t_data_train(&b, (const char *)c.text, 300));
     CHECK_OK(sm_corpus_tokenize(&b, &c, 0, 38, &tr, &e));
     CHECK_OK(sm_corpus_tokenize(&b, &c, 38, 40, &va, &e));
+    CHECK(sm_corpus_tokenize(&b, &c, 40, 40, &none, &e) == SM_ERR_INVALID_ARG && strstr(e.msg, "no documents"),
+          "an empty range: %s", e.msg);
     CHECK(tr.n_docs == 38 && va.n_docs == 2 && tr.vocab_size == b.vocab_size, "docs");
     for (d = 0; d < 2; d++) {
         size_t s = va.doc_starts[d], end = d + 1 < 2 ? va.doc_starts[d + 1] : va.n_tokens, len;
