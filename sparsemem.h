@@ -155,13 +155,17 @@ SMDEF int sm_is_finite(float x);
 SMDEF int sm_all_finite(const float *x, size_t n);
 
 /* Atomic binary writer: writes PATH.tmp, and on commit appends the checksum,
- * flushes, and renames over PATH. On any failure the old file is untouched. */
+ * flushes, syncs it to the disk, renames it over PATH and syncs the folder
+ * (so the new file survives a power loss, not only a killed process). On
+ * any failure the old file is untouched. */
 typedef struct sm_writer {
     FILE *f;
     char path[1024];
     char tmp_path[1040];
     sm_checksum sum;
     int failed;
+    int durable; /* after a commit: 1 when the folder's sync succeeded too (some
+                    file systems refuse to sync a folder; the commit still stands) */
 } sm_writer;
 SMDEF sm_status sm_writer_open(sm_writer *w, const char *path, uint32_t magic,
                                uint32_t version, sm_error *err);
@@ -191,6 +195,10 @@ SMDEF sm_status sm_reader_u32(sm_reader *r, uint32_t *v, sm_error *err);
 SMDEF sm_status sm_reader_u64(sm_reader *r, uint64_t *v, sm_error *err);
 SMDEF sm_status sm_reader_f32(sm_reader *r, float *v, sm_error *err);
 SMDEF void sm_reader_close(sm_reader *r);
+
+/* Flushes a file's data, or a folder's entries, to the disk (fsync; on
+ * Windows files only). */
+SMDEF sm_status sm_sync_path(const char *path, sm_error *err);
 
 /* Whole-file read (NUL-terminated copy for convenience). */
 SMDEF sm_status sm_read_file(const char *path, unsigned char **data, size_t *size,
@@ -1674,6 +1682,12 @@ SMDEF void sm_model_backward(sm_model *m);
 #if defined(__linux__) && !defined(SM_NO_HUGEPAGES)
 #include <sys/mman.h> /* madvise(MADV_HUGEPAGE): see sm__advise_huge_pages */
 #endif
+#include <fcntl.h> /* sm_sync_path */
+#if defined(_WIN32)
+#include <io.h>
+#else
+#include <unistd.h>
+#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -2016,6 +2030,40 @@ SMDEF sm_status sm_read_file(const char *path, unsigned char **data, size_t *siz
     return SM_OK;
 }
 
+SMDEF sm_status sm_sync_path(const char *path, sm_error *err) {
+    int fd, rc, e;
+#if defined(_WIN32)
+    fd = _open(path, _O_RDWR | _O_BINARY); /* _commit needs write access */
+    rc = fd < 0 ? -1 : _commit(fd);
+    e = errno;
+    if (fd >= 0) _close(fd);
+#else
+    fd = open(path, O_RDONLY);
+    rc = fd < 0 ? -1 : fsync(fd);
+    e = errno;
+    if (fd >= 0) close(fd);
+#endif
+    if (rc != 0) return sm_fail(err, SM_ERR_IO, "cannot sync %s to the disk: %s", path, strerror(e));
+    return SM_OK;
+}
+
+/* Syncs the folder holding path (its entries: a rename into it); 1 when
+ * done. Windows cannot sync a folder, and NTFS journals the rename. */
+static int sm__sync_folder_of(const char *path) {
+#if defined(_WIN32)
+    (void)path;
+    return 1;
+#else
+    char folder[1024];
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(folder, sizeof folder, ".");
+    else snprintf(folder, sizeof folder, "%.*s", slash == path ? 1 : (int)(slash - path), path);
+    return sm_sync_path(folder, NULL) == SM_OK;
+#endif
+}
+
+/* Atomic and durable: the data is on the disk before the rename makes it
+ * the file, and the rename (the folder's entry) after. */
 SMDEF sm_status sm_writer_commit(sm_writer *w, sm_error *err) {
     uint64_t sum = sm_checksum_final(&w->sum);
     if (!w->failed && (fwrite(&sum, 8, 1, w->f) != 1 || fflush(w->f) != 0)) w->failed = 1;
@@ -2029,10 +2077,15 @@ SMDEF sm_status sm_writer_commit(sm_writer *w, sm_error *err) {
         return sm_fail(err, SM_ERR_IO, "cannot close %s", w->tmp_path);
     }
     w->f = NULL;
+    if (sm_sync_path(w->tmp_path, err) != SM_OK) {
+        remove(w->tmp_path);
+        return SM_ERR_IO;
+    }
     if (rename(w->tmp_path, w->path) != 0) {
         remove(w->tmp_path);
         return sm_fail(err, SM_ERR_IO, "cannot rename %s to %s", w->tmp_path, w->path);
     }
+    w->durable = sm__sync_folder_of(w->path);
     return SM_OK;
 }
 
