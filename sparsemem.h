@@ -1639,6 +1639,10 @@ typedef struct sm_model {
  * for batches of up to B_max sequences of cfg->seq_len tokens. */
 SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max, uint64_t seed,
                               sm_error *err);
+/* The parameter count (floats) of a model of this config, from the layout
+ * alone: nothing the size of the model is allocated. A loader checks a
+ * file's config against its payload with it before sm_model_init. */
+SMDEF sm_status sm_model_param_count(const sm_model_config *cfg, size_t *total, sm_error *err);
 SMDEF void sm_model_free(sm_model *m);
 /* Engram hashes compressed token ids: canon[V] maps each token to its
  * canonical id (from the tokenizer compression). Default: identity. */
@@ -7984,6 +7988,14 @@ static int sm__add_group(sm_params *p, const char *name, float lr, float wd, sm_
 
 static const char *const sm__sublayer_names[3] = {"engram", "attn", "ffn"};
 
+/* The layout only sizes a sparse table's row set; its memory comes with the
+ * parameters (sm__model_alloc_params), so a layout alone allocates nothing
+ * big (sm_model_param_count). */
+static void sm__plan_row_set(sm_row_set *s, size_t nrows) {
+    memset(s, 0, sizeof *s);
+    s->nrows = nrows;
+}
+
 static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err) {
     const sm_model_config *c = &m->cfg;
     size_t C = (size_t)c->d_model, F = (size_t)c->d_ff;
@@ -8017,10 +8029,10 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     }
     if (s->has_peer) { /* each PEER layer has its own expert table and row set */
         char prefix[32];
-        sm_status st = sm_row_set_init(&s->peer_rows, (size_t)c->peer.n_sub * c->peer.n_sub, err);
+        sm__plan_row_set(&s->peer_rows, (size_t)c->peer.n_sub * c->peer.n_sub);
         snprintf(prefix, sizeof prefix, "h%d.peer", l);
-        return st != SM_OK ? st : sm_peer_register(p, prefix, &c->peer, c->d_model, m->g_peer,
-                                                   m->g_peer, &s->peer_rows, &o->peer, err);
+        return sm_peer_register(p, prefix, &c->peer, c->d_model, m->g_peer, m->g_peer,
+                                &s->peer_rows, &o->peer, err);
     }
     return SM_OK;
 }
@@ -8041,7 +8053,7 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
         m->g_engram_table = sm_params_add_group(p, tg, err);
         m->g_engram_dense = sm__add_group(p, "engram_dense", c->lr, c->weight_decay, err);
         st = sm_ngram_hash_init(&m->hash, &c->engram.hash, err);
-        if (st == SM_OK) st = sm_row_set_init(&m->engram_rows, m->hash.total_rows, err);
+        if (st == SM_OK) sm__plan_row_set(&m->engram_rows, m->hash.total_rows);
         if (st == SM_OK)
             st = sm_engram_params_add_table(p, &m->engram_table, &m->hash, &c->engram,
                                             m->g_engram_table, &m->engram_rows, err);
@@ -8058,7 +8070,18 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     m->lnf_w = sm__add_param(p, "lnf_w", -1, C, m->g_backbone, 0, err);
     m->head_w = c->tied_head ? m->wte : sm__add_param(p, "head_w", -1, V * C, m->g_backbone, 1, err);
     if (m->head_w == (size_t)-1 || m->lnf_w == (size_t)-1) return SM_ERR_INVALID_ARG;
-    return sm_params_alloc(p, err);
+    return SM_OK;
+}
+
+/* The laid-out parameters: the sparse tables' row sets, then the buffers. */
+static sm_status sm__model_alloc_params(sm_model *m, sm_error *err) {
+    int i;
+    for (i = 0; i < m->params.n_tensors; i++) {
+        sm_row_set *rows = m->params.tensors[i].rows;
+        sm_status st = rows && !rows->mark ? sm_row_set_init(rows, rows->nrows, err) : SM_OK;
+        if (st != SM_OK) return st;
+    }
+    return sm_params_alloc(&m->params, err);
 }
 
 static void sm__fill_const(float *x, size_t n, float v) {
@@ -8264,9 +8287,26 @@ SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max
     m->cfg = *cfg;
     sm__model_plan(m);
     st = sm__model_layout(m, err);
+    if (st == SM_OK) st = sm__model_alloc_params(m, err);
     if (st == SM_OK) st = sm__model_alloc_acts(m, B_max, err);
     if (st == SM_OK) st = sm__model_init_weights(m, seed, err);
     if (st != SM_OK) sm_model_free(m);
+    return st;
+}
+
+SMDEF sm_status sm_model_param_count(const sm_model_config *cfg, size_t *total, sm_error *err) {
+    sm_model *m;
+    sm_status st = sm_model_validate(cfg, err);
+    *total = 0;
+    if (st != SM_OK) return st;
+    m = (sm_model *)sm_alloc(1, sizeof *m, "model layout", err);
+    if (!m) return SM_ERR_OOM;
+    m->cfg = *cfg;
+    sm__model_plan(m);
+    st = sm__model_layout(m, err);
+    if (st == SM_OK) *total = m->params.total;
+    sm_model_free(m);
+    sm_free(m);
     return st;
 }
 

@@ -590,6 +590,27 @@ static sm_model_config t_tiny_module_config(void) {
     return c;
 }
 
+/* The parameter count from the config alone is the built model's, and it
+ * allocates nothing of the model's size: two tables of 1.9e9 rows (60 GB of
+ * parameters, 19 GB of row sets) are counted, not allocated. */
+static int test_model_param_count_from_config(void) {
+    sm_model m;
+    sm_model_config cfg = t_tiny_module_config();
+    sm_error err;
+    size_t n = 0;
+    cfg.use_mhc = 1, cfg.mhc.n_streams = 2, cfg.mhc.channels = cfg.d_model;
+    CHECK_OK(sm_model_param_count(&cfg, &n, &err));
+    CHECK_OK(sm_model_init(&m, &cfg, 1, 1, &err));
+    CHECK(n == m.params.total, "counted %zu parameters, the model has %zu", n, m.params.total);
+    sm_model_free(&m);
+    cfg.engram.hash.table_rows = 0x70000000u, cfg.engram.hash.n_heads = 1;
+    CHECK(sm_model_param_count(&cfg, &n, &err) == SM_OK, "%s", err.msg);
+    CHECK(n > (size_t)2 * 4 * 0x70000000u, "%zu parameters for two tables of 0x70000000 rows", n);
+    cfg.n_head = 3;
+    CHECK(sm_model_param_count(&cfg, &n, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_head"), "%s", err.msg);
+    return 0;
+}
+
 /* Every tensor of a model with Engram (layer 1) and PEER (added to the MLP
  * of layer 0) against finite differences. */
 static int test_model_with_modules_gradient(void) {
@@ -877,6 +898,51 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     fwrite(bytes + 4, 1, n - 4, f);
     fclose(f);
     CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT, "wrong magic accepted");
+    sm_free(bytes);
+    remove("test_tmp_bad.ckpt");
+    return 0;
+}
+
+/* Writes bytes[0..n) to path with the trailing checksum recomputed, as a
+ * crafted file would have it. */
+static void t_write_with_checksum(const char *path, unsigned char *bytes, size_t n) {
+    uint64_t sum = sm_checksum64(bytes, n - 8);
+    FILE *f = fopen(path, "wb");
+    memcpy(bytes + n - 8, &sum, 8);
+    if (f) fwrite(bytes, 1, n, f), fclose(f);
+}
+
+/* A checkpoint whose config was edited (seq_len 16 -> 65535, checksum
+ * recomputed) once made sm_model_init allocate gigabytes before the
+ * parameter count was compared. Its header must be refused, naming the
+ * sizes, before any model exists. */
+static int test_trainer_crafted_checkpoint_refused(void) {
+    const size_t at = 8 + 4 + offsetof(sm_model_config, seq_len); /* magic, version, config size */
+    sm_reader rd;
+    sm_model_config cfg;
+    tr_opts o;
+    sm_error err;
+    unsigned char *bytes;
+    size_t n, implied;
+    int32_t seq_len = 65535;
+    uint64_t total;
+    CHECK_OK(sm_read_file("test_tmp_run_a/model.ckpt", &bytes, &n, &err));
+    memcpy(&seq_len, bytes + at, 4);
+    CHECK(seq_len == 16, "seq_len is not where the test expects it (%d)", seq_len);
+    seq_len = 65535;
+    memcpy(bytes + at, &seq_len, 4);
+    t_write_with_checksum("test_tmp_bad.ckpt", bytes, n);
+    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT,
+          "a checkpoint whose config implies other sizes was accepted");
+    CHECK(strstr(err.msg, "seq_len 65535") && strstr(err.msg, "parameters"), "message: %s", err.msg);
+    /* the stored count edited to match as well: the file is too small for it */
+    memcpy(&cfg, bytes + 12, sizeof cfg);
+    CHECK_OK(sm_model_param_count(&cfg, &implied, &err));
+    total = implied;
+    memcpy(bytes + 12 + sizeof cfg + 4 + sizeof(tr_opts) + 16, &total, 8);
+    t_write_with_checksum("test_tmp_bad.ckpt", bytes, n);
+    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_TRUNCATED &&
+              strstr(err.msg, "do not fit"), "a file too small for its parameters: %s", err.msg);
     sm_free(bytes);
     remove("test_tmp_bad.ckpt");
     return 0;
@@ -5547,6 +5613,7 @@ static const t_case t_cases[] = {
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),
+    T(test_model_param_count_from_config),
     T(test_model_with_modules_gradient), T(test_model_two_peer_layers_update_own_rows),
     T(test_model_with_mhc_gradient),
     T(test_model_mhc_starts_near_baseline),
@@ -5554,6 +5621,7 @@ static const t_case t_cases[] = {
     T(test_trainer_schedule_parser),
     T(test_trainer_resume_is_bitwise),
     T(test_trainer_corrupt_checkpoint_refused),
+    T(test_trainer_crafted_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_cli_options),
     T(test_trainer_cli_commands),

@@ -2537,21 +2537,69 @@ static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const cha
     return sm_writer_commit(&w, err);
 }
 
+/* What a checkpoint's header asks for, checked before anything is built
+ * from it: a checksum is no defence against a crafted file (anyone can
+ * recompute one), and the config decides how much the model allocates. The
+ * config must be valid, the parameter count it implies must be the stored
+ * one, and the file must hold that many parameters and both Adam moments.
+ * The options' strings must end inside their fields. */
+static sm_status tr_check_checkpoint_sizes(const sm_reader *rd, const sm_model_config *cfg,
+                                           const tr_opts *o, sm_error *err) {
+    size_t expect, left = rd->size - rd->pos;
+    uint64_t total;
+    sm_error why = {SM_OK, ""};
+    int i;
+    for (i = 0; i < TR_N_SPECS; i++)
+        if (tr_specs[i].kind == O_STR && !memchr((const char *)o + tr_specs[i].offset, 0, tr_specs[i].size))
+            return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: its --%s is not a terminated string", rd->path,
+                           tr_specs[i].name);
+    if (sm_model_param_count(cfg, &expect, &why) != SM_OK)
+        return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: invalid model config: %.150s", rd->path, why.msg);
+    if (left < 24)
+        return sm_fail(err, SM_ERR_TRUNCATED, "checkpoint %s: ends after its options", rd->path);
+    memcpy(&total, rd->data + rd->pos + 16, 8); /* after the step and the Adam step */
+    if (total != expect)
+        return sm_fail(err, SM_ERR_FORMAT,
+                       "checkpoint %s: its config (seq_len %d, d_model %d, vocab %d, %d layers) has %zu "
+                       "parameters, the file stores %llu", rd->path, cfg->seq_len, cfg->d_model,
+                       cfg->vocab_size, cfg->n_layer, expect, (unsigned long long)total);
+    if (expect > (left - 24) / (3 * sizeof(float)))
+        return sm_fail(err, SM_ERR_TRUNCATED, "checkpoint %s: %zu parameters and their Adam moments do not fit "
+                       "in its %zu bytes", rd->path, expect, left);
+    return SM_OK;
+}
+
 /* Reads a checkpoint's config and options (to build the model). */
 static sm_status tr_read_checkpoint_header(sm_reader *rd, const char *path, sm_model_config *cfg,
                                            tr_opts *o, sm_error *err) {
     uint32_t n = 0;
     sm_status st = sm_reader_open(rd, path, TR_CKPT_MAGIC, TR_CKPT_VERSION, "checkpoint", err);
-    if (st != SM_OK) return st;
-    if ((st = sm_reader_u32(rd, &n, err)) != SM_OK) return st;
-    if (n != sizeof *cfg)
-        return sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: model config of %u bytes, this build uses %zu (written by another version)",
-                       path, n, sizeof *cfg);
-    if ((st = sm_reader_bytes(rd, cfg, sizeof *cfg, err)) != SM_OK) return st;
-    if ((st = sm_reader_u32(rd, &n, err)) != SM_OK) return st;
-    if (n != sizeof *o)
-        return sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: options of %u bytes, this build uses %zu", path, n, sizeof *o);
-    return sm_reader_bytes(rd, o, sizeof *o, err);
+    if (st == SM_OK) st = sm_reader_u32(rd, &n, err);
+    if (st == SM_OK && n != sizeof *cfg)
+        st = sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: model config of %u bytes, this build uses %zu (written by another version)",
+                     path, n, sizeof *cfg);
+    if (st == SM_OK) st = sm_reader_bytes(rd, cfg, sizeof *cfg, err);
+    if (st == SM_OK) st = sm_reader_u32(rd, &n, err);
+    if (st == SM_OK && n != sizeof *o)
+        st = sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: options of %u bytes, this build uses %zu", path, n, sizeof *o);
+    if (st == SM_OK) st = sm_reader_bytes(rd, o, sizeof *o, err);
+    if (st == SM_OK) st = tr_check_checkpoint_sizes(rd, cfg, o, err);
+    if (st != SM_OK) sm_reader_close(rd);
+    return st;
+}
+
+/* The parameter groups (their lrs and multipliers), which must be the
+ * model's own groups in its order. */
+static sm_status tr_read_groups(sm_reader *rd, sm_params *p, sm_error *err) {
+    sm_param_group g[SM_MAX_GROUPS];
+    int i;
+    sm_status st = sm_reader_bytes(rd, g, sizeof(sm_param_group) * (size_t)p->n_groups, err);
+    for (i = 0; st == SM_OK && i < p->n_groups; i++)
+        if (strncmp(g[i].name, p->groups[i].name, sizeof g[i].name) != 0)
+            return sm_fail(err, SM_ERR_MISMATCH, "checkpoint: parameter group %d is '%.31s', the model's '%s'",
+                           i, g[i].name, p->groups[i].name);
+    if (st == SM_OK) memcpy(p->groups, g, sizeof(sm_param_group) * (size_t)p->n_groups);
+    return st;
 }
 
 /* Reads the rest into a model built from the same config. */
@@ -2573,7 +2621,7 @@ static sm_status tr_read_checkpoint_state(sm_reader *rd, tr_run *r, sm_error *er
         return st;
     if ((int)n_groups != p->n_groups)
         return sm_fail(err, SM_ERR_MISMATCH, "checkpoint has %u parameter groups, the model %d", n_groups, p->n_groups);
-    if ((st = sm_reader_bytes(rd, p->groups, sizeof(sm_param_group) * n_groups, err)) != SM_OK ||
+    if ((st = tr_read_groups(rd, p, err)) != SM_OK ||
         (st = sm_reader_bytes(rd, &r->loader.state, sizeof r->loader.state, err)) != SM_OK ||
         (st = sm_reader_bytes(rd, &r->coord, sizeof r->coord, err)) != SM_OK ||
         (st = sm_reader_bytes(rd, &r->train_avg, sizeof r->train_avg, err)) != SM_OK ||
