@@ -445,6 +445,8 @@ typedef struct sm_corpus {
 } sm_corpus;
 
 SMDEF sm_status sm_corpus_load(sm_corpus *c, const char *path, sm_error *err);
+/* Length of the longest valid UTF-8 prefix of s[0..n): n for valid text. */
+SMDEF size_t sm_utf8_valid_prefix(const unsigned char *s, size_t n);
 /* Copies text[0..n) and splits it at form feeds, as for a single file. */
 SMDEF sm_status sm_corpus_from_text(sm_corpus *c, const unsigned char *text, size_t n,
                                     sm_error *err);
@@ -3087,6 +3089,13 @@ static size_t sm__utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
     if (c < min_cp[len] || c > 0x10ffff || (c >= 0xd800 && c <= 0xdfff)) return 0;
     *cp = c;
     return len;
+}
+
+SMDEF size_t sm_utf8_valid_prefix(const unsigned char *s, size_t n) {
+    size_t i = 0, len;
+    uint32_t cp;
+    while (i < n && (len = sm__utf8_decode(s + i, n - i, &cp)) > 0) i += len;
+    return i;
 }
 
 static size_t sm__utf8_encode(uint32_t c, unsigned char *out) {

@@ -998,7 +998,7 @@ static int test_trainer_cli_options(void) {
     CHECK(tr_parse(&o, 2, gpu, pos, &n_pos) != 0, "--device cuda accepted by a build without CUDA");
     f = tmpfile();
     CHECK(f != NULL, "tmpfile");
-    tr_usage(f);
+    tr_usage(f, -1);
     rewind(f);
     n = fread(help, 1, sizeof help - 1, f);
     help[n] = 0;
@@ -1066,6 +1066,110 @@ static int test_trainer_cli_commands(void) {
           "trainer --help: status %d, output %.200s", rc, out);
     rc = t_cli("fly --steps 3", out, sizeof out);
     CHECK(rc == 1 && strstr(out, "unknown command 'fly'"), "unknown command: status %d, output %.200s", rc, out);
+    return 0;
+}
+
+/* Every numeric option has a range; values outside it, malformed numbers
+ * and numbers that do not fit their field are refused with a message that
+ * names the option, before they reach any arithmetic. */
+static int test_trainer_cli_option_ranges(void) {
+    static const char *const bad[][2] = {
+        /* command line, what the message must say */
+        {"sample --ckpt test_tmp_run_a/model.ckpt --prompt the_state_of_the_union --tokens -3", "--tokens -3 is out of range"},
+        {"train --min-lr-ratio -1 --warmup 0", "--min-lr-ratio -1 is out of range: it takes values in [0, 1]"},
+        {"train --batch 4294967297", "--batch 4294967297 is out of range"},
+        {"train --seq 4294967424", "--seq 4294967424 is out of range"},
+        {"train --steps 0", "--steps 0 is out of range"},
+        {"train --steps -5", "--steps -5 is out of range"},
+        {"train --nine -1", "--nine -1 is out of range"},
+        {"train --mhc -4", "--mhc -4 is out of range"},
+        {"train --mhc 17", "--mhc 17 is out of range"},
+        {"train --d-ff -1", "--d-ff -1 is out of range"},
+        {"train --warmup -1", "--warmup -1 is out of range"},
+        {"train --stop-after -1", "--stop-after -1 is out of range"},
+        {"train --coord-every -1", "--coord-every -1 is out of range"},
+        {"sample --top-k -1", "--top-k -1 is out of range"},
+        {"sample --top-k 33", "--top-k 33 is out of range"},
+        {"sample --temperature 0", "--temperature 0 is out of range: it takes values in (0, 100]"},
+        {"sample --temperature -1", "--temperature -1 is out of range"},
+        {"sample --temperature nan", "--temperature expects a finite number"},
+        {"train --lr 1e39", "--lr expects a finite number"},
+        {"train --engram-rows -5", "--engram-rows -5 is out of range"},
+        {"tokenize --val-frac 0", "--val-frac 0 is out of range"},
+        {"train --seed -1", "--seed expects a whole number >= 0"},
+        {"train --seed 18446744073709551616", "--seed 18446744073709551616 is out of range"},
+        {"train --batch 8.5", "--batch expects a whole number"},
+    };
+    char out[16384], many[1024] = "train";
+    char a0[] = "--batch", a1[] = "65536", a2[] = "--temperature", a3[] = "1e-3", a4[] = "--val-frac", a5[] = "1";
+    char a6[] = "--seed", a7[] = "18446744073709551615", a8[] = "--mhc", a9[] = "16";
+    char *edge[] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9}, *pos[10];
+    tr_opts o;
+    int i, rc, n_pos, ids[8];
+    char msg[256];
+    sm_model_config cfg;
+    for (i = 0; i < (int)(sizeof bad / sizeof bad[0]); i++) {
+        rc = t_cli(bad[i][0], out, sizeof out);
+        CHECK(rc == 1 && strstr(out, bad[i][1]), "trainer %s: status %d, output: %.300s", bad[i][0], rc, out);
+    }
+    tr_defaults(&o); /* the ends of the ranges are accepted */
+    CHECK(tr_parse(&o, 10, edge, pos, &n_pos) == 0, "values at the ends of their ranges refused");
+    CHECK(o.batch == 65536 && o.temperature == 1e-3f && o.val_frac == 1.0f && o.seed == 18446744073709551615ULL &&
+              o.mhc_streams == 16, "edge values stored wrong");
+    for (i = 0; i < TR_N_SPECS; i++) /* an option added without a range would refuse everything */
+        CHECK(tr_specs[i].kind == O_STR || tr_specs[i].kind == O_FLAG || tr_specs[i].lo < tr_specs[i].hi,
+              "--%s has no range", tr_specs[i].name);
+    /* more than 64 arguments */
+    for (i = 0; i < 70; i++) strcat(many, " --quiet");
+    strcat(many, " --steps 0");
+    rc = t_cli(many, out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "--steps 0 is out of range"), "71 arguments: status %d, output: %.300s", rc, out);
+    /* layer lists: "1," is not a list */
+    CHECK(tr_parse_layers("1,3", ids, 8) == 2 && ids[0] == 1 && ids[1] == 3, "1,3");
+    CHECK(tr_parse_layers("1,", ids, 8) < 0 && tr_parse_layers(",1", ids, 8) < 0 && tr_parse_layers("1,,3", ids, 8) < 0 &&
+              tr_parse_layers("-1", ids, 8) < 0 && tr_parse_layers("1;3", ids, 8) < 0, "a malformed layer list parsed");
+    tr_defaults(&o);
+    snprintf(o.engram_layers, sizeof o.engram_layers, "1,");
+    CHECK(tr_model_config(&o, 300, &cfg, msg, sizeof msg) != 0 && strstr(msg, "--engram"), "--engram 1,: %s", msg);
+    return 0;
+}
+
+/* Each message says what is wrong: per-command help, a folder or a stub
+ * given as a file, binary data as text, a report with nothing in it. */
+static int test_trainer_cli_messages(void) {
+    char out[16384];
+    int rc;
+    FILE *f;
+    unsigned char junk[4096];
+    sm_rng r;
+    size_t i;
+    rc = t_cli("eval --help", out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "usage: trainer eval --ckpt") && strstr(out, "--tag"), "eval --help: status %d, %.300s", rc, out);
+    rc = t_cli("eval --ckpt .", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, strerror(EISDIR)) && !strstr(out, "memory"), "a folder as --ckpt: %.300s", out);
+    t_write_corpus("test_tmp_corpus_cli.txt", 4);
+    rc = t_cli("tokenize --data test_tmp_corpus_cli.txt --out test_tmp_tok_cli --vocab 300 --tokenizer .", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, strerror(EISDIR)) && !strstr(out, "memory"), "a folder as --tokenizer: %.300s", out);
+    f = fopen("test_tmp_7.ckpt", "wb");
+    CHECK(f && fwrite("SMCK\1\0\0", 1, 7, f) == 7, "write");
+    fclose(f);
+    rc = t_cli("eval --ckpt test_tmp_7.ckpt", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "only 7 bytes"), "a 7-byte checkpoint: %.300s", out);
+    sm_rng_seed(&r, 9);
+    for (i = 0; i < sizeof junk; i++) junk[i] = (unsigned char)sm_rng_below(&r, 256);
+    f = fopen("test_tmp_junk.bin", "wb");
+    CHECK(f && fwrite(junk, 1, sizeof junk, f) == sizeof junk, "write");
+    fclose(f);
+    rc = t_cli("tokenize --data test_tmp_junk.bin --out test_tmp_tok_cli --vocab 300", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "not UTF-8 text"), "binary data as --data: status %d, %.300s", rc, out);
+    CHECK(sm_utf8_valid_prefix((const unsigned char *)"a\xc3\xa9" "b", 4) == 4 &&
+              sm_utf8_valid_prefix((const unsigned char *)"a\xc3", 2) == 1 &&
+              sm_utf8_valid_prefix((const unsigned char *)"ab\xff", 3) == 2, "sm_utf8_valid_prefix");
+    rc = t_cli("report --out test_tmp_report_cli test_tmp_no_run", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "nothing to report"), "report without runs: status %d, %.300s", rc, out);
+    CHECK(!tr_exists("test_tmp_report_cli"), "an empty report folder was made");
+    remove("test_tmp_corpus_cli.txt"), remove("test_tmp_7.ckpt"), remove("test_tmp_junk.bin");
+    t_remove_tree("test_tmp_tok_cli");
     return 0;
 }
 
@@ -5625,6 +5729,8 @@ static const t_case t_cases[] = {
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_cli_options),
     T(test_trainer_cli_commands),
+    T(test_trainer_cli_option_ranges),
+    T(test_trainer_cli_messages),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula),
     T(test_adamw_sparse_rows_equal_dense),

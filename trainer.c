@@ -6,7 +6,7 @@
  *   trainer sample   --ckpt RUN_DIR/model.ckpt [--prompt TEXT]
  *   trainer report   --out REPORT_DIR RUN_DIR...
  *   trainer plot     --data LOG.csv --y COL,COL --out CHART.png
- *   trainer --help   every option, with its default
+ *   trainer --help   every option, with its default and range (COMMAND --help: one command)
  *
  * A GPT-style model (sparsemem.h) with optional Engram, PEER and mHC
  * modules, trained on CPU (or the GPU: --device cuda in a build with
@@ -1527,29 +1527,42 @@ typedef struct {
 
 typedef enum { O_INT, O_LONG, O_FLOAT, O_STR, O_FLAG, O_U64 } tr_opt_kind;
 
+/* One option: its field, and for a number the values it accepts, [lo, hi]
+ * or with lo_open (lo, hi]. A value out of range is an error naming the
+ * option and the range, before it reaches any arithmetic. */
 typedef struct {
     const char *name;
     tr_opt_kind kind;
     size_t offset, size;
+    double lo, hi;
+    int lo_open;
     const char *help;
 } tr_opt_spec;
 
-#define OPT(name, kind, field, help) {name, kind, offsetof(tr_opts, field), sizeof(((tr_opts *)0)->field), help}
+#define TR_FIELD(field) offsetof(tr_opts, field), sizeof(((tr_opts *)0)->field)
+/* a string or a flag */
+#define OPT(name, kind, field, help) {name, kind, TR_FIELD(field), 0, 0, 0, help}
+/* a number in [lo, hi]; NUM_GT: in (lo, hi] */
+#define NUM(name, kind, field, lo, hi, help) {name, kind, TR_FIELD(field), lo, hi, 0, help}
+#define NUM_GT(name, kind, field, lo, hi, help) {name, kind, TR_FIELD(field), lo, hi, 1, help}
+#define TR_STEPS_MAX 1e9 /* step counts and intervals */
+#define TR_U32_MAX 4294967295.0
+#define TR_U64_MAX 18446744073709551615.0
 
 static const tr_opt_spec tr_specs[] = {
     OPT("data", O_STR, data, "text file/folder, or a folder made by `tokenize`"),
     OPT("out", O_STR, out, "output folder (run, tokenized data, or report)"),
     OPT("ckpt", O_STR, ckpt, "checkpoint file (eval, sample)"),
     OPT("resume", O_FLAG, resume, "continue from OUT/model.ckpt"),
-    OPT("stop-after", O_LONG, stop_after, "stop with a checkpoint after this step (0 = run to the end)"),
+    NUM("stop-after", O_LONG, stop_after, 0, TR_STEPS_MAX, "stop with a checkpoint after this step (0 = run to the end)"),
     OPT("preset", O_STR, preset, "model/training preset: tiny | small | gpt2s"),
-    OPT("seed", O_U64, seed, "model initialisation seed"),
-    OPT("data-seed", O_U64, data_seed, "batch sampling seed"),
-    OPT("threads", O_INT, threads, "OpenMP threads (0 = all cores)"),
+    NUM("seed", O_U64, seed, 0, TR_U64_MAX, "model initialisation seed"),
+    NUM("data-seed", O_U64, data_seed, 0, TR_U64_MAX, "batch sampling seed"),
+    NUM("threads", O_INT, threads, 0, 4096, "OpenMP threads (0 = all cores)"),
     OPT("device", O_STR, device, "train on: cpu | cuda (a build with CUDA: make trainer_cuda)"),
     OPT("quiet", O_FLAG, quiet, "no progress line"),
-    OPT("vocab", O_INT, vocab, "BPE vocabulary size (tokenize)"),
-    OPT("val-frac", O_FLOAT, val_frac, "fraction of documents held out for validation"),
+    NUM("vocab", O_INT, vocab, SM_BPE_MIN_VOCAB, SM_BPE_MAX_VOCAB, "BPE vocabulary size (tokenize)"),
+    NUM_GT("val-frac", O_FLOAT, val_frac, 0, 1, "fraction of documents held out for validation (1 = all: an evaluation set)"),
     OPT("tokenizer", O_STR, tokenizer, "tokenize: reuse this tokenizer.bin instead of training one"),
     OPT("tag", O_STR, tag, "eval: also write RUN/eval_TAG.json (e.g. a cross-domain set)"),
     OPT("baseline", O_STR, baseline, "report: the run label the others are compared with"),
@@ -1557,50 +1570,50 @@ static const tr_opt_spec tr_specs[] = {
     OPT("y", O_STR, y_cols, "plot: y columns of the CSV, comma-separated"),
     OPT("title", O_STR, title, "plot: chart title"),
     OPT("log-y", O_FLAG, log_y, "plot: logarithmic y axis"),
-    OPT("layers", O_INT, n_layer, "transformer layers"),
-    OPT("d-model", O_INT, d_model, "model width"),
-    OPT("heads", O_INT, n_head, "attention heads"),
-    OPT("d-ff", O_INT, d_ff, "MLP hidden width (0 = 4 x d-model)"),
-    OPT("seq", O_INT, seq_len, "sequence length T"),
-    OPT("batch", O_INT, batch, "sequences per step B"),
-    OPT("steps", O_LONG, steps, "training steps"),
-    OPT("lr", O_FLOAT, lr, "peak learning rate (backbone)"),
-    OPT("lr-engram", O_FLOAT, lr_engram, "Engram lr (< 0: same as --lr; its table trains at 5x)"),
-    OPT("lr-peer", O_FLOAT, lr_peer, "PEER lr (< 0: same as --lr)"),
-    OPT("lr-mhc", O_FLOAT, lr_mhc, "mHC lr (< 0: same as --lr)"),
-    OPT("min-lr-ratio", O_FLOAT, min_lr_ratio, "cosine schedule floor, as a fraction of the peak"),
-    OPT("warmup", O_LONG, warmup, "linear warmup steps"),
-    OPT("weight-decay", O_FLOAT, weight_decay, "AdamW weight decay (matrices only)"),
-    OPT("grad-clip", O_FLOAT, grad_clip, "global gradient-norm clip (0 = off)"),
-    OPT("eval-every", O_LONG, eval_every, "steps between evaluations"),
-    OPT("eval-batches", O_INT, eval_batches, "validation batches per eval (0 = all of it)"),
-    OPT("ckpt-every", O_LONG, ckpt_every, "steps between checkpoints (0 = only at the end)"),
+    NUM("layers", O_INT, n_layer, 1, SM_MAX_SUBLAYERS / 3, "transformer layers"),
+    NUM("d-model", O_INT, d_model, 1, 65536, "model width"),
+    NUM("heads", O_INT, n_head, 1, 65536, "attention heads"),
+    NUM("d-ff", O_INT, d_ff, 0, 1 << 20, "MLP hidden width (0 = 4 x d-model)"),
+    NUM("seq", O_INT, seq_len, 1, 65536, "sequence length T"),
+    NUM("batch", O_INT, batch, 1, 65536, "sequences per step B"),
+    NUM("steps", O_LONG, steps, 1, TR_STEPS_MAX, "training steps"),
+    NUM_GT("lr", O_FLOAT, lr, 0, 10, "peak learning rate (backbone)"),
+    NUM("lr-engram", O_FLOAT, lr_engram, -1, 10, "Engram lr (< 0: same as --lr; its table trains at 5x)"),
+    NUM("lr-peer", O_FLOAT, lr_peer, -1, 10, "PEER lr (< 0: same as --lr)"),
+    NUM("lr-mhc", O_FLOAT, lr_mhc, -1, 10, "mHC lr (< 0: same as --lr)"),
+    NUM("min-lr-ratio", O_FLOAT, min_lr_ratio, 0, 1, "cosine schedule floor, as a fraction of the peak"),
+    NUM("warmup", O_LONG, warmup, 0, TR_STEPS_MAX, "linear warmup steps"),
+    NUM("weight-decay", O_FLOAT, weight_decay, 0, 10, "AdamW weight decay (matrices only)"),
+    NUM("grad-clip", O_FLOAT, grad_clip, 0, 1e6, "global gradient-norm clip (0 = off)"),
+    NUM("eval-every", O_LONG, eval_every, 0, TR_STEPS_MAX, "steps between evaluations (0 = only at the end)"),
+    NUM("eval-batches", O_INT, eval_batches, 0, TR_STEPS_MAX, "validation batches per eval (0 = all of it)"),
+    NUM("ckpt-every", O_LONG, ckpt_every, 0, TR_STEPS_MAX, "steps between checkpoints (0 = only at the end)"),
     OPT("engram", O_STR, engram_layers, "Engram at these layers, e.g. 1 or 1,3 (empty = off)"),
-    OPT("engram-rows", O_LONG, engram_rows, "Engram table rows per head (a prime >= it is used)"),
-    OPT("engram-heads", O_INT, engram_heads, "Engram hash heads per n-gram order"),
-    OPT("engram-d-head", O_INT, engram_d_head, "Engram row width per head"),
+    NUM("engram-rows", O_LONG, engram_rows, 2, 2147483648.0, "Engram table rows per head (a prime >= it is used)"),
+    NUM("engram-heads", O_INT, engram_heads, 1, SM_NGRAM_MAX_HEADS, "Engram hash heads per n-gram order"),
+    NUM("engram-d-head", O_INT, engram_d_head, 1, 4096, "Engram row width per head"),
     OPT("engram-shared", O_FLAG, engram_shared, "one Engram table for all Engram layers"),
     OPT("engram-no-sqrt", O_FLAG, engram_no_sqrt, "plain gate (paper) instead of signed sqrt"),
-    OPT("nine", O_LONG, nine, "Engram-Nine hot tier: top-N n-grams per order (0 = off); iso-parameter with --engram-rows"),
-    OPT("hot-labels", O_LONG, hot_labels, "hash-only Engram: label the top-N n-grams hot for route-stratified eval"),
+    NUM("nine", O_LONG, nine, 0, TR_U32_MAX, "Engram-Nine hot tier: top-N n-grams per order (0 = off); iso-parameter with --engram-rows"),
+    NUM("hot-labels", O_LONG, hot_labels, 0, TR_U32_MAX, "hash-only Engram: label the top-N n-grams hot for route-stratified eval"),
     OPT("nine-route", O_STR, nine_route, "hot-tier indexing: mphf (collision-free) | membership (hashed)"),
     OPT("nine-hot-key", O_FLAG, nine_hot_key, "separate W_K for hot-tier memory (variant)"),
     OPT("nine-hot-gate", O_FLAG, nine_hot_gate, "feed a hot-tier indicator to the gate (variant)"),
     OPT("peer", O_STR, peer_layers, "PEER at these layers (empty = off)"),
-    OPT("peer-sqrt-experts", O_INT, peer_experts_sqrt, "s: PEER has s*s experts"),
-    OPT("peer-heads", O_INT, peer_heads, "PEER retrieval heads"),
-    OPT("peer-topk", O_INT, peer_topk, "PEER experts per head"),
-    OPT("peer-d-key", O_INT, peer_d_key, "PEER query/key width"),
+    NUM("peer-sqrt-experts", O_INT, peer_experts_sqrt, 1, SM_PEER_MAX_SUB, "s: PEER has s*s experts"),
+    NUM("peer-heads", O_INT, peer_heads, 1, 4096, "PEER retrieval heads"),
+    NUM("peer-topk", O_INT, peer_topk, 1, SM_TOPK_MAX, "PEER experts per head"),
+    NUM("peer-d-key", O_INT, peer_d_key, 2, 65536, "PEER query/key width (even)"),
     OPT("peer-add", O_FLAG, peer_add, "add PEER to the MLP instead of replacing it"),
-    OPT("mhc", O_INT, mhc_streams, "mHC residual streams (0 = off, 4 = paper)"),
+    NUM("mhc", O_INT, mhc_streams, 0, SM_SINKHORN_MAX_N, "mHC residual streams (0 = off, 4 = paper)"),
     OPT("mhc-static", O_FLAG, mhc_static, "static mHC maps (no input dependence)"),
     OPT("strategy", O_STR, strategy, "joint | freeze | differential | auto (see --schedule)"),
     OPT("schedule", O_STR, schedule, "phases 'START:module=lr,...;...' (START a step or N%)"),
-    OPT("coord-every", O_INT, coord_every, "steps between automatic lr adjustments (auto)"),
+    NUM("coord-every", O_INT, coord_every, 0, TR_STEPS_MAX, "steps between automatic lr adjustments (auto; 0 = never)"),
     OPT("prompt", O_STR, prompt, "sample: text to continue"),
-    OPT("tokens", O_INT, sample_tokens, "sample: tokens to generate"),
-    OPT("temperature", O_FLOAT, temperature, "sample: softmax temperature"),
-    OPT("top-k", O_INT, top_k, "sample: keep the k most likely tokens (0 = all)"),
+    NUM("tokens", O_INT, sample_tokens, 1, 1000000, "sample: tokens to generate"),
+    NUM_GT("temperature", O_FLOAT, temperature, 0, 100, "sample: softmax temperature"),
+    NUM("top-k", O_INT, top_k, 0, SM_TOPK_MAX, "sample: keep the k most likely tokens (0 = all)"),
 };
 #define TR_N_SPECS ((int)(sizeof tr_specs / sizeof tr_specs[0]))
 
@@ -1644,24 +1657,52 @@ static int tr_apply_preset(tr_opts *o, const char *name) {
     return 0;
 }
 
-static void tr_usage(FILE *f) {
+/* The commands: name, arguments, what it does. */
+static const char *const tr_commands[][3] = {
+    {"tokenize", "--data TEXT_PATH --out DIR [--vocab N --val-frac F --tokenizer FILE]",
+     "train a BPE tokenizer on --data and write tokenizer + train/val tokens to --out"},
+    {"train", "--data DIR_OR_TEXT --out RUN_DIR [options]",
+     "train a model on --data (tokenized folder, or text: tokenized first) into --out"},
+    {"eval", "--ckpt RUN_DIR/model.ckpt [--data DIR --tag TAG]", "evaluate --ckpt on the validation split of --data"},
+    {"sample", "--ckpt RUN_DIR/model.ckpt [--prompt TEXT --tokens N]", "generate text from --ckpt"},
+    {"report", "--out DIR RUN_DIR...", "tables + plots from finished runs"},
+    {"plot", "--data F.csv --x step --y a,b --out F.png", "a line chart of CSV columns"},
+};
+#define TR_N_COMMANDS ((int)(sizeof tr_commands / sizeof tr_commands[0]))
+
+static int tr_command_index(const char *cmd) {
+    int c;
+    for (c = 0; c < TR_N_COMMANDS; c++)
+        if (strcmp(tr_commands[c][0], cmd) == 0) return c;
+    return -1;
+}
+
+/* "[1, 65536]", "(0, 10]": the values a numeric option accepts. */
+static void tr_format_range(const tr_opt_spec *s, char *out, size_t n) {
+    if (s->kind == O_FLOAT)
+        snprintf(out, n, "%s%g, %g]", s->lo_open ? "(" : "[", s->lo, s->hi);
+    else
+        snprintf(out, n, "%s%.0f, %.0f]", s->lo_open ? "(" : "[", s->lo, s->hi);
+}
+
+/* Every option with its default and range; for one command (cmd >= 0)
+ * its arguments first, else the list of commands. */
+static void tr_usage(FILE *f, int cmd) {
     int i;
     tr_opts d;
     tr_defaults(&d);
-    fprintf(f,
-            "usage: trainer COMMAND [options]\n\n"
-            "commands:\n"
-            "  tokenize  train a BPE tokenizer on --data and write tokenizer + train/val tokens to --out\n"
-            "  train     train a model on --data (tokenized folder, or text: tokenized first) into --out\n"
-            "  eval      evaluate --ckpt on the validation split of --data\n"
-            "  sample    generate text from --ckpt\n"
-            "  report    tables + plots from finished runs: trainer report --out DIR RUN_DIR...\n"
-            "  plot      a line chart of CSV columns: trainer plot --data F.csv --x step --y a,b --out F.png\n\n"
-            "options (--name VALUE or --name=VALUE):\n");
+    if (cmd >= 0) {
+        fprintf(f, "usage: trainer %s %s\n  %s\n\n", tr_commands[cmd][0], tr_commands[cmd][1], tr_commands[cmd][2]);
+    } else {
+        fprintf(f, "usage: trainer COMMAND [options]   (trainer COMMAND --help: that command)\n\ncommands:\n");
+        for (i = 0; i < TR_N_COMMANDS; i++) fprintf(f, "  %-9s %s\n", tr_commands[i][0], tr_commands[i][2]);
+        fprintf(f, "\n");
+    }
+    fprintf(f, "options (--name VALUE or --name=VALUE):\n");
     for (i = 0; i < TR_N_SPECS; i++) {
         const tr_opt_spec *s = &tr_specs[i];
         const char *p = (const char *)&d + s->offset;
-        char def[64] = "";
+        char def[64] = "", range[64] = "";
         switch (s->kind) {
         case O_INT: snprintf(def, sizeof def, "%d", *(const int *)p); break;
         case O_LONG: snprintf(def, sizeof def, "%ld", *(const long *)p); break;
@@ -1670,8 +1711,11 @@ static void tr_usage(FILE *f) {
         case O_STR: snprintf(def, sizeof def, "%s", p); break;
         case O_FLAG: break;
         }
-        fprintf(f, "  --%-18s %s%s%s%s\n", s->name, s->help, def[0] ? " [" : "", def, def[0] ? "]" : "");
+        if (s->kind != O_STR && s->kind != O_FLAG && s->kind != O_U64) tr_format_range(s, range, sizeof range);
+        fprintf(f, "  --%-18s %s%s%s%s%s%s\n", s->name, s->help, def[0] ? " [" : "", def, def[0] ? "]" : "",
+                range[0] ? ", in " : "", range);
     }
+    if (cmd >= 0 && strcmp(tr_commands[cmd][0], "train") != 0) return;
     fprintf(f,
             "\nstrategies (module learning rates; see README):\n"
             "  joint         every module at --lr\n"
@@ -1682,14 +1726,45 @@ static void tr_usage(FILE *f) {
             "  --schedule overrides the phases, e.g. '0:engram=1e-3,peer=1e-5;50%%:all=5e-4'\n");
 }
 
-static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
-    char *p = (char *)o + s->offset, *end = NULL;
+/* The number in val for a numeric option, checked: all of val is the
+ * number, an integer fits its field, a float is finite, and the value is
+ * in the option's range. Returns 0, or -1 with a message naming the option. */
+static int tr_set_number(void *field, const tr_opt_spec *s, const char *val) {
+    char *end = NULL, range[64];
+    double v;
+    long long i = 0;
+    unsigned long long u = 0;
     errno = 0;
+    if (s->kind == O_FLOAT) v = (float)strtod(val, &end); /* checked as stored */
+    else if (s->kind == O_U64) v = (double)(u = strtoull(val, &end, 10));
+    else v = (double)(i = strtoll(val, &end, 10));
+    if (end == val || *end || (s->kind == O_U64 && strchr(val, '-'))) {
+        fprintf(stderr, "trainer: --%s expects %s, got '%s'\n", s->name,
+                s->kind == O_FLOAT ? "a number" : s->kind == O_U64 ? "a whole number >= 0" : "a whole number", val);
+        return -1;
+    }
+    tr_format_range(s, range, sizeof range);
+    if (s->kind == O_FLOAT && !isfinite(v)) {
+        fprintf(stderr, "trainer: --%s expects a finite number in %s, got '%s'\n", s->name, range, val);
+        return -1;
+    }
+    if (errno == ERANGE || !(s->lo_open ? v > s->lo : v >= s->lo) || !(v <= s->hi)) {
+        fprintf(stderr, "trainer: --%s %s is out of range: it takes values in %s\n", s->name, val, range);
+        return -1;
+    }
     switch (s->kind) {
-    case O_INT: *(int *)p = (int)strtol(val, &end, 10); break;
-    case O_LONG: *(long *)p = strtol(val, &end, 10); break;
-    case O_FLOAT: *(float *)p = strtof(val, &end); break;
-    case O_U64: *(uint64_t *)p = strtoull(val, &end, 10); break;
+    case O_INT: *(int *)field = (int)i; break;
+    case O_LONG: *(long *)field = (long)i; break;
+    case O_FLOAT: *(float *)field = (float)v; break;
+    case O_U64: *(uint64_t *)field = (uint64_t)u; break;
+    default: break;
+    }
+    return 0;
+}
+
+static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
+    char *p = (char *)o + s->offset;
+    switch (s->kind) {
     case O_STR:
         if (strlen(val) >= s->size) {
             fprintf(stderr, "trainer: --%s is too long (max %zu characters)\n", s->name, s->size - 1);
@@ -1698,12 +1773,8 @@ static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
         strcpy(p, val);
         return 0;
     case O_FLAG: *(int *)p = 1; return 0;
+    default: return tr_set_number(p, s, val);
     }
-    if (errno || !end || *end || end == val) {
-        fprintf(stderr, "trainer: --%s expects a number, got '%s'\n", s->name, val);
-        return -1;
-    }
-    return 0;
 }
 
 /* --device: cpu, or cuda in a build with CUDA. */
@@ -1722,10 +1793,15 @@ static int tr_check_device(const char *device) {
 #endif
 }
 
-/* Parses options after the command; positional arguments are collected. */
+/* Parses options after the command; positional arguments are collected
+ * (pos has room for argc). Returns 0, -1 on an error (with a message), or
+ * TR_HELP for --help / -h. */
+#define TR_HELP 2
 static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     int i, j, k;
     *n_pos = 0;
+    for (i = 0; i < argc; i++)
+        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return TR_HELP;
     /* the preset first, so explicit options override it */
     for (i = 0; i < argc; i++)
         if (strncmp(argv[i], "--preset", 8) == 0) {
@@ -1764,16 +1840,16 @@ static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     return tr_check_device(o->device);
 }
 
-/* "1,3" -> ids {1, 3}; returns the count, or -1 on a malformed list. */
+/* "1,3" -> ids {1, 3}; returns the count, or -1 unless s is layer numbers
+ * separated by single commas (no sign, no empty item, at most max). */
 static int tr_parse_layers(const char *s, int *ids, int max) {
     int n = 0;
     while (*s) {
-        char *end;
-        long v = strtol(s, &end, 10);
-        if (end == s || n >= max) return -1;
+        long v = 0;
+        if (!isdigit((unsigned char)*s) || n >= max) return -1;
+        while (isdigit((unsigned char)*s) && v < 100000) v = v * 10 + (*s++ - '0');
         ids[n++] = (int)v;
-        s = end;
-        if (*s == ',') s++;
+        if (*s == ',' && s[1]) s++;
         else if (*s) return -1;
     }
     return n;
@@ -1957,6 +2033,21 @@ static void tr_join(char *out, const char *dir, const char *name) {
     strcat(out, name);
 }
 
+/* The corpus is text (the tokenizer takes any bytes, but binary data as
+ * --data is a mistake, not a corpus). */
+static void tr_check_utf8(const sm_corpus *c, const char *path) {
+    size_t d;
+    for (d = 0; d < c->n_docs; d++) {
+        const unsigned char *text = c->text + c->doc_offsets[d];
+        size_t n = c->doc_offsets[d + 1] - c->doc_offsets[d], ok = sm_utf8_valid_prefix(text, n);
+        if (ok < n) {
+            fprintf(stderr, "trainer: --data %s: document %zu is not UTF-8 text (byte 0x%02x at offset %zu); "
+                            "give UTF-8 text, or a folder made by `trainer tokenize`\n", path, d + 1, text[ok], ok);
+            exit(1);
+        }
+    }
+}
+
 /* Train a tokenizer on the training documents of `text_path` and write
  * tokenizer.bin, train.tok and val.tok into out_dir. */
 static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, float val_frac,
@@ -1971,6 +2062,7 @@ static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, f
     char path[TR_PATH];
     double t0;
     if (sm_corpus_load(&corpus, text_path, &err) != SM_OK) tr_die("reading the corpus", &err);
+    tr_check_utf8(&corpus, text_path);
     if (sm_corpus_split(&corpus, val_frac, &n_train_docs, &err) != SM_OK) tr_die("splitting the corpus", &err);
     bc.vocab_size = (uint32_t)vocab;
     if (sm_bpe_config_validate(&bc, &err) != SM_OK) tr_die("--vocab", &err);
@@ -2097,7 +2189,7 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
     c->engram.hash.n_layers = k > 0 ? k : 1;
     for (i = 0; i < k; i++) c->engram.hash.layer_ids[i] = ids[i];
     c->engram.hash.n_heads = o->engram_heads;
-    c->engram.hash.table_rows = o->engram_rows > 0 && o->engram_rows < 0xffffffffL ? (uint32_t)o->engram_rows : 0;
+    c->engram.hash.table_rows = (uint32_t)o->engram_rows; /* checked by the parser and sm_model_validate */
     c->engram.hash.share_tables = o->engram_shared;
     c->engram.hash.seed = o->seed;
     c->engram.hash.pad_id = (uint32_t)vocab; /* no compressed id reaches the vocabulary size */
@@ -3414,8 +3506,11 @@ static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
         fprintf(stderr, "trainer report: usage: trainer report --out DIR RUN_DIR...\n");
         return 1;
     }
-    tr_mkdir(o->out);
-    for (i = 0; i < n_dirs && n < TR_MAX_RUNS; i++) {
+    if (n_dirs > TR_MAX_RUNS) {
+        fprintf(stderr, "trainer report: %d run folders; a report takes at most %d\n", n_dirs, TR_MAX_RUNS);
+        return 1;
+    }
+    for (i = 0; i < n_dirs; i++) {
         tr_report_run *r = &runs[n];
         snprintf(r->dir, sizeof r->dir, "%s", dirs[i]);
         tr_join(path, r->dir, "summary.json");
@@ -3433,6 +3528,11 @@ static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
         tr_run_label(r->dir, r->label, sizeof r->label);
         n++;
     }
+    if (n == 0) {
+        fprintf(stderr, "trainer report: none of the %d folders holds a finished run; nothing to report\n", n_dirs);
+        return 1;
+    }
+    tr_mkdir(o->out);
     for (i = 0; i < n; i++) { /* distinct labels in order of appearance */
         for (j = 0; j < n_labels; j++)
             if (strcmp(labels[j], runs[i].label) == 0) break;
@@ -3559,36 +3659,50 @@ static int tr_cmd_plot(const tr_opts *o) {
 /* main                                                                  */
 /* ===================================================================== */
 
-/* The command line; tests run it in a child process (TRAINER_NO_MAIN). */
-static int tr_main(int argc, char **argv) {
-    tr_opts o;
-    char *pos[64];
-    int n_pos = 0;
-    const char *cmd = argc > 1 ? argv[1] : "";
-    tr_defaults(&o);
-    if (!cmd[0] || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
-        tr_usage(cmd[0] ? stdout : stderr);
-        return cmd[0] ? 0 : 1;
-    }
-    if (argc - 2 > 64 || tr_parse(&o, argc - 2, argv + 2, pos, &n_pos) != 0) return 1;
+static int tr_run_command(tr_opts *o, const char *cmd, char **pos, int n_pos) {
 #ifdef _OPENMP
-    if (o.threads > 0) omp_set_num_threads(o.threads);
+    if (o->threads > 0) omp_set_num_threads(o->threads);
 #endif
     if (strcmp(cmd, "tokenize") == 0) {
-        if (!o.data[0] || !o.out[0]) {
+        if (!o->data[0] || !o->out[0]) {
             fprintf(stderr, "trainer tokenize: --data TEXT and --out DIR are required\n");
             return 1;
         }
-        tr_tokenize(o.data, o.out, o.vocab, o.val_frac, o.tokenizer, 0);
+        tr_tokenize(o->data, o->out, o->vocab, o->val_frac, o->tokenizer, 0);
         return 0;
     }
-    if (strcmp(cmd, "train") == 0) return tr_train(&o);
-    if (strcmp(cmd, "eval") == 0) return tr_cmd_eval(&o);
-    if (strcmp(cmd, "sample") == 0) return tr_sample(&o, stdout);
-    if (strcmp(cmd, "report") == 0) return tr_cmd_report(&o, pos, n_pos);
-    if (strcmp(cmd, "plot") == 0) return tr_cmd_plot(&o);
-    fprintf(stderr, "trainer: unknown command '%s' (see trainer --help)\n", cmd);
-    return 1;
+    if (strcmp(cmd, "train") == 0) return tr_train(o);
+    if (strcmp(cmd, "eval") == 0) return tr_cmd_eval(o);
+    if (strcmp(cmd, "sample") == 0) return tr_sample(o, stdout);
+    if (strcmp(cmd, "report") == 0) return tr_cmd_report(o, pos, n_pos);
+    return tr_cmd_plot(o);
+}
+
+/* The command line; tests run it in a child process (TRAINER_NO_MAIN). */
+static int tr_main(int argc, char **argv) {
+    tr_opts o;
+    char **pos;
+    int n_pos = 0, cmd, rc;
+    const char *name = argc > 1 ? argv[1] : "";
+    tr_defaults(&o);
+    if (!name[0] || strcmp(name, "--help") == 0 || strcmp(name, "-h") == 0 || strcmp(name, "help") == 0) {
+        tr_usage(name[0] ? stdout : stderr, -1);
+        return name[0] ? 0 : 1;
+    }
+    if ((cmd = tr_command_index(name)) < 0) {
+        fprintf(stderr, "trainer: unknown command '%s' (see trainer --help)\n", name);
+        return 1;
+    }
+    pos = (char **)malloc(sizeof(char *) * (size_t)argc);
+    if (!pos) {
+        fprintf(stderr, "trainer: out of memory\n");
+        return 1;
+    }
+    rc = tr_parse(&o, argc - 2, argv + 2, pos, &n_pos);
+    if (rc == TR_HELP) tr_usage(stdout, cmd);
+    rc = rc == TR_HELP ? 0 : rc != 0 ? 1 : tr_run_command(&o, name, pos, n_pos);
+    free(pos);
+    return rc;
 }
 
 #ifndef TRAINER_NO_MAIN
