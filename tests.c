@@ -10,6 +10,7 @@
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h> /* decodes the PNGs the plots write */
 
+#include <ctype.h>
 #include <fcntl.h>
 #include <math.h>
 #include <signal.h>
@@ -868,6 +869,117 @@ static int test_trainer_resume_is_bitwise(void) {
     CHECK(t_csv_equal("test_tmp_run_a/steps.csv", "test_tmp_run_b/steps.csv", -1), "per-step losses differ after resume");
     CHECK(t_csv_equal("test_tmp_run_a/log.csv", "test_tmp_run_b/log.csv", 5), "eval log differs after resume");
     CHECK(t_ckpt_state_equal("test_tmp_run_a/model.ckpt", "test_tmp_run_b/model.ckpt"), "final weights differ");
+    return 0;
+}
+
+/* ---- a JSON checker (RFC 8259's grammar), for the files the trainer writes ---- */
+
+static const char *t_json_ws(const char *s) {
+    while (*s == ' ' || *s == '\n' || *s == '\r' || *s == '\t') s++;
+    return s;
+}
+
+static const char *t_json_digits(const char *s) {
+    if (!isdigit((unsigned char)*s)) return NULL;
+    while (isdigit((unsigned char)*s)) s++;
+    return s;
+}
+
+static const char *t_json_number(const char *s) {
+    if (*s == '-') s++;
+    if (*s == '0') s++;
+    else if (!(s = t_json_digits(s))) return NULL;
+    if (*s == '.' && !(s = t_json_digits(s + 1))) return NULL;
+    if (*s == 'e' || *s == 'E') {
+        s++;
+        if (*s == '+' || *s == '-') s++;
+        s = t_json_digits(s);
+    }
+    return s;
+}
+
+static const char *t_json_string(const char *s) {
+    int i;
+    if (*s++ != '"') return NULL;
+    for (; *s != '"'; s++) {
+        if ((unsigned char)*s < 0x20) return NULL; /* the end of the text included */
+        if (*s != '\\') continue;
+        s++;
+        if (*s == 'u') {
+            for (i = 1; i <= 4; i++)
+                if (!isxdigit((unsigned char)s[i])) return NULL;
+            s += 4;
+        } else if (!*s || !strchr("\"\\/bfnrt", *s)) {
+            return NULL;
+        }
+    }
+    return s + 1;
+}
+
+/* The end of the one value at s, or NULL when it is not JSON. */
+static const char *t_json_value(const char *s, int depth) {
+    s = t_json_ws(s);
+    if (depth > 64) return NULL;
+    if (*s == '{' || *s == '[') {
+        char close = *s == '{' ? '}' : ']';
+        int object = *s == '{';
+        s = t_json_ws(s + 1);
+        if (*s == close) return s + 1;
+        for (;;) {
+            if (object) {
+                if (!(s = t_json_string(s))) return NULL;
+                s = t_json_ws(s);
+                if (*s++ != ':') return NULL;
+            }
+            if (!(s = t_json_value(s, depth + 1))) return NULL;
+            s = t_json_ws(s);
+            if (*s == close) return s + 1;
+            if (*s++ != ',') return NULL;
+            s = t_json_ws(s);
+        }
+    }
+    if (*s == '"') return t_json_string(s);
+    if (strncmp(s, "true", 4) == 0 || strncmp(s, "null", 4) == 0) return s + 4;
+    if (strncmp(s, "false", 5) == 0) return s + 5;
+    return t_json_number(s);
+}
+
+static int t_json_file_valid(const char *path) {
+    unsigned char *text;
+    size_t n;
+    const char *end;
+    if (sm_read_file(path, &text, &n, NULL) != SM_OK) return 0;
+    end = t_json_value((const char *)text, 0);
+    n = end && *t_json_ws(end) == 0;
+    sm_free(text);
+    return (int)n;
+}
+
+/* summary.json and eval_TAG.json are JSON: null where a module is absent
+ * (they held bare nan); a finished run resumed again still reports its
+ * validation loss (it wrote 0). */
+static int test_trainer_summary_is_json(void) {
+    tr_opts o;
+    double a, b;
+    CHECK(t_json_value("{\"a\": [1, -2.5e3, \"x\\\"\"], \"b\": {\"c\": null, \"d\": true}}", 0) != NULL, "valid JSON refused");
+    CHECK(!t_json_value("{\"a\": nan}", 0) && !t_json_value("{\"a\": 1,}", 0) && !t_json_value("{\"a\": .5}", 0),
+          "the JSON checker accepts what is not JSON");
+    CHECK(t_json_file_valid("test_tmp_run_a/summary.json"), "summary.json is not JSON");
+    CHECK(isnan(tr_json_number("test_tmp_run_a/summary.json", "loss_hot")), "loss_hot of a run without a hot set");
+    a = tr_json_number("test_tmp_run_a/summary.json", "val_loss");
+    CHECK(a > 1 && a < 20, "val_loss %g", a);
+    t_trainer_opts(&o, "test_tmp_run_b"); /* finished: the loop has nothing left to do */
+    o.resume = 1, o.eval_batches = 0;       /* (> 0 made the final eval run anyway) */
+    CHECK(tr_train(&o) == 0, "resuming a finished run failed");
+    b = tr_json_number("test_tmp_run_b/summary.json", "val_loss");
+    CHECK(b == a, "the finished run resumed reports val_loss %g, the run %g", b, a);
+    CHECK(t_json_file_valid("test_tmp_run_b/summary.json"), "summary.json is not JSON");
+    tr_defaults(&o);
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "test_tmp_run_a/model.ckpt");
+    snprintf(o.tag, sizeof o.tag, "json");
+    CHECK(tr_cmd_eval(&o) == 0, "eval failed");
+    CHECK(t_json_file_valid("test_tmp_run_a/eval_json.json"), "eval_json.json is not JSON");
     return 0;
 }
 
@@ -5724,6 +5836,7 @@ static const t_case t_cases[] = {
     T(test_model_nine_iso_and_gradient),
     T(test_trainer_schedule_parser),
     T(test_trainer_resume_is_bitwise),
+    T(test_trainer_summary_is_json),
     T(test_trainer_corrupt_checkpoint_refused),
     T(test_trainer_crafted_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),

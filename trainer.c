@@ -3015,33 +3015,100 @@ static int tr_step(tr_run *r, const tr_opts *o, double *loss_out, char *msg, siz
     return 0;
 }
 
+/* ---- JSON files: valid JSON (null where a value is absent or not
+ * finite), written whole or not at all ---- */
+
+typedef struct {
+    FILE *f;
+    int fields;
+    char path[TR_PATH], tmp[TR_PATH + 8];
+} tr_json;
+
+/* An object written to PATH.tmp; tr_json_close syncs it and renames it over
+ * PATH. Returns 0, or -1 with a message. */
+static int tr_json_open(tr_json *j, const char *path) {
+    snprintf(j->path, sizeof j->path, "%s", path);
+    snprintf(j->tmp, sizeof j->tmp, "%s.tmp", path);
+    j->fields = 0;
+    if (!(j->f = fopen(j->tmp, "w"))) {
+        fprintf(stderr, "trainer: cannot write %s: %s\n", j->tmp, strerror(errno));
+        return -1;
+    }
+    fprintf(j->f, "{");
+    return 0;
+}
+
+static void tr_json_close(tr_json *j) {
+    sm_error err = {SM_OK, ""};
+    int ok = fprintf(j->f, "\n}\n") > 0 && fflush(j->f) == 0;
+    if (fclose(j->f) != 0 || !ok || sm_sync_path(j->tmp, &err) != SM_OK || rename(j->tmp, j->path) != 0) {
+        fprintf(stderr, "trainer: cannot write %s: %s\n", j->path, err.msg[0] ? err.msg : strerror(errno));
+        remove(j->tmp);
+    }
+}
+
+static void tr_json_key(tr_json *j, const char *key) {
+    fprintf(j->f, "%s\n  \"%s\": ", j->fields++ ? "," : "", key);
+}
+
+static void tr_json_num(tr_json *j, const char *key, double v) {
+    tr_json_key(j, key);
+    if (isfinite(v)) fprintf(j->f, "%.10g", v);
+    else fprintf(j->f, "null");
+}
+
+static void tr_json_int(tr_json *j, const char *key, unsigned long long v) {
+    tr_json_key(j, key);
+    fprintf(j->f, "%llu", v);
+}
+
+static void tr_json_str(tr_json *j, const char *key, const char *v) {
+    tr_json_key(j, key);
+    fputc('"', j->f);
+    for (; *v; v++) {
+        unsigned char c = (unsigned char)*v;
+        if (c == '"' || c == '\\') fprintf(j->f, "\\%c", c);
+        else if (c < 0x20) fprintf(j->f, "\\u%04x", c);
+        else fputc(c, j->f);
+    }
+    fputc('"', j->f);
+}
+
 static void tr_write_summary(const tr_opts *o, const tr_run *r, const tr_eval *e, double train_loss) {
     char path[TR_PATH];
-    FILE *f;
+    tr_json j;
     int g;
     tr_path(path, o, "summary.json");
-    f = fopen(path, "w");
-    if (!f) return;
-    fprintf(f, "{\n  \"steps\": %ld,\n  \"tokens\": %.0f,\n  \"train_loss\": %.6f,\n  \"val_loss\": %.6f,\n"
-               "  \"val_ppl\": %.4f,\n  \"tokens_per_s\": %.1f,\n  \"params\": %zu,\n",
-            r->step, r->tokens_seen, train_loss, e->loss, e->ppl,
-            r->train_seconds > 0 ? r->tokens_seen / r->train_seconds : 0.0, r->model.params.total);
-    fprintf(f, "  \"strategy\": \"%s\",\n  \"seed\": %llu,\n  \"data\": \"%s\",\n  \"groups\": {", o->strategy,
-            (unsigned long long)o->seed, r->data.dir);
+    if (tr_json_open(&j, path) != 0) return;
+    tr_json_int(&j, "steps", (unsigned long long)r->step);
+    tr_json_int(&j, "tokens", (unsigned long long)r->tokens_seen);
+    tr_json_num(&j, "train_loss", train_loss);
+    tr_json_num(&j, "val_loss", e->loss);
+    tr_json_num(&j, "val_ppl", e->ppl);
+    tr_json_num(&j, "tokens_per_s", r->train_seconds > 0 ? r->tokens_seen / r->train_seconds : NAN);
+    tr_json_int(&j, "params", (unsigned long long)r->model.params.total);
+    tr_json_str(&j, "strategy", o->strategy);
+    tr_json_int(&j, "seed", (unsigned long long)o->seed);
+    tr_json_str(&j, "data", r->data.dir);
+    tr_json_key(&j, "groups");
+    fprintf(j.f, "{");
     for (g = 0; g < r->model.params.n_groups; g++) {
         size_t n = 0;
         int t;
         for (t = 0; t < r->model.params.n_tensors; t++)
             if (r->model.params.tensors[t].group == g) n += r->model.params.tensors[t].size;
-        fprintf(f, "%s\"%s\": %zu", g ? ", " : "", r->model.params.groups[g].name, n);
+        fprintf(j.f, "%s\"%s\": %zu", g ? ", " : "", r->model.params.groups[g].name, n);
     }
-    fprintf(f, "},\n  \"hot_cold_delta\": %.6g,\n  \"loss_hot\": %.6g,\n  \"loss_cold\": %.6g,",
-            e->has_route ? e->route.hot_cold_delta : NAN, e->has_route ? e->route.loss_hot : NAN,
-            e->has_route ? e->route.loss_cold : NAN);
-    fprintf(f, "\n  \"engram_alpha\": %.6g,\n  \"peer_frac_used\": %.6g,\n  \"peer_kl\": %.6g,\n"
-               "  \"mhc_sum_err\": %.6g,\n  \"mhc_amax_fwd\": %.6g\n}\n",
-            e->engram_alpha, e->peer_frac_used, e->peer_kl, e->mhc_sum_err, e->mhc_amax_fwd);
-    fclose(f);
+    fprintf(j.f, "}");
+    tr_json_num(&j, "hot_cold_delta", e->has_route ? e->route.hot_cold_delta : NAN);
+    tr_json_num(&j, "loss_hot", e->has_route ? e->route.loss_hot : NAN);
+    tr_json_num(&j, "loss_cold", e->has_route ? e->route.loss_cold : NAN);
+    tr_json_num(&j, "engram_alpha", e->engram_alpha);
+    tr_json_num(&j, "peer_frac_used", e->peer_frac_used);
+    tr_json_num(&j, "peer_kl", e->peer_kl);
+    tr_json_num(&j, "mhc_sum_err", e->mhc_sum_err);
+    tr_json_num(&j, "mhc_amax_fwd", e->mhc_amax_fwd);
+    tr_json_close(&j);
 }
 
 /* RUN/loss.png: the training loss per step and the validation loss per eval. */
@@ -3120,7 +3187,8 @@ static int tr_train(tr_opts *o) {
     if (!o->quiet && isatty(fileno(stdout))) printf("\n");
     if (r.step == o->steps) { /* the final numbers cover the whole validation split */
         tr_to_host(&r);
-        if (o->eval_batches > 0) e = tr_evaluate(&r, o->batch, 0);
+        /* (e.tokens == 0: no eval in this process, a finished run resumed) */
+        if (o->eval_batches > 0 || e.tokens == 0) e = tr_evaluate(&r, o->batch, 0);
         tr_write_summary(o, &r, &e, r.loss_avg);
         if (e.has_route) tr_write_route_tables(o, &e.route);
     }
@@ -3172,18 +3240,16 @@ static void tr_load_for_inference(tr_run *r, tr_opts *o, int B) {
 static void tr_write_eval_json(const tr_opts *o, const tr_eval *e) {
     char dir[TR_PATH], name[96], path[TR_PATH];
     const char *slash = strrchr(o->ckpt, '/');
-    FILE *f;
+    tr_json j;
     snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - o->ckpt) : 1, slash ? o->ckpt : ".");
     snprintf(name, sizeof name, "eval_%s.json", o->tag);
     tr_join(path, dir, name);
-    f = fopen(path, "w");
-    if (!f) {
-        fprintf(stderr, "trainer: cannot write %s: %s\n", path, strerror(errno));
-        exit(1);
-    }
-    fprintf(f, "{\n  \"val_loss\": %.6f,\n  \"val_ppl\": %.4f,\n  \"tokens\": %zu,\n  \"data\": \"%s\"\n}\n",
-            e->loss, e->ppl, e->tokens, o->data);
-    fclose(f);
+    if (tr_json_open(&j, path) != 0) exit(1);
+    tr_json_num(&j, "val_loss", e->loss);
+    tr_json_num(&j, "val_ppl", e->ppl);
+    tr_json_int(&j, "tokens", (unsigned long long)e->tokens);
+    tr_json_str(&j, "data", o->data);
+    tr_json_close(&j);
 }
 
 static int tr_cmd_eval(tr_opts *o) {
@@ -3281,7 +3347,11 @@ static void tr_json_numbers(const char *path, const char *const *keys, double *o
         const char *at;
         snprintf(pat, sizeof pat, "\"%s\":", keys[i]);
         at = strstr((const char *)text, pat);
-        if (at) out[i] = strtod(at + strlen(pat), NULL);
+        if (at) {
+            char *end;
+            double v = strtod(at + strlen(pat), &end);
+            out[i] = end > at + strlen(pat) ? v : NAN; /* null: absent */
+        }
     }
     sm_free(text);
 }
