@@ -834,7 +834,9 @@ static int t_ckpt_state_equal(const char *a, const char *b) {
     sm_model_config ca, cb;
     tr_opts oa, ob;
     uint64_t skip_a[3], skip_b[3];
-    int ok = tr_read_checkpoint_header(&ra, a, &ca, &oa, NULL) == SM_OK &&
+    int ok;
+    memset(&ra, 0, sizeof ra), memset(&rb, 0, sizeof rb);
+    ok = tr_read_checkpoint_header(&ra, a, &ca, &oa, NULL) == SM_OK &&
              tr_read_checkpoint_header(&rb, b, &cb, &ob, NULL) == SM_OK &&
              sm_reader_bytes(&ra, skip_a, sizeof skip_a, NULL) == SM_OK &&
              sm_reader_bytes(&rb, skip_b, sizeof skip_b, NULL) == SM_OK &&
@@ -1282,6 +1284,113 @@ static int test_trainer_cli_messages(void) {
     CHECK(!tr_exists("test_tmp_report_cli"), "an empty report folder was made");
     remove("test_tmp_corpus_cli.txt"), remove("test_tmp_7.ckpt"), remove("test_tmp_junk.bin");
     t_remove_tree("test_tmp_tok_cli");
+    return 0;
+}
+
+/* ---- killed runs ---- */
+
+static int t_train_main(void *opts) { return tr_train((tr_opts *)opts); }
+
+/* The step a checkpoint was written at (-1: none readable). */
+static long t_ckpt_step(const char *path) {
+    sm_reader rd;
+    sm_model_config cfg;
+    tr_opts o;
+    uint64_t step = 0;
+    long got = -1;
+    if (tr_read_checkpoint_header(&rd, path, &cfg, &o, NULL) != SM_OK) return -1;
+    if (sm_reader_u64(&rd, &step, NULL) == SM_OK) got = (long)step;
+    sm_reader_close(&rd);
+    return got;
+}
+
+/* Whether a CSV file has a row for this step. */
+static int t_csv_has_step(const char *path, long step) {
+    FILE *f = fopen(path, "r");
+    char line[8192];
+    int found = 0;
+    while (f && !found && fgets(line, sizeof line, f)) found = atol(line) == step && isdigit((unsigned char)line[0]);
+    if (f) fclose(f);
+    return found;
+}
+
+/* A run killed (SIGKILL, a real one: the trainer kills itself at a chosen
+ * point) again and again, each time resumed, ends with the model, the Adam
+ * state, steps.csv and log.csv of an uninterrupted run. Checkpoints every
+ * 3 steps, evals every 4; the kills: after step 5 (rows of steps 4-5 only
+ * in the stdio buffer, an eval row at 4 already on the disk), inside the
+ * checkpoint of step 6 (the rows of 4-6 synced, model.ckpt still step 3),
+ * after step 10. All runs single-threaded (children of this process). */
+static int test_trainer_killed_runs_resume_exactly(void) {
+    static const struct { long step; int in_ckpt, resume; long ckpt_after; } kills[] = {
+        {5, 0, 0, 3}, {6, 1, 1, 3}, {10, 0, 1, 9}};
+    tr_opts o;
+    char out[4096];
+    int rc, k;
+    t_remove_tree("test_tmp_kill_ref"), t_remove_tree("test_tmp_kill");
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_trainer_opts(&o, "test_tmp_kill_ref");
+    rc = t_in_child(t_train_main, &o, out, sizeof out);
+    CHECK(rc == 0, "the uninterrupted run: status %d, %.300s", rc, out);
+    for (k = 0; k < 3; k++) {
+        t_trainer_opts(&o, "test_tmp_kill");
+        o.ckpt_every = 3, o.resume = kills[k].resume;
+        o.debug_kill_step = kills[k].step, o.debug_kill_in_ckpt = kills[k].in_ckpt;
+        rc = t_in_child(t_train_main, &o, out, sizeof out);
+        CHECK(rc == -SIGKILL, "kill %d was not a SIGKILL: status %d, %.300s", k + 1, rc, out);
+        CHECK(t_ckpt_step("test_tmp_kill/model.ckpt") == kills[k].ckpt_after, "kill %d left a checkpoint of step %ld",
+              k + 1, t_ckpt_step("test_tmp_kill/model.ckpt"));
+        if (kills[k].in_ckpt) /* the case that duplicated rows: they reached the log, the checkpoint did not */
+            CHECK(tr_exists("test_tmp_kill/model.ckpt.tmp") && t_csv_has_step("test_tmp_kill/steps.csv", 6),
+                  "the kill inside checkpoint 6 left no temp file or no row 6");
+    }
+    t_trainer_opts(&o, "test_tmp_kill");
+    o.ckpt_every = 3, o.resume = 1;
+    rc = t_in_child(t_train_main, &o, out, sizeof out);
+    CHECK(rc == 0, "the last resume: status %d, %.300s", rc, out);
+    CHECK(t_csv_equal("test_tmp_kill_ref/steps.csv", "test_tmp_kill/steps.csv", -1), "steps.csv differs after the kills");
+    CHECK(t_csv_equal("test_tmp_kill_ref/log.csv", "test_tmp_kill/log.csv", 5), "log.csv differs after the kills");
+    CHECK(t_ckpt_state_equal("test_tmp_kill_ref/model.ckpt", "test_tmp_kill/model.ckpt"),
+          "weights or Adam moments differ after the kills");
+    rc = t_in_child(t_train_main, &o, out, sizeof out); /* resuming the finished run changes nothing */
+    CHECK(rc == 0 && t_csv_equal("test_tmp_kill_ref/steps.csv", "test_tmp_kill/steps.csv", -1) &&
+              t_csv_equal("test_tmp_kill_ref/log.csv", "test_tmp_kill/log.csv", 5),
+          "resuming the finished run changed its logs (status %d)", rc);
+    t_remove_tree("test_tmp_kill_ref"), t_remove_tree("test_tmp_kill");
+    return 0;
+}
+
+/* Resuming cuts a log back to the checkpoint's step: later rows, a partial
+ * last line (a kill in the middle of a write), or a partial header go. */
+static int test_trainer_log_cut_to_checkpoint(void) {
+    static const char *const cases[][3] = {
+        /* log as left, after resuming at step 2 */
+        {"step,loss\n1,5.1\n2,5.0\n3,4.9\n", "step,loss\n1,5.1\n2,5.0\n"},
+        {"step,loss\n1,5.1\n2,5.0\n3,4.", "step,loss\n1,5.1\n2,5.0\n"},
+        {"step,loss\n1,5.1\n2,5.", "step,loss\n1,5.1\n"},
+        {"step,loss\n1,5.1\n2,5.0\n10,4.1\n", "step,loss\n1,5.1\n2,5.0\n"},
+        {"ste", "step,loss\n"},
+        {"", "step,loss\n"},
+    };
+    tr_opts o;
+    unsigned char *text;
+    size_t n;
+    int i;
+    FILE *f;
+    tr_defaults(&o);
+    snprintf(o.out, sizeof o.out, ".");
+    for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) {
+        f = fopen("test_tmp_log.csv", "w");
+        CHECK(f != NULL, "write");
+        fputs(cases[i][0], f);
+        fclose(f);
+        f = tr_open_log(&o, "test_tmp_log.csv", "step,loss", 2);
+        fclose(f);
+        CHECK_OK(sm_read_file("test_tmp_log.csv", &text, &n, NULL));
+        CHECK(strcmp((const char *)text, cases[i][1]) == 0, "case %d: the log reads '%s'", i, (const char *)text);
+        sm_free(text);
+    }
+    remove("test_tmp_log.csv");
     return 0;
 }
 
@@ -5837,6 +5946,8 @@ static const t_case t_cases[] = {
     T(test_trainer_schedule_parser),
     T(test_trainer_resume_is_bitwise),
     T(test_trainer_summary_is_json),
+    T(test_trainer_killed_runs_resume_exactly),
+    T(test_trainer_log_cut_to_checkpoint),
     T(test_trainer_corrupt_checkpoint_refused),
     T(test_trainer_crafted_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),

@@ -24,6 +24,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1500,6 +1501,8 @@ typedef struct {
     int resume, threads, vocab, quiet;
     long stop_after;      /* stop (with a checkpoint) after this step; 0 = run to the end */
     long debug_nan_step;  /* tests only: poison a weight before this step (-1 = never) */
+    long debug_kill_step; /* tests only: SIGKILL the process at this step (-1 = never), */
+    int debug_kill_in_ckpt; /* inside its checkpoint (written, not renamed) or after it */
     float val_frac;
     /* model */
     int n_layer, d_model, n_head, seq_len, d_ff;
@@ -1636,7 +1639,7 @@ static void tr_defaults(tr_opts *o) {
     o->engram_rows = 20011, o->engram_heads = 4, o->engram_d_head = 16;
     o->peer_experts_sqrt = 64, o->peer_heads = 4, o->peer_topk = 8, o->peer_d_key = 64;
     o->coord_every = 20;
-    o->debug_nan_step = -1;
+    o->debug_nan_step = o->debug_kill_step = -1;
     o->sample_tokens = 200, o->temperature = 0.8f, o->top_k = 40;
 }
 
@@ -2600,6 +2603,15 @@ static tr_eval tr_evaluate(tr_run *r, int B, int max_batches) {
 #define TR_CKPT_MAGIC 0x4b434d53u /* "SMCK" */
 #define TR_CKPT_VERSION 1u
 
+/* Test hook: a real SIGKILL at a chosen point (after step `step`, or inside
+ * its checkpoint with the temp file `f` written out), so tests see what a
+ * killed run leaves and that --resume recovers from it. */
+static void tr_debug_kill(const tr_opts *o, long step, FILE *in_ckpt) {
+    if (step != o->debug_kill_step || !in_ckpt != !o->debug_kill_in_ckpt) return;
+    if (in_ckpt) fflush(in_ckpt);
+    raise(SIGKILL);
+}
+
 static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const char *path,
                                     sm_error *err) {
     sm_writer w;
@@ -2626,6 +2638,7 @@ static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const cha
     sm_writer_bytes(&w, &r->train_seconds, sizeof r->train_seconds);
     sm_writer_u32(&w, (uint32_t)r->model.has_hot_set);
     if (r->model.has_hot_set) sm_nine_write(&r->model.nine, &w);
+    tr_debug_kill(o, r->step, w.f); /* the temp file complete, not renamed */
     return sm_writer_commit(&w, err);
 }
 
@@ -2796,17 +2809,56 @@ static float *tr_table_get(const tr_table *t, const char *name) {
 
 static void tr_path(char *out, const tr_opts *o, const char *name) { tr_join(out, o->out, name); }
 
-static FILE *tr_open_log(const tr_opts *o, const char *name, const char *header, int append) {
+/* Cuts a log (a header line, then rows whose first column is the step)
+ * after its last complete row at or before `step`: the rows a killed run
+ * wrote after its last checkpoint, and a partial last line, go. Returns
+ * the bytes kept (0: no log, or not even a complete header). */
+static size_t tr_truncate_log(const char *path, long step) {
+    unsigned char *text;
+    size_t n, keep = 0;
+    if (sm_read_file(path, &text, &n, NULL) != SM_OK) return 0;
+    while (keep < n) {
+        const char *line = (const char *)text + keep, *nl = (const char *)memchr(line, '\n', n - keep);
+        char *end;
+        if (!nl) break;                                         /* a partial line */
+        if (keep > 0 && (strtol(line, &end, 10) > step || end == line)) break; /* a later row */
+        keep = (size_t)(nl - (const char *)text) + 1;
+    }
+    sm_free(text);
+    if (keep < n && truncate(path, (off_t)keep) != 0) {
+        fprintf(stderr, "trainer: --resume: cannot cut %s back to step %ld: %s\n", path, step, strerror(errno));
+        exit(1);
+    }
+    return keep;
+}
+
+/* A log of the run in OUT. A resumed run (resume_step >= 0) keeps the rows
+ * up to its checkpoint's step and appends; the log then reads as an
+ * uninterrupted run's (the rows up to a checkpoint are on the disk before
+ * the checkpoint is: tr_sync_log). */
+static FILE *tr_open_log(const tr_opts *o, const char *name, const char *header, long resume_step) {
     char path[TR_PATH];
     FILE *f;
+    size_t kept;
     tr_path(path, o, name);
-    f = fopen(path, append ? "a" : "w");
+    kept = resume_step >= 0 ? tr_truncate_log(path, resume_step) : 0;
+    f = fopen(path, kept > 0 ? "a" : "w");
     if (!f) {
         fprintf(stderr, "trainer: cannot write %s: %s\n", path, strerror(errno));
         exit(1);
     }
-    if (!append) fprintf(f, "%s\n", header);
+    if (kept == 0) fprintf(f, "%s\n", header);
     return f;
+}
+
+/* Before a checkpoint: the log's rows so far reach the disk. */
+static void tr_sync_log(FILE *f, const tr_opts *o, const char *name) {
+    char path[TR_PATH];
+    sm_error err = {SM_OK, ""};
+    tr_path(path, o, name);
+    if (fflush(f) != 0) sm_fail(&err, SM_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+    else sm_sync_path(path, &err);
+    if (err.code != SM_OK) tr_die("log", &err);
 }
 
 static const char *tr_eval_header =
@@ -3149,8 +3201,8 @@ static int tr_train(tr_opts *o) {
     memset(&e, 0, sizeof e);
     tr_run_setup(&r, o);
     end = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
-    evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume);
-    steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume);
+    evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume ? r.step : -1);
+    steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume ? r.step : -1);
     tr_path(path, o, "model.ckpt");
     if (!o->quiet)
         printf("model: %zu parameters, %d sublayers, %d threads; %zu train / %zu val tokens\n",
@@ -3181,8 +3233,11 @@ static int tr_train(tr_opts *o) {
         }
         if ((o->ckpt_every > 0 && r.step % o->ckpt_every == 0) || r.step == end) {
             tr_to_host(&r);
+            tr_sync_log(evlog, o, "log.csv");
+            tr_sync_log(steplog, o, "steps.csv");
             if (tr_save_checkpoint(&r, o, path, &err) != SM_OK) tr_die("checkpoint", &err);
         }
+        tr_debug_kill(o, r.step, NULL);
     }
     if (!o->quiet && isatty(fileno(stdout))) printf("\n");
     if (r.step == o->steps) { /* the final numbers cover the whole validation split */
