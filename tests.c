@@ -1191,7 +1191,8 @@ static int test_trainer_cli_option_ranges(void) {
         /* command line, what the message must say */
         {"sample --ckpt test_tmp_run_a/model.ckpt --prompt the_state_of_the_union --tokens -3", "--tokens -3 is out of range"},
         {"train --min-lr-ratio -1 --warmup 0", "--min-lr-ratio -1 is out of range: it takes values in [0, 1]"},
-        {"train --batch 4294967297", "--batch 4294967297 is out of range"},
+        {"train --batch 4294967297", "--batch 4294967297 is out of range"}, /* was (int): batch 1 */
+        {"train --batch 65537", "--batch 65537 is out of range: it takes values in [1, 65536]"},
         {"train --seq 4294967424", "--seq 4294967424 is out of range"},
         {"train --steps 0", "--steps 0 is out of range"},
         {"train --steps -5", "--steps -5 is out of range"},
