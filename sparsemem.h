@@ -8285,17 +8285,23 @@ static sm_status sm__model_alloc_acts(sm_model *m, int B_max, sm_error *err) {
     return sm__alloc_module_acts(m, (int)N, err);
 }
 
+/* A zeroed model's validated config, sublayer plan and parameter layout
+ * (no buffers yet). */
+static sm_status sm__model_plan_layout(sm_model *m, const sm_model_config *cfg, sm_error *err) {
+    sm_status st = sm_model_validate(cfg, err);
+    if (st != SM_OK) return st;
+    m->cfg = *cfg;
+    sm__model_plan(m);
+    return sm__model_layout(m, err);
+}
+
 SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max, uint64_t seed,
                               sm_error *err) {
     sm_status st;
     memset(m, 0, sizeof *m);
-    st = sm_model_validate(cfg, err);
-    if (st != SM_OK) return st;
     if (B_max < 1 || B_max > 1 << 16)
         return sm_fail(err, SM_ERR_INVALID_ARG, "batch size %d out of range [1, 65536]", B_max);
-    m->cfg = *cfg;
-    sm__model_plan(m);
-    st = sm__model_layout(m, err);
+    st = sm__model_plan_layout(m, cfg, err);
     if (st == SM_OK) st = sm__model_alloc_params(m, err);
     if (st == SM_OK) st = sm__model_alloc_acts(m, B_max, err);
     if (st == SM_OK) st = sm__model_init_weights(m, seed, err);
@@ -8304,17 +8310,10 @@ SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max
 }
 
 SMDEF sm_status sm_model_param_count(const sm_model_config *cfg, size_t *total, sm_error *err) {
-    sm_model *m;
-    sm_status st = sm_model_validate(cfg, err);
-    *total = 0;
-    if (st != SM_OK) return st;
-    m = (sm_model *)sm_alloc(1, sizeof *m, "model layout", err);
-    if (!m) return SM_ERR_OOM;
-    m->cfg = *cfg;
-    sm__model_plan(m);
-    st = sm__model_layout(m, err);
-    if (st == SM_OK) *total = m->params.total;
-    sm_model_free(m);
+    sm_model *m = (sm_model *)sm_alloc(1, sizeof *m, "model layout", err);
+    sm_status st = m ? sm__model_plan_layout(m, cfg, err) : SM_ERR_OOM;
+    *total = st == SM_OK ? m->params.total : 0;
+    if (m) sm_model_free(m);
     sm_free(m);
     return st;
 }
