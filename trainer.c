@@ -1803,8 +1803,6 @@ static int tr_check_device(const char *device) {
 static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     int i, j, k;
     *n_pos = 0;
-    for (i = 0; i < argc; i++)
-        if (strcmp(argv[i], "--help") == 0 || strcmp(argv[i], "-h") == 0) return TR_HELP;
     /* the preset first, so explicit options override it */
     for (i = 0; i < argc; i++)
         if (strncmp(argv[i], "--preset", 8) == 0) {
@@ -1817,6 +1815,7 @@ static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     for (i = 0; i < argc; i++) {
         const char *a = argv[i], *eq;
         size_t len;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return TR_HELP;
         if (strncmp(a, "--", 2) != 0) {
             pos[(*n_pos)++] = argv[i];
             continue;
@@ -2603,9 +2602,9 @@ static tr_eval tr_evaluate(tr_run *r, int B, int max_batches) {
 #define TR_CKPT_MAGIC 0x4b434d53u /* "SMCK" */
 #define TR_CKPT_VERSION 1u
 
-/* Test hook: a real SIGKILL at a chosen point (after step `step`, or inside
- * its checkpoint with the temp file `f` written out), so tests see what a
- * killed run leaves and that --resume recovers from it. */
+/* Test hook: a real SIGKILL at a chosen point, after step `step` or inside
+ * its checkpoint (in_ckpt: the temp file, flushed first), so tests see what
+ * a killed run leaves and that --resume recovers from it. */
 static void tr_debug_kill(const tr_opts *o, long step, FILE *in_ckpt) {
     if (step != o->debug_kill_step || !in_ckpt != !o->debug_kill_in_ckpt) return;
     if (in_ckpt) fflush(in_ckpt);
