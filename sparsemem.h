@@ -155,13 +155,17 @@ SMDEF int sm_is_finite(float x);
 SMDEF int sm_all_finite(const float *x, size_t n);
 
 /* Atomic binary writer: writes PATH.tmp, and on commit appends the checksum,
- * flushes, and renames over PATH. On any failure the old file is untouched. */
+ * flushes, syncs it to the disk, renames it over PATH and syncs the folder
+ * (so the new file survives a power loss, not only a killed process). On
+ * any failure the old file is untouched. */
 typedef struct sm_writer {
     FILE *f;
     char path[1024];
     char tmp_path[1040];
     sm_checksum sum;
     int failed;
+    int durable; /* after a commit: 1 when the folder's sync succeeded too (some
+                    file systems refuse to sync a folder; the commit still stands) */
 } sm_writer;
 SMDEF sm_status sm_writer_open(sm_writer *w, const char *path, uint32_t magic,
                                uint32_t version, sm_error *err);
@@ -191,6 +195,10 @@ SMDEF sm_status sm_reader_u32(sm_reader *r, uint32_t *v, sm_error *err);
 SMDEF sm_status sm_reader_u64(sm_reader *r, uint64_t *v, sm_error *err);
 SMDEF sm_status sm_reader_f32(sm_reader *r, float *v, sm_error *err);
 SMDEF void sm_reader_close(sm_reader *r);
+
+/* Flushes a file's data, or a folder's entries, to the disk (fsync; on
+ * Windows files only). */
+SMDEF sm_status sm_sync_path(const char *path, sm_error *err);
 
 /* Whole-file read (NUL-terminated copy for convenience). */
 SMDEF sm_status sm_read_file(const char *path, unsigned char **data, size_t *size,
@@ -452,6 +460,8 @@ typedef struct sm_corpus {
 } sm_corpus;
 
 SMDEF sm_status sm_corpus_load(sm_corpus *c, const char *path, sm_error *err);
+/* Length of the longest valid UTF-8 prefix of s[0..n): n for valid text. */
+SMDEF size_t sm_utf8_valid_prefix(const unsigned char *s, size_t n);
 /* Copies text[0..n) and splits it at form feeds, as for a single file. */
 SMDEF sm_status sm_corpus_from_text(sm_corpus *c, const unsigned char *text, size_t n,
                                     sm_error *err);
@@ -1715,6 +1725,10 @@ typedef struct sm_model {
  * for batches of up to B_max sequences of cfg->seq_len tokens. */
 SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max, uint64_t seed,
                               sm_error *err);
+/* The parameter count (floats) of a model of this config, from the layout
+ * alone: nothing the size of the model is allocated. A loader checks a
+ * file's config against its payload with it before sm_model_init. */
+SMDEF sm_status sm_model_param_count(const sm_model_config *cfg, size_t *total, sm_error *err);
 SMDEF void sm_model_free(sm_model *m);
 /* Engram hashes compressed token ids: canon[V] maps each token to its
  * canonical id (from the tokenizer compression). Default: identity. */
@@ -1748,6 +1762,7 @@ SMDEF void sm_model_backward(sm_model *m);
 #ifndef SPARSEMEM_IMPLEMENTATION_DONE
 #define SPARSEMEM_IMPLEMENTATION_DONE
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -1756,6 +1771,12 @@ SMDEF void sm_model_backward(sm_model *m);
 #include <dirent.h>
 #if defined(__linux__) && !defined(SM_NO_HUGEPAGES)
 #include <sys/mman.h> /* madvise(MADV_HUGEPAGE): see sm__advise_huge_pages */
+#endif
+#include <fcntl.h> /* sm_sync_path */
+#if defined(_WIN32)
+#include <io.h>
+#else
+#include <unistd.h>
 #endif
 #ifdef _OPENMP
 #include <omp.h>
@@ -2071,7 +2092,14 @@ SMDEF sm_status sm_read_file(const char *path, unsigned char **data, size_t *siz
     unsigned char *buf;
     *data = NULL;
     *size = 0;
-    if (!f) return sm_fail(err, SM_ERR_IO, "cannot open %s", path);
+    if (!f) return sm_fail(err, SM_ERR_IO, "cannot open %s: %s", path, strerror(errno));
+    /* a folder opens too (POSIX), with a "size" of LONG_MAX: reading a byte
+     * is what tells it from a file */
+    if (getc(f) == EOF && ferror(f)) {
+        int e = errno;
+        fclose(f);
+        return sm_fail(err, SM_ERR_IO, "cannot read %s: %s", path, strerror(e));
+    }
     if (fseek(f, 0, SEEK_END) != 0 || (len = ftell(f)) < 0 || fseek(f, 0, SEEK_SET) != 0) {
         fclose(f);
         return sm_fail(err, SM_ERR_IO, "cannot determine the size of %s", path);
@@ -2092,6 +2120,40 @@ SMDEF sm_status sm_read_file(const char *path, unsigned char **data, size_t *siz
     return SM_OK;
 }
 
+SMDEF sm_status sm_sync_path(const char *path, sm_error *err) {
+    int fd, rc, e;
+#if defined(_WIN32)
+    fd = _open(path, _O_RDWR | _O_BINARY); /* _commit needs write access */
+    rc = fd < 0 ? -1 : _commit(fd);
+    e = errno;
+    if (fd >= 0) _close(fd);
+#else
+    fd = open(path, O_RDONLY);
+    rc = fd < 0 ? -1 : fsync(fd);
+    e = errno;
+    if (fd >= 0) close(fd);
+#endif
+    if (rc != 0) return sm_fail(err, SM_ERR_IO, "cannot sync %s to the disk: %s", path, strerror(e));
+    return SM_OK;
+}
+
+/* Syncs the folder holding path (its entries: a rename into it); 1 when
+ * done. Windows cannot sync a folder, and NTFS journals the rename. */
+static int sm__sync_folder_of(const char *path) {
+#if defined(_WIN32)
+    (void)path;
+    return 1;
+#else
+    char folder[1024];
+    const char *slash = strrchr(path, '/');
+    if (!slash) snprintf(folder, sizeof folder, ".");
+    else snprintf(folder, sizeof folder, "%.*s", slash == path ? 1 : (int)(slash - path), path);
+    return sm_sync_path(folder, NULL) == SM_OK;
+#endif
+}
+
+/* Atomic and durable: the data is on the disk before the rename makes it
+ * the file, and the rename (the folder's entry) after. */
 SMDEF sm_status sm_writer_commit(sm_writer *w, sm_error *err) {
     uint64_t sum = sm_checksum_final(&w->sum);
     if (!w->failed && (fwrite(&sum, 8, 1, w->f) != 1 || fflush(w->f) != 0)) w->failed = 1;
@@ -2105,10 +2167,15 @@ SMDEF sm_status sm_writer_commit(sm_writer *w, sm_error *err) {
         return sm_fail(err, SM_ERR_IO, "cannot close %s", w->tmp_path);
     }
     w->f = NULL;
+    if (sm_sync_path(w->tmp_path, err) != SM_OK) {
+        remove(w->tmp_path);
+        return SM_ERR_IO;
+    }
     if (rename(w->tmp_path, w->path) != 0) {
         remove(w->tmp_path);
         return sm_fail(err, SM_ERR_IO, "cannot rename %s to %s", w->tmp_path, w->path);
     }
+    w->durable = sm__sync_folder_of(w->path);
     return SM_OK;
 }
 
@@ -2123,9 +2190,10 @@ SMDEF sm_status sm_reader_open(sm_reader *r, const char *path, uint32_t magic,
     st = sm_read_file(path, &r->data, &r->size, err);
     if (st != SM_OK) return st;
     if (r->size < 16) {
+        size_t n = r->size;
         sm_reader_close(r);
         return sm_fail(err, SM_ERR_TRUNCATED, "%s %s: only %zu bytes, too short to be valid",
-                       what, path, r->size);
+                       what, path, n);
     }
     memcpy(&got_magic, r->data, 4);
     memcpy(&version, r->data + 4, 4);
@@ -3118,6 +3186,13 @@ static size_t sm__utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
     return len;
 }
 
+SMDEF size_t sm_utf8_valid_prefix(const unsigned char *s, size_t n) {
+    size_t i = 0, len;
+    uint32_t cp;
+    while (i < n && (len = sm__utf8_decode(s + i, n - i, &cp)) > 0) i += len;
+    return i;
+}
+
 static size_t sm__utf8_encode(uint32_t c, unsigned char *out) {
     if (c < 0x80) {
         out[0] = (unsigned char)c;
@@ -3570,6 +3645,7 @@ SMDEF sm_status sm_corpus_split(const sm_corpus *c, float val_fraction, size_t *
     }
     /* the tolerance keeps 0.05f * 40 (= 2.00000003) at 2 documents */
     n_val = (size_t)ceil((double)val_fraction * (double)c->n_docs - 1e-6);
+    if (val_fraction > 0.0f && n_val < 1) n_val = 1;
     if (val_fraction > 0.0f && c->n_docs < 2)
         return sm_fail(err, SM_ERR_INVALID_ARG,
                        "split: %zu document(s) cannot give both a training and a validation set",
@@ -3586,7 +3662,8 @@ SMDEF sm_status sm_corpus_tokenize(const sm_bpe *b, const sm_corpus *c, size_t f
     sm_status st;
     memset(out, 0, sizeof *out);
     if (first >= last || last > c->n_docs)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "tokenize: documents [%zu, %zu) of %zu", first,
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "tokenize: no documents in [%zu, %zu) of a corpus of %zu documents", first,
                        last, c->n_docs);
     bytes = c->doc_offsets[last] - c->doc_offsets[first];
     if ((st = sm__tokens_alloc(out, bytes + (last - first), last - first, err))) return st;
@@ -8110,6 +8187,14 @@ static size_t sm__add_mhc_params(sm_params *p, const sm_mhc_config *mc, int laye
     return first;
 }
 
+/* The layout only sizes a sparse table's row set; its memory comes with the
+ * parameters (sm__model_alloc_params), so a layout alone allocates nothing
+ * big (sm_model_param_count). */
+static void sm__plan_row_set(sm_row_set *s, size_t nrows) {
+    memset(s, 0, sizeof *s);
+    s->nrows = nrows;
+}
+
 static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err) {
     const sm_model_config *c = &m->cfg;
     size_t C = (size_t)c->d_model, F = (size_t)c->d_ff;
@@ -8141,10 +8226,10 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     }
     if (s->has_peer) { /* each PEER layer has its own expert table and row set */
         char prefix[32];
-        sm_status st = sm_row_set_init(&s->peer_rows, (size_t)c->peer.n_sub * c->peer.n_sub, err);
+        sm__plan_row_set(&s->peer_rows, (size_t)c->peer.n_sub * c->peer.n_sub);
         snprintf(prefix, sizeof prefix, "h%d.peer", l);
-        return st != SM_OK ? st : sm_peer_register(p, prefix, &c->peer, c->d_model, m->g_peer,
-                                                   m->g_peer, &s->peer_rows, &o->peer, err);
+        return sm_peer_register(p, prefix, &c->peer, c->d_model, m->g_peer, m->g_peer,
+                                &s->peer_rows, &o->peer, err);
     }
     return SM_OK;
 }
@@ -8165,7 +8250,7 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
         m->g_engram_table = sm_params_add_group(p, tg, err);
         m->g_engram_dense = sm__add_group(p, "engram_dense", c->lr, c->weight_decay, err);
         st = sm_ngram_hash_init(&m->hash, &c->engram.hash, err);
-        if (st == SM_OK) st = sm_row_set_init(&m->engram_rows, m->hash.total_rows, err);
+        if (st == SM_OK) sm__plan_row_set(&m->engram_rows, m->hash.total_rows);
         if (st == SM_OK)
             st = sm_engram_params_add_table(p, &m->engram_table, &m->hash, &c->engram,
                                             m->g_engram_table, &m->engram_rows, err);
@@ -8182,7 +8267,18 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     m->lnf_w = sm__add_param(p, "lnf_w", -1, C, m->g_backbone, 0, err);
     m->head_w = c->tied_head ? m->wte : sm__add_param(p, "head_w", -1, V * C, m->g_backbone, 1, err);
     if (m->head_w == (size_t)-1 || m->lnf_w == (size_t)-1) return SM_ERR_INVALID_ARG;
-    return sm_params_alloc(p, err);
+    return SM_OK;
+}
+
+/* The laid-out parameters: the sparse tables' row sets, then the buffers. */
+static sm_status sm__model_alloc_params(sm_model *m, sm_error *err) {
+    int i;
+    for (i = 0; i < m->params.n_tensors; i++) {
+        sm_row_set *rows = m->params.tensors[i].rows;
+        sm_status st = rows && !rows->mark ? sm_row_set_init(rows, rows->nrows, err) : SM_OK;
+        if (st != SM_OK) return st;
+    }
+    return sm_params_alloc(&m->params, err);
 }
 
 static void sm__fill_const(float *x, size_t n, float v) {
@@ -8383,21 +8479,37 @@ static sm_status sm__model_alloc_acts(sm_model *m, int B_max, sm_error *err) {
     return sm__alloc_module_acts(m, (int)N, err);
 }
 
+/* A zeroed model's validated config, sublayer plan and parameter layout
+ * (no buffers yet). */
+static sm_status sm__model_plan_layout(sm_model *m, const sm_model_config *cfg, sm_error *err) {
+    sm_status st = sm_model_validate(cfg, err);
+    if (st != SM_OK) return st;
+    m->cfg = *cfg;
+    m->cfg.engram.n_streams = sm__engram_streams(cfg);
+    sm__model_plan(m);
+    return sm__model_layout(m, err);
+}
+
 SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max, uint64_t seed,
                               sm_error *err) {
     sm_status st;
     memset(m, 0, sizeof *m);
-    st = sm_model_validate(cfg, err);
-    if (st != SM_OK) return st;
     if (B_max < 1 || B_max > 1 << 16)
         return sm_fail(err, SM_ERR_INVALID_ARG, "batch size %d out of range [1, 65536]", B_max);
-    m->cfg = *cfg;
-    m->cfg.engram.n_streams = sm__engram_streams(cfg);
-    sm__model_plan(m);
-    st = sm__model_layout(m, err);
+    st = sm__model_plan_layout(m, cfg, err);
+    if (st == SM_OK) st = sm__model_alloc_params(m, err);
     if (st == SM_OK) st = sm__model_alloc_acts(m, B_max, err);
     if (st == SM_OK) st = sm__model_init_weights(m, seed, err);
     if (st != SM_OK) sm_model_free(m);
+    return st;
+}
+
+SMDEF sm_status sm_model_param_count(const sm_model_config *cfg, size_t *total, sm_error *err) {
+    sm_model *m = (sm_model *)sm_alloc(1, sizeof *m, "model layout", err);
+    sm_status st = m ? sm__model_plan_layout(m, cfg, err) : SM_ERR_OOM;
+    *total = st == SM_OK ? m->params.total : 0;
+    if (m) sm_model_free(m);
+    sm_free(m);
     return st;
 }
 

@@ -10,10 +10,14 @@
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h> /* decodes the PNGs the plots write */
 
+#include <ctype.h>
+#include <fcntl.h>
 #include <math.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 
 /* ---- harness -------------------------------------------------------- */
 
@@ -171,6 +175,11 @@ static int test_file_roundtrip_and_corruption(void) {
     sm_writer_u64(&w, 0x1122334455667788ULL);
     sm_writer_f32(&w, 1.5f);
     CHECK_OK(sm_writer_commit(&w, &err));
+    /* durable as well as atomic: the file was synced before the rename, the
+     * folder after it (a power loss cannot be simulated; the syncs can be seen) */
+    CHECK(w.durable == 1, "the commit did not sync the folder");
+    CHECK_OK(sm_sync_path(path, &err));
+    CHECK(sm_sync_path("no/such/file", &err) == SM_ERR_IO && strstr(err.msg, "no/such/file"), "sync: %s", err.msg);
     CHECK_OK(sm_reader_open(&r, path, 0x54534554u, 3, "test file", &err));
     CHECK(r.version == 3, "version %u", r.version);
     CHECK_OK(sm_reader_u32(&r, &v32, &err));
@@ -196,6 +205,7 @@ static int test_file_roundtrip_and_corruption(void) {
     fwrite(bytes, 1, 9, fp);
     fclose(fp);
     CHECK(sm_reader_open(&r, path, 0x54534554u, 3, "test file", &err) == SM_ERR_TRUNCATED, "truncation accepted");
+    CHECK(strstr(err.msg, "only 9 bytes") != NULL, "the message misstates the size: %s", err.msg);
     free(bytes);
     /* an aborted write leaves the old file alone */
     CHECK_OK(sm_writer_open(&w, path, 0x54534554u, 3, &err));
@@ -206,6 +216,10 @@ static int test_file_roundtrip_and_corruption(void) {
     free(bytes);
     remove(path);
     CHECK(sm_reader_open(&r, "no/such/file", 1, 1, "test file", &err) == SM_ERR_IO, "missing file");
+    CHECK(strstr(err.msg, "no/such/file") && strstr(err.msg, strerror(ENOENT)), "missing file: %s", err.msg);
+    /* a folder opens as a FILE on POSIX systems; it must not read as a file of LONG_MAX bytes */
+    CHECK(sm_reader_open(&r, ".", 1, 1, "test file", &err) == SM_ERR_IO, "a folder read as a file: %s", err.msg);
+    CHECK(strstr(err.msg, strerror(EISDIR)) && !strstr(err.msg, "memory"), "a folder: %s", err.msg);
     return 0;
 }
 
@@ -609,6 +623,27 @@ static sm_model_config t_tiny_module_config(void) {
     return c;
 }
 
+/* The parameter count from the config alone is the built model's, and it
+ * allocates nothing of the model's size: two tables of 1.9e9 rows (60 GB of
+ * parameters, 19 GB of row sets) are counted, not allocated. */
+static int test_model_param_count_from_config(void) {
+    sm_model m;
+    sm_model_config cfg = t_tiny_module_config();
+    sm_error err;
+    size_t n = 0;
+    cfg.use_mhc = 1, cfg.mhc.n_streams = 2, cfg.mhc.channels = cfg.d_model;
+    CHECK_OK(sm_model_param_count(&cfg, &n, &err));
+    CHECK_OK(sm_model_init(&m, &cfg, 1, 1, &err));
+    CHECK(n == m.params.total, "counted %zu parameters, the model has %zu", n, m.params.total);
+    sm_model_free(&m);
+    cfg.engram.hash.table_rows = 0x70000000u, cfg.engram.hash.n_heads = 1;
+    CHECK(sm_model_param_count(&cfg, &n, &err) == SM_OK, "%s", err.msg);
+    CHECK(n > (size_t)2 * 4 * 0x70000000u, "%zu parameters for two tables of 0x70000000 rows", n);
+    cfg.n_head = 3;
+    CHECK(sm_model_param_count(&cfg, &n, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_head"), "%s", err.msg);
+    return 0;
+}
+
 /* Every tensor of a model with Engram (layer 1) and PEER (added to the MLP
  * of layer 0) against finite differences. */
 static int test_model_with_modules_gradient(void) {
@@ -910,7 +945,9 @@ static int t_ckpt_state_equal(const char *a, const char *b) {
     sm_model_config ca, cb;
     tr_opts oa, ob;
     uint64_t skip_a[3], skip_b[3];
-    int ok = tr_read_checkpoint_header(&ra, a, &ca, &oa, NULL) == SM_OK &&
+    int ok;
+    memset(&ra, 0, sizeof ra), memset(&rb, 0, sizeof rb);
+    ok = tr_read_checkpoint_header(&ra, a, &ca, &oa, NULL) == SM_OK &&
              tr_read_checkpoint_header(&rb, b, &cb, &ob, NULL) == SM_OK &&
              sm_reader_bytes(&ra, skip_a, sizeof skip_a, NULL) == SM_OK &&
              sm_reader_bytes(&rb, skip_b, sizeof skip_b, NULL) == SM_OK &&
@@ -945,6 +982,117 @@ static int test_trainer_resume_is_bitwise(void) {
     CHECK(t_csv_equal("test_tmp_run_a/steps.csv", "test_tmp_run_b/steps.csv", -1), "per-step losses differ after resume");
     CHECK(t_csv_equal("test_tmp_run_a/log.csv", "test_tmp_run_b/log.csv", 5), "eval log differs after resume");
     CHECK(t_ckpt_state_equal("test_tmp_run_a/model.ckpt", "test_tmp_run_b/model.ckpt"), "final weights differ");
+    return 0;
+}
+
+/* ---- a JSON checker (RFC 8259's grammar), for the files the trainer writes ---- */
+
+static const char *t_json_ws(const char *s) {
+    while (*s == ' ' || *s == '\n' || *s == '\r' || *s == '\t') s++;
+    return s;
+}
+
+static const char *t_json_digits(const char *s) {
+    if (!isdigit((unsigned char)*s)) return NULL;
+    while (isdigit((unsigned char)*s)) s++;
+    return s;
+}
+
+static const char *t_json_number(const char *s) {
+    if (*s == '-') s++;
+    if (*s == '0') s++;
+    else if (!(s = t_json_digits(s))) return NULL;
+    if (*s == '.' && !(s = t_json_digits(s + 1))) return NULL;
+    if (*s == 'e' || *s == 'E') {
+        s++;
+        if (*s == '+' || *s == '-') s++;
+        s = t_json_digits(s);
+    }
+    return s;
+}
+
+static const char *t_json_string(const char *s) {
+    int i;
+    if (*s++ != '"') return NULL;
+    for (; *s != '"'; s++) {
+        if ((unsigned char)*s < 0x20) return NULL; /* the end of the text included */
+        if (*s != '\\') continue;
+        s++;
+        if (*s == 'u') {
+            for (i = 1; i <= 4; i++)
+                if (!isxdigit((unsigned char)s[i])) return NULL;
+            s += 4;
+        } else if (!*s || !strchr("\"\\/bfnrt", *s)) {
+            return NULL;
+        }
+    }
+    return s + 1;
+}
+
+/* The end of the one value at s, or NULL when it is not JSON. */
+static const char *t_json_value(const char *s, int depth) {
+    s = t_json_ws(s);
+    if (depth > 64) return NULL;
+    if (*s == '{' || *s == '[') {
+        char close = *s == '{' ? '}' : ']';
+        int object = *s == '{';
+        s = t_json_ws(s + 1);
+        if (*s == close) return s + 1;
+        for (;;) {
+            if (object) {
+                if (!(s = t_json_string(s))) return NULL;
+                s = t_json_ws(s);
+                if (*s++ != ':') return NULL;
+            }
+            if (!(s = t_json_value(s, depth + 1))) return NULL;
+            s = t_json_ws(s);
+            if (*s == close) return s + 1;
+            if (*s++ != ',') return NULL;
+            s = t_json_ws(s);
+        }
+    }
+    if (*s == '"') return t_json_string(s);
+    if (strncmp(s, "true", 4) == 0 || strncmp(s, "null", 4) == 0) return s + 4;
+    if (strncmp(s, "false", 5) == 0) return s + 5;
+    return t_json_number(s);
+}
+
+static int t_json_file_valid(const char *path) {
+    unsigned char *text;
+    size_t n;
+    const char *end;
+    if (sm_read_file(path, &text, &n, NULL) != SM_OK) return 0;
+    end = t_json_value((const char *)text, 0);
+    n = end && *t_json_ws(end) == 0;
+    sm_free(text);
+    return (int)n;
+}
+
+/* summary.json and eval_TAG.json are JSON: null where a module is absent
+ * (they held bare nan); a finished run resumed again still reports its
+ * validation loss (it wrote 0). */
+static int test_trainer_summary_is_json(void) {
+    tr_opts o;
+    double a, b;
+    CHECK(t_json_value("{\"a\": [1, -2.5e3, \"x\\\"\"], \"b\": {\"c\": null, \"d\": true}}", 0) != NULL, "valid JSON refused");
+    CHECK(!t_json_value("{\"a\": nan}", 0) && !t_json_value("{\"a\": 1,}", 0) && !t_json_value("{\"a\": .5}", 0),
+          "the JSON checker accepts what is not JSON");
+    CHECK(t_json_file_valid("test_tmp_run_a/summary.json"), "summary.json is not JSON");
+    CHECK(isnan(tr_json_number("test_tmp_run_a/summary.json", "loss_hot")), "loss_hot of a run without a hot set");
+    a = tr_json_number("test_tmp_run_a/summary.json", "val_loss");
+    CHECK(a > 1 && a < 20, "val_loss %g", a);
+    t_trainer_opts(&o, "test_tmp_run_b"); /* finished: the loop has nothing left to do */
+    o.resume = 1, o.eval_batches = 0;       /* (> 0 made the final eval run anyway) */
+    CHECK(tr_train(&o) == 0, "resuming a finished run failed");
+    b = tr_json_number("test_tmp_run_b/summary.json", "val_loss");
+    CHECK(b == a, "the finished run resumed reports val_loss %g, the run %g", b, a);
+    CHECK(t_json_file_valid("test_tmp_run_b/summary.json"), "summary.json is not JSON");
+    tr_defaults(&o);
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "test_tmp_run_a/model.ckpt");
+    snprintf(o.tag, sizeof o.tag, "json");
+    CHECK(tr_cmd_eval(&o) == 0, "eval failed");
+    CHECK(t_json_file_valid("test_tmp_run_a/eval_json.json"), "eval_json.json is not JSON");
     return 0;
 }
 
@@ -984,6 +1132,51 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
               strstr(err.msg, "v1") && strstr(err.msg, "--engram-mhc") && strstr(err.msg, "shared_keys"),
           "format v1 checkpoint: %s", err.msg);
+    sm_free(bytes);
+    remove("test_tmp_bad.ckpt");
+    return 0;
+}
+
+/* Writes bytes[0..n) to path with the trailing checksum recomputed, as a
+ * crafted file would have it. */
+static void t_write_with_checksum(const char *path, unsigned char *bytes, size_t n) {
+    uint64_t sum = sm_checksum64(bytes, n - 8);
+    FILE *f = fopen(path, "wb");
+    memcpy(bytes + n - 8, &sum, 8);
+    if (f) fwrite(bytes, 1, n, f), fclose(f);
+}
+
+/* A checkpoint whose config was edited (seq_len 16 -> 65535, checksum
+ * recomputed) once made sm_model_init allocate gigabytes before the
+ * parameter count was compared. Its header must be refused, naming the
+ * sizes, before any model exists. */
+static int test_trainer_crafted_checkpoint_refused(void) {
+    const size_t at = 8 + 4 + offsetof(sm_model_config, seq_len); /* magic, version, config size */
+    sm_reader rd;
+    sm_model_config cfg;
+    tr_opts o;
+    sm_error err;
+    unsigned char *bytes;
+    size_t n, implied;
+    int32_t seq_len = 65535;
+    uint64_t total;
+    CHECK_OK(sm_read_file("test_tmp_run_a/model.ckpt", &bytes, &n, &err));
+    memcpy(&seq_len, bytes + at, 4);
+    CHECK(seq_len == 16, "seq_len is not where the test expects it (%d)", seq_len);
+    seq_len = 65535;
+    memcpy(bytes + at, &seq_len, 4);
+    t_write_with_checksum("test_tmp_bad.ckpt", bytes, n);
+    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT,
+          "a checkpoint whose config implies other sizes was accepted");
+    CHECK(strstr(err.msg, "seq_len 65535") && strstr(err.msg, "parameters"), "message: %s", err.msg);
+    /* the stored count edited to match as well: the file is too small for it */
+    memcpy(&cfg, bytes + 12, sizeof cfg);
+    CHECK_OK(sm_model_param_count(&cfg, &implied, &err));
+    total = implied;
+    memcpy(bytes + 12 + sizeof cfg + 4 + sizeof(tr_opts) + 16, &total, 8);
+    t_write_with_checksum("test_tmp_bad.ckpt", bytes, n);
+    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_TRUNCATED &&
+              strstr(err.msg, "do not fit"), "a file too small for its parameters: %s", err.msg);
     sm_free(bytes);
     remove("test_tmp_bad.ckpt");
     return 0;
@@ -1039,7 +1232,7 @@ static int test_trainer_cli_options(void) {
     CHECK(tr_parse(&o, 2, gpu, pos, &n_pos) != 0, "--device cuda accepted by a build without CUDA");
     f = tmpfile();
     CHECK(f != NULL, "tmpfile");
-    tr_usage(f);
+    tr_usage(f, -1);
     rewind(f);
     n = fread(help, 1, sizeof help - 1, f);
     help[n] = 0;
@@ -1109,6 +1302,280 @@ static int test_trainer_engram_mhc_option(void) {
     CHECK(cfg.use_mhc && cfg.use_engram && cfg.engram_mhc == SM_ENGRAM_MHC_PER_STREAM,
           "checkpoint form %d", cfg.engram_mhc);
     t_remove_tree("test_tmp_run_ps");
+    return 0;
+}
+
+/* ---- the trainer in a child process: what exits, crashes or is killed ---- */
+
+#define T_CHILD_LOG "test_tmp_child.txt"
+
+/* Runs fn(arg) in a forked child with its stdout and stderr in
+ * T_CHILD_LOG, and copies that output into out (NUL-terminated). Returns
+ * fn's exit status, or -N when the child died from signal N. The child is
+ * single-threaded: libgomp's thread pool belongs to the parent, and a forked
+ * child that starts a team of threads hangs. */
+static int t_in_child(int (*fn)(void *), void *arg, char *out, size_t out_size) {
+    int status = 0, fd;
+    size_t n = 0;
+    FILE *f;
+    pid_t pid;
+    fflush(NULL); /* or the child's exit() writes the parent's buffered output again */
+    pid = fork();
+    if (pid < 0) return -1000;
+    if (pid == 0) {
+        fd = open(T_CHILD_LOG, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+        if (fd < 0 || dup2(fd, 1) < 0 || dup2(fd, 2) < 0) _exit(111);
+#ifdef _OPENMP
+        omp_set_num_threads(1);
+#endif
+        exit(fn(arg));
+    }
+    if (waitpid(pid, &status, 0) != pid) return -1001;
+    if (out_size) {
+        f = fopen(T_CHILD_LOG, "r");
+        n = f ? fread(out, 1, out_size - 1, f) : 0;
+        if (f) fclose(f);
+        out[n] = 0;
+    }
+    remove(T_CHILD_LOG);
+    return WIFSIGNALED(status) ? -WTERMSIG(status) : WEXITSTATUS(status);
+}
+
+static int t_cli_main(void *cmdline) {
+    char buf[2048], *argv[160], *save = NULL, *tok;
+    int argc = 0;
+    snprintf(buf, sizeof buf, "trainer %s", (const char *)cmdline);
+    for (tok = strtok_r(buf, " ", &save); tok && argc < 159; tok = strtok_r(NULL, " ", &save)) argv[argc++] = tok;
+    argv[argc] = NULL;
+    return tr_main(argc, argv);
+}
+
+/* `trainer CMDLINE` (split at spaces) in a child: its exit status (-N:
+ * killed by signal N), its output in out. */
+static int t_cli(const char *cmdline, char *out, size_t out_size) {
+    return t_in_child(t_cli_main, (void *)cmdline, out, out_size);
+}
+
+/* The command line's dispatch: help, an unknown command. */
+static int test_trainer_cli_commands(void) {
+    char out[16384];
+    int rc = t_cli("--help", out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "usage: trainer COMMAND") && strstr(out, "--engram-rows"),
+          "trainer --help: status %d, output %.200s", rc, out);
+    rc = t_cli("fly --steps 3", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "unknown command 'fly'"), "unknown command: status %d, output %.200s", rc, out);
+    return 0;
+}
+
+/* Every numeric option has a range; values outside it, malformed numbers
+ * and numbers that do not fit their field are refused with a message that
+ * names the option, before they reach any arithmetic. */
+static int test_trainer_cli_option_ranges(void) {
+    static const char *const bad[][2] = {
+        /* command line, what the message must say */
+        {"sample --ckpt test_tmp_run_a/model.ckpt --prompt the_state_of_the_union --tokens -3", "--tokens -3 is out of range"},
+        {"train --min-lr-ratio -1 --warmup 0", "--min-lr-ratio -1 is out of range: it takes values in [0, 1]"},
+        {"train --batch 4294967297", "--batch 4294967297 is out of range"}, /* was (int): batch 1 */
+        {"train --batch 65537", "--batch 65537 is out of range: it takes values in [1, 65536]"},
+        {"train --seq 4294967424", "--seq 4294967424 is out of range"},
+        {"train --steps 0", "--steps 0 is out of range"},
+        {"train --steps -5", "--steps -5 is out of range"},
+        {"train --nine -1", "--nine -1 is out of range"},
+        {"train --mhc -4", "--mhc -4 is out of range"},
+        {"train --mhc 17", "--mhc 17 is out of range"},
+        {"train --d-ff -1", "--d-ff -1 is out of range"},
+        {"train --warmup -1", "--warmup -1 is out of range"},
+        {"train --stop-after -1", "--stop-after -1 is out of range"},
+        {"train --coord-every -1", "--coord-every -1 is out of range"},
+        {"sample --top-k -1", "--top-k -1 is out of range"},
+        {"sample --top-k 33", "--top-k 33 is out of range"},
+        {"sample --temperature 0", "--temperature 0 is out of range: it takes values in (0, 100]"},
+        {"sample --temperature -1", "--temperature -1 is out of range"},
+        {"sample --temperature nan", "--temperature expects a finite number"},
+        {"train --lr 1e39", "--lr expects a finite number"},
+        {"train --engram-rows -5", "--engram-rows -5 is out of range"},
+        {"tokenize --val-frac 0", "--val-frac 0 is out of range"},
+        {"train --seed -1", "--seed expects a whole number >= 0"},
+        {"train --seed 18446744073709551616", "--seed 18446744073709551616 is out of range"},
+        {"train --batch 8.5", "--batch expects a whole number"},
+    };
+    char out[16384], many[1024] = "train";
+    char a0[] = "--batch", a1[] = "65536", a2[] = "--temperature", a3[] = "1e-3", a4[] = "--val-frac", a5[] = "1";
+    char a6[] = "--seed", a7[] = "18446744073709551615", a8[] = "--mhc", a9[] = "16";
+    char *edge[] = {a0, a1, a2, a3, a4, a5, a6, a7, a8, a9}, *pos[10];
+    tr_opts o;
+    int i, rc, n_pos, ids[8];
+    char msg[256];
+    sm_model_config cfg;
+    for (i = 0; i < (int)(sizeof bad / sizeof bad[0]); i++) {
+        rc = t_cli(bad[i][0], out, sizeof out);
+        CHECK(rc == 1 && strstr(out, bad[i][1]), "trainer %s: status %d, output: %.300s", bad[i][0], rc, out);
+    }
+    tr_defaults(&o); /* the ends of the ranges are accepted */
+    CHECK(tr_parse(&o, 10, edge, pos, &n_pos) == 0, "values at the ends of their ranges refused");
+    CHECK(o.batch == 65536 && o.temperature == 1e-3f && o.val_frac == 1.0f && o.seed == 18446744073709551615ULL &&
+              o.mhc_streams == 16, "edge values stored wrong");
+    for (i = 0; i < TR_N_SPECS; i++) /* an option added without a range would refuse everything */
+        CHECK(tr_specs[i].kind == O_STR || tr_specs[i].kind == O_FLAG || tr_specs[i].lo < tr_specs[i].hi,
+              "--%s has no range", tr_specs[i].name);
+    /* more than 64 arguments */
+    for (i = 0; i < 70; i++) strcat(many, " --quiet");
+    strcat(many, " --steps 0");
+    rc = t_cli(many, out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "--steps 0 is out of range"), "71 arguments: status %d, output: %.300s", rc, out);
+    /* layer lists: "1," is not a list */
+    CHECK(tr_parse_layers("1,3", ids, 8) == 2 && ids[0] == 1 && ids[1] == 3, "1,3");
+    CHECK(tr_parse_layers("1,", ids, 8) < 0 && tr_parse_layers(",1", ids, 8) < 0 && tr_parse_layers("1,,3", ids, 8) < 0 &&
+              tr_parse_layers("-1", ids, 8) < 0 && tr_parse_layers("1;3", ids, 8) < 0, "a malformed layer list parsed");
+    tr_defaults(&o);
+    snprintf(o.engram_layers, sizeof o.engram_layers, "1,");
+    CHECK(tr_model_config(&o, 300, &cfg, msg, sizeof msg) != 0 && strstr(msg, "--engram"), "--engram 1,: %s", msg);
+    return 0;
+}
+
+/* Each message says what is wrong: per-command help, a folder or a stub
+ * given as a file, binary data as text, a report with nothing in it. */
+static int test_trainer_cli_messages(void) {
+    char out[16384];
+    int rc;
+    FILE *f;
+    unsigned char junk[4096];
+    sm_rng r;
+    size_t i;
+    rc = t_cli("eval --help", out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "usage: trainer eval --ckpt") && strstr(out, "--tag"), "eval --help: status %d, %.300s", rc, out);
+    rc = t_cli("eval --ckpt .", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, strerror(EISDIR)) && !strstr(out, "memory"), "a folder as --ckpt: %.300s", out);
+    t_write_corpus("test_tmp_corpus_cli.txt", 4);
+    rc = t_cli("tokenize --data test_tmp_corpus_cli.txt --out test_tmp_tok_cli --vocab 300 --tokenizer .", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, strerror(EISDIR)) && !strstr(out, "memory"), "a folder as --tokenizer: %.300s", out);
+    f = fopen("test_tmp_7.ckpt", "wb");
+    CHECK(f && fwrite("SMCK\1\0\0", 1, 7, f) == 7, "write");
+    fclose(f);
+    rc = t_cli("eval --ckpt test_tmp_7.ckpt", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "only 7 bytes"), "a 7-byte checkpoint: %.300s", out);
+    sm_rng_seed(&r, 9);
+    for (i = 0; i < sizeof junk; i++) junk[i] = (unsigned char)sm_rng_below(&r, 256);
+    f = fopen("test_tmp_junk.bin", "wb");
+    CHECK(f && fwrite(junk, 1, sizeof junk, f) == sizeof junk, "write");
+    fclose(f);
+    rc = t_cli("tokenize --data test_tmp_junk.bin --out test_tmp_tok_cli --vocab 300", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "not UTF-8 text"), "binary data as --data: status %d, %.300s", rc, out);
+    CHECK(sm_utf8_valid_prefix((const unsigned char *)"a\xc3\xa9" "b", 4) == 4 &&
+              sm_utf8_valid_prefix((const unsigned char *)"a\xc3", 2) == 1 &&
+              sm_utf8_valid_prefix((const unsigned char *)"ab\xff", 3) == 2, "sm_utf8_valid_prefix");
+    rc = t_cli("report --out test_tmp_report_cli test_tmp_no_run", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "nothing to report"), "report without runs: status %d, %.300s", rc, out);
+    CHECK(!tr_exists("test_tmp_report_cli"), "an empty report folder was made");
+    remove("test_tmp_corpus_cli.txt"), remove("test_tmp_7.ckpt"), remove("test_tmp_junk.bin");
+    t_remove_tree("test_tmp_tok_cli");
+    return 0;
+}
+
+/* ---- killed runs ---- */
+
+static int t_train_main(void *opts) { return tr_train((tr_opts *)opts); }
+
+/* The step a checkpoint was written at (-1: none readable). */
+static long t_ckpt_step(const char *path) {
+    sm_reader rd;
+    sm_model_config cfg;
+    tr_opts o;
+    uint64_t step = 0;
+    long got = -1;
+    if (tr_read_checkpoint_header(&rd, path, &cfg, &o, NULL) != SM_OK) return -1;
+    if (sm_reader_u64(&rd, &step, NULL) == SM_OK) got = (long)step;
+    sm_reader_close(&rd);
+    return got;
+}
+
+/* Whether a CSV file has a row for this step. */
+static int t_csv_has_step(const char *path, long step) {
+    FILE *f = fopen(path, "r");
+    char line[8192];
+    int found = 0;
+    while (f && !found && fgets(line, sizeof line, f)) found = atol(line) == step && isdigit((unsigned char)line[0]);
+    if (f) fclose(f);
+    return found;
+}
+
+/* A run killed (SIGKILL, a real one: the trainer kills itself at a chosen
+ * point) again and again, each time resumed, ends with the model, the Adam
+ * state, steps.csv and log.csv of an uninterrupted run. Checkpoints every
+ * 3 steps, evals every 4; the kills: after step 5 (rows of steps 4-5 only
+ * in the stdio buffer, an eval row at 4 already on the disk), inside the
+ * checkpoint of step 6 (the rows of 4-6 synced, model.ckpt still step 3),
+ * after step 10. All runs single-threaded (children of this process). */
+static int test_trainer_killed_runs_resume_exactly(void) {
+    static const struct { long step; int in_ckpt, resume; long ckpt_after; } kills[] = {
+        {5, 0, 0, 3}, {6, 1, 1, 3}, {10, 0, 1, 9}};
+    tr_opts o;
+    char out[4096];
+    int rc, k;
+    t_remove_tree("test_tmp_kill_ref"), t_remove_tree("test_tmp_kill");
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_trainer_opts(&o, "test_tmp_kill_ref");
+    rc = t_in_child(t_train_main, &o, out, sizeof out);
+    CHECK(rc == 0, "the uninterrupted run: status %d, %.300s", rc, out);
+    for (k = 0; k < 3; k++) {
+        t_trainer_opts(&o, "test_tmp_kill");
+        o.ckpt_every = 3, o.resume = kills[k].resume;
+        o.debug_kill_step = kills[k].step, o.debug_kill_in_ckpt = kills[k].in_ckpt;
+        rc = t_in_child(t_train_main, &o, out, sizeof out);
+        CHECK(rc == -SIGKILL, "kill %d was not a SIGKILL: status %d, %.300s", k + 1, rc, out);
+        CHECK(t_ckpt_step("test_tmp_kill/model.ckpt") == kills[k].ckpt_after, "kill %d left a checkpoint of step %ld",
+              k + 1, t_ckpt_step("test_tmp_kill/model.ckpt"));
+        if (kills[k].in_ckpt) /* the case that duplicated rows: they reached the log, the checkpoint did not */
+            CHECK(tr_exists("test_tmp_kill/model.ckpt.tmp") && t_csv_has_step("test_tmp_kill/steps.csv", 6),
+                  "the kill inside checkpoint 6 left no temp file or no row 6");
+    }
+    t_trainer_opts(&o, "test_tmp_kill");
+    o.ckpt_every = 3, o.resume = 1;
+    rc = t_in_child(t_train_main, &o, out, sizeof out);
+    CHECK(rc == 0, "the last resume: status %d, %.300s", rc, out);
+    CHECK(t_csv_equal("test_tmp_kill_ref/steps.csv", "test_tmp_kill/steps.csv", -1), "steps.csv differs after the kills");
+    CHECK(t_csv_equal("test_tmp_kill_ref/log.csv", "test_tmp_kill/log.csv", 5), "log.csv differs after the kills");
+    CHECK(t_ckpt_state_equal("test_tmp_kill_ref/model.ckpt", "test_tmp_kill/model.ckpt"),
+          "weights or Adam moments differ after the kills");
+    rc = t_in_child(t_train_main, &o, out, sizeof out); /* resuming the finished run changes nothing */
+    CHECK(rc == 0 && t_csv_equal("test_tmp_kill_ref/steps.csv", "test_tmp_kill/steps.csv", -1) &&
+              t_csv_equal("test_tmp_kill_ref/log.csv", "test_tmp_kill/log.csv", 5),
+          "resuming the finished run changed its logs (status %d)", rc);
+    t_remove_tree("test_tmp_kill_ref"), t_remove_tree("test_tmp_kill");
+    return 0;
+}
+
+/* Resuming cuts a log back to the checkpoint's step: later rows, a partial
+ * last line (a kill in the middle of a write), or a partial header go. */
+static int test_trainer_log_cut_to_checkpoint(void) {
+    static const char *const cases[][3] = {
+        /* log as left, after resuming at step 2 */
+        {"step,loss\n1,5.1\n2,5.0\n3,4.9\n", "step,loss\n1,5.1\n2,5.0\n"},
+        {"step,loss\n1,5.1\n2,5.0\n3,4.", "step,loss\n1,5.1\n2,5.0\n"},
+        {"step,loss\n1,5.1\n2,5.", "step,loss\n1,5.1\n"},
+        {"step,loss\n1,5.1\n2,5.0\n10,4.1\n", "step,loss\n1,5.1\n2,5.0\n"},
+        {"ste", "step,loss\n"},
+        {"", "step,loss\n"},
+    };
+    tr_opts o;
+    unsigned char *text;
+    size_t n;
+    int i;
+    FILE *f;
+    tr_defaults(&o);
+    snprintf(o.out, sizeof o.out, ".");
+    for (i = 0; i < (int)(sizeof cases / sizeof cases[0]); i++) {
+        f = fopen("test_tmp_log.csv", "w");
+        CHECK(f != NULL, "write");
+        fputs(cases[i][0], f);
+        fclose(f);
+        f = tr_open_log(&o, "test_tmp_log.csv", "step,loss", 2);
+        fclose(f);
+        CHECK_OK(sm_read_file("test_tmp_log.csv", &text, &n, NULL));
+        CHECK(strcmp((const char *)text, cases[i][1]) == 0, "case %d: the log reads '%s'", i, (const char *)text);
+        sm_free(text);
+    }
+    remove("test_tmp_log.csv");
     return 0;
 }
 
@@ -1960,7 +2427,7 @@ static int test_data_corpus_split_tokenize(void) {
     char doc[128];
     sm_corpus c;
     sm_bpe b;
-    sm_tokens tr, va;
+    sm_tokens tr, va, none;
     sm_error e;
     size_t ntrain, d, i;
     unsigned char back[256];
@@ -1977,9 +2444,13 @@ static int test_data_corpus_split_tokenize(void) {
           "fraction 1.5: %s", e.msg);
     CHECK_OK(sm_corpus_split(&c, 1.0f, &ntrain, &e));
     CHECK(ntrain == 0, "fraction 1 (evaluation-only) kept %zu training documents", ntrain);
+    CHECK_OK(sm_corpus_split(&c, 1e-9f, &ntrain, &e)); /* ceil(4e-8 - tolerance) = 0 */
+    CHECK(ntrain == 39, "a fraction > 0 held out %zu documents, not at least one", 40 - ntrain);
     CHECK_OK(t_data_train(&b, (const char *)c.text, 300));
     CHECK_OK(sm_corpus_tokenize(&b, &c, 0, 38, &tr, &e));
     CHECK_OK(sm_corpus_tokenize(&b, &c, 38, 40, &va, &e));
+    CHECK(sm_corpus_tokenize(&b, &c, 40, 40, &none, &e) == SM_ERR_INVALID_ARG && strstr(e.msg, "no documents"),
+          "an empty range: %s", e.msg);
     CHECK(tr.n_docs == 38 && va.n_docs == 2 && tr.vocab_size == b.vocab_size, "docs");
     for (d = 0; d < 2; d++) {
         size_t s = va.doc_starts[d], end = d + 1 < 2 ? va.doc_starts[d + 1] : va.n_tokens, len;
@@ -6037,6 +6508,7 @@ static const t_case t_cases[] = {
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),
+    T(test_model_param_count_from_config),
     T(test_model_with_modules_gradient), T(test_model_two_peer_layers_update_own_rows),
     T(test_model_with_mhc_gradient),
     T(test_model_engram_mhc_forms),
@@ -6044,10 +6516,17 @@ static const t_case t_cases[] = {
     T(test_model_nine_iso_and_gradient),
     T(test_trainer_schedule_parser),
     T(test_trainer_resume_is_bitwise),
+    T(test_trainer_summary_is_json),
+    T(test_trainer_killed_runs_resume_exactly),
+    T(test_trainer_log_cut_to_checkpoint),
     T(test_trainer_corrupt_checkpoint_refused),
+    T(test_trainer_crafted_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_cli_options),
     T(test_trainer_engram_mhc_option),
+    T(test_trainer_cli_commands),
+    T(test_trainer_cli_option_ranges),
+    T(test_trainer_cli_messages),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula), T(test_adamw_frozen_group_keeps_moments),
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),

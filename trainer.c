@@ -6,7 +6,7 @@
  *   trainer sample   --ckpt RUN_DIR/model.ckpt [--prompt TEXT]
  *   trainer report   --out REPORT_DIR RUN_DIR...
  *   trainer plot     --data LOG.csv --y COL,COL --out CHART.png
- *   trainer --help   every option, with its default
+ *   trainer --help   every option, with its default and range (COMMAND --help: one command)
  *
  * A GPT-style model (sparsemem.h) with optional Engram, PEER and mHC
  * modules, trained on CPU (or the GPU: --device cuda in a build with
@@ -24,6 +24,7 @@
 #include <ctype.h>
 #include <errno.h>
 #include <math.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1500,6 +1501,8 @@ typedef struct {
     int resume, threads, vocab, quiet;
     long stop_after;      /* stop (with a checkpoint) after this step; 0 = run to the end */
     long debug_nan_step;  /* tests only: poison a weight before this step (-1 = never) */
+    long debug_kill_step; /* tests only: SIGKILL the process at this step (-1 = never), */
+    int debug_kill_in_ckpt; /* inside its checkpoint (written, not renamed) or after it */
     float val_frac;
     /* model */
     int n_layer, d_model, n_head, seq_len, d_ff;
@@ -1528,29 +1531,42 @@ typedef struct {
 
 typedef enum { O_INT, O_LONG, O_FLOAT, O_STR, O_FLAG, O_U64 } tr_opt_kind;
 
+/* One option: its field, and for a number the values it accepts, [lo, hi]
+ * or with lo_open (lo, hi]. A value out of range is an error naming the
+ * option and the range, before it reaches any arithmetic. */
 typedef struct {
     const char *name;
     tr_opt_kind kind;
     size_t offset, size;
+    double lo, hi;
+    int lo_open;
     const char *help;
 } tr_opt_spec;
 
-#define OPT(name, kind, field, help) {name, kind, offsetof(tr_opts, field), sizeof(((tr_opts *)0)->field), help}
+#define TR_FIELD(field) offsetof(tr_opts, field), sizeof(((tr_opts *)0)->field)
+/* a string or a flag */
+#define OPT(name, kind, field, help) {name, kind, TR_FIELD(field), 0, 0, 0, help}
+/* a number in [lo, hi]; NUM_GT: in (lo, hi] */
+#define NUM(name, kind, field, lo, hi, help) {name, kind, TR_FIELD(field), lo, hi, 0, help}
+#define NUM_GT(name, kind, field, lo, hi, help) {name, kind, TR_FIELD(field), lo, hi, 1, help}
+#define TR_STEPS_MAX 1e9 /* step counts and intervals */
+#define TR_U32_MAX 4294967295.0
+#define TR_U64_MAX 18446744073709551615.0
 
 static const tr_opt_spec tr_specs[] = {
     OPT("data", O_STR, data, "text file/folder, or a folder made by `tokenize`"),
     OPT("out", O_STR, out, "output folder (run, tokenized data, or report)"),
     OPT("ckpt", O_STR, ckpt, "checkpoint file (eval, sample)"),
     OPT("resume", O_FLAG, resume, "continue from OUT/model.ckpt"),
-    OPT("stop-after", O_LONG, stop_after, "stop with a checkpoint after this step (0 = run to the end)"),
+    NUM("stop-after", O_LONG, stop_after, 0, TR_STEPS_MAX, "stop with a checkpoint after this step (0 = run to the end)"),
     OPT("preset", O_STR, preset, "model/training preset: tiny | small | gpt2s"),
-    OPT("seed", O_U64, seed, "model initialisation seed"),
-    OPT("data-seed", O_U64, data_seed, "batch sampling seed"),
-    OPT("threads", O_INT, threads, "OpenMP threads (0 = all cores)"),
+    NUM("seed", O_U64, seed, 0, TR_U64_MAX, "model initialisation seed"),
+    NUM("data-seed", O_U64, data_seed, 0, TR_U64_MAX, "batch sampling seed"),
+    NUM("threads", O_INT, threads, 0, 4096, "OpenMP threads (0 = all cores)"),
     OPT("device", O_STR, device, "train on: cpu | cuda (a build with CUDA: make trainer_cuda)"),
     OPT("quiet", O_FLAG, quiet, "no progress line"),
-    OPT("vocab", O_INT, vocab, "BPE vocabulary size (tokenize)"),
-    OPT("val-frac", O_FLOAT, val_frac, "fraction of documents held out for validation"),
+    NUM("vocab", O_INT, vocab, SM_BPE_MIN_VOCAB, SM_BPE_MAX_VOCAB, "BPE vocabulary size (tokenize)"),
+    NUM_GT("val-frac", O_FLOAT, val_frac, 0, 1, "fraction of documents held out for validation (1 = all: an evaluation set)"),
     OPT("tokenizer", O_STR, tokenizer, "tokenize: reuse this tokenizer.bin instead of training one"),
     OPT("tag", O_STR, tag, "eval: also write RUN/eval_TAG.json (e.g. a cross-domain set)"),
     OPT("baseline", O_STR, baseline, "report: the run label the others are compared with"),
@@ -1558,52 +1574,52 @@ static const tr_opt_spec tr_specs[] = {
     OPT("y", O_STR, y_cols, "plot: y columns of the CSV, comma-separated"),
     OPT("title", O_STR, title, "plot: chart title"),
     OPT("log-y", O_FLAG, log_y, "plot: logarithmic y axis"),
-    OPT("layers", O_INT, n_layer, "transformer layers"),
-    OPT("d-model", O_INT, d_model, "model width"),
-    OPT("heads", O_INT, n_head, "attention heads"),
-    OPT("d-ff", O_INT, d_ff, "MLP hidden width (0 = 4 x d-model)"),
-    OPT("seq", O_INT, seq_len, "sequence length T"),
-    OPT("batch", O_INT, batch, "sequences per step B"),
-    OPT("steps", O_LONG, steps, "training steps"),
-    OPT("lr", O_FLOAT, lr, "peak learning rate (backbone)"),
-    OPT("lr-engram", O_FLOAT, lr_engram, "Engram lr (< 0: same as --lr; its table trains at 5x)"),
-    OPT("lr-peer", O_FLOAT, lr_peer, "PEER lr (< 0: same as --lr)"),
-    OPT("lr-mhc", O_FLOAT, lr_mhc, "mHC lr (< 0: same as --lr)"),
-    OPT("min-lr-ratio", O_FLOAT, min_lr_ratio, "cosine schedule floor, as a fraction of the peak"),
-    OPT("warmup", O_LONG, warmup, "linear warmup steps"),
-    OPT("weight-decay", O_FLOAT, weight_decay, "AdamW weight decay (matrices only)"),
-    OPT("grad-clip", O_FLOAT, grad_clip, "global gradient-norm clip (0 = off)"),
-    OPT("eval-every", O_LONG, eval_every, "steps between evaluations"),
-    OPT("eval-batches", O_INT, eval_batches, "validation batches per eval (0 = all of it)"),
-    OPT("ckpt-every", O_LONG, ckpt_every, "steps between checkpoints (0 = only at the end)"),
+    NUM("layers", O_INT, n_layer, 1, SM_MAX_SUBLAYERS / 3, "transformer layers"),
+    NUM("d-model", O_INT, d_model, 1, 65536, "model width"),
+    NUM("heads", O_INT, n_head, 1, 65536, "attention heads"),
+    NUM("d-ff", O_INT, d_ff, 0, 1 << 20, "MLP hidden width (0 = 4 x d-model)"),
+    NUM("seq", O_INT, seq_len, 1, 65536, "sequence length T"),
+    NUM("batch", O_INT, batch, 1, 65536, "sequences per step B"),
+    NUM("steps", O_LONG, steps, 1, TR_STEPS_MAX, "training steps"),
+    NUM_GT("lr", O_FLOAT, lr, 0, 10, "peak learning rate (backbone)"),
+    NUM("lr-engram", O_FLOAT, lr_engram, -1, 10, "Engram lr (< 0: same as --lr; its table trains at 5x)"),
+    NUM("lr-peer", O_FLOAT, lr_peer, -1, 10, "PEER lr (< 0: same as --lr)"),
+    NUM("lr-mhc", O_FLOAT, lr_mhc, -1, 10, "mHC lr (< 0: same as --lr)"),
+    NUM("min-lr-ratio", O_FLOAT, min_lr_ratio, 0, 1, "cosine schedule floor, as a fraction of the peak"),
+    NUM("warmup", O_LONG, warmup, 0, TR_STEPS_MAX, "linear warmup steps"),
+    NUM("weight-decay", O_FLOAT, weight_decay, 0, 10, "AdamW weight decay (matrices only)"),
+    NUM("grad-clip", O_FLOAT, grad_clip, 0, 1e6, "global gradient-norm clip (0 = off)"),
+    NUM("eval-every", O_LONG, eval_every, 0, TR_STEPS_MAX, "steps between evaluations (0 = only at the end)"),
+    NUM("eval-batches", O_INT, eval_batches, 0, TR_STEPS_MAX, "validation batches per eval (0 = all of it)"),
+    NUM("ckpt-every", O_LONG, ckpt_every, 0, TR_STEPS_MAX, "steps between checkpoints (0 = only at the end)"),
     OPT("engram", O_STR, engram_layers, "Engram at these layers, e.g. 1 or 1,3 (empty = off)"),
-    OPT("engram-rows", O_LONG, engram_rows, "Engram table rows per head (a prime >= it is used)"),
-    OPT("engram-heads", O_INT, engram_heads, "Engram hash heads per n-gram order"),
-    OPT("engram-d-head", O_INT, engram_d_head, "Engram row width per head"),
+    NUM("engram-rows", O_LONG, engram_rows, 2, 2147483648.0, "Engram table rows per head (a prime >= it is used)"),
+    NUM("engram-heads", O_INT, engram_heads, 1, SM_NGRAM_MAX_HEADS, "Engram hash heads per n-gram order"),
+    NUM("engram-d-head", O_INT, engram_d_head, 1, 4096, "Engram row width per head"),
     OPT("engram-shared", O_FLAG, engram_shared, "one Engram table for all Engram layers"),
     OPT("engram-no-sqrt", O_FLAG, engram_no_sqrt, "plain gate (paper) instead of signed sqrt"),
-    OPT("nine", O_LONG, nine, "Engram-Nine hot tier: top-N n-grams per order (0 = off); iso-parameter with --engram-rows"),
-    OPT("hot-labels", O_LONG, hot_labels, "hash-only Engram: label the top-N n-grams hot for route-stratified eval"),
+    NUM("nine", O_LONG, nine, 0, TR_U32_MAX, "Engram-Nine hot tier: top-N n-grams per order (0 = off); iso-parameter with --engram-rows"),
+    NUM("hot-labels", O_LONG, hot_labels, 0, TR_U32_MAX, "hash-only Engram: label the top-N n-grams hot for route-stratified eval"),
     OPT("nine-route", O_STR, nine_route, "hot-tier indexing: mphf (collision-free) | membership (hashed)"),
     OPT("nine-hot-key", O_FLAG, nine_hot_key, "separate W_K for hot-tier memory (variant)"),
     OPT("nine-hot-gate", O_FLAG, nine_hot_gate, "feed a hot-tier indicator to the gate (variant)"),
     OPT("peer", O_STR, peer_layers, "PEER at these layers (empty = off)"),
-    OPT("peer-sqrt-experts", O_INT, peer_experts_sqrt, "s: PEER has s*s experts"),
-    OPT("peer-heads", O_INT, peer_heads, "PEER retrieval heads"),
-    OPT("peer-topk", O_INT, peer_topk, "PEER experts per head"),
-    OPT("peer-d-key", O_INT, peer_d_key, "PEER query/key width"),
-    OPT("peer-shared-keys", O_INT, peer_shared_keys, "PEER sub-keys: 1 = one set for all heads (paper), 0 = one per head"),
+    NUM("peer-sqrt-experts", O_INT, peer_experts_sqrt, 1, SM_PEER_MAX_SUB, "s: PEER has s*s experts"),
+    NUM("peer-heads", O_INT, peer_heads, 1, 4096, "PEER retrieval heads"),
+    NUM("peer-topk", O_INT, peer_topk, 1, SM_TOPK_MAX, "PEER experts per head"),
+    NUM("peer-d-key", O_INT, peer_d_key, 2, 65536, "PEER query/key width (even)"),
+    NUM("peer-shared-keys", O_INT, peer_shared_keys, 0, 1, "PEER sub-keys: 1 = one set for all heads (paper), 0 = one per head"),
     OPT("peer-add", O_FLAG, peer_add, "add PEER to the MLP instead of replacing it"),
-    OPT("mhc", O_INT, mhc_streams, "mHC residual streams (0 = off, 4 = paper)"),
+    NUM("mhc", O_INT, mhc_streams, 0, SM_SINKHORN_MAX_N, "mHC residual streams (0 = off, 4 = paper)"),
     OPT("mhc-static", O_FLAG, mhc_static, "static mHC maps (no input dependence)"),
     OPT("engram-mhc", O_STR, engram_mhc, "Engram with mHC: per-stream (reference code; default) | branch (--device cuda: branch)"),
     OPT("strategy", O_STR, strategy, "joint | freeze | differential | auto (see --schedule)"),
     OPT("schedule", O_STR, schedule, "phases 'START:module=lr,...;...' (START a step or N%)"),
-    OPT("coord-every", O_INT, coord_every, "steps between automatic lr adjustments (auto)"),
+    NUM("coord-every", O_INT, coord_every, 0, TR_STEPS_MAX, "steps between automatic lr adjustments (auto; 0 = never)"),
     OPT("prompt", O_STR, prompt, "sample: text to continue"),
-    OPT("tokens", O_INT, sample_tokens, "sample: tokens to generate"),
-    OPT("temperature", O_FLOAT, temperature, "sample: softmax temperature"),
-    OPT("top-k", O_INT, top_k, "sample: keep the k most likely tokens (0 = all)"),
+    NUM("tokens", O_INT, sample_tokens, 1, 1000000, "sample: tokens to generate"),
+    NUM_GT("temperature", O_FLOAT, temperature, 0, 100, "sample: softmax temperature"),
+    NUM("top-k", O_INT, top_k, 0, SM_TOPK_MAX, "sample: keep the k most likely tokens (0 = all)"),
 };
 #define TR_N_SPECS ((int)(sizeof tr_specs / sizeof tr_specs[0]))
 
@@ -1627,7 +1643,7 @@ static void tr_defaults(tr_opts *o) {
     o->peer_experts_sqrt = 64, o->peer_heads = 4, o->peer_topk = 8, o->peer_d_key = 64;
     o->peer_shared_keys = 1;
     o->coord_every = 20;
-    o->debug_nan_step = -1;
+    o->debug_nan_step = o->debug_kill_step = -1;
     o->sample_tokens = 200, o->temperature = 0.8f, o->top_k = 40;
 }
 
@@ -1648,24 +1664,52 @@ static int tr_apply_preset(tr_opts *o, const char *name) {
     return 0;
 }
 
-static void tr_usage(FILE *f) {
+/* The commands: name, arguments, what it does. */
+static const char *const tr_commands[][3] = {
+    {"tokenize", "--data TEXT_PATH --out DIR [--vocab N --val-frac F --tokenizer FILE]",
+     "train a BPE tokenizer on --data and write tokenizer + train/val tokens to --out"},
+    {"train", "--data DIR_OR_TEXT --out RUN_DIR [options]",
+     "train a model on --data (tokenized folder, or text: tokenized first) into --out"},
+    {"eval", "--ckpt RUN_DIR/model.ckpt [--data DIR --tag TAG]", "evaluate --ckpt on the validation split of --data"},
+    {"sample", "--ckpt RUN_DIR/model.ckpt [--prompt TEXT --tokens N]", "generate text from --ckpt"},
+    {"report", "--out DIR RUN_DIR...", "tables + plots from finished runs"},
+    {"plot", "--data F.csv --x step --y a,b --out F.png", "a line chart of CSV columns"},
+};
+#define TR_N_COMMANDS ((int)(sizeof tr_commands / sizeof tr_commands[0]))
+
+static int tr_command_index(const char *cmd) {
+    int c;
+    for (c = 0; c < TR_N_COMMANDS; c++)
+        if (strcmp(tr_commands[c][0], cmd) == 0) return c;
+    return -1;
+}
+
+/* "[1, 65536]", "(0, 10]": the values a numeric option accepts. */
+static void tr_format_range(const tr_opt_spec *s, char *out, size_t n) {
+    if (s->kind == O_FLOAT)
+        snprintf(out, n, "%s%g, %g]", s->lo_open ? "(" : "[", s->lo, s->hi);
+    else
+        snprintf(out, n, "%s%.0f, %.0f]", s->lo_open ? "(" : "[", s->lo, s->hi);
+}
+
+/* Every option with its default and range; for one command (cmd >= 0)
+ * its arguments first, else the list of commands. */
+static void tr_usage(FILE *f, int cmd) {
     int i;
     tr_opts d;
     tr_defaults(&d);
-    fprintf(f,
-            "usage: trainer COMMAND [options]\n\n"
-            "commands:\n"
-            "  tokenize  train a BPE tokenizer on --data and write tokenizer + train/val tokens to --out\n"
-            "  train     train a model on --data (tokenized folder, or text: tokenized first) into --out\n"
-            "  eval      evaluate --ckpt on the validation split of --data\n"
-            "  sample    generate text from --ckpt\n"
-            "  report    tables + plots from finished runs: trainer report --out DIR RUN_DIR...\n"
-            "  plot      a line chart of CSV columns: trainer plot --data F.csv --x step --y a,b --out F.png\n\n"
-            "options (--name VALUE or --name=VALUE):\n");
+    if (cmd >= 0) {
+        fprintf(f, "usage: trainer %s %s\n  %s\n\n", tr_commands[cmd][0], tr_commands[cmd][1], tr_commands[cmd][2]);
+    } else {
+        fprintf(f, "usage: trainer COMMAND [options]   (trainer COMMAND --help: that command)\n\ncommands:\n");
+        for (i = 0; i < TR_N_COMMANDS; i++) fprintf(f, "  %-9s %s\n", tr_commands[i][0], tr_commands[i][2]);
+        fprintf(f, "\n");
+    }
+    fprintf(f, "options (--name VALUE or --name=VALUE):\n");
     for (i = 0; i < TR_N_SPECS; i++) {
         const tr_opt_spec *s = &tr_specs[i];
         const char *p = (const char *)&d + s->offset;
-        char def[64] = "";
+        char def[64] = "", range[64] = "";
         switch (s->kind) {
         case O_INT: snprintf(def, sizeof def, "%d", *(const int *)p); break;
         case O_LONG: snprintf(def, sizeof def, "%ld", *(const long *)p); break;
@@ -1674,8 +1718,11 @@ static void tr_usage(FILE *f) {
         case O_STR: snprintf(def, sizeof def, "%s", p); break;
         case O_FLAG: break;
         }
-        fprintf(f, "  --%-18s %s%s%s%s\n", s->name, s->help, def[0] ? " [" : "", def, def[0] ? "]" : "");
+        if (s->kind != O_STR && s->kind != O_FLAG && s->kind != O_U64) tr_format_range(s, range, sizeof range);
+        fprintf(f, "  --%-18s %s%s%s%s%s%s\n", s->name, s->help, def[0] ? " [" : "", def, def[0] ? "]" : "",
+                range[0] ? ", in " : "", range);
     }
+    if (cmd >= 0 && strcmp(tr_commands[cmd][0], "train") != 0) return;
     fprintf(f,
             "\nstrategies (module learning rates; see README):\n"
             "  joint         every module at --lr\n"
@@ -1686,14 +1733,45 @@ static void tr_usage(FILE *f) {
             "  --schedule overrides the phases, e.g. '0:engram=1e-3,peer=1e-5;50%%:all=5e-4'\n");
 }
 
-static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
-    char *p = (char *)o + s->offset, *end = NULL;
+/* The number in val for a numeric option, checked: all of val is the
+ * number, an integer fits its field, a float is finite, and the value is
+ * in the option's range. Returns 0, or -1 with a message naming the option. */
+static int tr_set_number(void *field, const tr_opt_spec *s, const char *val) {
+    char *end = NULL, range[64];
+    double v;
+    long long i = 0;
+    unsigned long long u = 0;
     errno = 0;
+    if (s->kind == O_FLOAT) v = (float)strtod(val, &end); /* checked as stored */
+    else if (s->kind == O_U64) v = (double)(u = strtoull(val, &end, 10));
+    else v = (double)(i = strtoll(val, &end, 10));
+    if (end == val || *end || (s->kind == O_U64 && strchr(val, '-'))) {
+        fprintf(stderr, "trainer: --%s expects %s, got '%s'\n", s->name,
+                s->kind == O_FLOAT ? "a number" : s->kind == O_U64 ? "a whole number >= 0" : "a whole number", val);
+        return -1;
+    }
+    tr_format_range(s, range, sizeof range);
+    if (s->kind == O_FLOAT && !isfinite(v)) {
+        fprintf(stderr, "trainer: --%s expects a finite number in %s, got '%s'\n", s->name, range, val);
+        return -1;
+    }
+    if (errno == ERANGE || !(s->lo_open ? v > s->lo : v >= s->lo) || !(v <= s->hi)) {
+        fprintf(stderr, "trainer: --%s %s is out of range: it takes values in %s\n", s->name, val, range);
+        return -1;
+    }
     switch (s->kind) {
-    case O_INT: *(int *)p = (int)strtol(val, &end, 10); break;
-    case O_LONG: *(long *)p = strtol(val, &end, 10); break;
-    case O_FLOAT: *(float *)p = strtof(val, &end); break;
-    case O_U64: *(uint64_t *)p = strtoull(val, &end, 10); break;
+    case O_INT: *(int *)field = (int)i; break;
+    case O_LONG: *(long *)field = (long)i; break;
+    case O_FLOAT: *(float *)field = (float)v; break;
+    case O_U64: *(uint64_t *)field = (uint64_t)u; break;
+    default: break;
+    }
+    return 0;
+}
+
+static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
+    char *p = (char *)o + s->offset;
+    switch (s->kind) {
     case O_STR:
         if (strlen(val) >= s->size) {
             fprintf(stderr, "trainer: --%s is too long (max %zu characters)\n", s->name, s->size - 1);
@@ -1702,12 +1780,8 @@ static int tr_set_option(tr_opts *o, const tr_opt_spec *s, const char *val) {
         strcpy(p, val);
         return 0;
     case O_FLAG: *(int *)p = 1; return 0;
+    default: return tr_set_number(p, s, val);
     }
-    if (errno || !end || *end || end == val) {
-        fprintf(stderr, "trainer: --%s expects a number, got '%s'\n", s->name, val);
-        return -1;
-    }
-    return 0;
 }
 
 /* --device: cpu, or cuda in a build with CUDA. */
@@ -1726,7 +1800,10 @@ static int tr_check_device(const char *device) {
 #endif
 }
 
-/* Parses options after the command; positional arguments are collected. */
+/* Parses options after the command; positional arguments are collected
+ * (pos has room for argc). Returns 0, -1 on an error (with a message), or
+ * TR_HELP for --help / -h. */
+#define TR_HELP 2
 static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     int i, j, k;
     *n_pos = 0;
@@ -1742,6 +1819,7 @@ static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     for (i = 0; i < argc; i++) {
         const char *a = argv[i], *eq;
         size_t len;
+        if (strcmp(a, "--help") == 0 || strcmp(a, "-h") == 0) return TR_HELP;
         if (strncmp(a, "--", 2) != 0) {
             pos[(*n_pos)++] = argv[i];
             continue;
@@ -1768,16 +1846,16 @@ static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
     return tr_check_device(o->device);
 }
 
-/* "1,3" -> ids {1, 3}; returns the count, or -1 on a malformed list. */
+/* "1,3" -> ids {1, 3}; returns the count, or -1 unless s is layer numbers
+ * separated by single commas (no sign, no empty item, at most max). */
 static int tr_parse_layers(const char *s, int *ids, int max) {
     int n = 0;
     while (*s) {
-        char *end;
-        long v = strtol(s, &end, 10);
-        if (end == s || n >= max) return -1;
+        long v = 0;
+        if (!isdigit((unsigned char)*s) || n >= max) return -1;
+        while (isdigit((unsigned char)*s) && v < 100000) v = v * 10 + (*s++ - '0');
         ids[n++] = (int)v;
-        s = end;
-        if (*s == ',') s++;
+        if (*s == ',' && s[1]) s++;
         else if (*s) return -1;
     }
     return n;
@@ -1961,6 +2039,21 @@ static void tr_join(char *out, const char *dir, const char *name) {
     strcat(out, name);
 }
 
+/* The corpus is text (the tokenizer takes any bytes, but binary data as
+ * --data is a mistake, not a corpus). */
+static void tr_check_utf8(const sm_corpus *c, const char *path) {
+    size_t d;
+    for (d = 0; d < c->n_docs; d++) {
+        const unsigned char *text = c->text + c->doc_offsets[d];
+        size_t n = c->doc_offsets[d + 1] - c->doc_offsets[d], ok = sm_utf8_valid_prefix(text, n);
+        if (ok < n) {
+            fprintf(stderr, "trainer: --data %s: document %zu is not UTF-8 text (byte 0x%02x at offset %zu); "
+                            "give UTF-8 text, or a folder made by `trainer tokenize`\n", path, d + 1, text[ok], ok);
+            exit(1);
+        }
+    }
+}
+
 /* Train a tokenizer on the training documents of `text_path` and write
  * tokenizer.bin, train.tok and val.tok into out_dir. */
 static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, float val_frac,
@@ -1975,6 +2068,7 @@ static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, f
     char path[TR_PATH];
     double t0;
     if (sm_corpus_load(&corpus, text_path, &err) != SM_OK) tr_die("reading the corpus", &err);
+    tr_check_utf8(&corpus, text_path);
     if (sm_corpus_split(&corpus, val_frac, &n_train_docs, &err) != SM_OK) tr_die("splitting the corpus", &err);
     bc.vocab_size = (uint32_t)vocab;
     if (sm_bpe_config_validate(&bc, &err) != SM_OK) tr_die("--vocab", &err);
@@ -2124,7 +2218,7 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
     c->engram.hash.n_layers = k > 0 ? k : 1;
     for (i = 0; i < k; i++) c->engram.hash.layer_ids[i] = ids[i];
     c->engram.hash.n_heads = o->engram_heads;
-    c->engram.hash.table_rows = o->engram_rows > 0 && o->engram_rows < 0xffffffffL ? (uint32_t)o->engram_rows : 0;
+    c->engram.hash.table_rows = (uint32_t)o->engram_rows; /* checked by the parser and sm_model_validate */
     c->engram.hash.share_tables = o->engram_shared;
     c->engram.hash.seed = o->seed;
     if (tr_nine_config(o, c, msg, n) != 0) return -1;
@@ -2561,6 +2655,15 @@ static tr_eval tr_evaluate(tr_run *r, int B, int max_batches) {
  * v1 config no longer fits the struct, so v1 is refused. */
 #define TR_CKPT_VERSION 2u
 
+/* Test hook: a real SIGKILL at a chosen point, after step `step` or inside
+ * its checkpoint (in_ckpt: the temp file, flushed first), so tests see what
+ * a killed run leaves and that --resume recovers from it. */
+static void tr_debug_kill(const tr_opts *o, long step, FILE *in_ckpt) {
+    if (step != o->debug_kill_step || !in_ckpt != !o->debug_kill_in_ckpt) return;
+    if (in_ckpt) fflush(in_ckpt);
+    raise(SIGKILL);
+}
+
 static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const char *path,
                                     sm_error *err) {
     sm_writer w;
@@ -2587,7 +2690,40 @@ static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const cha
     sm_writer_bytes(&w, &r->train_seconds, sizeof r->train_seconds);
     sm_writer_u32(&w, (uint32_t)r->model.has_hot_set);
     if (r->model.has_hot_set) sm_nine_write(&r->model.nine, &w);
+    tr_debug_kill(o, r->step, w.f); /* the temp file complete, not renamed */
     return sm_writer_commit(&w, err);
+}
+
+/* What a checkpoint's header asks for, checked before anything is built
+ * from it: a checksum is no defence against a crafted file (anyone can
+ * recompute one), and the config decides how much the model allocates. The
+ * config must be valid, the parameter count it implies must be the stored
+ * one, and the file must hold that many parameters and both Adam moments.
+ * The options' strings must end inside their fields. */
+static sm_status tr_check_checkpoint_sizes(const sm_reader *rd, const sm_model_config *cfg,
+                                           const tr_opts *o, sm_error *err) {
+    size_t expect, left = rd->size - rd->pos;
+    uint64_t total;
+    sm_error why = {SM_OK, ""};
+    int i;
+    for (i = 0; i < TR_N_SPECS; i++)
+        if (tr_specs[i].kind == O_STR && !memchr((const char *)o + tr_specs[i].offset, 0, tr_specs[i].size))
+            return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: its --%s is not a terminated string", rd->path,
+                           tr_specs[i].name);
+    if (sm_model_param_count(cfg, &expect, &why) != SM_OK)
+        return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: invalid model config: %.150s", rd->path, why.msg);
+    if (left < 24)
+        return sm_fail(err, SM_ERR_TRUNCATED, "checkpoint %s: ends after its options", rd->path);
+    memcpy(&total, rd->data + rd->pos + 16, 8); /* after the step and the Adam step */
+    if (total != expect)
+        return sm_fail(err, SM_ERR_FORMAT,
+                       "checkpoint %s: its config (seq_len %d, d_model %d, vocab %d, %d layers) has %zu "
+                       "parameters, the file stores %llu", rd->path, cfg->seq_len, cfg->d_model,
+                       cfg->vocab_size, cfg->n_layer, expect, (unsigned long long)total);
+    if (expect > (left - 24) / (3 * sizeof(float)))
+        return sm_fail(err, SM_ERR_TRUNCATED, "checkpoint %s: %zu parameters and their Adam moments do not fit "
+                       "in its %zu bytes", rd->path, expect, left);
+    return SM_OK;
 }
 
 /* Reads a checkpoint's config and options (to build the model). */
@@ -2595,22 +2731,35 @@ static sm_status tr_read_checkpoint_header(sm_reader *rd, const char *path, sm_m
                                            tr_opts *o, sm_error *err) {
     uint32_t n = 0;
     sm_status st = sm_reader_open(rd, path, TR_CKPT_MAGIC, TR_CKPT_VERSION, "checkpoint", err);
-    if (st != SM_OK) return st;
-    if (rd->version < TR_CKPT_VERSION) {
-        unsigned version = (unsigned)rd->version;
-        sm_reader_close(rd);
-        return sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: format v%u predates Engram's form with mHC (--engram-mhc) and PEER's shared sub-keys (shared_keys; v1 PEER had per-head sub-keys); this build reads v%u: read it with the build that wrote it or train again",
-                       path, version, (unsigned)TR_CKPT_VERSION);
-    }
-    if ((st = sm_reader_u32(rd, &n, err)) != SM_OK) return st;
-    if (n != sizeof *cfg)
-        return sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: model config of %u bytes, this build uses %zu (written by another version)",
-                       path, n, sizeof *cfg);
-    if ((st = sm_reader_bytes(rd, cfg, sizeof *cfg, err)) != SM_OK) return st;
-    if ((st = sm_reader_u32(rd, &n, err)) != SM_OK) return st;
-    if (n != sizeof *o)
-        return sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: options of %u bytes, this build uses %zu", path, n, sizeof *o);
-    return sm_reader_bytes(rd, o, sizeof *o, err);
+    if (st == SM_OK && rd->version < TR_CKPT_VERSION)
+        st = sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: format v%u predates Engram's form with mHC (--engram-mhc) and PEER's shared sub-keys (shared_keys; v1 PEER had per-head sub-keys); this build reads v%u: read it with the build that wrote it or train again",
+                     path, (unsigned)rd->version, (unsigned)TR_CKPT_VERSION);
+    if (st == SM_OK) st = sm_reader_u32(rd, &n, err);
+    if (st == SM_OK && n != sizeof *cfg)
+        st = sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: model config of %u bytes, this build uses %zu (written by another version)",
+                     path, n, sizeof *cfg);
+    if (st == SM_OK) st = sm_reader_bytes(rd, cfg, sizeof *cfg, err);
+    if (st == SM_OK) st = sm_reader_u32(rd, &n, err);
+    if (st == SM_OK && n != sizeof *o)
+        st = sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: options of %u bytes, this build uses %zu", path, n, sizeof *o);
+    if (st == SM_OK) st = sm_reader_bytes(rd, o, sizeof *o, err);
+    if (st == SM_OK) st = tr_check_checkpoint_sizes(rd, cfg, o, err);
+    if (st != SM_OK) sm_reader_close(rd);
+    return st;
+}
+
+/* The parameter groups (their lrs and multipliers), which must be the
+ * model's own groups in its order. */
+static sm_status tr_read_groups(sm_reader *rd, sm_params *p, sm_error *err) {
+    sm_param_group g[SM_MAX_GROUPS];
+    int i;
+    sm_status st = sm_reader_bytes(rd, g, sizeof(sm_param_group) * (size_t)p->n_groups, err);
+    for (i = 0; st == SM_OK && i < p->n_groups; i++)
+        if (strncmp(g[i].name, p->groups[i].name, sizeof g[i].name) != 0)
+            return sm_fail(err, SM_ERR_MISMATCH, "checkpoint: parameter group %d is '%.31s', the model's '%s'",
+                           i, g[i].name, p->groups[i].name);
+    if (st == SM_OK) memcpy(p->groups, g, sizeof(sm_param_group) * (size_t)p->n_groups);
+    return st;
 }
 
 /* Reads the rest into a model built from the same config. */
@@ -2632,7 +2781,7 @@ static sm_status tr_read_checkpoint_state(sm_reader *rd, tr_run *r, sm_error *er
         return st;
     if ((int)n_groups != p->n_groups)
         return sm_fail(err, SM_ERR_MISMATCH, "checkpoint has %u parameter groups, the model %d", n_groups, p->n_groups);
-    if ((st = sm_reader_bytes(rd, p->groups, sizeof(sm_param_group) * n_groups, err)) != SM_OK ||
+    if ((st = tr_read_groups(rd, p, err)) != SM_OK ||
         (st = sm_reader_bytes(rd, &r->loader.state, sizeof r->loader.state, err)) != SM_OK ||
         (st = sm_reader_bytes(rd, &r->coord, sizeof r->coord, err)) != SM_OK ||
         (st = sm_reader_bytes(rd, &r->train_avg, sizeof r->train_avg, err)) != SM_OK ||
@@ -2715,17 +2864,56 @@ static float *tr_table_get(const tr_table *t, const char *name) {
 
 static void tr_path(char *out, const tr_opts *o, const char *name) { tr_join(out, o->out, name); }
 
-static FILE *tr_open_log(const tr_opts *o, const char *name, const char *header, int append) {
+/* Cuts a log (a header line, then rows whose first column is the step)
+ * after its last complete row at or before `step`: the rows a killed run
+ * wrote after its last checkpoint, and a partial last line, go. Returns
+ * the bytes kept (0: no log, or not even a complete header). */
+static size_t tr_truncate_log(const char *path, long step) {
+    unsigned char *text;
+    size_t n, keep = 0;
+    if (sm_read_file(path, &text, &n, NULL) != SM_OK) return 0;
+    while (keep < n) {
+        const char *line = (const char *)text + keep, *nl = (const char *)memchr(line, '\n', n - keep);
+        char *end;
+        if (!nl) break;                                         /* a partial line */
+        if (keep > 0 && (strtol(line, &end, 10) > step || end == line)) break; /* a later row */
+        keep = (size_t)(nl - (const char *)text) + 1;
+    }
+    sm_free(text);
+    if (keep < n && truncate(path, (off_t)keep) != 0) {
+        fprintf(stderr, "trainer: --resume: cannot cut %s back to step %ld: %s\n", path, step, strerror(errno));
+        exit(1);
+    }
+    return keep;
+}
+
+/* A log of the run in OUT. A resumed run (resume_step >= 0) keeps the rows
+ * up to its checkpoint's step and appends; the log then reads as an
+ * uninterrupted run's (the rows up to a checkpoint are on the disk before
+ * the checkpoint is: tr_sync_log). */
+static FILE *tr_open_log(const tr_opts *o, const char *name, const char *header, long resume_step) {
     char path[TR_PATH];
     FILE *f;
+    size_t kept;
     tr_path(path, o, name);
-    f = fopen(path, append ? "a" : "w");
+    kept = resume_step >= 0 ? tr_truncate_log(path, resume_step) : 0;
+    f = fopen(path, kept > 0 ? "a" : "w");
     if (!f) {
         fprintf(stderr, "trainer: cannot write %s: %s\n", path, strerror(errno));
         exit(1);
     }
-    if (!append) fprintf(f, "%s\n", header);
+    if (kept == 0) fprintf(f, "%s\n", header);
     return f;
+}
+
+/* Before a checkpoint: the log's rows so far reach the disk. */
+static void tr_sync_log(FILE *f, const tr_opts *o, const char *name) {
+    char path[TR_PATH];
+    sm_error err = {SM_OK, ""};
+    tr_path(path, o, name);
+    if (fflush(f) != 0) sm_fail(&err, SM_ERR_IO, "cannot write %s: %s", path, strerror(errno));
+    else sm_sync_path(path, &err);
+    if (err.code != SM_OK) tr_die("log", &err);
 }
 
 static const char *tr_eval_header =
@@ -2934,33 +3122,100 @@ static int tr_step(tr_run *r, const tr_opts *o, double *loss_out, char *msg, siz
     return 0;
 }
 
+/* ---- JSON files: valid JSON (null where a value is absent or not
+ * finite), written whole or not at all ---- */
+
+typedef struct {
+    FILE *f;
+    int fields;
+    char path[TR_PATH], tmp[TR_PATH + 8];
+} tr_json;
+
+/* An object written to PATH.tmp; tr_json_close syncs it and renames it over
+ * PATH. Returns 0, or -1 with a message. */
+static int tr_json_open(tr_json *j, const char *path) {
+    snprintf(j->path, sizeof j->path, "%s", path);
+    snprintf(j->tmp, sizeof j->tmp, "%s.tmp", path);
+    j->fields = 0;
+    if (!(j->f = fopen(j->tmp, "w"))) {
+        fprintf(stderr, "trainer: cannot write %s: %s\n", j->tmp, strerror(errno));
+        return -1;
+    }
+    fprintf(j->f, "{");
+    return 0;
+}
+
+static void tr_json_close(tr_json *j) {
+    sm_error err = {SM_OK, ""};
+    int ok = fprintf(j->f, "\n}\n") > 0 && fflush(j->f) == 0;
+    if (fclose(j->f) != 0 || !ok || sm_sync_path(j->tmp, &err) != SM_OK || rename(j->tmp, j->path) != 0) {
+        fprintf(stderr, "trainer: cannot write %s: %s\n", j->path, err.msg[0] ? err.msg : strerror(errno));
+        remove(j->tmp);
+    }
+}
+
+static void tr_json_key(tr_json *j, const char *key) {
+    fprintf(j->f, "%s\n  \"%s\": ", j->fields++ ? "," : "", key);
+}
+
+static void tr_json_num(tr_json *j, const char *key, double v) {
+    tr_json_key(j, key);
+    if (isfinite(v)) fprintf(j->f, "%.10g", v);
+    else fprintf(j->f, "null");
+}
+
+static void tr_json_int(tr_json *j, const char *key, unsigned long long v) {
+    tr_json_key(j, key);
+    fprintf(j->f, "%llu", v);
+}
+
+static void tr_json_str(tr_json *j, const char *key, const char *v) {
+    tr_json_key(j, key);
+    fputc('"', j->f);
+    for (; *v; v++) {
+        unsigned char c = (unsigned char)*v;
+        if (c == '"' || c == '\\') fprintf(j->f, "\\%c", c);
+        else if (c < 0x20) fprintf(j->f, "\\u%04x", c);
+        else fputc(c, j->f);
+    }
+    fputc('"', j->f);
+}
+
 static void tr_write_summary(const tr_opts *o, const tr_run *r, const tr_eval *e, double train_loss) {
     char path[TR_PATH];
-    FILE *f;
+    tr_json j;
     int g;
     tr_path(path, o, "summary.json");
-    f = fopen(path, "w");
-    if (!f) return;
-    fprintf(f, "{\n  \"steps\": %ld,\n  \"tokens\": %.0f,\n  \"train_loss\": %.6f,\n  \"val_loss\": %.6f,\n"
-               "  \"val_ppl\": %.4f,\n  \"tokens_per_s\": %.1f,\n  \"params\": %zu,\n",
-            r->step, r->tokens_seen, train_loss, e->loss, e->ppl,
-            r->train_seconds > 0 ? r->tokens_seen / r->train_seconds : 0.0, r->model.params.total);
-    fprintf(f, "  \"strategy\": \"%s\",\n  \"seed\": %llu,\n  \"data\": \"%s\",\n  \"groups\": {", o->strategy,
-            (unsigned long long)o->seed, r->data.dir);
+    if (tr_json_open(&j, path) != 0) return;
+    tr_json_int(&j, "steps", (unsigned long long)r->step);
+    tr_json_int(&j, "tokens", (unsigned long long)r->tokens_seen);
+    tr_json_num(&j, "train_loss", train_loss);
+    tr_json_num(&j, "val_loss", e->loss);
+    tr_json_num(&j, "val_ppl", e->ppl);
+    tr_json_num(&j, "tokens_per_s", r->train_seconds > 0 ? r->tokens_seen / r->train_seconds : NAN);
+    tr_json_int(&j, "params", (unsigned long long)r->model.params.total);
+    tr_json_str(&j, "strategy", o->strategy);
+    tr_json_int(&j, "seed", (unsigned long long)o->seed);
+    tr_json_str(&j, "data", r->data.dir);
+    tr_json_key(&j, "groups");
+    fprintf(j.f, "{");
     for (g = 0; g < r->model.params.n_groups; g++) {
         size_t n = 0;
         int t;
         for (t = 0; t < r->model.params.n_tensors; t++)
             if (r->model.params.tensors[t].group == g) n += r->model.params.tensors[t].size;
-        fprintf(f, "%s\"%s\": %zu", g ? ", " : "", r->model.params.groups[g].name, n);
+        fprintf(j.f, "%s\"%s\": %zu", g ? ", " : "", r->model.params.groups[g].name, n);
     }
-    fprintf(f, "},\n  \"hot_cold_delta\": %.6g,\n  \"loss_hot\": %.6g,\n  \"loss_cold\": %.6g,",
-            e->has_route ? e->route.hot_cold_delta : NAN, e->has_route ? e->route.loss_hot : NAN,
-            e->has_route ? e->route.loss_cold : NAN);
-    fprintf(f, "\n  \"engram_alpha\": %.6g,\n  \"peer_frac_used\": %.6g,\n  \"peer_kl\": %.6g,\n"
-               "  \"mhc_sum_err\": %.6g,\n  \"mhc_amax_fwd\": %.6g\n}\n",
-            e->engram_alpha, e->peer_frac_used, e->peer_kl, e->mhc_sum_err, e->mhc_amax_fwd);
-    fclose(f);
+    fprintf(j.f, "}");
+    tr_json_num(&j, "hot_cold_delta", e->has_route ? e->route.hot_cold_delta : NAN);
+    tr_json_num(&j, "loss_hot", e->has_route ? e->route.loss_hot : NAN);
+    tr_json_num(&j, "loss_cold", e->has_route ? e->route.loss_cold : NAN);
+    tr_json_num(&j, "engram_alpha", e->engram_alpha);
+    tr_json_num(&j, "peer_frac_used", e->peer_frac_used);
+    tr_json_num(&j, "peer_kl", e->peer_kl);
+    tr_json_num(&j, "mhc_sum_err", e->mhc_sum_err);
+    tr_json_num(&j, "mhc_amax_fwd", e->mhc_amax_fwd);
+    tr_json_close(&j);
 }
 
 /* RUN/loss.png: the training loss per step and the validation loss per eval. */
@@ -3001,8 +3256,8 @@ static int tr_train(tr_opts *o) {
     memset(&e, 0, sizeof e);
     tr_run_setup(&r, o);
     end = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
-    evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume);
-    steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume);
+    evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume ? r.step : -1);
+    steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume ? r.step : -1);
     tr_path(path, o, "model.ckpt");
     if (!o->quiet)
         printf("model: %zu parameters, %d sublayers, %d threads; %zu train / %zu val tokens\n",
@@ -3033,13 +3288,17 @@ static int tr_train(tr_opts *o) {
         }
         if ((o->ckpt_every > 0 && r.step % o->ckpt_every == 0) || r.step == end) {
             tr_to_host(&r);
+            tr_sync_log(evlog, o, "log.csv");
+            tr_sync_log(steplog, o, "steps.csv");
             if (tr_save_checkpoint(&r, o, path, &err) != SM_OK) tr_die("checkpoint", &err);
         }
+        tr_debug_kill(o, r.step, NULL);
     }
     if (!o->quiet && isatty(fileno(stdout))) printf("\n");
     if (r.step == o->steps) { /* the final numbers cover the whole validation split */
         tr_to_host(&r);
-        if (o->eval_batches > 0) e = tr_evaluate(&r, o->batch, 0);
+        /* (e.tokens == 0: no eval in this process, a finished run resumed) */
+        if (o->eval_batches > 0 || e.tokens == 0) e = tr_evaluate(&r, o->batch, 0);
         tr_write_summary(o, &r, &e, r.loss_avg);
         if (e.has_route) tr_write_route_tables(o, &e.route);
     }
@@ -3091,18 +3350,16 @@ static void tr_load_for_inference(tr_run *r, tr_opts *o, int B) {
 static void tr_write_eval_json(const tr_opts *o, const tr_eval *e) {
     char dir[TR_PATH], name[96], path[TR_PATH];
     const char *slash = strrchr(o->ckpt, '/');
-    FILE *f;
+    tr_json j;
     snprintf(dir, sizeof dir, "%.*s", slash ? (int)(slash - o->ckpt) : 1, slash ? o->ckpt : ".");
     snprintf(name, sizeof name, "eval_%s.json", o->tag);
     tr_join(path, dir, name);
-    f = fopen(path, "w");
-    if (!f) {
-        fprintf(stderr, "trainer: cannot write %s: %s\n", path, strerror(errno));
-        exit(1);
-    }
-    fprintf(f, "{\n  \"val_loss\": %.6f,\n  \"val_ppl\": %.4f,\n  \"tokens\": %zu,\n  \"data\": \"%s\"\n}\n",
-            e->loss, e->ppl, e->tokens, o->data);
-    fclose(f);
+    if (tr_json_open(&j, path) != 0) exit(1);
+    tr_json_num(&j, "val_loss", e->loss);
+    tr_json_num(&j, "val_ppl", e->ppl);
+    tr_json_int(&j, "tokens", (unsigned long long)e->tokens);
+    tr_json_str(&j, "data", o->data);
+    tr_json_close(&j);
 }
 
 static int tr_cmd_eval(tr_opts *o) {
@@ -3200,7 +3457,11 @@ static void tr_json_numbers(const char *path, const char *const *keys, double *o
         const char *at;
         snprintf(pat, sizeof pat, "\"%s\":", keys[i]);
         at = strstr((const char *)text, pat);
-        if (at) out[i] = strtod(at + strlen(pat), NULL);
+        if (at) {
+            char *end;
+            double v = strtod(at + strlen(pat), &end);
+            out[i] = end > at + strlen(pat) ? v : NAN; /* null: absent */
+        }
     }
     sm_free(text);
 }
@@ -3425,8 +3686,11 @@ static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
         fprintf(stderr, "trainer report: usage: trainer report --out DIR RUN_DIR...\n");
         return 1;
     }
-    tr_mkdir(o->out);
-    for (i = 0; i < n_dirs && n < TR_MAX_RUNS; i++) {
+    if (n_dirs > TR_MAX_RUNS) {
+        fprintf(stderr, "trainer report: %d run folders; a report takes at most %d\n", n_dirs, TR_MAX_RUNS);
+        return 1;
+    }
+    for (i = 0; i < n_dirs; i++) {
         tr_report_run *r = &runs[n];
         snprintf(r->dir, sizeof r->dir, "%s", dirs[i]);
         tr_join(path, r->dir, "summary.json");
@@ -3444,6 +3708,11 @@ static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
         tr_run_label(r->dir, r->label, sizeof r->label);
         n++;
     }
+    if (n == 0) {
+        fprintf(stderr, "trainer report: none of the %d folders holds a finished run; nothing to report\n", n_dirs);
+        return 1;
+    }
+    tr_mkdir(o->out);
     for (i = 0; i < n; i++) { /* distinct labels in order of appearance */
         for (j = 0; j < n_labels; j++)
             if (strcmp(labels[j], runs[i].label) == 0) break;
@@ -3570,35 +3839,52 @@ static int tr_cmd_plot(const tr_opts *o) {
 /* main                                                                  */
 /* ===================================================================== */
 
-#ifndef TRAINER_NO_MAIN
-int main(int argc, char **argv) {
-    tr_opts o;
-    char *pos[64];
-    int n_pos = 0;
-    const char *cmd = argc > 1 ? argv[1] : "";
-    tr_defaults(&o);
-    if (!cmd[0] || strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
-        tr_usage(cmd[0] ? stdout : stderr);
-        return cmd[0] ? 0 : 1;
-    }
-    if (argc - 2 > 64 || tr_parse(&o, argc - 2, argv + 2, pos, &n_pos) != 0) return 1;
+static int tr_run_command(tr_opts *o, const char *cmd, char **pos, int n_pos) {
 #ifdef _OPENMP
-    if (o.threads > 0) omp_set_num_threads(o.threads);
+    if (o->threads > 0) omp_set_num_threads(o->threads);
 #endif
     if (strcmp(cmd, "tokenize") == 0) {
-        if (!o.data[0] || !o.out[0]) {
+        if (!o->data[0] || !o->out[0]) {
             fprintf(stderr, "trainer tokenize: --data TEXT and --out DIR are required\n");
             return 1;
         }
-        tr_tokenize(o.data, o.out, o.vocab, o.val_frac, o.tokenizer, 0);
+        tr_tokenize(o->data, o->out, o->vocab, o->val_frac, o->tokenizer, 0);
         return 0;
     }
-    if (strcmp(cmd, "train") == 0) return tr_train(&o);
-    if (strcmp(cmd, "eval") == 0) return tr_cmd_eval(&o);
-    if (strcmp(cmd, "sample") == 0) return tr_sample(&o, stdout);
-    if (strcmp(cmd, "report") == 0) return tr_cmd_report(&o, pos, n_pos);
-    if (strcmp(cmd, "plot") == 0) return tr_cmd_plot(&o);
-    fprintf(stderr, "trainer: unknown command '%s' (see trainer --help)\n", cmd);
-    return 1;
+    if (strcmp(cmd, "train") == 0) return tr_train(o);
+    if (strcmp(cmd, "eval") == 0) return tr_cmd_eval(o);
+    if (strcmp(cmd, "sample") == 0) return tr_sample(o, stdout);
+    if (strcmp(cmd, "report") == 0) return tr_cmd_report(o, pos, n_pos);
+    return tr_cmd_plot(o);
 }
+
+/* The command line; tests run it in a child process (TRAINER_NO_MAIN). */
+static int tr_main(int argc, char **argv) {
+    tr_opts o;
+    char **pos;
+    int n_pos = 0, cmd, rc;
+    const char *name = argc > 1 ? argv[1] : "";
+    tr_defaults(&o);
+    if (!name[0] || strcmp(name, "--help") == 0 || strcmp(name, "-h") == 0 || strcmp(name, "help") == 0) {
+        tr_usage(name[0] ? stdout : stderr, -1);
+        return name[0] ? 0 : 1;
+    }
+    if ((cmd = tr_command_index(name)) < 0) {
+        fprintf(stderr, "trainer: unknown command '%s' (see trainer --help)\n", name);
+        return 1;
+    }
+    pos = (char **)malloc(sizeof(char *) * (size_t)argc);
+    if (!pos) {
+        fprintf(stderr, "trainer: out of memory\n");
+        return 1;
+    }
+    rc = tr_parse(&o, argc - 2, argv + 2, pos, &n_pos);
+    if (rc == TR_HELP) tr_usage(stdout, cmd);
+    rc = rc == TR_HELP ? 0 : rc != 0 ? 1 : tr_run_command(&o, name, pos, n_pos);
+    free(pos);
+    return rc;
+}
+
+#ifndef TRAINER_NO_MAIN
+int main(int argc, char **argv) { return tr_main(argc, argv); }
 #endif
