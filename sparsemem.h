@@ -3418,6 +3418,15 @@ SMDEF sm_status sm_tokens_save(const sm_tokens *t, const char *path, sm_error *e
     return sm_writer_commit(&w, err);
 }
 
+/* The payload is exactly n_docs u64 starts and n_tokens tokens of width
+ * bytes; compared by division, as the header's 64-bit products can wrap. */
+static int sm__tokens_payload_fits(uint64_t n_tokens, uint64_t n_docs, uint32_t width, size_t left) {
+    uint64_t rest;
+    if (n_tokens > left / width) return 0;
+    rest = left - n_tokens * width;
+    return rest % 8 == 0 && rest / 8 == n_docs;
+}
+
 SMDEF sm_status sm_tokens_load(sm_tokens *t, const char *path, uint32_t expect_vocab,
                                sm_error *err) {
     sm_reader r;
@@ -3438,7 +3447,7 @@ SMDEF sm_status sm_tokens_load(sm_tokens *t, const char *path, uint32_t expect_v
         goto done;
     }
     if (width != (vocab <= 65536u ? 2u : 4u) || n_docs > n_tokens ||
-        r.size - r.pos != n_docs * 8 + n_tokens * width) {
+        !sm__tokens_payload_fits(n_tokens, n_docs, width, r.size - r.pos)) {
         st = sm_fail(err, SM_ERR_FORMAT,
                      "token file %s: header (vocab %u, %u-byte tokens, %llu tokens, %llu docs) "
                      "does not match its %zu payload bytes",

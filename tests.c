@@ -2380,6 +2380,27 @@ static int test_data_token_file(void) {
     return 0;
 }
 
+/* A token file whose header sizes wrap around 2^64 onto its payload size:
+ * 2 n_tokens + 8 n_docs = 2^64 + 4 with n_docs = n_tokens, 4 payload bytes.
+ * Refused as a format error before anything is allocated (the wrapped sum
+ * once passed the size check and asked for 7.4e18 bytes of tokens). */
+static int test_data_token_file_size_overflow(void) {
+    const char *path = "/tmp/sm_data_test_tokens_wrap.bin";
+    const uint64_t n = 1844674407370955162ULL; /* (2^64 + 4) / 10 */
+    sm_writer w;
+    sm_tokens t;
+    sm_error e;
+    CHECK(2 * n + 8 * n == 4, "the sizes do not wrap onto 4 bytes"); /* mod 2^64 */
+    CHECK_OK(sm_writer_open(&w, path, SM_TOKENS_MAGIC, SM_TOKENS_VERSION, &e));
+    sm_writer_u32(&w, 1000), sm_writer_u32(&w, 2), sm_writer_u64(&w, n), sm_writer_u64(&w, n);
+    sm_writer_u32(&w, 0);
+    CHECK_OK(sm_writer_commit(&w, &e));
+    CHECK(sm_tokens_load(&t, path, 0, &e) == SM_ERR_FORMAT && strstr(e.msg, "payload bytes"),
+          "wrapped sizes: %s (%s)", sm_strerror(e.code), e.msg);
+    remove(path);
+    return 0;
+}
+
 static int t_data_write_llmc(const char *path, int32_t magic, const uint16_t *tok, int32_t n,
                              int32_t claim) {
     int32_t header[SM_LLMC_HEADER_INTS];
@@ -2613,8 +2634,8 @@ static int test_data_fetch_rejects_corrupt_tarball(void) {
 #define DATA_TESTS                                                                            \
     T(test_data_pretokenizer), T(test_data_bpe_roundtrip), T(test_data_bpe_matches_reference), \
         T(test_data_bpe_config), T(test_data_bpe_save_load), T(test_data_canon_normalize),    \
-        T(test_data_canon_tokens), T(test_data_token_file), T(test_data_llmc_shard),          \
-        T(test_data_corpus_split_tokenize), T(test_data_loader_random),                       \
+        T(test_data_canon_tokens), T(test_data_token_file), T(test_data_token_file_size_overflow), \
+        T(test_data_llmc_shard), T(test_data_corpus_split_tokenize), T(test_data_loader_random), \
         T(test_data_loader_eval_covers_once), T(test_data_fetch_rejects_corrupt_tarball)
 
 /* ---- MPHF ------------------------------------------------------------ */

@@ -1,0 +1,311 @@
+/* formats.c - every file format the library and the trainer read, each with
+ * its loader run the way the trainer runs it, and a valid seed file of each
+ * written with the library's writers. See fuzz.h. */
+#define _GNU_SOURCE /* memfd_create */
+#define TRAINER_NO_MAIN
+#include "../trainer.c" /* the library, plus the trainer's checkpoint reader */
+#include "fuzz.h"
+
+#include <sys/mman.h>
+
+/* A loaded object that breaks its contract: a finding, like a crash. */
+#define FUZZ_ASSERT(cond)                                                                  \
+    do {                                                                                   \
+        if (!(cond)) {                                                                     \
+            fprintf(stderr, "fuzz: %s:%d: %s does not hold\n", __FILE__, __LINE__, #cond); \
+            abort();                                                                       \
+        }                                                                                  \
+    } while (0)
+
+/* ---- the loaders, and what a caller does with what they load ---- */
+
+static const unsigned char fuzz_text[] = "The quick brown fox jumps over the lazy dog; na\xc3\xafve caf\xc3\xa9.\n";
+
+/* Encode and decode must round-trip; the trainer also builds the
+ * tokenizer compression right after loading. */
+static void load_tokenizer(const char *path) {
+    uint32_t ids[sizeof fuzz_text];
+    unsigned char back[sizeof fuzz_text];
+    size_t n = 0, len = sizeof fuzz_text - 1;
+    sm_bpe b;
+    sm_canon c;
+    if (sm_bpe_load(&b, path, NULL) != SM_OK) return;
+    if (sm_canon_build(&c, &b, NULL) == SM_OK) sm_canon_free(&c);
+    FUZZ_ASSERT(sm_bpe_encode(&b, fuzz_text, len, ids, &n, NULL) == SM_OK);
+    FUZZ_ASSERT(sm_bpe_decode(&b, ids, n, back, sizeof back) == len && memcmp(back, fuzz_text, len) == 0);
+    sm_bpe_free(&b);
+}
+
+/* A few batches over the tokens in both loader modes (training: random
+ * windows; evaluation: sequential), as the trainer reads them. */
+static void use_tokens(sm_tokens *t) {
+    static const sm_loader_mode modes[2] = {SM_LOADER_RANDOM, SM_LOADER_SEQUENTIAL};
+    sm_loader l;
+    sm_loader_config c = sm_loader_default_config();
+    int32_t in[2 * 8], tg[2 * 8];
+    unsigned char doc[2 * 8];
+    int m, i;
+    c.batch_size = 2, c.seq_len = 8;
+    for (m = 0; m < 2; m++) {
+        c.mode = modes[m];
+        if (sm_loader_init(&l, t, &c, NULL) == SM_OK)
+            for (i = 0; i < 3; i++) sm_loader_next(&l, in, tg, doc);
+    }
+    sm_tokens_free(t);
+}
+
+static void load_tokens(const char *path) {
+    sm_tokens t;
+    if (sm_tokens_load(&t, path, 0, NULL) == SM_OK) use_tokens(&t);
+}
+
+static void load_llmc(const char *path) {
+    sm_tokens t;
+    if (sm_tokens_load_llmc(&t, path, 50257, 50256, NULL) == SM_OK) use_tokens(&t); /* GPT-2's */
+}
+
+/* Any key maps to a slot in [0, n) (slot 0 of an empty set). */
+static void check_mphf_lookups(const sm_mphf *f) {
+    uint64_t key;
+    for (key = 0; key < 64; key++) FUZZ_ASSERT(sm_mphf_lookup(f, sm_mix64(key)) < (f->n > 0 ? f->n : 1));
+}
+
+static void load_mphf(const char *path) {
+    sm_mphf f;
+    if (sm_mphf_load(&f, path, NULL) != SM_OK) return;
+    check_mphf_lookups(&f);
+    sm_mphf_free(&f);
+}
+
+static void load_hot_tier(const char *path) {
+    sm_nine nine;
+    int i;
+    if (sm_nine_load(&nine, path, NULL) != SM_OK) return;
+    for (i = 0; i < nine.n_orders; i++)
+        if (nine.cfg.n_hot[i]) {
+            check_mphf_lookups(&nine.mphf[i]);
+            (void)sm_fingerprints_contains(&nine.fp[i], &nine.mphf[i], 12345);
+        }
+    sm_nine_free(&nine);
+}
+
+/* As `trainer sample` does: the header, a model (batch 1) built from its
+ * config, the state read into it, then a forward pass. */
+static void load_checkpoint(const char *path) {
+    static tr_run r; /* large: sm_model holds every sublayer */
+    tr_opts saved;
+    sm_reader rd;
+    memset(&r, 0, sizeof r);
+    if (tr_read_checkpoint_header(&rd, path, &r.cfg, &saved, NULL) == SM_OK &&
+        sm_model_init(&r.model, &r.cfg, 1, 1, NULL) == SM_OK) {
+        if (tr_read_checkpoint_state(&rd, &r, NULL) == SM_OK) {
+            int in[8], i, T = r.cfg.seq_len < 8 ? r.cfg.seq_len : 8;
+            for (i = 0; i < T; i++) in[i] = i % r.cfg.vocab_size;
+            (void)sm_model_forward(&r.model, in, NULL, NULL, 1, T, NULL);
+        }
+        sm_model_free(&r.model);
+    }
+    sm_reader_close(&rd);
+}
+
+typedef struct {
+    const char *name;
+    int checksummed; /* the file ends in the library's checksum */
+    void (*load)(const char *path);
+} fuzz_fmt;
+
+static const fuzz_fmt fuzz_fmts[] = {
+    {"tokenizer", 1, load_tokenizer}, {"tokens", 1, load_tokens},     {"llmc", 0, load_llmc},
+    {"mphf", 1, load_mphf},           {"hot_tier", 1, load_hot_tier}, {"checkpoint", 1, load_checkpoint},
+};
+#define FUZZ_N_FMTS (int)(sizeof fuzz_fmts / sizeof fuzz_fmts[0])
+
+int fuzz_format(const char *name) {
+    int i;
+    for (i = 0; i < FUZZ_N_FMTS; i++)
+        if (strcmp(fuzz_fmts[i].name, name) == 0) return i;
+    return -1;
+}
+
+/* ---- inputs to files ---- */
+
+/* This process's scratch file for the inputs: the loaders take paths, and
+ * /proc/self/fd/N of a memfd is one (a file on disk made runs ~100x slower). */
+static const char *fuzz_file(void) {
+    static char path[64];
+    if (!path[0]) {
+        int fd = memfd_create("sm_fuzz", 0);
+        if (fd < 0) {
+            perror("fuzz: memfd_create");
+            exit(1);
+        }
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+    }
+    return path;
+}
+
+/* data[0..size) to path; with fix_checksum its last 8 bytes become the
+ * library's checksum of the rest. */
+static int fuzz_write_file(const char *path, const uint8_t *data, size_t size, int fix_checksum) {
+    FILE *f = fopen(path, "wb");
+    int ok;
+    if (!f) return 0;
+    if (fix_checksum && size >= 8) {
+        uint64_t sum = sm_checksum64(data, size - 8);
+        ok = fwrite(data, 1, size - 8, f) == size - 8 && fwrite(&sum, 8, 1, f) == 1;
+    } else {
+        ok = fwrite(data, 1, size, f) == size;
+    }
+    return fclose(f) == 0 && ok;
+}
+
+void fuzz_load(int format, const uint8_t *data, size_t size) {
+    const fuzz_fmt *fmt = &fuzz_fmts[format];
+    int fix_checksum = 0;
+    if (fmt->checksummed) {
+        if (size == 0) return;
+        fix_checksum = data[0] % 8 != 0;
+        data++, size--;
+    }
+    if (!fuzz_write_file(fuzz_file(), data, size, fix_checksum)) {
+        fprintf(stderr, "fuzz: cannot write %s\n", fuzz_file());
+        exit(1);
+    }
+    fmt->load(fuzz_file());
+}
+
+/* ---- seeds ---- */
+
+/* dir/FORMAT/NAME from the file at src, behind the selector byte 1 (checksum
+ * recomputed: the seed is valid either way) where the format has one. */
+static int put_seed(const char *dir, const char *format, const char *name, const char *src) {
+    char path[TR_PATH];
+    unsigned char *bytes, *input;
+    size_t n;
+    int ok, checksummed = fuzz_fmts[fuzz_format(format)].checksummed;
+    if (sm_read_file(src, &bytes, &n, NULL) != SM_OK) return 0;
+    input = (unsigned char *)malloc(n + 1);
+    if (!input) return 0;
+    input[0] = 1;
+    memcpy(input + checksummed, bytes, n);
+    snprintf(path, sizeof path, "%s/%s", dir, format);
+    tr_mkdir(path);
+    snprintf(path, sizeof path, "%s/%s/%s", dir, format, name);
+    ok = fuzz_write_file(path, input, n + (size_t)checksummed, 0);
+    free(input), sm_free(bytes);
+    remove(src);
+    return ok;
+}
+
+/* A small model with every module (Engram with a hot tier, PEER, mHC). */
+static int seed_model(tr_run *r) {
+    tr_opts o;
+    char msg[256];
+    uint32_t stream[600];
+    int i;
+    tr_defaults(&o);
+    o.quiet = 1, o.n_layer = 2, o.d_model = 8, o.n_head = 2, o.seq_len = 8;
+    snprintf(o.engram_layers, sizeof o.engram_layers, "0");
+    o.engram_rows = 61, o.engram_heads = 2, o.engram_d_head = 4, o.nine = 8;
+    snprintf(o.peer_layers, sizeof o.peer_layers, "1");
+    o.peer_experts_sqrt = 4, o.peer_heads = 1, o.peer_topk = 2, o.peer_d_key = 4;
+    o.mhc_streams = 2;
+    if (tr_model_config(&o, 300, &r->cfg, msg, sizeof msg) != 0 ||
+        sm_model_init(&r->model, &r->cfg, 1, 1, NULL) != SM_OK)
+        return 0;
+    for (i = 0; i < 600; i++) stream[i] = (uint32_t)(i * i % 37 + i % 5); /* repeating n-grams */
+    return sm_model_build_hot_set(&r->model, stream, NULL, 600, NULL) == SM_OK;
+}
+
+static int seed_checkpoints(const char *dir, const char *tmp) {
+    static tr_run r;
+    tr_opts o;
+    int ok;
+    memset(&r, 0, sizeof r);
+    tr_defaults(&o);
+    if (!seed_model(&r)) return 0;
+    ok = sm_nine_save(&r.model.nine, tmp, NULL) == SM_OK && put_seed(dir, "hot_tier", "seed", tmp);
+    ok = ok && tr_save_checkpoint(&r, &o, tmp, NULL) == SM_OK && put_seed(dir, "checkpoint", "seed", tmp);
+    /* Regression: seq_len 8 -> 65535 in the config (checksum recomputed)
+     * made sm_model_init ask for 69 GB of activations (attention scores
+     * grow as seq_len^2) before the file's parameter count was checked. */
+    r.cfg.seq_len = 65535;
+    ok = ok && tr_save_checkpoint(&r, &o, tmp, NULL) == SM_OK &&
+         put_seed(dir, "checkpoint", "regression_seq_len_65535", tmp);
+    sm_model_free(&r.model);
+    return ok;
+}
+
+static int seed_tokenizer(const char *dir, const char *tmp) {
+    unsigned char text[4000];
+    sm_bpe_config c = sm_bpe_default_config();
+    sm_bpe b;
+    size_t i;
+    int ok;
+    for (i = 0; i < sizeof text; i++) text[i] = fuzz_text[i % (sizeof fuzz_text - 1)];
+    c.vocab_size = 300;
+    if (sm_bpe_train(&b, &c, text, sizeof text, NULL) != SM_OK) return 0;
+    ok = sm_bpe_save(&b, tmp, NULL) == SM_OK && put_seed(dir, "tokenizer", "seed", tmp);
+    sm_bpe_free(&b);
+    return ok;
+}
+
+/* Regression: n_tokens = n_docs = (2^64 + 4) / 10, so 2 n_tokens + 8 n_docs
+ * wraps onto the 4 payload bytes; the size check once passed it and the
+ * loader asked for 7.4e18 bytes. */
+static int seed_tokens_wrapped_sizes(const char *dir, const char *tmp) {
+    const uint64_t n = 1844674407370955162ULL;
+    sm_writer w;
+    if (sm_writer_open(&w, tmp, SM_TOKENS_MAGIC, SM_TOKENS_VERSION, NULL) != SM_OK) return 0;
+    sm_writer_u32(&w, 300), sm_writer_u32(&w, 2), sm_writer_u64(&w, n), sm_writer_u64(&w, n);
+    sm_writer_u32(&w, 0);
+    return sm_writer_commit(&w, NULL) == SM_OK && put_seed(dir, "tokens", "regression_wrapped_sizes", tmp);
+}
+
+/* Two-byte tokens (vocab 300) and four-byte tokens (vocab 70000). */
+static int seed_tokens(const char *dir, const char *tmp) {
+    uint32_t tok[64];
+    uint64_t starts[3] = {0, 20, 41};
+    sm_tokens t;
+    int i;
+    for (i = 0; i < 64; i++) tok[i] = (uint32_t)(i * 7 % 300);
+    t.tokens = tok, t.n_tokens = 64, t.doc_starts = starts, t.n_docs = 3, t.vocab_size = 300;
+    if (sm_tokens_save(&t, tmp, NULL) != SM_OK || !put_seed(dir, "tokens", "seed_u16", tmp)) return 0;
+    tok[5] = 69999, t.vocab_size = 70000;
+    return sm_tokens_save(&t, tmp, NULL) == SM_OK && put_seed(dir, "tokens", "seed_u32", tmp) &&
+           seed_tokens_wrapped_sizes(dir, tmp);
+}
+
+/* The llm.c writer's layout (the library only reads it): header, uint16 tokens. */
+static int seed_llmc(const char *dir, const char *tmp) {
+    int32_t header[SM_LLMC_HEADER_INTS] = {SM_LLMC_MAGIC, 1, 64};
+    uint16_t tok[64];
+    FILE *f = fopen(tmp, "wb");
+    int i, ok;
+    for (i = 0; i < 64; i++) tok[i] = (uint16_t)(i % 16 == 0 ? 50256 : 1000 + i * 7);
+    if (!f) return 0;
+    ok = fwrite(header, sizeof header, 1, f) == 1 && fwrite(tok, sizeof tok, 1, f) == 1;
+    return fclose(f) == 0 && ok && put_seed(dir, "llmc", "seed", tmp);
+}
+
+static int seed_mphf(const char *dir, const char *tmp) {
+    uint64_t keys[200];
+    sm_mphf_config c = sm_mphf_default_config();
+    sm_mphf f;
+    int i, ok;
+    for (i = 0; i < 200; i++) keys[i] = sm_mix64((uint64_t)i + 1);
+    if (sm_mphf_build(&f, keys, 200, &c, NULL) != SM_OK) return 0;
+    ok = sm_mphf_save(&f, tmp, NULL) == SM_OK && put_seed(dir, "mphf", "seed", tmp);
+    sm_mphf_free(&f);
+    return ok;
+}
+
+int fuzz_write_seeds(const char *dir) {
+    char tmp[TR_PATH];
+    tr_mkdir(dir);
+    tr_join(tmp, dir, ".seed.tmp"); /* the library's writers rename a temp file onto it */
+    return seed_tokenizer(dir, tmp) && seed_tokens(dir, tmp) && seed_llmc(dir, tmp) && seed_mphf(dir, tmp) &&
+                   seed_checkpoints(dir, tmp)
+               ? 0
+               : 1;
+}
