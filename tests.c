@@ -2273,6 +2273,152 @@ static int test_mhc_sinkhorn_grad(void) {
     return 0;
 }
 
+/* ---- Sinkhorn at wide logit spreads, against an independent reference ----
+ * The reference runs the same T rounds in double and in log domain:
+ *     a_t,i = -log sum_j exp(L_ij + b_{t-1,j})   (b_0 = 0)
+ *     b_t,j = -log sum_i exp(L_ij + a_t,i)
+ *     out_ij = exp(L_ij + a_T,i + b_T,j)
+ * so it has no range limit at these spreads. */
+
+static double t_logsumexp(const double *x, int n) {
+    double m = x[0], s = 0;
+    int i;
+    for (i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    for (i = 0; i < n; i++) s += exp(x[i] - m);
+    return m + log(s);
+}
+
+static void t_sinkhorn_reference(double *out, const double *L, int n, int iters) {
+    double a[SM_SINKHORN_MAX_N], b[SM_SINKHORN_MAX_N] = {0}, x[SM_SINKHORN_MAX_N];
+    int t, i, j;
+    for (t = 0; t < iters; t++) {
+        for (i = 0; i < n; i++) {
+            for (j = 0; j < n; j++) x[j] = L[i * n + j] + b[j];
+            a[i] = -t_logsumexp(x, n);
+        }
+        for (j = 0; j < n; j++) {
+            for (i = 0; i < n; i++) x[i] = L[i * n + j] + a[i];
+            b[j] = -t_logsumexp(x, n);
+        }
+    }
+    for (i = 0; i < n; i++)
+        for (j = 0; j < n; j++) out[i * n + j] = exp(L[i * n + j] + a[i] + b[j]);
+}
+
+/* Largest |sm_sinkhorn_forward - reference| over the n*n entries. */
+static double t_sinkhorn_forward_error(const float *L, int n, int iters) {
+    double Ld[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], ref[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    float out[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    double worst = 0;
+    int k;
+    for (k = 0; k < n * n; k++) Ld[k] = L[k];
+    t_sinkhorn_reference(ref, Ld, n, iters);
+    sm_sinkhorn_forward(out, L, n, iters);
+    for (k = 0; k < n * n; k++) {
+        double d = fabs(out[k] - ref[k]);
+        worst = d > worst || d != d ? d : worst;
+    }
+    return worst;
+}
+
+/* Inputs that need every entry: in [[0, -40], [0, -50]] the second column
+ * lies 40-50 below its rows' maxima and column normalisation scales it back
+ * up by ~e^40 (the old clamp at 30 below the row max gave 0.5 everywhere;
+ * 20 exact rounds give ~[[0.026, 0.998], [0.974, 0.002]]). t_sinkhorn_recentre
+ * moves its scalings by ~e^21 after round 1, past the implementation's
+ * re-centring threshold (e^16), so it runs on more than one kernel. */
+static const float t_sinkhorn_two[4] = {0.0f, -40.0f, 0.0f, -50.0f};
+static const float t_sinkhorn_recentre[16] = {-100, -70, -100, -10, 0,   0,    0,   -40,
+                                              -80,  -90, -100, 0,   -100, -100, -90, 0};
+
+/* The forward at logit spreads far beyond float's exp range (std 20, 100,
+ * 1000; n = 2..8; 1, 3 and 20 rounds, and 128 rounds at n = 4, which
+ * re-centres several times). Tolerance 2e-5 absolute: the exponents are
+ * rounded at their own magnitude, up to the spread (~1e3 here, i.e. 6e-5 in
+ * the worst case); measured worst over these draws 7e-6. */
+static int test_mhc_sinkhorn_wide_spread(void) {
+    static const int sizes[] = {2, 3, 4, 8}, rounds[] = {1, 3, 20};
+    static const float stds[] = {20.0f, 100.0f, 1000.0f};
+    const double tol = 2e-5;
+    sm_rng r;
+    int s, q, k, it;
+    double e = t_sinkhorn_forward_error(t_sinkhorn_two, 2, 20);
+    CHECK(e < tol, "[[0,-40],[0,-50]]: off the reference by %g", e);
+    e = t_sinkhorn_forward_error(t_sinkhorn_recentre, 4, 20);
+    CHECK(e < tol, "re-centring matrix: off the reference by %g", e);
+    sm_rng_seed(&r, 15);
+    for (q = 0; q < 3; q++)
+        for (s = 0; s < 4; s++)
+            for (it = 0; it < 4; it++)
+                for (k = 0; k < 8; k++) {
+                    int n = it == 3 ? 4 : sizes[s], iters = it == 3 ? 128 : rounds[it];
+                    float L[64];
+                    sm_rng_fill_normal(&r, L, (size_t)n * n, stds[q]);
+                    e = t_sinkhorn_forward_error(L, n, iters);
+                    CHECK(e < tol, "std %g n=%d iters %d matrix %d: off the reference by %g",
+                          stds[q], n, iters, k, e);
+                }
+    return 0;
+}
+
+/* Largest |sm_sinkhorn_backward - reference gradient| for the loss
+ * sum w * out, the reference by central differences of the double
+ * reference (the float forward's own differences would drown in rounding
+ * at these magnitudes). */
+static double t_sinkhorn_grad_error(const float *L, const float *w, int n, int iters) {
+    double Ld[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], out[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    float dL[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N] = {0};
+    const double h = 1e-6;
+    double worst = 0;
+    int k, e;
+    sm_sinkhorn_backward(dL, w, L, n, iters);
+    for (k = 0; k < n * n; k++) Ld[k] = L[k];
+    for (k = 0; k < n * n; k++) {
+        double lp = 0, lm = 0, d;
+        Ld[k] = (double)L[k] + h;
+        t_sinkhorn_reference(out, Ld, n, iters);
+        for (e = 0; e < n * n; e++) lp += w[e] * out[e];
+        Ld[k] = (double)L[k] - h;
+        t_sinkhorn_reference(out, Ld, n, iters);
+        for (e = 0; e < n * n; e++) lm += w[e] * out[e];
+        Ld[k] = L[k];
+        d = fabs(dL[k] - (lp - lm) / (2 * h));
+        worst = d > worst || d != d ? d : worst;
+    }
+    return worst;
+}
+
+/* The backward at the same spreads: the two matrices above, and std 20 and
+ * 100 at n = 2..4 (20 rounds) and n = 4 (128 rounds). Tolerance 1e-5
+ * absolute: the gradients are O(1), measured worst 4e-7; the old clamp was
+ * off by 1e-3 at std 20. */
+static int test_mhc_sinkhorn_grad_wide_spread(void) {
+    static const int cases[][2] = {{2, 20}, {3, 20}, {4, 20}, {4, 128}};
+    static const float stds[] = {20.0f, 100.0f};
+    const double tol = 1e-5;
+    float L[16], w[16];
+    sm_rng r;
+    int c, q, k;
+    double e;
+    sm_rng_seed(&r, 16);
+    sm_rng_fill_normal(&r, w, 16, 1.0f);
+    e = t_sinkhorn_grad_error(t_sinkhorn_two, w, 2, 20);
+    CHECK(e <= tol, "[[0,-40],[0,-50]]: gradient off the reference by %g", e);
+    e = t_sinkhorn_grad_error(t_sinkhorn_recentre, w, 4, 20);
+    CHECK(e <= tol, "re-centring matrix: gradient off the reference by %g", e);
+    for (q = 0; q < 2; q++)
+        for (c = 0; c < 4; c++)
+            for (k = 0; k < 4; k++) {
+                int n = cases[c][0], iters = cases[c][1];
+                sm_rng_fill_normal(&r, L, (size_t)n * n, stds[q]);
+                sm_rng_fill_normal(&r, w, (size_t)n * n, 1.0f);
+                e = t_sinkhorn_grad_error(L, w, n, iters);
+                CHECK(e <= tol, "std %g n=%d iters %d draw %d: gradient off the reference by %g",
+                      stds[q], n, iters, k, e);
+            }
+    return 0;
+}
+
 /* ---- the mHC sublayer, with a stand-in F(u) = tanh(u) ---- */
 
 typedef struct {
@@ -2667,7 +2813,9 @@ static int test_mhc_config_validation(void) {
 #define MHC_TESTS                                                                                  \
     T(test_mhc_sinkhorn_doubly_stochastic), T(test_mhc_sum_error_known_matrix),                    \
         T(test_mhc_sinkhorn_stress_large_logits), T(test_mhc_sinkhorn_row_shift_invariance),       \
-        T(test_mhc_sinkhorn_grad), T(test_mhc_layer_grad_dynamic), T(test_mhc_layer_grad_static),  \
+        T(test_mhc_sinkhorn_grad), T(test_mhc_sinkhorn_wide_spread),                               \
+        T(test_mhc_sinkhorn_grad_wide_spread), T(test_mhc_layer_grad_dynamic),                     \
+        T(test_mhc_layer_grad_static),                                                             \
         T(test_mhc_batch_matches_per_token),                                                       \
         T(test_mhc_n1_identity_is_exact_baseline), T(test_mhc_init_close_to_baseline),             \
         T(test_mhc_amax_gain), T(test_mhc_amax_gain_tokens_and_sum_error),                         \
