@@ -1470,8 +1470,9 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
 
 #define SM_IGNORE_INDEX (-1)
 /* Softmax cross-entropy over V classes for N positions. Turns logits into
- * probabilities in place and writes the per-position loss (0 where the
- * target is SM_IGNORE_INDEX). Returns the mean loss over counted positions
+ * probabilities in place and writes the per-position loss, by log-sum-exp
+ * so it is exact however improbable the target (0 where the target is
+ * SM_IGNORE_INDEX). Returns the mean loss over counted positions
  * and sets *n_counted (may be NULL). */
 SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const int *targets,
                                     int N, int V, int *n_counted);
@@ -7537,18 +7538,21 @@ SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const
 #endif
     for (n = 0; n < N; n++) {
         float *row = logits_to_probs + (size_t)n * V;
-        float maxv = row[0];
+        float maxv = row[0], shifted_target;
         double sum = 0.0;
         int v;
         for (v = 1; v < V; v++)
             if (row[v] > maxv) maxv = row[v];
+        shifted_target = targets[n] == SM_IGNORE_INDEX ? 0.0f : row[targets[n]] - maxv;
         for (v = 0; v < V; v++) {
             row[v] = expf(row[v] - maxv);
             sum += row[v];
         }
         for (v = 0; v < V; v++) row[v] = (float)(row[v] / sum);
+        /* -log p_target by log-sum-exp, log sum_v exp(z_v - max) - (z_target
+         * - max): exact however small p_target (even where it underflows) */
         losses[n] = targets[n] == SM_IGNORE_INDEX ? 0.0f
-                                                   : -logf(fmaxf(row[targets[n]], 1e-30f));
+                                                   : (float)(log(sum) - shifted_target);
     }
     for (n = 0; n < N; n++) /* serial sum: deterministic */
         if (targets[n] != SM_IGNORE_INDEX) {

@@ -2925,22 +2925,24 @@ SMDEF void smc_attention_backward(smc_ctx *c, float *dqkv, const float *dout, co
 /* ---- cross-entropy ---- */
 
 /* One block per row (sm_crossentropy_forward): max shift, exponentials,
- * probabilities in place; the thread that writes the target's probability
- * writes the loss. */
+ * probabilities in place; the thread that holds the target's logit writes
+ * the loss by log-sum-exp, log(sum) - (z_target - max). */
 static __global__ void smc__crossentropy_rows_kernel(float *losses, float *probs,
                                                      const int *targets, int V) {
     float *row = probs + (size_t)blockIdx.x * V, maxv = -INFINITY, sum = 0.0f;
+    float shifted_target = 0.0f;
     int target = targets[blockIdx.x], v;
     for (v = threadIdx.x; v < V; v += blockDim.x) maxv = fmaxf(maxv, row[v]);
     maxv = smc__block_max(maxv);
     for (v = threadIdx.x; v < V; v += blockDim.x) {
+        if (v == target) shifted_target = row[v] - maxv;
         row[v] = expf(row[v] - maxv);
         sum += row[v];
     }
     sum = smc__block_sum(sum);
     for (v = threadIdx.x; v < V; v += blockDim.x) {
         row[v] /= sum;
-        if (v == target) losses[blockIdx.x] = -logf(fmaxf(row[v], 1e-30f));
+        if (v == target) losses[blockIdx.x] = logf(sum) - shifted_target;
     }
     if (target == SM_IGNORE_INDEX && threadIdx.x == 0) losses[blockIdx.x] = 0.0f;
 }

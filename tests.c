@@ -396,6 +396,37 @@ static int test_crossentropy_gradient_and_ignore(void) {
     return 0;
 }
 
+/* A target whose logit lies 100 or 200 below the rest: its probability is
+ * ~e^-100 (subnormal in float) or underflows to 0, yet the loss must be the
+ * true -log p = log sum_v exp(z_v - z_target) ~ 100 + log 4, not a floor's
+ * cap (a 1e-30 floor on p capped it at 69.08). The reference is computed
+ * here in double; the gradient p - onehot stays finite and exact. */
+static int test_crossentropy_improbable_target(void) {
+    static const float below[3] = {100.0f, 200.0f, 30.0f};
+    float logits[3 * 5], losses[3], mean;
+    int targets[3] = {4, 0, 2}, n, v, counted;
+    double ref[3], ref_mean = 0;
+    for (n = 0; n < 3; n++) {
+        double s = 0;
+        for (v = 0; v < 5; v++) logits[n * 5 + v] = 0.25f * (float)v + 1000.0f * (float)n;
+        logits[n * 5 + targets[n]] -= below[n];
+        for (v = 0; v < 5; v++) s += exp((double)logits[n * 5 + v] - logits[n * 5 + targets[n]]);
+        ref[n] = log(s);
+        ref_mean += ref[n] / 3;
+    }
+    mean = sm_crossentropy_forward(losses, logits, targets, 3, 5, &counted);
+    for (n = 0; n < 3; n++)
+        CHECK(fabs(losses[n] - ref[n]) <= 1e-6 * ref[n], "row %d: loss %.7g, reference %.7g", n,
+              losses[n], ref[n]);
+    CHECK(counted == 3 && fabs(mean - ref_mean) <= 1e-6 * ref_mean, "mean %.7g, reference %.7g",
+          mean, ref_mean);
+    sm_crossentropy_backward(logits, logits, targets, 3, 5, 1.0f);
+    for (n = 0; n < 3; n++)
+        CHECK(fabsf(logits[n * 5 + targets[n]] + 1.0f) < 1e-6f, "row %d: dlogit of the target %g",
+              n, logits[n * 5 + targets[n]]);
+    return 0;
+}
+
 typedef struct {
     int B, T, C, V;
     int *tokens;
@@ -5611,6 +5642,7 @@ static const t_case t_cases[] = {
     T(test_activation_gradients),
     T(test_attention_gradient_and_causality),
     T(test_crossentropy_gradient_and_ignore),
+    T(test_crossentropy_improbable_target),
     T(test_embedding_gradient),
     T(test_model_gradient_every_tensor),
     T(test_model_rejects_bad_config_and_tokens),
