@@ -1055,6 +1055,45 @@ static int test_adamw_matches_formula(void) {
     return 0;
 }
 
+/* AdamW where eps matters, step by step against the formula in double:
+ * eps = 0.1 against gradients of its own size, and the default eps 1e-8
+ * against gradients near 1e-9 (sqrt(v_hat) ~ |g|, so the first step moves
+ * by lr g / (|g| + eps) ~ lr / 11 with g = 1e-9; with eps subtracted it
+ * would move by -lr / 9). */
+static int test_adamw_eps_matters(void) {
+    static const double grads[2][3] = {{0.05, -0.2, 0.01}, {1e-9, -3e-9, 4e-10}};
+    static const float eps[2] = {0.1f, 1e-8f};
+    int c, t, k;
+    for (c = 0; c < 2; c++) {
+        sm_params p;
+        sm_error err;
+        size_t off;
+        double w[3] = {0.5, -0.25, 1.0}, mm[3] = {0}, vv[3] = {0};
+        memset(&p, 0, sizeof p);
+        CHECK(sm_params_add_group(&p, sm_param_group_default("g", 0.1f), &err) == 0, "group");
+        p.groups[0].eps = eps[c], p.groups[0].weight_decay = 0.0f;
+        off = sm_params_add_tensor(&p, "w", 3, 0, 0, NULL, &err);
+        CHECK_OK(sm_params_alloc(&p, &err));
+        for (k = 0; k < 3; k++) p.data[off + k] = (float)w[k];
+        for (t = 1; t <= 4; t++) {
+            for (k = 0; k < 3; k++) {
+                double gr = grads[c][k] * (t % 2 ? 1.0 : 0.5);
+                p.grad[off + k] = (float)gr;
+                mm[k] = 0.9 * mm[k] + 0.1 * gr;
+                vv[k] = 0.95 * vv[k] + 0.05 * gr * gr;
+                w[k] -= 0.1 * (mm[k] / (1 - pow(0.9, t))) /
+                        (sqrt(vv[k] / (1 - pow(0.95, t))) + (double)eps[c]);
+            }
+            sm_params_adamw_step(&p, 1.0f, 1.0f);
+            for (k = 0; k < 3; k++)
+                CHECK(fabs(p.data[off + k] - w[k]) < 1e-6, "eps %g step %d [%d]: %.8g vs %.8g",
+                      eps[c], t, k, p.data[off + k], w[k]);
+        }
+        sm_params_free(&p);
+    }
+    return 0;
+}
+
 /* A sparse table's step moves exactly the touched rows, like a dense step
  * restricted to them, and leaves every other row (and its moments) alone. */
 static int test_adamw_sparse_rows_equal_dense(void) {
@@ -3106,6 +3145,44 @@ static int test_peer_gradcheck_relu_layernorm(void) {
     return bad;
 }
 
+/* A query with no spread, where only the norm's eps keeps rstd finite:
+ * LayerNorm of a constant query (every row of W_q the same, so each head's
+ * d_key values are equal: variance 0) and RMSNorm of a zero query (W_q =
+ * 0). rstd must be 1/sqrt(0 + eps) and the outputs and every gradient
+ * finite (with eps subtracted they are NaN). */
+static int t_peer_flat_query(sm_peer_query_norm norm) {
+    sm_peer_config cfg = t_peer_small_config(4, 2, 2, 6);
+    const int D = 8, BT = 3;
+    size_t hk, i, rows;
+    double want = 1.0 / sqrt((double)SM_PEER_NORM_EPS);
+    t_peer f;
+    cfg.query_norm = norm;
+    if (t_peer_setup(&f, cfg, D, BT, 23)) {
+        t_peer_free(&f);
+        CHECK(0, "peer setup failed");
+    }
+    hk = (size_t)cfg.heads * cfg.d_key, rows = (size_t)BT * cfg.heads;
+    for (i = 0; i < hk * D; i++)
+        f.p.w_q[i] = norm == SM_PEER_NORM_LAYER ? f.p.w_q[i % D] : 0.0f;
+    memset(f.grads, 0, f.sz.total * sizeof(float));
+    memset(f.dx, 0, (size_t)BT * D * sizeof(float));
+    CHECK_OK(sm_peer_forward(f.out, &f.acts, f.x, &f.p, BT, NULL));
+    CHECK_OK(sm_peer_backward(f.dx, &f.g, NULL, f.w, f.x, &f.p, &f.acts, BT, NULL));
+    for (i = 0; i < rows; i++)
+        CHECK(fabs(f.acts.q_rstd[i] - want) <= 1e-6 * want, "row %zu: rstd %g, want 1/sqrt(eps) = %g",
+              i, f.acts.q_rstd[i], want);
+    CHECK(sm_all_finite(f.out, (size_t)BT * D) && sm_all_finite(f.dx, (size_t)BT * D) &&
+              sm_all_finite(f.grads, f.sz.total),
+          "non-finite output or gradient");
+    t_peer_free(&f);
+    return 0;
+}
+
+static int test_peer_flat_query_is_finite(void) {
+    if (t_peer_flat_query(SM_PEER_NORM_LAYER)) return 1;
+    return t_peer_flat_query(SM_PEER_NORM_RMS);
+}
+
 /* The retrieved experts of every (position, head) equal the top-k of the
  * brute-force scores against all N = s^2 full keys (K1[a] ; K2[b]) in
  * double, and the output equals the dense formula over that selection. */
@@ -3381,7 +3458,8 @@ static int test_peer_deterministic_across_threads(void) {
 #define PEER_TESTS                                                                            \
     T(test_peer_topk_matches_sort), T(test_peer_product_topk_ties),                           \
         T(test_peer_product_keys_match_bruteforce), T(test_peer_gradcheck_gelu_rmsnorm),      \
-        T(test_peer_gradcheck_relu_layernorm), T(test_peer_sparse_adamw_matches_dense),      \
+        T(test_peer_gradcheck_relu_layernorm), T(test_peer_flat_query_is_finite),            \
+        T(test_peer_sparse_adamw_matches_dense),                                             \
         T(test_peer_usage_stats), T(test_peer_validate_names_field),                          \
         T(test_peer_rejects_bad_bt_and_rows), T(test_peer_deterministic_across_threads)
 
@@ -5659,6 +5737,7 @@ static const t_case t_cases[] = {
     T(test_trainer_cli_options),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula),
+    T(test_adamw_eps_matters),
     T(test_adamw_sparse_rows_equal_dense),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
     DATA_TESTS,
