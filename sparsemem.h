@@ -527,8 +527,17 @@ SMDEF size_t sm_loader_num_batches(const sm_loader *l);
  * pair the MPHF with sm_fingerprints to tell members from non-members. */
 
 typedef struct sm_mphf_config {
-    double lambda;     /* average keys per bucket, in [1, 16] (default 4): larger
-                          is smaller and slower to build */
+    double lambda;     /* average keys per bucket, in [1, 8] (default 4). Fewer
+                          buckets mean fewer pilots but larger ones, more of
+                          which overflow their byte, so the space is smallest
+                          near 4. Measured at 100K random keys
+                          (./bench/bench_mphf --lambda L 100000): lambda =
+                          1 2 3 4 5 6 7 8 gives 8.68 4.43 3.04 2.52 2.59
+                          2.89 3.09 3.01 bits/key, and the build is ~15x
+                          slower at 8 than at 4. Past 8 it only gets slower
+                          (measured before this bound: 40x at 9), and from 10
+                          on builds of 100K keys failed, some bucket needing
+                          a pilot above the default max_pilot every time. */
     double alpha;      /* load factor n / n', in [0.5, 1] (default 0.99) */
     uint64_t seed;     /* seed of the first build attempt */
     uint32_t max_pilot; /* a bucket whose pilot search passes this fails the
@@ -3638,6 +3647,7 @@ SMDEF size_t sm_loader_next(sm_loader *l, int32_t *inputs, int32_t *targets,
  * the keys) go to the first 30% of the buckets, the rest to the other 70%. */
 #define SM__MPHF_DENSE_HASHES 2576980378ULL
 #define SM__MPHF_DENSE_SHARE 0.3
+#define SM__MPHF_MAX_LAMBDA 8.0 /* keys per bucket; see sm_mphf_config.lambda */
 
 SMDEF sm_mphf_config sm_mphf_default_config(void) {
     sm_mphf_config c;
@@ -3650,9 +3660,11 @@ SMDEF sm_mphf_config sm_mphf_default_config(void) {
 }
 
 SMDEF sm_status sm_mphf_config_validate(const sm_mphf_config *cfg, sm_error *err) {
-    if (!(cfg->lambda >= 1.0 && cfg->lambda <= 16.0))
-        return sm_fail(err, SM_ERR_INVALID_ARG, "mphf config: lambda = %g must be in [1, 16]",
-                       cfg->lambda);
+    if (!(cfg->lambda >= 1.0 && cfg->lambda <= SM__MPHF_MAX_LAMBDA))
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "mphf config: lambda = %g must be in [1, %g] (past 8 the build only "
+                       "slows down, from 10 on it fails; the space is smallest near 4)",
+                       cfg->lambda, SM__MPHF_MAX_LAMBDA);
     if (!(cfg->alpha >= 0.5 && cfg->alpha <= 1.0))
         return sm_fail(err, SM_ERR_INVALID_ARG, "mphf config: alpha = %g must be in [0.5, 1]",
                        cfg->alpha);

@@ -1994,6 +1994,12 @@ static int test_mphf_config_validation(void) {
     cfg.lambda = 0.5;
     CHECK(sm_mphf_build(&f, &key, 1, &cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "lambda"),
           "lambda 0.5: %s", err.msg);
+    cfg.lambda = 8.5; /* past 8 builds only get slower, and from 10 on they fail */
+    CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG &&
+              strstr(err.msg, "lambda = 8.5") && strstr(err.msg, "[1, 8]"),
+          "lambda 8.5: %s", err.msg);
+    cfg.lambda = 16;
+    CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG, "lambda 16 accepted");
     cfg = sm_mphf_default_config();
     cfg.alpha = 1.5;
     CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "alpha"),
@@ -2005,6 +2011,34 @@ static int test_mphf_config_validation(void) {
     CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG &&
               strstr(err.msg, "max_attempts"),
           "max_attempts 0: %s", err.msg);
+    return 0;
+}
+
+/* Every lambda the validation accepts builds with the other defaults, from
+ * 1 to the bound 8 (20K keys; every key gets its own slot). */
+static int test_mphf_every_accepted_lambda_builds(void) {
+    static const double lambdas[] = {1, 2, 2.5, 3, 4, 5, 6, 7, 7.5, 8};
+    size_t n = 20000, i;
+    uint64_t *keys = t_mphf_keys(n, 13, 0);
+    unsigned char *hit = (unsigned char *)malloc(n);
+    int l;
+    for (l = 0; l < (int)(sizeof lambdas / sizeof lambdas[0]); l++) {
+        sm_mphf_config cfg = sm_mphf_default_config();
+        sm_mphf f;
+        sm_error err;
+        cfg.lambda = lambdas[l];
+        CHECK(sm_mphf_build(&f, keys, n, &cfg, &err) == SM_OK, "lambda %g: %s", lambdas[l],
+              err.msg);
+        memset(hit, 0, n);
+        for (i = 0; i < n; i++) {
+            uint32_t s = sm_mphf_lookup(&f, keys[i]);
+            CHECK(s < n && !hit[s], "lambda %g: key %zu -> slot %u taken or out of range",
+                  lambdas[l], i, s);
+            hit[s] = 1;
+        }
+        sm_mphf_free(&f);
+    }
+    free(keys), free(hit);
     return 0;
 }
 
@@ -2199,6 +2233,7 @@ static int test_fingerprints_false_positive_rate(void) {
     T(test_mphf_bijection_sizes_and_seeds), T(test_mphf_million_keys_space),               \
         T(test_mphf_tiny_sets), T(test_mphf_independent_of_key_order),                     \
         T(test_mphf_duplicate_keys_reported), T(test_mphf_config_validation),              \
+        T(test_mphf_every_accepted_lambda_builds),                                         \
         T(test_mphf_retries_then_reports_failure), T(test_mphf_save_load_roundtrip),       \
         T(test_mphf_bad_files_rejected), T(test_fingerprints_false_positive_rate)
 
