@@ -552,8 +552,17 @@ SMDEF size_t sm_loader_num_batches(const sm_loader *l);
  * pair the MPHF with sm_fingerprints to tell members from non-members. */
 
 typedef struct sm_mphf_config {
-    double lambda;     /* average keys per bucket, in [1, 16] (default 4): larger
-                          is smaller and slower to build */
+    double lambda;     /* average keys per bucket, in [1, 8] (default 4). Fewer
+                          buckets mean fewer pilots but larger ones, more of
+                          which overflow their byte, so the space is smallest
+                          near 4. Measured at 100K random keys
+                          (./bench/bench_mphf --lambda L 100000): lambda =
+                          1 2 3 4 5 6 7 8 gives 8.68 4.43 3.04 2.52 2.59
+                          2.89 3.09 3.01 bits/key, and the build is ~15x
+                          slower at 8 than at 4. Past 8 it only gets slower
+                          (measured before this bound: 40x at 9), and from 10
+                          on builds of 100K keys failed, some bucket needing
+                          a pilot above the default max_pilot every time. */
     double alpha;      /* load factor n / n', in [0.5, 1] (default 0.99) */
     uint64_t seed;     /* seed of the first build attempt */
     uint32_t max_pilot; /* a bucket whose pilot search passes this fails the
@@ -1351,11 +1360,13 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err);
 /* out[n,n] = the doubly-stochastic projection of exp(logits[n,n]): `iters`
  * rounds of row normalisation followed by column normalisation (so the
  * column sums are 1 to rounding, the row sums to convergence). Logits must
- * be finite; any finite values are safe (see the implementation). */
+ * be finite; any finite values are handled without clamping, however far
+ * apart (see the implementation). */
 SMDEF void sm_sinkhorn_forward(float *out, const float *logits, int n, int iters);
 /* dlogits += d(sum dout*out)/dlogits, exact for the `iters` unrolled rounds.
  * Nothing is saved by the forward: the backward recomputes the iterates from
- * the logits, keeping only the 2*n*iters row/column scalings. */
+ * the logits, keeping the row/column scalings of every round (~3*n*iters
+ * floats on the stack). */
 SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *logits, int n,
                                 int iters);
 /* The same over `count` independent matrices stored back to back. */
@@ -1544,8 +1555,9 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
 
 #define SM_IGNORE_INDEX (-1)
 /* Softmax cross-entropy over V classes for N positions. Turns logits into
- * probabilities in place and writes the per-position loss (0 where the
- * target is SM_IGNORE_INDEX). Returns the mean loss over counted positions
+ * probabilities in place and writes the per-position loss, by log-sum-exp
+ * so it is exact however improbable the target (0 where the target is
+ * SM_IGNORE_INDEX). Returns the mean loss over counted positions
  * and sets *n_counted (may be NULL). */
 SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const int *targets,
                                     int N, int V, int *n_counted);
@@ -3816,6 +3828,7 @@ SMDEF size_t sm_loader_next(sm_loader *l, int32_t *inputs, int32_t *targets,
  * the keys) go to the first 30% of the buckets, the rest to the other 70%. */
 #define SM__MPHF_DENSE_HASHES 2576980378ULL
 #define SM__MPHF_DENSE_SHARE 0.3
+#define SM__MPHF_MAX_LAMBDA 8.0 /* keys per bucket; see sm_mphf_config.lambda */
 
 SMDEF sm_mphf_config sm_mphf_default_config(void) {
     sm_mphf_config c;
@@ -3828,9 +3841,11 @@ SMDEF sm_mphf_config sm_mphf_default_config(void) {
 }
 
 SMDEF sm_status sm_mphf_config_validate(const sm_mphf_config *cfg, sm_error *err) {
-    if (!(cfg->lambda >= 1.0 && cfg->lambda <= 16.0))
-        return sm_fail(err, SM_ERR_INVALID_ARG, "mphf config: lambda = %g must be in [1, 16]",
-                       cfg->lambda);
+    if (!(cfg->lambda >= 1.0 && cfg->lambda <= SM__MPHF_MAX_LAMBDA))
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "mphf config: lambda = %g must be in [1, %g] (past 8 the build only "
+                       "slows down, from 10 on it fails; the space is smallest near 4)",
+                       cfg->lambda, SM__MPHF_MAX_LAMBDA);
     if (!(cfg->alpha >= 0.5 && cfg->alpha <= 1.0))
         return sm_fail(err, SM_ERR_INVALID_ARG, "mphf config: alpha = %g must be in [0.5, 1]",
                        cfg->alpha);
@@ -6780,25 +6795,48 @@ SMDEF void sm_peer_usage_free(sm_peer_usage *u) {
 
 /* ---- mHC ---------------------------------------------------------------- */
 
-/* ---- Sinkhorn-Knopp, in scaling form ----
- * Alternately normalising rows and columns of K = exp(L) is the same as
- * keeping K fixed and updating two scaling vectors (v_0 = 1):
- *     u_t = 1 / (K v_{t-1})      (row step)
- *     v_t = 1 / (K^T u_t)        (column step)
- *     out = diag(u_T) K diag(v_T)
- * The backward needs every u_t, v_t; it recomputes them from the logits
- * (2 n T floats on the stack), so a forward stores nothing.
+/* ---- Sinkhorn-Knopp ----
+ * `iters` rounds of row then column normalisation of exp(L), written with
+ * log scalings a_t (rows) and b_t (columns), b_0 = 0:
+ *     a_t,i = -log sum_j exp(L_ij + b_{t-1,j})     (row step)
+ *     b_t,j = -log sum_i exp(L_ij + a_t,i)         (column step)
+ *     out_ij = exp(L_ij + a_T,i + b_T,j)
+ * exp(L) may span far more than float's range, and every entry can matter:
+ * a column lying 40 below its rows' maxima is scaled back up by ~e^40 in
+ * the first column step, so a clamp there changes the result at O(1). The
+ * rounds run in scaling form on a kernel re-centred in log space:
+ *     K_ij = exp(L_ij - m_i + lam_i + g_j),   m_i = max_j L_ij,
+ *     u_t = 1 / (K v_{t-1}),   v_t = 1 / (K^T u_t),   out = diag(u_T) K diag(v_T),
+ * with u_t = exp(a_t + m - lam), v_t = exp(b_t - g). The first kernel is
+ * exp(L - m) (lam = g = 0). After every round, if u_t or v_t has left
+ * [1/S, S], S = e^16, that round's column step is redone in log domain (a
+ * max-shifted log-sum-exp per column) after lam += log u_t: K becomes the
+ * matrix after the step, and u_t = v_t = 1 relative to it. A segment is
+ * the run of half-steps on one kernel. Logits of std 1 never leave the
+ * first; a column far below its rows' maxima leaves it in round 1.
  *
- * Numerical safety: the output is invariant to scaling a row of K, so each
- * row's logits are shifted by their max (row max entry -> 1, no overflow),
- * and shifted logits below -SM__SINKHORN_LOG_FLOOR are clamped there. With
- * every entry of K in [e^-30, 1] no row or column sum can underflow to 0 and
- * the scalings stay within about e^{+-60}, far inside float range, whatever
- * the (finite) logits. A clamped entry weighs e^-30 ~ 1e-13 against its
- * row's max, below float resolution, so the clamp changes the result only
- * at that level; its gradient is taken as 0. The row shift needs no gradient
- * (by the invariance, its exact contribution is zero). */
-#define SM__SINKHORN_LOG_FLOOR 30.0f
+ * Why no entry that matters is lost: after a column step every column sums
+ * to 1 and (each row having summed to 1 just before, and been divided by a
+ * column sum <= n) every row has an entry >= 1/n^2; after a row step the
+ * same holds with rows and columns swapped. So after round 1 each half-step
+ * multiplies a scaling by a factor in [1/n, n^2], and between the checks
+ * u, v stay within [1/(S n), S n^2] (round 1's row sums are in [1, n]).
+ * K entries below e^-87 (subnormal in float) are taken as 0: weighed by at
+ * most S n^2 in a sum that is at least 1/(S n^2), n of them change it by a
+ * relative n^5 S^2 e^-87 < e^-40 (n <= 16). No logit is clamped, so the
+ * gradient needs no special case either.
+ *
+ * The backward is reverse mode through the same half-steps, in the log
+ * scalings: with alpha = dLoss/da_t, beta = dLoss/db_t and C, R the
+ * matrices after the column and row steps (entries in [0, 1]),
+ *     column step:  dL -= beta_j C_ij,   alpha_i -= sum_j beta_j C_ij
+ *     row step:     dL -= alpha_i R_ij,  beta_j (of b_{t-1}) = -sum_i alpha_i R_ij
+ * It recomputes the rounds from the logits (u_t, v_t and each segment's
+ * lam on a tape), so a forward stores nothing. Within a segment dL = dK K
+ * is gathered as dK, as C_ij = u_i K_ij v_j and R_ij = u_i K_ij v_{t-1,j}.
+ * The row max m needs no gradient (shifting a row of L changes nothing). */
+#define SM__SINKHORN_EXP_MIN (-87.0f)       /* exp below: subnormal in float, taken as 0 */
+#define SM__SINKHORN_SCALE_MAX 8.8861105e6f /* S = e^16: a scaling past [1/S, S] re-centres */
 
 SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
     if (n < 1 || n > SM_SINKHORN_MAX_N)
@@ -6810,123 +6848,220 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
     return SM_OK;
 }
 
-static float sm__max_of(const float *x, int n) {
-    float m = x[0];
-    int i;
-    for (i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+static SM_HD float sm__sinkhorn_exp(float x) {
+    return x > SM__SINKHORN_EXP_MIN ? expf(x) : 0.0f;
+}
+
+static SM_HD float sm__sinkhorn_row_max(const float *L, int i, int n) {
+    float m = L[i * n];
+    int j;
+    for (j = 1; j < n; j++) m = L[i * n + j] > m ? L[i * n + j] : m;
     return m;
 }
 
-/* K = exp(max(L - rowmax, -floor)), row by row. */
-static void sm__sinkhorn_kernel(float *K, const float *L, int n) {
+/* The kernel of a segment. lam == NULL: the first, K = exp(L - m).
+ * Otherwise a column step in log domain: with x_ij = L_ij - m_i + lam_i
+ * and c_j = max_i x_ij, K_ij = exp(x_ij - c_j) / sum_i exp(x_ij - c_j)
+ * (each column's largest term is 1, so its sum is in [1, n]). */
+static SM_HD void sm__sinkhorn_kernel(float *K, const float *L, const float *lam, int n) {
     int i, j;
     for (i = 0; i < n; i++) {
-        float m = sm__max_of(L + i * n, n);
-        for (j = 0; j < n; j++) {
-            float s = L[i * n + j] - m;
-            K[i * n + j] = expf(s > -SM__SINKHORN_LOG_FLOOR ? s : -SM__SINKHORN_LOG_FLOOR);
-        }
+        float m = sm__sinkhorn_row_max(L, i, n);
+        for (j = 0; j < n; j++)
+            K[i * n + j] = lam ? (L[i * n + j] - m) + lam[i] : sm__sinkhorn_exp(L[i * n + j] - m);
     }
-}
-
-/* Runs the scaling iterations. With keep != 0, u_t goes to u + (t-1) n and
- * v_t to v + t n (v_0 = 1 at v); otherwise each step overwrites u and v. */
-static SM_HD void sm__sinkhorn_scalings(float *u, float *v, const float *K, int n, int iters,
-                                         int keep) {
-    size_t step = keep ? (size_t)n : 0;
-    const float *v_prev = v;
-    int t, i, j;
-    for (j = 0; j < n; j++) v[j] = 1.0f;
-    for (t = 1; t <= iters; t++) {
-        float *u_t = u + (t - 1) * step, *v_t = v + t * step;
+    if (!lam) return;
+    for (j = 0; j < n; j++) {
+        float c = K[j], s = 0.0f;
+        for (i = 1; i < n; i++) c = K[i * n + j] > c ? K[i * n + j] : c;
         for (i = 0; i < n; i++) {
-            float s = 0;
-            for (j = 0; j < n; j++) s += K[i * n + j] * v_prev[j];
-            u_t[i] = 1.0f / s;
+            K[i * n + j] = sm__sinkhorn_exp(K[i * n + j] - c);
+            s += K[i * n + j];
         }
-        for (j = 0; j < n; j++) {
-            float s = 0;
-            for (i = 0; i < n; i++) s += K[i * n + j] * u_t[i];
-            v_t[j] = 1.0f / s;
-        }
-        v_prev = v_t;
+        for (i = 0; i < n; i++) K[i * n + j] /= s;
     }
 }
 
-static void sm__sinkhorn_forward_n(float *out, const float *logits, int n, int iters) {
-    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N] = {0};
-    float v[SM_SINKHORN_MAX_N];
+/* Whether every u_i and v_i is within [1/S, S] (branch-free: n is small). */
+static SM_HD int sm__sinkhorn_in_range(const float *u, const float *v, int n) {
+    int i, ok = 1;
+    for (i = 0; i < n; i++)
+        ok &= (u[i] <= SM__SINKHORN_SCALE_MAX) & (u[i] >= 1.0f / SM__SINKHORN_SCALE_MAX) &
+              (v[i] <= SM__SINKHORN_SCALE_MAX) & (v[i] >= 1.0f / SM__SINKHORN_SCALE_MAX);
+    return ok;
+}
+
+/* Where the rounds keep their scalings. Recording (the backward's tape):
+ * u_t at u + (t-1) n, v_t at v + t n (v_0 = 1 at v), segment s >= 1's lam
+ * at lam + (s-1) n, and fresh[t-1] != 0 when a segment starts at round t's
+ * column step (then u_t is relative to the previous segment and v_t = 1).
+ * Otherwise u, v and lam are n floats each, overwritten, and fresh is NULL. */
+typedef struct sm__sinkhorn_tape {
+    float *u, *v, *lam;
+    unsigned char *fresh;
+} sm__sinkhorn_tape;
+
+/* Runs the rounds; K ends as the last segment's kernel. Without a tape,
+ * u and v end relative to it (after a fresh column step both are 1). */
+static SM_HD void sm__sinkhorn_rounds(float *K, const sm__sinkhorn_tape *tp,
+                                     const float *L, int n, int iters) {
+    size_t step = tp->fresh ? (size_t)n : 0;
+    float *lam = NULL;
+    int t, i, j, fresh;
+    sm__sinkhorn_kernel(K, L, NULL, n);
+    for (j = 0; j < n; j++) tp->v[j] = 1.0f;
+    for (t = 1; t <= iters; t++) {
+        float *u = tp->u + (t - 1) * step, *v = tp->v + t * step;
+        const float *v_prev = tp->v + (t - 1) * step;
+        for (i = 0; i < n; i++) {
+            float s = 0.0f;
+            for (j = 0; j < n; j++) s += K[i * n + j] * v_prev[j];
+            u[i] = 1.0f / s;
+        }
+        for (j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (i = 0; i < n; i++) s += K[i * n + j] * u[i];
+            v[j] = 1.0f / s;
+        }
+        fresh = !sm__sinkhorn_in_range(u, v, n);
+        if (tp->fresh) tp->fresh[t - 1] = (unsigned char)fresh;
+        if (fresh) { /* redo the column step in log domain, on a new kernel */
+            float *next = lam && tp->fresh ? lam + n : tp->lam;
+            for (i = 0; i < n; i++) next[i] = (lam ? lam[i] : 0.0f) + logf(u[i]);
+            lam = next;
+            sm__sinkhorn_kernel(K, L, lam, n);
+            for (j = 0; j < n; j++) v[j] = 1.0f;
+            if (!tp->fresh)
+                for (i = 0; i < n; i++) u[i] = 1.0f;
+        }
+    }
+}
+
+/* out = diag(u) K diag(v) for one matrix. Scratch: K n*n, u, v, lam n each. */
+static SM_HD void sm__sinkhorn_forward_matrix(float *out, float *K, float *u, float *v,
+                                              float *lam, const float *L, int n, int iters) {
+    sm__sinkhorn_tape tp;
     int i, j;
-    SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
-    sm__sinkhorn_kernel(K, logits, n);
-    sm__sinkhorn_scalings(u, v, K, n, iters, 0);
+    tp.u = u, tp.v = v, tp.lam = lam, tp.fresh = NULL;
+    sm__sinkhorn_rounds(K, &tp, L, n, iters);
     for (i = 0; i < n; i++)
         for (j = 0; j < n; j++) out[i * n + j] = u[i] * K[i * n + j] * v[j];
 }
 
-/* Backward through out_ij = uT_i K_ij vT_j: dK, and du, dv of the last round. */
-static SM_HD void sm__sinkhorn_backward_output(float *dK, float *du, float *dv, const float *dout,
-                                               const float *K, const float *uT, const float *vT,
-                                               int n) {
+/* Through out_ij = u_i K_ij v_j: dK = dout u v, and alpha,
+ * beta = the row and column sums of dout * out. */
+static SM_HD void sm__sinkhorn_output_backward(float *dK, float *alpha, float *beta,
+                                               const float *dout, const float *K, const float *u,
+                                               const float *v, int n) {
     int i, j;
-    for (i = 0; i < n; i++) du[i] = 0, dv[i] = 0;
+    for (i = 0; i < n; i++) alpha[i] = 0.0f, beta[i] = 0.0f;
     for (i = 0; i < n; i++)
         for (j = 0; j < n; j++) {
-            float g = dout[i * n + j];
-            dK[i * n + j] = g * uT[i] * vT[j];
-            du[i] += g * K[i * n + j] * vT[j];
-            dv[j] += g * K[i * n + j] * uT[i];
+            float d = dout[i * n + j] * u[i] * v[j], g = d * K[i * n + j];
+            dK[i * n + j] = d;
+            alpha[i] += g;
+            beta[j] += g;
         }
 }
 
-/* Backward through round t: the column step v_t = 1 / (K^T u_t), then the
- * row step u_t = 1 / (K v_{t-1}); for w = 1 / (A s), d(A s) = -dw w^2. On
- * entry du, dv are the gradients of u_t, v_t; on exit dv is that of v_{t-1}
- * and du is 0. */
-static SM_HD void sm__sinkhorn_backward_round(float *dK, float *du, float *dv, float *dr,
-                                              const float *K, const float *u_t,
-                                              const float *v_t, const float *v_prev, int n) {
+/* Through a column step, C_ij = u_i K_ij v_j; w: n scratch. */
+static SM_HD void sm__sinkhorn_column_backward(float *dK, float *alpha, float *w,
+                                               const float *beta, const float *K, const float *u,
+                                               const float *v, int n) {
     int i, j;
-    for (j = 0; j < n; j++) dr[j] = -dv[j] * v_t[j] * v_t[j];
-    for (i = 0; i < n; i++)
-        for (j = 0; j < n; j++) {
-            dK[i * n + j] += u_t[i] * dr[j];
-            du[i] += K[i * n + j] * dr[j];
-        }
-    for (i = 0; i < n; i++) dr[i] = -du[i] * u_t[i] * u_t[i];
-    for (j = 0; j < n; j++) dv[j] = 0;
+    for (j = 0; j < n; j++) w[j] = beta[j] * v[j];
     for (i = 0; i < n; i++) {
+        float ui = u[i], s = 0.0f;
         for (j = 0; j < n; j++) {
-            dK[i * n + j] += dr[i] * v_prev[j];
-            dv[j] += K[i * n + j] * dr[i];
+            dK[i * n + j] -= ui * w[j];
+            s += K[i * n + j] * w[j];
         }
-        du[i] = 0;
+        alpha[i] -= ui * s;
     }
 }
 
-/* Reverse mode through the unrolled scalings (exact: every u_t, v_t kept). */
+/* Through a row step, R_ij = u_i K_ij v_prev_j: beta becomes the gradient
+ * of b_{t-1}, and alpha is used up (a_t feeds nothing earlier). */
+static SM_HD void sm__sinkhorn_row_backward(float *dK, float *beta, float *alpha, const float *K,
+                                            const float *u, const float *v_prev, int n) {
+    int i, j;
+    for (j = 0; j < n; j++) beta[j] = 0.0f;
+    for (i = 0; i < n; i++) {
+        float au = alpha[i] * u[i];
+        for (j = 0; j < n; j++) {
+            dK[i * n + j] -= au * v_prev[j];
+            beta[j] += K[i * n + j] * au;
+        }
+        alpha[i] = 0.0f;
+    }
+    for (j = 0; j < n; j++) beta[j] *= -v_prev[j];
+}
+
+/* Leaving a segment: dL += dK K, dK = 0. */
+static SM_HD void sm__sinkhorn_flush(float *dL, float *dK, const float *K, int n) {
+    int e;
+    for (e = 0; e < n * n; e++) dL[e] += dK[e] * K[e], dK[e] = 0.0f;
+}
+
+/* Scratch of one backward: K, dK n*n each; alpha, beta, w n each; the tape. */
+typedef struct sm__sinkhorn_work {
+    float *K, *dK, *alpha, *beta, *w;
+    sm__sinkhorn_tape tape;
+} sm__sinkhorn_work;
+
+/* dL (n*n, overwritten) = d(sum dout * out)/dL for one matrix. */
+static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_work *wk,
+                                               const float *dout, const float *L, int n,
+                                               int iters) {
+    const sm__sinkhorn_tape *tp = &wk->tape;
+    const float *vT = tp->v + (size_t)iters * n, *uT = tp->u + (size_t)(iters - 1) * n;
+    int t, e, s = 0;
+    sm__sinkhorn_rounds(wk->K, tp, L, n, iters);
+    for (t = 0; t < iters; t++) s += tp->fresh[t];
+    for (e = 0; e < n * n; e++) dL[e] = 0.0f;
+    /* after a fresh last column step, u_T relative to K is 1 like v_T */
+    sm__sinkhorn_output_backward(wk->dK, wk->alpha, wk->beta, dout, wk->K,
+                                 tp->fresh[iters - 1] ? vT : uT, vT, n);
+    for (t = iters; t >= 1; t--) {
+        const float *u = tp->u + (size_t)(t - 1) * n, *v_prev = tp->v + (size_t)(t - 1) * n;
+        const float *v = tp->v + (size_t)t * n;
+        int fresh = tp->fresh[t - 1];
+        /* a fresh column step ran on the kernel it made, with u = v = 1 */
+        sm__sinkhorn_column_backward(wk->dK, wk->alpha, wk->w, wk->beta, wk->K, fresh ? v : u, v,
+                                     n);
+        if (fresh) { /* back to the previous segment's kernel */
+            sm__sinkhorn_flush(dL, wk->dK, wk->K, n);
+            s--;
+            sm__sinkhorn_kernel(wk->K, L, s > 0 ? tp->lam + (size_t)(s - 1) * n : NULL, n);
+        }
+        sm__sinkhorn_row_backward(wk->dK, wk->beta, wk->alpha, wk->K, u, v_prev, n);
+    }
+    sm__sinkhorn_flush(dL, wk->dK, wk->K, n);
+}
+
+static void sm__sinkhorn_forward_n(float *out, const float *logits, int n, int iters) {
+    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N], v[SM_SINKHORN_MAX_N];
+    float lam[SM_SINKHORN_MAX_N];
+    SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
+    sm__sinkhorn_forward_matrix(out, K, u, v, lam, logits, n, iters);
+}
+
 static void sm__sinkhorn_backward_n(float *dlogits, const float *dout, const float *logits, int n,
                                     int iters) {
     float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], dK[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    float dL[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
     float u[SM_SINKHORN_MAX_ITERS * SM_SINKHORN_MAX_N];
     float v[(SM_SINKHORN_MAX_ITERS + 1) * SM_SINKHORN_MAX_N];
-    float du[SM_SINKHORN_MAX_N], dv[SM_SINKHORN_MAX_N], dr[SM_SINKHORN_MAX_N];
-    int t, i, j;
+    float lam[SM_SINKHORN_MAX_ITERS * SM_SINKHORN_MAX_N];
+    float alpha[SM_SINKHORN_MAX_N], beta[SM_SINKHORN_MAX_N], w[SM_SINKHORN_MAX_N];
+    unsigned char fresh[SM_SINKHORN_MAX_ITERS];
+    sm__sinkhorn_work wk;
+    int e;
     SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
-    sm__sinkhorn_kernel(K, logits, n);
-    sm__sinkhorn_scalings(u, v, K, n, iters, 1);
-    sm__sinkhorn_backward_output(dK, du, dv, dout, K, u + (size_t)(iters - 1) * n,
-                                 v + (size_t)iters * n, n);
-    for (t = iters; t >= 1; t--)
-        sm__sinkhorn_backward_round(dK, du, dv, dr, K, u + (size_t)(t - 1) * n,
-                                    v + (size_t)t * n, v + (size_t)(t - 1) * n, n);
-    /* K = exp(L - rowmax) where not clamped */
-    for (i = 0; i < n; i++) {
-        float m = sm__max_of(logits + i * n, n);
-        for (j = 0; j < n; j++)
-            if (logits[i * n + j] - m > -SM__SINKHORN_LOG_FLOOR)
-                dlogits[i * n + j] += dK[i * n + j] * K[i * n + j];
-    }
+    wk.K = K, wk.dK = dK, wk.alpha = alpha, wk.beta = beta, wk.w = w;
+    wk.tape.u = u, wk.tape.v = v, wk.tape.lam = lam, wk.tape.fresh = fresh;
+    sm__sinkhorn_backward_matrix(dL, &wk, dout, logits, n, iters);
+    for (e = 0; e < n * n; e++) dlogits[e] += dL[e];
 }
 
 /* n = 4 (mHC's default) as a compile-time constant: the small loops unroll
@@ -7654,18 +7789,21 @@ SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const
 #endif
     for (n = 0; n < N; n++) {
         float *row = logits_to_probs + (size_t)n * V;
-        float maxv = row[0];
+        float maxv = row[0], shifted_target;
         double sum = 0.0;
         int v;
         for (v = 1; v < V; v++)
             if (row[v] > maxv) maxv = row[v];
+        shifted_target = targets[n] == SM_IGNORE_INDEX ? 0.0f : row[targets[n]] - maxv;
         for (v = 0; v < V; v++) {
             row[v] = expf(row[v] - maxv);
             sum += row[v];
         }
         for (v = 0; v < V; v++) row[v] = (float)(row[v] / sum);
+        /* -log p_target by log-sum-exp, log sum_v exp(z_v - max) - (z_target
+         * - max): exact however small p_target (even where it underflows) */
         losses[n] = targets[n] == SM_IGNORE_INDEX ? 0.0f
-                                                   : -logf(fmaxf(row[targets[n]], 1e-30f));
+                                                   : (float)(log(sum) - shifted_target);
     }
     for (n = 0; n < N; n++) /* serial sum: deterministic */
         if (targets[n] != SM_IGNORE_INDEX) {

@@ -303,9 +303,10 @@ SMDEF void smc_peer_usage_free(sm_peer_usage *u);
  * one-block shortcut).
  *
  * Sinkhorn runs one thread per matrix, the matrix and its scalings in shared
- * memory, through the CPU's loops in the CPU's order (scaling form, row-max
- * shift and clamp, backward by recomputation), so it agrees with the CPU to
- * float rounding (expf and fused multiply-adds differ in the last bits).
+ * memory, through the very steps the CPU runs (sparsemem.h's SM_HD Sinkhorn
+ * functions: scaling form on a kernel re-centred in log space, backward by
+ * recomputation), so it agrees with the CPU to float rounding (expf, logf
+ * and fused multiply-adds differ in the last bits).
  * n and iters must pass sm_sinkhorn_check, as on the CPU.
  *
  * Where the GPU sums in another order than the CPU: the channel reductions
@@ -2034,70 +2035,45 @@ static __device__ int smc__mhc_gate_of(int k, int n) {
     return k < n ? SM_MHC_GATE_PRE : k < 2 * n ? SM_MHC_GATE_POST : SM_MHC_GATE_RES;
 }
 
-static __device__ float smc__sk_row_max(smc__mhc_src L, int i, int n) {
-    float m = smc__mhc_arg(L, i * n);
-    int j;
-    for (j = 1; j < n; j++) {
-        float v = smc__mhc_arg(L, i * n + j);
-        m = v > m ? v : m;
-    }
-    return m;
+/* The logits of one matrix into L (n*n), so the shared Sinkhorn steps of
+ * sparsemem.h read them as the CPU does. */
+static __device__ void smc__sk_logits(float *L, smc__mhc_src src, int n) {
+    int e;
+    for (e = 0; e < n * n; e++) L[e] = smc__mhc_arg(src, e);
 }
 
-/* K = exp(max(L - rowmax, -floor)), row by row (sm__sinkhorn_kernel). */
-static __device__ void smc__sk_exp(float *K, smc__mhc_src L, int n) {
-    int i, j;
-    for (i = 0; i < n; i++) {
-        float m = smc__sk_row_max(L, i, n);
-        for (j = 0; j < n; j++) {
-            float s = smc__mhc_arg(L, i * n + j) - m;
-            K[i * n + j] = expf(s > -SM__SINKHORN_LOG_FLOOR ? s : -SM__SINKHORN_LOG_FLOOR);
-        }
-    }
-}
-
-/* Floats of per-thread scratch: K, u, v for the forward; K, dK, du, dv, dr
- * and every u_t, v_t for the backward. */
-static int smc__sk_forward_floats(int n) { return n * n + 2 * n; }
+/* Floats of per-thread scratch: the logits, K, u, v, lam for the forward;
+ * the logits, dL, K, dK, alpha, beta, w and the tape (every u_t, v_t, lam
+ * and a byte per round) for the backward. */
+static int smc__sk_forward_floats(int n) { return 2 * n * n + 3 * n; }
 static int smc__sk_backward_floats(int n, int iters) {
-    return 2 * n * n + 3 * n + n * (2 * iters + 1);
+    return 4 * n * n + 3 * n + n * (3 * iters + 1) + (iters + 3) / 4;
 }
 
-/* sm_sinkhorn_forward of one matrix: out = diag(u_T) K diag(v_T). w holds
+/* sm_sinkhorn_forward of one matrix (sm__sinkhorn_forward_matrix). w holds
  * smc__sk_forward_floats(n) floats; out may alias the logits. */
-static __device__ void smc__sk_forward(float *out, smc__mhc_src L, float *w, int n, int iters) {
-    float *K = w, *u = K + n * n, *v = u + n;
-    int i, j;
-    smc__sk_exp(K, L, n);
-    sm__sinkhorn_scalings(u, v, K, n, iters, 0);
-    for (i = 0; i < n; i++)
-        for (j = 0; j < n; j++) out[i * n + j] = u[i] * K[i * n + j] * v[j];
+static __device__ void smc__sk_forward(float *out, smc__mhc_src src, float *w, int n, int iters) {
+    float *L = w, *K = L + n * n, *u = K + n * n, *v = u + n, *lam = v + n;
+    smc__sk_logits(L, src, n);
+    sm__sinkhorn_forward_matrix(out, K, u, v, lam, L, n, iters);
 }
 
-/* sm_sinkhorn_backward of one matrix, loop for loop. w holds
- * smc__sk_backward_floats(n, iters) floats. Returns the n*n gradient of the
- * logits (inside w): dK K where the logit was not clamped, else 0. dout is
- * read before anything is written, so the caller may store over it. */
-static __device__ const float *smc__sk_backward(float *w, const float *dout, smc__mhc_src L,
+/* sm_sinkhorn_backward of one matrix (sm__sinkhorn_backward_matrix). w
+ * holds smc__sk_backward_floats(n, iters) floats. Returns the n*n gradient
+ * of the logits (inside w). dout is read before anything is written to
+ * memory outside w, so the caller may store over it. */
+static __device__ const float *smc__sk_backward(float *w, const float *dout, smc__mhc_src src,
                                                 int n, int iters) {
-    float *K = w, *dK = K + n * n, *du = dK + n * n, *dv = du + n, *dr = dv + n;
-    float *u = dr + n, *v = u + (size_t)iters * n;
-    int t, i, j;
-    smc__sk_exp(K, L, n);
-    sm__sinkhorn_scalings(u, v, K, n, iters, 1);
-    sm__sinkhorn_backward_output(dK, du, dv, dout, K, u + (size_t)(iters - 1) * n,
-                            v + (size_t)iters * n, n);
-    for (t = iters; t >= 1; t--)
-        sm__sinkhorn_backward_round(dK, du, dv, dr, K, u + (size_t)(t - 1) * n, v + (size_t)t * n,
-                               v + (size_t)(t - 1) * n, n);
-    for (i = 0; i < n; i++) {
-        float m = smc__sk_row_max(L, i, n);
-        for (j = 0; j < n; j++) {
-            int e = i * n + j;
-            dK[e] = smc__mhc_arg(L, e) - m > -SM__SINKHORN_LOG_FLOOR ? dK[e] * K[e] : 0.0f;
-        }
-    }
-    return dK;
+    float *L = w, *dL = L + n * n;
+    sm__sinkhorn_work wk;
+    wk.K = dL + n * n, wk.dK = wk.K + n * n, wk.alpha = wk.dK + n * n;
+    wk.beta = wk.alpha + n, wk.w = wk.beta + n;
+    wk.tape.u = wk.w + n, wk.tape.v = wk.tape.u + (size_t)iters * n;
+    wk.tape.lam = wk.tape.v + (size_t)(iters + 1) * n;
+    wk.tape.fresh = (unsigned char *)(wk.tape.lam + (size_t)iters * n);
+    smc__sk_logits(L, src, n);
+    sm__sinkhorn_backward_matrix(dL, &wk, dout, L, n, iters);
+    return dL;
 }
 
 /* Thread-per-matrix launches: each thread owns `floats` of dynamic shared
@@ -2965,22 +2941,24 @@ SMDEF void smc_attention_backward(smc_ctx *c, float *dqkv, const float *dout, co
 /* ---- cross-entropy ---- */
 
 /* One block per row (sm_crossentropy_forward): max shift, exponentials,
- * probabilities in place; the thread that writes the target's probability
- * writes the loss. */
+ * probabilities in place; the thread that holds the target's logit writes
+ * the loss by log-sum-exp, log(sum) - (z_target - max). */
 static __global__ void smc__crossentropy_rows_kernel(float *losses, float *probs,
                                                      const int *targets, int V) {
     float *row = probs + (size_t)blockIdx.x * V, maxv = -INFINITY, sum = 0.0f;
+    float shifted_target = 0.0f;
     int target = targets[blockIdx.x], v;
     for (v = threadIdx.x; v < V; v += blockDim.x) maxv = fmaxf(maxv, row[v]);
     maxv = smc__block_max(maxv);
     for (v = threadIdx.x; v < V; v += blockDim.x) {
+        if (v == target) shifted_target = row[v] - maxv;
         row[v] = expf(row[v] - maxv);
         sum += row[v];
     }
     sum = smc__block_sum(sum);
     for (v = threadIdx.x; v < V; v += blockDim.x) {
         row[v] /= sum;
-        if (v == target) losses[blockIdx.x] = -logf(fmaxf(row[v], 1e-30f));
+        if (v == target) losses[blockIdx.x] = logf(sum) - shifted_target;
     }
     if (target == SM_IGNORE_INDEX && threadIdx.x == 0) losses[blockIdx.x] = 0.0f;
 }

@@ -442,6 +442,37 @@ static int test_crossentropy_gradient_and_ignore(void) {
     return 0;
 }
 
+/* A target whose logit lies 100 or 200 below the rest: its probability is
+ * ~e^-100 (subnormal in float) or underflows to 0, yet the loss must be the
+ * true -log p = log sum_v exp(z_v - z_target) ~ 100 + log 4, not a floor's
+ * cap (a 1e-30 floor on p capped it at 69.08). The reference is computed
+ * here in double; the gradient p - onehot stays finite and exact. */
+static int test_crossentropy_improbable_target(void) {
+    static const float below[3] = {100.0f, 200.0f, 30.0f};
+    float logits[3 * 5], losses[3], mean;
+    int targets[3] = {4, 0, 2}, n, v, counted;
+    double ref[3], ref_mean = 0;
+    for (n = 0; n < 3; n++) {
+        double s = 0;
+        for (v = 0; v < 5; v++) logits[n * 5 + v] = 0.25f * (float)v + 1000.0f * (float)n;
+        logits[n * 5 + targets[n]] -= below[n];
+        for (v = 0; v < 5; v++) s += exp((double)logits[n * 5 + v] - logits[n * 5 + targets[n]]);
+        ref[n] = log(s);
+        ref_mean += ref[n] / 3;
+    }
+    mean = sm_crossentropy_forward(losses, logits, targets, 3, 5, &counted);
+    for (n = 0; n < 3; n++)
+        CHECK(fabs(losses[n] - ref[n]) <= 1e-6 * ref[n], "row %d: loss %.7g, reference %.7g", n,
+              losses[n], ref[n]);
+    CHECK(counted == 3 && fabs(mean - ref_mean) <= 1e-6 * ref_mean, "mean %.7g, reference %.7g",
+          mean, ref_mean);
+    sm_crossentropy_backward(logits, logits, targets, 3, 5, 1.0f);
+    for (n = 0; n < 3; n++)
+        CHECK(fabsf(logits[n * 5 + targets[n]] + 1.0f) < 1e-6f, "row %d: dlogit of the target %g",
+              n, logits[n * 5 + targets[n]]);
+    return 0;
+}
+
 typedef struct {
     int B, T, C, V;
     int *tokens;
@@ -1718,6 +1749,45 @@ static int test_adamw_frozen_group_keeps_moments(void) {
     return 0;
 }
 
+/* AdamW where eps matters, step by step against the formula in double:
+ * eps = 0.1 against gradients of its own size, and the default eps 1e-8
+ * against gradients near 1e-9 (sqrt(v_hat) ~ |g|, so the first step moves
+ * by lr g / (|g| + eps) ~ lr / 11 with g = 1e-9; with eps subtracted it
+ * would move by -lr / 9). */
+static int test_adamw_eps_matters(void) {
+    static const double grads[2][3] = {{0.05, -0.2, 0.01}, {1e-9, -3e-9, 4e-10}};
+    static const float eps[2] = {0.1f, 1e-8f};
+    int c, t, k;
+    for (c = 0; c < 2; c++) {
+        sm_params p;
+        sm_error err;
+        size_t off;
+        double w[3] = {0.5, -0.25, 1.0}, mm[3] = {0}, vv[3] = {0};
+        memset(&p, 0, sizeof p);
+        CHECK(sm_params_add_group(&p, sm_param_group_default("g", 0.1f), &err) == 0, "group");
+        p.groups[0].eps = eps[c], p.groups[0].weight_decay = 0.0f;
+        off = sm_params_add_tensor(&p, "w", 3, 0, 0, NULL, &err);
+        CHECK_OK(sm_params_alloc(&p, &err));
+        for (k = 0; k < 3; k++) p.data[off + k] = (float)w[k];
+        for (t = 1; t <= 4; t++) {
+            for (k = 0; k < 3; k++) {
+                double gr = grads[c][k] * (t % 2 ? 1.0 : 0.5);
+                p.grad[off + k] = (float)gr;
+                mm[k] = 0.9 * mm[k] + 0.1 * gr;
+                vv[k] = 0.95 * vv[k] + 0.05 * gr * gr;
+                w[k] -= 0.1 * (mm[k] / (1 - pow(0.9, t))) /
+                        (sqrt(vv[k] / (1 - pow(0.95, t))) + (double)eps[c]);
+            }
+            sm_params_adamw_step(&p, 1.0f, 1.0f);
+            for (k = 0; k < 3; k++)
+                CHECK(fabs(p.data[off + k] - w[k]) < 1e-6, "eps %g step %d [%d]: %.8g vs %.8g",
+                      eps[c], t, k, p.data[off + k], w[k]);
+        }
+        sm_params_free(&p);
+    }
+    return 0;
+}
+
 /* A sparse table's step moves exactly the touched rows, like a dense step
  * restricted to them, and leaves every other row (and its moments) alone. */
 static int test_adamw_sparse_rows_equal_dense(void) {
@@ -2793,6 +2863,12 @@ static int test_mphf_config_validation(void) {
     cfg.lambda = 0.5;
     CHECK(sm_mphf_build(&f, &key, 1, &cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "lambda"),
           "lambda 0.5: %s", err.msg);
+    cfg.lambda = 8.5; /* past 8 builds only get slower, and from 10 on they fail */
+    CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG &&
+              strstr(err.msg, "lambda = 8.5") && strstr(err.msg, "[1, 8]"),
+          "lambda 8.5: %s", err.msg);
+    cfg.lambda = 16;
+    CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG, "lambda 16 accepted");
     cfg = sm_mphf_default_config();
     cfg.alpha = 1.5;
     CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "alpha"),
@@ -2804,6 +2880,34 @@ static int test_mphf_config_validation(void) {
     CHECK(sm_mphf_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG &&
               strstr(err.msg, "max_attempts"),
           "max_attempts 0: %s", err.msg);
+    return 0;
+}
+
+/* Every lambda the validation accepts builds with the other defaults, from
+ * 1 to the bound 8 (20K keys; every key gets its own slot). */
+static int test_mphf_every_accepted_lambda_builds(void) {
+    static const double lambdas[] = {1, 2, 2.5, 3, 4, 5, 6, 7, 7.5, 8};
+    size_t n = 20000, i;
+    uint64_t *keys = t_mphf_keys(n, 13, 0);
+    unsigned char *hit = (unsigned char *)malloc(n);
+    int l;
+    for (l = 0; l < (int)(sizeof lambdas / sizeof lambdas[0]); l++) {
+        sm_mphf_config cfg = sm_mphf_default_config();
+        sm_mphf f;
+        sm_error err;
+        cfg.lambda = lambdas[l];
+        CHECK(sm_mphf_build(&f, keys, n, &cfg, &err) == SM_OK, "lambda %g: %s", lambdas[l],
+              err.msg);
+        memset(hit, 0, n);
+        for (i = 0; i < n; i++) {
+            uint32_t s = sm_mphf_lookup(&f, keys[i]);
+            CHECK(s < n && !hit[s], "lambda %g: key %zu -> slot %u taken or out of range",
+                  lambdas[l], i, s);
+            hit[s] = 1;
+        }
+        sm_mphf_free(&f);
+    }
+    free(keys), free(hit);
     return 0;
 }
 
@@ -2998,6 +3102,7 @@ static int test_fingerprints_false_positive_rate(void) {
     T(test_mphf_bijection_sizes_and_seeds), T(test_mphf_million_keys_space),               \
         T(test_mphf_tiny_sets), T(test_mphf_independent_of_key_order),                     \
         T(test_mphf_duplicate_keys_reported), T(test_mphf_config_validation),              \
+        T(test_mphf_every_accepted_lambda_builds),                                         \
         T(test_mphf_retries_then_reports_failure), T(test_mphf_save_load_roundtrip),       \
         T(test_mphf_bad_files_rejected), T(test_fingerprints_false_positive_rate)
 
@@ -3139,6 +3244,152 @@ static int test_mhc_sinkhorn_grad(void) {
         }
         free(c.logits), free(c.w), free(c.out), free(dL);
     }
+    return 0;
+}
+
+/* ---- Sinkhorn at wide logit spreads, against an independent reference ----
+ * The reference runs the same T rounds in double and in log domain:
+ *     a_t,i = -log sum_j exp(L_ij + b_{t-1,j})   (b_0 = 0)
+ *     b_t,j = -log sum_i exp(L_ij + a_t,i)
+ *     out_ij = exp(L_ij + a_T,i + b_T,j)
+ * so it has no range limit at these spreads. */
+
+static double t_logsumexp(const double *x, int n) {
+    double m = x[0], s = 0;
+    int i;
+    for (i = 1; i < n; i++) m = x[i] > m ? x[i] : m;
+    for (i = 0; i < n; i++) s += exp(x[i] - m);
+    return m + log(s);
+}
+
+static void t_sinkhorn_reference(double *out, const double *L, int n, int iters) {
+    double a[SM_SINKHORN_MAX_N], b[SM_SINKHORN_MAX_N] = {0}, x[SM_SINKHORN_MAX_N];
+    int t, i, j;
+    for (t = 0; t < iters; t++) {
+        for (i = 0; i < n; i++) {
+            for (j = 0; j < n; j++) x[j] = L[i * n + j] + b[j];
+            a[i] = -t_logsumexp(x, n);
+        }
+        for (j = 0; j < n; j++) {
+            for (i = 0; i < n; i++) x[i] = L[i * n + j] + a[i];
+            b[j] = -t_logsumexp(x, n);
+        }
+    }
+    for (i = 0; i < n; i++)
+        for (j = 0; j < n; j++) out[i * n + j] = exp(L[i * n + j] + a[i] + b[j]);
+}
+
+/* Largest |sm_sinkhorn_forward - reference| over the n*n entries. */
+static double t_sinkhorn_forward_error(const float *L, int n, int iters) {
+    double Ld[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], ref[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    float out[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    double worst = 0;
+    int k;
+    for (k = 0; k < n * n; k++) Ld[k] = L[k];
+    t_sinkhorn_reference(ref, Ld, n, iters);
+    sm_sinkhorn_forward(out, L, n, iters);
+    for (k = 0; k < n * n; k++) {
+        double d = fabs(out[k] - ref[k]);
+        worst = d > worst || d != d ? d : worst;
+    }
+    return worst;
+}
+
+/* Inputs that need every entry: in [[0, -40], [0, -50]] the second column
+ * lies 40-50 below its rows' maxima and column normalisation scales it back
+ * up by ~e^40 (the old clamp at 30 below the row max gave 0.5 everywhere;
+ * 20 exact rounds give ~[[0.026, 0.998], [0.974, 0.002]]). t_sinkhorn_recentre
+ * moves its scalings by ~e^21 after round 1, past the implementation's
+ * re-centring threshold (e^16), so it runs on more than one kernel. */
+static const float t_sinkhorn_two[4] = {0.0f, -40.0f, 0.0f, -50.0f};
+static const float t_sinkhorn_recentre[16] = {-100, -70, -100, -10, 0,   0,    0,   -40,
+                                              -80,  -90, -100, 0,   -100, -100, -90, 0};
+
+/* The forward at logit spreads far beyond float's exp range (std 20, 100,
+ * 1000; n = 2..8; 1, 3 and 20 rounds, and 128 rounds at n = 4, which
+ * re-centres several times). Tolerance 2e-5 absolute: the exponents are
+ * rounded at their own magnitude, up to the spread (~1e3 here, i.e. 6e-5 in
+ * the worst case); measured worst over these draws 7e-6. */
+static int test_mhc_sinkhorn_wide_spread(void) {
+    static const int sizes[] = {2, 3, 4, 8}, rounds[] = {1, 3, 20};
+    static const float stds[] = {20.0f, 100.0f, 1000.0f};
+    const double tol = 2e-5;
+    sm_rng r;
+    int s, q, k, it;
+    double e = t_sinkhorn_forward_error(t_sinkhorn_two, 2, 20);
+    CHECK(e < tol, "[[0,-40],[0,-50]]: off the reference by %g", e);
+    e = t_sinkhorn_forward_error(t_sinkhorn_recentre, 4, 20);
+    CHECK(e < tol, "re-centring matrix: off the reference by %g", e);
+    sm_rng_seed(&r, 15);
+    for (q = 0; q < 3; q++)
+        for (s = 0; s < 4; s++)
+            for (it = 0; it < 4; it++)
+                for (k = 0; k < 8; k++) {
+                    int n = it == 3 ? 4 : sizes[s], iters = it == 3 ? 128 : rounds[it];
+                    float L[64];
+                    sm_rng_fill_normal(&r, L, (size_t)n * n, stds[q]);
+                    e = t_sinkhorn_forward_error(L, n, iters);
+                    CHECK(e < tol, "std %g n=%d iters %d matrix %d: off the reference by %g",
+                          stds[q], n, iters, k, e);
+                }
+    return 0;
+}
+
+/* Largest |sm_sinkhorn_backward - reference gradient| for the loss
+ * sum w * out, the reference by central differences of the double
+ * reference (the float forward's own differences would drown in rounding
+ * at these magnitudes). */
+static double t_sinkhorn_grad_error(const float *L, const float *w, int n, int iters) {
+    double Ld[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], out[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    float dL[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N] = {0};
+    const double h = 1e-6;
+    double worst = 0;
+    int k, e;
+    sm_sinkhorn_backward(dL, w, L, n, iters);
+    for (k = 0; k < n * n; k++) Ld[k] = L[k];
+    for (k = 0; k < n * n; k++) {
+        double lp = 0, lm = 0, d;
+        Ld[k] = (double)L[k] + h;
+        t_sinkhorn_reference(out, Ld, n, iters);
+        for (e = 0; e < n * n; e++) lp += w[e] * out[e];
+        Ld[k] = (double)L[k] - h;
+        t_sinkhorn_reference(out, Ld, n, iters);
+        for (e = 0; e < n * n; e++) lm += w[e] * out[e];
+        Ld[k] = L[k];
+        d = fabs(dL[k] - (lp - lm) / (2 * h));
+        worst = d > worst || d != d ? d : worst;
+    }
+    return worst;
+}
+
+/* The backward at the same spreads: the two matrices above, and std 20 and
+ * 100 at n = 2..4 (20 rounds) and n = 4 (128 rounds). Tolerance 1e-5
+ * absolute: the gradients are O(1), measured worst 4e-7; the old clamp was
+ * off by 1e-3 at std 20. */
+static int test_mhc_sinkhorn_grad_wide_spread(void) {
+    static const int cases[][2] = {{2, 20}, {3, 20}, {4, 20}, {4, 128}};
+    static const float stds[] = {20.0f, 100.0f};
+    const double tol = 1e-5;
+    float L[16], w[16];
+    sm_rng r;
+    int c, q, k;
+    double e;
+    sm_rng_seed(&r, 16);
+    sm_rng_fill_normal(&r, w, 16, 1.0f);
+    e = t_sinkhorn_grad_error(t_sinkhorn_two, w, 2, 20);
+    CHECK(e <= tol, "[[0,-40],[0,-50]]: gradient off the reference by %g", e);
+    e = t_sinkhorn_grad_error(t_sinkhorn_recentre, w, 4, 20);
+    CHECK(e <= tol, "re-centring matrix: gradient off the reference by %g", e);
+    for (q = 0; q < 2; q++)
+        for (c = 0; c < 4; c++)
+            for (k = 0; k < 4; k++) {
+                int n = cases[c][0], iters = cases[c][1];
+                sm_rng_fill_normal(&r, L, (size_t)n * n, stds[q]);
+                sm_rng_fill_normal(&r, w, (size_t)n * n, 1.0f);
+                e = t_sinkhorn_grad_error(L, w, n, iters);
+                CHECK(e <= tol, "std %g n=%d iters %d draw %d: gradient off the reference by %g",
+                      stds[q], n, iters, k, e);
+            }
     return 0;
 }
 
@@ -3536,7 +3787,9 @@ static int test_mhc_config_validation(void) {
 #define MHC_TESTS                                                                                  \
     T(test_mhc_sinkhorn_doubly_stochastic), T(test_mhc_sum_error_known_matrix),                    \
         T(test_mhc_sinkhorn_stress_large_logits), T(test_mhc_sinkhorn_row_shift_invariance),       \
-        T(test_mhc_sinkhorn_grad), T(test_mhc_layer_grad_dynamic), T(test_mhc_layer_grad_static),  \
+        T(test_mhc_sinkhorn_grad), T(test_mhc_sinkhorn_wide_spread),                               \
+        T(test_mhc_sinkhorn_grad_wide_spread), T(test_mhc_layer_grad_dynamic),                     \
+        T(test_mhc_layer_grad_static),                                                             \
         T(test_mhc_batch_matches_per_token),                                                       \
         T(test_mhc_n1_identity_is_exact_baseline), T(test_mhc_init_close_to_baseline),             \
         T(test_mhc_amax_gain), T(test_mhc_amax_gain_tokens_and_sum_error),                         \
@@ -3801,6 +4054,44 @@ static int test_peer_gradcheck_relu_layernorm(void) {
     if (!bad) bad = t_peer_gradcheck_all(&f);
     t_peer_free(&f);
     return bad;
+}
+
+/* A query with no spread, where only the norm's eps keeps rstd finite:
+ * LayerNorm of a constant query (every row of W_q the same, so each head's
+ * d_key values are equal: variance 0) and RMSNorm of a zero query (W_q =
+ * 0). rstd must be 1/sqrt(0 + eps) and the outputs and every gradient
+ * finite (with eps subtracted they are NaN). */
+static int t_peer_flat_query(sm_peer_query_norm norm) {
+    sm_peer_config cfg = t_peer_small_config(4, 2, 2, 6);
+    const int D = 8, BT = 3;
+    size_t hk, i, rows;
+    double want = 1.0 / sqrt((double)SM_PEER_NORM_EPS);
+    t_peer f;
+    cfg.query_norm = norm;
+    if (t_peer_setup(&f, cfg, D, BT, 23)) {
+        t_peer_free(&f);
+        CHECK(0, "peer setup failed");
+    }
+    hk = (size_t)cfg.heads * cfg.d_key, rows = (size_t)BT * cfg.heads;
+    for (i = 0; i < hk * D; i++)
+        f.p.w_q[i] = norm == SM_PEER_NORM_LAYER ? f.p.w_q[i % D] : 0.0f;
+    memset(f.grads, 0, f.sz.total * sizeof(float));
+    memset(f.dx, 0, (size_t)BT * D * sizeof(float));
+    CHECK_OK(sm_peer_forward(f.out, &f.acts, f.x, &f.p, BT, NULL));
+    CHECK_OK(sm_peer_backward(f.dx, &f.g, NULL, f.w, f.x, &f.p, &f.acts, BT, NULL));
+    for (i = 0; i < rows; i++)
+        CHECK(fabs(f.acts.q_rstd[i] - want) <= 1e-6 * want, "row %zu: rstd %g, want 1/sqrt(eps) = %g",
+              i, f.acts.q_rstd[i], want);
+    CHECK(sm_all_finite(f.out, (size_t)BT * D) && sm_all_finite(f.dx, (size_t)BT * D) &&
+              sm_all_finite(f.grads, f.sz.total),
+          "non-finite output or gradient");
+    t_peer_free(&f);
+    return 0;
+}
+
+static int test_peer_flat_query_is_finite(void) {
+    if (t_peer_flat_query(SM_PEER_NORM_LAYER)) return 1;
+    return t_peer_flat_query(SM_PEER_NORM_RMS);
 }
 
 /* The retrieved experts of every (position, head) equal the top-k of the
@@ -4089,7 +4380,8 @@ static int test_peer_deterministic_across_threads(void) {
 #define PEER_TESTS                                                                            \
     T(test_peer_topk_matches_sort), T(test_peer_product_topk_ties),                           \
         T(test_peer_product_keys_match_bruteforce), T(test_peer_gradcheck_gelu_rmsnorm),      \
-        T(test_peer_gradcheck_relu_layernorm), T(test_peer_sparse_adamw_matches_dense),      \
+        T(test_peer_gradcheck_relu_layernorm), T(test_peer_flat_query_is_finite),            \
+        T(test_peer_sparse_adamw_matches_dense),                                             \
         T(test_peer_usage_stats), T(test_peer_validate_names_field),                          \
         T(test_peer_rejects_bad_bt_and_rows), T(test_peer_deterministic_across_threads)
 
@@ -6524,6 +6816,7 @@ static const t_case t_cases[] = {
     T(test_activation_gradients),
     T(test_attention_gradient_and_causality),
     T(test_crossentropy_gradient_and_ignore),
+    T(test_crossentropy_improbable_target),
     T(test_embedding_gradient),
     T(test_model_gradient_every_tensor),
     T(test_model_rejects_bad_config_and_tokens),
@@ -6550,6 +6843,7 @@ static const t_case t_cases[] = {
     T(test_trainer_cli_messages),
     T(test_trainer_eval_sample_report),
     T(test_adamw_matches_formula), T(test_adamw_frozen_group_keeps_moments),
+    T(test_adamw_eps_matters),
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),
     T(test_params_decay_rule_every_tensor),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),

@@ -1546,10 +1546,13 @@ static int test_backbone_attention(void) {
 }
 
 /* Cross-entropy at one shape, every `ignore_every`-th target ignored (1:
- * all). Probabilities, losses and the mean: block reductions in float where
- * the CPU sums in double: 1e-5; the count is exact. Backward runs in place
- * on the probabilities, as a model does: 1e-5. */
-static int t_backbone_crossentropy_case(int N, int V, int ignore_every, uint64_t seed) {
+ * all), and every other counted target's logit lowered by `below` (its
+ * loss is then ~below, past any floor on the probability). Probabilities,
+ * losses and the mean: block reductions in float where the CPU sums in
+ * double: 1e-5; the count is exact. Backward runs in place on the
+ * probabilities, as a model does: 1e-5. */
+static int t_backbone_crossentropy_case(int N, int V, int ignore_every, float below,
+                                        uint64_t seed) {
     size_t n = (size_t)N * V;
     sm_rng r;
     int *tgt = (int *)t_alloc((size_t)N), *d_tgt, i, count, d_count = -1;
@@ -1558,6 +1561,8 @@ static int t_backbone_crossentropy_case(int N, int V, int ignore_every, uint64_t
     for (i = 0; i < N; i++)
         tgt[i] = i % ignore_every == 0 ? SM_IGNORE_INDEX : (int)sm_rng_below(&r, (uint32_t)V);
     logits = t_randn(&r, n, 3), losses = (float *)t_alloc((size_t)N);
+    for (i = 1; i < N; i += 2)
+        if (tgt[i] != SM_IGNORE_INDEX) logits[(size_t)i * V + tgt[i]] -= below;
     d_tgt = (int *)t_dev(tgt, (size_t)N), d_logits = (float *)t_dev(logits, n);
     d_losses = (float *)t_dev(NULL, (size_t)N);
     mean = sm_crossentropy_forward(losses, logits, tgt, N, V, &count);
@@ -1579,10 +1584,11 @@ static int t_backbone_crossentropy_case(int N, int V, int ignore_every, uint64_t
 }
 
 static int test_backbone_crossentropy(void) {
-    if (t_backbone_crossentropy_case(14, 37, 4, 61)) return 1;
-    if (t_backbone_crossentropy_case(192, 1000, 7, 62)) return 1;
-    if (t_backbone_crossentropy_case(2000, 3, 5, 63)) return 1;
-    return t_backbone_crossentropy_case(3, 5, 1, 64); /* nothing counted: mean 0 */
+    if (t_backbone_crossentropy_case(14, 37, 4, 0.0f, 61)) return 1;
+    if (t_backbone_crossentropy_case(192, 1000, 7, 0.0f, 62)) return 1;
+    if (t_backbone_crossentropy_case(2000, 3, 5, 0.0f, 63)) return 1;
+    if (t_backbone_crossentropy_case(64, 50, 4, 200.0f, 65)) return 1; /* p underflows */
+    return t_backbone_crossentropy_case(3, 5, 1, 0.0f, 64);            /* nothing counted: mean 0 */
 }
 
 #define SMC_TESTS_backbone                                                                   \

@@ -3,7 +3,8 @@
  * open-addressing (linear probing) table key -> index, the structure a user
  * would otherwise pick.
  *
- *   ./bench/bench_mphf [n ...]     default: 1000000 10000000 random 64-bit keys
+ *   ./bench/bench_mphf [--lambda L] [n ...]   default: lambda 4 (the builder's
+ *                                              default), 1000000 10000000 random keys
  *
  * One thread. Queries visit every key once in a random order. Timings are the
  * best of a few runs; the ratios are measured in this one run. */
@@ -100,7 +101,7 @@ static int is_bijection(const uint32_t *out, size_t n) {
     return ok;
 }
 
-static int bench(size_t n) {
+static int bench(size_t n, double lambda) {
     uint64_t *keys = (uint64_t *)xmalloc(n * 8), *q = (uint64_t *)xmalloc(n * 8);
     uint32_t *out = (uint32_t *)xmalloc(n * 4);
     sm_mphf_config cfg = sm_mphf_default_config();
@@ -113,6 +114,7 @@ static int bench(size_t n) {
     double build = 1e30, oa_time, t_single, t_batch, t_table, mphf_bits, oa_bits;
     size_t i;
     int r, reps = n <= 2000000 ? 3 : 1;
+    cfg.lambda = lambda;
     sm_rng_seed(&rng, 2024 + n);
     for (i = 0; i < n; i++) keys[i] = q[i] = sm_rng_u64(&rng); /* distinct w.h.p.; build checks */
     for (i = n - 1; i > 0; i--) { /* queries: all keys, random order */
@@ -181,19 +183,21 @@ static int bench(size_t n) {
 
 int main(int argc, char **argv) {
     static const size_t defaults[] = {1000000, 10000000};
-    int i;
-    if (argc > 1) {
-        for (i = 1; i < argc; i++) {
+    double lambda = sm_mphf_default_config().lambda;
+    int i, first = 1;
+    if (argc > 2 && !strcmp(argv[1], "--lambda")) lambda = atof(argv[2]), first = 3;
+    if (argc > first) {
+        for (i = first; i < argc; i++) {
             long long n = atoll(argv[i]);
             if (n < 1 || n > 0xffffffffLL) {
-                fprintf(stderr, "usage: %s [n ...]  (1 <= n < 2^32)\n", argv[0]);
+                fprintf(stderr, "usage: %s [--lambda L] [n ...]  (1 <= n < 2^32)\n", argv[0]);
                 return 2;
             }
-            if (bench((size_t)n)) return 1;
+            if (bench((size_t)n, lambda)) return 1;
         }
         return 0;
     }
     for (i = 0; i < 2; i++)
-        if (bench(defaults[i])) return 1;
+        if (bench(defaults[i], lambda)) return 1;
     return 0;
 }
