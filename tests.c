@@ -1243,8 +1243,9 @@ static int test_trainer_cli_options(void) {
     char *argv[] = {a0, a1, a2, a3, a4, a5, a6, a7, a8};
     char b0[] = "--no-such-option", c0[] = "--steps", c1[] = "12x", d0[] = "--preset", d1[] = "huge";
     char e0[] = "--device", e1[] = "tpu", e2[] = "cuda";
+    char p0[] = "--precision", p1[] = "fp64", p2[] = "tf32", p3[] = "fp32";
     char *bad1[] = {b0}, *bad2[] = {c0, c1}, *bad3[] = {d0, d1}, *bad4[] = {c0}, *bad5[] = {e0, e1};
-    char *gpu[] = {e0, e2};
+    char *gpu[] = {e0, e2}, *bad_prec[] = {p0, p1}, *cpu_tf32[] = {p0, p2}, *fp32[] = {p0, p3};
     FILE *f;
     char help[16384];
     size_t n;
@@ -1261,6 +1262,10 @@ static int test_trainer_cli_options(void) {
     CHECK(tr_parse(&o, 1, bad4, pos, &n_pos) != 0, "missing value accepted");
     CHECK(tr_parse(&o, 2, bad5, pos, &n_pos) != 0, "unknown device accepted");
     CHECK(tr_parse(&o, 2, gpu, pos, &n_pos) != 0, "--device cuda accepted by a build without CUDA");
+    CHECK(tr_parse(&o, 2, bad_prec, pos, &n_pos) != 0, "unknown precision accepted");
+    CHECK(tr_parse(&o, 2, cpu_tf32, pos, &n_pos) != 0, "--precision tf32 accepted for the CPU");
+    tr_defaults(&o);
+    CHECK(tr_parse(&o, 2, fp32, pos, &n_pos) == 0, "--precision fp32 rejected");
     f = tmpfile();
     CHECK(f != NULL, "tmpfile");
     tr_usage(f, -1);

@@ -1495,7 +1495,7 @@ typedef struct {
     /* what to do */
     char data[TR_PATH], out[TR_PATH], ckpt[TR_PATH], prompt[TR_PATH];
     char preset[32], schedule[512], engram_layers[128], peer_layers[128], strategy[32];
-    char device[16];
+    char device[16], precision[8];
     char tokenizer[TR_PATH], tag[64], baseline[64], x_col[32], y_cols[256], title[128];
     int log_y;
     int resume, threads, vocab, quiet;
@@ -1564,6 +1564,7 @@ static const tr_opt_spec tr_specs[] = {
     NUM("data-seed", O_U64, data_seed, 0, TR_U64_MAX, "batch sampling seed"),
     NUM("threads", O_INT, threads, 0, 4096, "OpenMP threads (0 = all cores)"),
     OPT("device", O_STR, device, "train on: cpu | cuda (a build with CUDA: make trainer_cuda)"),
+    OPT("precision", O_STR, precision, "GPU GEMMs: tf32 (default with cuda) | fp32 (as the CPU)"),
     OPT("quiet", O_FLAG, quiet, "no progress line"),
     NUM("vocab", O_INT, vocab, SM_BPE_MIN_VOCAB, SM_BPE_MAX_VOCAB, "BPE vocabulary size (tokenize)"),
     NUM_GT("val-frac", O_FLOAT, val_frac, 0, 1, "fraction of documents held out for validation (1 = all: an evaluation set)"),
@@ -1800,6 +1801,22 @@ static int tr_check_device(const char *device) {
 #endif
 }
 
+/* --precision: the GPU's GEMMs in TF32 (its default: 10-bit mantissa
+ * inputs, fp32 accumulation) or in full fp32, as the CPU always computes;
+ * tf32 on the CPU is refused rather than silently ignored. */
+static int tr_check_precision(const char *precision, const char *device) {
+    if (!precision[0] || strcmp(precision, "fp32") == 0) return 0;
+    if (strcmp(precision, "tf32") != 0) {
+        fprintf(stderr, "trainer: --precision %s: expected tf32 or fp32\n", precision);
+        return -1;
+    }
+    if (strcmp(device, "cuda") != 0) {
+        fprintf(stderr, "trainer: --precision tf32 is for --device cuda (the CPU computes in fp32)\n");
+        return -1;
+    }
+    return 0;
+}
+
 /* Parses options after the command; positional arguments are collected
  * (pos has room for argc). Returns 0, -1 on an error (with a message), or
  * TR_HELP for --help / -h. */
@@ -1843,7 +1860,7 @@ static int tr_parse(tr_opts *o, int argc, char **argv, char **pos, int *n_pos) {
         }
         if (tr_set_option(o, &tr_specs[k], eq ? eq + 1 : argv[++i]) != 0) return -1;
     }
-    return tr_check_device(o->device);
+    return tr_check_device(o->device) != 0 || tr_check_precision(o->precision, o->device) != 0 ? -1 : 0;
 }
 
 /* "1,3" -> ids {1, 3}; returns the count, or -1 unless s is layer numbers
@@ -2492,9 +2509,11 @@ static void tr_device_setup(tr_run *r, const tr_opts *o) {
     sm_error err = {SM_OK, ""};
     if (strcmp(o->device, "cuda") != 0) return;
     if (smc_init(&r->gpu, 0, &err) != SM_OK) tr_die("--device cuda", &err);
+    smc_set_tf32(&r->gpu, strcmp(o->precision, "fp32") != 0);
     if (smc_model_init(&r->gpu_model, &r->gpu, &r->model, &err) != SM_OK) tr_die("GPU model", &err);
     r->on_gpu = 1;
-    if (!o->quiet) printf("device: %s (%d SMs), GEMMs in TF32\n", r->gpu.name, r->gpu.sm_count);
+    if (!o->quiet)
+        printf("device: %s (%d SMs), GEMMs in %s\n", r->gpu.name, r->gpu.sm_count, r->gpu.tf32 ? "TF32" : "fp32");
 #else
     (void)r, (void)o;
 #endif
