@@ -3286,7 +3286,7 @@ static void t_sinkhorn_reference(double *out, const double *L, int n, int iters)
 
 /* Largest |sm_sinkhorn_forward - reference| over the n*n entries. */
 static double t_sinkhorn_forward_error(const float *L, int n, int iters) {
-    double Ld[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], ref[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+    double Ld[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N] = {0}, ref[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
     float out[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
     double worst = 0;
     int k;
