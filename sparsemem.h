@@ -4288,9 +4288,15 @@ static sm_status sm__mphf_check_header(const sm_mphf *f, const sm_reader *r, sm_
                        "%s %s: mphf has %llu buckets (%llu overflowing) for n = %llu keys",
                        r->what, r->path, (unsigned long long)f->num_buckets,
                        (unsigned long long)f->num_overflow, (unsigned long long)f->n);
-    if (f->overflow_width > 32 || f->remap_width > 32)
-        return sm_fail(err, SM_ERR_FORMAT, "%s %s: mphf field widths %u, %u exceed 32 bits",
-                       r->what, r->path, f->overflow_width, f->remap_width);
+    if (f->overflow_width > 32)
+        return sm_fail(err, SM_ERR_FORMAT, "%s %s: mphf overflow width %u exceeds 32 bits",
+                       r->what, r->path, f->overflow_width);
+    /* The width the build writes; a narrower one would let table_size - n
+     * remap entries (up to 2^32) take no bytes at all. */
+    if (f->remap_width != sm__bit_width(f->n > 0 ? f->n - 1 : 0))
+        return sm_fail(err, SM_ERR_FORMAT, "%s %s: mphf remap width %u, n = %llu keys need %u",
+                       r->what, r->path, f->remap_width, (unsigned long long)f->n,
+                       sm__bit_width(f->n > 0 ? f->n - 1 : 0));
     need = f->num_buckets + 8 * sm__packed_words(f->num_overflow, f->overflow_width) +
            8 * sm__packed_words(f->table_size - f->n, f->remap_width);
     if (need > r->size - r->pos)

@@ -3059,6 +3059,23 @@ static int test_mphf_bad_files_rejected(void) {
     if (t_write_bytes(path, bytes, size) ||
         t_mphf_expect_rejected(path, SM_ERR_FORMAT, "inconsistent header"))
         return 1;
+    { /* remap entries of width 0: 2^32 - 1 keys whose table_size - n entries take
+       * no bytes (a fuzzer's find: the load then checked 2^32 entries) */
+        sm_writer w;
+        sm_mphf g;
+        sm_error e2;
+        uint64_t fields[6] = {0xffffffffull, 0x1fffffffeull, 2, 1, 0, 0}; /* n, size, buckets, seed, ovf */
+        int k;
+        CHECK_OK(sm_writer_open(&w, path, SM__MPHF_MAGIC, SM__MPHF_VERSION, &err));
+        sm_writer_u32(&w, SM__MPHF_SECTION);
+        for (k = 0; k < 5; k++) sm_writer_u64(&w, fields[k]);
+        sm_writer_u32(&w, 0), sm_writer_u32(&w, 0); /* overflow and remap widths */
+        sm_writer_bytes(&w, fields + 5, 2);           /* the two pilots */
+        CHECK_OK(sm_writer_commit(&w, &err));
+        if (t_mphf_expect_rejected(path, SM_ERR_FORMAT, "remap width 0")) return 1;
+        CHECK(sm_mphf_load(&g, path, &e2) != SM_OK && strstr(e2.msg, "remap width"),
+              "remap width 0: %s", e2.msg);
+    }
     sm_mphf_free(&f);
     free(bytes);
     free(keys);
