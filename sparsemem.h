@@ -4278,6 +4278,7 @@ SMDEF void sm_mphf_write(const sm_mphf *f, sm_writer *w) {
  * bytes left in the file, before anything is allocated from them. */
 static sm_status sm__mphf_check_header(const sm_mphf *f, const sm_reader *r, sm_error *err) {
     uint64_t max_buckets = f->n > 2 ? f->n : 2, need;
+    uint32_t remap_width = sm__bit_width(f->n > 0 ? f->n - 1 : 0); /* what the build writes */
     if (f->n > 0xffffffffULL || f->table_size < (f->n > 0 ? f->n : 1) ||
         f->table_size > 2 * f->n + 1)
         return sm_fail(err, SM_ERR_FORMAT, "%s %s: mphf has n = %llu keys with table size %llu",
@@ -4291,12 +4292,11 @@ static sm_status sm__mphf_check_header(const sm_mphf *f, const sm_reader *r, sm_
     if (f->overflow_width > 32)
         return sm_fail(err, SM_ERR_FORMAT, "%s %s: mphf overflow width %u exceeds 32 bits",
                        r->what, r->path, f->overflow_width);
-    /* The width the build writes; a narrower one would let table_size - n
-     * remap entries (up to 2^32) take no bytes at all. */
-    if (f->remap_width != sm__bit_width(f->n > 0 ? f->n - 1 : 0))
+    /* a narrower width would let table_size - n remap entries (up to 2^32)
+     * take no bytes at all */
+    if (f->remap_width != remap_width)
         return sm_fail(err, SM_ERR_FORMAT, "%s %s: mphf remap width %u, n = %llu keys need %u",
-                       r->what, r->path, f->remap_width, (unsigned long long)f->n,
-                       sm__bit_width(f->n > 0 ? f->n - 1 : 0));
+                       r->what, r->path, f->remap_width, (unsigned long long)f->n, remap_width);
     need = f->num_buckets + 8 * sm__packed_words(f->num_overflow, f->overflow_width) +
            8 * sm__packed_words(f->table_size - f->n, f->remap_width);
     if (need > r->size - r->pos)
