@@ -6,6 +6,10 @@
  *   ./bench/bench_backbone shapes [R]   every GEMM shape of a GPT-2 124M step
  *                                       (B=4 T=64) and of the tiny preset's,
  *                                       in all three layouts, R rounds (5)
+ *   ./bench/bench_backbone choose       the Makefile's choice: three of those
+ *                                       shapes (~1 s); prints the trainer's
+ *                                       flags for cblas_sgemm if OpenBLAS is
+ *                                       the faster, else nothing
  *
  * Every ratio is measured in this one run, ours and OpenBLAS's interleaved,
  * the median of the rounds; absolute numbers depend on the machine and its
@@ -51,19 +55,20 @@ static double time_once(gemm_fn f, const gemm_shape *s, const float *A, const fl
 }
 
 /* Times ours and OpenBLAS's alternately for `rounds` rounds after a
- * warm-up of each; prints GFLOP/s of the medians and their ratio. */
-static void bench_shape(const gemm_shape *s, int rounds) {
+ * warm-up of each; prints GFLOP/s of the medians and their ratio to `out`
+ * and returns the ratio, OpenBLAS's time over ours (0 without OpenBLAS). */
+static double bench_shape(FILE *out, const gemm_shape *s, int rounds) {
     sm_rng r;
     float *A = (float *)malloc(sizeof(float) * s->M * s->K);
     float *B = (float *)malloc(sizeof(float) * s->K * s->N);
     float *C = (float *)malloc(sizeof(float) * s->M * s->N);
-    double t_ours[64], flop = 2.0 * s->M * s->N * s->K;
+    double t_ours[64], flop = 2.0 * s->M * s->N * s->K, ratio = 0;
     int i;
     if (rounds > 64) rounds = 64;
     sm_rng_seed(&r, 1);
     sm_rng_fill_normal(&r, A, (size_t)s->M * s->K, 1);
     sm_rng_fill_normal(&r, B, (size_t)s->K * s->N, 1);
-    printf("  %-14s %s %6d x %5d x %5d", s->label, s->layout, s->M, s->N, s->K);
+    fprintf(out, "  %-14s %s %6d x %5d x %5d", s->label, s->layout, s->M, s->N, s->K);
 #ifdef SM_BENCH_CBLAS
     {
         double t_blas[64], m_ours, m_blas;
@@ -73,25 +78,48 @@ static void bench_shape(const gemm_shape *s, int rounds) {
             t_blas[i] = time_once(blas, s, A, B, C);
         }
         m_ours = median_of(t_ours, rounds), m_blas = median_of(t_blas, rounds);
-        printf("  %7.1f  %7.1f  %5.2f\n", flop / m_ours / 1e9, flop / m_blas / 1e9, m_blas / m_ours);
+        ratio = m_blas / m_ours;
+        fprintf(out, "  %7.1f  %7.1f  %5.2f\n", flop / m_ours / 1e9, flop / m_blas / 1e9, ratio);
     }
 #else
     time_once(ours, s, A, B, C);
     for (i = 0; i < rounds; i++) t_ours[i] = time_once(ours, s, A, B, C);
-    printf("  %7.1f\n", flop / median_of(t_ours, rounds) / 1e9);
+    fprintf(out, "  %7.1f\n", flop / median_of(t_ours, rounds) / 1e9);
 #endif
     free(A), free(B), free(C);
+    return ratio;
 }
 
-static void bench_shapes(const gemm_shape *shapes, int n, int rounds) {
+/* Prints a table of the shapes to `out`; returns the geometric mean of the
+ * ratios (OpenBLAS's time over ours; 0 without OpenBLAS). */
+static double bench_shapes(FILE *out, const gemm_shape *shapes, int n, int rounds) {
+    double log_sum = 0;
     int i;
-    printf("GEMM GFLOP/s, %d threads, median of %d interleaved rounds\n", sm_num_threads(), rounds);
+    fprintf(out, "GEMM GFLOP/s, %d threads, median of %d interleaved rounds\n", sm_num_threads(), rounds);
 #ifdef SM_BENCH_CBLAS
-    printf("  %-14s %-2s %-22s  %7s  %7s  %5s\n", "what", "", "M x N x K", "ours", "OpenBLAS", "ratio");
+    fprintf(out, "  %-14s %-2s %-22s  %7s  %7s  %5s\n", "what", "", "M x N x K", "ours", "OpenBLAS", "ratio");
 #else
-    printf("  %-14s %-2s %-22s  %7s   (built without OpenBLAS)\n", "what", "", "M x N x K", "ours");
+    fprintf(out, "  %-14s %-2s %-22s  %7s   (built without OpenBLAS)\n", "what", "", "M x N x K", "ours");
 #endif
-    for (i = 0; i < n; i++) bench_shape(&shapes[i], rounds);
+    for (i = 0; i < n; i++) log_sum += log(bench_shape(out, &shapes[i], rounds));
+    return exp(log_sum / n);
+}
+
+/* The Makefile's measurement: the MLP's GEMMs of a GPT-2 124M step in its
+ * three layouts. Prints (stdout) the flags that build the trainer on
+ * cblas_sgemm when OpenBLAS was faster (ratio below 1), the table and the
+ * verdict on stderr. */
+static void choose_gemm(void) {
+    static const gemm_shape mlp[] = {{"gpt2 fc", "NT", 256, 3072, 768},
+                                     {"gpt2 fc", "NN", 256, 768, 3072},
+                                     {"gpt2 fc", "TN", 3072, 768, 256}};
+    char cpu[256];
+    double ratio = bench_shapes(stderr, mlp, 3, 7);
+    int use_blas = ratio > 0 && ratio < 1.0;
+    cpu_model(cpu, sizeof cpu);
+    fprintf(stderr, "sm_sgemm (%s) / OpenBLAS speed on %s: %.2f (geometric mean): the trainer uses %s\n",
+            sm_sgemm_path(), cpu, ratio, use_blas ? "OpenBLAS (USE_CBLAS=0 overrides)" : "sm_sgemm (USE_CBLAS=1 overrides)");
+    if (use_blas) printf("-DSM_USE_CBLAS -lopenblas\n");
 }
 
 /* The GEMMs of one training step: GPT-2 124M at B=4 T=64 (256 tokens,
@@ -157,16 +185,21 @@ static void bench_steps(void) {
 
 int main(int argc, char **argv) {
     char cpu[256];
+    if (argc > 1 && strcmp(argv[1], "choose") == 0) {
+        choose_gemm();
+        return 0;
+    }
     cpu_model(cpu, sizeof cpu);
     printf("cpu: %s\nsm_sgemm path: %s\n", cpu, sm_sgemm_path());
     if (argc > 1 && strcmp(argv[1], "shapes") == 0) {
         int rounds = argc > 2 ? atoi(argv[2]) : 5;
-        bench_shapes(model_shapes, (int)(sizeof model_shapes / sizeof model_shapes[0]),
-                     rounds > 0 ? rounds : 5);
+        double mean = bench_shapes(stdout, model_shapes, (int)(sizeof model_shapes / sizeof model_shapes[0]),
+                                   rounds > 0 ? rounds : 5);
+        if (mean > 0) printf("  geometric mean of the ratios: %.2f\n", mean);
     } else {
         gemm_shape s = {"gemm", "NT", 768, 3072, 768};
         if (argc > 3) s.M = atoi(argv[1]), s.N = atoi(argv[2]), s.K = atoi(argv[3]);
-        bench_shapes(&s, 1, 7);
+        bench_shapes(stdout, &s, 1, 7);
         bench_steps();
     }
     return 0;
