@@ -297,7 +297,7 @@ static int t_check_sgemm_case(sm_rng *r, const t_gemm_case *t) {
 }
 
 /* Shapes at the edges of the blocking: 1, MR +- 1, NR +- 1 for every path's
- * tile (6 or 12 x 16 or 32), primes, K across KC = 256, M over MC = 144,
+ * tile (4, 6 or 12 x 16 or 32), primes, K across KC = 256, M over MC = 144,
  * N over NC = 2048; all four transposes, with padded leading dimensions. */
 static int test_sgemm_edges_and_transposes(void) {
     static const int shapes[][3] = {{1, 1, 1},    {1, 37, 300},  {13, 33, 257}, {11, 31, 1},
