@@ -13,7 +13,8 @@
 #   make gpu-check  scripts/gpu_check.sh gpu-check (GPU_CHECK_FLAGS=--dry-run without a GPU)
 #
 # Switches: PORTABLE=1 (no -march=native), WERROR=1 (CI), NO_OPENMP=1,
-#           USE_CBLAS=1 (trainer: cblas_sgemm from OpenBLAS; the bench compares both),
+#           USE_CBLAS=1/0 (trainer: cblas_sgemm from OpenBLAS / sm_sgemm; unset: the
+#           faster here, measured at build time; the bench compares both),
 #           CUDA_ARCH=sm_90 (default: detected GPU, else a fat sm_80+sm_90 binary).
 
 CC      ?= cc
@@ -37,12 +38,19 @@ ifeq ($(HAVE_OPENMP),1)
   OMPFLAGS = -fopenmp
 endif
 
-# OpenBLAS (Debian: libopenblas-dev): optional cblas_sgemm path.
+# OpenBLAS (Debian: libopenblas-dev): the trainer's GEMM. USE_CBLAS=1 builds it
+# on cblas_sgemm, USE_CBLAS=0 on sm_sgemm; unset, on whichever is faster here:
+# where OpenBLAS is installed, bench_backbone's `choose` mode (built as the
+# trainer is) times both at the MLP's GEMMs (~1 s) and writes the flags into
+# build/gemm-choice (measured again when bench_backbone is rebuilt; the
+# verdict is in build/gemm-choice.log).
 HAVE_CBLAS := $(shell printf '\043include <cblas.h>\nint main(void){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo 1)
-USE_CBLAS ?= 0
+GEMM_CHOICE = build/gemm-choice
 ifeq ($(USE_CBLAS),1)
-  BLASFLAGS = -DSM_USE_CBLAS
-  BLASLIBS  = -lopenblas
+  BLAS = -DSM_USE_CBLAS -lopenblas
+else ifeq ($(USE_CBLAS)$(HAVE_CBLAS),1)
+  BLAS = $$(cat $(GEMM_CHOICE))
+  BLAS_CHOICE = $(GEMM_CHOICE)
 endif
 
 # CUDA: built whenever nvcc is present (no GPU needed to compile).
@@ -86,8 +94,17 @@ deps:
 	  fi; \
 	  test -f $(STB_HEADER) || { echo "missing $(STB_HEADER): install the Debian package libstb-dev (apt-get install libstb-dev)"; exit 1; }; }
 
-trainer $(GPU_BIN)/trainer: trainer.c sparsemem.h | deps
-	$(CC) $(BUILD_FLAGS) $(BLASFLAGS) -o $@ trainer.c $(LDLIBS) $(BLASLIBS)
+trainer: trainer.c sparsemem.h $(BLAS_CHOICE) | deps
+	$(CC) $(BUILD_FLAGS) -o $@ trainer.c $(LDLIBS) $(BLAS)
+
+# gpu-bin's trainer runs on the GPU machine, which may lack OpenBLAS: sm_sgemm.
+$(GPU_BIN)/trainer: trainer.c sparsemem.h | deps
+	$(CC) $(BUILD_FLAGS) -o $@ trainer.c $(LDLIBS)
+
+$(GEMM_CHOICE): bench/bench_backbone
+	@mkdir -p build
+	$(RUN_ENV) ./bench/bench_backbone choose > $@ 2> $@.log
+	@tail -n 1 $@.log
 
 tests: tests.c tests_harness.h trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
@@ -262,4 +279,4 @@ demo: trainer
 clean:
 	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
-	rm -rf $(GPU_BIN)
+	rm -rf $(GPU_BIN) build

@@ -12,6 +12,7 @@
 
 #include <ctype.h>
 #include <fcntl.h>
+#include <float.h>
 #include <math.h>
 #include <signal.h>
 #include <stdio.h>
@@ -243,6 +244,147 @@ static int test_sgemm_matches_reference(void) {
             }
         free(A), free(B), free(C), free(D);
     }
+    return 0;
+}
+
+/* One sm_sgemm call to check: op(A) is M x K, op(B) K x N, and every
+ * operand's leading dimension is its row width plus `pad`. */
+typedef struct {
+    int ta, tb, M, N, K, pad;
+    float alpha, beta;
+} t_gemm_case;
+
+/* x with every element replaced by its magnitude. */
+static float *t_abs_copy(const float *x, size_t n) {
+    float *y = (float *)t_alloc(n);
+    size_t i;
+    for (i = 0; i < n; i++) y[i] = fabsf(x[i]);
+    return y;
+}
+
+/* sm_sgemm against the double-precision reference, element by element,
+ * within the worst-case float bound (K + 8) * eps * sum_k |alpha a b| +
+ * |beta c|: a dropped, repeated or misplaced product is far above it. The
+ * padding of C (between N and ldc) must come back untouched. */
+static int t_check_sgemm_case(sm_rng *r, const t_gemm_case *t) {
+    int lda = (t->ta ? t->M : t->K) + t->pad, ldb = (t->tb ? t->K : t->N) + t->pad;
+    int ldc = t->N + t->pad, i, j, bad = 0;
+    size_t na = (size_t)(t->ta ? t->K : t->M) * lda, nb = (size_t)(t->tb ? t->N : t->K) * ldb;
+    size_t nc = (size_t)t->M * ldc;
+    float *A = t_randn(r, na, 1), *B = t_randn(r, nb, 1), *C = t_randn(r, nc, 1);
+    float *D = (float *)t_alloc(nc), *Aa = t_abs_copy(A, na), *Ba = t_abs_copy(B, nb);
+    float *mag = t_abs_copy(C, nc);
+    double worst = 0;
+    for (i = 0; i < t->M; i++)
+        for (j = t->N; j < ldc; j++) C[(size_t)i * ldc + j] = 12345.0f;
+    memcpy(D, C, sizeof(float) * nc);
+    sm_sgemm(t->ta, t->tb, t->M, t->N, t->K, t->alpha, A, lda, B, ldb, t->beta, C, ldc);
+    sm_sgemm_reference(t->ta, t->tb, t->M, t->N, t->K, t->alpha, A, lda, B, ldb, t->beta, D, ldc);
+    sm_sgemm_reference(t->ta, t->tb, t->M, t->N, t->K, fabsf(t->alpha), Aa, lda, Ba, ldb,
+                       fabsf(t->beta), mag, ldc);
+    for (i = 0; i < t->M; i++)
+        for (j = 0; j < ldc; j++) {
+            size_t e = (size_t)i * ldc + j;
+            double err = fabs((double)C[e] - D[e]);
+            double tol = j < t->N ? (t->K + 8) * (double)FLT_EPSILON * mag[e] + 1e-30 : 0;
+            if (!(err <= tol)) bad++;
+            if (j < t->N && err / tol > worst) worst = err / tol;
+        }
+    free(A), free(B), free(C), free(D), free(Aa), free(Ba), free(mag);
+    CHECK(bad == 0, "ta%d tb%d M%d N%d K%d pad%d alpha %g beta %g: %d elements off (worst %.3g of the bound)",
+          t->ta, t->tb, t->M, t->N, t->K, t->pad, t->alpha, t->beta, bad, worst);
+    return 0;
+}
+
+/* Shapes at the edges of the blocking: 1, MR +- 1, NR +- 1 for every path's
+ * tile (4, 6 or 12 x 16 or 32), primes, K across KC = 256, M over MC = 144,
+ * N over NC = 2048; all four transposes, with padded leading dimensions. */
+static int test_sgemm_edges_and_transposes(void) {
+    static const int shapes[][3] = {{1, 1, 1},    {1, 37, 300},  {13, 33, 257}, {11, 31, 1},
+                                    {12, 32, 256}, {5, 17, 513}, {7, 15, 29},   {145, 97, 19},
+                                    {3, 2051, 41}, {300, 97, 601}};
+    sm_rng r;
+    int s, tr;
+    sm_rng_seed(&r, 15);
+    for (s = 0; s < (int)(sizeof shapes / sizeof shapes[0]); s++)
+        for (tr = 0; tr < 4; tr++) {
+            t_gemm_case t = {0, 0, 0, 0, 0, 0, 0.5f, -0.75f};
+            t.ta = tr >> 1, t.tb = tr & 1, t.pad = s % 3 * 5;
+            t.M = shapes[s][0], t.N = shapes[s][1], t.K = shapes[s][2];
+            if (t_check_sgemm_case(&r, &t)) return 1;
+        }
+    return 0;
+}
+
+/* beta = 0 overwrites C, NaN included (BLAS semantics), on the plain-loop
+ * path for tiny products and on the blocked path; beta = 1 adds to C. */
+static int test_sgemm_beta_zero_and_one(void) {
+    static const int shapes[][3] = {{3, 5, 7}, {70, 90, 300}};
+    sm_rng r;
+    int s, i;
+    sm_rng_seed(&r, 16);
+    for (s = 0; s < 2; s++) {
+        int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        float *A = t_randn(&r, (size_t)M * K, 1), *B = t_randn(&r, (size_t)K * N, 1);
+        float *C = (float *)t_alloc((size_t)M * N), *D = (float *)t_alloc((size_t)M * N);
+        t_gemm_case one = {1, 0, 0, 0, 0, 3, 2.0f, 1.0f};
+        for (i = 0; i < M * N; i++) C[i] = NAN;
+        sm_sgemm(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, C, N);
+        sm_sgemm_reference(0, 0, M, N, K, 1.0f, A, K, B, N, 0.0f, D, N);
+        for (i = 0; i < M * N; i++)
+            CHECK(fabsf(C[i] - D[i]) <= 1e-5f * K, "M%d N%d K%d beta 0: C[%d] = %g, want %g", M, N, K,
+                  i, C[i], D[i]);
+        one.M = M, one.N = N, one.K = K;
+        if (t_check_sgemm_case(&r, &one)) return 1;
+        free(A), free(B), free(C), free(D);
+    }
+    return 0;
+}
+
+#ifdef _OPENMP
+static void t_set_threads(int n) { omp_set_num_threads(n); }
+#else
+static void t_set_threads(int n) { (void)n; }
+#endif
+
+/* Each element of C is summed by one thread in a fixed order, so repeated
+ * runs agree to the bit, and so do 1 and 2 threads (blocks of rows are
+ * shared out differently, the sums are not). Every layout, at a shape
+ * with several blocks of rows and slices of K. */
+static int test_sgemm_bit_identical_across_runs_and_threads(void) {
+    int M = 301, N = 133, K = 600, tr, threads = sm_num_threads();
+    sm_rng r;
+    float *A, *B, *C[3];
+    sm_rng_seed(&r, 17);
+    A = t_randn(&r, (size_t)M * K, 1), B = t_randn(&r, (size_t)K * N, 1);
+    for (tr = 0; tr < 3; tr++) C[tr] = (float *)t_alloc((size_t)M * N);
+    for (tr = 0; tr < 4; tr++) {
+        int ta = tr >> 1, tb = tr & 1, run;
+        for (run = 0; run < 3; run++) {
+            t_set_threads(run == 0 ? 1 : 2);
+            sm_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, C[run], N);
+        }
+        t_set_threads(threads);
+        CHECK(memcmp(C[1], C[2], sizeof(float) * M * N) == 0, "ta%d tb%d: two runs on 2 threads differ", ta, tb);
+        CHECK(memcmp(C[0], C[1], sizeof(float) * M * N) == 0, "ta%d tb%d: 1 and 2 threads differ", ta, tb);
+    }
+    free(A), free(B), free(C[0]), free(C[1]), free(C[2]);
+    return 0;
+}
+
+/* sm_sgemm_path names the kernel the target macros select. */
+static int test_sgemm_path_matches_target(void) {
+    const char *want =
+#if defined(SM_USE_CBLAS)
+        "cblas";
+#elif defined(__AVX512F__)
+        "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+        "avx2";
+#else
+        "portable";
+#endif
+    CHECK(strcmp(sm_sgemm_path(), want) == 0, "path %s, want %s", sm_sgemm_path(), want);
     return 0;
 }
 
@@ -6833,6 +6975,10 @@ static const t_case t_cases[] = {
     T(test_checksum_streaming),
     T(test_file_roundtrip_and_corruption),
     T(test_sgemm_matches_reference),
+    T(test_sgemm_edges_and_transposes),
+    T(test_sgemm_beta_zero_and_one),
+    T(test_sgemm_bit_identical_across_runs_and_threads),
+    T(test_sgemm_path_matches_target),
     T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient),
     T(test_linear_gradient),
     T(test_activation_gradients),

@@ -1,65 +1,145 @@
 /* bench_backbone.c - GEMM throughput (ours vs cblas_sgemm when built with
  * OpenBLAS) and one backbone training step.
  *
- *   ./bench/bench_backbone [M N K]     default 768 3072 768 (an MLP-sized GEMM)
+ *   ./bench/bench_backbone [M N K]      GEMM A B^T, default 768 3072 768 (an
+ *                                       MLP-sized GEMM), then training steps
+ *   ./bench/bench_backbone shapes [R]   every GEMM shape of a GPT-2 124M step
+ *                                       (B=4 T=64) and of the tiny preset's,
+ *                                       in all three layouts, R rounds (5)
+ *   ./bench/bench_backbone choose       the Makefile's choice: three of those
+ *                                       shapes (~1 s); prints the trainer's
+ *                                       flags for cblas_sgemm if OpenBLAS is
+ *                                       the faster, else nothing
  *
- * Every ratio is measured in this one run; absolute numbers depend on the
- * machine and its load. */
+ * Every ratio is measured in this one run, ours and OpenBLAS's interleaved,
+ * the median of the rounds; absolute numbers depend on the machine and its
+ * load. The first lines name the processor and the GEMM path built. */
 #define SPARSEMEM_IMPLEMENTATION
 #include "sparsemem.h"
+#include "bench_common.h"
 #include <stdlib.h>
+#include <string.h>
 #ifdef SM_BENCH_CBLAS
 #include <cblas.h>
 #endif
 
-typedef void (*gemm_fn)(int, int, int, const float *, const float *, float *);
+/* One GEMM shape: C[M,N] = op(A) op(B), op per layout as the model uses it:
+ * "NT" forward (x W^T), "NN" backward to the input (dy W), "TN" backward
+ * to the weight (dy^T x). */
+typedef struct {
+    const char *label, *layout;
+    int M, N, K;
+} gemm_shape;
 
-static void ours(int M, int N, int K, const float *A, const float *B, float *C) {
-    sm_sgemm(0, 1, M, N, K, 1.0f, A, K, B, K, 0.0f, C, N);
+typedef void (*gemm_fn)(int ta, int tb, int M, int N, int K, const float *A, int lda,
+                        const float *B, int ldb, float *C);
+
+static void ours(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B,
+                 int ldb, float *C) {
+    sm_sgemm(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, N);
 }
 #ifdef SM_BENCH_CBLAS
-static void blas(int M, int N, int K, const float *A, const float *B, float *C) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, A, K, B, K, 0.0f, C, N);
+static void blas(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B,
+                 int ldb, float *C) {
+    cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M,
+                N, K, 1.0f, A, lda, B, ldb, 0.0f, C, N);
 }
 #endif
 
-/* Best of `reps` timings (the least-disturbed run on a shared machine). */
-static double time_gemm(gemm_fn f, int M, int N, int K, const float *A, const float *B, float *C,
-                        int reps) {
-    double best = 1e30;
-    int r;
-    f(M, N, K, A, B, C); /* warm-up */
-    for (r = 0; r < reps; r++) {
-        double t = sm_now();
-        f(M, N, K, A, B, C);
-        t = sm_now() - t;
-        if (t < best) best = t;
-    }
-    return best;
+/* Seconds for one product at shape s (operands of the right extents). */
+static double time_once(gemm_fn f, const gemm_shape *s, const float *A, const float *B, float *C) {
+    int ta = s->layout[0] == 'T', tb = s->layout[1] == 'T';
+    double t = sm_now();
+    f(ta, tb, s->M, s->N, s->K, A, ta ? s->M : s->K, B, tb ? s->K : s->N, C);
+    return sm_now() - t;
 }
 
-static void bench_gemm(int M, int N, int K) {
+/* Times ours and OpenBLAS's alternately for `rounds` rounds after a
+ * warm-up of each; prints GFLOP/s of the medians and their ratio to `out`
+ * and returns the ratio, OpenBLAS's time over ours (0 without OpenBLAS). */
+static double bench_shape(FILE *out, const gemm_shape *s, int rounds) {
     sm_rng r;
-    float *A = (float *)malloc(sizeof(float) * M * K), *B = (float *)malloc(sizeof(float) * N * K);
-    float *C = (float *)malloc(sizeof(float) * M * N);
-    double flop = 2.0 * M * N * K, t_ours;
+    float *A = (float *)malloc(sizeof(float) * s->M * s->K);
+    float *B = (float *)malloc(sizeof(float) * s->K * s->N);
+    float *C = (float *)malloc(sizeof(float) * s->M * s->N);
+    double t_ours[64], flop = 2.0 * s->M * s->N * s->K, ratio = 0;
+    int i;
+    if (rounds > 64) rounds = 64;
     sm_rng_seed(&r, 1);
-    sm_rng_fill_normal(&r, A, (size_t)M * K, 1);
-    sm_rng_fill_normal(&r, B, (size_t)N * K, 1);
-    t_ours = time_gemm(ours, M, N, K, A, B, C, 7);
-    printf("gemm %dx%dx%d (A B^T), %d threads\n", M, N, K, sm_num_threads());
-    printf("  sm_sgemm     %8.1f GFLOP/s\n", flop / t_ours / 1e9);
+    sm_rng_fill_normal(&r, A, (size_t)s->M * s->K, 1);
+    sm_rng_fill_normal(&r, B, (size_t)s->K * s->N, 1);
+    fprintf(out, "  %-14s %s %6d x %5d x %5d", s->label, s->layout, s->M, s->N, s->K);
 #ifdef SM_BENCH_CBLAS
     {
-        double t_blas = time_gemm(blas, M, N, K, A, B, C, 7);
-        printf("  cblas_sgemm  %8.1f GFLOP/s (OpenBLAS)\n", flop / t_blas / 1e9);
-        printf("  ratio ours/openblas = %.2f\n", t_blas / t_ours);
+        double t_blas[64], m_ours, m_blas;
+        time_once(ours, s, A, B, C), time_once(blas, s, A, B, C);
+        for (i = 0; i < rounds; i++) {
+            t_ours[i] = time_once(ours, s, A, B, C);
+            t_blas[i] = time_once(blas, s, A, B, C);
+        }
+        m_ours = median_of(t_ours, rounds), m_blas = median_of(t_blas, rounds);
+        ratio = m_blas / m_ours;
+        fprintf(out, "  %7.1f  %7.1f  %5.2f\n", flop / m_ours / 1e9, flop / m_blas / 1e9, ratio);
     }
 #else
-    printf("  (built without OpenBLAS: no cblas comparison)\n");
+    time_once(ours, s, A, B, C);
+    for (i = 0; i < rounds; i++) t_ours[i] = time_once(ours, s, A, B, C);
+    fprintf(out, "  %7.1f\n", flop / median_of(t_ours, rounds) / 1e9);
 #endif
     free(A), free(B), free(C);
+    return ratio;
 }
+
+/* Prints a table of the shapes to `out`; returns the geometric mean of the
+ * ratios (OpenBLAS's time over ours; 0 without OpenBLAS). */
+static double bench_shapes(FILE *out, const gemm_shape *shapes, int n, int rounds) {
+    double log_sum = 0;
+    int i;
+    fprintf(out, "GEMM GFLOP/s, %d threads, median of %d interleaved rounds\n", sm_num_threads(), rounds);
+#ifdef SM_BENCH_CBLAS
+    fprintf(out, "  %-14s %-2s %-22s  %7s  %7s  %5s\n", "what", "", "M x N x K", "ours", "OpenBLAS", "ratio");
+#else
+    fprintf(out, "  %-14s %-2s %-22s  %7s   (built without OpenBLAS)\n", "what", "", "M x N x K", "ours");
+#endif
+    for (i = 0; i < n; i++) log_sum += log(bench_shape(out, &shapes[i], rounds));
+    return exp(log_sum / n);
+}
+
+/* The Makefile's measurement: the MLP's GEMMs of a GPT-2 124M step in its
+ * three layouts. Prints (stdout) the flags that build the trainer on
+ * cblas_sgemm when OpenBLAS was faster (ratio below 1), the table and the
+ * verdict on stderr. */
+static void choose_gemm(void) {
+    static const gemm_shape mlp[] = {{"gpt2 fc", "NT", 256, 3072, 768},
+                                     {"gpt2 fc", "NN", 256, 768, 3072},
+                                     {"gpt2 fc", "TN", 3072, 768, 256}};
+    char cpu[256];
+    double ratio = bench_shapes(stderr, mlp, 3, 7);
+    int use_blas = ratio > 0 && ratio < 1.0;
+    cpu_model(cpu, sizeof cpu);
+    fprintf(stderr, "sm_sgemm (%s) / OpenBLAS speed on %s: %.2f (geometric mean): the trainer uses %s\n",
+            sm_sgemm_path(), cpu, ratio, use_blas ? "OpenBLAS (USE_CBLAS=0 overrides)" : "sm_sgemm (USE_CBLAS=1 overrides)");
+    if (use_blas) printf("-DSM_USE_CBLAS -lopenblas\n");
+}
+
+/* The GEMMs of one training step: GPT-2 124M at B=4 T=64 (256 tokens,
+ * C=768, 4C=3072, vocabulary 50304), then the tiny preset (B=8 T=128: 1024
+ * tokens, C=128, 4C=512, vocabulary 8192). Attention's own products are
+ * not GEMM calls. */
+static const gemm_shape model_shapes[] = {
+    {"issue #15", "NT", 768, 3072, 768},
+    {"gpt2 qkv", "NT", 256, 2304, 768},   {"gpt2 fc", "NT", 256, 3072, 768},
+    {"gpt2 proj", "NT", 256, 768, 3072},  {"gpt2 head", "NT", 256, 50304, 768},
+    {"gpt2 qkv", "NN", 256, 768, 2304},   {"gpt2 fc", "NN", 256, 768, 3072},
+    {"gpt2 proj", "NN", 256, 3072, 768},  {"gpt2 head", "NN", 256, 768, 50304},
+    {"gpt2 qkv", "TN", 2304, 768, 256},   {"gpt2 fc", "TN", 3072, 768, 256},
+    {"gpt2 proj", "TN", 768, 3072, 256},  {"gpt2 head", "TN", 50304, 768, 256},
+    {"tiny qkv", "NT", 1024, 384, 128},   {"tiny fc", "NT", 1024, 512, 128},
+    {"tiny proj", "NT", 1024, 128, 512},  {"tiny head", "NT", 1024, 8192, 128},
+    {"tiny fc", "NN", 1024, 128, 512},    {"tiny proj", "NN", 1024, 512, 128},
+    {"tiny head", "NN", 1024, 128, 8192}, {"tiny fc", "TN", 512, 128, 1024},
+    {"tiny proj", "TN", 128, 512, 1024},  {"tiny head", "TN", 8192, 128, 1024},
+};
 
 /* Tokens/s of forward + backward + AdamW at a stated shape. */
 static void bench_step(const char *label, sm_model_config cfg, int B, int steps) {
@@ -92,10 +172,8 @@ static void bench_step(const char *label, sm_model_config cfg, int B, int steps)
     free(in), free(tg);
 }
 
-int main(int argc, char **argv) {
-    int M = argc > 3 ? atoi(argv[1]) : 768, N = argc > 3 ? atoi(argv[2]) : 3072, K = argc > 3 ? atoi(argv[3]) : 768;
+static void bench_steps(void) {
     sm_model_config small = sm_model_default_config(), gpt2 = sm_model_default_config();
-    bench_gemm(M, N, K);
     small.seq_len = 128;
     bench_step("step small", small, 8, 3);
     /* the shape llm.c's CPU trainer was measured at here: GPT-2 124M, B=4, T=64 */
@@ -103,5 +181,26 @@ int main(int argc, char **argv) {
     gpt2.d_model = 768, gpt2.d_ff = 3072;
     bench_step("step gpt2-124M", gpt2, 4, 2);
     printf("  llm.c reference on this machine class: ~5.8 s/step (~44 tokens/s) at this shape (DESIGN.md)\n");
+}
+
+int main(int argc, char **argv) {
+    char cpu[256];
+    if (argc > 1 && strcmp(argv[1], "choose") == 0) {
+        choose_gemm();
+        return 0;
+    }
+    cpu_model(cpu, sizeof cpu);
+    printf("cpu: %s\nsm_sgemm path: %s\n", cpu, sm_sgemm_path());
+    if (argc > 1 && strcmp(argv[1], "shapes") == 0) {
+        int rounds = argc > 2 ? atoi(argv[2]) : 5;
+        double mean = bench_shapes(stdout, model_shapes, (int)(sizeof model_shapes / sizeof model_shapes[0]),
+                                   rounds > 0 ? rounds : 5);
+        if (mean > 0) printf("  geometric mean of the ratios: %.2f\n", mean);
+    } else {
+        gemm_shape s = {"gemm", "NT", 768, 3072, 768};
+        if (argc > 3) s.M = atoi(argv[1]), s.N = atoi(argv[2]), s.K = atoi(argv[3]);
+        bench_shapes(stdout, &s, 1, 7);
+        bench_steps();
+    }
     return 0;
 }

@@ -2,22 +2,41 @@
 #ifndef SM_BENCH_COMMON_H
 #define SM_BENCH_COMMON_H
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
-static int cmp_double(const void *a, const void *b) {
+static inline int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return (x > y) - (x < y);
 }
 
 /* The median of times[0..n) (sorts them). */
-static double median_of(double *times, int n) {
+static inline double median_of(double *times, int n) {
     qsort(times, (size_t)n, sizeof(double), cmp_double);
     return times[n / 2];
 }
 
+/* The processor's name from /proc/cpuinfo ("model name"), or "unknown". */
+static inline void cpu_model(char *out, size_t n) {
+    char line[512];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    snprintf(out, n, "unknown");
+    if (!f) return;
+    while (fgets(line, sizeof line, f)) {
+        char *colon = strchr(line, ':');
+        if (strncmp(line, "model name", 10) != 0 || !colon) continue;
+        colon += 1 + strspn(colon + 1, " \t");
+        colon[strcspn(colon, "\n")] = 0;
+        snprintf(out, n, "%s", colon);
+        break;
+    }
+    fclose(f);
+}
+
 /* Token ids with Zipf(1.1) frequencies over the vocabulary (inverse CDF),
  * so n-grams repeat as in text. */
-static void zipf_tokens(int *out, size_t n, int V, sm_rng *r) {
+static inline void zipf_tokens(int *out, size_t n, int V, sm_rng *r) {
     double *cdf = (double *)malloc(sizeof(double) * V), z = 0;
     size_t i;
     int v;
