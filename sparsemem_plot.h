@@ -549,6 +549,17 @@ SMPDEF void smp_fill_rect(smp_canvas *c, double x0, double y0, double x1, double
     smp__cover_end(c, b, col);
 }
 
+/* The rectangle [x0,x1) x [y0,y1) (y0 <= y1) blended over what is there
+ * at opacity `alpha`, edges anti-aliased. */
+static void smp__blend_rect(smp_canvas *c, double x0, double y0, double x1, double y1, smp_color col,
+                            double alpha) {
+    smp__box b = smp__cover_begin(c, x0, y0, x1, y1);
+    int i, j;
+    smp__cover_rect(c, b, x0, y0, x1, y1);
+    for (j = b.y0; j < b.y1; j++)
+        for (i = b.x0; i < b.x1; i++) smp__blend(c, i, j, col, (float)(alpha * c->cover[(size_t)j * c->w + i]));
+}
+
 /* Outline of the rectangle [x0,x1) x [y0,y1), `thick` px wide, inside it. */
 SMPDEF void smp_rect(smp_canvas *c, double x0, double y0, double x1, double y1, double thick,
                        smp_color col) {
@@ -775,6 +786,14 @@ static void smp__ticks_linear(smp__ticks *t, double lo, double hi, int target) {
     }
 }
 
+/* A log axis tick's label: 20000 as "20k", 1e6 as "1M",
+ * tiny and huge values in scientific notation. */
+static void smp__fmt_log_tick(char *buf, size_t cap, double v) {
+    if (v >= 1e4 && v < 1e6) snprintf(buf, cap, "%gk", v / 1e3);
+    else if (v >= 1e6 && v < 1e10) snprintf(buf, cap, "%gM", v / 1e6);
+    else smp__fmt_value(buf, cap, v, v);
+}
+
 /* Ticks for a log10 axis showing [lo, hi] (in log10 units): linear ticks when
  * it spans under a decade, 1-2-5 per decade under 2.5 decades, otherwise every
  * k-th decade, with minor ticks at 2..9 x 10^d when every decade is labelled. */
@@ -794,7 +813,7 @@ static void smp__ticks_log(smp__ticks *t, double lo, double hi, int target) {
                         (nm == 3 && (m == 2 || m == 5));
             if (lv < lo - 1e-9 || lv > hi + 1e-9) continue;
             if (major && t->n < SMP__MAX_TICKS) {
-                smp__fmt_value(t->label[t->n], sizeof t->label[0], v, v);
+                smp__fmt_log_tick(t->label[t->n], sizeof t->label[0], v);
                 t->v[t->n++] = v;
             } else if (kstep == 1 && t->n_minor < SMP__MAX_TICKS * 8) {
                 t->minor[t->n_minor++] = v;
@@ -858,12 +877,24 @@ static smp__box smp__layout(smp__box panel, double s, const char *title, const c
     return a;
 }
 
+/* A title to fit max_w px: at scale `big`, smaller in half steps down to
+ * `small` while too wide, then cut with "..". Returns the scale. */
+static double smp__fit_title(char *dst, const char *title, double max_w, double big, double small) {
+    double ts = big;
+    while (ts - 0.5 >= small && smp_text_width(title, ts) > max_w) ts -= 0.5;
+    smp__fit_text(dst, title, max_w, ts);
+    return ts;
+}
+
 static void smp__draw_titles(smp_canvas *c, smp__box panel, smp__box area, double s,
                                const char *title, const char *xlabel, const char *ylabel) {
-    double pad = smp__pad(s), mid_x = (area.x0 + area.x1) / 2.0, ts = smp__title_scale(s);
+    double pad = smp__pad(s), mid_x = (area.x0 + area.x1) / 2.0, ts;
+    double panel_w = panel.x1 - panel.x0 - 2 * pad;
     char buf[SMP__LABEL];
-    if (title) { /* centred on the area unless that pushes it out of the panel */
-        smp__fit_text(buf, title, panel.x1 - panel.x0 - 2 * pad, ts);
+    if (title) { /* as wide as the plot area (or half the panel), centred on it unless that
+                    pushes it out of the panel */
+        ts = smp__fit_title(buf, title, fmin(panel_w, fmax(area.x1 - area.x0, panel_w / 2)),
+                            smp__title_scale(s), s);
         mid_x = fmax(mid_x, panel.x0 + pad + smp_text_width(buf, ts) / 2);
         mid_x = fmin(mid_x, panel.x1 - pad - smp_text_width(buf, ts) / 2);
         smp_text_ex(c, mid_x, panel.y0 + pad, buf, ts, SMP__TEXT, 0.5, 0, 0);
@@ -1068,6 +1099,8 @@ static int smp__check_line(const smp_line_spec *sp, char *errbuf) {
             return smp__fail(errbuf, "%s: series[%d].n = %d must be >= 0", who, i, sp->series[i].n);
         if (sp->series[i].n > 0 && !sp->series[i].y)
             return smp__fail(errbuf, "%s: series[%d].y is NULL", who, i);
+        if (!sp->series[i].y_lo != !sp->series[i].y_hi)
+            return smp__fail(errbuf, "%s: series[%d] sets one of y_lo, y_hi: a band needs both", who, i);
     }
     if (sp->fixed_x && !(sp->xmax > sp->xmin))
         return smp__fail(errbuf, "%s: xmax (%g) must be > xmin (%g)", who, sp->xmax, sp->xmin);
@@ -1075,6 +1108,10 @@ static int smp__check_line(const smp_line_spec *sp, char *errbuf) {
         return smp__fail(errbuf, "%s: ymax (%g) must be > ymin (%g)", who, sp->ymax, sp->ymin);
     if (sp->fixed_y && sp->log_y && !(sp->ymin > 0))
         return smp__fail(errbuf, "%s: ymin (%g) must be > 0 on a log y axis", who, sp->ymin);
+    if (sp->fixed_x && sp->log_x && !(sp->xmin > 0))
+        return smp__fail(errbuf, "%s: xmin (%g) must be > 0 on a log x axis", who, sp->xmin);
+    if (sp->markers < -1 || sp->markers > 1)
+        return smp__fail(errbuf, "%s: markers %d must be -1, 0 or 1", who, sp->markers);
     if (sp->line_width < 0 || sp->line_width > 50)
         return smp__fail(errbuf, "%s: line_width %g out of range [0, 50]", who, sp->line_width);
     if (sp->text_scale < 0 || sp->text_scale > 10)
@@ -1082,57 +1119,105 @@ static int smp__check_line(const smp_line_spec *sp, char *errbuf) {
     return 0;
 }
 
-/* Axis ranges from the finite data (and the reference line), padded, unless
- * fixed. Returns whether any point is drawable. */
-static int smp__line_ranges(const smp_line_spec *sp, smp__axis *xa, smp__axis *ya) {
-    double x0 = HUGE_VAL, x1 = -HUGE_VAL, y0 = HUGE_VAL, y1 = -HUGE_VAL;
-    int i, j, found;
-    for (i = 0; i < sp->n_series; i++) {
-        const smp_series *se = &sp->series[i];
-        for (j = 0; j < se->n; j++) {
-            double x = se->x ? se->x[j] : j, y = se->y[j];
-            if (!isfinite(x) || !isfinite(y) || (sp->log_y && !(y > 0))) continue;
-            y = sp->log_y ? log10(y) : y;
-            x0 = x < x0 ? x : x0;
-            x1 = x > x1 ? x : x1;
-            y0 = y < y0 ? y : y0;
-            y1 = y > y1 ? y : y1;
+/* v on an axis's scale: log10(v) on a log axis (NaN for v <= 0), else v. */
+static double smp__scaled(double v, int log) {
+    return !log ? v : v > 0 ? log10(v) : NAN;
+}
+
+/* Grow [*lo, *hi] to hold v when it is finite. */
+static void smp__extend(double *lo, double *hi, double v) {
+    if (!isfinite(v)) return;
+    *lo = v < *lo ? v : *lo;
+    *hi = v > *hi ? v : *hi;
+}
+
+/* Data range of one series on the chart's scales, its band included. */
+static void smp__series_range(const smp_line_spec *sp, const smp_series *se, double *x0, double *x1,
+                              double *y0, double *y1) {
+    int j;
+    for (j = 0; j < se->n; j++) {
+        double x = smp__scaled(se->x ? se->x[j] : j, sp->log_x), y = smp__scaled(se->y[j], sp->log_y);
+        if (!isfinite(x)) continue;
+        if (isfinite(y)) smp__extend(x0, x1, x), smp__extend(y0, y1, y);
+        if (se->y_lo && se->y_hi) {
+            smp__extend(y0, y1, smp__scaled(se->y_lo[j], sp->log_y));
+            smp__extend(y0, y1, smp__scaled(se->y_hi[j], sp->log_y));
         }
     }
-    found = x0 <= x1;
+}
+
+/* Axis ranges (on the axis's scale) from the finite data, its bands and the
+ * reference line, padded, unless fixed. Returns whether any point is drawable. */
+static int smp__line_ranges(const smp_line_spec *sp, smp__axis *xa, smp__axis *ya) {
+    double x0 = HUGE_VAL, x1 = -HUGE_VAL, y0 = HUGE_VAL, y1 = -HUGE_VAL;
+    int i, found;
+    for (i = 0; i < sp->n_series; i++) smp__series_range(sp, &sp->series[i], &x0, &x1, &y0, &y1);
+    found = x0 <= x1 && y0 <= y1;
     if (!found) x0 = y0 = 0, x1 = y1 = 1;
-    if (sp->log_y && y0 == y1) y0 -= 0.5, y1 += 0.5; /* one value: a decade around it */
-    if (found && sp->has_ref && isfinite(sp->ref_y) && (!sp->log_y || sp->ref_y > 0)) {
-        double r = sp->log_y ? log10(sp->ref_y) : sp->ref_y;
-        y0 = r < y0 ? r : y0;
-        y1 = r > y1 ? r : y1;
-    }
+    if (sp->log_x && x0 == x1) x0 -= 0.5, x1 += 0.5; /* one value: a decade around it */
+    if (sp->log_y && y0 == y1) y0 -= 0.5, y1 += 0.5;
+    if (found && sp->has_ref) smp__extend(&y0, &y1, smp__scaled(sp->ref_y, sp->log_y));
     smp__pad_range(&x0, &x1, 0.02);
     smp__pad_range(&y0, &y1, 0.05);
-    xa->lo = sp->fixed_x ? sp->xmin : x0;
-    xa->hi = sp->fixed_x ? sp->xmax : x1;
-    xa->log = 0;
-    ya->lo = sp->fixed_y ? (sp->log_y ? log10(sp->ymin) : sp->ymin) : y0;
-    ya->hi = sp->fixed_y ? (sp->log_y ? log10(sp->ymax) : sp->ymax) : y1;
+    xa->lo = sp->fixed_x ? smp__scaled(sp->xmin, sp->log_x) : x0;
+    xa->hi = sp->fixed_x ? smp__scaled(sp->xmax, sp->log_x) : x1;
+    xa->log = sp->log_x != 0;
+    ya->lo = sp->fixed_y ? smp__scaled(sp->ymin, sp->log_y) : y0;
+    ya->hi = sp->fixed_y ? smp__scaled(sp->ymax, sp->log_y) : y1;
     ya->log = sp->log_y != 0;
     return found;
 }
 
-/* One series as an anti-aliased polyline; markers when it has <= 40 points. */
+/* Pixel position of point j of a series with values y (its line or a band
+ * edge); NaN when the point is not drawable on these axes. */
+static void smp__point(const smp_series *se, const float *y, int j, const smp__axis *xa,
+                       const smp__axis *ya, double *px, double *py) {
+    double x = se->x ? se->x[j] : j, v = y[j];
+    int ok = isfinite(smp__scaled(x, xa->log)) && isfinite(smp__scaled(v, ya->log));
+    *px = ok ? smp__map(xa, x) : NAN;
+    *py = ok ? smp__map(ya, v) : NAN;
+}
+
+/* Fraction of a series' colour its band is shaded with (over white). */
+#define SMP__BAND_ALPHA 0.18
+
+/* The band of a series: in every pixel column between two neighbouring
+ * points whose lo and hi are drawable, the span between the linearly
+ * interpolated edges, blended at SMP__BAND_ALPHA. */
+static void smp__draw_band(smp_canvas *c, const smp_series *se, const smp__axis *xa,
+                           const smp__axis *ya, smp_color col) {
+    int j, i;
+    for (j = 0; j + 1 < se->n; j++) {
+        double ax, alo, ahi, bx, blo, bhi;
+        smp__point(se, se->y_lo, j, xa, ya, &ax, &alo);
+        smp__point(se, se->y_hi, j, xa, ya, &ax, &ahi);
+        smp__point(se, se->y_lo, j + 1, xa, ya, &bx, &blo);
+        smp__point(se, se->y_hi, j + 1, xa, ya, &bx, &bhi);
+        if (!(isfinite(alo) && isfinite(ahi) && isfinite(blo) && isfinite(bhi)) || !(bx > ax)) continue;
+        for (i = (int)floor(ax); i < (int)ceil(bx); i++) {
+            double f = (i + 0.5 - ax) / (bx - ax), lo, hi;
+            f = f < 0 ? 0 : f > 1 ? 1 : f;
+            lo = alo + (blo - alo) * f, hi = ahi + (bhi - ahi) * f;
+            smp__blend_rect(c, i, lo < hi ? lo : hi, i + 1, lo < hi ? hi : lo, col, SMP__BAND_ALPHA);
+        }
+    }
+}
+
+/* One series as an anti-aliased polyline; markers as sp->markers says
+ * (by default when it has <= 40 drawable points). */
 static int smp__draw_series(smp_canvas *c, const smp_series *se, const smp__axis *xa,
-                              const smp__axis *ya, smp_color col, double lw, char *errbuf) {
+                            const smp__axis *ya, smp_color col, double lw, int markers,
+                            char *errbuf) {
     double *xs = (double *)SMP_MALLOC((size_t)(se->n > 0 ? se->n : 1) * 2 * sizeof(double)), *ys;
     int i, finite = 0;
     if (!xs) return smp__fail(errbuf, "smp_line_chart: out of memory for %d points", se->n);
     ys = xs + se->n;
     for (i = 0; i < se->n; i++) {
-        double x = se->x ? se->x[i] : i, y = se->y[i];
-        int ok = isfinite(x) && isfinite(y) && (!ya->log || y > 0);
-        xs[i] = ok ? smp__map(xa, x) : NAN;
-        ys[i] = ok ? smp__map(ya, y) : NAN;
-        finite += ok;
+        smp__point(se, se->y, i, xa, ya, &xs[i], &ys[i]);
+        finite += isfinite(xs[i]) != 0;
     }
-    smp_polyline(c, xs, ys, se->n, lw, finite <= 40 ? lw * 1.4 : 0, col);
+    if (markers == 0) markers = finite <= 40 ? 1 : -1;
+    smp_polyline(c, xs, ys, se->n, lw, markers > 0 ? lw * 1.4 : 0, col);
     SMP_FREE(xs);
     return 0;
 }
@@ -1199,8 +1284,10 @@ SMPDEF int smp_line_chart_draw(smp_canvas *c, int x, int y, int w, int h,
     smp__draw_grid(c, area, &xa, &xt, 0);
     smp_clip(c, area.x0, area.y0, area.x1, area.y1);
     if (sp->has_ref) smp__ref_line(c, area, &ya, sp->ref_y); /* under the data */
+    for (i = 0; i < sp->n_series; i++) /* bands under every line */
+        if (sp->series[i].y_lo && sp->series[i].y_hi) smp__draw_band(c, &sp->series[i], &xa, &ya, L.cols[i]);
     for (i = 0; i < sp->n_series && !err; i++)
-        err = smp__draw_series(c, &sp->series[i], &xa, &ya, L.cols[i], lw, errbuf);
+        err = smp__draw_series(c, &sp->series[i], &xa, &ya, L.cols[i], lw, sp->markers, errbuf);
     if (!err) {
         if (sp->has_ref) smp__ref_label(c, area, &ya, sp->ref_y, sp->ref_label, s);
         if (!found)
@@ -1563,7 +1650,11 @@ SMPDEF int smp_grid(const smp_panel *panels, int n, int cols, int panel_w, int p
         return smp__fail(errbuf, "smp_grid: %d x %d panels of %d x %d exceed %d px", cols, rows,
                           panel_w, panel_h, SMP_MAX_DIM);
     if (smp_canvas_init(&c, cols * panel_w, rows * panel_h + top, SMP_WHITE, errbuf)) return 1;
-    smp_text_ex(&c, c.w / 2.0, 12, title, 3, SMP__TEXT, 0.5, 0, 0);
+    if (title) {
+        char buf[SMP__LABEL];
+        double ts = smp__fit_title(buf, title, c.w - 32, 3, 2);
+        smp_text_ex(&c, c.w / 2.0, 12, buf, ts, SMP__TEXT, 0.5, 0, 0);
+    }
     for (i = 0; i < n; i++) {
         if (smp__draw_panel(&c, (i % cols) * panel_w, top + (i / cols) * panel_h, panel_w, panel_h,
                              &panels[i], errbuf)) {

@@ -6352,12 +6352,162 @@ static int test_plot_errors_are_reported(void) {
     return 0;
 }
 
+/* A title far too long for its panel is drawn smaller and cut: no title
+ * pixel in the outer columns of the panel, and it is still there. */
+static int test_plot_long_title_stays_inside(void) {
+    smp_canvas c;
+    float y[3] = {1, 2, 3};
+    smp_series se;
+    smp_line_spec sp;
+    char err[SMP_ERR_SIZE] = "";
+    long edge, middle;
+    memset(&se, 0, sizeof se);
+    se.y = y, se.n = 3;
+    memset(&sp, 0, sizeof sp);
+    sp.series = &se, sp.n_series = 1;
+    sp.title = "differential-x2: module output magnitude (mean L2 norm per position) over training, "
+               "with a title nobody should write";
+    CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+    CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+    /* rows 0..30 hold only the title; 8 px at each side must stay background */
+    edge = smp__ink(&c, 0, 0, 8, 30) + smp__ink(&c, c.w - 8, 0, c.w, 30);
+    middle = smp__ink(&c, 8, 0, c.w - 8, 30);
+    smp_canvas_free(&c);
+    CHECK(edge == 0, "%ld title pixels within 8 px of the panel's sides", edge);
+    CHECK(middle > 500, "title missing (%ld pixels)", middle);
+    return 0;
+}
+
+/* Centre column of the pixels of one colour (-1 when none). */
+static double t_plot_mean_x(const smp_canvas *c, smp_color col) {
+    double sum = 0;
+    long n = 0;
+    int x, y;
+    for (y = 0; y < c->h; y++)
+        for (x = 0; x < c->w; x++)
+            if (smp_get_pixel(c, x, y) == col) sum += x, n++;
+    return n ? sum / n : -1;
+}
+
+/* Dots at x = 10, 100, 1000, 10000 on a log x axis are equally spaced;
+ * on a linear axis they are not. */
+static int test_plot_log_x_decades_equal(void) {
+    static const smp_color cols[4] = {0x0000FFu, 0x00FF00u, 0xFF0000u, 0xFF00FFu};
+    float xs[4] = {10, 100, 1000, 10000}, ys[4] = {1, 1, 1, 1};
+    smp_series se[4];
+    smp_line_spec sp;
+    smp_canvas c;
+    char err[SMP_ERR_SIZE] = "";
+    double at[4];
+    int i, log_x;
+    memset(se, 0, sizeof se);
+    for (i = 0; i < 4; i++) se[i].x = &xs[i], se[i].y = &ys[i], se[i].n = 1, se[i].color = cols[i];
+    for (log_x = 1; log_x >= 0; log_x--) {
+        memset(&sp, 0, sizeof sp);
+        sp.series = se, sp.n_series = 4, sp.log_x = log_x;
+        CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+        CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+        for (i = 0; i < 4; i++) at[i] = t_plot_mean_x(&c, cols[i]);
+        smp_canvas_free(&c);
+        for (i = 0; i < 4; i++) CHECK(at[i] >= 0, "dot %d not drawn (log_x %d)", i, log_x);
+        if (log_x)
+            for (i = 2; i < 4; i++)
+                CHECK(fabs((at[i] - at[i - 1]) - (at[1] - at[0])) < 1.0, "decade %d spans %g px, the first %g",
+                      i, at[i] - at[i - 1], at[1] - at[0]);
+        else
+            CHECK(at[3] - at[2] > 5 * (at[2] - at[1]), "linear axis spacing %g %g", at[2] - at[1], at[3] - at[2]);
+    }
+    return 0;
+}
+
+/* A band from 2 to 8 on a fixed 0..10 axis is shaded between the rows of 2
+ * and 8 (found from the frame) and nowhere else in that column. */
+static int test_plot_band_between_min_and_max(void) {
+    float x[2] = {0, 1}, y[2] = {5, 5}, lo[2] = {2, 2}, hi[2] = {8, 8};
+    smp_series se;
+    smp_line_spec sp;
+    smp_canvas c;
+    char err[SMP_ERR_SIZE] = "";
+    int yy, col, top = -1, bottom = -1, b0 = -1, b1 = -1;
+    memset(&se, 0, sizeof se);
+    se.x = x, se.y = y, se.n = 2, se.y_lo = lo, se.y_hi = hi, se.color = 0x0072B2u;
+    memset(&sp, 0, sizeof sp);
+    sp.series = &se, sp.n_series = 1, sp.fixed_y = 1, sp.ymin = 0, sp.ymax = 10, sp.markers = -1;
+    CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+    CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+    col = c.w / 2 + 3; /* off the grid's vertical lines */
+    for (yy = 0; yy < c.h; yy++) {
+        smp_color p = smp_get_pixel(&c, col, yy);
+        if (p == SMP__AXIS) top = top < 0 ? yy : top, bottom = yy; /* the frame */
+        if (p != SMP_WHITE && p != SMP__GRID && p != SMP__GRID_MINOR && p != SMP__AXIS && p != 0x0072B2u &&
+            (p >> 16) < 0xE0 && (p & 255) > (p >> 16)) /* tinted blue, not anti-aliased line edge */
+            b0 = b0 < 0 ? yy : b0, b1 = yy;
+    }
+    smp_canvas_free(&c);
+    CHECK(top >= 0 && bottom > top + 100, "frame rows %d..%d", top, bottom);
+    {
+        double h = bottom - top, want0 = top + 0.2 * h, want1 = top + 0.8 * h;
+        CHECK(fabs(b0 - want0) <= 3 && fabs(b1 - want1) <= 3, "band rows %d..%d, want %.0f..%.0f", b0, b1,
+              want0, want1);
+    }
+    return 0;
+}
+
+/* A CSV with a NaN and a non-number reads back; series take legend names
+ * from "col=name"; a missing column is an error naming it. */
+static int test_plot_csv_series_names(void) {
+    const char *path = "test_tmp_plot.csv";
+    FILE *f = fopen(path, "w");
+    smp_csv t;
+    smp_series se[3];
+    char err[SMP_ERR_SIZE] = "";
+    int n;
+    CHECK(f != NULL, "cannot write %s", path);
+    fputs("experts,ms_per_step,baseline_ms\n16384,212.5,218\n65536,nan,218\n262144,x,219\n", f);
+    fclose(f);
+    CHECK(smp_csv_read(&t, path, err) == 0, "%s", err);
+    remove(path);
+    CHECK(t.n_cols == 3 && t.n_rows == 3, "%d cols, %d rows", t.n_cols, t.n_rows);
+    CHECK(smp_csv_at(&t, 0, 1) == 212.5f && isnan(smp_csv_at(&t, 1, 1)) && isnan(smp_csv_at(&t, 2, 1)) &&
+              smp_csv_at(&t, 2, 2) == 219.0f && isnan(smp_csv_at(&t, 3, 0)),
+          "values read back wrong");
+    n = smp_csv_series(&t, "experts", "ms_per_step=with PEER,baseline_ms", se, 3, err);
+    CHECK(n == 2, "%d series (%s)", n, err);
+    CHECK(!strcmp(se[0].name, "with PEER") && !strcmp(se[1].name, "baseline_ms"), "names '%s' '%s'",
+          se[0].name, se[1].name);
+    CHECK(se[0].x[2] == 262144.0f && se[1].y[0] == 218.0f && se[0].n == 3, "series values wrong");
+    smp_csv_series_free(se, n);
+    CHECK(smp_csv_series(&t, "experts", "ms_per_step,nope=Nope", se, 3, err) < 0 && strstr(err, "'nope'"),
+          "a missing column gave '%s'", err);
+    smp_csv_free(&t);
+    return 0;
+}
+
+/* The moving average is centred and skips NaN; the band over runs is the
+ * mean, min and max of the finite values per point. */
+static int test_plot_smoothing_and_band_over_runs(void) {
+    float y[5] = {1, 2, NAN, 4, 5}, out[5], a[3] = {1, 2, NAN}, b[3] = {3, NAN, NAN}, c[3] = {2, 5, NAN};
+    const float *runs[3];
+    float mean[3], lo[3], hi[3];
+    smp_moving_average(y, 5, 1, out);
+    CHECK(out[0] == 1.5f && out[1] == 1.5f && out[2] == 3.0f && out[3] == 4.5f && out[4] == 4.5f,
+          "moving average %g %g %g %g %g", out[0], out[1], out[2], out[3], out[4]);
+    runs[0] = a, runs[1] = b, runs[2] = c;
+    smp_band_over_runs(runs, 3, 3, mean, lo, hi);
+    CHECK(mean[0] == 2.0f && lo[0] == 1.0f && hi[0] == 3.0f, "point 0: %g [%g, %g]", mean[0], lo[0], hi[0]);
+    CHECK(mean[1] == 3.5f && lo[1] == 2.0f && hi[1] == 5.0f, "point 1: %g [%g, %g]", mean[1], lo[1], hi[1]);
+    CHECK(isnan(mean[2]) && isnan(lo[2]) && isnan(hi[2]), "an all-NaN point is not NaN");
+    return 0;
+}
+
 #define PLOT_TESTS                                                                            \
     T(test_plot_ticks_are_nice), T(test_plot_text_and_polyline), T(test_plot_line_chart_png), \
         T(test_plot_line_chart_nan_gap), T(test_plot_legend_avoids_data),                     \
         T(test_plot_legend_outside_when_large),                                               \
         T(test_plot_bar_chart_png), T(test_plot_heatmap_png), T(test_plot_grid_png),          \
-        T(test_plot_errors_are_reported)
+        T(test_plot_errors_are_reported), T(test_plot_long_title_stays_inside),               \
+        T(test_plot_log_x_decades_equal), T(test_plot_band_between_min_and_max),              \
+        T(test_plot_csv_series_names), T(test_plot_smoothing_and_band_over_runs)
 
 /* ---- parity with an independent PyTorch implementation --------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,
