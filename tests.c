@@ -1660,6 +1660,9 @@ static int test_trainer_eval_sample_report(void) {
     png = stbi_load("test_tmp_report/val_loss.png", &w, &h, &ch, 3);
     CHECK(png != NULL && w == SMP_DEFAULT_W && h == SMP_DEFAULT_H, "val_loss.png does not decode to 960x600");
     stbi_image_free(png);
+    png = stbi_load("test_tmp_report/train_loss.png", &w, &h, &ch, 3); /* the per-step training loss */
+    CHECK(png != NULL && w == SMP_DEFAULT_W && h == SMP_DEFAULT_H, "train_loss.png does not decode to 960x600");
+    stbi_image_free(png);
     png = stbi_load("test_tmp_run_a/loss.png", &w, &h, &ch, 3);
     CHECK(png != NULL && w == SMP_DEFAULT_W, "the run's loss.png does not decode");
     stbi_image_free(png);

@@ -1979,6 +1979,8 @@ static int tr_sample(tr_opts *o, FILE *out) {
 /* ===================================================================== */
 
 #define TR_MAX_RUNS 64
+#define TR_LABEL 128
+
 /* The numbers of keys[0..n) ("key": number) from a flat JSON file written
  * by this trainer, read once; NaN where a key (or the file) is missing. */
 static void tr_json_numbers(const char *path, const char *const *keys, double *out, int n) {
@@ -2007,12 +2009,40 @@ static double tr_json_number(const char *path, const char *key) {
     return v;
 }
 
+/* One finished run: its final numbers, eval log (log.csv) and per-step
+ * training log (steps.csv). */
 typedef struct {
-    char dir[TR_PATH], label[128];
-    smp_csv log;
+    char dir[TR_PATH], label[TR_LABEL];
+    smp_csv log, steps;
     double val_loss, tok_s, params, xdomain;
     double loss_hot, loss_cold, hot_cold_delta; /* NaN without route statistics */
 } tr_report_run;
+
+/* The seeds of one configuration (the runs sharing a label), with the mean
+ * and standard deviation of their final numbers. */
+typedef struct {
+    char label[TR_LABEL];
+    const tr_report_run *runs[TR_MAX_RUNS];
+    int n;
+    double val_mean, val_std, x_mean, x_std, tps_mean;
+} tr_report_group;
+
+typedef struct {
+    tr_report_run *runs;     /* n_runs, then groups in order of first appearance */
+    tr_report_group *groups;
+    int n_runs, n_groups;
+    const char *out, *baseline;
+} tr_report;
+
+/* The summary.json keys a report reads, in tr_report_run's order. */
+static const char *const tr_summary_keys[6] = {"val_loss", "tokens_per_s", "params",
+                                               "loss_hot", "loss_cold", "hot_cold_delta"};
+/* Legend names of the modules, and their diagnostic columns in log.csv. */
+static const char *const tr_module_legend[TR_N_MODULES] = {"backbone", "Engram", "PEER", "mHC"};
+static const char *const tr_out_cols[TR_N_MODULES] = {"out_backbone", "out_engram", "out_peer", NULL};
+static const char *const tr_gpar_cols[TR_N_MODULES] = {"gpar_backbone", "gpar_engram", "gpar_peer", "gpar_mhc"};
+static const char *const tr_lr_cols[TR_N_MODULES] = {"lr_backbone", "lr_engram", "lr_peer", "lr_mhc"};
+static const char *const tr_alpha_buckets[SM_ROUTE_ALPHA_BUCKETS] = {"0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"};
 
 /* Label = the run folder's name without a trailing "-sN" seed suffix. */
 static void tr_run_label(const char *dir, char *label, size_t n) {
@@ -2039,62 +2069,104 @@ static int tr_any_finite(const float *x, int n) {
     return 0;
 }
 
-/* Line chart of column `col` against step, one series per run in idx[]
- * (runs where the column is all NaN, e.g. a module they lack, left out). */
-static void tr_plot_runs(const tr_report_run *runs, const int *idx, int n, const char *col,
-                         const char *title, const char *ylabel, int log_y, const char *path) {
-    smp_series se[SMP_MAX_SERIES];
-    smp_line_spec sp;
-    float *xs[SMP_MAX_SERIES], *ys[SMP_MAX_SERIES];
-    char errbuf[SMP_ERR_SIZE];
-    int i, k = 0;
-    memset(&sp, 0, sizeof sp);
-    for (i = 0; i < n && k < SMP_MAX_SERIES; i++) {
-        const smp_csv *t = &runs[idx[i]].log;
-        if (smp_csv_col(t, col) < 0 || t->n_rows == 0) continue;
-        memset(&se[k], 0, sizeof se[k]);
-        xs[k] = smp_csv_column(t, "step"), ys[k] = smp_csv_column(t, col);
-        if (!tr_any_finite(ys[k], t->n_rows)) {
-            free(xs[k]), free(ys[k]);
-            continue;
-        }
-        se[k].name = runs[idx[i]].label, se[k].x = xs[k], se[k].y = ys[k], se[k].n = t->n_rows;
-        k++;
-    }
-    if (k == 0) return;
-    sp.title = title, sp.xlabel = "step", sp.ylabel = ylabel, sp.series = se, sp.n_series = k;
-    sp.log_y = log_y;
-    if (smp_line_chart(&sp, path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
-    for (i = 0; i < k; i++) free(xs[i]), free(ys[i]);
+static void tr_report_error(const char *what, const char *path, const char *errbuf) {
+    fprintf(stderr, "trainer report: %s %s: %s\n", what, path, errbuf);
 }
 
-/* Several columns of one run against step. */
-static void tr_plot_columns(const tr_report_run *r, const char *const *cols, const char *const *names,
-                            int n, const char *title, const char *ylabel, int log_y, const char *path) {
-    smp_series se[8];
-    smp_line_spec sp;
-    float *xs = smp_csv_column(&r->log, "step"), *ys[8];
-    char errbuf[SMP_ERR_SIZE];
-    int i, k = 0;
-    memset(&sp, 0, sizeof sp);
-    for (i = 0; i < n && i < 8; i++) {
-        if (smp_csv_col(&r->log, cols[i]) < 0) continue;
-        ys[k] = smp_csv_column(&r->log, cols[i]);
-        if (!tr_any_finite(ys[k], r->log.n_rows)) {
-            free(ys[k]);
-            continue;
+/* ---- load ------------------------------------------------------------ */
+
+/* A run folder; 0 when it holds a finished run (a summary.json). */
+static int tr_report_load_run(tr_report_run *r, const char *dir) {
+    char path[TR_PATH];
+    double v[6];
+    memset(r, 0, sizeof *r);
+    snprintf(r->dir, sizeof r->dir, "%s", dir);
+    tr_join(path, dir, "summary.json");
+    tr_json_numbers(path, tr_summary_keys, v, 6);
+    if (isnan(v[0])) return 1;
+    r->val_loss = v[0], r->tok_s = v[1], r->params = v[2];
+    r->loss_hot = v[3], r->loss_cold = v[4], r->hot_cold_delta = v[5];
+    tr_join(path, dir, "eval_xdomain.json");
+    r->xdomain = tr_json_number(path, "val_loss");
+    tr_join(path, dir, "log.csv");
+    smp_csv_read(&r->log, path, NULL); /* a missing log leaves an empty table */
+    tr_join(path, dir, "steps.csv");
+    smp_csv_read(&r->steps, path, NULL);
+    tr_run_label(dir, r->label, sizeof r->label);
+    return 0;
+}
+
+/* Every finished run among dirs; returns how many. */
+static int tr_report_load(tr_report *rep, char **dirs, int n_dirs) {
+    int i;
+    for (i = 0; i < n_dirs; i++) {
+        if (tr_report_load_run(&rep->runs[rep->n_runs], dirs[i]) == 0) rep->n_runs++;
+        else fprintf(stderr, "trainer report: %s has no finished run (summary.json); skipped\n", dirs[i]);
+    }
+    return rep->n_runs;
+}
+
+/* ---- group ----------------------------------------------------------- */
+
+static int tr_group_index(const tr_report *rep, const char *label) {
+    int j;
+    for (j = 0; j < rep->n_groups; j++)
+        if (strcmp(rep->groups[j].label, label) == 0) return j;
+    return -1;
+}
+
+static void tr_group_stats(tr_report_group *g) {
+    double v[TR_MAX_RUNS], x[TR_MAX_RUNS], t[TR_MAX_RUNS], unused;
+    int i;
+    for (i = 0; i < g->n; i++) v[i] = g->runs[i]->val_loss, x[i] = g->runs[i]->xdomain, t[i] = g->runs[i]->tok_s;
+    tr_mean_std(v, g->n, &g->val_mean, &g->val_std);
+    tr_mean_std(x, g->n, &g->x_mean, &g->x_std);
+    tr_mean_std(t, g->n, &g->tps_mean, &unused);
+}
+
+/* Runs sharing a label are the seeds of one configuration. */
+static void tr_report_group_runs(tr_report *rep) {
+    int i, j;
+    for (i = 0; i < rep->n_runs; i++) {
+        const tr_report_run *r = &rep->runs[i];
+        if ((j = tr_group_index(rep, r->label)) < 0) {
+            j = rep->n_groups++;
+            snprintf(rep->groups[j].label, TR_LABEL, "%s", r->label);
         }
-        memset(&se[k], 0, sizeof se[k]);
-        se[k].name = names[i], se[k].x = xs, se[k].y = ys[k], se[k].n = r->log.n_rows;
-        k++;
+        rep->groups[j].runs[rep->groups[j].n++] = r;
     }
-    if (k > 0) {
-        sp.title = title, sp.xlabel = "step", sp.ylabel = ylabel, sp.series = se, sp.n_series = k;
-        sp.log_y = log_y;
-        if (smp_line_chart(&sp, path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
+    for (j = 0; j < rep->n_groups; j++) tr_group_stats(&rep->groups[j]);
+}
+
+/* ---- tables (report.md) ---------------------------------------------- */
+
+/* "mean" or "mean ± std" (std only over several seeds). */
+static void tr_md_mean(FILE *md, double mean, double std, int seeds) {
+    fprintf(md, "%.4f", mean);
+    if (seeds > 1) fprintf(md, " ± %.4f", std);
+}
+
+static void tr_report_loss_table(const tr_report *rep, FILE *md) {
+    int b = tr_group_index(rep, rep->baseline), j;
+    double base = b >= 0 ? rep->groups[b].val_mean : NAN, base_x = b >= 0 ? rep->groups[b].x_mean : NAN;
+    fprintf(md, "| run | seeds | val loss | val ppl | vs %s | cross-domain loss | cross-domain ppl | vs %s | tokens/s | params |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n", rep->baseline, rep->baseline);
+    for (j = 0; j < rep->n_groups; j++) {
+        const tr_report_group *g = &rep->groups[j];
+        fprintf(md, "| %s | %d | ", g->label, g->n);
+        tr_md_mean(md, g->val_mean, g->val_std, g->n);
+        fprintf(md, " | %.2f | %+.2f%% | ", exp(g->val_mean), 100.0 * (g->val_mean - base) / base);
+        if (isnan(g->x_mean)) {
+            fprintf(md, "– | – | – ");
+        } else {
+            tr_md_mean(md, g->x_mean, g->x_std, g->n);
+            fprintf(md, " | %.2f | %+.2f%% ", exp(g->x_mean), 100.0 * (g->x_mean - base_x) / base_x);
+        }
+        fprintf(md, "| %.0f | %.2fM |\n", g->tps_mean, g->runs[0]->params / 1e6);
     }
-    for (i = 0; i < k; i++) free(ys[i]);
-    free(xs);
+    fprintf(md, "\nLoss: mean cross-entropy (nats/token) over the whole held-out split; ± is the standard "
+                "deviation over seeds. \"vs\" columns: relative change of the loss against `%s` (negative = better).\n",
+            rep->baseline);
 }
 
 /* First eval step at which hot_cold_delta has the opposite sign of its
@@ -2117,106 +2189,280 @@ static int tr_has_route(const tr_report_run *r) {
     return c >= 0 && r->log.n_rows > 0 && !isnan(smp_csv_at(&r->log, r->log.n_rows - 1, c));
 }
 
-/* Bars of one run's final alpha buckets (mean loss and hot share) and its
- * per-layer gate difference alpha_hot - alpha_cold. */
-static void tr_plot_route_tables(const tr_report_run *r, const char *out_dir) {
-    static const char *const buckets[SM_ROUTE_ALPHA_BUCKETS] = {"0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"};
-    smp_csv bt, lt;
-    char path[TR_PATH], name[200], title[200], errbuf[SMP_ERR_SIZE];
-    float loss[SM_ROUTE_ALPHA_BUCKETS], share[SM_ROUTE_ALPHA_BUCKETS], dalpha[SM_NGRAM_MAX_LAYERS];
-    char layer_names[SM_NGRAM_MAX_LAYERS][24];
-    const char *layer_labels[SM_NGRAM_MAX_LAYERS];
-    smp_bar_series bs[2];
-    smp_bar_spec sp[2];
-    smp_panel panels[2];
-    int i, n_layers = 0;
-    tr_join(path, r->dir, "route_buckets.csv");
-    if (smp_csv_read(&bt, path, NULL) == 0) {
-        for (i = 0; i < SM_ROUTE_ALPHA_BUCKETS; i++) loss[i] = share[i] = NAN;
-        for (i = 0; i < bt.n_rows && i < SM_ROUTE_ALPHA_BUCKETS; i++) { /* layer 0's buckets */
-            loss[i] = smp_csv_at(&bt, i, smp_csv_col(&bt, "loss"));
-            share[i] = smp_csv_at(&bt, i, smp_csv_col(&bt, "hot_share"));
-        }
-        memset(bs, 0, sizeof bs), memset(sp, 0, sizeof sp), memset(panels, 0, sizeof panels);
-        bs[0].name = "mean loss", bs[0].values = loss;
-        bs[1].name = "hot share", bs[1].values = share;
-        for (i = 0; i < 2; i++) {
-            sp[i].xlabel = "gate alpha", sp[i].categories = buckets, sp[i].n_categories = SM_ROUTE_ALPHA_BUCKETS;
-            sp[i].series = &bs[i], sp[i].n_series = 1, sp[i].value_labels = 1;
-            panels[i].bar = &sp[i];
-        }
-        sp[0].title = "mean loss per alpha bucket", sp[0].ylabel = "loss";
-        sp[1].title = "hot share per alpha bucket", sp[1].ylabel = "share";
-        snprintf(name, sizeof name, "alpha_buckets_%s.png", r->label);
-        snprintf(title, sizeof title, "%s: first Engram layer, final eval", r->label);
-        tr_join(path, out_dir, name);
-        if (smp_grid(panels, 2, 2, 640, 480, title, path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
-        smp_csv_free(&bt);
-    }
-    tr_join(path, r->dir, "route_layers.csv");
-    if (smp_csv_read(&lt, path, NULL) == 0) {
-        for (i = 0; i < lt.n_rows && i < SM_NGRAM_MAX_LAYERS; i++, n_layers++) {
-            dalpha[i] = smp_csv_at(&lt, i, 1) - smp_csv_at(&lt, i, 2);
-            snprintf(layer_names[i], sizeof layer_names[i], "Engram %d", i);
-            layer_labels[i] = layer_names[i];
-        }
-        memset(bs, 0, sizeof bs), memset(sp, 0, sizeof sp);
-        bs[0].name = "alpha hot - alpha cold", bs[0].values = dalpha;
-        sp[0].title = title, sp[0].ylabel = "delta alpha", sp[0].categories = layer_labels;
-        sp[0].n_categories = n_layers, sp[0].series = bs, sp[0].n_series = 1, sp[0].value_labels = 1;
-        sp[0].has_ref = 1, sp[0].ref_y = 0;
-        snprintf(title, sizeof title, "%s: gate on hot minus cold positions per layer", r->label);
-        snprintf(name, sizeof name, "alpha_layers_%s.png", r->label);
-        tr_join(path, out_dir, name);
-        if (n_layers && smp_bar_chart(&sp[0], path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
-        smp_csv_free(&lt);
-    }
-}
-
-/* The Engram-Nine table and plots for the runs with route statistics. */
-static void tr_report_route(const tr_report_run *runs, int n, const int *first_of, int n_labels,
-                            const char *out_dir, FILE *md) {
-    int idx[TR_MAX_RUNS], k = 0, j;
-    char path[TR_PATH];
-    for (j = 0; j < n_labels; j++)
-        if (tr_has_route(&runs[first_of[j]])) idx[k++] = first_of[j];
-    (void)n;
-    if (k == 0) return;
-    fprintf(md, "\n| run | val loss | loss hot | loss cold | hot-cold delta | flip step | alpha hot | alpha cold | tokens/s |\n"
-                "|---|---|---|---|---|---|---|---|---|\n");
-    for (j = 0; j < k; j++) {
-        const tr_report_run *r = &runs[idx[j]];
-        char flip_text[32] = "none";
-        double flip = tr_flip_step(&r->log);
+/* The Engram-Nine table: each configuration's first seed with route statistics. */
+static void tr_report_route_table(const tr_report *rep, FILE *md) {
+    int j, header = 0;
+    for (j = 0; j < rep->n_groups; j++) {
+        const tr_report_run *r = rep->groups[j].runs[0];
         const smp_csv *t = &r->log;
-        int last = t->n_rows - 1;
+        char flip_text[32] = "none";
+        double flip = tr_flip_step(t);
+        if (!tr_has_route(r)) continue;
+        if (!header++)
+            fprintf(md, "\n| run | val loss | loss hot | loss cold | hot-cold delta | flip step | alpha hot | alpha cold | tokens/s |\n"
+                        "|---|---|---|---|---|---|---|---|---|\n");
         if (flip >= 0) snprintf(flip_text, sizeof flip_text, "%.0f", flip);
         fprintf(md, "| %s | %.4f | %.4f | %.4f | %+.4f | %s | %.3f | %.3f | %.0f |\n", r->label, r->val_loss,
                 r->loss_hot, r->loss_cold, r->hot_cold_delta, flip_text,
-                smp_csv_at(t, last, smp_csv_col(t, "alpha_hot")), smp_csv_at(t, last, smp_csv_col(t, "alpha_cold")), r->tok_s);
-        tr_plot_route_tables(r, out_dir);
+                smp_csv_at(t, t->n_rows - 1, smp_csv_col(t, "alpha_hot")),
+                smp_csv_at(t, t->n_rows - 1, smp_csv_col(t, "alpha_cold")), r->tok_s);
     }
-    fprintf(md, "\nhot-cold delta = loss on positions whose n-grams are in the top-N set minus loss on the others "
-                "(negative: hot positions predicted better); flip step = first eval where its sign changes.\n");
-    tr_join(path, out_dir, "hot_cold_delta.png");
-    tr_plot_runs(runs, idx, k, "hot_cold_delta", "Hot - cold loss over training", "loss hot - loss cold", 0, path);
-    tr_join(path, out_dir, "alpha_hot.png");
-    tr_plot_runs(runs, idx, k, "alpha_hot", "Engram gate on hot positions", "mean alpha", 0, path);
-    tr_join(path, out_dir, "alpha_cold.png");
-    tr_plot_runs(runs, idx, k, "alpha_cold", "Engram gate on cold positions", "mean alpha", 0, path);
+    if (header)
+        fprintf(md, "\nhot-cold delta = loss on positions whose n-grams are in the top-N set minus loss on the others "
+                    "(negative: hot positions predicted better); flip step = first eval where its sign changes.\n");
 }
 
-static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
-    static const char *const summary_keys[6] = {"val_loss", "tokens_per_s", "params",
-                                                 "loss_hot", "loss_cold", "hot_cold_delta"};
-    static tr_report_run runs[TR_MAX_RUNS];
-    double summary[6];
-    char path[TR_PATH], labels[TR_MAX_RUNS][128], title[256];
-    int n = 0, n_labels = 0, i, j, first_of[TR_MAX_RUNS], seeds[TR_MAX_RUNS];
-    double val_mean[TR_MAX_RUNS], val_std[TR_MAX_RUNS], x_mean[TR_MAX_RUNS], x_std[TR_MAX_RUNS];
-    double tps_mean[TR_MAX_RUNS];
-    double base_mean = NAN, base_x = NAN;
+static int tr_report_write_tables(const tr_report *rep) {
+    char path[TR_PATH];
     FILE *md;
+    tr_join(path, rep->out, "report.md");
+    md = fopen(path, "w");
+    if (!md) {
+        fprintf(stderr, "trainer report: cannot write %s\n", path);
+        return 1;
+    }
+    tr_report_loss_table(rep, md);
+    tr_report_route_table(rep, md);
+    fclose(md);
+    return 0;
+}
+
+/* ---- plots ----------------------------------------------------------- */
+
+/* One line of a report chart: column `col` of a configuration's logs,
+ * named `name` in the legend. */
+typedef struct {
+    const tr_report_group *g;
+    const char *col, *name;
+} tr_line_item;
+
+/* Column `col` of every seed's eval log (per_step = 0) or per-step log
+ * (per_step = 1), each smoothed over +-half rows, as a series: the mean
+ * over the seeds shaded from the lowest to the highest seed (no band for
+ * one seed). x, y, y_lo and y_hi share one allocation at x. Returns 0
+ * (nothing allocated) when the column is missing or all NaN. */
+static int tr_seed_band(const tr_report_group *g, int per_step, const char *col, int half, smp_series *se) {
+    const smp_csv *t0 = per_step ? &g->runs[0]->steps : &g->runs[0]->log;
+    float *ys[TR_MAX_RUNS], *block, *raw;
+    int n = t0->n_rows, i, r;
+    for (i = 1; i < g->n; i++) { /* the rows every seed has */
+        const smp_csv *t = per_step ? &g->runs[i]->steps : &g->runs[i]->log;
+        n = t->n_rows < n ? t->n_rows : n;
+    }
+    if (n == 0 || smp_csv_col(t0, col) < 0) return 0;
+    block = (float *)malloc(sizeof(float) * (size_t)n * (4 + g->n));
+    if (!block) return 0;
+    for (i = 0; i < g->n; i++) {
+        ys[i] = block + (size_t)(4 + i) * n;
+        raw = smp_csv_column(per_step ? &g->runs[i]->steps : &g->runs[i]->log, col);
+        if (raw) smp_moving_average(raw, n, half, ys[i]);
+        else for (r = 0; r < n; r++) ys[i][r] = NAN;
+        smp_free(raw);
+    }
+    for (r = 0; r < n; r++) block[r] = smp_csv_at(t0, r, smp_csv_col(t0, "step"));
+    smp_band_over_runs((const float *const *)ys, g->n, n, block + n, block + 2 * n, block + 3 * n);
+    if (!tr_any_finite(block + n, n)) {
+        free(block);
+        return 0;
+    }
+    memset(se, 0, sizeof *se);
+    se->x = block, se->y = block + n, se->n = n;
+    if (g->n > 1) se->y_lo = block + 2 * n, se->y_hi = block + 3 * n;
+    return 1;
+}
+
+/* A line chart of the items (those with data) against the training step,
+ * styled by `style` (title, y label, log y, reference line), to
+ * OUT/file. */
+static void tr_plot_items(const tr_report *rep, const tr_line_item *items, int n, int per_step, int half,
+                          const smp_line_spec *style, const char *file) {
+    smp_series se[SMP_MAX_SERIES];
+    smp_line_spec sp = *style;
+    char path[TR_PATH], errbuf[SMP_ERR_SIZE];
+    int i, k = 0;
+    for (i = 0; i < n && k < SMP_MAX_SERIES; i++) {
+        if (!items[i].col || !tr_seed_band(items[i].g, per_step, items[i].col, half, &se[k])) continue;
+        se[k].name = items[i].name;
+        k++;
+    }
+    if (k == 0) return;
+    sp.xlabel = "training step", sp.series = se, sp.n_series = k;
+    tr_join(path, rep->out, file);
+    if (smp_line_chart(&sp, path, errbuf) != 0) tr_report_error("plot", path, errbuf);
+    for (i = 0; i < k; i++) free((void *)se[i].x);
+}
+
+/* One column over all configurations, one line each (mean over seeds). */
+static void tr_plot_configs(const tr_report *rep, const char *col, int per_step, int half,
+                            const smp_line_spec *style, const char *file) {
+    tr_line_item items[TR_MAX_RUNS];
+    int j;
+    for (j = 0; j < rep->n_groups; j++) items[j].g = &rep->groups[j], items[j].col = col, items[j].name = rep->groups[j].label;
+    tr_plot_items(rep, items, rep->n_groups, per_step, half, style, file);
+}
+
+/* A chart style: title, y label (with its unit), log y. */
+static smp_line_spec tr_style(const char *title, const char *ylabel, int log_y) {
+    smp_line_spec sp;
+    memset(&sp, 0, sizeof sp);
+    sp.title = title, sp.ylabel = ylabel, sp.log_y = log_y;
+    return sp;
+}
+
+/* Validation loss per eval and training loss per step (a centred moving
+ * average over ~2% of the run), mean over seeds with a min-max band. */
+static void tr_plot_losses_over_seeds(const tr_report *rep) {
+    smp_line_spec sp = tr_style("Validation loss (line: mean over seeds, band: min-max)", "loss (nats/token)", 0);
+    int steps = rep->groups[0].runs[0]->steps.n_rows, half = steps / 50 > 1 ? steps / 50 : 1;
+    char title[160];
+    tr_plot_configs(rep, "val_loss", 0, 0, &sp, "val_loss.png");
+    snprintf(title, sizeof title, "Training loss, %d-step moving average (line: mean over seeds, band: min-max)",
+             2 * half + 1);
+    sp.title = title;
+    tr_plot_configs(rep, "loss", 1, half, &sp, "train_loss.png");
+}
+
+/* One configuration's per-module columns (outputs, gradients or learning
+ * rates) in one chart, each the mean over its seeds with a band. */
+static void tr_plot_modules(const tr_report *rep, const tr_report_group *g, const char *const *cols,
+                            const char *what, const char *ylabel, const char *prefix) {
+    tr_line_item items[TR_N_MODULES];
+    smp_line_spec sp;
+    char title[256], file[200];
+    int m;
+    for (m = 0; m < TR_N_MODULES; m++) items[m].g = g, items[m].col = cols[m], items[m].name = tr_module_legend[m];
+    snprintf(title, sizeof title, "%s: %s (mean over %d seed%s)", g->label, what, g->n, g->n > 1 ? "s" : "");
+    snprintf(file, sizeof file, "%s_%s.png", prefix, g->label);
+    sp = tr_style(title, ylabel, 1);
+    tr_plot_items(rep, items, TR_N_MODULES, 0, 0, &sp, file);
+}
+
+static void tr_plot_module_diagnostics(const tr_report *rep) {
+    int j;
+    for (j = 0; j < rep->n_groups; j++) {
+        const tr_report_group *g = &rep->groups[j];
+        tr_plot_modules(rep, g, tr_out_cols, "module output magnitude", "mean L2 norm per position", "outputs");
+        tr_plot_modules(rep, g, tr_gpar_cols, "parameter gradient norm per module", "gradient L2 norm", "grads");
+        tr_plot_modules(rep, g, tr_lr_cols, "learning rate per module", "learning rate", "lr");
+    }
+}
+
+static void tr_plot_peer_usage(const tr_report *rep) {
+    smp_line_spec sp = tr_style("PEER: fraction of experts used per eval pass", "experts retrieved (fraction of all)", 0);
+    tr_plot_configs(rep, "peer_frac_used", 0, 0, &sp, "peer_usage.png");
+    sp = tr_style("PEER: unevenness of expert usage", "KL(usage || uniform) (nats)", 0);
+    tr_plot_configs(rep, "peer_kl", 0, 0, &sp, "peer_kl.png");
+}
+
+/* Bars of one run's final alpha buckets (mean loss and hot share) of its
+ * first Engram layer. */
+static void tr_plot_alpha_buckets(const tr_report_run *r, const char *out_dir) {
+    smp_csv bt;
+    char path[TR_PATH], name[200], title[200], errbuf[SMP_ERR_SIZE];
+    float loss[SM_ROUTE_ALPHA_BUCKETS], share[SM_ROUTE_ALPHA_BUCKETS];
+    smp_bar_series bs[2];
+    smp_bar_spec sp[2];
+    smp_panel panels[2];
+    int i;
+    tr_join(path, r->dir, "route_buckets.csv");
+    if (smp_csv_read(&bt, path, NULL) != 0) return;
+    for (i = 0; i < SM_ROUTE_ALPHA_BUCKETS; i++) { /* layer 0's buckets come first */
+        loss[i] = smp_csv_at(&bt, i, smp_csv_col(&bt, "loss"));
+        share[i] = smp_csv_at(&bt, i, smp_csv_col(&bt, "hot_share"));
+    }
+    smp_csv_free(&bt);
+    memset(bs, 0, sizeof bs), memset(sp, 0, sizeof sp), memset(panels, 0, sizeof panels);
+    bs[0].name = "mean loss", bs[0].values = loss;
+    bs[1].name = "hot share", bs[1].values = share;
+    for (i = 0; i < 2; i++) {
+        sp[i].xlabel = "gate alpha bucket", sp[i].categories = tr_alpha_buckets;
+        sp[i].n_categories = SM_ROUTE_ALPHA_BUCKETS, sp[i].series = &bs[i], sp[i].n_series = 1;
+        sp[i].value_labels = 1, panels[i].bar = &sp[i];
+    }
+    sp[0].title = "mean loss per alpha bucket", sp[0].ylabel = "loss (nats/token)";
+    sp[1].title = "hot share per alpha bucket", sp[1].ylabel = "hot positions (fraction)";
+    snprintf(name, sizeof name, "alpha_buckets_%s.png", r->label);
+    snprintf(title, sizeof title, "%s: first Engram layer, final eval", r->label);
+    tr_join(path, out_dir, name);
+    if (smp_grid(panels, 2, 2, 640, 480, title, path, errbuf) != 0) tr_report_error("plot", path, errbuf);
+}
+
+/* Bars of one run's per-layer gate difference alpha_hot - alpha_cold. */
+static void tr_plot_alpha_layers(const tr_report_run *r, const char *out_dir) {
+    smp_csv lt;
+    char path[TR_PATH], name[200], title[200], errbuf[SMP_ERR_SIZE];
+    char layer_names[SM_NGRAM_MAX_LAYERS][24];
+    const char *layer_labels[SM_NGRAM_MAX_LAYERS];
+    float dalpha[SM_NGRAM_MAX_LAYERS];
+    smp_bar_series bs;
+    smp_bar_spec sp;
+    int i, n_layers;
+    tr_join(path, r->dir, "route_layers.csv");
+    if (smp_csv_read(&lt, path, NULL) != 0) return;
+    n_layers = lt.n_rows < SM_NGRAM_MAX_LAYERS ? lt.n_rows : SM_NGRAM_MAX_LAYERS;
+    for (i = 0; i < n_layers; i++) {
+        dalpha[i] = smp_csv_at(&lt, i, 1) - smp_csv_at(&lt, i, 2); /* columns: layer, alpha_hot, alpha_cold */
+        snprintf(layer_names[i], sizeof layer_names[i], "Engram %d", i);
+        layer_labels[i] = layer_names[i];
+    }
+    smp_csv_free(&lt);
+    if (n_layers == 0) return;
+    memset(&bs, 0, sizeof bs), memset(&sp, 0, sizeof sp);
+    bs.name = "alpha hot - alpha cold", bs.values = dalpha;
+    snprintf(title, sizeof title, "%s: gate on hot minus cold positions per layer", r->label);
+    sp.title = title, sp.xlabel = "Engram layer", sp.ylabel = "alpha hot - alpha cold (gate, 0-1)";
+    sp.categories = layer_labels, sp.n_categories = n_layers, sp.series = &bs, sp.n_series = 1;
+    sp.value_labels = 1, sp.has_ref = 1, sp.ref_y = 0;
+    snprintf(name, sizeof name, "alpha_layers_%s.png", r->label);
+    tr_join(path, out_dir, name);
+    if (smp_bar_chart(&sp, path, errbuf) != 0) tr_report_error("plot", path, errbuf);
+}
+
+/* The Engram-Nine charts: hot/cold loss and gates over training for the
+ * configurations with route statistics, and each one's final buckets. */
+static void tr_plot_route(const tr_report *rep) {
+    tr_report rt = *rep; /* the same report, its groups cut to those with route statistics */
+    tr_report_group groups[TR_MAX_RUNS];
+    smp_line_spec sp;
+    int j;
+    rt.groups = groups, rt.n_groups = 0;
+    for (j = 0; j < rep->n_groups; j++)
+        if (tr_has_route(rep->groups[j].runs[0])) groups[rt.n_groups++] = rep->groups[j];
+    if (rt.n_groups == 0) return;
+    sp = tr_style("Hot - cold loss over training", "loss hot - loss cold (nats/token)", 0);
+    sp.has_ref = 1, sp.ref_y = 0, sp.ref_label = "no difference";
+    tr_plot_configs(&rt, "hot_cold_delta", 0, 0, &sp, "hot_cold_delta.png");
+    sp = tr_style("Engram gate on hot positions", "mean gate alpha (0-1)", 0);
+    tr_plot_configs(&rt, "alpha_hot", 0, 0, &sp, "alpha_hot.png");
+    sp = tr_style("Engram gate on cold positions", "mean gate alpha (0-1)", 0);
+    tr_plot_configs(&rt, "alpha_cold", 0, 0, &sp, "alpha_cold.png");
+    for (j = 0; j < rt.n_groups; j++) {
+        tr_plot_alpha_buckets(groups[j].runs[0], rep->out);
+        tr_plot_alpha_layers(groups[j].runs[0], rep->out);
+    }
+}
+
+static void tr_report_plots(const tr_report *rep) {
+    tr_plot_losses_over_seeds(rep);
+    tr_plot_module_diagnostics(rep);
+    tr_plot_peer_usage(rep);
+    tr_plot_route(rep);
+}
+
+/* ---- the command ----------------------------------------------------- */
+
+static void tr_report_free(tr_report *rep) {
+    int i;
+    for (i = 0; i < rep->n_runs; i++) smp_csv_free(&rep->runs[i].log), smp_csv_free(&rep->runs[i].steps);
+    free(rep->runs);
+    free(rep->groups);
+}
+
+/* report.md (tables) and PNG charts over the finished runs among dirs:
+ * load, group the seeds of each configuration, tables, plots. */
+static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
+    tr_report rep;
+    int rc = 1;
     if (!o->out[0] || n_dirs == 0) {
         fprintf(stderr, "trainer report: usage: trainer report --out DIR RUN_DIR...\n");
         return 1;
@@ -2225,106 +2471,23 @@ static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
         fprintf(stderr, "trainer report: %d run folders; a report takes at most %d\n", n_dirs, TR_MAX_RUNS);
         return 1;
     }
-    for (i = 0; i < n_dirs; i++) {
-        tr_report_run *r = &runs[n];
-        snprintf(r->dir, sizeof r->dir, "%s", dirs[i]);
-        tr_join(path, r->dir, "summary.json");
-        tr_json_numbers(path, summary_keys, summary, 6);
-        if (isnan(summary[0])) {
-            fprintf(stderr, "trainer report: %s has no finished run (summary.json); skipped\n", r->dir);
-            continue;
-        }
-        r->val_loss = summary[0], r->tok_s = summary[1], r->params = summary[2];
-        r->loss_hot = summary[3], r->loss_cold = summary[4], r->hot_cold_delta = summary[5];
-        tr_join(path, r->dir, "eval_xdomain.json");
-        r->xdomain = tr_json_number(path, "val_loss");
-        tr_join(path, r->dir, "log.csv");
-        smp_csv_read(&r->log, path, NULL);
-        tr_run_label(r->dir, r->label, sizeof r->label);
-        n++;
-    }
-    if (n == 0) {
+    memset(&rep, 0, sizeof rep);
+    rep.out = o->out, rep.baseline = o->baseline;
+    rep.runs = (tr_report_run *)calloc((size_t)n_dirs, sizeof *rep.runs);
+    rep.groups = (tr_report_group *)calloc((size_t)n_dirs, sizeof *rep.groups);
+    if (!rep.runs || !rep.groups) fprintf(stderr, "trainer report: out of memory\n");
+    else if (tr_report_load(&rep, dirs, n_dirs) == 0)
         fprintf(stderr, "trainer report: none of the %d folders holds a finished run; nothing to report\n", n_dirs);
-        return 1;
+    else {
+        tr_mkdir(o->out);
+        tr_report_group_runs(&rep);
+        rc = tr_report_write_tables(&rep);
     }
-    tr_mkdir(o->out);
-    for (i = 0; i < n; i++) { /* distinct labels in order of appearance */
-        for (j = 0; j < n_labels; j++)
-            if (strcmp(labels[j], runs[i].label) == 0) break;
-        if (j == n_labels) {
-            first_of[n_labels] = i;
-            snprintf(labels[n_labels++], 128, "%s", runs[i].label);
-        }
-    }
-    tr_join(path, o->out, "report.md");
-    md = fopen(path, "w");
-    if (!md) {
-        fprintf(stderr, "trainer report: cannot write %s\n", path);
-        return 1;
-    }
-    fprintf(md, "| run | seeds | val loss | val ppl | vs %s | cross-domain loss | cross-domain ppl | vs %s | tokens/s | params |\n"
-                "|---|---|---|---|---|---|---|---|---|---|\n", o->baseline, o->baseline);
-    for (j = 0; j < n_labels; j++) { /* mean and std over the seeds of each label */
-        double v[TR_MAX_RUNS], x[TR_MAX_RUNS], t[TR_MAX_RUNS], unused;
-        int k = 0;
-        for (i = 0; i < n; i++)
-            if (strcmp(runs[i].label, labels[j]) == 0)
-                v[k] = runs[i].val_loss, x[k] = runs[i].xdomain, t[k] = runs[i].tok_s, k++;
-        seeds[j] = k;
-        tr_mean_std(v, k, &val_mean[j], &val_std[j]);
-        tr_mean_std(x, k, &x_mean[j], &x_std[j]);
-        tr_mean_std(t, k, &tps_mean[j], &unused);
-        if (strcmp(labels[j], o->baseline) == 0) base_mean = val_mean[j], base_x = x_mean[j];
-    }
-    for (j = 0; j < n_labels; j++) {
-        fprintf(md, "| %s | %d | %.4f", labels[j], seeds[j], val_mean[j]);
-        if (seeds[j] > 1) fprintf(md, " ± %.4f", val_std[j]);
-        fprintf(md, " | %.2f | %+.2f%% | ", exp(val_mean[j]), 100.0 * (val_mean[j] - base_mean) / base_mean);
-        if (isnan(x_mean[j])) {
-            fprintf(md, "– | – | – ");
-        } else {
-            fprintf(md, "%.4f", x_mean[j]);
-            if (seeds[j] > 1) fprintf(md, " ± %.4f", x_std[j]);
-            fprintf(md, " | %.2f | %+.2f%% ", exp(x_mean[j]), 100.0 * (x_mean[j] - base_x) / base_x);
-        }
-        fprintf(md, "| %.0f | %.2fM |\n", tps_mean[j], runs[first_of[j]].params / 1e6);
-    }
-    fprintf(md, "\nLoss: mean cross-entropy (nats/token) over the whole held-out split; ± is the standard "
-                "deviation over seeds. \"vs\" columns: relative change of the loss against `%s` (negative = better).\n",
-            o->baseline);
-    tr_report_route(runs, n, first_of, n_labels, o->out, md);
-    fclose(md);
-    /* plots: validation curves of every label (first seed), then per-run diagnostics */
-    tr_join(path, o->out, "val_loss.png");
-    tr_plot_runs(runs, first_of, n_labels, "val_loss", "Validation loss", "loss (nats/token)", 0, path);
-    for (j = 0; j < n_labels; j++) {
-        const tr_report_run *r = &runs[first_of[j]];
-        static const char *const out_cols[3] = {"out_backbone", "out_engram", "out_peer"};
-        static const char *const gpar_cols[4] = {"gpar_backbone", "gpar_engram", "gpar_peer", "gpar_mhc"};
-        static const char *const lr_cols[4] = {"lr_backbone", "lr_engram", "lr_peer", "lr_mhc"};
-        char name[200];
-        snprintf(name, sizeof name, "outputs_%s.png", r->label);
-        tr_join(path, o->out, name);
-        snprintf(title, sizeof title, "%s: module output magnitude (mean L2 per position)", r->label);
-        tr_plot_columns(r, out_cols, tr_module_names, 3, title, "||output||", 1, path);
-        snprintf(name, sizeof name, "grads_%s.png", r->label);
-        tr_join(path, o->out, name);
-        snprintf(title, sizeof title, "%s: parameter gradient norm per module", r->label);
-        tr_plot_columns(r, gpar_cols, tr_module_names, 4, title, "||grad||", 1, path);
-        snprintf(name, sizeof name, "lr_%s.png", r->label);
-        tr_join(path, o->out, name);
-        snprintf(title, sizeof title, "%s: learning rate per module", r->label);
-        tr_plot_columns(r, lr_cols, tr_module_names, 4, title, "lr", 1, path);
-    }
-    tr_join(path, o->out, "peer_usage.png");
-    tr_plot_runs(runs, first_of, n_labels, "peer_frac_used", "PEER: fraction of experts used per eval pass",
-                 "fraction of experts retrieved", 0, path);
-    tr_join(path, o->out, "peer_kl.png");
-    tr_plot_runs(runs, first_of, n_labels, "peer_kl", "PEER: unevenness of expert usage",
-                 "KL(usage || uniform), nats", 0, path);
-    for (i = 0; i < n; i++) smp_csv_free(&runs[i].log);
-    if (!o->quiet) printf("report: %s/report.md and plots for %d runs (%d configurations)\n", o->out, n, n_labels);
-    return 0;
+    if (rc == 0) tr_report_plots(&rep);
+    if (rc == 0 && !o->quiet)
+        printf("report: %s/report.md and plots for %d runs (%d configurations)\n", o->out, rep.n_runs, rep.n_groups);
+    tr_report_free(&rep);
+    return rc;
 }
 
 /* A line chart of columns of any CSV with a header row (the trainer's logs,

@@ -87,7 +87,9 @@ $TRAINER report --out "$OUT/nine" --baseline hash $(names '^(hash|nine)')
 if [ "${BENCH:-1}" = 1 ]; then
     OMP_WAIT_POLICY=PASSIVE ./bench/bench_modules peer 5 "$OUT/throughput_experts.csv" |
         tee "$OUT/throughput_experts.txt"
-    $TRAINER plot --data "$OUT/throughput_experts.csv" --x experts --y ms_per_step,baseline_ms \
+    $TRAINER plot --data "$OUT/throughput_experts.csv" --x experts --log-x \
+        --y "ms_per_step=with a PEER layer,baseline_ms=baseline (no PEER)" \
+        --xlabel "experts (log scale)" --ylabel "ms per training step" \
         --title "Training step time vs PEER experts" --out "$OUT/throughput_experts.png"
     OMP_WAIT_POLICY=PASSIVE ./bench/bench_modules nine 5 | tee "$OUT/nine_overhead.txt"
 else
