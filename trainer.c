@@ -1753,13 +1753,17 @@ static void tr_write_summary(const tr_opts *o, const tr_run *r, const tr_eval *e
     tr_json_close(&j);
 }
 
-/* RUN/loss.png: the training loss per step and the validation loss per eval. */
+/* Rows either side a moving average of the per-step loss spans: ~2% of the run. */
+static int tr_smoothing_half(int n_steps) { return n_steps / 50 > 1 ? n_steps / 50 : 1; }
+
+/* RUN/loss.png: the training loss per step (light, and as a moving
+ * average) and the validation loss per eval. */
 static void tr_plot_losses(const tr_opts *o) {
     smp_csv steps, evals;
-    smp_series se[2];
+    smp_series se[3];
     smp_line_spec sp;
-    float *sx, *sy, *ex, *ey;
-    char path[TR_PATH], errbuf[SMP_ERR_SIZE];
+    float *sx, *sy, *smooth, *ex, *ey;
+    char path[TR_PATH], errbuf[SMP_ERR_SIZE], smooth_name[64];
     tr_path(path, o, "steps.csv");
     if (smp_csv_read(&steps, path, NULL) != 0) return;
     tr_path(path, o, "log.csv");
@@ -1769,14 +1773,19 @@ static void tr_plot_losses(const tr_opts *o) {
     }
     sx = smp_csv_column(&steps, "step"), sy = smp_csv_column(&steps, "loss");
     ex = smp_csv_column(&evals, "step"), ey = smp_csv_column(&evals, "val_loss");
+    smooth = smp_csv_column(&steps, "loss");
+    if (sy && smooth) smp_moving_average(sy, steps.n_rows, tr_smoothing_half(steps.n_rows), smooth);
+    snprintf(smooth_name, sizeof smooth_name, "train, %d-step average", 2 * tr_smoothing_half(steps.n_rows) + 1);
     memset(se, 0, sizeof se);
     memset(&sp, 0, sizeof sp);
-    se[0].name = "train (per step)", se[0].x = sx, se[0].y = sy, se[0].n = steps.n_rows;
-    se[1].name = "validation", se[1].x = ex, se[1].y = ey, se[1].n = evals.n_rows;
-    sp.title = "Loss", sp.xlabel = "step", sp.ylabel = "loss (nats/token)", sp.series = se, sp.n_series = 2;
+    se[0].name = "train (per step)", se[0].x = sx, se[0].y = sy, se[0].n = steps.n_rows, se[0].color = 0xC8C8C8u;
+    se[1].name = smooth_name, se[1].x = sx, se[1].y = smooth, se[1].n = steps.n_rows, se[1].color = smp_palette(0);
+    se[2].name = "validation", se[2].x = ex, se[2].y = ey, se[2].n = evals.n_rows, se[2].color = smp_palette(1);
+    sp.title = "Loss", sp.xlabel = "training step", sp.ylabel = "loss (nats/token)", sp.series = se, sp.n_series = 3;
     tr_path(path, o, "loss.png");
     if (smp_line_chart(&sp, path, errbuf) != 0) fprintf(stderr, "trainer: %s\n", errbuf);
-    free(sx), free(sy), free(ex), free(ey), smp_csv_free(&steps), smp_csv_free(&evals);
+    smp_free(sx), smp_free(sy), smp_free(smooth), smp_free(ex), smp_free(ey);
+    smp_csv_free(&steps), smp_csv_free(&evals);
 }
 
 /* Returns 0 on success, 2 when stopped by the NaN guard. */
@@ -2295,7 +2304,7 @@ static void tr_plot_items(const tr_report *rep, const tr_line_item *items, int n
 /* One column over all configurations, one line each (mean over seeds). */
 static void tr_plot_configs(const tr_report *rep, const char *col, int per_step, int half,
                             const smp_line_spec *style, const char *file) {
-    tr_line_item items[TR_MAX_RUNS];
+    tr_line_item items[TR_MAX_RUNS] = {{NULL, NULL, NULL}};
     int j;
     for (j = 0; j < rep->n_groups; j++) items[j].g = &rep->groups[j], items[j].col = col, items[j].name = rep->groups[j].label;
     tr_plot_items(rep, items, rep->n_groups, per_step, half, style, file);
@@ -2310,10 +2319,10 @@ static smp_line_spec tr_style(const char *title, const char *ylabel, int log_y) 
 }
 
 /* Validation loss per eval and training loss per step (a centred moving
- * average over ~2% of the run), mean over seeds with a min-max band. */
+ * average), mean over seeds with a min-max band. */
 static void tr_plot_losses_over_seeds(const tr_report *rep) {
     smp_line_spec sp = tr_style("Validation loss (line: mean over seeds, band: min-max)", "loss (nats/token)", 0);
-    int steps = rep->groups[0].runs[0]->steps.n_rows, half = steps / 50 > 1 ? steps / 50 : 1;
+    int half = tr_smoothing_half(rep->groups[0].runs[0]->steps.n_rows);
     char title[160];
     tr_plot_configs(rep, "val_loss", 0, 0, &sp, "val_loss.png");
     snprintf(title, sizeof title, "Training loss, %d-step moving average (line: mean over seeds, band: min-max)",
