@@ -170,28 +170,26 @@ valgrind: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) -O1 -g $(WARN) -o tests_vg tests.c $(LDLIBS)
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect ./tests_vg $(FILTER)
 
-headercheck:
-	@printf '#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return sm_strerror(SM_OK)[0] == 0; }\n' > .hc.c
+# $(call HEADERCHECK,header,implementation macro,DEF macro,expression using it,declarations-only expression):
+# the header with its implementation as C99/C11 (gcc, clang) and C++, file-local
+# (DEF static), and declarations only, warnings as errors.
+define HEADERCHECK
+	printf '#define $(2)\n#include "$(1)"\nint main(void){ return $(4); }\n' > .hc.c
 	gcc   -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	gcc   -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	clang -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	clang -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	g++ -x c++ -std=c++11 -Wall -Wextra -Werror -fsyntax-only -I. .hc.c
-	printf '#define SMDEF static\n#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return sm_strerror(SM_OK)[0] == 0; }\n' > .hc.c
+	printf '#define $(3) static\n#define $(2)\n#include "$(1)"\nint main(void){ return $(4); }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -Wno-unused-function -fsyntax-only -I. .hc.c
-	printf '#include "sparsemem.h"\nint f(void){ return (int)SM_OK; }\n' > .hc.c
-	gcc -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
-	printf '#define SPARSEMEM_PLOT_IMPLEMENTATION\n#include "sparsemem_plot.h"\nint main(void){ return smp_palette(0) == 0; }\n' > .hc.c
-	gcc   -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
-	gcc   -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
-	clang -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
-	clang -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
-	g++ -x c++ -std=c++11 -Wall -Wextra -Werror -fsyntax-only -I. .hc.c
-	printf '#define SMPDEF static\n#define SPARSEMEM_PLOT_IMPLEMENTATION\n#include "sparsemem_plot.h"\nint main(void){ return smp_palette(0) == 0; }\n' > .hc.c
-	gcc -std=c99 -Wall -Wextra -pedantic -Werror -Wno-unused-function -fsyntax-only -I. .hc.c
-	printf '#include "sparsemem_plot.h"\nint f(void){ return SMP_MAX_SERIES; }\n' > .hc.c
+	printf '#include "$(1)"\nint f(void){ return $(5); }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	@rm -f .hc.c
+endef
+
+headercheck:
+	$(call HEADERCHECK,sparsemem.h,SPARSEMEM_IMPLEMENTATION,SMDEF,sm_strerror(SM_OK)[0] == 0,(int)SM_OK)
+	$(call HEADERCHECK,sparsemem_plot.h,SPARSEMEM_PLOT_IMPLEMENTATION,SMPDEF,smp_palette(0) == 0,SMP_MAX_SERIES)
 	@echo "headercheck: ok"
 
 # Fuzzing (fuzz/): one libFuzzer binary per file format, clang with ASan and

@@ -1086,6 +1086,17 @@ static int smp__check_nseries(const char *who, int n, char *errbuf) {
     return 0;
 }
 
+/* A fixed range (fixed != 0) of axis `ax` ("x", "y", "v") must have hi > lo. */
+static int smp__check_fixed(const char *who, int fixed, const char *ax, double lo, double hi, char *errbuf) {
+    if (fixed && !(hi > lo)) return smp__fail(errbuf, "%s: %smax (%g) must be > %smin (%g)", who, ax, hi, ax, lo);
+    return 0;
+}
+
+static int smp__check_text_scale(const char *who, double s, char *errbuf) {
+    if (s < 0 || s > 10) return smp__fail(errbuf, "%s: text_scale %g out of range [0, 10]", who, s);
+    return 0;
+}
+
 /* ---- line chart ------------------------------------------------------------ */
 
 static int smp__check_line(const smp_line_spec *sp, char *errbuf) {
@@ -1102,10 +1113,9 @@ static int smp__check_line(const smp_line_spec *sp, char *errbuf) {
         if (!sp->series[i].y_lo != !sp->series[i].y_hi)
             return smp__fail(errbuf, "%s: series[%d] sets one of y_lo, y_hi: a band needs both", who, i);
     }
-    if (sp->fixed_x && !(sp->xmax > sp->xmin))
-        return smp__fail(errbuf, "%s: xmax (%g) must be > xmin (%g)", who, sp->xmax, sp->xmin);
-    if (sp->fixed_y && !(sp->ymax > sp->ymin))
-        return smp__fail(errbuf, "%s: ymax (%g) must be > ymin (%g)", who, sp->ymax, sp->ymin);
+    if (smp__check_fixed(who, sp->fixed_x, "x", sp->xmin, sp->xmax, errbuf) ||
+        smp__check_fixed(who, sp->fixed_y, "y", sp->ymin, sp->ymax, errbuf))
+        return 1;
     if (sp->fixed_y && sp->log_y && !(sp->ymin > 0))
         return smp__fail(errbuf, "%s: ymin (%g) must be > 0 on a log y axis", who, sp->ymin);
     if (sp->fixed_x && sp->log_x && !(sp->xmin > 0))
@@ -1114,9 +1124,7 @@ static int smp__check_line(const smp_line_spec *sp, char *errbuf) {
         return smp__fail(errbuf, "%s: markers %d must be -1, 0 or 1", who, sp->markers);
     if (sp->line_width < 0 || sp->line_width > 50)
         return smp__fail(errbuf, "%s: line_width %g out of range [0, 50]", who, sp->line_width);
-    if (sp->text_scale < 0 || sp->text_scale > 10)
-        return smp__fail(errbuf, "%s: text_scale %g out of range [0, 10]", who, sp->text_scale);
-    return 0;
+    return smp__check_text_scale(who, sp->text_scale, errbuf);
 }
 
 /* v on an axis's scale: log10(v) on a log axis (NaN for v <= 0), else v. */
@@ -1314,11 +1322,8 @@ static int smp__check_bar(const smp_bar_spec *sp, char *errbuf) {
     if (!sp->series) return smp__fail(errbuf, "%s: series is NULL", who);
     for (i = 0; i < sp->n_series; i++)
         if (!sp->series[i].values) return smp__fail(errbuf, "%s: series[%d].values is NULL", who, i);
-    if (sp->fixed_y && !(sp->ymax > sp->ymin))
-        return smp__fail(errbuf, "%s: ymax (%g) must be > ymin (%g)", who, sp->ymax, sp->ymin);
-    if (sp->text_scale < 0 || sp->text_scale > 10)
-        return smp__fail(errbuf, "%s: text_scale %g out of range [0, 10]", who, sp->text_scale);
-    return 0;
+    if (smp__check_fixed(who, sp->fixed_y, "y", sp->ymin, sp->ymax, errbuf)) return 1;
+    return smp__check_text_scale(who, sp->text_scale, errbuf);
 }
 
 /* y range of a bar chart: always includes 0 (bars start there) and the
@@ -1352,18 +1357,24 @@ static void smp__category_label(char *dst, const char *const *labels, int i, dou
     smp__fit_text(dst, labels ? labels[i] : idx, max_px, s);
 }
 
+/* Width of the widest category label (each cut to max_len px). */
+static double smp__max_category_width(const char *const *labels, int n, double max_len, double s) {
+    char buf[SMP__LABEL];
+    double m = 0;
+    int i;
+    for (i = 0; i < n; i++) {
+        smp__category_label(buf, labels, i, max_len, s);
+        m = smp_text_width(buf, s) > m ? smp_text_width(buf, s) : m;
+    }
+    return m;
+}
+
 /* Labels along a categorical axis: horizontal when every label fits its slot
  * of `slot` px, else rotated and cut to max_len px. Returns the px they take
  * below the axis and sets *rotated. */
 static double smp__category_extent(const char *const *labels, int n, double slot, double max_len,
                                      double s, int *rotated) {
-    char buf[SMP__LABEL];
-    double longest = 0;
-    int i;
-    for (i = 0; i < n; i++) {
-        smp__category_label(buf, labels, i, max_len, s);
-        longest = smp_text_width(buf, s) > longest ? smp_text_width(buf, s) : longest;
-    }
+    double longest = smp__max_category_width(labels, n, max_len, s);
     *rotated = longest > slot - 4 * s;
     return *rotated ? longest : (SMP__CAP + SMP__DESC) * s;
 }
@@ -1472,11 +1483,8 @@ static int smp__check_heatmap(const smp_heatmap_spec *sp, char *errbuf) {
     if (sp->cols < 1 || sp->cols > 4096)
         return smp__fail(errbuf, "%s: cols %d out of range [1, 4096]", who, sp->cols);
     if (!sp->values) return smp__fail(errbuf, "%s: values is NULL", who);
-    if (sp->fixed_range && !(sp->vmax > sp->vmin))
-        return smp__fail(errbuf, "%s: vmax (%g) must be > vmin (%g)", who, sp->vmax, sp->vmin);
-    if (sp->text_scale < 0 || sp->text_scale > 10)
-        return smp__fail(errbuf, "%s: text_scale %g out of range [0, 10]", who, sp->text_scale);
-    return 0;
+    if (smp__check_fixed(who, sp->fixed_range, "v", sp->vmin, sp->vmax, errbuf)) return 1;
+    return smp__check_text_scale(who, sp->text_scale, errbuf);
 }
 
 static void smp__heat_range(const smp_heatmap_spec *sp, smp__axis *va) {
@@ -1548,17 +1556,6 @@ static void smp__draw_colorbar(smp_canvas *c, smp__box area, const smp__axis *va
         smp_text_ex(c, x1 + 9, p + 0.5, t->label[i], s, SMP__TEXT, 0, 0.5, 0);
     }
     smp_text_ex(c, x1 + 9 + labw + 10, (area.y0 + area.y1) / 2.0, label, s, SMP__TEXT, 0, 0.5, 1);
-}
-
-static double smp__max_category_width(const char *const *labels, int n, double max_len, double s) {
-    char buf[SMP__LABEL];
-    double m = 0;
-    int i;
-    for (i = 0; i < n; i++) {
-        smp__category_label(buf, labels, i, max_len, s);
-        m = smp_text_width(buf, s) > m ? smp_text_width(buf, s) : m;
-    }
-    return m;
 }
 
 /* Draw a heatmap into the panel [x, x+w) x [y, y+h). */

@@ -2117,11 +2117,11 @@ static int tr_report_load(tr_report *rep, char **dirs, int n_dirs) {
 
 /* ---- group ----------------------------------------------------------- */
 
+/* The group of a label, or -1. */
 static int tr_group_index(const tr_report *rep, const char *label) {
-    int j;
-    for (j = 0; j < rep->n_groups; j++)
-        if (strcmp(rep->groups[j].label, label) == 0) return j;
-    return -1;
+    int j = rep->n_groups - 1;
+    while (j >= 0 && strcmp(rep->groups[j].label, label) != 0) j--;
+    return j;
 }
 
 static void tr_group_stats(tr_report_group *g) {
