@@ -105,7 +105,7 @@ fi
     echo
     cat "$OUT/bottleneck/report.md"
     echo
-    echo "![validation loss](bottleneck/val_loss.png)"
+    echo "![validation loss](bottleneck/val_loss.png) ![training loss](bottleneck/train_loss.png)"
     echo
     for p in joint auto differential freeze; do
         echo "![$p outputs](bottleneck/outputs_$p.png) ![$p gradients](bottleneck/grads_$p.png) ![$p lr](bottleneck/lr_$p.png)"
@@ -114,6 +114,8 @@ fi
     echo "## (b) Engram-Nine: hash-only vs hot/cold tiers at equal parameter count"
     echo
     cat "$OUT/nine/report.md"
+    echo
+    echo "![validation loss](nine/val_loss.png) ![training loss](nine/train_loss.png)"
     echo
     echo "![hot-cold delta](nine/hot_cold_delta.png) ![alpha hot](nine/alpha_hot.png) ![alpha cold](nine/alpha_cold.png)"
     echo
