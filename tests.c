@@ -1800,10 +1800,13 @@ static int test_trainer_eval_sample_report(void) {
     CHECK(tr_cmd_report(&o, dirs, 2) == 0, "report failed");
     CHECK(tr_exists("test_tmp_report/report.md"), "report.md missing");
     png = stbi_load("test_tmp_report/val_loss.png", &w, &h, &ch, 3);
-    CHECK(png != NULL && w == PLOT_DEFAULT_W && h == PLOT_DEFAULT_H, "val_loss.png does not decode to 960x600");
+    CHECK(png != NULL && w == SMP_DEFAULT_W && h == SMP_DEFAULT_H, "val_loss.png does not decode to 960x600");
+    stbi_image_free(png);
+    png = stbi_load("test_tmp_report/train_loss.png", &w, &h, &ch, 3); /* the per-step training loss */
+    CHECK(png != NULL && w == SMP_DEFAULT_W && h == SMP_DEFAULT_H, "train_loss.png does not decode to 960x600");
     stbi_image_free(png);
     png = stbi_load("test_tmp_run_a/loss.png", &w, &h, &ch, 3);
-    CHECK(png != NULL && w == PLOT_DEFAULT_W, "the run's loss.png does not decode");
+    CHECK(png != NULL && w == SMP_DEFAULT_W, "the run's loss.png does not decode");
     stbi_image_free(png);
     tr_defaults(&o); /* trainer plot: any CSV columns as a line chart */
     snprintf(o.data, sizeof o.data, "test_tmp_run_a/log.csv");
@@ -1811,7 +1814,7 @@ static int test_trainer_eval_sample_report(void) {
     snprintf(o.out, sizeof o.out, "test_tmp_report/plot.png");
     CHECK(tr_cmd_plot(&o) == 0, "trainer plot failed");
     png = stbi_load("test_tmp_report/plot.png", &w, &h, &ch, 3);
-    CHECK(png != NULL && w == PLOT_DEFAULT_W, "plot.png does not decode");
+    CHECK(png != NULL && w == SMP_DEFAULT_W, "plot.png does not decode");
     stbi_image_free(png);
     snprintf(o.y_cols, sizeof o.y_cols, "no_such_column");
     CHECK(tr_cmd_plot(&o) != 0, "plotting a missing column succeeded");
@@ -6149,7 +6152,7 @@ static int test_nine_engram_end_to_end(void) {
         T(test_nine_fingerprint_fpr), T(test_nine_labels), T(test_nine_route_stats_hand),          \
         T(test_nine_engram_end_to_end)
 
-/* ---- plots: the PNG charts of trainer.c ----------------------------------
+/* ---- plots: the PNG charts of sparsemem_plot.h ----------------------------
  * Charts are written to files in the working directory, decoded again with
  * stb_image and inspected; the files are removed afterwards. */
 
@@ -6164,13 +6167,13 @@ static unsigned char *t_plot_load(const char *path, int *w, int *h) {
     return px;
 }
 
-static plot_color t_plot_pixel(const unsigned char *px, int w, int x, int y) {
+static smp_color t_plot_pixel(const unsigned char *px, int w, int x, int y) {
     const unsigned char *p = px + ((size_t)y * w + x) * 3;
-    return ((plot_color)p[0] << 16) | ((plot_color)p[1] << 8) | p[2];
+    return ((smp_color)p[0] << 16) | ((smp_color)p[1] << 8) | p[2];
 }
 
 /* Pixels of colour col inside [x0,x1) x [y0,y1). */
-static long t_plot_count(const unsigned char *px, int w, int x0, int y0, int x1, int y1, plot_color col) {
+static long t_plot_count(const unsigned char *px, int w, int x0, int y0, int x1, int y1, smp_color col) {
     long n = 0;
     int x, y;
     for (y = y0; y < y1; y++)
@@ -6180,76 +6183,76 @@ static long t_plot_count(const unsigned char *px, int w, int x0, int y0, int x1,
 
 static long t_plot_not_white(const unsigned char *px, int w, int x0, int y0, int x1, int y1) {
     long all = (long)(x1 - x0) * (y1 - y0);
-    return all - t_plot_count(px, w, x0, y0, x1, y1, PLOT_WHITE);
+    return all - t_plot_count(px, w, x0, y0, x1, y1, SMP_WHITE);
 }
 
 static int test_plot_ticks_are_nice(void) {
-    plot__ticks t;
+    smp__ticks t;
     int i;
-    plot__ticks_linear(&t, 0.0, 1.0, 5);
+    smp__ticks_linear(&t, 0.0, 1.0, 5);
     CHECK(t.n == 6, "[0,1] with 5 intervals gave %d ticks", t.n);
     for (i = 0; i < t.n; i++) CHECK(fabs(t.v[i] - 0.2 * i) < 1e-12, "tick %d = %g", i, t.v[i]);
     CHECK(!strcmp(t.label[0], "0.0") && !strcmp(t.label[2], "0.4"), "labels '%s' '%s'", t.label[0], t.label[2]);
-    plot__ticks_linear(&t, -0.013, 0.047, 6);
+    smp__ticks_linear(&t, -0.013, 0.047, 6);
     CHECK(t.n >= 4 && fabs(t.v[1] - t.v[0] - 0.01) < 1e-12, "step %g, want 0.01", t.v[1] - t.v[0]);
     CHECK(!strcmp(t.label[1], "0.00"), "zero tick printed '%s'", t.label[1]);
-    plot__ticks_linear(&t, 0, 52000, 5);
+    smp__ticks_linear(&t, 0, 52000, 5);
     CHECK(!strcmp(t.label[1], "10k") && !strcmp(t.label[5], "50k"), "k labels '%s' '%s'", t.label[1], t.label[5]);
-    plot__ticks_linear(&t, -1.1e-6, -0.9e-6, 4); /* tiny values share one exponent */
+    smp__ticks_linear(&t, -1.1e-6, -0.9e-6, 4); /* tiny values share one exponent */
     for (i = 0; i < t.n; i++) CHECK(strstr(t.label[i], "e-6") != NULL, "label '%s' lacks e-6", t.label[i]);
     {
         char buf[24];
-        plot__fmt_sig(buf, sizeof buf, 0.81, 3);
+        smp__fmt_sig(buf, sizeof buf, 0.81, 3);
         CHECK(!strcmp(buf, "0.81"), "value label '%s', want 0.81", buf);
-        plot__fmt_sig(buf, sizeof buf, 1234.5, 3);
+        smp__fmt_sig(buf, sizeof buf, 1234.5, 3);
         CHECK(!strcmp(buf, "1230") || !strcmp(buf, "1234"), "value label '%s'", buf);
     }
-    plot__ticks_log(&t, -3, 1, 6); /* 1e-3 .. 10 */
+    smp__ticks_log(&t, -3, 1, 6); /* 1e-3 .. 10 */
     CHECK(t.n == 5 && !strcmp(t.label[0], "0.001") && !strcmp(t.label[3], "1") && !strcmp(t.label[4], "10"),
           "decade ticks n=%d '%s' '%s'", t.n, t.label[0], t.label[t.n - 1]);
     CHECK(t.n_minor == 8 * 4, "minor ticks %d, want 32", t.n_minor);
-    plot__ticks_log(&t, log10(2.0), log10(9.0), 5); /* under a decade: linear values */
+    smp__ticks_log(&t, log10(2.0), log10(9.0), 5); /* under a decade: linear values */
     for (i = 1; i < t.n; i++) CHECK(fabs(t.v[i] - t.v[i - 1] - 1.0) < 1e-12, "sub-decade step %g", t.v[i] - t.v[i - 1]);
     return 0;
 }
 
 static int test_plot_text_and_polyline(void) {
-    plot_canvas c;
-    char err[PLOT_ERR_SIZE];
-    double xs[9], ys[9], w = plot_text_width("Loss 1.5", 2);
+    smp_canvas c;
+    char err[SMP_ERR_SIZE];
+    double xs[9], ys[9], w = smp_text_width("Loss 1.5", 2);
     int i;
-    CHECK(plot_canvas_init(&c, 200, 120, PLOT_WHITE, err) == 0, "%s", err);
-    CHECK(fabs(w - plot_text_width("Loss 1.5", 1) * 2) < 1e-9 && w > 60 && w < 120, "width %g", w);
-    plot_text(&c, 10, 10, "Loss 1.5", 2, 0x000000u);
-    CHECK(plot__ink(&c, 10, 10, (int)(10 + w), 10 + 14) > 50, "text left no ink in its box");
-    CHECK(plot__ink(&c, 0, 0, c.w, c.h) == plot__ink(&c, 10, 10, (int)(10 + w) + 1, 10 + 19),
+    CHECK(smp_canvas_init(&c, 200, 120, SMP_WHITE, err) == 0, "%s", err);
+    CHECK(fabs(w - smp_text_width("Loss 1.5", 1) * 2) < 1e-9 && w > 60 && w < 120, "width %g", w);
+    smp_text(&c, 10, 10, "Loss 1.5", 2, 0x000000u);
+    CHECK(smp__ink(&c, 10, 10, (int)(10 + w), 10 + 14) > 50, "text left no ink in its box");
+    CHECK(smp__ink(&c, 0, 0, c.w, c.h) == smp__ink(&c, 10, 10, (int)(10 + w) + 1, 10 + 19),
           "text drew outside its box");
-    plot_fill(&c, PLOT_WHITE);
-    plot_text_ex(&c, 100, 60, "ABC", 2, 0x000000u, 0, 0, 1); /* rotated: 14 wide, w tall */
-    w = plot_text_width("ABC", 2);
-    CHECK(plot__ink(&c, 0, 0, c.w, c.h) == plot__ink(&c, 100, 60, 100 + 19, (int)(60 + w) + 1) &&
-              plot__ink(&c, 100, 60, 114, 60 + 14) > 10,
+    smp_fill(&c, SMP_WHITE);
+    smp_text_ex(&c, 100, 60, "ABC", 2, 0x000000u, 0, 0, 1); /* rotated: 14 wide, w tall */
+    w = smp_text_width("ABC", 2);
+    CHECK(smp__ink(&c, 0, 0, c.w, c.h) == smp__ink(&c, 100, 60, 100 + 19, (int)(60 + w) + 1) &&
+              smp__ink(&c, 100, 60, 114, 60 + 14) > 10,
           "rotated text outside its transposed box");
     /* polyline y = 60 over x = 10..170 with points 4 and 5 missing: gap in between */
-    plot_fill(&c, PLOT_WHITE);
+    smp_fill(&c, SMP_WHITE);
     for (i = 0; i < 9; i++) xs[i] = 10 + 20 * i, ys[i] = 60;
     ys[4] = NAN;
     xs[5] = HUGE_VAL;
-    plot_polyline(&c, xs, ys, 9, 3, 0, 0x0072B2u);
-    CHECK(plot_get_pixel(&c, 40, 60) == 0x0072B2u, "line centre not drawn in full colour");
-    CHECK(plot__ink(&c, 72, 0, 128, c.h) == 0, "NaN points were bridged");
-    CHECK(plot__ink(&c, 130, 55, 170, 65) > 0, "line after the gap missing");
-    CHECK(plot__ink(&c, 0, 0, c.w, 56) == 0 && plot__ink(&c, 0, 65, c.w, c.h) == 0, "line too thick");
-    plot_canvas_free(&c);
+    smp_polyline(&c, xs, ys, 9, 3, 0, 0x0072B2u);
+    CHECK(smp_get_pixel(&c, 40, 60) == 0x0072B2u, "line centre not drawn in full colour");
+    CHECK(smp__ink(&c, 72, 0, 128, c.h) == 0, "NaN points were bridged");
+    CHECK(smp__ink(&c, 130, 55, 170, 65) > 0, "line after the gap missing");
+    CHECK(smp__ink(&c, 0, 0, c.w, 56) == 0 && smp__ink(&c, 0, 65, c.w, c.h) == 0, "line too thick");
+    smp_canvas_free(&c);
     return 0;
 }
 
 static int test_plot_line_chart_png(void) {
     const char *path = "test_tmp_plot_line.png";
     float x[200], a[200], b[200];
-    plot_series se[2];
-    plot_line_spec sp;
-    char err[PLOT_ERR_SIZE] = "";
+    smp_series se[2];
+    smp_line_spec sp;
+    char err[SMP_ERR_SIZE] = "";
     unsigned char *px;
     int i, w = 0, h = 0;
     for (i = 0; i < 200; i++) {
@@ -6266,15 +6269,15 @@ static int test_plot_line_chart_png(void) {
     sp.title = "Validation loss", sp.xlabel = "step", sp.ylabel = "loss (nats)";
     sp.series = se, sp.n_series = 2, sp.log_y = 1;
     sp.has_ref = 1, sp.ref_y = 2.5, sp.ref_label = "baseline";
-    CHECK(plot_line_chart(&sp, path, err) == 0, "plot_line_chart: %s", err);
+    CHECK(smp_line_chart(&sp, path, err) == 0, "smp_line_chart: %s", err);
     px = t_plot_load(path, &w, &h);
     remove(path);
     CHECK(px, "PNG did not decode: %s", stbi_failure_reason());
-    CHECK(w == PLOT_DEFAULT_W && h == PLOT_DEFAULT_H, "size %d x %d", w, h);
+    CHECK(w == SMP_DEFAULT_W && h == SMP_DEFAULT_H, "size %d x %d", w, h);
     CHECK(t_plot_not_white(px, w, w / 4, h / 4, 3 * w / 4, 3 * h / 4) > 1000, "plot area is blank");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, plot_palette(0)) > 300, "series 0 colour missing");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, plot_palette(1)) > 300, "series 1 colour missing");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, PLOT__REF) > 100, "reference line missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, smp_palette(0)) > 300, "series 0 colour missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, smp_palette(1)) > 300, "series 1 colour missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, SMP__REF) > 100, "reference line missing");
     stbi_image_free(px);
     return 0;
 }
@@ -6284,9 +6287,9 @@ static int test_plot_line_chart_png(void) {
 static int test_plot_line_chart_nan_gap(void) {
     const char *path = "test_tmp_plot_gap.png";
     float y[100];
-    plot_series se;
-    plot_line_spec sp;
-    char err[PLOT_ERR_SIZE] = "";
+    smp_series se;
+    smp_line_spec sp;
+    char err[SMP_ERR_SIZE] = "";
     unsigned char *px;
     int i, w = 0, h = 0, first = -1, last = -1, gap = 0, run = 0;
     for (i = 0; i < 100; i++) y[i] = (i >= 40 && i < 60) ? NAN : 1.0f;
@@ -6295,7 +6298,7 @@ static int test_plot_line_chart_nan_gap(void) {
     memset(&sp, 0, sizeof sp);
     sp.series = &se, sp.n_series = 1, sp.width = 500, sp.height = 300;
     sp.fixed_x = 1, sp.xmin = 0, sp.xmax = 99, sp.fixed_y = 1, sp.ymin = 0, sp.ymax = 2;
-    CHECK(plot_line_chart(&sp, path, err) == 0, "%s", err);
+    CHECK(smp_line_chart(&sp, path, err) == 0, "%s", err);
     px = t_plot_load(path, &w, &h);
     CHECK(px && w == 500 && h == 300, "decode %dx%d", w, h);
     for (i = 0; i < w; i++) { /* longest run of columns without the series colour, between its ends */
@@ -6308,7 +6311,7 @@ static int test_plot_line_chart_nan_gap(void) {
     CHECK(first >= 0 && gap > (last - first) * 0.17 && gap < (last - first) * 0.23,
           "gap %d px of %d, want ~20%%", gap, last - first);
     for (i = 0; i < 100; i++) y[i] = NAN;
-    CHECK(plot_line_chart(&sp, path, err) == 0, "all-NaN chart: %s", err);
+    CHECK(smp_line_chart(&sp, path, err) == 0, "all-NaN chart: %s", err);
     px = t_plot_load(path, &w, &h);
     remove(path);
     CHECK(px && t_plot_count(px, w, 0, 0, w, h, 0xD55E00u) == 0, "all-NaN series drew something");
@@ -6319,11 +6322,11 @@ static int test_plot_line_chart_nan_gap(void) {
 /* Rising data fills the top-right and bottom-left corners: the legend must
  * go to the (empty) top-left one. */
 static int test_plot_legend_avoids_data(void) {
-    plot_canvas c;
+    smp_canvas c;
     float y[50];
-    plot_series se[2];
-    plot_line_spec sp;
-    char err[PLOT_ERR_SIZE] = "";
+    smp_series se[2];
+    smp_line_spec sp;
+    char err[SMP_ERR_SIZE] = "";
     long top_left = 0, elsewhere = 0;
     int i, x, yy;
     for (i = 0; i < 50; i++) y[i] = (float)i;
@@ -6332,12 +6335,12 @@ static int test_plot_legend_avoids_data(void) {
     se[1].name = "also rising", se[1].y = y, se[1].n = 50;
     memset(&sp, 0, sizeof sp);
     sp.series = se, sp.n_series = 2;
-    CHECK(plot_canvas_init(&c, 640, 400, PLOT_WHITE, err) == 0, "%s", err);
-    CHECK(plot_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+    CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+    CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
     for (yy = 0; yy < c.h; yy++) /* the legend frame is the only 0xBBBBBB */
         for (x = 0; x < c.w; x++)
-            if (plot_get_pixel(&c, x, yy) == 0xBBBBBBu) *(x < 320 && yy < 200 ? &top_left : &elsewhere) += 1;
-    plot_canvas_free(&c);
+            if (smp_get_pixel(&c, x, yy) == 0xBBBBBBu) *(x < 320 && yy < 200 ? &top_left : &elsewhere) += 1;
+    smp_canvas_free(&c);
     CHECK(top_left > 100 && elsewhere == 0, "legend frame pixels: %ld top-left, %ld elsewhere", top_left,
           elsewhere);
     return 0;
@@ -6346,12 +6349,12 @@ static int test_plot_legend_avoids_data(void) {
 /* Twelve named series make a legend taller than half the area: it goes
  * outside, right of every data pixel. */
 static int test_plot_legend_outside_when_large(void) {
-    plot_canvas c;
+    smp_canvas c;
     float y[12][20];
     char names[12][24];
-    plot_series se[12];
-    plot_line_spec sp;
-    char err[PLOT_ERR_SIZE] = "";
+    smp_series se[12];
+    smp_line_spec sp;
+    char err[SMP_ERR_SIZE] = "";
     int i, j, x, yy, data_right = -1, fx0 = 1 << 30, fx1 = -1, fy0 = 1 << 30, fy1 = -1;
     memset(se, 0, sizeof se);
     for (i = 0; i < 12; i++) {
@@ -6361,19 +6364,19 @@ static int test_plot_legend_outside_when_large(void) {
     }
     memset(&sp, 0, sizeof sp);
     sp.series = se, sp.n_series = 12;
-    CHECK(plot_canvas_init(&c, 640, 400, PLOT_WHITE, err) == 0, "%s", err);
-    CHECK(plot_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+    CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+    CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
     for (yy = 0; yy < c.h; yy++) /* the legend frame's bounding box */
         for (x = 0; x < c.w; x++)
-            if (plot_get_pixel(&c, x, yy) == 0xBBBBBBu) {
+            if (smp_get_pixel(&c, x, yy) == 0xBBBBBBu) {
                 fx0 = x < fx0 ? x : fx0, fx1 = x > fx1 ? x : fx1;
                 fy0 = yy < fy0 ? yy : fy0, fy1 = yy > fy1 ? yy : fy1;
             }
     for (yy = 0; yy < c.h; yy++) /* series pixels outside the legend (not its swatches) */
         for (x = 0; x < c.w; x++)
-            if (plot_get_pixel(&c, x, yy) == 0x0072B2u && !(x >= fx0 && x <= fx1 && yy >= fy0 && yy <= fy1))
+            if (smp_get_pixel(&c, x, yy) == 0x0072B2u && !(x >= fx0 && x <= fx1 && yy >= fy0 && yy <= fy1))
                 data_right = x > data_right ? x : data_right;
-    plot_canvas_free(&c);
+    smp_canvas_free(&c);
     CHECK(fx1 > 0 && data_right > 0 && fx0 > data_right, "legend at x=%d overlaps data ending at x=%d", fx0,
           data_right);
     return 0;
@@ -6383,9 +6386,9 @@ static int test_plot_bar_chart_png(void) {
     const char *path = "test_tmp_plot_bar.png";
     static const char *const cats[5] = {"[0,.2)", "[.2,.4)", "[.4,.6)", "[.6,.8)", "[.8,1] very long bucket name"};
     float loss[5] = {4.1f, 3.6f, 3.2f, NAN, 2.4f}, hot[5] = {0.05f, 0.2f, 0.41f, 0.62f, 0.8f};
-    plot_bar_series se[2];
-    plot_bar_spec sp;
-    char err[PLOT_ERR_SIZE] = "";
+    smp_bar_series se[2];
+    smp_bar_spec sp;
+    char err[SMP_ERR_SIZE] = "";
     unsigned char *px;
     int w = 0, h = 0;
     memset(se, 0, sizeof se);
@@ -6395,14 +6398,14 @@ static int test_plot_bar_chart_png(void) {
     sp.title = "Loss by gate bucket", sp.xlabel = "alpha bucket", sp.ylabel = "value";
     sp.categories = cats, sp.n_categories = 5, sp.series = se, sp.n_series = 2;
     sp.value_labels = 1, sp.has_ref = 1, sp.ref_y = 3.0, sp.ref_label = "baseline 3.0";
-    CHECK(plot_bar_chart(&sp, path, err) == 0, "plot_bar_chart: %s", err);
+    CHECK(smp_bar_chart(&sp, path, err) == 0, "smp_bar_chart: %s", err);
     px = t_plot_load(path, &w, &h);
     remove(path);
-    CHECK(px && w == PLOT_DEFAULT_W && h == PLOT_DEFAULT_H, "decode %d x %d", w, h);
+    CHECK(px && w == SMP_DEFAULT_W && h == SMP_DEFAULT_H, "decode %d x %d", w, h);
     CHECK(t_plot_not_white(px, w, w / 4, h / 4, 3 * w / 4, 3 * h / 4) > 1000, "plot area is blank");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, plot_palette(0)) > 2000, "bars of series 0 missing");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, plot_palette(1)) > 200, "bars of series 1 missing");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, PLOT__REF) > 100, "reference line missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, smp_palette(0)) > 2000, "bars of series 0 missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, smp_palette(1)) > 200, "bars of series 1 missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, SMP__REF) > 100, "reference line missing");
     stbi_image_free(px);
     return 0;
 }
@@ -6411,8 +6414,8 @@ static int test_plot_heatmap_png(void) {
     const char *path = "test_tmp_plot_heat.png";
     static const char *const rows[3] = {"layer 0", "layer 1", "layer 2"};
     float v[3 * 4];
-    plot_heatmap_spec sp;
-    char err[PLOT_ERR_SIZE] = "";
+    smp_heatmap_spec sp;
+    char err[SMP_ERR_SIZE] = "";
     unsigned char *px;
     int i, w = 0, h = 0;
     for (i = 0; i < 12; i++) v[i] = (float)i / 10.0f;
@@ -6421,15 +6424,15 @@ static int test_plot_heatmap_png(void) {
     sp.title = "alpha by layer", sp.value_label = "mean alpha";
     sp.values = v, sp.rows = 3, sp.cols = 4, sp.row_labels = rows, sp.annotate = 1;
     sp.width = 640, sp.height = 400;
-    CHECK(plot_heatmap(&sp, path, err) == 0, "plot_heatmap: %s", err);
+    CHECK(smp_heatmap(&sp, path, err) == 0, "smp_heatmap: %s", err);
     px = t_plot_load(path, &w, &h);
     remove(path);
     CHECK(px && w == 640 && h == 400, "decode %d x %d", w, h);
-    CHECK(t_plot_count(px, w, 0, 0, w, h, plot_viridis(0)) > 2000, "min cell colour missing");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, plot_viridis(1)) > 2000, "max cell colour missing");
-    CHECK(t_plot_count(px, w, 0, 0, w, h, PLOT__MISSING) > 2000, "NaN cell not grey");
-    CHECK(plot_viridis(0) == 0x440154u && plot_viridis(1) == 0xFDE725u && plot_viridis(NAN) == 0x440154u,
-          "viridis ends %06x %06x", plot_viridis(0), plot_viridis(1));
+    CHECK(t_plot_count(px, w, 0, 0, w, h, smp_viridis(0)) > 2000, "min cell colour missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, smp_viridis(1)) > 2000, "max cell colour missing");
+    CHECK(t_plot_count(px, w, 0, 0, w, h, SMP__MISSING) > 2000, "NaN cell not grey");
+    CHECK(smp_viridis(0) == 0x440154u && smp_viridis(1) == 0xFDE725u && smp_viridis(NAN) == 0x440154u,
+          "viridis ends %06x %06x", smp_viridis(0), smp_viridis(1));
     stbi_image_free(px);
     return 0;
 }
@@ -6437,13 +6440,13 @@ static int test_plot_heatmap_png(void) {
 static int test_plot_grid_png(void) {
     const char *path = "test_tmp_plot_grid.png";
     float y[3] = {3, 2, 1.5f}, m[4] = {0.25f, 0.75f, 0.75f, 0.25f};
-    plot_series se;
-    plot_line_spec ls;
-    plot_bar_series bs;
-    plot_bar_spec bp;
-    plot_heatmap_spec hp;
-    plot_panel p[3];
-    char err[PLOT_ERR_SIZE] = "";
+    smp_series se;
+    smp_line_spec ls;
+    smp_bar_series bs;
+    smp_bar_spec bp;
+    smp_heatmap_spec hp;
+    smp_panel p[3];
+    char err[SMP_ERR_SIZE] = "";
     unsigned char *px;
     int w = 0, h = 0;
     memset(&se, 0, sizeof se), memset(&ls, 0, sizeof ls), memset(&bs, 0, sizeof bs);
@@ -6452,7 +6455,7 @@ static int test_plot_grid_png(void) {
     bs.values = y, bp.series = &bs, bp.n_series = 1, bp.n_categories = 3, bp.title = "bars";
     hp.values = m, hp.rows = hp.cols = 2, hp.title = "H_res", hp.annotate = 1;
     p[0].line = &ls, p[1].bar = &bp, p[2].heatmap = &hp;
-    CHECK(plot_grid(p, 3, 2, 400, 300, "Run summary", path, err) == 0, "plot_grid: %s", err);
+    CHECK(smp_grid(p, 3, 2, 400, 300, "Run summary", path, err) == 0, "smp_grid: %s", err);
     px = t_plot_load(path, &w, &h);
     remove(path);
     CHECK(px && w == 800 && h == 600 + 48, "decode %d x %d", w, h);
@@ -6462,30 +6465,30 @@ static int test_plot_grid_png(void) {
     CHECK(t_plot_not_white(px, w, 400, 348, 800, 648) == 0, "the unused cell is not blank");
     stbi_image_free(px);
     p[1].line = &ls;
-    CHECK(plot_grid(p, 3, 2, 400, 300, NULL, path, err) != 0 && strstr(err, "panels[1]"), "err '%s'", err);
+    CHECK(smp_grid(p, 3, 2, 400, 300, NULL, path, err) != 0 && strstr(err, "panels[1]"), "err '%s'", err);
     return 0;
 }
 
 static int test_plot_errors_are_reported(void) {
     const char *bad_path = "/nonexistent_sparsemem_dir/x.png";
     float y[2] = {1, 2};
-    plot_series se;
-    plot_line_spec sp;
-    char err[PLOT_ERR_SIZE] = "";
+    smp_series se;
+    smp_line_spec sp;
+    char err[SMP_ERR_SIZE] = "";
     memset(&se, 0, sizeof se);
     se.y = y, se.n = 2;
     memset(&sp, 0, sizeof sp);
     sp.series = &se, sp.n_series = 1;
-    CHECK(plot_line_chart(&sp, bad_path, err) != 0, "writing to %s succeeded", bad_path);
+    CHECK(smp_line_chart(&sp, bad_path, err) != 0, "writing to %s succeeded", bad_path);
     CHECK(strstr(err, bad_path) != NULL, "message does not name the path: '%s'", err);
     sp.n_series = 0;
-    CHECK(plot_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "n_series"), "err '%s'", err);
+    CHECK(smp_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "n_series"), "err '%s'", err);
     sp.n_series = 1, sp.log_y = 1, sp.fixed_y = 1, sp.ymin = 0, sp.ymax = 1;
-    CHECK(plot_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "ymin"), "err '%s'", err);
+    CHECK(smp_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "ymin"), "err '%s'", err);
     sp.log_y = 0, sp.fixed_y = 0, sp.width = 20;
-    CHECK(plot_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "width 20"), "err '%s'", err);
+    CHECK(smp_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "width 20"), "err '%s'", err);
     se.y = NULL, sp.width = 0;
-    CHECK(plot_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "series[0].y"), "err '%s'", err);
+    CHECK(smp_line_chart(&sp, "test_tmp_never.png", err) != 0 && strstr(err, "series[0].y"), "err '%s'", err);
     {
         FILE *f = fopen("test_tmp_never.png", "rb");
         if (f) fclose(f);
@@ -6494,12 +6497,162 @@ static int test_plot_errors_are_reported(void) {
     return 0;
 }
 
+/* A title far too long for its panel is drawn smaller and cut: no title
+ * pixel in the outer columns of the panel, and it is still there. */
+static int test_plot_long_title_stays_inside(void) {
+    smp_canvas c;
+    float y[3] = {1, 2, 3};
+    smp_series se;
+    smp_line_spec sp;
+    char err[SMP_ERR_SIZE] = "";
+    long edge, middle;
+    memset(&se, 0, sizeof se);
+    se.y = y, se.n = 3;
+    memset(&sp, 0, sizeof sp);
+    sp.series = &se, sp.n_series = 1;
+    sp.title = "differential-x2: module output magnitude (mean L2 norm per position) over training, "
+               "with a title nobody should write";
+    CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+    CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+    /* rows 0..30 hold only the title; 8 px at each side must stay background */
+    edge = smp__ink(&c, 0, 0, 8, 30) + smp__ink(&c, c.w - 8, 0, c.w, 30);
+    middle = smp__ink(&c, 8, 0, c.w - 8, 30);
+    smp_canvas_free(&c);
+    CHECK(edge == 0, "%ld title pixels within 8 px of the panel's sides", edge);
+    CHECK(middle > 500, "title missing (%ld pixels)", middle);
+    return 0;
+}
+
+/* Centre column of the pixels of one colour (-1 when none). */
+static double t_plot_mean_x(const smp_canvas *c, smp_color col) {
+    double sum = 0;
+    long n = 0;
+    int x, y;
+    for (y = 0; y < c->h; y++)
+        for (x = 0; x < c->w; x++)
+            if (smp_get_pixel(c, x, y) == col) sum += x, n++;
+    return n ? sum / n : -1;
+}
+
+/* Dots at x = 10, 100, 1000, 10000 on a log x axis are equally spaced;
+ * on a linear axis they are not. */
+static int test_plot_log_x_decades_equal(void) {
+    static const smp_color cols[4] = {0x0000FFu, 0x00FF00u, 0xFF0000u, 0xFF00FFu};
+    float xs[4] = {10, 100, 1000, 10000}, ys[4] = {1, 1, 1, 1};
+    smp_series se[4];
+    smp_line_spec sp;
+    smp_canvas c;
+    char err[SMP_ERR_SIZE] = "";
+    double at[4];
+    int i, log_x;
+    memset(se, 0, sizeof se);
+    for (i = 0; i < 4; i++) se[i].x = &xs[i], se[i].y = &ys[i], se[i].n = 1, se[i].color = cols[i];
+    for (log_x = 1; log_x >= 0; log_x--) {
+        memset(&sp, 0, sizeof sp);
+        sp.series = se, sp.n_series = 4, sp.log_x = log_x;
+        CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+        CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+        for (i = 0; i < 4; i++) at[i] = t_plot_mean_x(&c, cols[i]);
+        smp_canvas_free(&c);
+        for (i = 0; i < 4; i++) CHECK(at[i] >= 0, "dot %d not drawn (log_x %d)", i, log_x);
+        if (log_x)
+            for (i = 2; i < 4; i++)
+                CHECK(fabs((at[i] - at[i - 1]) - (at[1] - at[0])) < 1.0, "decade %d spans %g px, the first %g",
+                      i, at[i] - at[i - 1], at[1] - at[0]);
+        else
+            CHECK(at[3] - at[2] > 5 * (at[2] - at[1]), "linear axis spacing %g %g", at[2] - at[1], at[3] - at[2]);
+    }
+    return 0;
+}
+
+/* A band from 2 to 8 on a fixed 0..10 axis is shaded between the rows of 2
+ * and 8 (found from the frame) and nowhere else in that column. */
+static int test_plot_band_between_min_and_max(void) {
+    float x[2] = {0, 1}, y[2] = {5, 5}, lo[2] = {2, 2}, hi[2] = {8, 8};
+    smp_series se;
+    smp_line_spec sp;
+    smp_canvas c;
+    char err[SMP_ERR_SIZE] = "";
+    int yy, col, top = -1, bottom = -1, b0 = -1, b1 = -1;
+    memset(&se, 0, sizeof se);
+    se.x = x, se.y = y, se.n = 2, se.y_lo = lo, se.y_hi = hi, se.color = 0x0072B2u;
+    memset(&sp, 0, sizeof sp);
+    sp.series = &se, sp.n_series = 1, sp.fixed_y = 1, sp.ymin = 0, sp.ymax = 10, sp.markers = -1;
+    CHECK(smp_canvas_init(&c, 640, 400, SMP_WHITE, err) == 0, "%s", err);
+    CHECK(smp_line_chart_draw(&c, 0, 0, 640, 400, &sp, err) == 0, "%s", err);
+    col = c.w / 2 + 3; /* off the grid's vertical lines */
+    for (yy = 0; yy < c.h; yy++) {
+        smp_color p = smp_get_pixel(&c, col, yy);
+        if (p == SMP__AXIS) top = top < 0 ? yy : top, bottom = yy; /* the frame */
+        if (p != SMP_WHITE && p != SMP__GRID && p != SMP__GRID_MINOR && p != SMP__AXIS && p != 0x0072B2u &&
+            (p >> 16) < 0xE0 && (p & 255) > (p >> 16)) /* tinted blue, not anti-aliased line edge */
+            b0 = b0 < 0 ? yy : b0, b1 = yy;
+    }
+    smp_canvas_free(&c);
+    CHECK(top >= 0 && bottom > top + 100, "frame rows %d..%d", top, bottom);
+    {
+        double h = bottom - top, want0 = top + 0.2 * h, want1 = top + 0.8 * h;
+        CHECK(fabs(b0 - want0) <= 3 && fabs(b1 - want1) <= 3, "band rows %d..%d, want %.0f..%.0f", b0, b1,
+              want0, want1);
+    }
+    return 0;
+}
+
+/* A CSV with a NaN and a non-number reads back; series take legend names
+ * from "col=name"; a missing column is an error naming it. */
+static int test_plot_csv_series_names(void) {
+    const char *path = "test_tmp_plot.csv";
+    FILE *f = fopen(path, "w");
+    smp_csv t;
+    smp_series se[3];
+    char err[SMP_ERR_SIZE] = "";
+    int n;
+    CHECK(f != NULL, "cannot write %s", path);
+    fputs("experts,ms_per_step,baseline_ms\n16384,212.5,218\n65536,nan,218\n262144,x,219\n", f);
+    fclose(f);
+    CHECK(smp_csv_read(&t, path, err) == 0, "%s", err);
+    remove(path);
+    CHECK(t.n_cols == 3 && t.n_rows == 3, "%d cols, %d rows", t.n_cols, t.n_rows);
+    CHECK(smp_csv_at(&t, 0, 1) == 212.5f && isnan(smp_csv_at(&t, 1, 1)) && isnan(smp_csv_at(&t, 2, 1)) &&
+              smp_csv_at(&t, 2, 2) == 219.0f && isnan(smp_csv_at(&t, 3, 0)),
+          "values read back wrong");
+    n = smp_csv_series(&t, "experts", "ms_per_step=with PEER,baseline_ms", se, 3, err);
+    CHECK(n == 2, "%d series (%s)", n, err);
+    CHECK(!strcmp(se[0].name, "with PEER") && !strcmp(se[1].name, "baseline_ms"), "names '%s' '%s'",
+          se[0].name, se[1].name);
+    CHECK(se[0].x[2] == 262144.0f && se[1].y[0] == 218.0f && se[0].n == 3, "series values wrong");
+    smp_csv_series_free(se, n);
+    CHECK(smp_csv_series(&t, "experts", "ms_per_step,nope=Nope", se, 3, err) < 0 && strstr(err, "'nope'"),
+          "a missing column gave '%s'", err);
+    smp_csv_free(&t);
+    return 0;
+}
+
+/* The moving average is centred and skips NaN; the band over runs is the
+ * mean, min and max of the finite values per point. */
+static int test_plot_smoothing_and_band_over_runs(void) {
+    float y[5] = {1, 2, NAN, 4, 5}, out[5], a[3] = {1, 2, NAN}, b[3] = {3, NAN, NAN}, c[3] = {2, 5, NAN};
+    const float *runs[3];
+    float mean[3], lo[3], hi[3];
+    smp_moving_average(y, 5, 1, out);
+    CHECK(out[0] == 1.5f && out[1] == 1.5f && out[2] == 3.0f && out[3] == 4.5f && out[4] == 4.5f,
+          "moving average %g %g %g %g %g", out[0], out[1], out[2], out[3], out[4]);
+    runs[0] = a, runs[1] = b, runs[2] = c;
+    smp_band_over_runs(runs, 3, 3, mean, lo, hi);
+    CHECK(mean[0] == 2.0f && lo[0] == 1.0f && hi[0] == 3.0f, "point 0: %g [%g, %g]", mean[0], lo[0], hi[0]);
+    CHECK(mean[1] == 3.5f && lo[1] == 2.0f && hi[1] == 5.0f, "point 1: %g [%g, %g]", mean[1], lo[1], hi[1]);
+    CHECK(isnan(mean[2]) && isnan(lo[2]) && isnan(hi[2]), "an all-NaN point is not NaN");
+    return 0;
+}
+
 #define PLOT_TESTS                                                                            \
     T(test_plot_ticks_are_nice), T(test_plot_text_and_polyline), T(test_plot_line_chart_png), \
         T(test_plot_line_chart_nan_gap), T(test_plot_legend_avoids_data),                     \
         T(test_plot_legend_outside_when_large),                                               \
         T(test_plot_bar_chart_png), T(test_plot_heatmap_png), T(test_plot_grid_png),          \
-        T(test_plot_errors_are_reported)
+        T(test_plot_errors_are_reported), T(test_plot_long_title_stays_inside),               \
+        T(test_plot_log_x_decades_equal), T(test_plot_band_between_min_and_max),              \
+        T(test_plot_csv_series_names), T(test_plot_smoothing_and_band_over_runs)
 
 /* ---- parity with an independent PyTorch implementation --------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,

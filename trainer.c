@@ -35,1441 +35,8 @@
 #include <omp.h>
 #endif
 
-/* ===================================================================== */
-/* Plots (PNG via stb_image_write)                                       */
-/* ===================================================================== */
-
-/* plot.h - PNG charts for the sparsemem reference trainer.
- *
- * Line charts (multiple series, NaN gaps, optional log y, legend placed in the
- * emptiest corner), grouped bar charts (value labels, reference line), heatmaps
- * (viridis colour map with a colour bar) and multi-panel grids, drawn on an RGB
- * raster with anti-aliased lines and text and written as PNG.
- *
- * Use: include (or paste) in ONE C file; every function is static. Needs the
- * Debian libstb-dev headers <stb/stb_image_write.h> and <stb/stb_easy_font.h>.
- * stb_image_write's implementation is compiled here unless PLOT_NO_STB_IMPL is
- * defined (define it when the program compiles STB_IMAGE_WRITE_IMPLEMENTATION
- * elsewhere). Text is stb_easy_font's segment font scaled up (scale 2: capitals
- * 14 px tall).
- *
- * Conventions: colours are 0xRRGGBB. Functions that can fail return 0 on
- * success, non-zero on failure with a message in errbuf (PLOT_ERR_SIZE bytes,
- * may be NULL). Chart specs are meant to be zero-initialised: a 0 field means
- * its default. Canvas coordinates are pixels, x right, y down; pixel (i, j)
- * covers [i, i+1) x [j, j+1). No global state.
- *
- * Charts (to a PNG file, or into a panel of a canvas with the _draw forms):
- *   plot_line_chart(spec, path, err)   plot_line_chart_draw(canvas, x, y, w, h, spec, err)
- *   plot_bar_chart(spec, path, err)    plot_bar_chart_draw(...)
- *   plot_heatmap(spec, path, err)      plot_heatmap_draw(...)
- *   plot_grid(panels, n, cols, panel_w, panel_h, title, path, err)
- * Raster: plot_canvas_init/free, plot_fill, plot_clip/plot_clip_reset,
- *   plot_fill_rect, plot_rect, plot_line, plot_polyline, plot_dashed_hline,
- *   plot_text, plot_text_ex (anchored, optionally rotated), plot_text_width,
- *   plot_get_pixel, plot_write_png; colours: plot_palette, plot_viridis.
- * When the same C file defines STB_IMAGE_WRITE_IMPLEMENTATION itself, include
- * stb_image_write there only once: leave PLOT_NO_STB_IMPL undefined and drop
- * that define, or define PLOT_NO_STB_IMPL when it lives in another file.
- */
-#ifndef PLOT_H
-#define PLOT_H
-
-#include <errno.h>
-#include <math.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-
-#ifndef PLOT_NO_STB_IMPL
-#define STB_IMAGE_WRITE_IMPLEMENTATION
-#endif
-#include <stb/stb_image_write.h>
-#include <stb/stb_easy_font.h>
-
-#if defined(__GNUC__) || defined(__clang__)
-#define PLOT_FN static __attribute__((unused))
-#else
-#define PLOT_FN static
-#endif
-
-#define PLOT_ERR_SIZE 256
-#define PLOT_MAX_SERIES 32
-#define PLOT_DEFAULT_W 960
-#define PLOT_DEFAULT_H 600
-#define PLOT_MIN_DIM 160 /* smallest chart panel, either side */
-#define PLOT_MAX_DIM 16384
-#define PLOT_WHITE 0xFFFFFFu
-
-#define PLOT__TEXT 0x222222u
-#define PLOT__AXIS 0x444444u
-#define PLOT__GRID 0xE2E2E2u
-#define PLOT__GRID_MINOR 0xF2F2F2u
-#define PLOT__REF 0x555555u
-#define PLOT__MISSING 0xCCCCCCu
-#define PLOT__CAP 7.0  /* stb_easy_font capital height, font units */
-#define PLOT__DESC 2.0 /* descender depth below the baseline, font units */
-#define PLOT__MAX_TICKS 32
-#define PLOT__LABEL 128 /* longest label kept, bytes */
-
-typedef unsigned plot_color; /* 0xRRGGBB */
-
-typedef struct {
-    int w, h;
-    unsigned char *px;      /* w*h*3 bytes RGB, top row first */
-    float *cover;           /* w*h scratch coverage for anti-aliased shapes */
-    int cx0, cy0, cx1, cy1; /* clip rectangle [cx0,cx1) x [cy0,cy1) */
-} plot_canvas;
-
-typedef struct {
-    const char *name;  /* legend entry; NULL: not in the legend */
-    const float *x;    /* n x values, or NULL for 0, 1, ..., n-1 */
-    const float *y;    /* n y values; NaN/inf (and y <= 0 on a log axis) leave gaps */
-    int n;
-    plot_color color;  /* 0: palette colour of the series index */
-} plot_series;
-
-typedef struct {
-    const char *title, *xlabel, *ylabel;
-    const plot_series *series;
-    int n_series;          /* 1..PLOT_MAX_SERIES */
-    int log_y;             /* log10 y axis */
-    int fixed_x, fixed_y;  /* 1: use xmin..xmax / ymin..ymax instead of the data range */
-    double xmin, xmax, ymin, ymax;
-    int has_ref;           /* 1: dashed horizontal reference line at ref_y */
-    double ref_y;
-    const char *ref_label; /* text over the reference line (may be NULL) */
-    int width, height;     /* image size for plot_line_chart; 0: 960 x 600 */
-    float line_width;      /* px; 0: 2.5 */
-    float text_scale;      /* 0: 2 (capitals 14 px tall) */
-} plot_line_spec;
-
-typedef struct {
-    const char *name;     /* legend entry; NULL: not in the legend */
-    const float *values;  /* one per category; NaN: no bar */
-    plot_color color;     /* 0: palette colour of the series index */
-} plot_bar_series;
-
-typedef struct {
-    const char *title, *xlabel, *ylabel;
-    const char *const *categories; /* n_categories labels; NULL: 0, 1, ... */
-    int n_categories;
-    const plot_bar_series *series; /* bars side by side in each category */
-    int n_series;                  /* 1..PLOT_MAX_SERIES */
-    int value_labels;              /* 1: print each value over its bar when it fits */
-    int fixed_y;
-    double ymin, ymax;
-    int has_ref;
-    double ref_y;
-    const char *ref_label;
-    int width, height;
-    float text_scale;
-} plot_bar_spec;
-
-typedef struct {
-    const char *title, *xlabel, *ylabel;
-    const char *value_label;        /* colour bar label (may be NULL) */
-    const float *values;            /* rows x cols, row-major; NaN: grey cell */
-    int rows, cols;
-    const char *const *row_labels;  /* NULL: 0, 1, ... */
-    const char *const *col_labels;
-    int annotate;                   /* 1: print values in cells big enough */
-    int fixed_range;                /* 1: colour range vmin..vmax, else the data range */
-    double vmin, vmax;
-    int width, height;
-    float text_scale;
-} plot_heatmap_spec;
-
-/* One panel of a grid: exactly one of the three is non-NULL. */
-typedef struct {
-    const plot_line_spec *line;
-    const plot_bar_spec *bar;
-    const plot_heatmap_spec *heatmap;
-} plot_panel;
-
-typedef struct {
-    int x0, y0, x1, y1;
-} plot__box;
-
-typedef struct {
-    double lo, hi; /* shown range; log10 of the data on a log axis */
-    int log;
-    double p0, p1; /* pixel coordinates of lo and hi */
-} plot__axis;
-
-typedef struct {
-    int n, n_minor;
-    double v[PLOT__MAX_TICKS];
-    char label[PLOT__MAX_TICKS][24];
-    double minor[PLOT__MAX_TICKS * 8];
-} plot__ticks;
-
-/* ---- errors, small helpers ------------------------------------------ */
-
-PLOT_FN int plot__fail(char *errbuf, const char *fmt, ...) {
-    if (errbuf) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(errbuf, PLOT_ERR_SIZE, fmt, ap);
-        va_end(ap);
-    }
-    return 1;
-}
-
-/* floor/ceil of v as an int clamped to [lo, hi] (safe for huge v). */
-PLOT_FN int plot__clampi(double v, int lo, int hi) {
-    if (!(v > lo)) return lo;
-    if (v > hi) return hi;
-    return (int)v;
-}
-
-PLOT_FN plot__box plot__mkbox(int x0, int y0, int x1, int y1) {
-    plot__box b;
-    b.x0 = x0;
-    b.y0 = y0;
-    b.x1 = x1;
-    b.y1 = y1;
-    return b;
-}
-
-/* Okabe & Ito's colour-blind-safe palette, yellow last (weak on white). */
-PLOT_FN plot_color plot_palette(int i) {
-    static const plot_color pal[8] = {0x0072B2, 0xD55E00, 0x009E73, 0xE69F00,
-                                      0xCC79A7, 0x56B4E9, 0x000000, 0xF0E442};
-    return pal[((i % 8) + 8) % 8];
-}
-
-/* Viridis (matplotlib's perceptual map) sampled at t = 0, 0.1, ..., 1 and
- * linearly interpolated; t is clamped to [0, 1], NaN maps to 0. */
-PLOT_FN plot_color plot_viridis(double t) {
-    static const unsigned char tab[11][3] = {
-        {68, 1, 84},    {72, 36, 117},  {65, 68, 135},  {53, 95, 141},
-        {42, 120, 142}, {33, 145, 140}, {34, 168, 132}, {68, 191, 112},
-        {122, 209, 81}, {189, 223, 38}, {253, 231, 37}};
-    double f, w;
-    int i, k;
-    plot_color c = 0;
-    if (!(t > 0)) t = 0;
-    if (t > 1) t = 1;
-    f = t * 10.0;
-    i = f >= 10.0 ? 9 : (int)f;
-    w = f - i;
-    for (k = 0; k < 3; k++) {
-        double v = tab[i][k] + (tab[i + 1][k] - tab[i][k]) * w;
-        c = (c << 8) | (plot_color)(v + 0.5);
-    }
-    return c;
-}
-
-/* ---- canvas ------------------------------------------------------------ */
-
-PLOT_FN void plot_clip_reset(plot_canvas *c) {
-    c->cx0 = 0;
-    c->cy0 = 0;
-    c->cx1 = c->w;
-    c->cy1 = c->h;
-}
-
-/* Restrict drawing to [x0,x1) x [y0,y1) (intersected with the canvas). */
-PLOT_FN void plot_clip(plot_canvas *c, int x0, int y0, int x1, int y1) {
-    c->cx0 = x0 < 0 ? 0 : x0;
-    c->cy0 = y0 < 0 ? 0 : y0;
-    c->cx1 = x1 > c->w ? c->w : x1;
-    c->cy1 = y1 > c->h ? c->h : y1;
-}
-
-PLOT_FN void plot_fill(plot_canvas *c, plot_color col) {
-    size_t i, n = (size_t)c->w * c->h;
-    for (i = 0; i < n; i++) {
-        c->px[3 * i + 0] = (unsigned char)(col >> 16);
-        c->px[3 * i + 1] = (unsigned char)(col >> 8);
-        c->px[3 * i + 2] = (unsigned char)col;
-    }
-}
-
-PLOT_FN void plot_canvas_free(plot_canvas *c) {
-    free(c->px);
-    free(c->cover);
-    c->px = NULL;
-    c->cover = NULL;
-    c->w = c->h = 0;
-}
-
-PLOT_FN int plot_canvas_init(plot_canvas *c, int w, int h, plot_color bg, char *errbuf) {
-    memset(c, 0, sizeof *c);
-    if (w < 1 || w > PLOT_MAX_DIM)
-        return plot__fail(errbuf, "plot_canvas_init: width %d out of range [1, %d]", w, PLOT_MAX_DIM);
-    if (h < 1 || h > PLOT_MAX_DIM)
-        return plot__fail(errbuf, "plot_canvas_init: height %d out of range [1, %d]", h, PLOT_MAX_DIM);
-    c->px = (unsigned char *)malloc((size_t)w * h * 3);
-    c->cover = (float *)malloc((size_t)w * h * sizeof(float));
-    if (!c->px || !c->cover) {
-        plot_canvas_free(c);
-        return plot__fail(errbuf, "plot_canvas_init: out of memory for %d x %d", w, h);
-    }
-    c->w = w;
-    c->h = h;
-    plot_clip_reset(c);
-    plot_fill(c, bg);
-    return 0;
-}
-
-PLOT_FN plot_color plot_get_pixel(const plot_canvas *c, int x, int y) {
-    const unsigned char *p = c->px + ((size_t)y * c->w + x) * 3;
-    return ((plot_color)p[0] << 16) | ((plot_color)p[1] << 8) | p[2];
-}
-
-/* pixel = pixel + (col - pixel) * a, inside the clip rectangle. */
-PLOT_FN void plot__blend(plot_canvas *c, int x, int y, plot_color col, float a) {
-    unsigned char *p;
-    int k;
-    if (x < c->cx0 || x >= c->cx1 || y < c->cy0 || y >= c->cy1 || !(a > 0)) return;
-    if (a > 1) a = 1;
-    p = c->px + ((size_t)y * c->w + x) * 3;
-    for (k = 0; k < 3; k++) {
-        float src = (float)((col >> (16 - 8 * k)) & 255u);
-        p[k] = (unsigned char)(p[k] + (src - p[k]) * a + 0.5f);
-    }
-}
-
-/* ---- anti-aliased coverage ----------------------------------------------
- * Shapes are drawn in three steps: clear the coverage of a region, take the
- * max coverage of every piece (rectangles, capsules) so overlapping pieces of
- * one shape do not darken their joints, then blend the colour by coverage. */
-
-PLOT_FN plot__box plot__cover_begin(plot_canvas *c, double x0, double y0, double x1, double y1) {
-    plot__box b;
-    int y;
-    b.x0 = plot__clampi(floor(x0), c->cx0, c->cx1);
-    b.x1 = plot__clampi(ceil(x1), b.x0, c->cx1);
-    b.y0 = plot__clampi(floor(y0), c->cy0, c->cy1);
-    b.y1 = plot__clampi(ceil(y1), b.y0, c->cy1);
-    for (y = b.y0; y < b.y1; y++)
-        memset(c->cover + (size_t)y * c->w + b.x0, 0, (size_t)(b.x1 - b.x0) * sizeof(float));
-    return b;
-}
-
-PLOT_FN void plot__cover_max(plot_canvas *c, int x, int y, double a) {
-    float *p = c->cover + (size_t)y * c->w + x;
-    if (a > *p) *p = (float)(a > 1 ? 1 : a);
-}
-
-/* Length of [i, i+1) inside [a, b). */
-PLOT_FN double plot__overlap(int i, double a, double b) {
-    double lo = a > i ? a : i, hi = b < i + 1 ? b : i + 1;
-    return hi > lo ? hi - lo : 0;
-}
-
-/* Exact area coverage of the rectangle [x0,x1) x [y0,y1). */
-PLOT_FN void plot__cover_rect(plot_canvas *c, plot__box b, double x0, double y0, double x1, double y1) {
-    int i, j, i0 = plot__clampi(floor(x0), b.x0, b.x1), i1 = plot__clampi(ceil(x1), b.x0, b.x1);
-    int j0 = plot__clampi(floor(y0), b.y0, b.y1), j1 = plot__clampi(ceil(y1), b.y0, b.y1);
-    for (j = j0; j < j1; j++) {
-        double fy = plot__overlap(j, y0, y1);
-        for (i = i0; i < i1; i++) plot__cover_max(c, i, j, fy * plot__overlap(i, x0, x1));
-    }
-}
-
-/* Capsule of radius r around segment (ax,ay)-(bx,by): coverage of a pixel is
- * r + 0.5 - distance(pixel centre, segment), clamped to [0, 1]. */
-PLOT_FN void plot__cover_segment(plot_canvas *c, plot__box b, double ax, double ay, double bx,
-                                 double by, double r) {
-    double dx = bx - ax, dy = by - ay, len2 = dx * dx + dy * dy;
-    int i, j;
-    int i0 = plot__clampi(floor((ax < bx ? ax : bx) - r - 1), b.x0, b.x1);
-    int i1 = plot__clampi(ceil((ax > bx ? ax : bx) + r + 1), b.x0, b.x1);
-    int j0 = plot__clampi(floor((ay < by ? ay : by) - r - 1), b.y0, b.y1);
-    int j1 = plot__clampi(ceil((ay > by ? ay : by) + r + 1), b.y0, b.y1);
-    for (j = j0; j < j1; j++) {
-        for (i = i0; i < i1; i++) {
-            double px = i + 0.5 - ax, py = j + 0.5 - ay;
-            double t = len2 > 0 ? (px * dx + py * dy) / len2 : 0, ex, ey;
-            t = t < 0 ? 0 : t > 1 ? 1 : t;
-            ex = px - t * dx;
-            ey = py - t * dy;
-            plot__cover_max(c, i, j, r + 0.5 - sqrt(ex * ex + ey * ey));
-        }
-    }
-}
-
-PLOT_FN void plot__cover_end(plot_canvas *c, plot__box b, plot_color col) {
-    int i, j;
-    for (j = b.y0; j < b.y1; j++)
-        for (i = b.x0; i < b.x1; i++) plot__blend(c, i, j, col, c->cover[(size_t)j * c->w + i]);
-}
-
-/* ---- shapes ------------------------------------------------------------ */
-
-/* Filled rectangle [x0,x1) x [y0,y1); fractional edges are anti-aliased. */
-PLOT_FN void plot_fill_rect(plot_canvas *c, double x0, double y0, double x1, double y1, plot_color col) {
-    plot__box b;
-    double t;
-    if (x1 < x0) t = x0, x0 = x1, x1 = t;
-    if (y1 < y0) t = y0, y0 = y1, y1 = t;
-    b = plot__cover_begin(c, x0, y0, x1, y1);
-    plot__cover_rect(c, b, x0, y0, x1, y1);
-    plot__cover_end(c, b, col);
-}
-
-/* Outline of the rectangle [x0,x1) x [y0,y1), `thick` px wide, inside it. */
-PLOT_FN void plot_rect(plot_canvas *c, double x0, double y0, double x1, double y1, double thick,
-                       plot_color col) {
-    plot_fill_rect(c, x0, y0, x1, y0 + thick, col);
-    plot_fill_rect(c, x0, y1 - thick, x1, y1, col);
-    plot_fill_rect(c, x0, y0 + thick, x0 + thick, y1 - thick, col);
-    plot_fill_rect(c, x1 - thick, y0 + thick, x1, y1 - thick, col);
-}
-
-/* Anti-aliased polyline through (xs[i], ys[i]) with round joins, `width` px
- * wide. A non-finite point breaks the line; a point with no finite neighbour
- * becomes a dot. marker_r > 0 also puts a disc of that radius on every point. */
-PLOT_FN void plot_polyline(plot_canvas *c, const double *xs, const double *ys, int n, double width,
-                           double marker_r, plot_color col) {
-    double r = width / 2, dot = marker_r > r ? marker_r : r, bx0 = HUGE_VAL, by0 = HUGE_VAL;
-    double bx1 = -HUGE_VAL, by1 = -HUGE_VAL;
-    plot__box b;
-    int i;
-    for (i = 0; i < n; i++) {
-        if (!isfinite(xs[i]) || !isfinite(ys[i])) continue;
-        bx0 = xs[i] < bx0 ? xs[i] : bx0;
-        bx1 = xs[i] > bx1 ? xs[i] : bx1;
-        by0 = ys[i] < by0 ? ys[i] : by0;
-        by1 = ys[i] > by1 ? ys[i] : by1;
-    }
-    if (bx0 > bx1) return;
-    b = plot__cover_begin(c, bx0 - dot - 1, by0 - dot - 1, bx1 + dot + 1, by1 + dot + 1);
-    for (i = 0; i < n; i++) {
-        int ok = isfinite(xs[i]) && isfinite(ys[i]);
-        int next = i + 1 < n && isfinite(xs[i + 1]) && isfinite(ys[i + 1]);
-        int prev = i > 0 && isfinite(xs[i - 1]) && isfinite(ys[i - 1]);
-        if (!ok) continue;
-        if (next) plot__cover_segment(c, b, xs[i], ys[i], xs[i + 1], ys[i + 1], r);
-        if (marker_r > 0 || (!next && !prev)) plot__cover_segment(c, b, xs[i], ys[i], xs[i], ys[i], dot);
-    }
-    plot__cover_end(c, b, col);
-}
-
-PLOT_FN void plot_line(plot_canvas *c, double x0, double y0, double x1, double y1, double width,
-                       plot_color col) {
-    double xs[2], ys[2];
-    xs[0] = x0;
-    xs[1] = x1;
-    ys[0] = y0;
-    ys[1] = y1;
-    plot_polyline(c, xs, ys, 2, width, 0, col);
-}
-
-/* Dashed horizontal line from x0 to x1 at height y (centre), `width` px thick. */
-PLOT_FN void plot_dashed_hline(plot_canvas *c, double x0, double x1, double y, double width,
-                               double dash, double gap, plot_color col) {
-    double x;
-    for (x = x0; x < x1; x += dash + gap)
-        plot_fill_rect(c, x, y - width / 2, x + dash < x1 ? x + dash : x1, y + width / 2, col);
-}
-
-/* ---- text ----------------------------------------------------------------
- * stb_easy_font builds each glyph from axis-aligned quads in font units
- * (capitals 7 high, advance ~6); they are scaled and rasterised with exact
- * area coverage, so any scale works and integer scales are crisp. */
-
-PLOT_FN char plot__printable(char ch) {
-    unsigned char u = (unsigned char)ch;
-    return (u >= 32 && u < 127) ? ch : '?';
-}
-
-PLOT_FN int plot__advance(char ch) {
-    char one[2];
-    one[0] = plot__printable(ch);
-    one[1] = 0;
-    return stb_easy_font_width(one);
-}
-
-/* Width in px of the drawn text (the last glyph's trailing spacing excluded). */
-PLOT_FN double plot_text_width(const char *text, double scale) {
-    int u = 0;
-    if (!text || !*text) return 0;
-    for (; *text; text++) u += plot__advance(*text);
-    return (u - 1) * scale;
-}
-
-/* Cover the glyph quads of `text` with its top-left at (x, y); `up` rotates
- * it 90 degrees counter-clockwise (read bottom to top), (x, y) then being the
- * top-left of the rotated box. wu is the text width in font units. */
-PLOT_FN void plot__cover_text(plot_canvas *c, plot__box b, double x, double y, const char *text,
-                              double s, int up, double wu) {
-    char one[2], vbuf[4096];
-    double u = 0;
-    int q, nq;
-    for (; *text; text++) {
-        one[0] = plot__printable(*text);
-        one[1] = 0;
-        nq = stb_easy_font_print(0, 0, one, NULL, vbuf, (int)sizeof vbuf);
-        for (q = 0; q < nq; q++) { /* vertices 0 and 2 are opposite corners of the quad */
-            float a[2], z[2];
-            memcpy(a, vbuf + q * 64, sizeof a);
-            memcpy(z, vbuf + q * 64 + 32, sizeof z);
-            if (up)
-                plot__cover_rect(c, b, x + a[1] * s, y + (wu - u - z[0]) * s, x + z[1] * s,
-                                 y + (wu - u - a[0]) * s);
-            else
-                plot__cover_rect(c, b, x + (u + a[0]) * s, y + a[1] * s, x + (u + z[0]) * s,
-                                 y + z[1] * s);
-        }
-        u += plot__advance(*text);
-    }
-}
-
-/* Text anchored at (x, y): (ax, ay) are fractions of its box (0 left/top,
- * 0.5 centre, 1 right/bottom). The box is the text width by the capital height
- * (descenders hang below it); `up` draws it rotated to read bottom to top. */
-PLOT_FN void plot_text_ex(plot_canvas *c, double x, double y, const char *text, double scale,
-                          plot_color col, double ax, double ay, int up) {
-    double wu = plot_text_width(text, 1), bw = up ? PLOT__CAP * scale : wu * scale;
-    double bh = up ? wu * scale : PLOT__CAP * scale;
-    plot__box b;
-    if (!text || !*text) return;
-    x = floor(x - ax * bw + 0.5);
-    y = floor(y - ay * bh + 0.5);
-    b = plot__cover_begin(c, x - 1, y - 1, x + bw + PLOT__DESC * scale + 1,
-                          y + bh + PLOT__DESC * scale + 1);
-    plot__cover_text(c, b, x, y, text, scale, up, wu);
-    plot__cover_end(c, b, col);
-}
-
-/* Pixels covered by horizontal anchored text, descenders and `pad` around included. */
-PLOT_FN plot__box plot__text_box(double x, double y, const char *text, double scale, double ax,
-                                 double ay, double pad) {
-    double bw = plot_text_width(text, scale), x0 = floor(x - ax * bw + 0.5);
-    double y0 = floor(y - ay * PLOT__CAP * scale + 0.5);
-    return plot__mkbox((int)floor(x0 - pad), (int)floor(y0 - pad), (int)ceil(x0 + bw + pad),
-                       (int)ceil(y0 + (PLOT__CAP + PLOT__DESC) * scale + pad));
-}
-
-/* Horizontal anchored text on a white box, readable over lines and grid. */
-PLOT_FN void plot__text_on_white(plot_canvas *c, double x, double y, const char *text, double scale,
-                                 plot_color col, double ax, double ay) {
-    plot__box b = plot__text_box(x, y, text, scale, ax, ay, scale + 1);
-    if (!text || !*text) return;
-    plot_fill_rect(c, b.x0, b.y0, b.x1, b.y1, PLOT_WHITE);
-    plot_text_ex(c, x, y, text, scale, col, ax, ay, 0);
-}
-
-PLOT_FN void plot_text(plot_canvas *c, double x, double y, const char *text, double scale,
-                       plot_color col) {
-    plot_text_ex(c, x, y, text, scale, col, 0, 0, 0);
-}
-
-/* Copy src to dst (PLOT__LABEL bytes), cut with ".." to fit max_px. */
-PLOT_FN void plot__fit_text(char *dst, const char *src, double max_px, double s) {
-    int n;
-    snprintf(dst, PLOT__LABEL, "%s", src ? src : "");
-    for (n = (int)strlen(dst); n > 0 && plot_text_width(dst, s) > max_px; n--)
-        snprintf(dst, PLOT__LABEL, "%.*s..", n - 1, src);
-}
-
-/* ---- numbers and ticks ---------------------------------------------------- */
-
-/* Decimals needed to print multiples of step (a 1-2-5 value). */
-PLOT_FN int plot__decimals(double step) {
-    int d = (int)ceil(-log10(step) - 1e-6);
-    return d < 0 ? 0 : d > 6 ? 6 : d;
-}
-
-/* v printed to the resolution of step; scientific when |v| >= 1e6 or < 1e-3. */
-PLOT_FN void plot__fmt_value(char *buf, size_t cap, double v, double step) {
-    double a = fabs(v);
-    if (a < 1e-9 * step) v = a = 0; /* no "-0.0" from rounding */
-    if (a == 0 && step < 1e-3) {
-        snprintf(buf, cap, "0"); /* beside scientific neighbours */
-    } else if (a != 0 && (a >= 1e6 || a < 1e-3)) {
-        int e = (int)floor(log10(a));
-        double p = pow(10.0, e);
-        snprintf(buf, cap, "%.*fe%d", plot__decimals(step / p), v / p, e);
-    } else {
-        snprintf(buf, cap, "%.*f", plot__decimals(step), v);
-    }
-}
-
-/* v to about `sig` significant digits. */
-PLOT_FN void plot__fmt_sig(char *buf, size_t cap, double v, int sig) {
-    double a = fabs(v);
-    size_t n;
-    plot__fmt_value(buf, cap, v, a > 0 ? pow(10.0, floor(log10(a)) - (sig - 1)) : 1);
-    if (!strchr(buf, '.') || strchr(buf, 'e')) return;
-    for (n = strlen(buf); buf[n - 1] == '0'; n--) buf[n - 1] = 0; /* 0.810 -> 0.81 */
-    if (buf[n - 1] == '.') buf[n - 1] = 0;
-}
-
-/* 1-2-5 step giving about `target` intervals over span. */
-PLOT_FN double plot__nice_step(double span, int target) {
-    double raw = span / (target > 0 ? target : 1), mag = pow(10.0, floor(log10(raw))), f = raw / mag;
-    return (f < 1.5 ? 1 : f < 3 ? 2 : f < 7 ? 5 : 10) * mag;
-}
-
-/* Multiples of a 1-2-5 step in [lo, hi]. Labels share a suffix: k or M when
- * the largest |tick| is 1e4..1e10 (20000 prints as 20k), a common exponent
- * when it is smaller than 1e-3 or larger (-9.5e-7 prints as -0.95e-6). */
-PLOT_FN void plot__ticks_linear(plot__ticks *t, double lo, double hi, int target) {
-    double step = plot__nice_step(hi - lo, target), maxabs = 0, unit = 1;
-    char suffix[8] = "";
-    int i;
-    double k;
-    t->n = t->n_minor = 0;
-    for (k = ceil(lo / step - 1e-9); t->n < PLOT__MAX_TICKS && k * step <= hi + 1e-9 * step; k++) {
-        t->v[t->n++] = k * step;
-        maxabs = fabs(k * step) > maxabs ? fabs(k * step) : maxabs;
-    }
-    if (maxabs >= 1e4 && maxabs < 1e7) {
-        unit = 1e3;
-        strcpy(suffix, "k");
-    } else if (maxabs >= 1e7 && maxabs < 1e10) {
-        unit = 1e6;
-        strcpy(suffix, "M");
-    } else if (maxabs > 0 && (maxabs < 1e-3 || maxabs >= 1e10)) {
-        int e = (int)floor(log10(maxabs));
-        unit = pow(10.0, e);
-        snprintf(suffix, sizeof suffix, "e%d", e);
-    }
-    for (i = 0; i < t->n; i++) {
-        char num[16];
-        plot__fmt_value(num, sizeof num, t->v[i] / unit, step / unit);
-        snprintf(t->label[i], sizeof t->label[i], "%s%s", num, t->v[i] != 0 ? suffix : "");
-    }
-}
-
-/* Ticks for a log10 axis showing [lo, hi] (in log10 units): linear ticks when
- * it spans under a decade, 1-2-5 per decade under 2.5 decades, otherwise every
- * k-th decade, with minor ticks at 2..9 x 10^d when every decade is labelled. */
-PLOT_FN void plot__ticks_log(plot__ticks *t, double lo, double hi, int target) {
-    double span = hi - lo;
-    int nm = span < 2.5 ? 3 : 1, kstep = (int)ceil(span / (target > 0 ? target : 1)), d, m;
-    if (span < 1) {
-        plot__ticks_linear(t, pow(10.0, lo), pow(10.0, hi), target);
-        return;
-    }
-    if (kstep < 1) kstep = 1;
-    t->n = t->n_minor = 0;
-    for (d = (int)floor(lo); d <= (int)ceil(hi); d++) {
-        for (m = 1; m <= 9; m++) {
-            double v = m * pow(10.0, d), lv = log10(v);
-            int major = (m == 1 && ((d % kstep) + kstep) % kstep == 0) ||
-                        (nm == 3 && (m == 2 || m == 5));
-            if (lv < lo - 1e-9 || lv > hi + 1e-9) continue;
-            if (major && t->n < PLOT__MAX_TICKS) {
-                plot__fmt_value(t->label[t->n], sizeof t->label[0], v, v);
-                t->v[t->n++] = v;
-            } else if (kstep == 1 && t->n_minor < PLOT__MAX_TICKS * 8) {
-                t->minor[t->n_minor++] = v;
-            }
-        }
-    }
-}
-
-PLOT_FN void plot__axis_ticks(plot__ticks *t, const plot__axis *a, int target) {
-    if (a->log) plot__ticks_log(t, a->lo, a->hi, target);
-    else plot__ticks_linear(t, a->lo, a->hi, target);
-}
-
-PLOT_FN double plot__max_label_width(const plot__ticks *t, double s) {
-    double w = 0;
-    int i;
-    for (i = 0; i < t->n; i++) {
-        double wi = plot_text_width(t->label[i], s);
-        w = wi > w ? wi : w;
-    }
-    return w;
-}
-
-/* Pixel coordinate of data value v. */
-PLOT_FN double plot__map(const plot__axis *a, double v) {
-    double t = a->log ? log10(v) : v;
-    return a->p0 + (t - a->lo) / (a->hi - a->lo) * (a->p1 - a->p0);
-}
-
-/* Widen [lo, hi] by frac of its span each side; an empty range becomes +-10%
- * of its value (or +-0.5 around 0). */
-PLOT_FN void plot__pad_range(double *lo, double *hi, double frac) {
-    double span = *hi - *lo;
-    if (span <= 0) {
-        double half = *lo != 0 ? fabs(*lo) * 0.1 : 0.5;
-        *lo -= half;
-        *hi += half;
-        return;
-    }
-    *lo -= span * frac;
-    *hi += span * frac;
-}
-
-/* ---- chart frame: layout, grid, axes, titles ------------------------------- */
-
-PLOT_FN double plot__pad(double s) { return 4 * s + 4; }
-PLOT_FN double plot__title_scale(double s) { return floor(s * 1.5 + 0.5); }
-
-/* Plot area of a panel, leaving room for the title, the axis labels, `left`
- * px of y tick labels, `bottom` px of x tick labels and `right` px. */
-PLOT_FN plot__box plot__layout(plot__box panel, double s, const char *title, const char *xlabel,
-                               const char *ylabel, double left, double bottom, double right) {
-    double pad = plot__pad(s), line = (PLOT__CAP + PLOT__DESC) * s, ts = plot__title_scale(s);
-    plot__box a;
-    a.x0 = (int)(panel.x0 + pad + (ylabel ? line + 10 : 0) + left + 10);
-    a.x1 = (int)(panel.x1 - pad - right - 4 * s);
-    a.y0 = (int)(panel.y0 + pad + (title ? (PLOT__CAP + PLOT__DESC) * ts + 12 : PLOT__CAP * s));
-    a.y1 = (int)(panel.y1 - pad - (xlabel ? line + 10 : 0) - bottom - 10);
-    if (a.x1 < a.x0 + 8) a.x1 = a.x0 + 8;
-    if (a.y1 < a.y0 + 8) a.y1 = a.y0 + 8;
-    return a;
-}
-
-PLOT_FN void plot__draw_titles(plot_canvas *c, plot__box panel, plot__box area, double s,
-                               const char *title, const char *xlabel, const char *ylabel) {
-    double pad = plot__pad(s), mid_x = (area.x0 + area.x1) / 2.0, ts = plot__title_scale(s);
-    char buf[PLOT__LABEL];
-    if (title) { /* centred on the area unless that pushes it out of the panel */
-        plot__fit_text(buf, title, panel.x1 - panel.x0 - 2 * pad, ts);
-        mid_x = fmax(mid_x, panel.x0 + pad + plot_text_width(buf, ts) / 2);
-        mid_x = fmin(mid_x, panel.x1 - pad - plot_text_width(buf, ts) / 2);
-        plot_text_ex(c, mid_x, panel.y0 + pad, buf, ts, PLOT__TEXT, 0.5, 0, 0);
-    }
-    if (xlabel) {
-        plot__fit_text(buf, xlabel, area.x1 - area.x0, s);
-        plot_text_ex(c, (area.x0 + area.x1) / 2.0, panel.y1 - pad - PLOT__DESC * s, buf, s, PLOT__TEXT,
-                     0.5, 1, 0);
-    }
-    if (ylabel) {
-        plot__fit_text(buf, ylabel, area.y1 - area.y0, s);
-        plot_text_ex(c, panel.x0 + pad, (area.y0 + area.y1) / 2.0, buf, s, PLOT__TEXT, 0, 0.5, 1);
-    }
-}
-
-/* Grid lines at the ticks of a vertical (y) or horizontal (x) axis. */
-PLOT_FN void plot__draw_grid(plot_canvas *c, plot__box area, const plot__axis *a,
-                             const plot__ticks *t, int is_y) {
-    int i;
-    for (i = 0; i < t->n_minor + t->n; i++) {
-        int minor = i < t->n_minor;
-        double p = floor(plot__map(a, minor ? t->minor[i] : t->v[i - t->n_minor]));
-        plot_color col = minor ? PLOT__GRID_MINOR : PLOT__GRID;
-        if (is_y) plot_fill_rect(c, area.x0, p, area.x1, p + 1, col);
-        else plot_fill_rect(c, p, area.y0, p + 1, area.y1, col);
-    }
-}
-
-/* Frame around the area, tick marks and tick labels of the given axes. */
-PLOT_FN void plot__draw_axes(plot_canvas *c, plot__box area, const plot__axis *xa,
-                             const plot__ticks *xt, const plot__axis *ya, const plot__ticks *yt,
-                             double s) {
-    int i;
-    plot_rect(c, area.x0 - 1, area.y0 - 1, area.x1 + 1, area.y1 + 1, 1, PLOT__AXIS);
-    for (i = 0; ya && i < yt->n; i++) {
-        double p = floor(plot__map(ya, yt->v[i]));
-        if (p < area.y0 - 1 || p > area.y1) continue;
-        plot_fill_rect(c, area.x0 - 6, p, area.x0 - 1, p + 1, PLOT__AXIS);
-        plot_text_ex(c, area.x0 - 9, p + 0.5, yt->label[i], s, PLOT__TEXT, 1, 0.5, 0);
-    }
-    for (i = 0; xa && i < xt->n; i++) {
-        double p = floor(plot__map(xa, xt->v[i]));
-        if (p < area.x0 - 1 || p > area.x1) continue;
-        plot_fill_rect(c, p, area.y1 + 1, p + 1, area.y1 + 6, PLOT__AXIS);
-        plot_text_ex(c, p + 0.5, area.y1 + 10, xt->label[i], s, PLOT__TEXT, 0.5, 0, 0);
-    }
-}
-
-/* x ticks: as many as fit side by side without their labels touching. */
-PLOT_FN void plot__fit_xticks(plot__ticks *t, const plot__axis *a, double width, double s) {
-    int target;
-    for (target = (int)(width / (40 * s)); target > 1; target--) {
-        plot__axis_ticks(t, a, target);
-        if (t->n * (plot__max_label_width(t, s) + 8 * s) <= width) return;
-    }
-    plot__axis_ticks(t, a, 1);
-}
-
-PLOT_FN int plot__ytick_target(plot__box panel, double s) {
-    int n = (int)((panel.y1 - panel.y0) / (40 * s));
-    return n < 3 ? 3 : n > 8 ? 8 : n;
-}
-
-/* Pixel row of a reference value, or NAN when it is off the axis. */
-PLOT_FN double plot__ref_pos(plot__box area, const plot__axis *ya, double v) {
-    double p;
-    if (!isfinite(v) || (ya->log && !(v > 0))) return NAN;
-    p = plot__map(ya, v);
-    return p >= area.y0 && p <= area.y1 ? p : NAN;
-}
-
-PLOT_FN void plot__ref_line(plot_canvas *c, plot__box area, const plot__axis *ya, double v) {
-    double p = plot__ref_pos(area, ya, v);
-    if (p == p) plot_dashed_hline(c, area.x0, area.x1, p, 2, 10, 6, PLOT__REF);
-}
-
-/* Pixels in [x0,x1) x [y0,y1) that are neither background nor grid. */
-PLOT_FN long plot__ink(const plot_canvas *c, int x0, int y0, int x1, int y1) {
-    long n = 0;
-    int x, y;
-    for (y = y0 < 0 ? 0 : y0; y < y1 && y < c->h; y++)
-        for (x = x0 < 0 ? 0 : x0; x < x1 && x < c->w; x++) {
-            plot_color p = plot_get_pixel(c, x, y);
-            n += p != PLOT_WHITE && p != PLOT__GRID && p != PLOT__GRID_MINOR;
-        }
-    return n;
-}
-
-/* Label of a reference line: above or below it, at its right or left end,
- * wherever the drawn data leaves the most room (ties: right, above). */
-PLOT_FN void plot__ref_label(plot_canvas *c, plot__box area, const plot__axis *ya, double v,
-                             const char *label, double s) {
-    double p = plot__ref_pos(area, ya, v), gap = (PLOT__DESC + 1) * s + 3, best_x = 0, best_y = 0;
-    long best_ink = -1;
-    int k, best_k = 0;
-    if (!(p == p) || !label) return;
-    for (k = 0; k < 4; k++) {
-        double x = k % 2 == 0 ? area.x1 - 6 : area.x0 + 6, y = k < 2 ? p - gap : p + s + 3;
-        plot__box b = plot__text_box(x, y, label, s, k % 2 == 0, k < 2, s + 1);
-        long ink = b.y0 < area.y0 || b.y1 > area.y1 ? -1 : plot__ink(c, b.x0, b.y0, b.x1, b.y1);
-        if (ink >= 0 && (best_ink < 0 || ink < best_ink)) best_ink = ink, best_x = x, best_y = y, best_k = k;
-    }
-    if (best_ink >= 0)
-        plot__text_on_white(c, best_x, best_y, label, s, PLOT__REF, best_k % 2 == 0, best_k < 2);
-}
-
-/* Legend entries with their measured box. Entries with a NULL name are
- * left out; `boxes` draws square swatches (bars), else line segments. */
-typedef struct {
-    const char *names[PLOT_MAX_SERIES];
-    plot_color cols[PLOT_MAX_SERIES];
-    int n, boxes, w, h; /* w = h = 0 when no entry has a name */
-    double lw, s, row, sw;
-} plot__legend;
-
-PLOT_FN void plot__legend_make(plot__legend *L, int boxes, double lw, double s) {
-    double maxw = 0;
-    int i, shown = 0;
-    L->boxes = boxes;
-    L->lw = lw;
-    L->s = s;
-    L->row = (PLOT__CAP + 4) * s + 2;
-    L->sw = boxes ? PLOT__CAP * s : 13 * s;
-    for (i = 0; i < L->n; i++) {
-        if (!L->names[i]) continue;
-        shown++;
-        maxw = plot_text_width(L->names[i], s) > maxw ? plot_text_width(L->names[i], s) : maxw;
-    }
-    L->w = shown ? (int)(L->sw + maxw + (boxes ? 9 : 11) * s + 2) : 0;
-    L->h = shown ? (int)(shown * L->row + 2 * s + 4) : 0;
-}
-
-/* A legend covering over half the area's height or 40% of its width goes
- * outside, right of the area. */
-PLOT_FN int plot__legend_outside(const plot__legend *L, plot__box area) {
-    return L->h > (area.y1 - area.y0) / 2 || L->w > (area.x1 - area.x0) * 2 / 5;
-}
-
-PLOT_FN void plot__legend_draw_at(plot_canvas *c, const plot__legend *L, int x, int y) {
-    double s = L->s, th = PLOT__CAP * s;
-    int i, k;
-    plot_fill_rect(c, x, y, x + L->w, y + L->h, PLOT_WHITE);
-    plot_rect(c, x, y, x + L->w, y + L->h, 1, 0xBBBBBBu);
-    for (i = 0, k = 0; i < L->n; i++) {
-        double mid, x0 = x + 3 * s;
-        if (!L->names[i]) continue;
-        mid = y + 2 + s + (k++ + 0.5) * L->row;
-        if (L->boxes) plot_fill_rect(c, x0, mid - th / 2, x0 + L->sw, mid + th / 2, L->cols[i]);
-        else plot_line(c, x0, mid, x0 + L->sw, mid, L->lw, L->cols[i]);
-        plot_text_ex(c, x0 + L->sw + (L->boxes ? 3 : 5) * s, mid, L->names[i], s, PLOT__TEXT, 0, 0.5, 0);
-    }
-}
-
-/* Outside: right of the area. Inside: the corner covering the least drawn
- * data (ties: top right, top left, bottom right, bottom left). */
-PLOT_FN void plot__legend_place(plot_canvas *c, const plot__legend *L, plot__box area, int outside) {
-    int k, best = 0;
-    long best_ink = -1;
-    if (!L->w) return;
-    if (outside) {
-        plot__legend_draw_at(c, L, area.x1 + 12, area.y0);
-        return;
-    }
-    for (k = 0; k < 4; k++) {
-        int x = k % 2 == 0 ? area.x1 - 10 - L->w : area.x0 + 10;
-        int y = k < 2 ? area.y0 + 10 : area.y1 - 10 - L->h;
-        long ink = plot__ink(c, x, y, x + L->w, y + L->h);
-        if (best_ink < 0 || ink < best_ink) best_ink = ink, best = k;
-    }
-    plot__legend_draw_at(c, L, best % 2 == 0 ? area.x1 - 10 - L->w : area.x0 + 10,
-                         best < 2 ? area.y0 + 10 : area.y1 - 10 - L->h);
-}
-
-PLOT_FN plot_color plot__series_color(plot_color given, int i) {
-    return given ? given : plot_palette(i);
-}
-
-PLOT_FN int plot__check_panel(const char *who, int w, int h, char *errbuf) {
-    if (w < PLOT_MIN_DIM || w > PLOT_MAX_DIM)
-        return plot__fail(errbuf, "%s: width %d out of range [%d, %d]", who, w, PLOT_MIN_DIM, PLOT_MAX_DIM);
-    if (h < PLOT_MIN_DIM || h > PLOT_MAX_DIM)
-        return plot__fail(errbuf, "%s: height %d out of range [%d, %d]", who, h, PLOT_MIN_DIM, PLOT_MAX_DIM);
-    return 0;
-}
-
-PLOT_FN int plot__check_nseries(const char *who, int n, char *errbuf) {
-    if (n < 1 || n > PLOT_MAX_SERIES)
-        return plot__fail(errbuf, "%s: n_series %d out of range [1, %d]", who, n, PLOT_MAX_SERIES);
-    return 0;
-}
-
-/* ---- line chart ------------------------------------------------------------ */
-
-PLOT_FN int plot__check_line(const plot_line_spec *sp, char *errbuf) {
-    const char *who = "plot_line_chart";
-    int i;
-    if (!sp) return plot__fail(errbuf, "%s: spec is NULL", who);
-    if (plot__check_nseries(who, sp->n_series, errbuf)) return 1;
-    if (!sp->series) return plot__fail(errbuf, "%s: series is NULL", who);
-    for (i = 0; i < sp->n_series; i++) {
-        if (sp->series[i].n < 0)
-            return plot__fail(errbuf, "%s: series[%d].n = %d must be >= 0", who, i, sp->series[i].n);
-        if (sp->series[i].n > 0 && !sp->series[i].y)
-            return plot__fail(errbuf, "%s: series[%d].y is NULL", who, i);
-    }
-    if (sp->fixed_x && !(sp->xmax > sp->xmin))
-        return plot__fail(errbuf, "%s: xmax (%g) must be > xmin (%g)", who, sp->xmax, sp->xmin);
-    if (sp->fixed_y && !(sp->ymax > sp->ymin))
-        return plot__fail(errbuf, "%s: ymax (%g) must be > ymin (%g)", who, sp->ymax, sp->ymin);
-    if (sp->fixed_y && sp->log_y && !(sp->ymin > 0))
-        return plot__fail(errbuf, "%s: ymin (%g) must be > 0 on a log y axis", who, sp->ymin);
-    if (sp->line_width < 0 || sp->line_width > 50)
-        return plot__fail(errbuf, "%s: line_width %g out of range [0, 50]", who, sp->line_width);
-    if (sp->text_scale < 0 || sp->text_scale > 10)
-        return plot__fail(errbuf, "%s: text_scale %g out of range [0, 10]", who, sp->text_scale);
-    return 0;
-}
-
-/* Axis ranges from the finite data (and the reference line), padded, unless
- * fixed. Returns whether any point is drawable. */
-PLOT_FN int plot__line_ranges(const plot_line_spec *sp, plot__axis *xa, plot__axis *ya) {
-    double x0 = HUGE_VAL, x1 = -HUGE_VAL, y0 = HUGE_VAL, y1 = -HUGE_VAL;
-    int i, j, found;
-    for (i = 0; i < sp->n_series; i++) {
-        const plot_series *se = &sp->series[i];
-        for (j = 0; j < se->n; j++) {
-            double x = se->x ? se->x[j] : j, y = se->y[j];
-            if (!isfinite(x) || !isfinite(y) || (sp->log_y && !(y > 0))) continue;
-            y = sp->log_y ? log10(y) : y;
-            x0 = x < x0 ? x : x0;
-            x1 = x > x1 ? x : x1;
-            y0 = y < y0 ? y : y0;
-            y1 = y > y1 ? y : y1;
-        }
-    }
-    found = x0 <= x1;
-    if (!found) x0 = y0 = 0, x1 = y1 = 1;
-    if (sp->log_y && y0 == y1) y0 -= 0.5, y1 += 0.5; /* one value: a decade around it */
-    if (found && sp->has_ref && isfinite(sp->ref_y) && (!sp->log_y || sp->ref_y > 0)) {
-        double r = sp->log_y ? log10(sp->ref_y) : sp->ref_y;
-        y0 = r < y0 ? r : y0;
-        y1 = r > y1 ? r : y1;
-    }
-    plot__pad_range(&x0, &x1, 0.02);
-    plot__pad_range(&y0, &y1, 0.05);
-    xa->lo = sp->fixed_x ? sp->xmin : x0;
-    xa->hi = sp->fixed_x ? sp->xmax : x1;
-    xa->log = 0;
-    ya->lo = sp->fixed_y ? (sp->log_y ? log10(sp->ymin) : sp->ymin) : y0;
-    ya->hi = sp->fixed_y ? (sp->log_y ? log10(sp->ymax) : sp->ymax) : y1;
-    ya->log = sp->log_y != 0;
-    return found;
-}
-
-/* One series as an anti-aliased polyline; markers when it has <= 40 points. */
-PLOT_FN int plot__draw_series(plot_canvas *c, const plot_series *se, const plot__axis *xa,
-                              const plot__axis *ya, plot_color col, double lw, char *errbuf) {
-    double *xs = (double *)malloc((size_t)(se->n > 0 ? se->n : 1) * 2 * sizeof(double)), *ys;
-    int i, finite = 0;
-    if (!xs) return plot__fail(errbuf, "plot_line_chart: out of memory for %d points", se->n);
-    ys = xs + se->n;
-    for (i = 0; i < se->n; i++) {
-        double x = se->x ? se->x[i] : i, y = se->y[i];
-        int ok = isfinite(x) && isfinite(y) && (!ya->log || y > 0);
-        xs[i] = ok ? plot__map(xa, x) : NAN;
-        ys[i] = ok ? plot__map(ya, y) : NAN;
-        finite += ok;
-    }
-    plot_polyline(c, xs, ys, se->n, lw, finite <= 40 ? lw * 1.4 : 0, col);
-    free(xs);
-    return 0;
-}
-
-/* How far x tick labels reach right of the area's right edge. */
-PLOT_FN double plot__xlabel_overhang(const plot__ticks *t, const plot__axis *xa, plot__box area, double s) {
-    double over = 0;
-    int i;
-    for (i = 0; i < t->n; i++) {
-        double p = floor(plot__map(xa, t->v[i])), r = p + 0.5 + plot_text_width(t->label[i], s) / 2 - area.x1;
-        if (p <= area.x1 && r > over) over = r;
-    }
-    return over;
-}
-
-/* Plot area and x ticks of a line chart: the legend goes right of the area
- * when it would cover too much of it, and the last x label must fit. */
-PLOT_FN plot__box plot__line_layout(plot__box panel, const plot_line_spec *sp, double s,
-                                    const plot__ticks *yt, const plot__legend *L, int *outside,
-                                    plot__axis *xa, plot__ticks *xt) {
-    double left = plot__max_label_width(yt, s), bottom = (PLOT__CAP + PLOT__DESC) * s, right, over;
-    plot__box area = plot__layout(panel, s, sp->title, sp->xlabel, sp->ylabel, left, bottom, 0);
-    int pass;
-    *outside = L->w && plot__legend_outside(L, area);
-    right = *outside ? L->w + 12 : 0;
-    for (pass = 0; pass < 4; pass++) { /* narrower area, other ticks: settles in 1-2 passes */
-        area = plot__layout(panel, s, sp->title, sp->xlabel, sp->ylabel, left, bottom, right);
-        xa->p0 = area.x0;
-        xa->p1 = area.x1;
-        plot__fit_xticks(xt, xa, area.x1 - area.x0, s);
-        over = plot__xlabel_overhang(xt, xa, area, s) - (panel.x1 - area.x1 - plot__pad(s) / 2);
-        if (over <= 0) break;
-        right += over;
-    }
-    return area;
-}
-
-/* Draw a line chart into the panel [x, x+w) x [y, y+h) of the canvas. */
-PLOT_FN int plot_line_chart_draw(plot_canvas *c, int x, int y, int w, int h,
-                                 const plot_line_spec *sp, char *errbuf) {
-    plot__box panel = plot__mkbox(x, y, x + w, y + h), area;
-    plot__axis xa, ya;
-    plot__ticks xt, yt;
-    plot__legend L;
-    double s, lw;
-    int i, found, outside, err = 0;
-    if (plot__check_line(sp, errbuf) || plot__check_panel("plot_line_chart", w, h, errbuf)) return 1;
-    s = sp->text_scale > 0 ? sp->text_scale : 2;
-    lw = sp->line_width > 0 ? sp->line_width : 2.5;
-    L.n = sp->n_series;
-    for (i = 0; i < sp->n_series; i++) {
-        L.cols[i] = plot__series_color(sp->series[i].color, i);
-        L.names[i] = sp->series[i].name;
-    }
-    plot__legend_make(&L, 0, lw, s);
-    found = plot__line_ranges(sp, &xa, &ya);
-    plot__axis_ticks(&yt, &ya, plot__ytick_target(panel, s));
-    area = plot__line_layout(panel, sp, s, &yt, &L, &outside, &xa, &xt);
-    ya.p0 = area.y1;
-    ya.p1 = area.y0;
-    plot_clip(c, x, y, x + w, y + h);
-    plot_fill_rect(c, x, y, x + w, y + h, PLOT_WHITE);
-    plot__draw_grid(c, area, &ya, &yt, 1);
-    plot__draw_grid(c, area, &xa, &xt, 0);
-    plot_clip(c, area.x0, area.y0, area.x1, area.y1);
-    if (sp->has_ref) plot__ref_line(c, area, &ya, sp->ref_y); /* under the data */
-    for (i = 0; i < sp->n_series && !err; i++)
-        err = plot__draw_series(c, &sp->series[i], &xa, &ya, L.cols[i], lw, errbuf);
-    if (!err) {
-        if (sp->has_ref) plot__ref_label(c, area, &ya, sp->ref_y, sp->ref_label, s);
-        if (!found)
-            plot_text_ex(c, (area.x0 + area.x1) / 2.0, (area.y0 + area.y1) / 2.0, "no finite data",
-                         s, PLOT__REF, 0.5, 0.5, 0);
-        plot_clip(c, x, y, x + w, y + h);
-        plot__legend_place(c, &L, area, outside);
-        plot__draw_axes(c, area, &xa, &xt, &ya, &yt, s);
-        plot__draw_titles(c, panel, area, s, sp->title, sp->xlabel, sp->ylabel);
-    }
-    plot_clip_reset(c);
-    return err;
-}
-
-/* ---- bar chart -------------------------------------------------------------- */
-
-PLOT_FN int plot__check_bar(const plot_bar_spec *sp, char *errbuf) {
-    const char *who = "plot_bar_chart";
-    int i;
-    if (!sp) return plot__fail(errbuf, "%s: spec is NULL", who);
-    if (sp->n_categories < 1 || sp->n_categories > 4096)
-        return plot__fail(errbuf, "%s: n_categories %d out of range [1, 4096]", who, sp->n_categories);
-    if (plot__check_nseries(who, sp->n_series, errbuf)) return 1;
-    if (!sp->series) return plot__fail(errbuf, "%s: series is NULL", who);
-    for (i = 0; i < sp->n_series; i++)
-        if (!sp->series[i].values) return plot__fail(errbuf, "%s: series[%d].values is NULL", who, i);
-    if (sp->fixed_y && !(sp->ymax > sp->ymin))
-        return plot__fail(errbuf, "%s: ymax (%g) must be > ymin (%g)", who, sp->ymax, sp->ymin);
-    if (sp->text_scale < 0 || sp->text_scale > 10)
-        return plot__fail(errbuf, "%s: text_scale %g out of range [0, 10]", who, sp->text_scale);
-    return 0;
-}
-
-/* y range of a bar chart: always includes 0 (bars start there) and the
- * reference line; headroom above for value labels. */
-PLOT_FN void plot__bar_range(const plot_bar_spec *sp, plot__axis *ya) {
-    double lo = 0, hi = 0, span;
-    int i, j;
-    for (i = 0; i < sp->n_series; i++)
-        for (j = 0; j < sp->n_categories; j++) {
-            double v = sp->series[i].values[j];
-            if (!isfinite(v)) continue;
-            lo = v < lo ? v : lo;
-            hi = v > hi ? v : hi;
-        }
-    if (sp->has_ref && isfinite(sp->ref_y)) {
-        lo = sp->ref_y < lo ? sp->ref_y : lo;
-        hi = sp->ref_y > hi ? sp->ref_y : hi;
-    }
-    if (hi == lo) hi = lo + 1;
-    span = hi - lo;
-    if (hi > 0) hi += span * (sp->value_labels ? 0.12 : 0.05);
-    if (lo < 0) lo -= span * (sp->value_labels ? 0.12 : 0.05);
-    ya->lo = sp->fixed_y ? sp->ymin : lo;
-    ya->hi = sp->fixed_y ? sp->ymax : hi;
-    ya->log = 0;
-}
-
-PLOT_FN void plot__category_label(char *dst, const char *const *labels, int i, double max_px, double s) {
-    char idx[16];
-    snprintf(idx, sizeof idx, "%d", i);
-    plot__fit_text(dst, labels ? labels[i] : idx, max_px, s);
-}
-
-/* Labels along a categorical axis: horizontal when every label fits its slot
- * of `slot` px, else rotated and cut to max_len px. Returns the px they take
- * below the axis and sets *rotated. */
-PLOT_FN double plot__category_extent(const char *const *labels, int n, double slot, double max_len,
-                                     double s, int *rotated) {
-    char buf[PLOT__LABEL];
-    double longest = 0;
-    int i;
-    for (i = 0; i < n; i++) {
-        plot__category_label(buf, labels, i, max_len, s);
-        longest = plot_text_width(buf, s) > longest ? plot_text_width(buf, s) : longest;
-    }
-    *rotated = longest > slot - 4 * s;
-    return *rotated ? longest : (PLOT__CAP + PLOT__DESC) * s;
-}
-
-/* Category labels under [area.x0, area.x1) at slot centres; when there are
- * too many for the space, every k-th. */
-PLOT_FN void plot__draw_categories(plot_canvas *c, plot__box area, const char *const *labels, int n,
-                                   double max_len, int rotated, double s) {
-    double slot = (double)(area.x1 - area.x0) / n, need = rotated ? (PLOT__CAP + 3) * s : 0;
-    int i, every = 1;
-    char buf[PLOT__LABEL];
-    while (need > 0 && slot * every < need) every++;
-    for (i = 0; i < n; i += every) {
-        double mid = area.x0 + (i + 0.5) * slot;
-        plot__category_label(buf, labels, i, rotated ? max_len : slot, s);
-        plot_text_ex(c, mid, area.y1 + 8, buf, s, PLOT__TEXT, 0.5, 0, rotated);
-    }
-}
-
-PLOT_FN void plot__bar_value_label(plot_canvas *c, double xmid, double bar_w, double ytop, int below,
-                                   double v, double s) {
-    char buf[24];
-    double sc = s;
-    plot__fmt_sig(buf, sizeof buf, v, 3);
-    if (plot_text_width(buf, sc) > bar_w + 2 * s) sc = s * 0.75;
-    if (plot_text_width(buf, sc) > bar_w + 2 * s) return;
-    /* clear of the bar end by the white box: its padding (sc + 1) and, above, the descender room */
-    plot__text_on_white(c, xmid, below ? ytop + sc + 3 : ytop - (PLOT__DESC + 1) * sc - 3, buf, sc,
-                        PLOT__TEXT, 0.5, below ? 0 : 1);
-}
-
-/* One pass draws the bars (labels = 0), a second their value labels. */
-PLOT_FN void plot__draw_bars(plot_canvas *c, plot__box area, const plot_bar_spec *sp,
-                             const plot__axis *ya, const plot_color *cols, int labels, double s) {
-    double slot = (double)(area.x1 - area.x0) / sp->n_categories;
-    double bw = slot * 0.8 / sp->n_series, base = plot__map(ya, 0);
-    double gap = bw > 6 ? 1 : 0;
-    int i, j;
-    for (j = 0; j < sp->n_categories; j++) {
-        for (i = 0; i < sp->n_series; i++) {
-            double v = sp->series[i].values[j], x0 = area.x0 + slot * (j + 0.1) + i * bw, top;
-            if (!isfinite(v)) continue;
-            top = plot__map(ya, v);
-            if (labels) plot__bar_value_label(c, x0 + bw / 2, bw, top, v < 0, v, s);
-            else plot_fill_rect(c, x0 + gap, top, x0 + bw - gap, base, cols[i]);
-        }
-    }
-    if (!labels && ya->lo < 0 && ya->hi > 0)
-        plot_fill_rect(c, area.x0, floor(base), area.x1, floor(base) + 1, PLOT__AXIS);
-}
-
-/* Draw a grouped bar chart into the panel [x, x+w) x [y, y+h). */
-PLOT_FN int plot_bar_chart_draw(plot_canvas *c, int x, int y, int w, int h, const plot_bar_spec *sp,
-                                char *errbuf) {
-    plot__box panel = plot__mkbox(x, y, x + w, y + h), area;
-    plot__axis ya;
-    plot__ticks yt;
-    plot__legend L;
-    double s, left, below, max_len, right;
-    int i, rotated, outside;
-    if (plot__check_bar(sp, errbuf) || plot__check_panel("plot_bar_chart", w, h, errbuf)) return 1;
-    s = sp->text_scale > 0 ? sp->text_scale : 2;
-    max_len = h * 0.25;
-    plot__bar_range(sp, &ya);
-    plot__axis_ticks(&yt, &ya, plot__ytick_target(panel, s));
-    L.n = sp->n_series;
-    for (i = 0; i < sp->n_series; i++) {
-        L.cols[i] = plot__series_color(sp->series[i].color, i);
-        L.names[i] = sp->n_series > 1 ? sp->series[i].name : NULL; /* one series: no legend */
-    }
-    plot__legend_make(&L, 1, 0, s);
-    left = plot__max_label_width(&yt, s);
-    area = plot__layout(panel, s, sp->title, sp->xlabel, sp->ylabel, left, 0, 0);
-    outside = L.w && plot__legend_outside(&L, area);
-    right = outside ? L.w + 12 : 0;
-    area = plot__layout(panel, s, sp->title, sp->xlabel, sp->ylabel, left, 0, right);
-    below = plot__category_extent(sp->categories, sp->n_categories,
-                                  (double)(area.x1 - area.x0) / sp->n_categories, max_len, s, &rotated);
-    area = plot__layout(panel, s, sp->title, sp->xlabel, sp->ylabel, left, below, right);
-    ya.p0 = area.y1;
-    ya.p1 = area.y0;
-    plot_clip(c, x, y, x + w, y + h);
-    plot_fill_rect(c, x, y, x + w, y + h, PLOT_WHITE);
-    plot__draw_grid(c, area, &ya, &yt, 1);
-    plot_clip(c, area.x0, area.y0, area.x1, area.y1);
-    plot__draw_bars(c, area, sp, &ya, L.cols, 0, s);
-    if (sp->has_ref) plot__ref_line(c, area, &ya, sp->ref_y); /* over the bars */
-    if (sp->value_labels) plot__draw_bars(c, area, sp, &ya, L.cols, 1, s);
-    if (sp->has_ref) plot__ref_label(c, area, &ya, sp->ref_y, sp->ref_label, s);
-    plot_clip(c, x, y, x + w, y + h);
-    plot__legend_place(c, &L, area, outside);
-    plot__draw_axes(c, area, NULL, NULL, &ya, &yt, s);
-    plot__draw_categories(c, area, sp->categories, sp->n_categories, max_len, rotated, s);
-    plot__draw_titles(c, panel, area, s, sp->title, sp->xlabel, sp->ylabel);
-    plot_clip_reset(c);
-    return 0;
-}
-
-/* ---- heatmap ----------------------------------------------------------------- */
-
-PLOT_FN int plot__check_heatmap(const plot_heatmap_spec *sp, char *errbuf) {
-    const char *who = "plot_heatmap";
-    if (!sp) return plot__fail(errbuf, "%s: spec is NULL", who);
-    if (sp->rows < 1 || sp->rows > 4096)
-        return plot__fail(errbuf, "%s: rows %d out of range [1, 4096]", who, sp->rows);
-    if (sp->cols < 1 || sp->cols > 4096)
-        return plot__fail(errbuf, "%s: cols %d out of range [1, 4096]", who, sp->cols);
-    if (!sp->values) return plot__fail(errbuf, "%s: values is NULL", who);
-    if (sp->fixed_range && !(sp->vmax > sp->vmin))
-        return plot__fail(errbuf, "%s: vmax (%g) must be > vmin (%g)", who, sp->vmax, sp->vmin);
-    if (sp->text_scale < 0 || sp->text_scale > 10)
-        return plot__fail(errbuf, "%s: text_scale %g out of range [0, 10]", who, sp->text_scale);
-    return 0;
-}
-
-PLOT_FN void plot__heat_range(const plot_heatmap_spec *sp, plot__axis *va) {
-    double lo = HUGE_VAL, hi = -HUGE_VAL;
-    int i, n = sp->rows * sp->cols;
-    for (i = 0; i < n; i++) {
-        double v = sp->values[i];
-        if (!isfinite(v)) continue;
-        lo = v < lo ? v : lo;
-        hi = v > hi ? v : hi;
-    }
-    if (lo > hi) lo = 0, hi = 1;
-    if (hi == lo) plot__pad_range(&lo, &hi, 0);
-    va->lo = sp->fixed_range ? sp->vmin : lo;
-    va->hi = sp->fixed_range ? sp->vmax : hi;
-    va->log = 0;
-}
-
-/* Cells, each value mapped through viridis; optional value text in cells
- * where it fits, white on dark cells and black on light ones. */
-PLOT_FN void plot__draw_cells(plot_canvas *c, plot__box area, const plot_heatmap_spec *sp,
-                              const plot__axis *va, double s) {
-    double cw = (double)(area.x1 - area.x0) / sp->cols, ch = (double)(area.y1 - area.y0) / sp->rows;
-    double step = (va->hi - va->lo) / 100;
-    int i, j;
-    for (i = 0; i < sp->rows; i++) {
-        for (j = 0; j < sp->cols; j++) {
-            double v = sp->values[(size_t)i * sp->cols + j];
-            double x0 = floor(area.x0 + j * cw), x1 = floor(area.x0 + (j + 1) * cw);
-            double y0 = floor(area.y0 + i * ch), y1 = floor(area.y0 + (i + 1) * ch);
-            plot_color col = isfinite(v) ? plot_viridis((v - va->lo) / (va->hi - va->lo)) : PLOT__MISSING;
-            char buf[24];
-            double lum = 0.2126 * (col >> 16) + 0.7152 * ((col >> 8) & 255) + 0.0722 * (col & 255);
-            plot_fill_rect(c, x0, y0, x1, y1, col);
-            if (!sp->annotate || !isfinite(v)) continue;
-            plot__fmt_value(buf, sizeof buf, v, step);
-            if (plot_text_width(buf, s) > cw - 4 || (PLOT__CAP + 2) * s > ch) continue;
-            plot_text_ex(c, (x0 + x1) / 2, (y0 + y1) / 2, buf, s, lum < 140 ? PLOT_WHITE : 0x111111u,
-                         0.5, 0.5, 0);
-        }
-    }
-}
-
-/* Row labels right-aligned left of the area, every k-th when rows are short. */
-PLOT_FN void plot__draw_row_labels(plot_canvas *c, plot__box area, const char *const *labels, int n,
-                                   double max_len, double s) {
-    double slot = (double)(area.y1 - area.y0) / n;
-    int i, every = 1;
-    char buf[PLOT__LABEL];
-    while (slot * every < (PLOT__CAP + 3) * s) every++;
-    for (i = 0; i < n; i += every) {
-        plot__category_label(buf, labels, i, max_len, s);
-        plot_text_ex(c, area.x0 - 8, area.y0 + (i + 0.5) * slot, buf, s, PLOT__TEXT, 1, 0.5, 0);
-    }
-}
-
-/* Vertical colour bar right of the area with ticks and an optional label. */
-PLOT_FN void plot__draw_colorbar(plot_canvas *c, plot__box area, const plot__axis *va,
-                                 const plot__ticks *t, const char *label, double s) {
-    int x0 = area.x1 + (int)(6 * s), x1 = x0 + (int)(10 * s), y, i;
-    double labw = plot__max_label_width(t, s);
-    for (y = area.y0; y < area.y1; y++)
-        plot_fill_rect(c, x0, y, x1, y + 1,
-                       plot_viridis((area.y1 - 0.5 - y) / (double)(area.y1 - area.y0)));
-    plot_rect(c, x0 - 1, area.y0 - 1, x1 + 1, area.y1 + 1, 1, PLOT__AXIS);
-    for (i = 0; i < t->n; i++) {
-        double p = floor(plot__map(va, t->v[i]));
-        plot_fill_rect(c, x1 + 1, p, x1 + 6, p + 1, PLOT__AXIS);
-        plot_text_ex(c, x1 + 9, p + 0.5, t->label[i], s, PLOT__TEXT, 0, 0.5, 0);
-    }
-    plot_text_ex(c, x1 + 9 + labw + 10, (area.y0 + area.y1) / 2.0, label, s, PLOT__TEXT, 0, 0.5, 1);
-}
-
-PLOT_FN double plot__max_category_width(const char *const *labels, int n, double max_len, double s) {
-    char buf[PLOT__LABEL];
-    double m = 0;
-    int i;
-    for (i = 0; i < n; i++) {
-        plot__category_label(buf, labels, i, max_len, s);
-        m = plot_text_width(buf, s) > m ? plot_text_width(buf, s) : m;
-    }
-    return m;
-}
-
-/* Draw a heatmap into the panel [x, x+w) x [y, y+h). */
-PLOT_FN int plot_heatmap_draw(plot_canvas *c, int x, int y, int w, int h, const plot_heatmap_spec *sp,
-                              char *errbuf) {
-    plot__box panel = plot__mkbox(x, y, x + w, y + h), area;
-    plot__axis va;
-    plot__ticks vt;
-    double s, left, right, below, max_col = h * 0.25;
-    int rotated;
-    if (plot__check_heatmap(sp, errbuf) || plot__check_panel("plot_heatmap", w, h, errbuf)) return 1;
-    s = sp->text_scale > 0 ? sp->text_scale : 2;
-    plot__heat_range(sp, &va);
-    plot__axis_ticks(&vt, &va, plot__ytick_target(panel, s));
-    left = plot__max_category_width(sp->row_labels, sp->rows, w * 0.25, s);
-    right = 16 * s + 9 + plot__max_label_width(&vt, s) + (sp->value_label ? 10 + (PLOT__CAP + PLOT__DESC) * s : 0);
-    area = plot__layout(panel, s, sp->title, sp->xlabel, sp->ylabel, left, 0, right);
-    below = plot__category_extent(sp->col_labels, sp->cols, (double)(area.x1 - area.x0) / sp->cols,
-                                  max_col, s, &rotated);
-    area = plot__layout(panel, s, sp->title, sp->xlabel, sp->ylabel, left, below, right);
-    va.p0 = area.y1;
-    va.p1 = area.y0;
-    plot_clip(c, x, y, x + w, y + h);
-    plot_fill_rect(c, x, y, x + w, y + h, PLOT_WHITE);
-    plot__draw_cells(c, area, sp, &va, s);
-    plot__draw_axes(c, area, NULL, NULL, NULL, NULL, s);
-    plot__draw_row_labels(c, area, sp->row_labels, sp->rows, w * 0.25, s);
-    plot__draw_categories(c, area, sp->col_labels, sp->cols, max_col, rotated, s);
-    plot__draw_colorbar(c, area, &va, &vt, sp->value_label, s);
-    plot__draw_titles(c, panel, area, s, sp->title, sp->xlabel, sp->ylabel);
-    plot_clip_reset(c);
-    return 0;
-}
-
-/* ---- PNG output and whole-image helpers ------------------------------------------ */
-
-typedef struct {
-    FILE *f;
-    int failed;
-} plot__png_sink;
-
-PLOT_FN void plot__png_write(void *ctx, void *data, int size) {
-    plot__png_sink *sink = (plot__png_sink *)ctx;
-    if (!sink->failed && fwrite(data, 1, (size_t)size, sink->f) != (size_t)size) sink->failed = 1;
-}
-
-/* Write the canvas as an RGB PNG; a failed write leaves no partial file. */
-PLOT_FN int plot_write_png(const plot_canvas *c, const char *path, char *errbuf) {
-    plot__png_sink sink;
-    int ok;
-    if (!path || !*path) return plot__fail(errbuf, "plot_write_png: png_path is empty");
-    sink.f = fopen(path, "wb");
-    sink.failed = 0;
-    if (!sink.f) return plot__fail(errbuf, "plot_write_png: cannot open '%s': %s", path, strerror(errno));
-    ok = stbi_write_png_to_func(plot__png_write, &sink, c->w, c->h, 3, c->px, c->w * 3);
-    if (fclose(sink.f) != 0) sink.failed = 1;
-    if (!ok || sink.failed) {
-        remove(path);
-        return plot__fail(errbuf, "plot_write_png: writing '%s' failed%s", path,
-                          ok ? " (disk full?)" : " (PNG encoder out of memory)");
-    }
-    return 0;
-}
-
-PLOT_FN int plot__draw_panel(plot_canvas *c, int x, int y, int w, int h, const plot_panel *p,
-                             char *errbuf) {
-    if (p->line) return plot_line_chart_draw(c, x, y, w, h, p->line, errbuf);
-    if (p->bar) return plot_bar_chart_draw(c, x, y, w, h, p->bar, errbuf);
-    return plot_heatmap_draw(c, x, y, w, h, p->heatmap, errbuf);
-}
-
-/* Panels in a grid of `cols` columns, each panel_w x panel_h, under an
- * optional title, written to png_path. Each panel's own width/height are
- * ignored here. */
-PLOT_FN int plot_grid(const plot_panel *panels, int n, int cols, int panel_w, int panel_h,
-                      const char *title, const char *png_path, char *errbuf) {
-    plot_canvas c;
-    int i, rows, top;
-    if (!panels || n < 1) return plot__fail(errbuf, "plot_grid: n %d must be >= 1", n);
-    if (cols < 1) return plot__fail(errbuf, "plot_grid: cols %d must be >= 1", cols);
-    for (i = 0; i < n; i++)
-        if (!!panels[i].line + !!panels[i].bar + !!panels[i].heatmap != 1)
-            return plot__fail(errbuf, "plot_grid: panels[%d] must set exactly one of line, bar, heatmap", i);
-    if (plot__check_panel("plot_grid", panel_w, panel_h, errbuf)) return 1;
-    rows = (n + cols - 1) / cols;
-    cols = n < cols ? n : cols;
-    top = title ? 48 : 0;
-    if ((double)cols * panel_w > PLOT_MAX_DIM || (double)rows * panel_h + top > PLOT_MAX_DIM)
-        return plot__fail(errbuf, "plot_grid: %d x %d panels of %d x %d exceed %d px", cols, rows,
-                          panel_w, panel_h, PLOT_MAX_DIM);
-    if (plot_canvas_init(&c, cols * panel_w, rows * panel_h + top, PLOT_WHITE, errbuf)) return 1;
-    plot_text_ex(&c, c.w / 2.0, 12, title, 3, PLOT__TEXT, 0.5, 0, 0);
-    for (i = 0; i < n; i++) {
-        if (plot__draw_panel(&c, (i % cols) * panel_w, top + (i / cols) * panel_h, panel_w, panel_h,
-                             &panels[i], errbuf)) {
-            plot_canvas_free(&c);
-            return 1;
-        }
-    }
-    i = plot_write_png(&c, png_path, errbuf);
-    plot_canvas_free(&c);
-    return i;
-}
-
-/* Render one panel at the spec's own size (0: PLOT_DEFAULT_W x PLOT_DEFAULT_H). */
-PLOT_FN int plot__single(const char *who, const plot_panel *p, int w, int h, const char *png_path,
-                         char *errbuf) {
-    w = w ? w : PLOT_DEFAULT_W;
-    h = h ? h : PLOT_DEFAULT_H;
-    if (plot__check_panel(who, w, h, errbuf)) return 1;
-    return plot_grid(p, 1, 1, w, h, NULL, png_path, errbuf);
-}
-
-PLOT_FN int plot_line_chart(const plot_line_spec *sp, const char *png_path, char *errbuf) {
-    plot_panel p = {NULL, NULL, NULL};
-    p.line = sp;
-    if (!sp) return plot__fail(errbuf, "plot_line_chart: spec is NULL");
-    return plot__single("plot_line_chart", &p, sp->width, sp->height, png_path, errbuf);
-}
-
-PLOT_FN int plot_bar_chart(const plot_bar_spec *sp, const char *png_path, char *errbuf) {
-    plot_panel p = {NULL, NULL, NULL};
-    p.bar = sp;
-    if (!sp) return plot__fail(errbuf, "plot_bar_chart: spec is NULL");
-    return plot__single("plot_bar_chart", &p, sp->width, sp->height, png_path, errbuf);
-}
-
-PLOT_FN int plot_heatmap(const plot_heatmap_spec *sp, const char *png_path, char *errbuf) {
-    plot_panel p = {NULL, NULL, NULL};
-    p.heatmap = sp;
-    if (!sp) return plot__fail(errbuf, "plot_heatmap: spec is NULL");
-    return plot__single("plot_heatmap", &p, sp->width, sp->height, png_path, errbuf);
-}
-
-#endif /* PLOT_H */
+#define SPARSEMEM_PLOT_IMPLEMENTATION
+#include "sparsemem_plot.h" /* the PNG charts and the CSV reader */
 
 /* ===================================================================== */
 /* Options                                                               */
@@ -1497,7 +64,8 @@ typedef struct {
     char preset[32], schedule[512], engram_layers[128], peer_layers[128], strategy[32];
     char device[16], precision[8];
     char tokenizer[TR_PATH], tag[64], baseline[64], x_col[32], y_cols[256], title[128];
-    int log_y;
+    char xlabel[128], ylabel[128];
+    int log_x, log_y;
     int resume, threads, vocab, quiet;
     long stop_after;      /* stop (with a checkpoint) after this step; 0 = run to the end */
     long debug_nan_step;  /* tests only: poison a weight before this step (-1 = never) */
@@ -1572,8 +140,11 @@ static const tr_opt_spec tr_specs[] = {
     OPT("tag", O_STR, tag, "eval: also write RUN/eval_TAG.json (e.g. a cross-domain set)"),
     OPT("baseline", O_STR, baseline, "report: the run label the others are compared with"),
     OPT("x", O_STR, x_col, "plot: x column of the CSV"),
-    OPT("y", O_STR, y_cols, "plot: y columns of the CSV, comma-separated"),
+    OPT("y", O_STR, y_cols, "plot: y columns of the CSV, comma-separated, each COL or COL=legend name"),
     OPT("title", O_STR, title, "plot: chart title"),
+    OPT("xlabel", O_STR, xlabel, "plot: x axis label (default: the x column)"),
+    OPT("ylabel", O_STR, ylabel, "plot: y axis label, with its unit"),
+    OPT("log-x", O_FLAG, log_x, "plot: logarithmic x axis"),
     OPT("log-y", O_FLAG, log_y, "plot: logarithmic y axis"),
     NUM("layers", O_INT, n_layer, 1, SM_MAX_SUBLAYERS / 3, "transformer layers"),
     NUM("d-model", O_INT, d_model, 1, 65536, "model width"),
@@ -1674,7 +245,7 @@ static const char *const tr_commands[][3] = {
     {"eval", "--ckpt RUN_DIR/model.ckpt [--data DIR --tag TAG]", "evaluate --ckpt on the validation split of --data"},
     {"sample", "--ckpt RUN_DIR/model.ckpt [--prompt TEXT --tokens N]", "generate text from --ckpt"},
     {"report", "--out DIR RUN_DIR...", "tables + plots from finished runs"},
-    {"plot", "--data F.csv --x step --y a,b --out F.png", "a line chart of CSV columns"},
+    {"plot", "--data F.csv --x step --y a,b=legend --out F.png", "a line chart of CSV columns"},
 };
 #define TR_N_COMMANDS ((int)(sizeof tr_commands / sizeof tr_commands[0]))
 
@@ -2823,61 +1394,6 @@ static sm_status tr_read_checkpoint_state(sm_reader *rd, tr_run *r, sm_error *er
 }
 
 /* ===================================================================== */
-/* CSV logs, read back for plots and reports                             */
-/* ===================================================================== */
-
-#define TR_MAX_COLS 64
-#define TR_MAX_ROWS 4096
-
-/* A run's log.csv: named columns of numbers. */
-typedef struct {
-    char names[TR_MAX_COLS][32];
-    int n_cols, n_rows;
-    float *v; /* [n_rows][n_cols] */
-} tr_table;
-
-static int tr_table_read(tr_table *t, const char *path) {
-    FILE *f = fopen(path, "r");
-    char line[8192];
-    memset(t, 0, sizeof *t);
-    if (!f) return -1;
-    if (fgets(line, sizeof line, f)) {
-        char *tok = strtok(line, ",\n");
-        while (tok && t->n_cols < TR_MAX_COLS) {
-            snprintf(t->names[t->n_cols++], 32, "%s", tok);
-            tok = strtok(NULL, ",\n");
-        }
-    }
-    t->v = (float *)calloc((size_t)TR_MAX_ROWS * TR_MAX_COLS, sizeof(float));
-    while (t->v && t->n_rows < TR_MAX_ROWS && fgets(line, sizeof line, f)) {
-        char *p = line;
-        int c;
-        for (c = 0; c < t->n_cols; c++) {
-            t->v[t->n_rows * TR_MAX_COLS + c] = strtof(p, &p);
-            if (*p == ',') p++;
-        }
-        t->n_rows++;
-    }
-    fclose(f);
-    return t->v ? 0 : -1;
-}
-
-static int tr_table_col(const tr_table *t, const char *name) {
-    int c;
-    for (c = 0; c < t->n_cols; c++)
-        if (strcmp(t->names[c], name) == 0) return c;
-    return -1;
-}
-
-/* Column `name` as a freshly allocated array (NaN where missing). */
-static float *tr_table_get(const tr_table *t, const char *name) {
-    int c = tr_table_col(t, name), r;
-    float *out = (float *)malloc(sizeof(float) * (t->n_rows > 0 ? t->n_rows : 1));
-    for (r = 0; out && r < t->n_rows; r++) out[r] = c >= 0 ? t->v[r * TR_MAX_COLS + c] : NAN;
-    return out;
-}
-
-/* ===================================================================== */
 /* Training                                                              */
 /* ===================================================================== */
 
@@ -3237,30 +1753,39 @@ static void tr_write_summary(const tr_opts *o, const tr_run *r, const tr_eval *e
     tr_json_close(&j);
 }
 
-/* RUN/loss.png: the training loss per step and the validation loss per eval. */
+/* Rows either side a moving average of the per-step loss spans: ~2% of the run. */
+static int tr_smoothing_half(int n_steps) { return n_steps / 50 > 1 ? n_steps / 50 : 1; }
+
+/* RUN/loss.png: the training loss per step (light, and as a moving
+ * average) and the validation loss per eval. */
 static void tr_plot_losses(const tr_opts *o) {
-    tr_table steps, evals;
-    plot_series se[2];
-    plot_line_spec sp;
-    float *sx, *sy, *ex, *ey;
-    char path[TR_PATH], errbuf[PLOT_ERR_SIZE];
+    smp_csv steps, evals;
+    smp_series se[3];
+    smp_line_spec sp;
+    float *sx, *sy, *smooth, *ex, *ey;
+    char path[TR_PATH], errbuf[SMP_ERR_SIZE], smooth_name[64];
     tr_path(path, o, "steps.csv");
-    if (tr_table_read(&steps, path) != 0) return;
+    if (smp_csv_read(&steps, path, NULL) != 0) return;
     tr_path(path, o, "log.csv");
-    if (tr_table_read(&evals, path) != 0) {
-        free(steps.v);
+    if (smp_csv_read(&evals, path, NULL) != 0) {
+        smp_csv_free(&steps);
         return;
     }
-    sx = tr_table_get(&steps, "step"), sy = tr_table_get(&steps, "loss");
-    ex = tr_table_get(&evals, "step"), ey = tr_table_get(&evals, "val_loss");
+    sx = smp_csv_column(&steps, "step"), sy = smp_csv_column(&steps, "loss");
+    ex = smp_csv_column(&evals, "step"), ey = smp_csv_column(&evals, "val_loss");
+    smooth = smp_csv_column(&steps, "loss");
+    if (sy && smooth) smp_moving_average(sy, steps.n_rows, tr_smoothing_half(steps.n_rows), smooth);
+    snprintf(smooth_name, sizeof smooth_name, "train, %d-step average", 2 * tr_smoothing_half(steps.n_rows) + 1);
     memset(se, 0, sizeof se);
     memset(&sp, 0, sizeof sp);
-    se[0].name = "train (per step)", se[0].x = sx, se[0].y = sy, se[0].n = steps.n_rows;
-    se[1].name = "validation", se[1].x = ex, se[1].y = ey, se[1].n = evals.n_rows;
-    sp.title = "Loss", sp.xlabel = "step", sp.ylabel = "loss (nats/token)", sp.series = se, sp.n_series = 2;
+    se[0].name = "train (per step)", se[0].x = sx, se[0].y = sy, se[0].n = steps.n_rows, se[0].color = 0xC8C8C8u;
+    se[1].name = smooth_name, se[1].x = sx, se[1].y = smooth, se[1].n = steps.n_rows, se[1].color = smp_palette(0);
+    se[2].name = "validation", se[2].x = ex, se[2].y = ey, se[2].n = evals.n_rows, se[2].color = smp_palette(1);
+    sp.title = "Loss", sp.xlabel = "training step", sp.ylabel = "loss (nats/token)", sp.series = se, sp.n_series = 3;
     tr_path(path, o, "loss.png");
-    if (plot_line_chart(&sp, path, errbuf) != 0) fprintf(stderr, "trainer: %s\n", errbuf);
-    free(sx), free(sy), free(ex), free(ey), free(steps.v), free(evals.v);
+    if (smp_line_chart(&sp, path, errbuf) != 0) fprintf(stderr, "trainer: %s\n", errbuf);
+    smp_free(sx), smp_free(sy), smp_free(smooth), smp_free(ex), smp_free(ey);
+    smp_csv_free(&steps), smp_csv_free(&evals);
 }
 
 /* Returns 0 on success, 2 when stopped by the NaN guard. */
@@ -3463,6 +1988,8 @@ static int tr_sample(tr_opts *o, FILE *out) {
 /* ===================================================================== */
 
 #define TR_MAX_RUNS 64
+#define TR_LABEL 128
+
 /* The numbers of keys[0..n) ("key": number) from a flat JSON file written
  * by this trainer, read once; NaN where a key (or the file) is missing. */
 static void tr_json_numbers(const char *path, const char *const *keys, double *out, int n) {
@@ -3491,12 +2018,40 @@ static double tr_json_number(const char *path, const char *key) {
     return v;
 }
 
+/* One finished run: its final numbers, eval log (log.csv) and per-step
+ * training log (steps.csv). */
 typedef struct {
-    char dir[TR_PATH], label[128];
-    tr_table log;
+    char dir[TR_PATH], label[TR_LABEL];
+    smp_csv log, steps;
     double val_loss, tok_s, params, xdomain;
     double loss_hot, loss_cold, hot_cold_delta; /* NaN without route statistics */
 } tr_report_run;
+
+/* The seeds of one configuration (the runs sharing a label), with the mean
+ * and standard deviation of their final numbers. */
+typedef struct {
+    char label[TR_LABEL];
+    const tr_report_run *runs[TR_MAX_RUNS];
+    int n;
+    double val_mean, val_std, x_mean, x_std, tps_mean;
+} tr_report_group;
+
+typedef struct {
+    tr_report_run *runs;     /* n_runs, then groups in order of first appearance */
+    tr_report_group *groups;
+    int n_runs, n_groups;
+    const char *out, *baseline;
+} tr_report;
+
+/* The summary.json keys a report reads, in tr_report_run's order. */
+static const char *const tr_summary_keys[6] = {"val_loss", "tokens_per_s", "params",
+                                               "loss_hot", "loss_cold", "hot_cold_delta"};
+/* Legend names of the modules, and their diagnostic columns in log.csv. */
+static const char *const tr_module_legend[TR_N_MODULES] = {"backbone", "Engram", "PEER", "mHC"};
+static const char *const tr_out_cols[TR_N_MODULES] = {"out_backbone", "out_engram", "out_peer", NULL};
+static const char *const tr_gpar_cols[TR_N_MODULES] = {"gpar_backbone", "gpar_engram", "gpar_peer", "gpar_mhc"};
+static const char *const tr_lr_cols[TR_N_MODULES] = {"lr_backbone", "lr_engram", "lr_peer", "lr_mhc"};
+static const char *const tr_alpha_buckets[SM_ROUTE_ALPHA_BUCKETS] = {"0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"};
 
 /* Label = the run folder's name without a trailing "-sN" seed suffix. */
 static void tr_run_label(const char *dir, char *label, size_t n) {
@@ -3523,184 +2078,400 @@ static int tr_any_finite(const float *x, int n) {
     return 0;
 }
 
-/* Line chart of column `col` against step, one series per run in idx[]
- * (runs where the column is all NaN, e.g. a module they lack, left out). */
-static void tr_plot_runs(const tr_report_run *runs, const int *idx, int n, const char *col,
-                         const char *title, const char *ylabel, int log_y, const char *path) {
-    plot_series se[PLOT_MAX_SERIES];
-    plot_line_spec sp;
-    float *xs[PLOT_MAX_SERIES], *ys[PLOT_MAX_SERIES];
-    char errbuf[PLOT_ERR_SIZE];
-    int i, k = 0;
-    memset(&sp, 0, sizeof sp);
-    for (i = 0; i < n && k < PLOT_MAX_SERIES; i++) {
-        const tr_table *t = &runs[idx[i]].log;
-        if (tr_table_col(t, col) < 0 || t->n_rows == 0) continue;
-        memset(&se[k], 0, sizeof se[k]);
-        xs[k] = tr_table_get(t, "step"), ys[k] = tr_table_get(t, col);
-        if (!tr_any_finite(ys[k], t->n_rows)) {
-            free(xs[k]), free(ys[k]);
-            continue;
-        }
-        se[k].name = runs[idx[i]].label, se[k].x = xs[k], se[k].y = ys[k], se[k].n = t->n_rows;
-        k++;
-    }
-    if (k == 0) return;
-    sp.title = title, sp.xlabel = "step", sp.ylabel = ylabel, sp.series = se, sp.n_series = k;
-    sp.log_y = log_y;
-    if (plot_line_chart(&sp, path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
-    for (i = 0; i < k; i++) free(xs[i]), free(ys[i]);
+static void tr_report_error(const char *what, const char *path, const char *errbuf) {
+    fprintf(stderr, "trainer report: %s %s: %s\n", what, path, errbuf);
 }
 
-/* Several columns of one run against step. */
-static void tr_plot_columns(const tr_report_run *r, const char *const *cols, const char *const *names,
-                            int n, const char *title, const char *ylabel, int log_y, const char *path) {
-    plot_series se[8];
-    plot_line_spec sp;
-    float *xs = tr_table_get(&r->log, "step"), *ys[8];
-    char errbuf[PLOT_ERR_SIZE];
-    int i, k = 0;
-    memset(&sp, 0, sizeof sp);
-    for (i = 0; i < n && i < 8; i++) {
-        if (tr_table_col(&r->log, cols[i]) < 0) continue;
-        ys[k] = tr_table_get(&r->log, cols[i]);
-        if (!tr_any_finite(ys[k], r->log.n_rows)) {
-            free(ys[k]);
-            continue;
+/* ---- load ------------------------------------------------------------ */
+
+/* A run folder; 0 when it holds a finished run (a summary.json). */
+static int tr_report_load_run(tr_report_run *r, const char *dir) {
+    char path[TR_PATH];
+    double v[6];
+    memset(r, 0, sizeof *r);
+    snprintf(r->dir, sizeof r->dir, "%s", dir);
+    tr_join(path, dir, "summary.json");
+    tr_json_numbers(path, tr_summary_keys, v, 6);
+    if (isnan(v[0])) return 1;
+    r->val_loss = v[0], r->tok_s = v[1], r->params = v[2];
+    r->loss_hot = v[3], r->loss_cold = v[4], r->hot_cold_delta = v[5];
+    tr_join(path, dir, "eval_xdomain.json");
+    r->xdomain = tr_json_number(path, "val_loss");
+    tr_join(path, dir, "log.csv");
+    smp_csv_read(&r->log, path, NULL); /* a missing log leaves an empty table */
+    tr_join(path, dir, "steps.csv");
+    smp_csv_read(&r->steps, path, NULL);
+    tr_run_label(dir, r->label, sizeof r->label);
+    return 0;
+}
+
+/* Every finished run among dirs; returns how many. */
+static int tr_report_load(tr_report *rep, char **dirs, int n_dirs) {
+    int i;
+    for (i = 0; i < n_dirs; i++) {
+        if (tr_report_load_run(&rep->runs[rep->n_runs], dirs[i]) == 0) rep->n_runs++;
+        else fprintf(stderr, "trainer report: %s has no finished run (summary.json); skipped\n", dirs[i]);
+    }
+    return rep->n_runs;
+}
+
+/* ---- group ----------------------------------------------------------- */
+
+/* The group of a label, or -1. */
+static int tr_group_index(const tr_report *rep, const char *label) {
+    int j = rep->n_groups - 1;
+    while (j >= 0 && strcmp(rep->groups[j].label, label) != 0) j--;
+    return j;
+}
+
+static void tr_group_stats(tr_report_group *g) {
+    double v[TR_MAX_RUNS], x[TR_MAX_RUNS], t[TR_MAX_RUNS], unused;
+    int i;
+    for (i = 0; i < g->n; i++) v[i] = g->runs[i]->val_loss, x[i] = g->runs[i]->xdomain, t[i] = g->runs[i]->tok_s;
+    tr_mean_std(v, g->n, &g->val_mean, &g->val_std);
+    tr_mean_std(x, g->n, &g->x_mean, &g->x_std);
+    tr_mean_std(t, g->n, &g->tps_mean, &unused);
+}
+
+/* Runs sharing a label are the seeds of one configuration. */
+static void tr_report_group_runs(tr_report *rep) {
+    int i, j;
+    for (i = 0; i < rep->n_runs; i++) {
+        const tr_report_run *r = &rep->runs[i];
+        if ((j = tr_group_index(rep, r->label)) < 0) {
+            j = rep->n_groups++;
+            snprintf(rep->groups[j].label, TR_LABEL, "%s", r->label);
         }
-        memset(&se[k], 0, sizeof se[k]);
-        se[k].name = names[i], se[k].x = xs, se[k].y = ys[k], se[k].n = r->log.n_rows;
-        k++;
+        rep->groups[j].runs[rep->groups[j].n++] = r;
     }
-    if (k > 0) {
-        sp.title = title, sp.xlabel = "step", sp.ylabel = ylabel, sp.series = se, sp.n_series = k;
-        sp.log_y = log_y;
-        if (plot_line_chart(&sp, path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
+    for (j = 0; j < rep->n_groups; j++) tr_group_stats(&rep->groups[j]);
+}
+
+/* ---- tables (report.md) ---------------------------------------------- */
+
+/* "mean" or "mean ± std" (std only over several seeds). */
+static void tr_md_mean(FILE *md, double mean, double std, int seeds) {
+    fprintf(md, "%.4f", mean);
+    if (seeds > 1) fprintf(md, " ± %.4f", std);
+}
+
+static void tr_report_loss_table(const tr_report *rep, FILE *md) {
+    int b = tr_group_index(rep, rep->baseline), j;
+    double base = b >= 0 ? rep->groups[b].val_mean : NAN, base_x = b >= 0 ? rep->groups[b].x_mean : NAN;
+    fprintf(md, "| run | seeds | val loss | val ppl | vs %s | cross-domain loss | cross-domain ppl | vs %s | tokens/s | params |\n"
+                "|---|---|---|---|---|---|---|---|---|---|\n", rep->baseline, rep->baseline);
+    for (j = 0; j < rep->n_groups; j++) {
+        const tr_report_group *g = &rep->groups[j];
+        fprintf(md, "| %s | %d | ", g->label, g->n);
+        tr_md_mean(md, g->val_mean, g->val_std, g->n);
+        fprintf(md, " | %.2f | %+.2f%% | ", exp(g->val_mean), 100.0 * (g->val_mean - base) / base);
+        if (isnan(g->x_mean)) {
+            fprintf(md, "– | – | – ");
+        } else {
+            tr_md_mean(md, g->x_mean, g->x_std, g->n);
+            fprintf(md, " | %.2f | %+.2f%% ", exp(g->x_mean), 100.0 * (g->x_mean - base_x) / base_x);
+        }
+        fprintf(md, "| %.0f | %.2fM |\n", g->tps_mean, g->runs[0]->params / 1e6);
     }
-    for (i = 0; i < k; i++) free(ys[i]);
-    free(xs);
+    fprintf(md, "\nLoss: mean cross-entropy (nats/token) over the whole held-out split; ± is the standard "
+                "deviation over seeds. \"vs\" columns: relative change of the loss against `%s` (negative = better).\n",
+            rep->baseline);
 }
 
 /* First eval step at which hot_cold_delta has the opposite sign of its
  * first value (the "flip"), or -1. */
-static double tr_flip_step(const tr_table *t) {
-    int cd = tr_table_col(t, "hot_cold_delta"), cs = tr_table_col(t, "step"), r;
+static double tr_flip_step(const smp_csv *t) {
+    int cd = smp_csv_col(t, "hot_cold_delta"), cs = smp_csv_col(t, "step"), r;
     double first = NAN;
     if (cd < 0) return -1;
     for (r = 0; r < t->n_rows; r++) {
-        double d = t->v[r * TR_MAX_COLS + cd];
+        double d = smp_csv_at(t, r, cd);
         if (isnan(d)) continue;
         if (isnan(first)) first = d;
-        else if ((first < 0) != (d < 0)) return t->v[r * TR_MAX_COLS + cs];
+        else if ((first < 0) != (d < 0)) return smp_csv_at(t, r, cs);
     }
     return -1;
 }
 
 static int tr_has_route(const tr_report_run *r) {
-    int c = tr_table_col(&r->log, "hot_cold_delta");
-    return c >= 0 && r->log.n_rows > 0 && !isnan(r->log.v[(r->log.n_rows - 1) * TR_MAX_COLS + c]);
+    int c = smp_csv_col(&r->log, "hot_cold_delta");
+    return c >= 0 && r->log.n_rows > 0 && !isnan(smp_csv_at(&r->log, r->log.n_rows - 1, c));
 }
 
-/* Bars of one run's final alpha buckets (mean loss and hot share) and its
- * per-layer gate difference alpha_hot - alpha_cold. */
-static void tr_plot_route_tables(const tr_report_run *r, const char *out_dir) {
-    static const char *const buckets[SM_ROUTE_ALPHA_BUCKETS] = {"0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"};
-    tr_table bt, lt;
-    char path[TR_PATH], name[200], title[200], errbuf[PLOT_ERR_SIZE];
-    float loss[SM_ROUTE_ALPHA_BUCKETS], share[SM_ROUTE_ALPHA_BUCKETS], dalpha[SM_NGRAM_MAX_LAYERS];
-    char layer_names[SM_NGRAM_MAX_LAYERS][24];
-    const char *layer_labels[SM_NGRAM_MAX_LAYERS];
-    plot_bar_series bs[2];
-    plot_bar_spec sp[2];
-    plot_panel panels[2];
-    int i, n_layers = 0;
-    tr_join(path, r->dir, "route_buckets.csv");
-    if (tr_table_read(&bt, path) == 0) {
-        for (i = 0; i < SM_ROUTE_ALPHA_BUCKETS; i++) loss[i] = share[i] = NAN;
-        for (i = 0; i < bt.n_rows && i < SM_ROUTE_ALPHA_BUCKETS; i++) { /* layer 0's buckets */
-            loss[i] = bt.v[i * TR_MAX_COLS + tr_table_col(&bt, "loss")];
-            share[i] = bt.v[i * TR_MAX_COLS + tr_table_col(&bt, "hot_share")];
-        }
-        memset(bs, 0, sizeof bs), memset(sp, 0, sizeof sp), memset(panels, 0, sizeof panels);
-        bs[0].name = "mean loss", bs[0].values = loss;
-        bs[1].name = "hot share", bs[1].values = share;
-        for (i = 0; i < 2; i++) {
-            sp[i].xlabel = "gate alpha", sp[i].categories = buckets, sp[i].n_categories = SM_ROUTE_ALPHA_BUCKETS;
-            sp[i].series = &bs[i], sp[i].n_series = 1, sp[i].value_labels = 1;
-            panels[i].bar = &sp[i];
-        }
-        sp[0].title = "mean loss per alpha bucket", sp[0].ylabel = "loss";
-        sp[1].title = "hot share per alpha bucket", sp[1].ylabel = "share";
-        snprintf(name, sizeof name, "alpha_buckets_%s.png", r->label);
-        snprintf(title, sizeof title, "%s: first Engram layer, final eval", r->label);
-        tr_join(path, out_dir, name);
-        if (plot_grid(panels, 2, 2, 640, 480, title, path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
-        free(bt.v);
-    }
-    tr_join(path, r->dir, "route_layers.csv");
-    if (tr_table_read(&lt, path) == 0) {
-        for (i = 0; i < lt.n_rows && i < SM_NGRAM_MAX_LAYERS; i++, n_layers++) {
-            dalpha[i] = lt.v[i * TR_MAX_COLS + 1] - lt.v[i * TR_MAX_COLS + 2];
-            snprintf(layer_names[i], sizeof layer_names[i], "Engram %d", i);
-            layer_labels[i] = layer_names[i];
-        }
-        memset(bs, 0, sizeof bs), memset(sp, 0, sizeof sp);
-        bs[0].name = "alpha hot - alpha cold", bs[0].values = dalpha;
-        sp[0].title = title, sp[0].ylabel = "delta alpha", sp[0].categories = layer_labels;
-        sp[0].n_categories = n_layers, sp[0].series = bs, sp[0].n_series = 1, sp[0].value_labels = 1;
-        sp[0].has_ref = 1, sp[0].ref_y = 0;
-        snprintf(title, sizeof title, "%s: gate on hot minus cold positions per layer", r->label);
-        snprintf(name, sizeof name, "alpha_layers_%s.png", r->label);
-        tr_join(path, out_dir, name);
-        if (n_layers && plot_bar_chart(&sp[0], path, errbuf) != 0) fprintf(stderr, "trainer report: %s\n", errbuf);
-        free(lt.v);
-    }
-}
-
-/* The Engram-Nine table and plots for the runs with route statistics. */
-static void tr_report_route(const tr_report_run *runs, int n, const int *first_of, int n_labels,
-                            const char *out_dir, FILE *md) {
-    int idx[TR_MAX_RUNS], k = 0, j;
-    char path[TR_PATH];
-    for (j = 0; j < n_labels; j++)
-        if (tr_has_route(&runs[first_of[j]])) idx[k++] = first_of[j];
-    (void)n;
-    if (k == 0) return;
-    fprintf(md, "\n| run | val loss | loss hot | loss cold | hot-cold delta | flip step | alpha hot | alpha cold | tokens/s |\n"
-                "|---|---|---|---|---|---|---|---|---|\n");
-    for (j = 0; j < k; j++) {
-        const tr_report_run *r = &runs[idx[j]];
+/* The Engram-Nine table: each configuration's first seed with route statistics. */
+static void tr_report_route_table(const tr_report *rep, FILE *md) {
+    int j, header = 0;
+    for (j = 0; j < rep->n_groups; j++) {
+        const tr_report_run *r = rep->groups[j].runs[0];
+        const smp_csv *t = &r->log;
         char flip_text[32] = "none";
-        double flip = tr_flip_step(&r->log);
-        const tr_table *t = &r->log;
-        int last = (t->n_rows - 1) * TR_MAX_COLS;
+        double flip = tr_flip_step(t);
+        if (!tr_has_route(r)) continue;
+        if (!header++)
+            fprintf(md, "\n| run | val loss | loss hot | loss cold | hot-cold delta | flip step | alpha hot | alpha cold | tokens/s |\n"
+                        "|---|---|---|---|---|---|---|---|---|\n");
         if (flip >= 0) snprintf(flip_text, sizeof flip_text, "%.0f", flip);
         fprintf(md, "| %s | %.4f | %.4f | %.4f | %+.4f | %s | %.3f | %.3f | %.0f |\n", r->label, r->val_loss,
                 r->loss_hot, r->loss_cold, r->hot_cold_delta, flip_text,
-                t->v[last + tr_table_col(t, "alpha_hot")], t->v[last + tr_table_col(t, "alpha_cold")], r->tok_s);
-        tr_plot_route_tables(r, out_dir);
+                smp_csv_at(t, t->n_rows - 1, smp_csv_col(t, "alpha_hot")),
+                smp_csv_at(t, t->n_rows - 1, smp_csv_col(t, "alpha_cold")), r->tok_s);
     }
-    fprintf(md, "\nhot-cold delta = loss on positions whose n-grams are in the top-N set minus loss on the others "
-                "(negative: hot positions predicted better); flip step = first eval where its sign changes.\n");
-    tr_join(path, out_dir, "hot_cold_delta.png");
-    tr_plot_runs(runs, idx, k, "hot_cold_delta", "Hot - cold loss over training", "loss hot - loss cold", 0, path);
-    tr_join(path, out_dir, "alpha_hot.png");
-    tr_plot_runs(runs, idx, k, "alpha_hot", "Engram gate on hot positions", "mean alpha", 0, path);
-    tr_join(path, out_dir, "alpha_cold.png");
-    tr_plot_runs(runs, idx, k, "alpha_cold", "Engram gate on cold positions", "mean alpha", 0, path);
+    if (header)
+        fprintf(md, "\nhot-cold delta = loss on positions whose n-grams are in the top-N set minus loss on the others "
+                    "(negative: hot positions predicted better); flip step = first eval where its sign changes.\n");
 }
 
-static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
-    static const char *const summary_keys[6] = {"val_loss", "tokens_per_s", "params",
-                                                 "loss_hot", "loss_cold", "hot_cold_delta"};
-    static tr_report_run runs[TR_MAX_RUNS];
-    double summary[6];
-    char path[TR_PATH], labels[TR_MAX_RUNS][128], title[256];
-    int n = 0, n_labels = 0, i, j, first_of[TR_MAX_RUNS], seeds[TR_MAX_RUNS];
-    double val_mean[TR_MAX_RUNS], val_std[TR_MAX_RUNS], x_mean[TR_MAX_RUNS], x_std[TR_MAX_RUNS];
-    double tps_mean[TR_MAX_RUNS];
-    double base_mean = NAN, base_x = NAN;
+static int tr_report_write_tables(const tr_report *rep) {
+    char path[TR_PATH];
     FILE *md;
+    tr_join(path, rep->out, "report.md");
+    md = fopen(path, "w");
+    if (!md) {
+        fprintf(stderr, "trainer report: cannot write %s\n", path);
+        return 1;
+    }
+    tr_report_loss_table(rep, md);
+    tr_report_route_table(rep, md);
+    fclose(md);
+    return 0;
+}
+
+/* ---- plots ----------------------------------------------------------- */
+
+/* One line of a report chart: column `col` of a configuration's logs,
+ * named `name` in the legend. */
+typedef struct {
+    const tr_report_group *g;
+    const char *col, *name;
+} tr_line_item;
+
+/* Column `col` of every seed's eval log (per_step = 0) or per-step log
+ * (per_step = 1), each smoothed over +-half rows, as a series: the mean
+ * over the seeds shaded from the lowest to the highest seed (no band for
+ * one seed). x, y, y_lo and y_hi share one allocation at x. Returns 0
+ * (nothing allocated) when the column is missing or all NaN. */
+static int tr_seed_band(const tr_report_group *g, int per_step, const char *col, int half, smp_series *se) {
+    const smp_csv *t0 = per_step ? &g->runs[0]->steps : &g->runs[0]->log;
+    float *ys[TR_MAX_RUNS], *block, *raw;
+    int n = t0->n_rows, i, r;
+    for (i = 1; i < g->n; i++) { /* the rows every seed has */
+        const smp_csv *t = per_step ? &g->runs[i]->steps : &g->runs[i]->log;
+        n = t->n_rows < n ? t->n_rows : n;
+    }
+    if (n == 0 || smp_csv_col(t0, col) < 0) return 0;
+    block = (float *)malloc(sizeof(float) * (size_t)n * (4 + g->n));
+    if (!block) return 0;
+    for (i = 0; i < g->n; i++) {
+        ys[i] = block + (size_t)(4 + i) * n;
+        raw = smp_csv_column(per_step ? &g->runs[i]->steps : &g->runs[i]->log, col);
+        if (raw) smp_moving_average(raw, n, half, ys[i]);
+        else for (r = 0; r < n; r++) ys[i][r] = NAN;
+        smp_free(raw);
+    }
+    for (r = 0; r < n; r++) block[r] = smp_csv_at(t0, r, smp_csv_col(t0, "step"));
+    smp_band_over_runs((const float *const *)ys, g->n, n, block + n, block + 2 * n, block + 3 * n);
+    if (!tr_any_finite(block + n, n)) {
+        free(block);
+        return 0;
+    }
+    memset(se, 0, sizeof *se);
+    se->x = block, se->y = block + n, se->n = n;
+    if (g->n > 1) se->y_lo = block + 2 * n, se->y_hi = block + 3 * n;
+    return 1;
+}
+
+/* A line chart of the items (those with data) against the training step,
+ * styled by `style` (title, y label, log y, reference line), to
+ * OUT/file. */
+static void tr_plot_items(const tr_report *rep, const tr_line_item *items, int n, int per_step, int half,
+                          const smp_line_spec *style, const char *file) {
+    smp_series se[SMP_MAX_SERIES];
+    smp_line_spec sp = *style;
+    char path[TR_PATH], errbuf[SMP_ERR_SIZE];
+    int i, k = 0;
+    for (i = 0; i < n && k < SMP_MAX_SERIES; i++) {
+        if (!items[i].col || !tr_seed_band(items[i].g, per_step, items[i].col, half, &se[k])) continue;
+        se[k].name = items[i].name;
+        k++;
+    }
+    if (k == 0) return;
+    sp.xlabel = "training step", sp.series = se, sp.n_series = k;
+    tr_join(path, rep->out, file);
+    if (smp_line_chart(&sp, path, errbuf) != 0) tr_report_error("plot", path, errbuf);
+    for (i = 0; i < k; i++) free((void *)se[i].x);
+}
+
+/* One column over all configurations, one line each (mean over seeds). */
+static void tr_plot_configs(const tr_report *rep, const char *col, int per_step, int half,
+                            const smp_line_spec *style, const char *file) {
+    tr_line_item items[TR_MAX_RUNS] = {{NULL, NULL, NULL}};
+    int j;
+    for (j = 0; j < rep->n_groups; j++) items[j].g = &rep->groups[j], items[j].col = col, items[j].name = rep->groups[j].label;
+    tr_plot_items(rep, items, rep->n_groups, per_step, half, style, file);
+}
+
+/* A chart style: title, y label (with its unit), log y. */
+static smp_line_spec tr_style(const char *title, const char *ylabel, int log_y) {
+    smp_line_spec sp;
+    memset(&sp, 0, sizeof sp);
+    sp.title = title, sp.ylabel = ylabel, sp.log_y = log_y;
+    return sp;
+}
+
+/* Validation loss per eval and training loss per step (a centred moving
+ * average), mean over seeds with a min-max band. */
+static void tr_plot_losses_over_seeds(const tr_report *rep) {
+    smp_line_spec sp = tr_style("Validation loss (line: mean over seeds, band: min-max)", "loss (nats/token)", 0);
+    int half = tr_smoothing_half(rep->groups[0].runs[0]->steps.n_rows);
+    char title[160];
+    tr_plot_configs(rep, "val_loss", 0, 0, &sp, "val_loss.png");
+    snprintf(title, sizeof title, "Training loss, %d-step moving average (line: mean over seeds, band: min-max)",
+             2 * half + 1);
+    sp.title = title;
+    tr_plot_configs(rep, "loss", 1, half, &sp, "train_loss.png");
+}
+
+/* One configuration's per-module columns (outputs, gradients or learning
+ * rates) in one chart, each the mean over its seeds with a band. */
+static void tr_plot_modules(const tr_report *rep, const tr_report_group *g, const char *const *cols,
+                            const char *what, const char *ylabel, const char *prefix) {
+    tr_line_item items[TR_N_MODULES];
+    smp_line_spec sp;
+    char title[256], file[200];
+    int m;
+    for (m = 0; m < TR_N_MODULES; m++) items[m].g = g, items[m].col = cols[m], items[m].name = tr_module_legend[m];
+    snprintf(title, sizeof title, "%s: %s (mean over %d seed%s)", g->label, what, g->n, g->n > 1 ? "s" : "");
+    snprintf(file, sizeof file, "%s_%s.png", prefix, g->label);
+    sp = tr_style(title, ylabel, 1);
+    tr_plot_items(rep, items, TR_N_MODULES, 0, 0, &sp, file);
+}
+
+static void tr_plot_module_diagnostics(const tr_report *rep) {
+    int j;
+    for (j = 0; j < rep->n_groups; j++) {
+        const tr_report_group *g = &rep->groups[j];
+        tr_plot_modules(rep, g, tr_out_cols, "module output magnitude", "mean L2 norm per position", "outputs");
+        tr_plot_modules(rep, g, tr_gpar_cols, "parameter gradient norm per module", "gradient L2 norm", "grads");
+        tr_plot_modules(rep, g, tr_lr_cols, "learning rate per module", "learning rate", "lr");
+    }
+}
+
+static void tr_plot_peer_usage(const tr_report *rep) {
+    smp_line_spec sp = tr_style("PEER: fraction of experts used per eval pass", "experts retrieved (fraction of all)", 0);
+    tr_plot_configs(rep, "peer_frac_used", 0, 0, &sp, "peer_usage.png");
+    sp = tr_style("PEER: unevenness of expert usage", "KL(usage || uniform) (nats)", 0);
+    tr_plot_configs(rep, "peer_kl", 0, 0, &sp, "peer_kl.png");
+}
+
+/* Bars of one run's final alpha buckets (mean loss and hot share) of its
+ * first Engram layer. */
+static void tr_plot_alpha_buckets(const tr_report_run *r, const char *out_dir) {
+    smp_csv bt;
+    char path[TR_PATH], name[200], title[200], errbuf[SMP_ERR_SIZE];
+    float loss[SM_ROUTE_ALPHA_BUCKETS], share[SM_ROUTE_ALPHA_BUCKETS];
+    smp_bar_series bs[2];
+    smp_bar_spec sp[2];
+    smp_panel panels[2];
+    int i;
+    tr_join(path, r->dir, "route_buckets.csv");
+    if (smp_csv_read(&bt, path, NULL) != 0) return;
+    for (i = 0; i < SM_ROUTE_ALPHA_BUCKETS; i++) { /* layer 0's buckets come first */
+        loss[i] = smp_csv_at(&bt, i, smp_csv_col(&bt, "loss"));
+        share[i] = smp_csv_at(&bt, i, smp_csv_col(&bt, "hot_share"));
+    }
+    smp_csv_free(&bt);
+    memset(bs, 0, sizeof bs), memset(sp, 0, sizeof sp), memset(panels, 0, sizeof panels);
+    bs[0].name = "mean loss", bs[0].values = loss;
+    bs[1].name = "hot share", bs[1].values = share;
+    for (i = 0; i < 2; i++) {
+        sp[i].xlabel = "gate alpha bucket", sp[i].categories = tr_alpha_buckets;
+        sp[i].n_categories = SM_ROUTE_ALPHA_BUCKETS, sp[i].series = &bs[i], sp[i].n_series = 1;
+        sp[i].value_labels = 1, panels[i].bar = &sp[i];
+    }
+    sp[0].title = "mean loss per alpha bucket", sp[0].ylabel = "loss (nats/token)";
+    sp[1].title = "hot share per alpha bucket", sp[1].ylabel = "hot positions (fraction)";
+    snprintf(name, sizeof name, "alpha_buckets_%s.png", r->label);
+    snprintf(title, sizeof title, "%s: first Engram layer, final eval", r->label);
+    tr_join(path, out_dir, name);
+    if (smp_grid(panels, 2, 2, 640, 480, title, path, errbuf) != 0) tr_report_error("plot", path, errbuf);
+}
+
+/* Bars of one run's per-layer gate difference alpha_hot - alpha_cold. */
+static void tr_plot_alpha_layers(const tr_report_run *r, const char *out_dir) {
+    smp_csv lt;
+    char path[TR_PATH], name[200], title[200], errbuf[SMP_ERR_SIZE];
+    char layer_names[SM_NGRAM_MAX_LAYERS][24];
+    const char *layer_labels[SM_NGRAM_MAX_LAYERS];
+    float dalpha[SM_NGRAM_MAX_LAYERS];
+    smp_bar_series bs;
+    smp_bar_spec sp;
+    int i, n_layers;
+    tr_join(path, r->dir, "route_layers.csv");
+    if (smp_csv_read(&lt, path, NULL) != 0) return;
+    n_layers = lt.n_rows < SM_NGRAM_MAX_LAYERS ? lt.n_rows : SM_NGRAM_MAX_LAYERS;
+    for (i = 0; i < n_layers; i++) {
+        dalpha[i] = smp_csv_at(&lt, i, 1) - smp_csv_at(&lt, i, 2); /* columns: layer, alpha_hot, alpha_cold */
+        snprintf(layer_names[i], sizeof layer_names[i], "Engram %d", i);
+        layer_labels[i] = layer_names[i];
+    }
+    smp_csv_free(&lt);
+    if (n_layers == 0) return;
+    memset(&bs, 0, sizeof bs), memset(&sp, 0, sizeof sp);
+    bs.name = "alpha hot - alpha cold", bs.values = dalpha;
+    snprintf(title, sizeof title, "%s: gate on hot minus cold positions per layer", r->label);
+    sp.title = title, sp.xlabel = "Engram layer", sp.ylabel = "alpha hot - alpha cold (gate, 0-1)";
+    sp.categories = layer_labels, sp.n_categories = n_layers, sp.series = &bs, sp.n_series = 1;
+    sp.value_labels = 1, sp.has_ref = 1, sp.ref_y = 0;
+    snprintf(name, sizeof name, "alpha_layers_%s.png", r->label);
+    tr_join(path, out_dir, name);
+    if (smp_bar_chart(&sp, path, errbuf) != 0) tr_report_error("plot", path, errbuf);
+}
+
+/* The Engram-Nine charts: hot/cold loss and gates over training for the
+ * configurations with route statistics, and each one's final buckets. */
+static void tr_plot_route(const tr_report *rep) {
+    tr_report rt = *rep; /* the same report, its groups cut to those with route statistics */
+    tr_report_group groups[TR_MAX_RUNS];
+    smp_line_spec sp;
+    int j;
+    rt.groups = groups, rt.n_groups = 0;
+    for (j = 0; j < rep->n_groups; j++)
+        if (tr_has_route(rep->groups[j].runs[0])) groups[rt.n_groups++] = rep->groups[j];
+    if (rt.n_groups == 0) return;
+    sp = tr_style("Hot - cold loss over training", "loss hot - loss cold (nats/token)", 0);
+    sp.has_ref = 1, sp.ref_y = 0, sp.ref_label = "no difference";
+    tr_plot_configs(&rt, "hot_cold_delta", 0, 0, &sp, "hot_cold_delta.png");
+    sp = tr_style("Engram gate on hot positions", "mean gate alpha (0-1)", 0);
+    tr_plot_configs(&rt, "alpha_hot", 0, 0, &sp, "alpha_hot.png");
+    sp = tr_style("Engram gate on cold positions", "mean gate alpha (0-1)", 0);
+    tr_plot_configs(&rt, "alpha_cold", 0, 0, &sp, "alpha_cold.png");
+    for (j = 0; j < rt.n_groups; j++) {
+        tr_plot_alpha_buckets(groups[j].runs[0], rep->out);
+        tr_plot_alpha_layers(groups[j].runs[0], rep->out);
+    }
+}
+
+static void tr_report_plots(const tr_report *rep) {
+    tr_plot_losses_over_seeds(rep);
+    tr_plot_module_diagnostics(rep);
+    tr_plot_peer_usage(rep);
+    tr_plot_route(rep);
+}
+
+/* ---- the command ----------------------------------------------------- */
+
+static void tr_report_free(tr_report *rep) {
+    int i;
+    for (i = 0; i < rep->n_runs; i++) smp_csv_free(&rep->runs[i].log), smp_csv_free(&rep->runs[i].steps);
+    free(rep->runs);
+    free(rep->groups);
+}
+
+/* report.md (tables) and PNG charts over the finished runs among dirs:
+ * load, group the seeds of each configuration, tables, plots. */
+static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
+    tr_report rep;
+    int rc = 1;
     if (!o->out[0] || n_dirs == 0) {
         fprintf(stderr, "trainer report: usage: trainer report --out DIR RUN_DIR...\n");
         return 1;
@@ -3709,148 +2480,56 @@ static int tr_cmd_report(tr_opts *o, char **dirs, int n_dirs) {
         fprintf(stderr, "trainer report: %d run folders; a report takes at most %d\n", n_dirs, TR_MAX_RUNS);
         return 1;
     }
-    for (i = 0; i < n_dirs; i++) {
-        tr_report_run *r = &runs[n];
-        snprintf(r->dir, sizeof r->dir, "%s", dirs[i]);
-        tr_join(path, r->dir, "summary.json");
-        tr_json_numbers(path, summary_keys, summary, 6);
-        if (isnan(summary[0])) {
-            fprintf(stderr, "trainer report: %s has no finished run (summary.json); skipped\n", r->dir);
-            continue;
-        }
-        r->val_loss = summary[0], r->tok_s = summary[1], r->params = summary[2];
-        r->loss_hot = summary[3], r->loss_cold = summary[4], r->hot_cold_delta = summary[5];
-        tr_join(path, r->dir, "eval_xdomain.json");
-        r->xdomain = tr_json_number(path, "val_loss");
-        tr_join(path, r->dir, "log.csv");
-        tr_table_read(&r->log, path);
-        tr_run_label(r->dir, r->label, sizeof r->label);
-        n++;
-    }
-    if (n == 0) {
+    memset(&rep, 0, sizeof rep);
+    rep.out = o->out, rep.baseline = o->baseline;
+    rep.runs = (tr_report_run *)calloc((size_t)n_dirs, sizeof *rep.runs);
+    rep.groups = (tr_report_group *)calloc((size_t)n_dirs, sizeof *rep.groups);
+    if (!rep.runs || !rep.groups) fprintf(stderr, "trainer report: out of memory\n");
+    else if (tr_report_load(&rep, dirs, n_dirs) == 0)
         fprintf(stderr, "trainer report: none of the %d folders holds a finished run; nothing to report\n", n_dirs);
-        return 1;
+    else {
+        tr_mkdir(o->out);
+        tr_report_group_runs(&rep);
+        rc = tr_report_write_tables(&rep);
     }
-    tr_mkdir(o->out);
-    for (i = 0; i < n; i++) { /* distinct labels in order of appearance */
-        for (j = 0; j < n_labels; j++)
-            if (strcmp(labels[j], runs[i].label) == 0) break;
-        if (j == n_labels) {
-            first_of[n_labels] = i;
-            snprintf(labels[n_labels++], 128, "%s", runs[i].label);
-        }
-    }
-    tr_join(path, o->out, "report.md");
-    md = fopen(path, "w");
-    if (!md) {
-        fprintf(stderr, "trainer report: cannot write %s\n", path);
-        return 1;
-    }
-    fprintf(md, "| run | seeds | val loss | val ppl | vs %s | cross-domain loss | cross-domain ppl | vs %s | tokens/s | params |\n"
-                "|---|---|---|---|---|---|---|---|---|---|\n", o->baseline, o->baseline);
-    for (j = 0; j < n_labels; j++) { /* mean and std over the seeds of each label */
-        double v[TR_MAX_RUNS], x[TR_MAX_RUNS], t[TR_MAX_RUNS], unused;
-        int k = 0;
-        for (i = 0; i < n; i++)
-            if (strcmp(runs[i].label, labels[j]) == 0)
-                v[k] = runs[i].val_loss, x[k] = runs[i].xdomain, t[k] = runs[i].tok_s, k++;
-        seeds[j] = k;
-        tr_mean_std(v, k, &val_mean[j], &val_std[j]);
-        tr_mean_std(x, k, &x_mean[j], &x_std[j]);
-        tr_mean_std(t, k, &tps_mean[j], &unused);
-        if (strcmp(labels[j], o->baseline) == 0) base_mean = val_mean[j], base_x = x_mean[j];
-    }
-    for (j = 0; j < n_labels; j++) {
-        fprintf(md, "| %s | %d | %.4f", labels[j], seeds[j], val_mean[j]);
-        if (seeds[j] > 1) fprintf(md, " ± %.4f", val_std[j]);
-        fprintf(md, " | %.2f | %+.2f%% | ", exp(val_mean[j]), 100.0 * (val_mean[j] - base_mean) / base_mean);
-        if (isnan(x_mean[j])) {
-            fprintf(md, "– | – | – ");
-        } else {
-            fprintf(md, "%.4f", x_mean[j]);
-            if (seeds[j] > 1) fprintf(md, " ± %.4f", x_std[j]);
-            fprintf(md, " | %.2f | %+.2f%% ", exp(x_mean[j]), 100.0 * (x_mean[j] - base_x) / base_x);
-        }
-        fprintf(md, "| %.0f | %.2fM |\n", tps_mean[j], runs[first_of[j]].params / 1e6);
-    }
-    fprintf(md, "\nLoss: mean cross-entropy (nats/token) over the whole held-out split; ± is the standard "
-                "deviation over seeds. \"vs\" columns: relative change of the loss against `%s` (negative = better).\n",
-            o->baseline);
-    tr_report_route(runs, n, first_of, n_labels, o->out, md);
-    fclose(md);
-    /* plots: validation curves of every label (first seed), then per-run diagnostics */
-    tr_join(path, o->out, "val_loss.png");
-    tr_plot_runs(runs, first_of, n_labels, "val_loss", "Validation loss", "loss (nats/token)", 0, path);
-    for (j = 0; j < n_labels; j++) {
-        const tr_report_run *r = &runs[first_of[j]];
-        static const char *const out_cols[3] = {"out_backbone", "out_engram", "out_peer"};
-        static const char *const gpar_cols[4] = {"gpar_backbone", "gpar_engram", "gpar_peer", "gpar_mhc"};
-        static const char *const lr_cols[4] = {"lr_backbone", "lr_engram", "lr_peer", "lr_mhc"};
-        char name[200];
-        snprintf(name, sizeof name, "outputs_%s.png", r->label);
-        tr_join(path, o->out, name);
-        snprintf(title, sizeof title, "%s: module output magnitude (mean L2 per position)", r->label);
-        tr_plot_columns(r, out_cols, tr_module_names, 3, title, "||output||", 1, path);
-        snprintf(name, sizeof name, "grads_%s.png", r->label);
-        tr_join(path, o->out, name);
-        snprintf(title, sizeof title, "%s: parameter gradient norm per module", r->label);
-        tr_plot_columns(r, gpar_cols, tr_module_names, 4, title, "||grad||", 1, path);
-        snprintf(name, sizeof name, "lr_%s.png", r->label);
-        tr_join(path, o->out, name);
-        snprintf(title, sizeof title, "%s: learning rate per module", r->label);
-        tr_plot_columns(r, lr_cols, tr_module_names, 4, title, "lr", 1, path);
-    }
-    tr_join(path, o->out, "peer_usage.png");
-    tr_plot_runs(runs, first_of, n_labels, "peer_frac_used", "PEER: fraction of experts used per eval pass",
-                 "fraction of experts retrieved", 0, path);
-    tr_join(path, o->out, "peer_kl.png");
-    tr_plot_runs(runs, first_of, n_labels, "peer_kl", "PEER: unevenness of expert usage",
-                 "KL(usage || uniform), nats", 0, path);
-    for (i = 0; i < n; i++) free(runs[i].log.v);
-    if (!o->quiet) printf("report: %s/report.md and plots for %d runs (%d configurations)\n", o->out, n, n_labels);
-    return 0;
+    if (rc == 0) tr_report_plots(&rep);
+    if (rc == 0 && !o->quiet)
+        printf("report: %s/report.md and plots for %d runs (%d configurations)\n", o->out, rep.n_runs, rep.n_groups);
+    tr_report_free(&rep);
+    return rc;
 }
 
 /* A line chart of columns of any CSV with a header row (the trainer's logs,
  * the benchmarks' tables, or a user's). */
 static int tr_cmd_plot(const tr_opts *o) {
-    tr_table t;
-    plot_series se[PLOT_MAX_SERIES];
-    plot_line_spec sp;
-    float *x, *ys[PLOT_MAX_SERIES];
-    char cols[256], errbuf[PLOT_ERR_SIZE], *tok, *save = NULL;
-    int k = 0, i, rc;
+    smp_csv t;
+    smp_series se[SMP_MAX_SERIES];
+    smp_line_spec sp;
+    char errbuf[SMP_ERR_SIZE];
+    int k, rc;
     if (!o->data[0] || !o->out[0] || !o->y_cols[0]) {
         fprintf(stderr, "trainer plot: --data CSV, --y COLUMNS and --out PNG are required\n");
         return 1;
     }
-    if (tr_table_read(&t, o->data) != 0) {
-        fprintf(stderr, "trainer plot: cannot read %s\n", o->data);
+    if (smp_csv_read(&t, o->data, errbuf) != 0) {
+        fprintf(stderr, "trainer plot: %s\n", errbuf);
         return 1;
     }
-    if (tr_table_col(&t, o->x_col) < 0) {
-        fprintf(stderr, "trainer plot: %s has no column '%s'\n", o->data, o->x_col);
-        free(t.v);
+    k = smp_csv_series(&t, o->x_col, o->y_cols, se, SMP_MAX_SERIES, errbuf);
+    if (k <= 0) {
+        fprintf(stderr, "trainer plot: %s: %s\n", o->data, k < 0 ? errbuf : "no --y column");
+        smp_csv_free(&t);
         return 1;
     }
-    memset(se, 0, sizeof se), memset(&sp, 0, sizeof sp);
-    x = tr_table_get(&t, o->x_col);
-    snprintf(cols, sizeof cols, "%s", o->y_cols);
-    for (tok = strtok_r(cols, ",", &save); tok && k < PLOT_MAX_SERIES; tok = strtok_r(NULL, ",", &save)) {
-        if (tr_table_col(&t, tok) < 0) {
-            fprintf(stderr, "trainer plot: %s has no column '%s'\n", o->data, tok);
-            continue;
-        }
-        ys[k] = tr_table_get(&t, tok);
-        se[k].name = tok, se[k].x = x, se[k].y = ys[k], se[k].n = t.n_rows;
-        k++;
-    }
-    sp.title = o->title[0] ? o->title : o->data, sp.xlabel = o->x_col, sp.ylabel = k == 1 ? se[0].name : "";
-    sp.series = se, sp.n_series = k, sp.log_y = o->log_y;
-    rc = k > 0 && plot_line_chart(&sp, o->out, errbuf) == 0 ? 0 : 1;
-    if (k > 0 && rc) fprintf(stderr, "trainer plot: %s\n", errbuf);
-    for (i = 0; i < k; i++) free(ys[i]);
-    free(x), free(t.v);
+    memset(&sp, 0, sizeof sp);
+    sp.title = o->title[0] ? o->title : o->data;
+    sp.xlabel = o->xlabel[0] ? o->xlabel : o->x_col;
+    sp.ylabel = o->ylabel[0] ? o->ylabel : k == 1 ? se[0].name : NULL;
+    sp.series = se, sp.n_series = k, sp.log_x = o->log_x, sp.log_y = o->log_y;
+    rc = smp_line_chart(&sp, o->out, errbuf) == 0 ? 0 : 1;
+    if (rc) fprintf(stderr, "trainer plot: %s\n", errbuf);
+    smp_csv_series_free(se, k);
+    smp_csv_free(&t);
     return rc;
 }
 

@@ -87,7 +87,9 @@ $TRAINER report --out "$OUT/nine" --baseline hash $(names '^(hash|nine)')
 if [ "${BENCH:-1}" = 1 ]; then
     OMP_WAIT_POLICY=PASSIVE ./bench/bench_modules peer 5 "$OUT/throughput_experts.csv" |
         tee "$OUT/throughput_experts.txt"
-    $TRAINER plot --data "$OUT/throughput_experts.csv" --x experts --y ms_per_step,baseline_ms \
+    $TRAINER plot --data "$OUT/throughput_experts.csv" --x experts --log-x \
+        --y "ms_per_step=with a PEER layer,baseline_ms=baseline (no PEER)" \
+        --xlabel "experts (log scale)" --ylabel "ms per training step" \
         --title "Training step time vs PEER experts" --out "$OUT/throughput_experts.png"
     OMP_WAIT_POLICY=PASSIVE ./bench/bench_modules nine 5 | tee "$OUT/nine_overhead.txt"
 else
@@ -103,7 +105,7 @@ fi
     echo
     cat "$OUT/bottleneck/report.md"
     echo
-    echo "![validation loss](bottleneck/val_loss.png)"
+    echo "![validation loss](bottleneck/val_loss.png) ![training loss](bottleneck/train_loss.png)"
     echo
     for p in joint auto differential freeze; do
         echo "![$p outputs](bottleneck/outputs_$p.png) ![$p gradients](bottleneck/grads_$p.png) ![$p lr](bottleneck/lr_$p.png)"
@@ -112,6 +114,8 @@ fi
     echo "## (b) Engram-Nine: hash-only vs hot/cold tiers at equal parameter count"
     echo
     cat "$OUT/nine/report.md"
+    echo
+    echo "![validation loss](nine/val_loss.png) ![training loss](nine/train_loss.png)"
     echo
     echo "![hot-cold delta](nine/hot_cold_delta.png) ![alpha hot](nine/alpha_hot.png) ![alpha cold](nine/alpha_cold.png)"
     echo
