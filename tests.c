@@ -2993,6 +2993,43 @@ static int test_gpt2_corpus_tokenize(void) {
     return 0;
 }
 
+/* `trainer tokenize --tokenizer gpt2:DIR`: .tok files and llm.c shards of
+ * the same GPT-2 ids, each document after eot; a bad DIR is named. */
+static int test_gpt2_trainer_tokenize(void) {
+    char out[16384];
+    sm_gpt2 g;
+    sm_tokens tok, bin;
+    sm_error e;
+    size_t i;
+    int rc;
+    CHECK(system("mkdir -p " T_GPT2_DIR) == 0, "mkdir");
+    CHECK(t_gpt2_small(&g, "\"th\": 256,\n\"the\": 257,\n", "t h\nth e\n", &e) == 0, "load: %s", e.msg);
+    t_write_corpus("test_tmp_corpus_gpt2.txt", 5);
+    rc = t_cli("tokenize --data test_tmp_corpus_gpt2.txt --out test_tmp_tok_gpt2 --tokenizer gpt2:" T_GPT2_DIR,
+               out, sizeof out);
+    CHECK(rc == 0, "status %d: %.300s", rc, out);
+    CHECK_OK(sm_tokens_load(&tok, "test_tmp_tok_gpt2/val.tok", g.vocab_size, &e));
+    CHECK_OK(sm_tokens_load_llmc(&bin, "test_tmp_tok_gpt2/val.bin", g.vocab_size, g.eot, &e));
+    CHECK(tok.n_tokens == bin.n_tokens && tok.n_docs == 1 && bin.n_docs == 1 && tok.tokens[0] == g.eot,
+          "val: %zu and %zu tokens", tok.n_tokens, bin.n_tokens);
+    for (i = 0, rc = 0; i < tok.n_tokens; i++) {
+        CHECK(tok.tokens[i] == bin.tokens[i], "token %zu", i);
+        CHECK(i == 0 || tok.tokens[i - 1] != 't' || tok.tokens[i] != 'h', "t h not merged at %zu", i);
+        rc += tok.tokens[i] == 257; /* "the" */
+    }
+    CHECK(rc > 0, "no \"the\" token");
+    sm_tokens_free(&tok), sm_tokens_free(&bin);
+    CHECK(tr_exists("test_tmp_tok_gpt2/train.tok") && tr_exists("test_tmp_tok_gpt2/train.bin"), "train split");
+    rc = t_cli("tokenize --data test_tmp_corpus_gpt2.txt --out test_tmp_tok_gpt2 --tokenizer gpt2:test_tmp_none",
+               out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "test_tmp_none/encoder.json"), "a missing folder: %.300s", out);
+    sm_gpt2_free(&g);
+    remove("test_tmp_corpus_gpt2.txt");
+    t_remove_tree("test_tmp_tok_gpt2");
+    CHECK(system("rm -rf " T_GPT2_DIR) == 0, "cleanup");
+    return 0;
+}
+
 /* sm_tokens_save_llmc writes what sm_tokens_load_llmc (and llm.c) reads. */
 static int test_data_llmc_shard_write(void) {
     const char *path = "/tmp/sm_data_test_llmc_write.bin";
@@ -3023,7 +3060,8 @@ static int test_data_llmc_shard_write(void) {
 
 #define GPT2_TESTS                                                                              \
     T(test_gpt2_splits_match_reference), T(test_gpt2_bpe_small), T(test_gpt2_malformed_files),  \
-        T(test_gpt2_reference_ids), T(test_gpt2_corpus_tokenize), T(test_data_llmc_shard_write)
+        T(test_gpt2_reference_ids), T(test_gpt2_corpus_tokenize), T(test_gpt2_trainer_tokenize), \
+        T(test_data_llmc_shard_write)
 
 #define DATA_TESTS                                                                            \
     T(test_data_pretokenizer), T(test_data_bpe_roundtrip), T(test_data_bpe_matches_reference), \
