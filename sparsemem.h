@@ -3754,8 +3754,8 @@ static sm_status sm__gpt2_loader_init(sm__gpt2_loader *L, sm_error *err) {
     memset(L, 0, sizeof *L);
     for (b = 0; b < SM__GPT2_MAP_CPS; b++) L->byte_of_cp[b] = -1;
     for (b = 0; b < 256; b++) L->byte_of_cp[sm__gpt2_printable(b) ? b : next++] = (int)b;
-    if ((st = sm__strmap_init(&L->strings, 1 << 16, err))) return st;
-    return sm__u64map_init(&L->pairs, 1 << 16, err);
+    if ((st = sm__strmap_init(&L->strings, 1024, err))) return st; /* both grow */
+    return sm__u64map_init(&L->pairs, 1024, err);
 }
 
 static void sm__gpt2_loader_free(sm__gpt2_loader *L) {
@@ -3855,11 +3855,12 @@ static sm_status sm__gpt2_json_escape(sm__gpt2_text *t, uint32_t *cp, sm_error *
     return SM_OK;
 }
 
-/* The JSON string at t->pos into L->buf, as token bytes. */
+/* The JSON string at t->pos into L->buf, as token bytes (at least one). */
 static sm_status sm__gpt2_json_token(sm__gpt2_loader *L, sm__gpt2_text *t, sm_error *err) {
     sm_status st;
     L->nbuf = 0;
     if ((st = sm__gpt2_expect(t, '"', err))) return st;
+    if (t->pos < t->n && t->s[t->pos] == '"') return sm__gpt2_syntax(t, err, "empty token");
     for (;;) {
         uint32_t cp;
         unsigned char c;

@@ -2849,6 +2849,7 @@ static int test_gpt2_malformed_files(void) {
         {"\"ab\": 256\n\"b\": 257,\n", "", "encoder.json:258:1: expected ',' or '}'"},
         {"\"a\\qb\": 256,\n", "", "unknown escape"},
         {"\"a\tb\": 256,\n", "", "control character 0x09"},
+        {"\"\": 256,\n", "", "encoder.json:257:2: empty token"},
         {"", "a b\n", "vocab.bpe:2:1: left, right or their concatenation is not a token"},
         {"\"ab\": 256,\n", "a  b\n", "vocab.bpe:2:3: character U+0020"},
         {"\"ab\": 256,\n", "ab\n", "vocab.bpe:2:1: expected \"left right\""},
