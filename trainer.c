@@ -1,6 +1,6 @@
 /* trainer.c - the sparsemem reference trainer.
  *
- *   trainer tokenize --data TEXT_PATH --out DIR [--vocab 8192]
+ *   trainer tokenize --data TEXT_PATH --out DIR [--vocab 8192 | --tokenizer gpt2:DIR]
  *   trainer train    --data DIR_OR_TEXT --out RUN_DIR [options]
  *   trainer eval     --ckpt RUN_DIR/model.ckpt --data DIR
  *   trainer sample   --ckpt RUN_DIR/model.ckpt [--prompt TEXT]
@@ -136,7 +136,8 @@ static const tr_opt_spec tr_specs[] = {
     OPT("quiet", O_FLAG, quiet, "no progress line"),
     NUM("vocab", O_INT, vocab, SM_BPE_MIN_VOCAB, SM_BPE_MAX_VOCAB, "BPE vocabulary size (tokenize)"),
     NUM_GT("val-frac", O_FLOAT, val_frac, 0, 1, "fraction of documents held out for validation (1 = all: an evaluation set)"),
-    OPT("tokenizer", O_STR, tokenizer, "tokenize: reuse this tokenizer.bin instead of training one"),
+    OPT("tokenizer", O_STR, tokenizer, "tokenize: reuse this tokenizer.bin instead of training one, or "
+                                       "gpt2:DIR for GPT-2's (DIR/encoder.json, vocab.bpe; also writes llm.c .bin shards)"),
     OPT("tag", O_STR, tag, "eval: also write RUN/eval_TAG.json (e.g. a cross-domain set)"),
     OPT("baseline", O_STR, baseline, "report: the run label the others are compared with"),
     OPT("x", O_STR, x_col, "plot: x column of the CSV"),
@@ -238,7 +239,7 @@ static int tr_apply_preset(tr_opts *o, const char *name) {
 
 /* The commands: name, arguments, what it does. */
 static const char *const tr_commands[][3] = {
-    {"tokenize", "--data TEXT_PATH --out DIR [--vocab N --val-frac F --tokenizer FILE]",
+    {"tokenize", "--data TEXT_PATH --out DIR [--vocab N --val-frac F --tokenizer FILE|gpt2:DIR]",
      "train a BPE tokenizer on --data and write tokenizer + train/val tokens to --out"},
     {"train", "--data DIR_OR_TEXT --out RUN_DIR [options]",
      "train a model on --data (tokenized folder, or text: tokenized first) into --out"},
@@ -642,6 +643,54 @@ static void tr_check_utf8(const sm_corpus *c, const char *path) {
     }
 }
 
+/* Reads the UTF-8 corpus at text_path and splits it: documents
+ * [0, *n_train_docs) train, the rest validation. */
+static void tr_load_corpus(sm_corpus *corpus, const char *text_path, float val_frac,
+                           size_t *n_train_docs) {
+    sm_error err = {SM_OK, ""};
+    if (sm_corpus_load(corpus, text_path, &err) != SM_OK) tr_die("reading the corpus", &err);
+    tr_check_utf8(corpus, text_path);
+    if (sm_corpus_split(corpus, val_frac, n_train_docs, &err) != SM_OK) tr_die("splitting the corpus", &err);
+}
+
+/* `trainer tokenize --tokenizer gpt2:DIR` (>>gpt2bpe): GPT-2's ids (the
+ * tokenizer of DIR/encoder.json and DIR/vocab.bpe, each document after an
+ * <|endoftext|>) into train.tok and val.tok, and the same as llm.c shards
+ * train.bin and val.bin. */
+static void tr_tokenize_gpt2(const char *text_path, const char *out_dir, float val_frac,
+                             const char *gpt2_dir, int quiet) {
+    sm_corpus corpus;
+    sm_gpt2 g;
+    sm_tokens split[2];
+    sm_error err = {SM_OK, ""};
+    static const char *const names[2][2] = {{"train.tok", "train.bin"}, {"val.tok", "val.bin"}};
+    size_t n_train_docs = 0, i;
+    char path[TR_PATH];
+    double t0 = sm_now();
+    tr_load_corpus(&corpus, text_path, val_frac, &n_train_docs);
+    if (sm_gpt2_load_dir(&g, gpt2_dir, &err) != SM_OK) tr_die("--tokenizer gpt2:DIR", &err);
+    memset(split, 0, sizeof split); /* no training split for an evaluation-only set (--val-frac 1) */
+    if ((n_train_docs > 0 && sm_corpus_tokenize_gpt2(&g, &corpus, 0, n_train_docs, SM_GPT2_INVALID_REPLACE,
+                                                     &split[0], &err) != SM_OK) ||
+        sm_corpus_tokenize_gpt2(&g, &corpus, n_train_docs, corpus.n_docs, SM_GPT2_INVALID_REPLACE, &split[1],
+                                &err) != SM_OK)
+        tr_die("tokenizing", &err);
+    if (!quiet) printf("tokens (GPT-2, %u): train %zu (%zu documents), val %zu (%zu documents), %.1f s\n",
+                       g.vocab_size, split[0].n_tokens, split[0].n_docs, split[1].n_tokens, split[1].n_docs,
+                       sm_now() - t0);
+    tr_mkdir(out_dir);
+    for (i = 0; i < 2; i++) {
+        if (split[i].n_tokens == 0) continue;
+        tr_join(path, out_dir, names[i][0]);
+        if (sm_tokens_save(&split[i], path, &err) != SM_OK) tr_die("saving the tokens", &err);
+        tr_join(path, out_dir, names[i][1]);
+        if (sm_tokens_save_llmc(&split[i], path, &err) != SM_OK) tr_die("saving the llm.c shard", &err);
+        sm_tokens_free(&split[i]);
+    }
+    sm_gpt2_free(&g);
+    sm_corpus_free(&corpus);
+}
+
 /* Train a tokenizer on the training documents of `text_path` and write
  * tokenizer.bin, train.tok and val.tok into out_dir. */
 static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, float val_frac,
@@ -655,9 +704,11 @@ static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, f
     size_t n_train_docs = 0, train_bytes;
     char path[TR_PATH];
     double t0;
-    if (sm_corpus_load(&corpus, text_path, &err) != SM_OK) tr_die("reading the corpus", &err);
-    tr_check_utf8(&corpus, text_path);
-    if (sm_corpus_split(&corpus, val_frac, &n_train_docs, &err) != SM_OK) tr_die("splitting the corpus", &err);
+    if (tokenizer && strncmp(tokenizer, "gpt2:", 5) == 0) {
+        tr_tokenize_gpt2(text_path, out_dir, val_frac, tokenizer + 5, quiet);
+        return;
+    }
+    tr_load_corpus(&corpus, text_path, val_frac, &n_train_docs);
     bc.vocab_size = (uint32_t)vocab;
     if (sm_bpe_config_validate(&bc, &err) != SM_OK) tr_die("--vocab", &err);
     train_bytes = corpus.doc_offsets[n_train_docs];

@@ -64,6 +64,50 @@ static void load_llmc(const char *path) {
     if (sm_tokens_load_llmc(&t, path, 50257, 50256, NULL) == SM_OK) use_tokens(&t); /* GPT-2's */
 }
 
+/* GPT-2's tokenizer is two files: the fuzzed one and a valid companion,
+ * written to a second scratch file. What loads must encode and decode
+ * losslessly (KEEP mode). */
+static const char *fuzz_file(int k);
+static const char fuzz_gpt2_merges[] = "#version: 0.2\nt h\nth e\n";
+
+/* encoder.json of the 256 byte tokens (\u escapes, GPT-2's byte-to-unicode
+ * map), "th", "the" and eot. */
+static const char *fuzz_gpt2_encoder(void) {
+    static char json[8192];
+    size_t o = 0;
+    unsigned b, next = 0x100;
+    if (json[0]) return json;
+    o += (size_t)snprintf(json, sizeof json, "{");
+    for (b = 0; b < 256; b++)
+        o += (size_t)snprintf(json + o, sizeof json - o, "\"\\u%04X\": %u, ",
+                              sm__gpt2_printable(b) ? b : next++, b);
+    snprintf(json + o, sizeof json - o, "\"th\": 256, \"the\": 257, \"<|endoftext|>\": 258}");
+    return json;
+}
+
+static void use_gpt2(const char *encoder_json, const char *vocab_bpe) {
+    uint32_t ids[sizeof fuzz_text];
+    unsigned char back[sizeof fuzz_text];
+    size_t n = 0, len = sizeof fuzz_text - 1;
+    sm_gpt2 g;
+    if (sm_gpt2_load(&g, encoder_json, vocab_bpe, NULL) != SM_OK) return;
+    FUZZ_ASSERT(sm_gpt2_encode(&g, fuzz_text, len, SM_GPT2_INVALID_KEEP, ids, &n, NULL) == SM_OK);
+    FUZZ_ASSERT(sm_gpt2_decode(&g, ids, n, back, sizeof back) == len && memcmp(back, fuzz_text, len) == 0);
+    sm_gpt2_free(&g);
+}
+
+static void load_gpt2_encoder(const char *path) {
+    FILE *f = fopen(fuzz_file(1), "wb");
+    if (!f || fputs(fuzz_gpt2_merges, f) < 0 || fclose(f) != 0) abort();
+    use_gpt2(path, fuzz_file(1));
+}
+
+static void load_gpt2_merges(const char *path) {
+    FILE *f = fopen(fuzz_file(1), "wb");
+    if (!f || fputs(fuzz_gpt2_encoder(), f) < 0 || fclose(f) != 0) abort();
+    use_gpt2(fuzz_file(1), path);
+}
+
 /* Any key maps to a slot in [0, n) (slot 0 of an empty set). */
 static void check_mphf_lookups(const sm_mphf *f) {
     uint64_t key;
@@ -117,6 +161,7 @@ typedef struct {
 static const fuzz_fmt fuzz_fmts[] = {
     {"tokenizer", 1, load_tokenizer}, {"tokens", 1, load_tokens},     {"llmc", 0, load_llmc},
     {"mphf", 1, load_mphf},           {"hot_tier", 1, load_hot_tier}, {"checkpoint", 1, load_checkpoint},
+    {"gpt2_encoder", 0, load_gpt2_encoder}, {"gpt2_merges", 0, load_gpt2_merges},
 };
 #define FUZZ_N_FMTS (int)(sizeof fuzz_fmts / sizeof fuzz_fmts[0])
 
@@ -129,19 +174,20 @@ int fuzz_format(const char *name) {
 
 /* ---- inputs to files ---- */
 
-/* This process's scratch file for the inputs: the loaders take paths, and
- * /proc/self/fd/N of a memfd is one (a file on disk made runs ~100x slower). */
-static const char *fuzz_file(void) {
-    static char path[64];
-    if (!path[0]) {
+/* This process's scratch files (k = 0: the input; 1: a companion file):
+ * the loaders take paths, and /proc/self/fd/N of a memfd is one (a file on
+ * disk made runs ~100x slower). */
+static const char *fuzz_file(int k) {
+    static char path[2][64];
+    if (!path[k][0]) {
         int fd = memfd_create("sm_fuzz", 0);
         if (fd < 0) {
             perror("fuzz: memfd_create");
             exit(1);
         }
-        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        snprintf(path[k], sizeof path[k], "/proc/self/fd/%d", fd);
     }
-    return path;
+    return path[k];
 }
 
 /* data[0..size) to path; with fix_checksum its last 8 bytes become the
@@ -167,11 +213,11 @@ void fuzz_load(int format, const uint8_t *data, size_t size) {
         fix_checksum = data[0] % 8 != 0;
         data++, size--;
     }
-    if (!fuzz_write_file(fuzz_file(), data, size, fix_checksum)) {
-        fprintf(stderr, "fuzz: cannot write %s\n", fuzz_file());
+    if (!fuzz_write_file(fuzz_file(0), data, size, fix_checksum)) {
+        fprintf(stderr, "fuzz: cannot write %s\n", fuzz_file(0));
         exit(1);
     }
-    fmt->load(fuzz_file());
+    fmt->load(fuzz_file(0));
 }
 
 /* ---- seeds ---- */
@@ -276,16 +322,28 @@ static int seed_tokens(const char *dir, const char *tmp) {
            seed_tokens_wrapped_sizes(dir, tmp);
 }
 
-/* The llm.c writer's layout (the library only reads it): header, uint16 tokens. */
 static int seed_llmc(const char *dir, const char *tmp) {
-    int32_t header[SM_LLMC_HEADER_INTS] = {SM_LLMC_MAGIC, 1, 64};
-    uint16_t tok[64];
+    uint32_t tok[64];
+    uint64_t start = 0;
+    sm_tokens t;
+    int i;
+    for (i = 0; i < 64; i++) tok[i] = (uint32_t)(i % 16 == 0 ? 50256 : 1000 + i * 7);
+    t.tokens = tok, t.n_tokens = 64, t.doc_starts = &start, t.n_docs = 1, t.vocab_size = 50257;
+    return sm_tokens_save_llmc(&t, tmp, NULL) == SM_OK && put_seed(dir, "llmc", "seed", tmp);
+}
+
+static int seed_text(const char *dir, const char *format, const char *name, const char *tmp,
+                     const char *text) {
     FILE *f = fopen(tmp, "wb");
-    int i, ok;
-    for (i = 0; i < 64; i++) tok[i] = (uint16_t)(i % 16 == 0 ? 50256 : 1000 + i * 7);
-    if (!f) return 0;
-    ok = fwrite(header, sizeof header, 1, f) == 1 && fwrite(tok, sizeof tok, 1, f) == 1;
-    return fclose(f) == 0 && ok && put_seed(dir, "llmc", "seed", tmp);
+    int ok = f && fputs(text, f) >= 0;
+    return f && fclose(f) == 0 && ok && put_seed(dir, format, name, tmp);
+}
+
+/* Regression: an empty token ({"": 0}) reached a copy from a NULL buffer. */
+static int seed_gpt2(const char *dir, const char *tmp) {
+    return seed_text(dir, "gpt2_encoder", "seed", tmp, fuzz_gpt2_encoder()) &&
+           seed_text(dir, "gpt2_encoder", "regression_empty_token", tmp, "{\"\":0}") &&
+           seed_text(dir, "gpt2_merges", "seed", tmp, fuzz_gpt2_merges);
 }
 
 static int seed_mphf(const char *dir, const char *tmp) {
@@ -305,7 +363,7 @@ int fuzz_write_seeds(const char *dir) {
     tr_mkdir(dir);
     tr_join(tmp, dir, ".seed.tmp"); /* the library's writers rename a temp file onto it */
     return seed_tokenizer(dir, tmp) && seed_tokens(dir, tmp) && seed_llmc(dir, tmp) && seed_mphf(dir, tmp) &&
-                   seed_checkpoints(dir, tmp)
+                   seed_checkpoints(dir, tmp) && seed_gpt2(dir, tmp)
                ? 0
                : 1;
 }

