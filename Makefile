@@ -11,6 +11,8 @@
 #   make fuzz       libFuzzer on every file loader, FUZZ_SECONDS (60) each; fuzz-ci: 5 s each
 #   make gpu-build  gpu-bin/: the binaries scripts/gpu_check.sh takes to a GPU machine (sm_90)
 #   make gpu-check  scripts/gpu_check.sh gpu-check (GPU_CHECK_FLAGS=--dry-run without a GPU)
+#   make test-mpi   the communicator and sharded-table tests under mpirun, 2 and 3 ranks
+#                   (installs Open MPI as root with apt; otherwise says what is missing)
 #
 # Switches: PORTABLE=1 (no -march=native), WERROR=1 (CI), NO_OPENMP=1,
 #           USE_CBLAS=1 (trainer: cblas_sgemm from OpenBLAS; the bench compares both),
@@ -57,6 +59,12 @@ else
 endif
 
 BUILD_FLAGS = $(CFLAGS) $(ARCH) $(WARN) $(OMPFLAGS) -D_DEFAULT_SOURCE
+
+# MPI (Debian: libopenmpi-dev openmpi-bin): the multi-process communicator.
+# mpirun refuses root unless told; CI and containers run as root.
+MPICC   = $(shell command -v mpicc 2>/dev/null)
+MPIRUN  = OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(RUN_ENV) OMP_NUM_THREADS=1 \
+          mpirun --oversubscribe
 ifneq ($(NVCC),)
   CUDA_TARGETS = tests_cuda trainer_cuda bench/bench_cuda
   NVCC_WARN = -Xcompiler -Wall,-Wextra $(if $(filter 1,$(WERROR)),-Werror all-warnings -Xcompiler -Werror)
@@ -71,7 +79,7 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
-.PHONY: all test test-cuda asan headercheck bench data clean valgrind deps reproduce demo \
+.PHONY: all test test-cuda test-mpi mpi-deps asan headercheck bench data clean valgrind deps reproduce demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
 all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
 
@@ -108,6 +116,27 @@ tests_cuda $(GPU_BIN)/tests_cuda: tests_cuda.cu tests_harness.h sparsemem_cuda.c
 
 test-cuda: tests_cuda
 	$(RUN_ENV) ./tests_cuda
+
+# The communicator and the row exchange across processes (tests_comm.h;
+# tests.c runs the same tests in one process). Without MPI (and not root
+# with apt to install it) the target says so and skips.
+mpi-deps:
+	@command -v mpicc >/dev/null && command -v mpirun >/dev/null || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Open MPI (libopenmpi-dev openmpi-bin) for the multi-process tests"; \
+	    apt-get install -y -q libopenmpi-dev openmpi-bin >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q libopenmpi-dev openmpi-bin >/dev/null; }; \
+	  fi; }
+
+tests_mpi: tests_mpi.c tests_comm.h tests_harness.h sparsemem.h
+	mpicc $(BUILD_FLAGS) -DSM_USE_MPI -o $@ tests_mpi.c $(LDLIBS)
+
+test-mpi: mpi-deps
+	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
+	  $(MAKE) --no-print-directory tests_mpi && $(MPIRUN) -np 2 ./tests_mpi && $(MPIRUN) -np 3 ./tests_mpi; \
+	else \
+	  echo "test-mpi: skipped: no MPI here (Debian: apt-get install libopenmpi-dev openmpi-bin)"; \
+	fi
 
 # The trainer with --device cuda: trainer.c (C) linked with the library and
 # its CUDA backend compiled by nvcc.
@@ -181,6 +210,8 @@ headercheck:
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -Wno-unused-function -fsyntax-only -I. .hc.c
 	printf '#include "sparsemem.h"\nint f(void){ return (int)SM_OK; }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
+	$(if $(MPICC),printf '#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return sm_strerror(SM_OK)[0] == 0; }\n' > .hc.c)
+	$(if $(MPICC),$(MPICC) -DSM_USE_MPI -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c)
 	@rm -f .hc.c
 	@echo "headercheck: ok"
 
@@ -260,6 +291,6 @@ demo: trainer
 	bash scripts/demo.sh
 
 clean:
-	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg $(EXAMPLES) $(BENCHES) .hc.c
+	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg tests_mpi $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
 	rm -rf $(GPU_BIN)

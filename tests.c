@@ -22,6 +22,7 @@
 /* ---- harness -------------------------------------------------------- */
 
 #include "tests_harness.h"
+#include "tests_comm.h"
 
 static double t_max_abs_diff(const float *a, const float *b, size_t n) {
     double m = 0;
@@ -6877,8 +6878,10 @@ static const t_case t_cases[] = {
     NINE_TESTS,
     PLOT_TESTS,
     PARITY_TESTS,
+    COMM_TESTS,
 };
 
 int main(int argc, char **argv) {
+    sm_comm_init_single(&t_comm);
     return t_run(t_cases, sizeof t_cases / sizeof t_cases[0], argc > 1 ? argv[1] : NULL) ? 1 : 0;
 }
