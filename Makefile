@@ -97,7 +97,7 @@ deps:
 trainer $(GPU_BIN)/trainer: trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) $(BLASFLAGS) -o $@ trainer.c $(LDLIBS) $(BLASLIBS)
 
-tests: tests.c tests_harness.h trainer.c sparsemem.h | deps
+tests: tests.c tests_harness.h tests_comm.h trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 
 examples/%: examples/%.c sparsemem.h

@@ -1859,6 +1859,14 @@ SMDEF sm_status sm_row_exchange_push(sm_row_exchange *x, const sm_comm *c, const
                                      size_t width, float *shard_grad, sm_row_set *touched, sm_error *err);
 SMDEF void sm_row_exchange_free(sm_row_exchange *x);
 
+/* Data parallelism with replicated parameters: every gradient is scaled by
+ * `scale` (this rank's share of the global mean loss: its counted tokens
+ * over all ranks'), then summed over the ranks. Dense tensors are summed
+ * whole; a table (a tensor with touched rows) first takes the union of the
+ * ranks' touched rows, so every rank updates the same rows, and only those
+ * rows are summed. One process: the scaling alone. */
+SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float scale, sm_error *err);
+
 #ifdef __cplusplus
 }
 #endif
@@ -9446,6 +9454,95 @@ SMDEF void sm_row_exchange_free(sm_row_exchange *x) {
     SM_FREE(x->unique), SM_FREE(x->slot), SM_FREE(x->send_count), SM_FREE(x->served);
     SM_FREE(x->buf_mine), SM_FREE(x->buf_served);
     memset(x, 0, sizeof *x);
+}
+
+/* ---- 12. Distributed: data-parallel gradients ----------------------- */
+
+static void sm__scale_grads(sm_params *p, float scale) {
+    int i;
+    size_t r, j;
+    for (i = 0; i < p->n_tensors; i++) {
+        const sm_param_tensor *t = &p->tensors[i];
+        float *g = p->grad + t->offset;
+        if (!t->rows) {
+            for (j = 0; j < t->size; j++) g[j] *= scale;
+            continue;
+        }
+        for (r = 0; r < t->rows->count; r++)
+            for (j = 0; j < t->row_size; j++) g[(size_t)t->rows->rows[r] * t->row_size + j] *= scale;
+    }
+}
+
+/* Dense tensors are summed in contiguous runs (adjacent dense tensors
+ * form one message). */
+static sm_status sm__allreduce_dense(sm_params *p, const sm_comm *c, sm_error *err) {
+    int i = 0;
+    while (i < p->n_tensors) {
+        size_t start = p->tensors[i].offset, end;
+        sm_status st;
+        if (p->tensors[i].rows) {
+            i++;
+            continue;
+        }
+        end = start + p->tensors[i].size;
+        while (++i < p->n_tensors && !p->tensors[i].rows && p->tensors[i].offset == end) end += p->tensors[i].size;
+        if ((st = sm_comm_allreduce_sum(c, p->grad + start, end - start, err)) != SM_OK) return st;
+    }
+    return SM_OK;
+}
+
+/* Every rank's touched rows of set s added to it, then sorted: the same
+ * rows, in the same order, on every rank. */
+static sm_status sm__row_set_union(sm_row_set *s, const sm_comm *c, sm_error *err) {
+    size_t *len = (size_t *)sm_alloc((size_t)c->size, sizeof(size_t), "touched-row counts", err), total = 0, i;
+    size_t mine = s->count * sizeof(uint32_t);
+    uint32_t *all = NULL;
+    sm_status st = len ? SM_OK : SM_ERR_OOM;
+    int r;
+    for (r = 0; st == SM_OK && r < c->size; r++) len[r] = sizeof(size_t);
+    if (st == SM_OK) st = sm_comm_allgatherv(c, &mine, sizeof mine, len, len, err);
+    for (r = 0; st == SM_OK && r < c->size; r++) total += len[r];
+    if (st == SM_OK && !(all = (uint32_t *)sm_alloc(total / sizeof(uint32_t), sizeof(uint32_t), "touched rows", err)))
+        st = SM_ERR_OOM;
+    if (st == SM_OK) st = sm_comm_allgatherv(c, s->rows, mine, all, len, err);
+    for (i = 0; st == SM_OK && i < total / sizeof(uint32_t); i++) sm_row_set_add(s, all[i]);
+    if (st == SM_OK) sm_row_set_sort(s);
+    SM_FREE(len), SM_FREE(all);
+    return st;
+}
+
+/* The rows of a replicated table tensor in the set, packed, summed, put back. */
+static sm_status sm__allreduce_rows(sm_params *p, const sm_param_tensor *t, const sm_comm *c, sm_error *err) {
+    size_t n = t->rows->count, r, w = t->row_size;
+    float *buf = (float *)sm_alloc(n * w, sizeof(float), "touched-row gradients", err);
+    sm_status st;
+    if (!buf) return SM_ERR_OOM;
+    for (r = 0; r < n; r++) memcpy(buf + r * w, p->grad + t->offset + (size_t)t->rows->rows[r] * w, sizeof(float) * w);
+    st = sm_comm_allreduce_sum(c, buf, n * w, err);
+    for (r = 0; st == SM_OK && r < n; r++) memcpy(p->grad + t->offset + (size_t)t->rows->rows[r] * w, buf + r * w, sizeof(float) * w);
+    SM_FREE(buf);
+    return st;
+}
+
+/* The touched-row sets of the tables: each set once (tensors may share one). */
+static int sm__first_with_rows(const sm_params *p, int i) {
+    int k;
+    for (k = 0; k < i; k++)
+        if (p->tensors[k].rows == p->tensors[i].rows) return 0;
+    return 1;
+}
+
+SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float scale, sm_error *err) {
+    sm_status st = SM_OK;
+    int i;
+    if (scale != 1.0f) sm__scale_grads(p, scale);
+    if (c->size == 1) return SM_OK;
+    for (i = 0; st == SM_OK && i < p->n_tensors; i++)
+        if (p->tensors[i].rows && sm__first_with_rows(p, i)) st = sm__row_set_union(p->tensors[i].rows, c, err);
+    if (st == SM_OK) st = sm__allreduce_dense(p, c, err);
+    for (i = 0; st == SM_OK && i < p->n_tensors; i++)
+        if (p->tensors[i].rows) st = sm__allreduce_rows(p, &p->tensors[i], c, err);
+    return st;
 }
 
 #endif /* SPARSEMEM_IMPLEMENTATION_DONE */

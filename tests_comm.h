@@ -259,11 +259,70 @@ static int test_row_exchange_refuses_ids_outside_the_table(void) {
     return 0;
 }
 
+/* ---- data parallelism: gradients summed over the ranks ---- */
+
+/* Rank r's gradient of table row `row`, element j (integers: exact sums). */
+static float t_table_grad(int r, int row, int j) { return (float)(100 * (r + 1) + row + j); }
+static int t_rank_touches(int r, int row) { return row == r || row == 5 || row == 10 + r; }
+
+/* A dense tensor, a 20 x 3 table between two dense ones: rank r touches
+ * rows r, 5 and 10 + r. After the all-reduce every rank holds the scaled
+ * sums, and the union of the touched rows, sorted. */
+static int test_params_allreduce_grads_sums_dense_and_touched_rows(void) {
+    sm_params p;
+    sm_row_set rows;
+    size_t off_a, off_t, off_b, i;
+    int S = t_comm.size, me = t_comm.rank, r, row, j, n_union = 0;
+    sm_status st;
+    memset(&p, 0, sizeof p);
+    CHECK_OK(sm_row_set_init(&rows, 20, NULL));
+    CHECK(sm_params_add_group(&p, sm_param_group_default("g", 0.1f), NULL) == 0, "group");
+    off_a = sm_params_add_tensor(&p, "a", 10, 0, 0, NULL, NULL);
+    off_t = sm_params_add_tensor(&p, "table", 60, 0, 3, &rows, NULL);
+    off_b = sm_params_add_tensor(&p, "b", 4, 0, 0, NULL, NULL);
+    CHECK_OK(sm_params_alloc(&p, NULL));
+    for (i = 0; i < 10; i++) p.grad[off_a + i] = (float)(me + 1 + (int)i);
+    for (i = 0; i < 4; i++) p.grad[off_b + i] = (float)(me * 2);
+    for (row = 19; row >= 0; row--) /* added out of order: the union is sorted */
+        if (t_rank_touches(me, row)) {
+            sm_row_set_add(&rows, (size_t)row);
+            for (j = 0; j < 3; j++) p.grad[off_t + (size_t)row * 3 + (size_t)j] = t_table_grad(me, row, j);
+        }
+    st = sm_params_allreduce_grads(&p, &t_comm, 0.5f, NULL);
+    CHECK(st == SM_OK, "allreduce_grads -> %s", sm_strerror(st));
+    for (i = 0; i < 10; i++) {
+        float want = 0;
+        for (r = 0; r < S; r++) want += 0.5f * (float)(r + 1 + (int)i);
+        CHECK(p.grad[off_a + i] == want, "a[%zu] = %g, want %g", i, p.grad[off_a + i], want);
+    }
+    CHECK(p.grad[off_b + 3] == 0.5f * (float)(S * (S - 1)), "b[3] = %g, want %g", p.grad[off_b + 3],
+          0.5f * (float)(S * (S - 1)));
+    for (row = 0; row < 20; row++) {
+        int any = 0;
+        for (r = 0; r < S; r++) any |= t_rank_touches(r, row);
+        n_union += any;
+        CHECK(!rows.mark[row] == !any, "row %d marked %d, touched by some rank %d", row, rows.mark[row], any);
+        for (j = 0; j < 3; j++) {
+            float want = 0;
+            for (r = 0; r < S; r++)
+                if (t_rank_touches(r, row)) want += 0.5f * t_table_grad(r, row, j);
+            CHECK(p.grad[off_t + (size_t)row * 3 + (size_t)j] == want, "table[%d][%d] = %g, want %g", row, j,
+                  p.grad[off_t + (size_t)row * 3 + (size_t)j], want);
+        }
+    }
+    CHECK(rows.count == (size_t)n_union, "%zu touched rows, want %d", rows.count, n_union);
+    for (i = 1; S > 1 && i < rows.count; i++) CHECK(rows.rows[i - 1] < rows.rows[i], "touched rows not sorted");
+    sm_params_free(&p);
+    sm_row_set_free(&rows);
+    return 0;
+}
+
 #define COMM_TESTS                                                                                 \
     T(test_comm_ranks_distinct), T(test_comm_allreduce_sums_every_rank),                           \
         T(test_comm_broadcast_from_last_rank), T(test_comm_allgatherv_uneven_blocks),              \
         T(test_comm_alltoallv_blocks_in_rank_order), T(test_comm_check_same_names_the_rank),       \
         T(test_row_owner_partitions_the_table), T(test_row_exchange_fetch_returns_each_position_its_row), \
         T(test_row_exchange_push_sums_gradients_at_the_owner),                                     \
-        T(test_row_exchange_refuses_ids_outside_the_table)
+        T(test_row_exchange_refuses_ids_outside_the_table),                                        \
+        T(test_params_allreduce_grads_sums_dense_and_touched_rows)
 #endif
