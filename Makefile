@@ -97,7 +97,7 @@ deps:
 trainer $(GPU_BIN)/trainer: trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) $(BLASFLAGS) -o $@ trainer.c $(LDLIBS) $(BLASLIBS)
 
-tests: tests.c tests_harness.h tests_comm.h trainer.c sparsemem.h | deps
+tests: tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 
 examples/%: examples/%.c sparsemem.h
@@ -128,8 +128,13 @@ mpi-deps:
 	      { apt-get update -q >/dev/null && apt-get install -y -q libopenmpi-dev openmpi-bin >/dev/null; }; \
 	  fi; }
 
-tests_mpi: tests_mpi.c tests_comm.h tests_harness.h sparsemem.h
-	mpicc $(BUILD_FLAGS) -DSM_USE_MPI -o $@ tests_mpi.c $(LDLIBS)
+# (-Wno-unused-function: the tests call tr_train, not the command line)
+tests_mpi: tests_mpi.c tests_comm.h tests_trainer.h tests_harness.h trainer.c sparsemem.h | deps
+	mpicc $(BUILD_FLAGS) -Wno-unused-function -DSM_USE_MPI -o $@ tests_mpi.c $(LDLIBS)
+
+# The trainer as MPI ranks: mpirun -np N ./trainer_mpi train ...
+trainer_mpi: trainer.c sparsemem.h | deps mpi-deps
+	mpicc $(BUILD_FLAGS) $(BLASFLAGS) -DSM_USE_MPI -o $@ trainer.c $(LDLIBS) $(BLASLIBS)
 
 test-mpi: mpi-deps
 	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
@@ -291,6 +296,6 @@ demo: trainer
 	bash scripts/demo.sh
 
 clean:
-	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg tests_mpi $(EXAMPLES) $(BENCHES) .hc.c
+	rm -f trainer trainer_cuda trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
 	rm -rf $(GPU_BIN)

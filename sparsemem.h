@@ -7152,7 +7152,8 @@ static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_wor
 }
 
 static void sm__sinkhorn_forward_n(float *out, const float *logits, int n, int iters) {
-    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N], v[SM_SINKHORN_MAX_N];
+    /* u zeroed: the rounds write it (iters >= 1), which GCC cannot always see */
+    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N] = {0}, v[SM_SINKHORN_MAX_N];
     float lam[SM_SINKHORN_MAX_N];
     SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
     sm__sinkhorn_forward_matrix(out, K, u, v, lam, logits, n, iters);
