@@ -81,7 +81,7 @@ BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
 .PHONY: all test test-cuda test-mpi mpi-deps asan headercheck bench data clean valgrind deps reproduce demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
-all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
+all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
 STB_HEADER = /usr/include/stb/stb_image_write.h
