@@ -13,6 +13,8 @@
 #   make fuzz       libFuzzer on every file loader, FUZZ_SECONDS (60) each; fuzz-ci: 5 s each
 #   make gpu-build  gpu-bin/: the binaries scripts/gpu_check.sh takes to a GPU machine (sm_90)
 #   make gpu-check  scripts/gpu_check.sh gpu-check (GPU_CHECK_FLAGS=--dry-run without a GPU)
+#   make test-mpi   the communicator and sharded-table tests under mpirun, 2 and 3 ranks
+#                   (installs Open MPI as root with apt; otherwise says what is missing)
 #
 # Switches: PORTABLE=1 (no -march=native), WERROR=1 (CI), NO_OPENMP=1,
 #           USE_CBLAS=1/0 (trainer: cblas_sgemm from OpenBLAS / sm_sgemm; unset: the
@@ -67,6 +69,12 @@ else
 endif
 
 BUILD_FLAGS = $(CFLAGS) $(ARCH) $(WARN) $(OMPFLAGS) -D_DEFAULT_SOURCE
+
+# MPI (Debian: libopenmpi-dev openmpi-bin): the multi-process communicator.
+# mpirun refuses root unless told; CI and containers run as root.
+MPICC   = $(shell command -v mpicc 2>/dev/null)
+MPIRUN  = OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 $(RUN_ENV) OMP_NUM_THREADS=1 \
+          mpirun --oversubscribe
 ifneq ($(NVCC),)
   CUDA_TARGETS = tests_cuda trainer_cuda bench/bench_cuda
   NVCC_WARN = -Xcompiler -Wall,-Wextra $(if $(filter 1,$(WERROR)),-Werror all-warnings -Xcompiler -Werror)
@@ -81,9 +89,9 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
 
-.PHONY: all test test-cuda asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
+.PHONY: all test test-cuda test-mpi mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
-all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS)
+all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
 STB_HEADER = /usr/include/stb/stb_image_write.h
@@ -108,7 +116,7 @@ $(GEMM_CHOICE): bench/bench_backbone
 	$(RUN_ENV) ./bench/bench_backbone choose > $@ 2> $@.log
 	@tail -n 1 $@.log
 
-tests: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
+tests: tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 
 examples/%: examples/%.c sparsemem.h sparsemem_plot.h | deps
@@ -127,6 +135,32 @@ tests_cuda $(GPU_BIN)/tests_cuda: tests_cuda.cu tests_harness.h sparsemem_cuda.c
 
 test-cuda: tests_cuda
 	$(RUN_ENV) ./tests_cuda
+
+# The communicator and the row exchange across processes (tests_comm.h;
+# tests.c runs the same tests in one process). Without MPI (and not root
+# with apt to install it) the target says so and skips.
+mpi-deps:
+	@command -v mpicc >/dev/null && command -v mpirun >/dev/null || { \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    echo "installing Open MPI (libopenmpi-dev openmpi-bin) for the multi-process tests"; \
+	    apt-get install -y -q libopenmpi-dev openmpi-bin >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null && apt-get install -y -q libopenmpi-dev openmpi-bin >/dev/null; }; \
+	  fi; }
+
+# (-Wno-unused-function: the tests call tr_train, not the command line)
+tests_mpi: tests_mpi.c tests_comm.h tests_trainer.h tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
+	mpicc $(BUILD_FLAGS) -Wno-unused-function -DSM_USE_MPI -o $@ tests_mpi.c $(LDLIBS)
+
+# The trainer as MPI ranks: mpirun -np N ./trainer_mpi train ...
+trainer_mpi: trainer.c sparsemem.h sparsemem_plot.h $(BLAS_CHOICE) | deps mpi-deps
+	mpicc $(BUILD_FLAGS) -DSM_USE_MPI -o $@ trainer.c $(LDLIBS) $(BLAS)
+
+test-mpi: mpi-deps
+	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
+	  $(MAKE) --no-print-directory tests_mpi && $(MPIRUN) -np 2 ./tests_mpi && $(MPIRUN) -np 3 ./tests_mpi; \
+	else \
+	  echo "test-mpi: skipped: no MPI here (Debian: apt-get install libopenmpi-dev openmpi-bin)"; \
+	fi
 
 # The trainer with --device cuda: trainer.c (C) linked with the library and
 # its CUDA backend compiled by nvcc.
@@ -209,6 +243,9 @@ endef
 headercheck:
 	$(call HEADERCHECK,sparsemem.h,SPARSEMEM_IMPLEMENTATION,SMDEF,sm_strerror(SM_OK)[0] == 0,(int)SM_OK)
 	$(call HEADERCHECK,sparsemem_plot.h,SPARSEMEM_PLOT_IMPLEMENTATION,SMPDEF,smp_palette(0) == 0,SMP_MAX_SERIES)
+	$(if $(MPICC),printf '#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return 0; }\n' > .hc.c)
+	$(if $(MPICC),$(MPICC) -DSM_USE_MPI -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c)
+	@rm -f .hc.c
 	@echo "headercheck: ok"
 
 # Fuzzing (fuzz/): one libFuzzer binary per file format, clang with ASan and
@@ -290,6 +327,6 @@ demo: trainer
 	bash scripts/demo.sh
 
 clean:
-	rm -f trainer trainer_cuda tests tests_cuda tests_asan tests_vg $(EXAMPLES) $(BENCHES) .hc.c
+	rm -f trainer trainer_cuda trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
 	rm -rf $(GPU_BIN) build

@@ -23,6 +23,7 @@
  *       #define SM_FREE(p) ...
  *       #define SM_ASSERT(x) ...      internal invariants (default: assert)
  *       #define SM_USE_CBLAS          route sm_sgemm through cblas_sgemm
+ *       #define SM_USE_MPI            the MPI communicator (section 12)
  *   Compile with -fopenmp to parallelise the kernels (optional).
  *
  * Conventions
@@ -54,6 +55,8 @@
  *  10. Optimizer      AdamW with parameter groups, sparse rows, clipping,
  *                     warmup + cosine schedule
  *  11. Model          the GPT assembled from the above, module placement
+ *  12. Distributed    communicator (one process or MPI), row ownership,
+ *                     the row exchange of sharded tables
  *
  * License: MIT or public domain (Unlicense), at your choice; see end of file.
  */
@@ -63,6 +66,9 @@
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
+#ifdef SM_USE_MPI
+#include <mpi.h>
+#endif
 
 #define SM_VERSION_MAJOR 0
 #define SM_VERSION_MINOR 1
@@ -1852,6 +1858,105 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
  * m->params.grad (zero it first with sm_params_zero_grad). */
 SMDEF void sm_model_backward(sm_model *m);
 
+/* ===================================================================== */
+/* 12. Distributed      communicator, row ownership, sharded-table rows  */
+/* ===================================================================== */
+/* Processes that train one model together. Each rank computes gradients
+ * on its slice of the global batch; dense gradients are summed with an
+ * all-reduce. A sparse table (Engram rows, PEER experts) is sharded, not
+ * replicated: global row r lives on rank r % size at local index r / size,
+ * so capacity grows with the number of ranks, and a step moves only the
+ * rows its batch touches (sm_row_exchange: each distinct id goes once to
+ * its owner, which sends the row back; the rows' gradients go back to the
+ * owner, which sums them into its shard).
+ *
+ * Backends: one process (size 1, no dependency), and MPI when SM_USE_MPI
+ * is defined before the include (build with mpicc; Debian libopenmpi-dev).
+ * Every call is collective: all ranks make it, in the same order. Message
+ * sizes are bytes; MPI counts are int, so one message (one rank's share)
+ * is at most INT_MAX bytes and a larger one is refused with a message. */
+typedef enum sm_comm_backend { SM_COMM_SINGLE = 0, SM_COMM_MPI = 1 } sm_comm_backend;
+
+typedef struct sm_comm {
+    int rank, size;
+    sm_comm_backend backend;
+    void *impl; /* MPI: the duplicated MPI_Comm (heap) */
+} sm_comm;
+
+SMDEF void sm_comm_init_single(sm_comm *c);
+#ifdef SM_USE_MPI
+/* Duplicates comm (so our messages never match the caller's). MPI must be
+ * initialised. */
+SMDEF sm_status sm_comm_init_mpi(sm_comm *c, MPI_Comm comm, sm_error *err);
+#endif
+SMDEF void sm_comm_free(sm_comm *c);
+/* x[0..n) := the sum over ranks of x[0..n), on every rank. */
+SMDEF sm_status sm_comm_allreduce_sum(const sm_comm *c, float *x, size_t n, sm_error *err);
+SMDEF sm_status sm_comm_allreduce_sum_f64(const sm_comm *c, double *x, size_t n, sm_error *err);
+SMDEF sm_status sm_comm_broadcast(const sm_comm *c, void *buf, size_t bytes, int root, sm_error *err);
+SMDEF sm_status sm_comm_barrier(const sm_comm *c, sm_error *err);
+/* recv := the ranks' send buffers in rank order; recv_bytes[r] is what
+ * rank r sends (every rank passes the same array). */
+SMDEF sm_status sm_comm_allgatherv(const sm_comm *c, const void *send, size_t send_bytes, void *recv,
+                                   const size_t *recv_bytes, sm_error *err);
+/* send holds one block per destination rank, in rank order, of
+ * send_bytes[r] bytes; recv gets one block per source rank, in rank order,
+ * of recv_bytes[r] bytes (what that rank sends here). */
+SMDEF sm_status sm_comm_alltoallv(const sm_comm *c, const void *send, const size_t *send_bytes, void *recv,
+                                  const size_t *recv_bytes, sm_error *err);
+/* Fails on every rank, naming `what` and the first rank that differs, when
+ * the ranks' buffers are not identical (compared by checksum): for the
+ * config, the vocabulary and the data before training together. */
+SMDEF sm_status sm_comm_check_same(const sm_comm *c, const void *buf, size_t bytes, const char *what,
+                                   sm_error *err);
+
+/* Row ownership: a fixed rule, the same on every rank. */
+SMDEF int sm_row_owner(uint64_t row, int size);      /* row % size */
+SMDEF uint64_t sm_row_local(uint64_t row, int size); /* row / size */
+/* How many of a table's n_rows rows rank `rank` of `size` owns. */
+SMDEF uint64_t sm_shard_rows(uint64_t n_rows, int rank, int size);
+
+/* One step's exchange of sharded-table rows. Plan it from the ids this rank
+ * reads (duplicates allowed), then fetch the rows (forward) and push their
+ * gradients (backward); the plan is reusable until the ids change. */
+typedef struct sm_row_exchange {
+    uint64_t n_rows;        /* the table's global row count */
+    int size;               /* ranks it was planned for */
+    size_t n_ids;           /* positions this rank asked for */
+    size_t n_unique;        /* distinct ids among them */
+    uint32_t *unique;       /* the distinct ids, grouped by owner rank, ascending */
+    uint32_t *slot;         /* slot[p]: index in unique of position p's id */
+    size_t *send_count;     /* [size] distinct ids this rank asks of each rank */
+    size_t *recv_count;     /* [size] ids each rank asks of this one */
+    size_t n_served;        /* sum of recv_count */
+    uint32_t *served;       /* local indices of the rows asked of this rank, by asking rank */
+    float *buf_mine, *buf_served; /* scratch: n_unique rows, n_served rows */
+    size_t buf_width;
+} sm_row_exchange;
+
+/* Every id must be < n_rows. Collective. */
+SMDEF sm_status sm_row_exchange_plan(sm_row_exchange *x, const sm_comm *c, const uint32_t *ids, size_t n,
+                                     uint64_t n_rows, sm_error *err);
+/* rows[p][0..width) := the row of ids[p], read from the owners' shards
+ * (shard: this rank's rows, local index-major, width floats each). */
+SMDEF sm_status sm_row_exchange_fetch(sm_row_exchange *x, const sm_comm *c, const float *shard,
+                                      size_t width, float *rows, sm_error *err);
+/* The owners' shard_grad rows += the sum over every rank's positions of
+ * drows[p] with that id (duplicates summed first, in position order, then
+ * the ranks' sums in rank order: deterministic for a given rank count).
+ * touched (may be NULL; sized for this rank's shard) gets the local rows. */
+SMDEF sm_status sm_row_exchange_push(sm_row_exchange *x, const sm_comm *c, const float *drows,
+                                     size_t width, float *shard_grad, sm_row_set *touched, sm_error *err);
+SMDEF void sm_row_exchange_free(sm_row_exchange *x);
+
+/* Data parallelism with replicated parameters: every gradient is scaled by
+ * `scale` (this rank's share of the global mean loss: its counted tokens
+ * over all ranks'), then summed over the ranks. Dense tensors are summed
+ * whole; a table (a tensor with touched rows) first takes the union of the
+ * ranks' touched rows, so every rank updates the same rows, and only those
+ * rows are summed. One process: the scaling alone. */
+SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float scale, sm_error *err);
+
 #ifdef __cplusplus
 }
 #endif
@@ -1865,6 +1970,7 @@ SMDEF void sm_model_backward(sm_model *m);
 #define SPARSEMEM_IMPLEMENTATION_DONE
 
 #include <errno.h>
+#include <limits.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -8162,7 +8268,7 @@ static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_wor
 }
 
 static void sm__sinkhorn_forward_n(float *out, const float *logits, int n, int iters) {
-    /* u zeroed only for gcc -O3, which cannot see the rounds set it */
+    /* u zeroed: the rounds write it (iters >= 1), which GCC cannot always see */
     float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N] = {0}, v[SM_SINKHORN_MAX_N];
     float lam[SM_SINKHORN_MAX_N];
     SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
@@ -10113,6 +10219,447 @@ SMDEF void sm_model_backward(sm_model *m) {
     else
         memcpy(m->du, m->dres, sizeof(float) * NC);
     sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C);
+}
+
+/* ---- 12. Distributed: the communicator ----------------------------- */
+
+SMDEF void sm_comm_init_single(sm_comm *c) {
+    c->rank = 0, c->size = 1, c->backend = SM_COMM_SINGLE, c->impl = NULL;
+}
+
+#ifdef SM_USE_MPI
+static MPI_Comm sm__mpi(const sm_comm *c) { return *(const MPI_Comm *)c->impl; }
+
+static sm_status sm__mpi_check(int rc, const char *what, sm_error *err) {
+    char msg[MPI_MAX_ERROR_STRING];
+    int len = 0;
+    if (rc == MPI_SUCCESS) return SM_OK;
+    MPI_Error_string(rc, msg, &len);
+    return sm_fail(err, SM_ERR_FAILED, "MPI %s failed: %.*s", what, len, msg);
+}
+
+SMDEF sm_status sm_comm_init_mpi(sm_comm *c, MPI_Comm comm, sm_error *err) {
+    MPI_Comm *dup = (MPI_Comm *)sm_alloc(1, sizeof(MPI_Comm), "MPI communicator", err);
+    sm_status st;
+    sm_comm_init_single(c);
+    if (!dup) return SM_ERR_OOM;
+    if ((st = sm__mpi_check(MPI_Comm_dup(comm, dup), "Comm_dup", err)) != SM_OK) {
+        SM_FREE(dup);
+        return st;
+    }
+    MPI_Comm_rank(*dup, &c->rank);
+    MPI_Comm_size(*dup, &c->size);
+    c->backend = SM_COMM_MPI, c->impl = dup;
+    return SM_OK;
+}
+
+/* MPI counts and displacements are int: byte counts (and their running
+ * sum, the displacement) must fit. */
+static sm_status sm__mpi_counts(const sm_comm *c, const size_t *bytes, int *count, int *displ,
+                                const char *what, sm_error *err) {
+    size_t total = 0;
+    int r;
+    for (r = 0; r < c->size; r++) {
+        if (bytes[r] > (size_t)INT_MAX || total > (size_t)INT_MAX - bytes[r])
+            return sm_fail(err, SM_ERR_INVALID_ARG,
+                           "%s: %zu bytes at rank %d exceed MPI's int counts (at most %d bytes per call)",
+                           what, total + bytes[r], r, INT_MAX);
+        count[r] = (int)bytes[r], displ[r] = (int)total;
+        total += bytes[r];
+    }
+    return SM_OK;
+}
+#endif
+
+SMDEF void sm_comm_free(sm_comm *c) {
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI) {
+        MPI_Comm_free((MPI_Comm *)c->impl);
+        SM_FREE(c->impl);
+    }
+#endif
+    sm_comm_init_single(c);
+}
+
+/* Sums n elements of an MPI type in place, in chunks whose count fits int. */
+#ifdef SM_USE_MPI
+static sm_status sm__mpi_allreduce(const sm_comm *c, void *x, size_t n, size_t elem, MPI_Datatype type,
+                                   sm_error *err) {
+    const size_t chunk = (size_t)1 << 28;
+    size_t i;
+    for (i = 0; i < n; i += chunk) {
+        int k = (int)(n - i < chunk ? n - i : chunk);
+        sm_status st = sm__mpi_check(MPI_Allreduce(MPI_IN_PLACE, (char *)x + i * elem, k, type, MPI_SUM,
+                                                   sm__mpi(c)), "Allreduce", err);
+        if (st != SM_OK) return st;
+    }
+    return SM_OK;
+}
+#endif
+
+SMDEF sm_status sm_comm_allreduce_sum(const sm_comm *c, float *x, size_t n, sm_error *err) {
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI) return sm__mpi_allreduce(c, x, n, sizeof(float), MPI_FLOAT, err);
+#endif
+    (void)c, (void)x, (void)n, (void)err;
+    return SM_OK;
+}
+
+SMDEF sm_status sm_comm_allreduce_sum_f64(const sm_comm *c, double *x, size_t n, sm_error *err) {
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI) return sm__mpi_allreduce(c, x, n, sizeof(double), MPI_DOUBLE, err);
+#endif
+    (void)c, (void)x, (void)n, (void)err;
+    return SM_OK;
+}
+
+SMDEF sm_status sm_comm_broadcast(const sm_comm *c, void *buf, size_t bytes, int root, sm_error *err) {
+    if (root < 0 || root >= c->size)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "broadcast: root %d is not a rank of %d", root, c->size);
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI) {
+        if (bytes > (size_t)INT_MAX)
+            return sm_fail(err, SM_ERR_INVALID_ARG, "broadcast: %zu bytes exceed MPI's int count", bytes);
+        return sm__mpi_check(MPI_Bcast(buf, (int)bytes, MPI_BYTE, root, sm__mpi(c)), "Bcast", err);
+    }
+#endif
+    (void)buf, (void)bytes;
+    return SM_OK;
+}
+
+SMDEF sm_status sm_comm_barrier(const sm_comm *c, sm_error *err) {
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI) return sm__mpi_check(MPI_Barrier(sm__mpi(c)), "Barrier", err);
+#endif
+    (void)c, (void)err;
+    return SM_OK;
+}
+
+/* The single-process forms of the gathers: this rank's block to itself. */
+static void sm__copy_block(void *dst, const void *src, size_t bytes) {
+    if (bytes) memmove(dst, src, bytes);
+}
+
+SMDEF sm_status sm_comm_allgatherv(const sm_comm *c, const void *send, size_t send_bytes, void *recv,
+                                   const size_t *recv_bytes, sm_error *err) {
+    if (send_bytes != recv_bytes[c->rank])
+        return sm_fail(err, SM_ERR_INVALID_ARG, "allgatherv: rank %d sends %zu bytes but recv_bytes says %zu",
+                       c->rank, send_bytes, recv_bytes[c->rank]);
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI) {
+        int *count = (int *)sm_alloc(2 * (size_t)c->size, sizeof(int), "allgatherv counts", err);
+        sm_status st = count ? sm__mpi_counts(c, recv_bytes, count, count + c->size, "allgatherv", err) : SM_ERR_OOM;
+        if (st == SM_OK)
+            st = sm__mpi_check(MPI_Allgatherv(send, (int)send_bytes, MPI_BYTE, recv, count, count + c->size,
+                                              MPI_BYTE, sm__mpi(c)), "Allgatherv", err);
+        SM_FREE(count);
+        return st;
+    }
+#endif
+    sm__copy_block(recv, send, send_bytes);
+    return SM_OK;
+}
+
+SMDEF sm_status sm_comm_alltoallv(const sm_comm *c, const void *send, const size_t *send_bytes, void *recv,
+                                  const size_t *recv_bytes, sm_error *err) {
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI) {
+        int *count = (int *)sm_alloc(4 * (size_t)c->size, sizeof(int), "alltoallv counts", err);
+        int *sc = count, *sd = count + c->size, *rc = count + 2 * c->size, *rd = count + 3 * c->size;
+        sm_status st = count ? sm__mpi_counts(c, send_bytes, sc, sd, "alltoallv send", err) : SM_ERR_OOM;
+        if (st == SM_OK) st = sm__mpi_counts(c, recv_bytes, rc, rd, "alltoallv receive", err);
+        if (st == SM_OK)
+            st = sm__mpi_check(MPI_Alltoallv(send, sc, sd, MPI_BYTE, recv, rc, rd, MPI_BYTE, sm__mpi(c)),
+                               "Alltoallv", err);
+        SM_FREE(count);
+        return st;
+    }
+#endif
+    (void)c;
+    if (send_bytes[0] != recv_bytes[0])
+        return sm_fail(err, SM_ERR_INVALID_ARG, "alltoallv: one process sends %zu bytes but expects %zu",
+                       send_bytes[0], recv_bytes[0]);
+    sm__copy_block(recv, send, send_bytes[0]);
+    return SM_OK;
+}
+
+SMDEF sm_status sm_comm_check_same(const sm_comm *c, const void *buf, size_t bytes, const char *what,
+                                   sm_error *err) {
+    uint64_t mine[2], *all;
+    size_t *len;
+    sm_status st;
+    int r;
+    if (c->size == 1) return SM_OK;
+    mine[0] = sm_checksum64(buf, bytes), mine[1] = bytes;
+    all = (uint64_t *)sm_alloc(2 * (size_t)c->size, sizeof(uint64_t), "check_same", err);
+    len = (size_t *)sm_alloc((size_t)c->size, sizeof(size_t), "check_same", err);
+    st = all && len ? SM_OK : SM_ERR_OOM;
+    for (r = 0; st == SM_OK && r < c->size; r++) len[r] = sizeof mine;
+    if (st == SM_OK) st = sm_comm_allgatherv(c, mine, sizeof mine, all, len, err);
+    for (r = 1; st == SM_OK && r < c->size; r++)
+        if (all[2 * r] != all[0] || all[2 * r + 1] != all[1])
+            st = sm_fail(err, SM_ERR_MISMATCH, "%s differs between rank 0 and rank %d (%llu vs %llu bytes, "
+                         "checksums %016llx vs %016llx): start every rank with the same options and files",
+                         what, r, (unsigned long long)all[1], (unsigned long long)all[2 * r + 1],
+                         (unsigned long long)all[0], (unsigned long long)all[2 * r]);
+    SM_FREE(all), SM_FREE(len);
+    return st;
+}
+
+/* ---- 12. Distributed: row ownership and the row exchange ------------ */
+
+SMDEF int sm_row_owner(uint64_t row, int size) { return (int)(row % (uint64_t)size); }
+SMDEF uint64_t sm_row_local(uint64_t row, int size) { return row / (uint64_t)size; }
+SMDEF uint64_t sm_shard_rows(uint64_t n_rows, int rank, int size) {
+    return n_rows > (uint64_t)rank ? (n_rows - (uint64_t)rank - 1) / (uint64_t)size + 1 : 0;
+}
+
+/* Index of key in the sorted, distinct keys[0..n) (it is there). */
+static size_t sm__find_u64(const uint64_t *keys, size_t n, uint64_t key) {
+    size_t lo = 0, hi = n;
+    while (hi - lo > 1) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (keys[mid] <= key) lo = mid;
+        else hi = mid;
+    }
+    return lo;
+}
+
+/* The distinct ids, sorted by (owner, id), and each position's slot. */
+static sm_status sm__exchange_unique(sm_row_exchange *x, const uint32_t *ids, size_t n, sm_error *err) {
+    uint64_t *key = (uint64_t *)sm_alloc(n, sizeof(uint64_t), "row exchange keys", err);
+    size_t p, u = 0;
+    if (!key) return SM_ERR_OOM;
+    for (p = 0; p < n; p++) key[p] = (uint64_t)sm_row_owner(ids[p], x->size) << 32 | ids[p];
+    qsort(key, n, sizeof(uint64_t), sm__cmp_u64);
+    for (p = 0; p < n; p++)
+        if (p == 0 || key[p] != key[u - 1]) key[u++] = key[p];
+    x->n_unique = u;
+    x->unique = (uint32_t *)sm_alloc(u, sizeof(uint32_t), "row exchange ids", err);
+    x->slot = (uint32_t *)sm_alloc(n, sizeof(uint32_t), "row exchange slots", err);
+    if (x->unique && x->slot) {
+        for (p = 0; p < u; p++) {
+            x->unique[p] = (uint32_t)key[p];
+            x->send_count[key[p] >> 32]++;
+        }
+        for (p = 0; p < n; p++)
+            x->slot[p] = (uint32_t)sm__find_u64(key, u, (uint64_t)sm_row_owner(ids[p], x->size) << 32 | ids[p]);
+    }
+    SM_FREE(key);
+    return x->unique && x->slot ? SM_OK : SM_ERR_OOM;
+}
+
+/* Byte counts of blocks of `count[r] * elem` bytes. */
+static void sm__block_bytes(size_t *bytes, const size_t *count, int size, size_t elem) {
+    int r;
+    for (r = 0; r < size; r++) bytes[r] = count[r] * elem;
+}
+
+/* Tells each owner which of its rows this rank reads: the counts first,
+ * then the ids, turned into local indices. */
+static sm_status sm__exchange_requests(sm_row_exchange *x, const sm_comm *c, sm_error *err) {
+    size_t *sb = (size_t *)sm_alloc(2 * (size_t)c->size, sizeof(size_t), "row exchange sizes", err);
+    size_t *rb = sb ? sb + c->size : NULL, i;
+    sm_status st = sb ? SM_OK : SM_ERR_OOM;
+    int r;
+    for (r = 0; st == SM_OK && r < c->size; r++) sb[r] = rb[r] = sizeof(size_t);
+    if (st == SM_OK) st = sm_comm_alltoallv(c, x->send_count, sb, x->recv_count, rb, err);
+    for (r = 0, x->n_served = 0; st == SM_OK && r < c->size; r++) x->n_served += x->recv_count[r];
+    if (st == SM_OK && !(x->served = (uint32_t *)sm_alloc(x->n_served, sizeof(uint32_t), "row exchange served", err)))
+        st = SM_ERR_OOM;
+    if (st == SM_OK) {
+        sm__block_bytes(sb, x->send_count, c->size, sizeof(uint32_t));
+        sm__block_bytes(rb, x->recv_count, c->size, sizeof(uint32_t));
+        st = sm_comm_alltoallv(c, x->unique, sb, x->served, rb, err);
+    }
+    for (i = 0; st == SM_OK && i < x->n_served; i++) {
+        if (x->served[i] >= x->n_rows || sm_row_owner(x->served[i], c->size) != c->rank)
+            st = sm_fail(err, SM_ERR_MISMATCH, "row exchange: rank %d was asked for row %u, which it does not own",
+                         c->rank, x->served[i]);
+        else
+            x->served[i] = (uint32_t)sm_row_local(x->served[i], c->size);
+    }
+    SM_FREE(sb);
+    return st;
+}
+
+SMDEF sm_status sm_row_exchange_plan(sm_row_exchange *x, const sm_comm *c, const uint32_t *ids, size_t n,
+                                     uint64_t n_rows, sm_error *err) {
+    sm_status st = SM_OK;
+    size_t p;
+    memset(x, 0, sizeof *x);
+    x->n_rows = n_rows, x->size = c->size, x->n_ids = n;
+    if (n_rows > (uint64_t)UINT32_MAX + 1)
+        st = sm_fail(err, SM_ERR_INVALID_ARG, "row exchange: %llu rows, at most 2^32", (unsigned long long)n_rows);
+    for (p = 0; st == SM_OK && p < n; p++)
+        if (ids[p] >= n_rows)
+            st = sm_fail(err, SM_ERR_INVALID_ARG, "row exchange: id %u at position %zu is outside the table's %llu rows",
+                         ids[p], p, (unsigned long long)n_rows);
+    /* every rank goes on to the collective calls, so one rank's bad id
+     * cannot leave the others waiting */
+    x->send_count = (size_t *)sm_alloc(2 * (size_t)c->size, sizeof(size_t), "row exchange counts", err);
+    if (!x->send_count) return SM_ERR_OOM;
+    x->recv_count = x->send_count + c->size;
+    if (st == SM_OK) st = sm__exchange_unique(x, ids, n, err);
+    else x->n_unique = 0;
+    {
+        sm_status st2 = sm__exchange_requests(x, c, err);
+        if (st == SM_OK) st = st2;
+    }
+    if (st != SM_OK) sm_row_exchange_free(x);
+    return st;
+}
+
+/* Scratch for width floats per row, n_unique and n_served rows. */
+static sm_status sm__exchange_buffers(sm_row_exchange *x, size_t width, sm_error *err) {
+    if (x->buf_width == width && (x->buf_mine || !x->n_unique) && (x->buf_served || !x->n_served)) return SM_OK;
+    SM_FREE(x->buf_mine), SM_FREE(x->buf_served);
+    x->buf_width = width;
+    x->buf_mine = (float *)sm_alloc(x->n_unique * width, sizeof(float), "rows asked", err);
+    x->buf_served = (float *)sm_alloc(x->n_served * width, sizeof(float), "rows served", err);
+    return x->buf_mine && x->buf_served ? SM_OK : SM_ERR_OOM;
+}
+
+/* The two directions of the row traffic: rows out of the owners
+ * (to_owners = 0) and gradients into them (1). */
+static sm_status sm__exchange_rows(const sm_row_exchange *x, const sm_comm *c, size_t width, int to_owners,
+                                   sm_error *err) {
+    size_t *mine = (size_t *)sm_alloc(2 * (size_t)c->size, sizeof(size_t), "row exchange sizes", err);
+    size_t *served = mine ? mine + c->size : NULL;
+    sm_status st = mine ? SM_OK : SM_ERR_OOM;
+    if (st == SM_OK) {
+        sm__block_bytes(mine, x->send_count, c->size, width * sizeof(float));
+        sm__block_bytes(served, x->recv_count, c->size, width * sizeof(float));
+        st = to_owners ? sm_comm_alltoallv(c, x->buf_mine, mine, x->buf_served, served, err)
+                       : sm_comm_alltoallv(c, x->buf_served, served, x->buf_mine, mine, err);
+    }
+    SM_FREE(mine);
+    return st;
+}
+
+SMDEF sm_status sm_row_exchange_fetch(sm_row_exchange *x, const sm_comm *c, const float *shard,
+                                      size_t width, float *rows, sm_error *err) {
+    sm_status st = sm__exchange_buffers(x, width, err);
+    size_t i, p;
+    if (st != SM_OK) return st;
+    for (i = 0; i < x->n_served; i++)
+        memcpy(x->buf_served + i * width, shard + (size_t)x->served[i] * width, sizeof(float) * width);
+    if ((st = sm__exchange_rows(x, c, width, 0, err)) != SM_OK) return st;
+    for (p = 0; p < x->n_ids; p++)
+        memcpy(rows + p * width, x->buf_mine + (size_t)x->slot[p] * width, sizeof(float) * width);
+    return SM_OK;
+}
+
+SMDEF sm_status sm_row_exchange_push(sm_row_exchange *x, const sm_comm *c, const float *drows,
+                                     size_t width, float *shard_grad, sm_row_set *touched, sm_error *err) {
+    sm_status st = sm__exchange_buffers(x, width, err);
+    size_t i, p, j;
+    if (st != SM_OK) return st;
+    memset(x->buf_mine, 0, sizeof(float) * x->n_unique * width);
+    for (p = 0; p < x->n_ids; p++) sm__add_inplace(x->buf_mine + (size_t)x->slot[p] * width, drows + p * width, width);
+    if ((st = sm__exchange_rows(x, c, width, 1, err)) != SM_OK) return st;
+    for (i = 0; i < x->n_served; i++) {
+        float *g = shard_grad + (size_t)x->served[i] * width;
+        const float *d = x->buf_served + i * width;
+        for (j = 0; j < width; j++) g[j] += d[j];
+        if (touched) sm_row_set_add(touched, x->served[i]);
+    }
+    return SM_OK;
+}
+
+SMDEF void sm_row_exchange_free(sm_row_exchange *x) {
+    SM_FREE(x->unique), SM_FREE(x->slot), SM_FREE(x->send_count), SM_FREE(x->served);
+    SM_FREE(x->buf_mine), SM_FREE(x->buf_served);
+    memset(x, 0, sizeof *x);
+}
+
+/* ---- 12. Distributed: data-parallel gradients ----------------------- */
+
+static void sm__scale_grads(sm_params *p, float scale) {
+    int i;
+    size_t r, j;
+    for (i = 0; i < p->n_tensors; i++) {
+        const sm_param_tensor *t = &p->tensors[i];
+        float *g = p->grad + t->offset;
+        if (!t->rows) {
+            for (j = 0; j < t->size; j++) g[j] *= scale;
+            continue;
+        }
+        for (r = 0; r < t->rows->count; r++)
+            for (j = 0; j < t->row_size; j++) g[(size_t)t->rows->rows[r] * t->row_size + j] *= scale;
+    }
+}
+
+/* Dense tensors are summed in contiguous runs (adjacent dense tensors
+ * form one message). */
+static sm_status sm__allreduce_dense(sm_params *p, const sm_comm *c, sm_error *err) {
+    int i = 0;
+    while (i < p->n_tensors) {
+        size_t start = p->tensors[i].offset, end;
+        sm_status st;
+        if (p->tensors[i].rows) {
+            i++;
+            continue;
+        }
+        end = start + p->tensors[i].size;
+        while (++i < p->n_tensors && !p->tensors[i].rows && p->tensors[i].offset == end) end += p->tensors[i].size;
+        if ((st = sm_comm_allreduce_sum(c, p->grad + start, end - start, err)) != SM_OK) return st;
+    }
+    return SM_OK;
+}
+
+/* Every rank's touched rows of set s added to it, then sorted: the same
+ * rows, in the same order, on every rank. */
+static sm_status sm__row_set_union(sm_row_set *s, const sm_comm *c, sm_error *err) {
+    size_t *len = (size_t *)sm_alloc((size_t)c->size, sizeof(size_t), "touched-row counts", err), total = 0, i;
+    size_t mine = s->count * sizeof(uint32_t);
+    uint32_t *all = NULL;
+    sm_status st = len ? SM_OK : SM_ERR_OOM;
+    int r;
+    for (r = 0; st == SM_OK && r < c->size; r++) len[r] = sizeof(size_t);
+    if (st == SM_OK) st = sm_comm_allgatherv(c, &mine, sizeof mine, len, len, err);
+    for (r = 0; st == SM_OK && r < c->size; r++) total += len[r];
+    if (st == SM_OK && !(all = (uint32_t *)sm_alloc(total / sizeof(uint32_t), sizeof(uint32_t), "touched rows", err)))
+        st = SM_ERR_OOM;
+    if (st == SM_OK) st = sm_comm_allgatherv(c, s->rows, mine, all, len, err);
+    for (i = 0; st == SM_OK && i < total / sizeof(uint32_t); i++) sm_row_set_add(s, all[i]);
+    if (st == SM_OK) sm_row_set_sort(s);
+    SM_FREE(len), SM_FREE(all);
+    return st;
+}
+
+/* The rows of a replicated table tensor in the set, packed, summed, put back. */
+static sm_status sm__allreduce_rows(sm_params *p, const sm_param_tensor *t, const sm_comm *c, sm_error *err) {
+    size_t n = t->rows->count, r, w = t->row_size;
+    float *buf = (float *)sm_alloc(n * w, sizeof(float), "touched-row gradients", err);
+    sm_status st;
+    if (!buf) return SM_ERR_OOM;
+    for (r = 0; r < n; r++) memcpy(buf + r * w, p->grad + t->offset + (size_t)t->rows->rows[r] * w, sizeof(float) * w);
+    st = sm_comm_allreduce_sum(c, buf, n * w, err);
+    for (r = 0; st == SM_OK && r < n; r++) memcpy(p->grad + t->offset + (size_t)t->rows->rows[r] * w, buf + r * w, sizeof(float) * w);
+    SM_FREE(buf);
+    return st;
+}
+
+/* The touched-row sets of the tables: each set once (tensors may share one). */
+static int sm__first_with_rows(const sm_params *p, int i) {
+    int k;
+    for (k = 0; k < i; k++)
+        if (p->tensors[k].rows == p->tensors[i].rows) return 0;
+    return 1;
+}
+
+SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float scale, sm_error *err) {
+    sm_status st = SM_OK;
+    int i;
+    if (scale != 1.0f) sm__scale_grads(p, scale);
+    if (c->size == 1) return SM_OK;
+    for (i = 0; st == SM_OK && i < p->n_tensors; i++)
+        if (p->tensors[i].rows && sm__first_with_rows(p, i)) st = sm__row_set_union(p->tensors[i].rows, c, err);
+    if (st == SM_OK) st = sm__allreduce_dense(p, c, err);
+    for (i = 0; st == SM_OK && i < p->n_tensors; i++)
+        if (p->tensors[i].rows) st = sm__allreduce_rows(p, &p->tensors[i], c, err);
+    return st;
 }
 
 #endif /* SPARSEMEM_IMPLEMENTATION_DONE */

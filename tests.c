@@ -23,6 +23,8 @@
 /* ---- harness -------------------------------------------------------- */
 
 #include "tests_harness.h"
+#include "tests_comm.h"
+#include "tests_trainer.h"
 
 static double t_max_abs_diff(const float *a, const float *b, size_t n) {
     double m = 0;
@@ -1054,41 +1056,6 @@ static int test_trainer_schedule_parser(void) {
     return 0;
 }
 
-/* A small corpus of generated sentences, documents split by form feeds. */
-static void t_write_corpus(const char *path, uint64_t seed) {
-    static const char *const words[] = {"the", "state", "of", "union", "is", "strong", "and", "our",
-                                        "people", "work", "for", "peace", "nation", "will", "grow",
-                                        "we", "must", "build", "a", "better", "future", "together"};
-    FILE *f = fopen(path, "w");
-    sm_rng r;
-    int d, w;
-    sm_rng_seed(&r, seed);
-    for (d = 0; f && d < 12; d++) {
-        for (w = 0; w < 400; w++) {
-            fputs(words[sm_rng_below(&r, sizeof words / sizeof words[0])], f);
-            fputs(w % 13 == 12 ? ".\n" : " ", f);
-        }
-        fputc('\f', f);
-    }
-    if (f) fclose(f);
-}
-
-static void t_trainer_opts(tr_opts *o, const char *out) {
-    tr_defaults(o);
-    snprintf(o->data, sizeof o->data, "test_tmp_corpus.txt");
-    snprintf(o->out, sizeof o->out, "%s", out);
-    o->quiet = 1, o->vocab = 300, o->val_frac = 0.2f;
-    o->n_layer = 2, o->d_model = 16, o->n_head = 2, o->seq_len = 16, o->batch = 2;
-    o->steps = 12, o->warmup = 2, o->eval_every = 4, o->eval_batches = 2;
-    snprintf(o->engram_layers, sizeof o->engram_layers, "0");
-    o->engram_rows = 31, o->engram_heads = 2, o->engram_d_head = 4;
-    snprintf(o->peer_layers, sizeof o->peer_layers, "1");
-    o->peer_experts_sqrt = 4, o->peer_heads = 1, o->peer_topk = 2, o->peer_d_key = 4;
-    o->mhc_streams = 2;
-    snprintf(o->strategy, sizeof o->strategy, "auto");
-    o->coord_every = 3;
-}
-
 /* Two CSV files equal, ignoring column `skip` (-1: none): timings differ
  * between any two runs. */
 static int t_csv_equal(const char *a, const char *b, int skip) {
@@ -1128,13 +1095,6 @@ static int t_ckpt_state_equal(const char *a, const char *b) {
     ok = ok && memcmp(ra.data + ra.pos, rb.data + rb.pos, (size_t)skip_a[2] * 3 * sizeof(float)) == 0;
     sm_reader_close(&ra), sm_reader_close(&rb);
     return ok;
-}
-
-/* Remove a test's output folder (left by an earlier, interrupted run). */
-static void t_remove_tree(const char *dir) {
-    char cmd[256];
-    snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
-    if (system(cmd) != 0) fprintf(stderr, "tests: could not remove %s\n", dir);
 }
 
 /* A run stopped at step 5 and resumed gives bit-identical losses, logs and
@@ -7535,8 +7495,10 @@ static const t_case t_cases[] = {
     NINE_TESTS,
     PLOT_TESTS,
     PARITY_TESTS,
+    COMM_TESTS,
 };
 
 int main(int argc, char **argv) {
+    sm_comm_init_single(&t_comm);
     return t_run(t_cases, sizeof t_cases / sizeof t_cases[0], argc > 1 ? argv[1] : NULL) ? 1 : 0;
 }

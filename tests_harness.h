@@ -36,11 +36,15 @@ static void *t_alloc(size_t n_floats) {
     return p;
 }
 
-static float *t_randn(sm_rng *r, size_t n, float std) {
+static inline float *t_randn(sm_rng *r, size_t n, float std) {
     float *x = (float *)t_alloc(n);
     sm_rng_fill_normal(r, x, n, std);
     return x;
 }
+
+/* With several processes (tests_mpi.c): turns one rank's verdict into the
+ * verdict of all, so every rank counts the same. NULL: one process. */
+static int (*t_agree)(int bad) = NULL;
 
 typedef struct {
     const char *name;
@@ -60,6 +64,7 @@ static int t_run(const t_case *cases, size_t n, const char *filter) {
         t_fail_msg[0] = 0;
         t0 = sm_now();
         bad = cases[i].fn();
+        if (t_agree) bad = t_agree(bad);
         if (bad) {
             printf("FAIL %-48s %s\n", cases[i].name, t_fail_msg);
             failed++;

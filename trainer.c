@@ -12,7 +12,14 @@
  * modules, trained on CPU (or the GPU: --device cuda in a build with
  * CUDA, `make trainer_cuda`); per-module learning-rate schedules for the
  * "Redundancy Bottleneck" study; diagnostics logged as CSV per evaluation
- * and drawn as PNG plots. */
+ * and drawn as PNG plots.
+ *
+ * Data parallel on several processes (`make trainer_mpi`, built with MPI):
+ *   mpirun -np N ./trainer_mpi train ... (the same options on every rank)
+ * Each rank trains on its 1/N of every global batch (--batch stays the
+ * global batch); the gradients are summed over the ranks
+ * (sm_params_allreduce_grads), so every rank takes the same step. Rank 0
+ * alone evaluates and writes the logs, checkpoints and plots. */
 #define _POSIX_C_SOURCE 200809L
 #ifdef TR_WITH_CUDA /* built by `make trainer_cuda`: the library comes from trainer_cuda.cu */
 #include "sparsemem_cuda.cuh"
@@ -744,6 +751,17 @@ static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, f
 
 /* --data is a folder made by `tokenize`, or text (tokenized into OUT/data).
  * The training split is loaded only when `train` is set. */
+/* The processes training together: one by default; under MPI
+ * (trainer_mpi) every rank of mpirun. Rank 0 is the one that writes. */
+static sm_comm tr_world = {0, 1, SM_COMM_SINGLE, NULL};
+static const sm_comm *tr_comm = &tr_world;
+
+/* Every rank waits here until all arrive (rank 0 wrote what they read). */
+static void tr_barrier(void) {
+    sm_error err = {SM_OK, ""};
+    if (sm_comm_barrier(tr_comm, &err) != SM_OK) tr_die("barrier", &err);
+}
+
 static void tr_load_data(tr_data *d, const tr_opts *o, int train) {
     char path[TR_PATH];
     sm_error err = {SM_OK, ""};
@@ -757,7 +775,8 @@ static void tr_load_data(tr_data *d, const tr_opts *o, int train) {
     } else {
         tr_join(d->dir, o->out, "data");
         tr_join(path, d->dir, "tokenizer.bin");
-        if (!tr_exists(path)) tr_tokenize(o->data, d->dir, o->vocab, o->val_frac, NULL, o->quiet);
+        if (tr_comm->rank == 0 && !tr_exists(path)) tr_tokenize(o->data, d->dir, o->vocab, o->val_frac, NULL, o->quiet);
+        tr_barrier();
     }
     tr_join(path, d->dir, "tokenizer.bin");
     if (sm_bpe_load(&d->bpe, path, &err) != SM_OK) tr_die("loading the tokenizer", &err);
@@ -1065,11 +1084,13 @@ static void tr_zero_grad(tr_run *r) {
     sm_params_zero_grad(&r->model.params);
 }
 
-static sm_status tr_forward(tr_run *r, int B, int T, sm_error *err) {
+/* The forward over B sequences of the batch buffers, from sequence first. */
+static sm_status tr_forward(tr_run *r, int first, int B, int T, sm_error *err) {
+    size_t at = (size_t)first * T;
 #ifdef TR_WITH_CUDA
-    if (r->on_gpu) return smc_model_forward(&r->gpu_model, r->in, r->tg, r->doc, B, T, err);
+    if (r->on_gpu) return smc_model_forward(&r->gpu_model, r->in + at, r->tg + at, r->doc + at, B, T, err);
 #endif
-    return sm_model_forward(&r->model, r->in, r->tg, r->doc, B, T, err);
+    return sm_model_forward(&r->model, r->in + at, r->tg + at, r->doc + at, B, T, err);
 }
 
 /* The backward, and the per-sublayer norms it measures on the host model. */
@@ -1623,6 +1644,31 @@ static void tr_resume(tr_run *r, const tr_opts *o) {
     if (sm_loader_restore(&r->loader, &state, &err) != SM_OK) tr_die("--resume: data position", &err);
 }
 
+/* Several ranks: the global batch splits evenly, and every rank was given
+ * the same options, model and training data (a rank that differs stops
+ * them all, naming what differs). */
+static void tr_check_ranks(const tr_run *r, const tr_opts *o) {
+    sm_error err = {SM_OK, ""};
+    const sm_tokens *t = &r->data.train;
+    tr_opts same = *o;
+    same.quiet = 0; /* the ranks after 0 run quiet */
+    if (tr_comm->size == 1) return;
+    if (o->batch % tr_comm->size != 0) {
+        fprintf(stderr, "trainer: --batch %d is the global batch: it must be a multiple of the %d processes\n",
+                o->batch, tr_comm->size);
+        exit(1);
+    }
+    if (o->device[0] && strcmp(o->device, "cpu") != 0) {
+        fprintf(stderr, "trainer: --device %s with %d processes: data parallelism runs on the CPU only for now\n",
+                o->device, tr_comm->size);
+        exit(1);
+    }
+    if (sm_comm_check_same(tr_comm, &same, sizeof same, "the options", &err) != SM_OK ||
+        sm_comm_check_same(tr_comm, &r->cfg, sizeof r->cfg, "the model configuration", &err) != SM_OK ||
+        sm_comm_check_same(tr_comm, t->tokens, t->n_tokens * sizeof *t->tokens, "the training tokens", &err) != SM_OK)
+        tr_die("processes", &err);
+}
+
 static void tr_run_setup(tr_run *r, tr_opts *o) {
     sm_error err = {SM_OK, ""};
     sm_loader_config lc = sm_loader_default_config();
@@ -1643,6 +1689,7 @@ static void tr_run_setup(tr_run *r, tr_opts *o) {
         fprintf(stderr, "trainer: %s\n", msg);
         exit(1);
     }
+    tr_check_ranks(r, o);
     if (sm_model_init(&r->model, &r->cfg, o->batch, o->seed, &err) != SM_OK) tr_die("model", &err);
     if (sm_model_set_canon(&r->model, r->data.canon.canon, (int)r->data.canon.vocab_size, &err) != SM_OK)
         tr_die("tokenizer compression", &err);
@@ -1669,31 +1716,75 @@ static void tr_run_free(tr_run *r) {
     sm_free(r->in), sm_free(r->tg), sm_free(r->doc), sm_free(r->label);
 }
 
+/* ---- data parallelism: what the ranks combine after their slices ---- */
+
+/* The global mean loss from each rank's mean over its counted tokens; the
+ * rank's share (its count over the global count) scales its gradients. */
+static double tr_global_loss(const sm_model *m, double *share) {
+    sm_error err = {SM_OK, ""};
+    double v[2];
+    v[0] = (double)m->loss * m->n_counted, v[1] = (double)m->n_counted;
+    if (sm_comm_allreduce_sum_f64(tr_comm, v, 2, &err) != SM_OK) tr_die("loss all-reduce", &err);
+    *share = v[1] > 0 ? m->n_counted / v[1] : 0.0;
+    return v[1] > 0 ? v[0] / v[1] : 0.0;
+}
+
+/* The sublayers' diagnostics as if measured on the whole batch. Output
+ * norms are means over positions: averaged over the (equal) slices. An
+ * output-gradient norm is the norm of the gradient of the rank's own mean
+ * loss, so it is scaled by the rank's share before the squares are summed:
+ * the norm of the global mean loss's gradient. */
+static void tr_global_sublayer_stats(sm_model *m, double share) {
+    sm_error err = {SM_OK, ""};
+    double v[3 * SM_MAX_SUBLAYERS];
+    int i, n = m->n_sub;
+    for (i = 0; i < n; i++) {
+        sm_sublayer *s = &m->sub[i];
+        v[i] = s->out_norm / tr_comm->size, v[n + i] = s->peer_norm / tr_comm->size;
+        v[2 * n + i] = s->grad_norm * share * s->grad_norm * share;
+    }
+    if (sm_comm_allreduce_sum_f64(tr_comm, v, 3 * (size_t)n, &err) != SM_OK) tr_die("statistics all-reduce", &err);
+    for (i = 0; i < n; i++)
+        m->sub[i].out_norm = v[i], m->sub[i].peer_norm = v[n + i], m->sub[i].grad_norm = sqrt(v[2 * n + i]);
+}
+
+/* This rank's slice of the global batch through forward and backward; the
+ * global mean loss in *loss (every rank), the gradients summed over ranks. */
+static int tr_forward_backward(tr_run *r, const tr_opts *o, double *loss, double *share) {
+    sm_error err = {SM_OK, ""};
+    int rows = o->batch / tr_comm->size;
+    if (tr_forward(r, tr_comm->rank * rows, rows, o->seq_len, &err) != SM_OK) tr_die("forward", &err);
+    *loss = r->model.loss, *share = 1.0;
+    if (tr_comm->size > 1) *loss = tr_global_loss(&r->model, share);
+    if (!isfinite(*loss)) return 1;
+    tr_backward(r);
+    if (tr_comm->size > 1 && sm_params_allreduce_grads(&r->model.params, tr_comm, (float)*share, &err) != SM_OK)
+        tr_die("gradient all-reduce", &err);
+    return 0;
+}
+
 /* One optimisation step. Returns 0, or 1 when the loss or the gradient is
  * not finite (nothing is updated then). */
 static int tr_step(tr_run *r, const tr_opts *o, double *loss_out, char *msg, size_t msg_size) {
     sm_model *m = &r->model;
-    sm_error err = {SM_OK, ""};
     float lr[TR_N_MODULES], clip;
-    double gnorm, group_norm[SM_MAX_GROUPS], t0 = sm_now();
+    double gnorm, group_norm[SM_MAX_GROUPS], t0 = sm_now(), share;
     tr_module_stats st;
     tr_current_lrs(o, r, lr);
     tr_apply_module_lrs(m, lr, o->lr);
     sm_loader_next(&r->loader, r->in, r->tg, r->doc);
     if (r->step == o->debug_nan_step) m->params.data[m->wte] = NAN; /* test hook (CPU runs) */
     tr_zero_grad(r);
-    if (tr_forward(r, o->batch, o->seq_len, &err) != SM_OK) tr_die("forward", &err);
-    *loss_out = m->loss;
-    if (!sm_is_finite(m->loss)) {
-        snprintf(msg, msg_size, "the loss is %g at step %ld", (double)m->loss, r->step);
+    if (tr_forward_backward(r, o, loss_out, &share) != 0) {
+        snprintf(msg, msg_size, "the loss is %g at step %ld", *loss_out, r->step);
         return 1;
     }
-    tr_backward(r);
     gnorm = tr_grad_norms(r, group_norm);
     if (!(gnorm < INFINITY)) {
         snprintf(msg, msg_size, "the gradient norm is %g at step %ld", gnorm, r->step);
         return 1;
     }
+    if (tr_comm->size > 1) tr_global_sublayer_stats(m, share);
     tr_measure_outputs(m, &st);
     tr_measure_param_grads(m, group_norm, &st);
     tr_stats_ema(&r->train_avg, &st, 0.9);
@@ -1839,66 +1930,97 @@ static void tr_plot_losses(const tr_opts *o) {
     smp_csv_free(&steps), smp_csv_free(&evals);
 }
 
-/* Returns 0 on success, 2 when stopped by the NaN guard. */
+typedef struct {
+    FILE *evlog, *steplog;
+    char ckpt[TR_PATH];
+    tr_eval e; /* the last evaluation */
+} tr_outputs;
+
+/* Rank 0's files of a run: the two logs (cut back to the checkpoint's
+ * step on --resume) and where the checkpoint goes. */
+static void tr_outputs_open(tr_outputs *w, const tr_opts *o, const tr_run *r) {
+    memset(w, 0, sizeof *w);
+    w->evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume ? r->step : -1);
+    w->steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume ? r->step : -1);
+    tr_path(w->ckpt, o, "model.ckpt");
+}
+
+static void tr_outputs_close(tr_outputs *w) {
+    fclose(w->evlog), fclose(w->steplog);
+}
+
+/* Rank 0's part of a step: the step log, progress, evals and checkpoints. */
+static void tr_record_step(tr_run *r, const tr_opts *o, tr_outputs *w, double loss, long end) {
+    sm_error err = {SM_OK, ""};
+    fprintf(w->steplog, "%ld,%.6f,%.6f\n", r->step, loss,
+            sm_lr_schedule(r->step - 1, o->warmup, o->steps, o->min_lr_ratio));
+    tr_progress(o, r, r->loss_avg);
+    if ((o->eval_every > 0 && r->step % o->eval_every == 0) || r->step == o->steps) {
+        float lr[TR_N_MODULES];
+        tr_current_lrs(o, r, lr);
+        tr_to_host(r);
+        /* every logged eval uses the same batches, so the curve compares like with like */
+        w->e = tr_evaluate(r, o->batch, o->eval_batches);
+        tr_log_eval(w->evlog, r, r->loss_avg, &w->e, lr);
+        if (!o->quiet && isatty(fileno(stdout))) printf("\n");
+        if (!o->quiet) printf("eval step %ld: val loss %.4f (ppl %.2f)\n", r->step, w->e.loss, w->e.ppl);
+    }
+    if ((o->ckpt_every > 0 && r->step % o->ckpt_every == 0) || r->step == end) {
+        tr_to_host(r);
+        tr_sync_log(w->evlog, o, "log.csv");
+        tr_sync_log(w->steplog, o, "steps.csv");
+        if (tr_save_checkpoint(r, o, w->ckpt, &err) != SM_OK) tr_die("checkpoint", &err);
+    }
+}
+
+/* Rank 0, at the end: the final numbers cover the whole validation split. */
+static void tr_finish_run(tr_run *r, const tr_opts *o, tr_outputs *w) {
+    if (!o->quiet && isatty(fileno(stdout))) printf("\n");
+    if (r->step == o->steps) {
+        tr_to_host(r);
+        /* (e.tokens == 0: no eval in this process, a finished run resumed) */
+        if (o->eval_batches > 0 || w->e.tokens == 0) w->e = tr_evaluate(r, o->batch, 0);
+        tr_write_summary(o, r, &w->e, r->loss_avg);
+        if (w->e.has_route) tr_write_route_tables(o, &w->e.route);
+    }
+    tr_outputs_close(w);
+    tr_plot_losses(o);
+}
+
+/* Returns 0 on success, 2 when stopped by the NaN guard (on every rank:
+ * the loss and the gradient norm they test are global). */
 static int tr_train(tr_opts *o) {
     tr_run r;
-    FILE *evlog, *steplog;
-    char msg[256], path[TR_PATH];
+    tr_outputs w;
+    char msg[256];
     double loss = NAN;
     long end;
-    sm_error err = {SM_OK, ""};
-    tr_eval e;
-    memset(&e, 0, sizeof e);
+    int lead = tr_comm->rank == 0;
+    if (!lead) o->quiet = 1;
     tr_run_setup(&r, o);
     end = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
-    evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume ? r.step : -1);
-    steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume ? r.step : -1);
-    tr_path(path, o, "model.ckpt");
+    if (lead) tr_outputs_open(&w, o, &r);
     if (!o->quiet)
-        printf("model: %zu parameters, %d sublayers, %d threads; %zu train / %zu val tokens\n",
-               r.model.params.total, r.model.n_sub, sm_num_threads(), r.data.train.n_tokens,
+        printf("model: %zu parameters, %d sublayers, %d threads x %d processes; %zu train / %zu val tokens\n",
+               r.model.params.total, r.model.n_sub, sm_num_threads(), tr_comm->size, r.data.train.n_tokens,
                r.data.val.n_tokens);
     while (r.step < end) {
         if (tr_step(&r, o, &loss, msg, sizeof msg) != 0) {
-            fprintf(stderr, "\ntrainer: stopped: %s. Nothing was updated; %s%s.\n", msg,
-                    tr_exists(path) ? "the last good checkpoint is kept at " : "no checkpoint was written yet",
-                    tr_exists(path) ? path : "");
-            fclose(evlog), fclose(steplog);
+            if (lead) {
+                int kept = tr_exists(w.ckpt);
+                fprintf(stderr, "\ntrainer: stopped: %s. Nothing was updated; %s%s.\n", msg,
+                        kept ? "the last good checkpoint is kept at " : "no checkpoint was written yet",
+                        kept ? w.ckpt : "");
+                tr_outputs_close(&w);
+            }
             tr_run_free(&r);
             return 2;
         }
         tr_ema(&r.loss_avg, loss, 0.9);
-        fprintf(steplog, "%ld,%.6f,%.6f\n", r.step, loss,
-                sm_lr_schedule(r.step - 1, o->warmup, o->steps, o->min_lr_ratio));
-        tr_progress(o, &r, r.loss_avg);
-        if ((o->eval_every > 0 && r.step % o->eval_every == 0) || r.step == o->steps) {
-            float lr[TR_N_MODULES];
-            tr_current_lrs(o, &r, lr);
-            tr_to_host(&r);
-            /* every logged eval uses the same batches, so the curve compares like with like */
-            e = tr_evaluate(&r, o->batch, o->eval_batches);
-            tr_log_eval(evlog, &r, r.loss_avg, &e, lr);
-            if (!o->quiet && isatty(fileno(stdout))) printf("\n");
-            if (!o->quiet) printf("eval step %ld: val loss %.4f (ppl %.2f)\n", r.step, e.loss, e.ppl);
-        }
-        if ((o->ckpt_every > 0 && r.step % o->ckpt_every == 0) || r.step == end) {
-            tr_to_host(&r);
-            tr_sync_log(evlog, o, "log.csv");
-            tr_sync_log(steplog, o, "steps.csv");
-            if (tr_save_checkpoint(&r, o, path, &err) != SM_OK) tr_die("checkpoint", &err);
-        }
+        if (lead) tr_record_step(&r, o, &w, loss, end);
         tr_debug_kill(o, r.step, NULL);
     }
-    if (!o->quiet && isatty(fileno(stdout))) printf("\n");
-    if (r.step == o->steps) { /* the final numbers cover the whole validation split */
-        tr_to_host(&r);
-        /* (e.tokens == 0: no eval in this process, a finished run resumed) */
-        if (o->eval_batches > 0 || e.tokens == 0) e = tr_evaluate(&r, o->batch, 0);
-        tr_write_summary(o, &r, &e, r.loss_avg);
-        if (e.has_route) tr_write_route_tables(o, &e.route);
-    }
-    fclose(evlog), fclose(steplog);
-    tr_plot_losses(o);
+    if (lead) tr_finish_run(&r, o, &w);
     tr_run_free(&r);
     return 0;
 }
@@ -2635,5 +2757,19 @@ static int tr_main(int argc, char **argv) {
 }
 
 #ifndef TRAINER_NO_MAIN
+#ifdef SM_USE_MPI
+/* trainer_mpi: every process of mpirun (or one, started alone) is a rank. */
+int main(int argc, char **argv) {
+    sm_error err = {SM_OK, ""};
+    int rc;
+    MPI_Init(&argc, &argv);
+    if (sm_comm_init_mpi(&tr_world, MPI_COMM_WORLD, &err) != SM_OK) tr_die("MPI", &err);
+    rc = tr_main(argc, argv);
+    sm_comm_free(&tr_world);
+    MPI_Finalize();
+    return rc;
+}
+#else
 int main(int argc, char **argv) { return tr_main(argc, argv); }
+#endif
 #endif
