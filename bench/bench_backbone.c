@@ -6,6 +6,8 @@
  *   ./bench/bench_backbone shapes [R]   every GEMM shape of a GPT-2 124M step
  *                                       (B=4 T=64) and of the tiny preset's,
  *                                       in all three layouts, R rounds (5)
+ *   ./bench/bench_backbone gpt2-steps [S]  S timed GPT-2 124M training steps
+ *                                       (B=4 T=64), each printed (vs_llmc.sh)
  *   ./bench/bench_backbone choose       the Makefile's choice: three of those
  *                                       shapes (~1 s); prints the trainer's
  *                                       flags for cblas_sgemm if OpenBLAS is
@@ -142,7 +144,8 @@ static const gemm_shape model_shapes[] = {
 };
 
 /* Tokens/s of forward + backward + AdamW at a stated shape. */
-static void bench_step(const char *label, sm_model_config cfg, int B, int steps) {
+/* each: also print every step's time as "gpt2-step SECONDS" (bench/vs_llmc.sh reads them). */
+static void bench_step(const char *label, sm_model_config cfg, int B, int steps, int each) {
     sm_model m;
     sm_error err;
     int *in = (int *)malloc(sizeof(int) * B * cfg.seq_len), *tg = (int *)malloc(sizeof(int) * B * cfg.seq_len);
@@ -163,6 +166,7 @@ static void bench_step(const char *label, sm_model_config cfg, int B, int steps)
         sm_params_adamw_step(&m.params, 1.0f, sm_clip_scale(sm_params_grad_norm(&m.params), 1.0f));
         t = sm_now() - t;
         if (s > 0 && t < best) best = t;
+        if (s > 0 && each) printf("gpt2-step %.4f\n", t), fflush(stdout);
     }
     params = (double)m.params.total;
     printf("%s: L%d C%d H%d V%d, B=%d T=%d, %.1fM params: %.3f s/step, %.0f tokens/s, %.1f GFLOP/s (6*N*tokens)\n",
@@ -172,15 +176,20 @@ static void bench_step(const char *label, sm_model_config cfg, int B, int steps)
     free(in), free(tg);
 }
 
-static void bench_steps(void) {
-    sm_model_config small = sm_model_default_config(), gpt2 = sm_model_default_config();
-    small.seq_len = 128;
-    bench_step("step small", small, 8, 3);
-    /* the shape llm.c's CPU trainer was measured at here: GPT-2 124M, B=4, T=64 */
+/* GPT-2 124M at the shape llm.c's CPU trainer defaults to (B=4, T=64). */
+static sm_model_config gpt2_config(void) {
+    sm_model_config gpt2 = sm_model_default_config();
     gpt2.vocab_size = 50257, gpt2.seq_len = 64, gpt2.n_layer = 12, gpt2.n_head = 12;
     gpt2.d_model = 768, gpt2.d_ff = 3072;
-    bench_step("step gpt2-124M", gpt2, 4, 2);
-    printf("  llm.c reference on this machine class: ~5.8 s/step (~44 tokens/s) at this shape (DESIGN.md)\n");
+    return gpt2;
+}
+
+static void bench_steps(void) {
+    sm_model_config small = sm_model_default_config();
+    small.seq_len = 128;
+    bench_step("step small", small, 8, 3, 0);
+    bench_step("step gpt2-124M", gpt2_config(), 4, 2, 0);
+    printf("  llm.c on the same machine: bash bench/vs_llmc.sh LLMC_DIR (interleaved runs, one ratio)\n");
 }
 
 int main(int argc, char **argv) {
@@ -191,7 +200,10 @@ int main(int argc, char **argv) {
     }
     cpu_model(cpu, sizeof cpu);
     printf("cpu: %s\nsm_sgemm path: %s\n", cpu, sm_sgemm_path());
-    if (argc > 1 && strcmp(argv[1], "shapes") == 0) {
+    if (argc > 1 && strcmp(argv[1], "gpt2-steps") == 0) {
+        int steps = argc > 2 ? atoi(argv[2]) : 4;
+        bench_step("step gpt2-124M", gpt2_config(), 4, steps > 0 ? steps : 4, 1);
+    } else if (argc > 1 && strcmp(argv[1], "shapes") == 0) {
         int rounds = argc > 2 ? atoi(argv[2]) : 5;
         double mean = bench_shapes(stdout, model_shapes, (int)(sizeof model_shapes / sizeof model_shapes[0]),
                                    rounds > 0 ? rounds : 5);
