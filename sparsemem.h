@@ -16,14 +16,37 @@
  *       #include "sparsemem.h"
  *   Everywhere else just #include "sparsemem.h" (declarations only).
  *
- *   Optional, before the include that carries the implementation:
+ *   Config macros (all optional), before the include that carries the
+ *   implementation:
  *       #define SMDEF static          make every function file-local
  *       #define SM_MALLOC(sz) ...     custom allocator; define all three of
  *       #define SM_REALLOC(p,sz) ...  SM_MALLOC/SM_REALLOC/SM_FREE or none
  *       #define SM_FREE(p) ...
  *       #define SM_ASSERT(x) ...      internal invariants (default: assert)
  *       #define SM_USE_CBLAS          route sm_sgemm through cblas_sgemm
+ *       #define SM_NO_HUGEPAGES       no madvise(MADV_HUGEPAGE) on the big
+ *                                     tables (Linux; results do not change)
  *   Compile with -fopenmp to parallelise the kernels (optional).
+ *
+ * Quick start: train a model on a token file (error checks left out; each
+ * call returns an sm_status and fills the sm_error* it is given)
+ *       sm_model_config cfg = sm_model_default_config(); // T = 128, C = 128
+ *       sm_loader_config lc = sm_loader_default_config(); // B = 4, T = 64
+ *       sm_tokens data; sm_loader ld; sm_model m; long step;
+ *       int32_t in[4 * 64], tg[4 * 64]; unsigned char doc[4 * 64];
+ *       cfg.use_engram = 1; cfg.engram.hash.layer_ids[0] = 1; // >>engram
+ *       sm_tokens_load(&data, "train.tok", cfg.vocab_size, NULL);
+ *       sm_loader_init(&ld, &data, &lc, NULL);
+ *       sm_model_init(&m, &cfg, lc.batch_size, 1234, NULL);
+ *       for (step = 0; step < 1000; step++) {
+ *           sm_loader_next(&ld, in, tg, doc);
+ *           sm_params_zero_grad(&m.params);
+ *           sm_model_forward(&m, in, tg, doc, lc.batch_size, lc.seq_len, NULL);
+ *           sm_model_backward(&m);
+ *           sm_params_adamw_step(&m.params, sm_lr_schedule(step, 50, 1000, 0.1f),
+ *                                sm_clip_scale(sm_params_grad_norm(&m.params), 1.0f));
+ *       }
+ *   m.loss is the step's mean loss; sm_model_free, sm_tokens_free clean up.
  *
  * Conventions
  *   - Functions that can fail return sm_status and, when given a non-NULL
@@ -1553,7 +1576,8 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
 /* 9. Loss                                                               */
 /* ===================================================================== */
 
-#define SM_IGNORE_INDEX (-1)
+/* SM_IGNORE_INDEX (the data loader's padding target) is defined with the
+ * loader above. */
 /* Softmax cross-entropy over V classes for N positions. Turns logits into
  * probabilities in place and writes the per-position loss, by log-sum-exp
  * so it is exact however improbable the target (0 where the target is
@@ -1780,7 +1804,9 @@ SMDEF void sm_model_backward(sm_model *m);
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <dirent.h>
+#if !defined(_WIN32)
+#include <dirent.h> /* sm_corpus_load's folder listing */
+#endif
 #if defined(__linux__) && !defined(SM_NO_HUGEPAGES)
 #include <sys/mman.h> /* madvise(MADV_HUGEPAGE): see sm__advise_huge_pages */
 #endif
@@ -2457,9 +2483,6 @@ static size_t sm__params_add_decay(sm_params *p, const char *name, size_t size, 
 }
 
 /* ---- Tokenizer, compression, token files, corpora, loader ----------- */
-
-#if !defined(_WIN32)
-#endif
 
 /* Grow *p (elements of elem bytes, capacity *cap) to hold at least need. */
 static sm_status sm__grow(void **p, size_t *cap, size_t need, size_t elem, const char *what,
