@@ -60,23 +60,29 @@
  *     checksum of everything before it; written to a temp file and renamed.
  *   - CPU kernels are deterministic for a given seed and thread count.
  *
- * Table of contents (declarations first, then the implementation in the
- * same order, following the data)
- *   1. Utilities      status/errors, allocation, RNG, checksums, atomic file
- *                     I/O, GEMM, parameter buffers
- *   2. Data           byte-level BPE, tokenizer compression (canonical ids),
- *                     token files (+ llm.c shards), corpora, the batch loader
- *   3. MPHF           PTHash-style minimal perfect hash, fingerprints
- *   4. Engram         n-gram hashing, collision statistics, the Engram layer
- *   5. Engram-Nine    hot tier (MPHF routing), iso-parameter sizing,
- *                     route-stratified evaluation
- *   6. PEER           top-k, product keys, the expert layer, usage statistics
- *   7. mHC            Sinkhorn-Knopp, stream maps and mixing, diagnostics
- *   8. Backbone       embedding, RMSNorm, linear, attention, GELU/SiLU
- *   9. Loss           softmax cross-entropy with ignore index
- *  10. Optimizer      AdamW with parameter groups, sparse rows, clipping,
- *                     warmup + cosine schedule
- *  11. Model          the GPT assembled from the above, module placement
+ * Table of contents: one tag per module. Searching for a tag (">>peer")
+ * lands on its entry here, its declarations, its implementation, its CUDA
+ * kernels (sparsemem_cuda.cuh) and its tests (tests.c, tests_cuda.cu).
+ * Declarations come first, then the implementation in the same order,
+ * following the data.
+ *   >>util      status/errors, allocation, RNG, checksums, atomic file I/O
+ *   >>gemm      sm_sgemm (blocked, OpenMP; optional cblas)
+ *   >>params    parameter buffers: flat params/grads/moments, groups, row sets
+ *   >>data      byte-level BPE, tokenizer compression (canonical ids),
+ *               token files (+ llm.c shards), corpora, the batch loader
+ *   >>mphf      PTHash-style minimal perfect hash, fingerprints
+ *   >>engram    n-gram hashing, collision statistics, the Engram layer
+ *   >>nine      Engram-Nine hot tier (MPHF routing), iso-parameter sizing,
+ *               route-stratified evaluation
+ *   >>peer      top-k, product keys, the expert layer, usage statistics
+ *   >>mhc       Sinkhorn-Knopp, stream maps and mixing, diagnostics
+ *   >>backbone  embedding, RMSNorm, linear, attention, GELU/SiLU
+ *   >>loss      softmax cross-entropy with ignore index
+ *   >>optim     AdamW with parameter groups, sparse rows, clipping,
+ *               warmup + cosine schedule
+ *   >>model     the GPT assembled from the above, module placement; the
+ *               forward/backward call paths are listed at sm_model_forward
+ *   >>shared    sm__ internals that sparsemem_cuda.cuh also calls
  *
  * License: MIT or public domain (Unlicense), at your choice; see end of file.
  */
@@ -110,7 +116,7 @@ extern "C" {
 #endif
 
 /* ===================================================================== */
-/* 1. Utilities                                                          */
+/* >>util  Utilities                                                     */
 /* ===================================================================== */
 
 typedef enum sm_status {
@@ -233,6 +239,7 @@ SMDEF double sm_now(void);
 /* Threads the kernels will use (1 without OpenMP). */
 SMDEF int sm_num_threads(void);
 
+/* >>gemm */
 /* C[M,N] = alpha * op(A)[M,K] op(B)[K,N] + beta * C, row-major, with
  * op(X) = X or X^T (trans_x != 0) and leading dimensions as in BLAS. */
 SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -244,7 +251,7 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
                               const float *A, int lda, const float *B, int ldb, float beta,
                               float *C, int ldc);
 
-/* ---- Parameter buffers --------------------------------------------------
+/* ---- >>params  Parameter buffers ---------------------------------------
  * Every trainable tensor lives in one flat float buffer, with gradients and
  * Adam moments in three more of the same size; tensors are named spans of
  * it, each in a parameter group (its own lr, betas, decay). Tables updated
@@ -332,7 +339,7 @@ SMDEF int sm_params_find_group(const sm_params *p, const char *name);
 SMDEF void sm_params_zero_grad(sm_params *p);
 
 /* ===================================================================== */
-/* 2. Tokenizer, compression, token files, corpora and the data loader   */
+/* >>data  Tokenizer, compression, token files, corpora, data loader     */
 /* ===================================================================== */
 
 /* ---- Byte-level BPE tokenizer ----------------------------------------
@@ -553,7 +560,7 @@ SMDEF sm_status sm_loader_restore(sm_loader *l, const sm_loader_state *s, sm_err
 SMDEF size_t sm_loader_num_batches(const sm_loader *l);
 
 /* ===================================================================== */
-/* 3. MPHF: minimal perfect hashing (PTHash-style) and fingerprints      */
+/* >>mphf  Minimal perfect hashing (PTHash-style) and fingerprints       */
 /* ===================================================================== */
 /* A minimal perfect hash function maps a static set of n distinct 64-bit
  * keys one-to-one onto [0, n). Mix structured keys (n-grams, strings) to 64
@@ -661,7 +668,7 @@ SMDEF void sm_fingerprints_write(const sm_fingerprints *fp, sm_writer *w);
 SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error *err);
 
 /* ===================================================================== */
-/* 4. Engram: hashed n-gram memory with context-aware gating             */
+/* >>engram  Hashed n-gram memory with context-aware gating              */
 /* ===================================================================== */
 /* DeepSeek's Engram (arXiv 2601.07372). Two parts:
  *
@@ -962,7 +969,7 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
                                      const sm_engram_config *c, int B, int T);
 
 /* ===================================================================== */
-/* 5. Engram-Nine hot tier and route-stratified evaluation               */
+/* >>nine  Engram-Nine hot tier and route-stratified evaluation          */
 /* ===================================================================== */
 /* Engram-Nine (arXiv 2601.16531): the top-N most frequent n-grams of each
  * order on the training split (a static set) get collision-free rows found
@@ -1019,7 +1026,7 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
  *
  * Per-layer tensors: besides W_K, W_V, the RMSNorms and the conv, the paper
  * lists a W_Q and an output projection per Engram layer (4.1). We follow
- * DeepSeek's Engram instead (section 4): the query is RMSNorm_q(h) with a
+ * DeepSeek's Engram instead (>>engram): the query is RMSNorm_q(h) with a
  * gain and no projection, and out goes to the residual unprojected; Nine
  * and Hash share these layers and differ only in the table. */
 
@@ -1178,7 +1185,7 @@ typedef struct sm_route_report {
 SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
 
 /* ===================================================================== */
-/* 6. PEER: product-key retrieval over single-neuron experts             */
+/* >>peer  Product-key retrieval over single-neuron experts              */
 /* ===================================================================== */
 /* Parameter Efficient Expert Retrieval (He, arXiv 2407.04153). A pool of
  * N = s^2 experts, each a single neuron e_i(x) = act(u_i . x) v_i, and h
@@ -1350,7 +1357,7 @@ SMDEF void sm_peer_product_topk(const float *s1, const float *s2, int n_sub, int
                                 int32_t *expert, float *score);
 
 /* ===================================================================== */
-/* 7. mHC: manifold-constrained hyper-connections                        */
+/* >>mhc  Manifold-constrained hyper-connections                         */
 /* ===================================================================== */
 /* The residual stream is widened into n streams x[n, C] per token. Around
  * every sublayer F (attention or MLP), with x' = RMSNorm(flatten(x)):
@@ -1522,7 +1529,7 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers
                                               const sm_mhc_config *cfg, int BT);
 
 /* ===================================================================== */
-/* 8. Backbone layers                                                    */
+/* >>backbone  Backbone layers                                           */
 /* ===================================================================== */
 /* Shapes: N = number of positions (B*T), C = channels. Every backward
  * accumulates into its gradient outputs; a NULL gradient pointer skips that
@@ -1573,7 +1580,7 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
                                  int B, int T, int C, int NH);
 
 /* ===================================================================== */
-/* 9. Loss                                                               */
+/* >>loss  Loss                                                          */
 /* ===================================================================== */
 
 /* SM_IGNORE_INDEX (the data loader's padding target) is defined with the
@@ -1592,7 +1599,7 @@ SMDEF void sm_crossentropy_backward(float *dlogits, const float *probs, const in
                                     int V, float dloss);
 
 /* ===================================================================== */
-/* 10. Optimizer: AdamW with parameter groups and sparse rows            */
+/* >>optim  AdamW with parameter groups and sparse rows                  */
 /* ===================================================================== */
 
 /* Global L2 norm of the gradient (sparse tensors: over touched rows). */
@@ -1610,7 +1617,7 @@ SMDEF float sm_clip_scale(double norm, float max_norm);
 SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
 
 /* ===================================================================== */
-/* 11. Model: the GPT backbone with optional Engram, PEER and mHC        */
+/* >>model  The GPT backbone with optional Engram, PEER and mHC          */
 /* ===================================================================== */
 /* Pre-norm decoder (GPT-2 layout with RMSNorm): learned token + position
  * embeddings, then per layer l a list of sublayers, each y = F(u):
@@ -1628,7 +1635,7 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
  *   SM_ENGRAM_MHC_PER_STREAM (default), DeepSeek's reference code: Engram
  *     reads every stream and adds out_s to stream s outside the mixing,
  *     x_s <- x_s + Engram_s(x) (engram.n_streams = n: a key projection,
- *     norms and conv per stream, the table and W_V shared; section 4);
+ *     norms and conv per stream, the table and W_V shared; >>engram);
  *   SM_ENGRAM_MHC_BRANCH: an mHC branch like attention and the MLP, one
  *     gate on u = H_pre x and H_post spreading the output.
  * The per-stream form has n-1 more copies of W_K, b_K, the gains and the
@@ -1838,7 +1845,7 @@ SMDEF void sm_model_backward(sm_model *m);
 #define SM_ASSERT(x) assert(x)
 #endif
 
-/* ---- scalar activations (also device code under nvcc) ---- */
+/* ---- >>backbone  scalar activations (also device code under nvcc) ---- */
 
 SMDEF SM_HD float sm_sigmoid(float x) {
     return x >= 0 ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
@@ -1886,7 +1893,7 @@ static float sm__dot(const float *a, const float *b, int n) {
 #define SM__PREFETCH(p) ((void)(p))
 #endif
 
-/* ---- 1. Utilities --------------------------------------------------- */
+/* ---- >>util  Utilities ---------------------------------------------- */
 
 SMDEF const char *sm_strerror(sm_status s) {
     switch (s) {
@@ -2298,6 +2305,7 @@ SMDEF int sm_num_threads(void) {
 #endif
 }
 
+/* >>gemm */
 /* ---- GEMM ---- */
 
 SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -2471,7 +2479,7 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
 #endif
 }
 
-/* ---- Parameter buffers (the rest is with the optimizer, section 10) ---- */
+/* ---- >>params  Parameter buffers (the rest is with the optimizer, >>optim) ---- */
 
 /* sm_params_add_tensor, then the weight decay rule's verdict for the tensor
  * (decay = 0 for gains, biases, tables, conv taps and gates: see no_decay). */
@@ -2482,7 +2490,7 @@ static size_t sm__params_add_decay(sm_params *p, const char *name, size_t size, 
     return off;
 }
 
-/* ---- Tokenizer, compression, token files, corpora, loader ----------- */
+/* ---- >>data  Tokenizer, compression, token files, corpora, loader ---- */
 
 /* Grow *p (elements of elem bytes, capacity *cap) to hold at least need. */
 static sm_status sm__grow(void **p, size_t *cap, size_t need, size_t elem, const char *what,
@@ -3838,7 +3846,7 @@ SMDEF size_t sm_loader_next(sm_loader *l, int32_t *inputs, int32_t *targets,
     return total;
 }
 
-/* ---- MPHF ------------------------------------------------------------ */
+/* ---- >>mphf  MPHF --------------------------------------------------- */
 
 #define SM__MPHF_MAGIC 0x48504d53u   /* "SMPH": a file holding one MPHF */
 #define SM__MPHF_VERSION 1u
@@ -4522,7 +4530,7 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
     return st;
 }
 
-/* ---- Engram: n-gram hashing ----------------------------------------- */
+/* ---- >>engram  Engram: n-gram hashing ------------------------------- */
 
 SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void) {
     sm_ngram_hash_config c;
@@ -5442,7 +5450,7 @@ SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *
     sm_engram_backward_routed(dh, g, rows, dout, h, flat, NULL, p, acts, s, c, B, T);
 }
 
-/* ---- Engram-Nine: configuration and table sizing ---------------------- */
+/* ---- >>nine  Engram-Nine: configuration and table sizing ------------ */
 
 #define SM__NINE_MAGIC 0x394e4d53u /* "SMN9": a file holding one hot tier */
 #define SM__NINE_VERSION 1u
@@ -6146,7 +6154,7 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s) {
     }
 }
 
-/* ---- PEER ---- */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 /* ---- top-k ---- */
 
@@ -6822,7 +6830,7 @@ SMDEF void sm_peer_usage_free(sm_peer_usage *u) {
     memset(u, 0, sizeof *u);
 }
 
-/* ---- mHC ---------------------------------------------------------------- */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 /* ---- Sinkhorn-Knopp ----
  * `iters` rounds of row then column normalisation of exp(L), written with
@@ -7573,7 +7581,7 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers
     return s;
 }
 
-/* ---- 8. Backbone layers ---- */
+/* ---- >>backbone  Backbone layers ------------------------------------ */
 
 /* Gain row of row n (NULL: no gain). */
 static const float *sm__rmsnorm_gain(const float *weight, int n, int C, int groups) {
@@ -7807,7 +7815,7 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
     SM_FREE(scratch);
 }
 
-/* ---- 9. Loss ---- */
+/* ---- >>loss  Loss --------------------------------------------------- */
 
 SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const int *targets,
                                     int N, int V, int *n_counted) {
@@ -7862,7 +7870,7 @@ SMDEF void sm_crossentropy_backward(float *dlogits, const float *probs, const in
     }
 }
 
-/* ---- 10. Optimizer ---- */
+/* ---- >>optim  Optimizer --------------------------------------------- */
 
 SMDEF sm_status sm_row_set_init(sm_row_set *s, size_t nrows, sm_error *err) {
     memset(s, 0, sizeof *s);
@@ -8160,7 +8168,7 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio) 
     return (float)(min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + cos(3.141592653589793 * progress)));
 }
 
-/* ---- 11. Model ---- */
+/* ---- >>model  Model ------------------------------------------------- */
 
 SMDEF sm_model_config sm_model_default_config(void) {
     sm_model_config c;

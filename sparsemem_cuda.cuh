@@ -28,18 +28,25 @@
  * Status: compiled and reviewed, not yet run on a GPU (tests_cuda.cu holds
  * the checks a GPU session runs first: `make test-cuda`).
  *
- * Table of contents (declarations first, then the implementation in the
- * same order)
- *   1. Context        device, stream, cuBLAS, memory, errors, GEMM, row sets,
- *                     warp/block reductions
- *   2. MPHF and n-gram hashing   lookups, fingerprints, hashing, Nine routing
- *   3. Engram         gather, gate, conv, table scatter
- *   4. PEER           sub-key scores, warp top-k, experts, usage
- *   5. mHC            Sinkhorn, stream maps and mixing, diagnostics
- *   6. Backbone and loss   embedding, RMSNorm, linear, GELU/SiLU, attention,
- *                     cross-entropy
- *   7. Optimizer      device parameters, grad norm, AdamW (dense, sparse rows)
- *   8. Model          sm_model on the GPU
+ * Table of contents: the module tags of sparsemem.h, so one search for a
+ * tag (">>peer") lands on the CPU and the GPU code and the tests alike.
+ * Declarations first, then the implementation in the same order.
+ *   >>util      context: device, stream, cuBLAS, memory, errors;
+ *               warp/block reductions
+ *   >>gemm      smc_sgemm, smc_sgemm_batched (cuBLAS)
+ *   >>params    touched-row sets; the device parameter table (with >>optim)
+ *   >>mphf      MPHF lookups, fingerprints
+ *   >>engram    n-gram hashing; the Engram layer: gather, gate, conv,
+ *               table scatter
+ *   >>nine      Engram-Nine routing
+ *   >>peer      sub-key scores, warp top-k, experts, usage
+ *   >>mhc       Sinkhorn, stream maps and mixing, diagnostics
+ *   >>backbone  embedding, RMSNorm, linear, GELU/SiLU, attention
+ *   >>loss      cross-entropy
+ *   >>optim     device parameters, grad norm, AdamW (dense, sparse rows)
+ *   >>model     sm_model on the GPU
+ *   >>shared    this file calls sparsemem.h's shared internals (sm__
+ *               functions listed in its >>shared section)
  *
  * License: MIT or public domain (Unlicense), at your choice; see
  * sparsemem.h.
@@ -56,7 +63,7 @@ extern "C" {
 #endif
 
 /* ===================================================================== */
-/* 1. Context                                                            */
+/* >>util  Context                                                       */
 /* ===================================================================== */
 
 typedef struct smc_ctx {
@@ -89,6 +96,7 @@ SMDEF sm_status smc_upload(void *dst, const void *src, size_t bytes, sm_error *e
 SMDEF sm_status smc_download(void *dst, const void *src, size_t bytes, sm_error *err);
 SMDEF void smc_zero(smc_ctx *c, void *p, size_t bytes);
 
+/* >>gemm */
 /* Row-major C[M,N] = alpha op(A) op(B) + beta C, op(X) = X or X^T (trans_*
  * nonzero), lda/ldb/ldc the row strides of the stored matrices. */
 SMDEF void smc_sgemm(smc_ctx *c, int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -100,6 +108,7 @@ SMDEF void smc_sgemm_batched(smc_ctx *c, int trans_a, int trans_b, int M, int N,
                              const float *B, int ldb, long long stride_b, float beta, float *C,
                              int ldc, long long stride_c, int batch);
 
+/* >>params */
 /* Touched rows of a sparse table on the device (the GPU sm_row_set): a mark
  * per row, the list of marked rows and its length, all in device memory, so
  * kernels add rows without a round trip. List order is arbitrary (atomic);
@@ -120,11 +129,11 @@ SMDEF void smc_row_set_clear(smc_ctx *c, smc_row_set *s);
 SMDEF size_t smc_row_set_count(smc_ctx *c, const smc_row_set *s);
 
 /* ===================================================================== */
-/* 2. MPHF and n-gram hashing                                            */
+/* >>mphf  MPHF; >>engram n-gram hashing; >>nine routing                 */
 /* ===================================================================== */
 /* Device mirrors of the lookup structures built on the host (sparsemem.h
- * sections 3-5): upload once after building (or loading), then look up,
- * hash and route whole batches on the device. A mirror is the CPU struct
+ * >>mphf, >>engram, >>nine): upload once after building (or loading),
+ * then look up, hash and route whole batches on the device. A mirror is the CPU struct
  * itself with its arrays in device memory (its plain fields stay host
  * copies, so launches need no round trip), and the kernels call the CPU's
  * own SM_HD functions, so the results are the CPU's bit for bit. */
@@ -149,6 +158,7 @@ SMDEF void smc_fingerprints_contains_batch(smc_ctx *c, const smc_fingerprints *f
                                            const smc_mphf *f, const uint64_t *keys,
                                            unsigned char *out, size_t n);
 
+/* >>engram n-gram hashing */
 SMDEF sm_status smc_ngram_hash_upload(smc_ngram_hash *d, const sm_ngram_hash *h, sm_error *err);
 SMDEF void smc_ngram_hash_free(smc_ngram_hash *d);
 /* sm_ngram_hash_compute on device tokens[B*T] and doc_start[B*T] (may be
@@ -159,6 +169,7 @@ SMDEF sm_status smc_ngram_hash_compute(smc_ctx *c, const smc_ngram_hash *h, int 
                                        const unsigned char *doc_start, int B, int T,
                                        sm_error *err);
 
+/* >>nine */
 /* An sm_nine hot tier on the device: the host's layout fields, each hot
  * order's MPHF and fingerprints with device arrays. */
 typedef sm_nine smc_nine;
@@ -175,9 +186,9 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
                                int T, sm_error *err);
 
 /* ===================================================================== */
-/* 3. Engram                                                             */
+/* >>engram  Engram layer                                                */
 /* ===================================================================== */
-/* The Engram layer of sparsemem.h section 4 on the device, on the CPU's
+/* The Engram layer of sparsemem.h (>>engram) on the device, on the CPU's
  * own structs holding device pointers: sm_engram_params (parameters or
  * gradients, e.g. an sm_engram_params_view of a device buffer),
  * sm_engram_acts and sm_engram_scratch (allocated by the functions below,
@@ -224,9 +235,9 @@ SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_par
                                       const sm_engram_config *cfg, int B, int T);
 
 /* ===================================================================== */
-/* 4. PEER: product-key retrieval over single-neuron experts             */
+/* >>peer  Product-key retrieval over single-neuron experts              */
 /* ===================================================================== */
-/* sparsemem.h section 6 on the GPU, with the CPU structs holding device
+/* sparsemem.h's >>peer on the GPU, with the CPU structs holding device
  * pointers: sm_peer_params views of device parameter and gradient buffers
  * (sm_peer_bind works on device pointers too), sm_peer_acts from
  * smc_peer_acts_init, sm_peer_usage from smc_peer_usage_init.
@@ -291,9 +302,9 @@ SMDEF sm_status smc_peer_usage_download(smc_ctx *c, sm_peer_usage *host,
 SMDEF void smc_peer_usage_free(sm_peer_usage *u);
 
 /* ===================================================================== */
-/* 5. mHC: manifold-constrained hyper-connections                        */
+/* >>mhc  Manifold-constrained hyper-connections                         */
 /* ===================================================================== */
-/* The GPU side of sparsemem.h section 7, with its shapes, layouts and call
+/* The GPU side of sparsemem.h's >>mhc, with its shapes, layouts and call
  * order: streams x[BT, n, C], per-token maps [H_pre | H_post | H_res] of K =
  * sm_mhc_map_count(n) floats, parameters and activations as the CPU's
  * sm_mhc_params / sm_mhc_act views holding device pointers. sm_mhc_params_at,
@@ -359,10 +370,10 @@ SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
                                          const sm_mhc_config *cfg, int BT, sm_error *err);
 
 /* ===================================================================== */
-/* 6. Backbone and loss                                                  */
+/* >>backbone  Backbone and >>loss                                       */
 /* ===================================================================== */
 /* The GPU sm_rmsnorm_*, sm_linear_*, sm_gelu_* / sm_silu_*, sm_embedding_*,
- * sm_attention_* and sm_crossentropy_* (sparsemem.h sections 8 and 9): the
+ * sm_attention_* and sm_crossentropy_* (sparsemem.h >>backbone, >>loss): the
  * same arguments, shapes and NULL conventions, with device pointers. Sums
  * that the CPU does serially are reductions here (warp or block per row,
  * shuffles), so results agree with the CPU to rounding, not bits. Column
@@ -417,9 +428,9 @@ SMDEF void smc_crossentropy_backward(smc_ctx *c, float *dlogits, const float *pr
                                      const int *targets, int N, int V, float dloss);
 
 /* ===================================================================== */
-/* 7. Optimizer: AdamW with parameter groups and sparse rows             */
+/* >>optim  AdamW with parameter groups and sparse rows (>>params)       */
 /* ===================================================================== */
-/* The parameter table on the GPU (sparsemem.h sections 1 and 10): the host
+/* The parameter table on the GPU (sparsemem.h >>params, >>optim): the host
  * sm_params keeps the layout (tensors, groups, step counter) and its own
  * host buffers, used for checkpoints; the device holds the four flat
  * buffers and, for each sparse tensor, the smc_row_set its backward marks.
@@ -471,7 +482,7 @@ SMDEF double smc_params_group_grad_norm(smc_ctx *c, const smc_params *d, int gro
 SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, float clip_scale);
 
 /* ===================================================================== */
-/* 8. Model: the sm_model on the GPU                                     */
+/* >>model  The sm_model on the GPU                                      */
 /* ===================================================================== */
 /* A host sm_model (config, parameter layout, n-gram hash, hot set) and its
  * device mirror: parameters, gradients and Adam moments in an smc_params,
@@ -539,7 +550,7 @@ SMDEF sm_status smc_model_fetch_diagnostics(smc_model *g, sm_error *err);
 #include <stdio.h>
 #include <string.h>
 
-/* ---- 1. Context ----------------------------------------------------- */
+/* ---- >>util  Context ------------------------------------------------ */
 
 #define SMC__THREADS 256
 /* Blocks of SMC__THREADS covering n items. */
@@ -665,6 +676,7 @@ SMDEF sm_status smc_download(void *dst, const void *src, size_t bytes, sm_error 
 
 SMDEF void smc_zero(smc_ctx *c, void *p, size_t bytes) { cudaMemsetAsync(p, 0, bytes, c->stream); }
 
+/* >>gemm */
 /* cuBLAS is column-major: a row-major C[M,N] is a column-major C^T[N,M], so
  * C = op(A) op(B) becomes C^T = op(B)^T op(A)^T: swap the operands and the
  * sizes, keep the transposes. */
@@ -684,7 +696,7 @@ SMDEF void smc_sgemm_batched(smc_ctx *c, int trans_a, int trans_b, int M, int N,
                               stride_b, A, lda, stride_a, &beta, C, ldc, stride_c, batch);
 }
 
-/* ---- touched-row sets ---- */
+/* ---- >>params  touched-row sets ------------------------------------- */
 
 SMDEF sm_status smc_row_set_init(smc_row_set *s, size_t nrows, sm_error *err) {
     memset(s, 0, sizeof *s);
@@ -744,7 +756,7 @@ SMDEF size_t smc_row_set_count(smc_ctx *c, const smc_row_set *s) {
     return n;
 }
 
-/* ---- 2. MPHF and n-gram hashing ------------------------------------- */
+/* ---- >>mphf  MPHF and fingerprints ---------------------------------- */
 
 static __global__ void smc__mphf_lookup_kernel(uint32_t *out, smc_mphf f, const uint64_t *keys,
                                                size_t n) {
@@ -836,7 +848,7 @@ SMDEF void smc_fingerprints_contains_batch(smc_ctx *c, const smc_fingerprints *f
                                                                                     *f, keys, n);
 }
 
-/* ---- n-gram hashing ---- */
+/* ---- >>engram  n-gram hashing --------------------------------------- */
 
 SMDEF sm_status smc_ngram_hash_upload(smc_ngram_hash *d, const sm_ngram_hash *h,
                                       sm_error *err) {
@@ -926,7 +938,7 @@ SMDEF sm_status smc_ngram_hash_compute(smc_ctx *c, const smc_ngram_hash *h, int 
     return SM_OK;
 }
 
-/* ---- Engram-Nine routing ---- */
+/* ---- >>nine  Engram-Nine routing ------------------------------------ */
 
 SMDEF sm_status smc_nine_upload(smc_nine *d, const sm_nine *nine, sm_error *err) {
     sm_status st = SM_OK;
@@ -1021,7 +1033,7 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
     return SM_OK;
 }
 
-/* ---- 3. Engram -------------------------------------------------------- */
+/* ---- >>engram  Engram layer ----------------------------------------- */
 
 #define SMC__ENGRAM_ROWS (SMC__THREADS / 32) /* rows per block of the warp-per-row kernels */
 #define SMC__ENGRAM_COL_ROWS 8               /* row lanes of the column-sum blocks (x 32 columns) */
@@ -1453,7 +1465,7 @@ SMDEF void smc_engram_backward(smc_ctx *c, float *dh, const sm_engram_params *g,
     smc_engram_backward_routed(c, dh, g, rows, dout, h, flat, NULL, p, acts, scratch, cfg, B, T);
 }
 
-/* ---- 4. PEER ---- */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 #define SMC__PEER_FULL 0xffffffffu
 #define SMC__PEER_NO_ID 0x7fffffff /* id of an empty top-k entry: below every real one */
@@ -1984,7 +1996,7 @@ SMDEF void smc_peer_usage_free(sm_peer_usage *u) {
     memset(u, 0, sizeof *u);
 }
 
-/* ---- 5. mHC ----------------------------------------------------------- */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 #define SMC__MHC_MAX_K (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)
 
@@ -2601,7 +2613,7 @@ SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
 
 #include <math.h> /* INFINITY, NAN */
 
-/* ---- 6. Backbone and loss ---- */
+/* ---- >>backbone  Backbone ------------------------------------------- */
 
 #define SMC__WARP 32
 #define SMC__WARPS (SMC__THREADS / SMC__WARP) /* warps (rows) per block */
@@ -2938,7 +2950,7 @@ SMDEF void smc_attention_backward(smc_ctx *c, float *dqkv, const float *dout, co
     smc__gemm_bh(c, &d, 1, 0, T, hs, T, 1.0f, scratch, d.att, qkv, d.qkv, 1.0f, dqkv + C, d.qkv);
 }
 
-/* ---- cross-entropy ---- */
+/* ---- >>loss  cross-entropy ------------------------------------------ */
 
 /* One block per row (sm_crossentropy_forward): max shift, exponentials,
  * probabilities in place; the thread that holds the target's logit writes
@@ -3033,7 +3045,7 @@ SMDEF void smc_crossentropy_backward(smc_ctx *c, float *dlogits, const float *pr
         dlogits, probs, targets, V, n, dloss);
 }
 
-/* ---- 7. Optimizer ---- */
+/* ---- >>optim  Optimizer (>>params: the device parameter table) ------ */
 
 #define SMC__PARAMS_WARPS (SMC__THREADS / 32) /* warps per block */
 #define SMC__PARAMS_DENSE_ROW 1024           /* a dense span counts as rows of this length */
@@ -3333,7 +3345,7 @@ SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, flo
     }
 }
 
-/* ---- 8. Model ---- */
+/* ---- >>model  Model ------------------------------------------------- */
 
 enum { SMC__DIAG_OUT = 0, SMC__DIAG_PEER = 1, SMC__DIAG_GRAD = 2 };
 

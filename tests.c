@@ -113,7 +113,7 @@ static double t_weighted_sum(const float *out, const float *w, size_t n) {
     return s;
 }
 
-/* ---- 1. utilities --------------------------------------------------- */
+/* ---- >>util  utilities ---------------------------------------------- */
 
 static int test_rng_deterministic(void) {
     sm_rng a, b;
@@ -223,6 +223,7 @@ static int test_file_roundtrip_and_corruption(void) {
     return 0;
 }
 
+/* >>gemm */
 static int test_sgemm_matches_reference(void) {
     sm_rng r;
     int shapes[][3] = {{1, 1, 1}, {7, 5, 3}, {37, 29, 53}, {130, 70, 300}, {9, 2100, 17}};
@@ -246,7 +247,7 @@ static int test_sgemm_matches_reference(void) {
     return 0;
 }
 
-/* ---- 2. backbone layers --------------------------------------------- */
+/* ---- >>backbone  backbone layers ------------------------------------ */
 
 /* Context for checking a single-input layer: out = f(inp, weight). */
 typedef struct {
@@ -413,6 +414,7 @@ static double t_ce_loss(void *p) {
     return sm_crossentropy_forward(c->losses, c->probs, c->targets, c->N, c->V, NULL);
 }
 
+/* >>loss */
 static int test_crossentropy_gradient_and_ignore(void) {
     sm_rng r;
     t_ce_ctx c;
@@ -502,7 +504,7 @@ static int test_embedding_gradient(void) {
     return 0;
 }
 
-/* ---- model ----------------------------------------------------------- */
+/* ---- >>model  model ------------------------------------------------- */
 
 static sm_model_config t_tiny_config(void) {
     sm_model_config c = sm_model_default_config();
@@ -1678,7 +1680,7 @@ static int test_trainer_eval_sample_report(void) {
     return 0;
 }
 
-/* ---- optimizer ------------------------------------------------------- */
+/* ---- >>optim  optimizer and >>params -------------------------------- */
 
 static int test_adamw_matches_formula(void) {
     sm_params p;
@@ -2080,7 +2082,7 @@ static int test_grad_clip_and_schedule(void) {
     return 0;
 }
 
-/* ---- data: tokenizer, compression, token files, corpora, loader ---- */
+/* ---- >>data  tokenizer, compression, token files, corpora, loader ---- */
 
 static const char t_data_english[] =
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
@@ -2713,7 +2715,7 @@ static int test_data_fetch_rejects_corrupt_tarball(void) {
         T(test_data_llmc_shard), T(test_data_corpus_split_tokenize), T(test_data_loader_random), \
         T(test_data_loader_eval_covers_once), T(test_data_fetch_rejects_corrupt_tarball)
 
-/* ---- MPHF ------------------------------------------------------------ */
+/* ---- >>mphf  MPHF --------------------------------------------------- */
 
 /* n distinct keys: random-looking (a bijective mix of i) or plain 0..n-1. */
 static uint64_t *t_mphf_keys(size_t n, uint64_t salt, int sequential) {
@@ -3128,7 +3130,7 @@ static int test_fingerprints_false_positive_rate(void) {
         T(test_mphf_retries_then_reports_failure), T(test_mphf_save_load_roundtrip),       \
         T(test_mphf_bad_files_rejected), T(test_fingerprints_false_positive_rate)
 
-/* ---- mHC ------------------------------------------------------------ */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 /* Random n x n logits, projected: entries >= 0, column sums 1 (the last
  * step), row sums within 1e-4 of 1 after 20 iterations for logits of std
@@ -3817,7 +3819,7 @@ static int test_mhc_config_validation(void) {
         T(test_mhc_amax_gain), T(test_mhc_amax_gain_tokens_and_sum_error),                         \
         T(test_mhc_expand_collapse), T(test_mhc_config_validation)
 
-/* ---- PEER ------------------------------------------------------------ */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 /* Reference ranking for the top-k checks: higher score first, ties to the
  * lower id (the order sm_topk and the product-key search promise). */
@@ -4407,7 +4409,7 @@ static int test_peer_deterministic_across_threads(void) {
         T(test_peer_usage_stats), T(test_peer_validate_names_field),                          \
         T(test_peer_rejects_bad_bt_and_rows), T(test_peer_deterministic_across_threads)
 
-/* ---- Engram: n-gram hashing and the Engram layer -------------------- */
+/* ---- >>engram  n-gram hashing and the Engram layer ------------------ */
 
 /* Public-domain English (the Gettysburg Address, the opening of the
  * Declaration of Independence, the Preamble of the US Constitution) for the
@@ -5116,7 +5118,7 @@ static int test_engram_sparse_rows(void) {
     return 0;
 }
 
-/* ---- Engram-Nine layer variants ---- */
+/* ---- >>nine  Engram-Nine layer variants ----------------------------- */
 
 /* W_K^hot = W_K makes hot_key_proj the plain layer; gate_hot = 0 makes
  * hot_gate the plain layer; with gate_hot set, g moves by exactly
@@ -5215,7 +5217,7 @@ static int test_engram_variant_params(void) {
     return 0;
 }
 
-/* ---- Engram inside mHC: the per-stream form ---- */
+/* ---- >>engram >>mhc  Engram inside mHC: the per-stream form --------- */
 
 /* |a - b| within 1e-5 of 1 + |b| (GEMMs over S*d outputs may sum in
  * another order than over d). */
@@ -5356,7 +5358,7 @@ static int test_engram_streams_grad_variants(void) {
         T(test_engram_streams_are_layers_sharing_memory), T(test_engram_streams_grad),          \
         T(test_engram_streams_grad_variants)
 
-/* ---- Engram-Nine hot tier ------------------------------------------- */
+/* ---- >>nine  Engram-Nine hot tier ----------------------------------- */
 /* Uses t_engram_english / t_engram_words from the Engram tests (included
  * before this file). */
 
@@ -6359,7 +6361,8 @@ static int test_plot_errors_are_reported(void) {
         T(test_plot_bar_chart_png), T(test_plot_heatmap_png), T(test_plot_grid_png),          \
         T(test_plot_errors_are_reported)
 
-/* ---- parity with an independent PyTorch implementation --------------
+/* ---- parity with an independent PyTorch implementation: >>backbone,
+ * >>engram, >>peer, >>mhc ---------------------------------------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,
  * parameters, output and every gradient of L = sum(out * w) for a backbone
  * block, the Engram, PEER and mHC layers and Sinkhorn alone (file format in

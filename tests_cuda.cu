@@ -73,7 +73,7 @@ static double t_err(const float *a, const float *b, size_t n) {
         CHECK(t__e <= (tol), "%s: GPU vs CPU error %.3g > %.3g", what, t__e, (double)(tol)); \
     } while (0)
 
-/* ---- 1. context ------------------------------------------------------ */
+/* ---- >>util  context, >>gemm ---------------------------------------- */
 
 static int test_gemm_all_transposes(void) {
     const int M = 37, N = 29, K = 53;
@@ -114,7 +114,7 @@ static int test_device_errors_named(void) {
     return 0;
 }
 
-/* ---- 2. MPHF and n-gram hashing, 3. Engram ----------------------------- */
+/* ---- >>mphf  MPHF, >>engram n-gram hashing, >>nine routing ---------- */
 /* Lookups, fingerprints, hashing and routing are integer code: the GPU must
  * give the CPU's results bit for bit. The Engram layer is compared with
  * t_err tolerances: 0 for the gathered rows (copies), 1e-5 for the forward
@@ -389,7 +389,7 @@ static int test_engram_nine_route(void) {
     return 0;
 }
 
-/* ---- the Engram layer ---- */
+/* ---- >>engram  the Engram layer ------------------------------------- */
 
 /* Views of one buffer laid out as table | w_key | b_key | w_value | gains |
  * conv | w_key_hot | gate_hot (the variants only when on). */
@@ -645,7 +645,7 @@ static int test_engram_layer_routed_all_cold(void) {
         T(test_engram_nine_route), T(test_engram_layer), T(test_engram_layer_plain_gate),  \
         T(test_engram_layer_routed), T(test_engram_layer_routed_all_cold)
 
-/* ---- 4. PEER ---------------------------------------------------------- */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 /* n int32 values from the device (freed by the caller). */
 static int32_t *t_peer_ids(const void *d, size_t n) {
@@ -1030,7 +1030,7 @@ static int test_peer_rejects_bad_bt(void) {
         T(test_peer_wide_like_cpu), T(test_peer_k1_like_cpu), T(test_peer_usage_like_cpu),     \
         T(test_peer_rejects_bad_bt)
 
-/* ---- 5. mHC ------------------------------------------------------------ */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 /* count n x n logit matrices, N(0, 1), with one entry of every 7th matrix
  * pushed 100 below the rest so the clamp of the shifted logits is used. */
@@ -1351,7 +1351,7 @@ static int test_mhc_diagnostics(void) {
     T(test_mhc_sinkhorn_forward), T(test_mhc_sinkhorn_backward), T(test_mhc_sublayer_dynamic), \
         T(test_mhc_sublayer_static), T(test_mhc_expand_collapse), T(test_mhc_diagnostics)
 
-/* ---- 6. backbone and loss ------------------------------------------- */
+/* ---- >>backbone  backbone and >>loss -------------------------------- */
 
 /* Gradient buffers start random so that the tests see backward accumulate. */
 
@@ -1595,7 +1595,7 @@ static int test_backbone_crossentropy(void) {
     T(test_backbone_rmsnorm), T(test_backbone_linear), T(test_backbone_activations),         \
         T(test_backbone_embedding), T(test_backbone_attention), T(test_backbone_crossentropy)
 
-/* ---- 7. optimizer ----------------------------------------------------- */
+/* ---- >>optim  optimizer, >>params row sets -------------------------- */
 
 /* Whether the device set s holds the same rows as the host set h: equal
  * counts, every listed row distinct and in h, and equal marks. */
@@ -1917,7 +1917,7 @@ static int test_optimizer_check_names_tensor(void) {
     T(test_optimizer_row_set), T(test_optimizer_adamw_matches_cpu),                          \
         T(test_optimizer_adamw_grid_stride), T(test_optimizer_check_names_tensor)
 
-/* ---- 8. model: one whole training step, GPU vs CPU ---- */
+/* ---- >>model  one whole training step, GPU vs CPU ------------------- */
 
 /* A small model (V 97, T 24, 2 layers, C 48) with the modules `mods`
  * selects: 'e' Engram at layer 1, 'n' Engram-Nine (hot set from the batch),
