@@ -779,7 +779,7 @@ typedef struct sm_ngram_hash_config {
  * seed 0x5eed, pad SM_NGRAM_PAD_ID, reset at document boundaries, no extra
  * rows. */
 SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void);
-SMDEF sm_status sm_ngram_hash_validate(const sm_ngram_hash_config *c, sm_error *err);
+SMDEF sm_status sm_ngram_hash_config_validate(const sm_ngram_hash_config *c, sm_error *err);
 
 typedef struct sm_ngram_hash {
     sm_ngram_hash_config cfg;
@@ -857,7 +857,7 @@ typedef struct sm_engram_config {
 /* hash defaults, d_model 128, d_head 16, signed sqrt on, std 0.02, lr x5,
  * Nine variants off, one stream. */
 SMDEF sm_engram_config sm_engram_default_config(void);
-SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err);
+SMDEF sm_status sm_engram_config_validate(const sm_engram_config *c, sm_error *err);
 /* d_mem = n_orders * n_heads * d_head */
 SMDEF int sm_engram_d_mem(const sm_engram_config *c);
 
@@ -955,14 +955,14 @@ SMDEF void sm_engram_forward_routed(float *out, sm_engram_acts *acts, const floa
 /* Accumulates dh (gate path only; may be NULL) and every gradient in g; the
  * table gradient only on the rows in flat, which are added to rows (may be
  * NULL). dout[B*T, S, d]. */
-SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward(float *dh, sm_engram_params *g, sm_row_set *rows,
                               const float *dout, const float *h, const uint32_t *flat,
                               const sm_engram_params *p, const sm_engram_acts *acts,
                               const sm_engram_scratch *scratch, const sm_engram_config *c,
                               int B, int T);
 /* Backward of sm_engram_forward_routed (same hot flags); also accumulates
  * the variant gradients g->w_key_hot / g->gate_hot when they are on. */
-SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward_routed(float *dh, sm_engram_params *g, sm_row_set *rows,
                                      const float *dout, const float *h, const uint32_t *flat,
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *acts, const sm_engram_scratch *scratch,
@@ -1047,7 +1047,7 @@ typedef struct sm_nine_config {
 /* n_hot 100000 per order (the paper's main setting), 16-bit fingerprints,
  * MPHF routing, MPHF defaults. */
 SMDEF sm_nine_config sm_nine_default_config(void);
-SMDEF sm_status sm_nine_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
+SMDEF sm_status sm_nine_config_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
                                  sm_error *err);
 /* Hot-tier rows: n_sets * n_heads * sum(n_hot) (the hash's extra_rows). */
 SMDEF uint64_t sm_nine_hot_rows(const sm_nine_config *c, const sm_ngram_hash_config *h);
@@ -1258,7 +1258,7 @@ typedef struct sm_peer_config {
 /* s = 128 (16384 experts), h = 4, k = 8, d_key = 64, GELU, RMSNorm, shared
  * sub-keys. */
 SMDEF sm_peer_config sm_peer_default_config(void);
-SMDEF sm_status sm_peer_validate(const sm_peer_config *cfg, int d_model, sm_error *err);
+SMDEF sm_status sm_peer_config_validate(const sm_peer_config *cfg, int d_model, sm_error *err);
 
 /* Tensor sizes in floats, and their total. */
 typedef struct sm_peer_sizes {
@@ -1325,7 +1325,7 @@ SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
  * rows, which are added to `touched` (may be NULL). Keys and the query net
  * get gradient only through the k selected scores. Deterministic for any
  * thread count: expert rows are accumulated per row in slot order. */
-SMDEF sm_status sm_peer_backward(float *dx, const sm_peer_params *g, sm_row_set *touched,
+SMDEF sm_status sm_peer_backward(float *dx, sm_peer_params *g, sm_row_set *touched,
                                  const float *dout, const float *x, const sm_peer_params *p,
                                  sm_peer_acts *acts, int BT, sm_error *err);
 
@@ -1431,7 +1431,7 @@ typedef struct sm_mhc_config {
  * sm_mhc_res_sum_error and sm_mhc_amax_gain_tokens report it in training. */
 
 SMDEF sm_mhc_config sm_mhc_default_config(void);
-SMDEF sm_status sm_mhc_validate_config(const sm_mhc_config *cfg, sm_error *err);
+SMDEF sm_status sm_mhc_config_validate(const sm_mhc_config *cfg, sm_error *err);
 
 /* Number of map values per token, K = n (pre) + n (post) + n*n (res). The
  * per-token maps, their pre-activation arguments and their gradients are
@@ -1474,31 +1474,31 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
  *   z    [BT, K]    x' phi^T, the raw projections
  *   maps [BT, K]    H_pre | H_post | H_res per token
  * xn, rstd and z exist only in the dynamic variant (NULL when static). */
-typedef struct sm_mhc_act {
+typedef struct sm_mhc_acts {
     float *xn, *rstd, *z, *maps;
-} sm_mhc_act;
-SMDEF size_t sm_mhc_act_size(const sm_mhc_config *cfg, int BT);
-SMDEF sm_mhc_act sm_mhc_act_at(const sm_mhc_config *cfg, int BT, float *base);
+} sm_mhc_acts;
+SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int BT);
+SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int BT, float *base);
 
 /* u[BT,C] = H_pre x, with the maps computed from x[BT,n,C] and saved in act. */
-SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_act *act, const float *x, const sm_mhc_params *p,
+SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
                               const sm_mhc_config *cfg, int BT);
 /* x_next[BT,n,C] = H_res x + H_post^T y, y[BT,C] = F(u). x_next must not alias x. */
 SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
-                               const sm_mhc_act *act, const sm_mhc_config *cfg, int BT);
+                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT);
 /* From dx_next: dx += H_res^T dx_next (the residual path), dy += H_post dx_next,
  * and the map gradients dH_post, dH_res into dmaps[BT, K] (accumulated: zero
  * dmaps every step, like every gradient). */
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
-                                const float *x, const float *y, const sm_mhc_act *act,
+                                const float *x, const float *y, const sm_mhc_acts *act,
                                 const sm_mhc_config *cfg, int BT);
 /* From du (and the dmaps left by sm_mhc_post_backward): dx += the pre path
  * H_pre^T du plus the maps' dependence on x through RMSNorm and phi; the
  * parameter gradients accumulate into dp (a view of the gradient block).
  * It reuses dmaps, act->z and act->xn as scratch: afterwards they hold
  * gradients, so run the forward again before another backward. */
-SMDEF void sm_mhc_pre_backward(float *dx, const sm_mhc_params *dp, float *dmaps, const float *du,
-                               const float *x, sm_mhc_act *act, const sm_mhc_params *p,
+SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
                                const sm_mhc_config *cfg, int BT);
 
 /* Expand: every stream starts as a copy of the embedding h[BT,C]. Collapse:
@@ -1513,7 +1513,7 @@ SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int BT, int n, i
 
 /* Diagnostics. Row/column-sum error of one sublayer's H_res over BT tokens
  * (sm_sinkhorn_sum_error on act->maps). */
-SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_act *act, const sm_mhc_config *cfg,
+SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_acts *act, const sm_mhc_config *cfg,
                                            int BT);
 /* Amax gain of the composite residual map P = H_res[L-1] ... H_res[0] of one
  * token, given its per-layer H_res [layers, n, n]: forward gain = max_i
@@ -1525,7 +1525,7 @@ SMDEF void sm_mhc_amax_gain(float *fwd_gain, float *bwd_gain, const float *h_res
 /* The same for every token of a stack of `layers` sublayers (acts[l] is
  * sublayer l's activations, in forward order): row_* = forward gain, col_* =
  * backward gain, max and mean over the BT tokens. */
-SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers,
+SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layers,
                                               const sm_mhc_config *cfg, int BT);
 
 /* ===================================================================== */
@@ -1560,9 +1560,9 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
 /* Elementwise activations over n values: GELU (tanh approximation, as GPT-2),
  * SiLU x*sigmoid(x), sigmoid. */
 SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n);
-SMDEF void sm_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 SMDEF void sm_silu_forward(float *out, const float *inp, size_t n);
-SMDEF void sm_silu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+SMDEF void sm_silu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 SMDEF SM_HD float sm_sigmoid(float x);
 
 /* Token + learned position embedding: out[b,t] = wte[tokens[b,t]] + wpe[t]. */
@@ -1660,7 +1660,10 @@ typedef struct sm_model_config {
     float init_std; /* 0.02; residual output projections get init_std/sqrt(2 n_layer) */
     float lr;       /* backbone group learning rate (other groups scale from it) */
     float weight_decay; /* every group but engram_table; matrices only (see no_decay) */
-    /* Engram: on when use_engram; placement = engram.hash.layer_ids */
+    /* Engram: on when use_engram. Its placement is set in the hash config:
+     * Engram layers sit at the transformer layers
+     * engram.hash.layer_ids[0..engram.hash.n_layers) (default: layer 1),
+     * because the n-gram hash seeds per Engram layer. */
     int use_engram;
     sm_engram_config engram;
     /* Engram-Nine: with use_nine the Engram table has a hot tier (the
@@ -1670,7 +1673,9 @@ typedef struct sm_model_config {
      * hot/cold for the route-stratified evaluation (m->ngram_hot). */
     int use_nine;
     sm_nine_config nine;
-    /* PEER: at the layers peer_layer_ids[0..peer_n_layers) */
+    /* PEER: on when use_peer, at the layers peer_layer_ids[0..peer_n_layers)
+     * (use_peer needs peer_n_layers >= 1; without it peer_n_layers is 0) */
+    int use_peer;
     int peer_n_layers;
     int peer_layer_ids[SM_MAX_SUBLAYERS / 3];
     int peer_replace_mlp; /* 1: PEER replaces the MLP there; 0: added to it */
@@ -1690,7 +1695,7 @@ typedef struct sm_model_config {
 #define SM_ENGRAM_MHC_BRANCH 1
 
 SMDEF sm_model_config sm_model_default_config(void);
-SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err);
+SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err);
 
 typedef enum sm_sublayer_kind {
     SM_SUBLAYER_ENGRAM = 0,
@@ -1719,7 +1724,7 @@ typedef struct sm_sublayer {
     float *x_in;      /* [N, S*C] residual streams entering (S = 1 without mHC) */
     float *u;         /* [N, C] sublayer input: H_pre x_in in mHC, else x_in */
     float *y;         /* [N, C] F(u); [N, S*C] for a per-stream Engram */
-    sm_mhc_act mhc_act;
+    sm_mhc_acts mhc_acts;
     float *ln, *ln_rstd;                 /* attention / FFN pre-norm */
     float *qkv, *att, *atty;             /* attention */
     float *fch, *fch_gelu, *peer_out;    /* FFN */
@@ -4567,7 +4572,7 @@ static sm_status sm__ngram_validate_layers(const sm_ngram_hash_config *c, sm_err
     return SM_OK;
 }
 
-SMDEF sm_status sm_ngram_hash_validate(const sm_ngram_hash_config *c, sm_error *err) {
+SMDEF sm_status sm_ngram_hash_config_validate(const sm_ngram_hash_config *c, sm_error *err) {
     int i, n_sets;
     if (c->n_orders < 1 || c->n_orders > SM_NGRAM_MAX_ORDER)
         return sm_fail(err, SM_ERR_INVALID_ARG, "ngram hash: n_orders %d not in 1..%d",
@@ -4651,7 +4656,7 @@ SMDEF sm_status sm_ngram_hash_init(sm_ngram_hash *h, const sm_ngram_hash_config 
                                    sm_error *err) {
     size_t n;
     memset(h, 0, sizeof *h);
-    if (sm_ngram_hash_validate(c, err) != SM_OK) return SM_ERR_INVALID_ARG;
+    if (sm_ngram_hash_config_validate(c, err) != SM_OK) return SM_ERR_INVALID_ARG;
     h->cfg = *c;
     h->n_sets = c->share_tables ? 1 : c->n_layers;
     h->n_slots = c->n_orders * c->n_heads;
@@ -4894,8 +4899,8 @@ SMDEF sm_engram_config sm_engram_default_config(void) {
     return c;
 }
 
-SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err) {
-    if (sm_ngram_hash_validate(&c->hash, err) != SM_OK) return SM_ERR_INVALID_ARG;
+SMDEF sm_status sm_engram_config_validate(const sm_engram_config *c, sm_error *err) {
+    if (sm_ngram_hash_config_validate(&c->hash, err) != SM_OK) return SM_ERR_INVALID_ARG;
     if (c->d_model < 1 || c->d_model > (1 << 16))
         return sm_fail(err, SM_ERR_INVALID_ARG, "engram: d_model %d not in 1..65536", c->d_model);
     if (c->d_head < 1 || c->d_head > 4096)
@@ -5388,7 +5393,7 @@ static void sm__engram_hot_gate_backward(float *dgate_hot, const float *dgate,
 
 /* Backward of sm__engram_key_forward into de (zeroed by the caller) and the
  * key weights. */
-static void sm__engram_key_backward(const sm_engram_params *g, const unsigned char *hot,
+static void sm__engram_key_backward(sm_engram_params *g, const unsigned char *hot,
                                     const sm_engram_params *p, const sm_engram_acts *a,
                                     const sm_engram_scratch *s, const sm_engram_config *c,
                                     int N) {
@@ -5408,7 +5413,7 @@ static void sm__engram_key_backward(const sm_engram_params *g, const unsigned ch
     sm__engram_add_tier(s->de, s->de_tier, hot, 1, c, N);
 }
 
-SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward_routed(float *dh, sm_engram_params *g, sm_row_set *rows,
                                      const float *dout, const float *h, const uint32_t *flat,
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *acts, const sm_engram_scratch *s,
@@ -5420,7 +5425,7 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
     SM_ASSERT(!c->hot_key_proj || s->de_tier); /* scratch allocated for this config */
     /* out = v + SiLU(conv(RMSNorm_v(v))), per (position, stream) row */
     memset(s->dconv, 0, nSd * sizeof(float));
-    sm_silu_backward(s->dconv, acts->conv, dout, nSd);
+    sm_silu_backward(s->dconv, dout, acts->conv, nSd);
     memset(s->dv_n, 0, nSd * sizeof(float));
     sm__engram_conv_backward(s->dv_n, g->conv, s->dconv, acts->v_n, p->conv, B, T, S * d,
                              c->hash.orders[c->hash.n_orders - 1]);
@@ -5442,7 +5447,7 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
     sm__engram_scatter(g->table, rows, s->de, flat, N, n_slots, c->d_head);
 }
 
-SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward(float *dh, sm_engram_params *g, sm_row_set *rows,
                               const float *dout, const float *h, const uint32_t *flat,
                               const sm_engram_params *p, const sm_engram_acts *acts,
                               const sm_engram_scratch *s, const sm_engram_config *c, int B,
@@ -5485,9 +5490,9 @@ SMDEF uint64_t sm_nine_hot_rows(const sm_nine_config *c, const sm_ngram_hash_con
     return (uint64_t)sm__nine_sets(h) * (uint64_t)h->n_heads * sm__nine_sum_hot(c, h->n_orders);
 }
 
-SMDEF sm_status sm_nine_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
+SMDEF sm_status sm_nine_config_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
                                  sm_error *err) {
-    if (sm_ngram_hash_validate(h, err) != SM_OK)
+    if (sm_ngram_hash_config_validate(h, err) != SM_OK)
         return SM_ERR_INVALID_ARG;
     if (c->fingerprint_bits != 8 && c->fingerprint_bits != 16)
         return sm_fail(err, SM_ERR_INVALID_ARG, "nine: fingerprint_bits %d must be 8 or 16",
@@ -5569,7 +5574,7 @@ SMDEF sm_status sm_nine_iso_config(sm_nine_iso *iso, const sm_ngram_hash_config 
     int heads = sm__nine_heads(hash_s), adj;
     uint64_t unit, hot, target, window, p;
     memset(iso, 0, sizeof *iso);
-    if (sm_nine_validate(c, hash_s, err) != SM_OK)
+    if (sm_nine_config_validate(c, hash_s, err) != SM_OK)
         return SM_ERR_INVALID_ARG;
     unit = (uint64_t)sm__nine_sets(hash_s) * (uint64_t)hash_s->n_heads;
     iso->hash_rows = sm__nine_prime_rows(hash_s->table_rows, heads);
@@ -5770,7 +5775,7 @@ SMDEF sm_status sm_nine_build(sm_nine *nine, const sm_ngram_hash *h, const uint3
     sm_status st = SM_OK;
     int i;
     memset(nine, 0, sizeof *nine);
-    if (sm_nine_validate(c, &h->cfg, err) != SM_OK)
+    if (sm_nine_config_validate(c, &h->cfg, err) != SM_OK)
         return SM_ERR_INVALID_ARG;
     if (n < 1)
         return sm_fail(err, SM_ERR_INVALID_ARG, "nine: %d training tokens", n);
@@ -6280,7 +6285,7 @@ SMDEF sm_peer_config sm_peer_default_config(void) {
     return c;
 }
 
-SMDEF sm_status sm_peer_validate(const sm_peer_config *c, int d_model, sm_error *err) {
+SMDEF sm_status sm_peer_config_validate(const sm_peer_config *c, int d_model, sm_error *err) {
     if (d_model < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: d_model %d < 1", d_model);
     if (c->n_sub < 1 || c->n_sub > SM_PEER_MAX_SUB)
         return sm_fail(err, SM_ERR_INVALID_ARG, "peer: n_sub %d outside [1, %d]", c->n_sub,
@@ -6308,7 +6313,7 @@ SMDEF sm_status sm_peer_validate(const sm_peer_config *c, int d_model, sm_error 
 
 SMDEF sm_status sm_peer_param_sizes(const sm_peer_config *c, int d_model, sm_peer_sizes *out,
                                     sm_error *err) {
-    sm_status st = sm_peer_validate(c, d_model, err);
+    sm_status st = sm_peer_config_validate(c, d_model, err);
     size_t hk = (size_t)c->heads * (size_t)c->d_key;
     memset(out, 0, sizeof *out);
     if (st != SM_OK) return st;
@@ -6394,7 +6399,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
                                          int max_bt, sm__alloc_fn alloc, sm__free_fn release,
                                          sm_error *err) {
     size_t bt = (size_t)max_bt, hk, slots;
-    sm_status st = sm_peer_validate(cfg, d_model, err);
+    sm_status st = sm_peer_config_validate(cfg, d_model, err);
     memset(a, 0, sizeof *a);
     if (st != SM_OK) return st;
     if (max_bt < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: max_bt %d < 1", max_bt);
@@ -6655,7 +6660,7 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
  * reads: one task per (table, half), its slots in order (position, head,
  * rank), so the sums do not depend on the thread count; shared keys are
  * two tasks that gather every head. */
-static void sm__peer_keys_backward(const sm_peer_params *g, const sm_peer_acts *a, int BT) {
+static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int BT) {
     const sm_peer_config *c = &a->cfg;
     int k = c->topk, s = c->n_sub, half = c->d_key / 2, task;
 #ifdef _OPENMP
@@ -6681,7 +6686,7 @@ static void sm__peer_keys_backward(const sm_peer_params *g, const sm_peer_acts *
 
 /* dq -> gain gradient (serial over positions: deterministic), then dq ->
  * d(W_q x) in place, then the linear layer's dx and dW_q. */
-static void sm__peer_query_backward(float *dx, const sm_peer_params *g, sm_peer_acts *a,
+static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *a,
                                     const float *x, const sm_peer_params *p, int BT) {
     const sm_peer_config *c = &a->cfg;
     int hk = c->heads * c->d_key, rows = BT * c->heads, centre = c->query_norm == SM_PEER_NORM_LAYER;
@@ -6770,7 +6775,7 @@ static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_p
         for (r = 0; r < n_runs; r++) sm_row_set_add(touched, key[run[r]]);
 }
 
-SMDEF sm_status sm_peer_backward(float *dx, const sm_peer_params *g, sm_row_set *touched,
+SMDEF sm_status sm_peer_backward(float *dx, sm_peer_params *g, sm_row_set *touched,
                                  const float *dout, const float *x, const sm_peer_params *p,
                                  sm_peer_acts *acts, int BT, sm_error *err) {
     sm_status st = sm__peer_check_bt(acts, BT, err);
@@ -7201,7 +7206,7 @@ SMDEF sm_mhc_config sm_mhc_default_config(void) {
     return c;
 }
 
-SMDEF sm_status sm_mhc_validate_config(const sm_mhc_config *c, sm_error *err) {
+SMDEF sm_status sm_mhc_config_validate(const sm_mhc_config *c, sm_error *err) {
     if (c->n_streams < 1 || c->n_streams > SM_SINKHORN_MAX_N)
         return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: n_streams = %d, must be in [1, %d]",
                        c->n_streams, SM_SINKHORN_MAX_N);
@@ -7284,7 +7289,7 @@ static void sm__mhc_init_bias(float *bias, const sm_mhc_config *cfg) {
 SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, sm_error *err) {
     sm_mhc_layout l;
     sm_mhc_params p;
-    sm_status st = sm_mhc_validate_config(cfg, err);
+    sm_status st = sm_mhc_config_validate(cfg, err);
     if (st != SM_OK) return st;
     if (cfg->dynamic && !rng)
         return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: init of the dynamic variant needs an rng");
@@ -7299,14 +7304,14 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
     return SM_OK;
 }
 
-SMDEF size_t sm_mhc_act_size(const sm_mhc_config *cfg, int BT) {
+SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int BT) {
     size_t n = (size_t)cfg->n_streams, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     size_t per_token = K + (cfg->dynamic ? n * (size_t)cfg->channels + 1 + K : 0);
     return (size_t)BT * per_token;
 }
 
-SMDEF sm_mhc_act sm_mhc_act_at(const sm_mhc_config *cfg, int BT, float *base) {
-    sm_mhc_act a;
+SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int BT, float *base) {
+    sm_mhc_acts a;
     size_t nC = (size_t)cfg->n_streams * cfg->channels, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     a.maps = base;
     a.xn = cfg->dynamic ? a.maps + (size_t)BT * K : NULL;
@@ -7361,7 +7366,7 @@ static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n,
         for (c = 0; c < C; c++) u[c] += h_pre[i] * x[i * C + c];
 }
 
-SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_act *act, const float *x, const sm_mhc_params *p,
+SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
                               const sm_mhc_config *cfg, int BT) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
     if (cfg->dynamic) {
@@ -7394,7 +7399,7 @@ static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, cons
 }
 
 SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
-                               const sm_mhc_act *act, const sm_mhc_config *cfg, int BT) {
+                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
 #ifdef _OPENMP
@@ -7425,7 +7430,7 @@ static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const 
 }
 
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
-                                const float *x, const float *y, const sm_mhc_act *act,
+                                const float *x, const float *y, const sm_mhc_acts *act,
                                 const sm_mhc_config *cfg, int BT) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
@@ -7455,7 +7460,7 @@ static void sm__mhc_pre_token_backward(float *dx, float *dmaps, const float *du,
 
 /* Serial over tokens (deterministic): dbias += sum_t darg, and in the
  * dynamic variant dgate_g += sum_t sum_{k in g} darg_k z_k. */
-static void sm__mhc_bias_gate_grads(const sm_mhc_params *dp, const float *darg, const float *z,
+static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z,
                                     int BT, int n) {
     int K = sm_mhc_map_count(n), t, k;
     double dgate[3] = {0, 0, 0};
@@ -7469,8 +7474,8 @@ static void sm__mhc_bias_gate_grads(const sm_mhc_params *dp, const float *darg, 
         for (k = 0; k < 3; k++) dp->gate[k] += (float)dgate[k];
 }
 
-SMDEF void sm_mhc_pre_backward(float *dx, const sm_mhc_params *dp, float *dmaps, const float *du,
-                               const float *x, sm_mhc_act *act, const sm_mhc_params *p,
+SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
                                const sm_mhc_config *cfg, int BT) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
     size_t k;
@@ -7531,7 +7536,7 @@ SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int BT, int n, i
 
 /* ---- diagnostics ---- */
 
-SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_act *act, const sm_mhc_config *cfg,
+SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_acts *act, const sm_mhc_config *cfg,
                                            int BT) {
     int n = cfg->n_streams;
     return sm_sinkhorn_sum_error(act->maps + 2 * n, (size_t)sm_mhc_map_count(n), BT, n);
@@ -7564,7 +7569,7 @@ SMDEF void sm_mhc_amax_gain(float *fwd_gain, float *bwd_gain, const float *h_res
     sm__rowcol_extremes(fwd_gain, bwd_gain, P, n, 1, 0.0);
 }
 
-SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers,
+SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layers,
                                               const sm_mhc_config *cfg, int BT) {
     sm_rowcol_stats s = sm__rowcol_stats_zero();
     double P[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
@@ -7677,7 +7682,7 @@ SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
     for (i = 0; i < n; i++) out[i] = sm__gelu(inp[i]);
 }
 
-SMDEF void sm_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
+SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     size_t i;
     for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
 }
@@ -7688,7 +7693,7 @@ SMDEF void sm_silu_forward(float *out, const float *inp, size_t n) {
     for (i = 0; i < n; i++) out[i] = inp[i] * sm_sigmoid(inp[i]);
 }
 
-SMDEF void sm_silu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
+SMDEF void sm_silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     size_t i;
     for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__silu_grad(inp[i]);
 }
@@ -8251,14 +8256,14 @@ static sm_status sm__validate_engram_mhc(const sm_model_config *c, sm_error *err
     return SM_OK;
 }
 
-SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
+SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err) {
     sm_status st = sm__validate_backbone(c, err);
     if (st != SM_OK) return st;
     if (c->use_engram) {
         if (c->engram.d_model != c->d_model)
             return sm_fail(err, SM_ERR_INVALID_ARG, "engram.d_model %d differs from d_model %d",
                            c->engram.d_model, c->d_model);
-        st = sm_engram_validate(&c->engram, err);
+        st = sm_engram_config_validate(&c->engram, err);
         if (st == SM_OK)
             st = sm__validate_layer_ids(c->engram.hash.layer_ids, c->engram.hash.n_layers,
                                         c->n_layer, "engram.hash.layer_ids", err);
@@ -8270,20 +8275,23 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
     if (c->use_nine) {
         if (!c->use_engram)
             return sm_fail(err, SM_ERR_INVALID_ARG, "use_nine needs use_engram (the hot tier is part of Engram)");
-        st = sm_nine_validate(&c->nine, &c->engram.hash, err);
+        st = sm_nine_config_validate(&c->nine, &c->engram.hash, err);
         if (st != SM_OK) return st;
         if (c->engram.hash.extra_rows != sm_nine_hot_rows(&c->nine, &c->engram.hash))
             return sm_fail(err, SM_ERR_INVALID_ARG, "engram.hash.extra_rows %llu must equal the hot tier's %llu rows (see sm_nine_iso_config)",
                            (unsigned long long)c->engram.hash.extra_rows,
                            (unsigned long long)sm_nine_hot_rows(&c->nine, &c->engram.hash));
     }
-    if (c->peer_n_layers < 0 || c->peer_n_layers > c->n_layer)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "peer_n_layers %d out of range [0, n_layer]",
+    if (!c->use_peer && c->peer_n_layers != 0)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "peer_n_layers %d without use_peer (set use_peer = 1)",
                        c->peer_n_layers);
-    if (c->peer_n_layers > 0) {
+    if (c->use_peer && (c->peer_n_layers < 1 || c->peer_n_layers > c->n_layer))
+        return sm_fail(err, SM_ERR_INVALID_ARG, "use_peer: peer_n_layers %d out of range [1, n_layer]",
+                       c->peer_n_layers);
+    if (c->use_peer) {
         if (!(c->peer_lr_mult >= 0.0f))
             return sm_fail(err, SM_ERR_INVALID_ARG, "peer_lr_mult %g must be >= 0", c->peer_lr_mult);
-        st = sm_peer_validate(&c->peer, c->d_model, err);
+        st = sm_peer_config_validate(&c->peer, c->d_model, err);
         if (st == SM_OK)
             st = sm__validate_layer_ids(c->peer_layer_ids, c->peer_n_layers, c->n_layer,
                                         "peer_layer_ids", err);
@@ -8295,7 +8303,7 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
                            c->mhc.channels, c->d_model);
         if (!(c->mhc_lr_mult >= 0.0f))
             return sm_fail(err, SM_ERR_INVALID_ARG, "mhc_lr_mult %g must be >= 0", c->mhc_lr_mult);
-        st = sm_mhc_validate_config(&c->mhc, err);
+        st = sm_mhc_config_validate(&c->mhc, err);
         if (st != SM_OK) return st;
     }
     return sm__validate_engram_mhc(c, err);
@@ -8418,7 +8426,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     return SM_OK;
 }
 
-static int sm__model_has_peer(const sm_model_config *c) { return c->peer_n_layers > 0; }
+static int sm__model_has_peer(const sm_model_config *c) { return c->use_peer; }
 
 static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     const sm_model_config *c = &m->cfg;
@@ -8578,8 +8586,8 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
         s->u = s->in_mhc ? sm__take(a, N * C) : s->x_in;
         s->y = sm__take(a, N * (size_t)sm__sublayer_width(m, s));
         if (s->in_mhc) {
-            float *block = sm__take(a, sm_mhc_act_size(&c->mhc, (int)N));
-            if (a->base) s->mhc_act = sm_mhc_act_at(&c->mhc, (int)N, block);
+            float *block = sm__take(a, sm_mhc_acts_size(&c->mhc, (int)N));
+            if (a->base) s->mhc_acts = sm_mhc_acts_at(&c->mhc, (int)N, block);
         }
         if (s->kind == SM_SUBLAYER_ENGRAM) continue;
         s->ln = sm__take(a, N * C);
@@ -8666,7 +8674,7 @@ static sm_status sm__model_alloc_acts(sm_model *m, int B_max, sm_error *err) {
 /* A zeroed model's validated config, sublayer plan and parameter layout
  * (no buffers yet). */
 static sm_status sm__model_plan_layout(sm_model *m, const sm_model_config *cfg, sm_error *err) {
-    sm_status st = sm_model_validate(cfg, err);
+    sm_status st = sm_model_config_validate(cfg, err);
     if (st != SM_OK) return st;
     m->cfg = *cfg;
     m->cfg.engram.n_streams = sm__engram_streams(cfg);
@@ -8816,9 +8824,9 @@ static void sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next) {
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
-        sm_mhc_pre_forward(s->u, &s->mhc_act, s->x_in, &mp, &m->cfg.mhc, N);
+        sm_mhc_pre_forward(s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N);
         sm__sublayer_forward(m, s, s->u);
-        sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_act, &m->cfg.mhc, N);
+        sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N);
     }
 }
 
@@ -8947,7 +8955,7 @@ static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float
         sm_linear_backward(m->dfch_gelu, g + o->fcproj_w, g + o->fcproj_b, dy, s->fch_gelu,
                            w + o->fcproj_w, N, F, C);
         memset(m->dfch, 0, sizeof(float) * (size_t)N * F);
-        sm_gelu_backward(m->dfch, s->fch, m->dfch_gelu, (size_t)N * F);
+        sm_gelu_backward(m->dfch, m->dfch_gelu, s->fch, (size_t)N * F);
         sm_linear_backward(m->dln, g + o->fc_w, g + o->fc_b, m->dfch, s->ln, w + o->fc_w, N, C, F);
     }
     if (s->has_peer) {
@@ -8992,10 +9000,10 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
         memset(m->dres_prev, 0, sizeof(float) * NC * mc->n_streams);
         memset(m->dy, 0, sizeof(float) * NC);
         memset(m->dmaps, 0, sizeof(float) * (size_t)N * sm_mhc_map_count(mc->n_streams));
-        sm_mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_act, mc, N);
+        sm_mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N);
         memset(m->du, 0, sizeof(float) * NC);
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
-        sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_act, &mp, mc, N);
+        sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc, N);
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;
 }

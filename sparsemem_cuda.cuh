@@ -220,14 +220,14 @@ SMDEF void smc_engram_forward_routed(smc_ctx *c, float *out, sm_engram_acts *act
 /* Accumulates dh (may be NULL) and the gradients in g; the table gradient
  * only on the rows in flat, which are added to rows (may be NULL; sized for
  * the table's total_rows). The scratch is overwritten. */
-SMDEF void smc_engram_backward(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward(smc_ctx *c, float *dh, sm_engram_params *g,
                                smc_row_set *rows, const float *dout, const float *h,
                                const uint32_t *flat, const sm_engram_params *p,
                                const sm_engram_acts *acts, const sm_engram_scratch *scratch,
                                const sm_engram_config *cfg, int B, int T);
 /* Backward of smc_engram_forward_routed (same hot flags), with the variant
  * gradients g->w_key_hot / g->gate_hot when they are on. */
-SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, sm_engram_params *g,
                                       smc_row_set *rows, const float *dout, const float *h,
                                       const uint32_t *flat, const unsigned char *hot,
                                       const sm_engram_params *p, const sm_engram_acts *acts,
@@ -272,7 +272,7 @@ SMDEF sm_status smc_peer_forward(smc_ctx *c, float *out, sm_peer_acts *acts, con
  * (any pointer NULL to skip it); when g->experts is set, the retrieved
  * experts are added to `touched` (may be NULL). Keys and the query net get
  * gradient only through the k selected scores. */
-SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, const sm_peer_params *g,
+SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                   smc_row_set *touched, const float *dout, const float *x,
                                   const sm_peer_params *p, sm_peer_acts *acts, int BT,
                                   sm_error *err);
@@ -307,10 +307,10 @@ SMDEF void smc_peer_usage_free(sm_peer_usage *u);
 /* The GPU side of sparsemem.h's >>mhc, with its shapes, layouts and call
  * order: streams x[BT, n, C], per-token maps [H_pre | H_post | H_res] of K =
  * sm_mhc_map_count(n) floats, parameters and activations as the CPU's
- * sm_mhc_params / sm_mhc_act views holding device pointers. sm_mhc_params_at,
- * sm_mhc_act_size and sm_mhc_act_at only do pointer arithmetic, so they carve
+ * sm_mhc_params / sm_mhc_acts views holding device pointers. sm_mhc_params_at,
+ * sm_mhc_acts_size and sm_mhc_acts_at only do pointer arithmetic, so they carve
  * device blocks exactly as they carve host ones (a model can cut every
- * sublayer's activations out of one device arena; smc_mhc_act_alloc is the
+ * sublayer's activations out of one device arena; smc_mhc_acts_alloc is the
  * one-block shortcut).
  *
  * Sinkhorn runs one thread per matrix, the matrix and its scalings in shared
@@ -333,24 +333,24 @@ SMDEF void smc_sinkhorn_backward_batched(smc_ctx *c, float *dlogits, const float
                                          const float *logits, int count, int n, int iters);
 
 /* Device activations of one mHC sublayer for BT tokens: one zeroed block of
- * sm_mhc_act_size(cfg, BT) floats carved by sm_mhc_act_at. Fails (and leaves
+ * sm_mhc_acts_size(cfg, BT) floats carved by sm_mhc_acts_at. Fails (and leaves
  * *act all NULL) on an invalid config, BT < 1 or no device memory. */
-SMDEF sm_status smc_mhc_act_alloc(sm_mhc_act *act, const sm_mhc_config *cfg, int BT,
+SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int BT,
                                   sm_error *err);
-SMDEF void smc_mhc_act_free(sm_mhc_act *act);
+SMDEF void smc_mhc_acts_free(sm_mhc_acts *act);
 
 /* The four steps of one sublayer, as their CPU namesakes (same accumulation
  * rules, same scratch reuse: pre_backward leaves gradients in dmaps, act->z
  * and act->xn). */
-SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_act *act, const float *x,
+SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_acts *act, const float *x,
                                const sm_mhc_params *p, const sm_mhc_config *cfg, int BT);
 SMDEF void smc_mhc_post_forward(smc_ctx *c, float *x_next, const float *x, const float *y,
-                                const sm_mhc_act *act, const sm_mhc_config *cfg, int BT);
+                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT);
 SMDEF void smc_mhc_post_backward(smc_ctx *c, float *dx, float *dy, float *dmaps,
                                  const float *dx_next, const float *x, const float *y,
-                                 const sm_mhc_act *act, const sm_mhc_config *cfg, int BT);
-SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, const sm_mhc_params *dp, float *dmaps,
-                                const float *du, const float *x, sm_mhc_act *act,
+                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT);
+SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, sm_mhc_params *dp, float *dmaps,
+                                const float *du, const float *x, sm_mhc_acts *act,
                                 const sm_mhc_params *p, const sm_mhc_config *cfg, int BT);
 
 SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int BT, int n, int C);
@@ -363,10 +363,10 @@ SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int
  * host array of `layers` views of device activations). Unlike the CPU they
  * return a status, since they allocate a little device memory and wait for
  * the stream; the statistics go to *stats. */
-SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_act *act,
+SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *act,
                                       const sm_mhc_config *cfg, int BT, sm_error *err);
 SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
-                                         const sm_mhc_act *acts, int layers,
+                                         const sm_mhc_acts *acts, int layers,
                                          const sm_mhc_config *cfg, int BT, sm_error *err);
 
 /* ===================================================================== */
@@ -397,10 +397,10 @@ SMDEF void smc_linear_backward(smc_ctx *c, float *dinp, float *dweight, float *d
 
 /* GELU (tanh approximation, as sm_gelu_forward) and SiLU over n values. */
 SMDEF void smc_gelu_forward(smc_ctx *c, float *out, const float *inp, size_t n);
-SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n);
 SMDEF void smc_silu_forward(smc_ctx *c, float *out, const float *inp, size_t n);
-SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n);
 
 /* tokens[B*T] are device ints. */
@@ -1397,7 +1397,7 @@ static __global__ void smc__engram_scatter_kernel(float *dtable, const float *de
 /* Backward of key = W_K e + b_K (per tier with hot_key_proj): de is
  * overwritten with the key path's part, the key weights accumulate
  * (sm__engram_key_backward). */
-static void smc__engram_key_backward(smc_ctx *c, const sm_engram_params *g,
+static void smc__engram_key_backward(smc_ctx *c, sm_engram_params *g,
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *a, const sm_engram_scratch *s,
                                      const sm_engram_config *cfg, int N) {
@@ -1415,7 +1415,7 @@ static void smc__engram_key_backward(smc_ctx *c, const sm_engram_params *g,
         s->de, s->de_tier, hot, sh, ne);
 }
 
-SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, sm_engram_params *g,
                                       smc_row_set *rows, const float *dout, const float *h,
                                       const uint32_t *flat, const unsigned char *hot,
                                       const sm_engram_params *p, const sm_engram_acts *acts,
@@ -1457,7 +1457,7 @@ SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_par
     if (rows) smc_row_set_add(c, rows, flat, (size_t)N * sh.n_slots);
 }
 
-SMDEF void smc_engram_backward(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward(smc_ctx *c, float *dh, sm_engram_params *g,
                                smc_row_set *rows, const float *dout, const float *h,
                                const uint32_t *flat, const sm_engram_params *p,
                                const sm_engram_acts *acts, const sm_engram_scratch *scratch,
@@ -1726,7 +1726,7 @@ static void smc__peer_query_forward(smc_ctx *c, sm_peer_acts *a, const float *x,
 
 /* sm__peer_query_backward: dq -> gain gradient, then dq -> d(W_q x) in
  * place, then the linear layer's dx and dW_q (sm_linear_backward). */
-static void smc__peer_query_backward(smc_ctx *c, float *dx, const sm_peer_params *g,
+static void smc__peer_query_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                      sm_peer_acts *a, const float *x, const sm_peer_params *p,
                                      int BT) {
     int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = BT * a->cfg.heads;
@@ -1925,7 +1925,7 @@ static __global__ void smc__peer_experts_backward_kernel(float *dexperts, sm_pee
     }
 }
 
-SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, const sm_peer_params *g,
+SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                   smc_row_set *touched, const float *dout, const float *x,
                                   const sm_peer_params *p, sm_peer_acts *acts, int BT,
                                   sm_error *err) {
@@ -2376,27 +2376,27 @@ static __global__ void smc__mhc_dz_kernel(float *z, const float *darg, const flo
 
 /* ---- public: activations, sublayer steps, expand / collapse ---- */
 
-SMDEF sm_status smc_mhc_act_alloc(sm_mhc_act *act, const sm_mhc_config *cfg, int BT,
+SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int BT,
                                   sm_error *err) {
     float *base;
-    sm_status st = sm_mhc_validate_config(cfg, err);
+    sm_status st = sm_mhc_config_validate(cfg, err);
     memset(act, 0, sizeof *act);
     if (st != SM_OK) return st;
     if (BT < 1)
         return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: activations for BT = %d tokens, must be >= 1",
                        BT);
-    base = (float *)smc_malloc(sm_mhc_act_size(cfg, BT) * sizeof(float), "mhc activations", err);
+    base = (float *)smc_malloc(sm_mhc_acts_size(cfg, BT) * sizeof(float), "mhc activations", err);
     if (!base) return SM_ERR_OOM;
-    *act = sm_mhc_act_at(cfg, BT, base);
+    *act = sm_mhc_acts_at(cfg, BT, base);
     return SM_OK;
 }
 
-SMDEF void smc_mhc_act_free(sm_mhc_act *act) {
+SMDEF void smc_mhc_acts_free(sm_mhc_acts *act) {
     smc_dfree(act->maps); /* the block's base */
     memset(act, 0, sizeof *act);
 }
 
-SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_act *act, const float *x,
+SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_acts *act, const float *x,
                                const sm_mhc_params *p, const sm_mhc_config *cfg, int BT) {
     smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
     int nC = d.n * d.C;
@@ -2415,7 +2415,7 @@ SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_act *act, const floa
 }
 
 SMDEF void smc_mhc_post_forward(smc_ctx *c, float *x_next, const float *x, const float *y,
-                                const sm_mhc_act *act, const sm_mhc_config *cfg, int BT) {
+                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT) {
     if (BT <= 0) return;
     smc__mhc_res_mix(c, x_next, x, y, act->maps, 0,
                      smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels));
@@ -2423,7 +2423,7 @@ SMDEF void smc_mhc_post_forward(smc_ctx *c, float *x_next, const float *x, const
 
 SMDEF void smc_mhc_post_backward(smc_ctx *c, float *dx, float *dy, float *dmaps,
                                  const float *dx_next, const float *x, const float *y,
-                                 const sm_mhc_act *act, const sm_mhc_config *cfg, int BT) {
+                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT) {
     smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
     long long nC = (long long)d.n * d.C;
     if (BT <= 0) return;
@@ -2435,8 +2435,8 @@ SMDEF void smc_mhc_post_backward(smc_ctx *c, float *dx, float *dy, float *dmaps,
                       dmaps + 2 * d.n, d.n, d.K, BT);
 }
 
-SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, const sm_mhc_params *dp, float *dmaps,
-                                const float *du, const float *x, sm_mhc_act *act,
+SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, sm_mhc_params *dp, float *dmaps,
+                                const float *du, const float *x, sm_mhc_acts *act,
                                 const sm_mhc_params *p, const sm_mhc_config *cfg, int BT) {
     smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
     int nC = d.n * d.C;
@@ -2523,7 +2523,7 @@ static __device__ void smc__mhc_rowcol_extremes(float *row, float *col, const do
 /* Per token t: P = H_res[layers-1] ... H_res[0] (acts[l].maps), then its
  * row / column extremes. Block b writes partial[4b..4b+3] = max and sum of
  * the row values, max and sum of the column values over its tokens. */
-static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_act *acts, int layers,
+static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_acts *acts, int layers,
                                               smc__mhc_dims d, int absolute, double target) {
     extern __shared__ double smc__mhc_shm_d[];
     __shared__ double warp_stats[SMC__MHC_DIAG_WARPS][4];
@@ -2557,26 +2557,26 @@ static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_act 
 
 /* Runs smc__mhc_rowcol_kernel over BT tokens and folds the block partials
  * into *stats as sm__rowcol_stats_add / _finish do. */
-static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_act *acts,
+static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *acts,
                                  int layers, smc__mhc_dims d, int absolute, double target,
                                  sm_error *err) {
     int max_blocks = 2 * (c->sm_count > 0 ? c->sm_count : 1);
     int blocks = (d.BT + SMC__MHC_DIAG_WARPS - 1) / SMC__MHC_DIAG_WARPS, b;
     size_t shmem = (size_t)SMC__MHC_DIAG_WARPS * 2 * d.n * d.n * sizeof(double);
     double host[4 * SMC__MHC_DIAG_MAX_BLOCKS], sum_row = 0, sum_col = 0;
-    sm_mhc_act *dacts = NULL;
+    sm_mhc_acts *dacts = NULL;
     double *partial = NULL;
     sm_status st;
     memset(stats, 0, sizeof *stats);
     if (d.BT <= 0) return SM_OK;
     max_blocks = max_blocks < SMC__MHC_DIAG_MAX_BLOCKS ? max_blocks : SMC__MHC_DIAG_MAX_BLOCKS;
     blocks = blocks < max_blocks ? blocks : max_blocks;
-    dacts = (sm_mhc_act *)smc_malloc(sizeof(sm_mhc_act) * (layers > 0 ? layers : 1),
+    dacts = (sm_mhc_acts *)smc_malloc(sizeof(sm_mhc_acts) * (layers > 0 ? layers : 1),
                                      "mhc diagnostics views", err);
     partial = dacts ? (double *)smc_malloc(sizeof(double) * 4 * blocks, "mhc diagnostics", err)
                     : NULL;
     st = partial ? SM_OK : SM_ERR_OOM;
-    if (st == SM_OK && layers > 0) st = smc_upload(dacts, acts, sizeof(sm_mhc_act) * layers, err);
+    if (st == SM_OK && layers > 0) st = smc_upload(dacts, acts, sizeof(sm_mhc_acts) * layers, err);
     if (st == SM_OK) {
         smc__mhc_rowcol_kernel<<<(unsigned)blocks, SMC__MHC_DIAG_WARPS * 32, shmem, c->stream>>>(
             partial, dacts, layers, d, absolute, target);
@@ -2597,7 +2597,7 @@ static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mh
     return SM_OK;
 }
 
-SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_act *act,
+SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *act,
                                       const sm_mhc_config *cfg, int BT, sm_error *err) {
     /* one layer: P = H_res I = H_res exactly; distance of its sums from 1 */
     return smc__mhc_rowcol(c, stats, act, 1, smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels),
@@ -2605,7 +2605,7 @@ SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const 
 }
 
 SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
-                                         const sm_mhc_act *acts, int layers,
+                                         const sm_mhc_acts *acts, int layers,
                                          const sm_mhc_config *cfg, int BT, sm_error *err) {
     return smc__mhc_rowcol(c, stats, acts, layers,
                            smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels), 1, 0.0, err);
@@ -2761,7 +2761,7 @@ static void smc__act_forward(smc_ctx *c, float *out, const float *inp, size_t n,
     smc__act_forward_kernel<<<smc__blocks(n), SMC__THREADS, 0, c->stream>>>(out, inp, n, silu);
 }
 
-static void smc__act_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+static void smc__act_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                               size_t n, int silu) {
     if (n == 0) return;
     smc__act_backward_kernel<<<smc__blocks(n), SMC__THREADS, 0, c->stream>>>(dinp, inp, dout, n,
@@ -2772,18 +2772,18 @@ SMDEF void smc_gelu_forward(smc_ctx *c, float *out, const float *inp, size_t n) 
     smc__act_forward(c, out, inp, n, 0);
 }
 
-SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n) {
-    smc__act_backward(c, dinp, inp, dout, n, 0);
+    smc__act_backward(c, dinp, dout, inp, n, 0);
 }
 
 SMDEF void smc_silu_forward(smc_ctx *c, float *out, const float *inp, size_t n) {
     smc__act_forward(c, out, inp, n, 1);
 }
 
-SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n) {
-    smc__act_backward(c, dinp, inp, dout, n, 1);
+    smc__act_backward(c, dinp, dout, inp, n, 1);
 }
 
 /* ---- embedding ---- */
@@ -3442,9 +3442,9 @@ static void smc__residual_forward(smc_model *g, sm_sublayer *s, float *x_next) {
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, g->params.data, s);
-        smc_mhc_pre_forward(g->c, s->u, &s->mhc_act, s->x_in, &mp, &m->cfg.mhc, N);
+        smc_mhc_pre_forward(g->c, s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N);
         smc__sublayer_forward(g, s, s->u);
-        smc_mhc_post_forward(g->c, x_next, s->x_in, s->y, &s->mhc_act, &m->cfg.mhc, N);
+        smc_mhc_post_forward(g->c, x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N);
     }
 }
 
@@ -3563,7 +3563,7 @@ static void smc__ffn_backward(smc_model *g, sm_sublayer *s, float *du, const flo
         smc_linear_backward(g->c, m->dfch_gelu, gr + o->fcproj_w, gr + o->fcproj_b, dy,
                             s->fch_gelu, w + o->fcproj_w, N, F, C);
         smc_zero(g->c, m->dfch, sizeof(float) * (size_t)N * F);
-        smc_gelu_backward(g->c, m->dfch, s->fch, m->dfch_gelu, (size_t)N * F);
+        smc_gelu_backward(g->c, m->dfch, m->dfch_gelu, s->fch, (size_t)N * F);
         smc_linear_backward(g->c, m->dln, gr + o->fc_w, gr + o->fc_b, m->dfch, s->ln,
                             w + o->fc_w, N, C, F);
     }
@@ -3614,10 +3614,10 @@ static void smc__residual_backward(smc_model *g, sm_sublayer *s) {
         smc_zero(g->c, m->dy, sizeof(float) * NC);
         smc_zero(g->c, m->dmaps, sizeof(float) * (size_t)N * sm_mhc_map_count(mc->n_streams));
         smc_mhc_post_backward(g->c, m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y,
-                              &s->mhc_act, mc, N);
+                              &s->mhc_acts, mc, N);
         smc_zero(g->c, m->du, sizeof(float) * NC);
         smc__sublayer_backward(g, s, m->du, m->dy, s->u);
-        smc_mhc_pre_backward(g->c, m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_act, &mp,
+        smc_mhc_pre_backward(g->c, m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp,
                              mc, N);
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;

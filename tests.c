@@ -357,9 +357,9 @@ static int test_activation_gradients(void) {
         c.C = which;
         memset(d, 0, sizeof(float) * N);
         if (which == 0)
-            sm_gelu_backward(d, c.inp, c.w_out, N);
+            sm_gelu_backward(d, c.w_out, c.inp, N);
         else
-            sm_silu_backward(d, c.inp, c.w_out, N);
+            sm_silu_backward(d, c.w_out, c.inp, N);
         CHECK_GRAD(which == 0 ? "gelu" : "silu", c.inp, d, N, t_gelu_loss, &c);
     }
     free(c.inp), free(c.out), free(c.w_out), free(d);
@@ -583,6 +583,13 @@ static int test_model_rejects_bad_config_and_tokens(void) {
     cfg.d_ff = -5;
     CHECK(sm_model_init(&m, &cfg, 1, 1, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_ff"), "d_ff: %s", err.msg);
     cfg = t_tiny_config();
+    cfg.peer_n_layers = 1; /* PEER placed but not switched on */
+    CHECK(sm_model_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "use_peer"),
+          "peer layers without use_peer: %s", err.msg);
+    cfg.use_peer = 1, cfg.peer_n_layers = 0; /* switched on but placed nowhere */
+    CHECK(sm_model_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "peer_n_layers"),
+          "use_peer without layers: %s", err.msg);
+    cfg = t_tiny_config();
     CHECK(sm_model_init(&m, &cfg, 0, 1, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "batch"), "B=0: %s", err.msg);
     CHECK_OK(sm_model_init(&m, &cfg, 1, 1, &err));
     CHECK(sm_model_forward(&m, inputs, NULL, NULL, 1, 6, &err) == SM_ERR_MISMATCH, "token 11 >= vocab 11 accepted");
@@ -646,7 +653,7 @@ static sm_model_config t_tiny_module_config(void) {
     c.engram.hash.table_rows = 13;
     c.engram.hash.n_layers = 1;
     c.engram.hash.layer_ids[0] = 1;
-    c.peer_n_layers = 1;
+    c.use_peer = 1, c.peer_n_layers = 1;
     c.peer_layer_ids[0] = 0;
     c.peer_replace_mlp = 0;
     c.peer.n_sub = 4;
@@ -706,7 +713,7 @@ static int test_model_two_peer_layers_update_own_rows(void) {
     int i, l, e, n_peer = 0;
     float *before;
     cfg.use_engram = 0;
-    cfg.peer_n_layers = 2, cfg.peer_layer_ids[0] = 0, cfg.peer_layer_ids[1] = 1;
+    cfg.use_peer = 1, cfg.peer_n_layers = 2, cfg.peer_layer_ids[0] = 0, cfg.peer_layer_ids[1] = 1;
     cfg.peer.n_sub = 6; /* 36 experts, 24 retrievals per layer: some stay untouched */
     CHECK_OK(sm_model_init(&m, &cfg, 2, 77, &err));
     before = (float *)t_alloc(m.params.total);
@@ -741,7 +748,7 @@ static int test_model_two_peer_layers_update_own_rows(void) {
  * enough to matter), Engram in the form `engram_mhc`. */
 static sm_model_config t_tiny_mhc_config(int engram_mhc) {
     sm_model_config cfg = t_tiny_module_config();
-    cfg.peer_n_layers = 0;
+    cfg.use_peer = 0, cfg.peer_n_layers = 0;
     cfg.use_mhc = 1;
     cfg.mhc.channels = cfg.d_model;
     cfg.mhc.phi_init_std = 0.5f;
@@ -861,7 +868,7 @@ static int test_model_nine_iso_and_gradient(void) {
     int inputs[12] = {1, 5, 2, 9, 1, 5, 2, 9, 4, 7, 1, 5};
     int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
     int i, hot_positions = 0;
-    cfg.peer_n_layers = 0;
+    cfg.use_peer = 0, cfg.peer_n_layers = 0;
     cfg.engram.hash.table_rows = 37;
     ncfg = cfg;
     ncfg.nine.n_hot[0] = 4, ncfg.nine.n_hot[1] = 3;
@@ -1283,7 +1290,7 @@ static int test_trainer_cli_options(void) {
         tr_defaults(&o);
         CHECK(tr_parse(&o, 2, peer, pos, &n_pos) == 0 && tr_model_config(&o, 64, &cfg, msg, sizeof msg) == 0,
               "--peer 1");
-        CHECK(cfg.peer_n_layers == 1 && cfg.peer.shared_keys == 1, "PEER sub-keys not shared by default");
+        CHECK(cfg.use_peer && cfg.peer_n_layers == 1 && cfg.peer.shared_keys == 1, "PEER sub-keys not shared by default");
         CHECK(tr_parse(&o, 4, peer, pos, &n_pos) == 0 && tr_model_config(&o, 64, &cfg, msg, sizeof msg) == 0 &&
                   cfg.peer.shared_keys == 0,
               "--peer-shared-keys 0 not applied");
@@ -3428,7 +3435,7 @@ typedef struct {
 /* u = pre(x); y = tanh(u); x_next = post(x, y); loss = <w, x_next>. */
 static double t_mhc_loss(void *vctx) {
     t_mhc_ctx *c = (t_mhc_ctx *)vctx;
-    sm_mhc_act act = sm_mhc_act_at(&c->cfg, c->BT, c->actbuf);
+    sm_mhc_acts act = sm_mhc_acts_at(&c->cfg, c->BT, c->actbuf);
     sm_mhc_params p = sm_mhc_params_at(&c->cfg, c->params);
     size_t i, nu = (size_t)c->BT * c->cfg.channels;
     sm_mhc_pre_forward(c->u, &act, c->x, &p, &c->cfg, c->BT);
@@ -3443,14 +3450,14 @@ static int t_mhc_layer_gradcheck(int dynamic) {
     sm_error err;
     sm_mhc_layout lay;
     sm_mhc_params p, dp;
-    sm_mhc_act act;
+    sm_mhc_acts act;
     size_t nu, nx, i;
     float *grads, *dx, *dy, *du, *dmaps;
     c.cfg = sm_mhc_default_config();
     c.cfg.channels = 8;
     c.cfg.dynamic = dynamic;
     c.BT = 3;
-    CHECK_OK(sm_mhc_validate_config(&c.cfg, &err));
+    CHECK_OK(sm_mhc_config_validate(&c.cfg, &err));
     lay = sm_mhc_param_layout(&c.cfg);
     nu = (size_t)c.BT * c.cfg.channels;
     nx = nu * c.cfg.n_streams;
@@ -3466,13 +3473,13 @@ static int t_mhc_layer_gradcheck(int dynamic) {
     c.x = t_randn(&r, nx, 1.0f);
     c.w = t_randn(&r, nx, 1.0f);
     c.u = (float *)t_alloc(nu), c.y = (float *)t_alloc(nu), c.x_next = (float *)t_alloc(nx);
-    c.actbuf = (float *)t_alloc(sm_mhc_act_size(&c.cfg, c.BT));
+    c.actbuf = (float *)t_alloc(sm_mhc_acts_size(&c.cfg, c.BT));
     grads = (float *)t_alloc(lay.total);
     dx = (float *)t_alloc(nx), dy = (float *)t_alloc(nu), du = (float *)t_alloc(nu);
     dmaps = (float *)t_alloc((size_t)c.BT * sm_mhc_map_count(c.cfg.n_streams));
     /* analytic: forward, then post backward, F backward, pre backward */
     t_mhc_loss(&c);
-    act = sm_mhc_act_at(&c.cfg, c.BT, c.actbuf);
+    act = sm_mhc_acts_at(&c.cfg, c.BT, c.actbuf);
     dp = sm_mhc_params_at(&c.cfg, grads);
     sm_mhc_post_backward(dx, dy, dmaps, c.w, c.x, c.y, &act, &c.cfg, c.BT);
     for (i = 0; i < nu; i++) du[i] = dy[i] * (1.0f - c.y[i] * c.y[i]);
@@ -3498,9 +3505,9 @@ static void t_mhc_layer_run(const sm_mhc_config *cfg, const float *params, float
                             float *dx, int t0, int BT) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n);
     size_t nu = (size_t)BT * C, i, nC = (size_t)n * C;
-    float *actbuf = (float *)t_alloc(sm_mhc_act_size(cfg, BT)), *y = (float *)t_alloc(nu);
+    float *actbuf = (float *)t_alloc(sm_mhc_acts_size(cfg, BT)), *y = (float *)t_alloc(nu);
     float *dy = (float *)t_alloc(nu), *dmaps = (float *)t_alloc((size_t)BT * K);
-    sm_mhc_act act = sm_mhc_act_at(cfg, BT, actbuf);
+    sm_mhc_acts act = sm_mhc_acts_at(cfg, BT, actbuf);
     sm_mhc_params p = sm_mhc_params_at(cfg, (float *)params), dp = sm_mhc_params_at(cfg, grads);
     x += t0 * nC, dx_next += t0 * nC, u += (size_t)t0 * C, x_next += t0 * nC, dx += t0 * nC;
     sm_mhc_pre_forward(u, &act, x, &p, cfg, BT);
@@ -3564,8 +3571,8 @@ static int t_mhc_stack(float *out, const float *h, const float *scale, int layer
     } else {
         int n = cfg->n_streams;
         float *x = (float *)t_alloc(nu * n), *xn = (float *)t_alloc(nu * n);
-        float *actbuf = (float *)t_alloc(sm_mhc_act_size(cfg, BT));
-        sm_mhc_act act = sm_mhc_act_at(cfg, BT, actbuf);
+        float *actbuf = (float *)t_alloc(sm_mhc_acts_size(cfg, BT));
+        sm_mhc_acts act = sm_mhc_acts_at(cfg, BT, actbuf);
         sm_mhc_params p = sm_mhc_params_at(cfg, params);
         sm_mhc_expand_forward(x, h, BT, n, C);
         for (l = 0; l < layers; l++) {
@@ -3641,7 +3648,7 @@ static int test_mhc_init_close_to_baseline(void) {
               dynamic, d, scale_ref);
         if (!dynamic) { /* the init maps themselves (static: the same for every token) */
             sm_mhc_params p = sm_mhc_params_at(&cfg, params);
-            sm_mhc_act act;
+            sm_mhc_acts act;
             float *x = (float *)t_alloc((size_t)4 * C), u[16];
             act.maps = maps;
             sm_mhc_pre_forward(u, &act, x, &p, &cfg, 1);
@@ -3694,7 +3701,7 @@ static int test_mhc_amax_gain_tokens_and_sum_error(void) {
     int BT = 3, L = 3, K, l, t;
     sm_rng r;
     sm_error err;
-    sm_mhc_act acts[3];
+    sm_mhc_acts acts[3];
     float *bufs[3], *params, *x, *u, H[3 * 16], fwd, bwd;
     sm_rowcol_stats g, e;
     double fmax_ = 0, fmean = 0;
@@ -3711,8 +3718,8 @@ static int test_mhc_amax_gain_tokens_and_sum_error(void) {
         x = t_randn(&r, (size_t)BT * 32, 1.0f);
         u = (float *)t_alloc((size_t)BT * 8);
         for (l = 0; l < L; l++) {
-            bufs[l] = (float *)t_alloc(sm_mhc_act_size(&cfg, BT));
-            acts[l] = sm_mhc_act_at(&cfg, BT, bufs[l]);
+            bufs[l] = (float *)t_alloc(sm_mhc_acts_size(&cfg, BT));
+            acts[l] = sm_mhc_acts_at(&cfg, BT, bufs[l]);
             p.gate[2] *= -1.0f;
             sm_mhc_pre_forward(u, &acts[l], x, &p, &cfg, BT);
         }
@@ -3784,22 +3791,27 @@ static int test_mhc_expand_collapse(void) {
 static int test_mhc_config_validation(void) {
     sm_mhc_config cfg = sm_mhc_default_config();
     sm_error err;
-    CHECK(sm_mhc_validate_config(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "channels"),
+    CHECK(sm_mhc_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "channels"),
           "unset channels accepted (%s)", err.msg);
     cfg.channels = 64;
-    CHECK_OK(sm_mhc_validate_config(&cfg, &err));
+    CHECK_OK(sm_mhc_config_validate(&cfg, &err));
     cfg.n_streams = 0;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "n_streams"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "n_streams"), "%s", err.msg);
     cfg.n_streams = SM_SINKHORN_MAX_N + 1;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "n_streams"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "n_streams"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.sinkhorn_iters = 0;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "sinkhorn_iters"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "sinkhorn_iters"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.res_diag_init = 1.0f;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "res_diag_init"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "res_diag_init"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.phi_init_std = -1.0f;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "phi_init_std"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "phi_init_std"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.dynamic = 2;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "dynamic"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK && strstr(err.msg, "dynamic"), "%s", err.msg);
     cfg.dynamic = 1;
     CHECK(sm_mhc_init(NULL, &cfg, NULL, &err) != SM_OK && strstr(err.msg, "rng"), "%s", err.msg);
     CHECK(sm_sinkhorn_check(4, SM_SINKHORN_MAX_ITERS + 1, &err) != SM_OK && strstr(err.msg, "iters"),
@@ -4304,14 +4316,15 @@ static int test_peer_validate_names_field(void) {
         case 8: c.shared_keys = 2; break;
         default: d_model = 0; break;
         }
-        CHECK(sm_peer_validate(&c, d_model, &err) == SM_ERR_INVALID_ARG, "case %d accepted", i);
+        CHECK(sm_peer_config_validate(&c, d_model, &err) == SM_ERR_INVALID_ARG,
+              "case %d accepted", i);
         CHECK(strstr(err.msg, fields[i]) != NULL, "case %d: message '%s' does not name %s", i,
               err.msg, fields[i]);
     }
     {
         sm_peer_config c = sm_peer_default_config();
         sm_peer_sizes shared, own;
-        CHECK_OK(sm_peer_validate(&c, 64, NULL));
+        CHECK_OK(sm_peer_config_validate(&c, 64, NULL));
         CHECK(c.shared_keys == 1, "the default is not the paper's shared sub-keys");
         CHECK_OK(sm_peer_param_sizes(&c, 64, &shared, NULL));
         c.shared_keys = 0;
@@ -4484,43 +4497,51 @@ static sm_ngram_hash_config t_engram_hash_config(uint32_t table_rows, uint64_t s
 static int test_engram_config_validation(void) {
     sm_engram_config c = sm_engram_default_config(), bad;
     sm_error err;
-    CHECK(sm_engram_validate(&c, &err) == SM_OK, "default config rejected");
+    CHECK(sm_engram_config_validate(&c, &err) == SM_OK, "default config rejected");
     bad = c, bad.hash.orders[1] = 9;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "orders[1]"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "orders[1]"),
           "order 9: %s", err.msg);
     bad = c, bad.hash.orders[1] = 2;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "orders[1]"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "orders[1]"),
           "repeated order: %s", err.msg);
     bad = c, bad.hash.n_orders = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_orders"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_orders"),
           "no orders: %s", err.msg);
     bad = c, bad.hash.n_heads = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_heads"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_heads"),
           "K = 0: %s", err.msg);
     bad = c, bad.hash.table_rows = 1;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "table_rows"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "table_rows"),
           "1 row: %s", err.msg);
     bad = c, bad.hash.table_rows = 2000000000u, bad.hash.n_heads = 8;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "table_rows"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "table_rows"),
           "flat table overflow: %s", err.msg);
     bad = c, bad.hash.n_layers = 2, bad.hash.layer_ids[1] = bad.hash.layer_ids[0];
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "layer_ids[1]"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "layer_ids[1]"),
           "duplicate layer id: %s", err.msg);
     bad = c, bad.d_head = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_head"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_head"),
           "d_head 0: %s", err.msg);
     bad = c, bad.d_model = -1;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_model"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_model"),
           "d_model -1: %s", err.msg);
     bad = c, bad.table_lr_mult = -1.0f;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
               strstr(err.msg, "table_lr_mult"),
           "negative lr mult: %s", err.msg);
     bad = c, bad.n_streams = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_streams"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_streams"),
           "0 streams: %s", err.msg);
     bad = c, bad.n_streams = SM_ENGRAM_MAX_STREAMS + 1;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_streams"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_streams"),
           "too many streams: %s", err.msg);
     return 0;
 }
@@ -5193,7 +5214,8 @@ static int test_engram_variant_params(void) {
     sm_error err;
     c.hash.table_rows = 7, c.d_model = 4, c.d_head = 2;
     c.hot_gate = 2;
-    CHECK(sm_engram_validate(&c, &err) != SM_OK && strstr(err.msg, "hot_gate"), "%s", err.msg);
+    CHECK(sm_engram_config_validate(&c, &err) != SM_OK &&
+          strstr(err.msg, "hot_gate"), "%s", err.msg);
     CHECK_OK(sm_ngram_hash_init(&h, &c.hash, NULL));
     for (on = 0; on < 2; on++) {
         c.hot_key_proj = c.hot_gate = on;
@@ -5417,22 +5439,26 @@ static int test_nine_config_validation(void) {
     sm_ngram_hash_config h = t_nine_hash_config();
     sm_nine_config c = t_nine_config(10);
     sm_error err;
-    CHECK_OK(sm_nine_validate(&c, &h, &err));
+    CHECK_OK(sm_nine_config_validate(&c, &h, &err));
     c.fingerprint_bits = 12;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
               strstr(err.msg, "fingerprint_bits 12"),
           "%s", err.msg);
     c = t_nine_config(10), c.route = 2;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "route 2"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "route 2"), "%s",
           err.msg);
     c = t_nine_config(10), c.mphf.alpha = 2.0;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "alpha"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "alpha"), "%s",
           err.msg);
     c = t_nine_config(0x7fffffffu);
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_hot"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_hot"), "%s",
           err.msg);
     c = t_nine_config(10), h.n_heads = 0;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_heads"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_heads"), "%s",
           err.msg);
     /* the key is the documented chain of sm_mix64 */
     {
@@ -6578,7 +6604,7 @@ static int test_parity_backbone_block(void) {
     dfchg = t_alloc((size_t)N * 4 * C);
     memcpy(dx1, w, (size_t)N * C * sizeof(float)); /* residual path of the MLP half */
     sm_linear_backward(dfchg, dfcp_w, dfcp_b, w, fchg, fcp_w, N, 4 * C, C);
-    sm_gelu_backward(dfch, fch, dfchg, (size_t)N * 4 * C);
+    sm_gelu_backward(dfch, dfchg, fch, (size_t)N * 4 * C);
     sm_linear_backward(dln2, dfc_w, dfc_b, dfch, ln2, fc_w, N, C, 4 * C);
     sm_rmsnorm_backward(dx1, dln2_w, dln2, x1, ln2_w, rstd2, N, C);
     memcpy(dx, dx1, (size_t)N * C * sizeof(float)); /* residual path of the attention half */
@@ -6629,7 +6655,7 @@ static int test_parity_engram(void) {
     for (i = 0; i < n_orders; i++) c.hash.orders[i] = (int)orders[i];
     c.hash.n_heads = K, c.d_model = d, c.d_head = d_head, c.signed_sqrt_gate = 1;
     c.hot_key_proj = 0, c.hot_gate = 0;
-    CHECK_OK(sm_engram_validate(&c, NULL));
+    CHECK_OK(sm_engram_config_validate(&c, NULL));
     d_mem = sm_engram_d_mem(&c), n_slots = n_orders * K;
     n_table = t_fx_count(&fx, "table"), n_rows = n_table / (size_t)d_head;
     CHECK(n_rows > 0 && n_rows * d_head == n_table, "bad table in %s", fx.path);
@@ -6710,7 +6736,7 @@ static int test_parity_peer(void) {
     cfg.activation = SM_PEER_ACT_GELU, cfg.query_norm = SM_PEER_NORM_RMS;
     cfg.shared_keys = 0; /* the fixture's heads have their own sub-keys, keys [h, s, d_key/2] */
     CHECK(BT > 0, "bad sizes in %s", fx.path);
-    CHECK_OK(sm_peer_validate(&cfg, D, NULL));
+    CHECK_OK(sm_peer_config_validate(&cfg, D, NULL));
     CHECK_OK(sm_peer_param_sizes(&cfg, D, &ps, NULL));
     T_FX_GET(x, &fx, "x", (size_t)BT * D);
     T_FX_GET(w, &fx, "w", (size_t)BT * D);
@@ -6754,7 +6780,7 @@ static int test_parity_mhc(void) {
     sm_mhc_config cfg;
     sm_mhc_layout lay;
     sm_mhc_params p, dp;
-    sm_mhc_act act;
+    sm_mhc_acts act;
     const float *x, *w, *phi, *gate, *bias;
     float *params, *grads, *actbuf, *u, *y, *x_next, *dx, *dy, *du, *dmaps;
     T_FX_LOAD(&fx, "parity_mhc.bin");
@@ -6763,7 +6789,7 @@ static int test_parity_mhc(void) {
     cfg = sm_mhc_default_config();
     cfg.n_streams = n, cfg.channels = C, cfg.sinkhorn_iters = sz[3], cfg.dynamic = 1;
     CHECK(BT > 0, "bad sizes in %s", fx.path);
-    CHECK_OK(sm_mhc_validate_config(&cfg, NULL));
+    CHECK_OK(sm_mhc_config_validate(&cfg, NULL));
     K = sm_mhc_map_count(n), lay = sm_mhc_param_layout(&cfg);
     nu = (size_t)BT * C, nx = nu * n;
     T_FX_GET(x, &fx, "x", nx);
@@ -6776,8 +6802,8 @@ static int test_parity_mhc(void) {
     memcpy(p.phi, phi, lay.phi.size * sizeof(float));
     memcpy(p.gate, gate, 3 * sizeof(float));
     memcpy(p.bias, bias, (size_t)K * sizeof(float));
-    actbuf = t_alloc(sm_mhc_act_size(&cfg, BT));
-    act = sm_mhc_act_at(&cfg, BT, actbuf);
+    actbuf = t_alloc(sm_mhc_acts_size(&cfg, BT));
+    act = sm_mhc_acts_at(&cfg, BT, actbuf);
     u = t_alloc(nu), y = t_alloc(nu), x_next = t_alloc(nx);
     sm_mhc_pre_forward(u, &act, x, &p, &cfg, BT);
     for (i = 0; i < nu; i++) y[i] = tanhf(u[i]);

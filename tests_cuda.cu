@@ -533,7 +533,7 @@ static int t_engram_layer_check(const t_engram_case *k) {
     cfg.d_model = 40, cfg.d_head = 6;
     cfg.signed_sqrt_gate = k->signed_sqrt;
     cfg.hot_key_proj = k->hot_key_proj, cfg.hot_gate = k->hot_gate;
-    CHECK_OK(sm_engram_validate(&cfg, &err));
+    CHECK_OK(sm_engram_config_validate(&cfg, &err));
     CHECK_OK(sm_ngram_hash_init(&hash, &cfg.hash, &err));
     d = cfg.d_model, dm = sm_engram_d_mem(&cfg), n_slots = hash.n_slots;
     nd = (size_t)N * d;
@@ -1107,9 +1107,9 @@ typedef struct t_mhc {
     int BT;
     size_t nx, nu, nmaps, nparams, nact; /* floats: streams, [BT, C], maps, params, act */
     float *x, *params, *act_base, *dx, *dmaps; /* host; dx, dmaps: the CPU's post backward */
-    sm_mhc_act act;
+    sm_mhc_acts act;
     float *d_x, *d_params;
-    sm_mhc_act d_act;
+    sm_mhc_acts d_act;
 } t_mhc;
 
 /* Random streams and parameters away from the init: biases moved, gates
@@ -1124,7 +1124,7 @@ static int t_mhc_setup(t_mhc *t, int n, int C, int dynamic, int iters, int BT, s
     t->cfg.sinkhorn_iters = iters, t->cfg.phi_init_std = 0.3f;
     t->BT = BT;
     t->nx = (size_t)BT * n * C, t->nu = (size_t)BT * C, t->nmaps = (size_t)BT * K;
-    t->nparams = sm_mhc_param_layout(&t->cfg).total, t->nact = sm_mhc_act_size(&t->cfg, BT);
+    t->nparams = sm_mhc_param_layout(&t->cfg).total, t->nact = sm_mhc_acts_size(&t->cfg, BT);
     t->params = (float *)t_alloc(t->nparams);
     CHECK_OK(sm_mhc_init(t->params, &t->cfg, r, &err));
     p = sm_mhc_params_at(&t->cfg, t->params);
@@ -1132,17 +1132,17 @@ static int t_mhc_setup(t_mhc *t, int n, int C, int dynamic, int iters, int BT, s
     if (dynamic) p.gate[0] = 0.7f, p.gate[1] = -0.4f, p.gate[2] = 0.9f;
     t->x = t_randn(r, t->nx, 1.0f);
     t->act_base = (float *)t_alloc(t->nact);
-    t->act = sm_mhc_act_at(&t->cfg, BT, t->act_base);
+    t->act = sm_mhc_acts_at(&t->cfg, BT, t->act_base);
     t->d_x = (float *)t_dev(t->x, t->nx);
     t->d_params = (float *)t_dev(t->params, t->nparams);
-    CHECK_OK(smc_mhc_act_alloc(&t->d_act, &t->cfg, BT, &err));
+    CHECK_OK(smc_mhc_acts_alloc(&t->d_act, &t->cfg, BT, &err));
     return 0;
 }
 
 static void t_mhc_free(t_mhc *t) {
     free(t->x), free(t->params), free(t->act_base), free(t->dx), free(t->dmaps);
     smc_dfree(t->d_x), smc_dfree(t->d_params);
-    smc_mhc_act_free(&t->d_act);
+    smc_mhc_acts_free(&t->d_act);
 }
 
 /* The CPU's activations onto the device, so the next step starts equal. */
@@ -1305,11 +1305,11 @@ static int t_mhc_stats_close(sm_rowcol_stats a, sm_rowcol_stats b, const char *w
 
 /* Row / column-sum error and amax gain of three layers' maps (few
  * iterations, so the sums are visibly off 1; some entries of the last layer
- * negated), and a bad config refused by smc_mhc_act_alloc. */
+ * negated), and a bad config refused by smc_mhc_acts_alloc. */
 static int test_mhc_diagnostics(void) {
     enum { LAYERS = 3 };
     t_mhc t[LAYERS];
-    sm_mhc_act host[LAYERS], dev[LAYERS];
+    sm_mhc_acts host[LAYERS], dev[LAYERS];
     sm_rowcol_stats cpu, gpu;
     sm_mhc_config bad;
     sm_error err;
@@ -1341,7 +1341,7 @@ static int test_mhc_diagnostics(void) {
     for (l = 0; l < LAYERS; l++) t_mhc_free(&t[l]);
     bad = t[0].cfg;
     bad.n_streams = SM_SINKHORN_MAX_N + 1;
-    CHECK(smc_mhc_act_alloc(&dev[0], &bad, 10, &err) == SM_ERR_INVALID_ARG && !dev[0].maps,
+    CHECK(smc_mhc_acts_alloc(&dev[0], &bad, 10, &err) == SM_ERR_INVALID_ARG && !dev[0].maps,
           "act alloc accepted n_streams = %d", bad.n_streams);
     CHECK(strstr(err.msg, "n_streams") != NULL, "message does not name n_streams: %s", err.msg);
     return 0;
@@ -1455,11 +1455,11 @@ static int t_backbone_activations_case(size_t n, uint64_t seed) {
         float *d_dy = (float *)t_dev(dy, n), *d_dx = (float *)t_dev(dx, n);
         float *d_out = (float *)t_dev(NULL, n);
         if (silu) {
-            sm_silu_forward(out, x, n), sm_silu_backward(dx, x, dy, n);
-            smc_silu_forward(&T_GPU, d_out, d_x, n), smc_silu_backward(&T_GPU, d_dx, d_x, d_dy, n);
+            sm_silu_forward(out, x, n), sm_silu_backward(dx, dy, x, n);
+            smc_silu_forward(&T_GPU, d_out, d_x, n), smc_silu_backward(&T_GPU, d_dx, d_dy, d_x, n);
         } else {
-            sm_gelu_forward(out, x, n), sm_gelu_backward(dx, x, dy, n);
-            smc_gelu_forward(&T_GPU, d_out, d_x, n), smc_gelu_backward(&T_GPU, d_dx, d_x, d_dy, n);
+            sm_gelu_forward(out, x, n), sm_gelu_backward(dx, dy, x, n);
+            smc_gelu_forward(&T_GPU, d_out, d_x, n), smc_gelu_backward(&T_GPU, d_dx, d_dy, d_x, n);
         }
         CHECK_SYNC(silu ? "silu" : "gelu");
         CHECK_CLOSE(d_out, out, n, 1e-5, silu ? "silu out" : "gelu out");
@@ -1939,7 +1939,7 @@ static sm_model_config t_model_config(const char *mods) {
             c.use_nine = 1, c.engram.hash = iso.cold, c.nine = iso.nine;
     }
     if (strchr(mods, 'p')) {
-        c.peer_n_layers = 1, c.peer_layer_ids[0] = 0, c.peer_replace_mlp = 0;
+        c.use_peer = 1, c.peer_n_layers = 1, c.peer_layer_ids[0] = 0, c.peer_replace_mlp = 0;
         c.peer.n_sub = 12, c.peer.heads = 2, c.peer.topk = 4, c.peer.d_key = 16;
     }
     if (strchr(mods, 'm')) c.use_mhc = 1, c.mhc.channels = 48, c.engram_mhc = SM_ENGRAM_MHC_BRANCH;

@@ -88,7 +88,7 @@ static void bench_peer(int rounds) {
     for (i = 0; i < 4; i++) {
         static char names[4][32];
         c[i + 1].cfg = base_config();
-        c[i + 1].cfg.peer_n_layers = 1;
+        c[i + 1].cfg.use_peer = 1, c[i + 1].cfg.peer_n_layers = 1;
         c[i + 1].cfg.peer_layer_ids[0] = 2;
         c[i + 1].cfg.peer.n_sub = s[i];
         snprintf(names[i], sizeof names[i], "PEER N=%dK", s[i] * s[i] / 1024);
@@ -147,8 +147,9 @@ static double mhc_layer_seconds(const sm_model_config *cfg, int rounds) {
     float *dx = (float *)calloc((size_t)BT * n * C, 4), *dxn = (float *)calloc((size_t)BT * n * C, 4);
     float *u = (float *)calloc((size_t)BT * C, 4), *y = (float *)calloc((size_t)BT * C, 4);
     float *du = (float *)calloc((size_t)BT * C, 4), *dy = (float *)calloc((size_t)BT * C, 4);
-    float *dmaps = (float *)calloc((size_t)BT * K, 4), *actm = (float *)calloc(sm_mhc_act_size(&cfg->mhc, BT), 4);
-    sm_mhc_act act = sm_mhc_act_at(&cfg->mhc, BT, actm);
+    float *dmaps = (float *)calloc((size_t)BT * K, 4);
+    float *actm = (float *)calloc(sm_mhc_acts_size(&cfg->mhc, BT), 4);
+    sm_mhc_acts act = sm_mhc_acts_at(&cfg->mhc, BT, actm);
     sm_mhc_params pp = sm_mhc_params_at(&cfg->mhc, p), pg = sm_mhc_params_at(&cfg->mhc, g);
     sm_rng rng;
     double best = 1e30;
