@@ -1788,10 +1788,12 @@ SMDEF sm_status sm_model_set_canon(sm_model *m, const uint32_t *canon, int vocab
  * use_nine; optional otherwise (route labels only). */
 SMDEF sm_status sm_model_build_hot_set(sm_model *m, const uint32_t *tokens,
                                        const unsigned char *doc_start, size_t n, sm_error *err);
-/* Forward pass over inputs[B,T]; doc_start[B,T] (may be NULL) marks document
- * starts for the n-gram reset. With targets (SM_IGNORE_INDEX allowed) sets
- * m->loss to the mean loss, else leaves the logits in m->logits. Fails on
- * a token id out of range or a shape over capacity. */
+/* Forward pass over inputs[B,T]; doc_start[B,T] (may be NULL) marks
+ * document starts for the n-gram reset. With targets (SM_IGNORE_INDEX
+ * allowed) sets m->loss to the mean loss, else leaves the logits in
+ * m->logits. Fails on a token id out of range or a shape over capacity.
+ * Its whole call path, module by module, is listed at its definition (the
+ * backward's at sm_model_backward's): search ">>model". */
 SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targets,
                                  const unsigned char *doc_start, int B, int T, sm_error *err);
 /* Backward of the mean loss of the last forward; accumulates into
@@ -8890,6 +8892,40 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
     return SM_OK;
 }
 
+/* The forward in one place (each line a call; the tag says where it lives):
+ *   sm_model_forward                                        >>model
+ *     sm__check_batch                     token ids and shape
+ *     sm__engram_hash_batch               with use_engram: rows of every
+ *                                         Engram layer, once per batch
+ *       sm_ngram_hash_compute             >>engram  suffix n-grams ->
+ *         sm__ngram_context, sm_ngram_hash_mix      multi-head rows
+ *       sm_nine_route (use_nine)          >>nine    hot tier, else cold rows
+ *         sm__nine_route_order
+ *           sm_mphf_lookup_batch          >>mphf    slot of each n-gram
+ *             sm__mphf_bucket, sm__mphf_slot -> sm__packed_get (bit reader)
+ *           sm_fingerprints_match         >>mphf    is it really the hot one
+ *     sm_embedding_forward                >>backbone
+ *     sm_mhc_expand_forward (use_mhc)     >>mhc     copy into n streams
+ *     per sublayer: sm__residual_forward  x <- x + F(x), or in mHC:
+ *       sm_mhc_pre_forward                >>mhc     maps from x, u = H_pre x
+ *         sm__mhc_maps_forward -> sm_sinkhorn_forward (H_res), sm__mhc_pre_mix
+ *       sm__sublayer_forward              y = F(u), by kind:
+ *         sm__engram_forward -> sm_engram_forward_routed          >>engram
+ *           sm__engram_gather, sm__engram_value_forward,
+ *           sm__engram_gate_forward, sm__engram_conv_forward
+ *         sm__attn_forward                >>backbone
+ *           sm_rmsnorm_forward, sm_linear_forward, sm_attention_forward
+ *         sm__ffn_forward                 >>backbone MLP and/or PEER:
+ *           sm_linear_forward, sm_gelu_forward
+ *           sm_peer_forward               >>peer
+ *             sm__peer_query_forward      W_q x, normalised
+ *             sm__peer_route_head -> sm_peer_product_topk, sm__peer_softmax
+ *             sm__peer_experts_forward    sum of the k experts
+ *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y
+ *     sm_mhc_collapse_forward (use_mhc)   >>mhc     average of the streams
+ *     sm_rmsnorm_forward, sm_sgemm        >>backbone final norm, LM head
+ *     sm_crossentropy_forward             >>loss    (with targets)
+ * sm_model_backward walks the same path in reverse (listed there). */
 SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targets,
                                  const unsigned char *doc_start, int B, int T, sm_error *err) {
     const sm_model_config *c = &m->cfg;
@@ -9008,6 +9044,27 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;
 }
 
+/* The backward, the forward's path in reverse (gradients += throughout):
+ *   sm_model_backward                                       >>model
+ *     sm_crossentropy_backward            >>loss    dlogits in place
+ *     sm_sgemm x2, sm_rmsnorm_backward    >>backbone LM head, final norm
+ *     sm_mhc_collapse_backward (use_mhc)  >>mhc
+ *     per sublayer, last first: sm__residual_backward
+ *       sm_mhc_post_backward              >>mhc     (mHC branch)
+ *       sm__sublayer_backward             by kind:
+ *         sm__engram_backward -> sm_engram_backward_routed        >>engram
+ *           sm__engram_conv_backward, sm__engram_gate_backward,
+ *           sm__engram_key_backward, sm__engram_scatter (touched rows)
+ *         sm__attn_backward               >>backbone
+ *         sm__ffn_backward                >>backbone, and sm_peer_backward:
+ *           sm__peer_experts_backward,    >>peer    retrieved experts only
+ *           sm__peer_slots_backward, sm__peer_keys_backward,
+ *           sm__peer_query_backward
+ *       sm_mhc_pre_backward               >>mhc     through the maps and
+ *         sm__mhc_pre_token_backward -> sm__mhc_maps_backward   Sinkhorn
+ *     sm_mhc_expand_backward (use_mhc)    >>mhc
+ *     sm_embedding_backward               >>backbone
+ * The optimizer step (sm_params_adamw_step, >>optim) follows. */
 SMDEF void sm_model_backward(sm_model *m) {
     const sm_model_config *c = &m->cfg;
     const float *w = m->params.data;
@@ -9036,6 +9093,138 @@ SMDEF void sm_model_backward(sm_model *m) {
         memcpy(m->du, m->dres, sizeof(float) * NC);
     sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C);
 }
+
+/* ===================================================================== */
+/* >>shared  Internals that sparsemem_cuda.cuh also uses                 */
+/* ===================================================================== */
+/* sparsemem_cuda.cuh is compiled in the same translation unit as this
+ * implementation and reuses the private helpers below: the scalar math its
+ * kernels run on the device (SM_HD), the layout code that carves
+ * activations and parameters, and the routing and checking code, so the
+ * GPU computes what the CPU computes. They stay private (sm__, static) but
+ * are a contract with the CUDA file: each is declared again here, so
+ * renaming or removing one without this list fails every C build
+ * ("declared 'static' but never defined", an error under WERROR=1 and in
+ * `make headercheck`), not only the nvcc build. Changing one's meaning
+ * changes the GPU path too: run `make test-cuda` on a GPU machine.
+ * Grouped by the module (tag) that defines them. */
+/* >>backbone */
+static SM_HD float sm__gelu(float x);
+static SM_HD float sm__gelu_grad(float x);
+static SM_HD float sm__silu_grad(float x);
+static void sm__attention_head_forward(float *out, float *att, const float *qkv, int T, int C,
+                                       int hs, int h);
+static void sm__attention_head_backward(float *dqkv, float *datt, const float *dout,
+                                        const float *qkv, const float *att, int T, int C, int hs,
+                                        int h);
+/* >>mphf */
+static size_t sm__packed_words(uint64_t count, uint32_t width);
+/* >>engram */
+static void sm__ngram_context(uint32_t *gram, const uint32_t *seq, int begin, int t, int order,
+                              uint32_t pad);
+static int sm__ngram_doc_begin(const sm_ngram_hash *h, const unsigned char *doc_start, int begin,
+                               int t);
+static sm_status sm__ngram_check_args(const sm_ngram_hash *h, int layer, int B, int T,
+                                      sm_error *err);
+static sm_status sm__engram_acts_alloc_with(sm_engram_acts *a, const sm_engram_config *c, int N,
+                                            sm__alloc_fn alloc, sm_error *err);
+static sm_status sm__engram_scratch_alloc_with(sm_engram_scratch *s, const sm_engram_config *c,
+                                               int N, sm__alloc_fn alloc, sm_error *err);
+static void sm__engram_gather(float *e, const float *table, const uint32_t *flat, int N,
+                              int n_slots, int d_head);
+static SM_HD float sm__engram_squash(float g, int signed_sqrt);
+static SM_HD float sm__engram_squash_grad(float g, int signed_sqrt);
+static void sm__engram_split_tiers(float *e_cold, float *e_hot, const float *e,
+                                   const unsigned char *hot, const sm_engram_config *c, int N);
+static void sm__engram_add_tier(float *de, const float *part, const unsigned char *hot,
+                                int want_hot, const sm_engram_config *c, int N);
+static void sm__engram_gate_forward(sm_engram_acts *a, const float *h, const unsigned char *hot,
+                                    const sm_engram_params *p, const sm_engram_config *c, int N);
+static void sm__engram_conv_forward(float *y, const float *x, const float *w, int B, int T, int C,
+                                    int dil);
+static void sm__engram_conv_backward(float *dx, float *dw, const float *dy, const float *x,
+                                     const float *w, int B, int T, int C, int dil);
+static void sm__engram_gate_backward(const sm_engram_scratch *s, const sm_engram_acts *a,
+                                     const sm_engram_config *c, int N);
+static void sm__engram_scatter(float *dtable, sm_row_set *rows, const float *de,
+                               const uint32_t *flat, int N, int n_slots, int d_head);
+static void sm__engram_hot_gate_backward(float *dgate_hot, const float *dgate,
+                                         const unsigned char *hot, const sm_engram_config *c,
+                                         int N);
+static void sm__engram_key_backward(sm_engram_params *g, const unsigned char *hot,
+                                    const sm_engram_params *p, const sm_engram_acts *a,
+                                    const sm_engram_scratch *s, const sm_engram_config *c, int N);
+/* >>nine */
+static sm_status sm__nine_check_hash(const sm_nine *nine, const sm_ngram_hash *h, int need_rows,
+                                     sm_error *err);
+static SM_HD uint64_t sm__nine_member_row(uint64_t key, int set, int j, uint32_t n_hot);
+static void sm__nine_hot_slots(uint32_t *slots, const sm_nine *nine, uint64_t base, uint64_t key,
+                               uint32_t mphf_slot, int set, int i);
+static void sm__nine_route_order(const sm_nine *nine, const sm_ngram_hash *h, int set, int i,
+                                 uint32_t *flat, unsigned char *hot, const uint64_t *keys,
+                                 uint32_t *mslots, int N);
+/* >>peer */
+static int sm__topk_better(float s, int id, float t, int jd);
+static SM_HD size_t sm__peer_key_row(const sm_peer_config *c, int j, int sub);
+static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release);
+static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
+                                         int max_bt, sm__alloc_fn alloc, sm__free_fn release,
+                                         sm_error *err);
+static SM_HD float sm__peer_act(sm_peer_activation kind, float x);
+static SM_HD float sm__peer_act_grad(sm_peer_activation kind, float x);
+static void sm__peer_softmax(float *w, const float *score, int k);
+static void sm__peer_norm_forward(float *q, float *rstd, float *mean, const float *r,
+                                  const float *gain, int d, int centre);
+static void sm__peer_norm_backward(float *dq, const float *r, const float *gain, float rstd,
+                                   float mean, int d, int centre);
+static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int BT);
+static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x,
+                                     const float *experts, int BT);
+static sm_status sm__peer_check_bt(const sm_peer_acts *a, int BT, sm_error *err);
+static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dout,
+                                    const sm_peer_params *p, int BT);
+static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int BT);
+static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *a, const float *x,
+                                    const sm_peer_params *p, int BT);
+static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_peer_acts *a,
+                                      const float *x, const float *dout, int BT);
+/* >>mhc */
+static SM_HD void sm__sinkhorn_forward_matrix(float *out, float *K, float *u, float *v, float *lam,
+                                              const float *L, int n, int iters);
+static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_work *wk,
+                                               const float *dout, const float *L, int n, int iters);
+static void sm__rowcol_extremes(float *row, float *col, const double *P, int n, int absolute,
+                                double target);
+static void sm__rowcol_stats_add(sm_rowcol_stats *s, float row, float col);
+static int sm__mhc_gate_of(int k, int n);
+static void sm__mhc_map_args(float *arg, const float *z, const sm_mhc_params *p, int n);
+static void sm__mhc_maps_forward(float *maps, const float *arg, int n, int iters);
+static void sm__mhc_maps_backward(float *g, const float *maps, const float *arg, int n, int iters);
+static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n, int C);
+static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, const float *maps,
+                             int n, int C);
+static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z, int BT,
+                                    int n);
+/* >>optim */
+static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size_t n,
+                           const sm_param_group *g, float lr, float clip_scale, float bc1,
+                           float bc2, int no_decay);
+static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float lr, float clip_scale,
+                           float bc1, float bc2);
+/* >>model */
+static void sm__carve_acts(sm_model *m, sm__arena *a);
+static void sm__carve_grads(sm_model *m, sm__arena *a);
+static sm_peer_params sm__peer_view(const sm_model *m, float *base, const sm_sublayer *s);
+static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_sublayer *s);
+static sm_status sm__engram_hash_batch(sm_model *m, sm_error *err);
+static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int *targets, int B,
+                                 int T, sm_error *err);
+/* The types and constants the CUDA file uses: renaming one breaks this. */
+typedef struct sm__shared_names {
+    sm__arena arena;              /* >>model: carving one allocation */
+    sm__sinkhorn_work sinkhorn;   /* >>mhc: Sinkhorn scratch of one matrix */
+    char mphf_block[SM__MPHF_BLOCK]; /* >>mphf: buckets per pilot block */
+} sm__shared_names;
 
 #endif /* SPARSEMEM_IMPLEMENTATION_DONE */
 #endif /* SPARSEMEM_IMPLEMENTATION */

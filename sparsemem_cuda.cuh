@@ -3,8 +3,8 @@
  *
  * How to use it
  *   In exactly ONE .cu file (compiled by nvcc, linked with -lcublas), with
- *   sparsemem.h's implementation in the same file (the GPU model reuses its
- *   internal layout code):
+ *   sparsemem.h's implementation in the same file (the GPU code reuses its
+ *   private sm__ helpers, each listed in sparsemem.h's >>shared section):
  *       #define SPARSEMEM_IMPLEMENTATION
  *       #include "sparsemem.h"
  *       #define SPARSEMEM_CUDA_IMPLEMENTATION
