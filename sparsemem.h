@@ -54,6 +54,8 @@
  *   - Layer pairs: sm_X_forward(out..., in..., params..., sizes...) and
  *     sm_X_backward(dinputs..., dparams..., dout, saved..., sizes...).
  *     Backward ACCUMULATES (+=) into gradient buffers: zero them every step.
+ *   - N is the token count of a batch (B*T positions) in every module;
+ *     C the model width (d_model).
  *   - Matrices are row-major. A linear layer's weight is [out, in] (so
  *     y = x W^T + b), as in PyTorch and llm.c.
  *   - Binary files are little-endian: magic, version, payload, and a 64-bit
@@ -1188,15 +1190,15 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
 /* >>peer  Product-key retrieval over single-neuron experts              */
 /* ===================================================================== */
 /* Parameter Efficient Expert Retrieval (He, arXiv 2407.04153). A pool of
- * N = s^2 experts, each a single neuron e_i(x) = act(u_i . x) v_i, and h
+ * n_experts = s^2 experts, each a single neuron e_i(x) = act(u_i . x) v_i, and h
  * retrieval heads. Per position x and head j:
  *   q      = norm(W_q[j] x) * gain[j]            (d_key values)
  *   q1, q2 = the two halves of q                  (d_key/2 each)
  *   s1[a]  = q1 . K1[a],  s2[b] = q2 . K2[b],     a, b < s
  *   the expert with product key (a, b) is i = a*s + b, score s1[a] + s2[b];
- *   the top-k of all N scores is found exactly from the top-k of s1 and of
+ *   the top-k of all n_experts scores is found exactly from the top-k of s1 and of
  *   s2 (k x k candidate sums, then the final top-k), so routing costs
- *   O(s d_key + k^2) per head instead of O(N d_key);
+ *   O(s d_key + k^2) per head instead of O(n_experts d_key);
  *   w      = softmax over the k selected scores
  *   out   += sum_k w_k act(u_i . x) v_i          (summed over heads)
  * Heads share the expert pool. With shared_keys (the default) they also
@@ -1216,14 +1218,14 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
  *   keys1    [h_k, s, d_key/2]    sub-keys of the first query half
  *   keys2    [h_k, s, d_key/2]    sub-keys of the second query half
  *                                 (h_k = 1 with shared_keys, else h)
- *   experts  [N, 2*d_model]       row i = (u_i, v_i): down and up vectors
+ *   experts  [s^2, 2*d_model]     row i = (u_i, v_i): down and up vectors
  * U and V share one table so one sm_row_set marks an expert for both (the
  * optimizer clears a row set after updating its tensor, so two tensors
  * cannot share one set) and one retrieval reads one contiguous row.
  * The backward touches only the retrieved expert rows and marks them in a
  * row set; register the table as a sparse tensor (sm_peer_register does)
  * so sm_params_adamw_step updates only those rows. Per-step cost is then
- * independent of N except the O(sqrt N) sub-key scoring. */
+ * independent of n_experts except the O(s) sub-key scoring. */
 
 #define SM_TOPK_MAX 32           /* largest k of sm_topk and of PEER */
 #define SM_PEER_MAX_SUB 46340    /* s^2 must fit an int32 expert index */
@@ -1246,7 +1248,7 @@ typedef enum sm_peer_query_norm {
 } sm_peer_query_norm;
 
 typedef struct sm_peer_config {
-    int n_sub;   /* s: sub-keys per half; N = s^2 experts (any s >= 1) */
+    int n_sub;   /* s: sub-keys per half; n_experts = s^2 (any s >= 1) */
     int heads;   /* h: retrieval heads, each with its own query */
     int topk;    /* k: experts per head and position (k <= s, k <= 32) */
     int d_key;   /* query/key width (even: split in two halves) */
@@ -1263,7 +1265,7 @@ SMDEF sm_status sm_peer_config_validate(const sm_peer_config *cfg, int d_model, 
 /* Tensor sizes in floats, and their total. */
 typedef struct sm_peer_sizes {
     size_t w_q, q_gain, keys1, keys2, experts, total;
-    size_t n_experts; /* N = s^2 */
+    size_t n_experts; /* s^2 */
     int d_model;
 } sm_peer_sizes;
 SMDEF sm_status sm_peer_param_sizes(const sm_peer_config *cfg, int d_model, sm_peer_sizes *out,
@@ -1277,8 +1279,8 @@ SMDEF void sm_peer_bind(sm_peer_params *p, float *base, const sm_peer_sizes *sz)
 
 /* Adds the five tensors, in the bind order, to a parameter table: the dense
  * four to `group`, the expert table to `expert_group` as a sparse table of
- * N rows of 2*d_model updated through `expert_rows` (initialised by the
- * caller with N rows). Only w_q decays (the rule at sm_param_tensor).
+ * n_experts rows of 2*d_model updated through `expert_rows` (initialised
+ * by the caller with n_experts rows). Only w_q decays (the rule at sm_param_tensor).
  * *offset receives the offset of the first tensor: after sm_params_alloc,
  * bind params at data+offset and grads at grad+offset. */
 SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer_config *cfg,
@@ -1293,32 +1295,32 @@ SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
                         const sm_peer_config *cfg, sm_rng *rng);
 
 /* Activations saved by the forward for the backward, plus scratch, sized
- * for up to max_bt positions. Slot (t, j, r) = (t*h + j)*k + r is the r-th
+ * for up to max_n positions. Slot (t, j, r) = (t*h + j)*k + r is the r-th
  * retrieved expert of head j at position t. */
 typedef struct sm_peer_acts {
     sm_peer_config cfg;
-    int d_model, max_bt;
-    float *q_raw;       /* [BT, h*d_key] W_q x before the norm */
-    float *q;           /* [BT, h*d_key] normalised query (times gain) */
-    float *q_rstd;      /* [BT*h] 1/rms (or 1/std) per head */
-    float *q_mean;      /* [BT*h] mean (LayerNorm) or 0 */
-    int32_t *expert;    /* [BT*h*k] retrieved expert per slot, best first */
-    float *weight;      /* [BT*h*k] softmax weight per slot */
-    float *pre;         /* [BT*h*k] u_i . x per slot */
-    float *sub_scores;  /* [BT, 2*s] scratch: one head's half-scores */
-    float *dq;          /* [BT, h*d_key] scratch for backward */
-    float *dpre, *dscore, *wact; /* [BT*h*k] scratch for backward */
-    uint32_t *sort_key, *sort_slot; /* [2*BT*h*k] scratch (double buffers) */
-    uint32_t *run_start; /* [BT*h*k + 1] scratch */
+    int d_model, max_n;
+    float *q_raw;       /* [N, h*d_key] W_q x before the norm */
+    float *q;           /* [N, h*d_key] normalised query (times gain) */
+    float *q_rstd;      /* [N*h] 1/rms (or 1/std) per head */
+    float *q_mean;      /* [N*h] mean (LayerNorm) or 0 */
+    int32_t *expert;    /* [N*h*k] retrieved expert per slot, best first */
+    float *weight;      /* [N*h*k] softmax weight per slot */
+    float *pre;         /* [N*h*k] u_i . x per slot */
+    float *sub_scores;  /* [N, 2*s] scratch: one head's half-scores */
+    float *dq;          /* [N, h*d_key] scratch for backward */
+    float *dpre, *dscore, *wact; /* [N*h*k] scratch for backward */
+    uint32_t *sort_key, *sort_slot; /* [2*N*h*k] scratch (double buffers) */
+    uint32_t *run_start; /* [N*h*k + 1] scratch */
 } sm_peer_acts;
 SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                  int max_bt, sm_error *err);
+                                  int max_n, sm_error *err);
 SMDEF void sm_peer_acts_free(sm_peer_acts *a);
 
-/* out[BT, d_model] = PEER(x[BT, d_model]) (overwritten, not accumulated).
- * Fails only when BT is outside [1, acts->max_bt]. */
+/* out[N, d_model] = PEER(x[N, d_model]) (overwritten, not accumulated).
+ * Fails only when N is outside [1, acts->max_n]. */
 SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
-                                const sm_peer_params *p, int BT, sm_error *err);
+                                const sm_peer_params *p, int N, sm_error *err);
 
 /* Accumulates dx (may be NULL) and the parameter gradients in g (any
  * pointer may be NULL to skip it). Expert gradients go only to retrieved
@@ -1327,24 +1329,24 @@ SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
  * thread count: expert rows are accumulated per row in slot order. */
 SMDEF sm_status sm_peer_backward(float *dx, sm_peer_params *g, sm_row_set *touched,
                                  const float *dout, const float *x, const sm_peer_params *p,
-                                 sm_peer_acts *acts, int BT, sm_error *err);
+                                 sm_peer_acts *acts, int N, sm_error *err);
 
 /* Expert usage over an evaluation pass (paper section 3.4): counts[i] =
  * times expert i was retrieved. Statistics: fraction of experts retrieved
- * at least once, and KL(usage || uniform) = log N - H(usage) in nats
- * ("unevenness"; 0 for uniform usage, log N when one expert takes all). */
+ * at least once, and KL(usage || uniform) = log n_experts - H(usage) in nats
+ * ("unevenness"; 0 for uniform usage, log n_experts when one expert takes all). */
 typedef struct sm_peer_usage {
     uint64_t *counts;
     size_t n_experts;
     uint64_t total;
 } sm_peer_usage;
 typedef struct sm_peer_usage_stats {
-    double frac_used; /* experts with count > 0, over N */
+    double frac_used; /* experts with count > 0, over n_experts */
     double kl_uniform;
     uint64_t total;
 } sm_peer_usage_stats;
 SMDEF sm_status sm_peer_usage_init(sm_peer_usage *u, size_t n_experts, sm_error *err);
-/* Count n retrieved expert ids (e.g. acts->expert, BT*h*k of them). */
+/* Count n retrieved expert ids (e.g. acts->expert, N*h*k of them). */
 SMDEF void sm_peer_usage_add(sm_peer_usage *u, const int32_t *experts, size_t n);
 SMDEF void sm_peer_usage_reset(sm_peer_usage *u);
 SMDEF sm_peer_usage_stats sm_peer_usage_compute(const sm_peer_usage *u);
@@ -1468,30 +1470,30 @@ SMDEF sm_mhc_params sm_mhc_params_at(const sm_mhc_config *cfg, float *base);
  * logits giving H_res = res_diag_init on the diagonal. */
 SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, sm_error *err);
 
-/* Saved activations of one mHC sublayer for BT tokens:
- *   xn   [BT, n*C]  x' = RMSNorm(flatten x), no gain (phi absorbs one)
- *   rstd [BT]       its 1/rms
- *   z    [BT, K]    x' phi^T, the raw projections
- *   maps [BT, K]    H_pre | H_post | H_res per token
+/* Saved activations of one mHC sublayer for N tokens:
+ *   xn   [N, n*C]  x' = RMSNorm(flatten x), no gain (phi absorbs one)
+ *   rstd [N]       its 1/rms
+ *   z    [N, K]    x' phi^T, the raw projections
+ *   maps [N, K]    H_pre | H_post | H_res per token
  * xn, rstd and z exist only in the dynamic variant (NULL when static). */
 typedef struct sm_mhc_acts {
     float *xn, *rstd, *z, *maps;
 } sm_mhc_acts;
-SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int BT);
-SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int BT, float *base);
+SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N);
+SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base);
 
-/* u[BT,C] = H_pre x, with the maps computed from x[BT,n,C] and saved in act. */
+/* u[N,C] = H_pre x, with the maps computed from x[N,n,C] and saved in act. */
 SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
-                              const sm_mhc_config *cfg, int BT);
-/* x_next[BT,n,C] = H_res x + H_post^T y, y[BT,C] = F(u). x_next must not alias x. */
+                              const sm_mhc_config *cfg, int N);
+/* x_next[N,n,C] = H_res x + H_post^T y, y[N,C] = F(u). x_next must not alias x. */
 SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
-                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT);
+                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int N);
 /* From dx_next: dx += H_res^T dx_next (the residual path), dy += H_post dx_next,
- * and the map gradients dH_post, dH_res into dmaps[BT, K] (accumulated: zero
+ * and the map gradients dH_post, dH_res into dmaps[N, K] (accumulated: zero
  * dmaps every step, like every gradient). */
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
                                 const float *x, const float *y, const sm_mhc_acts *act,
-                                const sm_mhc_config *cfg, int BT);
+                                const sm_mhc_config *cfg, int N);
 /* From du (and the dmaps left by sm_mhc_post_backward): dx += the pre path
  * H_pre^T du plus the maps' dependence on x through RMSNorm and phi; the
  * parameter gradients accumulate into dp (a view of the gradient block).
@@ -1499,22 +1501,22 @@ SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float 
  * gradients, so run the forward again before another backward. */
 SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
                                const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
-                               const sm_mhc_config *cfg, int BT);
+                               const sm_mhc_config *cfg, int N);
 
-/* Expand: every stream starts as a copy of the embedding h[BT,C]. Collapse:
+/* Expand: every stream starts as a copy of the embedding h[N,C]. Collapse:
  * h = the MEAN of the streams, so expand-then-collapse is the identity and,
  * with the init above, the n streams of an untrained network all equal the
  * baseline residual stream and collapse back to it exactly. (A sum would
  * differ only by the factor n, which the final RMSNorm removes up to eps.) */
-SMDEF void sm_mhc_expand_forward(float *x, const float *h, int BT, int n, int C);
-SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int BT, int n, int C);
-SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int BT, int n, int C);
-SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int BT, int n, int C);
+SMDEF void sm_mhc_expand_forward(float *x, const float *h, int N, int n, int C);
+SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int N, int n, int C);
+SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int N, int n, int C);
+SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int N, int n, int C);
 
-/* Diagnostics. Row/column-sum error of one sublayer's H_res over BT tokens
+/* Diagnostics. Row/column-sum error of one sublayer's H_res over N tokens
  * (sm_sinkhorn_sum_error on act->maps). */
 SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_acts *act, const sm_mhc_config *cfg,
-                                           int BT);
+                                           int N);
 /* Amax gain of the composite residual map P = H_res[L-1] ... H_res[0] of one
  * token, given its per-layer H_res [layers, n, n]: forward gain = max_i
  * sum_j |P_ij| (how much a signal can grow), backward gain = max_j sum_i
@@ -1524,9 +1526,9 @@ SMDEF void sm_mhc_amax_gain(float *fwd_gain, float *bwd_gain, const float *h_res
                             int n);
 /* The same for every token of a stack of `layers` sublayers (acts[l] is
  * sublayer l's activations, in forward order): row_* = forward gain, col_* =
- * backward gain, max and mean over the BT tokens. */
+ * backward gain, max and mean over the N tokens. */
 SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layers,
-                                              const sm_mhc_config *cfg, int BT);
+                                              const sm_mhc_config *cfg, int N);
 
 /* ===================================================================== */
 /* >>backbone  Backbone layers                                           */
@@ -6398,18 +6400,18 @@ static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
 }
 
 static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                         int max_bt, sm__alloc_fn alloc, sm__free_fn release,
+                                         int max_n, sm__alloc_fn alloc, sm__free_fn release,
                                          sm_error *err) {
-    size_t bt = (size_t)max_bt, hk, slots;
+    size_t bt = (size_t)max_n, hk, slots;
     sm_status st = sm_peer_config_validate(cfg, d_model, err);
     memset(a, 0, sizeof *a);
     if (st != SM_OK) return st;
-    if (max_bt < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: max_bt %d < 1", max_bt);
+    if (max_n < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: max_n %d < 1", max_n);
     hk = (size_t)cfg->heads * (size_t)cfg->d_key;
     slots = bt * (size_t)cfg->heads * (size_t)cfg->topk;
     a->cfg = *cfg;
     a->d_model = d_model;
-    a->max_bt = max_bt;
+    a->max_n = max_n;
     a->q_raw = (float *)alloc(bt * hk * sizeof(float), "peer q_raw", err);
     a->q = (float *)alloc(bt * hk * sizeof(float), "peer q", err);
     a->q_rstd = (float *)alloc(bt * (size_t)cfg->heads * sizeof(float), "peer q_rstd", err);
@@ -6436,8 +6438,8 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
 }
 
 SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                  int max_bt, sm_error *err) {
-    return sm__peer_acts_init_with(a, cfg, d_model, max_bt, sm__host_alloc, sm_free, err);
+                                  int max_n, sm_error *err) {
+    return sm__peer_acts_init_with(a, cfg, d_model, max_n, sm__host_alloc, sm_free, err);
 }
 
 SMDEF void sm_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, sm_free); }
@@ -6523,10 +6525,10 @@ static void sm__peer_norm_backward(float *dq, const float *r, const float *gain,
 }
 
 static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_peer_params *p,
-                                   int BT) {
+                                   int N) {
     const sm_peer_config *c = &a->cfg;
-    int hk = c->heads * c->d_key, n, rows = BT * c->heads;
-    sm_linear_forward(a->q_raw, x, p->w_q, NULL, BT, a->d_model, hk);
+    int hk = c->heads * c->d_key, n, rows = N * c->heads;
+    sm_linear_forward(a->q_raw, x, p->w_q, NULL, N, a->d_model, hk);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (rows * c->d_key > 32768)
 #endif
@@ -6542,18 +6544,18 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
 
 /* Head j for all positions: half-scores of every sub-key by two GEMMs,
  * then per position the product-key top-k and the softmax weights. */
-static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int BT) {
+static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int N) {
     const sm_peer_config *c = &a->cfg;
     int s = c->n_sub, half = c->d_key / 2, k = c->topk, ld = c->heads * c->d_key, t;
     size_t key_off = sm__peer_key_row(c, j, 0);
     const float *qj = a->q + (size_t)j * c->d_key;
-    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
-    sm_sgemm(0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
-    sm_sgemm(0, 1, BT, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
+    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)N * s;
+    sm_sgemm(0, 1, N, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
+    sm_sgemm(0, 1, N, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * s > 8192)
+#pragma omp parallel for schedule(static) if (N * s > 8192)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         size_t slot = ((size_t)t * c->heads + j) * k;
         float score[SM_TOPK_MAX];
         sm_peer_product_topk(s1 + (size_t)t * s, s2 + (size_t)t * s, s, k, a->expert + slot,
@@ -6564,13 +6566,13 @@ static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j,
 
 /* out_t = sum over the slots of position t of w act(u_i . x_t) v_i. */
 static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x,
-                                     const float *experts, int BT) {
+                                     const float *experts, int N) {
     int D = a->d_model, per = a->cfg.heads * a->cfg.topk, t;
-    size_t n_slots = (size_t)BT * per;
+    size_t n_slots = (size_t)N * per;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * per * D > 32768)
+#pragma omp parallel for schedule(static) if (N * per * D > 32768)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         const float *xt = x + (size_t)t * D;
         float *ot = out + (size_t)t * D;
         int r;
@@ -6588,21 +6590,21 @@ static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x
     }
 }
 
-static sm_status sm__peer_check_bt(const sm_peer_acts *a, int BT, sm_error *err) {
-    if (BT < 1 || BT > a->max_bt)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "peer: BT %d outside [1, max_bt %d]", BT,
-                       a->max_bt);
+static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err) {
+    if (N < 1 || N > a->max_n)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "peer: N %d outside [1, max_n %d]", N,
+                       a->max_n);
     return SM_OK;
 }
 
 SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
-                                const sm_peer_params *p, int BT, sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
+                                const sm_peer_params *p, int N, sm_error *err) {
+    sm_status st = sm__peer_check_n(acts, N, err);
     int j;
     if (st != SM_OK) return st;
-    sm__peer_query_forward(acts, x, p, BT);
-    for (j = 0; j < acts->cfg.heads; j++) sm__peer_route_head(acts, p, j, BT);
-    sm__peer_experts_forward(out, acts, x, p->experts, BT);
+    sm__peer_query_forward(acts, x, p, N);
+    for (j = 0; j < acts->cfg.heads; j++) sm__peer_route_head(acts, p, j, N);
+    sm__peer_experts_forward(out, acts, x, p->experts, N);
     return SM_OK;
 }
 
@@ -6615,14 +6617,14 @@ SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
  *   dw   = a dv;  dscore_r = w_r (dw_r - sum_l w_l dw_l)   (softmax backward)
  * and since score = q1 . K1[a] + q2 . K2[b], dq1 += dscore K1[a], dq2 += dscore K2[b]. */
 static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dout,
-                                    const sm_peer_params *p, int BT) {
+                                    const sm_peer_params *p, int N) {
     const sm_peer_config *c = &a->cfg;
     int D = a->d_model, k = c->topk, s = c->n_sub, half = c->d_key / 2, t;
-    size_t n_slots = (size_t)BT * c->heads * k;
+    size_t n_slots = (size_t)N * c->heads * k;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * c->heads * k * D > 32768)
+#pragma omp parallel for schedule(static) if (N * c->heads * k * D > 32768)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         const float *dy = dout + (size_t)t * D;
         float *dqt = a->dq + (size_t)t * c->heads * c->d_key;
         int j, r;
@@ -6662,18 +6664,18 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
  * reads: one task per (table, half), its slots in order (position, head,
  * rank), so the sums do not depend on the thread count; shared keys are
  * two tasks that gather every head. */
-static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int BT) {
+static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int N) {
     const sm_peer_config *c = &a->cfg;
     int k = c->topk, s = c->n_sub, half = c->d_key / 2, task;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * k * c->d_key > 32768)
+#pragma omp parallel for schedule(static) if (N * k * c->d_key > 32768)
 #endif
     for (task = 0; task < 2 * sm__peer_key_tables(c); task++) {
         int table = task / 2, second = task % 2, t, j, r;
         int first = c->shared_keys ? 0 : table, end = c->shared_keys ? c->heads : table + 1;
         float *dk = second ? g->keys2 : g->keys1;
         if (!dk) continue;
-        for (t = 0; t < BT; t++)
+        for (t = 0; t < N; t++)
             for (j = first; j < end; j++) { /* the heads that read this table */
                 size_t n = (size_t)t * c->heads + j;
                 const float *q = a->q + n * c->d_key + (second ? half : 0);
@@ -6689,9 +6691,9 @@ static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int
 /* dq -> gain gradient (serial over positions: deterministic), then dq ->
  * d(W_q x) in place, then the linear layer's dx and dW_q. */
 static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *a,
-                                    const float *x, const sm_peer_params *p, int BT) {
+                                    const float *x, const sm_peer_params *p, int N) {
     const sm_peer_config *c = &a->cfg;
-    int hk = c->heads * c->d_key, rows = BT * c->heads, centre = c->query_norm == SM_PEER_NORM_LAYER;
+    int hk = c->heads * c->d_key, rows = N * c->heads, centre = c->query_norm == SM_PEER_NORM_LAYER;
     int n, i;
     if (g->q_gain)
         for (n = 0; n < rows; n++) {
@@ -6709,7 +6711,7 @@ static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *
         sm__peer_norm_backward(a->dq + o, a->q_raw + o, p->q_gain + (size_t)(n % c->heads) * c->d_key,
                                a->q_rstd[n], a->q_mean[n], c->d_key, centre);
     }
-    sm_linear_backward(dx, g->w_q, NULL, a->dq, x, p->w_q, BT, a->d_model, hk);
+    sm_linear_backward(dx, g->w_q, NULL, a->dq, x, p->w_q, N, a->d_model, hk);
 }
 
 /* Stable LSD radix sort (11-bit digits) of the slot ids by expert id, so
@@ -6750,9 +6752,9 @@ static void sm__peer_sort_slots(sm_peer_acts *a, size_t n, uint32_t **key_out,
  * sums are race-free and identical for any thread count. The retrieved
  * rows are then added to `touched` in increasing expert order. */
 static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_peer_acts *a,
-                                      const float *x, const float *dout, int BT) {
+                                      const float *x, const float *dout, int N) {
     int D = a->d_model, per = a->cfg.heads * a->cfg.topk;
-    size_t n = (size_t)BT * per, i;
+    size_t n = (size_t)N * per, i;
     uint32_t *key, *slot, *run = a->run_start;
     long n_runs = 0, r;
     sm__peer_sort_slots(a, n, &key, &slot);
@@ -6779,13 +6781,13 @@ static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_p
 
 SMDEF sm_status sm_peer_backward(float *dx, sm_peer_params *g, sm_row_set *touched,
                                  const float *dout, const float *x, const sm_peer_params *p,
-                                 sm_peer_acts *acts, int BT, sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
+                                 sm_peer_acts *acts, int N, sm_error *err) {
+    sm_status st = sm__peer_check_n(acts, N, err);
     if (st != SM_OK) return st;
-    sm__peer_slots_backward(dx, acts, dout, p, BT);
-    if (g->keys1 || g->keys2) sm__peer_keys_backward(g, acts, BT);
-    sm__peer_query_backward(dx, g, acts, x, p, BT);
-    if (g->experts) sm__peer_experts_backward(g->experts, touched, acts, x, dout, BT);
+    sm__peer_slots_backward(dx, acts, dout, p, N);
+    if (g->keys1 || g->keys2) sm__peer_keys_backward(g, acts, N);
+    sm__peer_query_backward(dx, g, acts, x, p, N);
+    if (g->experts) sm__peer_experts_backward(g->experts, touched, acts, x, dout, N);
     return SM_OK;
 }
 
@@ -6814,7 +6816,7 @@ SMDEF void sm_peer_usage_reset(sm_peer_usage *u) {
     u->total = 0;
 }
 
-/* KL(p || uniform) = sum_i p_i log(p_i N) over the used experts. */
+/* KL(p || uniform) = sum_i p_i log(p_i n_experts) over the used experts. */
 SMDEF sm_peer_usage_stats sm_peer_usage_compute(const sm_peer_usage *u) {
     sm_peer_usage_stats st;
     size_t i, used = 0;
@@ -7306,19 +7308,19 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
     return SM_OK;
 }
 
-SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int BT) {
+SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N) {
     size_t n = (size_t)cfg->n_streams, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     size_t per_token = K + (cfg->dynamic ? n * (size_t)cfg->channels + 1 + K : 0);
-    return (size_t)BT * per_token;
+    return (size_t)N * per_token;
 }
 
-SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int BT, float *base) {
+SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
     sm_mhc_acts a;
     size_t nC = (size_t)cfg->n_streams * cfg->channels, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     a.maps = base;
-    a.xn = cfg->dynamic ? a.maps + (size_t)BT * K : NULL;
-    a.rstd = cfg->dynamic ? a.xn + (size_t)BT * nC : NULL;
-    a.z = cfg->dynamic ? a.rstd + BT : NULL;
+    a.xn = cfg->dynamic ? a.maps + (size_t)N * K : NULL;
+    a.rstd = cfg->dynamic ? a.xn + (size_t)N * nC : NULL;
+    a.z = cfg->dynamic ? a.rstd + N : NULL;
     return a;
 }
 
@@ -7369,16 +7371,16 @@ static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n,
 }
 
 SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
-                              const sm_mhc_config *cfg, int BT) {
+                              const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
     if (cfg->dynamic) {
-        sm_rmsnorm_forward(act->xn, act->rstd, x, NULL, BT, nC);
-        sm_linear_forward(act->z, act->xn, p->phi, NULL, BT, nC, K);
+        sm_rmsnorm_forward(act->xn, act->rstd, x, NULL, N, nC);
+        sm_linear_forward(act->z, act->xn, p->phi, NULL, N, nC, K);
     }
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT > 64)
+#pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         float arg[2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
         float *maps = act->maps + (size_t)t * K;
         sm__mhc_map_args(arg, cfg->dynamic ? act->z + (size_t)t * K : NULL, p, n);
@@ -7401,13 +7403,13 @@ static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, cons
 }
 
 SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
-                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT) {
+                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * nC > 32768)
+#pragma omp parallel for schedule(static) if (N * nC > 32768)
 #endif
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K,
                          n, C);
 }
@@ -7433,13 +7435,13 @@ static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const 
 
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
                                 const float *x, const float *y, const sm_mhc_acts *act,
-                                const sm_mhc_config *cfg, int BT) {
+                                const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * nC > 32768)
+#pragma omp parallel for schedule(static) if (N * nC > 32768)
 #endif
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         sm__mhc_post_mix_backward(dx + t * nC, dy + (size_t)t * C, dmaps + (size_t)t * K,
                                   dx_next + t * nC, x + t * nC, y + (size_t)t * C,
                                   act->maps + (size_t)t * K, n, C);
@@ -7463,10 +7465,10 @@ static void sm__mhc_pre_token_backward(float *dx, float *dmaps, const float *du,
 /* Serial over tokens (deterministic): dbias += sum_t darg, and in the
  * dynamic variant dgate_g += sum_t sum_{k in g} darg_k z_k. */
 static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z,
-                                    int BT, int n) {
+                                    int N, int n) {
     int K = sm_mhc_map_count(n), t, k;
     double dgate[3] = {0, 0, 0};
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (k = 0; k < K; k++) {
             float g = darg[(size_t)t * K + k];
             dp->bias[k] += g;
@@ -7478,48 +7480,48 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const 
 
 SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
                                const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
-                               const sm_mhc_config *cfg, int BT) {
+                               const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
     size_t k;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT > 64)
+#pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         sm__mhc_pre_token_backward(dx + (size_t)t * nC, dmaps + (size_t)t * K, du + (size_t)t * C,
                                    x + (size_t)t * nC,
                                    cfg->dynamic ? act->z + (size_t)t * K : NULL,
                                    act->maps + (size_t)t * K, p, n, C, cfg->sinkhorn_iters);
-    sm__mhc_bias_gate_grads(dp, dmaps, act->z, BT, n);
+    sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
     if (!cfg->dynamic) return;
     /* z <- dz = a * darg; then through z = x' phi^T and x' = RMSNorm(x) */
-    for (k = 0; k < (size_t)BT * K; k++)
+    for (k = 0; k < (size_t)N * K; k++)
         act->z[k] = p->gate[sm__mhc_gate_of((int)(k % K), n)] * dmaps[k];
-    sm_linear_backward(NULL, dp->phi, NULL, act->z, act->xn, p->phi, BT, nC, K);
-    memset(act->xn, 0, (size_t)BT * nC * sizeof(float));
-    sm_linear_backward(act->xn, NULL, NULL, act->z, NULL, p->phi, BT, nC, K);
-    sm_rmsnorm_backward(dx, NULL, act->xn, x, NULL, act->rstd, BT, nC);
+    sm_linear_backward(NULL, dp->phi, NULL, act->z, act->xn, p->phi, N, nC, K);
+    memset(act->xn, 0, (size_t)N * nC * sizeof(float));
+    sm_linear_backward(act->xn, NULL, NULL, act->z, NULL, p->phi, N, nC, K);
+    sm_rmsnorm_backward(dx, NULL, act->xn, x, NULL, act->rstd, N, nC);
 }
 
 /* ---- expand / collapse ---- */
 
-SMDEF void sm_mhc_expand_forward(float *x, const float *h, int BT, int n, int C) {
+SMDEF void sm_mhc_expand_forward(float *x, const float *h, int N, int n, int C) {
     int t, i;
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (i = 0; i < n; i++)
             memcpy(x + ((size_t)t * n + i) * C, h + (size_t)t * C, (size_t)C * sizeof(float));
 }
 
-SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int BT, int n, int C) {
+SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int N, int n, int C) {
     int t, i, c;
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (i = 0; i < n; i++)
             for (c = 0; c < C; c++) dh[(size_t)t * C + c] += dx[((size_t)t * n + i) * C + c];
 }
 
-SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int BT, int n, int C) {
+SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int N, int n, int C) {
     float inv_n = 1.0f / (float)n;
     int t, i, c;
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         float *o = h + (size_t)t * C;
         for (c = 0; c < C; c++) o[c] = 0.0f;
         for (i = 0; i < n; i++)
@@ -7528,10 +7530,10 @@ SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int BT, int n, int 
     }
 }
 
-SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int BT, int n, int C) {
+SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int N, int n, int C) {
     float inv_n = 1.0f / (float)n;
     int t, i, c;
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (i = 0; i < n; i++)
             for (c = 0; c < C; c++) dx[((size_t)t * n + i) * C + c] += dh[(size_t)t * C + c] * inv_n;
 }
@@ -7539,9 +7541,9 @@ SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int BT, int n, i
 /* ---- diagnostics ---- */
 
 SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_acts *act, const sm_mhc_config *cfg,
-                                           int BT) {
+                                           int N) {
     int n = cfg->n_streams;
-    return sm_sinkhorn_sum_error(act->maps + 2 * n, (size_t)sm_mhc_map_count(n), BT, n);
+    return sm_sinkhorn_sum_error(act->maps + 2 * n, (size_t)sm_mhc_map_count(n), N, n);
 }
 
 /* P <- H P (n x n, P in double). */
@@ -7572,11 +7574,11 @@ SMDEF void sm_mhc_amax_gain(float *fwd_gain, float *bwd_gain, const float *h_res
 }
 
 SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layers,
-                                              const sm_mhc_config *cfg, int BT) {
+                                              const sm_mhc_config *cfg, int N) {
     sm_rowcol_stats s = sm__rowcol_stats_zero();
     double P[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
     int n = cfg->n_streams, K = sm_mhc_map_count(n), t, l;
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         float fwd, bwd;
         sm__identity(P, n);
         for (l = 0; l < layers; l++)
@@ -7584,7 +7586,7 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layer
         sm__rowcol_extremes(&fwd, &bwd, P, n, 1, 0.0);
         sm__rowcol_stats_add(&s, fwd, bwd);
     }
-    sm__rowcol_stats_finish(&s, BT);
+    sm__rowcol_stats_finish(&s, N);
     return s;
 }
 
@@ -9168,7 +9170,7 @@ static int sm__topk_better(float s, int id, float t, int jd);
 static SM_HD size_t sm__peer_key_row(const sm_peer_config *c, int j, int sub);
 static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release);
 static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                         int max_bt, sm__alloc_fn alloc, sm__free_fn release,
+                                         int max_n, sm__alloc_fn alloc, sm__free_fn release,
                                          sm_error *err);
 static SM_HD float sm__peer_act(sm_peer_activation kind, float x);
 static SM_HD float sm__peer_act_grad(sm_peer_activation kind, float x);
@@ -9177,17 +9179,17 @@ static void sm__peer_norm_forward(float *q, float *rstd, float *mean, const floa
                                   const float *gain, int d, int centre);
 static void sm__peer_norm_backward(float *dq, const float *r, const float *gain, float rstd,
                                    float mean, int d, int centre);
-static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int BT);
+static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int N);
 static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x,
-                                     const float *experts, int BT);
-static sm_status sm__peer_check_bt(const sm_peer_acts *a, int BT, sm_error *err);
+                                     const float *experts, int N);
+static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err);
 static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dout,
-                                    const sm_peer_params *p, int BT);
-static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int BT);
+                                    const sm_peer_params *p, int N);
+static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int N);
 static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *a, const float *x,
-                                    const sm_peer_params *p, int BT);
+                                    const sm_peer_params *p, int N);
 static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_peer_acts *a,
-                                      const float *x, const float *dout, int BT);
+                                      const float *x, const float *dout, int N);
 /* >>mhc */
 static SM_HD void sm__sinkhorn_forward_matrix(float *out, float *K, float *u, float *v, float *lam,
                                               const float *L, int n, int iters);
@@ -9203,7 +9205,7 @@ static void sm__mhc_maps_backward(float *g, const float *maps, const float *arg,
 static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n, int C);
 static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, const float *maps,
                              int n, int C);
-static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z, int BT,
+static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z, int N,
                                     int n);
 /* >>optim */
 static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size_t n,

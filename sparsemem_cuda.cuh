@@ -253,20 +253,20 @@ SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, sm_engram_params *g
  *             the query net as on the CPU (GEMMs); sub-key, gain and
  *             expert-row gradients are scatter-adds with atomicAdd (equal
  *             to the CPU to rounding, not bits), on retrieved rows only.
- * As on the CPU, the cost per step does not grow with N except for the
- * O(sqrt N) sub-key scoring. */
+ * As on the CPU, the cost per step does not grow with n_experts except
+ * for the O(s) sub-key scoring. */
 
-/* Device sm_peer_acts for up to max_bt positions: the CPU's buffers and
+/* Device sm_peer_acts for up to max_n positions: the CPU's buffers and
  * sizes (laid out by the CPU's code), in device memory. The sort buffers
  * are unused: the GPU backward scatters expert rows with atomics. */
 SMDEF sm_status smc_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                   int max_bt, sm_error *err);
+                                   int max_n, sm_error *err);
 SMDEF void smc_peer_acts_free(sm_peer_acts *a);
 
-/* sm_peer_forward: out[BT, d_model] = PEER(x) (overwritten). Fails, with
- * nothing queued, only when BT is outside [1, acts->max_bt]. */
+/* sm_peer_forward: out[N, d_model] = PEER(x) (overwritten). Fails, with
+ * nothing queued, only when N is outside [1, acts->max_n]. */
 SMDEF sm_status smc_peer_forward(smc_ctx *c, float *out, sm_peer_acts *acts, const float *x,
-                                 const sm_peer_params *p, int BT, sm_error *err);
+                                 const sm_peer_params *p, int N, sm_error *err);
 
 /* sm_peer_backward: accumulates dx (may be NULL) and the gradients in g
  * (any pointer NULL to skip it); when g->experts is set, the retrieved
@@ -274,7 +274,7 @@ SMDEF sm_status smc_peer_forward(smc_ctx *c, float *out, sm_peer_acts *acts, con
  * gradient only through the k selected scores. */
 SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                   smc_row_set *touched, const float *dout, const float *x,
-                                  const sm_peer_params *p, sm_peer_acts *acts, int BT,
+                                  const sm_peer_params *p, sm_peer_acts *acts, int N,
                                   sm_error *err);
 
 /* sm_topk on each of `rows` rows of scores[rows, n]: idx, val [rows, k]
@@ -290,10 +290,10 @@ SMDEF void smc_peer_product_topk(smc_ctx *c, const float *s1, const float *s2, i
 /* Expert usage on the device: an sm_peer_usage whose counts live in device
  * memory (n_experts and total stay on the host). Expert ids outside
  * [0, n_experts) are not counted (the CPU asserts). For the statistics,
- * download into a host sm_peer_usage of the same N and call
+ * download into a host sm_peer_usage of the same n_experts and call
  * sm_peer_usage_compute. */
 SMDEF sm_status smc_peer_usage_init(sm_peer_usage *u, size_t n_experts, sm_error *err);
-/* Counts n device expert ids (e.g. acts->expert, BT*h*k of them). */
+/* Counts n device expert ids (e.g. acts->expert, N*h*k of them). */
 SMDEF void smc_peer_usage_add(smc_ctx *c, sm_peer_usage *u, const int32_t *experts, size_t n);
 SMDEF void smc_peer_usage_reset(smc_ctx *c, sm_peer_usage *u);
 /* Waits for the stream, then copies u's counts and total into `host`. */
@@ -305,7 +305,7 @@ SMDEF void smc_peer_usage_free(sm_peer_usage *u);
 /* >>mhc  Manifold-constrained hyper-connections                         */
 /* ===================================================================== */
 /* The GPU side of sparsemem.h's >>mhc, with its shapes, layouts and call
- * order: streams x[BT, n, C], per-token maps [H_pre | H_post | H_res] of K =
+ * order: streams x[N, n, C], per-token maps [H_pre | H_post | H_res] of K =
  * sm_mhc_map_count(n) floats, parameters and activations as the CPU's
  * sm_mhc_params / sm_mhc_acts views holding device pointers. sm_mhc_params_at,
  * sm_mhc_acts_size and sm_mhc_acts_at only do pointer arithmetic, so they carve
@@ -332,10 +332,10 @@ SMDEF void smc_sinkhorn_forward_batched(smc_ctx *c, float *out, const float *log
 SMDEF void smc_sinkhorn_backward_batched(smc_ctx *c, float *dlogits, const float *dout,
                                          const float *logits, int count, int n, int iters);
 
-/* Device activations of one mHC sublayer for BT tokens: one zeroed block of
- * sm_mhc_acts_size(cfg, BT) floats carved by sm_mhc_acts_at. Fails (and leaves
- * *act all NULL) on an invalid config, BT < 1 or no device memory. */
-SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int BT,
+/* Device activations of one mHC sublayer for N tokens: one zeroed block of
+ * sm_mhc_acts_size(cfg, N) floats carved by sm_mhc_acts_at. Fails (and leaves
+ * *act all NULL) on an invalid config, N < 1 or no device memory. */
+SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int N,
                                   sm_error *err);
 SMDEF void smc_mhc_acts_free(sm_mhc_acts *act);
 
@@ -343,20 +343,20 @@ SMDEF void smc_mhc_acts_free(sm_mhc_acts *act);
  * rules, same scratch reuse: pre_backward leaves gradients in dmaps, act->z
  * and act->xn). */
 SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_acts *act, const float *x,
-                               const sm_mhc_params *p, const sm_mhc_config *cfg, int BT);
+                               const sm_mhc_params *p, const sm_mhc_config *cfg, int N);
 SMDEF void smc_mhc_post_forward(smc_ctx *c, float *x_next, const float *x, const float *y,
-                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT);
+                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int N);
 SMDEF void smc_mhc_post_backward(smc_ctx *c, float *dx, float *dy, float *dmaps,
                                  const float *dx_next, const float *x, const float *y,
-                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT);
+                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int N);
 SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, sm_mhc_params *dp, float *dmaps,
                                 const float *du, const float *x, sm_mhc_acts *act,
-                                const sm_mhc_params *p, const sm_mhc_config *cfg, int BT);
+                                const sm_mhc_params *p, const sm_mhc_config *cfg, int N);
 
-SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int BT, int n, int C);
-SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int BT, int n, int C);
-SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int BT, int n, int C);
-SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int BT, int n,
+SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int N, int n, int C);
+SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int N, int n, int C);
+SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int N, int n, int C);
+SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int N, int n,
                                      int C);
 
 /* Diagnostics: sm_mhc_res_sum_error and sm_mhc_amax_gain_tokens (acts: a
@@ -364,10 +364,10 @@ SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int
  * return a status, since they allocate a little device memory and wait for
  * the stream; the statistics go to *stats. */
 SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *act,
-                                      const sm_mhc_config *cfg, int BT, sm_error *err);
+                                      const sm_mhc_config *cfg, int N, sm_error *err);
 SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
                                          const sm_mhc_acts *acts, int layers,
-                                         const sm_mhc_config *cfg, int BT, sm_error *err);
+                                         const sm_mhc_config *cfg, int N, sm_error *err);
 
 /* ===================================================================== */
 /* >>backbone  Backbone and >>loss                                       */
@@ -522,7 +522,10 @@ typedef struct smc_model {
 SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_error *err);
 SMDEF void smc_model_free(smc_model *g);
 /* inputs/targets/doc_start are host arrays of B*T; sets host->loss and
- * host->n_counted as the CPU forward does (targets NULL: logits only). */
+ * host->n_counted as the CPU forward does (targets NULL: logits only).
+ * Forward and backward follow the CPU's call paths step for step (listed
+ * at sm_model_forward and sm_model_backward in sparsemem.h, >>model), each
+ * sm_X call an smc_X one. */
 SMDEF sm_status smc_model_forward(smc_model *g, const int *inputs, const int *targets,
                                   const unsigned char *doc_start, int B, int T, sm_error *err);
 SMDEF void smc_model_backward(smc_model *g);
@@ -1628,8 +1631,8 @@ SMDEF void smc_peer_product_topk(smc_ctx *c, const float *s1, const float *s2, i
 /* ---- activations ---- */
 
 SMDEF sm_status smc_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                   int max_bt, sm_error *err) {
-    return sm__peer_acts_init_with(a, cfg, d_model, max_bt, smc_malloc, smc_dfree, err);
+                                   int max_n, sm_error *err) {
+    return sm__peer_acts_init_with(a, cfg, d_model, max_n, smc_malloc, smc_dfree, err);
 }
 
 SMDEF void smc_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, smc_dfree); }
@@ -1696,13 +1699,13 @@ static __global__ void smc__peer_norm_backward_kernel(sm_peer_acts a, const floa
 }
 
 /* dgain[col] += sum_t dq[t, col] (q_raw - mean) rstd over positions t,
- * col = head*d_key + i of the [BT, h*d_key] matrices: a block of 32
+ * col = head*d_key + i of the [N, h*d_key] matrices: a block of 32
  * columns sums SMC__PEER_GAIN_ROWS positions (blockDim.y lanes of rows,
  * then a shared-memory sum), one atomicAdd per column and block. */
-static __global__ void smc__peer_gain_backward_kernel(float *dgain, sm_peer_acts a, int BT) {
+static __global__ void smc__peer_gain_backward_kernel(float *dgain, sm_peer_acts a, int N) {
     __shared__ float part[SMC__THREADS / 32][32];
     int d = a.cfg.d_key, hk = a.cfg.heads * d, col = blockIdx.x * 32 + threadIdx.x;
-    int t0 = blockIdx.y * SMC__PEER_GAIN_ROWS, end = min(BT, t0 + SMC__PEER_GAIN_ROWS), t;
+    int t0 = blockIdx.y * SMC__PEER_GAIN_ROWS, end = min(N, t0 + SMC__PEER_GAIN_ROWS), t;
     float sum = 0.0f;
     if (col < hk)
         for (t = t0 + threadIdx.y; t < end; t += blockDim.y) {
@@ -1717,9 +1720,9 @@ static __global__ void smc__peer_gain_backward_kernel(float *dgain, sm_peer_acts
 }
 
 static void smc__peer_query_forward(smc_ctx *c, sm_peer_acts *a, const float *x,
-                                    const sm_peer_params *p, int BT) {
-    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = BT * a->cfg.heads;
-    smc_sgemm(c, 0, 1, BT, hk, D, 1.0f, x, D, p->w_q, D, 0.0f, a->q_raw, hk);
+                                    const sm_peer_params *p, int N) {
+    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = N * a->cfg.heads;
+    smc_sgemm(c, 0, 1, N, hk, D, 1.0f, x, D, p->w_q, D, 0.0f, a->q_raw, hk);
     smc__peer_norm_forward_kernel<<<smc__peer_warp_blocks((size_t)rows), SMC__THREADS, 0,
                                     c->stream>>>(*a, p->q_gain, rows);
 }
@@ -1728,19 +1731,19 @@ static void smc__peer_query_forward(smc_ctx *c, sm_peer_acts *a, const float *x,
  * place, then the linear layer's dx and dW_q (sm_linear_backward). */
 static void smc__peer_query_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                      sm_peer_acts *a, const float *x, const sm_peer_params *p,
-                                     int BT) {
-    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = BT * a->cfg.heads;
+                                     int N) {
+    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = N * a->cfg.heads;
     if (g->q_gain) {
-        dim3 grid((unsigned)(hk + 31) / 32, (unsigned)(BT + SMC__PEER_GAIN_ROWS - 1) /
+        dim3 grid((unsigned)(hk + 31) / 32, (unsigned)(N + SMC__PEER_GAIN_ROWS - 1) /
                                                 SMC__PEER_GAIN_ROWS);
         smc__peer_gain_backward_kernel<<<grid, dim3(32, SMC__THREADS / 32), 0, c->stream>>>(
-            g->q_gain, *a, BT);
+            g->q_gain, *a, N);
     }
     if (!dx && !g->w_q) return;
     smc__peer_norm_backward_kernel<<<smc__peer_warp_blocks((size_t)rows), SMC__THREADS, 0,
                                      c->stream>>>(*a, p->q_gain, rows);
-    if (dx) smc_sgemm(c, 0, 0, BT, D, hk, 1.0f, a->dq, hk, p->w_q, D, 1.0f, dx, D);
-    if (g->w_q) smc_sgemm(c, 1, 0, hk, D, BT, 1.0f, a->dq, hk, x, D, 1.0f, g->w_q, D);
+    if (dx) smc_sgemm(c, 0, 0, N, D, hk, 1.0f, a->dq, hk, p->w_q, D, 1.0f, dx, D);
+    if (g->w_q) smc_sgemm(c, 1, 0, hk, D, N, 1.0f, a->dq, hk, x, D, 1.0f, g->w_q, D);
 }
 
 /* ---- forward ---- */
@@ -1749,16 +1752,16 @@ static void smc__peer_query_backward(smc_ctx *c, float *dx, sm_peer_params *g,
  * positions (two GEMMs into sub_scores), then a warp per position for the
  * product-key top-k and the softmax weights of its slots (t, j, r). */
 static void smc__peer_route_head(smc_ctx *c, sm_peer_acts *a, const sm_peer_params *p, int j,
-                                 int BT) {
+                                 int N) {
     const sm_peer_config *cf = &a->cfg;
     int s = cf->n_sub, half = cf->d_key / 2, k = cf->topk, ld = cf->heads * cf->d_key;
     size_t key_off = sm__peer_key_row(cf, j, 0);
     const float *qj = a->q + (size_t)j * cf->d_key;
-    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
-    smc_sgemm(c, 0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
-    smc_sgemm(c, 0, 1, BT, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
-    smc__peer_route_kernel<<<smc__peer_warp_blocks((size_t)BT), SMC__THREADS, 0, c->stream>>>(
-        s1, s2, BT, s, k, a->expert + (size_t)j * k, a->weight + (size_t)j * k, cf->heads * k, 1);
+    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)N * s;
+    smc_sgemm(c, 0, 1, N, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
+    smc_sgemm(c, 0, 1, N, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
+    smc__peer_route_kernel<<<smc__peer_warp_blocks((size_t)N), SMC__THREADS, 0, c->stream>>>(
+        s1, s2, N, s, k, a->expert + (size_t)j * k, a->weight + (size_t)j * k, cf->heads * k, 1);
 }
 
 /* sm__peer_experts_forward for position t = blockIdx.x, SMC__PEER_CHUNK
@@ -1796,13 +1799,13 @@ static __global__ void smc__peer_experts_forward_kernel(float *out, sm_peer_acts
 }
 
 SMDEF sm_status smc_peer_forward(smc_ctx *c, float *out, sm_peer_acts *acts, const float *x,
-                                 const sm_peer_params *p, int BT, sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
+                                 const sm_peer_params *p, int N, sm_error *err) {
+    sm_status st = sm__peer_check_n(acts, N, err);
     int j;
     if (st != SM_OK) return st;
-    smc__peer_query_forward(c, acts, x, p, BT);
-    for (j = 0; j < acts->cfg.heads; j++) smc__peer_route_head(c, acts, p, j, BT);
-    smc__peer_experts_forward_kernel<<<(unsigned)BT, SMC__THREADS, 0, c->stream>>>(
+    smc__peer_query_forward(c, acts, x, p, N);
+    for (j = 0; j < acts->cfg.heads; j++) smc__peer_route_head(c, acts, p, j, N);
+    smc__peer_experts_forward_kernel<<<(unsigned)N, SMC__THREADS, 0, c->stream>>>(
         out, *acts, x, p->experts);
     return SM_OK;
 }
@@ -1927,21 +1930,21 @@ static __global__ void smc__peer_experts_backward_kernel(float *dexperts, sm_pee
 
 SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                   smc_row_set *touched, const float *dout, const float *x,
-                                  const sm_peer_params *p, sm_peer_acts *acts, int BT,
+                                  const sm_peer_params *p, sm_peer_acts *acts, int N,
                                   sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
-    size_t n_slots = (size_t)BT * acts->cfg.heads * acts->cfg.topk;
+    sm_status st = sm__peer_check_n(acts, N, err);
+    size_t n_slots = (size_t)N * acts->cfg.heads * acts->cfg.topk;
     if (st != SM_OK) return st;
-    smc__peer_slots_backward_kernel<<<(unsigned)BT, SMC__THREADS, 0, c->stream>>>(dx, *acts,
+    smc__peer_slots_backward_kernel<<<(unsigned)N, SMC__THREADS, 0, c->stream>>>(dx, *acts,
                                                                                   dout, *p);
     if (g->keys1 || g->keys2) {
         size_t n = n_slots * acts->cfg.d_key;
         smc__peer_keys_backward_kernel<<<smc__blocks(n), SMC__THREADS, 0, c->stream>>>(
             g->keys1, g->keys2, *acts, n);
     }
-    smc__peer_query_backward(c, dx, g, acts, x, p, BT);
+    smc__peer_query_backward(c, dx, g, acts, x, p, N);
     if (!g->experts) return SM_OK;
-    smc__peer_experts_backward_kernel<<<(unsigned)BT, SMC__THREADS, 0, c->stream>>>(
+    smc__peer_experts_backward_kernel<<<(unsigned)N, SMC__THREADS, 0, c->stream>>>(
         g->experts, *acts, x, dout);
     if (touched) smc_row_set_add(c, touched, (const uint32_t *)acts->expert, n_slots);
     return SM_OK;
@@ -2002,12 +2005,12 @@ SMDEF void smc_peer_usage_free(sm_peer_usage *u) {
 
 /* Shapes every mHC kernel needs: tokens, streams, channels, maps per token. */
 typedef struct smc__mhc_dims {
-    int BT, n, C, K;
+    int N, n, C, K;
 } smc__mhc_dims;
 
-static smc__mhc_dims smc__mhc_dims_of(int BT, int n, int C) {
+static smc__mhc_dims smc__mhc_dims_of(int N, int n, int C) {
     smc__mhc_dims d;
-    d.BT = BT;
+    d.N = N;
     d.n = n;
     d.C = C;
     d.K = sm_mhc_map_count(n);
@@ -2174,7 +2177,7 @@ static __global__ void smc__mhc_maps_forward_kernel(float *maps, const float *z,
     int t = blockIdx.x * blockDim.x + threadIdx.x, n = d.n, i;
     float *h;
     smc__mhc_src pre, post;
-    if (t >= d.BT) return;
+    if (t >= d.N) return;
     h = maps + (size_t)t * d.K;
     pre = smc__mhc_src_at(z, gate, bias, d, t, 0, SM_MHC_GATE_PRE);
     post = smc__mhc_src_at(z, gate, bias, d, t, n, SM_MHC_GATE_POST);
@@ -2196,7 +2199,7 @@ static __global__ void smc__mhc_maps_backward_kernel(float *dmaps, const float *
     int t = blockIdx.x * blockDim.x + threadIdx.x, n = d.n, i;
     const float *h, *dres;
     float *g;
-    if (t >= d.BT) return;
+    if (t >= d.N) return;
     g = dmaps + (size_t)t * d.K;
     h = maps + (size_t)t * d.K;
     for (i = 0; i < n; i++) {
@@ -2252,7 +2255,7 @@ static __global__ void smc__mhc_stream_sum_kernel(float *out, const float *x, co
     const float *xt;
     float s;
     int i;
-    if (e >= (size_t)d.BT * d.C) return;
+    if (e >= (size_t)d.N * d.C) return;
     xt = x + t * d.n * d.C + e % d.C;
     s = accumulate ? out[e] : 0.0f;
     for (i = 0; i < d.n; i++) s += (maps ? maps[t * d.K + moff + i] : 1.0f) * xt[(size_t)i * d.C];
@@ -2266,7 +2269,7 @@ static __global__ void smc__mhc_broadcast_kernel(float *out, const float *in, co
     size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nC = (size_t)d.n * d.C;
     size_t t = e / nC, i = e / d.C % d.n, c = e % d.C;
     float v;
-    if (e >= (size_t)d.BT * nC) return;
+    if (e >= (size_t)d.N * nC) return;
     v = (maps ? maps[t * d.K + i] : scale) * in[t * d.C + c];
     out[e] = accumulate ? out[e] + v : v;
 }
@@ -2283,7 +2286,7 @@ static __global__ void smc__mhc_res_mix_kernel(float *out, const float *in, cons
     int i = (int)(e / d.C % d.n), j;
     const float *h, *h_res, *in_t;
     float s;
-    if (e >= (size_t)d.BT * nC) return;
+    if (e >= (size_t)d.N * nC) return;
     h = maps + t * d.K;
     h_res = h + 2 * d.n;
     in_t = in + t * nC + c;
@@ -2298,12 +2301,12 @@ static __global__ void smc__mhc_res_mix_kernel(float *out, const float *in, cons
 static void smc__mhc_stream_dots(smc_ctx *c, float *out, const float *rows, const float *vec,
                                  smc__mhc_dims d) {
     smc_sgemm_batched(c, 0, 0, d.n, 1, d.C, 1.0f, rows, d.C, (long long)d.n * d.C, vec, 1, d.C,
-                      1.0f, out, 1, d.K, d.BT);
+                      1.0f, out, 1, d.K, d.N);
 }
 
 static void smc__mhc_stream_sum(smc_ctx *c, float *out, const float *x, const float *maps,
                                 int moff, float scale, int accumulate, smc__mhc_dims d) {
-    size_t total = (size_t)d.BT * d.C;
+    size_t total = (size_t)d.N * d.C;
     if (total == 0) return;
     smc__mhc_stream_sum_kernel<<<smc__blocks(total), SMC__THREADS, 0, c->stream>>>(
         out, x, maps, moff, scale, accumulate, d);
@@ -2311,7 +2314,7 @@ static void smc__mhc_stream_sum(smc_ctx *c, float *out, const float *x, const fl
 
 static void smc__mhc_broadcast(smc_ctx *c, float *out, const float *in, const float *maps,
                                float scale, int accumulate, smc__mhc_dims d) {
-    size_t total = (size_t)d.BT * d.n * d.C;
+    size_t total = (size_t)d.N * d.n * d.C;
     if (total == 0) return;
     smc__mhc_broadcast_kernel<<<smc__blocks(total), SMC__THREADS, 0, c->stream>>>(
         out, in, maps, scale, accumulate, d);
@@ -2319,7 +2322,7 @@ static void smc__mhc_broadcast(smc_ctx *c, float *out, const float *in, const fl
 
 static void smc__mhc_res_mix(smc_ctx *c, float *out, const float *in, const float *y,
                              const float *maps, int transpose, smc__mhc_dims d) {
-    size_t total = (size_t)d.BT * d.n * d.C;
+    size_t total = (size_t)d.N * d.n * d.C;
     if (total == 0) return;
     smc__mhc_res_mix_kernel<<<smc__blocks(total), SMC__THREADS, 0, c->stream>>>(
         out, in, y, maps, transpose, d);
@@ -2338,7 +2341,7 @@ static __global__ void smc__mhc_bias_gate_kernel(float *dbias, float *dgate, con
                                                  const float *z, smc__mhc_dims d) {
     __shared__ float sb[8][32], sg[8][32], col_g[SMC__MHC_MAX_K];
     int x = threadIdx.x, y = threadIdx.y, t0 = blockIdx.x * SMC__MHC_SUM_ROWS, k0, i;
-    int t1 = t0 + SMC__MHC_SUM_ROWS < d.BT ? t0 + SMC__MHC_SUM_ROWS : d.BT;
+    int t1 = t0 + SMC__MHC_SUM_ROWS < d.N ? t0 + SMC__MHC_SUM_ROWS : d.N;
     for (k0 = 0; k0 < d.K; k0 += 32) {
         int k = k0 + x, t;
         float b = 0.0f, g = 0.0f;
@@ -2370,24 +2373,24 @@ static __global__ void smc__mhc_bias_gate_kernel(float *dbias, float *dgate, con
 static __global__ void smc__mhc_dz_kernel(float *z, const float *darg, const float *gate,
                                           smc__mhc_dims d) {
     size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (size_t)d.BT * d.K) return;
+    if (e >= (size_t)d.N * d.K) return;
     z[e] = gate[smc__mhc_gate_of((int)(e % d.K), d.n)] * darg[e];
 }
 
 /* ---- public: activations, sublayer steps, expand / collapse ---- */
 
-SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int BT,
+SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int N,
                                   sm_error *err) {
     float *base;
     sm_status st = sm_mhc_config_validate(cfg, err);
     memset(act, 0, sizeof *act);
     if (st != SM_OK) return st;
-    if (BT < 1)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: activations for BT = %d tokens, must be >= 1",
-                       BT);
-    base = (float *)smc_malloc(sm_mhc_acts_size(cfg, BT) * sizeof(float), "mhc activations", err);
+    if (N < 1)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: activations for N = %d tokens, must be >= 1",
+                       N);
+    base = (float *)smc_malloc(sm_mhc_acts_size(cfg, N) * sizeof(float), "mhc activations", err);
     if (!base) return SM_ERR_OOM;
-    *act = sm_mhc_acts_at(cfg, BT, base);
+    *act = sm_mhc_acts_at(cfg, N, base);
     return SM_OK;
 }
 
@@ -2397,16 +2400,16 @@ SMDEF void smc_mhc_acts_free(sm_mhc_acts *act) {
 }
 
 SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_acts *act, const float *x,
-                               const sm_mhc_params *p, const sm_mhc_config *cfg, int BT) {
-    smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
+                               const sm_mhc_params *p, const sm_mhc_config *cfg, int N) {
+    smc__mhc_dims d = smc__mhc_dims_of(N, cfg->n_streams, cfg->channels);
     int nC = d.n * d.C;
     smc__sk_plan plan;
-    if (BT <= 0) return;
-    plan = smc__sk_plan_for(BT, smc__sk_forward_floats(d.n));
+    if (N <= 0) return;
+    plan = smc__sk_plan_for(N, smc__sk_forward_floats(d.n));
     if (cfg->dynamic) { /* x' = RMSNorm(x), z = x' phi^T */
-        smc__mhc_rmsnorm_forward_kernel<<<(unsigned)BT, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
+        smc__mhc_rmsnorm_forward_kernel<<<(unsigned)N, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
             act->xn, act->rstd, x, nC);
-        smc_sgemm(c, 0, 1, BT, d.K, nC, 1.0f, act->xn, nC, p->phi, nC, 0.0f, act->z, d.K);
+        smc_sgemm(c, 0, 1, N, d.K, nC, 1.0f, act->xn, nC, p->phi, nC, 0.0f, act->z, d.K);
     }
     smc__mhc_maps_forward_kernel<<<plan.blocks, plan.threads, plan.shmem, c->stream>>>(
         act->maps, cfg->dynamic ? act->z : NULL, p->gate, p->bias, d, cfg->sinkhorn_iters,
@@ -2415,67 +2418,67 @@ SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_acts *act, const flo
 }
 
 SMDEF void smc_mhc_post_forward(smc_ctx *c, float *x_next, const float *x, const float *y,
-                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT) {
-    if (BT <= 0) return;
+                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int N) {
+    if (N <= 0) return;
     smc__mhc_res_mix(c, x_next, x, y, act->maps, 0,
-                     smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels));
+                     smc__mhc_dims_of(N, cfg->n_streams, cfg->channels));
 }
 
 SMDEF void smc_mhc_post_backward(smc_ctx *c, float *dx, float *dy, float *dmaps,
                                  const float *dx_next, const float *x, const float *y,
-                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int BT) {
-    smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
+                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int N) {
+    smc__mhc_dims d = smc__mhc_dims_of(N, cfg->n_streams, cfg->channels);
     long long nC = (long long)d.n * d.C;
-    if (BT <= 0) return;
+    if (N <= 0) return;
     smc__mhc_res_mix(c, dx, dx_next, NULL, act->maps, 1, d); /* dx += H_res^T dx_next */
     smc__mhc_stream_sum(c, dy, dx_next, act->maps, d.n, 1.0f, 1, d); /* dy += H_post dx_next */
     smc__mhc_stream_dots(c, dmaps + d.n, dx_next, y, d); /* dH_post[i] += <dx_next[i], y> */
     /* dH_res[i,j] += <dx_next[i], x[j]>: [n, C] x [C, n] per token */
     smc_sgemm_batched(c, 0, 1, d.n, d.n, d.C, 1.0f, dx_next, d.C, nC, x, d.C, nC, 1.0f,
-                      dmaps + 2 * d.n, d.n, d.K, BT);
+                      dmaps + 2 * d.n, d.n, d.K, N);
 }
 
 SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, sm_mhc_params *dp, float *dmaps,
                                 const float *du, const float *x, sm_mhc_acts *act,
-                                const sm_mhc_params *p, const sm_mhc_config *cfg, int BT) {
-    smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
+                                const sm_mhc_params *p, const sm_mhc_config *cfg, int N) {
+    smc__mhc_dims d = smc__mhc_dims_of(N, cfg->n_streams, cfg->channels);
     int nC = d.n * d.C;
     const float *z = cfg->dynamic ? act->z : NULL;
     smc__sk_plan plan;
     dim3 sum_threads(32, 8);
-    if (BT <= 0) return;
-    plan = smc__sk_plan_for(BT, smc__sk_backward_floats(d.n, cfg->sinkhorn_iters));
+    if (N <= 0) return;
+    plan = smc__sk_plan_for(N, smc__sk_backward_floats(d.n, cfg->sinkhorn_iters));
     smc__mhc_broadcast(c, dx, du, act->maps, 1.0f, 1, d); /* dx[i] += H_pre[i] du */
     smc__mhc_stream_dots(c, dmaps, x, du, d);             /* dH_pre[i] += <du, x[i]> */
     smc__mhc_maps_backward_kernel<<<plan.blocks, plan.threads, plan.shmem, c->stream>>>(
         dmaps, act->maps, z, p->gate, p->bias, d, cfg->sinkhorn_iters, plan.stride);
-    smc__mhc_bias_gate_kernel<<<(unsigned)((BT + SMC__MHC_SUM_ROWS - 1) / SMC__MHC_SUM_ROWS),
+    smc__mhc_bias_gate_kernel<<<(unsigned)((N + SMC__MHC_SUM_ROWS - 1) / SMC__MHC_SUM_ROWS),
                                 sum_threads, 0, c->stream>>>(dp->bias, dp->gate, dmaps, z, d);
     if (!cfg->dynamic) return;
     /* z <- dz = a darg; then back through z = x' phi^T and x' = RMSNorm(x) */
-    smc__mhc_dz_kernel<<<smc__blocks((size_t)BT * d.K), SMC__THREADS, 0, c->stream>>>(
+    smc__mhc_dz_kernel<<<smc__blocks((size_t)N * d.K), SMC__THREADS, 0, c->stream>>>(
         act->z, dmaps, p->gate, d);
-    smc_sgemm(c, 1, 0, d.K, nC, BT, 1.0f, act->z, d.K, act->xn, nC, 1.0f, dp->phi, nC);
-    smc_sgemm(c, 0, 0, BT, nC, d.K, 1.0f, act->z, d.K, p->phi, nC, 0.0f, act->xn, nC);
-    smc__mhc_rmsnorm_backward_kernel<<<(unsigned)BT, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
+    smc_sgemm(c, 1, 0, d.K, nC, N, 1.0f, act->z, d.K, act->xn, nC, 1.0f, dp->phi, nC);
+    smc_sgemm(c, 0, 0, N, nC, d.K, 1.0f, act->z, d.K, p->phi, nC, 0.0f, act->xn, nC);
+    smc__mhc_rmsnorm_backward_kernel<<<(unsigned)N, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
         dx, act->xn, x, act->rstd, nC);
 }
 
-SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int BT, int n, int C) {
-    smc__mhc_broadcast(c, x, h, NULL, 1.0f, 0, smc__mhc_dims_of(BT, n, C));
+SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int N, int n, int C) {
+    smc__mhc_broadcast(c, x, h, NULL, 1.0f, 0, smc__mhc_dims_of(N, n, C));
 }
 
-SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int BT, int n, int C) {
-    smc__mhc_stream_sum(c, dh, dx, NULL, 0, 1.0f, 1, smc__mhc_dims_of(BT, n, C));
+SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int N, int n, int C) {
+    smc__mhc_stream_sum(c, dh, dx, NULL, 0, 1.0f, 1, smc__mhc_dims_of(N, n, C));
 }
 
-SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int BT, int n, int C) {
-    smc__mhc_stream_sum(c, h, x, NULL, 0, 1.0f / (float)n, 0, smc__mhc_dims_of(BT, n, C));
+SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int N, int n, int C) {
+    smc__mhc_stream_sum(c, h, x, NULL, 0, 1.0f / (float)n, 0, smc__mhc_dims_of(N, n, C));
 }
 
-SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int BT, int n,
+SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int N, int n,
                                      int C) {
-    smc__mhc_broadcast(c, dx, dh, NULL, 1.0f / (float)n, 1, smc__mhc_dims_of(BT, n, C));
+    smc__mhc_broadcast(c, dx, dh, NULL, 1.0f / (float)n, 1, smc__mhc_dims_of(N, n, C));
 }
 
 /* ---- diagnostics ---- */
@@ -2530,7 +2533,7 @@ static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_acts
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nn = d.n * d.n, t, l, e, q;
     double *P = smc__mhc_shm_d + (size_t)warp * 2 * nn, *T = P + nn;
     double st[4] = {0, 0, 0, 0};
-    for (t = blockIdx.x * SMC__MHC_DIAG_WARPS + warp; t < d.BT;
+    for (t = blockIdx.x * SMC__MHC_DIAG_WARPS + warp; t < d.N;
          t += gridDim.x * SMC__MHC_DIAG_WARPS) {
         float row, col;
         for (e = lane; e < nn; e += 32) P[e] = e % (d.n + 1) == 0 ? 1.0 : 0.0;
@@ -2555,20 +2558,20 @@ static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_acts
     }
 }
 
-/* Runs smc__mhc_rowcol_kernel over BT tokens and folds the block partials
+/* Runs smc__mhc_rowcol_kernel over N tokens and folds the block partials
  * into *stats as sm__rowcol_stats_add / _finish do. */
 static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *acts,
                                  int layers, smc__mhc_dims d, int absolute, double target,
                                  sm_error *err) {
     int max_blocks = 2 * (c->sm_count > 0 ? c->sm_count : 1);
-    int blocks = (d.BT + SMC__MHC_DIAG_WARPS - 1) / SMC__MHC_DIAG_WARPS, b;
+    int blocks = (d.N + SMC__MHC_DIAG_WARPS - 1) / SMC__MHC_DIAG_WARPS, b;
     size_t shmem = (size_t)SMC__MHC_DIAG_WARPS * 2 * d.n * d.n * sizeof(double);
     double host[4 * SMC__MHC_DIAG_MAX_BLOCKS], sum_row = 0, sum_col = 0;
     sm_mhc_acts *dacts = NULL;
     double *partial = NULL;
     sm_status st;
     memset(stats, 0, sizeof *stats);
-    if (d.BT <= 0) return SM_OK;
+    if (d.N <= 0) return SM_OK;
     max_blocks = max_blocks < SMC__MHC_DIAG_MAX_BLOCKS ? max_blocks : SMC__MHC_DIAG_MAX_BLOCKS;
     blocks = blocks < max_blocks ? blocks : max_blocks;
     dacts = (sm_mhc_acts *)smc_malloc(sizeof(sm_mhc_acts) * (layers > 0 ? layers : 1),
@@ -2592,23 +2595,23 @@ static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mh
         sum_row += host[4 * b + 1];
         sum_col += host[4 * b + 3];
     }
-    stats->row_mean = (float)(sum_row / d.BT);
-    stats->col_mean = (float)(sum_col / d.BT);
+    stats->row_mean = (float)(sum_row / d.N);
+    stats->col_mean = (float)(sum_col / d.N);
     return SM_OK;
 }
 
 SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *act,
-                                      const sm_mhc_config *cfg, int BT, sm_error *err) {
+                                      const sm_mhc_config *cfg, int N, sm_error *err) {
     /* one layer: P = H_res I = H_res exactly; distance of its sums from 1 */
-    return smc__mhc_rowcol(c, stats, act, 1, smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels),
+    return smc__mhc_rowcol(c, stats, act, 1, smc__mhc_dims_of(N, cfg->n_streams, cfg->channels),
                            0, 1.0, err);
 }
 
 SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
                                          const sm_mhc_acts *acts, int layers,
-                                         const sm_mhc_config *cfg, int BT, sm_error *err) {
+                                         const sm_mhc_config *cfg, int N, sm_error *err) {
     return smc__mhc_rowcol(c, stats, acts, layers,
-                           smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels), 1, 0.0, err);
+                           smc__mhc_dims_of(N, cfg->n_streams, cfg->channels), 1, 0.0, err);
 }
 
 #include <math.h> /* INFINITY, NAN */
