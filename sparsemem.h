@@ -34,7 +34,7 @@
  *       sm_loader_config lc = sm_loader_default_config(); // B = 4, T = 64
  *       sm_tokens data; sm_loader ld; sm_model m; long step;
  *       int32_t in[4 * 64], tg[4 * 64]; unsigned char doc[4 * 64];
- *       cfg.use_engram = 1; cfg.engram.hash.layer_ids[0] = 1; // >>engram
+ *       cfg.use_engram = 1; cfg.engram.hash.layer_ids[0] = 1; // at layer 1
  *       sm_tokens_load(&data, "train.tok", cfg.vocab_size, NULL);
  *       sm_loader_init(&ld, &data, &lc, NULL);
  *       sm_model_init(&m, &cfg, lc.batch_size, 1234, NULL);
@@ -68,7 +68,7 @@
  * Declarations come first, then the implementation in the same order,
  * following the data.
  *   >>util      status/errors, allocation, RNG, checksums, atomic file I/O
- *   >>gemm      sm_sgemm (blocked, OpenMP; optional cblas)
+ *   >>gemm      sm_sgemm, its reference, the optional cblas path
  *   >>params    parameter buffers: flat params/grads/moments, groups, row sets
  *   >>data      byte-level BPE, tokenizer compression (canonical ids),
  *               token files (+ llm.c shards), corpora, the batch loader
