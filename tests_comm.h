@@ -1,4 +1,4 @@
-/* tests_comm.h - the communicator and the sharded-table row exchange,
+/* tests_comm.h (>>comm) - the communicator and the sharded-table row exchange,
  * written for any number of ranks: tests.c runs them in one process
  * (size 1), tests_mpi.c under mpirun with 2 and 3 ranks. Every rank makes
  * every collective call before it checks anything, so a failing rank

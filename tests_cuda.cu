@@ -73,7 +73,7 @@ static double t_err(const float *a, const float *b, size_t n) {
         CHECK(t__e <= (tol), "%s: GPU vs CPU error %.3g > %.3g", what, t__e, (double)(tol)); \
     } while (0)
 
-/* ---- 1. context ------------------------------------------------------ */
+/* ---- >>util  context, >>gemm ---------------------------------------- */
 
 static int test_gemm_all_transposes(void) {
     const int M = 37, N = 29, K = 53;
@@ -114,7 +114,7 @@ static int test_device_errors_named(void) {
     return 0;
 }
 
-/* ---- 2. MPHF and n-gram hashing, 3. Engram ----------------------------- */
+/* ---- >>mphf  MPHF, >>engram n-gram hashing, >>nine routing ---------- */
 /* Lookups, fingerprints, hashing and routing are integer code: the GPU must
  * give the CPU's results bit for bit. The Engram layer is compared with
  * t_err tolerances: 0 for the gathered rows (copies), 1e-5 for the forward
@@ -389,7 +389,7 @@ static int test_engram_nine_route(void) {
     return 0;
 }
 
-/* ---- the Engram layer ---- */
+/* ---- >>engram  the Engram layer ------------------------------------- */
 
 /* Views of one buffer laid out as table | w_key | b_key | w_value | gains |
  * conv | w_key_hot | gate_hot (the variants only when on). */
@@ -533,7 +533,7 @@ static int t_engram_layer_check(const t_engram_case *k) {
     cfg.d_model = 40, cfg.d_head = 6;
     cfg.signed_sqrt_gate = k->signed_sqrt;
     cfg.hot_key_proj = k->hot_key_proj, cfg.hot_gate = k->hot_gate;
-    CHECK_OK(sm_engram_validate(&cfg, &err));
+    CHECK_OK(sm_engram_config_validate(&cfg, &err));
     CHECK_OK(sm_ngram_hash_init(&hash, &cfg.hash, &err));
     d = cfg.d_model, dm = sm_engram_d_mem(&cfg), n_slots = hash.n_slots;
     nd = (size_t)N * d;
@@ -645,7 +645,7 @@ static int test_engram_layer_routed_all_cold(void) {
         T(test_engram_nine_route), T(test_engram_layer), T(test_engram_layer_plain_gate),  \
         T(test_engram_layer_routed), T(test_engram_layer_routed_all_cold)
 
-/* ---- 4. PEER ---------------------------------------------------------- */
+/* ---- >>peer  PEER --------------------------------------------------- */
 
 /* n int32 values from the device (freed by the caller). */
 static int32_t *t_peer_ids(const void *d, size_t n) {
@@ -737,7 +737,7 @@ static int test_peer_product_topk_ties_like_cpu(void) {
 typedef struct {
     sm_peer_config cfg;
     sm_peer_sizes sz;
-    int D, BT;
+    int D, N;
     float *par, *grad, *x, *dout, *dx, *out;         /* host */
     float *d_par, *d_grad, *d_x, *d_dout, *d_dx, *d_out; /* device */
     sm_peer_params p, g, dp, dg;                     /* g, dg: views of all five tensors */
@@ -760,7 +760,7 @@ static double t_peer_min_gap(const t_peer *P) {
     int last = c->topk < s * s ? c->topk : s * s - 1, row, a, b, i;
     float *s1 = (float *)t_alloc(s), *s2 = (float *)t_alloc(s), *sc = (float *)t_alloc(m * m);
     double gap = INFINITY;
-    for (row = 0; row < P->BT * h; row++) {
+    for (row = 0; row < P->N * h; row++) {
         const float *q = P->acts.q + (size_t)row * c->d_key;
         size_t table = c->shared_keys ? 0 : (size_t)(row % h); /* the head's sub-keys */
         const float *k1 = P->p.keys1 + table * s * half;
@@ -784,12 +784,12 @@ static double t_peer_min_gap(const t_peer *P) {
     return gap;
 }
 
-static int t_peer_init(t_peer *P, const sm_peer_config *cfg, int D, int BT, uint64_t seed) {
-    size_t i, nx = (size_t)BT * D;
+static int t_peer_init(t_peer *P, const sm_peer_config *cfg, int D, int N, uint64_t seed) {
+    size_t i, nx = (size_t)N * D;
     sm_error err;
     sm_rng r;
     memset(P, 0, sizeof *P);
-    P->cfg = *cfg, P->D = D, P->BT = BT;
+    P->cfg = *cfg, P->D = D, P->N = N;
     sm_rng_seed(&r, seed);
     CHECK_OK(sm_peer_param_sizes(cfg, D, &P->sz, &err));
     P->par = (float *)t_alloc(P->sz.total);
@@ -806,8 +806,8 @@ static int t_peer_init(t_peer *P, const sm_peer_config *cfg, int D, int BT, uint
     P->d_dx = (float *)t_dev(P->dx, nx), P->d_out = (float *)t_dev(NULL, nx);
     sm_peer_bind(&P->dp, P->d_par, &P->sz);
     sm_peer_bind(&P->dg, P->d_grad, &P->sz);
-    CHECK_OK(sm_peer_acts_init(&P->acts, cfg, D, BT, &err));
-    CHECK_OK(smc_peer_acts_init(&P->d_acts, cfg, D, BT, &err));
+    CHECK_OK(sm_peer_acts_init(&P->acts, cfg, D, N, &err));
+    CHECK_OK(smc_peer_acts_init(&P->d_acts, cfg, D, N, &err));
     return 0;
 }
 
@@ -822,12 +822,12 @@ static void t_peer_free(t_peer *P) {
 /* t_peer_init from the first seed (seed, seed+1, ...) whose inputs have no
  * near tie among the best scores (t_peer_min_gap >= 2e-5): a tie within
  * rounding could rank either way on either side. */
-static int t_peer_setup(t_peer *P, const sm_peer_config *cfg, int D, int BT, uint64_t seed) {
+static int t_peer_setup(t_peer *P, const sm_peer_config *cfg, int D, int N, uint64_t seed) {
     sm_error err;
     int tries;
     for (tries = 0; tries < 20; tries++, seed++) {
-        if (t_peer_init(P, cfg, D, BT, seed)) return 1;
-        CHECK_OK(sm_peer_forward(P->out, &P->acts, P->x, &P->p, BT, &err));
+        if (t_peer_init(P, cfg, D, N, seed)) return 1;
+        CHECK_OK(sm_peer_forward(P->out, &P->acts, P->x, &P->p, N, &err));
         if (t_peer_min_gap(P) >= 2e-5) break;
         t_peer_free(P);
     }
@@ -840,12 +840,12 @@ static int t_peer_setup(t_peer *P, const sm_peer_config *cfg, int D, int BT, uin
  * below the gaps between random scores), the values within 1e-5 (sums
  * of at most d_model products, reordered). */
 static int t_peer_forward_both(t_peer *P) {
-    size_t slots = (size_t)P->BT * P->cfg.heads * P->cfg.topk, i, bad = 0;
-    size_t hk = (size_t)P->BT * P->cfg.heads * P->cfg.d_key, rows = (size_t)P->BT * P->cfg.heads;
+    size_t slots = (size_t)P->N * P->cfg.heads * P->cfg.topk, i, bad = 0;
+    size_t hk = (size_t)P->N * P->cfg.heads * P->cfg.d_key, rows = (size_t)P->N * P->cfg.heads;
     sm_error err;
     int32_t *g_ex;
-    CHECK_OK(sm_peer_forward(P->out, &P->acts, P->x, &P->p, P->BT, &err));
-    CHECK_OK(smc_peer_forward(&T_GPU, P->d_out, &P->d_acts, P->d_x, &P->dp, P->BT, &err));
+    CHECK_OK(sm_peer_forward(P->out, &P->acts, P->x, &P->p, P->N, &err));
+    CHECK_OK(smc_peer_forward(&T_GPU, P->d_out, &P->d_acts, P->d_x, &P->dp, P->N, &err));
     CHECK_SYNC("smc_peer_forward");
     g_ex = t_peer_ids(P->d_acts.expert, slots);
     for (i = 0; i < slots; i++) bad += g_ex[i] != P->acts.expert[i];
@@ -857,7 +857,7 @@ static int t_peer_forward_both(t_peer *P) {
     CHECK_CLOSE(P->d_acts.q_mean, P->acts.q_mean, rows, 1e-5, "q_mean");
     CHECK_CLOSE(P->d_acts.weight, P->acts.weight, slots, 1e-5, "weights");
     CHECK_CLOSE(P->d_acts.pre, P->acts.pre, slots, 1e-5, "pre-activations");
-    CHECK_CLOSE(P->d_out, P->out, (size_t)P->BT * P->D, 1e-5, "out");
+    CHECK_CLOSE(P->d_out, P->out, (size_t)P->N * P->D, 1e-5, "out");
     return 0;
 }
 
@@ -883,25 +883,25 @@ static int t_peer_same_rows(const sm_row_set *cpu, smc_row_set *gpu) {
  * Tolerance 1e-4 for the backward: the gain, sub-key and expert-row
  * gradients are atomic sums in another order, and dscore = w (dw - sum w
  * dw) cancels, so rounding grows a little beyond the forward's. */
-static int t_peer_check(const sm_peer_config *cfg, int D, int BT, uint64_t seed, int partial) {
+static int t_peer_check(const sm_peer_config *cfg, int D, int N, uint64_t seed, int partial) {
     t_peer P;
     sm_peer_params g, dg;
     sm_row_set rows;
     smc_row_set d_rows;
     sm_error err;
-    size_t slots = (size_t)BT * cfg->heads * cfg->topk;
-    if (t_peer_setup(&P, cfg, D, BT, seed) || t_peer_forward_both(&P)) return 1;
+    size_t slots = (size_t)N * cfg->heads * cfg->topk;
+    if (t_peer_setup(&P, cfg, D, N, seed) || t_peer_forward_both(&P)) return 1;
     g = P.g, dg = P.dg;
     if (partial) g.w_q = dg.w_q = g.keys2 = dg.keys2 = NULL;
     CHECK_OK(sm_row_set_init(&rows, P.sz.n_experts, &err));
     CHECK_OK(smc_row_set_init(&d_rows, P.sz.n_experts, &err));
-    CHECK_OK(sm_peer_backward(partial ? NULL : P.dx, &g, &rows, P.dout, P.x, &P.p, &P.acts, BT,
+    CHECK_OK(sm_peer_backward(partial ? NULL : P.dx, &g, &rows, P.dout, P.x, &P.p, &P.acts, N,
                               &err));
     CHECK_OK(smc_peer_backward(&T_GPU, partial ? NULL : P.d_dx, &dg, &d_rows, P.d_dout, P.d_x,
-                               &P.dp, &P.d_acts, BT, &err));
+                               &P.dp, &P.d_acts, N, &err));
     CHECK_SYNC("smc_peer_backward");
     CHECK_CLOSE(P.d_acts.dscore, P.acts.dscore, slots, 1e-4, "dscore");
-    CHECK_CLOSE(P.d_dx, P.dx, (size_t)BT * D, 1e-4, "dx");
+    CHECK_CLOSE(P.d_dx, P.dx, (size_t)N * D, 1e-4, "dx");
     CHECK_CLOSE(P.dg.w_q, P.g.w_q, P.sz.w_q, 1e-4, "dW_q");
     CHECK_CLOSE(P.dg.q_gain, P.g.q_gain, P.sz.q_gain, 1e-4, "dq_gain");
     CHECK_CLOSE(P.dg.keys1, P.g.keys1, P.sz.keys1, 1e-4, "dkeys1");
@@ -941,7 +941,7 @@ static int test_peer_relu_layernorm_k32_like_cpu(void) {
     return t_peer_check(&c, 33, 7, 52, 0);
 }
 
-/* k = s (every sub-key in both half lists), d_key = 2, BT = 300 positions
+/* k = s (every sub-key in both half lists), d_key = 2, N = 300 positions
  * (several blocks of rows), skipped gradients. RMSNorm: a LayerNorm over 2
  * values is ill-conditioned when they nearly agree, which 300 positions
  * would hit. */
@@ -980,7 +980,7 @@ static int test_peer_usage_like_cpu(void) {
     sm_error err;
     t_peer P;
     if (t_peer_setup(&P, &c, 24, 29, 56) || t_peer_forward_both(&P)) return 1;
-    slots = (size_t)P.BT * c.heads * c.topk;
+    slots = (size_t)P.N * c.heads * c.topk;
     CHECK_OK(sm_peer_usage_init(&cpu, P.sz.n_experts, &err));
     CHECK_OK(sm_peer_usage_init(&got, P.sz.n_experts, &err));
     CHECK_OK(smc_peer_usage_init(&dev, P.sz.n_experts, &err));
@@ -1003,8 +1003,8 @@ static int test_peer_usage_like_cpu(void) {
     return 0;
 }
 
-/* BT outside [1, max_bt] is refused, with a message naming it. */
-static int test_peer_rejects_bad_bt(void) {
+/* N outside [1, max_n] is refused, with a message naming it. */
+static int test_peer_rejects_bad_n(void) {
     sm_peer_config c = t_peer_cfg(5, 1, 2, 4, SM_PEER_ACT_GELU, SM_PEER_NORM_RMS);
     sm_peer_acts acts;
     sm_peer_params p;
@@ -1012,13 +1012,13 @@ static int test_peer_rejects_bad_bt(void) {
     CHECK_OK(smc_peer_acts_init(&acts, &c, 8, 3, &err));
     memset(&p, 0, sizeof p);
     CHECK(smc_peer_forward(&T_GPU, NULL, &acts, NULL, &p, 4, &err) == SM_ERR_INVALID_ARG,
-          "BT 4 > max_bt 3 accepted");
-    CHECK(strstr(err.msg, "BT") != NULL, "message does not name BT: %s", err.msg);
+          "N 4 > max_n 3 accepted");
+    CHECK(strstr(err.msg, "N 4") != NULL, "message does not name N: %s", err.msg);
     CHECK(smc_peer_backward(&T_GPU, NULL, &p, NULL, NULL, NULL, &p, &acts, 0, &err) ==
               SM_ERR_INVALID_ARG,
-          "BT 0 accepted");
+          "N 0 accepted");
     smc_peer_acts_free(&acts);
-    CHECK(smc_peer_acts_init(&acts, &c, 8, 0, &err) == SM_ERR_INVALID_ARG, "max_bt 0 accepted");
+    CHECK(smc_peer_acts_init(&acts, &c, 8, 0, &err) == SM_ERR_INVALID_ARG, "max_n 0 accepted");
     return 0;
 }
 
@@ -1028,9 +1028,9 @@ static int test_peer_rejects_bad_bt(void) {
         T(test_peer_relu_layernorm_k32_like_cpu),                                              \
         T(test_peer_k_equals_s_partial_grads), T(test_peer_many_slots_like_cpu),               \
         T(test_peer_wide_like_cpu), T(test_peer_k1_like_cpu), T(test_peer_usage_like_cpu),     \
-        T(test_peer_rejects_bad_bt)
+        T(test_peer_rejects_bad_n)
 
-/* ---- 5. mHC ------------------------------------------------------------ */
+/* ---- >>mhc  mHC ----------------------------------------------------- */
 
 /* count n x n logit matrices, N(0, 1), with one entry of every 7th matrix
  * pushed 100 below the rest so the clamp of the shifted logits is used. */
@@ -1104,17 +1104,17 @@ static int test_mhc_sinkhorn_backward(void) {
 
 typedef struct t_mhc {
     sm_mhc_config cfg;
-    int BT;
-    size_t nx, nu, nmaps, nparams, nact; /* floats: streams, [BT, C], maps, params, act */
+    int N;
+    size_t nx, nu, nmaps, nparams, nact; /* floats: streams, [N, C], maps, params, act */
     float *x, *params, *act_base, *dx, *dmaps; /* host; dx, dmaps: the CPU's post backward */
-    sm_mhc_act act;
+    sm_mhc_acts act;
     float *d_x, *d_params;
-    sm_mhc_act d_act;
+    sm_mhc_acts d_act;
 } t_mhc;
 
 /* Random streams and parameters away from the init: biases moved, gates
  * large and of both signs, phi std 0.3, so every token's maps differ. */
-static int t_mhc_setup(t_mhc *t, int n, int C, int dynamic, int iters, int BT, sm_rng *r) {
+static int t_mhc_setup(t_mhc *t, int n, int C, int dynamic, int iters, int N, sm_rng *r) {
     sm_error err;
     sm_mhc_params p;
     int k, K = sm_mhc_map_count(n);
@@ -1122,9 +1122,9 @@ static int t_mhc_setup(t_mhc *t, int n, int C, int dynamic, int iters, int BT, s
     t->cfg = sm_mhc_default_config();
     t->cfg.n_streams = n, t->cfg.channels = C, t->cfg.dynamic = dynamic;
     t->cfg.sinkhorn_iters = iters, t->cfg.phi_init_std = 0.3f;
-    t->BT = BT;
-    t->nx = (size_t)BT * n * C, t->nu = (size_t)BT * C, t->nmaps = (size_t)BT * K;
-    t->nparams = sm_mhc_param_layout(&t->cfg).total, t->nact = sm_mhc_act_size(&t->cfg, BT);
+    t->N = N;
+    t->nx = (size_t)N * n * C, t->nu = (size_t)N * C, t->nmaps = (size_t)N * K;
+    t->nparams = sm_mhc_param_layout(&t->cfg).total, t->nact = sm_mhc_acts_size(&t->cfg, N);
     t->params = (float *)t_alloc(t->nparams);
     CHECK_OK(sm_mhc_init(t->params, &t->cfg, r, &err));
     p = sm_mhc_params_at(&t->cfg, t->params);
@@ -1132,17 +1132,17 @@ static int t_mhc_setup(t_mhc *t, int n, int C, int dynamic, int iters, int BT, s
     if (dynamic) p.gate[0] = 0.7f, p.gate[1] = -0.4f, p.gate[2] = 0.9f;
     t->x = t_randn(r, t->nx, 1.0f);
     t->act_base = (float *)t_alloc(t->nact);
-    t->act = sm_mhc_act_at(&t->cfg, BT, t->act_base);
+    t->act = sm_mhc_acts_at(&t->cfg, N, t->act_base);
     t->d_x = (float *)t_dev(t->x, t->nx);
     t->d_params = (float *)t_dev(t->params, t->nparams);
-    CHECK_OK(smc_mhc_act_alloc(&t->d_act, &t->cfg, BT, &err));
+    CHECK_OK(smc_mhc_acts_alloc(&t->d_act, &t->cfg, N, &err));
     return 0;
 }
 
 static void t_mhc_free(t_mhc *t) {
     free(t->x), free(t->params), free(t->act_base), free(t->dx), free(t->dmaps);
     smc_dfree(t->d_x), smc_dfree(t->d_params);
-    smc_mhc_act_free(&t->d_act);
+    smc_mhc_acts_free(&t->d_act);
 }
 
 /* The CPU's activations onto the device, so the next step starts equal. */
@@ -1161,15 +1161,15 @@ static int t_mhc_check_pre_forward(t_mhc *t) {
     sm_mhc_params dp = sm_mhc_params_at(&t->cfg, t->d_params);
     float *u = (float *)t_alloc(t->nu), *du = (float *)t_dev(NULL, t->nu);
     int nC = t->cfg.n_streams * t->cfg.channels;
-    sm_mhc_pre_forward(u, &t->act, t->x, &p, &t->cfg, t->BT);
-    smc_mhc_pre_forward(&T_GPU, du, &t->d_act, t->d_x, &dp, &t->cfg, t->BT);
+    sm_mhc_pre_forward(u, &t->act, t->x, &p, &t->cfg, t->N);
+    smc_mhc_pre_forward(&T_GPU, du, &t->d_act, t->d_x, &dp, &t->cfg, t->N);
     CHECK_SYNC("mhc pre forward");
     CHECK_CLOSE(du, u, t->nu, 1e-5, "mhc pre forward: u");
     CHECK_CLOSE(t->d_act.maps, t->act.maps, t->nmaps, 1e-5, "mhc pre forward: maps");
     if (t->cfg.dynamic) {
         CHECK(t->d_act.xn && t->d_act.rstd && t->d_act.z, "dynamic activations missing");
-        CHECK_CLOSE(t->d_act.xn, t->act.xn, (size_t)t->BT * nC, 1e-5, "mhc pre forward: xn");
-        CHECK_CLOSE(t->d_act.rstd, t->act.rstd, (size_t)t->BT, 1e-5, "mhc pre forward: rstd");
+        CHECK_CLOSE(t->d_act.xn, t->act.xn, (size_t)t->N * nC, 1e-5, "mhc pre forward: xn");
+        CHECK_CLOSE(t->d_act.rstd, t->act.rstd, (size_t)t->N, 1e-5, "mhc pre forward: rstd");
         CHECK_CLOSE(t->d_act.z, t->act.z, t->nmaps, 1e-5, "mhc pre forward: z");
     } else {
         CHECK(!t->d_act.xn && !t->d_act.rstd && !t->d_act.z, "static activations not NULL");
@@ -1192,12 +1192,12 @@ static int t_mhc_check_post(t_mhc *t, sm_rng *r) {
     d_dx = (float *)t_dev(t->dx, t->nx);
     d_dm = (float *)t_dev(t->dmaps, t->nmaps);
     t_mhc_sync_act(t);
-    sm_mhc_post_forward(xn, t->x, y, &t->act, &t->cfg, t->BT);
-    smc_mhc_post_forward(&T_GPU, d_xn, t->d_x, d_y, &t->d_act, &t->cfg, t->BT);
+    sm_mhc_post_forward(xn, t->x, y, &t->act, &t->cfg, t->N);
+    smc_mhc_post_forward(&T_GPU, d_xn, t->d_x, d_y, &t->d_act, &t->cfg, t->N);
     CHECK_SYNC("mhc post forward");
     CHECK_CLOSE(d_xn, xn, t->nx, 1e-5, "mhc post forward: x_next");
-    sm_mhc_post_backward(t->dx, dy, t->dmaps, g, t->x, y, &t->act, &t->cfg, t->BT);
-    smc_mhc_post_backward(&T_GPU, d_dx, d_dy, d_dm, d_g, t->d_x, d_y, &t->d_act, &t->cfg, t->BT);
+    sm_mhc_post_backward(t->dx, dy, t->dmaps, g, t->x, y, &t->act, &t->cfg, t->N);
+    smc_mhc_post_backward(&T_GPU, d_dx, d_dy, d_dm, d_g, t->d_x, d_y, &t->d_act, &t->cfg, t->N);
     CHECK_SYNC("mhc post backward");
     CHECK_CLOSE(d_dx, t->dx, t->nx, 1e-5, "mhc post backward: dx");
     CHECK_CLOSE(d_dy, dy, t->nu, 1e-5, "mhc post backward: dy");
@@ -1221,8 +1221,8 @@ static int t_mhc_check_pre_backward(t_mhc *t, sm_rng *r) {
     sm_mhc_params g = sm_mhc_params_at(&t->cfg, grad), dg = sm_mhc_params_at(&t->cfg, d_grad);
     sm_mhc_layout l = sm_mhc_param_layout(&t->cfg);
     t_mhc_sync_act(t);
-    sm_mhc_pre_backward(t->dx, &g, t->dmaps, du, t->x, &t->act, &p, &t->cfg, t->BT);
-    smc_mhc_pre_backward(&T_GPU, d_dx, &dg, d_dm, d_du, t->d_x, &t->d_act, &dp, &t->cfg, t->BT);
+    sm_mhc_pre_backward(t->dx, &g, t->dmaps, du, t->x, &t->act, &p, &t->cfg, t->N);
+    smc_mhc_pre_backward(&T_GPU, d_dx, &dg, d_dm, d_du, t->d_x, &t->d_act, &dp, &t->cfg, t->N);
     CHECK_SYNC("mhc pre backward");
     CHECK_CLOSE(d_dx, t->dx, t->nx, 1e-4, "mhc pre backward: dx");
     CHECK_CLOSE(d_dm, t->dmaps, t->nmaps, 1e-4, "mhc pre backward: darg");
@@ -1236,7 +1236,7 @@ static int t_mhc_check_pre_backward(t_mhc *t, sm_rng *r) {
     return 0;
 }
 
-/* Every step of a sublayer for (n, C, iters, BT) cases; BT = 300 spans two
+/* Every step of a sublayer for (n, C, iters, N) cases; N = 300 spans two
  * blocks of the bias / gate sums, C = 37 is odd. */
 static int t_mhc_sublayer(int dynamic) {
     const int cases[][4] = {{4, 37, 20, 300}, {3, 37, 7, 70}, {1, 19, 20, 33}, {8, 16, 20, 40}};
@@ -1260,8 +1260,8 @@ static int test_mhc_sublayer_static(void) { return t_mhc_sublayer(0); }
 /* Expand / collapse and their backward (accumulating onto random
  * gradients): the CPU's operations in its order, 1e-6. */
 static int test_mhc_expand_collapse(void) {
-    const int BT = 70, n = 3, C = 37;
-    size_t nx = (size_t)BT * n * C, nh = (size_t)BT * C;
+    const int N = 70, n = 3, C = 37;
+    size_t nx = (size_t)N * n * C, nh = (size_t)N * C;
     sm_rng r;
     float *h, *x, *out_x, *out_h, *dx, *dh, *d_h, *d_x, *d_out_x, *d_out_h, *d_dx, *d_dh;
     sm_rng_seed(&r, 55);
@@ -1271,14 +1271,14 @@ static int test_mhc_expand_collapse(void) {
     d_h = (float *)t_dev(h, nh), d_x = (float *)t_dev(x, nx);
     d_out_x = (float *)t_dev(NULL, nx), d_out_h = (float *)t_dev(NULL, nh);
     d_dx = (float *)t_dev(dx, nx), d_dh = (float *)t_dev(dh, nh);
-    sm_mhc_expand_forward(out_x, h, BT, n, C);
-    sm_mhc_collapse_forward(out_h, x, BT, n, C);
-    sm_mhc_expand_backward(dh, x, BT, n, C);
-    sm_mhc_collapse_backward(dx, h, BT, n, C);
-    smc_mhc_expand_forward(&T_GPU, d_out_x, d_h, BT, n, C);
-    smc_mhc_collapse_forward(&T_GPU, d_out_h, d_x, BT, n, C);
-    smc_mhc_expand_backward(&T_GPU, d_dh, d_x, BT, n, C);
-    smc_mhc_collapse_backward(&T_GPU, d_dx, d_h, BT, n, C);
+    sm_mhc_expand_forward(out_x, h, N, n, C);
+    sm_mhc_collapse_forward(out_h, x, N, n, C);
+    sm_mhc_expand_backward(dh, x, N, n, C);
+    sm_mhc_collapse_backward(dx, h, N, n, C);
+    smc_mhc_expand_forward(&T_GPU, d_out_x, d_h, N, n, C);
+    smc_mhc_collapse_forward(&T_GPU, d_out_h, d_x, N, n, C);
+    smc_mhc_expand_backward(&T_GPU, d_dh, d_x, N, n, C);
+    smc_mhc_collapse_backward(&T_GPU, d_dx, d_h, N, n, C);
     CHECK_SYNC("mhc expand / collapse");
     CHECK_CLOSE(d_out_x, out_x, nx, 1e-6, "mhc expand forward");
     CHECK_CLOSE(d_out_h, out_h, nh, 1e-6, "mhc collapse forward");
@@ -1305,11 +1305,11 @@ static int t_mhc_stats_close(sm_rowcol_stats a, sm_rowcol_stats b, const char *w
 
 /* Row / column-sum error and amax gain of three layers' maps (few
  * iterations, so the sums are visibly off 1; some entries of the last layer
- * negated), and a bad config refused by smc_mhc_act_alloc. */
+ * negated), and a bad config refused by smc_mhc_acts_alloc. */
 static int test_mhc_diagnostics(void) {
     enum { LAYERS = 3 };
     t_mhc t[LAYERS];
-    sm_mhc_act host[LAYERS], dev[LAYERS];
+    sm_mhc_acts host[LAYERS], dev[LAYERS];
     sm_rowcol_stats cpu, gpu;
     sm_mhc_config bad;
     sm_error err;
@@ -1323,25 +1323,25 @@ static int test_mhc_diagnostics(void) {
         if (t_mhc_setup(&t[l], 4, 24, 1, 3, 301, &r)) return 1;
         p = sm_mhc_params_at(&t[l].cfg, t[l].params);
         u = (float *)t_alloc(t[l].nu);
-        sm_mhc_pre_forward(u, &t[l].act, t[l].x, &p, &t[l].cfg, t[l].BT);
+        sm_mhc_pre_forward(u, &t[l].act, t[l].x, &p, &t[l].cfg, t[l].N);
         if (l == LAYERS - 1) /* every token's H_res[0][0] (map 8 of K = 24) < 0 */
             for (k = 8; k < t[l].nmaps; k += 24) t[l].act.maps[k] *= -1.0f;
         t_mhc_sync_act(&t[l]);
         host[l] = t[l].act, dev[l] = t[l].d_act;
         free(u);
     }
-    cpu = sm_mhc_res_sum_error(&host[1], &t[1].cfg, t[1].BT);
-    CHECK_OK(smc_mhc_res_sum_error(&T_GPU, &gpu, &dev[1], &t[1].cfg, t[1].BT, &err));
+    cpu = sm_mhc_res_sum_error(&host[1], &t[1].cfg, t[1].N);
+    CHECK_OK(smc_mhc_res_sum_error(&T_GPU, &gpu, &dev[1], &t[1].cfg, t[1].N, &err));
     CHECK(cpu.row_max > 1e-4f, "row sums already converged (%g): the check is blind",
           (double)cpu.row_max);
     if (t_mhc_stats_close(gpu, cpu, "mhc res sum error")) return 1;
-    cpu = sm_mhc_amax_gain_tokens(host, LAYERS, &t[0].cfg, t[0].BT);
-    CHECK_OK(smc_mhc_amax_gain_tokens(&T_GPU, &gpu, dev, LAYERS, &t[0].cfg, t[0].BT, &err));
+    cpu = sm_mhc_amax_gain_tokens(host, LAYERS, &t[0].cfg, t[0].N);
+    CHECK_OK(smc_mhc_amax_gain_tokens(&T_GPU, &gpu, dev, LAYERS, &t[0].cfg, t[0].N, &err));
     if (t_mhc_stats_close(gpu, cpu, "mhc amax gain")) return 1;
     for (l = 0; l < LAYERS; l++) t_mhc_free(&t[l]);
     bad = t[0].cfg;
     bad.n_streams = SM_SINKHORN_MAX_N + 1;
-    CHECK(smc_mhc_act_alloc(&dev[0], &bad, 10, &err) == SM_ERR_INVALID_ARG && !dev[0].maps,
+    CHECK(smc_mhc_acts_alloc(&dev[0], &bad, 10, &err) == SM_ERR_INVALID_ARG && !dev[0].maps,
           "act alloc accepted n_streams = %d", bad.n_streams);
     CHECK(strstr(err.msg, "n_streams") != NULL, "message does not name n_streams: %s", err.msg);
     return 0;
@@ -1351,7 +1351,7 @@ static int test_mhc_diagnostics(void) {
     T(test_mhc_sinkhorn_forward), T(test_mhc_sinkhorn_backward), T(test_mhc_sublayer_dynamic), \
         T(test_mhc_sublayer_static), T(test_mhc_expand_collapse), T(test_mhc_diagnostics)
 
-/* ---- 6. backbone and loss ------------------------------------------- */
+/* ---- >>backbone  backbone and >>loss -------------------------------- */
 
 /* Gradient buffers start random so that the tests see backward accumulate. */
 
@@ -1455,11 +1455,11 @@ static int t_backbone_activations_case(size_t n, uint64_t seed) {
         float *d_dy = (float *)t_dev(dy, n), *d_dx = (float *)t_dev(dx, n);
         float *d_out = (float *)t_dev(NULL, n);
         if (silu) {
-            sm_silu_forward(out, x, n), sm_silu_backward(dx, x, dy, n);
-            smc_silu_forward(&T_GPU, d_out, d_x, n), smc_silu_backward(&T_GPU, d_dx, d_x, d_dy, n);
+            sm_silu_forward(out, x, n), sm_silu_backward(dx, dy, x, n);
+            smc_silu_forward(&T_GPU, d_out, d_x, n), smc_silu_backward(&T_GPU, d_dx, d_dy, d_x, n);
         } else {
-            sm_gelu_forward(out, x, n), sm_gelu_backward(dx, x, dy, n);
-            smc_gelu_forward(&T_GPU, d_out, d_x, n), smc_gelu_backward(&T_GPU, d_dx, d_x, d_dy, n);
+            sm_gelu_forward(out, x, n), sm_gelu_backward(dx, dy, x, n);
+            smc_gelu_forward(&T_GPU, d_out, d_x, n), smc_gelu_backward(&T_GPU, d_dx, d_dy, d_x, n);
         }
         CHECK_SYNC(silu ? "silu" : "gelu");
         CHECK_CLOSE(d_out, out, n, 1e-5, silu ? "silu out" : "gelu out");
@@ -1595,7 +1595,7 @@ static int test_backbone_crossentropy(void) {
     T(test_backbone_rmsnorm), T(test_backbone_linear), T(test_backbone_activations),         \
         T(test_backbone_embedding), T(test_backbone_attention), T(test_backbone_crossentropy)
 
-/* ---- 7. optimizer ----------------------------------------------------- */
+/* ---- >>optim  optimizer, >>params row sets -------------------------- */
 
 /* Whether the device set s holds the same rows as the host set h: equal
  * counts, every listed row distinct and in h, and equal marks. */
@@ -1917,7 +1917,7 @@ static int test_optimizer_check_names_tensor(void) {
     T(test_optimizer_row_set), T(test_optimizer_adamw_matches_cpu),                          \
         T(test_optimizer_adamw_grid_stride), T(test_optimizer_check_names_tensor)
 
-/* ---- 8. model: one whole training step, GPU vs CPU ---- */
+/* ---- >>model  one whole training step, GPU vs CPU ------------------- */
 
 /* A small model (V 97, T 24, 2 layers, C 48) with the modules `mods`
  * selects: 'e' Engram at layer 1, 'n' Engram-Nine (hot set from the batch),
@@ -1939,7 +1939,7 @@ static sm_model_config t_model_config(const char *mods) {
             c.use_nine = 1, c.engram.hash = iso.cold, c.nine = iso.nine;
     }
     if (strchr(mods, 'p')) {
-        c.peer_n_layers = 1, c.peer_layer_ids[0] = 0, c.peer_replace_mlp = 0;
+        c.use_peer = 1, c.peer_n_layers = 1, c.peer_layer_ids[0] = 0, c.peer_replace_mlp = 0;
         c.peer.n_sub = 12, c.peer.heads = 2, c.peer.topk = 4, c.peer.d_key = 16;
     }
     if (strchr(mods, 'm')) c.use_mhc = 1, c.mhc.channels = 48, c.engram_mhc = SM_ENGRAM_MHC_BRANCH;

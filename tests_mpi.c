@@ -1,4 +1,4 @@
-/* tests_mpi.c - the communicator and the row exchange of sharded tables
+/* tests_mpi.c (>>comm) - the communicator and the row exchange of sharded tables
  * across processes (the tests of tests_comm.h, which tests.c runs in one
  * process), and the trainer's data parallelism: a run on every rank against
  * the same run in one process, and checkpoints resumed across process

@@ -876,7 +876,7 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
     c->engram.hash.n_layers = k > 0 ? k : 1;
     for (i = 0; i < k; i++) c->engram.hash.layer_ids[i] = ids[i];
     c->engram.hash.n_heads = o->engram_heads;
-    c->engram.hash.table_rows = (uint32_t)o->engram_rows; /* checked by the parser and sm_model_validate */
+    c->engram.hash.table_rows = (uint32_t)o->engram_rows; /* checked by the parser and sm_model_config_validate */
     c->engram.hash.share_tables = o->engram_shared;
     c->engram.hash.seed = o->seed;
     if (tr_nine_config(o, c, msg, n) != 0) return -1;
@@ -885,6 +885,7 @@ static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char
         snprintf(msg, n, "--peer: expected a list of layers like 2, got '%s'", o->peer_layers);
         return -1;
     }
+    c->use_peer = k > 0;
     c->peer_n_layers = k;
     c->peer_replace_mlp = !o->peer_add;
     c->peer.n_sub = o->peer_experts_sqrt, c->peer.heads = o->peer_heads;
@@ -1188,7 +1189,7 @@ static double tr_engram_alpha_mean(const sm_model *m) {
 /* Over the mHC branches (a per-stream Engram has no maps: its residual map
  * is the identity, which leaves the composite gain unchanged). */
 static void tr_mhc_stats(const sm_model *m, tr_eval *e) {
-    sm_mhc_act acts[SM_MAX_SUBLAYERS];
+    sm_mhc_acts acts[SM_MAX_SUBLAYERS];
     sm_rowcol_stats gain;
     int i, n = 0, N = m->B * m->T;
     double err = 0;
@@ -1196,9 +1197,9 @@ static void tr_mhc_stats(const sm_model *m, tr_eval *e) {
     for (i = 0; i < m->n_sub; i++) {
         sm_rowcol_stats r;
         if (!m->sub[i].in_mhc) continue;
-        r = sm_mhc_res_sum_error(&m->sub[i].mhc_act, &m->cfg.mhc, N);
+        r = sm_mhc_res_sum_error(&m->sub[i].mhc_acts, &m->cfg.mhc, N);
         err = fmax(err, fmax(r.row_max, r.col_max));
-        acts[n++] = m->sub[i].mhc_act;
+        acts[n++] = m->sub[i].mhc_acts;
     }
     gain = sm_mhc_amax_gain_tokens(acts, n, &m->cfg.mhc, N);
     e->mhc_sum_err = fmax(isnan(e->mhc_sum_err) ? 0 : e->mhc_sum_err, err);

@@ -175,7 +175,7 @@ static void bench_peer(void) {
     memset(c, 0, sizeof c);
     for (i = 0; i < 4; i++) {
         c[i].cfg = base_config();
-        c[i].cfg.peer_n_layers = 1;
+        c[i].cfg.use_peer = 1, c[i].cfg.peer_n_layers = 1;
         c[i].cfg.peer_layer_ids[0] = 6;
         c[i].cfg.peer.n_sub = s[i];
         snprintf(names[i], sizeof names[i], "PEER N=%dK", s[i] * s[i] / 1024);

@@ -88,7 +88,7 @@ static void bench_peer(int rounds) {
     for (i = 0; i < 4; i++) {
         static char names[4][32];
         c[i + 1].cfg = base_config();
-        c[i + 1].cfg.peer_n_layers = 1;
+        c[i + 1].cfg.use_peer = 1, c[i + 1].cfg.peer_n_layers = 1;
         c[i + 1].cfg.peer_layer_ids[0] = 2;
         c[i + 1].cfg.peer.n_sub = s[i];
         snprintf(names[i], sizeof names[i], "PEER N=%dK", s[i] * s[i] / 1024);
@@ -140,29 +140,30 @@ static void bench_engram(int rounds) {
 /* Time of the mHC maps and mixing alone for one sublayer, scaled to all
  * sublayers: where the overhead goes. */
 static double mhc_layer_seconds(const sm_model_config *cfg, int rounds) {
-    int BT = B * cfg->seq_len, n = cfg->mhc.n_streams, C = cfg->d_model, K = sm_mhc_map_count(n), r;
+    int N = B * cfg->seq_len, n = cfg->mhc.n_streams, C = cfg->d_model, K = sm_mhc_map_count(n), r;
     sm_mhc_layout lay = sm_mhc_param_layout(&cfg->mhc);
     float *p = (float *)calloc(lay.total, 4), *g = (float *)calloc(lay.total, 4);
-    float *x = (float *)calloc((size_t)BT * n * C, 4), *xn = (float *)calloc((size_t)BT * n * C, 4);
-    float *dx = (float *)calloc((size_t)BT * n * C, 4), *dxn = (float *)calloc((size_t)BT * n * C, 4);
-    float *u = (float *)calloc((size_t)BT * C, 4), *y = (float *)calloc((size_t)BT * C, 4);
-    float *du = (float *)calloc((size_t)BT * C, 4), *dy = (float *)calloc((size_t)BT * C, 4);
-    float *dmaps = (float *)calloc((size_t)BT * K, 4), *actm = (float *)calloc(sm_mhc_act_size(&cfg->mhc, BT), 4);
-    sm_mhc_act act = sm_mhc_act_at(&cfg->mhc, BT, actm);
+    float *x = (float *)calloc((size_t)N * n * C, 4), *xn = (float *)calloc((size_t)N * n * C, 4);
+    float *dx = (float *)calloc((size_t)N * n * C, 4), *dxn = (float *)calloc((size_t)N * n * C, 4);
+    float *u = (float *)calloc((size_t)N * C, 4), *y = (float *)calloc((size_t)N * C, 4);
+    float *du = (float *)calloc((size_t)N * C, 4), *dy = (float *)calloc((size_t)N * C, 4);
+    float *dmaps = (float *)calloc((size_t)N * K, 4);
+    float *actm = (float *)calloc(sm_mhc_acts_size(&cfg->mhc, N), 4);
+    sm_mhc_acts act = sm_mhc_acts_at(&cfg->mhc, N, actm);
     sm_mhc_params pp = sm_mhc_params_at(&cfg->mhc, p), pg = sm_mhc_params_at(&cfg->mhc, g);
     sm_rng rng;
     double best = 1e30;
     sm_rng_seed(&rng, 3);
     sm_mhc_init(p, &cfg->mhc, &rng, NULL);
-    sm_rng_fill_normal(&rng, x, (size_t)BT * n * C, 1.0f);
-    sm_rng_fill_normal(&rng, y, (size_t)BT * C, 1.0f);
+    sm_rng_fill_normal(&rng, x, (size_t)N * n * C, 1.0f);
+    sm_rng_fill_normal(&rng, y, (size_t)N * C, 1.0f);
     for (r = 0; r < rounds; r++) {
         double t = sm_now();
-        sm_mhc_pre_forward(u, &act, x, &pp, &cfg->mhc, BT);
-        sm_mhc_post_forward(xn, x, y, &act, &cfg->mhc, BT);
-        memset(dmaps, 0, sizeof(float) * BT * K);
-        sm_mhc_post_backward(dx, dy, dmaps, dxn, x, y, &act, &cfg->mhc, BT);
-        sm_mhc_pre_backward(dx, &pg, dmaps, du, x, &act, &pp, &cfg->mhc, BT);
+        sm_mhc_pre_forward(u, &act, x, &pp, &cfg->mhc, N);
+        sm_mhc_post_forward(xn, x, y, &act, &cfg->mhc, N);
+        memset(dmaps, 0, sizeof(float) * N * K);
+        sm_mhc_post_backward(dx, dy, dmaps, dxn, x, y, &act, &cfg->mhc, N);
+        sm_mhc_pre_backward(dx, &pg, dmaps, du, x, &act, &pp, &cfg->mhc, N);
         t = sm_now() - t;
         best = t < best ? t : best;
     }

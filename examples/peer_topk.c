@@ -44,7 +44,7 @@ int main(int argc, char **argv) {
     int32_t be[SM_TOPK_MAX], pe[SM_TOPK_MAX];
     double t_brute = 0, t_product = 0, t0;
     cfg.n_sub = s, cfg.topk = k, cfg.d_key = d_key, cfg.heads = 1;
-    if (sm_peer_validate(&cfg, 1, &err) != SM_OK || nq < 1) {
+    if (sm_peer_config_validate(&cfg, 1, &err) != SM_OK || nq < 1) {
         fprintf(stderr, "peer_topk: %s\n", nq < 1 ? "queries must be >= 1" : err.msg);
         return 1;
     }
