@@ -38,6 +38,7 @@ static void t_trainer_opts(tr_opts *o, const char *out) {
     o->mhc_streams = 2;
     snprintf(o->strategy, sizeof o->strategy, "auto");
     o->coord_every = 3;
+    o->diag_every = 2; /* diag.csv rows at steps 2, 4, ..., 12 */
 }
 
 /* Remove a test's output folder (left by an earlier, interrupted run). */

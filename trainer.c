@@ -91,7 +91,7 @@ typedef struct {
     int nine_hot_key, nine_hot_gate;
     /* training */
     int batch, eval_batches;
-    long steps, warmup, eval_every, ckpt_every;
+    long steps, warmup, eval_every, ckpt_every, diag_every;
     float lr, min_lr_ratio, weight_decay, grad_clip;
     float lr_engram, lr_peer, lr_mhc; /* < 0: same as lr (table: x5) */
     int coord_every;
@@ -171,6 +171,7 @@ static const tr_opt_spec tr_specs[] = {
     NUM("grad-clip", O_FLOAT, grad_clip, 0, 1e6, "global gradient-norm clip (0 = off)"),
     NUM("eval-every", O_LONG, eval_every, 0, TR_STEPS_MAX, "steps between evaluations (0 = only at the end)"),
     NUM("eval-batches", O_INT, eval_batches, 0, TR_STEPS_MAX, "validation batches per eval (0 = all of it)"),
+    NUM("diag-every", O_LONG, diag_every, 0, TR_STEPS_MAX, "steps between rows of diag.csv, the training-time module diagnostics (0 = off)"),
     NUM("ckpt-every", O_LONG, ckpt_every, 0, TR_STEPS_MAX, "steps between checkpoints (0 = only at the end)"),
     OPT("engram", O_STR, engram_layers, "Engram at these layers, e.g. 1 or 1,3 (empty = off)"),
     NUM("engram-rows", O_LONG, engram_rows, 2, 2147483648.0, "Engram table rows per head (a prime >= it is used)"),
@@ -215,7 +216,7 @@ static void tr_defaults(tr_opts *o) {
     o->vocab = 8192;
     o->val_frac = 0.05f;
     o->n_layer = 4, o->d_model = 128, o->n_head = 4, o->seq_len = 128;
-    o->batch = 8, o->steps = 600, o->eval_every = 100, o->eval_batches = 0;
+    o->batch = 8, o->steps = 600, o->eval_every = 100, o->eval_batches = 0, o->diag_every = 10;
     o->lr = 1e-3f, o->min_lr_ratio = 0.1f, o->warmup = 50, o->weight_decay = 0.1f;
     o->grad_clip = 1.0f;
     o->lr_engram = o->lr_peer = o->lr_mhc = -1.0f;
@@ -231,13 +232,13 @@ static void tr_defaults(tr_opts *o) {
 static int tr_apply_preset(tr_opts *o, const char *name) {
     if (strcmp(name, "tiny") == 0) {
         o->n_layer = 4, o->d_model = 128, o->n_head = 4, o->seq_len = 128, o->batch = 8;
-        o->steps = 600, o->eval_every = 100;
+        o->steps = 600, o->eval_every = 100, o->diag_every = 10;
     } else if (strcmp(name, "small") == 0) {
         o->n_layer = 6, o->d_model = 256, o->n_head = 8, o->seq_len = 256, o->batch = 16;
-        o->steps = 3000, o->eval_every = 250;
+        o->steps = 3000, o->eval_every = 250, o->diag_every = 50;
     } else if (strcmp(name, "gpt2s") == 0) {
         o->n_layer = 12, o->d_model = 768, o->n_head = 12, o->seq_len = 1024, o->batch = 8;
-        o->steps = 20000, o->eval_every = 1000, o->lr = 6e-4f;
+        o->steps = 20000, o->eval_every = 1000, o->diag_every = 200, o->lr = 6e-4f;
     } else {
         return -1;
     }
@@ -1524,10 +1525,16 @@ static void tr_sync_log(FILE *f, const tr_opts *o, const char *name) {
     if (err.code != SM_OK) tr_die("log", &err);
 }
 
+/* The columns of tr_log_training_stats. */
+#define TR_TRAINING_STATS_COLS                                                                  \
+    "dout_backbone,dout_engram,dout_peer,gpar_backbone,gpar_engram,gpar_peer,gpar_mhc,"        \
+    "lr_backbone,lr_engram,lr_peer,lr_mhc"
+
+/* log.csv: one row per evaluation. out_* are measured on the held-out
+ * batches, dout_* and gpar_* are the training-time moving averages. */
 static const char *tr_eval_header =
     "step,tokens,train_loss,val_loss,val_ppl,tokens_per_s,"
-    "out_backbone,out_engram,out_peer,dout_backbone,dout_engram,dout_peer,"
-    "gpar_backbone,gpar_engram,gpar_peer,gpar_mhc,lr_backbone,lr_engram,lr_peer,lr_mhc,"
+    "out_backbone,out_engram,out_peer," TR_TRAINING_STATS_COLS ","
     "engram_alpha,peer_frac_used,peer_kl,mhc_sum_err,mhc_amax_fwd,mhc_amax_bwd,"
     "hot_share,loss_hot,loss_cold,hot_cold_delta,alpha_hot,alpha_cold";
 
@@ -1559,15 +1566,22 @@ static void tr_write_route_tables(const tr_opts *o, const sm_route_report *rr) {
     fclose(f);
 }
 
+/* The training-time moving averages of the output-gradient and parameter-
+ * gradient norms, and the module lrs in force (TR_TRAINING_STATS_COLS). */
+static void tr_log_training_stats(FILE *f, const tr_module_stats *avg, const float lr[TR_N_MODULES]) {
+    int k;
+    for (k = 0; k < 3; k++) fprintf(f, ",%.6g", avg->dout[k]); /* mHC adds no output of its own */
+    for (k = 0; k < TR_N_MODULES; k++) fprintf(f, ",%.6g", avg->gpar[k]);
+    for (k = 0; k < TR_N_MODULES; k++) fprintf(f, ",%.6g", lr[k]);
+}
+
 static void tr_log_eval(FILE *f, const tr_run *r, double train_loss, const tr_eval *e,
                         const float lr[TR_N_MODULES]) {
     int k;
     fprintf(f, "%ld,%.0f,%.6f,%.6f,%.4f,%.1f", r->step, r->tokens_seen, train_loss, e->loss, e->ppl,
             r->train_seconds > 0 ? r->tokens_seen / r->train_seconds : 0.0);
     for (k = 0; k < 3; k++) fprintf(f, ",%.6g", e->mod.out[k]); /* eval output norms */
-    for (k = 0; k < 3; k++) fprintf(f, ",%.6g", r->train_avg.dout[k]);
-    for (k = 0; k < TR_N_MODULES; k++) fprintf(f, ",%.6g", r->train_avg.gpar[k]);
-    for (k = 0; k < TR_N_MODULES; k++) fprintf(f, ",%.6g", lr[k]);
+    tr_log_training_stats(f, &r->train_avg, lr);
     fprintf(f, ",%.6g,%.6g,%.6g,%.6g,%.6g,%.6g", e->engram_alpha, e->peer_frac_used, e->peer_kl,
             e->mhc_sum_err, e->mhc_amax_fwd, e->mhc_amax_bwd);
     if (e->has_route)
@@ -1605,6 +1619,32 @@ static void tr_current_lrs(const tr_opts *o, const tr_run *r, float lr[TR_N_MODU
     for (k = 0; k < TR_N_MODULES; k++) lr[k] = tr_base_lr(o, k);
     tr_schedule_lrs(o->phases, o->n_phases, r->step, o->steps, lr);
     for (k = 0; k < TR_N_MODULES; k++) lr[k] *= r->coord.mult[k];
+}
+
+/* diag.csv: a row every --diag-every steps (and at the last step), so the
+ * module diagnostics have many points without more evaluations. Every
+ * value comes from the training steps themselves (no extra passes), and
+ * every rank has the same (the sublayer norms and gradients are combined
+ * across ranks before they are measured): train_out_* are the moving
+ * averages (decay 0.9 per step, as dout_* and gpar_*) of the output norms
+ * on the training batches. Not here: the Engram gate, PEER usage and the
+ * mHC errors, which the GPU does not bring back to the host, which under
+ * MPI would be one rank's slice, and whose PEER usage depends on how many
+ * tokens it counts (log.csv has them per eval). */
+static const char *tr_diag_header = "step,train_out_backbone,train_out_engram,train_out_peer," TR_TRAINING_STATS_COLS;
+
+static int tr_diag_due(const tr_opts *o, long step) {
+    return o->diag_every > 0 && (step % o->diag_every == 0 || step == o->steps);
+}
+
+static void tr_log_diag(FILE *f, const tr_opts *o, const tr_run *r) {
+    float lr[TR_N_MODULES];
+    int k;
+    tr_current_lrs(o, r, lr);
+    fprintf(f, "%ld", r->step);
+    for (k = 0; k < 3; k++) fprintf(f, ",%.6g", r->train_avg.out[k]);
+    tr_log_training_stats(f, &r->train_avg, lr);
+    fprintf(f, "\n");
 }
 
 /* The top-N n-gram set of the training split (hot tier or route labels). */
@@ -1932,22 +1972,23 @@ static void tr_plot_losses(const tr_opts *o) {
 }
 
 typedef struct {
-    FILE *evlog, *steplog;
+    FILE *evlog, *steplog, *diaglog;
     char ckpt[TR_PATH];
     tr_eval e; /* the last evaluation */
 } tr_outputs;
 
-/* Rank 0's files of a run: the two logs (cut back to the checkpoint's
+/* Rank 0's files of a run: the three logs (cut back to the checkpoint's
  * step on --resume) and where the checkpoint goes. */
 static void tr_outputs_open(tr_outputs *w, const tr_opts *o, const tr_run *r) {
     memset(w, 0, sizeof *w);
     w->evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume ? r->step : -1);
     w->steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume ? r->step : -1);
+    w->diaglog = tr_open_log(o, "diag.csv", tr_diag_header, o->resume ? r->step : -1); /* header only: off */
     tr_path(w->ckpt, o, "model.ckpt");
 }
 
 static void tr_outputs_close(tr_outputs *w) {
-    fclose(w->evlog), fclose(w->steplog);
+    fclose(w->evlog), fclose(w->steplog), fclose(w->diaglog);
 }
 
 /* Rank 0's part of a step: the step log, progress, evals and checkpoints. */
@@ -1955,6 +1996,7 @@ static void tr_record_step(tr_run *r, const tr_opts *o, tr_outputs *w, double lo
     sm_error err = {SM_OK, ""};
     fprintf(w->steplog, "%ld,%.6f,%.6f\n", r->step, loss,
             sm_lr_schedule(r->step - 1, o->warmup, o->steps, o->min_lr_ratio));
+    if (tr_diag_due(o, r->step)) tr_log_diag(w->diaglog, o, r);
     tr_progress(o, r, r->loss_avg);
     if ((o->eval_every > 0 && r->step % o->eval_every == 0) || r->step == o->steps) {
         float lr[TR_N_MODULES];
@@ -1970,6 +2012,7 @@ static void tr_record_step(tr_run *r, const tr_opts *o, tr_outputs *w, double lo
         tr_to_host(r);
         tr_sync_log(w->evlog, o, "log.csv");
         tr_sync_log(w->steplog, o, "steps.csv");
+        tr_sync_log(w->diaglog, o, "diag.csv");
         if (tr_save_checkpoint(r, o, w->ckpt, &err) != SM_OK) tr_die("checkpoint", &err);
     }
 }
