@@ -1807,6 +1807,71 @@ static int test_trainer_eval_sample_report(void) {
     return 0;
 }
 
+/* The report's per-module charts (outputs, gradients, lrs) of the two
+ * seeds in dirs: 1 when every one reads log `kind` and each of its lines
+ * (3 output norms, 4 gradient norms, 4 lrs) has `points` points and a
+ * seed band. */
+static int t_module_charts_read(char **dirs, tr_log_kind kind, int points) {
+    tr_report rep;
+    tr_line_item items[TR_N_MODULES];
+    smp_series se[SMP_MAX_SERIES];
+    int c, i, k, ok;
+    memset(&rep, 0, sizeof rep);
+    rep.runs = (tr_report_run *)calloc(2, sizeof *rep.runs);
+    rep.groups = (tr_report_group *)calloc(2, sizeof *rep.groups);
+    ok = rep.runs && rep.groups && tr_report_load(&rep, dirs, 2) == 2;
+    if (ok) tr_report_group_runs(&rep);
+    ok = ok && rep.n_groups == 1;
+    for (c = 0; ok && c < 3; c++) {
+        ok = tr_module_items(&rep.groups[0], &tr_module_charts[c], items) == kind;
+        k = tr_items_series(items, TR_N_MODULES, kind, 0, se);
+        ok = ok && k == (c == 0 ? 3 : 4);
+        for (i = 0; i < k; i++) {
+            if (se[i].n != points || !se[i].y_lo) {
+                fprintf(stderr, "  chart %s, %s: %d points, %s band\n", tr_module_charts[c].prefix, se[i].name,
+                        se[i].n, se[i].y_lo ? "a" : "no");
+                ok = 0;
+            }
+            free((void *)se[i].x);
+        }
+    }
+    tr_report_free(&rep);
+    return ok;
+}
+
+/* The report's module charts have a point per diag.csv row (steps 2, 4,
+ * ..., 12) where every seed has diag.csv rows; with a seed that has none
+ * (--diag-every 0, or a run from before diag.csv) they fall back to
+ * log.csv's point per eval (steps 4, 8, 12). The charts are drawn. */
+static int test_trainer_report_reads_diag(void) {
+    char d0[] = "test_tmp_diag-s1", d1[] = "test_tmp_diag-s2";
+    char *dirs[] = {d0, d1};
+    tr_opts o;
+    unsigned char *png;
+    int i, w, h, ch;
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    for (i = 0; i < 2; i++) {
+        t_remove_tree(dirs[i]);
+        t_trainer_opts(&o, dirs[i]);
+        o.seed = (uint64_t)i + 1;
+        CHECK(tr_train(&o) == 0, "run %s failed", dirs[i]);
+    }
+    CHECK(t_module_charts_read(dirs, TR_LOG_DIAG, 6), "the module charts do not show diag.csv's 6 rows");
+    tr_defaults(&o);
+    snprintf(o.out, sizeof o.out, "test_tmp_diag_report");
+    o.quiet = 1;
+    CHECK(tr_cmd_report(&o, dirs, 2) == 0, "report failed");
+    png = stbi_load("test_tmp_diag_report/grads_test_tmp_diag.png", &w, &h, &ch, 3);
+    CHECK(png != NULL && w == SMP_DEFAULT_W && h == SMP_DEFAULT_H, "grads_test_tmp_diag.png does not decode");
+    stbi_image_free(png);
+    t_trainer_opts(&o, d1);
+    o.seed = 2, o.diag_every = 0;
+    CHECK(tr_train(&o) == 0, "run %s without diag rows failed", d1);
+    CHECK(t_module_charts_read(dirs, TR_LOG_EVAL, 3), "without diag.csv rows, the charts do not show log.csv's 3 evals");
+    t_remove_tree(d0), t_remove_tree(d1), t_remove_tree("test_tmp_diag_report"), remove("test_tmp_corpus.txt");
+    return 0;
+}
+
 /* ---- >>optim  optimizer and >>params -------------------------------- */
 
 static int test_adamw_matches_formula(void) {
@@ -7525,6 +7590,7 @@ static const t_case t_cases[] = {
     T(test_trainer_cli_option_ranges),
     T(test_trainer_cli_messages),
     T(test_trainer_eval_sample_report),
+    T(test_trainer_report_reads_diag),
     T(test_adamw_matches_formula), T(test_adamw_frozen_group_keeps_moments),
     T(test_adamw_eps_matters),
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),

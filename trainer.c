@@ -2235,11 +2235,12 @@ static double tr_json_number(const char *path, const char *key) {
     return v;
 }
 
-/* One finished run: its final numbers, eval log (log.csv) and per-step
- * training log (steps.csv). */
+/* One finished run: its final numbers, eval log (log.csv), per-step
+ * training log (steps.csv) and training-time diagnostics (diag.csv; no rows
+ * in a run from before it, or with --diag-every 0). */
 typedef struct {
     char dir[TR_PATH], label[TR_LABEL];
-    smp_csv log, steps;
+    smp_csv log, steps, diag;
     double val_loss, tok_s, params, xdomain;
     double loss_hot, loss_cold, hot_cold_delta; /* NaN without route statistics */
 } tr_report_run;
@@ -2263,9 +2264,12 @@ typedef struct {
 /* The summary.json keys a report reads, in tr_report_run's order. */
 static const char *const tr_summary_keys[6] = {"val_loss", "tokens_per_s", "params",
                                                "loss_hot", "loss_cold", "hot_cold_delta"};
-/* Legend names of the modules, and their diagnostic columns in log.csv. */
+/* Legend names of the modules, and their diagnostic columns in log.csv
+ * (and diag.csv, where the output norms are train_out_*). */
 static const char *const tr_module_legend[TR_N_MODULES] = {"backbone", "Engram", "PEER", "mHC"};
 static const char *const tr_out_cols[TR_N_MODULES] = {"out_backbone", "out_engram", "out_peer", NULL};
+static const char *const tr_train_out_cols[TR_N_MODULES] = {"train_out_backbone", "train_out_engram",
+                                                            "train_out_peer", NULL};
 static const char *const tr_gpar_cols[TR_N_MODULES] = {"gpar_backbone", "gpar_engram", "gpar_peer", "gpar_mhc"};
 static const char *const tr_lr_cols[TR_N_MODULES] = {"lr_backbone", "lr_engram", "lr_peer", "lr_mhc"};
 static const char *const tr_alpha_buckets[SM_ROUTE_ALPHA_BUCKETS] = {"0-.2", ".2-.4", ".4-.6", ".6-.8", ".8-1"};
@@ -2318,6 +2322,8 @@ static int tr_report_load_run(tr_report_run *r, const char *dir) {
     smp_csv_read(&r->log, path, NULL); /* a missing log leaves an empty table */
     tr_join(path, dir, "steps.csv");
     smp_csv_read(&r->steps, path, NULL);
+    tr_join(path, dir, "diag.csv");
+    smp_csv_read(&r->diag, path, NULL);
     tr_run_label(dir, r->label, sizeof r->label);
     return 0;
 }
@@ -2462,17 +2468,24 @@ typedef struct {
     const char *col, *name;
 } tr_line_item;
 
-/* Column `col` of every seed's eval log (per_step = 0) or per-step log
- * (per_step = 1), each smoothed over +-half rows, as a series: the mean
+/* The logs of a run a chart reads from. */
+typedef enum { TR_LOG_EVAL, TR_LOG_STEPS, TR_LOG_DIAG } tr_log_kind;
+
+static const smp_csv *tr_run_log(const tr_report_run *r, tr_log_kind kind) {
+    return kind == TR_LOG_STEPS ? &r->steps : kind == TR_LOG_DIAG ? &r->diag : &r->log;
+}
+
+/* Column `col` of every seed's log of that kind, each smoothed over +-half
+ * rows, as a series: the mean
  * over the seeds shaded from the lowest to the highest seed (no band for
  * one seed). x, y, y_lo and y_hi share one allocation at x. Returns 0
  * (nothing allocated) when the column is missing or all NaN. */
-static int tr_seed_band(const tr_report_group *g, int per_step, const char *col, int half, smp_series *se) {
-    const smp_csv *t0 = per_step ? &g->runs[0]->steps : &g->runs[0]->log;
+static int tr_seed_band(const tr_report_group *g, tr_log_kind kind, const char *col, int half, smp_series *se) {
+    const smp_csv *t0 = tr_run_log(g->runs[0], kind);
     float *ys[TR_MAX_RUNS], *block, *raw;
     int n = t0->n_rows, i, r;
     for (i = 1; i < g->n; i++) { /* the rows every seed has */
-        const smp_csv *t = per_step ? &g->runs[i]->steps : &g->runs[i]->log;
+        const smp_csv *t = tr_run_log(g->runs[i], kind);
         n = t->n_rows < n ? t->n_rows : n;
     }
     if (n == 0 || smp_csv_col(t0, col) < 0) return 0;
@@ -2480,7 +2493,7 @@ static int tr_seed_band(const tr_report_group *g, int per_step, const char *col,
     if (!block) return 0;
     for (i = 0; i < g->n; i++) {
         ys[i] = block + (size_t)(4 + i) * n;
-        raw = smp_csv_column(per_step ? &g->runs[i]->steps : &g->runs[i]->log, col);
+        raw = smp_csv_column(tr_run_log(g->runs[i], kind), col);
         if (raw) smp_moving_average(raw, n, half, ys[i]);
         else for (r = 0; r < n; r++) ys[i][r] = NAN;
         smp_free(raw);
@@ -2497,20 +2510,28 @@ static int tr_seed_band(const tr_report_group *g, int per_step, const char *col,
     return 1;
 }
 
+/* The series of the items that have data in their logs of that kind (at
+ * most SMP_MAX_SERIES); returns how many. Each series' x holds its
+ * allocation (free it). */
+static int tr_items_series(const tr_line_item *items, int n, tr_log_kind kind, int half, smp_series *se) {
+    int i, k = 0;
+    for (i = 0; i < n && k < SMP_MAX_SERIES; i++) {
+        if (!items[i].col || !tr_seed_band(items[i].g, kind, items[i].col, half, &se[k])) continue;
+        se[k].name = items[i].name;
+        k++;
+    }
+    return k;
+}
+
 /* A line chart of the items (those with data) against the training step,
  * styled by `style` (title, y label, log y, reference line), to
  * OUT/file. */
-static void tr_plot_items(const tr_report *rep, const tr_line_item *items, int n, int per_step, int half,
+static void tr_plot_items(const tr_report *rep, const tr_line_item *items, int n, tr_log_kind kind, int half,
                           const smp_line_spec *style, const char *file) {
     smp_series se[SMP_MAX_SERIES];
     smp_line_spec sp = *style;
     char path[TR_PATH], errbuf[SMP_ERR_SIZE];
-    int i, k = 0;
-    for (i = 0; i < n && k < SMP_MAX_SERIES; i++) {
-        if (!items[i].col || !tr_seed_band(items[i].g, per_step, items[i].col, half, &se[k])) continue;
-        se[k].name = items[i].name;
-        k++;
-    }
+    int i, k = tr_items_series(items, n, kind, half, se);
     if (k == 0) return;
     sp.xlabel = "training step", sp.series = se, sp.n_series = k;
     tr_join(path, rep->out, file);
@@ -2519,12 +2540,12 @@ static void tr_plot_items(const tr_report *rep, const tr_line_item *items, int n
 }
 
 /* One column over all configurations, one line each (mean over seeds). */
-static void tr_plot_configs(const tr_report *rep, const char *col, int per_step, int half,
+static void tr_plot_configs(const tr_report *rep, const char *col, tr_log_kind kind, int half,
                             const smp_line_spec *style, const char *file) {
     tr_line_item items[TR_MAX_RUNS] = {{NULL, NULL, NULL}};
     int j;
     for (j = 0; j < rep->n_groups; j++) items[j].g = &rep->groups[j], items[j].col = col, items[j].name = rep->groups[j].label;
-    tr_plot_items(rep, items, rep->n_groups, per_step, half, style, file);
+    tr_plot_items(rep, items, rep->n_groups, kind, half, style, file);
 }
 
 /* A chart style: title, y label (with its unit), log y. */
@@ -2541,43 +2562,76 @@ static void tr_plot_losses_over_seeds(const tr_report *rep) {
     smp_line_spec sp = tr_style("Validation loss (line: mean over seeds, band: min-max)", "loss (nats/token)", 0);
     int half = tr_smoothing_half(rep->groups[0].runs[0]->steps.n_rows);
     char title[160];
-    tr_plot_configs(rep, "val_loss", 0, 0, &sp, "val_loss.png");
+    tr_plot_configs(rep, "val_loss", TR_LOG_EVAL, 0, &sp, "val_loss.png");
     snprintf(title, sizeof title, "Training loss, %d-step moving average (line: mean over seeds, band: min-max)",
              2 * half + 1);
     sp.title = title;
-    tr_plot_configs(rep, "loss", 1, half, &sp, "train_loss.png");
+    tr_plot_configs(rep, "loss", TR_LOG_STEPS, half, &sp, "train_loss.png");
 }
 
-/* One configuration's per-module columns (outputs, gradients or learning
- * rates) in one chart, each the mean over its seeds with a band. */
-static void tr_plot_modules(const tr_report *rep, const tr_report_group *g, const char *const *cols,
-                            const char *what, const char *ylabel, const char *prefix) {
-    tr_line_item items[TR_N_MODULES];
-    smp_line_spec sp;
-    char title[256], file[200];
+/* A chart of one quantity per module: its file prefix and y label, and
+ * what it shows with its columns in diag.csv and in log.csv (runs from
+ * before diag.csv). */
+typedef struct {
+    const char *prefix, *ylabel;
+    const char *diag_what, *const *diag_cols;
+    const char *eval_what, *const *eval_cols;
+} tr_module_chart;
+
+#define TR_EMA_NOTE "moving average, decay 0.9/step"
+static const tr_module_chart tr_module_charts[] = {
+    {"outputs", "L2 norm per position", "output norm on training batches, " TR_EMA_NOTE, tr_train_out_cols,
+     "output norm on held-out batches, per eval", tr_out_cols},
+    {"grads", "gradient L2 norm", "parameter gradient norm, " TR_EMA_NOTE, tr_gpar_cols,
+     "parameter gradient norm, " TR_EMA_NOTE, tr_gpar_cols},
+    {"lr", "learning rate (before warmup/cosine factor)", "learning rate", tr_lr_cols, "learning rate", tr_lr_cols},
+};
+
+/* diag.csv where every seed of the group has rows in it, else log.csv. */
+static tr_log_kind tr_module_log(const tr_report_group *g) {
+    int i;
+    for (i = 0; i < g->n; i++)
+        if (g->runs[i]->diag.n_rows == 0) return TR_LOG_EVAL;
+    return TR_LOG_DIAG;
+}
+
+/* A chart's lines for one configuration, one per module; returns the log
+ * they read. */
+static tr_log_kind tr_module_items(const tr_report_group *g, const tr_module_chart *c,
+                                   tr_line_item items[TR_N_MODULES]) {
+    tr_log_kind kind = tr_module_log(g);
+    const char *const *cols = kind == TR_LOG_DIAG ? c->diag_cols : c->eval_cols;
     int m;
     for (m = 0; m < TR_N_MODULES; m++) items[m].g = g, items[m].col = cols[m], items[m].name = tr_module_legend[m];
-    snprintf(title, sizeof title, "%s: %s (mean over %d seed%s)", g->label, what, g->n, g->n > 1 ? "s" : "");
-    snprintf(file, sizeof file, "%s_%s.png", prefix, g->label);
-    sp = tr_style(title, ylabel, 1);
-    tr_plot_items(rep, items, TR_N_MODULES, 0, 0, &sp, file);
+    return kind;
+}
+
+/* One configuration's chart of one quantity per module, each the mean
+ * over its seeds with a min-max band. */
+static void tr_plot_modules(const tr_report *rep, const tr_report_group *g, const tr_module_chart *c) {
+    tr_line_item items[TR_N_MODULES];
+    tr_log_kind kind = tr_module_items(g, c, items);
+    smp_line_spec sp;
+    char title[256], file[200];
+    snprintf(title, sizeof title, "%s: %s%s", g->label, kind == TR_LOG_DIAG ? c->diag_what : c->eval_what,
+             g->n > 1 ? " (line: mean over seeds, band: min-max)" : "");
+    snprintf(file, sizeof file, "%s_%s.png", c->prefix, g->label);
+    sp = tr_style(title, c->ylabel, 1);
+    tr_plot_items(rep, items, TR_N_MODULES, kind, 0, &sp, file);
 }
 
 static void tr_plot_module_diagnostics(const tr_report *rep) {
-    int j;
-    for (j = 0; j < rep->n_groups; j++) {
-        const tr_report_group *g = &rep->groups[j];
-        tr_plot_modules(rep, g, tr_out_cols, "module output magnitude", "mean L2 norm per position", "outputs");
-        tr_plot_modules(rep, g, tr_gpar_cols, "parameter gradient norm per module", "gradient L2 norm", "grads");
-        tr_plot_modules(rep, g, tr_lr_cols, "learning rate per module", "learning rate", "lr");
-    }
+    int j, c;
+    for (j = 0; j < rep->n_groups; j++)
+        for (c = 0; c < (int)(sizeof tr_module_charts / sizeof tr_module_charts[0]); c++)
+            tr_plot_modules(rep, &rep->groups[j], &tr_module_charts[c]);
 }
 
 static void tr_plot_peer_usage(const tr_report *rep) {
     smp_line_spec sp = tr_style("PEER: fraction of experts used per eval pass", "experts retrieved (fraction of all)", 0);
-    tr_plot_configs(rep, "peer_frac_used", 0, 0, &sp, "peer_usage.png");
+    tr_plot_configs(rep, "peer_frac_used", TR_LOG_EVAL, 0, &sp, "peer_usage.png");
     sp = tr_style("PEER: unevenness of expert usage", "KL(usage || uniform) (nats)", 0);
-    tr_plot_configs(rep, "peer_kl", 0, 0, &sp, "peer_kl.png");
+    tr_plot_configs(rep, "peer_kl", TR_LOG_EVAL, 0, &sp, "peer_kl.png");
 }
 
 /* Bars of one run's final alpha buckets (mean loss and hot share) of its
@@ -2657,11 +2711,11 @@ static void tr_plot_route(const tr_report *rep) {
     if (rt.n_groups == 0) return;
     sp = tr_style("Hot - cold loss over training", "loss hot - loss cold (nats/token)", 0);
     sp.has_ref = 1, sp.ref_y = 0, sp.ref_label = "no difference";
-    tr_plot_configs(&rt, "hot_cold_delta", 0, 0, &sp, "hot_cold_delta.png");
+    tr_plot_configs(&rt, "hot_cold_delta", TR_LOG_EVAL, 0, &sp, "hot_cold_delta.png");
     sp = tr_style("Engram gate on hot positions", "mean gate alpha (0-1)", 0);
-    tr_plot_configs(&rt, "alpha_hot", 0, 0, &sp, "alpha_hot.png");
+    tr_plot_configs(&rt, "alpha_hot", TR_LOG_EVAL, 0, &sp, "alpha_hot.png");
     sp = tr_style("Engram gate on cold positions", "mean gate alpha (0-1)", 0);
-    tr_plot_configs(&rt, "alpha_cold", 0, 0, &sp, "alpha_cold.png");
+    tr_plot_configs(&rt, "alpha_cold", TR_LOG_EVAL, 0, &sp, "alpha_cold.png");
     for (j = 0; j < rt.n_groups; j++) {
         tr_plot_alpha_buckets(groups[j].runs[0], rep->out);
         tr_plot_alpha_layers(groups[j].runs[0], rep->out);
@@ -2679,7 +2733,8 @@ static void tr_report_plots(const tr_report *rep) {
 
 static void tr_report_free(tr_report *rep) {
     int i;
-    for (i = 0; i < rep->n_runs; i++) smp_csv_free(&rep->runs[i].log), smp_csv_free(&rep->runs[i].steps);
+    for (i = 0; i < rep->n_runs; i++)
+        smp_csv_free(&rep->runs[i].log), smp_csv_free(&rep->runs[i].steps), smp_csv_free(&rep->runs[i].diag);
     free(rep->runs);
     free(rep->groups);
 }
