@@ -1823,7 +1823,9 @@ static int t_module_charts_read(char **dirs, tr_log_kind kind, int points) {
     if (ok) tr_report_group_runs(&rep);
     ok = ok && rep.n_groups == 1;
     for (c = 0; ok && c < 3; c++) {
-        ok = tr_module_items(&rep.groups[0], &tr_module_charts[c], items) == kind;
+        tr_log_kind read;
+        tr_module_items(&rep.groups[0], &tr_module_charts[c], items, &read);
+        ok = read == kind;
         k = tr_items_series(items, TR_N_MODULES, kind, 0, se);
         ok = ok && k == (c == 0 ? 3 : 4);
         for (i = 0; i < k; i++) {

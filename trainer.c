@@ -2569,54 +2569,56 @@ static void tr_plot_losses_over_seeds(const tr_report *rep) {
     tr_plot_configs(rep, "loss", TR_LOG_STEPS, half, &sp, "train_loss.png");
 }
 
-/* A chart of one quantity per module: its file prefix and y label, and
- * what it shows with its columns in diag.csv and in log.csv (runs from
+/* A chart of one quantity per module, as drawn from one log: what it
+ * shows (the title), its y label with where it was measured, and the
+ * columns. */
+typedef struct {
+    const char *what, *ylabel, *const *cols;
+} tr_module_view;
+
+/* Its file prefix, and its views of diag.csv and of log.csv (runs from
  * before diag.csv). */
 typedef struct {
-    const char *prefix, *ylabel;
-    const char *diag_what, *const *diag_cols;
-    const char *eval_what, *const *eval_cols;
+    const char *prefix;
+    tr_module_view diag, eval;
 } tr_module_chart;
 
-#define TR_EMA_NOTE "moving average, decay 0.9/step"
+#define TR_EMA_NOTE "(EMA, decay 0.9/step)"
 static const tr_module_chart tr_module_charts[] = {
-    {"outputs", "L2 norm per position", "output norm on training batches, " TR_EMA_NOTE, tr_train_out_cols,
-     "output norm on held-out batches, per eval", tr_out_cols},
-    {"grads", "gradient L2 norm", "parameter gradient norm, " TR_EMA_NOTE, tr_gpar_cols,
-     "parameter gradient norm, " TR_EMA_NOTE, tr_gpar_cols},
-    {"lr", "learning rate (before warmup/cosine factor)", "learning rate", tr_lr_cols, "learning rate", tr_lr_cols},
+    {"outputs", {"output norms, training batches", "L2 norm per position " TR_EMA_NOTE, tr_train_out_cols},
+     {"output norms, held-out batches", "L2 norm per position (per eval)", tr_out_cols}},
+    {"grads", {"parameter gradient norms", "gradient L2 norm " TR_EMA_NOTE, tr_gpar_cols},
+     {"parameter gradient norms", "gradient L2 norm " TR_EMA_NOTE, tr_gpar_cols}},
+    {"lr", {"learning rates", "learning rate (before warmup/cosine factor)", tr_lr_cols},
+     {"learning rates", "learning rate (before warmup/cosine factor)", tr_lr_cols}},
 };
 
-/* diag.csv where every seed of the group has rows in it, else log.csv. */
-static tr_log_kind tr_module_log(const tr_report_group *g) {
-    int i;
+/* A chart's lines for one configuration, one per module, and the view
+ * they come from: diag.csv (*kind TR_LOG_DIAG) where every seed has rows
+ * in it, else log.csv. */
+static const tr_module_view *tr_module_items(const tr_report_group *g, const tr_module_chart *c,
+                                             tr_line_item items[TR_N_MODULES], tr_log_kind *kind) {
+    const tr_module_view *v;
+    int i, m;
+    *kind = TR_LOG_DIAG;
     for (i = 0; i < g->n; i++)
-        if (g->runs[i]->diag.n_rows == 0) return TR_LOG_EVAL;
-    return TR_LOG_DIAG;
-}
-
-/* A chart's lines for one configuration, one per module; returns the log
- * they read. */
-static tr_log_kind tr_module_items(const tr_report_group *g, const tr_module_chart *c,
-                                   tr_line_item items[TR_N_MODULES]) {
-    tr_log_kind kind = tr_module_log(g);
-    const char *const *cols = kind == TR_LOG_DIAG ? c->diag_cols : c->eval_cols;
-    int m;
-    for (m = 0; m < TR_N_MODULES; m++) items[m].g = g, items[m].col = cols[m], items[m].name = tr_module_legend[m];
-    return kind;
+        if (g->runs[i]->diag.n_rows == 0) *kind = TR_LOG_EVAL;
+    v = *kind == TR_LOG_DIAG ? &c->diag : &c->eval;
+    for (m = 0; m < TR_N_MODULES; m++) items[m].g = g, items[m].col = v->cols[m], items[m].name = tr_module_legend[m];
+    return v;
 }
 
 /* One configuration's chart of one quantity per module, each the mean
  * over its seeds with a min-max band. */
 static void tr_plot_modules(const tr_report *rep, const tr_report_group *g, const tr_module_chart *c) {
     tr_line_item items[TR_N_MODULES];
-    tr_log_kind kind = tr_module_items(g, c, items);
+    tr_log_kind kind;
+    const tr_module_view *v = tr_module_items(g, c, items, &kind);
     smp_line_spec sp;
     char title[256], file[200];
-    snprintf(title, sizeof title, "%s: %s%s", g->label, kind == TR_LOG_DIAG ? c->diag_what : c->eval_what,
-             g->n > 1 ? " (line: mean over seeds, band: min-max)" : "");
+    snprintf(title, sizeof title, "%s: %s%s", g->label, v->what, g->n > 1 ? " (seed mean, min-max band)" : "");
     snprintf(file, sizeof file, "%s_%s.png", c->prefix, g->label);
-    sp = tr_style(title, c->ylabel, 1);
+    sp = tr_style(title, v->ylabel, 1);
     tr_plot_items(rep, items, TR_N_MODULES, kind, 0, &sp, file);
 }
 
