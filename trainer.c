@@ -1627,10 +1627,10 @@ static void tr_current_lrs(const tr_opts *o, const tr_run *r, float lr[TR_N_MODU
  * every rank has the same (the sublayer norms and gradients are combined
  * across ranks before they are measured): train_out_* are the moving
  * averages (decay 0.9 per step, as dout_* and gpar_*) of the output norms
- * on the training batches. Not here: the Engram gate, PEER usage and the
- * mHC errors, which the GPU does not bring back to the host, which under
- * MPI would be one rank's slice, and whose PEER usage depends on how many
- * tokens it counts (log.csv has them per eval). */
+ * on the training batches. Not here (log.csv has them per eval): the
+ * Engram gate, PEER usage and the mHC errors. The GPU step does not bring
+ * them back to the host, under MPI they would be rank 0's slice alone, and
+ * PEER usage depends on how many tokens it counts. */
 static const char *tr_diag_header = "step,train_out_backbone,train_out_engram,train_out_peer," TR_TRAINING_STATS_COLS;
 
 static int tr_diag_due(const tr_opts *o, long step) {
