@@ -8976,15 +8976,26 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
     }
 }
 
+/* GELU's tanhf is a libm call per element (~20 ns): worth the threads
+ * above a few thousand elements. Elementwise, so any thread count gives the
+ * same bits. */
+#define SM__GELU_PARALLEL_MIN 8192
 SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) out[i] = sm__gelu(inp[i]);
+    long i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
+#endif
+    for (i = 0; i < (long)n; i++) out[i] = sm__gelu(inp[i]);
 }
 
 SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
+    long i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
+#endif
+    for (i = 0; i < (long)n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
 }
+
 
 SMDEF void sm_silu_forward(float *out, const float *inp, size_t n) {
     size_t i;
