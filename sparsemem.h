@@ -9349,12 +9349,13 @@ static double sm__rows_sumsq(const float *g, const uint32_t *rows, size_t n_rows
             if (end > n_rows) end = n_rows;
             for (; r < end; r++) {
                 const float *x = g + (rows ? (size_t)rows[r] : r) * row_size;
-                float row = 0.0f; /* one row: short enough to sum in float */
                 if (rows && r + SM__NORM_AHEAD < n_rows) /* random rows of a big table */
                     for (i = 0; i < row_size; i += 16)
                         SM__PREFETCH(g + (size_t)rows[r + SM__NORM_AHEAD] * row_size + i);
-                for (i = 0; i < row_size; i++) row += x[i] * x[i];
-                acc += row;
+                /* one row (<= SM__NORM_CHUNK floats) is short enough to sum
+                 * in float, in sm__dot's 32 interleaved sums (one chain
+                 * would wait on the add latency for every element) */
+                acc += sm__dot(x, x, (int)row_size);
             }
             partial[bi] = acc;
         }
