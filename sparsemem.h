@@ -27,6 +27,9 @@
  *       #define SM_USE_MPI            the MPI communicator (>>comm)
  *       #define SM_NO_HUGEPAGES       no madvise(MADV_HUGEPAGE) on the big
  *                                     tables (Linux; results do not change)
+ *       #define SM_PROFILE            per-op wall time of training steps in
+ *                                     the sm_profile params.profile points at
+ *                                     (>>util); undefined: no timing code
  *   Compile with -fopenmp to parallelise the kernels (optional).
  *
  * Quick start: train a model on a token file (error checks left out; each
@@ -249,6 +252,39 @@ SMDEF double sm_now(void);
 /* Threads the kernels will use (1 without OpenMP). */
 SMDEF int sm_num_threads(void);
 
+/* Per-op profile of training steps. Compiled in by SM_PROFILE; without it
+ * nothing is timed and a profile stays zero. Point a parameter table at
+ * one (m.params.profile = &prof): sm_model_forward, sm_model_backward,
+ * sm_params_zero_grad, sm_params_grad_norm and sm_params_adamw_step then
+ * add the wall time of each call they make to its op's entry. The timing
+ * points wrap whole calls in the model and the optimizer (two clock reads
+ * each, about ten per sublayer and step), never the inside of a kernel;
+ * a module's own projections count to the module, not to the GEMM ops. */
+typedef enum sm_profile_op {
+    SM_PROF_GEMM_FWD,     /* backbone linear layers and the LM head, forward */
+    SM_PROF_GEMM_BWD,     /* their input and weight gradients */
+    SM_PROF_ATTENTION,    /* causal attention with its softmax, fwd + bwd */
+    SM_PROF_LOSS,         /* the LM head's softmax cross-entropy, fwd + bwd */
+    SM_PROF_NORM,         /* backbone RMSNorms, fwd + bwd */
+    SM_PROF_ELEMENTWISE,  /* GELU, residual adds, copies, zeroing, output norms */
+    SM_PROF_EMBEDDING,    /* token + position embedding, fwd + bwd */
+    SM_PROF_OPTIMIZER,    /* zeroing the gradients, their norm, AdamW */
+    SM_PROF_ENGRAM,       /* Engram layers, fwd + bwd */
+    SM_PROF_ENGRAM_ROUTE, /* n-gram hashing and Engram-Nine routing of a batch */
+    SM_PROF_PEER,         /* PEER layers, fwd + bwd */
+    SM_PROF_MHC_MAPS,     /* mHC maps (RMSNorm, phi, Sinkhorn) and H_pre mix */
+    SM_PROF_MHC_MIX,      /* mHC H_res x + H_post^T y, fwd + bwd */
+    SM_PROF_MHC_STREAMS,  /* mHC expand, collapse, the n-wide residual's zeroing */
+    SM_PROF_COUNT
+} sm_profile_op;
+typedef struct sm_profile {
+    double seconds[SM_PROF_COUNT]; /* accumulated; zero the struct to restart */
+} sm_profile;
+/* A short name of op ("gemm fwd", "mhc maps", ...). */
+SMDEF const char *sm_profile_op_name(sm_profile_op op);
+/* Seconds summed over all ops. */
+SMDEF double sm_profile_total(const sm_profile *p);
+
 /* >>gemm */
 /* C[M,N] = alpha * op(A)[M,K] op(B)[K,N] + beta * C, row-major, with
  * op(X) = X or X^T (trans_x != 0) and leading dimensions as in BLAS. */
@@ -337,6 +373,7 @@ typedef struct sm_params {
     sm_param_group groups[SM_MAX_GROUPS];
     int n_groups;
     uint64_t step; /* Adam steps taken (bias correction) */
+    sm_profile *profile; /* NULL, or where SM_PROFILE builds add op times */
 } sm_params;
 
 /* Layout phase: add groups and tensors (recording offsets), then allocate
@@ -2516,6 +2553,39 @@ SMDEF int sm_num_threads(void) {
     return 1;
 #endif
 }
+
+SMDEF const char *sm_profile_op_name(sm_profile_op op) {
+    static const char *const names[SM_PROF_COUNT] = {
+        "gemm fwd",  "gemm bwd",  "attention", "cross-entropy", "norms",
+        "elementwise", "embedding", "optimizer", "engram",    "engram routing",
+        "peer",      "mhc maps",  "mhc mix",   "mhc streams"};
+    return op >= 0 && op < SM_PROF_COUNT ? names[op] : "?";
+}
+
+SMDEF double sm_profile_total(const sm_profile *p) {
+    double t = 0.0;
+    int i;
+    for (i = 0; i < SM_PROF_COUNT; i++) t += p->seconds[i];
+    return t;
+}
+
+/* SM__TIMED(prof, op, statements): runs the statements and, in an
+ * SM_PROFILE build with prof != NULL, adds their wall time to prof's op. */
+#ifdef SM_PROFILE
+#define SM__TIMED(prof, op, ...)                                    \
+    do {                                                            \
+        sm_profile *sm__prof = (prof);                              \
+        double sm__t0 = sm__prof ? sm_now() : 0.0;                  \
+        __VA_ARGS__;                                                \
+        if (sm__prof) sm__prof->seconds[op] += sm_now() - sm__t0;   \
+    } while (0)
+#else
+#define SM__TIMED(prof, op, ...) \
+    do {                         \
+        (void)(prof);            \
+        __VA_ARGS__;             \
+    } while (0)
+#endif
 
 /* >>gemm */
 /* ---- GEMM ---- */
@@ -8906,14 +8976,24 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
     }
 }
 
+/* GELU's tanhf is a libm call per element (~20 ns): worth the threads
+ * above a few thousand elements. Elementwise, so any thread count gives the
+ * same bits. */
+#define SM__GELU_PARALLEL_MIN 8192
 SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) out[i] = sm__gelu(inp[i]);
+    long i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
+#endif
+    for (i = 0; i < (long)n; i++) out[i] = sm__gelu(inp[i]);
 }
 
 SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
+    long i;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
+#endif
+    for (i = 0; i < (long)n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
 }
 
 
@@ -9224,19 +9304,22 @@ SMDEF int sm_params_find_group(const sm_params *p, const char *name) {
     return -1;
 }
 
+/* Zeroes a tensor's gradient: all of it, or a sparse table's touched rows. */
+static void sm__zero_tensor_grad(sm_params *p, const sm_param_tensor *t) {
+    float *g = p->grad + t->offset;
+    size_t r;
+    if (!t->rows) {
+        memset(g, 0, t->size * sizeof(float));
+        return;
+    }
+    for (r = 0; r < t->rows->count; r++)
+        memset(g + (size_t)t->rows->rows[r] * t->row_size, 0, t->row_size * sizeof(float));
+}
+
 SMDEF void sm_params_zero_grad(sm_params *p) {
     int i;
-    size_t r;
-    for (i = 0; i < p->n_tensors; i++) {
-        const sm_param_tensor *t = &p->tensors[i];
-        float *g = p->grad + t->offset;
-        if (!t->rows) {
-            memset(g, 0, t->size * sizeof(float));
-            continue;
-        }
-        for (r = 0; r < t->rows->count; r++)
-            memset(g + (size_t)t->rows->rows[r] * t->row_size, 0, t->row_size * sizeof(float));
-    }
+    SM__TIMED(p->profile, SM_PROF_OPTIMIZER,
+              for (i = 0; i < p->n_tensors; i++) sm__zero_tensor_grad(p, &p->tensors[i]));
 }
 
 static double sm__sumsq(const float *x, size_t n) {
@@ -9266,12 +9349,13 @@ static double sm__rows_sumsq(const float *g, const uint32_t *rows, size_t n_rows
             if (end > n_rows) end = n_rows;
             for (; r < end; r++) {
                 const float *x = g + (rows ? (size_t)rows[r] : r) * row_size;
-                float row = 0.0f; /* one row: short enough to sum in float */
                 if (rows && r + SM__NORM_AHEAD < n_rows) /* random rows of a big table */
                     for (i = 0; i < row_size; i += 16)
                         SM__PREFETCH(g + (size_t)rows[r + SM__NORM_AHEAD] * row_size + i);
-                for (i = 0; i < row_size; i++) row += x[i] * x[i];
-                acc += row;
+                /* one row (<= SM__NORM_CHUNK floats) is short enough to sum
+                 * in float, in sm__dot's 32 interleaved sums (one chain
+                 * would wait on the add latency for every element) */
+                acc += sm__dot(x, x, (int)row_size);
             }
             partial[bi] = acc;
         }
@@ -9292,7 +9376,8 @@ static double sm__tensor_grad_sumsq(const sm_params *p, const sm_param_tensor *t
 SMDEF double sm_params_grad_norm(const sm_params *p) {
     double s = 0.0;
     int i;
-    for (i = 0; i < p->n_tensors; i++) s += sm__tensor_grad_sumsq(p, &p->tensors[i]);
+    SM__TIMED(p->profile, SM_PROF_OPTIMIZER,
+              for (i = 0; i < p->n_tensors; i++) s += sm__tensor_grad_sumsq(p, &p->tensors[i]));
     return sqrt(s);
 }
 
@@ -9309,15 +9394,74 @@ SMDEF float sm_clip_scale(double norm, float max_norm) {
     return (float)(max_norm / norm);
 }
 
+/* AdamW's update in explicit vectors where the target has them: compilers
+ * keep sqrtf scalar (it may set errno), which left the optimizer at one
+ * element per ~15 cycles. The vector code does the scalar loop's IEEE
+ * operations in its order (products and sums unfused; division and square
+ * root are correctly rounded in both), so it gives the scalar loop's bits. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SM__ADAM_VW 16
+typedef __m512 sm__av;
+#define sm__av_load(p) _mm512_loadu_ps(p)
+#define sm__av_store(p, x) _mm512_storeu_ps(p, x)
+#define sm__av_splat(x) _mm512_set1_ps(x)
+#define sm__av_add(a, b) _mm512_add_ps(a, b)
+#define sm__av_sub(a, b) _mm512_sub_ps(a, b)
+#define sm__av_mul(a, b) _mm512_mul_ps(a, b)
+#define sm__av_div(a, b) _mm512_div_ps(a, b)
+#define sm__av_sqrt(a) _mm512_sqrt_ps(a)
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define SM__ADAM_VW 8
+typedef __m256 sm__av;
+#define sm__av_load(p) _mm256_loadu_ps(p)
+#define sm__av_store(p, x) _mm256_storeu_ps(p, x)
+#define sm__av_splat(x) _mm256_set1_ps(x)
+#define sm__av_add(a, b) _mm256_add_ps(a, b)
+#define sm__av_sub(a, b) _mm256_sub_ps(a, b)
+#define sm__av_mul(a, b) _mm256_mul_ps(a, b)
+#define sm__av_div(a, b) _mm256_div_ps(a, b)
+#define sm__av_sqrt(a) _mm256_sqrt_ps(a)
+#endif
+
+#ifdef SM__ADAM_VW
+/* The vector part of sm__adamw_span: the first n - n % SM__ADAM_VW
+ * elements; returns how many it did. */
+static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v, size_t n,
+                                 const sm_param_group *g, float lr, float clip_scale, float bc1,
+                                 float bc2, float wd) {
+    const sm__av b1 = sm__av_splat(g->beta1), c1 = sm__av_splat(1.0f - g->beta1);
+    const sm__av b2 = sm__av_splat(g->beta2), c2 = sm__av_splat(1.0f - g->beta2);
+    const sm__av vclip = sm__av_splat(clip_scale), vbc1 = sm__av_splat(bc1), vbc2 = sm__av_splat(bc2);
+    const sm__av veps = sm__av_splat(g->eps), vlr = sm__av_splat(lr), vwd = sm__av_splat(wd);
+    size_t i, end = n - n % SM__ADAM_VW;
+    for (i = 0; i < end; i += SM__ADAM_VW) {
+        sm__av gi = sm__av_mul(sm__av_load(grad + i), vclip);
+        sm__av mi = sm__av_add(sm__av_mul(b1, sm__av_load(m + i)), sm__av_mul(c1, gi));
+        sm__av vi = sm__av_add(sm__av_mul(b2, sm__av_load(v + i)), sm__av_mul(sm__av_mul(c2, gi), gi));
+        sm__av wi = sm__av_load(w + i);
+        sm__av step = sm__av_div(sm__av_div(mi, vbc1), sm__av_add(sm__av_sqrt(sm__av_div(vi, vbc2)), veps));
+        sm__av_store(m + i, mi);
+        sm__av_store(v + i, vi);
+        sm__av_store(w + i, sm__av_sub(wi, sm__av_mul(vlr, sm__av_add(step, sm__av_mul(vwd, wi)))));
+    }
+    return end;
+}
+#endif
+
 /* AdamW (Loshchilov & Hutter) on a contiguous span:
  *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
  *   w -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * w) */
 static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size_t n,
                            const sm_param_group *g, float lr, float clip_scale, float bc1,
                            float bc2, int no_decay) {
-    size_t i;
+    size_t i = 0;
     float wd = no_decay ? 0.0f : g->weight_decay;
-    for (i = 0; i < n; i++) {
+#ifdef SM__ADAM_VW
+    i = sm__adamw_span_vec(w, grad, m, v, n, g, lr, clip_scale, bc1, bc2, wd);
+#endif
+    for (; i < n; i++) {
         float gi = grad[i] * clip_scale;
         float mi = g->beta1 * m[i] + (1.0f - g->beta1) * gi;
         float vi = g->beta2 * v[i] + (1.0f - g->beta2) * gi * gi;
@@ -9376,22 +9520,26 @@ static void sm__adamw_dense(const sm_params *p, const sm_param_tensor *t, float 
     }
 }
 
+/* The update of one tensor (sparse rows: the touched ones, then the set
+ * is cleared). */
+static void sm__adamw_tensor(sm_params *p, const sm_param_tensor *t, float lr_factor, float clip_scale) {
+    const sm_param_group *g = &p->groups[t->group];
+    float lr = g->lr * g->lr_mult * lr_factor;
+    float bc1 = 1.0f - powf(g->beta1, (float)p->step);
+    float bc2 = 1.0f - powf(g->beta2, (float)p->step);
+    if (!t->rows) {
+        sm__adamw_dense(p, t, lr, clip_scale, bc1, bc2);
+        return;
+    }
+    sm__adamw_rows(p, t, lr, clip_scale, bc1, bc2);
+    sm_row_set_clear(t->rows);
+}
+
 SMDEF void sm_params_adamw_step(sm_params *p, float lr_factor, float clip_scale) {
     int i;
     p->step++;
-    for (i = 0; i < p->n_tensors; i++) {
-        const sm_param_tensor *t = &p->tensors[i];
-        const sm_param_group *g = &p->groups[t->group];
-        float lr = g->lr * g->lr_mult * lr_factor;
-        float bc1 = 1.0f - powf(g->beta1, (float)p->step);
-        float bc2 = 1.0f - powf(g->beta2, (float)p->step);
-        if (!t->rows) {
-            sm__adamw_dense(p, t, lr, clip_scale, bc1, bc2);
-            continue;
-        }
-        sm__adamw_rows(p, t, lr, clip_scale, bc1, bc2);
-        sm_row_set_clear(t->rows);
-    }
+    SM__TIMED(p->profile, SM_PROF_OPTIMIZER,
+              for (i = 0; i < p->n_tensors; i++) sm__adamw_tensor(p, &p->tensors[i], lr_factor, clip_scale));
 }
 
 SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio) {
@@ -9988,11 +10136,14 @@ static double sm__mean_row_norm(const float *x, int N, int C) {
 static void sm__attn_forward(sm_model *m, sm_sublayer *s, const float *u) {
     const float *w = m->params.data;
     const sm_sublayer_offsets *o = &s->off;
+    sm_profile *pf = m->params.profile;
     int N = m->B * m->T, C = m->cfg.d_model;
-    sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C);
-    sm_linear_forward(s->qkv, s->ln, w + o->qkv_w, w + o->qkv_b, N, C, 3 * C);
-    sm_attention_forward(s->atty, s->att, s->qkv, m->B, m->T, C, m->cfg.n_head);
-    sm_linear_forward(s->y, s->atty, w + o->proj_w, w + o->proj_b, N, C, C);
+    SM__TIMED(pf, SM_PROF_NORM, sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C));
+    SM__TIMED(pf, SM_PROF_GEMM_FWD,
+              sm_linear_forward(s->qkv, s->ln, w + o->qkv_w, w + o->qkv_b, N, C, 3 * C));
+    SM__TIMED(pf, SM_PROF_ATTENTION,
+              sm_attention_forward(s->atty, s->att, s->qkv, m->B, m->T, C, m->cfg.n_head));
+    SM__TIMED(pf, SM_PROF_GEMM_FWD, sm_linear_forward(s->y, s->atty, w + o->proj_w, w + o->proj_b, N, C, C));
 }
 
 static sm_peer_params sm__peer_view(const sm_model *m, float *base, const sm_sublayer *s) {
@@ -10006,34 +10157,39 @@ static sm_peer_params sm__peer_view(const sm_model *m, float *base, const sm_sub
 static void sm__ffn_forward(sm_model *m, sm_sublayer *s, const float *u) {
     const float *w = m->params.data;
     const sm_sublayer_offsets *o = &s->off;
+    sm_profile *pf = m->params.profile;
     int N = m->B * m->T, C = m->cfg.d_model, F = m->cfg.d_ff;
-    sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C);
+    SM__TIMED(pf, SM_PROF_NORM, sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C));
     if (s->has_mlp) {
-        sm_linear_forward(s->fch, s->ln, w + o->fc_w, w + o->fc_b, N, C, F);
-        sm_gelu_forward(s->fch_gelu, s->fch, (size_t)N * F);
-        sm_linear_forward(s->y, s->fch_gelu, w + o->fcproj_w, w + o->fcproj_b, N, F, C);
+        SM__TIMED(pf, SM_PROF_GEMM_FWD, sm_linear_forward(s->fch, s->ln, w + o->fc_w, w + o->fc_b, N, C, F));
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, sm_gelu_forward(s->fch_gelu, s->fch, (size_t)N * F));
+        SM__TIMED(pf, SM_PROF_GEMM_FWD,
+                  sm_linear_forward(s->y, s->fch_gelu, w + o->fcproj_w, w + o->fcproj_b, N, F, C));
     }
     if (s->has_peer) {
         sm_peer_params pp = sm__peer_view(m, m->params.data, s);
         float *out = s->has_mlp ? s->peer_out : s->y;
-        sm_peer_forward(out, &s->peer_acts, s->ln, &pp, N, NULL); /* N within capacity */
-        s->peer_norm = sm__mean_row_norm(out, N, C);
-        if (s->has_mlp) sm__add_inplace(s->y, s->peer_out, (size_t)N * C);
+        SM__TIMED(pf, SM_PROF_PEER,
+                  sm_peer_forward(out, &s->peer_acts, s->ln, &pp, N, NULL)); /* N within capacity */
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, s->peer_norm = sm__mean_row_norm(out, N, C);
+                  if (s->has_mlp) sm__add_inplace(s->y, s->peer_out, (size_t)N * C));
     }
 }
 
 static void sm__engram_forward(sm_model *m, sm_sublayer *s, const float *u) {
     sm_engram_params ep = sm_engram_params_view(m->params.data, &s->off.engram);
     const uint32_t *idx = m->ngram_idx + (size_t)s->engram_index * m->B * m->T * m->hash.n_slots;
-    sm_engram_forward_routed(s->y, &s->engram_acts, u, idx, m->cfg.use_nine ? m->ngram_hot : NULL, &ep,
-                             &m->cfg.engram, m->B, m->T);
+    SM__TIMED(m->params.profile, SM_PROF_ENGRAM,
+              sm_engram_forward_routed(s->y, &s->engram_acts, u, idx, m->cfg.use_nine ? m->ngram_hot : NULL,
+                                       &ep, &m->cfg.engram, m->B, m->T));
 }
 
 static void sm__sublayer_forward(sm_model *m, sm_sublayer *s, const float *u) {
     if (s->kind == SM_SUBLAYER_ENGRAM) sm__engram_forward(m, s, u);
     else if (s->kind == SM_SUBLAYER_ATTN) sm__attn_forward(m, s, u);
     else sm__ffn_forward(m, s, u);
-    s->out_norm = sm__mean_row_norm(s->y, m->B * m->T, sm__sublayer_width(m, s));
+    SM__TIMED(m->params.profile, SM_PROF_ELEMENTWISE,
+              s->out_norm = sm__mean_row_norm(s->y, m->B * m->T, sm__sublayer_width(m, s)));
 }
 
 static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_sublayer *s) {
@@ -10044,18 +10200,20 @@ static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_subla
  * u = H_pre x, x_next = H_res x + H_post^T F(u). */
 static void sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next) {
     size_t NSC = (size_t)m->B * m->T * sm__streams(&m->cfg) * m->cfg.d_model;
+    sm_profile *pf = m->params.profile;
     int N = m->B * m->T;
     if (!s->in_mhc) {
         sm__sublayer_forward(m, s, s->x_in);
-        memcpy(x_next, s->x_in, sizeof(float) * NSC);
-        sm__add_inplace(x_next, s->y, NSC);
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(x_next, s->x_in, sizeof(float) * NSC);
+                  sm__add_inplace(x_next, s->y, NSC));
         return;
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
-        sm_mhc_pre_forward(s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N);
+        SM__TIMED(pf, SM_PROF_MHC_MAPS, sm_mhc_pre_forward(s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N));
         sm__sublayer_forward(m, s, s->u);
-        sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N);
+        SM__TIMED(pf, SM_PROF_MHC_MIX,
+                  sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N));
     }
 }
 
@@ -10157,6 +10315,7 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
                                  const unsigned char *doc_start, int B, int T, sm_error *err) {
     const sm_model_config *c = &m->cfg;
     const float *w = m->params.data;
+    sm_profile *pf = m->params.profile;
     int i, N = B * T, C = c->d_model, V = c->vocab_size;
     sm_status st = sm__check_batch(m, inputs, targets, B, T, err);
     if (st != SM_OK) return st;
@@ -10167,25 +10326,31 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
         memcpy(m->doc_start, doc_start, (size_t)N);
     else
         memset(m->doc_start, 0, (size_t)N);
-    if (c->use_engram && (st = sm__engram_hash_batch(m, err)) != SM_OK) return st;
-    sm_embedding_forward(m->emb, inputs, w + m->wte, w + m->wpe, B, T, C);
+    if (c->use_engram) SM__TIMED(pf, SM_PROF_ENGRAM_ROUTE, st = sm__engram_hash_batch(m, err));
+    if (st != SM_OK) return st;
+    SM__TIMED(pf, SM_PROF_EMBEDDING, sm_embedding_forward(m->emb, inputs, w + m->wte, w + m->wpe, B, T, C));
     if (c->use_mhc)
-        sm_mhc_expand_forward(m->sub[0].x_in, m->emb, N, c->mhc.n_streams, C);
+        SM__TIMED(pf, SM_PROF_MHC_STREAMS,
+                  sm_mhc_expand_forward(m->sub[0].x_in, m->emb, N, c->mhc.n_streams, C));
     else
-        memcpy(m->sub[0].x_in, m->emb, sizeof(float) * (size_t)N * C);
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->sub[0].x_in, m->emb, sizeof(float) * (size_t)N * C));
     for (i = 0; i < m->n_sub; i++) {
         sm_sublayer *s = &m->sub[i];
         float *next = i + 1 < m->n_sub ? m->sub[i + 1].x_in : c->use_mhc ? m->x_final : m->x_out;
         sm__residual_forward(m, s, next);
     }
-    if (c->use_mhc) sm_mhc_collapse_forward(m->x_out, m->x_final, N, c->mhc.n_streams, C);
-    sm_rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_out, w + m->lnf_w, N, C);
-    sm_sgemm(0, 1, N, V, C, 1.0f, m->lnf, C, w + m->head_w, C, 0.0f, m->logits, V);
+    if (c->use_mhc)
+        SM__TIMED(pf, SM_PROF_MHC_STREAMS,
+                  sm_mhc_collapse_forward(m->x_out, m->x_final, N, c->mhc.n_streams, C));
+    SM__TIMED(pf, SM_PROF_NORM, sm_rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_out, w + m->lnf_w, N, C));
+    SM__TIMED(pf, SM_PROF_GEMM_FWD,
+              sm_sgemm(0, 1, N, V, C, 1.0f, m->lnf, C, w + m->head_w, C, 0.0f, m->logits, V));
     m->loss = 0.0f;
     m->n_counted = 0;
     if (!targets) return SM_OK;
     memcpy(m->targets, targets, sizeof(int) * N);
-    m->loss = sm_crossentropy_forward(m->losses, m->logits, targets, N, V, &m->n_counted);
+    SM__TIMED(pf, SM_PROF_LOSS,
+              m->loss = sm_crossentropy_forward(m->losses, m->logits, targets, N, V, &m->n_counted));
     return SM_OK;
 }
 
@@ -10196,14 +10361,16 @@ static void sm__attn_backward(sm_model *m, const sm_sublayer *s, float *du, cons
     const float *w = m->params.data;
     float *g = m->params.grad;
     const sm_sublayer_offsets *o = &s->off;
+    sm_profile *pf = m->params.profile;
     int N = m->B * m->T, C = m->cfg.d_model;
-    memset(m->datty, 0, sizeof(float) * (size_t)N * C);
-    sm_linear_backward(m->datty, g + o->proj_w, g + o->proj_b, dy, s->atty, w + o->proj_w, N, C, C);
-    memset(m->dqkv, 0, sizeof(float) * (size_t)N * 3 * C);
-    sm_attention_backward(m->dqkv, m->datty, s->qkv, s->att, m->B, m->T, C, m->cfg.n_head);
-    memset(m->dln, 0, sizeof(float) * (size_t)N * C);
-    sm_linear_backward(m->dln, g + o->qkv_w, g + o->qkv_b, m->dqkv, s->ln, w + o->qkv_w, N, C, 3 * C);
-    sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C);
+    SM__TIMED(pf, SM_PROF_GEMM_BWD, memset(m->datty, 0, sizeof(float) * (size_t)N * C);
+              sm_linear_backward(m->datty, g + o->proj_w, g + o->proj_b, dy, s->atty, w + o->proj_w, N, C, C));
+    SM__TIMED(pf, SM_PROF_ATTENTION, memset(m->dqkv, 0, sizeof(float) * (size_t)N * 3 * C);
+              sm_attention_backward(m->dqkv, m->datty, s->qkv, s->att, m->B, m->T, C, m->cfg.n_head));
+    SM__TIMED(pf, SM_PROF_GEMM_BWD, memset(m->dln, 0, sizeof(float) * (size_t)N * C);
+              sm_linear_backward(m->dln, g + o->qkv_w, g + o->qkv_b, m->dqkv, s->ln, w + o->qkv_w, N, C, 3 * C));
+    SM__TIMED(pf, SM_PROF_NORM,
+              sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C));
 }
 
 static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float *dy,
@@ -10211,22 +10378,26 @@ static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float
     const float *w = m->params.data;
     float *g = m->params.grad;
     const sm_sublayer_offsets *o = &s->off;
+    sm_profile *pf = m->params.profile;
     int N = m->B * m->T, C = m->cfg.d_model, F = m->cfg.d_ff;
-    memset(m->dln, 0, sizeof(float) * (size_t)N * C);
+    SM__TIMED(pf, SM_PROF_ELEMENTWISE, memset(m->dln, 0, sizeof(float) * (size_t)N * C));
     if (s->has_mlp) {
-        memset(m->dfch_gelu, 0, sizeof(float) * (size_t)N * F);
-        sm_linear_backward(m->dfch_gelu, g + o->fcproj_w, g + o->fcproj_b, dy, s->fch_gelu,
-                           w + o->fcproj_w, N, F, C);
-        memset(m->dfch, 0, sizeof(float) * (size_t)N * F);
-        sm_gelu_backward(m->dfch, m->dfch_gelu, s->fch, (size_t)N * F);
-        sm_linear_backward(m->dln, g + o->fc_w, g + o->fc_b, m->dfch, s->ln, w + o->fc_w, N, C, F);
+        SM__TIMED(pf, SM_PROF_GEMM_BWD, memset(m->dfch_gelu, 0, sizeof(float) * (size_t)N * F);
+                  sm_linear_backward(m->dfch_gelu, g + o->fcproj_w, g + o->fcproj_b, dy, s->fch_gelu,
+                                     w + o->fcproj_w, N, F, C));
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, memset(m->dfch, 0, sizeof(float) * (size_t)N * F);
+                  sm_gelu_backward(m->dfch, m->dfch_gelu, s->fch, (size_t)N * F));
+        SM__TIMED(pf, SM_PROF_GEMM_BWD,
+                  sm_linear_backward(m->dln, g + o->fc_w, g + o->fc_b, m->dfch, s->ln, w + o->fc_w, N, C, F));
     }
     if (s->has_peer) {
         sm_peer_params pp = sm__peer_view(m, m->params.data, s);
         sm_peer_params pg = sm__peer_view(m, m->params.grad, s);
-        sm_peer_backward(m->dln, &pg, &s->peer_rows, dy, s->ln, &pp, &s->peer_acts, N, NULL);
+        SM__TIMED(pf, SM_PROF_PEER,
+                  sm_peer_backward(m->dln, &pg, &s->peer_rows, dy, s->ln, &pp, &s->peer_acts, N, NULL));
     }
-    sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C);
+    SM__TIMED(pf, SM_PROF_NORM,
+              sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C));
 }
 
 static void sm__engram_backward(sm_model *m, const sm_sublayer *s, float *du, const float *dy,
@@ -10234,13 +10405,16 @@ static void sm__engram_backward(sm_model *m, const sm_sublayer *s, float *du, co
     sm_engram_params ep = sm_engram_params_view(m->params.data, &s->off.engram);
     sm_engram_params eg = sm_engram_params_view(m->params.grad, &s->off.engram);
     const uint32_t *idx = m->ngram_idx + (size_t)s->engram_index * m->B * m->T * m->hash.n_slots;
-    sm_engram_backward_routed(du, &eg, &m->engram_rows, dy, u, idx, m->cfg.use_nine ? m->ngram_hot : NULL,
-                              &ep, &s->engram_acts, &m->engram_scratch, &m->cfg.engram, m->B, m->T);
+    SM__TIMED(m->params.profile, SM_PROF_ENGRAM,
+              sm_engram_backward_routed(du, &eg, &m->engram_rows, dy, u, idx,
+                                        m->cfg.use_nine ? m->ngram_hot : NULL, &ep, &s->engram_acts,
+                                        &m->engram_scratch, &m->cfg.engram, m->B, m->T));
 }
 
 static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const float *dy,
                                   const float *u) {
-    s->grad_norm = sqrt(sm__sumsq(dy, (size_t)m->B * m->T * sm__sublayer_width(m, s)));
+    SM__TIMED(m->params.profile, SM_PROF_ELEMENTWISE,
+              s->grad_norm = sqrt(sm__sumsq(dy, (size_t)m->B * m->T * sm__sublayer_width(m, s))));
     if (s->kind == SM_SUBLAYER_ENGRAM) sm__engram_backward(m, s, du, dy, u);
     else if (s->kind == SM_SUBLAYER_ATTN) sm__attn_backward(m, s, du, dy, u);
     else sm__ffn_backward(m, s, du, dy, u);
@@ -10249,24 +10423,26 @@ static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const 
 /* m->dres holds dL/dx_next on entry and dL/dx_in on return. */
 static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
     const sm_mhc_config *mc = &m->cfg.mhc;
+    sm_profile *pf = m->params.profile;
     int N = m->B * m->T;
     size_t NC = (size_t)N * m->cfg.d_model;
     float *swap;
     if (!s->in_mhc) { /* dy = dx_next, and dx = dx_next + dF/dx^T dy */
-        memcpy(m->dy, m->dres, sizeof(float) * NC * sm__streams(&m->cfg));
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->dy, m->dres, sizeof(float) * NC * sm__streams(&m->cfg)));
         sm__sublayer_backward(m, s, m->dres, m->dy, s->x_in);
         return;
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
         sm_mhc_params mg = sm__mhc_view(m, m->params.grad, s);
-        memset(m->dres_prev, 0, sizeof(float) * NC * mc->n_streams);
-        memset(m->dy, 0, sizeof(float) * NC);
-        memset(m->dmaps, 0, sizeof(float) * (size_t)N * sm_mhc_map_count(mc->n_streams));
-        sm_mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N);
-        memset(m->du, 0, sizeof(float) * NC);
+        SM__TIMED(pf, SM_PROF_MHC_STREAMS, memset(m->dres_prev, 0, sizeof(float) * NC * mc->n_streams));
+        SM__TIMED(pf, SM_PROF_MHC_MIX, memset(m->dy, 0, sizeof(float) * NC);
+                  memset(m->dmaps, 0, sizeof(float) * (size_t)N * sm_mhc_map_count(mc->n_streams));
+                  sm_mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N));
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, memset(m->du, 0, sizeof(float) * NC));
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
-        sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc, N);
+        SM__TIMED(pf, SM_PROF_MHC_MAPS,
+                  sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc, N));
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;
 }
@@ -10296,29 +10472,31 @@ SMDEF void sm_model_backward(sm_model *m) {
     const sm_model_config *c = &m->cfg;
     const float *w = m->params.data;
     float *g = m->params.grad;
+    sm_profile *pf = m->params.profile;
     int i, N = m->B * m->T, C = c->d_model, V = c->vocab_size;
     size_t NC = (size_t)N * C;
     float dloss = m->n_counted ? 1.0f / (float)m->n_counted : 0.0f;
     /* m->logits holds the probabilities; turn them into dlogits in place */
-    sm_crossentropy_backward(m->logits, m->logits, m->targets, N, V, dloss);
-    memset(m->dln, 0, sizeof(float) * NC);
-    sm_sgemm(0, 0, N, C, V, 1.0f, m->logits, V, w + m->head_w, C, 1.0f, m->dln, C);
-    sm_sgemm(1, 0, V, C, N, 1.0f, m->logits, V, m->lnf, C, 1.0f, g + m->head_w, C);
-    memset(m->du, 0, sizeof(float) * NC);
-    sm_rmsnorm_backward(m->du, g + m->lnf_w, m->dln, m->x_out, w + m->lnf_w, m->lnf_rstd, N, C);
+    SM__TIMED(pf, SM_PROF_LOSS, sm_crossentropy_backward(m->logits, m->logits, m->targets, N, V, dloss));
+    SM__TIMED(pf, SM_PROF_GEMM_BWD, memset(m->dln, 0, sizeof(float) * NC);
+              sm_sgemm(0, 0, N, C, V, 1.0f, m->logits, V, w + m->head_w, C, 1.0f, m->dln, C);
+              sm_sgemm(1, 0, V, C, N, 1.0f, m->logits, V, m->lnf, C, 1.0f, g + m->head_w, C));
+    SM__TIMED(pf, SM_PROF_NORM, memset(m->du, 0, sizeof(float) * NC);
+              sm_rmsnorm_backward(m->du, g + m->lnf_w, m->dln, m->x_out, w + m->lnf_w, m->lnf_rstd, N, C));
     if (c->use_mhc) {
-        memset(m->dres, 0, sizeof(float) * NC * c->mhc.n_streams);
-        sm_mhc_collapse_backward(m->dres, m->du, N, c->mhc.n_streams, C);
+        SM__TIMED(pf, SM_PROF_MHC_STREAMS, memset(m->dres, 0, sizeof(float) * NC * c->mhc.n_streams);
+                  sm_mhc_collapse_backward(m->dres, m->du, N, c->mhc.n_streams, C));
     } else {
-        memcpy(m->dres, m->du, sizeof(float) * NC);
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->dres, m->du, sizeof(float) * NC));
     }
     for (i = m->n_sub - 1; i >= 0; i--) sm__residual_backward(m, &m->sub[i]);
-    memset(m->du, 0, sizeof(float) * NC);
     if (c->use_mhc)
-        sm_mhc_expand_backward(m->du, m->dres, N, c->mhc.n_streams, C);
+        SM__TIMED(pf, SM_PROF_MHC_STREAMS, memset(m->du, 0, sizeof(float) * NC);
+                  sm_mhc_expand_backward(m->du, m->dres, N, c->mhc.n_streams, C));
     else
-        memcpy(m->du, m->dres, sizeof(float) * NC);
-    sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C);
+        SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->du, m->dres, sizeof(float) * NC));
+    SM__TIMED(pf, SM_PROF_EMBEDDING,
+              sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C));
 }
 
 /* ---- >>comm  Distributed: the communicator -------------------------- */

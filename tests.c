@@ -6,6 +6,7 @@
  * One line per test; the last line is "N passed, N failed" and the exit
  * status is non-zero when anything failed. */
 #define TRAINER_NO_MAIN
+#define SM_PROFILE /* the profile's test; every other test runs with no profile attached */
 #include "trainer.c" /* the library, plus the trainer's schedules, checkpoints and plots */
 #define STB_IMAGE_IMPLEMENTATION
 #include <stb/stb_image.h> /* decodes the PNGs the plots write */
@@ -2186,6 +2187,77 @@ static int test_params_decay_rule_every_tensor(void) {
     return 0;
 }
 
+/* ---- profile (tests.c is built with SM_PROFILE) ---------------------- */
+
+/* The model with every module, wide enough that a step takes ~1 ms. */
+static sm_model_config t_profile_config(int modules) {
+    sm_model_config c = modules ? t_every_module_config() : t_tiny_config();
+    c.d_model = c.engram.d_model = c.mhc.channels = 32, c.d_ff = 64;
+    c.seq_len = 32, c.vocab_size = 64;
+    return c;
+}
+
+/* One training step with the profile attached (or none); its seconds. */
+static double t_profiled_step(sm_model *m, sm_profile *prof, const int *in, const int *tg) {
+    double t;
+    m->params.profile = prof;
+    t = sm_now();
+    sm_params_zero_grad(&m->params);
+    sm_model_forward(m, in, tg, NULL, 4, 32, NULL);
+    sm_model_backward(m);
+    sm_params_adamw_step(&m->params, 1.0f, sm_clip_scale(sm_params_grad_norm(&m->params), 1.0f));
+    return sm_now() - t;
+}
+
+/* A model of t_profile_config, its hot set built when it has Engram-Nine. */
+static int t_profile_model(sm_model *m, int modules) {
+    sm_model_config cfg = t_profile_config(modules);
+    uint32_t stream[400];
+    int i;
+    for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
+    CHECK_OK(sm_model_init(m, &cfg, 4, 3, NULL));
+    if (cfg.use_nine) CHECK_OK(sm_model_build_hot_set(m, stream, NULL, 400, NULL));
+    return 0;
+}
+
+/* The ops of a profiled step add up to the step (within 5% on the best of
+ * ten steps: a busy machine may preempt between two timed calls), every op
+ * of a module that is on takes time and none of one that is off, and a
+ * profiled step computes exactly what an unprofiled one does. */
+static int test_profile_sums_to_step_and_names_modules(void) {
+    sm_model m, plain, base;
+    sm_profile prof, step_prof, base_prof;
+    int in[128], tg[128], i, op, steps;
+    double best = 1e9;
+    for (i = 0; i < 128; i++) in[i] = (i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11), tg[i] = (i * 13 + 5) % 64;
+    if (t_profile_model(&m, 1) || t_profile_model(&plain, 1) || t_profile_model(&base, 0)) return 1;
+    memset(&prof, 0, sizeof prof);
+    for (steps = 0; steps < 10 && best > 0.05; steps++) {
+        double t;
+        memset(&step_prof, 0, sizeof step_prof);
+        t = t_profiled_step(&m, &step_prof, in, tg);
+        t_profiled_step(&plain, NULL, in, tg);
+        CHECK(sm_profile_total(&step_prof) <= t, "ops %g s > step %g s", sm_profile_total(&step_prof), t);
+        if (1.0 - sm_profile_total(&step_prof) / t < best) best = 1.0 - sm_profile_total(&step_prof) / t;
+        for (op = 0; op < SM_PROF_COUNT; op++) prof.seconds[op] += step_prof.seconds[op];
+    }
+    CHECK(best <= 0.05, "the ops miss %.1f%% of the best step", 100 * best);
+    for (op = 0; op < SM_PROF_COUNT; op++)
+        CHECK(prof.seconds[op] > 0, "op '%s' took no time with every module on", sm_profile_op_name((sm_profile_op)op));
+    CHECK(memcmp(m.params.data, plain.params.data, sizeof(float) * m.params.total) == 0,
+          "profiling changed the parameters");
+    memset(&base_prof, 0, sizeof base_prof);
+    t_profiled_step(&base, &base_prof, in, tg);
+    for (op = SM_PROF_ENGRAM; op < SM_PROF_COUNT; op++)
+        CHECK(base_prof.seconds[op] == 0, "op '%s' timed without its module", sm_profile_op_name((sm_profile_op)op));
+    CHECK(base_prof.seconds[SM_PROF_GEMM_FWD] > 0 && base_prof.seconds[SM_PROF_OPTIMIZER] > 0, "backbone ops missing");
+    CHECK(strcmp(sm_profile_op_name(SM_PROF_MHC_MAPS), "mhc maps") == 0 &&
+          strcmp(sm_profile_op_name(SM_PROF_COUNT), "?") == 0, "op names");
+    sm_model_free(&m), sm_model_free(&plain), sm_model_free(&base);
+    return 0;
+}
+
+
 /* The optimizer's norm and update run across threads (rows of a sparse
  * table, chunks of a dense tensor) yet give bit-identical results for 1 and
  * 2 threads; the norm matches a double-precision sum. Sizes are above the
@@ -2227,6 +2299,36 @@ static int t_optimizer_run(int threads, float *data_out, double *norm_out) {
     for (i = 0; i < R * D; i++) bad |= p.grad[i] != 0.0f;
     CHECK(!bad, "sparse gradients not zeroed by the step");
     sm_params_free(&p), sm_row_set_free(&rows);
+    return 0;
+}
+
+/* AdamW's vector lanes (a 37-float tensor: vectors, then a scalar tail)
+ * give the bits of the scalar loop (37 one-float tensors) for the same
+ * values, over three steps with weight decay. (Holds as the Makefile
+ * builds, -std=c99: the compiler does not fuse the scalar a * b + c.) */
+static int test_adamw_vector_lanes_equal_scalar(void) {
+    sm_params p;
+    size_t wide, one[37];
+    int i, t;
+    memset(&p, 0, sizeof p);
+    CHECK(sm_params_add_group(&p, sm_param_group_default("g", 1.0f), NULL) == 0, "group");
+    wide = sm_params_add_tensor(&p, "wide", 37, 0, 0, NULL, NULL);
+    for (i = 0; i < 37; i++) {
+        char name[16];
+        snprintf(name, sizeof name, "one%d", i);
+        one[i] = sm_params_add_tensor(&p, name, 1, 0, 0, NULL, NULL);
+    }
+    CHECK_OK(sm_params_alloc(&p, NULL));
+    for (i = 0; i < 37; i++) p.data[wide + i] = p.data[one[i]] = 1e-3f * (float)(i - 18); /* the step shows */
+    for (t = 0; t < 3; t++) {
+        for (i = 0; i < 37; i++) p.grad[wide + i] = p.grad[one[i]] = sinf(1.7f * (float)(i + 5 * t));
+        sm_params_adamw_step(&p, 1.0f, 0.7f);
+    }
+    for (i = 0; i < 37; i++)
+        CHECK(memcmp(&p.data[wide + i], &p.data[one[i]], sizeof(float)) == 0 &&
+                  memcmp(&p.v[wide + i], &p.v[one[i]], sizeof(float)) == 0,
+              "element %d: vector %.9g vs scalar %.9g", i, p.data[wide + i], p.data[one[i]]);
+    sm_params_free(&p);
     return 0;
 }
 
@@ -7597,7 +7699,9 @@ static const t_case t_cases[] = {
     T(test_adamw_eps_matters),
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),
     T(test_params_decay_rule_every_tensor),
+    T(test_profile_sums_to_step_and_names_modules),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
+    T(test_adamw_vector_lanes_equal_scalar),
     DATA_TESTS,
     GPT2_TESTS,
     MPHF_TESTS,

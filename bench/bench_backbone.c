@@ -12,11 +12,18 @@
  *                                       shapes (~1 s); prints the trainer's
  *                                       flags for cblas_sgemm if OpenBLAS is
  *                                       the faster, else nothing
+ *   ./bench/bench_backbone profile [PRESET...]  where a training step's time
+ *                                       goes, per op (sm_profile), for the
+ *                                       presets gpt2 (GPT-2 124M, B=4 T=64)
+ *                                       and tiny (the trainer's tiny preset
+ *                                       with Engram-Nine, PEER and mHC on);
+ *                                       both when none is named
  *
  * Every ratio is measured in this one run, ours and OpenBLAS's interleaved,
  * the median of the rounds; absolute numbers depend on the machine and its
  * load. The first lines name the processor and the GEMM path built. */
 #define SPARSEMEM_IMPLEMENTATION
+#define SM_PROFILE /* for `profile`; the other modes attach no profile */
 #include "sparsemem.h"
 #include "bench_common.h"
 #include <stdlib.h>
@@ -143,28 +150,27 @@ static const gemm_shape model_shapes[] = {
     {"tiny proj", "TN", 128, 512, 1024},  {"tiny head", "TN", 8192, 128, 1024},
 };
 
+static void init_model(sm_model *m, const sm_model_config *cfg, int B) {
+    sm_error err;
+    if (sm_model_init(m, cfg, B, 1, &err) != SM_OK) {
+        fprintf(stderr, "bench: %s\n", err.msg);
+        exit(1);
+    }
+}
+
 /* Tokens/s of forward + backward + AdamW at a stated shape. */
 /* each: also print every step's time as "gpt2-step SECONDS" (bench/vs_llmc.sh reads them). */
 static void bench_step(const char *label, sm_model_config cfg, int B, int steps, int each) {
     sm_model m;
-    sm_error err;
     int *in = (int *)malloc(sizeof(int) * B * cfg.seq_len), *tg = (int *)malloc(sizeof(int) * B * cfg.seq_len);
     int i, s;
     double best = 1e30, params;
     sm_rng r;
-    if (sm_model_init(&m, &cfg, B, 1, &err) != SM_OK) {
-        fprintf(stderr, "bench: %s\n", err.msg);
-        exit(1);
-    }
+    init_model(&m, &cfg, B);
     sm_rng_seed(&r, 2);
     for (i = 0; i < B * cfg.seq_len; i++) in[i] = (int)sm_rng_below(&r, cfg.vocab_size), tg[i] = (int)sm_rng_below(&r, cfg.vocab_size);
     for (s = 0; s < steps + 1; s++) {
-        double t = sm_now();
-        sm_params_zero_grad(&m.params);
-        sm_model_forward(&m, in, tg, NULL, B, cfg.seq_len, &err);
-        sm_model_backward(&m);
-        sm_params_adamw_step(&m.params, 1.0f, sm_clip_scale(sm_params_grad_norm(&m.params), 1.0f));
-        t = sm_now() - t;
+        double t = train_step(&m, in, tg, B);
         if (s > 0 && t < best) best = t;
         if (s > 0 && each) printf("gpt2-step %.4f\n", t), fflush(stdout);
     }
@@ -184,6 +190,86 @@ static sm_model_config gpt2_config(void) {
     return gpt2;
 }
 
+/* The trainer's tiny preset (L4 C128 H4, B=8 T=128, V8192) with every
+ * module on: Engram-Nine at layer 1 (its hot set needs a token stream),
+ * PEER (64K experts) in place of layer 2's MLP, mHC with 4 streams. */
+static sm_model_config tiny_all_config(void) {
+    sm_model_config c = sm_model_default_config();
+    sm_nine_iso iso;
+    sm_error err;
+    c.use_engram = 1, c.engram.hash.layer_ids[0] = 1;
+    c.nine.n_hot[0] = c.nine.n_hot[1] = 20000;
+    if (sm_nine_iso_config(&iso, &c.engram.hash, &c.nine, &err) != SM_OK) {
+        fprintf(stderr, "bench: %s\n", err.msg);
+        exit(1);
+    }
+    c.use_nine = 1, c.engram.hash = iso.cold, c.nine = iso.nine;
+    c.use_peer = 1, c.peer_n_layers = 1, c.peer_layer_ids[0] = 2, c.peer.n_sub = 256;
+    c.use_mhc = 1;
+    return c;
+}
+
+/* Prints a profile's ops (ms per step, share of the measured step) and
+ * what no op claimed. */
+static void print_profile(const sm_profile *prof, double step_seconds, int steps) {
+    double total = sm_profile_total(prof) / steps;
+    int op;
+    printf("  %-16s %9s %7s\n", "op", "ms/step", "share");
+    for (op = 0; op < SM_PROF_COUNT; op++) {
+        double t = prof->seconds[op] / steps;
+        if (t > 0) printf("  %-16s %9.2f %6.1f%%\n", sm_profile_op_name((sm_profile_op)op), 1e3 * t, 100 * t / step_seconds);
+    }
+    printf("  %-16s %9.2f %6.1f%%\n  %-16s %9.2f\n", "(no op)", 1e3 * (step_seconds - total),
+           100 * (step_seconds - total) / step_seconds, "step", 1e3 * step_seconds);
+}
+
+/* Profiles `steps` training steps of cfg at batch B after two warm-up
+ * steps, on Zipf-distributed tokens (the hot set, if any, from 200K more). */
+static void profile_model(const char *label, sm_model_config cfg, int B, int steps) {
+    size_t n_stream = 200000, i, N = (size_t)B * cfg.seq_len;
+    int *tokens = (int *)malloc(sizeof(int) * (n_stream + 2 * N));
+    uint32_t *ids = (uint32_t *)malloc(sizeof(uint32_t) * n_stream);
+    sm_profile prof;
+    sm_model m;
+    sm_rng r;
+    double total = 0;
+    int s;
+    init_model(&m, &cfg, B);
+    sm_rng_seed(&r, 2);
+    zipf_tokens(tokens, n_stream + 2 * N, cfg.vocab_size, &r);
+    for (i = 0; i < n_stream; i++) ids[i] = (uint32_t)tokens[i];
+    if (cfg.use_nine && sm_model_build_hot_set(&m, ids, NULL, n_stream, NULL) != SM_OK) {
+        fprintf(stderr, "bench: %s: the hot set failed\n", label);
+        exit(1);
+    }
+    train_step(&m, tokens + n_stream, tokens + n_stream + N, B);
+    train_step(&m, tokens + n_stream, tokens + n_stream + N, B);
+    memset(&prof, 0, sizeof prof);
+    m.params.profile = &prof;
+    for (s = 0; s < steps; s++) total += train_step(&m, tokens + n_stream, tokens + n_stream + N, B);
+    printf("%s: L%d C%d V%d, B=%d T=%d%s%s%s%s, %d threads; mean of %d steps\n", label, cfg.n_layer,
+           cfg.d_model, cfg.vocab_size, B, cfg.seq_len, cfg.use_engram ? ", Engram" : "", cfg.use_nine ? "-Nine" : "",
+           cfg.use_peer ? ", PEER" : "", cfg.use_mhc ? ", mHC" : "", sm_num_threads(), steps);
+    print_profile(&prof, total / steps, steps);
+    sm_model_free(&m);
+    free(tokens), free(ids);
+}
+
+/* profile [gpt2] [tiny]: both when none is named. */
+static void profile_presets(int n, char **names) {
+    int i, all = n == 0;
+    for (i = 0; i < n; i++)
+        if (strcmp(names[i], "gpt2") != 0 && strcmp(names[i], "tiny") != 0) {
+            fprintf(stderr, "bench: unknown preset '%s' (gpt2, tiny)\n", names[i]);
+            exit(1);
+        }
+    for (i = 0; i < (all ? 2 : n); i++) {
+        const char *name = all ? (i == 0 ? "gpt2" : "tiny") : names[i];
+        if (strcmp(name, "gpt2") == 0) profile_model("gpt2-124M", gpt2_config(), 4, 3);
+        else profile_model("tiny, all modules", tiny_all_config(), 8, 10);
+    }
+}
+
 static void bench_steps(void) {
     sm_model_config small = sm_model_default_config();
     small.seq_len = 128;
@@ -200,7 +286,9 @@ int main(int argc, char **argv) {
     }
     cpu_model(cpu, sizeof cpu);
     printf("cpu: %s\nsm_sgemm path: %s\n", cpu, sm_sgemm_path());
-    if (argc > 1 && strcmp(argv[1], "gpt2-steps") == 0) {
+    if (argc > 1 && strcmp(argv[1], "profile") == 0) {
+        profile_presets(argc - 2, argv + 2);
+    } else if (argc > 1 && strcmp(argv[1], "gpt2-steps") == 0) {
         int steps = argc > 2 ? atoi(argv[2]) : 4;
         bench_step("step gpt2-124M", gpt2_config(), 4, steps > 0 ? steps : 4, 1);
     } else if (argc > 1 && strcmp(argv[1], "shapes") == 0) {

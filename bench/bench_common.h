@@ -34,6 +34,17 @@ static inline void cpu_model(char *out, size_t n) {
     fclose(f);
 }
 
+/* Seconds of one CPU training step as the trainer takes it: zero the
+ * gradients, forward, backward, clipped AdamW. */
+static inline double train_step(sm_model *m, const int *in, const int *tg, int B) {
+    double t = sm_now();
+    sm_params_zero_grad(&m->params);
+    sm_model_forward(m, in, tg, NULL, B, m->cfg.seq_len, NULL);
+    sm_model_backward(m);
+    sm_params_adamw_step(&m->params, 1.0f, sm_clip_scale(sm_params_grad_norm(&m->params), 1.0f));
+    return sm_now() - t;
+}
+
 /* Token ids with Zipf(1.1) frequencies over the vocabulary (inverse CDF),
  * so n-grams repeat as in text. */
 static inline void zipf_tokens(int *out, size_t n, int V, sm_rng *r) {

@@ -45,14 +45,7 @@ static int B = 8;
 static int *inputs, *targets;
 static const char *peer_csv; /* optional CSV of the PEER sweep */
 
-static double step_seconds(sm_model *m) {
-    double t = sm_now();
-    sm_params_zero_grad(&m->params);
-    sm_model_forward(m, inputs, targets, NULL, B, m->cfg.seq_len, NULL);
-    sm_model_backward(m);
-    sm_params_adamw_step(&m->params, 1.0f, sm_clip_scale(sm_params_grad_norm(&m->params), 1.0f));
-    return sm_now() - t;
-}
+static double step_seconds(sm_model *m) { return train_step(m, inputs, targets, B); }
 
 static double median(bench_cfg *c) { return median_of(c->times, c->n); }
 
