@@ -25,6 +25,8 @@
  *       #define SM_ASSERT(x) ...      internal invariants (default: assert)
  *       #define SM_USE_CBLAS          route sm_sgemm through cblas_sgemm
  *       #define SM_USE_MPI            the MPI communicator (>>comm)
+ *       #define SM_USE_NCCL           with SM_USE_MPI: NCCL collectives on GPU
+ *                                     buffers (>>comm; link -lnccl -lcudart)
  *       #define SM_NO_HUGEPAGES       no madvise(MADV_HUGEPAGE) on the big
  *                                     tables (Linux; results do not change)
  *   Compile with -fopenmp to parallelise the kernels (optional).
@@ -101,6 +103,12 @@
 #include <stdio.h>
 #ifdef SM_USE_MPI
 #include <mpi.h>
+#endif
+#ifdef SM_USE_NCCL
+#ifndef SM_USE_MPI
+#error "SM_USE_NCCL needs SM_USE_MPI: NCCL is bootstrapped through MPI"
+#endif
+#include <nccl.h> /* and cuda_runtime.h */
 #endif
 
 #define SM_VERSION_MAJOR 0
@@ -1943,6 +1951,7 @@ typedef struct sm_comm {
     int rank, size;
     sm_comm_backend backend;
     void *impl; /* MPI: the duplicated MPI_Comm (heap) */
+    void *nccl; /* SM_USE_NCCL, after sm_comm_init_nccl: the ncclComm_t (heap) */
 } sm_comm;
 
 SMDEF void sm_comm_init_single(sm_comm *c);
@@ -1950,6 +1959,23 @@ SMDEF void sm_comm_init_single(sm_comm *c);
 /* Duplicates comm (so our messages never match the caller's). MPI must be
  * initialised. */
 SMDEF sm_status sm_comm_init_mpi(sm_comm *c, MPI_Comm comm, sm_error *err);
+#endif
+#ifdef SM_USE_NCCL
+/* GPU buffers (NCCL, one rank per GPU; several ranks cannot share a GPU):
+ * adds an NCCL communicator over c's ranks (sm_comm_init_mpi first) on the
+ * current CUDA device. Rank 0 makes the ncclUniqueId and broadcasts it
+ * with MPI, then every rank joins. Collective. */
+SMDEF sm_status sm_comm_init_nccl(sm_comm *c, sm_error *err);
+/* The device forms of the collectives on c's NCCL communicator, enqueued
+ * on `stream` (the caller synchronises it): x[0..n) summed over the ranks
+ * in place; bytes of buf from root; recv := every rank's bytes_each bytes
+ * of send, in rank order. */
+SMDEF sm_status sm_comm_device_allreduce_sum(const sm_comm *c, float *x, size_t n, cudaStream_t stream,
+                                             sm_error *err);
+SMDEF sm_status sm_comm_device_broadcast(const sm_comm *c, void *buf, size_t bytes, int root,
+                                         cudaStream_t stream, sm_error *err);
+SMDEF sm_status sm_comm_device_allgather(const sm_comm *c, const void *send, size_t bytes_each, void *recv,
+                                         cudaStream_t stream, sm_error *err);
 #endif
 SMDEF void sm_comm_free(sm_comm *c);
 /* x[0..n) := the sum over ranks of x[0..n), on every rank. */
@@ -10559,7 +10585,7 @@ SMDEF void sm_model_backward(sm_model *m) {
 /* ---- >>comm  Distributed: the communicator -------------------------- */
 
 SMDEF void sm_comm_init_single(sm_comm *c) {
-    c->rank = 0, c->size = 1, c->backend = SM_COMM_SINGLE, c->impl = NULL;
+    c->rank = 0, c->size = 1, c->backend = SM_COMM_SINGLE, c->impl = NULL, c->nccl = NULL;
 }
 
 #ifdef SM_USE_MPI
@@ -10606,7 +10632,66 @@ static sm_status sm__mpi_counts(const sm_comm *c, const size_t *bytes, int *coun
 }
 #endif
 
+#ifdef SM_USE_NCCL
+static ncclComm_t sm__nccl(const sm_comm *c) { return *(const ncclComm_t *)c->nccl; }
+
+static sm_status sm__nccl_check(ncclResult_t rc, const char *what, sm_error *err) {
+    if (rc == ncclSuccess) return SM_OK;
+    return sm_fail(err, SM_ERR_FAILED, "NCCL %s failed: %s", what, ncclGetErrorString(rc));
+}
+
+SMDEF sm_status sm_comm_init_nccl(sm_comm *c, sm_error *err) {
+    ncclUniqueId id;
+    ncclComm_t *nc;
+    sm_status st;
+    if (c->backend != SM_COMM_MPI)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "NCCL: initialise the communicator with sm_comm_init_mpi first");
+    if (c->rank == 0 && (st = sm__nccl_check(ncclGetUniqueId(&id), "GetUniqueId", err)) != SM_OK) return st;
+    if ((st = sm_comm_broadcast(c, &id, sizeof id, 0, err)) != SM_OK) return st;
+    if (!(nc = (ncclComm_t *)sm_alloc(1, sizeof *nc, "NCCL communicator", err))) return SM_ERR_OOM;
+    if ((st = sm__nccl_check(ncclCommInitRank(nc, c->size, id, c->rank), "CommInitRank", err)) != SM_OK) {
+        SM_FREE(nc);
+        return st;
+    }
+    c->nccl = nc;
+    return SM_OK;
+}
+
+static sm_status sm__nccl_ready(const sm_comm *c, const char *what, sm_error *err) {
+    return c->nccl ? SM_OK : sm_fail(err, SM_ERR_INVALID_ARG, "%s: no NCCL communicator (sm_comm_init_nccl)", what);
+}
+
+SMDEF sm_status sm_comm_device_allreduce_sum(const sm_comm *c, float *x, size_t n, cudaStream_t stream,
+                                             sm_error *err) {
+    sm_status st = sm__nccl_ready(c, "device all-reduce", err);
+    if (st != SM_OK) return st;
+    return sm__nccl_check(ncclAllReduce(x, x, n, ncclFloat, ncclSum, sm__nccl(c), stream), "AllReduce", err);
+}
+
+SMDEF sm_status sm_comm_device_broadcast(const sm_comm *c, void *buf, size_t bytes, int root,
+                                         cudaStream_t stream, sm_error *err) {
+    sm_status st = sm__nccl_ready(c, "device broadcast", err);
+    if (st != SM_OK) return st;
+    if (root < 0 || root >= c->size)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "device broadcast: root %d is not a rank of %d", root, c->size);
+    return sm__nccl_check(ncclBroadcast(buf, buf, bytes, ncclChar, root, sm__nccl(c), stream), "Broadcast", err);
+}
+
+SMDEF sm_status sm_comm_device_allgather(const sm_comm *c, const void *send, size_t bytes_each, void *recv,
+                                         cudaStream_t stream, sm_error *err) {
+    sm_status st = sm__nccl_ready(c, "device all-gather", err);
+    if (st != SM_OK) return st;
+    return sm__nccl_check(ncclAllGather(send, recv, bytes_each, ncclChar, sm__nccl(c), stream), "AllGather", err);
+}
+#endif
+
 SMDEF void sm_comm_free(sm_comm *c) {
+#ifdef SM_USE_NCCL
+    if (c->nccl) {
+        ncclCommDestroy(sm__nccl(c));
+        SM_FREE(c->nccl);
+    }
+#endif
 #ifdef SM_USE_MPI
     if (c->backend == SM_COMM_MPI) {
         MPI_Comm_free((MPI_Comm *)c->impl);

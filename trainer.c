@@ -755,7 +755,7 @@ static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, f
  * The training split is loaded only when `train` is set. */
 /* The processes training together: one by default; under MPI
  * (trainer_mpi) every rank of mpirun. Rank 0 is the one that writes. */
-static sm_comm tr_world = {0, 1, SM_COMM_SINGLE, NULL};
+static sm_comm tr_world = {0, 1, SM_COMM_SINGLE, NULL, NULL};
 static const sm_comm *tr_comm = &tr_world;
 
 /* Every rank waits here until all arrive (rank 0 wrote what they read). */
