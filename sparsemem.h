@@ -11118,33 +11118,30 @@ SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float 
 
 SMDEF int sm_model_is_sharded(const sm_model *m) { return m->shard_comm != NULL; }
 
-/* The fetches of a sharded model with their table's gradient shard and
- * touched rows: the Engram table's, then each PEER layer's (k = 0, 1, ...);
- * 0 past the last. */
-static int sm__model_fetch_at(sm_model *m, int k, sm_table_fetch **f, float **shard_grad, sm_row_set **touched) {
+/* The k-th fetch of a sharded model (k = 0, 1, ...: the Engram table's,
+ * then each PEER layer's), NULL past the last; *sub is its PEER
+ * sublayer, -1 for the Engram table. */
+static sm_table_fetch *sm__model_fetch_at(const sm_model *m, int k, int *sub) {
     int i;
-    if (m->engram_fetch && k-- == 0) {
-        *f = m->engram_fetch, *shard_grad = m->params.grad + m->engram_table, *touched = &m->engram_rows;
-        return 1;
-    }
+    *sub = -1;
+    if (m->engram_fetch && k-- == 0) return m->engram_fetch;
     for (i = 0; i < m->n_sub; i++)
         if (m->sub[i].peer_fetch && k-- == 0) {
-            *f = m->sub[i].peer_fetch, *touched = &m->sub[i].peer_rows;
-            *shard_grad = sm__peer_view(m, m->params.grad, &m->sub[i]).experts;
-            return 1;
+            *sub = i;
+            return m->sub[i].peer_fetch;
         }
-    return 0;
+    return NULL;
 }
 
 SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float scale, sm_error *err) {
     sm_table_fetch *f;
-    float *shard_grad;
-    sm_row_set *touched;
     sm_status st = SM_OK;
-    int k;
+    int k, s;
     if (!m->shard_comm) return sm_params_allreduce_grads(&m->params, c, scale, err);
     sm__scale_grads(&m->params, scale); /* the dense tensors: no table row is touched yet */
-    for (k = 0; st == SM_OK && sm__model_fetch_at(m, k, &f, &shard_grad, &touched); k++) {
+    for (k = 0; st == SM_OK && (f = sm__model_fetch_at(m, k, &s)) != NULL; k++) {
+        float *shard_grad = s < 0 ? m->params.grad + m->engram_table : sm__peer_view(m, m->params.grad, &m->sub[s]).experts;
+        sm_row_set *touched = s < 0 ? &m->engram_rows : &m->sub[s].peer_rows;
         size_t i, n = f->x.n_unique * f->width;
         for (i = 0; i < n; i++) f->drows[i] *= scale;
         st = sm_row_exchange_push_unique(&f->x, c, f->drows, f->width, shard_grad, touched, err);
@@ -11275,12 +11272,10 @@ SMDEF size_t sm_model_table_bytes(const sm_model *m) {
 }
 
 SMDEF void sm_model_exchange_bytes(const sm_model *m, size_t *fetch, size_t *push) {
-    sm_table_fetch *f;
-    float *shard_grad;
-    sm_row_set *touched;
-    int k, r;
+    const sm_table_fetch *f;
+    int k, r, s;
     *fetch = *push = 0;
-    for (k = 0; sm__model_fetch_at((sm_model *)m, k, &f, &shard_grad, &touched); k++)
+    for (k = 0; (f = sm__model_fetch_at(m, k, &s)) != NULL; k++)
         for (r = 0; r < f->x.size; r++) {
             size_t rows = r == m->shard_comm->rank ? 0 : f->x.send_count[r];
             *fetch += rows * (sizeof(uint32_t) + f->width * sizeof(float));

@@ -46,11 +46,12 @@ static sm_model_config bench_config(const char *preset, int *B, int *T) {
 }
 
 /* Bytes of the dense gradients and of the tables' touched rows (after the
- * all-reduce: the union over the ranks). */
-static void bench_allreduce_bytes(const sm_model *m, bench_row *r) {
+ * all-reduce: the union over the ranks); none with one rank (nothing is
+ * all-reduced). */
+static void bench_allreduce_bytes(const sm_model *m, int ranks, bench_row *r) {
     int i;
     r->dense = r->rows_ar = 0;
-    for (i = 0; i < m->params.n_tensors; i++) {
+    for (i = 0; ranks > 1 && i < m->params.n_tensors; i++) {
         const sm_param_tensor *t = &m->params.tensors[i];
         if (!t->rows) r->dense += 4.0 * (double)t->size;
         else if (!sm_model_is_sharded(m)) r->rows_ar += 4.0 * (double)t->rows->count * (double)t->row_size;
@@ -71,7 +72,7 @@ static void bench_step(sm_model *m, const sm_comm *c, const int *in, const int *
     if (sm_model_forward(m, in, tg, NULL, rows, T, &err) != SM_OK) bench_die("forward", &err);
     sm_model_backward(m);
     if (sm_model_allreduce_grads(m, c, 1.0f / (float)c->size, &err) != SM_OK) bench_die("gradients", &err);
-    bench_allreduce_bytes(m, r);
+    bench_allreduce_bytes(m, c->size, r);
     sm_model_exchange_bytes(m, &fetch, &push);
     r->fetch = (double)fetch, r->push = (double)push;
     sm_params_adamw_step(&m->params, 1.0f, 1.0f);
