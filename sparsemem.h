@@ -25,6 +25,8 @@
  *       #define SM_ASSERT(x) ...      internal invariants (default: assert)
  *       #define SM_USE_CBLAS          route sm_sgemm through cblas_sgemm
  *       #define SM_USE_MPI            the MPI communicator (>>comm)
+ *       #define SM_USE_NCCL           with SM_USE_MPI: NCCL collectives on GPU
+ *                                     buffers (>>comm; link -lnccl -lcudart)
  *       #define SM_NO_HUGEPAGES       no madvise(MADV_HUGEPAGE) on the big
  *                                     tables (Linux; results do not change)
  *       #define SM_PROFILE            per-op wall time of training steps in
@@ -104,6 +106,12 @@
 #include <stdio.h>
 #ifdef SM_USE_MPI
 #include <mpi.h>
+#endif
+#ifdef SM_USE_NCCL
+#ifndef SM_USE_MPI
+#error "SM_USE_NCCL needs SM_USE_MPI: NCCL is bootstrapped through MPI"
+#endif
+#include <nccl.h> /* and cuda_runtime.h */
 #endif
 
 #define SM_VERSION_MAJOR 0
@@ -1028,7 +1036,8 @@ SMDEF size_t sm_engram_layer_size(const sm_engram_config *c);
 /* Parameter group for the table: Adam, lr = table_lr_mult * base_lr, no weight decay. */
 SMDEF sm_param_group sm_engram_table_group(const sm_engram_config *c, float base_lr);
 /* Register the table once (row_size d_head, updated sparsely through rows,
- * which must have been sm_row_set_init'ed with h->total_rows rows). */
+ * sized (sm_row_set_init) for h->total_rows rows, or for fewer: the rows
+ * of one rank's shard of a sharded table, sm_shard_rows, >>comm). */
 SMDEF sm_status sm_engram_params_add_table(sm_params *p, size_t *offset, const sm_ngram_hash *h,
                                            const sm_engram_config *c, int group,
                                            sm_row_set *rows, sm_error *err);
@@ -1414,8 +1423,9 @@ SMDEF void sm_peer_bind(sm_peer_params *p, float *base, const sm_peer_sizes *sz)
 
 /* Adds the five tensors, in the bind order, to a parameter table: the dense
  * four to `group`, the expert table to `expert_group` as a sparse table of
- * n_experts rows of 2*d_model updated through `expert_rows` (initialised
- * by the caller with n_experts rows). Only w_q decays (the rule at sm_param_tensor).
+ * rows of 2*d_model updated through `expert_rows` (initialised by the
+ * caller with n_experts rows, or fewer: one rank's shard of a sharded
+ * table, sm_shard_rows, >>comm; the table has expert_rows->nrows rows). Only w_q decays (the rule at sm_param_tensor).
  * *offset receives the offset of the first tensor: after sm_params_alloc,
  * bind params at data+offset and grads at grad+offset. */
 SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer_config *cfg,
@@ -1440,6 +1450,10 @@ typedef struct sm_peer_acts {
     float *q_rstd;      /* [N*h] 1/rms (or 1/std) per head */
     float *q_mean;      /* [N*h] mean (LayerNorm) or 0 */
     int32_t *expert;    /* [N*h*k] retrieved expert per slot, best first */
+    /* row of the experts buffer each slot reads: NULL, the expert id itself
+     * (the whole table); sharded tables set it to the slot of the expert
+     * among the fetched rows (sm_row_exchange_fetch_unique) */
+    const uint32_t *expert_row;
     float *weight;      /* [N*h*k] softmax weight per slot */
     float *pre;         /* [N*h*k] u_i . x per slot */
     float *sub_scores;  /* [N, 2*s] scratch: one head's half-scores */
@@ -1453,9 +1467,18 @@ SMDEF sm_status sm_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, in
 SMDEF void sm_peer_acts_free(sm_peer_acts *a);
 
 /* out[N, d_model] = PEER(x[N, d_model]) (overwritten, not accumulated).
- * Fails only when N is outside [1, acts->max_n]. */
+ * Fails only when N is outside [1, acts->max_n]. It is the two halves
+ * below, which a sharded expert table calls apart to fetch the retrieved
+ * experts in between: sm_peer_route (the query and the top-k, into
+ * acts->expert and acts->weight; p->experts is not read), then
+ * sm_peer_apply (the experts' outputs, rows read from `experts` through
+ * acts->expert_row). */
 SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
                                 const sm_peer_params *p, int N, sm_error *err);
+SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_params *p, int N,
+                              sm_error *err);
+SMDEF sm_status sm_peer_apply(float *out, sm_peer_acts *acts, const float *x, const float *experts,
+                              int N, sm_error *err);
 
 /* Accumulates dx (may be NULL) and the parameter gradients in g (any
  * pointer may be NULL to skip it). Expert gradients go only to retrieved
@@ -1868,6 +1891,7 @@ typedef struct sm_sublayer {
     sm_engram_acts engram_acts;
     sm_peer_acts peer_acts;
     sm_row_set peer_rows; /* FFN with PEER: experts of its table touched this step */
+    struct sm_table_fetch *peer_fetch; /* sharded expert table: this step's rows (>>comm) */
     /* diagnostics of the last forward/backward */
     double out_norm;  /* mean over positions of ||F(u)||_2 (all streams of a per-stream Engram) */
     double peer_norm; /* FFN with PEER: the same for the PEER output alone */
@@ -1885,6 +1909,10 @@ typedef struct sm_model {
     sm_ngram_hash hash;
     size_t engram_table;
     sm_row_set engram_rows;
+    /* sharded tables (sm_model_init_sharded, >>comm): the ranks, and the
+     * Engram rows this step reads; NULL when the tables are whole */
+    const struct sm_comm *shard_comm;
+    struct sm_table_fetch *engram_fetch;
     uint32_t *canon;        /* [V] token -> compressed id (identity by default) */
     uint32_t *ngram_tokens; /* [N] compressed ids of the batch */
     uint32_t *ngram_idx;    /* [n_engram_layers][N, n_slots] flat table rows */
@@ -1960,6 +1988,7 @@ typedef struct sm_comm {
     int rank, size;
     sm_comm_backend backend;
     void *impl; /* MPI: the duplicated MPI_Comm (heap) */
+    void *nccl; /* SM_USE_NCCL, after sm_comm_init_nccl: the ncclComm_t (heap) */
 } sm_comm;
 
 SMDEF void sm_comm_init_single(sm_comm *c);
@@ -1967,6 +1996,23 @@ SMDEF void sm_comm_init_single(sm_comm *c);
 /* Duplicates comm (so our messages never match the caller's). MPI must be
  * initialised. */
 SMDEF sm_status sm_comm_init_mpi(sm_comm *c, MPI_Comm comm, sm_error *err);
+#endif
+#ifdef SM_USE_NCCL
+/* GPU buffers (NCCL, one rank per GPU; several ranks cannot share a GPU):
+ * adds an NCCL communicator over c's ranks (sm_comm_init_mpi first) on the
+ * current CUDA device. Rank 0 makes the ncclUniqueId and broadcasts it
+ * with MPI, then every rank joins. Collective. */
+SMDEF sm_status sm_comm_init_nccl(sm_comm *c, sm_error *err);
+/* The device forms of the collectives on c's NCCL communicator, enqueued
+ * on `stream` (the caller synchronises it): x[0..n) summed over the ranks
+ * in place; bytes of buf from root; recv := every rank's bytes_each bytes
+ * of send, in rank order. */
+SMDEF sm_status sm_comm_device_allreduce_sum(const sm_comm *c, float *x, size_t n, cudaStream_t stream,
+                                             sm_error *err);
+SMDEF sm_status sm_comm_device_broadcast(const sm_comm *c, void *buf, size_t bytes, int root,
+                                         cudaStream_t stream, sm_error *err);
+SMDEF sm_status sm_comm_device_allgather(const sm_comm *c, const void *send, size_t bytes_each, void *recv,
+                                         cudaStream_t stream, sm_error *err);
 #endif
 SMDEF void sm_comm_free(sm_comm *c);
 /* x[0..n) := the sum over ranks of x[0..n), on every rank. */
@@ -2020,12 +2066,23 @@ SMDEF sm_status sm_row_exchange_plan(sm_row_exchange *x, const sm_comm *c, const
  * (shard: this rank's rows, local index-major, width floats each). */
 SMDEF sm_status sm_row_exchange_fetch(sm_row_exchange *x, const sm_comm *c, const float *shard,
                                       size_t width, float *rows, sm_error *err);
+/* The same without the copies per position: rows[u] := the row of
+ * x->unique[u] (n_unique rows); position p's row is rows[x->slot[p]]. A
+ * layer that reads rows by index reads these with its indices replaced
+ * by x->slot. */
+SMDEF sm_status sm_row_exchange_fetch_unique(sm_row_exchange *x, const sm_comm *c, const float *shard,
+                                             size_t width, float *rows, sm_error *err);
 /* The owners' shard_grad rows += the sum over every rank's positions of
  * drows[p] with that id (duplicates summed first, in position order, then
  * the ranks' sums in rank order: deterministic for a given rank count).
  * touched (may be NULL; sized for this rank's shard) gets the local rows. */
 SMDEF sm_status sm_row_exchange_push(sm_row_exchange *x, const sm_comm *c, const float *drows,
                                      size_t width, float *shard_grad, sm_row_set *touched, sm_error *err);
+/* The same from gradients already summed per distinct id: drows[u] is the
+ * gradient of x->unique[u] (n_unique rows, the layout fetch_unique gives). */
+SMDEF sm_status sm_row_exchange_push_unique(sm_row_exchange *x, const sm_comm *c, const float *drows,
+                                            size_t width, float *shard_grad, sm_row_set *touched,
+                                            sm_error *err);
 SMDEF void sm_row_exchange_free(sm_row_exchange *x);
 
 /* Data parallelism with replicated parameters: every gradient is scaled by
@@ -2035,6 +2092,54 @@ SMDEF void sm_row_exchange_free(sm_row_exchange *x);
  * ranks' touched rows, so every rank updates the same rows, and only those
  * rows are summed. One process: the scaling alone. */
 SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float scale, sm_error *err);
+
+/* ---- Sharded tables in the model ----
+ * A model built by sm_model_init_sharded over c (c->size > 1) holds only
+ * its shard of the Engram table and of every PEER expert table (rows
+ * r % size == rank, sm_shard_rows of them, with their gradients and Adam
+ * moments); the dense tensors stay replicated. The layers are unchanged:
+ *   forward   the Engram rows of the batch (all Engram layers, one
+ *             exchange) are fetched once the n-grams are hashed, each
+ *             PEER layer's experts once it has routed (sm_peer_route,
+ *             then sm_peer_apply); the layers read the fetched rows with
+ *             their indices replaced by the fetch slots (x.slot);
+ *   backward  the layers' table gradients go to the fetched rows' buffer;
+ *   sm_model_allreduce_grads pushes them to the owners (summed there,
+ *             marking the owners' touched rows), all-reduces the dense
+ *             gradients, and the owners' sparse AdamW updates their rows.
+ * Every forward is collective (evaluation too: every rank runs it). One
+ * process, or c NULL or of size 1: exactly sm_model_init. */
+typedef struct sm_table_fetch {
+    sm_row_exchange x;   /* the step's plan: distinct ids, owners, slots */
+    float *rows, *drows; /* [x.n_unique, width] fetched rows, their gradients */
+    size_t cap, width;   /* rows allocated; floats per row */
+} sm_table_fetch;
+
+/* c must outlive the model; collective with c. */
+SMDEF sm_status sm_model_init_sharded(sm_model *m, const sm_model_config *cfg, int B_max, uint64_t seed,
+                                      const sm_comm *c, sm_error *err);
+SMDEF int sm_model_is_sharded(const sm_model *m);
+/* After sm_model_backward: sm_params_allreduce_grads for a model, or with
+ * sharded tables, the fetched rows' gradients (scaled) pushed to their
+ * owners and the dense ones all-reduced. c: the model's communicator. */
+SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float scale, sm_error *err);
+/* Each group's gradient norm and the global one, over every rank's shard
+ * (sm_params_group_grad_norm where the tables are whole). Collective. */
+SMDEF sm_status sm_model_group_grad_norms(const sm_model *m, double *group_norm, double *total, sm_error *err);
+/* The parameters and Adam moments in one process's layout
+ * (sm_model_param_count floats each) on rank root, gathered from the
+ * shards (the other ranks pass NULL), and back: every rank takes its rows
+ * and the dense tensors from whole buffers (e.g. read from a checkpoint).
+ * So a checkpoint written by N ranks reads in M. Gather is collective. */
+SMDEF sm_status sm_model_gather_params(const sm_model *m, int root, float *data, float *mom1, float *mom2,
+                                       sm_error *err);
+SMDEF void sm_model_take_params(sm_model *m, const float *data, const float *mom1, const float *mom2);
+/* Bytes of this rank's table tensors (weights, gradients, both moments). */
+SMDEF size_t sm_model_table_bytes(const sm_model *m);
+/* This rank's row traffic in the last step: *fetch, the ids it sent to
+ * other ranks and the rows they sent back (4 bytes per id, 4 per float);
+ * *push, the gradients it sent them. 0 without sharding. */
+SMDEF void sm_model_exchange_bytes(const sm_model *m, size_t *fetch, size_t *push);
 
 #ifdef __cplusplus
 }
@@ -2277,6 +2382,27 @@ SMDEF float sm_rng_normal(sm_rng *r) {
 SMDEF void sm_rng_fill_normal(sm_rng *r, float *x, size_t n, float stddev) {
     size_t i;
     for (i = 0; i < n; i++) x[i] = stddev * sm_rng_normal(r);
+}
+
+/* A table's rows drawn from one stream in row order, each row n_seg
+ * segments of seg[j] values ~ N(0, std[j]), but only the rows that rank
+ * owns of `size` kept (>>comm: row r at local index r / size of rank
+ * r % size): every rank draws what one process draws for the whole table
+ * (rank 0 of 1) and keeps its shard. */
+static void sm__fill_normal_rows(sm_rng *r, float *shard, size_t n_rows, const size_t *seg, const float *std,
+                                 int n_seg, int rank, int size) {
+    size_t row, i, width = 0;
+    int j;
+    for (j = 0; j < n_seg; j++) width += seg[j];
+    for (row = 0; row < n_rows; row++) {
+        float *x = shard + (size_t)sm_row_local(row, size) * width;
+        int mine = sm_row_owner(row, size) == rank;
+        for (j = 0; j < n_seg; x += seg[j++])
+            for (i = 0; i < seg[j]; i++) {
+                float v = std[j] * sm_rng_normal(r);
+                if (mine) x[i] = v;
+            }
+    }
 }
 
 static uint64_t sm__checksum_word(uint64_t h, uint64_t w) {
@@ -6255,11 +6381,11 @@ SMDEF sm_param_group sm_engram_table_group(const sm_engram_config *c, float base
 SMDEF sm_status sm_engram_params_add_table(sm_params *p, size_t *offset, const sm_ngram_hash *h,
                                            const sm_engram_config *c, int group,
                                            sm_row_set *rows, sm_error *err) {
-    if (!rows || rows->nrows != h->total_rows)
+    if (!rows || rows->nrows > h->total_rows)
         return sm_fail(err, SM_ERR_INVALID_ARG,
                        "engram table: row set has %zu rows, the table %u", rows ? rows->nrows : 0,
                        (unsigned)h->total_rows);
-    *offset = sm__params_add_decay(p, "engram.table", sm_engram_table_size(h, c), group,
+    *offset = sm__params_add_decay(p, "engram.table", rows->nrows * (size_t)c->d_head, group,
                                    (size_t)c->d_head, rows, 0, err);
     return *offset == (size_t)-1 ? SM_ERR_INVALID_ARG : SM_OK;
 }
@@ -6306,9 +6432,16 @@ SMDEF sm_engram_params sm_engram_params_view(float *base, const sm_engram_offset
     return p;
 }
 
+/* The rows of the table that rank owns of `size` (all of it: 0 of 1). */
+static void sm__engram_init_table_shard(float *shard, const sm_ngram_hash *h, const sm_engram_config *c,
+                                        sm_rng *rng, int rank, int size) {
+    size_t width = (size_t)c->d_head;
+    sm__fill_normal_rows(rng, shard, h->total_rows, &width, &c->table_init_std, 1, rank, size);
+}
+
 SMDEF void sm_engram_init_table(float *table, const sm_ngram_hash *h, const sm_engram_config *c,
                                 sm_rng *rng) {
-    sm_rng_fill_normal(rng, table, sm_engram_table_size(h, c), c->table_init_std);
+    sm__engram_init_table_shard(table, h, c, rng, 0, 1);
 }
 
 static void sm__engram_fill(float *x, size_t n, float value) {
@@ -7647,8 +7780,8 @@ SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer
     if (group < 0 || group >= p->n_groups || expert_group < 0 || expert_group >= p->n_groups)
         return sm_fail(err, SM_ERR_INVALID_ARG, "peer %s: group %d / expert_group %d not in [0, %d)",
                        prefix, group, expert_group, p->n_groups);
-    if (!expert_rows || expert_rows->nrows != sz.n_experts)
-        return sm_fail(err, SM_ERR_INVALID_ARG, "peer %s: expert_rows must have %zu rows (has %zu)",
+    if (!expert_rows || expert_rows->nrows > sz.n_experts)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "peer %s: expert_rows must have at most %zu rows (has %zu)",
                        prefix, sz.n_experts, expert_rows ? expert_rows->nrows : 0);
     /* the checks above leave sm_params_add_tensor nothing to reject */
     snprintf(name, sizeof name, "%s.w_q", prefix);
@@ -7660,24 +7793,28 @@ SMDEF sm_status sm_peer_register(sm_params *p, const char *prefix, const sm_peer
     snprintf(name, sizeof name, "%s.keys2", prefix);
     sm__params_add_decay(p, name, sz.keys2, group, 0, NULL, 0, err);
     snprintf(name, sizeof name, "%s.experts", prefix);
-    sm__params_add_decay(p, name, sz.experts, expert_group, 2 * (size_t)d_model, expert_rows, 0,
-                         err);
+    sm__params_add_decay(p, name, expert_rows->nrows * 2 * (size_t)d_model, expert_group, 2 * (size_t)d_model,
+                         expert_rows, 0, err);
     return SM_OK;
 }
 
-SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
-                        const sm_peer_config *cfg, sm_rng *rng) {
-    size_t D = (size_t)sz->d_model, i;
-    float u_std = 1.0f / sqrtf((float)D), v_std = 1.0f / sqrtf((float)(cfg->heads * D));
+/* With the expert rows that rank owns of `size` only (all: 0 of 1). */
+static void sm__peer_init_shard(const sm_peer_params *p, const sm_peer_sizes *sz, const sm_peer_config *cfg,
+                                sm_rng *rng, int rank, int size) {
+    size_t D = (size_t)sz->d_model, i, seg[2];
+    float u_std = 1.0f / sqrtf((float)D), v_std = 1.0f / sqrtf((float)(cfg->heads * D)), std[2];
     float key_std = 1.0f / sqrtf((float)(cfg->d_key / 2));
     sm_rng_fill_normal(rng, p->w_q, sz->w_q, u_std);
     for (i = 0; i < sz->q_gain; i++) p->q_gain[i] = 1.0f;
     sm_rng_fill_normal(rng, p->keys1, sz->keys1, key_std);
     sm_rng_fill_normal(rng, p->keys2, sz->keys2, key_std);
-    for (i = 0; i < sz->n_experts; i++) {
-        sm_rng_fill_normal(rng, p->experts + i * 2 * D, D, u_std);
-        sm_rng_fill_normal(rng, p->experts + i * 2 * D + D, D, v_std);
-    }
+    seg[0] = seg[1] = D, std[0] = u_std, std[1] = v_std; /* a row: u_i, then v_i */
+    sm__fill_normal_rows(rng, p->experts, sz->n_experts, seg, std, 2, rank, size);
+}
+
+SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
+                        const sm_peer_config *cfg, sm_rng *rng) {
+    sm__peer_init_shard(p, sz, cfg, rng, 0, 1);
 }
 
 /* ---- activations ---- */
@@ -7858,6 +7995,11 @@ static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j,
     }
 }
 
+/* The row of the experts buffer that slot reads (see expert_row). */
+static size_t sm__peer_row(const sm_peer_acts *a, size_t slot) {
+    return a->expert_row ? (size_t)a->expert_row[slot] : (size_t)a->expert[slot];
+}
+
 /* out_t = sum over the slots of position t of w act(u_i . x_t) v_i. */
 static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x,
                                      const float *experts, int N) {
@@ -7873,10 +8015,10 @@ static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x
         memset(ot, 0, (size_t)D * sizeof(float));
         for (r = 0; r < per; r++) {
             size_t slot = (size_t)t * per + r;
-            const float *u = experts + (size_t)a->expert[slot] * 2 * D;
+            const float *u = experts + sm__peer_row(a, slot) * 2 * D;
             float pre;
             if (slot + SM__PEER_PREFETCH_AHEAD < n_slots)
-                sm__peer_prefetch_row(experts, (size_t)a->expert[slot + SM__PEER_PREFETCH_AHEAD], 2 * D);
+                sm__peer_prefetch_row(experts, sm__peer_row(a, slot + SM__PEER_PREFETCH_AHEAD), 2 * D);
             pre = sm__dot(u, xt, D);
             a->pre[slot] = pre;
             sm__peer_axpy(ot, a->weight[slot] * sm__peer_act(a->cfg.activation, pre), u + D, D);
@@ -7891,15 +8033,28 @@ static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err) {
     return SM_OK;
 }
 
-SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
-                                const sm_peer_params *p, int N, sm_error *err) {
+SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_params *p, int N,
+                              sm_error *err) {
     sm_status st = sm__peer_check_n(acts, N, err);
     int j;
     if (st != SM_OK) return st;
     sm__peer_query_forward(acts, x, p, N);
     for (j = 0; j < acts->cfg.heads; j++) sm__peer_route_head(acts, p, j, N);
-    sm__peer_experts_forward(out, acts, x, p->experts, N);
     return SM_OK;
+}
+
+SMDEF sm_status sm_peer_apply(float *out, sm_peer_acts *acts, const float *x, const float *experts,
+                              int N, sm_error *err) {
+    sm_status st = sm__peer_check_n(acts, N, err);
+    if (st == SM_OK) sm__peer_experts_forward(out, acts, x, experts, N);
+    return st;
+}
+
+SMDEF sm_status sm_peer_forward(float *out, sm_peer_acts *acts, const float *x,
+                                const sm_peer_params *p, int N, sm_error *err) {
+    sm_status st = sm_peer_route(acts, x, p, N, err);
+    if (st == SM_OK) st = sm_peer_apply(out, acts, x, p->experts, N, err);
+    return st;
 }
 
 /* ---- backward ---- */
@@ -7928,11 +8083,10 @@ static void sm__peer_slots_backward(float *dx, sm_peer_acts *a, const float *dou
             float dw[SM_TOPK_MAX], wdw = 0.0f;
             for (r = 0; r < k; r++) {
                 size_t slot = base + r;
-                const float *u = p->experts + (size_t)a->expert[slot] * 2 * D;
+                const float *u = p->experts + sm__peer_row(a, slot) * 2 * D;
                 float w = a->weight[slot], pre = a->pre[slot];
                 if (slot + SM__PEER_PREFETCH_AHEAD < n_slots)
-                    sm__peer_prefetch_row(p->experts, (size_t)a->expert[slot + SM__PEER_PREFETCH_AHEAD],
-                                          2 * D);
+                    sm__peer_prefetch_row(p->experts, sm__peer_row(a, slot + SM__PEER_PREFETCH_AHEAD), 2 * D);
                 float act = sm__peer_act(c->activation, pre), dv = sm__dot(dy, u + D, D);
                 a->dpre[slot] = w * dv * sm__peer_act_grad(c->activation, pre);
                 a->wact[slot] = w * act;
@@ -8008,8 +8162,9 @@ static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *
     sm_linear_backward(dx, g->w_q, NULL, a->dq, x, p->w_q, N, a->d_model, hk);
 }
 
-/* Stable LSD radix sort (11-bit digits) of the slot ids by expert id, so
- * each expert's slots end up adjacent and in increasing slot order. */
+/* Stable LSD radix sort (11-bit digits) of the slot ids by expert row
+ * (sm__peer_row: the expert id, or its fetched row, fewer), so each
+ * expert's slots end up adjacent and in increasing slot order. */
 static void sm__peer_sort_slots(sm_peer_acts *a, size_t n, uint32_t **key_out,
                                 uint32_t **slot_out) {
     uint32_t *key = a->sort_key, *slot = a->sort_slot, *key2 = key + n, *slot2 = slot + n;
@@ -8017,7 +8172,7 @@ static void sm__peer_sort_slots(sm_peer_acts *a, size_t n, uint32_t **key_out,
     size_t i;
     int shift;
     for (i = 0; i < n; i++) {
-        key[i] = (uint32_t)a->expert[i];
+        key[i] = (uint32_t)sm__peer_row(a, i);
         slot[i] = (uint32_t)i;
     }
     for (shift = 0; shift < 32 && (max_key >> shift) != 0; shift += 11) {
@@ -9758,11 +9913,17 @@ static size_t sm__add_mhc_params(sm_params *p, const sm_mhc_config *mc, int laye
 
 /* The layout only sizes a sparse table's row set; its memory comes with the
  * parameters (sm__model_alloc_params), so a layout alone allocates nothing
- * big (sm_model_param_count). */
-static void sm__plan_row_set(sm_row_set *s, size_t nrows) {
+ * big (sm_model_param_count). A sharded model's table of n_rows holds this
+ * rank's rows only (>>comm). */
+static void sm__plan_row_set(const sm_model *m, sm_row_set *s, uint64_t n_rows) {
     memset(s, 0, sizeof *s);
-    s->nrows = nrows;
+    s->nrows = m->shard_comm ? (size_t)sm_shard_rows(n_rows, m->shard_comm->rank, m->shard_comm->size)
+                             : (size_t)n_rows;
 }
+
+/* This rank's shard of the tables: rank 0 of 1 when they are whole. */
+static int sm__shard_rank(const sm_model *m) { return m->shard_comm ? m->shard_comm->rank : 0; }
+static int sm__shard_size(const sm_model *m) { return m->shard_comm ? m->shard_comm->size : 1; }
 
 static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err) {
     const sm_model_config *c = &m->cfg;
@@ -9795,7 +9956,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
     }
     if (s->has_peer) { /* each PEER layer has its own expert table and row set */
         char prefix[32];
-        sm__plan_row_set(&s->peer_rows, (size_t)c->peer.n_sub * c->peer.n_sub);
+        sm__plan_row_set(m, &s->peer_rows, (uint64_t)c->peer.n_sub * c->peer.n_sub);
         snprintf(prefix, sizeof prefix, "h%d.peer", l);
         return sm_peer_register(p, prefix, &c->peer, c->d_model, m->g_peer, m->g_peer,
                                 &s->peer_rows, &o->peer, err);
@@ -9819,7 +9980,7 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
         m->g_engram_table = sm_params_add_group(p, tg, err);
         m->g_engram_dense = sm__add_group(p, "engram_dense", c->lr, c->weight_decay, err);
         st = sm_ngram_hash_init(&m->hash, &c->engram.hash, err);
-        if (st == SM_OK) sm__plan_row_set(&m->engram_rows, m->hash.total_rows);
+        if (st == SM_OK) sm__plan_row_set(m, &m->engram_rows, m->hash.total_rows);
         if (st == SM_OK)
             st = sm_engram_params_add_table(p, &m->engram_table, &m->hash, &c->engram,
                                             m->g_engram_table, &m->engram_rows, err);
@@ -9902,7 +10063,7 @@ static sm_status sm__init_sublayer(sm_model *m, sm_sublayer *s, uint64_t seed, s
         if (st != SM_OK) return st;
         sm_peer_bind(&pp, w + o->peer, &sz);
         sm__part_rng(r, seed, s->layer, 24);
-        sm_peer_init(&pp, &sz, &c->peer, r);
+        sm__peer_init_shard(&pp, &sz, &c->peer, r, sm__shard_rank(m), sm__shard_size(m));
     }
     return SM_OK;
 }
@@ -9923,7 +10084,8 @@ static sm_status sm__model_init_weights(sm_model *m, uint64_t seed, sm_error *er
     if (c->use_engram) {
         sm_rng er;
         sm__part_rng(&er, seed, -1, 32);
-        sm_engram_init_table(w + m->engram_table, &m->hash, &c->engram, &er);
+        sm__engram_init_table_shard(w + m->engram_table, &m->hash, &c->engram, &er, sm__shard_rank(m),
+                                    sm__shard_size(m));
     }
     sm__fill_const(w + m->lnf_w, C, 1.0f);
     if (!c->tied_head) sm_rng_fill_normal(&r, w + m->head_w, V * C, c->init_std);
@@ -10059,14 +10221,66 @@ static sm_status sm__model_plan_layout(sm_model *m, const sm_model_config *cfg, 
     return sm__model_layout(m, err);
 }
 
+/* ---- sharded tables: the rows a step reads (>>comm explains) ---- */
+
+static sm_table_fetch *sm__table_fetch_new(size_t width, sm_error *err) {
+    sm_table_fetch *f = (sm_table_fetch *)sm_alloc(1, sizeof *f, "table fetch", err);
+    if (f) memset(f, 0, sizeof *f), f->width = width;
+    return f;
+}
+
+static void sm__table_fetch_free(sm_table_fetch *f) {
+    if (!f) return;
+    sm_row_exchange_free(&f->x);
+    SM_FREE(f->rows), SM_FREE(f->drows);
+    SM_FREE(f);
+}
+
+/* Plans the exchange of ids[0..n) (rows of a table of n_rows) and fetches
+ * the distinct rows from their owners' shards into f->rows; their
+ * gradients f->drows start at zero. Collective. */
+static sm_status sm__fetch_rows(sm_table_fetch *f, const sm_comm *c, const uint32_t *ids, size_t n,
+                                uint64_t n_rows, const float *shard, sm_error *err) {
+    sm_status st;
+    sm_row_exchange_free(&f->x);
+    if ((st = sm_row_exchange_plan(&f->x, c, ids, n, n_rows, err)) != SM_OK) return st;
+    if (f->x.n_unique > f->cap) {
+        SM_FREE(f->rows), SM_FREE(f->drows);
+        f->cap = 0;
+        f->rows = (float *)sm_alloc(f->x.n_unique * f->width, sizeof(float), "fetched rows", err);
+        f->drows = (float *)sm_alloc(f->x.n_unique * f->width, sizeof(float), "fetched rows' gradients", err);
+        if (!f->rows || !f->drows) return SM_ERR_OOM;
+        f->cap = f->x.n_unique;
+    }
+    memset(f->drows, 0, sizeof(float) * f->x.n_unique * f->width);
+    return sm_row_exchange_fetch_unique(&f->x, c, shard, f->width, f->rows, err);
+}
+
+/* A sharded model's fetch buffers: the Engram rows and each PEER layer's. */
+static sm_status sm__model_alloc_fetches(sm_model *m, sm_error *err) {
+    int i;
+    if (m->cfg.use_engram && !(m->engram_fetch = sm__table_fetch_new(m->cfg.engram.d_head, err))) return SM_ERR_OOM;
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].has_peer && !(m->sub[i].peer_fetch = sm__table_fetch_new(2 * (size_t)m->cfg.d_model, err)))
+            return SM_ERR_OOM;
+    return SM_OK;
+}
+
 SMDEF sm_status sm_model_init(sm_model *m, const sm_model_config *cfg, int B_max, uint64_t seed,
                               sm_error *err) {
+    return sm_model_init_sharded(m, cfg, B_max, seed, NULL, err);
+}
+
+SMDEF sm_status sm_model_init_sharded(sm_model *m, const sm_model_config *cfg, int B_max, uint64_t seed,
+                                      const sm_comm *c, sm_error *err) {
     sm_status st;
     memset(m, 0, sizeof *m);
     if (B_max < 1 || B_max > 1 << 16)
         return sm_fail(err, SM_ERR_INVALID_ARG, "batch size %d out of range [1, 65536]", B_max);
+    if (c && c->size > 1) m->shard_comm = c;
     st = sm__model_plan_layout(m, cfg, err);
     if (st == SM_OK) st = sm__model_alloc_params(m, err);
+    if (st == SM_OK && m->shard_comm) st = sm__model_alloc_fetches(m, err);
     if (st == SM_OK) st = sm__model_alloc_acts(m, B_max, err);
     if (st == SM_OK) st = sm__model_init_weights(m, seed, err);
     if (st != SM_OK) sm_model_free(m);
@@ -10088,7 +10302,9 @@ SMDEF void sm_model_free(sm_model *m) {
         if (m->sub[i].kind == SM_SUBLAYER_ENGRAM) sm_engram_acts_free(&m->sub[i].engram_acts);
         if (m->sub[i].has_peer) sm_peer_acts_free(&m->sub[i].peer_acts);
         if (m->sub[i].has_peer) sm_row_set_free(&m->sub[i].peer_rows);
+        sm__table_fetch_free(m->sub[i].peer_fetch);
     }
+    sm__table_fetch_free(m->engram_fetch);
     if (m->cfg.use_engram) {
         sm_ngram_hash_free(&m->hash);
         sm_engram_scratch_free(&m->engram_scratch);
@@ -10154,7 +10370,26 @@ static sm_peer_params sm__peer_view(const sm_model *m, float *base, const sm_sub
     return pp;
 }
 
-static void sm__ffn_forward(sm_model *m, sm_sublayer *s, const float *u) {
+/* PEER on s->ln; a sharded expert table's retrieved rows are fetched
+ * between the routing and the experts. */
+static sm_status sm__peer_sublayer_forward(sm_model *m, sm_sublayer *s, float *out, sm_error *err) {
+    sm_peer_params pp = sm__peer_view(m, m->params.data, s);
+    sm_peer_acts *a = &s->peer_acts;
+    sm_table_fetch *f = s->peer_fetch;
+    int N = m->B * m->T;
+    size_t n_slots = (size_t)N * m->cfg.peer.heads * m->cfg.peer.topk;
+    sm_status st;
+    if (!f) return sm_peer_forward(out, a, s->ln, &pp, N, err);
+    st = sm_peer_route(a, s->ln, &pp, N, err);
+    if (st == SM_OK) /* expert ids are in [0, n_experts): int32 read as uint32 */
+        st = sm__fetch_rows(f, m->shard_comm, (const uint32_t *)a->expert, n_slots,
+                            (uint64_t)m->cfg.peer.n_sub * m->cfg.peer.n_sub, pp.experts, err);
+    if (st != SM_OK) return st;
+    a->expert_row = f->x.slot;
+    return sm_peer_apply(out, a, s->ln, f->rows, N, err);
+}
+
+static sm_status sm__ffn_forward(sm_model *m, sm_sublayer *s, const float *u, sm_error *err) {
     const float *w = m->params.data;
     const sm_sublayer_offsets *o = &s->off;
     sm_profile *pf = m->params.profile;
@@ -10167,29 +10402,40 @@ static void sm__ffn_forward(sm_model *m, sm_sublayer *s, const float *u) {
                   sm_linear_forward(s->y, s->fch_gelu, w + o->fcproj_w, w + o->fcproj_b, N, F, C));
     }
     if (s->has_peer) {
-        sm_peer_params pp = sm__peer_view(m, m->params.data, s);
         float *out = s->has_mlp ? s->peer_out : s->y;
-        SM__TIMED(pf, SM_PROF_PEER,
-                  sm_peer_forward(out, &s->peer_acts, s->ln, &pp, N, NULL)); /* N within capacity */
+        sm_status st;
+        SM__TIMED(pf, SM_PROF_PEER, st = sm__peer_sublayer_forward(m, s, out, err));
+        if (st != SM_OK) return st;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, s->peer_norm = sm__mean_row_norm(out, N, C);
                   if (s->has_mlp) sm__add_inplace(s->y, s->peer_out, (size_t)N * C));
     }
+    return SM_OK;
+}
+
+/* The table rows an Engram sublayer reads at its N*n_slots slots: the
+ * hashed rows, or with a sharded table their slots among the fetched rows
+ * (one fetch for every Engram layer, in layer order). */
+static const uint32_t *sm__engram_rows_read(const sm_model *m, const sm_sublayer *s) {
+    const uint32_t *all = m->engram_fetch ? m->engram_fetch->x.slot : m->ngram_idx;
+    return all + (size_t)s->engram_index * m->B * m->T * m->hash.n_slots;
 }
 
 static void sm__engram_forward(sm_model *m, sm_sublayer *s, const float *u) {
     sm_engram_params ep = sm_engram_params_view(m->params.data, &s->off.engram);
-    const uint32_t *idx = m->ngram_idx + (size_t)s->engram_index * m->B * m->T * m->hash.n_slots;
+    if (m->engram_fetch) ep.table = m->engram_fetch->rows;
     SM__TIMED(m->params.profile, SM_PROF_ENGRAM,
-              sm_engram_forward_routed(s->y, &s->engram_acts, u, idx, m->cfg.use_nine ? m->ngram_hot : NULL,
-                                       &ep, &m->cfg.engram, m->B, m->T));
+              sm_engram_forward_routed(s->y, &s->engram_acts, u, sm__engram_rows_read(m, s),
+                                       m->cfg.use_nine ? m->ngram_hot : NULL, &ep, &m->cfg.engram, m->B, m->T));
 }
 
-static void sm__sublayer_forward(sm_model *m, sm_sublayer *s, const float *u) {
+static sm_status sm__sublayer_forward(sm_model *m, sm_sublayer *s, const float *u, sm_error *err) {
+    sm_status st = SM_OK;
     if (s->kind == SM_SUBLAYER_ENGRAM) sm__engram_forward(m, s, u);
     else if (s->kind == SM_SUBLAYER_ATTN) sm__attn_forward(m, s, u);
-    else sm__ffn_forward(m, s, u);
+    else st = sm__ffn_forward(m, s, u, err);
     SM__TIMED(m->params.profile, SM_PROF_ELEMENTWISE,
               s->out_norm = sm__mean_row_norm(s->y, m->B * m->T, sm__sublayer_width(m, s)));
+    return st;
 }
 
 static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_sublayer *s) {
@@ -10198,23 +10444,25 @@ static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_subla
 
 /* x_next = x + F(x) (every stream: F reads them all), or in an mHC branch:
  * u = H_pre x, x_next = H_res x + H_post^T F(u). */
-static void sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next) {
+static sm_status sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next, sm_error *err) {
     size_t NSC = (size_t)m->B * m->T * sm__streams(&m->cfg) * m->cfg.d_model;
     sm_profile *pf = m->params.profile;
     int N = m->B * m->T;
+    sm_status st;
     if (!s->in_mhc) {
-        sm__sublayer_forward(m, s, s->x_in);
+        if ((st = sm__sublayer_forward(m, s, s->x_in, err)) != SM_OK) return st;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(x_next, s->x_in, sizeof(float) * NSC);
                   sm__add_inplace(x_next, s->y, NSC));
-        return;
+        return SM_OK;
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
         SM__TIMED(pf, SM_PROF_MHC_MAPS, sm_mhc_pre_forward(s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N));
-        sm__sublayer_forward(m, s, s->u);
+        if ((st = sm__sublayer_forward(m, s, s->u, err)) != SM_OK) return st;
         SM__TIMED(pf, SM_PROF_MHC_MIX,
                   sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N));
     }
+    return SM_OK;
 }
 
 /* Compressed ids and the flat table rows of every Engram layer (through
@@ -10289,6 +10537,7 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *           sm_mphf_lookup_batch          >>mphf    slot of each n-gram
  *             sm__mphf_bucket, sm__mphf_slot -> sm__packed_get (bit reader)
  *           sm_fingerprints_match         >>mphf    is it really the hot one
+ *     sm__fetch_rows (sharded tables)     >>comm    the batch's Engram rows
  *     sm_embedding_forward                >>backbone
  *     sm_mhc_expand_forward (use_mhc)     >>mhc     copy into n streams
  *     per sublayer: sm__residual_forward  x <- x + F(x), or in mHC:
@@ -10302,10 +10551,11 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *           sm_rmsnorm_forward, sm_linear_forward, sm_attention_forward
  *         sm__ffn_forward                 >>backbone MLP and/or PEER:
  *           sm_linear_forward, sm_gelu_forward
- *           sm_peer_forward               >>peer
- *             sm__peer_query_forward      W_q x, normalised
- *             sm__peer_route_head -> sm_peer_product_topk, sm__peer_softmax
- *             sm__peer_experts_forward    sum of the k experts
+ *           sm__peer_sublayer_forward -> sm_peer_forward          >>peer
+ *             sm_peer_route: sm__peer_query_forward  W_q x, normalised
+ *               sm__peer_route_head -> sm_peer_product_topk, sm__peer_softmax
+ *             [sm__fetch_rows (sharded tables) >>comm  the retrieved experts]
+ *             sm_peer_apply: sm__peer_experts_forward  sum of the k experts
  *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y
  *     sm_mhc_collapse_forward (use_mhc)   >>mhc     average of the streams
  *     sm_rmsnorm_forward, sm_sgemm        >>backbone final norm, LM head
@@ -10328,6 +10578,11 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
         memset(m->doc_start, 0, (size_t)N);
     if (c->use_engram) SM__TIMED(pf, SM_PROF_ENGRAM_ROUTE, st = sm__engram_hash_batch(m, err));
     if (st != SM_OK) return st;
+    if (m->engram_fetch &&
+        (st = sm__fetch_rows(m->engram_fetch, m->shard_comm, m->ngram_idx,
+                             (size_t)c->engram.hash.n_layers * N * m->hash.n_slots, m->hash.total_rows,
+                             w + m->engram_table, err)) != SM_OK)
+        return st;
     SM__TIMED(pf, SM_PROF_EMBEDDING, sm_embedding_forward(m->emb, inputs, w + m->wte, w + m->wpe, B, T, C));
     if (c->use_mhc)
         SM__TIMED(pf, SM_PROF_MHC_STREAMS,
@@ -10337,7 +10592,7 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
     for (i = 0; i < m->n_sub; i++) {
         sm_sublayer *s = &m->sub[i];
         float *next = i + 1 < m->n_sub ? m->sub[i + 1].x_in : c->use_mhc ? m->x_final : m->x_out;
-        sm__residual_forward(m, s, next);
+        if ((st = sm__residual_forward(m, s, next, err)) != SM_OK) return st;
     }
     if (c->use_mhc)
         SM__TIMED(pf, SM_PROF_MHC_STREAMS,
@@ -10393,8 +10648,10 @@ static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float
     if (s->has_peer) {
         sm_peer_params pp = sm__peer_view(m, m->params.data, s);
         sm_peer_params pg = sm__peer_view(m, m->params.grad, s);
-        SM__TIMED(pf, SM_PROF_PEER,
-                  sm_peer_backward(m->dln, &pg, &s->peer_rows, dy, s->ln, &pp, &s->peer_acts, N, NULL));
+        sm_row_set *touched = &s->peer_rows;
+        if (s->peer_fetch) /* the fetched rows; sm_model_allreduce_grads pushes them */
+            pp.experts = s->peer_fetch->rows, pg.experts = s->peer_fetch->drows, touched = NULL;
+        SM__TIMED(pf, SM_PROF_PEER, sm_peer_backward(m->dln, &pg, touched, dy, s->ln, &pp, &s->peer_acts, N, NULL));
     }
     SM__TIMED(pf, SM_PROF_NORM,
               sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C));
@@ -10404,9 +10661,11 @@ static void sm__engram_backward(sm_model *m, const sm_sublayer *s, float *du, co
                                 const float *u) {
     sm_engram_params ep = sm_engram_params_view(m->params.data, &s->off.engram);
     sm_engram_params eg = sm_engram_params_view(m->params.grad, &s->off.engram);
-    const uint32_t *idx = m->ngram_idx + (size_t)s->engram_index * m->B * m->T * m->hash.n_slots;
+    sm_row_set *touched = &m->engram_rows;
+    if (m->engram_fetch) /* the fetched rows; sm_model_allreduce_grads pushes them */
+        ep.table = m->engram_fetch->rows, eg.table = m->engram_fetch->drows, touched = NULL;
     SM__TIMED(m->params.profile, SM_PROF_ENGRAM,
-              sm_engram_backward_routed(du, &eg, &m->engram_rows, dy, u, idx,
+              sm_engram_backward_routed(du, &eg, touched, dy, u, sm__engram_rows_read(m, s),
                                         m->cfg.use_nine ? m->ngram_hot : NULL, &ep, &s->engram_acts,
                                         &m->engram_scratch, &m->cfg.engram, m->B, m->T));
 }
@@ -10502,7 +10761,7 @@ SMDEF void sm_model_backward(sm_model *m) {
 /* ---- >>comm  Distributed: the communicator -------------------------- */
 
 SMDEF void sm_comm_init_single(sm_comm *c) {
-    c->rank = 0, c->size = 1, c->backend = SM_COMM_SINGLE, c->impl = NULL;
+    c->rank = 0, c->size = 1, c->backend = SM_COMM_SINGLE, c->impl = NULL, c->nccl = NULL;
 }
 
 #ifdef SM_USE_MPI
@@ -10549,7 +10808,66 @@ static sm_status sm__mpi_counts(const sm_comm *c, const size_t *bytes, int *coun
 }
 #endif
 
+#ifdef SM_USE_NCCL
+static ncclComm_t sm__nccl(const sm_comm *c) { return *(const ncclComm_t *)c->nccl; }
+
+static sm_status sm__nccl_check(ncclResult_t rc, const char *what, sm_error *err) {
+    if (rc == ncclSuccess) return SM_OK;
+    return sm_fail(err, SM_ERR_FAILED, "NCCL %s failed: %s", what, ncclGetErrorString(rc));
+}
+
+SMDEF sm_status sm_comm_init_nccl(sm_comm *c, sm_error *err) {
+    ncclUniqueId id;
+    ncclComm_t *nc;
+    sm_status st;
+    if (c->backend != SM_COMM_MPI)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "NCCL: initialise the communicator with sm_comm_init_mpi first");
+    if (c->rank == 0 && (st = sm__nccl_check(ncclGetUniqueId(&id), "GetUniqueId", err)) != SM_OK) return st;
+    if ((st = sm_comm_broadcast(c, &id, sizeof id, 0, err)) != SM_OK) return st;
+    if (!(nc = (ncclComm_t *)sm_alloc(1, sizeof *nc, "NCCL communicator", err))) return SM_ERR_OOM;
+    if ((st = sm__nccl_check(ncclCommInitRank(nc, c->size, id, c->rank), "CommInitRank", err)) != SM_OK) {
+        SM_FREE(nc);
+        return st;
+    }
+    c->nccl = nc;
+    return SM_OK;
+}
+
+static sm_status sm__nccl_ready(const sm_comm *c, const char *what, sm_error *err) {
+    return c->nccl ? SM_OK : sm_fail(err, SM_ERR_INVALID_ARG, "%s: no NCCL communicator (sm_comm_init_nccl)", what);
+}
+
+SMDEF sm_status sm_comm_device_allreduce_sum(const sm_comm *c, float *x, size_t n, cudaStream_t stream,
+                                             sm_error *err) {
+    sm_status st = sm__nccl_ready(c, "device all-reduce", err);
+    if (st != SM_OK) return st;
+    return sm__nccl_check(ncclAllReduce(x, x, n, ncclFloat, ncclSum, sm__nccl(c), stream), "AllReduce", err);
+}
+
+SMDEF sm_status sm_comm_device_broadcast(const sm_comm *c, void *buf, size_t bytes, int root,
+                                         cudaStream_t stream, sm_error *err) {
+    sm_status st = sm__nccl_ready(c, "device broadcast", err);
+    if (st != SM_OK) return st;
+    if (root < 0 || root >= c->size)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "device broadcast: root %d is not a rank of %d", root, c->size);
+    return sm__nccl_check(ncclBroadcast(buf, buf, bytes, ncclChar, root, sm__nccl(c), stream), "Broadcast", err);
+}
+
+SMDEF sm_status sm_comm_device_allgather(const sm_comm *c, const void *send, size_t bytes_each, void *recv,
+                                         cudaStream_t stream, sm_error *err) {
+    sm_status st = sm__nccl_ready(c, "device all-gather", err);
+    if (st != SM_OK) return st;
+    return sm__nccl_check(ncclAllGather(send, recv, bytes_each, ncclChar, sm__nccl(c), stream), "AllGather", err);
+}
+#endif
+
 SMDEF void sm_comm_free(sm_comm *c) {
+#ifdef SM_USE_NCCL
+    if (c->nccl) {
+        ncclCommDestroy(sm__nccl(c));
+        SM_FREE(c->nccl);
+    }
+#endif
 #ifdef SM_USE_MPI
     if (c->backend == SM_COMM_MPI) {
         MPI_Comm_free((MPI_Comm *)c->impl);
@@ -10815,27 +11133,40 @@ static sm_status sm__exchange_rows(const sm_row_exchange *x, const sm_comm *c, s
     return st;
 }
 
-SMDEF sm_status sm_row_exchange_fetch(sm_row_exchange *x, const sm_comm *c, const float *shard,
-                                      size_t width, float *rows, sm_error *err) {
+/* The owners' rows of the distinct ids into x->buf_mine. */
+static sm_status sm__exchange_fetch_mine(sm_row_exchange *x, const sm_comm *c, const float *shard, size_t width,
+                                         sm_error *err) {
     sm_status st = sm__exchange_buffers(x, width, err);
-    size_t i, p;
+    size_t i;
     if (st != SM_OK) return st;
     for (i = 0; i < x->n_served; i++)
         memcpy(x->buf_served + i * width, shard + (size_t)x->served[i] * width, sizeof(float) * width);
-    if ((st = sm__exchange_rows(x, c, width, 0, err)) != SM_OK) return st;
+    return sm__exchange_rows(x, c, width, 0, err);
+}
+
+SMDEF sm_status sm_row_exchange_fetch(sm_row_exchange *x, const sm_comm *c, const float *shard,
+                                      size_t width, float *rows, sm_error *err) {
+    sm_status st = sm__exchange_fetch_mine(x, c, shard, width, err);
+    size_t p;
+    if (st != SM_OK) return st;
     for (p = 0; p < x->n_ids; p++)
         memcpy(rows + p * width, x->buf_mine + (size_t)x->slot[p] * width, sizeof(float) * width);
     return SM_OK;
 }
 
-SMDEF sm_status sm_row_exchange_push(sm_row_exchange *x, const sm_comm *c, const float *drows,
-                                     size_t width, float *shard_grad, sm_row_set *touched, sm_error *err) {
-    sm_status st = sm__exchange_buffers(x, width, err);
-    size_t i, p, j;
+SMDEF sm_status sm_row_exchange_fetch_unique(sm_row_exchange *x, const sm_comm *c, const float *shard,
+                                             size_t width, float *rows, sm_error *err) {
+    sm_status st = sm__exchange_fetch_mine(x, c, shard, width, err);
+    if (st == SM_OK && x->n_unique) memcpy(rows, x->buf_mine, sizeof(float) * x->n_unique * width);
+    return st;
+}
+
+/* x->buf_mine (the distinct ids' gradients) to the owners, added there. */
+static sm_status sm__exchange_push_mine(sm_row_exchange *x, const sm_comm *c, size_t width, float *shard_grad,
+                                        sm_row_set *touched, sm_error *err) {
+    sm_status st = sm__exchange_rows(x, c, width, 1, err);
+    size_t i, j;
     if (st != SM_OK) return st;
-    memset(x->buf_mine, 0, sizeof(float) * x->n_unique * width);
-    for (p = 0; p < x->n_ids; p++) sm__add_inplace(x->buf_mine + (size_t)x->slot[p] * width, drows + p * width, width);
-    if ((st = sm__exchange_rows(x, c, width, 1, err)) != SM_OK) return st;
     for (i = 0; i < x->n_served; i++) {
         float *g = shard_grad + (size_t)x->served[i] * width;
         const float *d = x->buf_served + i * width;
@@ -10843,6 +11174,25 @@ SMDEF sm_status sm_row_exchange_push(sm_row_exchange *x, const sm_comm *c, const
         if (touched) sm_row_set_add(touched, x->served[i]);
     }
     return SM_OK;
+}
+
+SMDEF sm_status sm_row_exchange_push(sm_row_exchange *x, const sm_comm *c, const float *drows,
+                                     size_t width, float *shard_grad, sm_row_set *touched, sm_error *err) {
+    sm_status st = sm__exchange_buffers(x, width, err);
+    size_t p;
+    if (st != SM_OK) return st;
+    memset(x->buf_mine, 0, sizeof(float) * x->n_unique * width);
+    for (p = 0; p < x->n_ids; p++) sm__add_inplace(x->buf_mine + (size_t)x->slot[p] * width, drows + p * width, width);
+    return sm__exchange_push_mine(x, c, width, shard_grad, touched, err);
+}
+
+SMDEF sm_status sm_row_exchange_push_unique(sm_row_exchange *x, const sm_comm *c, const float *drows,
+                                            size_t width, float *shard_grad, sm_row_set *touched,
+                                            sm_error *err) {
+    sm_status st = sm__exchange_buffers(x, width, err);
+    if (st != SM_OK) return st;
+    if (x->n_unique) memcpy(x->buf_mine, drows, sizeof(float) * x->n_unique * width);
+    return sm__exchange_push_mine(x, c, width, shard_grad, touched, err);
 }
 
 SMDEF void sm_row_exchange_free(sm_row_exchange *x) {
@@ -10938,6 +11288,175 @@ SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float 
     for (i = 0; st == SM_OK && i < p->n_tensors; i++)
         if (p->tensors[i].rows) st = sm__allreduce_rows(p, &p->tensors[i], c, err);
     return st;
+}
+
+/* ---- >>comm  Distributed: sharded tables in the model --------------- */
+
+SMDEF int sm_model_is_sharded(const sm_model *m) { return m->shard_comm != NULL; }
+
+/* The k-th fetch of a sharded model (k = 0, 1, ...: the Engram table's,
+ * then each PEER layer's), NULL past the last; *sub is its PEER
+ * sublayer, -1 for the Engram table. */
+static sm_table_fetch *sm__model_fetch_at(const sm_model *m, int k, int *sub) {
+    int i;
+    *sub = -1;
+    if (m->engram_fetch && k-- == 0) return m->engram_fetch;
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].peer_fetch && k-- == 0) {
+            *sub = i;
+            return m->sub[i].peer_fetch;
+        }
+    return NULL;
+}
+
+SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float scale, sm_error *err) {
+    sm_table_fetch *f;
+    sm_status st = SM_OK;
+    int k, s;
+    if (!m->shard_comm) return sm_params_allreduce_grads(&m->params, c, scale, err);
+    sm__scale_grads(&m->params, scale); /* the dense tensors: no table row is touched yet */
+    for (k = 0; st == SM_OK && (f = sm__model_fetch_at(m, k, &s)) != NULL; k++) {
+        float *shard_grad = s < 0 ? m->params.grad + m->engram_table : sm__peer_view(m, m->params.grad, &m->sub[s]).experts;
+        sm_row_set *touched = s < 0 ? &m->engram_rows : &m->sub[s].peer_rows;
+        size_t i, n = f->x.n_unique * f->width;
+        for (i = 0; i < n; i++) f->drows[i] *= scale;
+        st = sm_row_exchange_push_unique(&f->x, c, f->drows, f->width, shard_grad, touched, err);
+    }
+    return st == SM_OK ? sm__allreduce_dense(&m->params, c, err) : st;
+}
+
+SMDEF sm_status sm_model_group_grad_norms(const sm_model *m, double *group_norm, double *total, sm_error *err) {
+    double ss[2 * SM_MAX_GROUPS] = {0}; /* per group: dense tensors, then the table shards */
+    const sm_params *p = &m->params;
+    sm_status st = SM_OK;
+    int i, sharded;
+    for (i = 0; i < p->n_tensors; i++) {
+        sharded = m->shard_comm && p->tensors[i].rows;
+        ss[p->tensors[i].group + (sharded ? SM_MAX_GROUPS : 0)] += sm__tensor_grad_sumsq(p, &p->tensors[i]);
+    }
+    if (m->shard_comm) st = sm_comm_allreduce_sum_f64(m->shard_comm, ss + SM_MAX_GROUPS, (size_t)p->n_groups, err);
+    *total = 0;
+    for (i = 0; i < p->n_groups; i++) {
+        group_norm[i] = sqrt(ss[i] + ss[SM_MAX_GROUPS + i]);
+        *total += ss[i] + ss[SM_MAX_GROUPS + i];
+    }
+    *total = sqrt(*total);
+    return st;
+}
+
+/* A tensor's rows in one process's layout: a sharded table's global row
+ * count, 0 for a tensor every rank holds whole. */
+static uint64_t sm__tensor_global_rows(const sm_model *m, const sm_param_tensor *t) {
+    if (!m->shard_comm || !t->rows) return 0;
+    if (t->rows == &m->engram_rows) return m->hash.total_rows;
+    return (uint64_t)m->cfg.peer.n_sub * (uint64_t)m->cfg.peer.n_sub;
+}
+
+/* Its floats in one process's layout. */
+static size_t sm__tensor_full_size(const sm_model *m, const sm_param_tensor *t) {
+    uint64_t rows = sm__tensor_global_rows(m, t);
+    return rows ? (size_t)rows * t->row_size : t->size;
+}
+
+/* The shards of one table (n_local rows here) into full[n_rows, width] on
+ * root: every rank sends its rows to root alone (an all-to-all in which
+ * only root receives), and root puts rank r's local row l at l*size + r. */
+static sm_status sm__gather_table(const sm_comm *c, int root, const float *shard, size_t n_local, uint64_t n_rows,
+                                  size_t width, float *full, sm_error *err) {
+    size_t *sb = (size_t *)sm_alloc(2 * (size_t)c->size, sizeof(size_t), "gather sizes", err), *rb, l, at = 0;
+    float *recv = NULL;
+    sm_status st = sb ? SM_OK : SM_ERR_OOM;
+    int r;
+    if (st == SM_OK && c->rank == root &&
+        !(recv = (float *)sm_alloc((size_t)n_rows * width, sizeof(float), "gathered table", err)))
+        st = SM_ERR_OOM;
+    if (st != SM_OK) {
+        SM_FREE(sb);
+        return st;
+    }
+    rb = sb + c->size;
+    for (r = 0; r < c->size; r++) {
+        sb[r] = r == root ? n_local * width * sizeof(float) : 0;
+        rb[r] = c->rank == root ? (size_t)sm_shard_rows(n_rows, r, c->size) * width * sizeof(float) : 0;
+    }
+    st = sm_comm_alltoallv(c, shard, sb, recv, rb, err);
+    for (r = 0; st == SM_OK && recv && r < c->size; r++)
+        for (l = 0; l < sm_shard_rows(n_rows, r, c->size); l++, at++)
+            memcpy(full + (l * (size_t)c->size + (size_t)r) * width, recv + at * width, sizeof(float) * width);
+    SM_FREE(sb), SM_FREE(recv);
+    return st;
+}
+
+/* One tensor of one buffer (weights or a moment) into the full layout at
+ * full_off: a table gathered on root, a dense tensor copied there. */
+static sm_status sm__gather_tensor(const sm_model *m, const sm_param_tensor *t, int root, const float *buf,
+                                   float *full, size_t full_off, sm_error *err) {
+    uint64_t rows = sm__tensor_global_rows(m, t);
+    if (rows)
+        return sm__gather_table(m->shard_comm, root, buf + t->offset, t->rows->nrows, rows, t->row_size,
+                                full ? full + full_off : NULL, err);
+    if (full) memcpy(full + full_off, buf + t->offset, sizeof(float) * t->size);
+    return SM_OK;
+}
+
+SMDEF sm_status sm_model_gather_params(const sm_model *m, int root, float *data, float *mom1, float *mom2,
+                                       sm_error *err) {
+    const sm_params *p = &m->params;
+    const float *src[3];
+    float *dst[3];
+    size_t full_off = 0;
+    sm_status st = SM_OK;
+    int i, b;
+    src[0] = p->data, src[1] = p->m, src[2] = p->v, dst[0] = data, dst[1] = mom1, dst[2] = mom2;
+    for (i = 0; st == SM_OK && i < p->n_tensors; i++) {
+        for (b = 0; st == SM_OK && b < 3; b++)
+            st = sm__gather_tensor(m, &p->tensors[i], root, src[b], dst[b], full_off, err);
+        full_off += sm__tensor_full_size(m, &p->tensors[i]);
+    }
+    return st;
+}
+
+SMDEF void sm_model_take_params(sm_model *m, const float *data, const float *mom1, const float *mom2) {
+    sm_params *p = &m->params;
+    const float *src[3];
+    float *dst[3];
+    size_t full_off = 0, l;
+    int i, b, rank = sm__shard_rank(m), size = sm__shard_size(m);
+    src[0] = data, src[1] = mom1, src[2] = mom2, dst[0] = p->data, dst[1] = p->m, dst[2] = p->v;
+    for (i = 0; i < p->n_tensors; i++) {
+        const sm_param_tensor *t = &p->tensors[i];
+        size_t w = t->row_size;
+        for (b = 0; b < 3; b++) {
+            if (!sm__tensor_global_rows(m, t)) {
+                memcpy(dst[b] + t->offset, src[b] + full_off, sizeof(float) * t->size);
+                continue;
+            }
+            for (l = 0; l < t->rows->nrows; l++) /* local row l is global row l*size + rank */
+                memcpy(dst[b] + t->offset + l * w, src[b] + full_off + (l * (size_t)size + (size_t)rank) * w,
+                       sizeof(float) * w);
+        }
+        full_off += sm__tensor_full_size(m, t);
+    }
+}
+
+SMDEF size_t sm_model_table_bytes(const sm_model *m) {
+    size_t floats = 0;
+    int i;
+    for (i = 0; i < m->params.n_tensors; i++)
+        if (m->params.tensors[i].rows) floats += m->params.tensors[i].size;
+    return 4 * sizeof(float) * floats;
+}
+
+SMDEF void sm_model_exchange_bytes(const sm_model *m, size_t *fetch, size_t *push) {
+    const sm_table_fetch *f;
+    int k, r, s;
+    *fetch = *push = 0;
+    for (k = 0; (f = sm__model_fetch_at(m, k, &s)) != NULL; k++)
+        for (r = 0; r < f->x.size; r++) {
+            size_t rows = r == m->shard_comm->rank ? 0 : f->x.send_count[r];
+            *fetch += rows * (sizeof(uint32_t) + f->width * sizeof(float));
+            *push += rows * f->width * sizeof(float);
+        }
 }
 
 /* ===================================================================== */

@@ -4999,7 +4999,7 @@ static int test_peer_rejects_bad_n_and_rows(void) {
     st = sm_peer_forward(out, &acts, x, &p, 2, &err); /* capacity is 1 position */
     sm_peer_acts_free(&acts);
     CHECK(st == SM_ERR_INVALID_ARG && strstr(err.msg, "N 2"), "N 2 > max_n: %s", err.msg);
-    CHECK_OK(sm_row_set_init(&rows, 15, NULL)); /* 16 experts needed */
+    CHECK_OK(sm_row_set_init(&rows, 17, NULL)); /* 16 experts at most (fewer: a shard) */
     sm_params_add_group(&P, sm_param_group_default("peer", 1e-3f), NULL);
     st = sm_peer_register(&P, "peer", &c, 4, 0, 0, &rows, &off, &err);
     sm_row_set_free(&rows);

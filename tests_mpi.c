@@ -138,8 +138,153 @@ static int test_dp_checkpoints_resume_across_process_counts(void) {
     return 0;
 }
 
+/* ---- sharded tables ---- */
+
+/* A model small enough to step in every rank, with Engram (two layers on
+ * one table) and PEER (two layers, two expert tables), and mHC. */
+static sm_model_config t_shard_config(void) {
+    sm_model_config c = sm_model_default_config();
+    c.vocab_size = 40, c.seq_len = 8, c.n_layer = 2, c.n_head = 2, c.d_model = 8, c.d_ff = 16;
+    c.init_std = 0.3f, c.lr = 1e-2f;
+    c.use_engram = 1, c.engram.d_model = c.d_model, c.engram.d_head = 4;
+    c.engram.hash.n_heads = 2, c.engram.hash.table_rows = 13;
+    c.engram.hash.n_layers = 2, c.engram.hash.layer_ids[0] = 0, c.engram.hash.layer_ids[1] = 1;
+    c.use_peer = 1, c.peer_n_layers = 2, c.peer_layer_ids[0] = 0, c.peer_layer_ids[1] = 1;
+    c.peer.n_sub = 5, c.peer.heads = 2, c.peer.topk = 2, c.peer.d_key = 4;
+    c.use_mhc = 1, c.mhc.channels = c.d_model;
+    return c;
+}
+
+/* One training step of the global batch (B rows; this model's rows
+ * [first, first + rows)): forward, backward, gradients combined, AdamW. */
+static int t_shard_step(sm_model *m, const sm_comm *c, const int *in, const int *tg, int first, int rows, int T) {
+    sm_error err = {SM_OK, ""};
+    double v[2];
+    sm_params_zero_grad(&m->params);
+    CHECK(sm_model_forward(m, in + first * T, tg + first * T, NULL, rows, T, &err) == SM_OK, "forward: %s", err.msg);
+    sm_model_backward(m);
+    v[0] = m->n_counted, v[1] = 0;
+    CHECK_OK(sm_comm_allreduce_sum_f64(c, v, 1, &err));
+    CHECK(sm_model_allreduce_grads(m, c, (float)(m->n_counted / v[0]), &err) == SM_OK, "gradients: %s", err.msg);
+    sm_params_adamw_step(&m->params, 1.0f, 1.0f);
+    return 0;
+}
+
+/* The largest difference between a sharded model's parameters (buf 0) or
+ * first Adam moments (buf 1), gathered on rank 0, and a whole model's, or
+ * -1 when the gather fails. */
+static double t_shard_gap(const sm_model *sharded, const sm_model *whole, int buf) {
+    size_t n = whole->params.total, i;
+    float *full = t_comm.rank == 0 ? (float *)t_alloc(3 * n) : NULL;
+    const float *ref = buf ? whole->params.m : whole->params.data;
+    double gap = 0;
+    if (sm_model_gather_params(sharded, 0, full, full ? full + n : NULL, full ? full + 2 * n : NULL, NULL) != SM_OK)
+        gap = -1;
+    for (i = 0; full && gap >= 0 && i < n; i++) {
+        double d = fabs((double)full[(size_t)buf * n + i] - ref[i]);
+        if (d > gap) gap = d;
+    }
+    free(full);
+    return gap;
+}
+
+/* N ranks with sharded tables, each stepping its slice, against one
+ * process stepping the whole batch: the initial shards are the whole
+ * model's rows, and after one step the first Adam moments (0.1 x the
+ * global gradient, every table row included) agree within reduction-order
+ * rounding (the owner sums the ranks' sums; one process sums the positions
+ * in one pass). The weights themselves are not compared: Adam's first
+ * step moves a weight by ~lr whatever its gradient's size, so a gradient
+ * of ~1e-9 rounded differently moves it differently. */
+static int test_shard_model_step_matches_one_process(void) {
+    sm_model_config cfg = t_shard_config();
+    sm_model whole, sharded;
+    int B = 2 * t_comm.size, T = cfg.seq_len, in[64 * 8], tg[64 * 8], i;
+    double gap0, gap;
+    sm_rng r;
+    sm_rng_seed(&r, 5);
+    for (i = 0; i < B * T; i++) in[i] = (int)sm_rng_below(&r, 40), tg[i] = (int)sm_rng_below(&r, 40);
+    CHECK_OK(sm_model_init(&whole, &cfg, B, 9, NULL));
+    CHECK_OK(sm_model_init_sharded(&sharded, &cfg, B, 9, &t_comm, NULL));
+    CHECK(sm_model_is_sharded(&sharded) == (t_comm.size > 1), "sharded with %d ranks: %d", t_comm.size,
+          sm_model_is_sharded(&sharded));
+    gap0 = t_shard_gap(&sharded, &whole, 0);
+    if (t_shard_step(&whole, &t_one, in, tg, 0, B, T) || t_shard_step(&sharded, &t_comm, in, tg, 2 * t_comm.rank, 2, T))
+        return 1;
+    gap = t_shard_gap(&sharded, &whole, 1);
+    sm_model_free(&whole), sm_model_free(&sharded);
+    if (t_comm.rank != 0) return 0;
+    CHECK(gap0 == 0, "initial shards differ from the whole model's rows by %g", gap0);
+    CHECK(gap >= 0 && gap <= 1e-7, "%d ranks vs one process: gradients (first moments) differ by %g", t_comm.size, gap);
+    return 0;
+}
+
+/* Each rank allocates its rows of the tables (and their moments): the
+ * ranks' table bytes add up to the whole model's, and no rank holds more
+ * than ceil(rows / N) rows of any table. */
+static int test_shard_table_memory_per_rank(void) {
+    sm_model_config cfg = t_shard_config();
+    sm_model whole, sharded;
+    double mine[2];
+    size_t whole_bytes;
+    CHECK_OK(sm_model_init(&whole, &cfg, 2, 9, NULL));
+    CHECK_OK(sm_model_init_sharded(&sharded, &cfg, 2, 9, &t_comm, NULL));
+    whole_bytes = sm_model_table_bytes(&whole);
+    mine[0] = (double)sm_model_table_bytes(&sharded), mine[1] = (double)sharded.engram_rows.nrows;
+    CHECK_OK(sm_comm_allreduce_sum_f64(&t_comm, mine, 2, NULL));
+    CHECK(mine[0] == (double)whole_bytes, "the ranks' table bytes add up to %g, the whole model's %zu", mine[0],
+          whole_bytes);
+    CHECK(mine[1] == (double)whole.engram_rows.nrows && sharded.engram_rows.nrows * t_comm.size < whole.engram_rows.nrows + t_comm.size,
+          "rank %d holds %zu of %zu Engram rows", t_comm.rank, sharded.engram_rows.nrows, whole.engram_rows.nrows);
+    CHECK(whole.params.total - sharded.params.total == whole_bytes / 16 - sm_model_table_bytes(&sharded) / 16,
+          "the dense tensors differ: %zu vs %zu floats", whole.params.total, sharded.params.total);
+    sm_model_free(&whole), sm_model_free(&sharded);
+    return 0;
+}
+
+/* The trainer with --shard-tables against one process (the reference of
+ * test_dp_training_matches_one_process, rerun here so the test stands
+ * alone), and its checkpoints resumed across process counts both ways. */
+static int test_shard_training_matches_and_resumes(void) {
+    tr_opts o;
+    double gap, gap_a, gap_b;
+    int rc = 0;
+    if (t_comm.rank == 0) {
+        t_remove_tree("test_tmp_mpi_shard"), t_remove_tree("test_tmp_mpi_ref");
+        t_remove_tree("test_tmp_mpi_sa"), t_remove_tree("test_tmp_mpi_sb");
+        t_write_corpus("test_tmp_mpi_corpus.txt", 5);
+    }
+    MPI_Barrier(MPI_COMM_WORLD);
+    t_dp_opts(&o, "test_tmp_mpi_ref");
+    rc |= t_train(&o, 0);
+    t_dp_opts(&o, "test_tmp_mpi_shard"), o.shard_tables = 1;
+    rc |= t_train(&o, 1);
+    t_dp_opts(&o, "test_tmp_mpi_sa"), o.shard_tables = 1, o.stop_after = 6;
+    rc |= t_train(&o, 1);
+    t_dp_opts(&o, "test_tmp_mpi_sa"), o.resume = 1;
+    rc |= t_train(&o, 0);
+    t_dp_opts(&o, "test_tmp_mpi_sb"), o.stop_after = 6;
+    rc |= t_train(&o, 0);
+    t_dp_opts(&o, "test_tmp_mpi_sb"), o.shard_tables = 1, o.resume = 1;
+    rc |= t_train(&o, 1);
+    CHECK(rc == 0, "a run failed");
+    if (t_comm.rank != 0) return 0;
+    gap = t_log_gap("test_tmp_mpi_shard", "test_tmp_mpi_ref", "steps.csv");
+    gap_a = t_log_gap("test_tmp_mpi_sa", "test_tmp_mpi_ref", "steps.csv");
+    gap_b = t_log_gap("test_tmp_mpi_sb", "test_tmp_mpi_ref", "steps.csv");
+    CHECK(gap >= 0 && gap <= T_DP_TOL, "%d sharded processes vs one: losses differ by %g (tolerance %g)",
+          t_comm.size, gap, T_DP_TOL);
+    CHECK(gap_a >= 0 && gap_a <= T_DP_TOL, "%d sharded processes, then one: losses differ by %g", t_comm.size, gap_a);
+    CHECK(gap_b >= 0 && gap_b <= T_DP_TOL, "one process, then %d sharded: losses differ by %g", t_comm.size, gap_b);
+    gap = t_log_gap("test_tmp_mpi_shard", "test_tmp_mpi_ref", "diag.csv");
+    CHECK(gap >= 0 && gap <= T_DIAG_TOL, "%d sharded processes vs one: diag.csv differs by %g", t_comm.size, gap);
+    return 0;
+}
+
 static const t_case t_cases[] = {COMM_TESTS, T(test_dp_training_matches_one_process),
-                                 T(test_dp_checkpoints_resume_across_process_counts)};
+                                 T(test_dp_checkpoints_resume_across_process_counts),
+                                 T(test_shard_model_step_matches_one_process), T(test_shard_table_memory_per_rank),
+                                 T(test_shard_training_matches_and_resumes)};
 
 int main(int argc, char **argv) {
     sm_error err;

@@ -74,6 +74,7 @@ typedef struct {
     char xlabel[128], ylabel[128];
     int log_x, log_y;
     int resume, threads, vocab, quiet;
+    int shard_tables;     /* several processes: each holds its shard of the tables */
     long stop_after;      /* stop (with a checkpoint) after this step; 0 = run to the end */
     long debug_nan_step;  /* tests only: poison a weight before this step (-1 = never) */
     long debug_kill_step; /* tests only: SIGKILL the process at this step (-1 = never), */
@@ -133,6 +134,7 @@ static const tr_opt_spec tr_specs[] = {
     OPT("out", O_STR, out, "output folder (run, tokenized data, or report)"),
     OPT("ckpt", O_STR, ckpt, "checkpoint file (eval, sample)"),
     OPT("resume", O_FLAG, resume, "continue from OUT/model.ckpt"),
+    OPT("shard-tables", O_FLAG, shard_tables, "under mpirun: Engram rows and PEER experts sharded over the processes"),
     NUM("stop-after", O_LONG, stop_after, 0, TR_STEPS_MAX, "stop with a checkpoint after this step (0 = run to the end)"),
     OPT("preset", O_STR, preset, "model/training preset: tiny | small | gpt2s"),
     NUM("seed", O_U64, seed, 0, TR_U64_MAX, "model initialisation seed"),
@@ -754,7 +756,7 @@ static void tr_tokenize(const char *text_path, const char *out_dir, int vocab, f
  * The training split is loaded only when `train` is set. */
 /* The processes training together: one by default; under MPI
  * (trainer_mpi) every rank of mpirun. Rank 0 is the one that writes. */
-static sm_comm tr_world = {0, 1, SM_COMM_SINGLE, NULL};
+static sm_comm tr_world = {0, 1, SM_COMM_SINGLE, NULL, NULL};
 static const sm_comm *tr_comm = &tr_world;
 
 /* Every rank waits here until all arrive (rank 0 wrote what they read). */
@@ -1114,6 +1116,11 @@ static void tr_backward(tr_run *r) {
 static double tr_grad_norms(tr_run *r, double *group_norm) {
     double ss = 0.0;
     int g;
+    if (sm_model_is_sharded(&r->model)) { /* the tables' norms are summed over the shards */
+        sm_error err = {SM_OK, ""};
+        if (sm_model_group_grad_norms(&r->model, group_norm, &ss, &err) != SM_OK) tr_die("gradient norm", &err);
+        return ss;
+    }
     for (g = 0; g < r->model.params.n_groups; g++) {
 #ifdef TR_WITH_CUDA
         if (r->on_gpu)
@@ -1328,8 +1335,10 @@ static void tr_debug_kill(const tr_opts *o, long step, FILE *in_ckpt) {
     raise(SIGKILL);
 }
 
-static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const char *path,
-                                    sm_error *err) {
+/* Writes the parameters and moments of one process's layout (total floats
+ * each: the model's own, or gathered from the shards). */
+static sm_status tr_write_checkpoint(const tr_run *r, const tr_opts *o, const char *path, const float *data,
+                                     const float *mom1, const float *mom2, size_t total, sm_error *err) {
     sm_writer w;
     const sm_params *p = &r->model.params;
     sm_status st = sm_writer_open(&w, path, TR_CKPT_MAGIC, TR_CKPT_VERSION, err);
@@ -1340,10 +1349,10 @@ static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const cha
     sm_writer_bytes(&w, o, sizeof *o);
     sm_writer_u64(&w, (uint64_t)r->step);
     sm_writer_u64(&w, p->step);
-    sm_writer_u64(&w, (uint64_t)p->total);
-    sm_writer_bytes(&w, p->data, p->total * sizeof(float));
-    sm_writer_bytes(&w, p->m, p->total * sizeof(float));
-    sm_writer_bytes(&w, p->v, p->total * sizeof(float));
+    sm_writer_u64(&w, (uint64_t)total);
+    sm_writer_bytes(&w, data, total * sizeof(float));
+    sm_writer_bytes(&w, mom1, total * sizeof(float));
+    sm_writer_bytes(&w, mom2, total * sizeof(float));
     sm_writer_u32(&w, (uint32_t)p->n_groups);
     sm_writer_bytes(&w, p->groups, sizeof(sm_param_group) * (size_t)p->n_groups);
     sm_writer_bytes(&w, &r->loader.state, sizeof r->loader.state);
@@ -1356,6 +1365,26 @@ static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const cha
     if (r->model.has_hot_set) sm_nine_write(&r->model.nine, &w);
     tr_debug_kill(o, r->step, w.f); /* the temp file complete, not renamed */
     return sm_writer_commit(&w, err);
+}
+
+/* Rank 0 writes the checkpoint; with sharded tables every rank sends it
+ * its rows first, so the file has one process's layout. */
+static sm_status tr_save_checkpoint(const tr_run *r, const tr_opts *o, const char *path, sm_error *err) {
+    const sm_params *p = &r->model.params;
+    size_t total = 0;
+    float *full = NULL;
+    sm_status st;
+    int lead = tr_comm->rank == 0;
+    if (!sm_model_is_sharded(&r->model))
+        return lead ? tr_write_checkpoint(r, o, path, p->data, p->m, p->v, p->total, err) : SM_OK;
+    st = sm_model_param_count(&r->cfg, &total, err);
+    if (st == SM_OK && lead && !(full = (float *)sm_alloc(3 * total, sizeof(float), "checkpoint parameters", err)))
+        st = SM_ERR_OOM;
+    if (st == SM_OK)
+        st = sm_model_gather_params(&r->model, 0, full, full ? full + total : NULL, full ? full + 2 * total : NULL, err);
+    if (st == SM_OK && lead) st = tr_write_checkpoint(r, o, path, full, full + total, full + 2 * total, total, err);
+    sm_free(full);
+    return st;
 }
 
 /* What a checkpoint's header asks for, checked before anything is built
@@ -1426,22 +1455,39 @@ static sm_status tr_read_groups(sm_reader *rd, sm_params *p, sm_error *err) {
     return st;
 }
 
+/* The parameters and both moments (one process's layout, total floats
+ * each) into the model: read in place, or with sharded tables read whole
+ * and this rank's rows taken. */
+static sm_status tr_read_params(sm_reader *rd, sm_model *m, size_t total, sm_error *err) {
+    sm_params *p = &m->params;
+    float *full = NULL, *buf[3];
+    sm_status st = SM_OK;
+    int b;
+    buf[0] = p->data, buf[1] = p->m, buf[2] = p->v;
+    if (sm_model_is_sharded(m)) {
+        if (!(full = (float *)sm_alloc(3 * total, sizeof(float), "checkpoint parameters", err))) return SM_ERR_OOM;
+        buf[0] = full, buf[1] = full + total, buf[2] = full + 2 * total;
+    }
+    for (b = 0; st == SM_OK && b < 3; b++) st = sm_reader_bytes(rd, buf[b], total * sizeof(float), err);
+    if (st == SM_OK && full) sm_model_take_params(m, buf[0], buf[1], buf[2]);
+    sm_free(full);
+    return st;
+}
+
 /* Reads the rest into a model built from the same config. */
 static sm_status tr_read_checkpoint_state(sm_reader *rd, tr_run *r, sm_error *err) {
     sm_params *p = &r->model.params;
     uint64_t step = 0, pstep = 0, total = 0;
     uint32_t n_groups = 0, has_hot_set = 0;
+    size_t expect = 0;
     sm_status st;
     if ((st = sm_reader_u64(rd, &step, err)) != SM_OK || (st = sm_reader_u64(rd, &pstep, err)) != SM_OK ||
-        (st = sm_reader_u64(rd, &total, err)) != SM_OK)
+        (st = sm_reader_u64(rd, &total, err)) != SM_OK || (st = sm_model_param_count(&r->cfg, &expect, err)) != SM_OK)
         return st;
-    if (total != p->total)
+    if (total != expect)
         return sm_fail(err, SM_ERR_MISMATCH, "checkpoint has %llu parameters, the model %zu",
-                       (unsigned long long)total, p->total);
-    if ((st = sm_reader_bytes(rd, p->data, p->total * sizeof(float), err)) != SM_OK ||
-        (st = sm_reader_bytes(rd, p->m, p->total * sizeof(float), err)) != SM_OK ||
-        (st = sm_reader_bytes(rd, p->v, p->total * sizeof(float), err)) != SM_OK ||
-        (st = sm_reader_u32(rd, &n_groups, err)) != SM_OK)
+                       (unsigned long long)total, expect);
+    if ((st = tr_read_params(rd, &r->model, expect, err)) != SM_OK || (st = sm_reader_u32(rd, &n_groups, err)) != SM_OK)
         return st;
     if ((int)n_groups != p->n_groups)
         return sm_fail(err, SM_ERR_MISMATCH, "checkpoint has %u parameter groups, the model %d", n_groups, p->n_groups);
@@ -1460,7 +1506,7 @@ static sm_status tr_read_checkpoint_state(sm_reader *rd, tr_run *r, sm_error *er
         if ((st = sm_nine_read(&r->model.nine, rd, err)) != SM_OK) return st;
         r->model.has_hot_set = 1;
     }
-    if (!sm_all_finite(p->data, p->total))
+    if (!sm_all_finite(p->data, p->total)) /* (with sharded tables: this rank's rows) */
         return sm_fail(err, SM_ERR_NONFINITE, "checkpoint parameters contain NaN or Inf");
     r->step = (long)step;
     p->step = pstep;
@@ -1731,7 +1777,8 @@ static void tr_run_setup(tr_run *r, tr_opts *o) {
         exit(1);
     }
     tr_check_ranks(r, o);
-    if (sm_model_init(&r->model, &r->cfg, o->batch, o->seed, &err) != SM_OK) tr_die("model", &err);
+    if (sm_model_init_sharded(&r->model, &r->cfg, o->batch, o->seed, o->shard_tables ? tr_comm : NULL, &err) != SM_OK)
+        tr_die("model", &err);
     if (sm_model_set_canon(&r->model, r->data.canon.canon, (int)r->data.canon.vocab_size, &err) != SM_OK)
         tr_die("tokenizer compression", &err);
     lc.batch_size = o->batch, lc.seq_len = o->seq_len, lc.seed = o->data_seed;
@@ -1799,7 +1846,7 @@ static int tr_forward_backward(tr_run *r, const tr_opts *o, double *loss, double
     if (tr_comm->size > 1) *loss = tr_global_loss(&r->model, share);
     if (!isfinite(*loss)) return 1;
     tr_backward(r);
-    if (tr_comm->size > 1 && sm_params_allreduce_grads(&r->model.params, tr_comm, (float)*share, &err) != SM_OK)
+    if (tr_comm->size > 1 && sm_model_allreduce_grads(&r->model, tr_comm, (float)*share, &err) != SM_OK)
         tr_die("gradient all-reduce", &err);
     return 0;
 }
@@ -1972,15 +2019,19 @@ static void tr_plot_losses(const tr_opts *o) {
 }
 
 typedef struct {
+    int lead; /* rank 0: writes the files (with sharded tables the other
+                 ranks also evaluate and checkpoint, writing nothing) */
     FILE *evlog, *steplog, *diaglog;
     char ckpt[TR_PATH];
     tr_eval e; /* the last evaluation */
 } tr_outputs;
 
 /* Rank 0's files of a run: the three logs (cut back to the checkpoint's
- * step on --resume) and where the checkpoint goes. */
+ * step on --resume) and where the checkpoint goes; none on other ranks. */
 static void tr_outputs_open(tr_outputs *w, const tr_opts *o, const tr_run *r) {
     memset(w, 0, sizeof *w);
+    if (tr_comm->rank != 0) return;
+    w->lead = 1;
     w->evlog = tr_open_log(o, "log.csv", tr_eval_header, o->resume ? r->step : -1);
     w->steplog = tr_open_log(o, "steps.csv", "step,loss,lr_factor", o->resume ? r->step : -1);
     w->diaglog = tr_open_log(o, "diag.csv", tr_diag_header, o->resume ? r->step : -1); /* header only: off */
@@ -1988,15 +2039,18 @@ static void tr_outputs_open(tr_outputs *w, const tr_opts *o, const tr_run *r) {
 }
 
 static void tr_outputs_close(tr_outputs *w) {
-    fclose(w->evlog), fclose(w->steplog), fclose(w->diaglog);
+    if (w->lead) fclose(w->evlog), fclose(w->steplog), fclose(w->diaglog);
 }
 
-/* Rank 0's part of a step: the step log, progress, evals and checkpoints. */
+/* Rank 0's part of a step (every rank's with sharded tables: their
+ * forwards are collective): the step log, progress, evals and checkpoints. */
 static void tr_record_step(tr_run *r, const tr_opts *o, tr_outputs *w, double loss, long end) {
     sm_error err = {SM_OK, ""};
-    fprintf(w->steplog, "%ld,%.6f,%.6f\n", r->step, loss,
-            sm_lr_schedule(r->step - 1, o->warmup, o->steps, o->min_lr_ratio));
-    if (tr_diag_due(o, r->step)) tr_log_diag(w->diaglog, o, r);
+    if (w->lead) {
+        fprintf(w->steplog, "%ld,%.6f,%.6f\n", r->step, loss,
+                sm_lr_schedule(r->step - 1, o->warmup, o->steps, o->min_lr_ratio));
+        if (tr_diag_due(o, r->step)) tr_log_diag(w->diaglog, o, r);
+    }
     tr_progress(o, r, r->loss_avg);
     if ((o->eval_every > 0 && r->step % o->eval_every == 0) || r->step == o->steps) {
         float lr[TR_N_MODULES];
@@ -2004,31 +2058,34 @@ static void tr_record_step(tr_run *r, const tr_opts *o, tr_outputs *w, double lo
         tr_to_host(r);
         /* every logged eval uses the same batches, so the curve compares like with like */
         w->e = tr_evaluate(r, o->batch, o->eval_batches);
-        tr_log_eval(w->evlog, r, r->loss_avg, &w->e, lr);
+        if (w->lead) tr_log_eval(w->evlog, r, r->loss_avg, &w->e, lr);
         if (!o->quiet && isatty(fileno(stdout))) printf("\n");
         if (!o->quiet) printf("eval step %ld: val loss %.4f (ppl %.2f)\n", r->step, w->e.loss, w->e.ppl);
     }
     if ((o->ckpt_every > 0 && r->step % o->ckpt_every == 0) || r->step == end) {
         tr_to_host(r);
-        tr_sync_log(w->evlog, o, "log.csv");
-        tr_sync_log(w->steplog, o, "steps.csv");
-        tr_sync_log(w->diaglog, o, "diag.csv");
+        if (w->lead) {
+            tr_sync_log(w->evlog, o, "log.csv");
+            tr_sync_log(w->steplog, o, "steps.csv");
+            tr_sync_log(w->diaglog, o, "diag.csv");
+        }
         if (tr_save_checkpoint(r, o, w->ckpt, &err) != SM_OK) tr_die("checkpoint", &err);
     }
 }
 
-/* Rank 0, at the end: the final numbers cover the whole validation split. */
+/* Rank 0 (every rank with sharded tables), at the end: the final numbers
+ * cover the whole validation split. */
 static void tr_finish_run(tr_run *r, const tr_opts *o, tr_outputs *w) {
     if (!o->quiet && isatty(fileno(stdout))) printf("\n");
     if (r->step == o->steps) {
         tr_to_host(r);
         /* (e.tokens == 0: no eval in this process, a finished run resumed) */
         if (o->eval_batches > 0 || w->e.tokens == 0) w->e = tr_evaluate(r, o->batch, 0);
-        tr_write_summary(o, r, &w->e, r->loss_avg);
-        if (w->e.has_route) tr_write_route_tables(o, &w->e.route);
+        if (w->lead) tr_write_summary(o, r, &w->e, r->loss_avg);
+        if (w->lead && w->e.has_route) tr_write_route_tables(o, &w->e.route);
     }
     tr_outputs_close(w);
-    tr_plot_losses(o);
+    if (w->lead) tr_plot_losses(o);
 }
 
 /* Returns 0 on success, 2 when stopped by the NaN guard (on every rank:
@@ -2039,15 +2096,16 @@ static int tr_train(tr_opts *o) {
     char msg[256];
     double loss = NAN;
     long end;
-    int lead = tr_comm->rank == 0;
+    int lead = tr_comm->rank == 0, every;
     if (!lead) o->quiet = 1;
     tr_run_setup(&r, o);
+    every = lead || sm_model_is_sharded(&r.model); /* the ranks that evaluate and checkpoint */
     end = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
-    if (lead) tr_outputs_open(&w, o, &r);
+    tr_outputs_open(&w, o, &r);
     if (!o->quiet)
-        printf("model: %zu parameters, %d sublayers, %d threads x %d processes; %zu train / %zu val tokens\n",
-               r.model.params.total, r.model.n_sub, sm_num_threads(), tr_comm->size, r.data.train.n_tokens,
-               r.data.val.n_tokens);
+        printf("model: %zu parameters%s, %d sublayers, %d threads x %d processes; %zu train / %zu val tokens\n",
+               r.model.params.total, sm_model_is_sharded(&r.model) ? " on rank 0 (tables sharded)" : "",
+               r.model.n_sub, sm_num_threads(), tr_comm->size, r.data.train.n_tokens, r.data.val.n_tokens);
     while (r.step < end) {
         if (tr_step(&r, o, &loss, msg, sizeof msg) != 0) {
             if (lead) {
@@ -2061,10 +2119,10 @@ static int tr_train(tr_opts *o) {
             return 2;
         }
         tr_ema(&r.loss_avg, loss, 0.9);
-        if (lead) tr_record_step(&r, o, &w, loss, end);
+        if (every) tr_record_step(&r, o, &w, loss, end);
         tr_debug_kill(o, r.step, NULL);
     }
-    if (lead) tr_finish_run(&r, o, &w);
+    if (every) tr_finish_run(&r, o, &w);
     tr_run_free(&r);
     return 0;
 }
