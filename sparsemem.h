@@ -80,7 +80,7 @@
  *               route-stratified evaluation
  *   >>peer      top-k, product keys, the expert layer, usage statistics
  *   >>mhc       Sinkhorn-Knopp, stream maps and mixing, diagnostics
- *   >>backbone  embedding, RMSNorm, linear, attention, GELU/SiLU
+ *   >>backbone  embedding, RMSNorm, LayerNorm, linear, attention, GELU/SiLU
  *   >>loss      softmax cross-entropy with ignore index
  *   >>optim     AdamW with parameter groups, sparse rows, clipping,
  *               warmup + cosine schedule
@@ -1650,6 +1650,16 @@ SMDEF void sm_rmsnorm_grouped_forward(float *out, float *rstd, const float *inp,
 SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float *dout,
                                        const float *inp, const float *weight, const float *rstd,
                                        int N, int C, int groups);
+
+/* LayerNorm (GPT-2's): out = (inp - mean) * rstd * weight + bias, with
+ * rstd = 1/sqrt(var + eps), var the biased variance over the C channels.
+ * mean[N] and rstd[N] are saved for backward. */
+#define SM_LAYERNORM_EPS 1e-5f
+SMDEF void sm_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                const float *weight, const float *bias, int N, int C);
+SMDEF void sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                 const float *inp, const float *weight, const float *mean,
+                                 const float *rstd, int N, int C);
 
 /* Linear: out[N,OC] = inp[N,C] weight[OC,C]^T + bias[OC] (bias may be NULL). */
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
@@ -8881,6 +8891,60 @@ SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float 
 SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, const float *inp,
                                const float *weight, const float *rstd, int N, int C) {
     sm_rmsnorm_grouped_backward(dinp, dweight, dout, inp, weight, rstd, N, C, 1);
+}
+
+SMDEF void sm_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                const float *weight, const float *bias, int N, int C) {
+    int n;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N * C > 32768)
+#endif
+    for (n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        float *y = out + (size_t)n * C;
+        double sum = 0.0, ss = 0.0;
+        float mu, r;
+        int c;
+        for (c = 0; c < C; c++) sum += x[c];
+        mu = (float)(sum / C);
+        for (c = 0; c < C; c++) ss += (double)(x[c] - mu) * (x[c] - mu);
+        r = (float)(1.0 / sqrt(ss / C + SM_LAYERNORM_EPS));
+        for (c = 0; c < C; c++) y[c] = (x[c] - mu) * r * weight[c] + bias[c];
+        mean[n] = mu;
+        rstd[n] = r;
+    }
+}
+
+/* With xh = (x - mean) r and g = dout * weight:
+ *   dx = r (g - mean(g) - xh mean(g . xh)),  dweight += dout . xh,  dbias += dout. */
+SMDEF void sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                 const float *inp, const float *weight, const float *mean,
+                                 const float *rstd, int N, int C) {
+    int n, c;
+    for (n = 0; n < N; n++) { /* serial over n so the parameter sums are deterministic */
+        const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        for (c = 0; c < C; c++) {
+            if (dweight) dweight[c] += dy[c] * (x[c] - mean[n]) * rstd[n];
+            if (dbias) dbias[c] += dy[c];
+        }
+    }
+    if (!dinp) return;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N * C > 32768)
+#endif
+    for (n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        float *dx = dinp + (size_t)n * C, mu = mean[n], r = rstd[n], mean_g, mean_gx;
+        double sg = 0.0, sgx = 0.0;
+        int k;
+        for (k = 0; k < C; k++) {
+            float g = dy[k] * weight[k];
+            sg += g;
+            sgx += (double)g * (x[k] - mu) * r;
+        }
+        mean_g = (float)(sg / C), mean_gx = (float)(sgx / C);
+        for (k = 0; k < C; k++) dx[k] += r * (dy[k] * weight[k] - mean_g - (x[k] - mu) * r * mean_gx);
+    }
 }
 
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,

@@ -455,6 +455,43 @@ static int test_rmsnorm_grouped_gradient(void) {
     return 0;
 }
 
+/* bias is LayerNorm's bias; aux holds mean[N] then rstd[N]. */
+static double t_layernorm_loss(void *p) {
+    t_layer_ctx *c = (t_layer_ctx *)p;
+    sm_layernorm_forward(c->out, c->aux, c->aux + c->N, c->inp, c->weight, c->bias, c->N, c->C);
+    return t_weighted_sum(c->out, c->w_out, (size_t)c->N * c->C);
+}
+
+/* Inputs with a common offset of 3 (which RMSNorm would keep): with unit
+ * gain and zero bias an output row has mean 0; with random gain and bias
+ * every gradient checks against finite differences. */
+static int test_layernorm_gradient(void) {
+    sm_rng r;
+    t_layer_ctx c;
+    float *dinp, *dw, *db, *ones, *zeros, mu = 0;
+    int N = 5, C = 12, i;
+    sm_rng_seed(&r, 3);
+    c.N = N, c.C = C;
+    c.inp = t_randn(&r, N * C, 1.5f), c.weight = t_randn(&r, C, 1.0f), c.bias = t_randn(&r, C, 1.0f);
+    for (i = 0; i < N * C; i++) c.inp[i] += 3.0f;
+    c.out = (float *)t_alloc(N * C), c.w_out = t_randn(&r, N * C, 1.0f), c.aux = (float *)t_alloc(2 * N);
+    dinp = (float *)t_alloc(N * C), dw = (float *)t_alloc(C), db = (float *)t_alloc(C);
+    ones = (float *)t_alloc(C), zeros = (float *)t_alloc(C);
+    for (i = 0; i < C; i++) ones[i] = 1.0f;
+    sm_layernorm_forward(c.out, c.aux, c.aux + N, c.inp, ones, zeros, N, C); /* unit gain: mean 0 */
+    for (i = 0; i < C; i++) mu += c.out[i];
+    CHECK(fabsf(mu) < 1e-4f && fabsf(c.aux[0] - 3.0f) < 1.5f, "row mean %g after the norm, saved mean %g",
+          mu, c.aux[0]);
+    t_layernorm_loss(&c);
+    sm_layernorm_backward(dinp, dw, db, c.w_out, c.inp, c.weight, c.aux, c.aux + N, N, C);
+    CHECK_GRAD("layernorm dinp", c.inp, dinp, N * C, t_layernorm_loss, &c);
+    CHECK_GRAD("layernorm dweight", c.weight, dw, C, t_layernorm_loss, &c);
+    CHECK_GRAD("layernorm dbias", c.bias, db, C, t_layernorm_loss, &c);
+    free(c.inp), free(c.weight), free(c.bias), free(c.out), free(c.w_out), free(c.aux);
+    free(dinp), free(dw), free(db), free(ones), free(zeros);
+    return 0;
+}
+
 static double t_linear_loss(void *p) {
     t_layer_ctx *c = (t_layer_ctx *)p;
     sm_linear_forward(c->out, c->inp, c->weight, c->bias, c->N, c->C, c->OC);
@@ -7479,7 +7516,7 @@ static const t_case t_cases[] = {
     T(test_sgemm_beta_zero_and_one),
     T(test_sgemm_bit_identical_across_runs_and_threads),
     T(test_sgemm_path_matches_target),
-    T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient),
+    T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient), T(test_layernorm_gradient),
     T(test_linear_gradient),
     T(test_activation_gradients),
     T(test_attention_gradient_and_causality),
