@@ -1732,8 +1732,13 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
 /* Pre-norm decoder (GPT-2 layout with RMSNorm): learned token + position
  * embeddings, then per layer l a list of sublayers, each y = F(u):
  *     [Engram, if l is an Engram layer]   F(u) = Engram(u, n-grams of the input)
- *     attention                           F(u) = Attn(RMSNorm(u))
- *     feed-forward                        F(u) = MLP(RMSNorm(u)) [+ PEER(RMSNorm(u))]
+ *     attention                           F(u) = Attn(Norm(u))
+ *     feed-forward                        F(u) = MLP(Norm(u)) [+ PEER(Norm(u))]
+ * Norm is RMSNorm with a gain (arch SM_ARCH_RMSNORM, the default) or, with
+ * arch SM_ARCH_GPT2, GPT-2's LayerNorm with gain and bias (eps 1e-5); every
+ * linear layer of attention and the MLP has a bias, GELU is the tanh form
+ * and positions are learned in both. SM_ARCH_GPT2 with tied_head, d_ff =
+ * 4C and padded_vocab_size is exactly llm.c's GPT-2 (sm_model_load_llmc).
  * (with PEER at l, it replaces the MLP or adds to it: peer_replace_mlp).
  * The residual update is x <- x + F(x) (u = x). With mHC (use_mhc, n =
  * mhc.n_streams) the residual is n streams and each sublayer becomes
@@ -1751,11 +1756,32 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
  * The per-stream form has n-1 more copies of W_K, b_K, the gains and the
  * conv (and of the Nine variants' W_K^hot, gate_hot), and no mHC maps at
  * its sublayer.
- * Final RMSNorm, LM head tied to the token embedding (or untied).
+ * Final Norm, LM head tied to the token embedding (or untied).
  *
  * Parameter groups (each its own lr and schedule multiplier):
  *   "backbone", "engram_table" (sparse rows), "engram_dense",
- *   "peer" (expert table as sparse rows), "mhc". */
+ *   "peer" (expert table as sparse rows), "mhc".
+ *
+ * Parameter tensors (sm_param_tensor.name) in buffer order; weights are
+ * [out, in] as PyTorch's nn.Linear (Hugging Face's GPT-2 Conv1D stores the
+ * transpose); <l> is the transformer layer, the Hugging Face GPT-2 name
+ * follows each backbone tensor:
+ *   engram.table                 (use_engram: the flat table, >>engram)
+ *   wte [Vp, C]                  transformer.wte.weight (Vp = padded_vocab_size)
+ *   wpe [T, C]                   transformer.wpe.weight
+ *   then per sublayer (Engram, attention, FFN of layer 0, 1, ...):
+ *   h<l>.mhc_<engram|attn|ffn>.phi, .gate_bias   (use_mhc: the mHC block)
+ *   engram<i>.w_key ... (>>engram)                (Engram layer i)
+ *   h<l>.ln1_w, h<l>.ln1_b [C]   transformer.h.<l>.ln_1.weight, .bias
+ *   h<l>.qkv_w [3C, C], _b       transformer.h.<l>.attn.c_attn.weight, .bias
+ *   h<l>.proj_w [C, C], _b       transformer.h.<l>.attn.c_proj.weight, .bias
+ *   h<l>.ln2_w, h<l>.ln2_b [C]   transformer.h.<l>.ln_2.weight, .bias
+ *   h<l>.fc_w [F, C], _b         transformer.h.<l>.mlp.c_fc.weight, .bias
+ *   h<l>.fcproj_w [C, F], _b     transformer.h.<l>.mlp.c_proj.weight, .bias
+ *   h<l>.peer.w_q ... (>>peer)   (PEER at layer l)
+ *   lnf_w, lnf_b [C]             transformer.ln_f.weight, .bias
+ *   head_w [Vp, C]               (untied head only; lm_head.weight)
+ * The *_b norm biases exist with SM_ARCH_GPT2 only. */
 
 #define SM_MAX_SUBLAYERS 384
 
@@ -1767,6 +1793,12 @@ typedef struct sm_model_config {
     int d_model;    /* C, divisible by n_head */
     int d_ff;       /* MLP hidden width (default 4C) */
     int tied_head;  /* 1: logits = x wte^T */
+    int arch;       /* SM_ARCH_RMSNORM (0, default) or SM_ARCH_GPT2: the norms (above) */
+    /* Rows of wte (and of an untied head): vocab_size, or more as llm.c
+     * pads GPT-2's 50257 to 50304 (0 = vocab_size). Rows from vocab_size
+     * on are never read: the logits cover the vocab_size real tokens, so
+     * padding changes neither the loss nor any gradient. */
+    int padded_vocab_size;
     float init_std; /* 0.02; residual output projections get init_std/sqrt(2 n_layer) */
     float lr;       /* backbone group learning rate (other groups scale from it) */
     float weight_decay; /* every group but engram_table; matrices only (see no_decay) */
@@ -1803,6 +1835,8 @@ typedef struct sm_model_config {
 
 #define SM_ENGRAM_MHC_PER_STREAM 0
 #define SM_ENGRAM_MHC_BRANCH 1
+#define SM_ARCH_RMSNORM 0
+#define SM_ARCH_GPT2 1
 
 SMDEF sm_model_config sm_model_default_config(void);
 SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err);
@@ -1815,7 +1849,7 @@ typedef enum sm_sublayer_kind {
 
 /* Offsets of one sublayer's backbone tensors in the parameter buffer. */
 typedef struct sm_sublayer_offsets {
-    size_t ln_w;                  /* attention and FFN: pre-norm gain */
+    size_t ln_w, ln_b;            /* attention and FFN: pre-norm gain (and bias, SM_ARCH_GPT2) */
     size_t qkv_w, qkv_b, proj_w, proj_b;     /* attention */
     size_t fc_w, fc_b, fcproj_w, fcproj_b;   /* FFN with an MLP */
     size_t peer;                  /* FFN with PEER: first PEER tensor */
@@ -1835,7 +1869,7 @@ typedef struct sm_sublayer {
     float *u;         /* [N, C] sublayer input: H_pre x_in in mHC, else x_in */
     float *y;         /* [N, C] F(u); [N, S*C] for a per-stream Engram */
     sm_mhc_acts mhc_acts;
-    float *ln, *ln_rstd;                 /* attention / FFN pre-norm */
+    float *ln, *ln_rstd, *ln_mean;       /* attention / FFN pre-norm (mean: SM_ARCH_GPT2) */
     float *qkv, *att, *atty;             /* attention */
     float *fch, *fch_gelu, *peer_out;    /* FFN */
     sm_engram_acts engram_acts;
@@ -1851,7 +1885,7 @@ typedef struct sm_model {
     sm_model_config cfg;
     sm_params params;
     int g_backbone, g_engram_table, g_engram_dense, g_peer, g_mhc; /* group ids, -1 if absent */
-    size_t wte, wpe, lnf_w, head_w; /* head_w == wte when tied */
+    size_t wte, wpe, lnf_w, lnf_b, head_w; /* head_w == wte when tied; lnf_b: SM_ARCH_GPT2 */
     sm_sublayer sub[SM_MAX_SUBLAYERS];
     int n_sub;
     /* Engram */
@@ -1870,7 +1904,7 @@ typedef struct sm_model {
     float *act_mem;
     float *emb;      /* [N, C] embedding (expanded into the streams with mHC) */
     float *x_final;  /* [N, S*C] residual streams after the last sublayer */
-    float *x_out, *lnf, *lnf_rstd, *logits, *losses;
+    float *x_out, *lnf, *lnf_rstd, *lnf_mean, *logits, *losses;
     int *inputs, *targets;
     unsigned char *doc_start;
     float loss;
@@ -9505,6 +9539,12 @@ static sm_status sm__validate_backbone(const sm_model_config *c, sm_error *err) 
     if (c->n_head < 1 || c->d_model % c->n_head != 0)
         return sm_fail(err, SM_ERR_INVALID_ARG, "n_head %d must be >= 1 and divide d_model %d",
                        c->n_head, c->d_model);
+    if (c->arch != SM_ARCH_RMSNORM && c->arch != SM_ARCH_GPT2)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "arch %d must be SM_ARCH_RMSNORM (0) or SM_ARCH_GPT2 (1)",
+                       c->arch);
+    if (c->padded_vocab_size != 0 && (c->padded_vocab_size < c->vocab_size || c->padded_vocab_size > (1 << 24)))
+        return sm_fail(err, SM_ERR_INVALID_ARG, "padded_vocab_size %d must be 0 or in [vocab_size %d, 2^24]",
+                       c->padded_vocab_size, c->vocab_size);
     if (c->d_ff < 1 || c->d_ff > 1 << 20)
         return sm_fail(err, SM_ERR_INVALID_ARG, "d_ff %d out of range [1, 2^20]", c->d_ff);
     if (!(c->init_std > 0.0f && c->init_std < 10.0f))
@@ -9605,6 +9645,11 @@ SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err
 /* Residual streams: n with mHC, else 1. */
 static int sm__streams(const sm_model_config *c) { return c->use_mhc ? c->mhc.n_streams : 1; }
 
+/* Rows of wte and of an untied head: the vocabulary and its padding. */
+static size_t sm__vocab_rows(const sm_model_config *c) {
+    return (size_t)(c->padded_vocab_size > 0 ? c->padded_vocab_size : c->vocab_size);
+}
+
 static int sm__list_has(const int *ids, int n, int v) {
     int i;
     for (i = 0; i < n; i++)
@@ -9695,6 +9740,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
                                           s->engram_index, m->g_engram_dense, err);
     if (s->kind == SM_SUBLAYER_ATTN) {
         o->ln_w = sm__add_param(p, "ln1_w", l, C, g, 0, err);
+        if (c->arch == SM_ARCH_GPT2) o->ln_b = sm__add_param(p, "ln1_b", l, C, g, 0, err);
         o->qkv_w = sm__add_param(p, "qkv_w", l, 3 * C * C, g, 1, err);
         o->qkv_b = sm__add_param(p, "qkv_b", l, 3 * C, g, 0, err);
         o->proj_w = sm__add_param(p, "proj_w", l, C * C, g, 1, err);
@@ -9702,6 +9748,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
         return o->proj_b == (size_t)-1 ? SM_ERR_INVALID_ARG : SM_OK;
     }
     o->ln_w = sm__add_param(p, "ln2_w", l, C, g, 0, err);
+    if (c->arch == SM_ARCH_GPT2) o->ln_b = sm__add_param(p, "ln2_b", l, C, g, 0, err);
     if (s->has_mlp) {
         o->fc_w = sm__add_param(p, "fc_w", l, F * C, g, 1, err);
         o->fc_b = sm__add_param(p, "fc_b", l, F, g, 0, err);
@@ -9723,7 +9770,7 @@ static int sm__model_has_peer(const sm_model_config *c) { return c->use_peer; }
 
 static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     const sm_model_config *c = &m->cfg;
-    size_t C = (size_t)c->d_model, V = (size_t)c->vocab_size;
+    size_t C = (size_t)c->d_model, V = sm__vocab_rows(c);
     sm_params *p = &m->params;
     sm_status st = SM_OK;
     int i;
@@ -9750,8 +9797,10 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     for (i = 0; i < m->n_sub && st == SM_OK; i++) st = sm__layout_sublayer(m, &m->sub[i], err);
     if (st != SM_OK) return st;
     m->lnf_w = sm__add_param(p, "lnf_w", -1, C, m->g_backbone, 0, err);
+    if (c->arch == SM_ARCH_GPT2) m->lnf_b = sm__add_param(p, "lnf_b", -1, C, m->g_backbone, 0, err);
     m->head_w = c->tied_head ? m->wte : sm__add_param(p, "head_w", -1, V * C, m->g_backbone, 1, err);
-    if (m->head_w == (size_t)-1 || m->lnf_w == (size_t)-1) return SM_ERR_INVALID_ARG;
+    if (m->head_w == (size_t)-1 || m->lnf_w == (size_t)-1 || m->lnf_b == (size_t)-1)
+        return SM_ERR_INVALID_ARG;
     return SM_OK;
 }
 
@@ -9885,6 +9934,7 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
         if (s->kind == SM_SUBLAYER_ENGRAM) continue;
         s->ln = sm__take(a, N * C);
         s->ln_rstd = sm__take(a, N);
+        s->ln_mean = c->arch == SM_ARCH_GPT2 ? sm__take(a, N) : NULL;
         if (s->kind == SM_SUBLAYER_ATTN) {
             s->qkv = sm__take(a, N * 3 * C);
             s->att = sm__take(a, (size_t)m->B_max * H * T * T);
@@ -9901,6 +9951,7 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
     m->x_out = sm__take(a, N * C);
     m->lnf = sm__take(a, N * C);
     m->lnf_rstd = sm__take(a, N);
+    m->lnf_mean = c->arch == SM_ARCH_GPT2 ? sm__take(a, N) : NULL;
     m->logits = sm__take(a, N * V);
     m->losses = sm__take(a, N);
 }
@@ -10047,13 +10098,37 @@ static double sm__mean_row_norm(const float *x, int N, int C) {
     return N > 0 ? total / N : 0.0;
 }
 
+/* ---- the backbone's norm: RMSNorm, or LayerNorm with SM_ARCH_GPT2 ---- */
+
+/* out[N,C] = Norm(inp) with the gain at w_off (and bias at b_off, GPT-2);
+ * mean (GPT-2 only) and rstd are saved for the backward. */
+static void sm__norm_forward(const sm_model *m, float *out, float *mean, float *rstd, const float *inp,
+                             size_t w_off, size_t b_off, int N) {
+    const float *w = m->params.data;
+    if (m->cfg.arch == SM_ARCH_GPT2)
+        sm_layernorm_forward(out, mean, rstd, inp, w + w_off, w + b_off, N, m->cfg.d_model);
+    else
+        sm_rmsnorm_forward(out, rstd, inp, w + w_off, N, m->cfg.d_model);
+}
+
+static void sm__norm_backward(sm_model *m, float *dinp, const float *dout, const float *inp,
+                              const float *mean, const float *rstd, size_t w_off, size_t b_off, int N) {
+    const float *w = m->params.data;
+    float *g = m->params.grad;
+    if (m->cfg.arch == SM_ARCH_GPT2)
+        sm_layernorm_backward(dinp, g + w_off, g + b_off, dout, inp, w + w_off, mean, rstd, N,
+                              m->cfg.d_model);
+    else
+        sm_rmsnorm_backward(dinp, g + w_off, dout, inp, w + w_off, rstd, N, m->cfg.d_model);
+}
+
 /* ---- sublayer forward: y = F(u) ---- */
 
 static void sm__attn_forward(sm_model *m, sm_sublayer *s, const float *u) {
     const float *w = m->params.data;
     const sm_sublayer_offsets *o = &s->off;
     int N = m->B * m->T, C = m->cfg.d_model;
-    sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C);
+    sm__norm_forward(m, s->ln, s->ln_mean, s->ln_rstd, u, o->ln_w, o->ln_b, N);
     sm_linear_forward(s->qkv, s->ln, w + o->qkv_w, w + o->qkv_b, N, C, 3 * C);
     sm_attention_forward(s->atty, s->att, s->qkv, m->B, m->T, C, m->cfg.n_head);
     sm_linear_forward(s->y, s->atty, w + o->proj_w, w + o->proj_b, N, C, C);
@@ -10071,7 +10146,7 @@ static void sm__ffn_forward(sm_model *m, sm_sublayer *s, const float *u) {
     const float *w = m->params.data;
     const sm_sublayer_offsets *o = &s->off;
     int N = m->B * m->T, C = m->cfg.d_model, F = m->cfg.d_ff;
-    sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C);
+    sm__norm_forward(m, s->ln, s->ln_mean, s->ln_rstd, u, o->ln_w, o->ln_b, N);
     if (s->has_mlp) {
         sm_linear_forward(s->fch, s->ln, w + o->fc_w, w + o->fc_b, N, C, F);
         sm_gelu_forward(s->fch_gelu, s->fch, (size_t)N * F);
@@ -10205,7 +10280,7 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *           sm__engram_gather, sm__engram_value_forward,
  *           sm__engram_gate_forward, sm__engram_conv_forward
  *         sm__attn_forward                >>backbone
- *           sm_rmsnorm_forward, sm_linear_forward, sm_attention_forward
+ *           sm__norm_forward, sm_linear_forward, sm_attention_forward
  *         sm__ffn_forward                 >>backbone MLP and/or PEER:
  *           sm_linear_forward, sm_gelu_forward
  *           sm_peer_forward               >>peer
@@ -10214,7 +10289,8 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *             sm__peer_experts_forward    sum of the k experts
  *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y
  *     sm_mhc_collapse_forward (use_mhc)   >>mhc     average of the streams
- *     sm_rmsnorm_forward, sm_sgemm        >>backbone final norm, LM head
+ *     sm__norm_forward, sm_sgemm          >>backbone final norm (sm_rmsnorm_forward,
+ *                                         or sm_layernorm_forward: GPT-2), LM head
  *     sm_crossentropy_forward             >>loss    (with targets)
  * sm_model_backward walks the same path in reverse (listed there). */
 SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targets,
@@ -10243,7 +10319,7 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
         sm__residual_forward(m, s, next);
     }
     if (c->use_mhc) sm_mhc_collapse_forward(m->x_out, m->x_final, N, c->mhc.n_streams, C);
-    sm_rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_out, w + m->lnf_w, N, C);
+    sm__norm_forward(m, m->lnf, m->lnf_mean, m->lnf_rstd, m->x_out, m->lnf_w, m->lnf_b, N);
     sm_sgemm(0, 1, N, V, C, 1.0f, m->lnf, C, w + m->head_w, C, 0.0f, m->logits, V);
     m->loss = 0.0f;
     m->n_counted = 0;
@@ -10267,7 +10343,7 @@ static void sm__attn_backward(sm_model *m, const sm_sublayer *s, float *du, cons
     sm_attention_backward(m->dqkv, m->datty, s->qkv, s->att, m->B, m->T, C, m->cfg.n_head);
     memset(m->dln, 0, sizeof(float) * (size_t)N * C);
     sm_linear_backward(m->dln, g + o->qkv_w, g + o->qkv_b, m->dqkv, s->ln, w + o->qkv_w, N, C, 3 * C);
-    sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C);
+    sm__norm_backward(m, du, m->dln, u, s->ln_mean, s->ln_rstd, o->ln_w, o->ln_b, N);
 }
 
 static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float *dy,
@@ -10290,7 +10366,7 @@ static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float
         sm_peer_params pg = sm__peer_view(m, m->params.grad, s);
         sm_peer_backward(m->dln, &pg, &s->peer_rows, dy, s->ln, &pp, &s->peer_acts, N, NULL);
     }
-    sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C);
+    sm__norm_backward(m, du, m->dln, u, s->ln_mean, s->ln_rstd, o->ln_w, o->ln_b, N);
 }
 
 static void sm__engram_backward(sm_model *m, const sm_sublayer *s, float *du, const float *dy,
@@ -10338,7 +10414,7 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
 /* The backward, the forward's path in reverse (gradients += throughout):
  *   sm_model_backward                                       >>model
  *     sm_crossentropy_backward            >>loss    dlogits in place
- *     sm_sgemm x2, sm_rmsnorm_backward    >>backbone LM head, final norm
+ *     sm_sgemm x2, sm__norm_backward      >>backbone LM head, final norm
  *     sm_mhc_collapse_backward (use_mhc)  >>mhc
  *     per sublayer, last first: sm__residual_backward
  *       sm_mhc_post_backward              >>mhc     (mHC branch)
@@ -10369,7 +10445,7 @@ SMDEF void sm_model_backward(sm_model *m) {
     sm_sgemm(0, 0, N, C, V, 1.0f, m->logits, V, w + m->head_w, C, 1.0f, m->dln, C);
     sm_sgemm(1, 0, V, C, N, 1.0f, m->logits, V, m->lnf, C, 1.0f, g + m->head_w, C);
     memset(m->du, 0, sizeof(float) * NC);
-    sm_rmsnorm_backward(m->du, g + m->lnf_w, m->dln, m->x_out, w + m->lnf_w, m->lnf_rstd, N, C);
+    sm__norm_backward(m, m->du, m->dln, m->x_out, m->lnf_mean, m->lnf_rstd, m->lnf_w, m->lnf_b, N);
     if (c->use_mhc) {
         memset(m->dres, 0, sizeof(float) * NC * c->mhc.n_streams);
         sm_mhc_collapse_backward(m->dres, m->du, N, c->mhc.n_streams, C);

@@ -962,6 +962,65 @@ static size_t t_tensor_size(const sm_model *m, const char *name) {
     return 0;
 }
 
+/* SM_ARCH_GPT2 (LayerNorm with bias) with a padded vocabulary, with Engram
+ * and PEER (added to the MLP), tied and untied head: every tensor against
+ * finite differences (mHC's maps read the streams, not the norms: its
+ * gradient checks above cover it). */
+static int test_model_gpt2_arch_gradient(void) {
+    sm_model m;
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    int untied;
+    for (untied = 0; untied < 2; untied++) {
+        sm_model_config cfg = t_tiny_module_config();
+        cfg.arch = SM_ARCH_GPT2;
+        cfg.padded_vocab_size = 16;
+        cfg.tied_head = !untied;
+        CHECK_OK(sm_model_init(&m, &cfg, 2, 7, &err)); /* seed 7: no top-k near a tie at eps 1e-3 */
+        CHECK(t_tensor_size(&m, "h1.ln2_b") == 8 && t_tensor_size(&m, "lnf_b") == 8 &&
+                  t_tensor_size(&m, "wte") == 16 * 8,
+              "GPT-2 layout: ln2_b %zu, lnf_b %zu, wte %zu", t_tensor_size(&m, "h1.ln2_b"),
+              t_tensor_size(&m, "lnf_b"), t_tensor_size(&m, "wte"));
+        if (t_check_model_gradients(&m, inputs, targets, 2, 6, 1e-3f)) return 1;
+        sm_model_free(&m);
+    }
+    return 0;
+}
+
+/* Padding the vocabulary (as llm.c pads 50257 to 50304) changes neither the
+ * loss nor any gradient: the same seed gives the same loss bit for bit, the
+ * padded rows of wte get no gradient, and a padding smaller than the
+ * vocabulary is refused. */
+static int test_model_padded_vocab_keeps_loss(void) {
+    sm_model plain, padded;
+    sm_model_config cfg = t_tiny_config();
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    size_t V = 11, C = 8, k;
+    cfg.arch = SM_ARCH_GPT2;
+    CHECK_OK(sm_model_init(&plain, &cfg, 2, 5, &err));
+    cfg.padded_vocab_size = 16;
+    CHECK_OK(sm_model_init(&padded, &cfg, 2, 5, &err));
+    sm_params_zero_grad(&plain.params), sm_params_zero_grad(&padded.params);
+    CHECK_OK(sm_model_forward(&plain, inputs, targets, NULL, 2, 6, &err));
+    CHECK_OK(sm_model_forward(&padded, inputs, targets, NULL, 2, 6, &err));
+    CHECK(plain.loss == padded.loss, "loss %.9g unpadded, %.9g padded", plain.loss, padded.loss);
+    sm_model_backward(&plain), sm_model_backward(&padded);
+    CHECK(memcmp(plain.params.grad + plain.wte, padded.params.grad + padded.wte, V * C * sizeof(float)) == 0,
+          "the real rows of wte got different gradients");
+    for (k = V * C; k < 16 * C; k++)
+        CHECK(padded.params.grad[padded.wte + k] == 0.0f && padded.params.data[padded.wte + k] == 0.0f,
+              "padded row %zu of wte: weight %g, gradient %g", k / C, padded.params.data[padded.wte + k],
+              padded.params.grad[padded.wte + k]);
+    sm_model_free(&plain), sm_model_free(&padded);
+    cfg.padded_vocab_size = 10;
+    CHECK(sm_model_init(&plain, &cfg, 2, 5, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "padded_vocab_size"),
+          "padding below the vocabulary: %s", err.msg);
+    return 0;
+}
+
 /* Engram's two forms with mHC. Per-stream (the default): n key projections
  * and gain sets, one W_V, no mHC maps at the Engram sublayer, and its output
  * added to every stream as it is (x_next = x + y, no H_res / H_post); the
@@ -2083,6 +2142,7 @@ static sm_model_config t_every_module_config(void) {
     c.use_mhc = 1;
     c.mhc.channels = c.d_model;
     c.weight_decay = 0.1f;
+    c.arch = SM_ARCH_GPT2; /* the norm biases too */
     return c;
 }
 
@@ -2095,7 +2155,8 @@ static int test_params_decay_rule_every_tensor(void) {
         {"proj_b", 0, 0},     {"fc_b", 0, 0},       {"fcproj_b", 0, 0},   {"table", 0, 0},
         {"b_key", 0, 0},      {"norm_query", 0, 0}, {"norm_key", 0, 0},   {"norm_value", 0, 0},
         {"conv", 0, 0},       {"gate_hot", 0, 0},   {"q_gain", 0, 0},     {"keys1", 0, 0},
-        {"keys2", 0, 0},      {"experts", 0, 0},    {"gate_bias", 0, 0}};
+        {"keys2", 0, 0},      {"experts", 0, 0},    {"gate_bias", 0, 0},  {"ln1_b", 0, 0},
+        {"ln2_b", 0, 0},      {"lnf_b", 0, 0}};
     const int n_roles = (int)(sizeof roles / sizeof roles[0]);
     sm_model m;
     sm_model_config cfg = t_every_module_config();
@@ -7524,6 +7585,8 @@ static const t_case t_cases[] = {
     T(test_crossentropy_improbable_target),
     T(test_embedding_gradient),
     T(test_model_gradient_every_tensor),
+    T(test_model_gpt2_arch_gradient),
+    T(test_model_padded_vocab_keeps_loss),
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),
