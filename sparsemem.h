@@ -1944,6 +1944,49 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
  * m->params.grad (zero it first with sm_params_zero_grad). */
 SMDEF void sm_model_backward(sm_model *m);
 
+/* ---- modules added to a pretrained backbone ---- */
+/* Makes every module's contribution start at zero so the model computes
+ * what its backbone alone computes: Engram's W_V = 0 (v = 0, so its output
+ * v + SiLU(conv(RMSNorm(v))) is exactly 0), PEER's expert output vectors
+ * v_i = 0 (output exactly 0; PEER must be added to the MLP, not replace
+ * it: SM_ERR_INVALID_ARG otherwise), mHC's gates a = 0 (the maps are their
+ * init biases: every stream stays equal to the plain residual stream, the
+ * identity residual up to float rounding of H_pre's and H_res's sums; see
+ * sm_mhc_init). Each still gets gradient on the first step (dW_V, dv_i,
+ * da), so training opens them. */
+SMDEF sm_status sm_model_close_modules(sm_model *m, sm_error *err);
+
+/* ---- llm.c model files (gpt2_124M.bin, as llm.c's train_gpt2 reads) ----
+ * int32 header[256]: magic 20240326, version (3: float32 parameters, 5:
+ * bfloat16), maxT, V, L, NH, C, Vp (V padded, 50257 -> 50304), zeros; then
+ * the parameters with no checksum (so the size is validated exactly):
+ *   wte [Vp, C], wpe [maxT, C], then each of these for all L layers in
+ *   turn: ln1w, ln1b [C], qkvw [3C, C], qkvb [3C], attprojw [C, C],
+ *   attprojb [C], ln2w, ln2b [C], fcw [4C, C], fcb [4C], fcprojw [C, 4C],
+ *   fcprojb [C]; then lnfw, lnfb [C].
+ * That is this library's SM_ARCH_GPT2 backbone with a tied head and d_ff =
+ * 4C (tensor by tensor: the names at the model's parameter list). */
+#define SM_LLMC_MODEL_MAGIC 20240326
+#define SM_LLMC_MODEL_F32 3
+#define SM_LLMC_MODEL_BF16 5
+/* Sets the backbone fields of cfg from the file's header (arch GPT-2, tied
+ * head, vocab_size V, padded_vocab_size Vp, seq_len maxT, n_layer, n_head,
+ * d_model C, d_ff 4C, and engram.d_model / mhc.channels = C) and leaves the
+ * rest (the modules, lr, ...) as the caller set them. The header is
+ * validated and the file's size checked against it before anything else:
+ * wrong magic or version is SM_ERR_FORMAT, a short file SM_ERR_TRUNCATED.
+ * seq_len may then be lowered (fewer positions: the first rows of wpe). */
+SMDEF sm_status sm_llmc_read_config(sm_model_config *cfg, const char *path, sm_error *err);
+/* Reads the file's parameters into the backbone of m, a model built from
+ * such a config (with any modules), then sm_model_close_modules: the
+ * model starts as the imported GPT-2. SM_ERR_MISMATCH names a backbone
+ * field of m that differs from the file. */
+SMDEF sm_status sm_model_load_llmc(sm_model *m, const char *path, sm_error *err);
+/* Writes m's backbone as an llm.c float32 file (version 3, maxT = seq_len;
+ * the modules are not in that format). m must be an SM_ARCH_GPT2 model with
+ * a tied head, d_ff = 4C and an MLP at every layer. */
+SMDEF sm_status sm_model_save_llmc(const sm_model *m, const char *path, sm_error *err);
+
 /* ===================================================================== */
 /* >>comm  Distributed: communicator, row ownership, sharded rows        */
 /* ===================================================================== */
@@ -10459,6 +10502,261 @@ SMDEF void sm_model_backward(sm_model *m) {
     else
         memcpy(m->du, m->dres, sizeof(float) * NC);
     sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C);
+}
+
+/* ---- >>model  Modules added to a pretrained backbone ---------------- */
+
+SMDEF sm_status sm_model_close_modules(sm_model *m, sm_error *err) {
+    const sm_model_config *c = &m->cfg;
+    size_t D = (size_t)c->d_model, e;
+    int i;
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].has_peer && !m->sub[i].has_mlp)
+            return sm_fail(err, SM_ERR_INVALID_ARG, "PEER replaces the MLP of layer %d: its output cannot start at "
+                           "zero without losing the backbone's MLP; add it instead (peer_replace_mlp = 0)",
+                           m->sub[i].layer);
+    for (i = 0; i < m->n_sub; i++) {
+        sm_sublayer *s = &m->sub[i];
+        if (s->kind == SM_SUBLAYER_ENGRAM)
+            sm__fill_const(sm_engram_params_view(m->params.data, &s->off.engram).w_value,
+                           D * (size_t)sm_engram_d_mem(&c->engram), 0.0f);
+        if (s->has_peer) { /* expert row i = (u_i, v_i): zero the v half */
+            float *experts = sm__peer_view(m, m->params.data, s).experts;
+            for (e = 0; e < (size_t)c->peer.n_sub * c->peer.n_sub; e++)
+                sm__fill_const(experts + e * 2 * D + D, D, 0.0f);
+        }
+        if (s->in_mhc && c->mhc.dynamic) sm__fill_const(sm__mhc_view(m, m->params.data, s).gate, 3, 0.0f);
+    }
+    return SM_OK;
+}
+
+/* ---- >>model  llm.c model files ------------------------------------- */
+
+typedef struct {
+    int version, max_t, vocab, layers, heads, channels, padded_vocab;
+} sm__llmc_header;
+
+/* One run of parameters in file order: n_model floats go to (or come from)
+ * the model at param_off, then n_skip more are in the file only (the wpe
+ * rows past the model's seq_len). */
+typedef struct {
+    size_t param_off, n_model, n_skip;
+} sm__llmc_chunk;
+
+/* llm.c's per-layer tensors in file order: the sublayer holding each, its
+ * offset field and its size a C^2 + b C. */
+static const struct {
+    sm_sublayer_kind kind;
+    size_t field;
+    int cc, c;
+} sm__llmc_layer_tensors[12] = {
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, ln_w), 0, 1},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, ln_b), 0, 1},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, qkv_w), 3, 0},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, qkv_b), 0, 3},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, proj_w), 1, 0},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, proj_b), 0, 1},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, ln_w), 0, 1},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, ln_b), 0, 1},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fc_w), 4, 0},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fc_b), 0, 4},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fcproj_w), 4, 0},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fcproj_b), 0, 1}};
+
+/* Parameters (floats) of a file with this header. */
+static size_t sm__llmc_param_count(const sm__llmc_header *h) {
+    size_t C = (size_t)h->channels, per_layer = 0;
+    int k;
+    for (k = 0; k < 12; k++)
+        per_layer += (size_t)sm__llmc_layer_tensors[k].cc * C * C + (size_t)sm__llmc_layer_tensors[k].c * C;
+    return ((size_t)h->padded_vocab + (size_t)h->max_t) * C + (size_t)h->layers * per_layer + 2 * C;
+}
+
+static size_t sm__llmc_elem_size(int version) { return version == SM_LLMC_MODEL_BF16 ? 2 : 4; }
+
+/* Reads and validates the header of f (of file_size bytes). */
+static sm_status sm__llmc_read_header(FILE *f, const char *path, size_t file_size, sm__llmc_header *h,
+                                      sm_error *err) {
+    int32_t raw[SM_LLMC_HEADER_INTS];
+    size_t want;
+    if (file_size < sizeof raw || fread(raw, sizeof raw, 1, f) != 1)
+        return sm_fail(err, SM_ERR_TRUNCATED, "llm.c model %s: %zu bytes, shorter than its 1024-byte header", path,
+                       file_size);
+    if (raw[0] != SM_LLMC_MODEL_MAGIC)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: magic %d, want %d (not an llm.c model file; a token "
+                       "shard has magic %d)", path, raw[0], SM_LLMC_MODEL_MAGIC, SM_LLMC_MAGIC);
+    if (raw[1] != SM_LLMC_MODEL_F32 && raw[1] != SM_LLMC_MODEL_BF16)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: version %d; readable are %d (float32) and %d (bfloat16)",
+                       path, raw[1], SM_LLMC_MODEL_F32, SM_LLMC_MODEL_BF16);
+    h->version = raw[1], h->max_t = raw[2], h->vocab = raw[3], h->layers = raw[4];
+    h->heads = raw[5], h->channels = raw[6], h->padded_vocab = raw[7];
+    if (h->max_t < 1 || h->max_t > 65536 || h->vocab < 2 || h->padded_vocab < h->vocab ||
+        h->padded_vocab > (1 << 24) || h->layers < 1 || h->layers > SM_MAX_SUBLAYERS / 3 || h->channels < 1 ||
+        h->channels > 65536 || h->heads < 1 || h->channels % h->heads != 0)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: header maxT %d, V %d, L %d, NH %d, C %d, Vp %d is "
+                       "not a GPT-2 this library can build (V <= Vp <= 2^24, NH divides C, ...)", path,
+                       h->max_t, h->vocab, h->layers, h->heads, h->channels, h->padded_vocab);
+    want = sizeof raw + sm__llmc_param_count(h) * sm__llmc_elem_size(h->version);
+    if (file_size < want)
+        return sm_fail(err, SM_ERR_TRUNCATED, "llm.c model %s: %zu bytes, its header promises %zu (truncated)",
+                       path, file_size, want);
+    if (file_size > want)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: %zu bytes after the %zu its header describes", path,
+                       file_size - want, want);
+    return SM_OK;
+}
+
+/* Opens path and reads its validated header. */
+static sm_status sm__llmc_open(FILE **f, const char *path, sm__llmc_header *h, sm_error *err) {
+    long size;
+    sm_status st;
+    *f = fopen(path, "rb");
+    if (!*f) return sm_fail(err, SM_ERR_IO, "cannot open llm.c model %s", path);
+    if (fseek(*f, 0, SEEK_END) != 0 || (size = ftell(*f)) < 0 || fseek(*f, 0, SEEK_SET) != 0) {
+        fclose(*f);
+        return sm_fail(err, SM_ERR_IO, "cannot size llm.c model %s", path);
+    }
+    st = sm__llmc_read_header(*f, path, (size_t)size, h, err);
+    if (st != SM_OK) fclose(*f);
+    return st;
+}
+
+SMDEF sm_status sm_llmc_read_config(sm_model_config *cfg, const char *path, sm_error *err) {
+    sm__llmc_header h;
+    FILE *f;
+    sm_status st = sm__llmc_open(&f, path, &h, err);
+    if (st != SM_OK) return st;
+    fclose(f);
+    cfg->arch = SM_ARCH_GPT2;
+    cfg->tied_head = 1;
+    cfg->vocab_size = h.vocab, cfg->padded_vocab_size = h.padded_vocab;
+    cfg->seq_len = h.max_t, cfg->n_layer = h.layers, cfg->n_head = h.heads;
+    cfg->d_model = cfg->engram.d_model = cfg->mhc.channels = h.channels;
+    cfg->d_ff = 4 * h.channels;
+    return SM_OK;
+}
+
+/* The backbone of m is the GPT-2 of header h (seq_len may be shorter). */
+static sm_status sm__llmc_check_model(const sm_model *m, const sm__llmc_header *h, const char *path,
+                                      sm_error *err) {
+    const sm_model_config *c = &m->cfg;
+    int i;
+    if (c->arch != SM_ARCH_GPT2 || !c->tied_head || c->d_ff != 4 * c->d_model)
+        return sm_fail(err, SM_ERR_MISMATCH, "llm.c model %s: the model must be arch SM_ARCH_GPT2 with a tied head "
+                       "and d_ff = 4 d_model (arch %d, tied %d, d_ff %d)", path, c->arch, c->tied_head, c->d_ff);
+    if (c->vocab_size != h->vocab || (int)sm__vocab_rows(c) != h->padded_vocab || c->n_layer != h->layers ||
+        c->n_head != h->heads || c->d_model != h->channels || c->seq_len > h->max_t)
+        return sm_fail(err, SM_ERR_MISMATCH, "llm.c model %s: file V %d Vp %d L %d NH %d C %d maxT %d, model V %d "
+                       "Vp %d L %d NH %d C %d seq_len %d (at most maxT); build it with sm_llmc_read_config", path,
+                       h->vocab, h->padded_vocab, h->layers, h->heads, h->channels, h->max_t, c->vocab_size,
+                       (int)sm__vocab_rows(c), c->n_layer, c->n_head, c->d_model, c->seq_len);
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].kind == SM_SUBLAYER_FFN && !m->sub[i].has_mlp)
+            return sm_fail(err, SM_ERR_MISMATCH, "llm.c model %s: layer %d has no MLP (PEER replaces it); add PEER "
+                           "instead (peer_replace_mlp = 0)", path, m->sub[i].layer);
+    return SM_OK;
+}
+
+/* The sublayer of `kind` in transformer layer l. */
+static const sm_sublayer *sm__find_sublayer(const sm_model *m, int l, sm_sublayer_kind kind) {
+    int i;
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].layer == l && m->sub[i].kind == kind) return &m->sub[i];
+    return NULL;
+}
+
+/* The file's parameter runs in order (2 + 12 L + 2 of them), mapped onto m
+ * (checked by sm__llmc_check_model; max_t >= seq_len). */
+static void sm__llmc_chunks(const sm_model *m, int max_t, sm__llmc_chunk *out) {
+    size_t C = (size_t)m->cfg.d_model, n = 0;
+    int k, l;
+    out[n].param_off = m->wte, out[n].n_model = sm__vocab_rows(&m->cfg) * C, out[n++].n_skip = 0;
+    out[n].param_off = m->wpe, out[n].n_model = (size_t)m->cfg.seq_len * C;
+    out[n++].n_skip = (size_t)(max_t - m->cfg.seq_len) * C;
+    for (k = 0; k < 12; k++)
+        for (l = 0; l < m->cfg.n_layer; l++) {
+            const sm_sublayer *s = sm__find_sublayer(m, l, sm__llmc_layer_tensors[k].kind);
+            out[n].param_off = *(const size_t *)((const char *)&s->off + sm__llmc_layer_tensors[k].field);
+            out[n].n_model = (size_t)sm__llmc_layer_tensors[k].cc * C * C + (size_t)sm__llmc_layer_tensors[k].c * C;
+            out[n++].n_skip = 0;
+        }
+    out[n].param_off = m->lnf_w, out[n].n_model = C, out[n++].n_skip = 0;
+    out[n].param_off = m->lnf_b, out[n].n_model = C, out[n++].n_skip = 0;
+}
+
+/* n values of one run into x: float32 as they are, bfloat16 widened (its
+ * 16 bits are the top half of a float32). */
+static int sm__llmc_read_values(FILE *f, float *x, size_t n, int version) {
+    uint16_t buf[4096];
+    size_t i, done, k;
+    if (version == SM_LLMC_MODEL_F32) return fread(x, sizeof(float), n, f) == n;
+    for (done = 0; done < n; done += k) {
+        k = n - done < 4096 ? n - done : 4096;
+        if (fread(buf, 2, k, f) != k) return 0;
+        for (i = 0; i < k; i++) {
+            uint32_t bits = (uint32_t)buf[i] << 16;
+            memcpy(&x[done + i], &bits, 4);
+        }
+    }
+    return 1;
+}
+
+SMDEF sm_status sm_model_load_llmc(sm_model *m, const char *path, sm_error *err) {
+    sm__llmc_header h;
+    sm__llmc_chunk *chunks;
+    FILE *f;
+    size_t i, n_chunks;
+    int ok = 1;
+    sm_status st = sm__llmc_open(&f, path, &h, err);
+    if (st != SM_OK) return st;
+    if ((st = sm__llmc_check_model(m, &h, path, err)) != SM_OK) {
+        fclose(f);
+        return st;
+    }
+    n_chunks = 4 + 12 * (size_t)h.layers;
+    chunks = (sm__llmc_chunk *)sm_alloc(n_chunks, sizeof *chunks, "llm.c parameter runs", err);
+    if (!chunks) {
+        fclose(f);
+        return SM_ERR_OOM;
+    }
+    sm__llmc_chunks(m, h.max_t, chunks);
+    for (i = 0; i < n_chunks && ok; i++)
+        ok = sm__llmc_read_values(f, m->params.data + chunks[i].param_off, chunks[i].n_model, h.version) &&
+             fseek(f, (long)(chunks[i].n_skip * sm__llmc_elem_size(h.version)), SEEK_CUR) == 0;
+    fclose(f);
+    sm_free(chunks);
+    if (!ok) return sm_fail(err, SM_ERR_IO, "llm.c model %s: read failed", path);
+    if (!sm_all_finite(m->params.data, m->params.total))
+        return sm_fail(err, SM_ERR_NONFINITE, "llm.c model %s: its parameters contain NaN or Inf", path);
+    return sm_model_close_modules(m, err);
+}
+
+SMDEF sm_status sm_model_save_llmc(const sm_model *m, const char *path, sm_error *err) {
+    const sm_model_config *c = &m->cfg;
+    int32_t header[SM_LLMC_HEADER_INTS];
+    sm__llmc_header h;
+    sm__llmc_chunk *chunks;
+    sm_writer w;
+    size_t i, n_chunks = 4 + 12 * (size_t)c->n_layer;
+    sm_status st;
+    h.version = SM_LLMC_MODEL_F32, h.max_t = c->seq_len, h.vocab = c->vocab_size, h.layers = c->n_layer;
+    h.heads = c->n_head, h.channels = c->d_model, h.padded_vocab = (int)sm__vocab_rows(c);
+    if ((st = sm__llmc_check_model(m, &h, path, err)) != SM_OK) return st;
+    chunks = (sm__llmc_chunk *)sm_alloc(n_chunks, sizeof *chunks, "llm.c parameter runs", err);
+    if (!chunks) return SM_ERR_OOM;
+    sm__llmc_chunks(m, h.max_t, chunks);
+    if ((st = sm_writer_open(&w, path, SM_LLMC_MODEL_MAGIC, SM_LLMC_MODEL_F32, err)) != SM_OK) {
+        sm_free(chunks);
+        return st;
+    }
+    memset(header, 0, sizeof header);
+    header[2] = h.max_t, header[3] = h.vocab, header[4] = h.layers, header[5] = h.heads;
+    header[6] = h.channels, header[7] = h.padded_vocab;
+    sm_writer_bytes(&w, header + 2, sizeof header - 2 * sizeof header[0]); /* magic, version written */
+    for (i = 0; i < n_chunks; i++)
+        sm_writer_bytes(&w, m->params.data + chunks[i].param_off, chunks[i].n_model * sizeof(float));
+    sm_free(chunks);
+    return sm__writer_finish(&w, err);
 }
 
 /* ---- >>comm  Distributed: the communicator -------------------------- */

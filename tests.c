@@ -7098,6 +7098,192 @@ static int test_plot_smoothing_and_band_over_runs(void) {
         T(test_plot_log_x_decades_equal), T(test_plot_band_between_min_and_max),              \
         T(test_plot_csv_series_names), T(test_plot_smoothing_and_band_over_runs)
 
+/* ---- >>model  llm.c model files and modules added to them ------------ */
+
+#define T_LLMC_PATH "test_tmp_gpt2.bin"
+
+/* A tiny GPT-2 as llm.c lays it out: V 11 padded to 16, C 8, 2 layers. */
+static sm_model_config t_tiny_gpt2_config(void) {
+    sm_model_config c = t_tiny_config();
+    c.arch = SM_ARCH_GPT2;
+    c.d_ff = 4 * c.d_model;
+    c.padded_vocab_size = 16;
+    return c;
+}
+
+/* Writes a random tiny GPT-2 (every parameter N(0, 0.3^2), norms and
+ * biases included) to T_LLMC_PATH; *model keeps it. */
+static int t_write_random_llmc(sm_model *model) {
+    sm_model_config cfg = t_tiny_gpt2_config();
+    sm_error err;
+    sm_rng r;
+    CHECK_OK(sm_model_init(model, &cfg, 2, 9, &err));
+    sm_rng_seed(&r, 10);
+    sm_rng_fill_normal(&r, model->params.data, model->params.total, 0.3f);
+    CHECK(sm_model_save_llmc(model, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    return 0;
+}
+
+static int t_loss_of(sm_model *m, float *loss) {
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    sm_error err;
+    CHECK(sm_model_forward(m, inputs, targets, NULL, 2, 6, &err) == SM_OK, "%s", err.msg);
+    *loss = m->loss;
+    return 0;
+}
+
+/* Save then load: the header gives the config back, every parameter comes
+ * back bit for bit, and a shorter seq_len reads the first rows of wpe. */
+static int test_llmc_save_load_roundtrip(void) {
+    sm_model src, dst;
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err;
+    float a, b;
+    if (t_write_random_llmc(&src)) return 1;
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK(cfg.arch == SM_ARCH_GPT2 && cfg.tied_head && cfg.vocab_size == 11 && cfg.padded_vocab_size == 16 &&
+              cfg.seq_len == 6 && cfg.n_layer == 2 && cfg.n_head == 2 && cfg.d_model == 8 && cfg.d_ff == 32,
+          "config from the header: V %d Vp %d T %d L %d NH %d C %d F %d", cfg.vocab_size, cfg.padded_vocab_size,
+          cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff);
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK(dst.params.total == src.params.total &&
+              memcmp(dst.params.data, src.params.data, src.params.total * sizeof(float)) == 0,
+          "parameters differ after save and load");
+    if (t_loss_of(&src, &a) || t_loss_of(&dst, &b)) return 1;
+    CHECK(a == b, "loss %.9g saved, %.9g loaded", a, b);
+    sm_model_free(&dst);
+    cfg.seq_len = 4;
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK(memcmp(dst.params.data + dst.wpe, src.params.data + src.wpe, 4 * 8 * sizeof(float)) == 0 &&
+              memcmp(dst.params.data + dst.lnf_b, src.params.data + src.lnf_b, 8 * sizeof(float)) == 0,
+          "seq_len 4: wpe's first rows or the tensors after wpe differ");
+    sm_model_free(&dst), sm_model_free(&src);
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
+/* The imported GPT-2 with modules added starts at the imported model's
+ * loss: bit for bit with Engram and PEER (their outputs are exactly 0);
+ * with mHC (4 dynamic streams, either Engram form) within 1e-6 relative
+ * (H_pre = sigmoid(-log 3) and Sinkhorn's row sums are 1/4 and 1 only to
+ * float rounding). Every closed module still gets gradient. */
+static int test_llmc_modules_start_closed(void) {
+    sm_model plain, mod;
+    sm_model_config base = sm_model_default_config(), cfg;
+    sm_error err;
+    float want, got;
+    int form;
+    if (t_write_random_llmc(&plain)) return 1;
+    sm_model_free(&plain);
+    CHECK(sm_llmc_read_config(&base, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK_OK(sm_model_init(&plain, &base, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&plain, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    if (t_loss_of(&plain, &want)) return 1;
+    cfg = t_tiny_module_config(); /* Engram at layer 1, PEER added to layer 0's MLP */
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK_OK(sm_model_init(&mod, &cfg, 2, 3, &err));
+    CHECK(sm_model_load_llmc(&mod, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    if (t_loss_of(&mod, &got)) return 1;
+    CHECK(got == want, "Engram + PEER: loss %.9g, the imported model's %.9g", got, want);
+    sm_params_zero_grad(&mod.params);
+    sm_model_backward(&mod);
+    CHECK(sm_params_group_grad_norm(&mod.params, mod.g_engram_dense) > 0 &&
+              sm_params_group_grad_norm(&mod.params, mod.g_peer) > 0,
+          "a closed module gets no gradient (Engram dense %g, PEER %g)",
+          sm_params_group_grad_norm(&mod.params, mod.g_engram_dense), sm_params_group_grad_norm(&mod.params, mod.g_peer));
+    sm_model_free(&mod);
+    for (form = SM_ENGRAM_MHC_PER_STREAM; form <= SM_ENGRAM_MHC_BRANCH; form++) {
+        cfg.use_mhc = 1, cfg.mhc.gate_init = 0.5f, cfg.mhc.phi_init_std = 0.5f, cfg.engram_mhc = form;
+        CHECK_OK(sm_model_init(&mod, &cfg, 2, 3, &err));
+        CHECK(sm_model_load_llmc(&mod, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+        if (t_loss_of(&mod, &got)) return 1;
+        CHECK(fabsf(got - want) <= 1e-6f * want, "mHC (Engram form %d): loss %.9g, the imported model's %.9g",
+              form, got, want);
+        sm_params_zero_grad(&mod.params);
+        sm_model_backward(&mod);
+        CHECK(sm_params_group_grad_norm(&mod.params, mod.g_mhc) > 0, "mHC gets no gradient");
+        sm_model_free(&mod);
+    }
+    cfg.use_mhc = 0, cfg.peer_replace_mlp = 1;
+    CHECK_OK(sm_model_init(&mod, &cfg, 2, 3, &err));
+    CHECK(sm_model_load_llmc(&mod, T_LLMC_PATH, &err) == SM_ERR_MISMATCH && strstr(err.msg, "no MLP"),
+          "PEER replacing the imported MLP: %s", err.msg);
+    sm_model_free(&mod), sm_model_free(&plain);
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
+/* Writes the saved file with header int `slot` set to v, or cut/extended by
+ * `delta` bytes, and expects sm_llmc_read_config to fail with `want` and a
+ * message containing `words`. */
+static int t_llmc_expect_rejected(const unsigned char *file, size_t n, int slot, int32_t v, long delta,
+                                  sm_status want, const char *words) {
+    unsigned char *copy = (unsigned char *)t_alloc(n + 16);
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err = {SM_OK, ""};
+    sm_status st;
+    memcpy(copy, file, n);
+    if (slot >= 0) memcpy(copy + 4 * slot, &v, 4);
+    if (t_write_bytes("test_tmp_gpt2_bad.bin", copy, (size_t)((long)n + delta))) return 1;
+    free(copy);
+    st = sm_llmc_read_config(&cfg, "test_tmp_gpt2_bad.bin", &err);
+    remove("test_tmp_gpt2_bad.bin");
+    CHECK(st == want && strstr(err.msg, words), "slot %d = %d, size %+ld: got %s (%s), want %s with '%s'", slot,
+          v, delta, sm_strerror(st), err.msg, sm_strerror(want), words);
+    return 0;
+}
+
+/* Wrong magic, an unknown version, a truncated file, trailing bytes and an
+ * impossible shape are refused before any allocation, each by name; a
+ * model whose backbone differs from the file is a named mismatch; a
+ * bfloat16 file (version 5) loads as its values widened to float32. */
+static int test_llmc_rejects_bad_files_and_reads_bf16(void) {
+    sm_model src, dst;
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err;
+    unsigned char *file, *bf;
+    size_t n, i, count;
+    int bad = 0;
+    if (t_write_random_llmc(&src)) return 1;
+    CHECK_OK(sm_read_file(T_LLMC_PATH, &file, &n, &err));
+    bad |= t_llmc_expect_rejected(file, n, 0, 20240520, 0, SM_ERR_FORMAT, "magic");
+    bad |= t_llmc_expect_rejected(file, n, 1, 4, 0, SM_ERR_FORMAT, "version 4");
+    bad |= t_llmc_expect_rejected(file, n, -1, 0, -4, SM_ERR_TRUNCATED, "truncated");
+    bad |= t_llmc_expect_rejected(file, n, -1, 0, 1000 - (long)n, SM_ERR_TRUNCATED, "header");
+    bad |= t_llmc_expect_rejected(file, n, -1, 0, 4, SM_ERR_FORMAT, "after the");
+    bad |= t_llmc_expect_rejected(file, n, 5, 3, 0, SM_ERR_FORMAT, "NH 3");
+    bad |= t_llmc_expect_rejected(file, n, 7, 10, 0, SM_ERR_FORMAT, "Vp 10");
+    if (bad) return 1;
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    cfg.d_model = 4, cfg.d_ff = 16;
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_ERR_MISMATCH && strstr(err.msg, "C 8"),
+          "a model of another width: %s", err.msg);
+    sm_model_free(&dst);
+    /* bfloat16: the top 16 bits of each float32 */
+    count = (n - 1024) / 4;
+    bf = (unsigned char *)t_alloc(1024 + 2 * count);
+    memcpy(bf, file, 1024);
+    bf[4] = SM_LLMC_MODEL_BF16;
+    for (i = 0; i < count; i++) memcpy(bf + 1024 + 2 * i, file + 1024 + 4 * i + 2, 2);
+    if (t_write_bytes(T_LLMC_PATH, bf, 1024 + 2 * count)) return 1;
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "bf16: %s", err.msg);
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_OK, "bf16: %s", err.msg);
+    for (i = 0; i < dst.params.total; i++) {
+        uint32_t a, b;
+        memcpy(&a, dst.params.data + i, 4), memcpy(&b, src.params.data + i, 4);
+        CHECK(a == (b & 0xffff0000u), "bf16 parameter %zu: %08x, want %08x", i, a, b & 0xffff0000u);
+    }
+    sm_model_free(&dst), sm_model_free(&src);
+    free(file), free(bf);
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
 /* ---- parity with an independent PyTorch implementation: >>backbone,
  * >>engram, >>peer, >>mhc ---------------------------------------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,
@@ -7587,6 +7773,9 @@ static const t_case t_cases[] = {
     T(test_model_gradient_every_tensor),
     T(test_model_gpt2_arch_gradient),
     T(test_model_padded_vocab_keeps_loss),
+    T(test_llmc_save_load_roundtrip),
+    T(test_llmc_modules_start_closed),
+    T(test_llmc_rejects_bad_files_and_reads_bf16),
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),
