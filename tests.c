@@ -7723,6 +7723,40 @@ static int test_parity_mhc(void) {
 
 /* Sinkhorn-Knopp alone on a batch of matrices, gradient through the
  * unrolled iterations. */
+/* A whole GPT-2 from an llm.c model file (parity_gpt2_llmc.bin) through
+ * sm_llmc_read_config + sm_model_load_llmc: the logits over the V real
+ * tokens and the mean loss against torch's forward on the same weights
+ * (scripts/make_fixtures.py, gpt2, computed in float64), within 5e-6 in
+ * the parity measure (measured 4.9e-7 on the logits: two layers of float32
+ * rounding at C = 64; SM_PARITY_VERBOSE prints it). */
+static int test_parity_gpt2_llmc(void) {
+    t_fx fx;
+    sm_model m;
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err;
+    const float *tok_f, *tgt_f;
+    int sz[3], *tokens, *targets, i, N;
+    T_FX_LOAD(&fx, "parity_gpt2.bin");
+    T_FX_SIZES(&fx, sz, 3);
+    N = sz[0] * sz[1];
+    T_FX_GET(tok_f, &fx, "tokens", (size_t)N);
+    T_FX_GET(tgt_f, &fx, "targets", (size_t)N);
+    CHECK(sm_llmc_read_config(&cfg, T_FX_DIR "parity_gpt2_llmc.bin", &err) == SM_OK, "%s", err.msg);
+    CHECK(cfg.vocab_size == sz[2] && cfg.seq_len >= sz[1], "the llm.c file does not fit the batch");
+    CHECK_OK(sm_model_init(&m, &cfg, sz[0], 1, &err));
+    CHECK(sm_model_load_llmc(&m, T_FX_DIR "parity_gpt2_llmc.bin", &err) == SM_OK, "%s", err.msg);
+    tokens = (int *)t_alloc((size_t)N), targets = (int *)t_alloc((size_t)N);
+    for (i = 0; i < N; i++) tokens[i] = (int)tok_f[i], targets[i] = (int)tgt_f[i];
+    CHECK_OK(sm_model_forward(&m, tokens, NULL, NULL, sz[0], sz[1], &err));
+    T_FX_CMP(&fx, "logits", m.logits, (size_t)N * sz[2], 5e-6);
+    CHECK_OK(sm_model_forward(&m, tokens, targets, NULL, sz[0], sz[1], &err));
+    T_FX_CMP(&fx, "loss", &m.loss, 1, 5e-6);
+    free(tokens), free(targets);
+    sm_model_free(&m);
+    t_fx_free(&fx);
+    return 0;
+}
+
 static int test_parity_sinkhorn(void) {
     const double tol = 1e-5;
     t_fx fx;
@@ -7750,7 +7784,7 @@ static int test_parity_sinkhorn(void) {
 
 #define PARITY_TESTS                                                            \
     T(test_parity_backbone_block), T(test_parity_engram), T(test_parity_peer),  \
-        T(test_parity_mhc), T(test_parity_sinkhorn)
+        T(test_parity_mhc), T(test_parity_sinkhorn), T(test_parity_gpt2_llmc)
 
 /* ---- registry ------------------------------------------------------- */
 
