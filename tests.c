@@ -1341,6 +1341,7 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     sm_error err;
     unsigned char *bytes;
     size_t n;
+    uint32_t version;
     FILE *f;
     CHECK_OK(sm_read_file("test_tmp_run_a/model.ckpt", &bytes, &n, &err));
     CHECK_OK(tr_read_checkpoint_header(&rd, "test_tmp_run_a/model.ckpt", &cfg, &o, &err));
@@ -1361,15 +1362,16 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     fwrite(bytes + 4, 1, n - 4, f);
     fclose(f);
     CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT, "wrong magic accepted");
-    { /* a valid file of format v1 (before engram_mhc and PEER's shared_keys): refused, not misread */
+    for (version = 1; version < TR_CKPT_VERSION; version++) { /* valid files of older formats: refused, not misread */
         sm_writer w;
-        CHECK_OK(sm_writer_open(&w, "test_tmp_bad.ckpt", TR_CKPT_MAGIC, 1u, &err));
+        CHECK_OK(sm_writer_open(&w, "test_tmp_bad.ckpt", TR_CKPT_MAGIC, version, &err));
         sm_writer_bytes(&w, bytes + 8, n - 16);
         CHECK_OK(sm_writer_commit(&w, &err));
+        CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
+                  strstr(err.msg, version == 1 ? "v1" : "v2") && strstr(err.msg, "--arch") &&
+                  (version > 1 || (strstr(err.msg, "--engram-mhc") && strstr(err.msg, "shared_keys"))),
+              "format v%u checkpoint: %s", version, err.msg);
     }
-    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
-              strstr(err.msg, "v1") && strstr(err.msg, "--engram-mhc") && strstr(err.msg, "shared_keys"),
-          "format v1 checkpoint: %s", err.msg);
     sm_free(bytes);
     remove("test_tmp_bad.ckpt");
     return 0;
@@ -7284,6 +7286,101 @@ static int test_llmc_rejects_bad_files_and_reads_bf16(void) {
     return 0;
 }
 
+/* A folder as `tokenize --tokenizer gpt2:DIR` writes it (train.tok, val.tok
+ * and the llm.c shards, no tokenizer.bin), of random documents over the
+ * tiny GPT-2's 11 tokens (token 10 opens each document, as EOT does). */
+static int t_write_gpt2_folder(const char *dir) {
+    static const char *const names[2][2] = {{"train.tok", "train.bin"}, {"val.tok", "val.bin"}};
+    sm_tokens t;
+    sm_error err;
+    sm_rng r;
+    char path[256];
+    size_t i, k, sizes[2] = {600, 120};
+    uint64_t starts[64];
+    uint32_t tokens[600];
+    sm_rng_seed(&r, 4);
+    t_remove_tree(dir);
+    tr_mkdir(dir);
+    for (k = 0; k < 2; k++) {
+        t.tokens = tokens, t.n_tokens = sizes[k], t.doc_starts = starts, t.n_docs = 0, t.vocab_size = 11;
+        for (i = 0; i < sizes[k]; i++) {
+            tokens[i] = i % 40 == 0 ? 10 : sm_rng_below(&r, 10);
+            if (i % 40 == 0) starts[t.n_docs++] = i;
+        }
+        snprintf(path, sizeof path, "%s/%s", dir, names[k][0]);
+        CHECK(sm_tokens_save(&t, path, &err) == SM_OK, "%s", err.msg);
+        snprintf(path, sizeof path, "%s/%s", dir, names[k][1]);
+        CHECK(sm_tokens_save_llmc(&t, path, &err) == SM_OK, "%s", err.msg);
+    }
+    return 0;
+}
+
+/* The first logged loss (step 1, before any update) of a run. */
+static int t_first_step_loss(const char *run, double *loss) {
+    char path[256], line[128];
+    FILE *f;
+    snprintf(path, sizeof path, "%s/steps.csv", run);
+    f = fopen(path, "r");
+    CHECK(f != NULL, "no %s", path);
+    CHECK(fgets(line, sizeof line, f) && fgets(line, sizeof line, f), "%s has no step", path);
+    fclose(f);
+    CHECK(sscanf(line, "%*[^,],%lf", loss) == 1, "%s: unreadable row '%.60s'", path, line);
+    return 0;
+}
+
+/* trainer train --init FILE on a GPT-2-tokenized folder: the run takes the
+ * file's shape (whatever --layers/--d-model say) and its first loss, with
+ * Engram and PEER added, is the imported model's (to the 6 decimals of
+ * steps.csv); with mHC too within 2e-6. Training then moves the loss, and
+ * eval reads the checkpoint with its GPT-2 folder. */
+static int test_trainer_init_from_llmc(void) {
+    sm_model src;
+    tr_opts o;
+    double base, with, mhc, last;
+    int i;
+    if (t_write_random_llmc(&src) || t_write_gpt2_folder("test_tmp_gpt2_data")) return 1;
+    sm_model_free(&src);
+    for (i = 0; i < 3; i++) {
+        const char *run[3] = {"test_tmp_init_base", "test_tmp_init_mod", "test_tmp_init_mhc"};
+        tr_defaults(&o);
+        snprintf(o.data, sizeof o.data, "test_tmp_gpt2_data");
+        snprintf(o.out, sizeof o.out, "%s", run[i]);
+        snprintf(o.init, sizeof o.init, T_LLMC_PATH);
+        o.quiet = 1, o.seq_len = 6, o.batch = 2, o.steps = 4, o.warmup = 1, o.eval_batches = 2, o.lr = 3e-2f;
+        o.n_layer = 5, o.d_model = 64; /* the file's shape wins */
+        if (i > 0) {
+            snprintf(o.engram_layers, sizeof o.engram_layers, "1");
+            o.engram_rows = 31, o.engram_heads = 2, o.engram_d_head = 4;
+            snprintf(o.peer_layers, sizeof o.peer_layers, "0");
+            o.peer_add = 1, o.peer_experts_sqrt = 4, o.peer_heads = 1, o.peer_topk = 2, o.peer_d_key = 4;
+        }
+        o.mhc_streams = i == 2 ? 2 : 0;
+        t_remove_tree(run[i]);
+        CHECK(tr_train(&o) == 0, "run %s failed", run[i]);
+    }
+    if (t_first_step_loss("test_tmp_init_base", &base) || t_first_step_loss("test_tmp_init_mod", &with) ||
+        t_first_step_loss("test_tmp_init_mhc", &mhc))
+        return 1;
+    CHECK(with == base, "first loss %.6f with Engram + PEER, %.6f imported", with, base);
+    CHECK(fabs(mhc - base) <= 2e-6, "first loss %.6f with mHC too, %.6f imported", mhc, base);
+    {
+        FILE *f = fopen("test_tmp_init_mod/steps.csv", "r");
+        char line[128];
+        CHECK(f != NULL, "no steps.csv");
+        while (fgets(line, sizeof line, f)) sscanf(line, "%*[^,],%lf", &last);
+        fclose(f);
+        CHECK(last != with, "the loss did not move in training (%.6f)", last);
+    }
+    tr_defaults(&o); /* eval reads the GPT-2 folder the checkpoint names */
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "test_tmp_init_mod/model.ckpt");
+    CHECK(tr_cmd_eval(&o) == 0, "eval of the --init run failed");
+    t_remove_tree("test_tmp_init_base"), t_remove_tree("test_tmp_init_mod"), t_remove_tree("test_tmp_init_mhc");
+    t_remove_tree("test_tmp_gpt2_data");
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
 /* ---- parity with an independent PyTorch implementation: >>backbone,
  * >>engram, >>peer, >>mhc ---------------------------------------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,
@@ -7810,6 +7907,7 @@ static const t_case t_cases[] = {
     T(test_llmc_save_load_roundtrip),
     T(test_llmc_modules_start_closed),
     T(test_llmc_rejects_bad_files_and_reads_bf16),
+    T(test_trainer_init_from_llmc),
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),
