@@ -7381,6 +7381,38 @@ static int test_trainer_init_from_llmc(void) {
     return 0;
 }
 
+/* `make reproduce-finetune` end to end in a tiny form: the script runs all
+ * eight fine-tuning runs (3 steps each) from a random tiny llm.c file on a
+ * GPT-2-style folder and writes its report; without INIT it says where to
+ * get the weights. Needs ./trainer (make test builds it). */
+static int test_reproduce_finetune_tiny(void) {
+    sm_model src;
+    char log[4096];
+    size_t n;
+    int rc;
+    FILE *f;
+    CHECK(tr_exists("trainer"), "./trainer is missing: build it (make trainer; make test does)");
+    rc = system("INIT= bash scripts/reproduce_finetune.sh > test_tmp_ft.log 2>&1");
+    f = fopen("test_tmp_ft.log", "r");
+    CHECK(rc != 0 && f != NULL, "without INIT the script succeeded");
+    n = fread(log, 1, sizeof log - 1, f);
+    fclose(f);
+    log[n] = 0;
+    CHECK(strstr(log, "download_starter_pack") != NULL, "without INIT: no word of where to get weights");
+    if (t_write_random_llmc(&src) || t_write_gpt2_folder("test_tmp_ft_data")) return 1;
+    sm_model_free(&src);
+    t_remove_tree("test_tmp_ft");
+    rc = system("INIT=" T_LLMC_PATH " DATA=test_tmp_ft_data OUT=test_tmp_ft STEPS=3 SEQ=6 BATCH=2 EVAL_BATCHES=2 "
+                "ENGRAM_LAYERS=1 PEER_LAYERS=0 MHC=2 JOBS=2 bash scripts/reproduce_finetune.sh > test_tmp_ft.log 2>&1");
+    CHECK(rc == 0, "reproduce_finetune.sh failed (exit %d): see test_tmp_ft.log", rc);
+    CHECK(tr_exists("test_tmp_ft/report.md") && tr_exists("test_tmp_ft/runs/auto-s1/summary.json") &&
+              tr_exists("test_tmp_ft/runs/freeze-s1/summary.json"),
+          "the report or a run's summary is missing");
+    t_remove_tree("test_tmp_ft"), t_remove_tree("test_tmp_ft_data");
+    remove("test_tmp_ft.log"), remove(T_LLMC_PATH);
+    return 0;
+}
+
 /* ---- parity with an independent PyTorch implementation: >>backbone,
  * >>engram, >>peer, >>mhc ---------------------------------------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,
@@ -7908,6 +7940,7 @@ static const t_case t_cases[] = {
     T(test_llmc_modules_start_closed),
     T(test_llmc_rejects_bad_files_and_reads_bf16),
     T(test_trainer_init_from_llmc),
+    T(test_reproduce_finetune_tiny),
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),
