@@ -29,7 +29,7 @@ reproduce-finetune: give the pretrained weights: make reproduce-finetune INIT=pa
   Layout: int32 header[256] = 20240326, version (3 float32 | 5 bfloat16), maxT, V, L, NH,
   C, Vp (50257 padded to 50304), zeros; then wte [Vp,C], wpe [maxT,C], per-layer tensors
   (ln1w, ln1b, qkvw, qkvb, attprojw, attprojb, ln2w, ln2b, fcw, fcb, fcprojw, fcprojb; each
-  for all L layers in turn), lnfw, lnfb. gpt2_124M.bin is 497,759,232 bytes.
+  for all L layers in turn), lnfw, lnfb. gpt2_124M.bin is 497,904,640 bytes (124,475,904 floats).
 EOF
     exit 1
 fi
