@@ -3,6 +3,8 @@
 #   make            trainer, tests, examples, benchmarks
 #   make test       build and run the test suite
 #   make reproduce  the studies (data, training runs, report with plots): ~30 min
+#   make reproduce-finetune INIT=gpt2_124M.bin  the same modules added to a pretrained GPT-2
+#                   (an llm.c model file) and fine-tuned on SOTU (scripts/reproduce_finetune.sh)
 #   make demo       a tiny model trained in a minute or two, a plot and a sample
 #   make asan       the test suite under AddressSanitizer + UBSan
 #   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors;
@@ -97,7 +99,7 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(filter-out bench/bench_dist,$(patsubst %.c,%,$(wildcard bench/*.c))) # bench_dist: MPI, below
 
-.PHONY: all test test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce demo \
+.PHONY: all test test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce reproduce-finetune demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
 all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi bench/bench_dist) \
      $(if $(and $(MPICC),$(HAVE_NCCL)),tests_nccl)
@@ -134,7 +136,7 @@ examples/%: examples/%.c sparsemem.h sparsemem_plot.h | deps
 bench/%: bench/%.c bench/bench_common.h sparsemem.h
 	$(CC) $(BUILD_FLAGS) -I. $(if $(HAVE_CBLAS),-DSM_BENCH_CBLAS) -o $@ $< $(LDLIBS) $(if $(HAVE_CBLAS),-lopenblas)
 
-test: tests
+test: tests trainer
 	$(RUN_ENV) ./tests
 
 # The CUDA backend against the CPU (skips, passing, without a GPU).
@@ -281,7 +283,7 @@ headercheck:
 # Each runs FUZZ_SECONDS; a crash, sanitizer report, leak, timeout or an
 # allocation over FUZZ_MALLOC_MB fails the target (input saved under
 # fuzz/build/artifacts/). Every format runs even after one fails.
-FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint gpt2_encoder gpt2_merges
+FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint gpt2_encoder gpt2_merges llmc_model
 FUZZ_SECONDS  ?= 60
 FUZZ_MALLOC_MB ?= 2048
 FUZZ_RSS_MB    ?= 4096
@@ -349,6 +351,9 @@ gpt2-tokenizer:
 
 reproduce: trainer bench/bench_modules
 	bash scripts/reproduce.sh
+
+reproduce-finetune: trainer
+	INIT=$(INIT) bash scripts/reproduce_finetune.sh
 
 demo: trainer
 	bash scripts/demo.sh

@@ -85,7 +85,7 @@
  *               route-stratified evaluation
  *   >>peer      top-k, product keys, the expert layer, usage statistics
  *   >>mhc       Sinkhorn-Knopp, stream maps and mixing, diagnostics
- *   >>backbone  embedding, RMSNorm, linear, attention, GELU/SiLU
+ *   >>backbone  embedding, RMSNorm, LayerNorm, linear, attention, GELU/SiLU
  *   >>loss      softmax cross-entropy with ignore index
  *   >>optim     AdamW with parameter groups, sparse rows, clipping,
  *               warmup + cosine schedule
@@ -1711,6 +1711,16 @@ SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float 
                                        const float *inp, const float *weight, const float *rstd,
                                        int N, int C, int groups);
 
+/* LayerNorm (GPT-2's): out = (inp - mean) * rstd * weight + bias, with
+ * rstd = 1/sqrt(var + eps), var the biased variance over the C channels.
+ * mean[N] and rstd[N] are saved for backward. */
+#define SM_LAYERNORM_EPS 1e-5f
+SMDEF void sm_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                const float *weight, const float *bias, int N, int C);
+SMDEF void sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                 const float *inp, const float *weight, const float *mean,
+                                 const float *rstd, int N, int C);
+
 /* Linear: out[N,OC] = inp[N,C] weight[OC,C]^T + bias[OC] (bias may be NULL). */
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                              int N, int C, int OC);
@@ -1782,8 +1792,13 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
 /* Pre-norm decoder (GPT-2 layout with RMSNorm): learned token + position
  * embeddings, then per layer l a list of sublayers, each y = F(u):
  *     [Engram, if l is an Engram layer]   F(u) = Engram(u, n-grams of the input)
- *     attention                           F(u) = Attn(RMSNorm(u))
- *     feed-forward                        F(u) = MLP(RMSNorm(u)) [+ PEER(RMSNorm(u))]
+ *     attention                           F(u) = Attn(Norm(u))
+ *     feed-forward                        F(u) = MLP(Norm(u)) [+ PEER(Norm(u))]
+ * Norm is RMSNorm with a gain (arch SM_ARCH_RMSNORM, the default) or, with
+ * arch SM_ARCH_GPT2, GPT-2's LayerNorm with gain and bias (eps 1e-5); every
+ * linear layer of attention and the MLP has a bias, GELU is the tanh form
+ * and positions are learned in both. SM_ARCH_GPT2 with tied_head, d_ff =
+ * 4C and padded_vocab_size is exactly llm.c's GPT-2 (sm_model_load_llmc).
  * (with PEER at l, it replaces the MLP or adds to it: peer_replace_mlp).
  * The residual update is x <- x + F(x) (u = x). With mHC (use_mhc, n =
  * mhc.n_streams) the residual is n streams and each sublayer becomes
@@ -1801,11 +1816,32 @@ SMDEF float sm_lr_schedule(long step, long warmup, long total, float min_ratio);
  * The per-stream form has n-1 more copies of W_K, b_K, the gains and the
  * conv (and of the Nine variants' W_K^hot, gate_hot), and no mHC maps at
  * its sublayer.
- * Final RMSNorm, LM head tied to the token embedding (or untied).
+ * Final Norm, LM head tied to the token embedding (or untied).
  *
  * Parameter groups (each its own lr and schedule multiplier):
  *   "backbone", "engram_table" (sparse rows), "engram_dense",
- *   "peer" (expert table as sparse rows), "mhc". */
+ *   "peer" (expert table as sparse rows), "mhc".
+ *
+ * Parameter tensors (sm_param_tensor.name) in buffer order; weights are
+ * [out, in] as PyTorch's nn.Linear (Hugging Face's GPT-2 Conv1D stores the
+ * transpose); <l> is the transformer layer, the Hugging Face GPT-2 name
+ * follows each backbone tensor:
+ *   engram.table                 (use_engram: the flat table, >>engram)
+ *   wte [Vp, C]                  transformer.wte.weight (Vp = padded_vocab_size)
+ *   wpe [T, C]                   transformer.wpe.weight
+ *   then per sublayer (Engram, attention, FFN of layer 0, 1, ...):
+ *   h<l>.mhc_<engram|attn|ffn>.phi, .gate_bias   (use_mhc: the mHC block)
+ *   engram<i>.w_key ... (>>engram)                (Engram layer i)
+ *   h<l>.ln1_w, h<l>.ln1_b [C]   transformer.h.<l>.ln_1.weight, .bias
+ *   h<l>.qkv_w [3C, C], _b       transformer.h.<l>.attn.c_attn.weight, .bias
+ *   h<l>.proj_w [C, C], _b       transformer.h.<l>.attn.c_proj.weight, .bias
+ *   h<l>.ln2_w, h<l>.ln2_b [C]   transformer.h.<l>.ln_2.weight, .bias
+ *   h<l>.fc_w [F, C], _b         transformer.h.<l>.mlp.c_fc.weight, .bias
+ *   h<l>.fcproj_w [C, F], _b     transformer.h.<l>.mlp.c_proj.weight, .bias
+ *   h<l>.peer.w_q ... (>>peer)   (PEER at layer l)
+ *   lnf_w, lnf_b [C]             transformer.ln_f.weight, .bias
+ *   head_w [Vp, C]               (untied head only; lm_head.weight)
+ * The *_b norm biases exist with SM_ARCH_GPT2 only. */
 
 #define SM_MAX_SUBLAYERS 384
 
@@ -1817,6 +1853,12 @@ typedef struct sm_model_config {
     int d_model;    /* C, divisible by n_head */
     int d_ff;       /* MLP hidden width (default 4C) */
     int tied_head;  /* 1: logits = x wte^T */
+    int arch;       /* SM_ARCH_RMSNORM (0, default) or SM_ARCH_GPT2: the norms (above) */
+    /* Rows of wte (and of an untied head): vocab_size, or more as llm.c
+     * pads GPT-2's 50257 to 50304 (0 = vocab_size). Rows from vocab_size
+     * on are never read: the logits cover the vocab_size real tokens, so
+     * padding changes neither the loss nor any gradient. */
+    int padded_vocab_size;
     float init_std; /* 0.02; residual output projections get init_std/sqrt(2 n_layer) */
     float lr;       /* backbone group learning rate (other groups scale from it) */
     float weight_decay; /* every group but engram_table; matrices only (see no_decay) */
@@ -1853,6 +1895,8 @@ typedef struct sm_model_config {
 
 #define SM_ENGRAM_MHC_PER_STREAM 0
 #define SM_ENGRAM_MHC_BRANCH 1
+#define SM_ARCH_RMSNORM 0
+#define SM_ARCH_GPT2 1
 
 SMDEF sm_model_config sm_model_default_config(void);
 SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err);
@@ -1865,7 +1909,7 @@ typedef enum sm_sublayer_kind {
 
 /* Offsets of one sublayer's backbone tensors in the parameter buffer. */
 typedef struct sm_sublayer_offsets {
-    size_t ln_w;                  /* attention and FFN: pre-norm gain */
+    size_t ln_w, ln_b;            /* attention and FFN: pre-norm gain (and bias, SM_ARCH_GPT2) */
     size_t qkv_w, qkv_b, proj_w, proj_b;     /* attention */
     size_t fc_w, fc_b, fcproj_w, fcproj_b;   /* FFN with an MLP */
     size_t peer;                  /* FFN with PEER: first PEER tensor */
@@ -1885,7 +1929,7 @@ typedef struct sm_sublayer {
     float *u;         /* [N, C] sublayer input: H_pre x_in in mHC, else x_in */
     float *y;         /* [N, C] F(u); [N, S*C] for a per-stream Engram */
     sm_mhc_acts mhc_acts;
-    float *ln, *ln_rstd;                 /* attention / FFN pre-norm */
+    float *ln, *ln_rstd, *ln_mean;       /* attention / FFN pre-norm (mean: SM_ARCH_GPT2) */
     float *qkv, *att, *atty;             /* attention */
     float *fch, *fch_gelu, *peer_out;    /* FFN */
     sm_engram_acts engram_acts;
@@ -1902,7 +1946,7 @@ typedef struct sm_model {
     sm_model_config cfg;
     sm_params params;
     int g_backbone, g_engram_table, g_engram_dense, g_peer, g_mhc; /* group ids, -1 if absent */
-    size_t wte, wpe, lnf_w, head_w; /* head_w == wte when tied */
+    size_t wte, wpe, lnf_w, lnf_b, head_w; /* head_w == wte when tied; lnf_b: SM_ARCH_GPT2 */
     sm_sublayer sub[SM_MAX_SUBLAYERS];
     int n_sub;
     /* Engram */
@@ -1925,7 +1969,7 @@ typedef struct sm_model {
     float *act_mem;
     float *emb;      /* [N, C] embedding (expanded into the streams with mHC) */
     float *x_final;  /* [N, S*C] residual streams after the last sublayer */
-    float *x_out, *lnf, *lnf_rstd, *logits, *losses;
+    float *x_out, *lnf, *lnf_rstd, *lnf_mean, *logits, *losses;
     int *inputs, *targets;
     unsigned char *doc_start;
     float loss;
@@ -1964,6 +2008,49 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
 /* Backward of the mean loss of the last forward; accumulates into
  * m->params.grad (zero it first with sm_params_zero_grad). */
 SMDEF void sm_model_backward(sm_model *m);
+
+/* ---- modules added to a pretrained backbone ---- */
+/* Makes every module's contribution start at zero so the model computes
+ * what its backbone alone computes: Engram's W_V = 0 (v = 0, so its output
+ * v + SiLU(conv(RMSNorm(v))) is exactly 0), PEER's expert output vectors
+ * v_i = 0 (output exactly 0; PEER must be added to the MLP, not replace
+ * it: SM_ERR_INVALID_ARG otherwise), mHC's gates a = 0 (the maps are their
+ * init biases: every stream stays equal to the plain residual stream, the
+ * identity residual up to float rounding of H_pre's and H_res's sums; see
+ * sm_mhc_init). Each still gets gradient on the first step (dW_V, dv_i,
+ * da), so training opens them. */
+SMDEF sm_status sm_model_close_modules(sm_model *m, sm_error *err);
+
+/* ---- llm.c model files (gpt2_124M.bin, as llm.c's train_gpt2 reads) ----
+ * int32 header[256]: magic 20240326, version (3: float32 parameters, 5:
+ * bfloat16), maxT, V, L, NH, C, Vp (V padded, 50257 -> 50304), zeros; then
+ * the parameters with no checksum (so the size is validated exactly):
+ *   wte [Vp, C], wpe [maxT, C], then each of these for all L layers in
+ *   turn: ln1w, ln1b [C], qkvw [3C, C], qkvb [3C], attprojw [C, C],
+ *   attprojb [C], ln2w, ln2b [C], fcw [4C, C], fcb [4C], fcprojw [C, 4C],
+ *   fcprojb [C]; then lnfw, lnfb [C].
+ * That is this library's SM_ARCH_GPT2 backbone with a tied head and d_ff =
+ * 4C (tensor by tensor: the names at the model's parameter list). */
+#define SM_LLMC_MODEL_MAGIC 20240326
+#define SM_LLMC_MODEL_F32 3
+#define SM_LLMC_MODEL_BF16 5
+/* Sets the backbone fields of cfg from the file's header (arch GPT-2, tied
+ * head, vocab_size V, padded_vocab_size Vp, seq_len maxT, n_layer, n_head,
+ * d_model C, d_ff 4C, and engram.d_model / mhc.channels = C) and leaves the
+ * rest (the modules, lr, ...) as the caller set them. The header is
+ * validated and the file's size checked against it before anything else:
+ * wrong magic or version is SM_ERR_FORMAT, a short file SM_ERR_TRUNCATED.
+ * seq_len may then be lowered (fewer positions: the first rows of wpe). */
+SMDEF sm_status sm_llmc_read_config(sm_model_config *cfg, const char *path, sm_error *err);
+/* Reads the file's parameters into the backbone of m, a model built from
+ * such a config (with any modules), then sm_model_close_modules: the
+ * model starts as the imported GPT-2. SM_ERR_MISMATCH names a backbone
+ * field of m that differs from the file. */
+SMDEF sm_status sm_model_load_llmc(sm_model *m, const char *path, sm_error *err);
+/* Writes m's backbone as an llm.c float32 file (version 3, maxT = seq_len;
+ * the modules are not in that format). m must be an SM_ARCH_GPT2 model with
+ * a tied head, d_ff = 4C and an MLP at every layer. */
+SMDEF sm_status sm_model_save_llmc(const sm_model *m, const char *path, sm_error *err);
 
 /* ===================================================================== */
 /* >>comm  Distributed: communicator, row ownership, sharded rows        */
@@ -9108,6 +9195,60 @@ SMDEF void sm_rmsnorm_backward(float *dinp, float *dweight, const float *dout, c
     sm_rmsnorm_grouped_backward(dinp, dweight, dout, inp, weight, rstd, N, C, 1);
 }
 
+SMDEF void sm_layernorm_forward(float *out, float *mean, float *rstd, const float *inp,
+                                const float *weight, const float *bias, int N, int C) {
+    int n;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N * C > 32768)
+#endif
+    for (n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C;
+        float *y = out + (size_t)n * C;
+        double sum = 0.0, ss = 0.0;
+        float mu, r;
+        int c;
+        for (c = 0; c < C; c++) sum += x[c];
+        mu = (float)(sum / C);
+        for (c = 0; c < C; c++) ss += (double)(x[c] - mu) * (x[c] - mu);
+        r = (float)(1.0 / sqrt(ss / C + SM_LAYERNORM_EPS));
+        for (c = 0; c < C; c++) y[c] = (x[c] - mu) * r * weight[c] + bias[c];
+        mean[n] = mu;
+        rstd[n] = r;
+    }
+}
+
+/* With xh = (x - mean) r and g = dout * weight:
+ *   dx = r (g - mean(g) - xh mean(g . xh)),  dweight += dout . xh,  dbias += dout. */
+SMDEF void sm_layernorm_backward(float *dinp, float *dweight, float *dbias, const float *dout,
+                                 const float *inp, const float *weight, const float *mean,
+                                 const float *rstd, int N, int C) {
+    int n, c;
+    for (n = 0; n < N; n++) { /* serial over n so the parameter sums are deterministic */
+        const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        for (c = 0; c < C; c++) {
+            if (dweight) dweight[c] += dy[c] * (x[c] - mean[n]) * rstd[n];
+            if (dbias) dbias[c] += dy[c];
+        }
+    }
+    if (!dinp) return;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N * C > 32768)
+#endif
+    for (n = 0; n < N; n++) {
+        const float *x = inp + (size_t)n * C, *dy = dout + (size_t)n * C;
+        float *dx = dinp + (size_t)n * C, mu = mean[n], r = rstd[n], mean_g, mean_gx;
+        double sg = 0.0, sgx = 0.0;
+        int k;
+        for (k = 0; k < C; k++) {
+            float g = dy[k] * weight[k];
+            sg += g;
+            sgx += (double)g * (x[k] - mu) * r;
+        }
+        mean_g = (float)(sg / C), mean_gx = (float)(sgx / C);
+        for (k = 0; k < C; k++) dx[k] += r * (dy[k] * weight[k] - mean_g - (x[k] - mu) * r * mean_gx);
+    }
+}
+
 SMDEF void sm_linear_forward(float *out, const float *inp, const float *weight, const float *bias,
                              int N, int C, int OC) {
     int n;
@@ -9744,6 +9885,12 @@ static sm_status sm__validate_backbone(const sm_model_config *c, sm_error *err) 
     if (c->n_head < 1 || c->d_model % c->n_head != 0)
         return sm_fail(err, SM_ERR_INVALID_ARG, "n_head %d must be >= 1 and divide d_model %d",
                        c->n_head, c->d_model);
+    if (c->arch != SM_ARCH_RMSNORM && c->arch != SM_ARCH_GPT2)
+        return sm_fail(err, SM_ERR_INVALID_ARG, "arch %d must be SM_ARCH_RMSNORM (0) or SM_ARCH_GPT2 (1)",
+                       c->arch);
+    if (c->padded_vocab_size != 0 && (c->padded_vocab_size < c->vocab_size || c->padded_vocab_size > (1 << 24)))
+        return sm_fail(err, SM_ERR_INVALID_ARG, "padded_vocab_size %d must be 0 or in [vocab_size %d, 2^24]",
+                       c->padded_vocab_size, c->vocab_size);
     if (c->d_ff < 1 || c->d_ff > 1 << 20)
         return sm_fail(err, SM_ERR_INVALID_ARG, "d_ff %d out of range [1, 2^20]", c->d_ff);
     if (!(c->init_std > 0.0f && c->init_std < 10.0f))
@@ -9844,6 +9991,11 @@ SMDEF sm_status sm_model_config_validate(const sm_model_config *c, sm_error *err
 /* Residual streams: n with mHC, else 1. */
 static int sm__streams(const sm_model_config *c) { return c->use_mhc ? c->mhc.n_streams : 1; }
 
+/* Rows of wte and of an untied head: the vocabulary and its padding. */
+static size_t sm__vocab_rows(const sm_model_config *c) {
+    return (size_t)(c->padded_vocab_size > 0 ? c->padded_vocab_size : c->vocab_size);
+}
+
 static int sm__list_has(const int *ids, int n, int v) {
     int i;
     for (i = 0; i < n; i++)
@@ -9940,6 +10092,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
                                           s->engram_index, m->g_engram_dense, err);
     if (s->kind == SM_SUBLAYER_ATTN) {
         o->ln_w = sm__add_param(p, "ln1_w", l, C, g, 0, err);
+        if (c->arch == SM_ARCH_GPT2) o->ln_b = sm__add_param(p, "ln1_b", l, C, g, 0, err);
         o->qkv_w = sm__add_param(p, "qkv_w", l, 3 * C * C, g, 1, err);
         o->qkv_b = sm__add_param(p, "qkv_b", l, 3 * C, g, 0, err);
         o->proj_w = sm__add_param(p, "proj_w", l, C * C, g, 1, err);
@@ -9947,6 +10100,7 @@ static sm_status sm__layout_sublayer(sm_model *m, sm_sublayer *s, sm_error *err)
         return o->proj_b == (size_t)-1 ? SM_ERR_INVALID_ARG : SM_OK;
     }
     o->ln_w = sm__add_param(p, "ln2_w", l, C, g, 0, err);
+    if (c->arch == SM_ARCH_GPT2) o->ln_b = sm__add_param(p, "ln2_b", l, C, g, 0, err);
     if (s->has_mlp) {
         o->fc_w = sm__add_param(p, "fc_w", l, F * C, g, 1, err);
         o->fc_b = sm__add_param(p, "fc_b", l, F, g, 0, err);
@@ -9968,7 +10122,7 @@ static int sm__model_has_peer(const sm_model_config *c) { return c->use_peer; }
 
 static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     const sm_model_config *c = &m->cfg;
-    size_t C = (size_t)c->d_model, V = (size_t)c->vocab_size;
+    size_t C = (size_t)c->d_model, V = sm__vocab_rows(c);
     sm_params *p = &m->params;
     sm_status st = SM_OK;
     int i;
@@ -9995,8 +10149,10 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     for (i = 0; i < m->n_sub && st == SM_OK; i++) st = sm__layout_sublayer(m, &m->sub[i], err);
     if (st != SM_OK) return st;
     m->lnf_w = sm__add_param(p, "lnf_w", -1, C, m->g_backbone, 0, err);
+    if (c->arch == SM_ARCH_GPT2) m->lnf_b = sm__add_param(p, "lnf_b", -1, C, m->g_backbone, 0, err);
     m->head_w = c->tied_head ? m->wte : sm__add_param(p, "head_w", -1, V * C, m->g_backbone, 1, err);
-    if (m->head_w == (size_t)-1 || m->lnf_w == (size_t)-1) return SM_ERR_INVALID_ARG;
+    if (m->head_w == (size_t)-1 || m->lnf_w == (size_t)-1 || m->lnf_b == (size_t)-1)
+        return SM_ERR_INVALID_ARG;
     return SM_OK;
 }
 
@@ -10131,6 +10287,7 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
         if (s->kind == SM_SUBLAYER_ENGRAM) continue;
         s->ln = sm__take(a, N * C);
         s->ln_rstd = sm__take(a, N);
+        s->ln_mean = c->arch == SM_ARCH_GPT2 ? sm__take(a, N) : NULL;
         if (s->kind == SM_SUBLAYER_ATTN) {
             s->qkv = sm__take(a, N * 3 * C);
             s->att = sm__take(a, (size_t)m->B_max * H * T * T);
@@ -10147,6 +10304,7 @@ static void sm__carve_acts(sm_model *m, sm__arena *a) {
     m->x_out = sm__take(a, N * C);
     m->lnf = sm__take(a, N * C);
     m->lnf_rstd = sm__take(a, N);
+    m->lnf_mean = c->arch == SM_ARCH_GPT2 ? sm__take(a, N) : NULL;
     m->logits = sm__take(a, N * V);
     m->losses = sm__take(a, N);
 }
@@ -10347,6 +10505,30 @@ static double sm__mean_row_norm(const float *x, int N, int C) {
     return N > 0 ? total / N : 0.0;
 }
 
+/* ---- the backbone's norm: RMSNorm, or LayerNorm with SM_ARCH_GPT2 ---- */
+
+/* out[N,C] = Norm(inp) with the gain at w_off (and bias at b_off, GPT-2);
+ * mean (GPT-2 only) and rstd are saved for the backward. */
+static void sm__norm_forward(const sm_model *m, float *out, float *mean, float *rstd, const float *inp,
+                             size_t w_off, size_t b_off, int N) {
+    const float *w = m->params.data;
+    if (m->cfg.arch == SM_ARCH_GPT2)
+        sm_layernorm_forward(out, mean, rstd, inp, w + w_off, w + b_off, N, m->cfg.d_model);
+    else
+        sm_rmsnorm_forward(out, rstd, inp, w + w_off, N, m->cfg.d_model);
+}
+
+static void sm__norm_backward(sm_model *m, float *dinp, const float *dout, const float *inp,
+                              const float *mean, const float *rstd, size_t w_off, size_t b_off, int N) {
+    const float *w = m->params.data;
+    float *g = m->params.grad;
+    if (m->cfg.arch == SM_ARCH_GPT2)
+        sm_layernorm_backward(dinp, g + w_off, g + b_off, dout, inp, w + w_off, mean, rstd, N,
+                              m->cfg.d_model);
+    else
+        sm_rmsnorm_backward(dinp, g + w_off, dout, inp, w + w_off, rstd, N, m->cfg.d_model);
+}
+
 /* ---- sublayer forward: y = F(u) ---- */
 
 static void sm__attn_forward(sm_model *m, sm_sublayer *s, const float *u) {
@@ -10354,7 +10536,7 @@ static void sm__attn_forward(sm_model *m, sm_sublayer *s, const float *u) {
     const sm_sublayer_offsets *o = &s->off;
     sm_profile *pf = m->params.profile;
     int N = m->B * m->T, C = m->cfg.d_model;
-    SM__TIMED(pf, SM_PROF_NORM, sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C));
+    SM__TIMED(pf, SM_PROF_NORM, sm__norm_forward(m, s->ln, s->ln_mean, s->ln_rstd, u, o->ln_w, o->ln_b, N));
     SM__TIMED(pf, SM_PROF_GEMM_FWD,
               sm_linear_forward(s->qkv, s->ln, w + o->qkv_w, w + o->qkv_b, N, C, 3 * C));
     SM__TIMED(pf, SM_PROF_ATTENTION,
@@ -10394,7 +10576,7 @@ static sm_status sm__ffn_forward(sm_model *m, sm_sublayer *s, const float *u, sm
     const sm_sublayer_offsets *o = &s->off;
     sm_profile *pf = m->params.profile;
     int N = m->B * m->T, C = m->cfg.d_model, F = m->cfg.d_ff;
-    SM__TIMED(pf, SM_PROF_NORM, sm_rmsnorm_forward(s->ln, s->ln_rstd, u, w + o->ln_w, N, C));
+    SM__TIMED(pf, SM_PROF_NORM, sm__norm_forward(m, s->ln, s->ln_mean, s->ln_rstd, u, o->ln_w, o->ln_b, N));
     if (s->has_mlp) {
         SM__TIMED(pf, SM_PROF_GEMM_FWD, sm_linear_forward(s->fch, s->ln, w + o->fc_w, w + o->fc_b, N, C, F));
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, sm_gelu_forward(s->fch_gelu, s->fch, (size_t)N * F));
@@ -10548,7 +10730,7 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *           sm__engram_gather, sm__engram_value_forward,
  *           sm__engram_gate_forward, sm__engram_conv_forward
  *         sm__attn_forward                >>backbone
- *           sm_rmsnorm_forward, sm_linear_forward, sm_attention_forward
+ *           sm__norm_forward, sm_linear_forward, sm_attention_forward
  *         sm__ffn_forward                 >>backbone MLP and/or PEER:
  *           sm_linear_forward, sm_gelu_forward
  *           sm__peer_sublayer_forward -> sm_peer_forward          >>peer
@@ -10558,7 +10740,8 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *             sm_peer_apply: sm__peer_experts_forward  sum of the k experts
  *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y
  *     sm_mhc_collapse_forward (use_mhc)   >>mhc     average of the streams
- *     sm_rmsnorm_forward, sm_sgemm        >>backbone final norm, LM head
+ *     sm__norm_forward, sm_sgemm          >>backbone final norm (sm_rmsnorm_forward,
+ *                                         or sm_layernorm_forward: GPT-2), LM head
  *     sm_crossentropy_forward             >>loss    (with targets)
  * sm_model_backward walks the same path in reverse (listed there). */
 SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targets,
@@ -10597,7 +10780,8 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
     if (c->use_mhc)
         SM__TIMED(pf, SM_PROF_MHC_STREAMS,
                   sm_mhc_collapse_forward(m->x_out, m->x_final, N, c->mhc.n_streams, C));
-    SM__TIMED(pf, SM_PROF_NORM, sm_rmsnorm_forward(m->lnf, m->lnf_rstd, m->x_out, w + m->lnf_w, N, C));
+    SM__TIMED(pf, SM_PROF_NORM,
+              sm__norm_forward(m, m->lnf, m->lnf_mean, m->lnf_rstd, m->x_out, m->lnf_w, m->lnf_b, N));
     SM__TIMED(pf, SM_PROF_GEMM_FWD,
               sm_sgemm(0, 1, N, V, C, 1.0f, m->lnf, C, w + m->head_w, C, 0.0f, m->logits, V));
     m->loss = 0.0f;
@@ -10624,8 +10808,7 @@ static void sm__attn_backward(sm_model *m, const sm_sublayer *s, float *du, cons
               sm_attention_backward(m->dqkv, m->datty, s->qkv, s->att, m->B, m->T, C, m->cfg.n_head));
     SM__TIMED(pf, SM_PROF_GEMM_BWD, memset(m->dln, 0, sizeof(float) * (size_t)N * C);
               sm_linear_backward(m->dln, g + o->qkv_w, g + o->qkv_b, m->dqkv, s->ln, w + o->qkv_w, N, C, 3 * C));
-    SM__TIMED(pf, SM_PROF_NORM,
-              sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C));
+    SM__TIMED(pf, SM_PROF_NORM, sm__norm_backward(m, du, m->dln, u, s->ln_mean, s->ln_rstd, o->ln_w, o->ln_b, N));
 }
 
 static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float *dy,
@@ -10653,8 +10836,7 @@ static void sm__ffn_backward(sm_model *m, sm_sublayer *s, float *du, const float
             pp.experts = s->peer_fetch->rows, pg.experts = s->peer_fetch->drows, touched = NULL;
         SM__TIMED(pf, SM_PROF_PEER, sm_peer_backward(m->dln, &pg, touched, dy, s->ln, &pp, &s->peer_acts, N, NULL));
     }
-    SM__TIMED(pf, SM_PROF_NORM,
-              sm_rmsnorm_backward(du, g + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C));
+    SM__TIMED(pf, SM_PROF_NORM, sm__norm_backward(m, du, m->dln, u, s->ln_mean, s->ln_rstd, o->ln_w, o->ln_b, N));
 }
 
 static void sm__engram_backward(sm_model *m, const sm_sublayer *s, float *du, const float *dy,
@@ -10709,7 +10891,7 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
 /* The backward, the forward's path in reverse (gradients += throughout):
  *   sm_model_backward                                       >>model
  *     sm_crossentropy_backward            >>loss    dlogits in place
- *     sm_sgemm x2, sm_rmsnorm_backward    >>backbone LM head, final norm
+ *     sm_sgemm x2, sm__norm_backward      >>backbone LM head, final norm
  *     sm_mhc_collapse_backward (use_mhc)  >>mhc
  *     per sublayer, last first: sm__residual_backward
  *       sm_mhc_post_backward              >>mhc     (mHC branch)
@@ -10741,7 +10923,7 @@ SMDEF void sm_model_backward(sm_model *m) {
               sm_sgemm(0, 0, N, C, V, 1.0f, m->logits, V, w + m->head_w, C, 1.0f, m->dln, C);
               sm_sgemm(1, 0, V, C, N, 1.0f, m->logits, V, m->lnf, C, 1.0f, g + m->head_w, C));
     SM__TIMED(pf, SM_PROF_NORM, memset(m->du, 0, sizeof(float) * NC);
-              sm_rmsnorm_backward(m->du, g + m->lnf_w, m->dln, m->x_out, w + m->lnf_w, m->lnf_rstd, N, C));
+              sm__norm_backward(m, m->du, m->dln, m->x_out, m->lnf_mean, m->lnf_rstd, m->lnf_w, m->lnf_b, N));
     if (c->use_mhc) {
         SM__TIMED(pf, SM_PROF_MHC_STREAMS, memset(m->dres, 0, sizeof(float) * NC * c->mhc.n_streams);
                   sm_mhc_collapse_backward(m->dres, m->du, N, c->mhc.n_streams, C));
@@ -10756,6 +10938,261 @@ SMDEF void sm_model_backward(sm_model *m) {
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->du, m->dres, sizeof(float) * NC));
     SM__TIMED(pf, SM_PROF_EMBEDDING,
               sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C));
+}
+
+/* ---- >>model  Modules added to a pretrained backbone ---------------- */
+
+SMDEF sm_status sm_model_close_modules(sm_model *m, sm_error *err) {
+    const sm_model_config *c = &m->cfg;
+    size_t D = (size_t)c->d_model, e;
+    int i;
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].has_peer && !m->sub[i].has_mlp)
+            return sm_fail(err, SM_ERR_INVALID_ARG, "PEER replaces the MLP of layer %d: its output cannot start at "
+                           "zero without losing the backbone's MLP; add it instead (peer_replace_mlp = 0)",
+                           m->sub[i].layer);
+    for (i = 0; i < m->n_sub; i++) {
+        sm_sublayer *s = &m->sub[i];
+        if (s->kind == SM_SUBLAYER_ENGRAM)
+            sm__fill_const(sm_engram_params_view(m->params.data, &s->off.engram).w_value,
+                           D * (size_t)sm_engram_d_mem(&c->engram), 0.0f);
+        if (s->has_peer) { /* expert row i = (u_i, v_i): zero the v half (of this rank's rows) */
+            float *experts = sm__peer_view(m, m->params.data, s).experts;
+            for (e = 0; e < s->peer_rows.nrows; e++)
+                sm__fill_const(experts + e * 2 * D + D, D, 0.0f);
+        }
+        if (s->in_mhc && c->mhc.dynamic) sm__fill_const(sm__mhc_view(m, m->params.data, s).gate, 3, 0.0f);
+    }
+    return SM_OK;
+}
+
+/* ---- >>model  llm.c model files ------------------------------------- */
+
+typedef struct {
+    int version, max_t, vocab, layers, heads, channels, padded_vocab;
+} sm__llmc_header;
+
+/* One run of parameters in file order: n_model floats go to (or come from)
+ * the model at param_off, then n_skip more are in the file only (the wpe
+ * rows past the model's seq_len). */
+typedef struct {
+    size_t param_off, n_model, n_skip;
+} sm__llmc_chunk;
+
+/* llm.c's per-layer tensors in file order: the sublayer holding each, its
+ * offset field and its size a C^2 + b C. */
+static const struct {
+    sm_sublayer_kind kind;
+    size_t field;
+    int cc, c;
+} sm__llmc_layer_tensors[12] = {
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, ln_w), 0, 1},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, ln_b), 0, 1},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, qkv_w), 3, 0},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, qkv_b), 0, 3},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, proj_w), 1, 0},
+    {SM_SUBLAYER_ATTN, offsetof(sm_sublayer_offsets, proj_b), 0, 1},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, ln_w), 0, 1},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, ln_b), 0, 1},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fc_w), 4, 0},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fc_b), 0, 4},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fcproj_w), 4, 0},
+    {SM_SUBLAYER_FFN, offsetof(sm_sublayer_offsets, fcproj_b), 0, 1}};
+
+/* Parameters (floats) of a file with this header. */
+static size_t sm__llmc_param_count(const sm__llmc_header *h) {
+    size_t C = (size_t)h->channels, per_layer = 0;
+    int k;
+    for (k = 0; k < 12; k++)
+        per_layer += (size_t)sm__llmc_layer_tensors[k].cc * C * C + (size_t)sm__llmc_layer_tensors[k].c * C;
+    return ((size_t)h->padded_vocab + (size_t)h->max_t) * C + (size_t)h->layers * per_layer + 2 * C;
+}
+
+static size_t sm__llmc_elem_size(int version) { return version == SM_LLMC_MODEL_BF16 ? 2 : 4; }
+
+/* Reads and validates the header of f (of file_size bytes). */
+static sm_status sm__llmc_read_header(FILE *f, const char *path, size_t file_size, sm__llmc_header *h,
+                                      sm_error *err) {
+    int32_t raw[SM_LLMC_HEADER_INTS];
+    size_t want;
+    if (file_size < sizeof raw || fread(raw, sizeof raw, 1, f) != 1)
+        return sm_fail(err, SM_ERR_TRUNCATED, "llm.c model %s: %zu bytes, shorter than its 1024-byte header", path,
+                       file_size);
+    if (raw[0] != SM_LLMC_MODEL_MAGIC)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: magic %d, want %d (not an llm.c model file; a token "
+                       "shard has magic %d)", path, raw[0], SM_LLMC_MODEL_MAGIC, SM_LLMC_MAGIC);
+    if (raw[1] != SM_LLMC_MODEL_F32 && raw[1] != SM_LLMC_MODEL_BF16)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: version %d; readable are %d (float32) and %d (bfloat16)",
+                       path, raw[1], SM_LLMC_MODEL_F32, SM_LLMC_MODEL_BF16);
+    h->version = raw[1], h->max_t = raw[2], h->vocab = raw[3], h->layers = raw[4];
+    h->heads = raw[5], h->channels = raw[6], h->padded_vocab = raw[7];
+    if (h->max_t < 1 || h->max_t > 65536 || h->vocab < 2 || h->padded_vocab < h->vocab ||
+        h->padded_vocab > (1 << 24) || h->layers < 1 || h->layers > SM_MAX_SUBLAYERS / 3 || h->channels < 1 ||
+        h->channels > 65536 || h->heads < 1 || h->channels % h->heads != 0)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: header maxT %d, V %d, L %d, NH %d, C %d, Vp %d is "
+                       "not a GPT-2 this library can build (V <= Vp <= 2^24, NH divides C, ...)", path,
+                       h->max_t, h->vocab, h->layers, h->heads, h->channels, h->padded_vocab);
+    want = sizeof raw + sm__llmc_param_count(h) * sm__llmc_elem_size(h->version);
+    if (file_size < want)
+        return sm_fail(err, SM_ERR_TRUNCATED, "llm.c model %s: %zu bytes, its header promises %zu (truncated)",
+                       path, file_size, want);
+    if (file_size > want)
+        return sm_fail(err, SM_ERR_FORMAT, "llm.c model %s: %zu bytes after the %zu its header describes", path,
+                       file_size - want, want);
+    return SM_OK;
+}
+
+/* Opens path and reads its validated header. */
+static sm_status sm__llmc_open(FILE **f, const char *path, sm__llmc_header *h, sm_error *err) {
+    long size;
+    sm_status st;
+    *f = fopen(path, "rb");
+    if (!*f) return sm_fail(err, SM_ERR_IO, "cannot open llm.c model %s", path);
+    if (fseek(*f, 0, SEEK_END) != 0 || (size = ftell(*f)) < 0 || fseek(*f, 0, SEEK_SET) != 0) {
+        fclose(*f);
+        return sm_fail(err, SM_ERR_IO, "cannot size llm.c model %s", path);
+    }
+    st = sm__llmc_read_header(*f, path, (size_t)size, h, err);
+    if (st != SM_OK) fclose(*f);
+    return st;
+}
+
+SMDEF sm_status sm_llmc_read_config(sm_model_config *cfg, const char *path, sm_error *err) {
+    sm__llmc_header h;
+    FILE *f;
+    sm_status st = sm__llmc_open(&f, path, &h, err);
+    if (st != SM_OK) return st;
+    fclose(f);
+    cfg->arch = SM_ARCH_GPT2;
+    cfg->tied_head = 1;
+    cfg->vocab_size = h.vocab, cfg->padded_vocab_size = h.padded_vocab;
+    cfg->seq_len = h.max_t, cfg->n_layer = h.layers, cfg->n_head = h.heads;
+    cfg->d_model = cfg->engram.d_model = cfg->mhc.channels = h.channels;
+    cfg->d_ff = 4 * h.channels;
+    return SM_OK;
+}
+
+/* The backbone of m is the GPT-2 of header h (seq_len may be shorter). */
+static sm_status sm__llmc_check_model(const sm_model *m, const sm__llmc_header *h, const char *path,
+                                      sm_error *err) {
+    const sm_model_config *c = &m->cfg;
+    int i;
+    if (c->arch != SM_ARCH_GPT2 || !c->tied_head || c->d_ff != 4 * c->d_model)
+        return sm_fail(err, SM_ERR_MISMATCH, "llm.c model %s: the model must be arch SM_ARCH_GPT2 with a tied head "
+                       "and d_ff = 4 d_model (arch %d, tied %d, d_ff %d)", path, c->arch, c->tied_head, c->d_ff);
+    if (c->vocab_size != h->vocab || (int)sm__vocab_rows(c) != h->padded_vocab || c->n_layer != h->layers ||
+        c->n_head != h->heads || c->d_model != h->channels || c->seq_len > h->max_t)
+        return sm_fail(err, SM_ERR_MISMATCH, "llm.c model %s: file V %d Vp %d L %d NH %d C %d maxT %d, model V %d "
+                       "Vp %d L %d NH %d C %d seq_len %d (at most maxT); build it with sm_llmc_read_config", path,
+                       h->vocab, h->padded_vocab, h->layers, h->heads, h->channels, h->max_t, c->vocab_size,
+                       (int)sm__vocab_rows(c), c->n_layer, c->n_head, c->d_model, c->seq_len);
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].kind == SM_SUBLAYER_FFN && !m->sub[i].has_mlp)
+            return sm_fail(err, SM_ERR_MISMATCH, "llm.c model %s: layer %d has no MLP (PEER replaces it); add PEER "
+                           "instead (peer_replace_mlp = 0)", path, m->sub[i].layer);
+    return SM_OK;
+}
+
+/* The sublayer of `kind` in transformer layer l. */
+static const sm_sublayer *sm__find_sublayer(const sm_model *m, int l, sm_sublayer_kind kind) {
+    int i;
+    for (i = 0; i < m->n_sub; i++)
+        if (m->sub[i].layer == l && m->sub[i].kind == kind) return &m->sub[i];
+    return NULL;
+}
+
+/* The file's parameter runs in order (2 + 12 L + 2 of them), mapped onto m
+ * (checked by sm__llmc_check_model; max_t >= seq_len). */
+static void sm__llmc_chunks(const sm_model *m, int max_t, sm__llmc_chunk *out) {
+    size_t C = (size_t)m->cfg.d_model, n = 0;
+    int k, l;
+    out[n].param_off = m->wte, out[n].n_model = sm__vocab_rows(&m->cfg) * C, out[n++].n_skip = 0;
+    out[n].param_off = m->wpe, out[n].n_model = (size_t)m->cfg.seq_len * C;
+    out[n++].n_skip = (size_t)(max_t - m->cfg.seq_len) * C;
+    for (k = 0; k < 12; k++)
+        for (l = 0; l < m->cfg.n_layer; l++) {
+            const sm_sublayer *s = sm__find_sublayer(m, l, sm__llmc_layer_tensors[k].kind);
+            out[n].param_off = *(const size_t *)((const char *)&s->off + sm__llmc_layer_tensors[k].field);
+            out[n].n_model = (size_t)sm__llmc_layer_tensors[k].cc * C * C + (size_t)sm__llmc_layer_tensors[k].c * C;
+            out[n++].n_skip = 0;
+        }
+    out[n].param_off = m->lnf_w, out[n].n_model = C, out[n++].n_skip = 0;
+    out[n].param_off = m->lnf_b, out[n].n_model = C, out[n++].n_skip = 0;
+}
+
+/* n values of one run into x: float32 as they are, bfloat16 widened (its
+ * 16 bits are the top half of a float32). */
+static int sm__llmc_read_values(FILE *f, float *x, size_t n, int version) {
+    uint16_t buf[4096];
+    size_t i, done, k;
+    if (version == SM_LLMC_MODEL_F32) return fread(x, sizeof(float), n, f) == n;
+    for (done = 0; done < n; done += k) {
+        k = n - done < 4096 ? n - done : 4096;
+        if (fread(buf, 2, k, f) != k) return 0;
+        for (i = 0; i < k; i++) {
+            uint32_t bits = (uint32_t)buf[i] << 16;
+            memcpy(&x[done + i], &bits, 4);
+        }
+    }
+    return 1;
+}
+
+SMDEF sm_status sm_model_load_llmc(sm_model *m, const char *path, sm_error *err) {
+    sm__llmc_header h;
+    sm__llmc_chunk *chunks;
+    FILE *f;
+    size_t i, n_chunks;
+    int ok = 1;
+    sm_status st = sm__llmc_open(&f, path, &h, err);
+    if (st != SM_OK) return st;
+    if ((st = sm__llmc_check_model(m, &h, path, err)) != SM_OK) {
+        fclose(f);
+        return st;
+    }
+    n_chunks = 4 + 12 * (size_t)h.layers;
+    chunks = (sm__llmc_chunk *)sm_alloc(n_chunks, sizeof *chunks, "llm.c parameter runs", err);
+    if (!chunks) {
+        fclose(f);
+        return SM_ERR_OOM;
+    }
+    sm__llmc_chunks(m, h.max_t, chunks);
+    for (i = 0; i < n_chunks && ok; i++)
+        ok = sm__llmc_read_values(f, m->params.data + chunks[i].param_off, chunks[i].n_model, h.version) &&
+             fseek(f, (long)(chunks[i].n_skip * sm__llmc_elem_size(h.version)), SEEK_CUR) == 0;
+    fclose(f);
+    sm_free(chunks);
+    if (!ok) return sm_fail(err, SM_ERR_IO, "llm.c model %s: read failed", path);
+    if (!sm_all_finite(m->params.data, m->params.total))
+        return sm_fail(err, SM_ERR_NONFINITE, "llm.c model %s: its parameters contain NaN or Inf", path);
+    return sm_model_close_modules(m, err);
+}
+
+SMDEF sm_status sm_model_save_llmc(const sm_model *m, const char *path, sm_error *err) {
+    const sm_model_config *c = &m->cfg;
+    int32_t header[SM_LLMC_HEADER_INTS];
+    sm__llmc_header h;
+    sm__llmc_chunk *chunks;
+    sm_writer w;
+    size_t i, n_chunks = 4 + 12 * (size_t)c->n_layer;
+    sm_status st;
+    h.version = SM_LLMC_MODEL_F32, h.max_t = c->seq_len, h.vocab = c->vocab_size, h.layers = c->n_layer;
+    h.heads = c->n_head, h.channels = c->d_model, h.padded_vocab = (int)sm__vocab_rows(c);
+    if ((st = sm__llmc_check_model(m, &h, path, err)) != SM_OK) return st;
+    chunks = (sm__llmc_chunk *)sm_alloc(n_chunks, sizeof *chunks, "llm.c parameter runs", err);
+    if (!chunks) return SM_ERR_OOM;
+    sm__llmc_chunks(m, h.max_t, chunks);
+    if ((st = sm_writer_open(&w, path, SM_LLMC_MODEL_MAGIC, SM_LLMC_MODEL_F32, err)) != SM_OK) {
+        sm_free(chunks);
+        return st;
+    }
+    memset(header, 0, sizeof header);
+    header[2] = h.max_t, header[3] = h.vocab, header[4] = h.layers, header[5] = h.heads;
+    header[6] = h.channels, header[7] = h.padded_vocab;
+    sm_writer_bytes(&w, header + 2, sizeof header - 2 * sizeof header[0]); /* magic, version written */
+    for (i = 0; i < n_chunks; i++)
+        sm_writer_bytes(&w, m->params.data + chunks[i].param_off, chunks[i].n_model * sizeof(float));
+    sm_free(chunks);
+    return sm__writer_finish(&w, err);
 }
 
 /* ---- >>comm  Distributed: the communicator -------------------------- */

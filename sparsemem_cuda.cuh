@@ -3768,6 +3768,10 @@ SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_erro
                        "smc_model: Engram inside mHC in the per-stream form (engram_mhc = "
                        "SM_ENGRAM_MHC_PER_STREAM) is not implemented on the GPU; build the model "
                        "with engram_mhc = SM_ENGRAM_MHC_BRANCH");
+    if (host->cfg.arch != SM_ARCH_RMSNORM)
+        return sm_fail(err, SM_ERR_INVALID_ARG,
+                       "smc_model: arch SM_ARCH_GPT2 (LayerNorm) is not implemented on the GPU; "
+                       "train it on the CPU");
     g->host = host;
     g->c = c;
     smc__shadow_from_host(g);

@@ -456,6 +456,43 @@ static int test_rmsnorm_grouped_gradient(void) {
     return 0;
 }
 
+/* bias is LayerNorm's bias; aux holds mean[N] then rstd[N]. */
+static double t_layernorm_loss(void *p) {
+    t_layer_ctx *c = (t_layer_ctx *)p;
+    sm_layernorm_forward(c->out, c->aux, c->aux + c->N, c->inp, c->weight, c->bias, c->N, c->C);
+    return t_weighted_sum(c->out, c->w_out, (size_t)c->N * c->C);
+}
+
+/* Inputs with a common offset of 3 (which RMSNorm would keep): with unit
+ * gain and zero bias an output row has mean 0; with random gain and bias
+ * every gradient checks against finite differences. */
+static int test_layernorm_gradient(void) {
+    sm_rng r;
+    t_layer_ctx c;
+    float *dinp, *dw, *db, *ones, *zeros, mu = 0;
+    int N = 5, C = 12, i;
+    sm_rng_seed(&r, 3);
+    c.N = N, c.C = C;
+    c.inp = t_randn(&r, N * C, 1.5f), c.weight = t_randn(&r, C, 1.0f), c.bias = t_randn(&r, C, 1.0f);
+    for (i = 0; i < N * C; i++) c.inp[i] += 3.0f;
+    c.out = (float *)t_alloc(N * C), c.w_out = t_randn(&r, N * C, 1.0f), c.aux = (float *)t_alloc(2 * N);
+    dinp = (float *)t_alloc(N * C), dw = (float *)t_alloc(C), db = (float *)t_alloc(C);
+    ones = (float *)t_alloc(C), zeros = (float *)t_alloc(C);
+    for (i = 0; i < C; i++) ones[i] = 1.0f;
+    sm_layernorm_forward(c.out, c.aux, c.aux + N, c.inp, ones, zeros, N, C); /* unit gain: mean 0 */
+    for (i = 0; i < C; i++) mu += c.out[i];
+    CHECK(fabsf(mu) < 1e-4f && fabsf(c.aux[0] - 3.0f) < 1.5f, "row mean %g after the norm, saved mean %g",
+          mu, c.aux[0]);
+    t_layernorm_loss(&c);
+    sm_layernorm_backward(dinp, dw, db, c.w_out, c.inp, c.weight, c.aux, c.aux + N, N, C);
+    CHECK_GRAD("layernorm dinp", c.inp, dinp, N * C, t_layernorm_loss, &c);
+    CHECK_GRAD("layernorm dweight", c.weight, dw, C, t_layernorm_loss, &c);
+    CHECK_GRAD("layernorm dbias", c.bias, db, C, t_layernorm_loss, &c);
+    free(c.inp), free(c.weight), free(c.bias), free(c.out), free(c.w_out), free(c.aux);
+    free(dinp), free(dw), free(db), free(ones), free(zeros);
+    return 0;
+}
+
 static double t_linear_loss(void *p) {
     t_layer_ctx *c = (t_layer_ctx *)p;
     sm_linear_forward(c->out, c->inp, c->weight, c->bias, c->N, c->C, c->OC);
@@ -926,6 +963,65 @@ static size_t t_tensor_size(const sm_model *m, const char *name) {
     return 0;
 }
 
+/* SM_ARCH_GPT2 (LayerNorm with bias) with a padded vocabulary, with Engram
+ * and PEER (added to the MLP), tied and untied head: every tensor against
+ * finite differences (mHC's maps read the streams, not the norms: its
+ * gradient checks above cover it). */
+static int test_model_gpt2_arch_gradient(void) {
+    sm_model m;
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    int untied;
+    for (untied = 0; untied < 2; untied++) {
+        sm_model_config cfg = t_tiny_module_config();
+        cfg.arch = SM_ARCH_GPT2;
+        cfg.padded_vocab_size = 16;
+        cfg.tied_head = !untied;
+        CHECK_OK(sm_model_init(&m, &cfg, 2, 7, &err)); /* seed 7: no top-k near a tie at eps 1e-3 */
+        CHECK(t_tensor_size(&m, "h1.ln2_b") == 8 && t_tensor_size(&m, "lnf_b") == 8 &&
+                  t_tensor_size(&m, "wte") == 16 * 8,
+              "GPT-2 layout: ln2_b %zu, lnf_b %zu, wte %zu", t_tensor_size(&m, "h1.ln2_b"),
+              t_tensor_size(&m, "lnf_b"), t_tensor_size(&m, "wte"));
+        if (t_check_model_gradients(&m, inputs, targets, 2, 6, 1e-3f)) return 1;
+        sm_model_free(&m);
+    }
+    return 0;
+}
+
+/* Padding the vocabulary (as llm.c pads 50257 to 50304) changes neither the
+ * loss nor any gradient: the same seed gives the same loss bit for bit, the
+ * padded rows of wte get no gradient, and a padding smaller than the
+ * vocabulary is refused. */
+static int test_model_padded_vocab_keeps_loss(void) {
+    sm_model plain, padded;
+    sm_model_config cfg = t_tiny_config();
+    sm_error err;
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    size_t V = 11, C = 8, k;
+    cfg.arch = SM_ARCH_GPT2;
+    CHECK_OK(sm_model_init(&plain, &cfg, 2, 5, &err));
+    cfg.padded_vocab_size = 16;
+    CHECK_OK(sm_model_init(&padded, &cfg, 2, 5, &err));
+    sm_params_zero_grad(&plain.params), sm_params_zero_grad(&padded.params);
+    CHECK_OK(sm_model_forward(&plain, inputs, targets, NULL, 2, 6, &err));
+    CHECK_OK(sm_model_forward(&padded, inputs, targets, NULL, 2, 6, &err));
+    CHECK(plain.loss == padded.loss, "loss %.9g unpadded, %.9g padded", plain.loss, padded.loss);
+    sm_model_backward(&plain), sm_model_backward(&padded);
+    CHECK(memcmp(plain.params.grad + plain.wte, padded.params.grad + padded.wte, V * C * sizeof(float)) == 0,
+          "the real rows of wte got different gradients");
+    for (k = V * C; k < 16 * C; k++)
+        CHECK(padded.params.grad[padded.wte + k] == 0.0f && padded.params.data[padded.wte + k] == 0.0f,
+              "padded row %zu of wte: weight %g, gradient %g", k / C, padded.params.data[padded.wte + k],
+              padded.params.grad[padded.wte + k]);
+    sm_model_free(&plain), sm_model_free(&padded);
+    cfg.padded_vocab_size = 10;
+    CHECK(sm_model_init(&plain, &cfg, 2, 5, &err) == SM_ERR_INVALID_ARG && strstr(err.msg, "padded_vocab_size"),
+          "padding below the vocabulary: %s", err.msg);
+    return 0;
+}
+
 /* Engram's two forms with mHC. Per-stream (the default): n key projections
  * and gain sets, one W_V, no mHC maps at the Engram sublayer, and its output
  * added to every stream as it is (x_next = x + y, no H_res / H_post); the
@@ -1261,6 +1357,7 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     sm_error err;
     unsigned char *bytes;
     size_t n;
+    uint32_t version;
     FILE *f;
     CHECK_OK(sm_read_file("test_tmp_run_a/model.ckpt", &bytes, &n, &err));
     CHECK_OK(tr_read_checkpoint_header(&rd, "test_tmp_run_a/model.ckpt", &cfg, &o, &err));
@@ -1281,15 +1378,16 @@ static int test_trainer_corrupt_checkpoint_refused(void) {
     fwrite(bytes + 4, 1, n - 4, f);
     fclose(f);
     CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT, "wrong magic accepted");
-    { /* a valid file of format v1 (before engram_mhc and PEER's shared_keys): refused, not misread */
+    for (version = 1; version < TR_CKPT_VERSION; version++) { /* valid files of older formats: refused, not misread */
         sm_writer w;
-        CHECK_OK(sm_writer_open(&w, "test_tmp_bad.ckpt", TR_CKPT_MAGIC, 1u, &err));
+        CHECK_OK(sm_writer_open(&w, "test_tmp_bad.ckpt", TR_CKPT_MAGIC, version, &err));
         sm_writer_bytes(&w, bytes + 8, n - 16);
         CHECK_OK(sm_writer_commit(&w, &err));
+        CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
+                  strstr(err.msg, version == 1 ? "v1" : "v2") && strstr(err.msg, "--arch") &&
+                  (version > 1 || (strstr(err.msg, "--engram-mhc") && strstr(err.msg, "shared_keys"))),
+              "format v%u checkpoint: %s", version, err.msg);
     }
-    CHECK(tr_read_checkpoint_header(&rd, "test_tmp_bad.ckpt", &cfg, &o, &err) == SM_ERR_FORMAT &&
-              strstr(err.msg, "v1") && strstr(err.msg, "--engram-mhc") && strstr(err.msg, "shared_keys"),
-          "format v1 checkpoint: %s", err.msg);
     sm_free(bytes);
     remove("test_tmp_bad.ckpt");
     return 0;
@@ -2129,6 +2227,7 @@ static sm_model_config t_every_module_config(void) {
     c.use_mhc = 1;
     c.mhc.channels = c.d_model;
     c.weight_decay = 0.1f;
+    c.arch = SM_ARCH_GPT2; /* the norm biases too */
     return c;
 }
 
@@ -2141,7 +2240,8 @@ static int test_params_decay_rule_every_tensor(void) {
         {"proj_b", 0, 0},     {"fc_b", 0, 0},       {"fcproj_b", 0, 0},   {"table", 0, 0},
         {"b_key", 0, 0},      {"norm_query", 0, 0}, {"norm_key", 0, 0},   {"norm_value", 0, 0},
         {"conv", 0, 0},       {"gate_hot", 0, 0},   {"q_gain", 0, 0},     {"keys1", 0, 0},
-        {"keys2", 0, 0},      {"experts", 0, 0},    {"gate_bias", 0, 0}};
+        {"keys2", 0, 0},      {"experts", 0, 0},    {"gate_bias", 0, 0},  {"ln1_b", 0, 0},
+        {"ln2_b", 0, 0},      {"lnf_b", 0, 0}};
     const int n_roles = (int)(sizeof roles / sizeof roles[0]);
     sm_model m;
     sm_model_config cfg = t_every_module_config();
@@ -7184,6 +7284,319 @@ static int test_plot_smoothing_and_band_over_runs(void) {
         T(test_plot_log_x_decades_equal), T(test_plot_band_between_min_and_max),              \
         T(test_plot_csv_series_names), T(test_plot_smoothing_and_band_over_runs)
 
+/* ---- >>model  llm.c model files and modules added to them ------------ */
+
+#define T_LLMC_PATH "test_tmp_gpt2.bin"
+
+/* A tiny GPT-2 as llm.c lays it out: V 11 padded to 16, C 8, 2 layers. */
+static sm_model_config t_tiny_gpt2_config(void) {
+    sm_model_config c = t_tiny_config();
+    c.arch = SM_ARCH_GPT2;
+    c.d_ff = 4 * c.d_model;
+    c.padded_vocab_size = 16;
+    return c;
+}
+
+/* Writes a random tiny GPT-2 (every parameter N(0, 0.3^2), norms and
+ * biases included) to T_LLMC_PATH; *model keeps it. */
+static int t_write_random_llmc(sm_model *model) {
+    sm_model_config cfg = t_tiny_gpt2_config();
+    sm_error err;
+    sm_rng r;
+    CHECK_OK(sm_model_init(model, &cfg, 2, 9, &err));
+    sm_rng_seed(&r, 10);
+    sm_rng_fill_normal(&r, model->params.data, model->params.total, 0.3f);
+    CHECK(sm_model_save_llmc(model, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    return 0;
+}
+
+static int t_loss_of(sm_model *m, float *loss) {
+    int inputs[12] = {1, 5, 2, 9, 3, 3, 0, 10, 4, 7, 7, 6};
+    int targets[12] = {5, 2, 9, 3, 3, SM_IGNORE_INDEX, 10, 4, 7, 7, 6, 1};
+    sm_error err;
+    CHECK(sm_model_forward(m, inputs, targets, NULL, 2, 6, &err) == SM_OK, "%s", err.msg);
+    *loss = m->loss;
+    return 0;
+}
+
+/* Save then load: the header gives the config back, every parameter comes
+ * back bit for bit, and a shorter seq_len reads the first rows of wpe. */
+static int test_llmc_save_load_roundtrip(void) {
+    sm_model src, dst;
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err;
+    float a, b;
+    if (t_write_random_llmc(&src)) return 1;
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK(cfg.arch == SM_ARCH_GPT2 && cfg.tied_head && cfg.vocab_size == 11 && cfg.padded_vocab_size == 16 &&
+              cfg.seq_len == 6 && cfg.n_layer == 2 && cfg.n_head == 2 && cfg.d_model == 8 && cfg.d_ff == 32,
+          "config from the header: V %d Vp %d T %d L %d NH %d C %d F %d", cfg.vocab_size, cfg.padded_vocab_size,
+          cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff);
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK(dst.params.total == src.params.total &&
+              memcmp(dst.params.data, src.params.data, src.params.total * sizeof(float)) == 0,
+          "parameters differ after save and load");
+    if (t_loss_of(&src, &a) || t_loss_of(&dst, &b)) return 1;
+    CHECK(a == b, "loss %.9g saved, %.9g loaded", a, b);
+    sm_model_free(&dst);
+    cfg.seq_len = 4;
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK(memcmp(dst.params.data + dst.wpe, src.params.data + src.wpe, 4 * 8 * sizeof(float)) == 0 &&
+              memcmp(dst.params.data + dst.lnf_b, src.params.data + src.lnf_b, 8 * sizeof(float)) == 0,
+          "seq_len 4: wpe's first rows or the tensors after wpe differ");
+    sm_model_free(&dst), sm_model_free(&src);
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
+/* The imported GPT-2 with modules added starts at the imported model's
+ * loss: bit for bit with Engram and PEER (their outputs are exactly 0);
+ * with mHC (4 dynamic streams, either Engram form) within 1e-6 relative
+ * (H_pre = sigmoid(-log 3) and Sinkhorn's row sums are 1/4 and 1 only to
+ * float rounding). Every closed module still gets gradient. */
+static int test_llmc_modules_start_closed(void) {
+    sm_model plain, mod;
+    sm_model_config base = sm_model_default_config(), cfg;
+    sm_error err;
+    float want, got;
+    int form;
+    if (t_write_random_llmc(&plain)) return 1;
+    sm_model_free(&plain);
+    CHECK(sm_llmc_read_config(&base, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK_OK(sm_model_init(&plain, &base, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&plain, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    if (t_loss_of(&plain, &want)) return 1;
+    cfg = t_tiny_module_config(); /* Engram at layer 1, PEER added to layer 0's MLP */
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK_OK(sm_model_init(&mod, &cfg, 2, 3, &err));
+    CHECK(sm_model_load_llmc(&mod, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    if (t_loss_of(&mod, &got)) return 1;
+    CHECK(got == want, "Engram + PEER: loss %.9g, the imported model's %.9g", got, want);
+    sm_params_zero_grad(&mod.params);
+    sm_model_backward(&mod);
+    CHECK(sm_params_group_grad_norm(&mod.params, mod.g_engram_dense) > 0 &&
+              sm_params_group_grad_norm(&mod.params, mod.g_peer) > 0,
+          "a closed module gets no gradient (Engram dense %g, PEER %g)",
+          sm_params_group_grad_norm(&mod.params, mod.g_engram_dense), sm_params_group_grad_norm(&mod.params, mod.g_peer));
+    sm_model_free(&mod);
+    for (form = SM_ENGRAM_MHC_PER_STREAM; form <= SM_ENGRAM_MHC_BRANCH; form++) {
+        cfg.use_mhc = 1, cfg.mhc.gate_init = 0.5f, cfg.mhc.phi_init_std = 0.5f, cfg.engram_mhc = form;
+        CHECK_OK(sm_model_init(&mod, &cfg, 2, 3, &err));
+        CHECK(sm_model_load_llmc(&mod, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+        if (t_loss_of(&mod, &got)) return 1;
+        CHECK(fabsf(got - want) <= 1e-6f * want, "mHC (Engram form %d): loss %.9g, the imported model's %.9g",
+              form, got, want);
+        sm_params_zero_grad(&mod.params);
+        sm_model_backward(&mod);
+        CHECK(sm_params_group_grad_norm(&mod.params, mod.g_mhc) > 0, "mHC gets no gradient");
+        sm_model_free(&mod);
+    }
+    cfg.use_mhc = 0, cfg.peer_replace_mlp = 1;
+    CHECK_OK(sm_model_init(&mod, &cfg, 2, 3, &err));
+    CHECK(sm_model_load_llmc(&mod, T_LLMC_PATH, &err) == SM_ERR_MISMATCH && strstr(err.msg, "no MLP"),
+          "PEER replacing the imported MLP: %s", err.msg);
+    sm_model_free(&mod), sm_model_free(&plain);
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
+/* Writes the saved file with header int `slot` set to v, or cut/extended by
+ * `delta` bytes, and expects sm_llmc_read_config to fail with `want` and a
+ * message containing `words`. */
+static int t_llmc_expect_rejected(const unsigned char *file, size_t n, int slot, int32_t v, long delta,
+                                  sm_status want, const char *words) {
+    unsigned char *copy = (unsigned char *)t_alloc(n + 16);
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err = {SM_OK, ""};
+    sm_status st;
+    memcpy(copy, file, n);
+    if (slot >= 0) memcpy(copy + 4 * slot, &v, 4);
+    if (t_write_bytes("test_tmp_gpt2_bad.bin", copy, (size_t)((long)n + delta))) return 1;
+    free(copy);
+    st = sm_llmc_read_config(&cfg, "test_tmp_gpt2_bad.bin", &err);
+    remove("test_tmp_gpt2_bad.bin");
+    CHECK(st == want && strstr(err.msg, words), "slot %d = %d, size %+ld: got %s (%s), want %s with '%s'", slot,
+          v, delta, sm_strerror(st), err.msg, sm_strerror(want), words);
+    return 0;
+}
+
+/* Wrong magic, an unknown version, a truncated file, trailing bytes and an
+ * impossible shape are refused before any allocation, each by name; a
+ * model whose backbone differs from the file is a named mismatch; a
+ * bfloat16 file (version 5) loads as its values widened to float32. */
+static int test_llmc_rejects_bad_files_and_reads_bf16(void) {
+    sm_model src, dst;
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err;
+    unsigned char *file, *bf;
+    size_t n, i, count;
+    int bad = 0;
+    if (t_write_random_llmc(&src)) return 1;
+    CHECK_OK(sm_read_file(T_LLMC_PATH, &file, &n, &err));
+    bad |= t_llmc_expect_rejected(file, n, 0, 20240520, 0, SM_ERR_FORMAT, "magic");
+    bad |= t_llmc_expect_rejected(file, n, 1, 4, 0, SM_ERR_FORMAT, "version 4");
+    bad |= t_llmc_expect_rejected(file, n, -1, 0, -4, SM_ERR_TRUNCATED, "truncated");
+    bad |= t_llmc_expect_rejected(file, n, -1, 0, 1000 - (long)n, SM_ERR_TRUNCATED, "header");
+    bad |= t_llmc_expect_rejected(file, n, -1, 0, 4, SM_ERR_FORMAT, "after the");
+    bad |= t_llmc_expect_rejected(file, n, 5, 3, 0, SM_ERR_FORMAT, "NH 3");
+    bad |= t_llmc_expect_rejected(file, n, 7, 10, 0, SM_ERR_FORMAT, "Vp 10");
+    if (bad) return 1;
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    cfg.d_model = 4, cfg.d_ff = 16;
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_ERR_MISMATCH && strstr(err.msg, "C 8"),
+          "a model of another width: %s", err.msg);
+    sm_model_free(&dst);
+    /* bfloat16: the top 16 bits of each float32 */
+    count = (n - 1024) / 4;
+    bf = (unsigned char *)t_alloc(1024 + 2 * count);
+    memcpy(bf, file, 1024);
+    bf[4] = SM_LLMC_MODEL_BF16;
+    for (i = 0; i < count; i++) memcpy(bf + 1024 + 2 * i, file + 1024 + 4 * i + 2, 2);
+    if (t_write_bytes(T_LLMC_PATH, bf, 1024 + 2 * count)) return 1;
+    CHECK(sm_llmc_read_config(&cfg, T_LLMC_PATH, &err) == SM_OK, "bf16: %s", err.msg);
+    CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
+    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_OK, "bf16: %s", err.msg);
+    for (i = 0; i < dst.params.total; i++) {
+        uint32_t a, b;
+        memcpy(&a, dst.params.data + i, 4), memcpy(&b, src.params.data + i, 4);
+        CHECK(a == (b & 0xffff0000u), "bf16 parameter %zu: %08x, want %08x", i, a, b & 0xffff0000u);
+    }
+    sm_model_free(&dst), sm_model_free(&src);
+    free(file), free(bf);
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
+/* A folder as `tokenize --tokenizer gpt2:DIR` writes it (train.tok, val.tok
+ * and the llm.c shards, no tokenizer.bin), of random documents over the
+ * tiny GPT-2's 11 tokens (token 10 opens each document, as EOT does). */
+static int t_write_gpt2_folder(const char *dir) {
+    static const char *const names[2][2] = {{"train.tok", "train.bin"}, {"val.tok", "val.bin"}};
+    sm_tokens t;
+    sm_error err;
+    sm_rng r;
+    char path[256];
+    size_t i, k, sizes[2] = {600, 120};
+    uint64_t starts[64];
+    uint32_t tokens[600];
+    sm_rng_seed(&r, 4);
+    t_remove_tree(dir);
+    tr_mkdir(dir);
+    for (k = 0; k < 2; k++) {
+        t.tokens = tokens, t.n_tokens = sizes[k], t.doc_starts = starts, t.n_docs = 0, t.vocab_size = 11;
+        for (i = 0; i < sizes[k]; i++) {
+            tokens[i] = i % 40 == 0 ? 10 : sm_rng_below(&r, 10);
+            if (i % 40 == 0) starts[t.n_docs++] = i;
+        }
+        snprintf(path, sizeof path, "%s/%s", dir, names[k][0]);
+        CHECK(sm_tokens_save(&t, path, &err) == SM_OK, "%s", err.msg);
+        snprintf(path, sizeof path, "%s/%s", dir, names[k][1]);
+        CHECK(sm_tokens_save_llmc(&t, path, &err) == SM_OK, "%s", err.msg);
+    }
+    return 0;
+}
+
+/* The first logged loss (step 1, before any update) of a run. */
+static int t_first_step_loss(const char *run, double *loss) {
+    char path[256], line[128];
+    FILE *f;
+    snprintf(path, sizeof path, "%s/steps.csv", run);
+    f = fopen(path, "r");
+    CHECK(f != NULL, "no %s", path);
+    CHECK(fgets(line, sizeof line, f) && fgets(line, sizeof line, f), "%s has no step", path);
+    fclose(f);
+    CHECK(sscanf(line, "%*[^,],%lf", loss) == 1, "%s: unreadable row '%.60s'", path, line);
+    return 0;
+}
+
+/* trainer train --init FILE on a GPT-2-tokenized folder: the run takes the
+ * file's shape (whatever --layers/--d-model say) and its first loss, with
+ * Engram and PEER added, is the imported model's (to the 6 decimals of
+ * steps.csv); with mHC too within 2e-6. Training then moves the loss, and
+ * eval reads the checkpoint with its GPT-2 folder. */
+static int test_trainer_init_from_llmc(void) {
+    sm_model src;
+    tr_opts o;
+    double base, with, mhc, last;
+    int i;
+    if (t_write_random_llmc(&src) || t_write_gpt2_folder("test_tmp_gpt2_data")) return 1;
+    sm_model_free(&src);
+    for (i = 0; i < 3; i++) {
+        const char *run[3] = {"test_tmp_init_base", "test_tmp_init_mod", "test_tmp_init_mhc"};
+        tr_defaults(&o);
+        snprintf(o.data, sizeof o.data, "test_tmp_gpt2_data");
+        snprintf(o.out, sizeof o.out, "%s", run[i]);
+        snprintf(o.init, sizeof o.init, T_LLMC_PATH);
+        o.quiet = 1, o.seq_len = 6, o.batch = 2, o.steps = 4, o.warmup = 1, o.eval_batches = 2, o.lr = 3e-2f;
+        o.n_layer = 5, o.d_model = 64; /* the file's shape wins */
+        if (i > 0) {
+            snprintf(o.engram_layers, sizeof o.engram_layers, "1");
+            o.engram_rows = 31, o.engram_heads = 2, o.engram_d_head = 4;
+            snprintf(o.peer_layers, sizeof o.peer_layers, "0");
+            o.peer_add = 1, o.peer_experts_sqrt = 4, o.peer_heads = 1, o.peer_topk = 2, o.peer_d_key = 4;
+        }
+        o.mhc_streams = i == 2 ? 2 : 0;
+        t_remove_tree(run[i]);
+        CHECK(tr_train(&o) == 0, "run %s failed", run[i]);
+    }
+    if (t_first_step_loss("test_tmp_init_base", &base) || t_first_step_loss("test_tmp_init_mod", &with) ||
+        t_first_step_loss("test_tmp_init_mhc", &mhc))
+        return 1;
+    CHECK(with == base, "first loss %.6f with Engram + PEER, %.6f imported", with, base);
+    CHECK(fabs(mhc - base) <= 2e-6, "first loss %.6f with mHC too, %.6f imported", mhc, base);
+    {
+        FILE *f = fopen("test_tmp_init_mod/steps.csv", "r");
+        char line[128];
+        CHECK(f != NULL, "no steps.csv");
+        while (fgets(line, sizeof line, f)) sscanf(line, "%*[^,],%lf", &last);
+        fclose(f);
+        CHECK(last != with, "the loss did not move in training (%.6f)", last);
+    }
+    tr_defaults(&o); /* eval reads the GPT-2 folder the checkpoint names */
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "test_tmp_init_mod/model.ckpt");
+    CHECK(tr_cmd_eval(&o) == 0, "eval of the --init run failed");
+    t_remove_tree("test_tmp_init_base"), t_remove_tree("test_tmp_init_mod"), t_remove_tree("test_tmp_init_mhc");
+    t_remove_tree("test_tmp_gpt2_data");
+    remove(T_LLMC_PATH);
+    return 0;
+}
+
+/* `make reproduce-finetune` end to end in a tiny form: the script runs all
+ * eight fine-tuning runs (3 steps each) from a random tiny llm.c file on a
+ * GPT-2-style folder and writes its report; without INIT it says where to
+ * get the weights. Needs ./trainer (make test builds it). */
+static int test_reproduce_finetune_tiny(void) {
+    sm_model src;
+    char log[4096];
+    size_t n;
+    int rc;
+    FILE *f;
+    CHECK(tr_exists("trainer"), "./trainer is missing: build it (make trainer; make test does)");
+    rc = system("INIT= bash scripts/reproduce_finetune.sh > test_tmp_ft.log 2>&1");
+    f = fopen("test_tmp_ft.log", "r");
+    CHECK(rc != 0 && f != NULL, "without INIT the script succeeded");
+    n = fread(log, 1, sizeof log - 1, f);
+    fclose(f);
+    log[n] = 0;
+    CHECK(strstr(log, "download_starter_pack") != NULL, "without INIT: no word of where to get weights");
+    if (t_write_random_llmc(&src) || t_write_gpt2_folder("test_tmp_ft_data")) return 1;
+    sm_model_free(&src);
+    t_remove_tree("test_tmp_ft");
+    rc = system("INIT=" T_LLMC_PATH " DATA=test_tmp_ft_data OUT=test_tmp_ft STEPS=3 SEQ=6 BATCH=2 EVAL_BATCHES=2 "
+                "ENGRAM_LAYERS=1 PEER_LAYERS=0 MHC=2 JOBS=2 bash scripts/reproduce_finetune.sh > test_tmp_ft.log 2>&1");
+    CHECK(rc == 0, "reproduce_finetune.sh failed (exit %d): see test_tmp_ft.log", rc);
+    CHECK(tr_exists("test_tmp_ft/report.md") && tr_exists("test_tmp_ft/runs/auto-s1/summary.json") &&
+              tr_exists("test_tmp_ft/runs/freeze-s1/summary.json"),
+          "the report or a run's summary is missing");
+    t_remove_tree("test_tmp_ft"), t_remove_tree("test_tmp_ft_data");
+    remove("test_tmp_ft.log"), remove(T_LLMC_PATH);
+    return 0;
+}
+
 /* ---- parity with an independent PyTorch implementation: >>backbone,
  * >>engram, >>peer, >>mhc ---------------------------------------------
  * scripts/make_fixtures.py writes, with torch autograd, the inputs,
@@ -7623,6 +8036,40 @@ static int test_parity_mhc(void) {
 
 /* Sinkhorn-Knopp alone on a batch of matrices, gradient through the
  * unrolled iterations. */
+/* A whole GPT-2 from an llm.c model file (parity_gpt2_llmc.bin) through
+ * sm_llmc_read_config + sm_model_load_llmc: the logits over the V real
+ * tokens and the mean loss against torch's forward on the same weights
+ * (scripts/make_fixtures.py, gpt2, computed in float64), within 5e-6 in
+ * the parity measure (measured 4.9e-7 on the logits: two layers of float32
+ * rounding at C = 64; SM_PARITY_VERBOSE prints it). */
+static int test_parity_gpt2_llmc(void) {
+    t_fx fx;
+    sm_model m;
+    sm_model_config cfg = sm_model_default_config();
+    sm_error err;
+    const float *tok_f, *tgt_f;
+    int sz[3], *tokens, *targets, i, N;
+    T_FX_LOAD(&fx, "parity_gpt2.bin");
+    T_FX_SIZES(&fx, sz, 3);
+    N = sz[0] * sz[1];
+    T_FX_GET(tok_f, &fx, "tokens", (size_t)N);
+    T_FX_GET(tgt_f, &fx, "targets", (size_t)N);
+    CHECK(sm_llmc_read_config(&cfg, T_FX_DIR "parity_gpt2_llmc.bin", &err) == SM_OK, "%s", err.msg);
+    CHECK(cfg.vocab_size == sz[2] && cfg.seq_len >= sz[1], "the llm.c file does not fit the batch");
+    CHECK_OK(sm_model_init(&m, &cfg, sz[0], 1, &err));
+    CHECK(sm_model_load_llmc(&m, T_FX_DIR "parity_gpt2_llmc.bin", &err) == SM_OK, "%s", err.msg);
+    tokens = (int *)t_alloc((size_t)N), targets = (int *)t_alloc((size_t)N);
+    for (i = 0; i < N; i++) tokens[i] = (int)tok_f[i], targets[i] = (int)tgt_f[i];
+    CHECK_OK(sm_model_forward(&m, tokens, NULL, NULL, sz[0], sz[1], &err));
+    T_FX_CMP(&fx, "logits", m.logits, (size_t)N * sz[2], 5e-6);
+    CHECK_OK(sm_model_forward(&m, tokens, targets, NULL, sz[0], sz[1], &err));
+    T_FX_CMP(&fx, "loss", &m.loss, 1, 5e-6);
+    free(tokens), free(targets);
+    sm_model_free(&m);
+    t_fx_free(&fx);
+    return 0;
+}
+
 static int test_parity_sinkhorn(void) {
     const double tol = 1e-5;
     t_fx fx;
@@ -7650,7 +8097,7 @@ static int test_parity_sinkhorn(void) {
 
 #define PARITY_TESTS                                                            \
     T(test_parity_backbone_block), T(test_parity_engram), T(test_parity_peer),  \
-        T(test_parity_mhc), T(test_parity_sinkhorn)
+        T(test_parity_mhc), T(test_parity_sinkhorn), T(test_parity_gpt2_llmc)
 
 /* ---- registry ------------------------------------------------------- */
 
@@ -7663,7 +8110,7 @@ static const t_case t_cases[] = {
     T(test_sgemm_beta_zero_and_one),
     T(test_sgemm_bit_identical_across_runs_and_threads),
     T(test_sgemm_path_matches_target),
-    T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient),
+    T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient), T(test_layernorm_gradient),
     T(test_linear_gradient),
     T(test_activation_gradients),
     T(test_attention_gradient_and_causality),
@@ -7671,6 +8118,13 @@ static const t_case t_cases[] = {
     T(test_crossentropy_improbable_target),
     T(test_embedding_gradient),
     T(test_model_gradient_every_tensor),
+    T(test_model_gpt2_arch_gradient),
+    T(test_model_padded_vocab_keeps_loss),
+    T(test_llmc_save_load_roundtrip),
+    T(test_llmc_modules_start_closed),
+    T(test_llmc_rejects_bad_files_and_reads_bf16),
+    T(test_trainer_init_from_llmc),
+    T(test_reproduce_finetune_tiny),
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),

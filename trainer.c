@@ -71,6 +71,7 @@ typedef struct {
     char preset[32], schedule[512], engram_layers[128], peer_layers[128], strategy[32];
     char device[16], precision[8];
     char tokenizer[TR_PATH], tag[64], baseline[64], x_col[32], y_cols[256], title[128];
+    char arch[16], init[TR_PATH];
     char xlabel[128], ylabel[128];
     int log_x, log_y;
     int resume, threads, vocab, quiet;
@@ -137,6 +138,9 @@ static const tr_opt_spec tr_specs[] = {
     OPT("shard-tables", O_FLAG, shard_tables, "under mpirun: Engram rows and PEER experts sharded over the processes"),
     NUM("stop-after", O_LONG, stop_after, 0, TR_STEPS_MAX, "stop with a checkpoint after this step (0 = run to the end)"),
     OPT("preset", O_STR, preset, "model/training preset: tiny | small | gpt2s"),
+    OPT("arch", O_STR, arch, "backbone: rmsnorm (default) | gpt2 (LayerNorm with bias, vocabulary padded to a multiple of 128 as llm.c)"),
+    OPT("init", O_STR, init, "start from an llm.c GPT-2 model file (gpt2_124M.bin): its shape and weights, modules added closed; "
+                             "data tokenized with --tokenizer gpt2:DIR"),
     NUM("seed", O_U64, seed, 0, TR_U64_MAX, "model initialisation seed"),
     NUM("data-seed", O_U64, data_seed, 0, TR_U64_MAX, "batch sampling seed"),
     NUM("threads", O_INT, threads, 0, 4096, "OpenMP threads (0 = all cores)"),
@@ -591,9 +595,11 @@ static int tr_strategy_schedule(tr_opts *o, char *msg, size_t msg_size) {
 /* ===================================================================== */
 
 typedef struct {
-    sm_bpe bpe;
+    sm_bpe bpe;     /* our tokenizer; empty for GPT-2 tokens (gpt2) */
     sm_canon canon;
     sm_tokens train, val;
+    uint32_t vocab; /* the tokens' vocabulary */
+    int gpt2;       /* GPT-2 tokens (`tokenize --tokenizer gpt2:DIR`): no tokenizer.bin */
     char dir[TR_PATH];
 } tr_data;
 
@@ -765,15 +771,48 @@ static void tr_barrier(void) {
     if (sm_comm_barrier(tr_comm, &err) != SM_OK) tr_die("barrier", &err);
 }
 
+/* A folder of `tokenize --tokenizer gpt2:DIR`: GPT-2's token files (the
+ * llm.c shard val.bin among them) and no tokenizer.bin. */
+static int tr_is_gpt2_folder(const char *dir) {
+    char path[TR_PATH];
+    tr_join(path, dir, "tokenizer.bin");
+    if (!tr_is_dir(dir) || tr_exists(path)) return 0;
+    tr_join(path, dir, "val.bin");
+    return tr_exists(path);
+}
+
+/* The tokenizer of a tokenized folder: ours (tokenizer.bin, with its
+ * compression table for Engram), or none for GPT-2 tokens, whose
+ * vocabulary (50257) the token files carry and whose ids Engram hashes as
+ * they are (no compression table: the GPT-2 vocabulary files are not in
+ * the folder). */
+static void tr_load_tokenizer(tr_data *d) {
+    char path[TR_PATH];
+    sm_error err = {SM_OK, ""};
+    d->gpt2 = tr_is_gpt2_folder(d->dir);
+    if (d->gpt2) {
+        tr_join(path, d->dir, "val.tok");
+        if (sm_tokens_load(&d->val, path, 0, &err) != SM_OK) tr_die("loading val.tok", &err);
+        d->vocab = d->val.vocab_size;
+        sm_tokens_free(&d->val);
+        return;
+    }
+    tr_join(path, d->dir, "tokenizer.bin");
+    if (sm_bpe_load(&d->bpe, path, &err) != SM_OK) tr_die("loading the tokenizer", &err);
+    if (sm_canon_build(&d->canon, &d->bpe, &err) != SM_OK) tr_die("tokenizer compression", &err);
+    d->vocab = d->bpe.vocab_size;
+}
+
 static void tr_load_data(tr_data *d, const tr_opts *o, int train) {
     char path[TR_PATH];
     sm_error err = {SM_OK, ""};
+    memset(d, 0, sizeof *d);
     if (!o->data[0]) {
         fprintf(stderr, "trainer: --data is required (a text file/folder or a `trainer tokenize` folder)\n");
         exit(1);
     }
     tr_join(path, o->data, "tokenizer.bin");
-    if (tr_is_dir(o->data) && tr_exists(path)) {
+    if (tr_is_dir(o->data) && (tr_exists(path) || tr_is_gpt2_folder(o->data))) {
         snprintf(d->dir, sizeof d->dir, "%s", o->data);
     } else {
         tr_join(d->dir, o->out, "data");
@@ -781,14 +820,20 @@ static void tr_load_data(tr_data *d, const tr_opts *o, int train) {
         if (tr_comm->rank == 0 && !tr_exists(path)) tr_tokenize(o->data, d->dir, o->vocab, o->val_frac, NULL, o->quiet);
         tr_barrier();
     }
-    tr_join(path, d->dir, "tokenizer.bin");
-    if (sm_bpe_load(&d->bpe, path, &err) != SM_OK) tr_die("loading the tokenizer", &err);
-    if (sm_canon_build(&d->canon, &d->bpe, &err) != SM_OK) tr_die("tokenizer compression", &err);
+    tr_load_tokenizer(d);
     tr_join(path, d->dir, "train.tok");
-    memset(&d->train, 0, sizeof d->train);
-    if (train && sm_tokens_load(&d->train, path, d->bpe.vocab_size, &err) != SM_OK) tr_die("loading train.tok", &err);
+    if (train && sm_tokens_load(&d->train, path, d->vocab, &err) != SM_OK) tr_die("loading train.tok", &err);
     tr_join(path, d->dir, "val.tok");
-    if (sm_tokens_load(&d->val, path, d->bpe.vocab_size, &err) != SM_OK) tr_die("loading val.tok", &err);
+    if (sm_tokens_load(&d->val, path, d->vocab, &err) != SM_OK) tr_die("loading val.tok", &err);
+}
+
+/* Engram's compression table from the data's tokenizer (GPT-2 tokens:
+ * the model's identity table). */
+static void tr_set_canon(sm_model *m, const tr_data *d) {
+    sm_error err = {SM_OK, ""};
+    if (d->gpt2) return;
+    if (sm_model_set_canon(m, d->canon.canon, (int)d->canon.vocab_size, &err) != SM_OK)
+        tr_die("tokenizer compression", &err);
 }
 
 static void tr_free_data(tr_data *d) {
@@ -860,10 +905,24 @@ static int tr_engram_mhc(const tr_opts *o, sm_model_config *c, char *msg, size_t
     return 0;
 }
 
+/* --arch: rmsnorm (the default), or gpt2 with its vocabulary padded to a
+ * multiple of 128 as llm.c pads it (50257 -> 50304). */
+static int tr_arch(const tr_opts *o, sm_model_config *c, char *msg, size_t n) {
+    if (!o->arch[0] || strcmp(o->arch, "rmsnorm") == 0) return 0;
+    if (strcmp(o->arch, "gpt2") != 0) {
+        snprintf(msg, n, "--arch: '%s' is neither rmsnorm nor gpt2", o->arch);
+        return -1;
+    }
+    c->arch = SM_ARCH_GPT2;
+    c->padded_vocab_size = (c->vocab_size + 127) / 128 * 128;
+    return 0;
+}
+
 static int tr_model_config(const tr_opts *o, int vocab, sm_model_config *c, char *msg, size_t n) {
     int ids[SM_NGRAM_MAX_LAYERS], k, i;
     *c = sm_model_default_config();
     c->vocab_size = vocab;
+    if (tr_arch(o, c, msg, n) != 0) return -1;
     c->seq_len = o->seq_len, c->n_layer = o->n_layer, c->n_head = o->n_head, c->d_model = o->d_model;
     c->d_ff = o->d_ff > 0 ? o->d_ff : 4 * o->d_model;
     c->lr = o->lr, c->weight_decay = o->weight_decay;
@@ -1322,9 +1381,11 @@ static tr_eval tr_evaluate(tr_run *r, int B, int max_batches) {
  * coordination state and the running statistics. */
 #define TR_CKPT_MAGIC 0x4b434d53u /* "SMCK" */
 /* v2: the model config gained engram_mhc (Engram's form with mHC) and
- * sm_peer_config shared_keys (v1 PEER layers had per-head sub-keys); the raw
- * v1 config no longer fits the struct, so v1 is refused. */
-#define TR_CKPT_VERSION 2u
+ * sm_peer_config shared_keys (v1 PEER layers had per-head sub-keys); v3:
+ * arch and padded_vocab_size (the GPT-2 architecture), and the options
+ * --arch and --init. An older raw config no longer fits the struct, so
+ * older files are refused. */
+#define TR_CKPT_VERSION 3u
 
 /* Test hook: a real SIGKILL at a chosen point, after step `step` or inside
  * its checkpoint (in_ckpt: the temp file, flushed first), so tests see what
@@ -1425,8 +1486,10 @@ static sm_status tr_read_checkpoint_header(sm_reader *rd, const char *path, sm_m
     uint32_t n = 0;
     sm_status st = sm_reader_open(rd, path, TR_CKPT_MAGIC, TR_CKPT_VERSION, "checkpoint", err);
     if (st == SM_OK && rd->version < TR_CKPT_VERSION)
-        st = sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: format v%u predates Engram's form with mHC (--engram-mhc) and PEER's shared sub-keys (shared_keys; v1 PEER had per-head sub-keys); this build reads v%u: read it with the build that wrote it or train again",
-                     path, (unsigned)rd->version, (unsigned)TR_CKPT_VERSION);
+        st = sm_fail(err, SM_ERR_FORMAT, "checkpoint %s: format v%u predates the GPT-2 architecture (--arch, --init; v3)%s; this build reads v%u: read it with the build that wrote it or train again",
+                     path, (unsigned)rd->version,
+                     rd->version < 2 ? " and Engram's form with mHC (--engram-mhc) and PEER's shared sub-keys (shared_keys; v2)" : "",
+                     (unsigned)TR_CKPT_VERSION);
     if (st == SM_OK) st = sm_reader_u32(rd, &n, err);
     if (st == SM_OK && n != sizeof *cfg)
         st = sm_fail(err, SM_ERR_MISMATCH, "checkpoint %s: model config of %u bytes, this build uses %zu (written by another version)",
@@ -1731,6 +1794,33 @@ static void tr_resume(tr_run *r, const tr_opts *o) {
     if (sm_loader_restore(&r->loader, &state, &err) != SM_OK) tr_die("--resume: data position", &err);
 }
 
+/* --init FILE: the backbone is the GPT-2 of an llm.c model file. Its header
+ * sets the architecture and shape (--arch, --layers, --d-model, --heads,
+ * --d-ff give way to it); --seq may use fewer positions than it has. */
+static void tr_init_config(sm_model_config *c, const tr_opts *o, int data_vocab) {
+    sm_error err = {SM_OK, ""};
+    int seq = c->seq_len;
+    if (sm_llmc_read_config(c, o->init, &err) != SM_OK) tr_die("--init", &err);
+    if (c->vocab_size != data_vocab) {
+        fprintf(stderr, "trainer: --init %s is a GPT-2 of %d tokens, the data's vocabulary has %d: tokenize "
+                        "the text with --tokenizer gpt2:DIR\n", o->init, c->vocab_size, data_vocab);
+        exit(1);
+    }
+    if (seq > c->seq_len) {
+        fprintf(stderr, "trainer: --seq %d: the model of --init %s has %d positions\n", seq, o->init, c->seq_len);
+        exit(1);
+    }
+    if (c->use_peer && c->peer_replace_mlp) {
+        fprintf(stderr, "trainer: --init with --peer: add --peer-add (PEER replacing the MLP would discard the "
+                        "imported one)\n");
+        exit(1);
+    }
+    c->seq_len = seq;
+    if (!o->quiet)
+        printf("--init %s: GPT-2, %d layers, d_model %d, %d heads, vocabulary %d (padded %d); modules start closed\n",
+               o->init, c->n_layer, c->d_model, c->n_head, c->vocab_size, c->padded_vocab_size);
+}
+
 /* Several ranks: the global batch splits evenly, and every rank was given
  * the same options, model and training data (a rank that differs stops
  * them all, naming what differs). */
@@ -1772,15 +1862,16 @@ static void tr_run_setup(tr_run *r, tr_opts *o) {
     }
     tr_mkdir(o->out);
     tr_load_data(&r->data, o, 1);
-    if (tr_model_config(o, (int)r->data.bpe.vocab_size, &r->cfg, msg, sizeof msg) != 0) {
+    if (tr_model_config(o, (int)r->data.vocab, &r->cfg, msg, sizeof msg) != 0) {
         fprintf(stderr, "trainer: %s\n", msg);
         exit(1);
     }
+    if (o->init[0]) tr_init_config(&r->cfg, o, (int)r->data.vocab);
     tr_check_ranks(r, o);
     if (sm_model_init_sharded(&r->model, &r->cfg, o->batch, o->seed, o->shard_tables ? tr_comm : NULL, &err) != SM_OK)
         tr_die("model", &err);
-    if (sm_model_set_canon(&r->model, r->data.canon.canon, (int)r->data.canon.vocab_size, &err) != SM_OK)
-        tr_die("tokenizer compression", &err);
+    if (o->init[0] && !o->resume && sm_model_load_llmc(&r->model, o->init, &err) != SM_OK) tr_die("--init", &err);
+    tr_set_canon(&r->model, &r->data);
     lc.batch_size = o->batch, lc.seq_len = o->seq_len, lc.seed = o->data_seed;
     if (sm_loader_init(&r->loader, &r->data.train, &lc, &err) != SM_OK) tr_die("training data", &err);
     tr_coord_init(&r->coord);
@@ -2147,16 +2238,15 @@ static void tr_load_for_inference(tr_run *r, tr_opts *o, int B) {
     if (!o->data[0]) snprintf(o->data, sizeof o->data, "%s", saved.data);
     snprintf(o->out, sizeof o->out, "%s", saved.out);
     tr_load_data(&r->data, o, 0);
-    if (r->data.bpe.vocab_size != (uint32_t)r->cfg.vocab_size) {
-        fprintf(stderr, "trainer: the tokenizer in %s has %u tokens, the checkpoint's model %d\n",
-                r->data.dir, r->data.bpe.vocab_size, r->cfg.vocab_size);
+    if (r->data.vocab != (uint32_t)r->cfg.vocab_size) {
+        fprintf(stderr, "trainer: the tokens in %s have %u ids, the checkpoint's model %d\n",
+                r->data.dir, r->data.vocab, r->cfg.vocab_size);
         exit(1);
     }
     if (sm_model_init(&r->model, &r->cfg, B, 1, &err) != SM_OK) tr_die("model", &err);
     if (tr_read_checkpoint_state(&rd, r, &err) != SM_OK) tr_die("--ckpt", &err);
     sm_reader_close(&rd);
-    if (sm_model_set_canon(&r->model, r->data.canon.canon, (int)r->data.canon.vocab_size, &err) != SM_OK)
-        tr_die("tokenizer compression", &err);
+    tr_set_canon(&r->model, &r->data);
     N = (size_t)B * r->cfg.seq_len;
     r->in = (int *)sm_alloc(N, sizeof(int), "inputs", &err);
     r->tg = (int *)sm_alloc(N, sizeof(int), "targets", &err);
@@ -2232,6 +2322,11 @@ static int tr_sample(tr_opts *o, FILE *out) {
     int T, V, t;
     unsigned char *text;
     tr_load_for_inference(&r, o, 1);
+    if (r.data.gpt2) {
+        fprintf(stderr, "trainer: sample: %s holds GPT-2 tokens; sampling with GPT-2's tokenizer is not "
+                        "implemented (eval works)\n", r.data.dir);
+        exit(1);
+    }
     T = r.cfg.seq_len, V = r.cfg.vocab_size;
     cap = len + (size_t)o->sample_tokens + 2;
     ids = (uint32_t *)sm_alloc(cap, sizeof(uint32_t), "sample tokens", &err);

@@ -64,6 +64,17 @@ static void load_llmc(const char *path) {
     if (sm_tokens_load_llmc(&t, path, 50257, 50256, NULL) == SM_OK) use_tokens(&t); /* GPT-2's */
 }
 
+/* An llm.c model file: what its header admits is built, loaded (the
+ * modules closed) and run on one token. */
+static void load_llmc_model(const char *path) {
+    sm_model_config cfg = sm_model_default_config();
+    sm_model m;
+    int token = 0, target = 0;
+    if (sm_llmc_read_config(&cfg, path, NULL) != SM_OK || sm_model_init(&m, &cfg, 1, 1, NULL) != SM_OK) return;
+    if (sm_model_load_llmc(&m, path, NULL) == SM_OK) sm_model_forward(&m, &token, &target, NULL, 1, 1, NULL);
+    sm_model_free(&m);
+}
+
 /* GPT-2's tokenizer is two files: the fuzzed one and a valid companion,
  * written to a second scratch file. What loads must encode and decode
  * losslessly (KEEP mode). */
@@ -162,6 +173,7 @@ static const fuzz_fmt fuzz_fmts[] = {
     {"tokenizer", 1, load_tokenizer}, {"tokens", 1, load_tokens},     {"llmc", 0, load_llmc},
     {"mphf", 1, load_mphf},           {"hot_tier", 1, load_hot_tier}, {"checkpoint", 1, load_checkpoint},
     {"gpt2_encoder", 0, load_gpt2_encoder}, {"gpt2_merges", 0, load_gpt2_merges},
+    {"llmc_model", 0, load_llmc_model},
 };
 #define FUZZ_N_FMTS (int)(sizeof fuzz_fmts / sizeof fuzz_fmts[0])
 
@@ -332,6 +344,19 @@ static int seed_llmc(const char *dir, const char *tmp) {
     return sm_tokens_save_llmc(&t, tmp, NULL) == SM_OK && put_seed(dir, "llmc", "seed", tmp);
 }
 
+/* A tiny random GPT-2 (V 11 padded to 16, C 8, 2 layers, maxT 6). */
+static int seed_llmc_model(const char *dir, const char *tmp) {
+    sm_model_config c = sm_model_default_config();
+    sm_model m;
+    int ok;
+    c.arch = SM_ARCH_GPT2, c.vocab_size = 11, c.padded_vocab_size = 16, c.seq_len = 6;
+    c.n_layer = 2, c.n_head = 2, c.d_model = 8, c.d_ff = 32;
+    if (sm_model_init(&m, &c, 1, 1, NULL) != SM_OK) return 0;
+    ok = sm_model_save_llmc(&m, tmp, NULL) == SM_OK && put_seed(dir, "llmc_model", "seed", tmp);
+    sm_model_free(&m);
+    return ok;
+}
+
 static int seed_text(const char *dir, const char *format, const char *name, const char *tmp,
                      const char *text) {
     FILE *f = fopen(tmp, "wb");
@@ -363,7 +388,7 @@ int fuzz_write_seeds(const char *dir) {
     tr_mkdir(dir);
     tr_join(tmp, dir, ".seed.tmp"); /* the library's writers rename a temp file onto it */
     return seed_tokenizer(dir, tmp) && seed_tokens(dir, tmp) && seed_llmc(dir, tmp) && seed_mphf(dir, tmp) &&
-                   seed_checkpoints(dir, tmp) && seed_gpt2(dir, tmp)
+                   seed_checkpoints(dir, tmp) && seed_gpt2(dir, tmp) && seed_llmc_model(dir, tmp)
                ? 0
                : 1;
 }

@@ -9,6 +9,15 @@ sparsemem.h, not from its C loops) of
   peer            the PEER layer (product-key top-k over single-neuron experts)
   mhc             an mHC pre + post pair around F(u) = tanh(u), dynamic maps
   sinkhorn        Sinkhorn-Knopp alone
+  gpt2            a whole random GPT-2 (GPT-2's LayerNorm, learned positions,
+                  tied head), its weights written as an llm.c model file
+                  (parity_gpt2_llmc.bin: int32 header[256] = 20240326, 3,
+                  maxT, V, L, NH, C, Vp, then float32 parameters in llm.c's
+                  order), and parity_gpt2.bin with a token batch, the
+                  logits over the V real tokens and the mean loss of a
+                  forward written here from GPT-2's math (forward only:
+                  test_parity_gpt2_llmc loads the llm.c file with
+                  sm_model_load_llmc and compares)
 Each fixture holds the inputs, the parameters, the output and the gradient of
 L = sum(out * w) (w a fixed random tensor, also stored) with respect to the
 inputs and every parameter, from torch autograd. tests.c (test_parity_*)
@@ -116,6 +125,65 @@ def backbone_block(B=2, T=5, C=8, NH=2):
         return x + F.linear(hid, fcproj_w, fcproj_b)
 
     return [("sizes", [B, T, C, NH])] + run(inp, fwd)
+
+
+# ---- (a') a whole GPT-2, in llm.c's model file ------------------------------
+
+LLMC_MAGIC, LLMC_F32 = 20240326, 3
+LN_EPS = 1e-5           # GPT-2's LayerNorm
+
+
+def gpt2_weights(g, V, Vp, maxT, L, C):
+    """Random GPT-2 weights, float32-representable, named as llm.c orders
+    them (per-layer tensors stacked over the layers)."""
+    r = lambda shape, std, mean=0.0: (torch.randn(shape, generator=g) * std + mean).float().to(DT)
+    wte = r((Vp, C), 0.3)
+    wte[V:] = 0.0                     # llm.c's padding rows
+    return [("wte", wte), ("wpe", r((maxT, C), 0.3)),
+            ("ln1w", r((L, C), 0.2, 1.0)), ("ln1b", r((L, C), 0.2)),
+            ("qkvw", r((L, 3 * C, C), 0.15)), ("qkvb", r((L, 3 * C), 0.1)),
+            ("attprojw", r((L, C, C), 0.15)), ("attprojb", r((L, C), 0.1)),
+            ("ln2w", r((L, C), 0.2, 1.0)), ("ln2b", r((L, C), 0.2)),
+            ("fcw", r((L, 4 * C, C), 0.15)), ("fcb", r((L, 4 * C), 0.1)),
+            ("fcprojw", r((L, C, 4 * C), 0.1)), ("fcprojb", r((L, C), 0.1)),
+            ("lnfw", r((C,), 0.2, 1.0)), ("lnfb", r((C,), 0.2))]
+
+
+def gpt2_logits(w, tokens, V, NH):
+    """GPT-2's forward: x = wte[tok] + wpe[pos]; per layer x += attn(ln_1(x)),
+    x += mlp(ln_2(x)) (GELU, tanh form); logits = ln_f(x) wte^T over the V
+    real tokens."""
+    B, T = tokens.shape
+    C = w["wte"].shape[1]
+    ln = lambda x, wt, b: F.layer_norm(x, (C,), wt, b, LN_EPS)
+    x = w["wte"][tokens] + w["wpe"][:T]
+    for l in range(w["ln1w"].shape[0]):
+        qkv = F.linear(ln(x, w["ln1w"][l], w["ln1b"][l]), w["qkvw"][l], w["qkvb"][l])
+        x = x + F.linear(causal_attention(qkv, NH), w["attprojw"][l], w["attprojb"][l])
+        hid = F.gelu(F.linear(ln(x, w["ln2w"][l], w["ln2b"][l]), w["fcw"][l], w["fcb"][l]),
+                     approximate="tanh")
+        x = x + F.linear(hid, w["fcprojw"][l], w["fcprojb"][l])
+    return F.linear(ln(x, w["lnfw"], w["lnfb"]), w["wte"][:V])
+
+
+def write_llmc_model(path, weights, maxT, V, L, NH, C, Vp):
+    with open(path, "wb") as f:
+        f.write(struct.pack("<256i", *([LLMC_MAGIC, LLMC_F32, maxT, V, L, NH, C, Vp] + [0] * 248)))
+        for _, t in weights:
+            f.write(np.ascontiguousarray(t.numpy(), dtype="<f4").tobytes())
+    print("%-40s %6d bytes" % (path, os.path.getsize(path)))
+
+
+def gpt2(out_dir, B=2, T=16, V=100, Vp=128, L=2, NH=4, C=64):
+    g = torch.Generator().manual_seed(7)
+    weights = gpt2_weights(g, V, Vp, T, L, C)
+    write_llmc_model(os.path.join(out_dir, "parity_gpt2_llmc.bin"), weights, T, V, L, NH, C, Vp)
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    targets = torch.randint(0, V, (B, T), generator=g)
+    logits = gpt2_logits(dict(weights), tokens, V, NH)
+    loss = F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
+    return [("sizes", [B, T, V]), ("tokens", tokens), ("targets", targets),
+            ("logits", logits), ("loss", loss.reshape(1))]
 
 
 # ---- (b) Engram ------------------------------------------------------------
@@ -253,6 +321,7 @@ def main():
     for name, fn in [("backbone_block", backbone_block), ("engram", engram), ("peer", peer),
                      ("mhc", mhc), ("sinkhorn", sinkhorn_fixture)]:
         write_fixture(os.path.join(a.out, "parity_%s.bin" % name), fn())
+    write_fixture(os.path.join(a.out, "parity_gpt2.bin"), gpt2(a.out))
 
 
 if __name__ == "__main__":
