@@ -2122,6 +2122,10 @@ SMDEF sm_status sm_model_save_safetensors(const sm_model *m, const char *path, s
  * validated (sm_model_config_validate). */
 SMDEF sm_status sm_model_config_from_safetensors(const sm_safetensors *st, sm_model_config *cfg,
                                                  sm_error *err);
+/* The metadata keys of the fields where a and b differ, comma-separated
+ * into out[n] (truncated); returns how many differ. */
+SMDEF int sm_model_config_differences(const sm_model_config *a, const sm_model_config *b, char *out,
+                                      size_t n);
 /* Copies a file's tensors into an initialised model: every tensor of the
  * model must be there with its exported shape, and the file must hold no
  * tensor the model lacks; values must be finite. The model is unchanged
@@ -11641,6 +11645,20 @@ SMDEF sm_status sm_model_config_from_safetensors(const sm_safetensors *st, sm_mo
         if ((s = sm__cf_read(&sm__cf_fields[i], v, cfg, err))) return s;
     }
     return sm_model_config_validate(cfg, err);
+}
+
+SMDEF int sm_model_config_differences(const sm_model_config *a, const sm_model_config *b, char *out,
+                                      size_t n) {
+    int i, count = 0;
+    size_t used = 0;
+    if (n) out[0] = 0;
+    for (i = 0; i < SM__CF_N; i++) {
+        const sm__cf_field *f = &sm__cf_fields[i];
+        if (memcmp((const char *)a + f->offset, (const char *)b + f->offset, f->size * f->count) == 0) continue;
+        if (used < n) used += (size_t)snprintf(out + used, n - used, "%s%s", count ? ", " : "", f->key);
+        count++;
+    }
+    return count;
 }
 
 /* ---- >>safetensors  export and import ----------------------------------- */

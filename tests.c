@@ -7697,10 +7697,69 @@ static int test_safetensors_half_dtypes(void) {
     return 0;
 }
 
+/* trainer export writes a checkpoint's model as safetensors; eval on the
+ * export gives the checkpoint's validation loss exactly; train --init
+ * starts from its weights, and refuses an export of another shape. */
+static int test_safetensors_trainer_export_init(void) {
+    const char *st_path = "test_tmp_st_run/model.safetensors";
+    tr_opts o;
+    char out[16384];
+    double loss_ckpt, loss_st;
+    sm_safetensors a, b;
+    int rc, i;
+    t_remove_tree("test_tmp_st_run"), t_remove_tree("test_tmp_st_init");
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_trainer_opts(&o, "test_tmp_st_run");
+    CHECK(tr_train(&o) == 0, "training failed");
+    rc = t_cli("export --ckpt test_tmp_st_run/model.ckpt --format safetensors --out test_tmp_st_run/model.safetensors",
+               out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "wrote test_tmp_st_run/model.safetensors"), "export: status %d: %.300s", rc, out);
+    rc = t_cli("export --ckpt test_tmp_st_run/model.ckpt --format onnx --out x", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "the format is safetensors"), "--format onnx: status %d: %.300s", rc, out);
+    tr_defaults(&o);
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "test_tmp_st_run/model.ckpt");
+    snprintf(o.tag, sizeof o.tag, "ckpt");
+    CHECK(tr_cmd_eval(&o) == 0, "eval of the checkpoint failed");
+    tr_defaults(&o);
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "%s", st_path);
+    snprintf(o.data, sizeof o.data, "test_tmp_st_run/data");
+    snprintf(o.tag, sizeof o.tag, "st");
+    CHECK(tr_cmd_eval(&o) == 0, "eval of the export failed");
+    loss_ckpt = tr_json_number("test_tmp_st_run/eval_ckpt.json", "val_loss");
+    loss_st = tr_json_number("test_tmp_st_run/eval_st.json", "val_loss");
+    CHECK(loss_ckpt == loss_st && !isnan(loss_st), "val loss %.9g from the export, %.9g from the checkpoint",
+          loss_st, loss_ckpt);
+    /* --init: one step at a negligible lr moves no weight by more than ~lr */
+    t_trainer_opts(&o, "test_tmp_st_init");
+    snprintf(o.data, sizeof o.data, "test_tmp_st_run/data");
+    snprintf(o.init, sizeof o.init, "%s", st_path);
+    o.steps = 1, o.lr = 1e-9f, o.warmup = 0, o.seed = 77;
+    CHECK(tr_train(&o) == 0, "train --init failed");
+    rc = t_cli("export --ckpt test_tmp_st_init/model.ckpt --out test_tmp_st_init/model.safetensors", out, sizeof out);
+    CHECK(rc == 0, "export of the --init run: %.300s", out);
+    CHECK_OK(sm_safetensors_load(&a, st_path, NULL));
+    CHECK_OK(sm_safetensors_load(&b, "test_tmp_st_init/model.safetensors", NULL));
+    CHECK(a.n_tensors == b.n_tensors && a.buffer_size == b.buffer_size, "--init run has another layout");
+    for (i = 0; i < (int)(a.buffer_size / 4); i++) {
+        float x, y;
+        memcpy(&x, a.buffer + 4 * i, 4), memcpy(&y, b.buffer + 4 * i, 4);
+        CHECK(fabsf(x - y) < 1e-6f, "weight %d: %g after --init and one step, %g in the file", i, y, x);
+    }
+    sm_safetensors_free(&a), sm_safetensors_free(&b);
+    rc = t_cli("train --data test_tmp_st_run/data --out test_tmp_st_init --d-model 32 --steps 1 --quiet "
+               "--init test_tmp_st_run/model.safetensors", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "tensor wte.weight has shape [300, 16], the model needs [300, 32]"),
+          "--init of another shape: status %d: %.300s", rc, out);
+    t_remove_tree("test_tmp_st_init");
+    return 0;
+}
+
 #define SAFETENSORS_TESTS                                                              \
     T(test_safetensors_model_roundtrip), T(test_safetensors_writer_layout),            \
         T(test_safetensors_refuses_malformed), T(test_safetensors_refuses_other_model), \
-        T(test_safetensors_half_dtypes)
+        T(test_safetensors_half_dtypes), T(test_safetensors_trainer_export_init)
 
 /* ---- registry ------------------------------------------------------- */
 
