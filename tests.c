@@ -7756,10 +7756,81 @@ static int test_safetensors_trainer_export_init(void) {
     return 0;
 }
 
+/* A few AdamW steps on one batch, so the weights are no longer the init's
+ * (mHC starts close to the plain residual network). */
+static int t_st_train(sm_model *m, const int *in, const int *tg, int B, int T, int steps) {
+    int s;
+    for (s = 0; s < steps; s++) {
+        sm_params_zero_grad(&m->params);
+        if (sm_model_forward(m, in, tg, NULL, B, T, NULL) != SM_OK) return -1;
+        sm_model_backward(m);
+        sm_params_adamw_step(&m->params, 10.0f, 1.0f); /* lr 1e-2 */
+    }
+    return sm_model_forward(m, in, tg, NULL, B, T, NULL) == SM_OK ? 0 : -1;
+}
+
+/* Runs scripts/safetensors_loss.py on a model's export and a batch; its
+ * loss, or NAN. */
+static double t_st_torch_loss(const sm_model *m, const int *in, const int *tg, int B, int T) {
+    const char *model = "test_tmp_torch.safetensors", *tokens = "test_tmp_torch_tokens.txt";
+    char line[256];
+    double loss = NAN;
+    FILE *f = fopen(tokens, "w");
+    int b, t;
+    for (b = 0; f && b < B; b++) {
+        for (t = 0; t < T; t++) fprintf(f, "%d ", in[b * T + t]);
+        fprintf(f, "%d\n", tg[b * T + T - 1]);
+    }
+    if (!f || fclose(f) != 0 || sm_model_save_safetensors(m, model, NULL) != SM_OK) return NAN;
+    f = popen("/usr/bin/python3 scripts/safetensors_loss.py test_tmp_torch.safetensors "
+              "test_tmp_torch_tokens.txt 2>&1", "r");
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "loss %lf", &loss) != 1) fprintf(stderr, "safetensors_loss.py: %s", line);
+    if (f) pclose(f);
+    remove(model), remove(tokens);
+    return loss;
+}
+
+/* PyTorch, from the export alone (scripts/safetensors_loss.py: the file
+ * parsed by hand, an independent torch model), gives the C model's loss:
+ * the backbone with a tied head, and mHC + PEER with an untied head. Both
+ * compute in float32, in different reduction orders: |diff| <= 2e-5 x
+ * loss. Without PyTorch the test says it skipped. */
+static int test_safetensors_pytorch_loss(void) {
+    enum { B = 2, T = 8 };
+    sm_model_config c[2];
+    int in[B * T], tg[B * T], i, k;
+    if (system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0) {
+        printf("     SKIPPED test_safetensors_pytorch_loss: /usr/bin/python3 cannot import torch "
+               "(apt-get install python3-torch)\n");
+        return 0;
+    }
+    c[0] = t_st_config();
+    c[0].use_engram = c[0].use_peer = c[0].peer_n_layers = c[0].use_mhc = 0, c[0].tied_head = 1;
+    c[1] = t_st_config();
+    c[1].use_engram = 0;
+    for (i = 0; i < B * T; i++) in[i] = (i * 7 + 1) % 40;
+    for (i = 0; i < B * T; i++) tg[i] = (i + 1) % T ? in[i + 1] : (i * 13) % 40; /* next token; row ends: any */
+    for (k = 0; k < 2; k++) {
+        sm_model m;
+        double torch_loss;
+        CHECK_OK(sm_model_init(&m, &c[k], B, 3, NULL));
+        CHECK(t_st_train(&m, in, tg, B, T, 5) == 0, "training steps failed");
+        torch_loss = t_st_torch_loss(&m, in, tg, B, T);
+        CHECK(fabs(torch_loss - m.loss) <= 2e-5 * fabs(m.loss), "model %d: PyTorch loss %.9g, C loss %.9g (diff %.3g)",
+              k, torch_loss, m.loss, torch_loss - m.loss);
+        printf("     model %d (%s): C loss %.9g, PyTorch %.9g, diff %.2g\n", k,
+               k ? "mHC + PEER, untied head" : "backbone, tied head", m.loss, torch_loss, torch_loss - m.loss);
+        sm_model_free(&m);
+    }
+    return 0;
+}
+
 #define SAFETENSORS_TESTS                                                              \
     T(test_safetensors_model_roundtrip), T(test_safetensors_writer_layout),            \
         T(test_safetensors_refuses_malformed), T(test_safetensors_refuses_other_model), \
-        T(test_safetensors_half_dtypes), T(test_safetensors_trainer_export_init)
+        T(test_safetensors_half_dtypes), T(test_safetensors_trainer_export_init), \
+        T(test_safetensors_pytorch_loss)
 
 /* ---- registry ------------------------------------------------------- */
 
