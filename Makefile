@@ -258,7 +258,7 @@ headercheck:
 # Each runs FUZZ_SECONDS; a crash, sanitizer report, leak, timeout or an
 # allocation over FUZZ_MALLOC_MB fails the target (input saved under
 # fuzz/build/artifacts/). Every format runs even after one fails.
-FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint gpt2_encoder gpt2_merges
+FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint gpt2_encoder gpt2_merges safetensors
 FUZZ_SECONDS  ?= 60
 FUZZ_MALLOC_MB ?= 2048
 FUZZ_RSS_MB    ?= 4096
