@@ -4252,29 +4252,51 @@ static sm_status sm__gpt2_json_escape(sm__gpt2_text *t, uint32_t *cp, sm_error *
     return SM_OK;
 }
 
-/* The JSON string at t->pos into L->buf, as token bytes (at least one). */
-static sm_status sm__gpt2_json_token(sm__gpt2_loader *L, sm__gpt2_text *t, sm_error *err) {
-    sm_status st;
-    L->nbuf = 0;
-    if ((st = sm__gpt2_expect(t, '"', err))) return st;
-    if (t->pos < t->n && t->s[t->pos] == '"') return sm__gpt2_syntax(t, err, "empty token");
-    for (;;) {
+/* Receives the characters of a JSON string one by one (sm__json_chars). */
+typedef sm_status (*sm__json_char_fn)(void *ctx, const sm__gpt2_text *t, uint32_t cp, sm_error *err);
+
+/* The JSON string at t->pos (after white space): each character it stands
+ * for, escapes decoded, goes to emit in order (with t at the character, or
+ * just after its escape, for messages); t->pos ends after the closing
+ * quote. Control characters and invalid UTF-8 are errors. The GPT-2
+ * tokenizer's encoder.json and the safetensors header (>>safetensors)
+ * read their strings with it. */
+static sm_status sm__json_chars(sm__gpt2_text *t, sm__json_char_fn emit, void *ctx, sm_error *err) {
+    sm_status st = sm__gpt2_expect(t, '"', err);
+    while (st == SM_OK) {
         uint32_t cp;
         unsigned char c;
+        size_t len;
         if (t->pos >= t->n) return sm__gpt2_syntax(t, err, "unterminated string");
         c = t->s[t->pos];
         if (c == '"') break;
         if (c < 0x20) return sm__gpt2_syntax(t, err, "control character 0x%02x in a string", c);
         if (c == '\\') {
-            if ((st = sm__gpt2_json_escape(t, &cp, err)) || (st = sm__gpt2_put_char(L, t, cp, err)))
-                return st;
-        } else {
-            size_t len = sm__gpt2_utf8_step(t->s + t->pos, t->n - t->pos, &cp);
-            if ((st = sm__gpt2_put_chars(L, t, t->pos + len, err))) return st;
+            if ((st = sm__gpt2_json_escape(t, &cp, err)) == SM_OK) st = emit(ctx, t, cp, err);
+            continue;
         }
+        len = sm__gpt2_utf8_step(t->s + t->pos, t->n - t->pos, &cp);
+        if (cp == SM__GPT2_INVALID) return sm__gpt2_syntax(t, err, "invalid UTF-8");
+        st = emit(ctx, t, cp, err);
+        t->pos += len;
     }
-    t->pos++;
-    return SM_OK;
+    if (st == SM_OK) t->pos++;
+    return st;
+}
+
+static sm_status sm__gpt2_token_char(void *L, const sm__gpt2_text *t, uint32_t cp, sm_error *err) {
+    return sm__gpt2_put_char((sm__gpt2_loader *)L, t, cp, err);
+}
+
+/* The JSON string at t->pos into L->buf, as token bytes (at least one). */
+static sm_status sm__gpt2_json_token(sm__gpt2_loader *L, sm__gpt2_text *t, sm_error *err) {
+    L->nbuf = 0;
+    sm__gpt2_skip_space(t);
+    if (t->pos + 1 < t->n && t->s[t->pos] == '"' && t->s[t->pos + 1] == '"') {
+        t->pos++; /* the message points at the closing quote */
+        return sm__gpt2_syntax(t, err, "empty token");
+    }
+    return sm__json_chars(t, sm__gpt2_token_char, L, err);
 }
 
 /* A token id at t->pos: a non-negative integer below SM_GPT2_MAX_VOCAB. */
@@ -10922,30 +10944,21 @@ static int sm__st_accept(sm__gpt2_text *t, char c) {
     return 0;
 }
 
+/* Appends one character, as UTF-8, to the arena (U+0000 refused: the
+ * strings are C strings). */
+static sm_status sm__st_arena_char(void *ctx, const sm__gpt2_text *t, uint32_t cp, sm_error *err) {
+    sm__st_parser *p = (sm__st_parser *)ctx;
+    if (cp == 0) return sm__gpt2_syntax(t, err, "\\u0000 in a string");
+    p->nstr += sm__utf8_encode(cp, (unsigned char *)p->st->strings + p->nstr);
+    return SM_OK;
+}
+
 /* A JSON string into the arena; *out is its decoded, NUL-terminated copy. */
 static sm_status sm__st_string(sm__st_parser *p, const char **out, sm_error *err) {
-    sm__gpt2_text *t = &p->t;
-    sm_status st = sm__gpt2_expect(t, '"', err);
+    sm_status st;
+    sm__gpt2_skip_space(&p->t);
     *out = p->st->strings + p->nstr;
-    while (st == SM_OK) {
-        uint32_t cp;
-        unsigned char c;
-        if (t->pos >= t->n) return sm__gpt2_syntax(t, err, "unterminated string");
-        c = t->s[t->pos];
-        if (c == '"') break;
-        if (c < 0x20) return sm__gpt2_syntax(t, err, "control character 0x%02x in a string", c);
-        if (c == '\\') {
-            if ((st = sm__gpt2_json_escape(t, &cp, err))) return st;
-            if (cp == 0) return sm__gpt2_syntax(t, err, "\\u0000 in a string");
-            p->nstr += sm__utf8_encode(cp, (unsigned char *)p->st->strings + p->nstr);
-        } else {
-            size_t len = sm__gpt2_utf8_step(t->s + t->pos, t->n - t->pos, &cp);
-            if (cp == SM__GPT2_INVALID) return sm__gpt2_syntax(t, err, "invalid UTF-8 in a string");
-            memcpy(p->st->strings + p->nstr, t->s + t->pos, len);
-            p->nstr += len, t->pos += len;
-        }
-    }
-    if (st == SM_OK) t->pos++, p->st->strings[p->nstr++] = 0;
+    if ((st = sm__json_chars(&p->t, sm__st_arena_char, p, err)) == SM_OK) p->st->strings[p->nstr++] = 0;
     return st;
 }
 
