@@ -7752,7 +7752,7 @@ static int test_safetensors_trainer_export_init(void) {
                "--init test_tmp_st_run/model.safetensors", out, sizeof out);
     CHECK(rc == 1 && strstr(out, "tensor wte.weight has shape [300, 16], the model needs [300, 32]"),
           "--init of another shape: status %d: %.300s", rc, out);
-    t_remove_tree("test_tmp_st_init");
+    t_remove_tree("test_tmp_st_init"), t_remove_tree("test_tmp_st_run");
     return 0;
 }
 
