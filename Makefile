@@ -283,7 +283,7 @@ headercheck:
 # Each runs FUZZ_SECONDS; a crash, sanitizer report, leak, timeout or an
 # allocation over FUZZ_MALLOC_MB fails the target (input saved under
 # fuzz/build/artifacts/). Every format runs even after one fails.
-FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint gpt2_encoder gpt2_merges llmc_model
+FUZZ_FORMATS   = tokenizer tokens llmc mphf hot_tier checkpoint gpt2_encoder gpt2_merges llmc_model safetensors
 FUZZ_SECONDS  ?= 60
 FUZZ_MALLOC_MB ?= 2048
 FUZZ_RSS_MB    ?= 4096

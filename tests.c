@@ -8099,6 +8099,398 @@ static int test_parity_sinkhorn(void) {
     T(test_parity_backbone_block), T(test_parity_engram), T(test_parity_peer),  \
         T(test_parity_mhc), T(test_parity_sinkhorn), T(test_parity_gpt2_llmc)
 
+/* ---- >>safetensors -------------------------------------------------- */
+
+/* A small model with every module (Engram at layer 0, PEER at 1, mHC),
+ * untied head, so every naming rule is used. */
+static sm_model_config t_st_config(void) {
+    sm_model_config c = sm_model_default_config();
+    c.vocab_size = 40, c.seq_len = 8, c.n_layer = 2, c.n_head = 2, c.d_model = 8, c.d_ff = 12;
+    c.tied_head = 0;
+    c.use_engram = 1;
+    c.engram.d_model = 8, c.engram.d_head = 4, c.engram.hash.n_heads = 2, c.engram.hash.table_rows = 11;
+    c.engram.hash.layer_ids[0] = 0;
+    c.use_peer = 1, c.peer_n_layers = 1, c.peer_layer_ids[0] = 1, c.peer_replace_mlp = 0;
+    c.peer.n_sub = 3, c.peer.heads = 2, c.peer.topk = 2, c.peer.d_key = 4;
+    c.use_mhc = 1, c.mhc.n_streams = 2, c.mhc.channels = 8;
+    return c;
+}
+
+/* The GPT-2 arch exports its LayerNorm biases under HF's names, with the
+ * arch and the padded vocabulary in the metadata, and reads back exactly. */
+static int test_safetensors_gpt2_arch_roundtrip(void) {
+    const char *path = "test_tmp_gpt2.safetensors";
+    sm_model_config c = t_st_config(), back;
+    sm_model a, b;
+    sm_safetensors st;
+    sm_error err = {SM_OK, ""};
+    const char *bias[3] = {"h.0.ln_1.bias", "h.1.ln_2.bias", "ln_f.bias"};
+    int i;
+    c.arch = SM_ARCH_GPT2, c.padded_vocab_size = 48;
+    CHECK_OK(sm_model_init(&a, &c, 2, 7, NULL));
+    for (i = 0; i < (int)a.params.total; i++) a.params.data[i] += 1e-3f * (float)(i % 7); /* biases not 0 */
+    CHECK(sm_model_save_safetensors(&a, path, &err) == SM_OK, "save: %s", err.msg);
+    CHECK(sm_safetensors_load(&st, path, &err) == SM_OK, "load: %s", err.msg);
+    for (i = 0; i < 3; i++) CHECK(sm_safetensors_find(&st, bias[i]), "no tensor %s", bias[i]);
+    CHECK(sm_model_config_from_safetensors(&st, &back, &err) == SM_OK, "config: %s", err.msg);
+    CHECK(back.arch == SM_ARCH_GPT2 && back.padded_vocab_size == 48, "arch %d, padded vocabulary %d read back",
+          back.arch, back.padded_vocab_size);
+    CHECK_OK(sm_model_init(&b, &back, 2, 99, NULL));
+    CHECK(sm_model_load_safetensors(&b, &st, &err) == SM_OK, "import: %s", err.msg);
+    CHECK(b.params.total == a.params.total &&
+          memcmp(a.params.data, b.params.data, a.params.total * sizeof(float)) == 0, "parameters differ after import");
+    sm_safetensors_free(&st), sm_model_free(&a), sm_model_free(&b);
+    remove(path);
+    return 0;
+}
+
+/* Export -> import gives the same parameters, bit for bit, and the same
+ * config (checked through the loss of a batch, which uses all of it);
+ * backbone tensors carry HF GPT-2's names and Conv1D layout. */
+static int test_safetensors_model_roundtrip(void) {
+    const char *path = "test_tmp_model.safetensors";
+    sm_model_config c = t_st_config(), back;
+    sm_model a, b;
+    sm_safetensors st;
+    sm_error err = {SM_OK, ""};
+    const sm_st_tensor *qkv;
+    float *w;
+    int in[16], tg[16], i;
+    float loss_a;
+    for (i = 0; i < 16; i++) in[i] = (i * 7) % 40, tg[i] = (i * 11 + 3) % 40;
+    CHECK_OK(sm_model_init(&a, &c, 2, 7, NULL));
+    CHECK(sm_model_save_safetensors(&a, path, &err) == SM_OK, "save: %s", err.msg);
+    CHECK(sm_safetensors_load(&st, path, &err) == SM_OK, "load: %s", err.msg);
+    CHECK(st.n_tensors == a.params.n_tensors, "%d tensors written, the model has %d", st.n_tensors,
+          a.params.n_tensors);
+    CHECK(sm_model_config_from_safetensors(&st, &back, &err) == SM_OK, "config: %s", err.msg);
+    CHECK_OK(sm_model_init(&b, &back, 2, 99, NULL)); /* another seed: other weights until loaded */
+    CHECK(b.params.total == a.params.total, "rebuilt model has %zu parameters, not %zu", b.params.total,
+          a.params.total);
+    CHECK(memcmp(a.params.data, b.params.data, a.params.total * sizeof(float)) != 0, "seeds gave equal weights");
+    CHECK(sm_model_load_safetensors(&b, &st, &err) == SM_OK, "import: %s", err.msg);
+    CHECK(memcmp(a.params.data, b.params.data, a.params.total * sizeof(float)) == 0, "parameters differ after import");
+    CHECK_OK(sm_model_forward(&a, in, tg, NULL, 2, 8, NULL));
+    loss_a = a.loss;
+    CHECK_OK(sm_model_forward(&b, in, tg, NULL, 2, 8, NULL));
+    CHECK(memcmp(&loss_a, &b.loss, sizeof loss_a) == 0, "loss %.9g after import, %.9g before", b.loss, loss_a);
+    /* HF names; c_attn in Conv1D layout [C, 3C]: file [i][j] = our qkv_w[j][i] */
+    CHECK(sm_safetensors_find(&st, "wte.weight") && sm_safetensors_find(&st, "lm_head.weight") &&
+          sm_safetensors_find(&st, "h.1.mlp.c_proj.bias") && sm_safetensors_find(&st, "ln_f.weight") &&
+          sm_safetensors_find(&st, "h.0.engram.w_key") && sm_safetensors_find(&st, "engram.table") &&
+          sm_safetensors_find(&st, "h.1.peer.experts") && sm_safetensors_find(&st, "h.0.mhc.attn.phi"),
+          "an expected tensor name is missing");
+    qkv = sm_safetensors_find(&st, "h.0.attn.c_attn.weight");
+    CHECK(qkv && qkv->ndim == 2 && qkv->shape[0] == 8 && qkv->shape[1] == 24, "c_attn shape wrong");
+    w = (float *)t_alloc(24 * 8);
+    sm_safetensors_to_f32(&st, qkv, w);
+    CHECK(memcmp(&w[2 * 24 + 17], &a.params.data[a.sub[1].off.qkv_w + 17 * 8 + 2], 4) == 0,
+          "c_attn.weight is not the transpose of qkv_w");
+    CHECK(sm_safetensors_meta(&st, "format") && strcmp(sm_safetensors_meta(&st, "format"), "pt") == 0,
+          "no format: pt");
+    free(w);
+    sm_safetensors_free(&st);
+    sm_model_free(&a), sm_model_free(&b);
+    remove(path);
+    return 0;
+}
+
+/* The file as written: 8-byte length, JSON padded with spaces so the
+ * buffer starts at a multiple of 8, tensors in the given order, the same
+ * bytes every time. */
+static int test_safetensors_writer_layout(void) {
+    const char *p1 = "test_tmp_a.safetensors", *p2 = "test_tmp_b.safetensors";
+    const float x[6] = {1, 2, 3, 4, 5, 6}, y[2] = {-1, 0.5f};
+    sm_st_out t[2] = {{"z.first", x, 2, {2, 3}, 1}, {"a.second", y, 1, {2}, 0}};
+    const char *meta[2] = {"note", "quote \" and \\ and \n"};
+    unsigned char *f1, *f2;
+    size_t n1, n2;
+    uint64_t len;
+    sm_safetensors st;
+    float back[6];
+    CHECK_OK(sm_safetensors_save(p1, t, 2, meta, 1, NULL));
+    CHECK_OK(sm_safetensors_save(p2, t, 2, meta, 1, NULL));
+    CHECK_OK(sm_read_file(p1, &f1, &n1, NULL));
+    CHECK_OK(sm_read_file(p2, &f2, &n2, NULL));
+    CHECK(n1 == n2 && memcmp(f1, f2, n1) == 0, "two saves differ");
+    memcpy(&len, f1, 8);
+    CHECK((8 + len) % 8 == 0 && f1[8] == '{', "header not padded to 8 bytes");
+    CHECK(n1 == 8 + len + 32, "%zu bytes, expected %llu", n1, (unsigned long long)(8 + len + 32));
+    CHECK_OK(sm_safetensors_load(&st, p1, NULL));
+    CHECK(strcmp(st.tensors[0].name, "z.first") == 0 && st.tensors[0].begin == 0, "order not kept");
+    CHECK(st.tensors[0].shape[0] == 2 && st.tensors[0].shape[1] == 3, "shape not kept");
+    sm_safetensors_to_f32(&st, &st.tensors[0], back); /* x read as [3, 2], written as [2, 3] */
+    CHECK(back[0] == 1 && back[1] == 3 && back[2] == 5 && back[3] == 2 && back[5] == 6, "not transposed");
+    CHECK(strcmp(sm_safetensors_meta(&st, "note"), meta[1]) == 0, "metadata string not escaped/unescaped");
+    sm_safetensors_free(&st);
+    sm_free(f1), sm_free(f2);
+    remove(p1), remove(p2);
+    return 0;
+}
+
+/* header + JSON + buffer in memory, parsed; 1 when refused with `needle`
+ * in the message. */
+static int t_st_refused(const char *json, const unsigned char *buf, size_t nbuf, uint64_t len_delta,
+                        const char *needle, char *msg) {
+    static unsigned char file[4096];
+    uint64_t len = strlen(json) + len_delta;
+    sm_safetensors st;
+    sm_error err = {SM_OK, ""};
+    sm_status s;
+    memcpy(file, &len, 8);
+    memcpy(file + 8, json, strlen(json));
+    if (nbuf) memcpy(file + 8 + strlen(json), buf, nbuf);
+    s = sm_safetensors_parse(&st, file, 8 + strlen(json) + nbuf, "crafted", &err);
+    sm_safetensors_free(&st);
+    snprintf(msg, 300, "%s", err.msg);
+    return s != SM_OK && strstr(err.msg, needle) != NULL;
+}
+
+/* Each malformed file is refused with a message naming its problem. */
+static int test_safetensors_refuses_malformed(void) {
+    static const struct { const char *json; size_t nbuf; uint64_t len_delta; const char *needle; } bad[] = {
+        {"{}", 0, 100, "runs past the end of the file"},
+        {"{}", 0, (uint64_t)1 << 40, "absurdly large"},
+        {"{\"a\" {\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4, 0, "JSON header):1:6: expected ':'"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}", 4, 0, "expected '}'"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[01],\"data_offsets\":[0,4]}}", 4, 0, "leading zero"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[-1],\"data_offsets\":[0,4]}}", 4, 0, "non-negative integer"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}", 4, 0, "fraction"},
+        {"{\"a\\q\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4, 0, "unknown escape"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}} x", 4, 0, "characters after"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4],\"x\":1}}", 4, 0, "unknown field"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1]}}", 0, 0, "has no \"data_offsets\""},
+        {"{\"__metadata__\":{\"k\":1}}", 0, 0, "values must be strings"},
+        {"{\"a\":{\"dtype\":\"F64\",\"shape\":[1],\"data_offsets\":[0,8]}}", 8, 0, "unsupported dtype \"F64\""},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8, 0, "shape holds 3 values"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[4],\"data_offsets\":[0,16]}}", 8, 0, "past the end of the 8-byte buffer"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}", 12, 0, "overlap"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+         "\"b\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}", 12, 0, "a hole in the buffer: bytes [4, 8)"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 8, 0, "last 4 bytes belong to no tensor"},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+         "\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}", 8, 0, "duplicate tensor name \"a\""},
+        {"{\"a\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296,4294967296],\"data_offsets\":[0,4]}}", 4, 0,
+         "overflows"},
+    };
+    static const unsigned char zeros[16] = {0};
+    char msg[320];
+    size_t i;
+    CHECK(!t_st_refused("{}", zeros, 0, 0, "", msg) && !t_st_refused(
+              "{\"a\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}  ", zeros, 8, 0, "", msg),
+          "valid files refused: %s", msg);
+    for (i = 0; i < sizeof bad / sizeof bad[0]; i++)
+        CHECK(t_st_refused(bad[i].json, zeros, bad[i].nbuf, bad[i].len_delta, bad[i].needle, msg),
+              "case %zu (%s): message \"%s\" does not say \"%s\"", i, bad[i].json, msg, bad[i].needle);
+    return 0;
+}
+
+/* A valid file that does not fit the model: a missing tensor, a wrong
+ * shape, an extra tensor, a non-finite value; the model is left as it was. */
+static int test_safetensors_refuses_other_model(void) {
+    const char *path = "test_tmp_other.safetensors";
+    sm_model_config c = t_st_config();
+    sm_model a, b;
+    sm_safetensors st;
+    sm_error err = {SM_OK, ""};
+    sm_st_tensor *t;
+    float *before;
+    uint64_t keep;
+    CHECK_OK(sm_model_init(&a, &c, 1, 7, NULL));
+    CHECK_OK(sm_model_save_safetensors(&a, path, NULL));
+    CHECK_OK(sm_safetensors_load(&st, path, NULL));
+    CHECK_OK(sm_model_init(&b, &c, 1, 8, NULL));
+    before = (float *)t_alloc(b.params.total);
+    memcpy(before, b.params.data, b.params.total * sizeof(float));
+    t = (sm_st_tensor *)sm_safetensors_find(&st, "h.1.attn.c_proj.weight");
+    CHECK(t, "no c_proj");
+    t->name = "h.9.attn.c_proj.weight";
+    CHECK(sm_model_load_safetensors(&b, &st, &err) == SM_ERR_MISMATCH &&
+              strstr(err.msg, "missing tensor h.1.attn.c_proj.weight"), "missing tensor: %s", err.msg);
+    t->name = "h.1.attn.c_proj.weight";
+    keep = t->shape[0];
+    t->shape[0] = 4, t->shape[1] = 16;
+    CHECK(sm_model_load_safetensors(&b, &st, &err) == SM_ERR_MISMATCH &&
+              strstr(err.msg, "has shape [4, 16], the model needs [8, 8]"), "shape: %s", err.msg);
+    t->shape[0] = keep, t->shape[1] = 8;
+    c.tied_head = 1; /* a model without lm_head: the file has one more */
+    sm_model_free(&b);
+    CHECK_OK(sm_model_init(&b, &c, 1, 8, NULL));
+    CHECK(sm_model_load_safetensors(&b, &st, &err) == SM_ERR_MISMATCH &&
+              strstr(err.msg, "lm_head.weight is not in this model"), "extra tensor: %s", err.msg);
+    c.tied_head = 0;
+    sm_model_free(&b);
+    CHECK_OK(sm_model_init(&b, &c, 1, 8, NULL));
+    memcpy(before, b.params.data, b.params.total * sizeof(float));
+    ((unsigned char *)st.buffer)[t->begin + 3] = 0x7f, ((unsigned char *)st.buffer)[t->begin + 2] = 0xc0;
+    CHECK(sm_model_load_safetensors(&b, &st, &err) == SM_ERR_NONFINITE, "NaN accepted: %s", err.msg);
+    CHECK(memcmp(before, b.params.data, b.params.total * sizeof(float)) == 0, "a refused import changed the model");
+    free(before);
+    sm_safetensors_free(&st);
+    sm_model_free(&a), sm_model_free(&b);
+    remove(path);
+    return 0;
+}
+
+/* F16 and BF16 tensors read as the floats they are: normal, subnormal,
+ * zero, infinity. */
+static int test_safetensors_half_dtypes(void) {
+    static const char json[] = "{\"h\":{\"dtype\":\"F16\",\"shape\":[5],\"data_offsets\":[0,10]},"
+                               "\"b\":{\"dtype\":\"BF16\",\"shape\":[2],\"data_offsets\":[10,14]}}  ";
+    const uint16_t h[5] = {0x3c00, 0xc000, 0x7bff, 0x0001, 0xfc00}, bf[2] = {0x3f80, 0xc0a0};
+    unsigned char file[256];
+    uint64_t len = sizeof json - 1;
+    sm_safetensors st;
+    float v[5];
+    memcpy(file, &len, 8);
+    memcpy(file + 8, json, len);
+    memcpy(file + 8 + len, h, 10), memcpy(file + 18 + len, bf, 4);
+    CHECK_OK(sm_safetensors_parse(&st, file, 8 + len + 14, "halves", NULL));
+    sm_safetensors_to_f32(&st, sm_safetensors_find(&st, "h"), v);
+    CHECK(v[0] == 1.0f && v[1] == -2.0f && v[2] == 65504.0f && v[3] == ldexpf(1.0f, -24) && isinf(v[4]) && v[4] < 0,
+          "F16: %g %g %g %g %g", v[0], v[1], v[2], v[3], v[4]);
+    sm_safetensors_to_f32(&st, sm_safetensors_find(&st, "b"), v);
+    CHECK(v[0] == 1.0f && v[1] == -5.0f, "BF16: %g %g", v[0], v[1]);
+    sm_safetensors_free(&st);
+    return 0;
+}
+
+/* trainer export writes a checkpoint's model as safetensors; eval on the
+ * export gives the checkpoint's validation loss exactly; train --init
+ * starts from its weights, and refuses an export of another shape. */
+static int test_safetensors_trainer_export_init(void) {
+    const char *st_path = "test_tmp_st_run/model.safetensors";
+    tr_opts o;
+    char out[16384];
+    double loss_ckpt, loss_st;
+    sm_safetensors a, b;
+    int rc, i;
+    t_remove_tree("test_tmp_st_run"), t_remove_tree("test_tmp_st_init");
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_trainer_opts(&o, "test_tmp_st_run");
+    CHECK(tr_train(&o) == 0, "training failed");
+    rc = t_cli("export --ckpt test_tmp_st_run/model.ckpt --format safetensors --out test_tmp_st_run/model.safetensors",
+               out, sizeof out);
+    CHECK(rc == 0 && strstr(out, "wrote test_tmp_st_run/model.safetensors"), "export: status %d: %.300s", rc, out);
+    rc = t_cli("export --ckpt test_tmp_st_run/model.ckpt --format onnx --out x", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "the format is safetensors"), "--format onnx: status %d: %.300s", rc, out);
+    tr_defaults(&o);
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "test_tmp_st_run/model.ckpt");
+    snprintf(o.tag, sizeof o.tag, "ckpt");
+    CHECK(tr_cmd_eval(&o) == 0, "eval of the checkpoint failed");
+    tr_defaults(&o);
+    o.quiet = 1, o.batch = 2;
+    snprintf(o.ckpt, sizeof o.ckpt, "%s", st_path);
+    snprintf(o.data, sizeof o.data, "test_tmp_st_run/data");
+    snprintf(o.tag, sizeof o.tag, "st");
+    CHECK(tr_cmd_eval(&o) == 0, "eval of the export failed");
+    loss_ckpt = tr_json_number("test_tmp_st_run/eval_ckpt.json", "val_loss");
+    loss_st = tr_json_number("test_tmp_st_run/eval_st.json", "val_loss");
+    CHECK(loss_ckpt == loss_st && !isnan(loss_st), "val loss %.9g from the export, %.9g from the checkpoint",
+          loss_st, loss_ckpt);
+    /* --init: one step at a negligible lr moves no weight by more than ~lr */
+    t_trainer_opts(&o, "test_tmp_st_init");
+    snprintf(o.data, sizeof o.data, "test_tmp_st_run/data");
+    snprintf(o.init, sizeof o.init, "%s", st_path);
+    o.steps = 1, o.lr = 1e-9f, o.warmup = 0, o.seed = 77;
+    CHECK(tr_train(&o) == 0, "train --init failed");
+    rc = t_cli("export --ckpt test_tmp_st_init/model.ckpt --out test_tmp_st_init/model.safetensors", out, sizeof out);
+    CHECK(rc == 0, "export of the --init run: %.300s", out);
+    CHECK_OK(sm_safetensors_load(&a, st_path, NULL));
+    CHECK_OK(sm_safetensors_load(&b, "test_tmp_st_init/model.safetensors", NULL));
+    CHECK(a.n_tensors == b.n_tensors && a.buffer_size == b.buffer_size, "--init run has another layout");
+    for (i = 0; i < (int)(a.buffer_size / 4); i++) {
+        float x, y;
+        memcpy(&x, a.buffer + 4 * i, 4), memcpy(&y, b.buffer + 4 * i, 4);
+        CHECK(fabsf(x - y) < 1e-6f, "weight %d: %g after --init and one step, %g in the file", i, y, x);
+    }
+    sm_safetensors_free(&a), sm_safetensors_free(&b);
+    rc = t_cli("train --data test_tmp_st_run/data --out test_tmp_st_init --d-model 32 --steps 1 --quiet "
+               "--init test_tmp_st_run/model.safetensors", out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "tensor wte.weight has shape [300, 16], the model needs [300, 32]"),
+          "--init of another shape: status %d: %.300s", rc, out);
+    t_remove_tree("test_tmp_st_init"), t_remove_tree("test_tmp_st_run");
+    return 0;
+}
+
+/* A few AdamW steps on one batch, so the weights are no longer the init's
+ * (mHC starts close to the plain residual network). */
+static int t_st_train(sm_model *m, const int *in, const int *tg, int B, int T, int steps) {
+    int s;
+    for (s = 0; s < steps; s++) {
+        sm_params_zero_grad(&m->params);
+        if (sm_model_forward(m, in, tg, NULL, B, T, NULL) != SM_OK) return -1;
+        sm_model_backward(m);
+        sm_params_adamw_step(&m->params, 10.0f, 1.0f); /* lr 1e-2 */
+    }
+    return sm_model_forward(m, in, tg, NULL, B, T, NULL) == SM_OK ? 0 : -1;
+}
+
+/* Runs scripts/safetensors_loss.py on a model's export and a batch; its
+ * loss, or NAN. */
+static double t_st_torch_loss(const sm_model *m, const int *in, const int *tg, int B, int T) {
+    const char *model = "test_tmp_torch.safetensors", *tokens = "test_tmp_torch_tokens.txt";
+    char line[256];
+    double loss = NAN;
+    FILE *f = fopen(tokens, "w");
+    int b, t;
+    for (b = 0; f && b < B; b++) {
+        for (t = 0; t < T; t++) fprintf(f, "%d ", in[b * T + t]);
+        fprintf(f, "%d\n", tg[b * T + T - 1]);
+    }
+    if (!f || fclose(f) != 0 || sm_model_save_safetensors(m, model, NULL) != SM_OK) return NAN;
+    f = popen("/usr/bin/python3 scripts/safetensors_loss.py test_tmp_torch.safetensors "
+              "test_tmp_torch_tokens.txt 2>&1", "r");
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "loss %lf", &loss) != 1) fprintf(stderr, "safetensors_loss.py: %s", line);
+    if (f) pclose(f);
+    remove(model), remove(tokens);
+    return loss;
+}
+
+/* PyTorch, from the export alone (scripts/safetensors_loss.py: the file
+ * parsed by hand, an independent torch model), gives the C model's loss:
+ * the backbone with a tied head, and mHC + PEER with an untied head. Both
+ * compute in float32, in different reduction orders: |diff| <= 2e-5 x
+ * loss. Without PyTorch the test says it skipped. */
+static int test_safetensors_pytorch_loss(void) {
+    enum { B = 2, T = 8 };
+    sm_model_config c[2];
+    int in[B * T], tg[B * T], i, k;
+    if (system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0) {
+        printf("     SKIPPED test_safetensors_pytorch_loss: /usr/bin/python3 cannot import torch "
+               "(apt-get install python3-torch)\n");
+        return 0;
+    }
+    c[0] = t_st_config();
+    c[0].use_engram = c[0].use_peer = c[0].peer_n_layers = c[0].use_mhc = 0, c[0].tied_head = 1;
+    c[1] = t_st_config();
+    c[1].use_engram = 0;
+    for (i = 0; i < B * T; i++) in[i] = (i * 7 + 1) % 40;
+    for (i = 0; i < B * T; i++) tg[i] = (i + 1) % T ? in[i + 1] : (i * 13) % 40; /* next token; row ends: any */
+    for (k = 0; k < 2; k++) {
+        sm_model m;
+        double torch_loss;
+        CHECK_OK(sm_model_init(&m, &c[k], B, 3, NULL));
+        CHECK(t_st_train(&m, in, tg, B, T, 5) == 0, "training steps failed");
+        torch_loss = t_st_torch_loss(&m, in, tg, B, T);
+        CHECK(fabs(torch_loss - m.loss) <= 2e-5 * fabs(m.loss), "model %d: PyTorch loss %.9g, C loss %.9g (diff %.3g)",
+              k, torch_loss, m.loss, torch_loss - m.loss);
+        printf("     model %d (%s): C loss %.9g, PyTorch %.9g, diff %.2g\n", k,
+               k ? "mHC + PEER, untied head" : "backbone, tied head", m.loss, torch_loss, torch_loss - m.loss);
+        sm_model_free(&m);
+    }
+    return 0;
+}
+
+#define SAFETENSORS_TESTS                                                              \
+    T(test_safetensors_model_roundtrip), T(test_safetensors_gpt2_arch_roundtrip), T(test_safetensors_writer_layout),            \
+        T(test_safetensors_refuses_malformed), T(test_safetensors_refuses_other_model), \
+        T(test_safetensors_half_dtypes), T(test_safetensors_trainer_export_init), \
+        T(test_safetensors_pytorch_loss)
+
 /* ---- registry ------------------------------------------------------- */
 
 static const t_case t_cases[] = {
@@ -8165,6 +8557,7 @@ static const t_case t_cases[] = {
     NINE_TESTS,
     PLOT_TESTS,
     PARITY_TESTS,
+    SAFETENSORS_TESTS,
     COMM_TESTS,
 };
 

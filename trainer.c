@@ -4,6 +4,7 @@
  *   trainer train    --data DIR_OR_TEXT --out RUN_DIR [options]
  *   trainer eval     --ckpt RUN_DIR/model.ckpt --data DIR
  *   trainer sample   --ckpt RUN_DIR/model.ckpt [--prompt TEXT]
+ *   trainer export   --ckpt RUN_DIR/model.ckpt --format safetensors --out MODEL.safetensors
  *   trainer report   --out REPORT_DIR RUN_DIR...
  *   trainer plot     --data LOG.csv --y COL,COL --out CHART.png
  *   trainer --help   every option, with its default and range (COMMAND --help: one command)
@@ -70,8 +71,9 @@ typedef struct {
     char data[TR_PATH], out[TR_PATH], ckpt[TR_PATH], prompt[TR_PATH];
     char preset[32], schedule[512], engram_layers[128], peer_layers[128], strategy[32];
     char device[16], precision[8];
+    char init[TR_PATH], format[16];
     char tokenizer[TR_PATH], tag[64], baseline[64], x_col[32], y_cols[256], title[128];
-    char arch[16], init[TR_PATH];
+    char arch[16];
     char xlabel[128], ylabel[128];
     int log_x, log_y;
     int resume, threads, vocab, quiet;
@@ -133,14 +135,16 @@ typedef struct {
 static const tr_opt_spec tr_specs[] = {
     OPT("data", O_STR, data, "text file/folder, or a folder made by `tokenize`"),
     OPT("out", O_STR, out, "output folder (run, tokenized data, or report)"),
-    OPT("ckpt", O_STR, ckpt, "checkpoint file (eval, sample)"),
+    OPT("ckpt", O_STR, ckpt, "checkpoint file (eval, sample, export), or a .safetensors export (eval, sample: with --data)"),
+    OPT("format", O_STR, format, "export: the file format: safetensors"),
     OPT("resume", O_FLAG, resume, "continue from OUT/model.ckpt"),
     OPT("shard-tables", O_FLAG, shard_tables, "under mpirun: Engram rows and PEER experts sharded over the processes"),
     NUM("stop-after", O_LONG, stop_after, 0, TR_STEPS_MAX, "stop with a checkpoint after this step (0 = run to the end)"),
     OPT("preset", O_STR, preset, "model/training preset: tiny | small | gpt2s"),
     OPT("arch", O_STR, arch, "backbone: rmsnorm (default) | gpt2 (LayerNorm with bias, vocabulary padded to a multiple of 128 as llm.c)"),
-    OPT("init", O_STR, init, "start from an llm.c GPT-2 model file (gpt2_124M.bin): its shape and weights, modules added closed; "
-                             "data tokenized with --tokenizer gpt2:DIR"),
+    OPT("init", O_STR, init, "train: start from an llm.c GPT-2 model file (gpt2_124M.bin: its shape and weights, modules "
+                             "added closed; data tokenized with --tokenizer gpt2:DIR), or from a .safetensors export (the "
+                             "options must build the same model)"),
     NUM("seed", O_U64, seed, 0, TR_U64_MAX, "model initialisation seed"),
     NUM("data-seed", O_U64, data_seed, 0, TR_U64_MAX, "batch sampling seed"),
     NUM("threads", O_INT, threads, 0, 4096, "OpenMP threads (0 = all cores)"),
@@ -259,6 +263,8 @@ static const char *const tr_commands[][3] = {
      "train a model on --data (tokenized folder, or text: tokenized first) into --out"},
     {"eval", "--ckpt RUN_DIR/model.ckpt [--data DIR --tag TAG]", "evaluate --ckpt on the validation split of --data"},
     {"sample", "--ckpt RUN_DIR/model.ckpt [--prompt TEXT --tokens N]", "generate text from --ckpt"},
+    {"export", "--ckpt RUN_DIR/model.ckpt --format safetensors --out MODEL.safetensors",
+     "write --ckpt's weights and model config as safetensors (backbone under HF GPT-2 names)"},
     {"report", "--out DIR RUN_DIR...", "tables + plots from finished runs"},
     {"plot", "--data F.csv --x step --y a,b=legend --out F.png", "a line chart of CSV columns"},
 };
@@ -1794,6 +1800,11 @@ static void tr_resume(tr_run *r, const tr_opts *o) {
     if (sm_loader_restore(&r->loader, &state, &err) != SM_OK) tr_die("--resume: data position", &err);
 }
 
+static int tr_is_safetensors(const char *path) {
+    size_t n = strlen(path);
+    return n >= 12 && strcmp(path + n - 12, ".safetensors") == 0;
+}
+
 /* --init FILE: the backbone is the GPT-2 of an llm.c model file. Its header
  * sets the architecture and shape (--arch, --layers, --d-model, --heads,
  * --d-ff give way to it); --seq may use fewer positions than it has. */
@@ -1846,6 +1857,40 @@ static void tr_check_ranks(const tr_run *r, const tr_opts *o) {
         tr_die("processes", &err);
 }
 
+/* --init FILE.safetensors: the model the options built takes the file's
+ * weights (every tensor, same shapes: sm_model_load_safetensors). Config
+ * fields that differ without changing a shape (an n-gram seed, top-k, a
+ * learning rate) are the options' to set, and are listed. */
+static void tr_init_from_safetensors(tr_run *r, const tr_opts *o) {
+    sm_error err = {SM_OK, ""};
+    sm_safetensors st;
+    sm_model_config file_cfg;
+    char diff[512];
+    int n_diff;
+    if (sm_safetensors_load(&st, o->init, &err) != SM_OK || sm_model_load_safetensors(&r->model, &st, &err) != SM_OK)
+        tr_die("--init", &err);
+    if (sm_model_config_from_safetensors(&st, &file_cfg, &err) == SM_OK &&
+        (n_diff = sm_model_config_differences(&file_cfg, &r->model.cfg, diff, sizeof diff)) > 0 && !o->quiet)
+        printf("--init %s: the options set %d config field%s the file had otherwise: %s\n", o->init, n_diff,
+               n_diff > 1 ? "s" : "", diff);
+    sm_safetensors_free(&st);
+}
+
+/* --init: the weights of an llm.c model file or of a safetensors export. */
+static void tr_init_weights(tr_run *r, const tr_opts *o) {
+    sm_error err = {SM_OK, ""};
+    if (!tr_is_safetensors(o->init)) {
+        if (sm_model_load_llmc(&r->model, o->init, &err) != SM_OK) tr_die("--init", &err);
+        return;
+    }
+    if (sm_model_is_sharded(&r->model)) {
+        fprintf(stderr, "trainer: --init %s with --shard-tables: a safetensors file loads into one process's "
+                        "model only; start without --shard-tables and resume with it\n", o->init);
+        exit(1);
+    }
+    tr_init_from_safetensors(r, o);
+}
+
 static void tr_run_setup(tr_run *r, tr_opts *o) {
     sm_error err = {SM_OK, ""};
     sm_loader_config lc = sm_loader_default_config();
@@ -1866,11 +1911,11 @@ static void tr_run_setup(tr_run *r, tr_opts *o) {
         fprintf(stderr, "trainer: %s\n", msg);
         exit(1);
     }
-    if (o->init[0]) tr_init_config(&r->cfg, o, (int)r->data.vocab);
+    if (o->init[0] && !tr_is_safetensors(o->init)) tr_init_config(&r->cfg, o, (int)r->data.vocab);
     tr_check_ranks(r, o);
     if (sm_model_init_sharded(&r->model, &r->cfg, o->batch, o->seed, o->shard_tables ? tr_comm : NULL, &err) != SM_OK)
         tr_die("model", &err);
-    if (o->init[0] && !o->resume && sm_model_load_llmc(&r->model, o->init, &err) != SM_OK) tr_die("--init", &err);
+    if (o->init[0] && !o->resume) tr_init_weights(r, o);
     tr_set_canon(&r->model, &r->data);
     lc.batch_size = o->batch, lc.seq_len = o->seq_len, lc.seed = o->data_seed;
     if (sm_loader_init(&r->loader, &r->data.train, &lc, &err) != SM_OK) tr_die("training data", &err);
@@ -2222,30 +2267,60 @@ static int tr_train(tr_opts *o) {
 /* Eval and sample from a checkpoint                                     */
 /* ===================================================================== */
 
-/* Builds the model of a checkpoint (and its data) for eval/sample. */
-static void tr_load_for_inference(tr_run *r, tr_opts *o, int B) {
+static void tr_check_vocab(const tr_run *r, const char *what) {
+    if (r->data.vocab == (uint32_t)r->cfg.vocab_size) return;
+    fprintf(stderr, "trainer: the tokens in %s have %u ids, the %s's model %d\n", r->data.dir, r->data.vocab, what,
+            r->cfg.vocab_size);
+    exit(1);
+}
+
+/* A checkpoint's model, and its data unless --data names other data. */
+static void tr_load_checkpoint_model(tr_run *r, tr_opts *o, int B) {
     sm_error err = {SM_OK, ""};
     sm_reader rd;
     tr_opts saved;
+    if (tr_read_checkpoint_header(&rd, o->ckpt, &r->cfg, &saved, &err) != SM_OK) tr_die("--ckpt", &err);
+    if (!o->data[0]) snprintf(o->data, sizeof o->data, "%s", saved.data);
+    snprintf(o->out, sizeof o->out, "%s", saved.out);
+    tr_load_data(&r->data, o, 0);
+    tr_check_vocab(r, "checkpoint");
+    if (sm_model_init(&r->model, &r->cfg, B, 1, &err) != SM_OK) tr_die("model", &err);
+    if (tr_read_checkpoint_state(&rd, r, &err) != SM_OK) tr_die("--ckpt", &err);
+    sm_reader_close(&rd);
+}
+
+/* A safetensors export's model (the config from its metadata); the file
+ * does not name its data, so --data must. An Engram-Nine model's hot set
+ * is built again from the training split, as training built it. */
+static void tr_load_safetensors_model(tr_run *r, tr_opts *o, int B) {
+    sm_error err = {SM_OK, ""};
+    sm_safetensors st;
+    if (!o->data[0]) {
+        fprintf(stderr, "trainer: --ckpt %s: a safetensors export does not name its data: give --data DIR "
+                        "(the tokenized folder it was trained on)\n", o->ckpt);
+        exit(1);
+    }
+    if (sm_safetensors_load(&st, o->ckpt, &err) != SM_OK || sm_model_config_from_safetensors(&st, &r->cfg, &err) != SM_OK)
+        tr_die("--ckpt", &err);
+    tr_load_data(&r->data, o, r->cfg.use_nine);
+    tr_check_vocab(r, "export");
+    if (sm_model_init(&r->model, &r->cfg, B, 1, &err) != SM_OK) tr_die("model", &err);
+    if (sm_model_load_safetensors(&r->model, &st, &err) != SM_OK) tr_die("--ckpt", &err);
+    sm_safetensors_free(&st);
+    if (r->cfg.use_nine) tr_build_hot_set(r, o);
+}
+
+/* Builds the model of --ckpt (and its data) for eval/sample. */
+static void tr_load_for_inference(tr_run *r, tr_opts *o, int B) {
+    sm_error err = {SM_OK, ""};
     size_t N;
     if (!o->ckpt[0]) {
         fprintf(stderr, "trainer: --ckpt is required\n");
         exit(1);
     }
     memset(r, 0, sizeof *r);
-    if (tr_read_checkpoint_header(&rd, o->ckpt, &r->cfg, &saved, &err) != SM_OK) tr_die("--ckpt", &err);
-    /* the checkpoint's data unless --data says otherwise */
-    if (!o->data[0]) snprintf(o->data, sizeof o->data, "%s", saved.data);
-    snprintf(o->out, sizeof o->out, "%s", saved.out);
-    tr_load_data(&r->data, o, 0);
-    if (r->data.vocab != (uint32_t)r->cfg.vocab_size) {
-        fprintf(stderr, "trainer: the tokens in %s have %u ids, the checkpoint's model %d\n",
-                r->data.dir, r->data.vocab, r->cfg.vocab_size);
-        exit(1);
-    }
-    if (sm_model_init(&r->model, &r->cfg, B, 1, &err) != SM_OK) tr_die("model", &err);
-    if (tr_read_checkpoint_state(&rd, r, &err) != SM_OK) tr_die("--ckpt", &err);
-    sm_reader_close(&rd);
+    if (tr_is_safetensors(o->ckpt)) tr_load_safetensors_model(r, o, B);
+    else tr_load_checkpoint_model(r, o, B);
     tr_set_canon(&r->model, &r->data);
     N = (size_t)B * r->cfg.seq_len;
     r->in = (int *)sm_alloc(N, sizeof(int), "inputs", &err);
@@ -2279,6 +2354,35 @@ static int tr_cmd_eval(tr_opts *o) {
     if (!o->quiet) printf("val loss %.4f  ppl %.2f  (%zu tokens, step %ld)\n", e.loss, e.ppl, e.tokens, r.step);
     if (o->tag[0]) tr_write_eval_json(o, &e);
     tr_run_free(&r);
+    return 0;
+}
+
+/* A checkpoint's weights and model config as a safetensors file
+ * (sm_model_save_safetensors); the Adam moments and the run's state stay
+ * in the checkpoint. */
+static int tr_cmd_export(tr_opts *o) {
+    sm_error err = {SM_OK, ""};
+    sm_reader rd;
+    tr_opts saved;
+    tr_run r;
+    if (o->format[0] && strcmp(o->format, "safetensors") != 0) {
+        fprintf(stderr, "trainer export: --format %s: the format is safetensors\n", o->format);
+        return 1;
+    }
+    if (!o->ckpt[0] || !o->out[0]) {
+        fprintf(stderr, "trainer export: --ckpt RUN/model.ckpt and --out FILE.safetensors are required\n");
+        return 1;
+    }
+    memset(&r, 0, sizeof r);
+    if (tr_read_checkpoint_header(&rd, o->ckpt, &r.cfg, &saved, &err) != SM_OK) tr_die("--ckpt", &err);
+    if (sm_model_init(&r.model, &r.cfg, 1, 1, &err) != SM_OK) tr_die("model", &err);
+    if (tr_read_checkpoint_state(&rd, &r, &err) != SM_OK) tr_die("--ckpt", &err);
+    sm_reader_close(&rd);
+    if (sm_model_save_safetensors(&r.model, o->out, &err) != SM_OK) tr_die("export", &err);
+    if (!o->quiet)
+        printf("wrote %s: %d tensors, %zu parameters (step %ld)\n", o->out, r.model.params.n_tensors,
+               r.model.params.total, r.step);
+    sm_model_free(&r.model);
     return 0;
 }
 
@@ -2979,6 +3083,7 @@ static int tr_run_command(tr_opts *o, const char *cmd, char **pos, int n_pos) {
     if (strcmp(cmd, "train") == 0) return tr_train(o);
     if (strcmp(cmd, "eval") == 0) return tr_cmd_eval(o);
     if (strcmp(cmd, "sample") == 0) return tr_sample(o, stdout);
+    if (strcmp(cmd, "export") == 0) return tr_cmd_export(o);
     if (strcmp(cmd, "report") == 0) return tr_cmd_report(o, pos, n_pos);
     return tr_cmd_plot(o);
 }

@@ -163,6 +163,48 @@ static void load_checkpoint(const char *path) {
     sm_reader_close(&rd);
 }
 
+/* What the reader promises: tensors in buffer order, each span its
+ * shape's bytes, covering the buffer; every tensor converts to floats.
+ * Then, as `trainer eval --ckpt X.safetensors` does: the config from the
+ * metadata, a model (batch 1) built from it, the tensors loaded into it, a
+ * forward pass. The model is built only when the file holds as many
+ * values as it has parameters (else the load must fail anyway) and for
+ * seq_len <= 64 (a crafted seq_len would otherwise ask for gigabytes of
+ * attention scores: the harness's limit, not the reader's). */
+static void load_safetensors(const char *path) {
+    static tr_run r; /* large: sm_model holds every sublayer */
+    sm_safetensors st;
+    uint64_t at = 0, values = 0;
+    size_t n_params = 0;
+    int i;
+    if (sm_safetensors_load(&st, path, NULL) != SM_OK) {
+        sm_safetensors_free(&st);
+        return;
+    }
+    for (i = 0; i < st.n_tensors; i++) {
+        const sm_st_tensor *t = &st.tensors[i];
+        float *v = (float *)malloc((size_t)t->numel * sizeof(float) + 1);
+        FUZZ_ASSERT(t->begin == at && t->end - t->begin == t->numel * (t->dtype == SM_ST_F32 ? 4 : 2));
+        FUZZ_ASSERT(v != NULL);
+        sm_safetensors_to_f32(&st, t, v);
+        free(v);
+        at = t->end, values += t->numel;
+    }
+    FUZZ_ASSERT(at == st.buffer_size);
+    memset(&r, 0, sizeof r);
+    if (sm_model_config_from_safetensors(&st, &r.cfg, NULL) == SM_OK && r.cfg.seq_len <= 64 &&
+        sm_model_param_count(&r.cfg, &n_params, NULL) == SM_OK && n_params == values &&
+        sm_model_init(&r.model, &r.cfg, 1, 1, NULL) == SM_OK) {
+        if (sm_model_load_safetensors(&r.model, &st, NULL) == SM_OK && !r.cfg.use_nine) {
+            int in[8], T = r.cfg.seq_len < 8 ? r.cfg.seq_len : 8;
+            for (i = 0; i < T; i++) in[i] = i % r.cfg.vocab_size;
+            (void)sm_model_forward(&r.model, in, NULL, NULL, 1, T, NULL);
+        }
+        sm_model_free(&r.model);
+    }
+    sm_safetensors_free(&st);
+}
+
 typedef struct {
     const char *name;
     int checksummed; /* the file ends in the library's checksum */
@@ -174,6 +216,7 @@ static const fuzz_fmt fuzz_fmts[] = {
     {"mphf", 1, load_mphf},           {"hot_tier", 1, load_hot_tier}, {"checkpoint", 1, load_checkpoint},
     {"gpt2_encoder", 0, load_gpt2_encoder}, {"gpt2_merges", 0, load_gpt2_merges},
     {"llmc_model", 0, load_llmc_model},
+    {"safetensors", 0, load_safetensors},
 };
 #define FUZZ_N_FMTS (int)(sizeof fuzz_fmts / sizeof fuzz_fmts[0])
 
@@ -284,6 +327,7 @@ static int seed_checkpoints(const char *dir, const char *tmp) {
     if (!seed_model(&r)) return 0;
     ok = sm_nine_save(&r.model.nine, tmp, NULL) == SM_OK && put_seed(dir, "hot_tier", "seed", tmp);
     ok = ok && tr_save_checkpoint(&r, &o, tmp, NULL) == SM_OK && put_seed(dir, "checkpoint", "seed", tmp);
+    ok = ok && sm_model_save_safetensors(&r.model, tmp, NULL) == SM_OK && put_seed(dir, "safetensors", "seed", tmp);
     /* Regression: seq_len 8 -> 65535 in the config (checksum recomputed)
      * made sm_model_init ask for 69 GB of activations (attention scores
      * grow as seq_len^2) before the file's parameter count was checked. */

@@ -7,7 +7,7 @@
 #include <stdint.h>
 
 /* Index of the format called name (tokenizer, tokens, llmc, mphf,
- * hot_tier, checkpoint, gpt2_encoder, gpt2_merges, llmc_model), or -1. */
+ * hot_tier, checkpoint, gpt2_encoder, gpt2_merges, llmc_model, safetensors), or -1. */
 int fuzz_format(const char *name);
 
 /* Writes an input as a file of that format and loads it with the library's

@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""safetensors_loss.py - the loss of a sparsemem safetensors export, in PyTorch.
+
+    /usr/bin/python3 scripts/safetensors_loss.py MODEL.safetensors TOKENS.txt [--float64]
+
+TOKENS.txt holds one sequence per line: T+1 token ids separated by white
+space; the inputs are the first T, the targets the last T. Prints
+"loss X", the mean cross-entropy over every position.
+
+The file is parsed by hand (u64 header length, JSON, byte buffer; no
+safetensors package) and the model is rebuilt from the config in its
+__metadata__ ("sm.*" keys) with an independent PyTorch implementation,
+written from the math documented in sparsemem.h: the pre-norm backbone
+(RMSNorm, causal attention, tanh-GELU MLP, learned positions, tied or
+untied head), mHC (n residual streams, Sinkhorn-projected H_res, expand by
+copy, collapse by the mean) and PEER (product-key top-k over single-neuron
+experts). rmsnorm, causal_attention and sinkhorn come from make_fixtures.py.
+An Engram model is refused: its n-gram hash (seeded multipliers, primes) is
+not reimplemented here. The linear weights are in Hugging Face's Conv1D
+layout [in, out] (y = x W + b), as the export writes them.
+
+By default the computation is in float32, as the C model's; --float64
+computes in float64 from the stored float32 weights.
+"""
+import argparse
+import json
+import os
+import struct
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from make_fixtures import PEER_EPS, causal_attention, rmsnorm, sinkhorn  # noqa: E402
+
+NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
+
+
+def read_safetensors(path):
+    """(tensors by name as float32 torch tensors, metadata dict)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 8:
+        raise ValueError("%s: shorter than the 8-byte header length" % path)
+    (n,) = struct.unpack_from("<Q", data, 0)
+    if n > len(data) - 8:
+        raise ValueError("%s: header length %d runs past the end of the file" % (path, n))
+    header = json.loads(data[8:8 + n].decode("utf-8"))
+    meta = header.pop("__metadata__", {})
+    buf = data[8 + n:]
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        raw = np.frombuffer(buf[begin:end], dtype=NUMPY_DTYPES[info["dtype"]])
+        if info["dtype"] == "BF16":  # the high half of a float32
+            raw = (raw.astype(np.uint32) << 16).view("<f4")
+        tensors[name] = torch.from_numpy(raw.astype(np.float32).reshape(info["shape"]))
+    return tensors, meta
+
+
+ARRAY_KEYS = ("engram.hash.orders", "engram.hash.layer_ids", "nine.n_hot", "peer_layer_ids")
+
+
+def config_of(meta):
+    """The sm.* metadata as numbers; arrays as lists (their trailing zeros
+    are left out of the file: index past the end means 0)."""
+    def num(s):
+        return float(s) if any(c in s for c in ".eEn") else int(s)
+    cfg = {}
+    for key, value in meta.items():
+        if key.startswith("sm."):
+            items = [num(v) for v in value.split(",")] if value else []
+            cfg[key[3:]] = items if key[3:] in ARRAY_KEYS else items[0]
+    return cfg
+
+
+def layer_ids(cfg, key, count):
+    ids = cfg[key] + [0] * cfg[count]
+    return ids[:cfg[count]]
+
+
+def linear(x, w, b=None):
+    """Conv1D layout: w is [in, out]."""
+    y = x @ w
+    return y if b is None else y + b
+
+
+def attention(u, W, i, n_head):
+    p = "h.%d." % i
+    qkv = linear(rmsnorm(u, W[p + "ln_1.weight"]), W[p + "attn.c_attn.weight"], W[p + "attn.c_attn.bias"])
+    return linear(causal_attention(qkv, n_head), W[p + "attn.c_proj.weight"], W[p + "attn.c_proj.bias"])
+
+
+def peer(x, W, i, cfg, C):
+    """x [B, T, C]: the sum over heads of the softmax-weighted top-k experts,
+    expert a*s + b scored by keys1[a] + keys2[b]."""
+    p = "h.%d.peer." % i
+    h, s, k, dk = cfg["peer.heads"], cfg["peer.n_sub"], cfg["peer.topk"], cfg["peer.d_key"]
+    if cfg["peer.query_norm"] != 0:
+        raise SystemExit("PEER with LayerNorm queries is not implemented here (RMSNorm only)")
+    half, lead = dk // 2, x.shape[:-1]
+    q = F.linear(x, W[p + "w_q"].view(h * dk, C)).view(*lead, h, dk)
+    q = q * torch.rsqrt(q.pow(2).mean(-1, keepdim=True) + PEER_EPS) * W[p + "q_gain"].view(h, dk)
+    tables = 1 if cfg["peer.shared_keys"] else h
+    k1, k2 = (W[p + kk].view(tables, s, half).expand(h, s, half) for kk in ("keys1", "keys2"))
+    s1 = torch.einsum("...hd,hsd->...hs", q[..., :half], k1)
+    s2 = torch.einsum("...hd,hsd->...hs", q[..., half:], k2)
+    scores = (s1[..., :, None] + s2[..., None, :]).reshape(*lead, h, s * s)
+    top, idx = scores.topk(k, dim=-1)
+    experts = W[p + "experts"].view(s * s, 2 * C)[idx]                 # [..., h, k, 2C]
+    pre = (experts[..., :C] * x[..., None, None, :]).sum(-1)
+    act = F.gelu(pre, approximate="tanh") if cfg["peer.activation"] == 0 else F.relu(pre)
+    return ((top.softmax(-1) * act)[..., None] * experts[..., C:]).sum((-3, -2))
+
+
+def feed_forward(u, W, i, cfg, C):
+    p = "h.%d." % i
+    ln = rmsnorm(u, W[p + "ln_2.weight"])
+    has_peer = cfg["use_peer"] and i in layer_ids(cfg, "peer_layer_ids", "peer_n_layers")
+    y = 0
+    if not (has_peer and cfg["peer_replace_mlp"]):
+        hid = F.gelu(linear(ln, W[p + "mlp.c_fc.weight"], W[p + "mlp.c_fc.bias"]), approximate="tanh")
+        y = linear(hid, W[p + "mlp.c_proj.weight"], W[p + "mlp.c_proj.bias"])
+    return y + peer(ln, W, i, cfg, C) if has_peer else y
+
+
+def mhc_branch(x, W, name, cfg, fn):
+    """x [B, T, n, C]: maps from RMSNorm(flattened streams), u = H_pre x,
+    x' = H_res x + H_post^T fn(u)."""
+    B, T, n, C = x.shape
+    K = 2 * n + n * n
+    gate_bias = W[name + ".gate_bias"]
+    if cfg["mhc.dynamic"]:
+        gate, bias = gate_bias[:3], gate_bias[3:]
+        z = F.linear(rmsnorm(x.reshape(B, T, n * C)), W[name + ".phi"].view(K, n * C))
+        arg = torch.cat([gate[0].expand(n), gate[1].expand(n), gate[2].expand(n * n)]) * z + bias
+    else:
+        arg = gate_bias.expand(B, T, K)
+    h_pre, h_post = torch.sigmoid(arg[..., :n]), 2 * torch.sigmoid(arg[..., n:2 * n])
+    h_res = sinkhorn(arg[..., 2 * n:].reshape(B, T, n, n), cfg["mhc.sinkhorn_iters"])
+    y = fn(torch.einsum("bti,btic->btc", h_pre, x))
+    return torch.einsum("btij,btjc->btic", h_res, x) + h_post[..., None] * y[:, :, None, :]
+
+
+def model_loss(W, cfg, inputs, targets):
+    if cfg["use_engram"]:
+        raise SystemExit("a model with Engram: its n-gram hash is not reimplemented in this script")
+    if cfg.get("arch", 0) != 0:
+        raise SystemExit("a GPT-2-arch model (LayerNorm): this script rebuilds the RMSNorm backbone only")
+    C, T = cfg["d_model"], inputs.shape[1]
+    x = W["wte.weight"][inputs] + W["wpe.weight"][:T]
+    n = cfg["mhc.n_streams"] if cfg["use_mhc"] else 0
+    if n:
+        x = x[:, :, None, :].expand(-1, -1, n, -1)
+    for i in range(cfg["n_layer"]):
+        blocks = [("attn", lambda u, i=i: attention(u, W, i, cfg["n_head"])),
+                  ("ffn", lambda u, i=i: feed_forward(u, W, i, cfg, C))]
+        for kind, fn in blocks:
+            x = mhc_branch(x, W, "h.%d.mhc.%s" % (i, kind), cfg, fn) if n else x + fn(x)
+    if n:
+        x = x.mean(2)
+    head = W.get("lm_head.weight", W["wte.weight"])
+    logits = rmsnorm(x, W["ln_f.weight"]) @ head.T
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("model")
+    ap.add_argument("tokens")
+    ap.add_argument("--float64", action="store_true", help="compute in float64")
+    a = ap.parse_args()
+    tensors, meta = read_safetensors(a.model)
+    dt = torch.float64 if a.float64 else torch.float32
+    W = {k: v.to(dt) for k, v in tensors.items()}
+    with open(a.tokens) as f:
+        seqs = torch.tensor([[int(t) for t in line.split()] for line in f if line.strip()])
+    with torch.no_grad():
+        loss = model_loss(W, config_of(meta), seqs[:, :-1], seqs[:, 1:])
+    print("loss %.9g" % loss.item())
+
+
+if __name__ == "__main__":
+    main()
