@@ -9286,6 +9286,53 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layer
 
 /* ---- >>backbone  Backbone layers ------------------------------------ */
 
+/* Elementwise loops in explicit vectors where the target has them (GELU
+ * here, AdamW in >>optim): compilers keep tanhf and sqrtf scalar (they may
+ * set errno). Each vector loop does its scalar twin's IEEE operations in the
+ * same order (products and sums unfused, as the Makefile's -std=c99
+ * compiles the scalar code; division, square root and rounding to an
+ * integer exact in both), so the vector lanes and a scalar tail give the
+ * same bits. sm__av_max(a, b) is a > b ? a : b and sm__av_min(a, b) is
+ * a < b ? a : b, NaN included, as the scalar twins write them. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SM__AV_WIDTH 16
+typedef __m512 sm__av;
+#define sm__av_load(p) _mm512_loadu_ps(p)
+#define sm__av_store(p, x) _mm512_storeu_ps(p, x)
+#define sm__av_splat(x) _mm512_set1_ps(x)
+#define sm__av_add(a, b) _mm512_add_ps(a, b)
+#define sm__av_sub(a, b) _mm512_sub_ps(a, b)
+#define sm__av_mul(a, b) _mm512_mul_ps(a, b)
+#define sm__av_div(a, b) _mm512_div_ps(a, b)
+#define sm__av_sqrt(a) _mm512_sqrt_ps(a)
+#define sm__av_max(a, b) _mm512_max_ps(a, b)
+#define sm__av_min(a, b) _mm512_min_ps(a, b)
+#define sm__av_rint(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+/* 2^n for an integral n in [-126, 127]: n + 127 in the exponent bits */
+#define sm__av_exp2i(n) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define SM__AV_WIDTH 8
+typedef __m256 sm__av;
+#define sm__av_load(p) _mm256_loadu_ps(p)
+#define sm__av_store(p, x) _mm256_storeu_ps(p, x)
+#define sm__av_splat(x) _mm256_set1_ps(x)
+#define sm__av_add(a, b) _mm256_add_ps(a, b)
+#define sm__av_sub(a, b) _mm256_sub_ps(a, b)
+#define sm__av_mul(a, b) _mm256_mul_ps(a, b)
+#define sm__av_div(a, b) _mm256_div_ps(a, b)
+#define sm__av_sqrt(a) _mm256_sqrt_ps(a)
+#define sm__av_max(a, b) _mm256_max_ps(a, b)
+#define sm__av_min(a, b) _mm256_min_ps(a, b)
+#define sm__av_rint(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#if defined(__AVX2__) /* integer vectors of 8 lanes */
+#define sm__av_exp2i(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#endif
+#endif
+
 /* Gain row of row n (NULL: no gain). */
 static const float *sm__rmsnorm_gain(const float *weight, int n, int C, int groups) {
     return weight ? weight + (size_t)(n % groups) * C : NULL;
@@ -9429,26 +9476,126 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
     }
 }
 
-/* GELU's tanhf is a libm call per element (~20 ns): worth the threads
- * above a few thousand elements. Elementwise, so any thread count gives the
- * same bits. */
-#define SM__GELU_PARALLEL_MIN 8192
+/* e^z for the CPU's GELU: z = n ln2 + r with |r| <= ln2/2, e^r by its
+ * Taylor series to r^7 (the r^8 term is below 6e-9 relative, under float's
+ * rounding), times 2^n built in the exponent bits. ln2 is split in two
+ * (Cody & Waite) so that n ln2_hi is exact. z is first clamped to [-87, 88]
+ * (2^n stays a normal float, e^88 < FLT_MAX); NaN becomes -87. */
+#define SM__EXP_LO (-87.0f)
+#define SM__EXP_HI 88.0f
+#define SM__LOG2E 1.44269504f
+#define SM__LN2_HI 0.693359375f /* 355/512: n ln2_hi exact for |n| < 2^15 */
+#define SM__LN2_LO (-2.12194440e-4f)
+static const float sm__exp_taylor[8] = {1.0f,         1.0f,          1.0f / 2.0f,   1.0f / 6.0f,
+                                        1.0f / 24.0f, 1.0f / 120.0f, 1.0f / 720.0f, 1.0f / 5040.0f};
+
+static float sm__exp_poly(float z) {
+    float n, r, p = sm__exp_taylor[7], scale;
+    int32_t bits;
+    int j;
+    z = z > SM__EXP_LO ? z : SM__EXP_LO;
+    z = z < SM__EXP_HI ? z : SM__EXP_HI;
+    n = rintf(z * SM__LOG2E);
+    r = (z - n * SM__LN2_HI) - n * SM__LN2_LO;
+    for (j = 6; j >= 0; j--) p = p * r + sm__exp_taylor[j];
+    bits = ((int32_t)n + 127) * (1 << 23);
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+/* GELU on the CPU without tanhf (a libm call per element, ~20 ns): with
+ * 1 + tanh(u) = 2 / (1 + e) and 1 - tanh^2(u) = 4 e / (1 + e)^2, where
+ * e = e^(-2u), GELU's tanh form (sm__gelu) becomes
+ *   gelu(x)  = x / (1 + e),
+ *   gelu'(x) = s + 2 x e s^2 du/dx,   s = 1 / (1 + e),
+ * which keeps the precision of 1 + tanh u and of 1 - tanh^2 u in both
+ * tails, where the tanh form subtracts numbers near 1. */
+static float sm__gelu_exp(float x) {
+    float u = SM__GELU_K * (x + 0.044715f * x * (x * x));
+    return sm__exp_poly(-2.0f * u);
+}
+
+static float sm__gelu_grad_from_exp(float x, float e) {
+    float s = 1.0f / (1.0f + e);
+    float du = SM__GELU_K * (1.0f + 3.0f * 0.044715f * x * x);
+    return s + 2.0f * x * ((e * s) * s) * du; /* e s near 1: no underflow */
+}
+
+#ifdef sm__av_exp2i
+#define SM__GELU_VW SM__AV_WIDTH
+/* The scalar twins' operations, in their order, SM__AV_WIDTH at a time. */
+static sm__av sm__av_exp_poly(sm__av z) {
+    sm__av n, r, p = sm__av_splat(sm__exp_taylor[7]);
+    int j;
+    z = sm__av_min(sm__av_max(z, sm__av_splat(SM__EXP_LO)), sm__av_splat(SM__EXP_HI));
+    n = sm__av_rint(sm__av_mul(z, sm__av_splat(SM__LOG2E)));
+    r = sm__av_sub(sm__av_sub(z, sm__av_mul(n, sm__av_splat(SM__LN2_HI))), sm__av_mul(n, sm__av_splat(SM__LN2_LO)));
+    for (j = 6; j >= 0; j--) p = sm__av_add(sm__av_mul(p, r), sm__av_splat(sm__exp_taylor[j]));
+    return sm__av_mul(p, sm__av_exp2i(n));
+}
+
+static sm__av sm__av_gelu_exp(sm__av x) {
+    sm__av x3 = sm__av_mul(sm__av_mul(sm__av_splat(0.044715f), x), sm__av_mul(x, x));
+    sm__av u = sm__av_mul(sm__av_splat(SM__GELU_K), sm__av_add(x, x3));
+    return sm__av_exp_poly(sm__av_mul(sm__av_splat(-2.0f), u));
+}
+
+static sm__av sm__av_gelu_grad_from_exp(sm__av x, sm__av e) {
+    sm__av s = sm__av_div(sm__av_splat(1.0f), sm__av_add(sm__av_splat(1.0f), e));
+    sm__av x2 = sm__av_mul(sm__av_mul(sm__av_splat(3.0f * 0.044715f), x), x);
+    sm__av du = sm__av_mul(sm__av_splat(SM__GELU_K), sm__av_add(sm__av_splat(1.0f), x2));
+    sm__av es2 = sm__av_mul(sm__av_mul(e, s), s);
+    return sm__av_add(s, sm__av_mul(sm__av_mul(sm__av_mul(sm__av_splat(2.0f), x), es2), du));
+}
+#else
+#define SM__GELU_VW 1
+#endif
+
+/* out[0 .. SM__GELU_VW) = gelu(inp[0 .. SM__GELU_VW)) */
+static void sm__gelu_forward_block(float *out, const float *inp) {
+#ifdef sm__av_exp2i
+    sm__av x = sm__av_load(inp);
+    sm__av_store(out, sm__av_div(x, sm__av_add(sm__av_splat(1.0f), sm__av_gelu_exp(x))));
+#else
+    *out = *inp / (1.0f + sm__gelu_exp(*inp));
+#endif
+}
+
+/* dinp[0 .. SM__GELU_VW) += dout * gelu'(inp) */
+static void sm__gelu_backward_block(float *dinp, const float *dout, const float *inp) {
+#ifdef sm__av_exp2i
+    sm__av x = sm__av_load(inp);
+    sm__av g = sm__av_gelu_grad_from_exp(x, sm__av_gelu_exp(x));
+    sm__av_store(dinp, sm__av_add(sm__av_load(dinp), sm__av_mul(sm__av_load(dout), g)));
+#else
+    *dinp += *dout * sm__gelu_grad_from_exp(*inp, sm__gelu_exp(*inp));
+#endif
+}
+
+/* Elementwise, so any thread count gives the same bits: blocks of
+ * SM__GELU_VW, then a scalar tail with the same bits per element. */
+#define SM__GELU_PARALLEL_MIN 32768
 SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
-    long i;
+    long b, nb = (long)(n / SM__GELU_VW);
+    size_t i;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
 #endif
-    for (i = 0; i < (long)n; i++) out[i] = sm__gelu(inp[i]);
+    for (b = 0; b < nb; b++) sm__gelu_forward_block(out + b * SM__GELU_VW, inp + b * SM__GELU_VW);
+    for (i = (size_t)nb * SM__GELU_VW; i < n; i++) out[i] = inp[i] / (1.0f + sm__gelu_exp(inp[i]));
 }
 
 SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
-    long i;
+    long b, nb = (long)(n / SM__GELU_VW);
+    size_t i;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
 #endif
-    for (i = 0; i < (long)n; i++) dinp[i] += dout[i] * sm__gelu_grad(inp[i]);
+    for (b = 0; b < nb; b++)
+        sm__gelu_backward_block(dinp + b * SM__GELU_VW, dout + b * SM__GELU_VW, inp + b * SM__GELU_VW);
+    for (i = (size_t)nb * SM__GELU_VW; i < n; i++)
+        dinp[i] += dout[i] * sm__gelu_grad_from_exp(inp[i], sm__gelu_exp(inp[i]));
 }
-
 
 SMDEF void sm_silu_forward(float *out, const float *inp, size_t n) {
     size_t i;
@@ -9485,21 +9632,43 @@ SMDEF void sm_embedding_backward(float *dwte, float *dwpe, const float *dout, co
         }
 }
 
+/* dst[i * T + t] = src[t * C3 + i] for t < T, i < hs: one head's keys or
+ * values (hs of the C3 floats of each token's qkv row) turned so that the
+ * dot products of a row against all tokens run along t, in vectors. */
+static void sm__attention_transpose_head(float *dst, const float *src, int T, int C3, int hs) {
+    int t, i;
+    for (t = 0; t < T; t++)
+        for (i = 0; i < hs; i++) dst[(size_t)i * T + t] = src[(size_t)t * C3 + i];
+}
+
+/* row[t2] = sum_i x[i] cols[i * T + t2] for t2 <= t: the dot products of x
+ * with the tokens up to t, each summed in i order (as a dot product loop
+ * would), all t2 at once. */
+static void sm__attention_dots(float *row, const float *x, const float *cols, int t, int T, int hs) {
+    int i, t2;
+    for (t2 = 0; t2 <= t; t2++) row[t2] = 0.0f;
+    for (i = 0; i < hs; i++) {
+        const float *c = cols + (size_t)i * T;
+        float xi = x[i];
+        for (t2 = 0; t2 <= t; t2++) row[t2] += xi * c[t2];
+    }
+}
+
 /* One (batch, head) pair: scores s = q.k / sqrt(hs) over the causal prefix,
- * softmax into att, then out_t = sum_t2 att[t,t2] v_t2. */
-static void sm__attention_head_forward(float *out, float *att, const float *qkv, int T, int C,
-                                       int hs, int h) {
+ * softmax into att, then out_t = sum_t2 att[t,t2] v_t2, summed in scratch
+ * and then stored (see sm__attention_head_backward). scratch: hs x T for k
+ * turned, then hs for out_t. */
+static void sm__attention_head_forward(float *out, float *att, float *scratch, const float *qkv,
+                                       int T, int C, int hs, int h) {
     int t, t2, i, C3 = 3 * C;
-    float scale = 1.0f / sqrtf((float)hs);
+    float scale = 1.0f / sqrtf((float)hs), *kt = scratch, *o = scratch + (size_t)hs * T;
+    sm__attention_transpose_head(kt, qkv + C + h * hs, T, C3, hs);
     for (t = 0; t < T; t++) {
         const float *q = qkv + (size_t)t * C3 + h * hs;
-        float *row = att + (size_t)t * T, *o = out + (size_t)t * C + h * hs;
-        float maxv = -1e30f, sum = 0.0f, inv;
+        float *row = att + (size_t)t * T, maxv = -1e30f, sum = 0.0f, inv;
+        sm__attention_dots(row, q, kt, t, T, hs);
         for (t2 = 0; t2 <= t; t2++) {
-            const float *k = qkv + (size_t)t2 * C3 + C + h * hs;
-            float dot = 0.0f;
-            for (i = 0; i < hs; i++) dot += q[i] * k[i];
-            row[t2] = dot * scale;
+            row[t2] *= scale;
             if (row[t2] > maxv) maxv = row[t2];
         }
         for (t2 = 0; t2 <= t; t2++) {
@@ -9515,6 +9684,7 @@ static void sm__attention_head_forward(float *out, float *att, const float *qkv,
             float a = row[t2];
             for (i = 0; i < hs; i++) o[i] += a * v[i];
         }
+        memcpy(out + (size_t)t * C + h * hs, o, sizeof(float) * hs);
     }
 }
 
@@ -9526,60 +9696,75 @@ SMDEF void sm_attention_forward(float *out, float *att, const float *qkv, int B,
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
-        sm__attention_head_forward(out + (size_t)b * T * C, att + (size_t)bh * T * T,
+        float *scratch = (float *)SM_MALLOC(sizeof(float) * (size_t)hs * (T + 1));
+        SM_ASSERT(scratch != NULL);
+        sm__attention_head_forward(out + (size_t)b * T * C, att + (size_t)bh * T * T, scratch,
                                    qkv + (size_t)b * T * 3 * C, T, C, hs, h);
+        SM_FREE(scratch);
     }
 }
 
+/* dst[t * C3 + i] += src[t * hs + i] for t < T, i < hs */
+static void sm__attention_add_head(float *dst, const float *src, int T, int C3, int hs) {
+    int t, i;
+    for (t = 0; t < T; t++)
+        for (i = 0; i < hs; i++) dst[(size_t)t * C3 + i] += src[(size_t)t * hs + i];
+}
+
 /* Backward of one (batch, head): datt = dout.v, softmax backward
- * ds = att * (datt - sum(att * datt)), then dq += ds k, dk += ds q, dv += att dout. */
-static void sm__attention_head_backward(float *dqkv, float *datt, const float *dout,
+ * ds = att * (datt - sum(att * datt)), then dq += ds k, dk += ds q,
+ * dv += att dout. The head's dq, dk, dv are summed in scratch and added to
+ * dqkv once: threads on neighbouring heads then do not write the cache
+ * lines the heads share, T^2 / 2 times each. scratch: T floats of datt,
+ * hs x T of v turned, then dq, dk, dv (T x hs each, zeroed here). */
+static void sm__attention_head_backward(float *dqkv, float *scratch, const float *dout,
                                         const float *qkv, const float *att, int T, int C, int hs,
                                         int h) {
     int t, t2, i, C3 = 3 * C;
-    float scale = 1.0f / sqrtf((float)hs);
+    size_t head = (size_t)T * hs;
+    float scale = 1.0f / sqrtf((float)hs), *datt = scratch, *vt = scratch + T;
+    float *dq = vt + head, *dk = dq + head, *dv = dk + head;
+    sm__attention_transpose_head(vt, qkv + 2 * C + h * hs, T, C3, hs);
+    memset(dq, 0, sizeof(float) * 3 * head);
     for (t = 0; t < T; t++) {
         const float *row = att + (size_t)t * T, *d = dout + (size_t)t * C + h * hs;
         const float *q = qkv + (size_t)t * C3 + h * hs;
-        float *dq = dqkv + (size_t)t * C3 + h * hs;
-        float dot = 0.0f;
+        float *dqt = dq + (size_t)t * hs, dot = 0.0f;
+        sm__attention_dots(datt, d, vt, t, T, hs);
         for (t2 = 0; t2 <= t; t2++) {
-            const float *v = qkv + (size_t)t2 * C3 + 2 * C + h * hs;
-            float *dv = dqkv + (size_t)t2 * C3 + 2 * C + h * hs, a = row[t2], s = 0.0f;
-            for (i = 0; i < hs; i++) {
-                s += d[i] * v[i];
-                dv[i] += a * d[i];
-            }
-            datt[t2] = s;
-            dot += a * s;
+            float *dvt = dv + (size_t)t2 * hs, a = row[t2];
+            for (i = 0; i < hs; i++) dvt[i] += a * d[i];
+            dot += a * datt[t2];
         }
         for (t2 = 0; t2 <= t; t2++) {
             const float *k = qkv + (size_t)t2 * C3 + C + h * hs;
-            float *dk = dqkv + (size_t)t2 * C3 + C + h * hs;
-            float ds = row[t2] * (datt[t2] - dot) * scale;
+            float *dkt = dk + (size_t)t2 * hs, ds = row[t2] * (datt[t2] - dot) * scale;
             for (i = 0; i < hs; i++) {
-                dq[i] += ds * k[i];
-                dk[i] += ds * q[i];
+                dqt[i] += ds * k[i];
+                dkt[i] += ds * q[i];
             }
         }
     }
+    sm__attention_add_head(dqkv + h * hs, dq, T, C3, hs);
+    sm__attention_add_head(dqkv + C + h * hs, dk, T, C3, hs);
+    sm__attention_add_head(dqkv + 2 * C + h * hs, dv, T, C3, hs);
 }
 
 SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                  int B, int T, int C, int NH) {
     int bh, hs = C / NH;
-    float *scratch = (float *)SM_MALLOC(sizeof(float) * (size_t)T * B * NH);
-    SM_ASSERT(scratch != NULL);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1)
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
-        sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C, scratch + (size_t)bh * T,
+        float *scratch = (float *)SM_MALLOC(sizeof(float) * (size_t)T * (4 * (size_t)hs + 1));
+        SM_ASSERT(scratch != NULL);
+        sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C, scratch,
                                     dout + (size_t)b * T * C, qkv + (size_t)b * T * 3 * C,
                                     att + (size_t)bh * T * T, T, C, hs, h);
+        SM_FREE(scratch);
     }
-    SM_FREE(scratch);
 }
 
 /* ---- >>loss  Loss --------------------------------------------------- */
@@ -9847,39 +10032,11 @@ SMDEF float sm_clip_scale(double norm, float max_norm) {
     return (float)(max_norm / norm);
 }
 
-/* AdamW's update in explicit vectors where the target has them: compilers
- * keep sqrtf scalar (it may set errno), which left the optimizer at one
- * element per ~15 cycles. The vector code does the scalar loop's IEEE
- * operations in its order (products and sums unfused; division and square
- * root are correctly rounded in both), so it gives the scalar loop's bits. */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define SM__ADAM_VW 16
-typedef __m512 sm__av;
-#define sm__av_load(p) _mm512_loadu_ps(p)
-#define sm__av_store(p, x) _mm512_storeu_ps(p, x)
-#define sm__av_splat(x) _mm512_set1_ps(x)
-#define sm__av_add(a, b) _mm512_add_ps(a, b)
-#define sm__av_sub(a, b) _mm512_sub_ps(a, b)
-#define sm__av_mul(a, b) _mm512_mul_ps(a, b)
-#define sm__av_div(a, b) _mm512_div_ps(a, b)
-#define sm__av_sqrt(a) _mm512_sqrt_ps(a)
-#elif defined(__AVX__)
-#include <immintrin.h>
-#define SM__ADAM_VW 8
-typedef __m256 sm__av;
-#define sm__av_load(p) _mm256_loadu_ps(p)
-#define sm__av_store(p, x) _mm256_storeu_ps(p, x)
-#define sm__av_splat(x) _mm256_set1_ps(x)
-#define sm__av_add(a, b) _mm256_add_ps(a, b)
-#define sm__av_sub(a, b) _mm256_sub_ps(a, b)
-#define sm__av_mul(a, b) _mm256_mul_ps(a, b)
-#define sm__av_div(a, b) _mm256_div_ps(a, b)
-#define sm__av_sqrt(a) _mm256_sqrt_ps(a)
-#endif
-
-#ifdef SM__ADAM_VW
-/* The vector part of sm__adamw_span: the first n - n % SM__ADAM_VW
+/* AdamW's update in explicit vectors (sm__av, >>backbone) where the target
+ * has them: compilers keep sqrtf scalar (it may set errno), which left the
+ * optimizer at one element per ~15 cycles. */
+#ifdef SM__AV_WIDTH
+/* The vector part of sm__adamw_span: the first n - n % SM__AV_WIDTH
  * elements; returns how many it did. */
 static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v, size_t n,
                                  const sm_param_group *g, float lr, float clip_scale, float bc1,
@@ -9888,8 +10045,8 @@ static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v
     const sm__av b2 = sm__av_splat(g->beta2), c2 = sm__av_splat(1.0f - g->beta2);
     const sm__av vclip = sm__av_splat(clip_scale), vbc1 = sm__av_splat(bc1), vbc2 = sm__av_splat(bc2);
     const sm__av veps = sm__av_splat(g->eps), vlr = sm__av_splat(lr), vwd = sm__av_splat(wd);
-    size_t i, end = n - n % SM__ADAM_VW;
-    for (i = 0; i < end; i += SM__ADAM_VW) {
+    size_t i, end = n - n % SM__AV_WIDTH;
+    for (i = 0; i < end; i += SM__AV_WIDTH) {
         sm__av gi = sm__av_mul(sm__av_load(grad + i), vclip);
         sm__av mi = sm__av_add(sm__av_mul(b1, sm__av_load(m + i)), sm__av_mul(c1, gi));
         sm__av vi = sm__av_add(sm__av_mul(b2, sm__av_load(v + i)), sm__av_mul(sm__av_mul(c2, gi), gi));
@@ -9911,7 +10068,7 @@ static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size
                            float bc2, int no_decay) {
     size_t i = 0;
     float wd = no_decay ? 0.0f : g->weight_decay;
-#ifdef SM__ADAM_VW
+#ifdef SM__AV_WIDTH
     i = sm__adamw_span_vec(w, grad, m, v, n, g, lr, clip_scale, bc1, bc2, wd);
 #endif
     for (; i < n; i++) {
@@ -12961,11 +13118,6 @@ SMDEF sm_status sm_model_load_safetensors(sm_model *m, const sm_safetensors *st,
 static SM_HD float sm__gelu(float x);
 static SM_HD float sm__gelu_grad(float x);
 static SM_HD float sm__silu_grad(float x);
-static void sm__attention_head_forward(float *out, float *att, const float *qkv, int T, int C,
-                                       int hs, int h);
-static void sm__attention_head_backward(float *dqkv, float *datt, const float *dout,
-                                        const float *qkv, const float *att, int T, int C, int hs,
-                                        int h);
 /* >>mphf */
 static size_t sm__packed_words(uint64_t count, uint32_t width);
 /* >>engram */

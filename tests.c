@@ -517,6 +517,59 @@ static int test_linear_gradient(void) {
     return 0;
 }
 
+/* GELU and its derivative in double, in the form sm_gelu_* use. */
+static double t_gelu_ref(double x, double *grad) {
+    double u = 0.7978845608028654 * (x + 0.044715 * x * x * x), e = exp(-2.0 * u), s = 1.0 / (1.0 + e);
+    *grad = s + 2.0 * x * e * s * s * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x);
+    return x * s;
+}
+
+/* The CPU's GELU (e^z by sm__exp_poly, no tanhf) against double: e^z
+ * within 1.5e-7 relative (2.5 float ulps; the series cut one term short
+ * is 2.4e-7 off) over the unclamped range [-87, 88]; GELU's error
+ * within 1.5e-7 (1 + |x|) forward and 4e-7 backward on [-12, 12]; within
+ * 2e-5 relative on [-9, -1], where the tanh form's 1 + tanh u cancels (what
+ * is left is u's float rounding, amplified |2u| times by e^(-2u)); past
+ * the exponent's clamps (x = -30, -1e4: e^(-2u) above e^88; 30, 1e4: below
+ * e^-87) finite and right; NaN stays NaN. The vector lanes give the bits
+ * of the scalar tail (each element again as an array of one). */
+static int test_gelu_exp_accuracy_clamps_and_lanes(void) {
+    enum { GRID = 2401, N = GRID + 5 };
+    static float x[N], y[N], d[N], ones[N];
+    int i;
+    for (i = 0; i < GRID; i++) x[i] = -12.0f + 0.01f * (float)i;
+    x[GRID] = -30.0f, x[GRID + 1] = 30.0f, x[GRID + 2] = -1e4f, x[GRID + 3] = 1e4f, x[GRID + 4] = NAN;
+    for (i = 0; i <= 175000; i++) {
+        float z = (float)(-87.0 + 0.001 * i);
+        double e = exp((double)z);
+        CHECK(fabs(sm__exp_poly(z) - e) <= 1.5e-7 * e, "e^%.3f: %.9g vs %.9g", z, sm__exp_poly(z), e);
+    }
+    for (i = 0; i < N; i++) ones[i] = 1.0f, d[i] = 0.0f;
+    sm_gelu_forward(y, x, N);
+    sm_gelu_backward(d, ones, x, N);
+    for (i = 0; i < GRID; i++) {
+        double g, f = t_gelu_ref(x[i], &g), scale = 1.0 + fabs(x[i]);
+        CHECK(fabs(y[i] - f) <= 1.5e-7 * scale && fabs(d[i] - g) <= 4e-7 * scale,
+              "x %.2f: gelu %.9g vs %.9g, gelu' %.9g vs %.9g", x[i], y[i], f, d[i], g);
+        if (x[i] > -9.0f && x[i] < -1.0f)
+            CHECK(fabs(y[i] - f) <= 2e-5 * fabs(f) && fabs(d[i] - g) <= 2e-5 * fabs(g),
+                  "x %.2f: relative error %.3g, %.3g", x[i], fabs(y[i] - f) / fabs(f), fabs(d[i] - g) / fabs(g));
+    }
+    for (i = GRID; i < GRID + 4; i += 2) {
+        CHECK(y[i] <= 0.0f && y[i] > -1e-30f && d[i] <= 0.0f && d[i] > -1e-20f, "x %g: gelu %g, gelu' %g", x[i], y[i], d[i]);
+        CHECK(y[i + 1] == x[i + 1] && d[i + 1] == 1.0f, "x %g: gelu %g, gelu' %g", x[i + 1], y[i + 1], d[i + 1]);
+    }
+    CHECK(isnan(y[GRID + 4]) && isnan(d[GRID + 4]), "NaN in, %g and %g out", y[GRID + 4], d[GRID + 4]);
+    for (i = 0; i < N; i++) {
+        float y1, d1 = 0.0f;
+        sm_gelu_forward(&y1, &x[i], 1);
+        sm_gelu_backward(&d1, &ones[i], &x[i], 1);
+        CHECK(memcmp(&y1, &y[i], sizeof y1) == 0 && memcmp(&d1, &d[i], sizeof d1) == 0,
+              "x %g: lane %.9g, %.9g vs scalar %.9g, %.9g", x[i], y[i], d[i], y1, d1);
+    }
+    return 0;
+}
+
 static double t_gelu_loss(void *p) {
     t_layer_ctx *c = (t_layer_ctx *)p;
     if (c->C == 0)
@@ -8504,7 +8557,7 @@ static const t_case t_cases[] = {
     T(test_sgemm_path_matches_target),
     T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient), T(test_layernorm_gradient),
     T(test_linear_gradient),
-    T(test_activation_gradients),
+    T(test_activation_gradients), T(test_gelu_exp_accuracy_clamps_and_lanes),
     T(test_attention_gradient_and_causality),
     T(test_crossentropy_gradient_and_ignore),
     T(test_crossentropy_improbable_target),

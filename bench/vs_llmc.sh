@@ -56,10 +56,16 @@ for name, ntok in (('train', 1 << 16), ('val', 1 << 14)):
 EOF
 
 # llm.c prints "step S: train loss L (took X ms)"; steps 1..STEPS are kept
-# (step 0 allocates), then the run is stopped.
+# (step 0 allocates). It runs in the background and is stopped once it has
+# printed step STEPS: a closed pipe would not stop it where SIGPIPE is
+# ignored (an ignored signal stays ignored across exec).
 llmc_round() {
-    (cd "$WORK" && stdbuf -oL "$LLMC/train_gpt2" 2>&1 || true) |
-        awk -v n="$STEPS" '/^step [0-9]+: train loss/ { s = $2 + 0; if (s >= 1) { print $(NF-1) / 1000; if (s >= n) exit } }'
+    (cd "$WORK" && exec stdbuf -oL "$LLMC/train_gpt2" > "$WORK/llmc.log" 2>&1) &
+    local pid=$!
+    while kill -0 "$pid" 2>/dev/null && ! grep -q "^step $STEPS: train loss" "$WORK/llmc.log"; do sleep 0.5; done
+    kill "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+    awk -v n="$STEPS" '/^step [0-9]+: train loss/ { s = $2 + 0; if (s >= 1 && s <= n) print $(NF-1) / 1000 }' "$WORK/llmc.log"
 }
 ours_round() {
     "$ROOT/bench/bench_backbone" gpt2-steps "$STEPS" | tee "$WORK/ours.log" | awk '/^gpt2-step / { print $2 }'
