@@ -2880,7 +2880,7 @@ static void smc__gemm_bh(smc_ctx *c, const smc__attn_dims *d, int ta, int tb, in
 }
 
 /* One warp per score row (b, h, t): softmax over the causal prefix t2 <= t,
- * zeros after it (sm__attention_head_forward). */
+ * zeros after it (as the CPU attention forward does). */
 static __global__ void smc__causal_softmax_kernel(float *att, size_t rows, int T) {
     size_t r = (size_t)blockIdx.x * SMC__WARPS + threadIdx.x / SMC__WARP;
     int lane = threadIdx.x % SMC__WARP, t, i;
@@ -2899,7 +2899,7 @@ static __global__ void smc__causal_softmax_kernel(float *att, size_t rows, int T
 }
 
 /* One warp per row, in place on datt: ds = att (datt - sum(att datt)) * scale
- * over the causal prefix, zero after it (sm__attention_head_backward). */
+ * over the causal prefix, zero after it (as the CPU attention backward does). */
 static __global__ void smc__causal_softmax_backward_kernel(float *datt, const float *att,
                                                           size_t rows, int T, float scale) {
     size_t r = (size_t)blockIdx.x * SMC__WARPS + threadIdx.x / SMC__WARP;
