@@ -93,8 +93,12 @@ CUDA_LIBS  = -L$(CUDA_HOME)/lib64 -L$(CUDA_HOME)/lib -Wl,-rpath,$(CUDA_HOME)/lib
 # gpu-build's output folder (the rules below name it, so it is set here)
 GPU_BIN = gpu-bin
 # Passive OpenMP waiting: busy-waiting threads made small models ~6x slower
-# on 2-core machines (see README).
-RUN_ENV = OMP_WAIT_POLICY=PASSIVE
+# on 2-core machines (see README). OpenBLAS's own threads spin for up to
+# 2^28 cycles after a call; OPENBLAS_THREAD_TIMEOUT=4 puts them to sleep at
+# once, so they do not take the cores from the OpenMP threads that run next
+# (timing sm_sgemm and cblas_sgemm interleaved, they halved ours on a 2-core
+# Xeon).
+RUN_ENV = OMP_WAIT_POLICY=PASSIVE OPENBLAS_THREAD_TIMEOUT=4
 
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(filter-out bench/bench_dist,$(patsubst %.c,%,$(wildcard bench/*.c))) # bench_dist: MPI, below

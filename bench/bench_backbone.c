@@ -106,6 +106,9 @@ static double bench_shapes(FILE *out, const gemm_shape *shapes, int n, int round
     int i;
     fprintf(out, "GEMM GFLOP/s, %d threads, median of %d interleaved rounds\n", sm_num_threads(), rounds);
 #ifdef SM_BENCH_CBLAS
+    if (!getenv("OPENBLAS_THREAD_TIMEOUT"))
+        fprintf(out, "  (OPENBLAS_THREAD_TIMEOUT unset: OpenBLAS's threads spin after each call and slow the\n"
+                     "   OpenMP threads timed next; make bench sets it to 4)\n");
     fprintf(out, "  %-14s %-2s %-22s  %7s  %7s  %5s\n", "what", "", "M x N x K", "ours", "OpenBLAS", "ratio");
 #else
     fprintf(out, "  %-14s %-2s %-22s  %7s   (built without OpenBLAS)\n", "what", "", "M x N x K", "ours");
