@@ -3154,34 +3154,44 @@ static void sm__gemm_macro(int mc, int nc, int kc, float alpha, const float *Ap,
                            nc - jp < SM__NR ? nc - jp : SM__NR);
 }
 
-/* Rows per block of C: at most MC, a multiple of MR, and the blocks a whole
- * number of rounds of the threads, so none waits out the last round alone. */
-static int sm__gemm_block_rows(int M, int nthreads) {
-    int blocks = (M + SM__MC - 1) / SM__MC, rows;
-    blocks = (blocks + nthreads - 1) / nthreads * nthreads;
-    rows = (M + blocks - 1) / blocks;
-    return (rows + SM__MR - 1) / SM__MR * SM__MR;
+/* The block of C one thread computes: rows [i0, i1) x columns [j0, j1). */
+typedef struct {
+    int i0, i1, j0, j1;
+} sm__gemm_part;
+
+/* Thread t's share of C. The threads split C along N when M < N (each then
+ * packs all of A for its columns: A is the smaller operand) and along M
+ * otherwise, in whole panels (NR columns or MR rows), so no two threads
+ * write an element of C or share a packed buffer, and none waits for
+ * another: there is no barrier inside the product. */
+static sm__gemm_part sm__gemm_part_of(int M, int N, int t, int nthreads) {
+    sm__gemm_part q = {0, M, 0, N};
+    int split_n = M < N, unit = split_n ? SM__NR : SM__MR, len = split_n ? N : M;
+    int panels = (len + unit - 1) / unit;
+    int lo = (int)((long)panels * t / nthreads) * unit, hi = (int)((long)panels * (t + 1) / nthreads) * unit;
+    if (hi > len) hi = len;
+    if (lo > len) lo = len;
+    if (split_n)
+        q.j0 = lo, q.j1 = hi;
+    else
+        q.i0 = lo, q.i1 = hi;
+    return q;
 }
 
-/* What each thread of the team runs: for every NC x KC block of op(B), the
- * team packs its panels, then shares out the blocks of rows of C (each
- * packs its block of op(A) into its own Ap). Every element of C is updated
- * by one thread, slice after slice. */
-static void sm__gemm_team(const sm__gemm_job *g, int mc_step, float *Bp, float *Ap) {
+/* One thread's block of C: for every NC x KC block of op(B) in its
+ * columns it packs the B panels, then for every MC rows of its block it
+ * packs op(A) and runs the macro-kernel. Every element of C is updated by
+ * this one thread, slice after slice, in the same order whatever the
+ * number of threads. */
+static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, float *Ap) {
     int jc, pc;
-    for (jc = 0; jc < g->N; jc += SM__NC) {
-        int nc = g->N - jc < SM__NC ? g->N - jc : SM__NC;
+    for (jc = q.j0; jc < q.j1; jc += SM__NC) {
+        int nc = q.j1 - jc < SM__NC ? q.j1 - jc : SM__NC;
         for (pc = 0; pc < g->K; pc += SM__KC) {
             int kc = g->K - pc < SM__KC ? g->K - pc : SM__KC, jp, ic;
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
             for (jp = 0; jp < nc; jp += SM__NR) sm__pack_b_panel(g, pc, kc, jc, nc, jp, Bp);
-#ifdef _OPENMP
-#pragma omp for schedule(static)
-#endif
-            for (ic = 0; ic < g->M; ic += mc_step) {
-                int mc = g->M - ic < mc_step ? g->M - ic : mc_step;
+            for (ic = q.i0; ic < q.i1; ic += SM__MC) {
+                int mc = q.i1 - ic < SM__MC ? q.i1 - ic : SM__MC;
                 sm__pack_a(g, ic, mc, pc, kc, Ap);
                 sm__gemm_macro(mc, nc, kc, g->alpha, Ap, Bp, g->C + (size_t)ic * g->ldc + jc, g->ldc);
             }
@@ -3215,9 +3225,9 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                 ldc);
 #else
     int nthreads = sm_num_threads();
-    size_t a_size = (size_t)SM__MC * SM__KC;
+    size_t a_size = (size_t)SM__MC * SM__KC, b_size = (size_t)SM__KC * (SM__NC + SM__NR);
     sm__gemm_job g;
-    float *Bp, *Apool;
+    float *Bp, *Ap;
     if (M <= 0 || N <= 0) return;
     if ((double)M * N * K < 32768.0) { /* tiny: packing and threads cost more than they save */
         sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -3225,27 +3235,27 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     }
     sm__scale_c(M, N, beta, C, ldc);
     if (K <= 0 || alpha == 0.0f) return;
-    Bp = (float *)SM_MALLOC(sizeof(float) * SM__KC * (SM__NC + SM__NR));
-    Apool = (float *)SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads);
-    if (!Bp || !Apool) { /* no memory for packing: fall back to the plain loop */
+    Bp = (float *)SM_MALLOC(sizeof(float) * b_size * (size_t)nthreads);
+    Ap = (float *)SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads);
+    if (!Bp || !Ap) { /* no memory for packing: fall back to the plain loop */
         SM_FREE(Bp);
-        SM_FREE(Apool);
+        SM_FREE(Ap);
         sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, 1.0f, C, ldc);
         return;
     }
     g.trans_a = trans_a, g.trans_b = trans_b, g.M = M, g.N = N, g.K = K, g.alpha = alpha;
     g.A = A, g.B = B, g.C = C, g.lda = lda, g.ldb = ldb, g.ldc = ldc;
     {
-        int mc_step = sm__gemm_block_rows(M, nthreads);
+        int t;
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nthreads)
-        sm__gemm_team(&g, mc_step, Bp, Apool + a_size * (size_t)omp_get_thread_num());
-#else
-        sm__gemm_team(&g, mc_step, Bp, Apool);
+#pragma omp parallel for schedule(static) num_threads(nthreads)
 #endif
+        for (t = 0; t < nthreads; t++)
+            sm__gemm_block(&g, sm__gemm_part_of(M, N, t, nthreads), Bp + b_size * (size_t)t,
+                           Ap + a_size * (size_t)t);
     }
     SM_FREE(Bp);
-    SM_FREE(Apool);
+    SM_FREE(Ap);
 #endif
 }
 

@@ -356,23 +356,28 @@ static void t_set_threads(int n) { (void)n; }
  * shared out differently, the sums are not). Every layout, at a shape
  * with several blocks of rows and slices of K. */
 static int test_sgemm_bit_identical_across_runs_and_threads(void) {
-    int M = 301, N = 133, K = 600, tr, threads = sm_num_threads();
+    /* M > N: the threads split the rows of C; M < N: its columns. */
+    static const int shapes[][3] = {{301, 133, 600}, {37, 301, 600}};
+    int s, tr, threads = sm_num_threads();
     sm_rng r;
-    float *A, *B, *C[3];
     sm_rng_seed(&r, 17);
-    A = t_randn(&r, (size_t)M * K, 1), B = t_randn(&r, (size_t)K * N, 1);
-    for (tr = 0; tr < 3; tr++) C[tr] = (float *)t_alloc((size_t)M * N);
-    for (tr = 0; tr < 4; tr++) {
-        int ta = tr >> 1, tb = tr & 1, run;
-        for (run = 0; run < 3; run++) {
-            t_set_threads(run == 0 ? 1 : 2);
-            sm_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, C[run], N);
+    for (s = 0; s < 2; s++) {
+        int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
+        float *A = t_randn(&r, (size_t)M * K, 1), *B = t_randn(&r, (size_t)K * N, 1), *C[4];
+        for (tr = 0; tr < 4; tr++) C[tr] = (float *)t_alloc((size_t)M * N);
+        for (tr = 0; tr < 4; tr++) {
+            int ta = tr >> 1, tb = tr & 1, run;
+            for (run = 0; run < 4; run++) { /* 1, 2, 2 again, 3 threads */
+                t_set_threads(run == 0 ? 1 : run == 3 ? 3 : 2);
+                sm_sgemm(ta, tb, M, N, K, 1.0f, A, ta ? M : K, B, tb ? K : N, 0.0f, C[run], N);
+            }
+            t_set_threads(threads);
+            CHECK(memcmp(C[1], C[2], sizeof(float) * M * N) == 0, "M%d N%d ta%d tb%d: two runs on 2 threads differ", M, N, ta, tb);
+            CHECK(memcmp(C[0], C[1], sizeof(float) * M * N) == 0, "M%d N%d ta%d tb%d: 1 and 2 threads differ", M, N, ta, tb);
+            CHECK(memcmp(C[0], C[3], sizeof(float) * M * N) == 0, "M%d N%d ta%d tb%d: 1 and 3 threads differ", M, N, ta, tb);
         }
-        t_set_threads(threads);
-        CHECK(memcmp(C[1], C[2], sizeof(float) * M * N) == 0, "ta%d tb%d: two runs on 2 threads differ", ta, tb);
-        CHECK(memcmp(C[0], C[1], sizeof(float) * M * N) == 0, "ta%d tb%d: 1 and 2 threads differ", ta, tb);
+        free(A), free(B), free(C[0]), free(C[1]), free(C[2]), free(C[3]);
     }
-    free(A), free(B), free(C[0]), free(C[1]), free(C[2]);
     return 0;
 }
 
