@@ -3036,32 +3036,36 @@ static void sm__gemm_micro_tile(int kc, const float *Ap, const float *Bp,
     }
 }
 
-/* C[MR x NR] = alpha * acc + C, fused. */
-static void sm__gemm_add_tile(float *C, int ldc, float alpha, sm__vf acc[SM__MR][SM__NV]) {
-    sm__vf va = sm__vf_splat(alpha);
+/* C[MR x NR] = alpha * acc + C, fused; with `overwrite`, alpha * acc + 0
+ * (the same bits as adding to a zeroed C) and C is not read. */
+static void sm__gemm_add_tile(float *C, int ldc, float alpha, sm__vf acc[SM__MR][SM__NV],
+                              int overwrite) {
+    sm__vf va = sm__vf_splat(alpha), zero = sm__vf_splat(0.0f);
     int i, v;
     for (i = 0; i < SM__MR; i++)
         for (v = 0; v < SM__NV; v++) {
             float *c = C + (size_t)i * ldc + v * SM__VW;
-            sm__vf_store(c, sm__vf_fmadd(va, acc[i][v], sm__vf_load(c)));
+            sm__vf_store(c, sm__vf_fmadd(va, acc[i][v], overwrite ? zero : sm__vf_load(c)));
         }
 }
 
-/* C[rows x cols] += alpha * (Ap Bp): a full tile straight from the
- * registers, an edge tile through a copy (the same arithmetic). */
+/* C[rows x cols] += alpha * (Ap Bp), or = with `overwrite`: a full tile
+ * straight from the registers, an edge tile through a copy (the same
+ * arithmetic). */
 static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha, float *C,
-                           int ldc, int rows, int cols) {
+                           int ldc, int rows, int cols, int overwrite) {
     sm__vf acc[SM__MR][SM__NV];
     float tile[SM__MR][SM__NR];
     int i;
     sm__gemm_micro_tile(kc, Ap, Bp, acc);
     if (rows == SM__MR && cols == SM__NR) {
-        sm__gemm_add_tile(C, ldc, alpha, acc);
+        sm__gemm_add_tile(C, ldc, alpha, acc, overwrite);
         return;
     }
     memset(tile, 0, sizeof tile);
-    for (i = 0; i < rows; i++) memcpy(tile[i], C + (size_t)i * ldc, sizeof(float) * (size_t)cols);
-    sm__gemm_add_tile(&tile[0][0], SM__NR, alpha, acc);
+    if (!overwrite)
+        for (i = 0; i < rows; i++) memcpy(tile[i], C + (size_t)i * ldc, sizeof(float) * (size_t)cols);
+    sm__gemm_add_tile(&tile[0][0], SM__NR, alpha, acc, 0);
     for (i = 0; i < rows; i++) memcpy(C + (size_t)i * ldc, tile[i], sizeof(float) * (size_t)cols);
 }
 
@@ -3108,9 +3112,11 @@ static void sm__pack_panel(const float *src, size_t ks, size_t rs, int kc, int w
         for (r = width; r < W; r++) dst[(size_t)k * W + r] = 0.0f;
 }
 
-/* The product, its operands and sizes, as the packing loops need them. */
+/* The product, its operands and sizes, as the packing loops need them.
+ * overwrite (beta = 0): the first KC slice stores into C instead of adding
+ * to it, so C is neither zeroed first nor read. */
 typedef struct {
-    int trans_a, trans_b, M, N, K;
+    int trans_a, trans_b, M, N, K, overwrite;
     float alpha;
     const float *A, *B;
     int lda, ldb, ldc;
@@ -3142,16 +3148,16 @@ static void sm__pack_b_panel(const sm__gemm_job *g, int p0, int kc, int j0, int 
         sm__pack_panel(g->B + p * ldb + j, ldb, 1, kc, cols, SM__NR, Bp + (size_t)jp * kc);
 }
 
-/* C[mc x nc block] += alpha * Ap Bp, one micro-tile at a time: a B panel
- * stays in L1 while the A panels of the block go by. */
+/* C[mc x nc block] += alpha * Ap Bp (= with `overwrite`), one micro-tile
+ * at a time: a B panel stays in L1 while the A panels of the block go by. */
 static void sm__gemm_macro(int mc, int nc, int kc, float alpha, const float *Ap,
-                           const float *Bp, float *C, int ldc) {
+                           const float *Bp, float *C, int ldc, int overwrite) {
     int ip, jp;
     for (jp = 0; jp < nc; jp += SM__NR)
         for (ip = 0; ip < mc; ip += SM__MR)
             sm__gemm_micro(kc, Ap + (size_t)ip * kc, Bp + (size_t)jp * kc, alpha,
                            C + (size_t)ip * ldc + jp, ldc, mc - ip < SM__MR ? mc - ip : SM__MR,
-                           nc - jp < SM__NR ? nc - jp : SM__NR);
+                           nc - jp < SM__NR ? nc - jp : SM__NR, overwrite);
 }
 
 /* The block of C one thread computes: rows [i0, i1) x columns [j0, j1). */
@@ -3193,7 +3199,8 @@ static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, fl
             for (ic = q.i0; ic < q.i1; ic += SM__MC) {
                 int mc = q.i1 - ic < SM__MC ? q.i1 - ic : SM__MC;
                 sm__pack_a(g, ic, mc, pc, kc, Ap);
-                sm__gemm_macro(mc, nc, kc, g->alpha, Ap, Bp, g->C + (size_t)ic * g->ldc + jc, g->ldc);
+                sm__gemm_macro(mc, nc, kc, g->alpha, Ap, Bp, g->C + (size_t)ic * g->ldc + jc, g->ldc,
+                               g->overwrite && pc == 0);
             }
         }
     }
@@ -3233,17 +3240,22 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
         sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
         return;
     }
-    sm__scale_c(M, N, beta, C, ldc);
-    if (K <= 0 || alpha == 0.0f) return;
+    if (K <= 0 || alpha == 0.0f) {
+        sm__scale_c(M, N, beta, C, ldc);
+        return;
+    }
+    if (beta != 0.0f) sm__scale_c(M, N, beta, C, ldc); /* beta = 0: the first slice stores */
     Bp = (float *)SM_MALLOC(sizeof(float) * b_size * (size_t)nthreads);
     Ap = (float *)SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads);
     if (!Bp || !Ap) { /* no memory for packing: fall back to the plain loop */
         SM_FREE(Bp);
         SM_FREE(Ap);
-        sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, 1.0f, C, ldc);
+        sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb,
+                           beta == 0.0f ? 0.0f : 1.0f, C, ldc);
         return;
     }
     g.trans_a = trans_a, g.trans_b = trans_b, g.M = M, g.N = N, g.K = K, g.alpha = alpha;
+    g.overwrite = beta == 0.0f;
     g.A = A, g.B = B, g.C = C, g.lda = lda, g.ldb = ldb, g.ldc = ldc;
     {
         int t;
