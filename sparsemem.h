@@ -2457,6 +2457,22 @@ static float sm__dot(const float *a, const float *b, int n) {
     return s;
 }
 
+/* sum of a[i] b[i] c[i] (c NULL: 1) in double, each product formed in
+ * double, in 16 interleaved partial sums added pairwise at the end (as
+ * sm__dot): the norms' sums of squares and dot products, which as one
+ * serial chain of double adds cost 4 cycles per element. */
+static double sm__dot3_double(const float *a, const float *b, const float *c, int n) {
+    double acc[16] = {0}, s;
+    int i, l, w;
+    for (i = 0; i + 16 <= n; i += 16)
+        for (l = 0; l < 16; l++) acc[l] += (double)a[i + l] * b[i + l] * (c ? c[i + l] : 1.0f);
+    for (w = 8; w >= 1; w /= 2)
+        for (l = 0; l < w; l++) acc[l] += acc[l + w];
+    s = acc[0];
+    for (; i < n; i++) s += (double)a[i] * b[i] * (c ? c[i] : 1.0f);
+    return s;
+}
+
 /* A hint to fetch p's cache line ahead of use (no effect on results). */
 #if defined(__GNUC__) || defined(__clang__)
 #define SM__PREFETCH(p) __builtin_prefetch(p)
@@ -9396,10 +9412,9 @@ SMDEF void sm_rmsnorm_grouped_forward(float *out, float *rstd, const float *inp,
     for (n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *w = sm__rmsnorm_gain(weight, n, C, groups);
         float *y = out + (size_t)n * C;
-        double ss = 0.0;
+        double ss = sm__dot3_double(x, x, NULL, C);
         float r;
         int c;
-        for (c = 0; c < C; c++) ss += (double)x[c] * x[c];
         r = (float)(1.0 / sqrt(ss / C + SM_RMSNORM_EPS));
         for (c = 0; c < C; c++) y[c] = x[c] * r * (w ? w[c] : 1.0f);
         rstd[n] = r;
@@ -9431,11 +9446,8 @@ SMDEF void sm_rmsnorm_grouped_backward(float *dinp, float *dweight, const float 
         const float *w = sm__rmsnorm_gain(weight, n, C, groups);
         float *dx = dinp + (size_t)n * C;
         float r = rstd[n];
-        double dot = 0.0;
-        float mean_dot;
+        float mean_dot = (float)(r * sm__dot3_double(dy, x, w, C) / C);
         int k;
-        for (k = 0; k < C; k++) dot += (double)dy[k] * (w ? w[k] : 1.0f) * x[k] * r;
-        mean_dot = (float)(dot / C);
         for (k = 0; k < C; k++) {
             float g = dy[k] * (w ? w[k] : 1.0f);
             dx[k] += r * (g - x[k] * r * mean_dot);
