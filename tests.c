@@ -8510,12 +8510,16 @@ static double t_st_torch_loss(const sm_model *m, const int *in, const int *tg, i
 
 /* PyTorch, from the export alone (scripts/safetensors_loss.py: the file
  * parsed by hand, an independent torch model), gives the C model's loss:
- * the backbone with a tied head, and mHC + PEER with an untied head. Both
- * compute in float32, in different reduction orders: |diff| <= 2e-5 x
- * loss. Without PyTorch the test says it skipped. */
+ * the backbone with a tied head, mHC + PEER with an untied head, and the
+ * GPT-2 arch (LayerNorm with bias, padded vocabulary, tied head) with mHC +
+ * PEER added, the fine-tuning setting. Both compute in float32, in
+ * different reduction orders: |diff| <= 2e-5 x loss. Without PyTorch the
+ * test says it skipped. */
 static int test_safetensors_pytorch_loss(void) {
-    enum { B = 2, T = 8 };
-    sm_model_config c[2];
+    enum { B = 2, T = 8, MODELS = 3 };
+    static const char *what[MODELS] = {"backbone, tied head", "mHC + PEER, untied head",
+                                       "GPT-2 arch, padded vocabulary, mHC + PEER"};
+    sm_model_config c[MODELS];
     int in[B * T], tg[B * T], i, k;
     if (system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0) {
         printf("     SKIPPED test_safetensors_pytorch_loss: /usr/bin/python3 cannot import torch "
@@ -8526,9 +8530,11 @@ static int test_safetensors_pytorch_loss(void) {
     c[0].use_engram = c[0].use_peer = c[0].peer_n_layers = c[0].use_mhc = 0, c[0].tied_head = 1;
     c[1] = t_st_config();
     c[1].use_engram = 0;
+    c[2] = c[1];
+    c[2].arch = SM_ARCH_GPT2, c[2].padded_vocab_size = 48, c[2].tied_head = 1, c[2].d_ff = 32;
     for (i = 0; i < B * T; i++) in[i] = (i * 7 + 1) % 40;
     for (i = 0; i < B * T; i++) tg[i] = (i + 1) % T ? in[i + 1] : (i * 13) % 40; /* next token; row ends: any */
-    for (k = 0; k < 2; k++) {
+    for (k = 0; k < MODELS; k++) {
         sm_model m;
         double torch_loss;
         CHECK_OK(sm_model_init(&m, &c[k], B, 3, NULL));
@@ -8536,8 +8542,8 @@ static int test_safetensors_pytorch_loss(void) {
         torch_loss = t_st_torch_loss(&m, in, tg, B, T);
         CHECK(fabs(torch_loss - m.loss) <= 2e-5 * fabs(m.loss), "model %d: PyTorch loss %.9g, C loss %.9g (diff %.3g)",
               k, torch_loss, m.loss, torch_loss - m.loss);
-        printf("     model %d (%s): C loss %.9g, PyTorch %.9g, diff %.2g\n", k,
-               k ? "mHC + PEER, untied head" : "backbone, tied head", m.loss, torch_loss, torch_loss - m.loss);
+        printf("     model %d (%s): C loss %.9g, PyTorch %.9g, diff %.2g\n", k, what[k], m.loss,
+               torch_loss, torch_loss - m.loss);
         sm_model_free(&m);
     }
     return 0;

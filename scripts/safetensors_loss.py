@@ -11,8 +11,9 @@ The file is parsed by hand (u64 header length, JSON, byte buffer; no
 safetensors package) and the model is rebuilt from the config in its
 __metadata__ ("sm.*" keys) with an independent PyTorch implementation,
 written from the math documented in sparsemem.h: the pre-norm backbone
-(RMSNorm, causal attention, tanh-GELU MLP, learned positions, tied or
-untied head), mHC (n residual streams, Sinkhorn-projected H_res, expand by
+(RMSNorm, or GPT-2's LayerNorm with bias for the GPT-2 arch; causal
+attention, tanh-GELU MLP, learned positions, tied or untied head, logits
+over the real vocabulary where the embedding is padded), mHC (n residual streams, Sinkhorn-projected H_res, expand by
 copy, collapse by the mean) and PEER (product-key top-k over single-neuron
 experts). rmsnorm, causal_attention and sinkhorn come from make_fixtures.py.
 An Engram model is refused: its n-gram hash (seeded multipliers, primes) is
@@ -33,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import PEER_EPS, causal_attention, rmsnorm, sinkhorn  # noqa: E402
+from make_fixtures import LN_EPS, PEER_EPS, causal_attention, rmsnorm, sinkhorn  # noqa: E402
 
 NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
@@ -87,10 +88,18 @@ def linear(x, w, b=None):
     return y if b is None else y + b
 
 
-def attention(u, W, i, n_head):
+def norm(u, W, name, cfg):
+    """The backbone's norm `name`: RMSNorm, or with the GPT-2 arch (1)
+    LayerNorm with gain and bias."""
+    if cfg.get("arch", 0) == 1:
+        return F.layer_norm(u, u.shape[-1:], W[name + ".weight"], W[name + ".bias"], LN_EPS)
+    return rmsnorm(u, W[name + ".weight"])
+
+
+def attention(u, W, i, cfg):
     p = "h.%d." % i
-    qkv = linear(rmsnorm(u, W[p + "ln_1.weight"]), W[p + "attn.c_attn.weight"], W[p + "attn.c_attn.bias"])
-    return linear(causal_attention(qkv, n_head), W[p + "attn.c_proj.weight"], W[p + "attn.c_proj.bias"])
+    qkv = linear(norm(u, W, p + "ln_1", cfg), W[p + "attn.c_attn.weight"], W[p + "attn.c_attn.bias"])
+    return linear(causal_attention(qkv, cfg["n_head"]), W[p + "attn.c_proj.weight"], W[p + "attn.c_proj.bias"])
 
 
 def peer(x, W, i, cfg, C):
@@ -117,7 +126,7 @@ def peer(x, W, i, cfg, C):
 
 def feed_forward(u, W, i, cfg, C):
     p = "h.%d." % i
-    ln = rmsnorm(u, W[p + "ln_2.weight"])
+    ln = norm(u, W, p + "ln_2", cfg)
     has_peer = cfg["use_peer"] and i in layer_ids(cfg, "peer_layer_ids", "peer_n_layers")
     y = 0
     if not (has_peer and cfg["peer_replace_mlp"]):
@@ -147,22 +156,20 @@ def mhc_branch(x, W, name, cfg, fn):
 def model_loss(W, cfg, inputs, targets):
     if cfg["use_engram"]:
         raise SystemExit("a model with Engram: its n-gram hash is not reimplemented in this script")
-    if cfg.get("arch", 0) != 0:
-        raise SystemExit("a GPT-2-arch model (LayerNorm): this script rebuilds the RMSNorm backbone only")
     C, T = cfg["d_model"], inputs.shape[1]
     x = W["wte.weight"][inputs] + W["wpe.weight"][:T]
     n = cfg["mhc.n_streams"] if cfg["use_mhc"] else 0
     if n:
         x = x[:, :, None, :].expand(-1, -1, n, -1)
     for i in range(cfg["n_layer"]):
-        blocks = [("attn", lambda u, i=i: attention(u, W, i, cfg["n_head"])),
+        blocks = [("attn", lambda u, i=i: attention(u, W, i, cfg)),
                   ("ffn", lambda u, i=i: feed_forward(u, W, i, cfg, C))]
         for kind, fn in blocks:
             x = mhc_branch(x, W, "h.%d.mhc.%s" % (i, kind), cfg, fn) if n else x + fn(x)
     if n:
         x = x.mean(2)
-    head = W.get("lm_head.weight", W["wte.weight"])
-    logits = rmsnorm(x, W["ln_f.weight"]) @ head.T
+    head = W.get("lm_head.weight", W["wte.weight"])[:cfg["vocab_size"]]  # padded rows: no logits
+    logits = norm(x, W, "ln_f", cfg) @ head.T
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
