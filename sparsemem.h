@@ -3132,7 +3132,7 @@ static void sm__pack_panel(const float *src, size_t ks, size_t rs, int kc, int w
  * overwrite (beta = 0): the first KC slice stores into C instead of adding
  * to it, so C is neither zeroed first nor read. */
 typedef struct {
-    int trans_a, trans_b, M, N, K, overwrite;
+    int trans_a, trans_b, K, overwrite;
     float alpha;
     const float *A, *B;
     int lda, ldb, ldc;
@@ -3200,6 +3200,14 @@ static sm__gemm_part sm__gemm_part_of(int M, int N, int t, int nthreads) {
     return q;
 }
 
+/* Floats of one thread's packed B: KC (at most K) deep and as wide as its
+ * widest block of C, at most NC, in whole NR-wide panels. */
+static size_t sm__gemm_b_floats(int M, int N, int K, int nthreads) {
+    int panels = (N + SM__NR - 1) / SM__NR;
+    int cols = (M < N ? (panels + nthreads - 1) / nthreads : panels) * SM__NR;
+    return (size_t)(K < SM__KC ? K : SM__KC) * (size_t)(cols < SM__NC + SM__NR ? cols : SM__NC + SM__NR);
+}
+
 /* One thread's block of C: for every NC x KC block of op(B) in its
  * columns it packs the B panels, then for every MC rows of its block it
  * packs op(A) and runs the macro-kernel. Every element of C is updated by
@@ -3248,7 +3256,7 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                 ldc);
 #else
     int nthreads = sm_num_threads();
-    size_t a_size = (size_t)SM__MC * SM__KC, b_size = (size_t)SM__KC * (SM__NC + SM__NR);
+    size_t a_size = (size_t)SM__MC * SM__KC, b_size = sm__gemm_b_floats(M, N, K, nthreads);
     sm__gemm_job g;
     float *Bp, *Ap;
     if (M <= 0 || N <= 0) return;
@@ -3270,7 +3278,7 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
                            beta == 0.0f ? 0.0f : 1.0f, C, ldc);
         return;
     }
-    g.trans_a = trans_a, g.trans_b = trans_b, g.M = M, g.N = N, g.K = K, g.alpha = alpha;
+    g.trans_a = trans_a, g.trans_b = trans_b, g.K = K, g.alpha = alpha;
     g.overwrite = beta == 0.0f;
     g.A = A, g.B = B, g.C = C, g.lda = lda, g.ldb = ldb, g.ldc = ldc;
     {
