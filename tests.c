@@ -352,11 +352,10 @@ static void t_set_threads(int n) { (void)n; }
 #endif
 
 /* Each element of C is summed by one thread in a fixed order, so repeated
- * runs agree to the bit, and so do 1 and 2 threads (blocks of rows are
- * shared out differently, the sums are not). Every layout, at a shape
- * with several blocks of rows and slices of K. */
+ * runs agree to the bit, and so do 1, 2 and 3 threads (C is shared out
+ * differently, the sums are not). Every layout, at shapes with several
+ * blocks and slices of K, split by rows (M > N) and by columns (M < N). */
 static int test_sgemm_bit_identical_across_runs_and_threads(void) {
-    /* M > N: the threads split the rows of C; M < N: its columns. */
     static const int shapes[][3] = {{301, 133, 600}, {37, 301, 600}};
     int s, tr, threads = sm_num_threads();
     sm_rng r;

@@ -13,9 +13,10 @@ __metadata__ ("sm.*" keys) with an independent PyTorch implementation,
 written from the math documented in sparsemem.h: the pre-norm backbone
 (RMSNorm, or GPT-2's LayerNorm with bias for the GPT-2 arch; causal
 attention, tanh-GELU MLP, learned positions, tied or untied head, logits
-over the real vocabulary where the embedding is padded), mHC (n residual streams, Sinkhorn-projected H_res, expand by
-copy, collapse by the mean) and PEER (product-key top-k over single-neuron
-experts). rmsnorm, causal_attention and sinkhorn come from make_fixtures.py.
+over the real vocabulary where the embedding is padded), mHC (n residual
+streams, Sinkhorn-projected H_res, expand by copy, collapse by the mean)
+and PEER (product-key top-k over single-neuron experts). rmsnorm,
+causal_attention and sinkhorn come from make_fixtures.py.
 An Engram model is refused: its n-gram hash (seeded multipliers, primes) is
 not reimplemented here. The linear weights are in Hugging Face's Conv1D
 layout [in, out] (y = x W + b), as the export writes them.
