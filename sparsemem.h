@@ -3191,8 +3191,7 @@ static sm__gemm_part sm__gemm_part_of(int M, int N, int t, int nthreads) {
     int split_n = M < N, unit = split_n ? SM__NR : SM__MR, len = split_n ? N : M;
     int panels = (len + unit - 1) / unit;
     int lo = (int)((long)panels * t / nthreads) * unit, hi = (int)((long)panels * (t + 1) / nthreads) * unit;
-    if (hi > len) hi = len;
-    if (lo > len) lo = len;
+    if (hi > len) hi = len; /* lo < len: t < nthreads */
     if (split_n)
         q.j0 = lo, q.j1 = hi;
     else
@@ -3200,12 +3199,16 @@ static sm__gemm_part sm__gemm_part_of(int M, int N, int t, int nthreads) {
     return q;
 }
 
-/* Floats of one thread's packed B: KC (at most K) deep and as wide as its
- * widest block of C, at most NC, in whole NR-wide panels. */
+/* Floats of one thread's packed B: KC (at most K) deep and as wide as the
+ * widest thread's block of C, at most NC, in whole NR-wide panels. */
 static size_t sm__gemm_b_floats(int M, int N, int K, int nthreads) {
-    int panels = (N + SM__NR - 1) / SM__NR;
-    int cols = (M < N ? (panels + nthreads - 1) / nthreads : panels) * SM__NR;
-    return (size_t)(K < SM__KC ? K : SM__KC) * (size_t)(cols < SM__NC + SM__NR ? cols : SM__NC + SM__NR);
+    int t, cols = 0;
+    for (t = 0; t < nthreads; t++) {
+        sm__gemm_part q = sm__gemm_part_of(M, N, t, nthreads);
+        if (q.j1 - q.j0 > cols) cols = q.j1 - q.j0;
+    }
+    cols = cols < SM__NC ? (cols + SM__NR - 1) / SM__NR * SM__NR : SM__NC;
+    return (size_t)(K < SM__KC ? K : SM__KC) * (size_t)cols;
 }
 
 /* One thread's block of C: for every NC x KC block of op(B) in its
