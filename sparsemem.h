@@ -3088,8 +3088,7 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
 /* dst[k][r] = src[r*rs + k] for k < kc, r < width: rows of the source
  * become columns of the panel. Four rows at a time, 4 x 4 blocks are
  * transposed in SSE registers (every x86-64 has them): 4 loads and 4 stores
- * per 16 floats instead of 16 of each (the B^T panels of a GPT-2 LM head
- * pack in 35 ms instead of 57 on a Xeon); the remaining rows and depths one
+ * per 16 floats instead of 16 of each; the remaining rows and depths one
  * float at a time. */
 static void sm__pack_panel_transposed(const float *src, size_t rs, int kc, int width, int W,
                                       float *dst) {
