@@ -99,7 +99,7 @@ fi
 {
     echo "# sparsemem reproduction"
     echo
-    echo "Command: \`make reproduce\` (preset $PRESET, $STEPS steps, seeds: $SEEDS), $(date -u +%Y-%m-%d), $(($(date +%s) - START)) s on $(nproc) cores."
+    echo "Command: \`make reproduce\` (preset $PRESET, $STEPS steps, seeds: $SEEDS), $(date -u +%Y-%m-%d), $(($(date +%s) - START)) s on $(nproc) cores of $(sed -n 's/^model name[[:space:]]*: //p' /proc/cpuinfo 2>/dev/null | head -n 1 || echo "an unknown CPU")."
     echo
     echo "## (a) Redundancy Bottleneck: modules alone and together"
     echo
