@@ -2473,6 +2473,11 @@ static double sm__dot3_double(const float *a, const float *b, const float *c, in
     return s;
 }
 
+/* 1 / sqrt(mean(x^2) + eps) over a row of C. */
+static float sm__rms_rstd(const float *x, int C) {
+    return (float)(1.0 / sqrt(sm__dot3_double(x, x, NULL, C) / C + SM_RMSNORM_EPS));
+}
+
 /* A hint to fetch p's cache line ahead of use (no effect on results). */
 #if defined(__GNUC__) || defined(__clang__)
 #define SM__PREFETCH(p) __builtin_prefetch(p)
@@ -8662,255 +8667,397 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
     return SM_OK;
 }
 
+/* ---- lanes ----
+ * The rounds run on `lanes` matrices at once (one per token), element e of
+ * matrix l at [e * lanes + l], so that every step is a loop over the lanes
+ * that the compiler vectorises: sixteen 4x4 matrices fill AVX-512
+ * registers, and the rounds' chain of dependent sums and divisions is paid
+ * once per group instead of once per matrix. A lane does exactly the
+ * operations of a lone matrix in the same order, so a matrix's result does
+ * not depend on its neighbours or on the lane count. lanes = 1 is one
+ * matrix in the plain layout (the CUDA backend's thread per matrix). A
+ * function given a pointer "at lane l" reads that lane's elements with
+ * stride `lanes`. */
+#define SM__SINKHORN_LANES 16
+
 static SM_HD float sm__sinkhorn_exp(float x) {
     return x > SM__SINKHORN_EXP_MIN ? expf(x) : 0.0f;
 }
 
-static SM_HD float sm__sinkhorn_row_max(const float *L, int i, int n) {
-    float m = L[i * n];
+/* max_j L_ij of row i, L at a lane. */
+static SM_HD float sm__sinkhorn_row_max(const float *L, int i, int n, int lanes) {
+    const float *row = L + (size_t)i * n * lanes;
+    float m = row[0];
     int j;
-    for (j = 1; j < n; j++) m = L[i * n + j] > m ? L[i * n + j] : m;
+    for (j = 1; j < n; j++) m = row[(size_t)j * lanes] > m ? row[(size_t)j * lanes] : m;
     return m;
 }
 
-/* The kernel of a segment. lam == NULL: the first, K = exp(L - m).
- * Otherwise a column step in log domain: with x_ij = L_ij - m_i + lam_i
- * and c_j = max_i x_ij, K_ij = exp(x_ij - c_j) / sum_i exp(x_ij - c_j)
- * (each column's largest term is 1, so its sum is in [1, n]). */
-static SM_HD void sm__sinkhorn_kernel(float *K, const float *L, const float *lam, int n) {
+/* The kernel of a segment, K, L and lam at a lane. lam == NULL: the first,
+ * K = exp(L - m). Otherwise a column step in log domain: with
+ * x_ij = L_ij - m_i + lam_i and c_j = max_i x_ij,
+ * K_ij = exp(x_ij - c_j) / sum_i exp(x_ij - c_j) (each column's largest
+ * term is 1, so its sum is in [1, n]). */
+static SM_HD void sm__sinkhorn_kernel(float *K, const float *L, const float *lam, int n,
+                                      int lanes) {
+    size_t row = (size_t)n * lanes;
     int i, j;
     for (i = 0; i < n; i++) {
-        float m = sm__sinkhorn_row_max(L, i, n);
-        for (j = 0; j < n; j++)
-            K[i * n + j] = lam ? (L[i * n + j] - m) + lam[i] : sm__sinkhorn_exp(L[i * n + j] - m);
+        float m = sm__sinkhorn_row_max(L, i, n, lanes);
+        for (j = 0; j < n; j++) {
+            float x = L[i * row + (size_t)j * lanes] - m;
+            K[i * row + (size_t)j * lanes] = lam ? x + lam[(size_t)i * lanes] : sm__sinkhorn_exp(x);
+        }
     }
     if (!lam) return;
     for (j = 0; j < n; j++) {
-        float c = K[j], s = 0.0f;
-        for (i = 1; i < n; i++) c = K[i * n + j] > c ? K[i * n + j] : c;
+        float *col = K + (size_t)j * lanes, c = col[0], s = 0.0f;
+        for (i = 1; i < n; i++) c = col[i * row] > c ? col[i * row] : c;
         for (i = 0; i < n; i++) {
-            K[i * n + j] = sm__sinkhorn_exp(K[i * n + j] - c);
-            s += K[i * n + j];
+            col[i * row] = sm__sinkhorn_exp(col[i * row] - c);
+            s += col[i * row];
         }
-        for (i = 0; i < n; i++) K[i * n + j] /= s;
+        for (i = 0; i < n; i++) col[i * row] /= s;
     }
 }
 
-/* Whether every u_i and v_i is within [1/S, S] (branch-free: n is small). */
-static SM_HD int sm__sinkhorn_in_range(const float *u, const float *v, int n) {
-    int i, ok = 1;
-    for (i = 0; i < n; i++)
-        ok &= (u[i] <= SM__SINKHORN_SCALE_MAX) & (u[i] >= 1.0f / SM__SINKHORN_SCALE_MAX) &
-              (v[i] <= SM__SINKHORN_SCALE_MAX) & (v[i] >= 1.0f / SM__SINKHORN_SCALE_MAX);
-    return ok;
+/* One half-step on every lane: rows (columns = 0), out_i = 1 / sum_j K_ij w_j;
+ * columns, out_j = 1 / sum_i K_ij w_i. */
+static SM_HD void sm__sinkhorn_scale(float *out, const float *K, const float *w, int n, int lanes,
+                                     int columns) {
+    size_t line = columns ? (size_t)lanes : (size_t)n * lanes; /* to the next output's first K */
+    size_t along = columns ? (size_t)n * lanes : (size_t)lanes; /* to the next K in the sum */
+    int i, j, l;
+    for (i = 0; i < n; i++) {
+        float *o = out + (size_t)i * lanes;
+        for (l = 0; l < lanes; l++) o[l] = 0.0f;
+        for (j = 0; j < n; j++) {
+            const float *k = K + i * line + j * along, *wj = w + (size_t)j * lanes;
+            for (l = 0; l < lanes; l++) o[l] += k[l] * wj[l];
+        }
+        for (l = 0; l < lanes; l++) o[l] = 1.0f / o[l];
+    }
 }
 
-/* Where the rounds keep their scalings. Recording (the backward's tape):
- * u_t at u + (t-1) n, v_t at v + t n (v_0 = 1 at v), segment s >= 1's lam
- * at lam + (s-1) n, and fresh[t-1] != 0 when a segment starts at round t's
- * column step (then u_t is relative to the previous segment and v_t = 1).
- * Otherwise u, v and lam are n floats each, overwritten, and fresh is NULL. */
+/* fresh[l] = 1 where some u_i or v_i of lane l has left [1/S, S]
+ * (a NaN counts as out); returns whether any lane has. */
+static SM_HD int sm__sinkhorn_mark_fresh(unsigned char *fresh, const float *u, const float *v,
+                                         int n, int lanes) {
+    const float S = SM__SINKHORN_SCALE_MAX;
+    int i, l, any = 0;
+    for (l = 0; l < lanes; l++) fresh[l] = 0;
+    for (i = 0; i < n; i++)
+        for (l = 0; l < lanes; l++) {
+            float a = u[(size_t)i * lanes + l], b = v[(size_t)i * lanes + l];
+            fresh[l] |= !((a <= S) & (a >= 1.0f / S) & (b <= S) & (b >= 1.0f / S));
+        }
+    for (l = 0; l < lanes; l++) any |= fresh[l];
+    return any;
+}
+
+/* Where the rounds keep their scalings, lanes-wide. Recording (the
+ * backward's tape): u_t at u + (t-1) n lanes, v_t at v + t n lanes (v_0 = 1
+ * at v), a lane's segment s >= 1's lam at lam + (s-1) n lanes, and
+ * fresh[(t-1) lanes + l] != 0 when lane l starts a segment at round t's
+ * column step (then its u_t is relative to the previous segment and its
+ * v_t = 1). Otherwise u, v and lam are n lanes floats each, overwritten,
+ * and fresh is NULL. */
 typedef struct sm__sinkhorn_tape {
     float *u, *v, *lam;
     unsigned char *fresh;
 } sm__sinkhorn_tape;
 
-/* Runs the rounds; K ends as the last segment's kernel. Without a tape,
- * u and v end relative to it (after a fresh column step both are 1). */
-static SM_HD void sm__sinkhorn_rounds(float *K, const sm__sinkhorn_tape *tp,
-                                     const float *L, int n, int iters) {
-    size_t step = tp->fresh ? (size_t)n : 0;
-    float *lam = NULL;
-    int t, i, j, fresh;
-    sm__sinkhorn_kernel(K, L, NULL, n);
-    for (j = 0; j < n; j++) tp->v[j] = 1.0f;
-    for (t = 1; t <= iters; t++) {
-        float *u = tp->u + (t - 1) * step, *v = tp->v + t * step;
-        const float *v_prev = tp->v + (t - 1) * step;
-        for (i = 0; i < n; i++) {
-            float s = 0.0f;
-            for (j = 0; j < n; j++) s += K[i * n + j] * v_prev[j];
-            u[i] = 1.0f / s;
-        }
-        for (j = 0; j < n; j++) {
-            float s = 0.0f;
-            for (i = 0; i < n; i++) s += K[i * n + j] * u[i];
-            v[j] = 1.0f / s;
-        }
-        fresh = !sm__sinkhorn_in_range(u, v, n);
-        if (tp->fresh) tp->fresh[t - 1] = (unsigned char)fresh;
-        if (fresh) { /* redo the column step in log domain, on a new kernel */
-            float *next = lam && tp->fresh ? lam + n : tp->lam;
-            for (i = 0; i < n; i++) next[i] = (lam ? lam[i] : 0.0f) + logf(u[i]);
-            lam = next;
-            sm__sinkhorn_kernel(K, L, lam, n);
-            for (j = 0; j < n; j++) v[j] = 1.0f;
-            if (!tp->fresh)
-                for (i = 0; i < n; i++) u[i] = 1.0f;
-        }
+/* Lane l redoes the column step of the round just run in log domain, on a
+ * new kernel: lam += log u, then v = 1 (and u = 1 unless recording). seg:
+ * the segments the lane has begun after its first. K, L, u, v at lane l. */
+static SM_HD void sm__sinkhorn_recentre(float *K, float *u, float *v, const sm__sinkhorn_tape *tp,
+                                        const float *L, int seg, int n, int lanes, int l) {
+    size_t nl = (size_t)n * lanes, step = tp->fresh ? nl : 0;
+    const float *prev = seg > 0 ? tp->lam + (seg - 1) * step + l : NULL;
+    float *next = tp->lam + seg * step + l;
+    int i;
+    for (i = 0; i < n; i++)
+        next[(size_t)i * lanes] = (prev ? prev[(size_t)i * lanes] : 0.0f) + logf(u[(size_t)i * lanes]);
+    sm__sinkhorn_kernel(K, L, next, n, lanes);
+    for (i = 0; i < n; i++) {
+        v[(size_t)i * lanes] = 1.0f;
+        if (!tp->fresh) u[(size_t)i * lanes] = 1.0f;
     }
 }
 
-/* out = diag(u) K diag(v) for one matrix. Scratch: K n*n, u, v, lam n each. */
-static SM_HD void sm__sinkhorn_forward_matrix(float *out, float *K, float *u, float *v,
-                                              float *lam, const float *L, int n, int iters) {
+/* Runs the rounds; K ends as each lane's last segment's kernel. Without a
+ * tape, u and v end relative to it (after a fresh column step both are 1). */
+static SM_HD void sm__sinkhorn_rounds(float *K, const sm__sinkhorn_tape *tp, const float *L, int n,
+                                      int iters, int lanes) {
+    size_t nl = (size_t)n * lanes, step = tp->fresh ? nl : 0, e;
+    unsigned char marks[SM__SINKHORN_LANES];
+    int seg[SM__SINKHORN_LANES]; /* per lane: segments begun after the first */
+    int t, l;
+    for (l = 0; l < lanes; l++) sm__sinkhorn_kernel(K + l, L + l, NULL, n, lanes), seg[l] = 0;
+    for (e = 0; e < nl; e++) tp->v[e] = 1.0f;
+    for (t = 1; t <= iters; t++) {
+        float *u = tp->u + (t - 1) * step, *v = tp->v + t * step;
+        unsigned char *fresh = tp->fresh ? tp->fresh + (size_t)(t - 1) * lanes : marks;
+        sm__sinkhorn_scale(u, K, tp->v + (t - 1) * step, n, lanes, 0);
+        sm__sinkhorn_scale(v, K, u, n, lanes, 1);
+        if (sm__sinkhorn_mark_fresh(fresh, u, v, n, lanes))
+            for (l = 0; l < lanes; l++)
+                if (fresh[l]) sm__sinkhorn_recentre(K + l, u + l, v + l, tp, L + l, seg[l]++, n, lanes, l);
+    }
+}
+
+/* out = diag(u) K diag(v) on every lane (out may be K). Scratch: K n*n
+ * lanes, u, v, lam n lanes each. */
+static SM_HD void sm__sinkhorn_forward_lanes(float *out, float *K, float *u, float *v, float *lam,
+                                             const float *L, int n, int iters, int lanes) {
     sm__sinkhorn_tape tp;
-    int i, j;
+    int i, j, l;
     tp.u = u, tp.v = v, tp.lam = lam, tp.fresh = NULL;
-    sm__sinkhorn_rounds(K, &tp, L, n, iters);
+    sm__sinkhorn_rounds(K, &tp, L, n, iters, lanes);
     for (i = 0; i < n; i++)
-        for (j = 0; j < n; j++) out[i * n + j] = u[i] * K[i * n + j] * v[j];
+        for (j = 0; j < n; j++) {
+            size_t e = ((size_t)i * n + j) * lanes;
+            for (l = 0; l < lanes; l++)
+                out[e + l] = u[(size_t)i * lanes + l] * K[e + l] * v[(size_t)j * lanes + l];
+        }
+}
+
+/* The row scaling a lane's last column step used: u, or 1 (= v) after a
+ * fresh one. Both are loaded, so the choice is a blend in a vector loop. */
+static SM_HD float sm__sinkhorn_u_of(const float *u, const float *v, const unsigned char *fresh,
+                                     size_t i, int lanes, int l) {
+    float ui = u[i * lanes + l], vi = v[i * lanes + l];
+    return fresh[l] ? vi : ui;
 }
 
 /* Through out_ij = u_i K_ij v_j: dK = dout u v, and alpha,
  * beta = the row and column sums of dout * out. */
 static SM_HD void sm__sinkhorn_output_backward(float *dK, float *alpha, float *beta,
                                                const float *dout, const float *K, const float *u,
-                                               const float *v, int n) {
-    int i, j;
-    for (i = 0; i < n; i++) alpha[i] = 0.0f, beta[i] = 0.0f;
+                                               const float *v, const unsigned char *fresh, int n,
+                                               int lanes) {
+    size_t nl = (size_t)n * lanes, e;
+    int i, j, l;
+    for (e = 0; e < nl; e++) alpha[e] = 0.0f, beta[e] = 0.0f;
     for (i = 0; i < n; i++)
-        for (j = 0; j < n; j++) {
-            float d = dout[i * n + j] * u[i] * v[j], g = d * K[i * n + j];
-            dK[i * n + j] = d;
-            alpha[i] += g;
-            beta[j] += g;
-        }
+        for (j = 0; j < n; j++)
+            for (l = 0; l < lanes; l++) {
+                size_t ij = ((size_t)i * n + j) * lanes + l;
+                float d = dout[ij] * sm__sinkhorn_u_of(u, v, fresh, i, lanes, l) *
+                          v[(size_t)j * lanes + l];
+                float g = d * K[ij];
+                dK[ij] = d;
+                alpha[(size_t)i * lanes + l] += g;
+                beta[(size_t)j * lanes + l] += g;
+            }
 }
 
-/* Through a column step, C_ij = u_i K_ij v_j; w: n scratch. */
+/* Through a column step, C_ij = u_i K_ij v_j; w: n lanes scratch. */
 static SM_HD void sm__sinkhorn_column_backward(float *dK, float *alpha, float *w,
                                                const float *beta, const float *K, const float *u,
-                                               const float *v, int n) {
-    int i, j;
-    for (j = 0; j < n; j++) w[j] = beta[j] * v[j];
+                                               const float *v, const unsigned char *fresh, int n,
+                                               int lanes) {
+    size_t nl = (size_t)n * lanes, e;
+    float s[SM__SINKHORN_LANES], ui[SM__SINKHORN_LANES];
+    int i, j, l;
+    for (e = 0; e < nl; e++) w[e] = beta[e] * v[e];
     for (i = 0; i < n; i++) {
-        float ui = u[i], s = 0.0f;
-        for (j = 0; j < n; j++) {
-            dK[i * n + j] -= ui * w[j];
-            s += K[i * n + j] * w[j];
-        }
-        alpha[i] -= ui * s;
+        for (l = 0; l < lanes; l++) ui[l] = sm__sinkhorn_u_of(u, v, fresh, i, lanes, l), s[l] = 0.0f;
+        for (j = 0; j < n; j++)
+            for (l = 0; l < lanes; l++) {
+                size_t ij = ((size_t)i * n + j) * lanes + l;
+                dK[ij] -= ui[l] * w[(size_t)j * lanes + l];
+                s[l] += K[ij] * w[(size_t)j * lanes + l];
+            }
+        for (l = 0; l < lanes; l++) alpha[(size_t)i * lanes + l] -= ui[l] * s[l];
     }
 }
 
 /* Through a row step, R_ij = u_i K_ij v_prev_j: beta becomes the gradient
  * of b_{t-1}, and alpha is used up (a_t feeds nothing earlier). */
 static SM_HD void sm__sinkhorn_row_backward(float *dK, float *beta, float *alpha, const float *K,
-                                            const float *u, const float *v_prev, int n) {
-    int i, j;
-    for (j = 0; j < n; j++) beta[j] = 0.0f;
+                                            const float *u, const float *v_prev, int n, int lanes) {
+    size_t nl = (size_t)n * lanes, e;
+    int i, j, l;
+    for (e = 0; e < nl; e++) beta[e] = 0.0f;
     for (i = 0; i < n; i++) {
-        float au = alpha[i] * u[i];
-        for (j = 0; j < n; j++) {
-            dK[i * n + j] -= au * v_prev[j];
-            beta[j] += K[i * n + j] * au;
-        }
-        alpha[i] = 0.0f;
+        float *a = alpha + (size_t)i * lanes;
+        const float *ui = u + (size_t)i * lanes;
+        for (j = 0; j < n; j++)
+            for (l = 0; l < lanes; l++) {
+                size_t ij = ((size_t)i * n + j) * lanes + l;
+                float au = a[l] * ui[l];
+                dK[ij] -= au * v_prev[(size_t)j * lanes + l];
+                beta[(size_t)j * lanes + l] += K[ij] * au;
+            }
+        for (l = 0; l < lanes; l++) a[l] = 0.0f;
     }
-    for (j = 0; j < n; j++) beta[j] *= -v_prev[j];
+    for (e = 0; e < nl; e++) beta[e] *= -v_prev[e];
 }
 
-/* Leaving a segment: dL += dK K, dK = 0. */
-static SM_HD void sm__sinkhorn_flush(float *dL, float *dK, const float *K, int n) {
-    int e;
-    for (e = 0; e < n * n; e++) dL[e] += dK[e] * K[e], dK[e] = 0.0f;
+/* Leaving a segment: dL += dK K, dK = 0, over `count` entries `stride`
+ * apart (every lane: count n*n lanes, stride 1; one lane: n*n, lanes). */
+static SM_HD void sm__sinkhorn_flush(float *dL, float *dK, const float *K, size_t count,
+                                     int stride) {
+    size_t e;
+    for (e = 0; e < count * stride; e += stride) dL[e] += dK[e] * K[e], dK[e] = 0.0f;
 }
 
-/* Scratch of one backward: K, dK n*n each; alpha, beta, w n each; the tape. */
+/* Scratch of one backward, lanes-wide: K, dK n*n lanes each; alpha, beta,
+ * w n lanes each; the tape. */
 typedef struct sm__sinkhorn_work {
     float *K, *dK, *alpha, *beta, *w;
     sm__sinkhorn_tape tape;
 } sm__sinkhorn_work;
 
-/* dL (n*n, overwritten) = d(sum dout * out)/dL for one matrix. */
-static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_work *wk,
-                                               const float *dout, const float *L, int n,
-                                               int iters) {
+/* dL (n*n lanes, overwritten) = d(sum dout * out)/dL on every lane. */
+static SM_HD void sm__sinkhorn_backward_lanes(float *dL, const sm__sinkhorn_work *wk,
+                                              const float *dout, const float *L, int n, int iters,
+                                              int lanes) {
     const sm__sinkhorn_tape *tp = &wk->tape;
-    const float *vT = tp->v + (size_t)iters * n, *uT = tp->u + (size_t)(iters - 1) * n;
-    int t, e, s = 0;
-    sm__sinkhorn_rounds(wk->K, tp, L, n, iters);
-    for (t = 0; t < iters; t++) s += tp->fresh[t];
-    for (e = 0; e < n * n; e++) dL[e] = 0.0f;
-    /* after a fresh last column step, u_T relative to K is 1 like v_T */
+    size_t nl = (size_t)n * lanes, nnl = (size_t)n * nl, e;
+    int seg[SM__SINKHORN_LANES], t, l;
+    sm__sinkhorn_rounds(wk->K, tp, L, n, iters, lanes);
+    for (l = 0; l < lanes; l++) seg[l] = 0;
+    for (t = 0; t < iters; t++)
+        for (l = 0; l < lanes; l++) seg[l] += tp->fresh[(size_t)t * lanes + l];
+    for (e = 0; e < nnl; e++) dL[e] = 0.0f;
     sm__sinkhorn_output_backward(wk->dK, wk->alpha, wk->beta, dout, wk->K,
-                                 tp->fresh[iters - 1] ? vT : uT, vT, n);
+                                 tp->u + (size_t)(iters - 1) * nl, tp->v + (size_t)iters * nl,
+                                 tp->fresh + (size_t)(iters - 1) * lanes, n, lanes);
     for (t = iters; t >= 1; t--) {
-        const float *u = tp->u + (size_t)(t - 1) * n, *v_prev = tp->v + (size_t)(t - 1) * n;
-        const float *v = tp->v + (size_t)t * n;
-        int fresh = tp->fresh[t - 1];
+        const float *u = tp->u + (size_t)(t - 1) * nl, *v_prev = tp->v + (size_t)(t - 1) * nl;
+        const unsigned char *fresh = tp->fresh + (size_t)(t - 1) * lanes;
         /* a fresh column step ran on the kernel it made, with u = v = 1 */
-        sm__sinkhorn_column_backward(wk->dK, wk->alpha, wk->w, wk->beta, wk->K, fresh ? v : u, v,
-                                     n);
-        if (fresh) { /* back to the previous segment's kernel */
-            sm__sinkhorn_flush(dL, wk->dK, wk->K, n);
-            s--;
-            sm__sinkhorn_kernel(wk->K, L, s > 0 ? tp->lam + (size_t)(s - 1) * n : NULL, n);
-        }
-        sm__sinkhorn_row_backward(wk->dK, wk->beta, wk->alpha, wk->K, u, v_prev, n);
+        sm__sinkhorn_column_backward(wk->dK, wk->alpha, wk->w, wk->beta, wk->K, u, v_prev + nl,
+                                     fresh, n, lanes);
+        for (l = 0; l < lanes; l++)
+            if (fresh[l]) { /* back to the lane's previous segment's kernel */
+                sm__sinkhorn_flush(dL + l, wk->dK + l, wk->K + l, (size_t)n * n, lanes);
+                seg[l]--;
+                sm__sinkhorn_kernel(wk->K + l, L + l,
+                                    seg[l] > 0 ? tp->lam + (size_t)(seg[l] - 1) * nl + l : NULL, n,
+                                    lanes);
+            }
+        sm__sinkhorn_row_backward(wk->dK, wk->beta, wk->alpha, wk->K, u, v_prev, n, lanes);
     }
-    sm__sinkhorn_flush(dL, wk->dK, wk->K, n);
+    sm__sinkhorn_flush(dL, wk->dK, wk->K, nnl, 1);
 }
 
-static void sm__sinkhorn_forward_n(float *out, const float *logits, int n, int iters) {
-    /* u zeroed: the rounds write it (iters >= 1), which GCC cannot always see */
-    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], u[SM_SINKHORN_MAX_N] = {0}, v[SM_SINKHORN_MAX_N];
-    float lam[SM_SINKHORN_MAX_N];
+/* ---- groups of matrices on the CPU ----
+ * Up to SM__SINKHORN_LANES matrices at a time, matrix k at base + k*ld,
+ * moved into the lane layout in a stack scratch of SM__SINKHORN_SCRATCH
+ * floats: as many lanes as fit (every valid n, iters fits one). */
+#define SM__SINKHORN_SCRATCH 8192
+
+/* Floats per lane: the forward's logits, K (and output), u, v, lam; the
+ * backward's logits, dout, dL, K, dK, alpha, beta, w, the tape and its
+ * fresh bytes. */
+static int sm__sinkhorn_lane_floats(int n, int iters, int backward) {
+    return backward ? 5 * n * n + 3 * n + n * (3 * iters + 1) + (iters + 3) / 4
+                    : 2 * n * n + 3 * n;
+}
+
+static int sm__sinkhorn_lanes_for(int count, int n, int iters, int backward) {
+    int fit = SM__SINKHORN_SCRATCH / sm__sinkhorn_lane_floats(n, iters, backward);
+    fit = fit < SM__SINKHORN_LANES ? fit : SM__SINKHORN_LANES;
+    return count < fit ? count : fit;
+}
+
+/* soa (lanes-wide, e floats per matrix) <- the `count` matrices at src,
+ * ld apart; lanes past count get zeros. */
+static void sm__lanes_gather(float *soa, const float *src, size_t ld, int count, int e, int lanes) {
+    int k, i;
+    for (k = 0; k < lanes; k++)
+        for (i = 0; i < e; i++) soa[(size_t)i * lanes + k] = k < count ? src[k * ld + i] : 0.0f;
+}
+
+/* The `count` matrices at dst (ld apart) = (add: += ) soa's lanes. */
+static void sm__lanes_scatter(float *dst, size_t ld, const float *soa, int count, int e, int lanes,
+                              int add) {
+    int k, i;
+    for (k = 0; k < count; k++)
+        for (i = 0; i < e; i++)
+            dst[k * ld + i] = (add ? dst[k * ld + i] : 0.0f) + soa[(size_t)i * lanes + k];
+}
+
+/* out + k*ld = the projection of the logits at logits + k*ld, k < count
+ * (out may be logits). */
+static void sm__sinkhorn_forward_group(float *out, const float *logits, size_t ld, int count,
+                                       int n, int iters) {
+    float w[SM__SINKHORN_SCRATCH];
+    int nn = n * n, k, lanes;
     SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
-    sm__sinkhorn_forward_matrix(out, K, u, v, lam, logits, n, iters);
+    for (k = 0; k < count; k += lanes) {
+        float *L, *K, *u, *v, *lam;
+        lanes = sm__sinkhorn_lanes_for(count - k, n, iters, 0);
+        L = w, K = L + nn * lanes, u = K + nn * lanes, v = u + n * lanes, lam = v + n * lanes;
+        sm__lanes_gather(L, logits + k * ld, ld, lanes, nn, lanes);
+        sm__sinkhorn_forward_lanes(K, K, u, v, lam, L, n, iters, lanes);
+        sm__lanes_scatter(out + k * ld, ld, K, lanes, nn, lanes, 0);
+    }
 }
 
-static void sm__sinkhorn_backward_n(float *dlogits, const float *dout, const float *logits, int n,
-                                    int iters) {
-    float K[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N], dK[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
-    float dL[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
-    float u[SM_SINKHORN_MAX_ITERS * SM_SINKHORN_MAX_N];
-    float v[(SM_SINKHORN_MAX_ITERS + 1) * SM_SINKHORN_MAX_N];
-    float lam[SM_SINKHORN_MAX_ITERS * SM_SINKHORN_MAX_N];
-    float alpha[SM_SINKHORN_MAX_N], beta[SM_SINKHORN_MAX_N], w[SM_SINKHORN_MAX_N];
-    unsigned char fresh[SM_SINKHORN_MAX_ITERS];
-    sm__sinkhorn_work wk;
-    int e;
+/* dlogits + k*ld (add: +=, else =) the gradient through the projection of
+ * the logits at logits + k*ld, for dout + k*ld, k < count. Without add,
+ * dlogits may be dout. */
+static void sm__sinkhorn_backward_group(float *dlogits, const float *dout, const float *logits,
+                                        size_t ld, int count, int n, int iters, int add) {
+    float w[SM__SINKHORN_SCRATCH];
+    int nn = n * n, k, lanes;
     SM_ASSERT(sm_sinkhorn_check(n, iters, NULL) == SM_OK);
-    wk.K = K, wk.dK = dK, wk.alpha = alpha, wk.beta = beta, wk.w = w;
-    wk.tape.u = u, wk.tape.v = v, wk.tape.lam = lam, wk.tape.fresh = fresh;
-    sm__sinkhorn_backward_matrix(dL, &wk, dout, logits, n, iters);
-    for (e = 0; e < n * n; e++) dlogits[e] += dL[e];
+    for (k = 0; k < count; k += lanes) {
+        sm__sinkhorn_work wk;
+        float *L, *D, *dL;
+        size_t nl;
+        lanes = sm__sinkhorn_lanes_for(count - k, n, iters, 1);
+        nl = (size_t)n * lanes;
+        L = w, D = L + nn * lanes, dL = D + nn * lanes;
+        wk.K = dL + nn * lanes, wk.dK = wk.K + nn * lanes, wk.alpha = wk.dK + nn * lanes;
+        wk.beta = wk.alpha + nl, wk.w = wk.beta + nl;
+        wk.tape.u = wk.w + nl, wk.tape.v = wk.tape.u + iters * nl;
+        wk.tape.lam = wk.tape.v + (iters + 1) * nl;
+        wk.tape.fresh = (unsigned char *)(wk.tape.lam + iters * nl);
+        sm__lanes_gather(L, logits + k * ld, ld, lanes, nn, lanes);
+        sm__lanes_gather(D, dout + k * ld, ld, lanes, nn, lanes);
+        sm__sinkhorn_backward_lanes(dL, &wk, D, L, n, iters, lanes);
+        sm__lanes_scatter(dlogits + k * ld, ld, dL, lanes, nn, lanes, add);
+    }
 }
 
-/* n = 4 (mHC's default) as a compile-time constant: the small loops unroll
- * into straight-line code, with the same operations in the same order. */
 SMDEF void sm_sinkhorn_forward(float *out, const float *logits, int n, int iters) {
-    if (n == 4) sm__sinkhorn_forward_n(out, logits, 4, iters);
-    else sm__sinkhorn_forward_n(out, logits, n, iters);
+    sm__sinkhorn_forward_group(out, logits, (size_t)n * n, 1, n, iters);
 }
 
 SMDEF void sm_sinkhorn_backward(float *dlogits, const float *dout, const float *logits, int n,
                                 int iters) {
-    if (n == 4) sm__sinkhorn_backward_n(dlogits, dout, logits, 4, iters);
-    else sm__sinkhorn_backward_n(dlogits, dout, logits, n, iters);
+    sm__sinkhorn_backward_group(dlogits, dout, logits, (size_t)n * n, 1, n, iters, 1);
 }
 
 SMDEF void sm_sinkhorn_forward_batched(float *out, const float *logits, int count, int n,
                                        int iters) {
-    int k;
     size_t nn = (size_t)n * n;
+    int k;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (count > 64)
 #endif
-    for (k = 0; k < count; k++) sm_sinkhorn_forward(out + k * nn, logits + k * nn, n, iters);
+    for (k = 0; k < count; k += SM__SINKHORN_LANES)
+        sm__sinkhorn_forward_group(out + k * nn, logits + k * nn, nn,
+                                   count - k < SM__SINKHORN_LANES ? count - k : SM__SINKHORN_LANES,
+                                   n, iters);
 }
 
 SMDEF void sm_sinkhorn_backward_batched(float *dlogits, const float *dout, const float *logits,
                                         int count, int n, int iters) {
-    int k;
     size_t nn = (size_t)n * n;
+    int k;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (count > 64)
 #endif
-    for (k = 0; k < count; k++)
-        sm_sinkhorn_backward(dlogits + k * nn, dout + k * nn, logits + k * nn, n, iters);
+    for (k = 0; k < count; k += SM__SINKHORN_LANES)
+        sm__sinkhorn_backward_group(dlogits + k * nn, dout + k * nn, logits + k * nn, nn,
+                                    count - k < SM__SINKHORN_LANES ? count - k : SM__SINKHORN_LANES,
+                                    n, iters, 1);
 }
 
 /* Per matrix: row = max_i |r_i - target|, col = max_j |c_j - target| where
@@ -9108,27 +9255,37 @@ static void sm__mhc_map_args(float *arg, const float *z, const sm_mhc_params *p,
         arg[k] = z ? p->gate[sm__mhc_gate_of(k, n)] * z[k] + p->bias[k] : p->bias[k];
 }
 
-/* H_pre = sigmoid, H_post = 2 sigmoid, H_res = Sinkhorn of the arguments. */
-static void sm__mhc_maps_forward(float *maps, const float *arg, int n, int iters) {
-    int i;
-    for (i = 0; i < n; i++) {
-        maps[i] = sm_sigmoid(arg[i]);
-        maps[n + i] = 2.0f * sm_sigmoid(arg[n + i]);
+/* The maps of `count` <= SM__SINKHORN_LANES tokens (K floats each in z and
+ * maps; z NULL in the static variant): H_pre = sigmoid, H_post = 2 sigmoid,
+ * H_res = Sinkhorn of the arguments, the group's matrices side by side. */
+static void sm__mhc_maps_forward(float *maps, const float *z, const sm_mhc_params *p, int count,
+                                 int n, int iters) {
+    int K = sm_mhc_map_count(n), t, i;
+    for (t = 0; t < count; t++) {
+        float *m = maps + (size_t)t * K;
+        sm__mhc_map_args(m, z ? z + (size_t)t * K : NULL, p, n);
+        for (i = 0; i < n; i++) m[i] = sm_sigmoid(m[i]), m[n + i] = 2.0f * sm_sigmoid(m[n + i]);
     }
-    sm_sinkhorn_forward(maps + 2 * n, arg + 2 * n, n, iters);
+    sm__sinkhorn_forward_group(maps + 2 * n, maps + 2 * n, (size_t)K, count, n, iters);
 }
 
-/* In place: g holds dL/dmaps on entry and dL/darg on exit.
- * sigmoid' = h (1 - h); for h = 2 sigmoid, dh/darg = h (1 - h/2). */
-static void sm__mhc_maps_backward(float *g, const float *maps, const float *arg, int n, int iters) {
-    float dres[SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
-    int i;
-    for (i = 0; i < n; i++) {
-        g[i] *= maps[i] * (1.0f - maps[i]);
-        g[n + i] *= maps[n + i] * (1.0f - 0.5f * maps[n + i]);
+/* In place for `count` <= SM__SINKHORN_LANES tokens: g holds dL/dmaps on
+ * entry and dL/darg on exit. sigmoid' = h (1 - h); for h = 2 sigmoid,
+ * dh/darg = h (1 - h/2). */
+static void sm__mhc_maps_backward(float *g, const float *maps, const float *z,
+                                  const sm_mhc_params *p, int count, int n, int iters) {
+    float arg[SM__SINKHORN_LANES * (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)];
+    int K = sm_mhc_map_count(n), t, i;
+    for (t = 0; t < count; t++) {
+        float *gt = g + (size_t)t * K;
+        const float *m = maps + (size_t)t * K;
+        for (i = 0; i < n; i++) {
+            gt[i] *= m[i] * (1.0f - m[i]);
+            gt[n + i] *= m[n + i] * (1.0f - 0.5f * m[n + i]);
+        }
+        sm__mhc_map_args(arg + (size_t)t * K, z ? z + (size_t)t * K : NULL, p, n);
     }
-    for (i = 0; i < n * n; i++) dres[i] = g[2 * n + i], g[2 * n + i] = 0.0f;
-    sm_sinkhorn_backward(g + 2 * n, dres, arg + 2 * n, n, iters);
+    sm__sinkhorn_backward_group(g + 2 * n, g + 2 * n, arg + 2 * n, (size_t)K, count, n, iters, 0);
 }
 
 /* u = sum_i H_pre[i] x[i] for one token. */
@@ -9139,22 +9296,34 @@ static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n,
         for (c = 0; c < C; c++) u[c] += h_pre[i] * x[i * C + c];
 }
 
-SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
-                              const sm_mhc_config *cfg, int N) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
-    if (cfg->dynamic) {
-        sm_rmsnorm_forward(act->xn, act->rstd, x, NULL, N, nC);
-        sm_linear_forward(act->z, act->xn, p->phi, NULL, N, nC, K);
-    }
+/* z = x' phi^T with x' = RMSNorm(x) folded in: z_t = rstd_t (x_t phi^T),
+ * so x' is never stored (act->xn is the CUDA backend's). */
+static void sm__mhc_project_forward(float *z, float *rstd, const float *x, const float *phi,
+                                    int N, int nC, int K) {
+    int t, k;
+    sm_linear_forward(z, x, phi, NULL, N, nC, K);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (t = 0; t < N; t++) {
-        float arg[2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
-        float *maps = act->maps + (size_t)t * K;
-        sm__mhc_map_args(arg, cfg->dynamic ? act->z + (size_t)t * K : NULL, p, n);
-        sm__mhc_maps_forward(maps, arg, n, cfg->sinkhorn_iters);
-        sm__mhc_pre_mix(u + (size_t)t * C, x + (size_t)t * nC, maps, n, C);
+        rstd[t] = sm__rms_rstd(x + (size_t)t * nC, nC);
+        for (k = 0; k < K; k++) z[(size_t)t * K + k] *= rstd[t];
+    }
+}
+
+SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
+                              const sm_mhc_config *cfg, int N) {
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g;
+    if (cfg->dynamic) sm__mhc_project_forward(act->z, act->rstd, x, p->phi, N, nC, K);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N > 64)
+#endif
+    for (g = 0; g < N; g += SM__SINKHORN_LANES) { /* a group of tokens: their Sinkhorns in lanes */
+        int count = N - g < SM__SINKHORN_LANES ? N - g : SM__SINKHORN_LANES, t;
+        sm__mhc_maps_forward(act->maps + (size_t)g * K, cfg->dynamic ? act->z + (size_t)g * K : NULL,
+                             p, count, n, cfg->sinkhorn_iters);
+        for (t = g; t < g + count; t++)
+            sm__mhc_pre_mix(u + (size_t)t * C, x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
     }
 }
 
@@ -9216,19 +9385,14 @@ SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float 
                                   act->maps + (size_t)t * K, n, C);
 }
 
-/* One token of the pre backward: dx[i] += H_pre[i] du, dH_pre[i] += <du, x[i]>,
- * then dmaps (in place) -> gradients of the map arguments. */
-static void sm__mhc_pre_token_backward(float *dx, float *dmaps, const float *du, const float *x,
-                                       const float *z, const float *maps, const sm_mhc_params *p,
-                                       int n, int C, int iters) {
-    float arg[2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N];
+/* One token through u = H_pre x: dx[i] += H_pre[i] du, dH_pre[i] += <du, x[i]>. */
+static void sm__mhc_pre_mix_backward(float *dx, float *dmaps, const float *du, const float *x,
+                                     const float *maps, int n, int C) {
     int i, c;
     for (i = 0; i < n; i++) {
         for (c = 0; c < C; c++) dx[i * C + c] += maps[i] * du[c];
         dmaps[i] += sm__dot(du, x + i * C, C);
     }
-    sm__mhc_map_args(arg, z, p, n);
-    sm__mhc_maps_backward(dmaps, maps, arg, n, iters);
 }
 
 /* Serial over tokens (deterministic): dbias += sum_t darg, and in the
@@ -9247,28 +9411,62 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const 
         for (k = 0; k < 3; k++) dp->gate[k] += (float)dgate[k];
 }
 
-SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
-                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
-                               const sm_mhc_config *cfg, int N) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, t;
-    size_t k;
+/* Through z = rstd (x phi^T) (sm__mhc_project_forward) from darg, with
+ * dz = a darg and dz' = rstd dz:
+ *     dphi += dz'^T x
+ *     dx   += dz' phi - (rstd^2 <dz, z> / nC) x
+ * the second line being RMSNorm's backward r (g - x' <g, x'> / nC) for
+ * g = dz phi, since <g, x'> = <dz, z>. z and rstd are used up: they end as
+ * dz' and the coefficient of x. */
+static void sm__mhc_project_backward(float *dx, float *dphi, float *z, float *rstd,
+                                     const float *darg, const float *x, const sm_mhc_params *p,
+                                     int N, int n, int C) {
+    int K = sm_mhc_map_count(n), nC = n * C, t;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (t = 0; t < N; t++)
-        sm__mhc_pre_token_backward(dx + (size_t)t * nC, dmaps + (size_t)t * K, du + (size_t)t * C,
-                                   x + (size_t)t * nC,
-                                   cfg->dynamic ? act->z + (size_t)t * K : NULL,
-                                   act->maps + (size_t)t * K, p, n, C, cfg->sinkhorn_iters);
+    for (t = 0; t < N; t++) {
+        float *zt = z + (size_t)t * K;
+        double dot = 0.0;
+        int k;
+        for (k = 0; k < K; k++) {
+            float dz = p->gate[sm__mhc_gate_of(k, n)] * darg[(size_t)t * K + k];
+            dot += (double)dz * zt[k];
+            zt[k] = rstd[t] * dz;
+        }
+        rstd[t] = (float)((double)rstd[t] * rstd[t] * dot / nC);
+    }
+    sm_linear_backward(NULL, dphi, NULL, z, x, p->phi, N, nC, K);
+    sm_linear_backward(dx, NULL, NULL, z, NULL, p->phi, N, nC, K);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N > 64)
+#endif
+    for (t = 0; t < N; t++) {
+        float *d = dx + (size_t)t * nC;
+        const float *xt = x + (size_t)t * nC;
+        int c;
+        for (c = 0; c < nC; c++) d[c] -= rstd[t] * xt[c];
+    }
+}
+
+SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
+                               const sm_mhc_config *cfg, int N) {
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N > 64)
+#endif
+    for (g = 0; g < N; g += SM__SINKHORN_LANES) { /* as in sm_mhc_pre_forward */
+        int count = N - g < SM__SINKHORN_LANES ? N - g : SM__SINKHORN_LANES, t;
+        for (t = g; t < g + count; t++)
+            sm__mhc_pre_mix_backward(dx + (size_t)t * nC, dmaps + (size_t)t * K, du + (size_t)t * C,
+                                     x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
+        sm__mhc_maps_backward(dmaps + (size_t)g * K, act->maps + (size_t)g * K,
+                              cfg->dynamic ? act->z + (size_t)g * K : NULL, p, count, n,
+                              cfg->sinkhorn_iters);
+    }
     sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
-    if (!cfg->dynamic) return;
-    /* z <- dz = a * darg; then through z = x' phi^T and x' = RMSNorm(x) */
-    for (k = 0; k < (size_t)N * K; k++)
-        act->z[k] = p->gate[sm__mhc_gate_of((int)(k % K), n)] * dmaps[k];
-    sm_linear_backward(NULL, dp->phi, NULL, act->z, act->xn, p->phi, N, nC, K);
-    memset(act->xn, 0, (size_t)N * nC * sizeof(float));
-    sm_linear_backward(act->xn, NULL, NULL, act->z, NULL, p->phi, N, nC, K);
-    sm_rmsnorm_backward(dx, NULL, act->xn, x, NULL, act->rstd, N, nC);
+    if (cfg->dynamic) sm__mhc_project_backward(dx, dp->phi, act->z, act->rstd, dmaps, x, p, N, n, C);
 }
 
 /* ---- expand / collapse ---- */
@@ -9422,10 +9620,8 @@ SMDEF void sm_rmsnorm_grouped_forward(float *out, float *rstd, const float *inp,
     for (n = 0; n < N; n++) {
         const float *x = inp + (size_t)n * C, *w = sm__rmsnorm_gain(weight, n, C, groups);
         float *y = out + (size_t)n * C;
-        double ss = sm__dot3_double(x, x, NULL, C);
-        float r;
+        float r = sm__rms_rstd(x, C);
         int c;
-        r = (float)(1.0 / sqrt(ss / C + SM_RMSNORM_EPS));
         for (c = 0; c < C; c++) y[c] = x[c] * r * (w ? w[c] : 1.0f);
         rstd[n] = r;
     }
@@ -11109,7 +11305,8 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *     sm_mhc_expand_forward (use_mhc)     >>mhc     copy into n streams
  *     per sublayer: sm__residual_forward  x <- x + F(x), or in mHC:
  *       sm_mhc_pre_forward                >>mhc     maps from x, u = H_pre x
- *         sm__mhc_maps_forward -> sm_sinkhorn_forward (H_res), sm__mhc_pre_mix
+ *         sm__mhc_project_forward, per group of tokens sm__mhc_maps_forward
+ *         -> sm__sinkhorn_forward_group (H_res in lanes), sm__mhc_pre_mix
  *       sm__sublayer_forward              y = F(u), by kind:
  *         sm__engram_forward -> sm_engram_forward_routed          >>engram
  *           sm__engram_gather, sm__engram_value_forward,
@@ -11290,7 +11487,8 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
  *           sm__peer_slots_backward, sm__peer_keys_backward,
  *           sm__peer_query_backward
  *       sm_mhc_pre_backward               >>mhc     through the maps and
- *         sm__mhc_pre_token_backward -> sm__mhc_maps_backward   Sinkhorn
+ *         sm__mhc_pre_mix_backward, sm__mhc_maps_backward (Sinkhorn in
+ *         lanes), sm__mhc_project_backward (phi and the RMSNorm)
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
  *     sm_embedding_backward               >>backbone
  * The optimizer step (sm_params_adamw_step, >>optim) follows. */
@@ -13261,17 +13459,20 @@ static void sm__peer_query_backward(float *dx, sm_peer_params *g, sm_peer_acts *
 static void sm__peer_experts_backward(float *dexperts, sm_row_set *touched, sm_peer_acts *a,
                                       const float *x, const float *dout, int N);
 /* >>mhc */
-static SM_HD void sm__sinkhorn_forward_matrix(float *out, float *K, float *u, float *v, float *lam,
-                                              const float *L, int n, int iters);
-static SM_HD void sm__sinkhorn_backward_matrix(float *dL, const sm__sinkhorn_work *wk,
-                                               const float *dout, const float *L, int n, int iters);
+static SM_HD void sm__sinkhorn_forward_lanes(float *out, float *K, float *u, float *v, float *lam,
+                                             const float *L, int n, int iters, int lanes);
+static SM_HD void sm__sinkhorn_backward_lanes(float *dL, const sm__sinkhorn_work *wk,
+                                              const float *dout, const float *L, int n, int iters,
+                                              int lanes);
 static void sm__rowcol_extremes(float *row, float *col, const double *P, int n, int absolute,
                                 double target);
 static void sm__rowcol_stats_add(sm_rowcol_stats *s, float row, float col);
 static int sm__mhc_gate_of(int k, int n);
 static void sm__mhc_map_args(float *arg, const float *z, const sm_mhc_params *p, int n);
-static void sm__mhc_maps_forward(float *maps, const float *arg, int n, int iters);
-static void sm__mhc_maps_backward(float *g, const float *maps, const float *arg, int n, int iters);
+static void sm__mhc_maps_forward(float *maps, const float *z, const sm_mhc_params *p, int count,
+                                 int n, int iters);
+static void sm__mhc_maps_backward(float *g, const float *maps, const float *z,
+                                  const sm_mhc_params *p, int count, int n, int iters);
 static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n, int C);
 static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, const float *maps,
                              int n, int C);

@@ -2065,15 +2065,15 @@ static int smc__sk_backward_floats(int n, int iters) {
     return 4 * n * n + 3 * n + n * (3 * iters + 1) + (iters + 3) / 4;
 }
 
-/* sm_sinkhorn_forward of one matrix (sm__sinkhorn_forward_matrix). w holds
+/* sm_sinkhorn_forward of one matrix (sm__sinkhorn_forward_lanes, one lane). w holds
  * smc__sk_forward_floats(n) floats; out may alias the logits. */
 static __device__ void smc__sk_forward(float *out, smc__mhc_src src, float *w, int n, int iters) {
     float *L = w, *K = L + n * n, *u = K + n * n, *v = u + n, *lam = v + n;
     smc__sk_logits(L, src, n);
-    sm__sinkhorn_forward_matrix(out, K, u, v, lam, L, n, iters);
+    sm__sinkhorn_forward_lanes(out, K, u, v, lam, L, n, iters, 1);
 }
 
-/* sm_sinkhorn_backward of one matrix (sm__sinkhorn_backward_matrix). w
+/* sm_sinkhorn_backward of one matrix (sm__sinkhorn_backward_lanes, one lane). w
  * holds smc__sk_backward_floats(n, iters) floats. Returns the n*n gradient
  * of the logits (inside w). dout is read before anything is written to
  * memory outside w, so the caller may store over it. */
@@ -2087,7 +2087,7 @@ static __device__ const float *smc__sk_backward(float *w, const float *dout, smc
     wk.tape.lam = wk.tape.v + (size_t)(iters + 1) * n;
     wk.tape.fresh = (unsigned char *)(wk.tape.lam + (size_t)iters * n);
     smc__sk_logits(L, src, n);
-    sm__sinkhorn_backward_matrix(dL, &wk, dout, L, n, iters);
+    sm__sinkhorn_backward_lanes(dL, &wk, dout, L, n, iters, 1);
     return dL;
 }
 

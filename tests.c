@@ -4228,6 +4228,43 @@ static int test_mhc_sinkhorn_grad_wide_spread(void) {
     return 0;
 }
 
+/* The batched calls run the Sinkhorn rounds on groups of matrices in SIMD
+ * lanes (16, or fewer where the scratch is short, as at n = 8); a lane must
+ * do exactly what a lone matrix does. Every third matrix has logits of std
+ * 100, so it re-centres (starts new segments) while its neighbours do not;
+ * 21 matrices leave a partial last group. */
+static int test_mhc_sinkhorn_lanes_match_one_at_a_time(void) {
+    static const int cases[][2] = {{2, 20}, {4, 3}, {4, 20}, {8, 20}};
+    enum { count = 21 };
+    sm_rng r;
+    int c, k;
+    sm_rng_seed(&r, 17);
+    for (c = 0; c < 4; c++) {
+        int n = cases[c][0], iters = cases[c][1];
+        size_t nn = (size_t)n * n;
+        float *L = (float *)t_alloc(count * nn), *w = t_randn(&r, count * nn, 1.0f);
+        float *P = (float *)t_alloc(count * nn), *one = (float *)t_alloc(nn);
+        float *dL = t_randn(&r, count * nn, 1.0f), *dL0 = (float *)t_alloc(count * nn);
+        float *d_one = (float *)t_alloc(nn);
+        for (k = 0; k < count; k++) sm_rng_fill_normal(&r, L + k * nn, nn, k % 3 ? 1.0f : 100.0f);
+        memcpy(dL0, dL, count * nn * sizeof(float)); /* the batch adds its gradient to these */
+        sm_sinkhorn_forward_batched(P, L, count, n, iters);
+        sm_sinkhorn_backward_batched(dL, w, L, count, n, iters);
+        for (k = 0; k < count; k++) {
+            sm_sinkhorn_forward(one, L + k * nn, n, iters);
+            CHECK(memcmp(one, P + k * nn, nn * sizeof(float)) == 0,
+                  "n=%d iters %d: matrix %d of a batch differs from it alone", n, iters, k);
+            memcpy(d_one, dL0 + k * nn, nn * sizeof(float));
+            sm_sinkhorn_backward(d_one, w + k * nn, L + k * nn, n, iters);
+            CHECK(memcmp(d_one, dL + k * nn, nn * sizeof(float)) == 0,
+                  "n=%d iters %d: gradient of matrix %d of a batch differs from it alone", n,
+                  iters, k);
+        }
+        free(L), free(w), free(P), free(one), free(dL), free(dL0), free(d_one);
+    }
+    return 0;
+}
+
 /* ---- the mHC sublayer, with a stand-in F(u) = tanh(u) ---- */
 
 typedef struct {
@@ -4628,7 +4665,7 @@ static int test_mhc_config_validation(void) {
     T(test_mhc_sinkhorn_doubly_stochastic), T(test_mhc_sum_error_known_matrix),                    \
         T(test_mhc_sinkhorn_stress_large_logits), T(test_mhc_sinkhorn_row_shift_invariance),       \
         T(test_mhc_sinkhorn_grad), T(test_mhc_sinkhorn_wide_spread),                               \
-        T(test_mhc_sinkhorn_grad_wide_spread), T(test_mhc_layer_grad_dynamic),                     \
+        T(test_mhc_sinkhorn_grad_wide_spread), T(test_mhc_sinkhorn_lanes_match_one_at_a_time), T(test_mhc_layer_grad_dynamic),                     \
         T(test_mhc_layer_grad_static),                                                             \
         T(test_mhc_batch_matches_per_token),                                                       \
         T(test_mhc_n1_identity_is_exact_baseline), T(test_mhc_init_close_to_baseline),             \
