@@ -8680,6 +8680,14 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
  * stride `lanes`. */
 #define SM__SINKHORN_LANES 16
 
+/* Pointers that the functions below never see aliased (restrict), so that
+ * a lane loop is vectorised without run-time overlap checks. */
+#if defined(__cplusplus)
+#define SM__RESTRICT __restrict
+#else
+#define SM__RESTRICT restrict
+#endif
+
 static SM_HD float sm__sinkhorn_exp(float x) {
     return x > SM__SINKHORN_EXP_MIN ? expf(x) : 0.0f;
 }
@@ -8723,9 +8731,9 @@ static SM_HD void sm__sinkhorn_kernel(float *K, const float *L, const float *lam
 
 /* One half-step on every lane: rows (columns = 0), out_i = 1 / sum_j K_ij w_j;
  * columns, out_j = 1 / sum_i K_ij w_i. */
-static SM_HD void sm__sinkhorn_scale(float *out, const float *K, const float *w, int n, int lanes,
-                                     int columns) {
-    size_t line = columns ? (size_t)lanes : (size_t)n * lanes; /* to the next output's first K */
+static SM_HD void sm__sinkhorn_scale(float *SM__RESTRICT out, const float *SM__RESTRICT K,
+                                     const float *SM__RESTRICT w, int n, int lanes, int columns) {
+    size_t line = columns ? (size_t)lanes : (size_t)n * lanes;  /* to the next output's first K */
     size_t along = columns ? (size_t)n * lanes : (size_t)lanes; /* to the next K in the sum */
     int i, j, l;
     for (i = 0; i < n; i++) {
@@ -8741,7 +8749,8 @@ static SM_HD void sm__sinkhorn_scale(float *out, const float *K, const float *w,
 
 /* fresh[l] = 1 where some u_i or v_i of lane l has left [1/S, S]
  * (a NaN counts as out); returns whether any lane has. */
-static SM_HD int sm__sinkhorn_mark_fresh(unsigned char *fresh, const float *u, const float *v,
+static SM_HD int sm__sinkhorn_mark_fresh(unsigned char *SM__RESTRICT fresh,
+                                         const float *SM__RESTRICT u, const float *SM__RESTRICT v,
                                          int n, int lanes) {
     const float S = SM__SINKHORN_SCALE_MAX;
     int i, l, any = 0;
@@ -8832,10 +8841,10 @@ static SM_HD float sm__sinkhorn_u_of(const float *u, const float *v, const unsig
 
 /* Through out_ij = u_i K_ij v_j: dK = dout u v, and alpha,
  * beta = the row and column sums of dout * out. */
-static SM_HD void sm__sinkhorn_output_backward(float *dK, float *alpha, float *beta,
-                                               const float *dout, const float *K, const float *u,
-                                               const float *v, const unsigned char *fresh, int n,
-                                               int lanes) {
+static SM_HD void sm__sinkhorn_output_backward(
+    float *SM__RESTRICT dK, float *SM__RESTRICT alpha, float *SM__RESTRICT beta,
+    const float *SM__RESTRICT dout, const float *SM__RESTRICT K, const float *SM__RESTRICT u,
+    const float *SM__RESTRICT v, const unsigned char *SM__RESTRICT fresh, int n, int lanes) {
     size_t nl = (size_t)n * lanes, e;
     int i, j, l;
     for (e = 0; e < nl; e++) alpha[e] = 0.0f, beta[e] = 0.0f;
@@ -8853,10 +8862,10 @@ static SM_HD void sm__sinkhorn_output_backward(float *dK, float *alpha, float *b
 }
 
 /* Through a column step, C_ij = u_i K_ij v_j; w: n lanes scratch. */
-static SM_HD void sm__sinkhorn_column_backward(float *dK, float *alpha, float *w,
-                                               const float *beta, const float *K, const float *u,
-                                               const float *v, const unsigned char *fresh, int n,
-                                               int lanes) {
+static SM_HD void sm__sinkhorn_column_backward(
+    float *SM__RESTRICT dK, float *SM__RESTRICT alpha, float *SM__RESTRICT w,
+    const float *SM__RESTRICT beta, const float *SM__RESTRICT K, const float *SM__RESTRICT u,
+    const float *SM__RESTRICT v, const unsigned char *SM__RESTRICT fresh, int n, int lanes) {
     size_t nl = (size_t)n * lanes, e;
     float s[SM__SINKHORN_LANES], ui[SM__SINKHORN_LANES];
     int i, j, l;
@@ -8875,8 +8884,10 @@ static SM_HD void sm__sinkhorn_column_backward(float *dK, float *alpha, float *w
 
 /* Through a row step, R_ij = u_i K_ij v_prev_j: beta becomes the gradient
  * of b_{t-1}, and alpha is used up (a_t feeds nothing earlier). */
-static SM_HD void sm__sinkhorn_row_backward(float *dK, float *beta, float *alpha, const float *K,
-                                            const float *u, const float *v_prev, int n, int lanes) {
+static SM_HD void sm__sinkhorn_row_backward(float *SM__RESTRICT dK, float *SM__RESTRICT beta,
+                                            float *SM__RESTRICT alpha, const float *SM__RESTRICT K,
+                                            const float *SM__RESTRICT u,
+                                            const float *SM__RESTRICT v_prev, int n, int lanes) {
     size_t nl = (size_t)n * lanes, e;
     int i, j, l;
     for (e = 0; e < nl; e++) beta[e] = 0.0f;
@@ -8897,10 +8908,11 @@ static SM_HD void sm__sinkhorn_row_backward(float *dK, float *beta, float *alpha
 
 /* Leaving a segment: dL += dK K, dK = 0, over `count` entries `stride`
  * apart (every lane: count n*n lanes, stride 1; one lane: n*n, lanes). */
-static SM_HD void sm__sinkhorn_flush(float *dL, float *dK, const float *K, size_t count,
-                                     int stride) {
+static SM_HD void sm__sinkhorn_flush(float *SM__RESTRICT dL, float *SM__RESTRICT dK,
+                                     const float *SM__RESTRICT K, size_t count, int stride) {
     size_t e;
-    for (e = 0; e < count * stride; e += stride) dL[e] += dK[e] * K[e], dK[e] = 0.0f;
+    for (e = 0; e < count * stride; e += stride)
+        dL[e] += dK[e] * K[e], dK[e] = 0.0f;
 }
 
 /* Scratch of one backward, lanes-wide: K, dK n*n lanes each; alpha, beta,
@@ -9296,30 +9308,25 @@ static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n,
         for (c = 0; c < C; c++) u[c] += h_pre[i] * x[i * C + c];
 }
 
-/* z = x' phi^T with x' = RMSNorm(x) folded in: z_t = rstd_t (x_t phi^T),
- * so x' is never stored (act->xn is the CUDA backend's). */
-static void sm__mhc_project_forward(float *z, float *rstd, const float *x, const float *phi,
-                                    int N, int nC, int K) {
-    int t, k;
-    sm_linear_forward(z, x, phi, NULL, N, nC, K);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
-#endif
-    for (t = 0; t < N; t++) {
-        rstd[t] = sm__rms_rstd(x + (size_t)t * nC, nC);
-        for (k = 0; k < K; k++) z[(size_t)t * K + k] *= rstd[t];
-    }
+/* One token's z = x' phi^T from zx = x phi^T, with x' = RMSNorm(x) folded
+ * in: z = rstd zx, so x' is never stored (act->xn is the CUDA backend's). */
+static void sm__mhc_normalise_z(float *z, float *rstd, const float *x, int nC, int K) {
+    int k;
+    *rstd = sm__rms_rstd(x, nC);
+    for (k = 0; k < K; k++) z[k] *= *rstd;
 }
 
 SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
                               const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g;
-    if (cfg->dynamic) sm__mhc_project_forward(act->z, act->rstd, x, p->phi, N, nC, K);
+    if (cfg->dynamic) sm_linear_forward(act->z, x, p->phi, NULL, N, nC, K); /* x phi^T */
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (g = 0; g < N; g += SM__SINKHORN_LANES) { /* a group of tokens: their Sinkhorns in lanes */
         int count = N - g < SM__SINKHORN_LANES ? N - g : SM__SINKHORN_LANES, t;
+        for (t = g; t < g + count && cfg->dynamic; t++)
+            sm__mhc_normalise_z(act->z + (size_t)t * K, act->rstd + t, x + (size_t)t * nC, nC, K);
         sm__mhc_maps_forward(act->maps + (size_t)g * K, cfg->dynamic ? act->z + (size_t)g * K : NULL,
                              p, count, n, cfg->sinkhorn_iters);
         for (t = g; t < g + count; t++)
@@ -9411,14 +9418,13 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const 
         for (k = 0; k < 3; k++) dp->gate[k] += (float)dgate[k];
 }
 
-/* Through z = rstd (x phi^T) (sm__mhc_project_forward) from darg, with
+/* Through z = rstd (x phi^T) (sm__mhc_normalise_z) from darg, with
  * dz = a darg and dz' = rstd dz:
  *     dphi += dz'^T x
  *     dx   += dz' phi - (rstd^2 <dz, z> / nC) x
  * the second line being RMSNorm's backward r (g - x' <g, x'> / nC) for
- * g = dz phi, since <g, x'> = <dz, z>. z and rstd are used up: they end as
- * dz' and the coefficient of x. */
-static void sm__mhc_project_backward(float *dx, float *dphi, float *z, float *rstd,
+ * g = dz phi, since <g, x'> = <dz, z>. z is used up (it ends as dz'). */
+static void sm__mhc_project_backward(float *dx, float *dphi, float *z, const float *rstd,
                                      const float *darg, const float *x, const sm_mhc_params *p,
                                      int N, int n, int C) {
     int K = sm_mhc_map_count(n), nC = n * C, t;
@@ -9426,27 +9432,20 @@ static void sm__mhc_project_backward(float *dx, float *dphi, float *z, float *rs
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (t = 0; t < N; t++) {
-        float *zt = z + (size_t)t * K;
+        float *zt = z + (size_t)t * K, *d = dx + (size_t)t * nC, coef;
+        const float *xt = x + (size_t)t * nC;
         double dot = 0.0;
-        int k;
+        int k, c;
         for (k = 0; k < K; k++) {
             float dz = p->gate[sm__mhc_gate_of(k, n)] * darg[(size_t)t * K + k];
             dot += (double)dz * zt[k];
             zt[k] = rstd[t] * dz;
         }
-        rstd[t] = (float)((double)rstd[t] * rstd[t] * dot / nC);
+        coef = (float)((double)rstd[t] * rstd[t] * dot / nC);
+        for (c = 0; c < nC; c++) d[c] -= coef * xt[c];
     }
     sm_linear_backward(NULL, dphi, NULL, z, x, p->phi, N, nC, K);
     sm_linear_backward(dx, NULL, NULL, z, NULL, p->phi, N, nC, K);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
-#endif
-    for (t = 0; t < N; t++) {
-        float *d = dx + (size_t)t * nC;
-        const float *xt = x + (size_t)t * nC;
-        int c;
-        for (c = 0; c < nC; c++) d[c] -= rstd[t] * xt[c];
-    }
 }
 
 SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
@@ -11305,7 +11304,8 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *     sm_mhc_expand_forward (use_mhc)     >>mhc     copy into n streams
  *     per sublayer: sm__residual_forward  x <- x + F(x), or in mHC:
  *       sm_mhc_pre_forward                >>mhc     maps from x, u = H_pre x
- *         sm__mhc_project_forward, per group of tokens sm__mhc_maps_forward
+ *         sm_linear_forward (phi), per group of tokens sm__mhc_normalise_z,
+ *         sm__mhc_maps_forward
  *         -> sm__sinkhorn_forward_group (H_res in lanes), sm__mhc_pre_mix
  *       sm__sublayer_forward              y = F(u), by kind:
  *         sm__engram_forward -> sm_engram_forward_routed          >>engram
