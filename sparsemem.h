@@ -7929,6 +7929,28 @@ static int sm__ctz(unsigned x) {
 #endif
 }
 
+/* Bit l set where s[l] > t, for 16 scores: in vector compares where the
+ * target has them (compilers leave the scalar loop scalar), with the same
+ * result as the loop (false for a NaN). */
+static unsigned sm__above_mask16(const float *s, float t) {
+#if defined(__AVX512F__)
+    return (unsigned)_mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(t), _CMP_GT_OQ);
+#elif defined(__SSE__)
+    __m128 v = _mm_set1_ps(t);
+    unsigned m = 0;
+    int q;
+    for (q = 0; q < 4; q++)
+        m |= (unsigned)_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + 4 * q), v)) << 4 * q;
+    return m;
+#else
+    unsigned m = 0;
+    int l;
+    for (l = 0; l < 16; l++)
+        m |= (unsigned)(s[l] > t) << l;
+    return m;
+#endif
+}
+
 /* The k best (score, id) pairs seen so far, best first. */
 typedef struct sm__topk_buf {
     float val[SM_TOPK_MAX];
@@ -7966,15 +7988,12 @@ SMDEF void sm_topk(const float *scores, int n, int k, int *idx, float *val) {
     b.k = k;
     for (i = 0; i < k; i++) sm__topk_push(&b, scores[i], i);
     /* A later index loses ties, so only a score above the current k-th can
-     * enter: compare 16 at a time into a bit mask (vectorisable), then visit
-     * only the set bits. */
+     * enter: compare 16 at a time into a bit mask, then visit only the set
+     * bits. */
     for (; i + 16 <= n; i += 16) {
-        float kth = b.val[k - 1];
-        unsigned mask = 0;
-        int l;
-        for (l = 0; l < 16; l++) mask |= (unsigned)(scores[i + l] > kth) << l;
+        unsigned mask = sm__above_mask16(scores + i, b.val[k - 1]);
         while (mask) {
-            l = sm__ctz(mask);
+            int l = sm__ctz(mask);
             mask &= mask - 1;
             sm__topk_push(&b, scores[i + l], i + l);
         }
