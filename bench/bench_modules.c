@@ -130,10 +130,12 @@ static void bench_engram(int rounds) {
     release(c, 3);
 }
 
-/* Time of the mHC maps and mixing alone for one sublayer, scaled to all
- * sublayers: where the overhead goes. */
-static double mhc_layer_seconds(const sm_model_config *cfg, int rounds) {
-    int N = B * cfg->seq_len, n = cfg->mhc.n_streams, C = cfg->d_model, K = sm_mhc_map_count(n), r;
+/* Time of the mHC maps and mixing alone for one sublayer (best of
+ * `rounds`), scaled to all sublayers: where the overhead goes. part[] gets
+ * the four calls' own times: pre forward, post forward, post backward,
+ * pre backward. */
+static double mhc_layer_seconds(const sm_model_config *cfg, int rounds, double part[4]) {
+    int N = B * cfg->seq_len, n = cfg->mhc.n_streams, C = cfg->d_model, K = sm_mhc_map_count(n), r, i;
     sm_mhc_layout lay = sm_mhc_param_layout(&cfg->mhc);
     float *p = (float *)calloc(lay.total, 4), *g = (float *)calloc(lay.total, 4);
     float *x = (float *)calloc((size_t)N * n * C, 4), *xn = (float *)calloc((size_t)N * n * C, 4);
@@ -150,15 +152,21 @@ static double mhc_layer_seconds(const sm_model_config *cfg, int rounds) {
     sm_mhc_init(p, &cfg->mhc, &rng, NULL);
     sm_rng_fill_normal(&rng, x, (size_t)N * n * C, 1.0f);
     sm_rng_fill_normal(&rng, y, (size_t)N * C, 1.0f);
+    for (i = 0; i < 4; i++) part[i] = 1e30;
     for (r = 0; r < rounds; r++) {
-        double t = sm_now();
+        double t[5];
+        t[0] = sm_now();
         sm_mhc_pre_forward(u, &act, x, &pp, &cfg->mhc, N);
+        t[1] = sm_now();
         sm_mhc_post_forward(xn, x, y, &act, &cfg->mhc, N);
+        t[2] = sm_now();
         memset(dmaps, 0, sizeof(float) * N * K);
         sm_mhc_post_backward(dx, dy, dmaps, dxn, x, y, &act, &cfg->mhc, N);
+        t[3] = sm_now();
         sm_mhc_pre_backward(dx, &pg, dmaps, du, x, &act, &pp, &cfg->mhc, N);
-        t = sm_now() - t;
-        best = t < best ? t : best;
+        t[4] = sm_now();
+        for (i = 0; i < 4; i++) part[i] = t[i + 1] - t[i] < part[i] ? t[i + 1] - t[i] : part[i];
+        best = t[4] - t[0] < best ? t[4] - t[0] : best;
     }
     free(p), free(g), free(x), free(xn), free(dx), free(dxn), free(u), free(y), free(du), free(dy);
     free(dmaps), free(actm);
@@ -209,14 +217,14 @@ static void bench_nine(int rounds) {
 
 static void bench_mhc(int rounds) {
     bench_cfg c[2];
-    double per_sub;
+    double per_sub, part[4];
     memset(c, 0, sizeof c);
     c[0].name = "baseline", c[0].cfg = base_config();
     c[1].name = "mHC n=4", c[1].cfg = base_config();
     c[1].cfg.use_mhc = 1;
     c[1].cfg.mhc.channels = 128;
     run(c, 2, rounds);
-    per_sub = mhc_layer_seconds(&c[1].cfg, rounds);
+    per_sub = mhc_layer_seconds(&c[1].cfg, rounds, part);
     printf("mHC, 4 streams, dynamic maps, 20 Sinkhorn iterations; median of %d steps\n", rounds);
     printf("  %-16s %8.1f ms/step\n  %-16s %8.1f ms/step\n", c[0].name, 1e3 * median(&c[0]), c[1].name,
            1e3 * median(&c[1]));
@@ -226,6 +234,9 @@ static void bench_mhc(int rounds) {
            "  the rest is the 4x wider residual (expand, collapse, copies)\n",
            1e3 * (median(&c[1]) - median(&c[0])), 1e3 * per_sub, c[1].model.n_sub,
            1e3 * per_sub * c[1].model.n_sub);
+    printf("  per sublayer (ms): pre forward %.3f (maps, H_pre x), post forward %.3f,\n"
+           "  post backward %.3f, pre backward %.3f (maps, phi, RMSNorm)\n",
+           1e3 * part[0], 1e3 * part[1], 1e3 * part[2], 1e3 * part[3]);
     release(c, 2);
 }
 
