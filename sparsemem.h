@@ -1631,7 +1631,9 @@ SMDEF sm_mhc_params sm_mhc_params_at(const sm_mhc_config *cfg, float *base);
 SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, sm_error *err);
 
 /* Saved activations of one mHC sublayer for N tokens:
- *   xn   [N, n*C]  x' = RMSNorm(flatten x), no gain (phi absorbs one)
+ *   xn   [N, n*C]  x' = RMSNorm(flatten x), no gain (phi absorbs one):
+ *                  written by the CUDA backend only (the CPU folds the norm
+ *                  into z and never stores x')
  *   rstd [N]       its 1/rms
  *   z    [N, K]    x' phi^T, the raw projections
  *   maps [N, K]    H_pre | H_post | H_res per token
