@@ -8807,7 +8807,8 @@ static SM_HD void sm__sinkhorn_recentre(float *K, float *u, float *v, const sm__
     float *next = tp->lam + seg * step + l;
     int i;
     for (i = 0; i < n; i++)
-        next[(size_t)i * lanes] = (prev ? prev[(size_t)i * lanes] : 0.0f) + logf(u[(size_t)i * lanes]);
+        next[(size_t)i * lanes] =
+            (prev ? prev[(size_t)i * lanes] : 0.0f) + logf(u[(size_t)i * lanes]);
     sm__sinkhorn_kernel(K, L, next, n, lanes);
     for (i = 0; i < n; i++) {
         v[(size_t)i * lanes] = 1.0f;
@@ -8832,7 +8833,8 @@ static SM_HD void sm__sinkhorn_rounds(float *K, const sm__sinkhorn_tape *tp, con
         sm__sinkhorn_scale(v, K, u, n, lanes, 1);
         if (sm__sinkhorn_mark_fresh(fresh, u, v, n, lanes))
             for (l = 0; l < lanes; l++)
-                if (fresh[l]) sm__sinkhorn_recentre(K + l, u + l, v + l, tp, L + l, seg[l]++, n, lanes, l);
+                if (fresh[l])
+                    sm__sinkhorn_recentre(K + l, u + l, v + l, tp, L + l, seg[l]++, n, lanes, l);
     }
 }
 
@@ -8892,7 +8894,8 @@ static SM_HD void sm__sinkhorn_column_backward(
     int i, j, l;
     for (e = 0; e < nl; e++) w[e] = beta[e] * v[e];
     for (i = 0; i < n; i++) {
-        for (l = 0; l < lanes; l++) ui[l] = sm__sinkhorn_u_of(u, v, fresh, i, lanes, l), s[l] = 0.0f;
+        for (l = 0; l < lanes; l++)
+            ui[l] = sm__sinkhorn_u_of(u, v, fresh, i, lanes, l), s[l] = 0.0f;
         for (j = 0; j < n; j++)
             for (l = 0; l < lanes; l++) {
                 size_t ij = ((size_t)i * n + j) * lanes + l;
@@ -9348,8 +9351,9 @@ SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const 
         int count = N - g < SM__SINKHORN_LANES ? N - g : SM__SINKHORN_LANES, t;
         for (t = g; t < g + count && cfg->dynamic; t++)
             sm__mhc_normalise_z(act->z + (size_t)t * K, act->rstd + t, x + (size_t)t * nC, nC, K);
-        sm__mhc_maps_forward(act->maps + (size_t)g * K, cfg->dynamic ? act->z + (size_t)g * K : NULL,
-                             p, count, n, cfg->sinkhorn_iters);
+        sm__mhc_maps_forward(act->maps + (size_t)g * K,
+                             cfg->dynamic ? act->z + (size_t)g * K : NULL, p, count, n,
+                             cfg->sinkhorn_iters);
         for (t = g; t < g + count; t++)
             sm__mhc_pre_mix(u + (size_t)t * C, x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
     }
@@ -9486,7 +9490,8 @@ SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const
                               cfg->sinkhorn_iters);
     }
     sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
-    if (cfg->dynamic) sm__mhc_project_backward(dx, dp->phi, act->z, act->rstd, dmaps, x, p, N, n, C);
+    if (cfg->dynamic)
+        sm__mhc_project_backward(dx, dp->phi, act->z, act->rstd, dmaps, x, p, N, n, C);
 }
 
 /* ---- expand / collapse ---- */

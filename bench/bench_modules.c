@@ -135,7 +135,8 @@ static void bench_engram(int rounds) {
  * the four calls' own times: pre forward, post forward, post backward,
  * pre backward. */
 static double mhc_layer_seconds(const sm_model_config *cfg, int rounds, double part[4]) {
-    int N = B * cfg->seq_len, n = cfg->mhc.n_streams, C = cfg->d_model, K = sm_mhc_map_count(n), r, i;
+    int N = B * cfg->seq_len, n = cfg->mhc.n_streams, C = cfg->d_model, K = sm_mhc_map_count(n);
+    int r, i;
     sm_mhc_layout lay = sm_mhc_param_layout(&cfg->mhc);
     float *p = (float *)calloc(lay.total, 4), *g = (float *)calloc(lay.total, 4);
     float *x = (float *)calloc((size_t)N * n * C, 4), *xn = (float *)calloc((size_t)N * n * C, 4);
