@@ -7934,6 +7934,11 @@ static int sm__ctz(unsigned x) {
 /* Bit l set where s[l] > t, for 16 scores: in vector compares where the
  * target has them (compilers leave the scalar loop scalar), with the same
  * result as the loop (false for a NaN). */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#elif defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 static unsigned sm__above_mask16(const float *s, float t) {
 #if defined(__AVX512F__)
     return (unsigned)_mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(t), _CMP_GT_OQ);
