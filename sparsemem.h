@@ -8999,25 +8999,29 @@ static int sm__sinkhorn_lane_floats(int n, int iters, int backward) {
                     : 2 * n * n + 3 * n;
 }
 
+/* Matrices in the group of up to SM__SINKHORN_LANES that starts at k of count. */
+static int sm__sinkhorn_group_size(int count, int k) {
+    return count - k < SM__SINKHORN_LANES ? count - k : SM__SINKHORN_LANES;
+}
+
 static int sm__sinkhorn_lanes_for(int count, int n, int iters, int backward) {
     int fit = SM__SINKHORN_SCRATCH / sm__sinkhorn_lane_floats(n, iters, backward);
     fit = fit < SM__SINKHORN_LANES ? fit : SM__SINKHORN_LANES;
     return count < fit ? count : fit;
 }
 
-/* soa (lanes-wide, e floats per matrix) <- the `count` matrices at src,
- * ld apart; lanes past count get zeros. */
-static void sm__lanes_gather(float *soa, const float *src, size_t ld, int count, int e, int lanes) {
+/* soa (lanes-wide, e floats per matrix) <- the `lanes` matrices at src,
+ * ld apart. */
+static void sm__lanes_gather(float *soa, const float *src, size_t ld, int e, int lanes) {
     int k, i;
     for (k = 0; k < lanes; k++)
-        for (i = 0; i < e; i++) soa[(size_t)i * lanes + k] = k < count ? src[k * ld + i] : 0.0f;
+        for (i = 0; i < e; i++) soa[(size_t)i * lanes + k] = src[k * ld + i];
 }
 
-/* The `count` matrices at dst (ld apart) = (add: += ) soa's lanes. */
-static void sm__lanes_scatter(float *dst, size_t ld, const float *soa, int count, int e, int lanes,
-                              int add) {
+/* The `lanes` matrices at dst (ld apart) = (add: += ) soa's lanes. */
+static void sm__lanes_scatter(float *dst, size_t ld, const float *soa, int e, int lanes, int add) {
     int k, i;
-    for (k = 0; k < count; k++)
+    for (k = 0; k < lanes; k++)
         for (i = 0; i < e; i++)
             dst[k * ld + i] = (add ? dst[k * ld + i] : 0.0f) + soa[(size_t)i * lanes + k];
 }
@@ -9033,9 +9037,9 @@ static void sm__sinkhorn_forward_group(float *out, const float *logits, size_t l
         float *L, *K, *u, *v, *lam;
         lanes = sm__sinkhorn_lanes_for(count - k, n, iters, 0);
         L = w, K = L + nn * lanes, u = K + nn * lanes, v = u + n * lanes, lam = v + n * lanes;
-        sm__lanes_gather(L, logits + k * ld, ld, lanes, nn, lanes);
+        sm__lanes_gather(L, logits + k * ld, ld, nn, lanes);
         sm__sinkhorn_forward_lanes(K, K, u, v, lam, L, n, iters, lanes);
-        sm__lanes_scatter(out + k * ld, ld, K, lanes, nn, lanes, 0);
+        sm__lanes_scatter(out + k * ld, ld, K, nn, lanes, 0);
     }
 }
 
@@ -9059,10 +9063,10 @@ static void sm__sinkhorn_backward_group(float *dlogits, const float *dout, const
         wk.tape.u = wk.w + nl, wk.tape.v = wk.tape.u + iters * nl;
         wk.tape.lam = wk.tape.v + (iters + 1) * nl;
         wk.tape.fresh = (unsigned char *)(wk.tape.lam + iters * nl);
-        sm__lanes_gather(L, logits + k * ld, ld, lanes, nn, lanes);
-        sm__lanes_gather(D, dout + k * ld, ld, lanes, nn, lanes);
+        sm__lanes_gather(L, logits + k * ld, ld, nn, lanes);
+        sm__lanes_gather(D, dout + k * ld, ld, nn, lanes);
         sm__sinkhorn_backward_lanes(dL, &wk, D, L, n, iters, lanes);
-        sm__lanes_scatter(dlogits + k * ld, ld, dL, lanes, nn, lanes, add);
+        sm__lanes_scatter(dlogits + k * ld, ld, dL, nn, lanes, add);
     }
 }
 
@@ -9084,8 +9088,7 @@ SMDEF void sm_sinkhorn_forward_batched(float *out, const float *logits, int coun
 #endif
     for (k = 0; k < count; k += SM__SINKHORN_LANES)
         sm__sinkhorn_forward_group(out + k * nn, logits + k * nn, nn,
-                                   count - k < SM__SINKHORN_LANES ? count - k : SM__SINKHORN_LANES,
-                                   n, iters);
+                                   sm__sinkhorn_group_size(count, k), n, iters);
 }
 
 SMDEF void sm_sinkhorn_backward_batched(float *dlogits, const float *dout, const float *logits,
@@ -9097,8 +9100,7 @@ SMDEF void sm_sinkhorn_backward_batched(float *dlogits, const float *dout, const
 #endif
     for (k = 0; k < count; k += SM__SINKHORN_LANES)
         sm__sinkhorn_backward_group(dlogits + k * nn, dout + k * nn, logits + k * nn, nn,
-                                    count - k < SM__SINKHORN_LANES ? count - k : SM__SINKHORN_LANES,
-                                    n, iters, 1);
+                                    sm__sinkhorn_group_size(count, k), n, iters, 1);
 }
 
 /* Per matrix: row = max_i |r_i - target|, col = max_j |c_j - target| where
@@ -9353,7 +9355,7 @@ SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const 
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (g = 0; g < N; g += SM__SINKHORN_LANES) { /* a group of tokens: their Sinkhorns in lanes */
-        int count = N - g < SM__SINKHORN_LANES ? N - g : SM__SINKHORN_LANES, t;
+        int count = sm__sinkhorn_group_size(N, g), t;
         for (t = g; t < g + count && cfg->dynamic; t++)
             sm__mhc_normalise_z(act->z + (size_t)t * K, act->rstd + t, x + (size_t)t * nC, nC, K);
         sm__mhc_maps_forward(act->maps + (size_t)g * K,
@@ -9474,8 +9476,7 @@ static void sm__mhc_project_backward(float *dx, float *dphi, float *z, const flo
         coef = (float)((double)rstd[t] * rstd[t] * dot / nC);
         for (c = 0; c < nC; c++) d[c] -= coef * xt[c];
     }
-    sm_linear_backward(NULL, dphi, NULL, z, x, p->phi, N, nC, K);
-    sm_linear_backward(dx, NULL, NULL, z, NULL, p->phi, N, nC, K);
+    sm_linear_backward(dx, dphi, NULL, z, x, p->phi, N, nC, K);
 }
 
 SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
@@ -9486,7 +9487,7 @@ SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (g = 0; g < N; g += SM__SINKHORN_LANES) { /* as in sm_mhc_pre_forward */
-        int count = N - g < SM__SINKHORN_LANES ? N - g : SM__SINKHORN_LANES, t;
+        int count = sm__sinkhorn_group_size(N, g), t;
         for (t = g; t < g + count; t++)
             sm__mhc_pre_mix_backward(dx + (size_t)t * nC, dmaps + (size_t)t * K, du + (size_t)t * C,
                                      x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
