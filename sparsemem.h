@@ -1458,7 +1458,11 @@ typedef struct sm_peer_acts {
     const uint32_t *expert_row;
     float *weight;      /* [N*h*k] softmax weight per slot */
     float *pre;         /* [N*h*k] u_i . x per slot */
-    float *sub_scores;  /* [N, 2*s] scratch: one head's half-scores */
+    float *sub_scores;  /* scratch: half-scores of every sub-key (the CPU: a
+                         * block of positions' rows of 2 padded s; CUDA: one
+                         * head's [N, s] and [N, s]) */
+    float *keys_t;      /* scratch: the sub-key tables packed for the CPU's routing
+                         * (allocated, small, and unused under CUDA) */
     float *dq;          /* [N, h*d_key] scratch for backward */
     float *dpre, *dscore, *wact; /* [N*h*k] scratch for backward */
     uint32_t *sort_key, *sort_slot; /* [2*N*h*k] scratch (double buffers) */
@@ -2479,6 +2483,14 @@ static double sm__dot3_double(const float *a, const float *b, const float *c, in
 static float sm__rms_rstd(const float *x, int C) {
     return (float)(1.0 / sqrt(sm__dot3_double(x, x, NULL, C) / C + SM_RMSNORM_EPS));
 }
+
+/* Pointers that a function never sees aliased (restrict), so that its
+ * loops are vectorised without run-time overlap checks. */
+#if defined(__cplusplus)
+#define SM__RESTRICT __restrict
+#else
+#define SM__RESTRICT restrict
+#endif
 
 /* A hint to fetch p's cache line ahead of use (no effect on results). */
 #if defined(__GNUC__) || defined(__clang__)
@@ -7931,29 +7943,55 @@ static int sm__ctz(unsigned x) {
 #endif
 }
 
-/* Bit l set where s[l] > t, for 16 scores: in vector compares where the
- * target has them (compilers leave the scalar loop scalar), with the same
- * result as the loop (false for a NaN). */
+/* Sixteen scores at a time, in vector instructions where the target has
+ * them (compilers leave these loops scalar), with the scalar loops' results
+ * for NaN-free scores. */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #elif defined(__SSE__)
 #include <xmmintrin.h>
 #endif
-static unsigned sm__above_mask16(const float *s, float t) {
+/* Bit l set where s[l] >= t. */
+static unsigned sm__at_least_mask16(const float *s, float t) {
 #if defined(__AVX512F__)
-    return (unsigned)_mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(t), _CMP_GT_OQ);
+    return (unsigned)_mm512_cmp_ps_mask(_mm512_loadu_ps(s), _mm512_set1_ps(t), _CMP_GE_OQ);
 #elif defined(__SSE__)
     __m128 v = _mm_set1_ps(t);
     unsigned m = 0;
     int q;
     for (q = 0; q < 4; q++)
-        m |= (unsigned)_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(s + 4 * q), v)) << 4 * q;
+        m |= (unsigned)_mm_movemask_ps(_mm_cmpge_ps(_mm_loadu_ps(s + 4 * q), v)) << 4 * q;
     return m;
 #else
     unsigned m = 0;
     int l;
     for (l = 0; l < 16; l++)
-        m |= (unsigned)(s[l] > t) << l;
+        m |= (unsigned)(s[l] >= t) << l;
+    return m;
+#endif
+}
+
+/* The largest of s[0, 16 chunks), chunks >= 1. */
+static float sm__max16(const float *s, int chunks) {
+#if defined(__AVX512F__)
+    __m512 m = _mm512_loadu_ps(s);
+    int c;
+    for (c = 1; c < chunks; c++) m = _mm512_max_ps(m, _mm512_loadu_ps(s + 16 * c));
+    return _mm512_reduce_max_ps(m);
+#elif defined(__SSE__)
+    __m128 m[4];
+    int c, q;
+    for (q = 0; q < 4; q++) m[q] = _mm_loadu_ps(s + 4 * q);
+    for (c = 1; c < chunks; c++)
+        for (q = 0; q < 4; q++) m[q] = _mm_max_ps(m[q], _mm_loadu_ps(s + 16 * c + 4 * q));
+    m[0] = _mm_max_ps(_mm_max_ps(m[0], m[1]), _mm_max_ps(m[2], m[3]));
+    m[0] = _mm_max_ps(m[0], _mm_movehl_ps(m[0], m[0]));
+    m[0] = _mm_max_ss(m[0], _mm_shuffle_ps(m[0], m[0], 1));
+    return _mm_cvtss_f32(m[0]);
+#else
+    float m = s[0];
+    int i;
+    for (i = 1; i < 16 * chunks; i++) m = s[i] > m ? s[i] : m;
     return m;
 #endif
 }
@@ -7987,18 +8025,36 @@ static void sm__topk_push(sm__topk_buf *b, float s, int id) {
     b->n++;
 }
 
+/* A floor under the k-th best of scores[0, 16 chunks): the chunks split
+ * into k groups, whose maxima are k distinct scores, so the least of them
+ * is at most the k-th best. -inf when there are fewer chunks than k. */
+static float sm__topk_floor(const float *scores, int chunks, int k) {
+    float floor = INFINITY;
+    int g;
+    if (chunks < k) return -INFINITY;
+    for (g = 0; g < k; g++) {
+        int c0 = (int)((long)chunks * g / k), c1 = (int)((long)chunks * (g + 1) / k);
+        float m = sm__max16(scores + 16 * (size_t)c0, c1 - c0);
+        floor = m < floor ? m : floor;
+    }
+    return floor;
+}
+
 SMDEF void sm_topk(const float *scores, int n, int k, int *idx, float *val) {
     sm__topk_buf b;
-    int i;
+    int chunks = n / 16, i;
+    float floor;
     SM_ASSERT(k >= 1 && k <= n && k <= SM_TOPK_MAX);
+    floor = sm__topk_floor(scores, chunks, k);
     b.n = 0;
     b.k = k;
-    for (i = 0; i < k; i++) sm__topk_push(&b, scores[i], i);
-    /* A later index loses ties, so only a score above the current k-th can
-     * enter: compare 16 at a time into a bit mask, then visit only the set
-     * bits. */
-    for (; i + 16 <= n; i += 16) {
-        unsigned mask = sm__above_mask16(scores + i, b.val[k - 1]);
+    /* Only scores at or above the floor can be among the k best, and once
+     * the buffer is full only those at or above its k-th (a later index
+     * loses ties: the push decides): compare 16 at a time into a bit mask,
+     * then offer only the set bits. The floor spares the ~k ln(n/k)
+     * insertions of a buffer that starts from the first k scores. */
+    for (i = 0; i < 16 * chunks; i += 16) {
+        unsigned mask = sm__at_least_mask16(scores + i, b.n < k ? floor : b.val[k - 1]);
         while (mask) {
             int l = sm__ctz(mask);
             mask &= mask - 1;
@@ -8169,10 +8225,23 @@ SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
 
 /* ---- activations ---- */
 
+/* The half-score tiles of the routing (>>peer routing): SM__PEER_TILE_T
+ * positions by SM__PEER_TILE_K sub-keys, sums held in registers (4 x 4
+ * vectors of AVX-512, or 4 x 4 of AVX's 8 floats). */
+#define SM__PEER_TILE_T 4
+#if defined(__AVX512F__)
+#define SM__PEER_TILE_K 64
+#else
+#define SM__PEER_TILE_K 32
+#endif
+
+/* n rounded up to a multiple of unit. */
+static size_t sm__peer_padded(size_t n, size_t unit) { return (n + unit - 1) / unit * unit; }
+
 /* Frees every buffer of a (with the allocator's own free) and clears it. */
 static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
     void *bufs[] = {a->q_raw, a->q, a->q_rstd, a->q_mean, a->expert, a->weight, a->pre,
-                    a->sub_scores, a->dq, a->dpre, a->dscore, a->wact, a->sort_key,
+                    a->sub_scores, a->keys_t, a->dq, a->dpre, a->dscore, a->wact, a->sort_key,
                     a->sort_slot, a->run_start};
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -8183,7 +8252,7 @@ static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
 static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
                                          int max_n, sm__alloc_fn alloc, sm__free_fn release,
                                          sm_error *err) {
-    size_t bt = (size_t)max_n, hk, slots;
+    size_t bt = (size_t)max_n, hk, slots, s_pad = sm__peer_padded((size_t)cfg->n_sub, SM__PEER_TILE_K);
     sm_status st = sm_peer_config_validate(cfg, d_model, err);
     memset(a, 0, sizeof *a);
     if (st != SM_OK) return st;
@@ -8200,8 +8269,10 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->expert = (int32_t *)alloc(slots * sizeof(int32_t), "peer expert ids", err);
     a->weight = (float *)alloc(slots * sizeof(float), "peer weights", err);
     a->pre = (float *)alloc(slots * sizeof(float), "peer pre-activations", err);
-    a->sub_scores = (float *)alloc(bt * 2 * (size_t)cfg->n_sub * sizeof(float),
+    a->sub_scores = (float *)alloc(sm__peer_padded(bt, SM__PEER_TILE_T) * 2 * s_pad * sizeof(float),
                                    "peer sub-key scores", err);
+    a->keys_t = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad * sizeof(float),
+                               "peer transposed sub-keys", err);
     a->dq = (float *)alloc(bt * hk * sizeof(float), "peer dq", err);
     a->dpre = (float *)alloc(slots * sizeof(float), "peer dpre", err);
     a->dscore = (float *)alloc(slots * sizeof(float), "peer dscore", err);
@@ -8210,7 +8281,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->sort_slot = (uint32_t *)alloc(2 * slots * sizeof(uint32_t), "peer sort slots", err);
     a->run_start = (uint32_t *)alloc((slots + 1) * sizeof(uint32_t), "peer runs", err);
     if (!a->q_raw || !a->q || !a->q_rstd || !a->q_mean || !a->expert || !a->weight || !a->pre ||
-        !a->sub_scores || !a->dq || !a->dpre || !a->dscore || !a->wact || !a->sort_key ||
+        !a->sub_scores || !a->keys_t || !a->dq || !a->dpre || !a->dscore || !a->wact || !a->sort_key ||
         !a->sort_slot || !a->run_start) {
         sm__peer_acts_release(a, release);
         return SM_ERR_OOM;
@@ -8323,25 +8394,81 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
 
 /* ---- routing ---- */
 
-/* Head j for all positions: half-scores of every sub-key by two GEMMs,
- * then per position the product-key top-k and the softmax weights. */
-static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int N) {
+/* The half-score of a sub-key is the dot product of a query half with it
+ * (d_key/2 terms). A GEMM over all positions writes N x 2s scores per head
+ * to memory and reads them back for the top-k: at s = 1024 that traffic,
+ * not the arithmetic, set the routing's time. So the scores of a few
+ * positions are made by a register-tiled kernel and searched while they
+ * are in L1. The sub-keys are packed once per step so that a tile reads
+ * its SM__PEER_TILE_K sub-keys as one contiguous block, element i of each
+ * in a row (a strided transpose would map every row of a tile to the same
+ * L1 set when s is a multiple of 1024):
+ *   kt[(((table * 2 + half) * s_pad + a0) * (d_key/2) + i * TILE_K + l] =
+ *   element i of sub-key a0 + l of that half (zero for a0 + l >= s), a0 a
+ *   multiple of TILE_K. */
+static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer_config *c) {
+    int s = c->n_sub, half = c->d_key / 2, table, h, a, i;
+    size_t s_pad = sm__peer_padded((size_t)s, SM__PEER_TILE_K);
+    for (table = 0; table < sm__peer_key_tables(c); table++)
+        for (h = 0; h < 2; h++) {
+            const float *keys = (h ? p->keys2 : p->keys1) + (size_t)table * s * half;
+            float *out = kt + (size_t)(table * 2 + h) * s_pad * half;
+            for (a = 0; a < (int)s_pad; a++) {
+                float *col = out + (size_t)(a - a % SM__PEER_TILE_K) * half + a % SM__PEER_TILE_K;
+                for (i = 0; i < half; i++)
+                    col[(size_t)i * SM__PEER_TILE_K] = a < s ? keys[(size_t)a * half + i] : 0.0f;
+            }
+        }
+}
+
+/* out[t * ldo + l] = q[t] . (sub-key l of the packed block kt) for the
+ * tile's positions t and sub-keys l, each sum over i = 0 .. half-1 in
+ * order. */
+static void sm__peer_score_tile(float *SM__RESTRICT out, size_t ldo, const float *const q[SM__PEER_TILE_T],
+                                const float *SM__RESTRICT kt, int half) {
+    float acc[SM__PEER_TILE_T][SM__PEER_TILE_K];
+    int i, t, l;
+    for (t = 0; t < SM__PEER_TILE_T; t++)
+        for (l = 0; l < SM__PEER_TILE_K; l++) acc[t][l] = 0.0f;
+    for (i = 0; i < half; i++) {
+        const float *key = kt + (size_t)i * SM__PEER_TILE_K;
+        for (t = 0; t < SM__PEER_TILE_T; t++) {
+            float qi = q[t][i];
+            for (l = 0; l < SM__PEER_TILE_K; l++) acc[t][l] += qi * key[l];
+        }
+    }
+    for (t = 0; t < SM__PEER_TILE_T; t++)
+        for (l = 0; l < SM__PEER_TILE_K; l++) out[(size_t)t * ldo + l] = acc[t][l];
+}
+
+/* Positions [t0, t0 + SM__PEER_TILE_T) (those below N): for each head,
+ * the half-scores of every sub-key into the block's rows of sub_scores
+ * (2 s_pad per position; a short last block repeats position N-1), then per
+ * position the product-key top-k and the softmax weights. */
+static void sm__peer_route_block(sm_peer_acts *a, int t0, int N) {
     const sm_peer_config *c = &a->cfg;
-    int s = c->n_sub, half = c->d_key / 2, k = c->topk, ld = c->heads * c->d_key, t;
-    size_t key_off = sm__peer_key_row(c, j, 0);
-    const float *qj = a->q + (size_t)j * c->d_key;
-    float *s1 = a->sub_scores, *s2 = a->sub_scores + (size_t)N * s;
-    sm_sgemm(0, 1, N, s, half, 1.0f, qj, ld, p->keys1 + key_off, half, 0.0f, s1, s);
-    sm_sgemm(0, 1, N, s, half, 1.0f, qj + half, ld, p->keys2 + key_off, half, 0.0f, s2, s);
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N * s > 8192)
-#endif
-    for (t = 0; t < N; t++) {
-        size_t slot = ((size_t)t * c->heads + j) * k;
-        float score[SM_TOPK_MAX];
-        sm_peer_product_topk(s1 + (size_t)t * s, s2 + (size_t)t * s, s, k, a->expert + slot,
-                             score);
-        sm__peer_softmax(a->weight + slot, score, k);
+    int s = c->n_sub, half = c->d_key / 2, k = c->topk, j, h, t;
+    size_t s_pad = sm__peer_padded((size_t)s, SM__PEER_TILE_K), a0;
+    float *rows = a->sub_scores + (size_t)t0 * 2 * s_pad;
+    for (j = 0; j < c->heads; j++) {
+        int table = c->shared_keys ? 0 : j;
+        for (h = 0; h < 2; h++) {
+            const float *q[SM__PEER_TILE_T];
+            const float *kt = a->keys_t + (size_t)(table * 2 + h) * s_pad * half;
+            for (t = 0; t < SM__PEER_TILE_T; t++) {
+                size_t pos = (size_t)(t0 + t < N ? t0 + t : N - 1);
+                q[t] = a->q + (pos * c->heads + j) * c->d_key + (size_t)h * half;
+            }
+            for (a0 = 0; a0 < s_pad; a0 += SM__PEER_TILE_K)
+                sm__peer_score_tile(rows + h * s_pad + a0, 2 * s_pad, q, kt + a0 * half, half);
+        }
+        for (t = t0; t < t0 + SM__PEER_TILE_T && t < N; t++) {
+            const float *st = rows + (size_t)(t - t0) * 2 * s_pad;
+            size_t slot = ((size_t)t * c->heads + j) * k;
+            float score[SM_TOPK_MAX];
+            sm_peer_product_topk(st, st + s_pad, s, k, a->expert + slot, score);
+            sm__peer_softmax(a->weight + slot, score, k);
+        }
     }
 }
 
@@ -8386,10 +8513,14 @@ static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err) {
 SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_params *p, int N,
                               sm_error *err) {
     sm_status st = sm__peer_check_n(acts, N, err);
-    int j;
+    int t0;
     if (st != SM_OK) return st;
     sm__peer_query_forward(acts, x, p, N);
-    for (j = 0; j < acts->cfg.heads; j++) sm__peer_route_head(acts, p, j, N);
+    sm__peer_pack_keys(acts->keys_t, p, &acts->cfg);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N * acts->cfg.n_sub > 8192)
+#endif
+    for (t0 = 0; t0 < N; t0 += SM__PEER_TILE_T) sm__peer_route_block(acts, t0, N);
     return SM_OK;
 }
 
@@ -8705,14 +8836,6 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
  * function given a pointer "at lane l" reads that lane's elements with
  * stride `lanes`. */
 #define SM__SINKHORN_LANES 16
-
-/* Pointers that the functions below never see aliased (restrict), so that
- * a lane loop is vectorised without run-time overlap checks. */
-#if defined(__cplusplus)
-#define SM__RESTRICT __restrict
-#else
-#define SM__RESTRICT restrict
-#endif
 
 static SM_HD float sm__sinkhorn_exp(float x) {
     return x > SM__SINKHORN_EXP_MIN ? expf(x) : 0.0f;
@@ -11349,7 +11472,7 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *           sm_linear_forward, sm_gelu_forward
  *           sm__peer_sublayer_forward -> sm_peer_forward          >>peer
  *             sm_peer_route: sm__peer_query_forward  W_q x, normalised
- *               sm__peer_route_head -> sm_peer_product_topk, sm__peer_softmax
+ *               sm__peer_route_block -> sm__peer_score_tile, sm_peer_product_topk
  *             [sm__fetch_rows (sharded tables) >>comm  the retrieved experts]
  *             sm_peer_apply: sm__peer_experts_forward  sum of the k experts
  *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y
@@ -13479,7 +13602,6 @@ static void sm__peer_norm_forward(float *q, float *rstd, float *mean, const floa
                                   const float *gain, int d, int centre);
 static void sm__peer_norm_backward(float *dq, const float *r, const float *gain, float rstd,
                                    float mean, int d, int centre);
-static void sm__peer_route_head(sm_peer_acts *a, const sm_peer_params *p, int j, int N);
 static void sm__peer_experts_forward(float *out, sm_peer_acts *a, const float *x,
                                      const float *experts, int N);
 static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err);

@@ -1748,9 +1748,10 @@ static void smc__peer_query_backward(smc_ctx *c, float *dx, sm_peer_params *g,
 
 /* ---- forward ---- */
 
-/* sm__peer_route_head: head j's half-scores of every sub-key for all
- * positions (two GEMMs into sub_scores), then a warp per position for the
- * product-key top-k and the softmax weights of its slots (t, j, r). */
+/* The routing of head j (sm_peer_route's, which the CPU runs per block
+ * of positions): its half-scores of every sub-key for all positions (two
+ * GEMMs into sub_scores, [N, s] then [N, s]), then a warp per position for
+ * the product-key top-k and the softmax weights of its slots (t, j, r). */
 static void smc__peer_route_head(smc_ctx *c, sm_peer_acts *a, const sm_peer_params *p, int j,
                                  int N) {
     const sm_peer_config *cf = &a->cfg;

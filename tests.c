@@ -4688,13 +4688,16 @@ static int t_ranked_cmp(const void *a, const void *b) {
 }
 
 static int test_peer_topk_matches_sort(void) {
-    static const int ns[] = {1, 5, 32, 100, 1000};
+    /* k = 1, 2, 8 and 32: with n >= 16 k the search starts from a floor
+     * (the least of k group maxima), which ties must not defeat */
+    static const int ns[] = {1, 5, 32, 100, 128, 1000, 4096};
+    static const int ks[] = {1, 2, 8, 8, SM_TOPK_MAX, SM_TOPK_MAX};
     sm_rng rng;
     int ni, trial;
     sm_rng_seed(&rng, 11);
-    for (ni = 0; ni < 5; ni++)
+    for (ni = 0; ni < 7; ni++)
         for (trial = 0; trial < 6; trial++) {
-            int n = ns[ni], k = trial < 2 ? 1 + trial : (n < SM_TOPK_MAX ? n : SM_TOPK_MAX);
+            int n = ns[ni], k = ks[trial];
             int idx[SM_TOPK_MAX], i;
             float val[SM_TOPK_MAX];
             float *x = (float *)t_alloc((size_t)n);
@@ -5015,11 +5018,13 @@ static int t_peer_check_bruteforce(sm_peer_config cfg, uint64_t seed) {
 }
 
 static int test_peer_product_keys_match_bruteforce(void) {
+    /* s = 100 spans two of the routing's sub-key tiles, the second padded,
+     * and N = 6 positions make one full block of tiles and one short */
     static const int cases[][4] = {/* s, k, h, d_key */
                                    {1, 1, 1, 2},  {3, 2, 1, 8},  {7, 5, 2, 8},  {12, 8, 3, 16},
-                                   {16, 4, 2, 6}, {33, 32, 2, 8}, {45, 13, 1, 32}};
+                                   {16, 4, 2, 6}, {33, 32, 2, 8}, {45, 13, 1, 32}, {100, 8, 2, 6}};
     int i, shared;
-    for (i = 0; i < 7; i++)
+    for (i = 0; i < 8; i++)
         for (shared = 0; shared < 2; shared++) {
             sm_peer_config c = t_peer_small_config(cases[i][0], cases[i][2], cases[i][1], cases[i][3]);
             c.shared_keys = shared;

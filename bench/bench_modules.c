@@ -21,6 +21,7 @@
  *           from a Zipf distribution (s = 1.1) so n-grams repeat as in text.
  *           (The Engram-Nine paper measured Nine 11-12% slower; target 3%.) */
 #define SPARSEMEM_IMPLEMENTATION
+#define SM_PROFILE /* peer's breakdown; the timed rounds attach no profile */
 #include "sparsemem.h"
 #include "bench_common.h"
 #include <math.h>
@@ -72,6 +73,27 @@ static void release(bench_cfg *cfgs, int n) {
     for (i = 0; i < n; i++) sm_model_free(&cfgs[i].model);
 }
 
+/* Per-op time of `rounds` more steps of a, then b (profiled; the rounds
+ * that give the ratios are not): the ops whose time differs by more than
+ * 0.5 ms per step, where the larger table's extra time goes. */
+static void print_op_growth(bench_cfg *a, bench_cfg *b, int rounds) {
+    sm_profile prof[2];
+    bench_cfg *c[2] = {a, b};
+    int i, r, op;
+    for (i = 0; i < 2; i++) {
+        memset(&prof[i], 0, sizeof prof[i]);
+        c[i]->model.params.profile = &prof[i];
+        for (r = 0; r < rounds; r++) step_seconds(&c[i]->model);
+        c[i]->model.params.profile = NULL;
+    }
+    printf("  per op (ms/step, profiled steps), %s -> %s:\n", a->name, b->name);
+    for (op = 0; op < SM_PROF_COUNT; op++) {
+        double t0 = 1e3 * prof[0].seconds[op] / rounds, t1 = 1e3 * prof[1].seconds[op] / rounds;
+        if (fabs(t1 - t0) > 0.5)
+            printf("    %-16s %7.2f -> %7.2f\n", sm_profile_op_name((sm_profile_op)op), t0, t1);
+    }
+}
+
 static void bench_peer(int rounds) {
     bench_cfg c[5];
     int s[4] = {128, 256, 512, 1024}, i;
@@ -106,6 +128,7 @@ static void bench_peer(int rounds) {
         fclose(f);
     }
     printf("  ratio PEER-16K / baseline = %.3f\n", t0 / median(&c[0]));
+    print_op_growth(&c[1], &c[4], rounds);
     release(c, 5);
 }
 
