@@ -1458,11 +1458,11 @@ typedef struct sm_peer_acts {
     const uint32_t *expert_row;
     float *weight;      /* [N*h*k] softmax weight per slot */
     float *pre;         /* [N*h*k] u_i . x per slot */
-    float *sub_scores;  /* scratch: half-scores of every sub-key (the CPU: a
-                         * block of positions' rows of 2 padded s; CUDA: one
-                         * head's [N, s] and [N, s]) */
-    float *keys_t;      /* scratch: the sub-key tables packed for the CPU's routing
-                         * (allocated, small, and unused under CUDA) */
+    float *sub_scores;  /* scratch: half-scores of every sub-key (the CPU: rows
+                         * of 2 s padded to whole panels per position; CUDA:
+                         * one head's [N, s] and [N, s]) */
+    float *keys_t, *q_panel; /* scratch: the sub-keys and queries packed for the
+                              * CPU's routing (small, and unused under CUDA) */
     float *dq;          /* [N, h*d_key] scratch for backward */
     float *dpre, *dscore, *wact; /* [N*h*k] scratch for backward */
     uint32_t *sort_key, *sort_slot; /* [2*N*h*k] scratch (double buffers) */
@@ -2990,7 +2990,6 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
         }
 }
 
-#ifndef SM_USE_CBLAS
 /* Blocked GEMM in the style of GotoBLAS/BLIS: C is computed in NC-wide
  * column blocks and KC-deep slices; each slice of op(B) is packed into
  * NR-wide panels and each MC-tall block of op(A) into MR-tall panels, so the
@@ -3012,10 +3011,14 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
  * Paths, chosen at compile time: AVX-512F (12 x 32: 24 zmm accumulators,
  * 2 loads of B and 12 broadcasts of A per 24 products), AVX2 + FMA (6 x 16:
  * 12 ymm accumulators), and portable C (4 x 16 floats, vectorised by the
- * compiler if it can: 4x the speed of 6 x 16 with SSE2 only). */
+ * compiler if it can: 4x the speed of 6 x 16 with SSE2 only).
+ *
+ * With SM_USE_CBLAS, sm_sgemm is cblas_sgemm and only the micro-kernel and
+ * the panel packing below are compiled: PEER's routing multiplies its
+ * queries by the sub-keys tile by tile with them (>>peer routing). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
-#define SM__GEMM_PATH "avx512"
+#define SM__KERNEL_PATH "avx512"
 typedef __m512 sm__vf;
 #define SM__VW 16
 #define SM__NV 2 /* vectors per tile row */
@@ -3026,7 +3029,7 @@ typedef __m512 sm__vf;
 #define sm__vf_fmadd(a, b, c) _mm512_fmadd_ps(a, b, c)
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
-#define SM__GEMM_PATH "avx2"
+#define SM__KERNEL_PATH "avx2"
 typedef __m256 sm__vf;
 #define SM__VW 8
 #define SM__NV 2
@@ -3036,7 +3039,7 @@ typedef __m256 sm__vf;
 #define sm__vf_splat(x) _mm256_set1_ps(x)
 #define sm__vf_fmadd(a, b, c) _mm256_fmadd_ps(a, b, c)
 #else
-#define SM__GEMM_PATH "portable"
+#define SM__KERNEL_PATH "portable"
 typedef float sm__vf;
 #define SM__VW 1
 #define SM__NV 16
@@ -3054,9 +3057,19 @@ typedef float sm__vf;
 #include <xmmintrin.h> /* the 4 x 4 transposes of the packing */
 #endif
 
+/* The tile's accumulators stay in registers only where the two functions
+ * below are inlined into sm__gemm_micro: with two callers of that (the
+ * GEMM and PEER's routing) GCC stopped inlining them, and acc went through
+ * memory at a third of the speed. */
+#if defined(__GNUC__) || defined(__clang__)
+#define SM__ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define SM__ALWAYS_INLINE inline
+#endif
+
 /* acc[i][j] = sum over k of Ap[k][i] * Bp[k][j], one fused multiply-add
  * per k in k order (see above); Ap is kc x MR, Bp kc x NR. */
-static void sm__gemm_micro_tile(int kc, const float *Ap, const float *Bp,
+static SM__ALWAYS_INLINE void sm__gemm_micro_tile(int kc, const float *Ap, const float *Bp,
                                 sm__vf acc[SM__MR][SM__NV]) {
     int i, v, k;
     for (i = 0; i < SM__MR; i++)
@@ -3073,7 +3086,7 @@ static void sm__gemm_micro_tile(int kc, const float *Ap, const float *Bp,
 
 /* C[MR x NR] = alpha * acc + C, fused; with `overwrite`, alpha * acc + 0
  * (the same bits as adding to a zeroed C) and C is not read. */
-static void sm__gemm_add_tile(float *C, int ldc, float alpha, sm__vf acc[SM__MR][SM__NV],
+static SM__ALWAYS_INLINE void sm__gemm_add_tile(float *C, int ldc, float alpha, sm__vf acc[SM__MR][SM__NV],
                               int overwrite) {
     sm__vf va = sm__vf_splat(alpha), zero = sm__vf_splat(0.0f);
     int i, v;
@@ -3145,6 +3158,9 @@ static void sm__pack_panel(const float *src, size_t ks, size_t rs, int kc, int w
     for (k = 0; k < kc; k++)
         for (r = width; r < W; r++) dst[(size_t)k * W + r] = 0.0f;
 }
+
+#ifndef SM_USE_CBLAS
+#define SM__GEMM_PATH SM__KERNEL_PATH
 
 /* The product, its operands and sizes, as the packing loops need them.
  * overwrite (beta = 0): the first KC slice stores into C instead of adding
@@ -8225,23 +8241,18 @@ SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
 
 /* ---- activations ---- */
 
-/* The half-score tiles of the routing (>>peer routing): SM__PEER_TILE_T
- * positions by SM__PEER_TILE_K sub-keys, sums held in registers (4 x 4
- * vectors of AVX-512, or 4 x 4 of AVX's 8 floats). */
-#define SM__PEER_TILE_T 4
-#if defined(__AVX512F__)
-#define SM__PEER_TILE_K 64
-#else
-#define SM__PEER_TILE_K 32
-#endif
-
 /* n rounded up to a multiple of unit. */
 static size_t sm__peer_padded(size_t n, size_t unit) { return (n + unit - 1) / unit * unit; }
+
+/* Floats per position in the CPU's sub_scores: its two halves' scores,
+ * each padded to whole NR-wide panels, and 16 more so that the rows of a
+ * block do not all fall in one L1 set (s_pad is often a multiple of 1024). */
+static size_t sm__peer_score_stride(int n_sub) { return 2 * sm__peer_padded((size_t)n_sub, SM__NR) + 16; }
 
 /* Frees every buffer of a (with the allocator's own free) and clears it. */
 static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
     void *bufs[] = {a->q_raw, a->q, a->q_rstd, a->q_mean, a->expert, a->weight, a->pre,
-                    a->sub_scores, a->keys_t, a->dq, a->dpre, a->dscore, a->wact, a->sort_key,
+                    a->sub_scores, a->keys_t, a->q_panel, a->dq, a->dpre, a->dscore, a->wact, a->sort_key,
                     a->sort_slot, a->run_start};
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -8252,7 +8263,7 @@ static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
 static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
                                          int max_n, sm__alloc_fn alloc, sm__free_fn release,
                                          sm_error *err) {
-    size_t bt = (size_t)max_n, hk, slots, s_pad = sm__peer_padded((size_t)cfg->n_sub, SM__PEER_TILE_K);
+    size_t bt = (size_t)max_n, hk, slots, s_pad = sm__peer_padded((size_t)cfg->n_sub, SM__NR);
     sm_status st = sm_peer_config_validate(cfg, d_model, err);
     memset(a, 0, sizeof *a);
     if (st != SM_OK) return st;
@@ -8269,10 +8280,11 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->expert = (int32_t *)alloc(slots * sizeof(int32_t), "peer expert ids", err);
     a->weight = (float *)alloc(slots * sizeof(float), "peer weights", err);
     a->pre = (float *)alloc(slots * sizeof(float), "peer pre-activations", err);
-    a->sub_scores = (float *)alloc(sm__peer_padded(bt, SM__PEER_TILE_T) * 2 * s_pad * sizeof(float),
-                                   "peer sub-key scores", err);
+    a->sub_scores = (float *)alloc(bt * sm__peer_score_stride(cfg->n_sub) * sizeof(float), "peer sub-key scores", err);
     a->keys_t = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad * sizeof(float),
-                               "peer transposed sub-keys", err);
+                               "peer packed sub-keys", err);
+    a->q_panel = (float *)alloc(sm__peer_padded(bt, SM__MR) * (size_t)cfg->d_key * sizeof(float),
+                                "peer packed queries", err);
     a->dq = (float *)alloc(bt * hk * sizeof(float), "peer dq", err);
     a->dpre = (float *)alloc(slots * sizeof(float), "peer dpre", err);
     a->dscore = (float *)alloc(slots * sizeof(float), "peer dscore", err);
@@ -8281,7 +8293,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->sort_slot = (uint32_t *)alloc(2 * slots * sizeof(uint32_t), "peer sort slots", err);
     a->run_start = (uint32_t *)alloc((slots + 1) * sizeof(uint32_t), "peer runs", err);
     if (!a->q_raw || !a->q || !a->q_rstd || !a->q_mean || !a->expert || !a->weight || !a->pre ||
-        !a->sub_scores || !a->keys_t || !a->dq || !a->dpre || !a->dscore || !a->wact || !a->sort_key ||
+        !a->sub_scores || !a->keys_t || !a->q_panel || !a->dq || !a->dpre || !a->dscore || !a->wact || !a->sort_key ||
         !a->sort_slot || !a->run_start) {
         sm__peer_acts_release(a, release);
         return SM_ERR_OOM;
@@ -8395,78 +8407,61 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
 /* ---- routing ---- */
 
 /* The half-score of a sub-key is the dot product of a query half with it
- * (d_key/2 terms). A GEMM over all positions writes N x 2s scores per head
- * to memory and reads them back for the top-k: at s = 1024 that traffic,
- * not the arithmetic, set the routing's time. So the scores of a few
- * positions are made by a register-tiled kernel and searched while they
- * are in L1. The sub-keys are packed once per step so that a tile reads
- * its SM__PEER_TILE_K sub-keys as one contiguous block, element i of each
- * in a row (a strided transpose would map every row of a tile to the same
- * L1 set when s is a multiple of 1024):
- *   kt[(((table * 2 + half) * s_pad + a0) * (d_key/2) + i * TILE_K + l] =
- *   element i of sub-key a0 + l of that half (zero for a0 + l >= s), a0 a
- *   multiple of TILE_K. */
+ * (d_key/2 terms): per head and half, an [N x d_key/2] by [d_key/2 x s]
+ * product. Made by sm_sgemm whole, N x 2s scores per head went to memory
+ * and back for the top-k, and at s = 1024 that traffic set the routing's
+ * time. So the scores of SM__MR positions at a time are made by the GEMM's
+ * micro-kernel (>>backbone) and searched while they are in cache. The
+ * sub-keys are packed once per step into the kernel's NR-wide panels
+ * (sub-keys past s are zero), each block's queries into an MR-tall panel:
+ *   keys_t[((table * 2 + half) * s_pad + a0) * (d_key/2) + i * NR + l] =
+ *   element i of sub-key a0 + l of that half, a0 a multiple of NR. */
 static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer_config *c) {
-    int s = c->n_sub, half = c->d_key / 2, table, h, a, i;
-    size_t s_pad = sm__peer_padded((size_t)s, SM__PEER_TILE_K);
+    int s = c->n_sub, half = c->d_key / 2, table, h, a0;
+    size_t s_pad = sm__peer_padded((size_t)s, SM__NR);
     for (table = 0; table < sm__peer_key_tables(c); table++)
         for (h = 0; h < 2; h++) {
             const float *keys = (h ? p->keys2 : p->keys1) + (size_t)table * s * half;
             float *out = kt + (size_t)(table * 2 + h) * s_pad * half;
-            for (a = 0; a < (int)s_pad; a++) {
-                float *col = out + (size_t)(a - a % SM__PEER_TILE_K) * half + a % SM__PEER_TILE_K;
-                for (i = 0; i < half; i++)
-                    col[(size_t)i * SM__PEER_TILE_K] = a < s ? keys[(size_t)a * half + i] : 0.0f;
-            }
+            for (a0 = 0; a0 < s; a0 += SM__NR)
+                sm__pack_panel(keys + (size_t)a0 * half, 1, (size_t)half, half,
+                               s - a0 < SM__NR ? s - a0 : SM__NR, SM__NR, out + (size_t)a0 * half);
         }
 }
 
-/* out[t * ldo + l] = q[t] . (sub-key l of the packed block kt) for the
- * tile's positions t and sub-keys l, each sum over i = 0 .. half-1 in
- * order. */
-static void sm__peer_score_tile(float *SM__RESTRICT out, size_t ldo, const float *const q[SM__PEER_TILE_T],
-                                const float *SM__RESTRICT kt, int half) {
-    float acc[SM__PEER_TILE_T][SM__PEER_TILE_K];
-    int i, t, l;
-    for (t = 0; t < SM__PEER_TILE_T; t++)
-        for (l = 0; l < SM__PEER_TILE_K; l++) acc[t][l] = 0.0f;
-    for (i = 0; i < half; i++) {
-        const float *key = kt + (size_t)i * SM__PEER_TILE_K;
-        for (t = 0; t < SM__PEER_TILE_T; t++) {
-            float qi = q[t][i];
-            for (l = 0; l < SM__PEER_TILE_K; l++) acc[t][l] += qi * key[l];
-        }
-    }
-    for (t = 0; t < SM__PEER_TILE_T; t++)
-        for (l = 0; l < SM__PEER_TILE_K; l++) out[(size_t)t * ldo + l] = acc[t][l];
+/* Head j's half h of the half-scores of the n <= SM__MR positions from
+ * t0 into their rows of `rows` (2 s_pad per position), each score summed
+ * over i = 0 .. half-1 in order. */
+static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int n, int j, int h) {
+    const sm_peer_config *c = &a->cfg;
+    int half = c->d_key / 2, table = c->shared_keys ? 0 : j;
+    size_t s_pad = sm__peer_padded((size_t)c->n_sub, SM__NR), a0;
+    const float *kt = a->keys_t + (size_t)(table * 2 + h) * s_pad * half;
+    float *Ap = a->q_panel + (size_t)t0 * c->d_key; /* the block's own */
+    sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half, 1,
+                   (size_t)c->heads * c->d_key, half, n, SM__MR, Ap);
+    for (a0 = 0; a0 < s_pad; a0 += SM__NR)
+        sm__gemm_micro(half, Ap, kt + a0 * half, 1.0f, rows + (size_t)h * s_pad + a0, (int)sm__peer_score_stride(c->n_sub), n,
+                       SM__NR, 1);
 }
 
-/* Positions [t0, t0 + SM__PEER_TILE_T) (those below N): for each head,
- * the half-scores of every sub-key into the block's rows of sub_scores
- * (2 s_pad per position; a short last block repeats position N-1), then per
- * position the product-key top-k and the softmax weights. */
+/* The positions [t0, t0 + SM__MR) below N, head after head: the
+ * half-scores of every sub-key into the block's rows of sub_scores, then
+ * per position the product-key top-k and the softmax weights. */
 static void sm__peer_route_block(sm_peer_acts *a, int t0, int N) {
     const sm_peer_config *c = &a->cfg;
-    int s = c->n_sub, half = c->d_key / 2, k = c->topk, j, h, t;
-    size_t s_pad = sm__peer_padded((size_t)s, SM__PEER_TILE_K), a0;
-    float *rows = a->sub_scores + (size_t)t0 * 2 * s_pad;
+    int k = c->topk, n = N - t0 < SM__MR ? N - t0 : SM__MR, j, t;
+    size_t s_pad = sm__peer_padded((size_t)c->n_sub, SM__NR);
+    size_t ld = sm__peer_score_stride(c->n_sub);
+    float *rows = a->sub_scores + (size_t)t0 * ld;
     for (j = 0; j < c->heads; j++) {
-        int table = c->shared_keys ? 0 : j;
-        for (h = 0; h < 2; h++) {
-            const float *q[SM__PEER_TILE_T];
-            const float *kt = a->keys_t + (size_t)(table * 2 + h) * s_pad * half;
-            for (t = 0; t < SM__PEER_TILE_T; t++) {
-                size_t pos = (size_t)(t0 + t < N ? t0 + t : N - 1);
-                q[t] = a->q + (pos * c->heads + j) * c->d_key + (size_t)h * half;
-            }
-            for (a0 = 0; a0 < s_pad; a0 += SM__PEER_TILE_K)
-                sm__peer_score_tile(rows + h * s_pad + a0, 2 * s_pad, q, kt + a0 * half, half);
-        }
-        for (t = t0; t < t0 + SM__PEER_TILE_T && t < N; t++) {
-            const float *st = rows + (size_t)(t - t0) * 2 * s_pad;
-            size_t slot = ((size_t)t * c->heads + j) * k;
+        sm__peer_score_block(rows, a, t0, n, j, 0);
+        sm__peer_score_block(rows, a, t0, n, j, 1);
+        for (t = 0; t < n; t++) {
+            const float *st = rows + (size_t)t * ld;
+            size_t slot = ((size_t)(t0 + t) * c->heads + j) * k;
             float score[SM_TOPK_MAX];
-            sm_peer_product_topk(st, st + s_pad, s, k, a->expert + slot, score);
+            sm_peer_product_topk(st, st + s_pad, c->n_sub, k, a->expert + slot, score);
             sm__peer_softmax(a->weight + slot, score, k);
         }
     }
@@ -8520,7 +8515,7 @@ SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * acts->cfg.n_sub > 8192)
 #endif
-    for (t0 = 0; t0 < N; t0 += SM__PEER_TILE_T) sm__peer_route_block(acts, t0, N);
+    for (t0 = 0; t0 < N; t0 += SM__MR) sm__peer_route_block(acts, t0, N);
     return SM_OK;
 }
 
@@ -11472,7 +11467,7 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *           sm_linear_forward, sm_gelu_forward
  *           sm__peer_sublayer_forward -> sm_peer_forward          >>peer
  *             sm_peer_route: sm__peer_query_forward  W_q x, normalised
- *               sm__peer_route_block -> sm__peer_score_tile, sm_peer_product_topk
+ *               sm__peer_route_block -> sm__peer_score_block, sm_peer_product_topk
  *             [sm__fetch_rows (sharded tables) >>comm  the retrieved experts]
  *             sm_peer_apply: sm__peer_experts_forward  sum of the k experts
  *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y

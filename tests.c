@@ -4978,7 +4978,7 @@ static int test_peer_flat_query_is_finite(void) {
  * brute-force scores against all n_experts = s^2 full keys (K1[a] ; K2[b]) in
  * double, and the output equals the dense formula over that selection. */
 static int t_peer_check_bruteforce(sm_peer_config cfg, uint64_t seed) {
-    const int D = 12, N = 6;
+    const int D = 12, N = 14;
     int n_experts = cfg.n_sub * cfg.n_sub, t, j, c, r;
     t_peer f;
     t_ranked *ref = (t_ranked *)malloc((size_t)n_experts * sizeof *ref);
@@ -5018,8 +5018,9 @@ static int t_peer_check_bruteforce(sm_peer_config cfg, uint64_t seed) {
 }
 
 static int test_peer_product_keys_match_bruteforce(void) {
-    /* s = 100 spans two of the routing's sub-key tiles, the second padded,
-     * and N = 6 positions make one full block of tiles and one short */
+    /* s = 100 spans several of the routing's sub-key panels (NR = 16 or
+     * 32 floats), the last padded; t_peer_check_bruteforce's N = 14
+     * positions make full blocks of MR (4, 6 or 12) and a short one */
     static const int cases[][4] = {/* s, k, h, d_key */
                                    {1, 1, 1, 2},  {3, 2, 1, 8},  {7, 5, 2, 8},  {12, 8, 3, 16},
                                    {16, 4, 2, 6}, {33, 32, 2, 8}, {45, 13, 1, 32}, {100, 8, 2, 6}};
