@@ -8528,10 +8528,11 @@ static int t_st_train(sm_model *m, const int *in, const int *tg, int B, int T, i
     return sm_model_forward(m, in, tg, NULL, B, T, NULL) == SM_OK ? 0 : -1;
 }
 
-/* Runs scripts/safetensors_loss.py on a model's export and a batch; its
- * loss, or NAN. */
-static double t_st_torch_loss(const sm_model *m, const int *in, const int *tg, int B, int T) {
+/* Runs scripts/safetensors_loss.py on a model's export and a batch (with
+ * the model's canon table when `canon`); its loss, or NAN. */
+static double t_st_torch_loss(const sm_model *m, const int *in, const int *tg, int B, int T, int canon) {
     const char *model = "test_tmp_torch.safetensors", *tokens = "test_tmp_torch_tokens.txt";
+    const char *canon_file = "test_tmp_torch_canon.txt";
     char line[256];
     double loss = NAN;
     FILE *f = fopen(tokens, "w");
@@ -8541,26 +8542,35 @@ static double t_st_torch_loss(const sm_model *m, const int *in, const int *tg, i
         fprintf(f, "%d\n", tg[b * T + T - 1]);
     }
     if (!f || fclose(f) != 0 || sm_model_save_safetensors(m, model, NULL) != SM_OK) return NAN;
-    f = popen("/usr/bin/python3 scripts/safetensors_loss.py test_tmp_torch.safetensors "
-              "test_tmp_torch_tokens.txt 2>&1", "r");
+    if (canon && (f = fopen(canon_file, "w")) != NULL) {
+        for (t = 0; t < m->cfg.vocab_size; t++) fprintf(f, "%u\n", m->canon[t]);
+        if (fclose(f) != 0) return NAN;
+    }
+    f = popen(canon ? "/usr/bin/python3 scripts/safetensors_loss.py test_tmp_torch.safetensors "
+                      "test_tmp_torch_tokens.txt --canon test_tmp_torch_canon.txt 2>&1"
+                    : "/usr/bin/python3 scripts/safetensors_loss.py test_tmp_torch.safetensors "
+                      "test_tmp_torch_tokens.txt 2>&1", "r");
     while (f && fgets(line, sizeof line, f))
         if (sscanf(line, "loss %lf", &loss) != 1) fprintf(stderr, "safetensors_loss.py: %s", line);
     if (f) pclose(f);
-    remove(model), remove(tokens);
+    remove(model), remove(tokens), remove(canon_file);
     return loss;
 }
 
 /* PyTorch, from the export alone (scripts/safetensors_loss.py: the file
  * parsed by hand, an independent torch model), gives the C model's loss:
- * the backbone with a tied head, mHC + PEER with an untied head, and the
- * GPT-2 arch (LayerNorm with bias, padded vocabulary, tied head) with mHC +
- * PEER added, the fine-tuning setting. Both compute in float32, in
- * different reduction orders: |diff| <= 2e-5 x loss. Without PyTorch the
- * test says it skipped. */
+ * the backbone with a tied head, mHC + PEER with an untied head, the GPT-2
+ * arch (LayerNorm with bias, padded vocabulary, tied head) with mHC + PEER
+ * added, the fine-tuning setting, and Engram (its n-gram hash rebuilt from
+ * the seed in the metadata) alone with a tokenizer's canon table (passed
+ * as --canon: the export does not hold it), per stream inside mHC and as an
+ * mHC branch. Both compute in float32, in different reduction orders:
+ * |diff| <= 2e-5 x loss. Without PyTorch the test says it skipped. */
 static int test_safetensors_pytorch_loss(void) {
-    enum { B = 2, T = 8, MODELS = 3 };
+    enum { B = 2, T = 8, MODELS = 6 };
     static const char *what[MODELS] = {"backbone, tied head", "mHC + PEER, untied head",
-                                       "GPT-2 arch, padded vocabulary, mHC + PEER"};
+                                       "GPT-2 arch, padded vocabulary, mHC + PEER", "Engram",
+                                       "Engram per stream in mHC, PEER", "Engram as an mHC branch, PEER"};
     sm_model_config c[MODELS];
     int in[B * T], tg[B * T], i, k;
     if (system("/usr/bin/python3 -c 'import torch' >/dev/null 2>&1") != 0) {
@@ -8574,14 +8584,25 @@ static int test_safetensors_pytorch_loss(void) {
     c[1].use_engram = 0;
     c[2] = c[1];
     c[2].arch = SM_ARCH_GPT2, c[2].padded_vocab_size = 48, c[2].tied_head = 1, c[2].d_ff = 32;
+    c[3] = t_st_config();
+    c[3].use_peer = c[3].peer_n_layers = c[3].use_mhc = 0;
+    c[3].engram.hash.orders[0] = 1, c[3].engram.hash.orders[1] = 3, c[3].engram.hash.layer_ids[0] = 1;
+    c[4] = t_st_config(); /* the per-stream form: the default */
+    c[5] = t_st_config();
+    c[5].engram_mhc = SM_ENGRAM_MHC_BRANCH;
     for (i = 0; i < B * T; i++) in[i] = (i * 7 + 1) % 40;
     for (i = 0; i < B * T; i++) tg[i] = (i + 1) % T ? in[i + 1] : (i * 13) % 40; /* next token; row ends: any */
     for (k = 0; k < MODELS; k++) {
         sm_model m;
         double torch_loss;
         CHECK_OK(sm_model_init(&m, &c[k], B, 3, NULL));
+        if (k == 3) { /* a compression that folds token pairs */
+            uint32_t canon[40];
+            for (i = 0; i < 40; i++) canon[i] = (uint32_t)i / 2;
+            CHECK_OK(sm_model_set_canon(&m, canon, 40, NULL));
+        }
         CHECK(t_st_train(&m, in, tg, B, T, 5) == 0, "training steps failed");
-        torch_loss = t_st_torch_loss(&m, in, tg, B, T);
+        torch_loss = t_st_torch_loss(&m, in, tg, B, T, k == 3);
         CHECK(fabs(torch_loss - m.loss) <= 2e-5 * fabs(m.loss), "model %d: PyTorch loss %.9g, C loss %.9g (diff %.3g)",
               k, torch_loss, m.loss, torch_loss - m.loss);
         printf("     model %d (%s): C loss %.9g, PyTorch %.9g, diff %.2g\n", k, what[k], m.loss,

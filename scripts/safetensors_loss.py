@@ -2,6 +2,7 @@
 """safetensors_loss.py - the loss of a sparsemem safetensors export, in PyTorch.
 
     /usr/bin/python3 scripts/safetensors_loss.py MODEL.safetensors TOKENS.txt [--float64]
+        [--canon CANON.txt]
 
 TOKENS.txt holds one sequence per line: T+1 token ids separated by white
 space; the inputs are the first T, the targets the last T. Prints
@@ -14,12 +15,18 @@ written from the math documented in sparsemem.h: the pre-norm backbone
 (RMSNorm, or GPT-2's LayerNorm with bias for the GPT-2 arch; causal
 attention, tanh-GELU MLP, learned positions, tied or untied head, logits
 over the real vocabulary where the embedding is padded), mHC (n residual
-streams, Sinkhorn-projected H_res, expand by copy, collapse by the mean)
-and PEER (product-key top-k over single-neuron experts). rmsnorm,
-causal_attention and sinkhorn come from make_fixtures.py.
-An Engram model is refused: its n-gram hash (seeded multipliers, primes) is
-not reimplemented here. The linear weights are in Hugging Face's Conv1D
-layout [in, out] (y = x W + b), as the export writes them.
+streams, Sinkhorn-projected H_res, expand by copy, collapse by the mean),
+PEER (product-key top-k over single-neuron experts) and Engram (the n-gram
+hash from its seed, the gated value and the causal conv; per stream inside
+mHC, or an mHC branch). rmsnorm, causal_attention and sinkhorn come from
+make_fixtures.py. Engram-Nine (its hot tier is built from the data, not
+stored) is refused. The linear weights are in Hugging Face's Conv1D layout
+[in, out] (y = x W + b), as the export writes them.
+
+Engram hashes canonical token ids: the tokenizer's compression table, which
+the export does not hold (it comes from the vocabulary, as when training).
+--canon gives it (vocab_size ids, white-space separated); without it the
+ids hash as they are, as in a model that was never given one.
 
 By default the computation is in float32, as the C model's; --float64
 computes in float64 from the stored float32 weights.
@@ -35,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from make_fixtures import LN_EPS, PEER_EPS, causal_attention, rmsnorm, sinkhorn  # noqa: E402
+from make_fixtures import GATE_EPS, LN_EPS, PEER_EPS, causal_attention, rmsnorm, sinkhorn  # noqa: E402
 
 NUMPY_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2"}
 
@@ -81,6 +88,118 @@ def config_of(meta):
 def layer_ids(cfg, key, count):
     ids = cfg[key] + [0] * cfg[count]
     return ids[:cfg[count]]
+
+
+M64 = (1 << 64) - 1
+
+
+def mix64(x):
+    """sm_mix64: the murmur3 finaliser."""
+    x ^= x >> 33
+    x = (x * 0xff51afd7ed558ccd) & M64
+    x ^= x >> 33
+    x = (x * 0xc4ceb9fe1a85ec53) & M64
+    return x ^ (x >> 33)
+
+
+def rng(seed):
+    """sm_rng: xoshiro256** seeded by four splitmix64 outputs; yields u64s."""
+    s = []
+    for _ in range(4):
+        seed = (seed + 0x9e3779b97f4a7c15) & M64
+        z = ((seed ^ (seed >> 30)) * 0xbf58476d1ce4e5b9) & M64
+        z = ((z ^ (z >> 27)) * 0x94d049bb133111eb) & M64
+        s.append(z ^ (z >> 31))
+    rotl = lambda x, k: ((x << k) | (x >> (64 - k))) & M64  # noqa: E731
+    while True:
+        result = (rotl((s[1] * 5) & M64, 7) * 9) & M64
+        t = (s[1] << 17) & M64
+        s[2] ^= s[0]
+        s[3] ^= s[1]
+        s[1] ^= s[2]
+        s[0] ^= s[3]
+        s[2] ^= t
+        s[3] = rotl(s[3], 45)
+        yield result
+
+
+def next_prime(n):
+    def prime(n):
+        return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))
+    while not prime(n):
+        n += 1
+    return n
+
+
+class NgramHash:
+    """sm_ngram_hash from the config: per hash set (one per Engram layer, or
+    one shared) eight odd multipliers from an sm_rng seeded by (seed, layer
+    id); per (set, order, head) a distinct prime table size, successive from
+    table_rows, the heads' rows one after another in the flat table."""
+    def __init__(self, cfg):
+        p = "engram.hash."
+        self.orders = (cfg[p + "orders"] + [0] * 8)[:cfg[p + "n_orders"]]
+        self.heads, self.pad, self.share = cfg[p + "n_heads"], cfg[p + "pad_id"], cfg[p + "share_tables"]
+        ids = layer_ids(cfg, p + "layer_ids", p + "n_layers")
+        self.mult = []
+        for layer in ([0] if self.share else ids):
+            key = 0 if self.share else layer + 1
+            draw = rng(cfg[p + "seed"] ^ mix64((key * 0x9e3779b97f4a7c15 + 1) & M64))
+            self.mult.append([next(draw) | 1 for _ in range(8)])
+        self.primes, self.offsets, size, offset = [], [], cfg[p + "table_rows"], 0
+        for _ in range(len(self.mult) * len(self.orders) * self.heads):
+            size = next_prime(size)
+            self.primes.append(size)
+            self.offsets.append(offset)
+            offset, size = offset + size, size + 1
+
+    def rows(self, tokens, e):
+        """Flat table rows [B, T, n_orders * heads] of Engram layer e: the
+        suffix n-gram of each order (token t, t-1, ...; pad_id before the
+        sequence start) mixed by XOR of token x multiplier, mod each head's
+        prime. The script's sequences have no document starts."""
+        s = 0 if self.share else e
+        m, n_slots = self.mult[s], len(self.orders) * self.heads
+        out = []
+        for seq in tokens.tolist():
+            row = []
+            for t in range(len(seq)):
+                gram = [seq[t - k] if t - k >= 0 else self.pad for k in range(max(self.orders))]
+                for i, order in enumerate(self.orders):
+                    mix = 0
+                    for k in range(order):
+                        mix ^= (gram[k] * m[k]) & M64
+                    for j in range(self.heads):
+                        slot = s * n_slots + i * self.heads + j
+                        row.append(self.offsets[slot] + mix % self.primes[slot])
+            out.append(row)
+        return torch.tensor(out).view(tokens.shape[0], tokens.shape[1], n_slots)
+
+
+def engram(h, W, i, e, cfg, rows):
+    """Engram layer e (at transformer layer i) on h [B, T, S*C] or [B, T, S,
+    C] (S streams: per-stream gates and convs over a shared memory and
+    value): e_t the table rows hit, k_s = W_K^s e + b_K^s, alpha_s =
+    sigmoid(signed sqrt(<RMSNorm(h_s), RMSNorm(k_s)> / sqrt(C))), v_s =
+    alpha_s W_V e, out_s = v_s + SiLU(causal depthwise conv(RMSNorm(v_s)))
+    with taps t, t - dil, ... (dil = the largest order)."""
+    p = "h.%d.engram." % i
+    B, T = rows.shape[:2]
+    S, C = cfg["engram.n_streams"], cfg["d_model"]
+    mem = W["engram.table"][rows].reshape(B, T, -1)
+    d_mem = mem.shape[-1]
+    hs = h.reshape(B, T, S, C)
+    key = linear(mem, W[p + "w_key"].view(S * C, d_mem).T, W[p + "b_key"]).view(B, T, S, C)
+    g = (rmsnorm(hs, W[p + "norm_query"].view(S, C)) * rmsnorm(key, W[p + "norm_key"].view(S, C))).sum(-1)
+    g = g / C ** 0.5
+    if cfg["engram.signed_sqrt_gate"]:
+        g = torch.sign(g) * torch.sqrt(g.abs().clamp_min(GATE_EPS))
+    v = torch.sigmoid(g)[..., None] * linear(mem, W[p + "w_value"].view(C, d_mem).T)[:, :, None, :]
+    vn = rmsnorm(v, W[p + "norm_value"].view(S, C)).reshape(B, T, S * C).transpose(1, 2)
+    dil = max(cfg["engram.hash.orders"][:cfg["engram.hash.n_orders"]])
+    taps = W[p + "conv"].view(S * C, 4)
+    c = F.conv1d(F.pad(vn, (3 * dil, 0)), taps.flip(-1).unsqueeze(1), dilation=dil, groups=S * C)
+    return (v + F.silu(c.transpose(1, 2).reshape(B, T, S, C))).reshape(h.shape)
 
 
 def linear(x, w, b=None):
@@ -154,9 +273,15 @@ def mhc_branch(x, W, name, cfg, fn):
     return torch.einsum("btij,btjc->btic", h_res, x) + h_post[..., None] * y[:, :, None, :]
 
 
-def model_loss(W, cfg, inputs, targets):
-    if cfg["use_engram"]:
-        raise SystemExit("a model with Engram: its n-gram hash is not reimplemented in this script")
+def model_loss(W, cfg, inputs, targets, canon=None):
+    if cfg["use_nine"]:
+        raise SystemExit("an Engram-Nine model: its hot tier comes from the data, not the export")
+    engram_ids = layer_ids(cfg, "engram.hash.layer_ids", "engram.hash.n_layers") if cfg["use_engram"] else []
+    rows = {}
+    if engram_ids:
+        H = NgramHash(cfg)
+        ids = inputs if canon is None else canon[inputs]
+        rows = {layer: H.rows(ids, e) for e, layer in enumerate(engram_ids)}
     C, T = cfg["d_model"], inputs.shape[1]
     x = W["wte.weight"][inputs] + W["wpe.weight"][:T]
     n = cfg["mhc.n_streams"] if cfg["use_mhc"] else 0
@@ -165,8 +290,11 @@ def model_loss(W, cfg, inputs, targets):
     for i in range(cfg["n_layer"]):
         blocks = [("attn", lambda u, i=i: attention(u, W, i, cfg)),
                   ("ffn", lambda u, i=i: feed_forward(u, W, i, cfg, C))]
+        if i in rows:  # per stream (no branch) when it reads all n streams
+            blocks.insert(0, ("engram", lambda u, i=i: engram(u, W, i, engram_ids.index(i), cfg, rows[i])))
         for kind, fn in blocks:
-            x = mhc_branch(x, W, "h.%d.mhc.%s" % (i, kind), cfg, fn) if n else x + fn(x)
+            branch = n and not (kind == "engram" and cfg["engram.n_streams"] > 1)
+            x = mhc_branch(x, W, "h.%d.mhc.%s" % (i, kind), cfg, fn) if branch else x + fn(x)
     if n:
         x = x.mean(2)
     head = W.get("lm_head.weight", W["wte.weight"])[:cfg["vocab_size"]]  # padded rows: no logits
@@ -179,14 +307,19 @@ def main():
     ap.add_argument("model")
     ap.add_argument("tokens")
     ap.add_argument("--float64", action="store_true", help="compute in float64")
+    ap.add_argument("--canon", help="the tokenizer's canonical ids, vocab_size of them (Engram)")
     a = ap.parse_args()
     tensors, meta = read_safetensors(a.model)
     dt = torch.float64 if a.float64 else torch.float32
     W = {k: v.to(dt) for k, v in tensors.items()}
     with open(a.tokens) as f:
         seqs = torch.tensor([[int(t) for t in line.split()] for line in f if line.strip()])
+    canon = None
+    if a.canon:
+        with open(a.canon) as f:
+            canon = torch.tensor([int(v) for v in f.read().split()])
     with torch.no_grad():
-        loss = model_loss(W, config_of(meta), seqs[:, :-1], seqs[:, 1:])
+        loss = model_loss(W, config_of(meta), seqs[:, :-1], seqs[:, 1:], canon)
     print("loss %.9g" % loss.item())
 
 
