@@ -372,7 +372,7 @@ SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
 /* ===================================================================== */
 /* >>backbone  Backbone and >>loss                                       */
 /* ===================================================================== */
-/* The GPU sm_rmsnorm_*, sm_linear_*, sm_gelu_* / sm_silu_*, sm_embedding_*,
+/* The GPU sm_rmsnorm_*, sm_layernorm_*, sm_linear_*, sm_gelu_* / sm_silu_*, sm_embedding_*,
  * sm_attention_* and sm_crossentropy_* (sparsemem.h >>backbone, >>loss): the
  * same arguments, shapes and NULL conventions, with device pointers. Sums
  * that the CPU does serially are reductions here (warp or block per row,
@@ -385,6 +385,11 @@ SMDEF void smc_rmsnorm_forward(smc_ctx *c, float *out, float *rstd, const float 
 SMDEF void smc_rmsnorm_backward(smc_ctx *c, float *dinp, float *dweight, const float *dout,
                                 const float *inp, const float *weight, const float *rstd, int N,
                                 int C);
+SMDEF void smc_layernorm_forward(smc_ctx *c, float *out, float *mean, float *rstd, const float *inp,
+                                 const float *weight, const float *bias, int N, int C);
+SMDEF void smc_layernorm_backward(smc_ctx *c, float *dinp, float *dweight, float *dbias,
+                                  const float *dout, const float *inp, const float *weight,
+                                  const float *mean, const float *rstd, int N, int C);
 
 /* out[N,OC] = inp[N,C] weight[OC,C]^T + bias (bias may be NULL). Backward:
  * NULL dinp, dweight or dbias skips that gradient; inp may be NULL without
@@ -2632,11 +2637,13 @@ static unsigned smc__warp_blocks(size_t rows) {
 #define SMC__COLSUM_Y 8         /* row lanes per block (x: 32 columns) */
 #define SMC__COLSUM_MIN_ROWS 64 /* rows per block at least */
 
-/* acc[j] += sum_n a[n,j] * b[n,j] * s[n] (or of a[n,j] alone when b is NULL)
- * over this block's rows: coalesced over 32 columns, the row lanes meet in
- * shared memory, then one atomicAdd per column and block. */
+/* acc[j] += sum_n a[n,j] * (b[n,j] - mu[n]) * s[n] (mu NULL: 0; or of
+ * a[n,j] alone when b is NULL) over this block's rows: coalesced over 32
+ * columns, the row lanes meet in shared memory, then one atomicAdd per
+ * column and block. */
 static __global__ void smc__colsum_kernel(float *acc, const float *a, const float *b,
-                                          const float *s, int N, int C, int rows_per_block) {
+                                          const float *mu, const float *s, int N, int C,
+                                          int rows_per_block) {
     __shared__ float part[SMC__COLSUM_Y][SMC__WARP];
     int j = blockIdx.x * SMC__WARP + threadIdx.x, n0 = blockIdx.y * rows_per_block;
     int n1 = min(N, n0 + rows_per_block), n;
@@ -2644,7 +2651,7 @@ static __global__ void smc__colsum_kernel(float *acc, const float *a, const floa
     if (j < C)
         for (n = n0 + threadIdx.y; n < n1; n += SMC__COLSUM_Y) {
             size_t i = (size_t)n * C + j;
-            sum += b ? a[i] * b[i] * s[n] : a[i];
+            sum += b ? a[i] * (b[i] - (mu ? mu[n] : 0.0f)) * s[n] : a[i];
         }
     part[threadIdx.y][threadIdx.x] = sum;
     __syncthreads();
@@ -2654,8 +2661,8 @@ static __global__ void smc__colsum_kernel(float *acc, const float *a, const floa
 }
 
 /* Splits the rows over enough blocks to fill the device (a few per SM). */
-static void smc__colsum(smc_ctx *c, float *acc, const float *a, const float *b, const float *s,
-                        int N, int C) {
+static void smc__colsum(smc_ctx *c, float *acc, const float *a, const float *b, const float *mu,
+                        const float *s, int N, int C) {
     int gx = (C + SMC__WARP - 1) / SMC__WARP, want = 4 * (c->sm_count > 0 ? c->sm_count : 1);
     int gy = (want + gx - 1) / gx, max_gy = (N + SMC__COLSUM_MIN_ROWS - 1) / SMC__COLSUM_MIN_ROWS;
     int rows;
@@ -2664,7 +2671,7 @@ static void smc__colsum(smc_ctx *c, float *acc, const float *a, const float *b, 
     rows = (N + gy - 1) / gy;
     gy = (N + rows - 1) / rows;
     smc__colsum_kernel<<<dim3((unsigned)gx, (unsigned)gy), dim3(SMC__WARP, SMC__COLSUM_Y), 0,
-                         c->stream>>>(acc, a, b, s, N, C, rows);
+                         c->stream>>>(acc, a, b, mu, s, N, C, rows);
 }
 
 /* ---- RMSNorm ---- */
@@ -2716,10 +2723,73 @@ SMDEF void smc_rmsnorm_backward(smc_ctx *c, float *dinp, float *dweight, const f
                                 const float *inp, const float *weight, const float *rstd, int N,
                                 int C) {
     if (N <= 0) return;
-    if (dweight) smc__colsum(c, dweight, dout, inp, rstd, N, C); /* sum_n dy x rstd */
+    if (dweight) smc__colsum(c, dweight, dout, inp, NULL, rstd, N, C); /* sum_n dy x rstd */
     if (!dinp) return;
     smc__rmsnorm_backward_kernel<<<smc__warp_blocks((size_t)N), SMC__THREADS, 0, c->stream>>>(
         dinp, dout, inp, weight, rstd, N, C);
+}
+
+/* ---- LayerNorm (SM_ARCH_GPT2's norms) ---- */
+
+/* One warp per row (sm_layernorm_forward): the mean, the variance about it
+ * (a second pass, as the CPU), y = (x - mean) r w + b. */
+static __global__ void smc__layernorm_forward_kernel(float *out, float *mean, float *rstd,
+                                                     const float *inp, const float *weight,
+                                                     const float *bias, int N, int C) {
+    int n = blockIdx.x * SMC__WARPS + threadIdx.x / SMC__WARP, lane = threadIdx.x % SMC__WARP, i;
+    const float *x;
+    float *y, sum = 0.0f, ss = 0.0f, mu, r;
+    if (n >= N) return;
+    x = inp + (size_t)n * C;
+    y = out + (size_t)n * C;
+    for (i = lane; i < C; i += SMC__WARP) sum += x[i];
+    mu = smc__warp_sum(sum) / C;
+    for (i = lane; i < C; i += SMC__WARP) ss += (x[i] - mu) * (x[i] - mu);
+    r = 1.0f / sqrtf(smc__warp_sum(ss) / C + SM_LAYERNORM_EPS);
+    for (i = lane; i < C; i += SMC__WARP) y[i] = (x[i] - mu) * r * weight[i] + bias[i];
+    if (lane == 0) mean[n] = mu, rstd[n] = r;
+}
+
+SMDEF void smc_layernorm_forward(smc_ctx *c, float *out, float *mean, float *rstd, const float *inp,
+                                 const float *weight, const float *bias, int N, int C) {
+    if (N <= 0) return;
+    smc__layernorm_forward_kernel<<<smc__warp_blocks((size_t)N), SMC__THREADS, 0, c->stream>>>(
+        out, mean, rstd, inp, weight, bias, N, C);
+}
+
+/* One warp per row: with xh = (x - mean) r and g = dout w,
+ * dx += r (g - mean(g) - xh mean(g xh)) (sm_layernorm_backward). */
+static __global__ void smc__layernorm_backward_kernel(float *dinp, const float *dout,
+                                                      const float *inp, const float *weight,
+                                                      const float *mean, const float *rstd, int N,
+                                                      int C) {
+    int n = blockIdx.x * SMC__WARPS + threadIdx.x / SMC__WARP, lane = threadIdx.x % SMC__WARP, i;
+    const float *x, *dy;
+    float *dx, mu, r, sg = 0.0f, sgx = 0.0f, mg, mgx;
+    if (n >= N) return;
+    x = inp + (size_t)n * C;
+    dy = dout + (size_t)n * C;
+    dx = dinp + (size_t)n * C;
+    mu = mean[n], r = rstd[n];
+    for (i = lane; i < C; i += SMC__WARP) {
+        float g = dy[i] * weight[i];
+        sg += g;
+        sgx += g * (x[i] - mu) * r;
+    }
+    mg = smc__warp_sum(sg) / C;
+    mgx = smc__warp_sum(sgx) / C;
+    for (i = lane; i < C; i += SMC__WARP) dx[i] += r * (dy[i] * weight[i] - mg - (x[i] - mu) * r * mgx);
+}
+
+SMDEF void smc_layernorm_backward(smc_ctx *c, float *dinp, float *dweight, float *dbias,
+                                  const float *dout, const float *inp, const float *weight,
+                                  const float *mean, const float *rstd, int N, int C) {
+    if (N <= 0) return;
+    if (dweight) smc__colsum(c, dweight, dout, inp, mean, rstd, N, C); /* sum_n dy xh */
+    if (dbias) smc__colsum(c, dbias, dout, NULL, NULL, NULL, N, C);
+    if (!dinp) return;
+    smc__layernorm_backward_kernel<<<smc__warp_blocks((size_t)N), SMC__THREADS, 0, c->stream>>>(
+        dinp, dout, inp, weight, mean, rstd, N, C);
 }
 
 /* ---- linear ---- */
@@ -2744,7 +2814,7 @@ SMDEF void smc_linear_backward(smc_ctx *c, float *dinp, float *dweight, float *d
     if (N <= 0) return;
     if (dinp) smc_sgemm(c, 0, 0, N, C, OC, 1.0f, dout, OC, weight, C, 1.0f, dinp, C);
     if (dweight) smc_sgemm(c, 1, 0, OC, C, N, 1.0f, dout, OC, inp, C, 1.0f, dweight, C);
-    if (dbias) smc__colsum(c, dbias, dout, NULL, NULL, N, OC);
+    if (dbias) smc__colsum(c, dbias, dout, NULL, NULL, NULL, N, OC);
 }
 
 /* ---- GELU and SiLU ---- */
@@ -3384,6 +3454,31 @@ static void smc__diag(smc_model *g, const sm_sublayer *s, int which, const float
         slot, x, N, C, which == SMC__DIAG_GRAD);
 }
 
+/* ---- the backbone's norm: RMSNorm, or LayerNorm with SM_ARCH_GPT2 ---- */
+
+/* As the CPU model: out = Norm(inp) with the gain at w_off (and the bias at
+ * b_off, GPT-2); mean (GPT-2 only) and rstd saved for the backward. */
+static void smc__norm_forward(smc_model *g, float *out, float *mean, float *rstd, const float *inp,
+                              size_t w_off, size_t b_off, int N) {
+    const float *w = g->params.data;
+    int C = g->d.cfg.d_model;
+    if (g->d.cfg.arch == SM_ARCH_GPT2)
+        smc_layernorm_forward(g->c, out, mean, rstd, inp, w + w_off, w + b_off, N, C);
+    else
+        smc_rmsnorm_forward(g->c, out, rstd, inp, w + w_off, N, C);
+}
+
+static void smc__norm_backward(smc_model *g, float *dinp, const float *dout, const float *inp,
+                               const float *mean, const float *rstd, size_t w_off, size_t b_off, int N) {
+    const float *w = g->params.data;
+    float *gr = g->params.grad;
+    int C = g->d.cfg.d_model;
+    if (g->d.cfg.arch == SM_ARCH_GPT2)
+        smc_layernorm_backward(g->c, dinp, gr + w_off, gr + b_off, dout, inp, w + w_off, mean, rstd, N, C);
+    else
+        smc_rmsnorm_backward(g->c, dinp, gr + w_off, dout, inp, w + w_off, rstd, N, C);
+}
+
 /* ---- sublayer forward ---- */
 
 static void smc__attn_forward(smc_model *g, sm_sublayer *s, const float *u) {
@@ -3391,7 +3486,7 @@ static void smc__attn_forward(smc_model *g, sm_sublayer *s, const float *u) {
     const float *w = g->params.data;
     const sm_sublayer_offsets *o = &s->off;
     int N = m->B * m->T, C = m->cfg.d_model;
-    smc_rmsnorm_forward(g->c, s->ln, s->ln_rstd, u, w + o->ln_w, N, C);
+    smc__norm_forward(g, s->ln, s->ln_mean, s->ln_rstd, u, o->ln_w, o->ln_b, N);
     smc_linear_forward(g->c, s->qkv, s->ln, w + o->qkv_w, w + o->qkv_b, N, C, 3 * C);
     smc_attention_forward(g->c, s->atty, s->att, s->qkv, m->B, m->T, C, m->cfg.n_head);
     smc_linear_forward(g->c, s->y, s->atty, w + o->proj_w, w + o->proj_b, N, C, C);
@@ -3402,7 +3497,7 @@ static void smc__ffn_forward(smc_model *g, sm_sublayer *s, const float *u) {
     const float *w = g->params.data;
     const sm_sublayer_offsets *o = &s->off;
     int N = m->B * m->T, C = m->cfg.d_model, F = m->cfg.d_ff;
-    smc_rmsnorm_forward(g->c, s->ln, s->ln_rstd, u, w + o->ln_w, N, C);
+    smc__norm_forward(g, s->ln, s->ln_mean, s->ln_rstd, u, o->ln_w, o->ln_b, N);
     if (s->has_mlp) {
         smc_linear_forward(g->c, s->fch, s->ln, w + o->fc_w, w + o->fc_b, N, C, F);
         smc_gelu_forward(g->c, s->fch_gelu, s->fch, (size_t)N * F);
@@ -3522,7 +3617,7 @@ SMDEF sm_status smc_model_forward(smc_model *g, const int *inputs, const int *ta
         smc__residual_forward(g, s, next);
     }
     if (c->use_mhc) smc_mhc_collapse_forward(g->c, m->x_out, m->x_final, N, c->mhc.n_streams, C);
-    smc_rmsnorm_forward(g->c, m->lnf, m->lnf_rstd, m->x_out, w + m->lnf_w, N, C);
+    smc__norm_forward(g, m->lnf, m->lnf_mean, m->lnf_rstd, m->x_out, m->lnf_w, m->lnf_b, N);
     smc_sgemm(g->c, 0, 1, N, V, C, 1.0f, m->lnf, C, w + m->head_w, C, 0.0f, m->logits, V);
     g->host->loss = m->loss = 0.0f;
     g->host->n_counted = m->n_counted = 0;
@@ -3551,7 +3646,7 @@ static void smc__attn_backward(smc_model *g, const sm_sublayer *s, float *du, co
     smc_zero(g->c, m->dln, sizeof(float) * (size_t)N * C);
     smc_linear_backward(g->c, m->dln, gr + o->qkv_w, gr + o->qkv_b, m->dqkv, s->ln,
                         w + o->qkv_w, N, C, 3 * C);
-    smc_rmsnorm_backward(g->c, du, gr + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C);
+    smc__norm_backward(g, du, m->dln, u, s->ln_mean, s->ln_rstd, o->ln_w, o->ln_b, N);
 }
 
 static void smc__ffn_backward(smc_model *g, sm_sublayer *s, float *du, const float *dy,
@@ -3577,7 +3672,7 @@ static void smc__ffn_backward(smc_model *g, sm_sublayer *s, float *du, const flo
         smc_peer_backward(g->c, m->dln, &pg, &g->peer_rows[s - m->sub], dy, s->ln, &pp,
                           &s->peer_acts, N, NULL);
     }
-    smc_rmsnorm_backward(g->c, du, gr + o->ln_w, m->dln, u, w + o->ln_w, s->ln_rstd, N, C);
+    smc__norm_backward(g, du, m->dln, u, s->ln_mean, s->ln_rstd, o->ln_w, o->ln_b, N);
 }
 
 static void smc__engram_backward(smc_model *g, const sm_sublayer *s, float *du, const float *dy,
@@ -3640,8 +3735,7 @@ SMDEF void smc_model_backward(smc_model *g) {
     smc_sgemm(g->c, 0, 0, N, C, V, 1.0f, m->logits, V, w + m->head_w, C, 0.0f, m->dln, C);
     smc_sgemm(g->c, 1, 0, V, C, N, 1.0f, m->logits, V, m->lnf, C, 1.0f, gr + m->head_w, C);
     smc_zero(g->c, m->du, sizeof(float) * NC);
-    smc_rmsnorm_backward(g->c, m->du, gr + m->lnf_w, m->dln, m->x_out, w + m->lnf_w, m->lnf_rstd,
-                         N, C);
+    smc__norm_backward(g, m->du, m->dln, m->x_out, m->lnf_mean, m->lnf_rstd, m->lnf_w, m->lnf_b, N);
     if (c->use_mhc) {
         smc_zero(g->c, m->dres, sizeof(float) * NC * c->mhc.n_streams);
         smc_mhc_collapse_backward(g->c, m->dres, m->du, N, c->mhc.n_streams, C);
@@ -3769,10 +3863,6 @@ SMDEF sm_status smc_model_init(smc_model *g, smc_ctx *c, sm_model *host, sm_erro
                        "smc_model: Engram inside mHC in the per-stream form (engram_mhc = "
                        "SM_ENGRAM_MHC_PER_STREAM) is not implemented on the GPU; build the model "
                        "with engram_mhc = SM_ENGRAM_MHC_BRANCH");
-    if (host->cfg.arch != SM_ARCH_RMSNORM)
-        return sm_fail(err, SM_ERR_INVALID_ARG,
-                       "smc_model: arch SM_ARCH_GPT2 (LayerNorm) is not implemented on the GPU; "
-                       "train it on the CPU");
     g->host = host;
     g->c = c;
     smc__shadow_from_host(g);

@@ -1392,6 +1392,47 @@ static int test_backbone_rmsnorm(void) {
     return t_backbone_rmsnorm_case(37, 77, 0, 14);
 }
 
+/* LayerNorm (SM_ARCH_GPT2) at one shape, inputs off-centre (mean 3) so the
+ * mean matters; the tolerances of RMSNorm's. */
+static int t_backbone_layernorm_case(int N, int C, uint64_t seed) {
+    size_t nc = (size_t)N * C, i;
+    sm_rng r;
+    float *x, *w, *b, *dy, *dx, *dw, *db, *out, *mean, *rstd;
+    float *d_x, *d_w, *d_b, *d_dy, *d_dx, *d_dw, *d_db, *d_out, *d_mean, *d_rstd;
+    sm_rng_seed(&r, seed);
+    x = t_randn(&r, nc, 1.5f), dy = t_randn(&r, nc, 1), dx = t_randn(&r, nc, 0.5f);
+    for (i = 0; i < nc; i++) x[i] += 3.0f;
+    w = t_randn(&r, (size_t)C, 1), b = t_randn(&r, (size_t)C, 1);
+    dw = t_randn(&r, (size_t)C, 0.5f), db = t_randn(&r, (size_t)C, 0.5f);
+    out = (float *)t_alloc(nc), mean = (float *)t_alloc((size_t)N), rstd = (float *)t_alloc((size_t)N);
+    d_x = (float *)t_dev(x, nc), d_w = (float *)t_dev(w, (size_t)C), d_b = (float *)t_dev(b, (size_t)C);
+    d_dy = (float *)t_dev(dy, nc), d_dx = (float *)t_dev(dx, nc);
+    d_dw = (float *)t_dev(dw, (size_t)C), d_db = (float *)t_dev(db, (size_t)C);
+    d_out = (float *)t_dev(NULL, nc), d_mean = (float *)t_dev(NULL, (size_t)N);
+    d_rstd = (float *)t_dev(NULL, (size_t)N);
+    sm_layernorm_forward(out, mean, rstd, x, w, b, N, C);
+    sm_layernorm_backward(dx, dw, db, dy, x, w, mean, rstd, N, C);
+    smc_layernorm_forward(&T_GPU, d_out, d_mean, d_rstd, d_x, d_w, d_b, N, C);
+    smc_layernorm_backward(&T_GPU, d_dx, d_dw, d_db, d_dy, d_x, d_w, d_mean, d_rstd, N, C);
+    CHECK_SYNC("layernorm");
+    CHECK_CLOSE(d_out, out, nc, 1e-5, "layernorm out");
+    CHECK_CLOSE(d_mean, mean, (size_t)N, 1e-5, "layernorm mean");
+    CHECK_CLOSE(d_rstd, rstd, (size_t)N, 1e-5, "layernorm rstd");
+    CHECK_CLOSE(d_dx, dx, nc, 1e-4, "layernorm dinp");
+    CHECK_CLOSE(d_dw, dw, (size_t)C, 1e-4, "layernorm dweight");
+    CHECK_CLOSE(d_db, db, (size_t)C, 1e-4, "layernorm dbias");
+    free(x), free(w), free(b), free(dy), free(dx), free(dw), free(db), free(out), free(mean), free(rstd);
+    smc_dfree(d_x), smc_dfree(d_w), smc_dfree(d_b), smc_dfree(d_dy), smc_dfree(d_dx);
+    smc_dfree(d_dw), smc_dfree(d_db), smc_dfree(d_out), smc_dfree(d_mean), smc_dfree(d_rstd);
+    return 0;
+}
+
+static int test_backbone_layernorm(void) {
+    if (t_backbone_layernorm_case(14, 24, 21)) return 1;
+    if (t_backbone_layernorm_case(192, 768, 22)) return 1;
+    return t_backbone_layernorm_case(37, 77, 23);
+}
+
 #define T_BB_DINP 1
 #define T_BB_DWEIGHT 2
 #define T_BB_DBIAS 4
@@ -1592,7 +1633,7 @@ static int test_backbone_crossentropy(void) {
 }
 
 #define SMC_TESTS_backbone                                                                   \
-    T(test_backbone_rmsnorm), T(test_backbone_linear), T(test_backbone_activations),         \
+    T(test_backbone_rmsnorm), T(test_backbone_layernorm), T(test_backbone_linear), T(test_backbone_activations),         \
         T(test_backbone_embedding), T(test_backbone_attention), T(test_backbone_crossentropy)
 
 /* ---- >>optim  optimizer, >>params row sets -------------------------- */
@@ -1922,10 +1963,12 @@ static int test_optimizer_check_names_tensor(void) {
 /* A small model (V 97, T 24, 2 layers, C 48) with the modules `mods`
  * selects: 'e' Engram at layer 1, 'n' Engram-Nine (hot set from the batch),
  * 'p' PEER added to layer 0's MLP, 'm' mHC with 4 streams (Engram as an mHC
- * branch: the GPU's form). */
+ * branch: the GPU's form), 'g' the GPT-2 arch (LayerNorm with bias, the
+ * vocabulary padded to 128, tied head). */
 static sm_model_config t_model_config(const char *mods) {
     sm_model_config c = sm_model_default_config();
     c.vocab_size = 97, c.seq_len = 24, c.n_layer = 2, c.n_head = 3, c.d_model = 48, c.d_ff = 96;
+    if (strchr(mods, 'g')) c.arch = SM_ARCH_GPT2, c.padded_vocab_size = 128, c.tied_head = 1;
     if (strchr(mods, 'e') || strchr(mods, 'n')) {
         c.use_engram = 1;
         c.engram.d_model = 48, c.engram.d_head = 8;
@@ -2030,6 +2073,11 @@ static int test_model_step_nine(void) { return t_model_step_matches("n", 1); }
 static int test_model_step_peer(void) { return t_model_step_matches("p", 1); }
 static int test_model_step_mhc(void) { return t_model_step_matches("m", 1); }
 static int test_model_step_all_modules(void) { return t_model_step_matches("epm", 1); }
+/* The GPT-2 arch alone, and with the modules added (the fine-tuning
+ * setting of reproduce-finetune). */
+static int test_model_step_gpt2_arch(void) {
+    return t_model_step_matches("g", 1) || t_model_step_matches("gepm", 1);
+}
 
 /* The training default, TF32 GEMMs (10-bit mantissas): the same step within
  * 100x the fp32 tolerances, on the backbone and with Engram and mHC (PEER's
@@ -2061,6 +2109,7 @@ static int test_model_refuses_per_stream_engram(void) {
 #define SMC_TESTS_MODEL                                                                         \
     T(test_model_step_backbone), T(test_model_step_engram), T(test_model_step_nine),            \
         T(test_model_step_peer), T(test_model_step_mhc), T(test_model_step_all_modules),       \
+        T(test_model_step_gpt2_arch),                                                           \
         T(test_model_step_tf32), T(test_model_refuses_per_stream_engram)
 
 /* ---- runner ---------------------------------------------------------- */
