@@ -3,7 +3,7 @@
 #   make            trainer, tests, examples, benchmarks
 #   make test       build and run the test suite
 #   make reproduce  the studies (data, training runs, report with plots): ~30 min
-#   make reproduce-finetune INIT=gpt2_124M.bin  the same modules added to a pretrained GPT-2
+#   make reproduce-finetune INIT=gpt2_124M.bin [DEVICE=cuda]  the same modules added to a pretrained GPT-2
 #                   (an llm.c model file) and fine-tuned on SOTU (scripts/reproduce_finetune.sh)
 #   make demo       a tiny model trained in a minute or two, a plot and a sample
 #   make asan       the test suite under AddressSanitizer + UBSan
@@ -356,8 +356,8 @@ gpt2-tokenizer:
 reproduce: trainer bench/bench_modules
 	bash scripts/reproduce.sh
 
-reproduce-finetune: trainer
-	INIT=$(INIT) bash scripts/reproduce_finetune.sh
+reproduce-finetune: trainer $(if $(filter cuda,$(DEVICE)),trainer_cuda)
+	INIT=$(INIT) DEVICE=$(or $(DEVICE),cpu) bash scripts/reproduce_finetune.sh
 
 demo: trainer
 	bash scripts/demo.sh

@@ -14,8 +14,11 @@
 # parallel, one thread each), EVAL_BATCHES (25), ENGRAM_LAYERS (1),
 # PEER_LAYERS (6), MHC (4 streams), OUT (results/finetune), DATA (a folder
 # of `trainer tokenize --tokenizer gpt2:DIR`; default: SOTU, fetched and
-# tokenized here). The tests run it on a random tiny llm.c file for a few
-# steps (test_reproduce_finetune_tiny).
+# tokenized here), DEVICE (cpu; cuda trains each run on the GPU with
+# ./trainer_cuda, `make trainer_cuda`, one run at a time unless JOBS says
+# otherwise; Engram inside mHC then takes the branch form, the GPU's).
+# The tests run it on a random tiny llm.c file for a few steps
+# (test_reproduce_finetune_tiny).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,6 +42,15 @@ SEQ=${SEQ:-256}
 BATCH=${BATCH:-4}
 LR=${LR:-1e-4}
 SEEDS=${SEEDS:-1}
+DEVICE=${DEVICE:-cpu}
+if [ "$DEVICE" = cuda ]; then
+    JOBS=${JOBS:-1}
+    TRAINER=${TRAINER:-./trainer_cuda}
+    [ -x "$TRAINER" ] || { echo "reproduce-finetune: DEVICE=cuda needs $TRAINER: make trainer_cuda" >&2; exit 1; }
+elif [ "$DEVICE" != cpu ]; then
+    echo "reproduce-finetune: DEVICE=$DEVICE: expected cpu or cuda" >&2
+    exit 1
+fi
 JOBS=${JOBS:-2}
 EVAL_BATCHES=${EVAL_BATCHES:-25}
 ENGRAM_LAYERS=${ENGRAM_LAYERS:-1}
@@ -60,7 +72,7 @@ if [ -z "$DATA" ]; then
 fi
 mkdir -p "$RUNS"
 
-COMMON="--data $DATA --init $INIT --seq $SEQ --batch $BATCH --steps $STEPS --lr $LR --eval-batches $EVAL_BATCHES --quiet"
+COMMON="--data $DATA --init $INIT --seq $SEQ --batch $BATCH --steps $STEPS --lr $LR --eval-batches $EVAL_BATCHES --device $DEVICE --quiet"
 ENGRAM="--engram $ENGRAM_LAYERS"
 PEER="--peer $PEER_LAYERS --peer-add"
 MODULES="$ENGRAM $PEER --mhc $MHC"
@@ -102,7 +114,7 @@ $TRAINER report --out "$OUT/report" --baseline baseline $(awk '{ print "'"$RUNS"
 {
     echo "# sparsemem: modules added to a pretrained GPT-2, fine-tuned"
     echo
-    echo "Command: \`make reproduce-finetune INIT=$INIT\` ($STEPS steps, B=$BATCH, T=$SEQ, lr $LR, seeds: $SEEDS), $(date -u +%Y-%m-%d), $(($(date +%s) - START)) s on $(nproc) cores."
+    echo "Command: \`make reproduce-finetune INIT=$INIT DEVICE=$DEVICE\` ($STEPS steps, B=$BATCH, T=$SEQ, lr $LR, seeds: $SEEDS), $(date -u +%Y-%m-%d), $(($(date +%s) - START)) s on $(nproc) cores$([ "$DEVICE" = cuda ] && echo ' and the GPU')."
     echo "Every run starts at the pretrained model's loss (modules closed: sm_model_close_modules)."
     echo
     cat "$OUT/report/report.md"
