@@ -1932,6 +1932,7 @@ typedef struct sm_sublayer {
     int has_mlp, has_peer;
     int in_mhc;       /* 1: an mHC branch (u = H_pre x, ...); 0 without mHC or per-stream Engram */
     sm_sublayer_offsets off;
+    int tensors[2];   /* its parameter tensors: indices [tensors[0], tensors[1]) of sm_params */
     /* activations (N = B*T positions) */
     float *x_in;      /* [N, S*C] residual streams entering (S = 1 without mHC) */
     float *u;         /* [N, C] sublayer input: H_pre x_in in mHC, else x_in */
@@ -2218,6 +2219,20 @@ SMDEF int sm_model_is_sharded(const sm_model *m);
  * sharded tables, the fetched rows' gradients (scaled) pushed to their
  * owners and the dense ones all-reduced. c: the model's communicator. */
 SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float scale, sm_error *err);
+/* sm_model_backward then sm_model_allreduce_grads, with the dense
+ * gradients summed while the backward runs: walking the sublayers from the
+ * last, once those done since the last bucket hold bucket_floats dense
+ * floats or more (0: SM_GRAD_BUCKET_FLOATS), their gradients, final then,
+ * are scaled and their MPI all-reduce starts (non-blocking, progressed
+ * between sublayers) while the backward goes on below them. The
+ * backbone's own tensors (embeddings, final norm, head: final only at the
+ * end), the rest of the sublayers and the tables' rows follow the backward,
+ * as in sm_model_allreduce_grads. The same sums (with two ranks bit for
+ * bit; with more, MPI may add in another order for another message size).
+ * One process, or no MPI: the backward and the scaling. Collective. */
+#define SM_GRAD_BUCKET_FLOATS ((size_t)1 << 22) /* 16 MB */
+SMDEF sm_status sm_model_backward_allreduce(sm_model *m, const sm_comm *c, float scale, size_t bucket_floats,
+                                            sm_error *err);
 /* Each group's gradient norm and the global one, over every rank's shard
  * (sm_params_group_grad_norm where the tables are whole). Collective. */
 SMDEF sm_status sm_model_group_grad_norms(const sm_model *m, double *group_norm, double *total, sm_error *err);
@@ -10876,7 +10891,11 @@ static sm_status sm__model_layout(sm_model *m, sm_error *err) {
     if (m->g_backbone < 0 || (c->use_mhc && m->g_mhc < 0)) return SM_ERR_INVALID_ARG;
     m->wte = sm__add_param(p, "wte", -1, V * C, m->g_backbone, 0, err);
     m->wpe = sm__add_param(p, "wpe", -1, (size_t)c->seq_len * C, m->g_backbone, 0, err);
-    for (i = 0; i < m->n_sub && st == SM_OK; i++) st = sm__layout_sublayer(m, &m->sub[i], err);
+    for (i = 0; i < m->n_sub && st == SM_OK; i++) {
+        m->sub[i].tensors[0] = p->n_tensors;
+        st = sm__layout_sublayer(m, &m->sub[i], err);
+        m->sub[i].tensors[1] = p->n_tensors;
+    }
     if (st != SM_OK) return st;
     m->lnf_w = sm__add_param(p, "lnf_w", -1, C, m->g_backbone, 0, err);
     if (c->arch == SM_ARCH_GPT2) m->lnf_b = sm__add_param(p, "lnf_b", -1, C, m->g_backbone, 0, err);
@@ -11642,7 +11661,9 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
  *     sm_embedding_backward               >>backbone
  * The optimizer step (sm_params_adamw_step, >>optim) follows. */
-SMDEF void sm_model_backward(sm_model *m) {
+/* sm_model_backward, calling after(ctx, i) once sublayer i's backward is
+ * done (its parameters' gradients are then final), i = n_sub-1 .. 0. */
+static void sm__model_backward_with(sm_model *m, void (*after)(void *ctx, int i), void *ctx) {
     const sm_model_config *c = &m->cfg;
     const float *w = m->params.data;
     float *g = m->params.grad;
@@ -11663,7 +11684,10 @@ SMDEF void sm_model_backward(sm_model *m) {
     } else {
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->dres, m->du, sizeof(float) * NC));
     }
-    for (i = m->n_sub - 1; i >= 0; i--) sm__residual_backward(m, &m->sub[i]);
+    for (i = m->n_sub - 1; i >= 0; i--) {
+        sm__residual_backward(m, &m->sub[i]);
+        if (after) after(ctx, i);
+    }
     if (c->use_mhc)
         SM__TIMED(pf, SM_PROF_MHC_STREAMS, memset(m->du, 0, sizeof(float) * NC);
                   sm_mhc_expand_backward(m->du, m->dres, N, c->mhc.n_streams, C));
@@ -11672,6 +11696,8 @@ SMDEF void sm_model_backward(sm_model *m) {
     SM__TIMED(pf, SM_PROF_EMBEDDING,
               sm_embedding_backward(g + m->wte, g + m->wpe, m->du, m->inputs, m->B, m->T, C));
 }
+
+SMDEF void sm_model_backward(sm_model *m) { sm__model_backward_with(m, NULL, NULL); }
 
 /* ---- >>model  Modules added to a pretrained backbone ---------------- */
 
@@ -12373,12 +12399,15 @@ SMDEF void sm_row_exchange_free(sm_row_exchange *x) {
 
 /* ---- >>comm  Distributed: data-parallel gradients ------------------- */
 
-static void sm__scale_grads(sm_params *p, float scale) {
+/* Scales the dense gradients (rows = 0) or the tables' touched rows (1). */
+static void sm__scale_grads(sm_params *p, float scale, int rows) {
     int i;
     size_t r, j;
+    if (scale == 1.0f) return;
     for (i = 0; i < p->n_tensors; i++) {
         const sm_param_tensor *t = &p->tensors[i];
         float *g = p->grad + t->offset;
+        if (!t->rows != !rows) continue;
         if (!t->rows) {
             for (j = 0; j < t->size; j++) g[j] *= scale;
             continue;
@@ -12388,11 +12417,12 @@ static void sm__scale_grads(sm_params *p, float scale) {
     }
 }
 
-/* Dense tensors are summed in contiguous runs (adjacent dense tensors
- * form one message). */
-static sm_status sm__allreduce_dense(sm_params *p, const sm_comm *c, sm_error *err) {
-    int i = 0;
-    while (i < p->n_tensors) {
+/* fn(ctx, x, n) on each contiguous run of dense gradients among tensors
+ * [t0, t1) (adjacent dense tensors form one run), up to the first failure. */
+typedef sm_status (*sm__grad_run_fn)(void *ctx, float *x, size_t n);
+static sm_status sm__dense_grad_runs(sm_params *p, int t0, int t1, sm__grad_run_fn fn, void *ctx) {
+    int i = t0;
+    while (i < t1) {
         size_t start = p->tensors[i].offset, end;
         sm_status st;
         if (p->tensors[i].rows) {
@@ -12400,10 +12430,27 @@ static sm_status sm__allreduce_dense(sm_params *p, const sm_comm *c, sm_error *e
             continue;
         }
         end = start + p->tensors[i].size;
-        while (++i < p->n_tensors && !p->tensors[i].rows && p->tensors[i].offset == end) end += p->tensors[i].size;
-        if ((st = sm_comm_allreduce_sum(c, p->grad + start, end - start, err)) != SM_OK) return st;
+        while (++i < t1 && !p->tensors[i].rows && p->tensors[i].offset == end) end += p->tensors[i].size;
+        if ((st = fn(ctx, p->grad + start, end - start)) != SM_OK) return st;
     }
     return SM_OK;
+}
+
+typedef struct {
+    const sm_comm *c;
+    sm_error *err;
+} sm__allreduce_ctx;
+
+static sm_status sm__allreduce_run(void *ctx, float *x, size_t n) {
+    sm__allreduce_ctx *a = (sm__allreduce_ctx *)ctx;
+    return sm_comm_allreduce_sum(a->c, x, n, a->err);
+}
+
+/* Every dense gradient summed over the ranks, one message per run. */
+static sm_status sm__allreduce_dense(sm_params *p, const sm_comm *c, sm_error *err) {
+    sm__allreduce_ctx a;
+    a.c = c, a.err = err;
+    return sm__dense_grad_runs(p, 0, p->n_tensors, sm__allreduce_run, &a);
 }
 
 /* Every rank's touched rows of set s added to it, then sorted: the same
@@ -12447,17 +12494,24 @@ static int sm__first_with_rows(const sm_params *p, int i) {
     return 1;
 }
 
-SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float scale, sm_error *err) {
+/* The tables' touched rows: scaled, then (ranks > 1) every rank's rows
+ * taken into each set and those rows summed. */
+static sm_status sm__params_allreduce_rows(sm_params *p, const sm_comm *c, float scale, sm_error *err) {
     sm_status st = SM_OK;
     int i;
-    if (scale != 1.0f) sm__scale_grads(p, scale);
+    sm__scale_grads(p, scale, 1);
     if (c->size == 1) return SM_OK;
     for (i = 0; st == SM_OK && i < p->n_tensors; i++)
         if (p->tensors[i].rows && sm__first_with_rows(p, i)) st = sm__row_set_union(p->tensors[i].rows, c, err);
-    if (st == SM_OK) st = sm__allreduce_dense(p, c, err);
     for (i = 0; st == SM_OK && i < p->n_tensors; i++)
         if (p->tensors[i].rows) st = sm__allreduce_rows(p, &p->tensors[i], c, err);
     return st;
+}
+
+SMDEF sm_status sm_params_allreduce_grads(sm_params *p, const sm_comm *c, float scale, sm_error *err) {
+    sm_status st = sm__params_allreduce_rows(p, c, scale, err);
+    sm__scale_grads(p, scale, 0);
+    return st == SM_OK && c->size > 1 ? sm__allreduce_dense(p, c, err) : st;
 }
 
 /* ---- >>comm  Distributed: sharded tables in the model --------------- */
@@ -12479,12 +12533,15 @@ static sm_table_fetch *sm__model_fetch_at(const sm_model *m, int k, int *sub) {
     return NULL;
 }
 
-SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float scale, sm_error *err) {
+/* The tables' gradients after the backward: replicated, their touched
+ * rows summed (sm__params_allreduce_rows); sharded, the fetched rows'
+ * gradients scaled and pushed to their owners (no table row is touched
+ * before that). */
+static sm_status sm__model_allreduce_tables(sm_model *m, const sm_comm *c, float scale, sm_error *err) {
     sm_table_fetch *f;
     sm_status st = SM_OK;
     int k, s;
-    if (!m->shard_comm) return sm_params_allreduce_grads(&m->params, c, scale, err);
-    sm__scale_grads(&m->params, scale); /* the dense tensors: no table row is touched yet */
+    if (!m->shard_comm) return sm__params_allreduce_rows(&m->params, c, scale, err);
     for (k = 0; st == SM_OK && (f = sm__model_fetch_at(m, k, &s)) != NULL; k++) {
         float *shard_grad = s < 0 ? m->params.grad + m->engram_table : sm__peer_view(m, m->params.grad, &m->sub[s]).experts;
         sm_row_set *touched = s < 0 ? &m->engram_rows : &m->sub[s].peer_rows;
@@ -12492,8 +12549,112 @@ SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float sc
         for (i = 0; i < n; i++) f->drows[i] *= scale;
         st = sm_row_exchange_push_unique(&f->x, c, f->drows, f->width, shard_grad, touched, err);
     }
-    return st == SM_OK ? sm__allreduce_dense(&m->params, c, err) : st;
+    return st;
 }
+
+SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float scale, sm_error *err) {
+    sm_status st = sm__model_allreduce_tables(m, c, scale, err);
+    sm__scale_grads(&m->params, scale, 0);
+    return st == SM_OK && c->size > 1 ? sm__allreduce_dense(&m->params, c, err) : st;
+}
+
+#ifdef SM_USE_MPI
+/* sm_model_backward_allreduce's state: the sublayers [pending, done_to)
+ * are through the backward and not yet posted (their dense floats in
+ * pending_floats); req holds the posted all-reduces. */
+typedef struct {
+    sm_model *m;
+    const sm_comm *c;
+    float scale;
+    size_t bucket_floats, pending_floats;
+    int done_to;
+    MPI_Request *req;
+    size_t n_req, cap_req;
+    sm_status st;
+    sm_error *err;
+} sm__grad_overlap;
+
+/* Scales a run and starts its all-reduce (in pieces of 2^28 floats: MPI's
+ * counts are int). */
+static sm_status sm__overlap_post_run(void *ctx, float *x, size_t n) {
+    sm__grad_overlap *o = (sm__grad_overlap *)ctx;
+    const size_t chunk = (size_t)1 << 28;
+    size_t i;
+    if (o->scale != 1.0f)
+        for (i = 0; i < n; i++) x[i] *= o->scale;
+    for (i = 0; i < n; i += chunk) {
+        sm_status st = sm__grow((void **)&o->req, &o->cap_req, o->n_req + 1, sizeof(MPI_Request),
+                                "all-reduce requests", o->err);
+        if (st != SM_OK) return st;
+        st = sm__mpi_check(MPI_Iallreduce(MPI_IN_PLACE, x + i, (int)(n - i < chunk ? n - i : chunk), MPI_FLOAT,
+                                          MPI_SUM, sm__mpi(o->c), &o->req[o->n_req]),
+                           "Iallreduce", o->err);
+        if (st != SM_OK) return st;
+        o->n_req++;
+    }
+    return SM_OK;
+}
+
+/* Posts the runs of tensors [t0, t1), once the state is still good. */
+static void sm__overlap_post(sm__grad_overlap *o, int t0, int t1) {
+    if (o->st == SM_OK) o->st = sm__dense_grad_runs(&o->m->params, t0, t1, sm__overlap_post_run, o);
+}
+
+/* Dense floats among tensors [t0, t1). */
+static size_t sm__dense_floats(const sm_params *p, int t0, int t1) {
+    size_t n = 0;
+    for (; t0 < t1; t0++)
+        if (!p->tensors[t0].rows) n += p->tensors[t0].size;
+    return n;
+}
+
+/* After sublayer i's backward: a full bucket (sublayers [i, done_to)) is
+ * posted; otherwise MPI is given a turn to progress the posted ones. */
+static void sm__overlap_after(void *ctx, int i) {
+    sm__grad_overlap *o = (sm__grad_overlap *)ctx;
+    const sm_sublayer *sub = o->m->sub;
+    int flag;
+    o->pending_floats += sm__dense_floats(&o->m->params, sub[i].tensors[0], sub[i].tensors[1]);
+    if (o->pending_floats >= o->bucket_floats) {
+        sm__overlap_post(o, sub[i].tensors[0], sub[o->done_to - 1].tensors[1]);
+        o->done_to = i, o->pending_floats = 0;
+    } else if (o->n_req) {
+        MPI_Testall((int)o->n_req, o->req, &flag, MPI_STATUSES_IGNORE);
+    }
+}
+
+static sm_status sm__model_backward_overlapped(sm_model *m, const sm_comm *c, float scale, size_t bucket_floats,
+                                               sm_error *err) {
+    sm__grad_overlap o;
+    sm_status st;
+    int n = m->params.n_tensors;
+    memset(&o, 0, sizeof o);
+    o.m = m, o.c = c, o.scale = scale, o.err = err, o.done_to = m->n_sub;
+    o.bucket_floats = bucket_floats ? bucket_floats : SM_GRAD_BUCKET_FLOATS;
+    sm__model_backward_with(m, sm__overlap_after, &o);
+    /* the sublayers of the last, partial bucket; the backbone's own tensors
+     * before and after the sublayers' (the tables among them are skipped) */
+    if (o.done_to > 0) sm__overlap_post(&o, m->sub[0].tensors[0], m->sub[o.done_to - 1].tensors[1]);
+    sm__overlap_post(&o, 0, m->sub[0].tensors[0]);
+    sm__overlap_post(&o, m->sub[m->n_sub - 1].tensors[1], n);
+    st = o.n_req ? sm__mpi_check(MPI_Waitall((int)o.n_req, o.req, MPI_STATUSES_IGNORE), "Waitall", err) : SM_OK;
+    SM_FREE(o.req);
+    if (o.st != SM_OK) return o.st;
+    return st == SM_OK ? sm__model_allreduce_tables(m, c, scale, err) : st;
+}
+#endif /* SM_USE_MPI */
+
+SMDEF sm_status sm_model_backward_allreduce(sm_model *m, const sm_comm *c, float scale, size_t bucket_floats,
+                                            sm_error *err) {
+#ifdef SM_USE_MPI
+    if (c->backend == SM_COMM_MPI && c->size > 1 && m->n_sub > 0)
+        return sm__model_backward_overlapped(m, c, scale, bucket_floats, err);
+#endif
+    (void)bucket_floats;
+    sm_model_backward(m);
+    return sm_model_allreduce_grads(m, c, scale, err);
+}
+
 
 SMDEF sm_status sm_model_group_grad_norms(const sm_model *m, double *group_norm, double *total, sm_error *err) {
     double ss[2 * SM_MAX_GROUPS] = {0}; /* per group: dense tensors, then the table shards */

@@ -1981,8 +1981,13 @@ static int tr_forward_backward(tr_run *r, const tr_opts *o, double *loss, double
     *loss = r->model.loss, *share = 1.0;
     if (tr_comm->size > 1) *loss = tr_global_loss(&r->model, share);
     if (!isfinite(*loss)) return 1;
-    tr_backward(r);
-    if (tr_comm->size > 1 && sm_model_allreduce_grads(&r->model, tr_comm, (float)*share, &err) != SM_OK)
+    if (tr_comm->size == 1) {
+        tr_backward(r);
+        return 0;
+    }
+    /* ranks (an MPI build: the CPU): the dense gradients are summed in
+     * buckets while the backward runs, the tables' rows after it */
+    if (sm_model_backward_allreduce(&r->model, tr_comm, (float)*share, 0, &err) != SM_OK)
         tr_die("gradient all-reduce", &err);
     return 0;
 }

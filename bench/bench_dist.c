@@ -8,7 +8,9 @@
  * The global batch is the preset's (B sequences of T tokens, Zipf token
  * ids), split over the ranks. A step is zero_grad, forward, backward,
  * sm_model_allreduce_grads, AdamW; the time is the median of the timed
- * steps after one warm-up step. Bytes are rank 0's payloads per step:
+ * steps after one warm-up step. Mode "overlapped" is "replicated" with
+ * the dense gradients summed in buckets of 1 MB while the backward runs
+ * (sm_model_backward_allreduce). Bytes are rank 0's payloads per step:
  *   dense      the dense gradients all-reduced (every rank, any mode)
  *   rows_ar    replicated tables: the touched rows' gradients all-reduced
  *              (union over ranks)
@@ -63,22 +65,31 @@ static void bench_die(const char *what, const sm_error *err) {
     exit(1);
 }
 
-/* One step of this rank's slice; fills the byte counts. */
-static void bench_step(sm_model *m, const sm_comm *c, const int *in, const int *tg, int rows, int T,
+#define BENCH_BUCKET_FLOATS ((size_t)1 << 18) /* the overlapped mode's buckets: 1 MB */
+
+/* One step of this rank's slice (the gradients summed during the backward
+ * with `overlap`); fills the byte counts. */
+static void bench_step(sm_model *m, const sm_comm *c, const int *in, const int *tg, int rows, int T, int overlap,
                        bench_row *r) {
     sm_error err = {SM_OK, ""};
     size_t fetch, push;
     sm_params_zero_grad(&m->params);
     if (sm_model_forward(m, in, tg, NULL, rows, T, &err) != SM_OK) bench_die("forward", &err);
-    sm_model_backward(m);
-    if (sm_model_allreduce_grads(m, c, 1.0f / (float)c->size, &err) != SM_OK) bench_die("gradients", &err);
+    if (overlap) {
+        if (sm_model_backward_allreduce(m, c, 1.0f / (float)c->size, BENCH_BUCKET_FLOATS, &err) != SM_OK)
+            bench_die("gradients", &err);
+    } else {
+        sm_model_backward(m);
+        if (sm_model_allreduce_grads(m, c, 1.0f / (float)c->size, &err) != SM_OK) bench_die("gradients", &err);
+    }
     bench_allreduce_bytes(m, c->size, r);
     sm_model_exchange_bytes(m, &fetch, &push);
     r->fetch = (double)fetch, r->push = (double)push;
     sm_params_adamw_step(&m->params, 1.0f, 1.0f);
 }
 
-static bench_row bench_mode(const sm_model_config *cfg, const sm_comm *c, int shard, int B, int T, int steps) {
+static bench_row bench_mode(const sm_model_config *cfg, const sm_comm *c, int shard, int overlap, int B, int T,
+                            int steps) {
     sm_error err = {SM_OK, ""};
     sm_model m;
     sm_rng rng;
@@ -96,7 +107,7 @@ static bench_row bench_mode(const sm_model_config *cfg, const sm_comm *c, int sh
         double t0;
         sm_comm_barrier(c, &err);
         t0 = sm_now();
-        bench_step(&m, c, in + (size_t)c->rank * rows * T, tg + (size_t)c->rank * rows * T, rows, T, &r);
+        bench_step(&m, c, in + (size_t)c->rank * rows * T, tg + (size_t)c->rank * rows * T, rows, T, overlap, &r);
         sm_comm_barrier(c, &err);
         if (s > 0) times[s - 1] = sm_now() - t0;
     }
@@ -129,10 +140,12 @@ int main(int argc, char **argv) {
     for (p = 0; p < 2; p++) {
         int B, T;
         sm_model_config cfg = bench_config(presets[p], &B, &T);
-        bench_row rep = bench_mode(&cfg, &c, 0, B, T, steps[p]);
-        bench_row sh = bench_mode(&cfg, &c, 1, B, T, steps[p]);
+        bench_row rep = bench_mode(&cfg, &c, 0, 0, B, T, steps[p]);
+        bench_row ov = bench_mode(&cfg, &c, 0, 1, B, T, steps[p]);
+        bench_row sh = bench_mode(&cfg, &c, 1, 0, B, T, steps[p]);
         if (c.rank != 0) continue;
         bench_print(presets[p], "replicated", c.size, &rep);
+        bench_print(presets[p], "overlapped", c.size, &ov);
         bench_print(presets[p], "sharded", c.size, &sh);
         fflush(stdout);
     }
