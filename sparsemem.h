@@ -3085,7 +3085,7 @@ typedef float sm__vf;
 /* acc[i][j] = sum over k of Ap[k][i] * Bp[k][j], one fused multiply-add
  * per k in k order (see above); Ap is kc x MR, Bp kc x NR. */
 static SM__ALWAYS_INLINE void sm__gemm_micro_tile(int kc, const float *Ap, const float *Bp,
-                                sm__vf acc[SM__MR][SM__NV]) {
+                                                  sm__vf acc[SM__MR][SM__NV]) {
     int i, v, k;
     for (i = 0; i < SM__MR; i++)
         for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
@@ -3101,8 +3101,8 @@ static SM__ALWAYS_INLINE void sm__gemm_micro_tile(int kc, const float *Ap, const
 
 /* C[MR x NR] = alpha * acc + C, fused; with `overwrite`, alpha * acc + 0
  * (the same bits as adding to a zeroed C) and C is not read. */
-static SM__ALWAYS_INLINE void sm__gemm_add_tile(float *C, int ldc, float alpha, sm__vf acc[SM__MR][SM__NV],
-                              int overwrite) {
+static SM__ALWAYS_INLINE void sm__gemm_add_tile(float *C, int ldc, float alpha,
+                                                sm__vf acc[SM__MR][SM__NV], int overwrite) {
     sm__vf va = sm__vf_splat(alpha), zero = sm__vf_splat(0.0f);
     int i, v;
     for (i = 0; i < SM__MR; i++)
@@ -8060,23 +8060,23 @@ static void sm__topk_push(sm__topk_buf *b, float s, int id) {
  * into k groups, whose maxima are k distinct scores, so the least of them
  * is at most the k-th best. -inf when there are fewer chunks than k. */
 static float sm__topk_floor(const float *scores, int chunks, int k) {
-    float floor = INFINITY;
+    float least = INFINITY;
     int g;
     if (chunks < k) return -INFINITY;
     for (g = 0; g < k; g++) {
         int c0 = (int)((long)chunks * g / k), c1 = (int)((long)chunks * (g + 1) / k);
         float m = sm__max16(scores + 16 * (size_t)c0, c1 - c0);
-        floor = m < floor ? m : floor;
+        least = m < least ? m : least;
     }
-    return floor;
+    return least;
 }
 
 SMDEF void sm_topk(const float *scores, int n, int k, int *idx, float *val) {
     sm__topk_buf b;
     int chunks = n / 16, i;
-    float floor;
+    float bound;
     SM_ASSERT(k >= 1 && k <= n && k <= SM_TOPK_MAX);
-    floor = sm__topk_floor(scores, chunks, k);
+    bound = sm__topk_floor(scores, chunks, k);
     b.n = 0;
     b.k = k;
     /* Only scores at or above the floor can be among the k best, and once
@@ -8085,7 +8085,7 @@ SMDEF void sm_topk(const float *scores, int n, int k, int *idx, float *val) {
      * then offer only the set bits. The floor spares the ~k ln(n/k)
      * insertions of a buffer that starts from the first k scores. */
     for (i = 0; i < 16 * chunks; i += 16) {
-        unsigned mask = sm__at_least_mask16(scores + i, b.n < k ? floor : b.val[k - 1]);
+        unsigned mask = sm__at_least_mask16(scores + i, b.n < k ? bound : b.val[k - 1]);
         while (mask) {
             int l = sm__ctz(mask);
             mask &= mask - 1;
@@ -8262,13 +8262,15 @@ static size_t sm__peer_padded(size_t n, size_t unit) { return (n + unit - 1) / u
 /* Floats per position in the CPU's sub_scores: its two halves' scores,
  * each padded to whole NR-wide panels, and 16 more so that the rows of a
  * block do not all fall in one L1 set (s_pad is often a multiple of 1024). */
-static size_t sm__peer_score_stride(int n_sub) { return 2 * sm__peer_padded((size_t)n_sub, SM__NR) + 16; }
+static size_t sm__peer_score_stride(int n_sub) {
+    return 2 * sm__peer_padded((size_t)n_sub, SM__NR) + 16;
+}
 
 /* Frees every buffer of a (with the allocator's own free) and clears it. */
 static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
     void *bufs[] = {a->q_raw, a->q, a->q_rstd, a->q_mean, a->expert, a->weight, a->pre,
-                    a->sub_scores, a->keys_t, a->q_panel, a->dq, a->dpre, a->dscore, a->wact, a->sort_key,
-                    a->sort_slot, a->run_start};
+                    a->sub_scores, a->keys_t, a->q_panel, a->dq, a->dpre, a->dscore, a->wact,
+                    a->sort_key, a->sort_slot, a->run_start};
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
         if (bufs[i]) release(bufs[i]);
@@ -8295,9 +8297,10 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->expert = (int32_t *)alloc(slots * sizeof(int32_t), "peer expert ids", err);
     a->weight = (float *)alloc(slots * sizeof(float), "peer weights", err);
     a->pre = (float *)alloc(slots * sizeof(float), "peer pre-activations", err);
-    a->sub_scores = (float *)alloc(bt * sm__peer_score_stride(cfg->n_sub) * sizeof(float), "peer sub-key scores", err);
-    a->keys_t = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad * sizeof(float),
-                               "peer packed sub-keys", err);
+    a->sub_scores = (float *)alloc(bt * sm__peer_score_stride(cfg->n_sub) * sizeof(float),
+                                   "peer sub-key scores", err);
+    a->keys_t = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad *
+                                   sizeof(float), "peer packed sub-keys", err);
     a->q_panel = (float *)alloc(sm__peer_padded(bt, SM__MR) * (size_t)cfg->d_key * sizeof(float),
                                 "peer packed queries", err);
     a->dq = (float *)alloc(bt * hk * sizeof(float), "peer dq", err);
@@ -8308,8 +8311,8 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->sort_slot = (uint32_t *)alloc(2 * slots * sizeof(uint32_t), "peer sort slots", err);
     a->run_start = (uint32_t *)alloc((slots + 1) * sizeof(uint32_t), "peer runs", err);
     if (!a->q_raw || !a->q || !a->q_rstd || !a->q_mean || !a->expert || !a->weight || !a->pre ||
-        !a->sub_scores || !a->keys_t || !a->q_panel || !a->dq || !a->dpre || !a->dscore || !a->wact || !a->sort_key ||
-        !a->sort_slot || !a->run_start) {
+        !a->sub_scores || !a->keys_t || !a->q_panel || !a->dq || !a->dpre || !a->dscore ||
+        !a->wact || !a->sort_key || !a->sort_slot || !a->run_start) {
         sm__peer_acts_release(a, release);
         return SM_ERR_OOM;
     }
@@ -8445,19 +8448,20 @@ static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer
 }
 
 /* Head j's half h of the half-scores of the n <= SM__MR positions from
- * t0 into their rows of `rows` (2 s_pad per position), each score summed
- * over i = 0 .. half-1 in order. */
+ * t0 into their rows of `rows` (sm__peer_score_stride floats per position,
+ * half h from h * s_pad on), each score summed over i = 0 .. half-1 in
+ * order. */
 static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int n, int j, int h) {
     const sm_peer_config *c = &a->cfg;
     int half = c->d_key / 2, table = c->shared_keys ? 0 : j;
     size_t s_pad = sm__peer_padded((size_t)c->n_sub, SM__NR), a0;
+    int ld = (int)sm__peer_score_stride(c->n_sub);
     const float *kt = a->keys_t + (size_t)(table * 2 + h) * s_pad * half;
     float *Ap = a->q_panel + (size_t)t0 * c->d_key; /* the block's own */
     sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half, 1,
                    (size_t)c->heads * c->d_key, half, n, SM__MR, Ap);
     for (a0 = 0; a0 < s_pad; a0 += SM__NR)
-        sm__gemm_micro(half, Ap, kt + a0 * half, 1.0f, rows + (size_t)h * s_pad + a0, (int)sm__peer_score_stride(c->n_sub), n,
-                       SM__NR, 1);
+        sm__gemm_micro(half, Ap, kt + a0 * half, 1.0f, rows + (size_t)h * s_pad + a0, ld, n, SM__NR, 1);
 }
 
 /* The positions [t0, t0 + SM__MR) below N, head after head: the
@@ -12559,9 +12563,10 @@ SMDEF sm_status sm_model_allreduce_grads(sm_model *m, const sm_comm *c, float sc
 }
 
 #ifdef SM_USE_MPI
-/* sm_model_backward_allreduce's state: the sublayers [pending, done_to)
- * are through the backward and not yet posted (their dense floats in
- * pending_floats); req holds the posted all-reduces. */
+/* sm_model_backward_allreduce's state: the sublayers from the one the
+ * backward is at up to done_to (exclusive) are through it and not yet
+ * posted, with pending_floats dense floats; req holds the posted
+ * all-reduces. */
 typedef struct {
     sm_model *m;
     const sm_comm *c;
@@ -12654,7 +12659,6 @@ SMDEF sm_status sm_model_backward_allreduce(sm_model *m, const sm_comm *c, float
     sm_model_backward(m);
     return sm_model_allreduce_grads(m, c, scale, err);
 }
-
 
 SMDEF sm_status sm_model_group_grad_norms(const sm_model *m, double *group_norm, double *total, sm_error *err) {
     double ss[2 * SM_MAX_GROUPS] = {0}; /* per group: dense tensors, then the table shards */

@@ -372,13 +372,14 @@ SMDEF sm_status smc_mhc_amax_gain_tokens(smc_ctx *c, sm_rowcol_stats *stats,
 /* ===================================================================== */
 /* >>backbone  Backbone and >>loss                                       */
 /* ===================================================================== */
-/* The GPU sm_rmsnorm_*, sm_layernorm_*, sm_linear_*, sm_gelu_* / sm_silu_*, sm_embedding_*,
- * sm_attention_* and sm_crossentropy_* (sparsemem.h >>backbone, >>loss): the
- * same arguments, shapes and NULL conventions, with device pointers. Sums
- * that the CPU does serially are reductions here (warp or block per row,
- * shuffles), so results agree with the CPU to rounding, not bits. Column
- * sums into gradients (dweight of RMSNorm, dbias) add one partial per block
- * with atomicAdd, and so does the token-embedding scatter. */
+/* The GPU sm_rmsnorm_*, sm_layernorm_*, sm_linear_*, sm_gelu_* / sm_silu_*,
+ * sm_embedding_*, sm_attention_* and sm_crossentropy_* (sparsemem.h
+ * >>backbone, >>loss): the same arguments, shapes and NULL conventions,
+ * with device pointers. Sums that the CPU does serially are reductions here
+ * (warp or block per row, shuffles), so results agree with the CPU to
+ * rounding, not bits. Column sums into gradients (dweight of the norms,
+ * dbias) add one partial per block with atomicAdd, and so does the
+ * token-embedding scatter. */
 
 SMDEF void smc_rmsnorm_forward(smc_ctx *c, float *out, float *rstd, const float *inp,
                                const float *weight, int N, int C);
@@ -2778,7 +2779,8 @@ static __global__ void smc__layernorm_backward_kernel(float *dinp, const float *
     }
     mg = smc__warp_sum(sg) / C;
     mgx = smc__warp_sum(sgx) / C;
-    for (i = lane; i < C; i += SMC__WARP) dx[i] += r * (dy[i] * weight[i] - mg - (x[i] - mu) * r * mgx);
+    for (i = lane; i < C; i += SMC__WARP)
+        dx[i] += r * (dy[i] * weight[i] - mg - (x[i] - mu) * r * mgx);
 }
 
 SMDEF void smc_layernorm_backward(smc_ctx *c, float *dinp, float *dweight, float *dbias,
@@ -3469,12 +3471,14 @@ static void smc__norm_forward(smc_model *g, float *out, float *mean, float *rstd
 }
 
 static void smc__norm_backward(smc_model *g, float *dinp, const float *dout, const float *inp,
-                               const float *mean, const float *rstd, size_t w_off, size_t b_off, int N) {
+                               const float *mean, const float *rstd, size_t w_off, size_t b_off,
+                               int N) {
     const float *w = g->params.data;
     float *gr = g->params.grad;
     int C = g->d.cfg.d_model;
     if (g->d.cfg.arch == SM_ARCH_GPT2)
-        smc_layernorm_backward(g->c, dinp, gr + w_off, gr + b_off, dout, inp, w + w_off, mean, rstd, N, C);
+        smc_layernorm_backward(g->c, dinp, gr + w_off, gr + b_off, dout, inp, w + w_off, mean, rstd,
+                               N, C);
     else
         smc_rmsnorm_backward(g->c, dinp, gr + w_off, dout, inp, w + w_off, rstd, N, C);
 }
@@ -3735,7 +3739,8 @@ SMDEF void smc_model_backward(smc_model *g) {
     smc_sgemm(g->c, 0, 0, N, C, V, 1.0f, m->logits, V, w + m->head_w, C, 0.0f, m->dln, C);
     smc_sgemm(g->c, 1, 0, V, C, N, 1.0f, m->logits, V, m->lnf, C, 1.0f, gr + m->head_w, C);
     smc_zero(g->c, m->du, sizeof(float) * NC);
-    smc__norm_backward(g, m->du, m->dln, m->x_out, m->lnf_mean, m->lnf_rstd, m->lnf_w, m->lnf_b, N);
+    smc__norm_backward(g, m->du, m->dln, m->x_out, m->lnf_mean, m->lnf_rstd, m->lnf_w, m->lnf_b,
+                       N);
     if (c->use_mhc) {
         smc_zero(g->c, m->dres, sizeof(float) * NC * c->mhc.n_streams);
         smc_mhc_collapse_backward(g->c, m->dres, m->du, N, c->mhc.n_streams, C);

@@ -69,8 +69,8 @@ static void bench_die(const char *what, const sm_error *err) {
 
 /* One step of this rank's slice (the gradients summed during the backward
  * with `overlap`); fills the byte counts. */
-static void bench_step(sm_model *m, const sm_comm *c, const int *in, const int *tg, int rows, int T, int overlap,
-                       bench_row *r) {
+static void bench_step(sm_model *m, const sm_comm *c, const int *in, const int *tg, int rows, int T,
+                       int overlap, bench_row *r) {
     sm_error err = {SM_OK, ""};
     size_t fetch, push;
     sm_params_zero_grad(&m->params);
@@ -107,7 +107,8 @@ static bench_row bench_mode(const sm_model_config *cfg, const sm_comm *c, int sh
         double t0;
         sm_comm_barrier(c, &err);
         t0 = sm_now();
-        bench_step(&m, c, in + (size_t)c->rank * rows * T, tg + (size_t)c->rank * rows * T, rows, T, overlap, &r);
+        bench_step(&m, c, in + (size_t)c->rank * rows * T, tg + (size_t)c->rank * rows * T, rows, T, overlap,
+                   &r);
         sm_comm_barrier(c, &err);
         if (s > 0) times[s - 1] = sm_now() - t0;
     }
