@@ -1461,8 +1461,8 @@ typedef struct sm_peer_acts {
     float *sub_scores;  /* scratch: half-scores of every sub-key (the CPU: rows
                          * of 2 s padded to whole panels per position; CUDA:
                          * one head's [N, s] and [N, s]) */
-    float *keys_t, *q_panel; /* scratch: the sub-keys and queries packed for the
-                              * CPU's routing (small, and unused under CUDA) */
+    float *key_panels, *q_panel; /* scratch: the sub-keys and queries packed for
+                                  * the CPU's routing (small; unused under CUDA) */
     float *dq;          /* [N, h*d_key] scratch for backward */
     float *dpre, *dscore, *wact; /* [N*h*k] scratch for backward */
     uint32_t *sort_key, *sort_slot; /* [2*N*h*k] scratch (double buffers) */
@@ -8269,7 +8269,7 @@ static size_t sm__peer_score_stride(int n_sub) {
 /* Frees every buffer of a (with the allocator's own free) and clears it. */
 static void sm__peer_acts_release(sm_peer_acts *a, sm__free_fn release) {
     void *bufs[] = {a->q_raw, a->q, a->q_rstd, a->q_mean, a->expert, a->weight, a->pre,
-                    a->sub_scores, a->keys_t, a->q_panel, a->dq, a->dpre, a->dscore, a->wact,
+                    a->sub_scores, a->key_panels, a->q_panel, a->dq, a->dpre, a->dscore, a->wact,
                     a->sort_key, a->sort_slot, a->run_start};
     size_t i;
     for (i = 0; i < sizeof bufs / sizeof bufs[0]; i++)
@@ -8299,7 +8299,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->pre = (float *)alloc(slots * sizeof(float), "peer pre-activations", err);
     a->sub_scores = (float *)alloc(bt * sm__peer_score_stride(cfg->n_sub) * sizeof(float),
                                    "peer sub-key scores", err);
-    a->keys_t = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad *
+    a->key_panels = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad *
                                    sizeof(float), "peer packed sub-keys", err);
     a->q_panel = (float *)alloc(sm__peer_padded(bt, SM__MR) * (size_t)cfg->d_key * sizeof(float),
                                 "peer packed queries", err);
@@ -8311,7 +8311,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->sort_slot = (uint32_t *)alloc(2 * slots * sizeof(uint32_t), "peer sort slots", err);
     a->run_start = (uint32_t *)alloc((slots + 1) * sizeof(uint32_t), "peer runs", err);
     if (!a->q_raw || !a->q || !a->q_rstd || !a->q_mean || !a->expert || !a->weight || !a->pre ||
-        !a->sub_scores || !a->keys_t || !a->q_panel || !a->dq || !a->dpre || !a->dscore ||
+        !a->sub_scores || !a->key_panels || !a->q_panel || !a->dq || !a->dpre || !a->dscore ||
         !a->wact || !a->sort_key || !a->sort_slot || !a->run_start) {
         sm__peer_acts_release(a, release);
         return SM_ERR_OOM;
@@ -8432,7 +8432,7 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
  * micro-kernel (>>backbone) and searched while they are in cache. The
  * sub-keys are packed once per step into the kernel's NR-wide panels
  * (sub-keys past s are zero), each block's queries into an MR-tall panel:
- *   keys_t[((table * 2 + half) * s_pad + a0) * (d_key/2) + i * NR + l] =
+ *   key_panels[((table * 2 + half) * s_pad + a0) * (d_key/2) + i * NR + l] =
  *   element i of sub-key a0 + l of that half, a0 a multiple of NR. */
 static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer_config *c) {
     int s = c->n_sub, half = c->d_key / 2, table, h, a0;
@@ -8456,7 +8456,7 @@ static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int
     int half = c->d_key / 2, table = c->shared_keys ? 0 : j;
     size_t s_pad = sm__peer_padded((size_t)c->n_sub, SM__NR), a0;
     int ld = (int)sm__peer_score_stride(c->n_sub);
-    const float *kt = a->keys_t + (size_t)(table * 2 + h) * s_pad * half;
+    const float *kt = a->key_panels + (size_t)(table * 2 + h) * s_pad * half;
     float *Ap = a->q_panel + (size_t)t0 * c->d_key; /* the block's own */
     sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half, 1,
                    (size_t)c->heads * c->d_key, half, n, SM__MR, Ap);
@@ -8530,7 +8530,7 @@ SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_
     int t0;
     if (st != SM_OK) return st;
     sm__peer_query_forward(acts, x, p, N);
-    sm__peer_pack_keys(acts->keys_t, p, &acts->cfg);
+    sm__peer_pack_keys(acts->key_panels, p, &acts->cfg);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * acts->cfg.n_sub > 8192)
 #endif
