@@ -104,9 +104,9 @@ EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(filter-out bench/bench_dist,$(patsubst %.c,%,$(wildcard bench/*.c))) # bench_dist: MPI, below
 
 .PHONY: all test test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce reproduce-finetune demo \
-        fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check
+        fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check gpu-mpi
 all: trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) $(if $(MPICC),trainer_mpi tests_mpi bench/bench_dist) \
-     $(if $(and $(MPICC),$(HAVE_NCCL)),tests_nccl)
+     $(if $(and $(MPICC),$(HAVE_NCCL)),tests_nccl trainer_cuda_mpi)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
 STB_HEADER = /usr/include/stb/stb_image_write.h
@@ -177,12 +177,18 @@ bench/bench_dist: bench/bench_dist.c bench/bench_common.h trainer.c sparsemem.h 
 bench-dist: bench/bench_dist
 	$(MPIRUN) -np 1 ./bench/bench_dist && $(MPIRUN) -np 2 ./bench/bench_dist
 
-tests_nccl: tests_nccl.c tests_harness.h sparsemem.h | deps mpi-deps
-	mpicc $(BUILD_FLAGS) -Wno-unused-function -isystem $(CUDA_HOME)/include -o $@ tests_nccl.c $(CUDA_LIBS) $(LDLIBS)
+# nvcc with MPI: Open MPI's own compile and link flags (mpicc --showme)
+MPI_NVCC_FLAGS = -DOMPI_SKIP_MPICXX $(shell mpicc --showme:compile 2>/dev/null)
+MPI_NVCC_LIBS  = $(shell mpicc --showme:link 2>/dev/null)
 
-# One rank per GPU.
+tests_nccl $(GPU_BIN)/tests_nccl: tests_nccl.cu tests_harness.h sparsemem.h sparsemem_cuda.cuh | deps mpi-deps
+	$(NVCC) $(NVCC_FLAGS) $(MPI_NVCC_FLAGS) -o $@ tests_nccl.cu -lcublas -lnccl $(MPI_NVCC_LIBS)
+
+# One rank per GPU (NCCL), then one rank more than GPUs (they share, and
+# the gradient sums go through host copies).
 test-nccl: tests_nccl
-	$(MPIRUN) -np $$(nvidia-smi -L 2>/dev/null | wc -l | sed 's/^0$$/1/') ./tests_nccl
+	gpus=$$(nvidia-smi -L 2>/dev/null | wc -l); \
+	$(MPIRUN) -np $$((gpus > 0 ? gpus : 1)) ./tests_nccl && $(MPIRUN) -np $$((gpus + 1)) ./tests_nccl
 
 test-mpi: mpi-deps
 	@if command -v mpicc >/dev/null && command -v mpirun >/dev/null; then \
@@ -199,6 +205,14 @@ trainer_cuda $(GPU_BIN)/trainer_cuda: trainer.c trainer_cuda.cu sparsemem.h spar
 	$(NVCC) $(NVCC_ARCH) -o $@ $@_main.o $@_lib.o -lcublas -lm $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
 	rm -f $@_main.o $@_lib.o
 
+# trainer_cuda as MPI ranks, one GPU each (NCCL) or sharing GPUs:
+#   mpirun -np N ./trainer_cuda_mpi train --device cuda ...
+trainer_cuda_mpi $(GPU_BIN)/trainer_cuda_mpi: trainer.c trainer_cuda.cu sparsemem.h sparsemem_plot.h sparsemem_cuda.cuh | deps mpi-deps
+	$(NVCC) $(NVCC_FLAGS) -DSM_USE_MPI -DSM_USE_NCCL $(MPI_NVCC_FLAGS) -c -o $@_lib.o trainer_cuda.cu
+	mpicc $(BUILD_FLAGS) -DTR_WITH_CUDA -DSM_USE_MPI -DSM_USE_NCCL -isystem $(CUDA_HOME)/include -c -o $@_main.o trainer.c
+	$(NVCC) $(NVCC_ARCH) -o $@ $@_main.o $@_lib.o -lcublas -lnccl -lm $(MPI_NVCC_LIBS) $(if $(OMPFLAGS),-Xcompiler $(OMPFLAGS))
+	rm -f $@_main.o $@_lib.o
+
 bench/bench_cuda $(GPU_BIN)/bench_cuda: bench/bench_cuda.cu bench/bench_common.h sparsemem.h sparsemem_cuda.cuh
 	$(NVCC) $(NVCC_FLAGS) -I. -o $@ bench/bench_cuda.cu -lcublas
 
@@ -210,7 +224,8 @@ bench/bench_cuda $(GPU_BIN)/bench_cuda: bench/bench_cuda.cu bench/bench_common.h
 # machine's processor (an AVX2-only build, x86-64-v3, took 7x the CPU time
 # per training step here). The CPU trainer comes along: the script compares
 # its losses with the GPU's.
-GPU_BINARIES = $(GPU_BIN)/trainer $(GPU_BIN)/trainer_cuda $(GPU_BIN)/tests_cuda $(GPU_BIN)/bench_cuda
+GPU_BINARIES = $(GPU_BIN)/trainer $(GPU_BIN)/trainer_cuda $(GPU_BIN)/tests_cuda $(GPU_BIN)/bench_cuda \
+               $(if $(and $(MPICC),$(HAVE_NCCL)),$(GPU_BIN)/trainer_cuda_mpi $(GPU_BIN)/tests_nccl)
 GPU_HOST_ARCH = -march=x86-64-v4
 $(GPU_BINARIES): ARCH = $(GPU_HOST_ARCH)
 GPU_NVCC_ARCH = -arch=$(or $(CUDA_ARCH),sm_90)
@@ -232,6 +247,14 @@ else
 gpu-build: $(GPU_BIN)/build-info.txt
 	@ls -l $(GPU_BINARIES)
 endif
+
+# Open MPI's run time for a GPU machine that has none (gpu_check.sh part 6
+# unpacks it there; 6 MB): Debian's packages, downloaded, not installed.
+GPU_MPI_DEBS = openmpi-bin openmpi-common libopenmpi3 libpmix2 libhwloc15 libevent-core-2.1-7 \
+               libevent-pthreads-2.1-7 libfabric1 libibverbs1 librdmacm1 libnl-3-200 libnl-route-3-200 \
+               libpsm-infinipath1 libpsm2-2 libucx0 libnuma1 libmunge2 libatomic1
+gpu-mpi:
+	mkdir -p gpu-mpi && cd gpu-mpi && apt-get download $(GPU_MPI_DEBS)
 
 # What the binaries were built from and with (gpu_check.sh part 1 shows it).
 $(GPU_BIN)/build-info.txt: $(GPU_BINARIES)
@@ -363,6 +386,6 @@ demo: trainer
 	bash scripts/demo.sh
 
 clean:
-	rm -f trainer trainer_cuda trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi tests_nccl bench/bench_dist $(EXAMPLES) $(BENCHES) .hc.c
+	rm -f trainer trainer_cuda trainer_cuda_mpi trainer_mpi tests tests_cuda tests_asan tests_vg tests_mpi tests_nccl bench/bench_dist $(EXAMPLES) $(BENCHES) .hc.c
 	rm -rf fuzz/build fuzz/corpus
 	rm -rf $(GPU_BIN) build

@@ -12457,23 +12457,35 @@ static sm_status sm__allreduce_dense(sm_params *p, const sm_comm *c, sm_error *e
     return sm__dense_grad_runs(p, 0, p->n_tensors, sm__allreduce_run, &a);
 }
 
-/* Every rank's touched rows of set s added to it, then sorted: the same
- * rows, in the same order, on every rank. */
-static sm_status sm__row_set_union(sm_row_set *s, const sm_comm *c, sm_error *err) {
-    size_t *len = (size_t *)sm_alloc((size_t)c->size, sizeof(size_t), "touched-row counts", err), total = 0, i;
-    size_t mine = s->count * sizeof(uint32_t);
-    uint32_t *all = NULL;
+/* *all := every rank's rows[0..n), in rank order (*n_all of them; the
+ * caller frees *all). Collective. */
+static sm_status sm__gather_rows(const sm_comm *c, const uint32_t *rows, size_t n, uint32_t **all,
+                                 size_t *n_all, sm_error *err) {
+    size_t *len = (size_t *)sm_alloc((size_t)c->size, sizeof(size_t), "touched-row counts", err), total = 0;
+    size_t mine = n * sizeof(uint32_t);
     sm_status st = len ? SM_OK : SM_ERR_OOM;
     int r;
+    *all = NULL;
     for (r = 0; st == SM_OK && r < c->size; r++) len[r] = sizeof(size_t);
     if (st == SM_OK) st = sm_comm_allgatherv(c, &mine, sizeof mine, len, len, err);
     for (r = 0; st == SM_OK && r < c->size; r++) total += len[r];
-    if (st == SM_OK && !(all = (uint32_t *)sm_alloc(total / sizeof(uint32_t), sizeof(uint32_t), "touched rows", err)))
+    if (st == SM_OK && !(*all = (uint32_t *)sm_alloc(total / sizeof(uint32_t), sizeof(uint32_t), "touched rows", err)))
         st = SM_ERR_OOM;
-    if (st == SM_OK) st = sm_comm_allgatherv(c, s->rows, mine, all, len, err);
-    for (i = 0; st == SM_OK && i < total / sizeof(uint32_t); i++) sm_row_set_add(s, all[i]);
+    if (st == SM_OK) st = sm_comm_allgatherv(c, rows, mine, *all, len, err);
+    *n_all = total / sizeof(uint32_t);
+    SM_FREE(len);
+    return st;
+}
+
+/* Every rank's touched rows of set s added to it, then sorted: the same
+ * rows, in the same order, on every rank. */
+static sm_status sm__row_set_union(sm_row_set *s, const sm_comm *c, sm_error *err) {
+    uint32_t *all;
+    size_t n_all, i;
+    sm_status st = sm__gather_rows(c, s->rows, s->count, &all, &n_all, err);
+    for (i = 0; st == SM_OK && i < n_all; i++) sm_row_set_add(s, all[i]);
     if (st == SM_OK) sm_row_set_sort(s);
-    SM_FREE(len), SM_FREE(all);
+    SM_FREE(all);
     return st;
 }
 

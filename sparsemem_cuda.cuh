@@ -448,6 +448,10 @@ typedef struct smc_params {
     float *data, *grad, *m, *v;        /* device, layout->total floats each */
     smc_row_set *rows[SM_MAX_TENSORS]; /* device row set of each sparse tensor (NULL: dense) */
     double *sumsq;                     /* device scratch of the gradient norms */
+    /* smc_params_allreduce_grads' scratch: touched rows' gradients packed
+     * (device), and a host copy for MPI without NCCL; capacities in floats */
+    float *packed, *staged;
+    size_t packed_cap, staged_cap;
 } smc_params;
 
 /* Allocates the four device buffers (zeroed) for the tensors of `layout`,
@@ -486,6 +490,19 @@ SMDEF double smc_params_group_grad_norm(smc_ctx *c, const smc_params *d, int gro
  * rate by lr_factor; sparse tensors move only their touched rows, whose
  * gradients are then zeroed, and their row sets are cleared. */
 SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, float clip_scale);
+/* Data parallelism with replicated parameters, as sm_params_allreduce_grads
+ * (sparsemem.h >>comm): every gradient is scaled by `scale` (this rank's
+ * share of the global mean loss), then summed over comm's ranks. Dense
+ * tensors are summed whole. A sparse tensor's row set first becomes the
+ * union of the ranks' sets, sorted, so every rank updates the same rows and
+ * reads them in the same order; only those rows are summed, packed. The
+ * sums run on the device buffers through comm's NCCL communicator when it
+ * has one (sm_comm_init_nccl: one GPU per rank), otherwise through a host
+ * copy with comm's MPI, so that several ranks can share a GPU. The row
+ * lists (4 bytes per touched row) always go through the host. One rank:
+ * the scaling alone. Collective; waits for the device. */
+SMDEF sm_status smc_params_allreduce_grads(smc_ctx *c, smc_params *d, const sm_comm *comm, float scale,
+                                           sm_error *err);
 
 /* ===================================================================== */
 /* >>model  The sm_model on the GPU                                      */
@@ -3322,6 +3339,8 @@ SMDEF void smc_params_free(smc_params *d) {
     smc_dfree(d->m);
     smc_dfree(d->v);
     smc_dfree(d->sumsq);
+    smc_dfree(d->packed);
+    SM_FREE(d->staged);
     memset(d, 0, sizeof *d);
 }
 
@@ -3419,6 +3438,128 @@ SMDEF void smc_params_adamw_step(smc_ctx *c, smc_params *d, float lr_factor, flo
             d->data, d->grad, d->m, d->v, s, h);
         if (s.list) smc_row_set_clear(c, d->rows[i]);
     }
+}
+
+/* ---- >>optim  data parallelism ---- */
+
+static __global__ void smc__params_scale_kernel(float *g, smc__params_rows s, float scale) {
+    size_t n = smc__params_rows_count(&s), r, len, o, i;
+    for (r = smc__params_warp(); r < n; r += smc__params_warps()) {
+        o = smc__params_row_start(&s, r, &len);
+        for (i = threadIdx.x % 32; i < len; i += 32) g[o + i] *= scale;
+    }
+}
+
+/* The touched rows of s between the gradient and packed (row r of the list
+ * at packed + r * row_size): out (times scale) when `pack`, else back. */
+static __global__ void smc__params_pack_kernel(float *g, float *packed, smc__params_rows s, float scale,
+                                               int pack) {
+    size_t n = smc__params_rows_count(&s), r, len, o, i;
+    for (r = smc__params_warp(); r < n; r += smc__params_warps()) {
+        float *row = packed + r * s.row_size;
+        o = smc__params_row_start(&s, r, &len);
+        for (i = threadIdx.x % 32; i < len; i += 32) {
+            if (pack) row[i] = g[o + i] * scale;
+            else g[o + i] = row[i];
+        }
+    }
+}
+
+static __global__ void smc__row_set_mark_kernel(uint32_t *mark, const uint32_t *list, size_t n) {
+    size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) mark[list[i]] = 1u;
+}
+
+/* x[0..n) (device) := its sum over comm's ranks, with NCCL on the device, or
+ * through d->staged with MPI. Waits for the device. */
+static sm_status smc__allreduce(smc_ctx *c, smc_params *d, const sm_comm *comm, float *x, size_t n,
+                                sm_error *err) {
+    sm_status st;
+#ifdef SM_USE_NCCL
+    if (comm->nccl) {
+        st = sm_comm_device_allreduce_sum(comm, x, n, c->stream, err);
+        return st == SM_OK ? smc_sync(c, "NCCL all-reduce", err) : st;
+    }
+#endif
+    if ((st = sm__grow((void **)&d->staged, &d->staged_cap, n, sizeof(float), "all-reduce host copy", err)))
+        return st;
+    cudaMemcpyAsync(d->staged, x, n * sizeof(float), cudaMemcpyDeviceToHost, c->stream);
+    if ((st = smc_sync(c, "gradients to the host", err)) || (st = sm_comm_allreduce_sum(comm, d->staged, n, err)))
+        return st;
+    cudaMemcpyAsync(x, d->staged, n * sizeof(float), cudaMemcpyHostToDevice, c->stream);
+    return smc_sync(c, "gradients to the device", err);
+}
+
+/* Set s := the union of every rank's set, sorted (sm__row_set_union): the
+ * rows every rank holds are marked already; the others are marked here. */
+static sm_status smc__row_set_union(smc_ctx *c, smc_row_set *s, const sm_comm *comm, sm_error *err) {
+    size_t n = smc_row_set_count(c, s), n_all = 0, u = 0, i;
+    uint32_t *mine = (uint32_t *)sm_alloc(n, sizeof(uint32_t), "touched rows", err), *all = NULL, count;
+    sm_status st = mine ? SM_OK : SM_ERR_OOM;
+    if (st == SM_OK) {
+        cudaMemcpyAsync(mine, s->rows, n * sizeof(uint32_t), cudaMemcpyDeviceToHost, c->stream);
+        st = smc_sync(c, "touched rows to the host", err);
+    }
+    if (st == SM_OK) st = sm__gather_rows(comm, mine, n, &all, &n_all, err);
+    if (st == SM_OK) {
+        qsort(all, n_all, sizeof(uint32_t), sm__cmp_u32);
+        for (i = 0; i < n_all; i++)
+            if (i == 0 || all[i] != all[i - 1]) all[u++] = all[i];
+        count = (uint32_t)u;
+        cudaMemcpyAsync(s->rows, all, u * sizeof(uint32_t), cudaMemcpyHostToDevice, c->stream);
+        cudaMemcpyAsync(s->count, &count, sizeof count, cudaMemcpyHostToDevice, c->stream);
+        if (u) smc__row_set_mark_kernel<<<smc__blocks(u), SMC__THREADS, 0, c->stream>>>(s->mark, s->rows, u);
+        st = smc_sync(c, "touched-row union", err);
+    }
+    SM_FREE(mine), SM_FREE(all);
+    return st;
+}
+
+/* Whether tensor i is the first bound to its row set (tensors may share one). */
+static int smc__params_first_with_set(const smc_params *d, int i) {
+    int k;
+    for (k = 0; k < i; k++)
+        if (d->rows[k] == d->rows[i]) return 0;
+    return 1;
+}
+
+/* The touched rows s of a sparse tensor, n of them (its set the ranks'
+ * union): packed times scale, summed, put back. */
+static sm_status smc__params_allreduce_rows(smc_ctx *c, smc_params *d, const smc__params_rows *s, size_t n,
+                                            const sm_comm *comm, float scale, sm_error *err) {
+    unsigned grid = smc__params_grid(c, s);
+    sm_status st;
+    n *= s->row_size;
+    if (n == 0) return SM_OK;
+    if (n > d->packed_cap) {
+        smc_dfree(d->packed);
+        d->packed_cap = 0;
+        if (!(d->packed = (float *)smc_malloc(n * sizeof(float), "packed touched-row gradients", err)))
+            return SM_ERR_OOM;
+        d->packed_cap = n;
+    }
+    smc__params_pack_kernel<<<grid, SMC__THREADS, 0, c->stream>>>(d->grad, d->packed, *s, scale, 1);
+    if ((st = smc__allreduce(c, d, comm, d->packed, n, err)) != SM_OK) return st;
+    smc__params_pack_kernel<<<grid, SMC__THREADS, 0, c->stream>>>(d->grad, d->packed, *s, 1.0f, 0);
+    return SM_OK;
+}
+
+SMDEF sm_status smc_params_allreduce_grads(smc_ctx *c, smc_params *d, const sm_comm *comm, float scale,
+                                           sm_error *err) {
+    sm_status st = SM_OK;
+    int i, end;
+    for (i = 0; i < d->layout->n_tensors && comm->size > 1 && st == SM_OK; i++)
+        if (d->rows[i] && smc__params_first_with_set(d, i)) st = smc__row_set_union(c, d->rows[i], comm, err);
+    for (i = 0; i < d->layout->n_tensors && st == SM_OK; i = end) {
+        smc__params_rows s = smc__params_run(d, i, 0, &end);
+        if (s.list && comm->size > 1) {
+            st = smc__params_allreduce_rows(c, d, &s, smc_row_set_count(c, d->rows[i]), comm, scale, err);
+            continue;
+        }
+        smc__params_scale_kernel<<<smc__params_grid(c, &s), SMC__THREADS, 0, c->stream>>>(d->grad, s, scale);
+        if (comm->size > 1) st = smc__allreduce(c, d, comm, d->grad + s.offset, s.size, err);
+    }
+    return st == SM_OK ? smc_sync(c, "gradient all-reduce", err) : st;
 }
 
 /* ---- >>model  Model ------------------------------------------------- */

@@ -20,7 +20,11 @@
  * Each rank trains on its 1/N of every global batch (--batch stays the
  * global batch); the gradients are summed over the ranks
  * (sm_params_allreduce_grads), so every rank takes the same step. Rank 0
- * alone evaluates and writes the logs, checkpoints and plots. */
+ * alone evaluates and writes the logs, checkpoints and plots. On GPUs
+ * (`make trainer_cuda_mpi`): mpirun -np N ./trainer_cuda_mpi train
+ * --device cuda ...; the ranks of a node take its GPUs in turn, and the
+ * gradients are summed with NCCL when every rank has a GPU of its own, else
+ * through host memory with MPI (smc_params_allreduce_grads). */
 #define _POSIX_C_SOURCE 200809L
 #ifdef TR_WITH_CUDA /* built by `make trainer_cuda`: the library comes from trainer_cuda.cu */
 #include "sparsemem_cuda.cuh"
@@ -1219,13 +1223,50 @@ static void tr_to_host(tr_run *r) {
 #endif
 }
 
+#ifdef TR_WITH_CUDA
+/* This rank's GPU: the ranks of a node take its GPUs in turn. *shared: some
+ * node has more ranks than GPUs (the same answer on every rank). */
+static int tr_rank_device(int *shared) {
+    int devices = smc_device_count(), local_rank = 0, local_size = 1;
+#ifdef SM_USE_MPI
+    MPI_Comm node;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &node);
+    MPI_Comm_rank(node, &local_rank);
+    MPI_Comm_size(node, &local_size);
+    MPI_Comm_free(&node);
+    MPI_Allreduce(MPI_IN_PLACE, &local_size, 1, MPI_INT, MPI_MAX, MPI_COMM_WORLD);
+#endif
+    *shared = local_size > devices;
+    return devices > 0 ? local_rank % devices : 0;
+}
+
+/* Several ranks: NCCL sums the gradients when every rank has its own GPU
+ * (NCCL cannot put two ranks on one), else they go through host memory. */
+static void tr_gpu_comm_setup(int shared, int quiet) {
+    if (tr_comm->size == 1) return;
+#ifdef SM_USE_NCCL
+    if (!shared) {
+        sm_error err = {SM_OK, ""};
+        if (sm_comm_init_nccl(&tr_world, &err) != SM_OK) tr_die("NCCL", &err);
+        if (!quiet) printf("%d ranks, one GPU each: gradients summed with NCCL\n", tr_comm->size);
+        return;
+    }
+#endif
+    if (!quiet)
+        printf("%d ranks%s: gradients summed through host memory with MPI\n", tr_comm->size,
+               shared ? " sharing GPUs" : "");
+}
+#endif
+
 /* Starts the GPU model from the host model (after init or resume); the
  * option was checked by tr_parse. */
 static void tr_device_setup(tr_run *r, const tr_opts *o) {
 #ifdef TR_WITH_CUDA
     sm_error err = {SM_OK, ""};
+    int shared;
     if (strcmp(o->device, "cuda") != 0) return;
-    if (smc_init(&r->gpu, 0, &err) != SM_OK) tr_die("--device cuda", &err);
+    if (smc_init(&r->gpu, tr_rank_device(&shared), &err) != SM_OK) tr_die("--device cuda", &err);
+    tr_gpu_comm_setup(shared, o->quiet);
     smc_set_tf32(&r->gpu, strcmp(o->precision, "fp32") != 0);
     if (smc_model_init(&r->gpu_model, &r->gpu, &r->model, &err) != SM_OK) tr_die("GPU model", &err);
     r->on_gpu = 1;
@@ -1846,9 +1887,9 @@ static void tr_check_ranks(const tr_run *r, const tr_opts *o) {
                 o->batch, tr_comm->size);
         exit(1);
     }
-    if (o->device[0] && strcmp(o->device, "cpu") != 0) {
-        fprintf(stderr, "trainer: --device %s with %d processes: data parallelism runs on the CPU only for now\n",
-                o->device, tr_comm->size);
+    if (o->shard_tables && strcmp(o->device, "cuda") == 0) {
+        fprintf(stderr, "trainer: --shard-tables with --device cuda: sharded tables run on the CPU only for now; "
+                        "on GPUs every rank holds the whole tables (leave out --shard-tables)\n");
         exit(1);
     }
     if (sm_comm_check_same(tr_comm, &same, sizeof same, "the options", &err) != SM_OK ||
@@ -1985,8 +2026,16 @@ static int tr_forward_backward(tr_run *r, const tr_opts *o, double *loss, double
         tr_backward(r);
         return 0;
     }
-    /* ranks (an MPI build: the CPU): the dense gradients are summed in
-     * buckets while the backward runs, the tables' rows after it */
+#ifdef TR_WITH_CUDA
+    if (r->on_gpu) { /* ranks on GPUs: the gradients are summed after the backward */
+        tr_backward(r);
+        if (smc_params_allreduce_grads(&r->gpu, &r->gpu_model.params, tr_comm, (float)*share, &err) != SM_OK)
+            tr_die("gradient all-reduce", &err);
+        return 0;
+    }
+#endif
+    /* ranks on the CPU: the dense gradients are summed in buckets while
+     * the backward runs, the tables' rows after it */
     if (sm_model_backward_allreduce(&r->model, tr_comm, (float)*share, 0, &err) != SM_OK)
         tr_die("gradient all-reduce", &err);
     return 0;

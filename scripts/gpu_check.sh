@@ -21,6 +21,13 @@
 #                        compared with the CPU resuming them
 #   part 5  bench        bench_cuda's sections (12 layers x 768 x T=1024, B=8):
 #                        tokens/s, MFU, module overheads, PEER-1M/16K, Nine/Hash
+#   part 6  dp           data parallelism under MPI (issue #18): tests_nccl with
+#                        1 rank (NCCL) and 2 ranks sharing the GPU (host
+#                        copies); the joint configuration trained by
+#                        trainer_cuda_mpi on 1 and on 2 ranks, losses compared.
+#                        Needs mpirun: the machine's, or Open MPI's Debian
+#                        packages carried in gpu-mpi/ (`make gpu-mpi`, 6 MB);
+#                        skipped without
 #
 # --dry-run (or GPU_CHECK_DRY_RUN=1) needs no GPU: every CPU run is real, and
 # where a GPU run would be a second CPU run with one thread stands in (the
@@ -31,9 +38,10 @@
 # How to run it on the GPU machine of this workplace (the `run` tool). First,
 # here: `make data` (data/tok, 4.7 MB) and `make gpu-build CUDA_ARCH=sm_90`
 # (gpu-bin/, 7.4 MB; a few minutes on 2 cores). Then run with
-#   carry:     ["gpu-bin", "data/tok"]
-#   timeout_s: 560   (the script aims at 360 s; if every part ran into its
-#                    timeout it would end by about 530 s)
+#   carry:     ["gpu-bin", "data/tok", "gpu-mpi"]
+#   timeout_s: 560   (the script aims at 360 s for parts 0-5, and part 6
+#                    has 90 s more; bash scripts/gpu_check.sh --part 6 DIR
+#                    runs it alone)
 #   command:   bash scripts/gpu_check.sh /tmp/gc; rc=$?;
 #              cp /tmp/gc/summary.txt $OUT/;
 #              tar -C /tmp -czf $OUT/gpu-check.tgz --exclude='*.ckpt' gc;
@@ -388,11 +396,57 @@ part_5() {
     return $status
 }
 
+# ---------------------------------------------------------------- part 6
+
+# mpirun: the machine's, or Open MPI's packages from gpu-mpi/ unpacked under
+# /tmp (dpkg-deb -x sets up no alternatives, so their mpirun is orterun;
+# OPAL_PREFIX and PMIX_INSTALL_PREFIX move the installation there).
+MPI_ROOT=/tmp/gpu-mpi
+find_mpirun() {
+    local f
+    if command -v mpirun >/dev/null 2>&1; then MPIRUN_BIN=mpirun; return 0; fi
+    ls gpu-mpi/*.deb >/dev/null 2>&1 || return 1
+    for f in gpu-mpi/*.deb; do dpkg-deb -x "$f" "$MPI_ROOT" || return 1; done
+    export OPAL_PREFIX=$MPI_ROOT/usr PMIX_INSTALL_PREFIX=$MPI_ROOT/usr/lib/x86_64-linux-gnu/pmix2
+    export LD_LIBRARY_PATH=$MPI_ROOT/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+    MPIRUN_BIN=$MPI_ROOT/usr/bin/orterun
+}
+
+mpi() { OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 lb "$MPIRUN_BIN" --oversubscribe "$@"; }
+
+part_6() {
+    local status=$PASS n dev=(--device cuda --precision fp32)
+    if ! find_mpirun; then
+        note "skipped: no mpirun here (carry Open MPI: make gpu-mpi, and gpu-mpi in carry)"
+        return $SKIP
+    fi
+    for n in trainer_cuda_mpi tests_nccl; do
+        [ -x "$BIN/$n" ] || { note "no $BIN/$n (make gpu-build with MPI and NCCL here)"; return $FAIL; }
+    done
+    # a dry run trains on the CPU: the same comparison with the CPU's all-reduce
+    [ "$DRY_RUN" = 1 ] && dev=(--threads 1)
+    say "== tests_nccl: 1 rank (NCCL), then 2 ranks sharing the GPU (sums through host copies)"
+    for n in 1 2; do mpi -np $n "$BIN/tests_nccl" | tee -a "$DIR/.tests_nccl" || status=$FAIL; done
+    say "== joint: $STEPS steps on 1 rank and on 2 ranks (each half of every batch)"
+    mkdir -p "$RUNS"
+    for n in 1 2; do
+        # shellcheck disable=SC2046 # the configuration's options are words
+        mpi -np $n "$BIN/trainer_cuda_mpi" train "${COMMON[@]}" $(config_opts joint) "${dev[@]}" \
+            --stop-after $STEPS --out "$RUNS/dp$n" || status=$FAIL
+    done
+    compare_losses "$RUNS/dp1/steps.csv" "$RUNS/dp2/steps.csv" 1 $STEPS $TOL_FP32_FIRST $TOL_FP32_MAX \
+        "joint 2 ranks" | tee "$DIR/part6_compare.txt" || status=$FAIL
+    side_by_side "$RUNS/dp1/steps.csv" "$RUNS/dp2/steps.csv"
+    note "tests_nccl: $(grep -E '^[0-9]+ passed' "$DIR/.tests_nccl" | tr '\n' ' ')| $(cat "$DIR/part6_compare.txt")"
+    [ $status = $PASS ] && [ "$DRY_RUN" = 1 ] && return $SKIP
+    return $status
+}
+
 # ---------------------------------------------------------------- driver
 
-PART_NAMES=(build device tests_cuda train checkpoints bench)
+PART_NAMES=(build device tests_cuda train checkpoints bench dp)
 # timeouts, seconds; part 5 also gets whatever is left of BUDGET
-PART_CAPS=(300 30 150 150 60 90)
+PART_CAPS=(300 30 150 150 60 90 90)
 
 # run_part N: part N in its own process under its own timeout; records the
 # status, the seconds and the part's note.
@@ -437,7 +491,7 @@ main() {
     mode="GPU run"
     [ "$DRY_RUN" = 1 ] && mode="dry run (--dry-run: no GPU used)"
     say "gpu_check.sh: $mode, logs in $DIR"
-    for n in 0 1 2 3 4 5; do run_part $n; done
+    for n in 0 1 2 3 4 5 6; do run_part $n; done
     {
         say "gpu_check.sh, $mode, $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname)," \
             "$(source_commit)"
