@@ -11,7 +11,10 @@
  * AdamW (sparse rows for the Engram table and the PEER experts).
  *   peer    PEER replacing the MLP of layer 2, N = 128^2 ... 1024^2 experts:
  *           step time relative to N = 16K (target: 1M <= 1.15x), and PEER-16K
- *           relative to the baseline.
+ *           relative to the baseline; then where the 1M step's extra time
+ *           goes: per profiled op, and one PEER layer alone, per phase.
+ * Each target ratio also prints its range over the rounds (each round
+ * times every configuration once): how far the machine's load moved it.
  *   engram  Engram at layer 1, 100K vs 4M rows per hash head (8 heads):
  *           the sparse update makes the step cost independent of table size.
  *   mhc     n = 4 streams (dynamic maps, 20 Sinkhorn iterations) vs baseline,
@@ -48,7 +51,26 @@ static const char *peer_csv; /* optional CSV of the PEER sweep */
 
 static double step_seconds(sm_model *m) { return train_step(m, inputs, targets, B); }
 
-static double median(bench_cfg *c) { return median_of(c->times, c->n); }
+/* The median of c's times (left in round order). */
+static double median(const bench_cfg *c) {
+    double t[64];
+    memcpy(t, c->times, sizeof(double) * (size_t)c->n);
+    return median_of(t, c->n);
+}
+
+/* The ratio a / b of each round (both timed in it) as "per round LO-HI":
+ * how far the machine's load moved it during the run. */
+static const char *round_ratios(const bench_cfg *a, const bench_cfg *b) {
+    static char buf[48];
+    double lo = 1e30, hi = 0.0, q;
+    int r;
+    for (r = 0; r < a->n && r < b->n; r++) {
+        q = a->times[r] / b->times[r];
+        lo = q < lo ? q : lo, hi = q > hi ? q : hi;
+    }
+    snprintf(buf, sizeof buf, "per round %.3f-%.3f", lo, hi);
+    return buf;
+}
 
 /* Build every configuration, warm each up (first touches of the big
  * buffers page-fault), then time `rounds` interleaved rounds. */
@@ -94,6 +116,112 @@ static void print_op_growth(bench_cfg *a, bench_cfg *b, int rounds) {
     }
 }
 
+/* One PEER layer alone (the model's: d = 128, B*T = 1024 positions) with
+ * its parameter table, for the phase timings below. */
+typedef struct {
+    sm_peer_config cfg;
+    sm_peer_sizes sz;
+    sm_params p;
+    sm_row_set rows;
+    sm_peer_params pp, pg;
+    sm_peer_acts acts;
+    double best[5];
+} peer_layer;
+
+static void peer_layer_init(peer_layer *l, int n_sub, int N, sm_rng *rng) {
+    sm_error err;
+    size_t off = 0;
+    int g, i;
+    memset(l, 0, sizeof *l);
+    l->cfg = sm_peer_default_config();
+    l->cfg.n_sub = n_sub;
+    g = sm_params_add_group(&l->p, sm_param_group_default("peer", 1e-3f), &err);
+    if (sm_peer_param_sizes(&l->cfg, 128, &l->sz, &err) != SM_OK ||
+        sm_row_set_init(&l->rows, l->sz.n_experts, &err) != SM_OK ||
+        sm_peer_register(&l->p, "peer", &l->cfg, 128, g, g, &l->rows, &off, &err) != SM_OK ||
+        sm_params_alloc(&l->p, &err) != SM_OK || sm_peer_acts_init(&l->acts, &l->cfg, 128, N, &err) != SM_OK) {
+        fprintf(stderr, "bench: PEER layer: %s\n", err.msg);
+        exit(1);
+    }
+    sm_peer_bind(&l->pp, l->p.data + off, &l->sz);
+    sm_peer_bind(&l->pg, l->p.grad + off, &l->sz);
+    sm_peer_init(&l->pp, &l->sz, &l->cfg, rng);
+    for (i = 0; i < 5; i++) l->best[i] = 1e30;
+}
+
+static void peer_layer_free(peer_layer *l) {
+    sm_peer_acts_free(&l->acts);
+    sm_params_free(&l->p);
+    sm_row_set_free(&l->rows);
+}
+
+/* Writes 64 MB (twice the L3 of the machines measured here), as the rest of
+ * a training step does between the PEER layer's forward, its backward and
+ * the optimizer. */
+static void evict_caches(void) {
+    static float *junk;
+    size_t n = (size_t)16 << 20, i;
+    if (!junk && !(junk = (float *)calloc(n, sizeof(float)))) exit(1);
+    for (i = 0; i < n; i += 16) junk[i] += 1.0f;
+}
+
+/* One step of the layer on fresh inputs, each phase timed (the best of the
+ * rounds kept): routing, the experts' outputs, the backward, the gradient
+ * norm, the sparse AdamW update. */
+static void peer_layer_step(peer_layer *l, float *x, float *dx, float *out, const float *dout, int N,
+                            sm_rng *rng) {
+    double t[5], t0, norm;
+    int i;
+    sm_rng_fill_normal(rng, x, (size_t)N * 128, 1.0f);
+    evict_caches();
+    t0 = sm_now();
+    sm_peer_route(&l->acts, x, &l->pp, N, NULL);
+    t[0] = sm_now() - t0, t0 = sm_now();
+    sm_peer_apply(out, &l->acts, x, l->pp.experts, N, NULL);
+    t[1] = sm_now() - t0;
+    evict_caches();
+    memset(dx, 0, sizeof(float) * (size_t)N * 128);
+    t0 = sm_now();
+    sm_peer_backward(dx, &l->pg, &l->rows, dout, x, &l->pp, &l->acts, N, NULL);
+    t[2] = sm_now() - t0;
+    evict_caches();
+    t0 = sm_now();
+    norm = sm_params_grad_norm(&l->p);
+    t[3] = sm_now() - t0, t0 = sm_now();
+    sm_params_adamw_step(&l->p, 1.0f, sm_clip_scale(norm, 1.0f));
+    t[4] = sm_now() - t0;
+    sm_params_zero_grad(&l->p);
+    for (i = 0; i < 5; i++) l->best[i] = t[i] < l->best[i] ? t[i] : l->best[i];
+}
+
+/* Where the 1M table's extra time goes, the rest of the step taken away:
+ * one PEER layer at 16K and at 1M experts, the two interleaved, phases
+ * timed with the caches evicted between them as the step evicts them. */
+static void print_peer_phases(int rounds) {
+    static const char *phase[5] = {"route", "experts fwd", "backward", "grad norm", "sparse AdamW"};
+    peer_layer l[2];
+    int N = B * 128, r, i, k;
+    float *x = (float *)malloc(sizeof(float) * (size_t)N * 128 * 4), *dx = x + (size_t)N * 128;
+    float *out = dx + (size_t)N * 128, *dout = out + (size_t)N * 128;
+    sm_rng rng;
+    if (!x) exit(1);
+    sm_rng_seed(&rng, 11);
+    sm_rng_fill_normal(&rng, dout, (size_t)N * 128, 1.0f);
+    peer_layer_init(&l[0], 128, N, &rng);
+    peer_layer_init(&l[1], 1024, N, &rng);
+    for (r = 0; r <= rounds; r++)
+        for (k = 0; k < 2; k++) {
+            if (r == 1) /* the first round warms up */
+                for (i = 0; i < 5; i++) l[k].best[i] = 1e30;
+            peer_layer_step(&l[k], x, dx, out, dout, N, &rng);
+        }
+    printf("  one PEER layer alone, caches evicted between phases (ms, best of %d), 16K -> 1M:\n", rounds);
+    for (i = 0; i < 5; i++) printf("    %-16s %7.2f -> %7.2f\n", phase[i], 1e3 * l[0].best[i], 1e3 * l[1].best[i]);
+    peer_layer_free(&l[0]);
+    peer_layer_free(&l[1]);
+    free(x);
+}
+
 static void bench_peer(int rounds) {
     bench_cfg c[5];
     int s[4] = {128, 256, 512, 1024}, i;
@@ -114,7 +242,7 @@ static void bench_peer(int rounds) {
     printf("PEER (h=4, k=8, d_key=64) replacing the MLP of layer 2; median of %d steps\n", rounds);
     for (i = 0; i < 5; i++)
         printf("  %-16s %8.1f ms/step  %.3fx PEER-16K\n", c[i].name, 1e3 * median(&c[i]), median(&c[i]) / t0);
-    printf("  ratio PEER-1M / PEER-16K = %.3f (target <= 1.15)\n", median(&c[4]) / t0);
+    printf("  ratio PEER-1M / PEER-16K = %.3f (target <= 1.15; %s)\n", median(&c[4]) / t0, round_ratios(&c[4], &c[1]));
     if (peer_csv) {
         FILE *f = fopen(peer_csv, "w");
         if (!f) {
@@ -130,6 +258,7 @@ static void bench_peer(int rounds) {
     printf("  ratio PEER-16K / baseline = %.3f\n", t0 / median(&c[0]));
     print_op_growth(&c[1], &c[4], rounds);
     release(c, 5);
+    print_peer_phases(rounds);
 }
 
 static void bench_engram(int rounds) {
@@ -148,7 +277,8 @@ static void bench_engram(int rounds) {
     run(c, 3, rounds);
     printf("Engram at layer 1 (orders 2,3 x 4 heads, d_head 16); median of %d steps\n", rounds);
     for (i = 0; i < 3; i++) printf("  %-16s %8.1f ms/step\n", c[i].name, 1e3 * median(&c[i]));
-    printf("  ratio Engram-4M / Engram-100K = %.3f (target <= 1.10)\n", median(&c[2]) / median(&c[1]));
+    printf("  ratio Engram-4M / Engram-100K = %.3f (target <= 1.10; %s)\n", median(&c[2]) / median(&c[1]),
+           round_ratios(&c[2], &c[1]));
     printf("  ratio Engram-100K / baseline = %.3f\n", median(&c[1]) / median(&c[0]));
     release(c, 3);
 }
@@ -233,7 +363,7 @@ static void bench_nine(int rounds) {
     printf("Engram-Nine vs hash-only Engram, %zu = %zu parameters; median of %d steps\n",
            c[0].model.params.total, c[1].model.params.total, rounds);
     for (i = 0; i < 2; i++) printf("  %-16s %8.1f ms/step\n", c[i].name, 1e3 * median(&c[i]));
-    printf("  ratio Nine / Hash = %.3f (target <= 1.03)\n", median(&c[1]) / median(&c[0]));
+    printf("  ratio Nine / Hash = %.3f (target <= 1.03; %s)\n", median(&c[1]) / median(&c[0]), round_ratios(&c[1], &c[0]));
     release(c, 2);
     inputs = saved_in;
     free(stream), free(ids);
@@ -252,7 +382,7 @@ static void bench_mhc(int rounds) {
     printf("mHC, 4 streams, dynamic maps, 20 Sinkhorn iterations; median of %d steps\n", rounds);
     printf("  %-16s %8.1f ms/step\n  %-16s %8.1f ms/step\n", c[0].name, 1e3 * median(&c[0]), c[1].name,
            1e3 * median(&c[1]));
-    printf("  ratio mHC / baseline = %.3f (target <= 1.20)\n", median(&c[1]) / median(&c[0]));
+    printf("  ratio mHC / baseline = %.3f (target <= 1.20; %s)\n", median(&c[1]) / median(&c[0]), round_ratios(&c[1], &c[0]));
     printf("  where it goes: of the %.1f ms extra, the maps (RMSNorm, phi projections, Sinkhorn)\n"
            "  and stream mixing fwd+bwd take %.2f ms per sublayer x %d sublayers = %.1f ms;\n"
            "  the rest is the 4x wider residual (expand, collapse, copies)\n",
