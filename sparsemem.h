@@ -13710,6 +13710,10 @@ SMDEF sm_status sm_model_load_safetensors(sm_model *m, const sm_safetensors *st,
  * `make headercheck`), not only the nvcc build. Changing one's meaning
  * changes the GPU path too: run `make test-cuda` on a GPU machine.
  * Grouped by the module (tag) that defines them. */
+/* >>util, >>data */
+static int sm__cmp_u32(const void *a, const void *b);
+static sm_status sm__grow(void **p, size_t *cap, size_t need, size_t elem, const char *what,
+                          sm_error *err);
 /* >>backbone */
 static SM_HD float sm__gelu(float x);
 static SM_HD float sm__gelu_grad(float x);
@@ -13818,6 +13822,9 @@ static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_subla
 static sm_status sm__engram_hash_batch(sm_model *m, sm_error *err);
 static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int *targets, int B,
                                  int T, sm_error *err);
+/* >>comm */
+static sm_status sm__gather_rows(const sm_comm *c, const uint32_t *rows, size_t n, uint32_t **all,
+                                 size_t *n_all, sm_error *err);
 /* The types and constants the CUDA file uses: renaming one breaks this. */
 typedef struct sm__shared_names {
     sm__arena arena;              /* >>model: carving one allocation */

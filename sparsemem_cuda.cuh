@@ -3490,8 +3490,8 @@ static sm_status smc__allreduce(smc_ctx *c, smc_params *d, const sm_comm *comm, 
     return smc_sync(c, "gradients to the device", err);
 }
 
-/* Set s := the union of every rank's set, sorted (sm__row_set_union): the
- * rows every rank holds are marked already; the others are marked here. */
+/* Set s := the union of every rank's set, sorted, as on the CPU (>>comm):
+ * the rows this rank holds are marked already; the others are marked here. */
 static sm_status smc__row_set_union(smc_ctx *c, smc_row_set *s, const sm_comm *comm, sm_error *err) {
     size_t n = smc_row_set_count(c, s), n_all = 0, u = 0, i;
     uint32_t *mine = (uint32_t *)sm_alloc(n, sizeof(uint32_t), "touched rows", err), *all = NULL, count;
