@@ -8328,9 +8328,6 @@ SMDEF void sm_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, sm_free
 
 /* ---- small vector kernels ---- */
 
-/* Dot product with 8 independent partial sums (vectorisable without
- * reassociation, and the same order on every run). */
-
 /* Expert rows are scattered over a table that can be far larger than the
  * caches: fetching a row a few rows ahead of its use hides most of the
  * memory latency (a hint only; no effect on results). */
