@@ -426,6 +426,7 @@ part_6() {
     # a dry run trains on the CPU: the same comparison with the CPU's all-reduce
     [ "$DRY_RUN" = 1 ] && dev=(--threads 1)
     say "== tests_nccl: 1 rank (NCCL), then 2 ranks sharing the GPU (sums through host copies)"
+    rm -f "$DIR/.tests_nccl"
     for n in 1 2; do mpi -np $n "$BIN/tests_nccl" | tee -a "$DIR/.tests_nccl" || status=$FAIL; done
     say "== joint: $STEPS steps on 1 rank and on 2 ranks (each half of every batch)"
     mkdir -p "$RUNS"
