@@ -36,8 +36,9 @@
 # GPU can do is reported as SKIP.
 #
 # How to run it on the GPU machine of this workplace (the `run` tool). First,
-# here: `make data` (data/tok, 4.7 MB) and `make gpu-build CUDA_ARCH=sm_90`
-# (gpu-bin/, 7.4 MB; a few minutes on 2 cores). Then run with
+# here: `make data` (data/tok, 4.7 MB), `make gpu-build CUDA_ARCH=sm_90`
+# (gpu-bin/, 15 MB; a few minutes on 2 cores) and `make gpu-mpi` (6 MB).
+# Then run with
 #   carry:     ["gpu-bin", "data/tok", "gpu-mpi"]
 #   timeout_s: 560   (the script aims at 360 s for parts 0-5, and part 6
 #                    has 90 s more; bash scripts/gpu_check.sh --part 6 DIR
@@ -509,6 +510,7 @@ main() {
 if [ "${1:-}" = --part ]; then # gpu_check.sh --part N DIR: one part, in its own process (run_part)
     DIR=$3
     RUNS=$DIR/runs
+    mkdir -p "$DIR" || exit 2
     "part_$2"
     exit
 fi
