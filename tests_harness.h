@@ -1,6 +1,7 @@
-/* tests_harness.h - what tests.c and tests_cuda.cu share: CHECK macros,
- * host buffers, and the runner that prints one line per test and ends with
- * "N passed, N failed". Include after sparsemem.h. */
+/* tests_harness.h - what the test binaries (tests.c, tests_cuda.cu,
+ * tests_mpi.c, tests_nccl.cu) share: CHECK macros, host buffers, and the
+ * runner that prints one line per test and ends with "N passed, N failed".
+ * Include after sparsemem.h. */
 #ifndef SM_TESTS_HARNESS_H
 #define SM_TESTS_HARNESS_H
 #include <stdio.h>

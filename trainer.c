@@ -152,7 +152,7 @@ static const tr_opt_spec tr_specs[] = {
     NUM("seed", O_U64, seed, 0, TR_U64_MAX, "model initialisation seed"),
     NUM("data-seed", O_U64, data_seed, 0, TR_U64_MAX, "batch sampling seed"),
     NUM("threads", O_INT, threads, 0, 4096, "OpenMP threads (0 = all cores)"),
-    OPT("device", O_STR, device, "train on: cpu | cuda (a build with CUDA: make trainer_cuda)"),
+    OPT("device", O_STR, device, "train on: cpu | cuda (make trainer_cuda; GPU ranks under mpirun: make trainer_cuda_mpi)"),
     OPT("precision", O_STR, precision, "GPU GEMMs: tf32 (default with cuda) | fp32 (as the CPU)"),
     OPT("quiet", O_FLAG, quiet, "no progress line"),
     NUM("vocab", O_INT, vocab, SM_BPE_MIN_VOCAB, SM_BPE_MAX_VOCAB, "BPE vocabulary size (tokenize)"),
