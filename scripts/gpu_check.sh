@@ -401,14 +401,19 @@ part_5() {
 
 # mpirun: the machine's, or Open MPI's packages from gpu-mpi/ unpacked under
 # /tmp (dpkg-deb -x sets up no alternatives, so their mpirun is orterun;
-# OPAL_PREFIX and PMIX_INSTALL_PREFIX move the installation there).
+# OPAL_PREFIX moves Open MPI's own plugins there). PMIx still looks for its
+# components where Debian built it to (no variable moved them here, checked
+# with strace), so on a machine without them they are copied there, when
+# that folder can be written (the GPU machine is thrown away after use).
 MPI_ROOT=/tmp/gpu-mpi
+PMIX_DIR=/usr/lib/x86_64-linux-gnu/pmix2
 find_mpirun() {
     local f
     if command -v mpirun >/dev/null 2>&1; then MPIRUN_BIN=mpirun; return 0; fi
     ls gpu-mpi/*.deb >/dev/null 2>&1 || return 1
     for f in gpu-mpi/*.deb; do dpkg-deb -x "$f" "$MPI_ROOT" || return 1; done
-    export OPAL_PREFIX=$MPI_ROOT/usr PMIX_INSTALL_PREFIX=$MPI_ROOT/usr/lib/x86_64-linux-gnu/pmix2
+    [ -d $PMIX_DIR ] || cp -r "$MPI_ROOT$PMIX_DIR" $PMIX_DIR || say "PMIx's components are not in $PMIX_DIR"
+    export OPAL_PREFIX=$MPI_ROOT/usr
     export LD_LIBRARY_PATH=$MPI_ROOT/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
     MPIRUN_BIN=$MPI_ROOT/usr/bin/orterun
 }
