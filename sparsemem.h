@@ -12400,21 +12400,27 @@ SMDEF void sm_row_exchange_free(sm_row_exchange *x) {
 
 /* ---- >>comm  Distributed: data-parallel gradients ------------------- */
 
+/* x[0..n) *= scale (nothing to do for 1). */
+static void sm__scale(float *x, size_t n, float scale) {
+    size_t i;
+    if (scale != 1.0f)
+        for (i = 0; i < n; i++) x[i] *= scale;
+}
+
 /* Scales the dense gradients (rows = 0) or the tables' touched rows (1). */
 static void sm__scale_grads(sm_params *p, float scale, int rows) {
     int i;
-    size_t r, j;
-    if (scale == 1.0f) return;
+    size_t r;
     for (i = 0; i < p->n_tensors; i++) {
         const sm_param_tensor *t = &p->tensors[i];
         float *g = p->grad + t->offset;
         if (!t->rows != !rows) continue;
         if (!t->rows) {
-            for (j = 0; j < t->size; j++) g[j] *= scale;
+            sm__scale(g, t->size, scale);
             continue;
         }
         for (r = 0; r < t->rows->count; r++)
-            for (j = 0; j < t->row_size; j++) g[(size_t)t->rows->rows[r] * t->row_size + j] *= scale;
+            sm__scale(g + (size_t)t->rows->rows[r] * t->row_size, t->row_size, scale);
     }
 }
 
@@ -12558,8 +12564,7 @@ static sm_status sm__model_allreduce_tables(sm_model *m, const sm_comm *c, float
     for (k = 0; st == SM_OK && (f = sm__model_fetch_at(m, k, &s)) != NULL; k++) {
         float *shard_grad = s < 0 ? m->params.grad + m->engram_table : sm__peer_view(m, m->params.grad, &m->sub[s]).experts;
         sm_row_set *touched = s < 0 ? &m->engram_rows : &m->sub[s].peer_rows;
-        size_t i, n = f->x.n_unique * f->width;
-        for (i = 0; i < n; i++) f->drows[i] *= scale;
+        sm__scale(f->drows, f->x.n_unique * f->width, scale);
         st = sm_row_exchange_push_unique(&f->x, c, f->drows, f->width, shard_grad, touched, err);
     }
     return st;
@@ -12594,8 +12599,7 @@ static sm_status sm__overlap_post_run(void *ctx, float *x, size_t n) {
     sm__grad_overlap *o = (sm__grad_overlap *)ctx;
     const size_t chunk = (size_t)1 << 28;
     size_t i;
-    if (o->scale != 1.0f)
-        for (i = 0; i < n; i++) x[i] *= o->scale;
+    sm__scale(x, n, o->scale);
     for (i = 0; i < n; i += chunk) {
         sm_status st = sm__grow((void **)&o->req, &o->cap_req, o->n_req + 1, sizeof(MPI_Request),
                                 "all-reduce requests", o->err);
