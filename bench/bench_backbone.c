@@ -32,34 +32,36 @@
 #include <cblas.h>
 #endif
 
-/* One GEMM shape: C[M,N] = op(A) op(B), op per layout as the model uses it:
- * "NT" forward (x W^T), "NN" backward to the input (dy W), "TN" backward
- * to the weight (dy^T x). */
+/* One GEMM shape: C[M,N] = op(A) op(B) (+ C), op per layout as the model
+ * uses it: "NT" forward (x W^T, beta = 0), "NN" backward to the input
+ * (dy W) and "TN" backward to the weight (dy^T x), both added to the
+ * gradient already there (beta = 1). */
 typedef struct {
     const char *label, *layout;
     int M, N, K;
 } gemm_shape;
 
 typedef void (*gemm_fn)(int ta, int tb, int M, int N, int K, const float *A, int lda,
-                        const float *B, int ldb, float *C);
+                        const float *B, int ldb, float beta, float *C);
 
 static void ours(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B,
-                 int ldb, float *C) {
-    sm_sgemm(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, 0.0f, C, N);
+                 int ldb, float beta, float *C) {
+    sm_sgemm(ta, tb, M, N, K, 1.0f, A, lda, B, ldb, beta, C, N);
 }
 #ifdef SM_BENCH_CBLAS
 static void blas(int ta, int tb, int M, int N, int K, const float *A, int lda, const float *B,
-                 int ldb, float *C) {
+                 int ldb, float beta, float *C) {
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M,
-                N, K, 1.0f, A, lda, B, ldb, 0.0f, C, N);
+                N, K, 1.0f, A, lda, B, ldb, beta, C, N);
 }
 #endif
 
 /* Seconds for one product at shape s (operands of the right extents). */
 static double time_once(gemm_fn f, const gemm_shape *s, const float *A, const float *B, float *C) {
     int ta = s->layout[0] == 'T', tb = s->layout[1] == 'T';
+    float beta = !ta && tb ? 0.0f : 1.0f; /* the forward overwrites, the backward adds */
     double t = sm_now();
-    f(ta, tb, s->M, s->N, s->K, A, ta ? s->M : s->K, B, tb ? s->K : s->N, C);
+    f(ta, tb, s->M, s->N, s->K, A, ta ? s->M : s->K, B, tb ? s->K : s->N, beta, C);
     return sm_now() - t;
 }
 
@@ -70,7 +72,7 @@ static double bench_shape(FILE *out, const gemm_shape *s, int rounds) {
     sm_rng r;
     float *A = (float *)malloc(sizeof(float) * s->M * s->K);
     float *B = (float *)malloc(sizeof(float) * s->K * s->N);
-    float *C = (float *)malloc(sizeof(float) * s->M * s->N);
+    float *C = (float *)calloc((size_t)s->M * s->N, sizeof(float));
     double t_ours[64], flop = 2.0 * s->M * s->N * s->K, ratio = 0;
     int i;
     if (rounds > 64) rounds = 64;
@@ -104,7 +106,8 @@ static double bench_shape(FILE *out, const gemm_shape *s, int rounds) {
 static double bench_shapes(FILE *out, const gemm_shape *shapes, int n, int rounds) {
     double log_sum = 0;
     int i;
-    fprintf(out, "GEMM GFLOP/s, %d threads, median of %d interleaved rounds\n", sm_num_threads(), rounds);
+    fprintf(out, "GEMM GFLOP/s, %d threads, median of %d interleaved rounds (NT: C = A B^T; NN, TN: C +=, as in the model)\n",
+            sm_num_threads(), rounds);
 #ifdef SM_BENCH_CBLAS
     if (!getenv("OPENBLAS_THREAD_TIMEOUT"))
         fprintf(out, "  (OPENBLAS_THREAD_TIMEOUT unset: OpenBLAS's threads spin after each call and slow the\n"
