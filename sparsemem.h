@@ -3010,8 +3010,10 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
  * NR-wide panels and each MC-tall block of op(A) into MR-tall panels, so the
  * micro-kernel streams both with unit stride: the B panel under the kernel
  * (KC x NR, 32 KB with AVX-512) stays in L1 while the A panels of the block
- * (MC x KC) come from L2, and the packed slice of B (KC x NC, 2 MB) from L3.
- * All transposes cost the same: packing reads every source row contiguously.
+ * (MC x KC) come from L2, and the packed slice of B (KC x NC, 2 MB) from L3;
+ * or, where C itself comes from beyond L2, the tiles go along the rows of C
+ * instead (sm__gemm_macro, sm__gemm_rowwise). All transposes cost the same:
+ * packing reads every source row contiguously.
  *
  * The micro-kernel keeps an MR x NR tile of C in vector registers (NV
  * vectors of VW floats per row) and, for each k of the slice, adds
@@ -3068,6 +3070,8 @@ typedef float sm__vf;
 #define SM__MC 144 /* a multiple of every MR */
 #define SM__KC 256
 #define SM__NC 2048
+#define SM__NC_ROWWISE 1024 /* NC when C is written along its rows (sm__gemm_macro) */
+#define SM__C_NEAR ((size_t)2 << 20) /* bytes of a thread's C that stay in L2 between slices */
 #if defined(__SSE__)
 #include <xmmintrin.h> /* the 4 x 4 transposes of the packing */
 #endif
@@ -3214,15 +3218,23 @@ static void sm__pack_b_panel(const sm__gemm_job *g, int p0, int kc, int j0, int 
 }
 
 /* C[mc x nc block] += alpha * Ap Bp (= with `overwrite`), one micro-tile
- * at a time: a B panel stays in L1 while the A panels of the block go by. */
+ * at a time, in one of two orders:
+ *  - down the columns: a B panel stays in L1 while the A panels of the
+ *    block go by from L2. The least traffic from L2, but consecutive tiles
+ *    of C lie MR rows apart, each row in its own page;
+ *  - along the rows (`rowwise`): an A panel stays in L1 while the B panels
+ *    go by from L2 (NR/MR times the traffic), and each of the MR rows of C
+ *    is written front to back, a stream the prefetchers follow. */
 static void sm__gemm_macro(int mc, int nc, int kc, float alpha, const float *Ap,
-                           const float *Bp, float *C, int ldc, int overwrite) {
-    int ip, jp;
-    for (jp = 0; jp < nc; jp += SM__NR)
-        for (ip = 0; ip < mc; ip += SM__MR)
-            sm__gemm_micro(kc, Ap + (size_t)ip * kc, Bp + (size_t)jp * kc, alpha,
-                           C + (size_t)ip * ldc + jp, ldc, mc - ip < SM__MR ? mc - ip : SM__MR,
-                           nc - jp < SM__NR ? nc - jp : SM__NR, overwrite);
+                           const float *Bp, float *C, int ldc, int overwrite, int rowwise) {
+    int n_ip = (mc + SM__MR - 1) / SM__MR, n_jp = (nc + SM__NR - 1) / SM__NR, t;
+    for (t = 0; t < n_ip * n_jp; t++) {
+        int ip = (rowwise ? t / n_jp : t % n_ip) * SM__MR;
+        int jp = (rowwise ? t % n_jp : t / n_ip) * SM__NR;
+        sm__gemm_micro(kc, Ap + (size_t)ip * kc, Bp + (size_t)jp * kc, alpha,
+                       C + (size_t)ip * ldc + jp, ldc, mc - ip < SM__MR ? mc - ip : SM__MR,
+                       nc - jp < SM__NR ? nc - jp : SM__NR, overwrite);
+    }
 }
 
 /* The block of C one thread computes: rows [i0, i1) x columns [j0, j1). */
@@ -3260,15 +3272,27 @@ static size_t sm__gemm_b_floats(int M, int N, int K, int nthreads) {
     return (size_t)(K < SM__KC ? K : SM__KC) * (size_t)cols;
 }
 
+/* Whether a thread writes its block of C along the rows (sm__gemm_macro):
+ * where C comes from beyond L2 at every slice, because the product has a
+ * single KC slice or the block is bigger than SM__C_NEAR. Down the columns,
+ * such a C cost the product much of its time on an Intel Xeon
+ * (README, GEMM); where C stays in L2 between slices, the columns' lesser
+ * traffic from L2 wins. */
+static int sm__gemm_rowwise(const sm__gemm_job *g, sm__gemm_part q) {
+    size_t c_bytes = (size_t)(q.i1 - q.i0) * (size_t)(q.j1 - q.j0) * sizeof(float);
+    return g->K <= SM__KC || c_bytes > SM__C_NEAR;
+}
+
 /* One thread's block of C: for every NC x KC block of op(B) in its
  * columns it packs the B panels, then for every MC rows of its block it
  * packs op(A) and runs the macro-kernel. Every element of C is updated by
  * this one thread, slice after slice, in the same order whatever the
- * number of threads. */
+ * number of threads (and whatever the order of the tiles). Written along
+ * the rows, the packed B is narrower, to stay in L2 as it goes by. */
 static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, float *Ap) {
-    int jc, pc;
-    for (jc = q.j0; jc < q.j1; jc += SM__NC) {
-        int nc = q.j1 - jc < SM__NC ? q.j1 - jc : SM__NC;
+    int rowwise = sm__gemm_rowwise(g, q), nc_max = rowwise ? SM__NC_ROWWISE : SM__NC, jc, pc;
+    for (jc = q.j0; jc < q.j1; jc += nc_max) {
+        int nc = q.j1 - jc < nc_max ? q.j1 - jc : nc_max;
         for (pc = 0; pc < g->K; pc += SM__KC) {
             int kc = g->K - pc < SM__KC ? g->K - pc : SM__KC, jp, ic;
             for (jp = 0; jp < nc; jp += SM__NR) sm__pack_b_panel(g, pc, kc, jc, nc, jp, Bp);
@@ -3276,7 +3300,7 @@ static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, fl
                 int mc = q.i1 - ic < SM__MC ? q.i1 - ic : SM__MC;
                 sm__pack_a(g, ic, mc, pc, kc, Ap);
                 sm__gemm_macro(mc, nc, kc, g->alpha, Ap, Bp, g->C + (size_t)ic * g->ldc + jc, g->ldc,
-                               g->overwrite && pc == 0);
+                               g->overwrite && pc == 0, rowwise);
             }
         }
     }
