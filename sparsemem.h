@@ -3261,14 +3261,15 @@ static sm__gemm_part sm__gemm_part_of(int M, int N, int t, int nthreads) {
 }
 
 /* Floats of one thread's packed B: KC (at most K) deep and as wide as the
- * widest thread's block of C, at most NC, in whole NR-wide panels. */
+ * widest thread's block of C, at most the wider NC of the two orders, in
+ * whole NR-wide panels. */
 static size_t sm__gemm_b_floats(int M, int N, int K, int nthreads) {
-    int t, cols = 0;
+    int t, cols = 0, nc_max = SM__NC > SM__NC_ROWWISE ? SM__NC : SM__NC_ROWWISE;
     for (t = 0; t < nthreads; t++) {
         sm__gemm_part q = sm__gemm_part_of(M, N, t, nthreads);
         if (q.j1 - q.j0 > cols) cols = q.j1 - q.j0;
     }
-    cols = cols < SM__NC ? (cols + SM__NR - 1) / SM__NR * SM__NR : SM__NC;
+    cols = cols < nc_max ? (cols + SM__NR - 1) / SM__NR * SM__NR : nc_max;
     return (size_t)(K < SM__KC ? K : SM__KC) * (size_t)cols;
 }
 
