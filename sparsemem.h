@@ -3086,13 +3086,11 @@ typedef float sm__vf;
 #define SM__ALWAYS_INLINE inline
 #endif
 
-/* acc[i][j] = sum over k of Ap[k][i] * Bp[k][j], one fused multiply-add
+/* acc[i][j] += sum over k of Ap[k][i] * Bp[k][j], one fused multiply-add
  * per k in k order (see above); Ap is kc x MR, Bp kc x NR. */
-static SM__ALWAYS_INLINE void sm__gemm_micro_tile(int kc, const float *Ap, const float *Bp,
-                                                  sm__vf acc[SM__MR][SM__NV]) {
+static SM__ALWAYS_INLINE void sm__gemm_micro_acc(int kc, const float *Ap, const float *Bp,
+                                                 sm__vf acc[SM__MR][SM__NV]) {
     int i, v, k;
-    for (i = 0; i < SM__MR; i++)
-        for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
     for (k = 0; k < kc; k++, Ap += SM__MR, Bp += SM__NR) {
         sm__vf b[SM__NV];
         for (v = 0; v < SM__NV; v++) b[v] = sm__vf_load(Bp + v * SM__VW);
@@ -3116,15 +3114,26 @@ static SM__ALWAYS_INLINE void sm__gemm_add_tile(float *C, int ldc, float alpha,
         }
 }
 
+#define SM__C_AHEAD 32 /* k steps before the end of a tile that fetch_c fetches its C */
+
 /* C[rows x cols] += alpha * (Ap Bp), or = with `overwrite`: a full tile
  * straight from the registers, an edge tile through a copy (the same
- * arithmetic). */
+ * arithmetic). With `fetch_c`, the tile's rows of C are prefetched
+ * SM__C_AHEAD steps of k before the end: time to arrive from L2 or L3, too
+ * little for the A and B streams to evict them from L1 again. */
 static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha, float *C,
-                           int ldc, int rows, int cols, int overwrite) {
+                           int ldc, int rows, int cols, int overwrite, int fetch_c) {
     sm__vf acc[SM__MR][SM__NV];
     float tile[SM__MR][SM__NR];
-    int i;
-    sm__gemm_micro_tile(kc, Ap, Bp, acc);
+    int i, j, split = fetch_c && kc > SM__C_AHEAD ? kc - SM__C_AHEAD : kc;
+    for (i = 0; i < SM__MR; i++)
+        for (j = 0; j < SM__NV; j++) acc[i][j] = sm__vf_splat(0.0f);
+    sm__gemm_micro_acc(split, Ap, Bp, acc);
+    if (split < kc) {
+        for (i = 0; i < rows; i++)
+            for (j = 0; j < cols; j += 16) SM__PREFETCH(C + (size_t)i * ldc + j);
+        sm__gemm_micro_acc(kc - split, Ap + (size_t)split * SM__MR, Bp + (size_t)split * SM__NR, acc);
+    }
     if (rows == SM__MR && cols == SM__NR) {
         sm__gemm_add_tile(C, ldc, alpha, acc, overwrite);
         return;
@@ -3221,7 +3230,8 @@ static void sm__pack_b_panel(const sm__gemm_job *g, int p0, int kc, int j0, int 
  * at a time, in one of two orders:
  *  - down the columns: a B panel stays in L1 while the A panels of the
  *    block go by from L2. The least traffic from L2, but consecutive tiles
- *    of C lie MR rows apart, each row in its own page;
+ *    of C lie MR rows apart, each row in its own page, where no prefetcher
+ *    looks: a tile that reads C fetches it itself (fetch_c);
  *  - along the rows (`rowwise`): an A panel stays in L1 while the B panels
  *    go by from L2 (NR/MR times the traffic), and each of the MR rows of C
  *    is written front to back, a stream the prefetchers follow. */
@@ -3233,7 +3243,7 @@ static void sm__gemm_macro(int mc, int nc, int kc, float alpha, const float *Ap,
         int jp = (rowwise ? t % n_jp : t / n_ip) * SM__NR;
         sm__gemm_micro(kc, Ap + (size_t)ip * kc, Bp + (size_t)jp * kc, alpha,
                        C + (size_t)ip * ldc + jp, ldc, mc - ip < SM__MR ? mc - ip : SM__MR,
-                       nc - jp < SM__NR ? nc - jp : SM__NR, overwrite);
+                       nc - jp < SM__NR ? nc - jp : SM__NR, overwrite, !rowwise && !overwrite);
     }
 }
 
@@ -8483,7 +8493,7 @@ static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int
     sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half, 1,
                    (size_t)c->heads * c->d_key, half, n, SM__MR, Ap);
     for (a0 = 0; a0 < s_pad; a0 += SM__NR)
-        sm__gemm_micro(half, Ap, kt + a0 * half, 1.0f, rows + (size_t)h * s_pad + a0, ld, n, SM__NR, 1);
+        sm__gemm_micro(half, Ap, kt + a0 * half, 1.0f, rows + (size_t)h * s_pad + a0, ld, n, SM__NR, 1, 0);
 }
 
 /* The positions [t0, t0 + SM__MR) below N, head after head: the
