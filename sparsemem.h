@@ -3114,7 +3114,7 @@ static SM__ALWAYS_INLINE void sm__gemm_add_tile(float *C, int ldc, float alpha,
         }
 }
 
-#define SM__C_AHEAD 32 /* k steps before the end of a tile that fetch_c fetches its C */
+#define SM__C_AHEAD 32 /* k steps before a tile's end at which fetch_c prefetches its C */
 
 /* C[rows x cols] += alpha * (Ap Bp), or = with `overwrite`: a full tile
  * straight from the registers, an edge tile through a copy (the same
@@ -3230,8 +3230,8 @@ static void sm__pack_b_panel(const sm__gemm_job *g, int p0, int kc, int j0, int 
  * at a time, in one of two orders:
  *  - down the columns: a B panel stays in L1 while the A panels of the
  *    block go by from L2. The least traffic from L2, but consecutive tiles
- *    of C lie MR rows apart, each row in its own page, where no prefetcher
- *    looks: a tile that reads C fetches it itself (fetch_c);
+ *    of C lie MR rows apart, a row often in a page of its own, a pattern no
+ *    prefetcher follows: so a tile that reads C fetches it itself (fetch_c);
  *  - along the rows (`rowwise`): an A panel stays in L1 while the B panels
  *    go by from L2 (NR/MR times the traffic), and each of the MR rows of C
  *    is written front to back, a stream the prefetchers follow. */
