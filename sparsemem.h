@@ -3149,7 +3149,9 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
  * become columns of the panel. Four rows at a time, 4 x 4 blocks are
  * transposed in SSE registers (every x86-64 has them): 4 loads and 4 stores
  * per 16 floats instead of 16 of each; the remaining rows and depths one
- * float at a time. */
+ * float at a time. The rows are KC-long pieces of longer rows (a slice of
+ * a weight's rows), too short for the hardware prefetchers to follow, so
+ * each line of the next four rows is requested while these four are done. */
 static void sm__pack_panel_transposed(const float *src, size_t rs, int kc, int width, int W,
                                       float *dst) {
     int k, r = 0, i;
@@ -3157,6 +3159,8 @@ static void sm__pack_panel_transposed(const float *src, size_t rs, int kc, int w
     for (; r + 4 <= width; r += 4) {
         const float *s0 = src + (size_t)r * rs, *s1 = s0 + rs, *s2 = s1 + rs, *s3 = s2 + rs;
         for (k = 0; k + 4 <= kc; k += 4) {
+            if (k % 16 == 0 && r + 8 <= width)
+                for (i = 4; i < 8; i++) SM__PREFETCH(s0 + (size_t)i * rs + k);
             __m128 a = _mm_loadu_ps(s0 + k), b = _mm_loadu_ps(s1 + k);
             __m128 c = _mm_loadu_ps(s2 + k), d = _mm_loadu_ps(s3 + k);
             float *o = dst + (size_t)k * W + r;
