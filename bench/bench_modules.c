@@ -12,7 +12,10 @@
  *   peer    PEER replacing the MLP of layer 2, N = 128^2 ... 1024^2 experts:
  *           step time relative to N = 16K (target: 1M <= 1.15x), and PEER-16K
  *           relative to the baseline; then where the 1M step's extra time
- *           goes: per profiled op, and one PEER layer alone, per phase.
+ *           goes: per profiled op, and one PEER layer alone, per phase,
+ *           each phase beside its memory traffic alone (the touched rows
+ *           read and written in row order, no arithmetic): how much of the
+ *           growth any faster code could remove on this machine.
  * Each target ratio also prints its range over the rounds (each round
  * times every configuration once): how far the machine's load moved it.
  *   engram  Engram at layer 1, 100K vs 4M rows per hash head (8 heads):
@@ -125,13 +128,23 @@ typedef struct {
     sm_row_set rows;
     sm_peer_params pp, pg;
     sm_peer_acts acts;
-    double best[5];
+    size_t off;          /* the experts' offset in p */
+    uint32_t *rows_copy; /* the last step's touched experts, increasing */
+    long n_rows;
+    double best[5];         /* per phase: route, experts fwd, backward, norm, AdamW */
+    double traffic_best[4]; /* the last four's row traffic alone (rows_traffic_seconds) */
 } peer_layer;
+
+static void peer_layer_reset_best(peer_layer *l) {
+    int i;
+    for (i = 0; i < 5; i++) l->best[i] = 1e30;
+    for (i = 0; i < 4; i++) l->traffic_best[i] = 1e30;
+}
 
 static void peer_layer_init(peer_layer *l, int n_sub, int N, sm_rng *rng) {
     sm_error err;
     size_t off = 0;
-    int g, i;
+    int g;
     memset(l, 0, sizeof *l);
     l->cfg = sm_peer_default_config();
     l->cfg.n_sub = n_sub;
@@ -146,13 +159,17 @@ static void peer_layer_init(peer_layer *l, int n_sub, int N, sm_rng *rng) {
     sm_peer_bind(&l->pp, l->p.data + off, &l->sz);
     sm_peer_bind(&l->pg, l->p.grad + off, &l->sz);
     sm_peer_init(&l->pp, &l->sz, &l->cfg, rng);
-    for (i = 0; i < 5; i++) l->best[i] = 1e30;
+    l->off = (size_t)(l->pp.experts - l->p.data);
+    if (!(l->rows_copy = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)N * l->cfg.heads * l->cfg.topk)))
+        exit(1);
+    peer_layer_reset_best(l);
 }
 
 static void peer_layer_free(peer_layer *l) {
     sm_peer_acts_free(&l->acts);
     sm_params_free(&l->p);
     sm_row_set_free(&l->rows);
+    free(l->rows_copy);
 }
 
 /* Writes 64 MB (twice the L3 of the machines measured here), as the rest of
@@ -163,6 +180,65 @@ static void evict_caches(void) {
     size_t n = (size_t)16 << 20, i;
     if (!junk && !(junk = (float *)calloc(n, sizeof(float)))) exit(1);
     for (i = 0; i < n; i += 16) junk[i] += 1.0f;
+}
+
+/* The memory traffic alone of the four phases that touch expert rows
+ * (phase 0 the experts' forward, 1 the backward, 2 the gradient norm, 3
+ * AdamW), with additions and multiplications by 1 in place of their
+ * arithmetic: the forward reads a row's weights; the backward reads them
+ * again and adds to its gradient; the norm reads the gradient; AdamW reads
+ * and writes weights, moments and gradient (zeroed). Values do not change:
+ * it runs after the step, when the gradients are zero. */
+static volatile float one = 1.0f;
+static volatile float sink;
+#define TRAFFIC_LANES 64 /* independent sums: the reads, not an add chain, set the pace */
+#define TRAFFIC_AHEAD 4  /* rows prefetched ahead, as the sparse AdamW does */
+static float row_traffic(float *w, float *g, float *m, float *v, size_t o, int phase, float c) {
+    float acc[TRAFFIC_LANES] = {0}, sum = 0.0f;
+    size_t i, j;
+    for (i = o; i < o + 256; i += TRAFFIC_LANES)
+        switch (phase) {
+        case 0:
+            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[i + j];
+            break;
+        case 1:
+            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[i + j], g[i + j] *= c;
+            break;
+        case 2:
+            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += g[i + j];
+            break;
+        default:
+            for (j = 0; j < TRAFFIC_LANES; j++) m[i + j] *= c, v[i + j] *= c, w[i + j] += g[i + j], g[i + j] = 0.0f;
+        }
+    for (j = 0; j < TRAFFIC_LANES; j++) sum += acc[j];
+    return sum;
+}
+
+/* Seconds of one phase's traffic over the last step's touched rows, in
+ * increasing order, on all threads: what the phase would cost if its
+ * arithmetic were free and its rows came in the best order. */
+static double rows_traffic_seconds(peer_layer *l, int phase) {
+    const size_t W = 256; /* an expert row: u and v, d = 128 */
+    float *w = l->p.data + l->off, *g = l->p.grad + l->off, *m = l->p.m + l->off, *v = l->p.v + l->off;
+    float c = one, total = 0.0f;
+    double t0 = sm_now();
+    long r;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) reduction(+ : total)
+#endif
+    for (r = 0; r < l->n_rows; r++) {
+        size_t i;
+        if (r + TRAFFIC_AHEAD < l->n_rows)
+            for (i = 0; i < W; i += 16) {
+                size_t o = (size_t)l->rows_copy[r + TRAFFIC_AHEAD] * W + i;
+                if (phase != 2) SM__PREFETCH(w + o);
+                if (phase != 0) SM__PREFETCH(g + o);
+                if (phase == 3) SM__PREFETCH(m + o), SM__PREFETCH(v + o);
+            }
+        total += row_traffic(w, g, m, v, (size_t)l->rows_copy[r] * W, phase, c);
+    }
+    sink = total;
+    return sm_now() - t0;
 }
 
 /* One step of the layer on fresh inputs, each phase timed (the best of the
@@ -184,6 +260,8 @@ static void peer_layer_step(peer_layer *l, float *x, float *dx, float *out, cons
     t0 = sm_now();
     sm_peer_backward(dx, &l->pg, &l->rows, dout, x, &l->pp, &l->acts, N, NULL);
     t[2] = sm_now() - t0;
+    l->n_rows = (long)l->rows.count;
+    memcpy(l->rows_copy, l->rows.rows, sizeof(uint32_t) * l->rows.count);
     evict_caches();
     t0 = sm_now();
     norm = sm_params_grad_norm(&l->p);
@@ -192,15 +270,21 @@ static void peer_layer_step(peer_layer *l, float *x, float *dx, float *out, cons
     t[4] = sm_now() - t0;
     sm_params_zero_grad(&l->p);
     for (i = 0; i < 5; i++) l->best[i] = t[i] < l->best[i] ? t[i] : l->best[i];
+    for (i = 0; i < 4; i++) {
+        evict_caches();
+        t[i] = rows_traffic_seconds(l, i);
+        l->traffic_best[i] = t[i] < l->traffic_best[i] ? t[i] : l->traffic_best[i];
+    }
 }
 
 /* Where the 1M table's extra time goes, the rest of the step taken away:
  * one PEER layer at 16K and at 1M experts, the two interleaved, phases
  * timed with the caches evicted between them as the step evicts them. */
-static void print_peer_phases(int rounds) {
+static void print_peer_phases(int rounds, double step_16k) {
     static const char *phase[5] = {"route", "experts fwd", "backward", "grad norm", "sparse AdamW"};
     peer_layer l[2];
     int N = B * 128, r, i, k;
+    double grew = 0.0, traffic_grew = 0.0;
     float *x = (float *)malloc(sizeof(float) * (size_t)N * 128 * 4), *dx = x + (size_t)N * 128;
     float *out = dx + (size_t)N * 128, *dout = out + (size_t)N * 128;
     sm_rng rng;
@@ -211,12 +295,25 @@ static void print_peer_phases(int rounds) {
     peer_layer_init(&l[1], 1024, N, &rng);
     for (r = 0; r <= rounds; r++)
         for (k = 0; k < 2; k++) {
-            if (r == 1) /* the first round warms up */
-                for (i = 0; i < 5; i++) l[k].best[i] = 1e30;
+            if (r == 1) peer_layer_reset_best(&l[k]); /* the first round warms up */
             peer_layer_step(&l[k], x, dx, out, dout, N, &rng);
         }
-    printf("  one PEER layer alone, caches evicted between phases (ms, best of %d), 16K -> 1M:\n", rounds);
-    for (i = 0; i < 5; i++) printf("    %-16s %7.2f -> %7.2f\n", phase[i], 1e3 * l[0].best[i], 1e3 * l[1].best[i]);
+    printf("  one PEER layer alone, caches evicted between phases (ms, best of %d), 16K -> 1M;\n"
+           "  then each phase's reads and writes of the touched rows alone, in row order:\n", rounds);
+    for (i = 0; i < 5; i++) {
+        printf("    %-16s %7.2f -> %7.2f", phase[i], 1e3 * l[0].best[i], 1e3 * l[1].best[i]);
+        if (i == 0) {
+            printf("\n");
+            continue;
+        }
+        printf("   traffic alone %6.2f -> %6.2f\n", 1e3 * l[0].traffic_best[i - 1],
+               1e3 * l[1].traffic_best[i - 1]);
+        grew += l[1].best[i] - l[0].best[i];
+        traffic_grew += l[1].traffic_best[i - 1] - l[0].traffic_best[i - 1];
+    }
+    printf("  the four row phases grew %.2f ms; their traffic alone grew %.2f ms, %.3f of the\n"
+           "  PEER-16K step (the target allows 0.15 for all of the 1M step's growth)\n",
+           1e3 * grew, 1e3 * traffic_grew, traffic_grew / step_16k);
     peer_layer_free(&l[0]);
     peer_layer_free(&l[1]);
     free(x);
@@ -258,7 +355,7 @@ static void bench_peer(int rounds) {
     printf("  ratio PEER-16K / baseline = %.3f\n", t0 / median(&c[0]));
     print_op_growth(&c[1], &c[4], rounds);
     release(c, 5);
-    print_peer_phases(rounds);
+    print_peer_phases(rounds, t0);
 }
 
 static void bench_engram(int rounds) {
