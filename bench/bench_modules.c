@@ -15,7 +15,7 @@
  *           goes: per profiled op, and one PEER layer alone, per phase,
  *           each phase beside its memory traffic alone (the touched rows
  *           read and written in row order, no arithmetic): how much of the
- *           growth any faster code could remove on this machine.
+ *           growth is the rows' memory traffic on this machine.
  * Each target ratio also prints its range over the rounds (each round
  * times every configuration once): how far the machine's load moved it.
  *   engram  Engram at layer 1, 100K vs 4M rows per hash head (8 heads):
