@@ -191,12 +191,13 @@ static void evict_caches(void) {
  * it runs after the step, when the gradients are zero. */
 static volatile float one = 1.0f;
 static volatile float sink;
+#define EXPERT_ROW 256   /* floats of an expert's row: u and v, d = 128 */
 #define TRAFFIC_LANES 64 /* independent sums: the reads, not an add chain, set the pace */
 #define TRAFFIC_AHEAD 4  /* rows prefetched ahead, as the sparse AdamW does */
 static float row_traffic(float *w, float *g, float *m, float *v, size_t o, int phase, float c) {
     float acc[TRAFFIC_LANES] = {0}, sum = 0.0f;
     size_t i, j;
-    for (i = o; i < o + 256; i += TRAFFIC_LANES)
+    for (i = o; i < o + EXPERT_ROW; i += TRAFFIC_LANES)
         switch (phase) {
         case 0:
             for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[i + j];
@@ -216,9 +217,9 @@ static float row_traffic(float *w, float *g, float *m, float *v, size_t o, int p
 
 /* Seconds of one phase's traffic over the last step's touched rows, in
  * increasing order, on all threads: what the phase would cost if its
- * arithmetic were free and its rows came in the best order. */
+ * arithmetic were free and its rows came in that order. */
 static double rows_traffic_seconds(peer_layer *l, int phase) {
-    const size_t W = 256; /* an expert row: u and v, d = 128 */
+    const size_t W = EXPERT_ROW;
     float *w = l->p.data + l->off, *g = l->p.grad + l->off, *m = l->p.m + l->off, *v = l->p.v + l->off;
     float c = one, total = 0.0f;
     double t0 = sm_now();
