@@ -3191,6 +3191,14 @@ static void sm__pack_panel(const float *src, size_t ks, size_t rs, int kc, int w
         for (r = width; r < W; r++) dst[(size_t)k * W + r] = 0.0f;
 }
 
+/* The packed panels start on a 64-byte boundary: the micro-kernel loads
+ * each k's NR floats of B as whole vectors, and with malloc's 16-byte
+ * alignment every AVX-512 load of them straddled two cache lines. */
+#define SM__PANEL_ALIGN 64
+static float *sm__align_panels(void *p) {
+    return (float *)(((uintptr_t)p + SM__PANEL_ALIGN - 1) & ~(uintptr_t)(SM__PANEL_ALIGN - 1));
+}
+
 #ifndef SM_USE_CBLAS
 #define SM__GEMM_PATH SM__KERNEL_PATH
 
@@ -3349,7 +3357,7 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     int nthreads = sm_num_threads();
     size_t a_size = (size_t)SM__MC * SM__KC, b_size = sm__gemm_b_floats(M, N, K, nthreads);
     sm__gemm_job g;
-    float *Bp, *Ap;
+    void *b_mem, *a_mem;
     if (M <= 0 || N <= 0) return;
     if ((double)M * N * K < 32768.0) { /* tiny: packing and threads cost more than they save */
         sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -3360,11 +3368,11 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
         return;
     }
     if (beta != 0.0f) sm__scale_c(M, N, beta, C, ldc); /* beta = 0: the first slice stores */
-    Bp = (float *)SM_MALLOC(sizeof(float) * b_size * (size_t)nthreads);
-    Ap = (float *)SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads);
-    if (!Bp || !Ap) { /* no memory for packing: fall back to the plain loop */
-        SM_FREE(Bp);
-        SM_FREE(Ap);
+    b_mem = SM_MALLOC(sizeof(float) * b_size * (size_t)nthreads + SM__PANEL_ALIGN);
+    a_mem = SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads + SM__PANEL_ALIGN);
+    if (!b_mem || !a_mem) { /* no memory for packing: fall back to the plain loop */
+        SM_FREE(b_mem);
+        SM_FREE(a_mem);
         sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb,
                            beta == 0.0f ? 0.0f : 1.0f, C, ldc);
         return;
@@ -3372,7 +3380,8 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     g.trans_a = trans_a, g.trans_b = trans_b, g.K = K, g.alpha = alpha;
     g.overwrite = beta == 0.0f;
     g.A = A, g.B = B, g.C = C, g.lda = lda, g.ldb = ldb, g.ldc = ldc;
-    {
+    { /* b_size and a_size are multiples of 16 floats: every thread's panels stay aligned */
+        float *Bp = sm__align_panels(b_mem), *Ap = sm__align_panels(a_mem);
         int t;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -3381,8 +3390,8 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
             sm__gemm_block(&g, sm__gemm_part_of(M, N, t, nthreads), Bp + b_size * (size_t)t,
                            Ap + a_size * (size_t)t);
     }
-    SM_FREE(Bp);
-    SM_FREE(Ap);
+    SM_FREE(b_mem);
+    SM_FREE(a_mem);
 #endif
 }
 
