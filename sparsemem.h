@@ -8348,7 +8348,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->sub_scores = (float *)alloc(bt * sm__peer_score_stride(cfg->n_sub) * sizeof(float),
                                    "peer sub-key scores", err);
     a->key_panels = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad *
-                                   sizeof(float), "peer packed sub-keys", err);
+                                   sizeof(float) + SM__PANEL_ALIGN, "peer packed sub-keys", err);
     a->q_panel = (float *)alloc(sm__peer_padded(bt, SM__MR) * (size_t)cfg->d_key * sizeof(float),
                                 "peer packed queries", err);
     a->dq = (float *)alloc(bt * hk * sizeof(float), "peer dq", err);
@@ -8477,8 +8477,9 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
  * micro-kernel (>>backbone) and searched while they are in cache. The
  * sub-keys are packed once per step into the kernel's NR-wide panels
  * (sub-keys past s are zero), each block's queries into an MR-tall panel:
- *   key_panels[((table * 2 + half) * s_pad + a0) * (d_key/2) + i * NR + l] =
- *   element i of sub-key a0 + l of that half, a0 a multiple of NR. */
+ *   kt[((table * 2 + half) * s_pad + a0) * (d_key/2) + i * NR + l] =
+ *   element i of sub-key a0 + l of that half, a0 a multiple of NR, where kt
+ *   is key_panels from its first 64-byte boundary on (sm__align_panels). */
 static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer_config *c) {
     int s = c->n_sub, half = c->d_key / 2, table, h, a0;
     size_t s_pad = sm__peer_padded((size_t)s, SM__NR);
@@ -8501,7 +8502,7 @@ static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int
     int half = c->d_key / 2, table = c->shared_keys ? 0 : j;
     size_t s_pad = sm__peer_padded((size_t)c->n_sub, SM__NR), a0;
     int ld = (int)sm__peer_score_stride(c->n_sub);
-    const float *kt = a->key_panels + (size_t)(table * 2 + h) * s_pad * half;
+    const float *kt = sm__align_panels(a->key_panels) + (size_t)(table * 2 + h) * s_pad * half;
     float *Ap = a->q_panel + (size_t)t0 * c->d_key; /* the block's own */
     sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half, 1,
                    (size_t)c->heads * c->d_key, half, n, SM__MR, Ap);
@@ -8575,7 +8576,7 @@ SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_
     int t0;
     if (st != SM_OK) return st;
     sm__peer_query_forward(acts, x, p, N);
-    sm__peer_pack_keys(acts->key_panels, p, &acts->cfg);
+    sm__peer_pack_keys(sm__align_panels(acts->key_panels), p, &acts->cfg);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * acts->cfg.n_sub > 8192)
 #endif
