@@ -11047,7 +11047,12 @@ static sm_status sm__model_init_weights(sm_model *m, uint64_t seed, sm_error *er
     return SM_OK;
 }
 
-/* Bump allocator over one float arena; with base == NULL it only counts. */
+/* Bump allocator over one float arena; with base == NULL it only counts.
+ * Every buffer taken starts a whole number of 64-byte lines after the
+ * base, so on a 64-byte aligned base (sm__align_panels) no vector load of
+ * a row straddles two cache lines: the GEMMs' C tiles and the elementwise
+ * passes load and store whole AVX-512 vectors. */
+#define SM__ARENA_ALIGN (SM__PANEL_ALIGN / sizeof(float))
 typedef struct {
     float *base;
     size_t used;
@@ -11055,7 +11060,7 @@ typedef struct {
 
 static float *sm__take(sm__arena *a, size_t n) {
     float *p = a->base ? a->base + a->used : NULL;
-    a->used += n;
+    a->used += (n + SM__ARENA_ALIGN - 1) / SM__ARENA_ALIGN * SM__ARENA_ALIGN;
     return p;
 }
 
@@ -11150,15 +11155,15 @@ static sm_status sm__model_alloc_acts(sm_model *m, int B_max, sm_error *err) {
     sm__arena count = {NULL, 0}, arena;
     m->B_max = B_max;
     sm__carve_acts(m, &count);
-    m->act_mem = (float *)sm_alloc(count.used, sizeof(float), "activations", err);
+    m->act_mem = (float *)sm_alloc(count.used + SM__ARENA_ALIGN, sizeof(float), "activations", err);
     if (!m->act_mem) return SM_ERR_OOM;
-    arena.base = m->act_mem, arena.used = 0;
+    arena.base = sm__align_panels(m->act_mem), arena.used = 0;
     sm__carve_acts(m, &arena);
     count.used = 0;
     sm__carve_grads(m, &count);
-    m->grad_mem = (float *)sm_alloc(count.used, sizeof(float), "activation gradients", err);
+    m->grad_mem = (float *)sm_alloc(count.used + SM__ARENA_ALIGN, sizeof(float), "activation gradients", err);
     if (!m->grad_mem) return SM_ERR_OOM;
-    arena.base = m->grad_mem, arena.used = 0;
+    arena.base = sm__align_panels(m->grad_mem), arena.used = 0;
     sm__carve_grads(m, &arena);
     m->inputs = (int *)sm_alloc(N, sizeof(int), "inputs", err);
     m->targets = m->inputs ? (int *)sm_alloc(N, sizeof(int), "targets", err) : NULL;
