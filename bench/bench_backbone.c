@@ -65,14 +65,27 @@ static double time_once(gemm_fn f, const gemm_shape *s, const float *A, const fl
     return sm_now() - t;
 }
 
+/* n zeroed floats from a 64-byte line on, as the model's activations and
+ * weights start (its arena): malloc's 16-byte alignment would make every
+ * vector load and store of C straddle two lines, for both libraries. */
+static float *line_aligned_floats(size_t n) {
+    void *p = NULL;
+    if (posix_memalign(&p, 64, sizeof(float) * n) != 0) {
+        fprintf(stderr, "bench: out of memory for %zu floats\n", n);
+        exit(1);
+    }
+    memset(p, 0, sizeof(float) * n);
+    return (float *)p;
+}
+
 /* Times ours and OpenBLAS's alternately for `rounds` rounds after a
  * warm-up of each; prints GFLOP/s of the medians and their ratio to `out`
  * and returns the ratio, OpenBLAS's time over ours (0 without OpenBLAS). */
 static double bench_shape(FILE *out, const gemm_shape *s, int rounds) {
     sm_rng r;
-    float *A = (float *)malloc(sizeof(float) * s->M * s->K);
-    float *B = (float *)malloc(sizeof(float) * s->K * s->N);
-    float *C = (float *)calloc((size_t)s->M * s->N, sizeof(float));
+    float *A = line_aligned_floats((size_t)s->M * s->K);
+    float *B = line_aligned_floats((size_t)s->K * s->N);
+    float *C = line_aligned_floats((size_t)s->M * s->N);
     double t_ours[64], flop = 2.0 * s->M * s->N * s->K, ratio = 0;
     int i;
     if (rounds > 64) rounds = 64;
