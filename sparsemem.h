@@ -3191,12 +3191,14 @@ static void sm__pack_panel(const float *src, size_t ks, size_t rs, int kc, int w
         for (r = width; r < W; r++) dst[(size_t)k * W + r] = 0.0f;
 }
 
-/* The packed panels start on a 64-byte boundary: the micro-kernel loads
- * each k's NR floats of B as whole vectors, and with malloc's 16-byte
- * alignment every AVX-512 load of them straddled two cache lines. */
-#define SM__PANEL_ALIGN 64
-static float *sm__align_panels(void *p) {
-    return (float *)(((uintptr_t)p + SM__PANEL_ALIGN - 1) & ~(uintptr_t)(SM__PANEL_ALIGN - 1));
+/* Buffers whose vectors are loaded whole (the packed panels the
+ * micro-kernel streams, the model's activations) start on a 64-byte cache
+ * line: with malloc's 16-byte alignment every AVX-512 load of them
+ * straddled two lines. Such a buffer is allocated SM__LINE bytes longer
+ * and used from its first line boundary on. */
+#define SM__LINE 64
+static float *sm__line_aligned(void *p) {
+    return (float *)(((uintptr_t)p + SM__LINE - 1) & ~(uintptr_t)(SM__LINE - 1));
 }
 
 #ifndef SM_USE_CBLAS
@@ -3368,8 +3370,8 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
         return;
     }
     if (beta != 0.0f) sm__scale_c(M, N, beta, C, ldc); /* beta = 0: the first slice stores */
-    b_mem = SM_MALLOC(sizeof(float) * b_size * (size_t)nthreads + SM__PANEL_ALIGN);
-    a_mem = SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads + SM__PANEL_ALIGN);
+    b_mem = SM_MALLOC(sizeof(float) * b_size * (size_t)nthreads + SM__LINE);
+    a_mem = SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads + SM__LINE);
     if (!b_mem || !a_mem) { /* no memory for packing: fall back to the plain loop */
         SM_FREE(b_mem);
         SM_FREE(a_mem);
@@ -3381,7 +3383,7 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     g.overwrite = beta == 0.0f;
     g.A = A, g.B = B, g.C = C, g.lda = lda, g.ldb = ldb, g.ldc = ldc;
     { /* b_size and a_size are multiples of 16 floats: every thread's panels stay aligned */
-        float *Bp = sm__align_panels(b_mem), *Ap = sm__align_panels(a_mem);
+        float *Bp = sm__line_aligned(b_mem), *Ap = sm__line_aligned(a_mem);
         int t;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -8348,7 +8350,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->sub_scores = (float *)alloc(bt * sm__peer_score_stride(cfg->n_sub) * sizeof(float),
                                    "peer sub-key scores", err);
     a->key_panels = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad *
-                                   sizeof(float) + SM__PANEL_ALIGN, "peer packed sub-keys", err);
+                                   sizeof(float) + SM__LINE, "peer packed sub-keys", err);
     a->q_panel = (float *)alloc(sm__peer_padded(bt, SM__MR) * (size_t)cfg->d_key * sizeof(float),
                                 "peer packed queries", err);
     a->dq = (float *)alloc(bt * hk * sizeof(float), "peer dq", err);
@@ -8479,7 +8481,7 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
  * (sub-keys past s are zero), each block's queries into an MR-tall panel:
  *   kt[((table * 2 + half) * s_pad + a0) * (d_key/2) + i * NR + l] =
  *   element i of sub-key a0 + l of that half, a0 a multiple of NR, where kt
- *   is key_panels from its first 64-byte boundary on (sm__align_panels). */
+ *   is key_panels from its first 64-byte boundary on (sm__line_aligned). */
 static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer_config *c) {
     int s = c->n_sub, half = c->d_key / 2, table, h, a0;
     size_t s_pad = sm__peer_padded((size_t)s, SM__NR);
@@ -8502,7 +8504,7 @@ static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int
     int half = c->d_key / 2, table = c->shared_keys ? 0 : j;
     size_t s_pad = sm__peer_padded((size_t)c->n_sub, SM__NR), a0;
     int ld = (int)sm__peer_score_stride(c->n_sub);
-    const float *kt = sm__align_panels(a->key_panels) + (size_t)(table * 2 + h) * s_pad * half;
+    const float *kt = sm__line_aligned(a->key_panels) + (size_t)(table * 2 + h) * s_pad * half;
     float *Ap = a->q_panel + (size_t)t0 * c->d_key; /* the block's own */
     sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half, 1,
                    (size_t)c->heads * c->d_key, half, n, SM__MR, Ap);
@@ -8576,7 +8578,7 @@ SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_
     int t0;
     if (st != SM_OK) return st;
     sm__peer_query_forward(acts, x, p, N);
-    sm__peer_pack_keys(sm__align_panels(acts->key_panels), p, &acts->cfg);
+    sm__peer_pack_keys(sm__line_aligned(acts->key_panels), p, &acts->cfg);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N * acts->cfg.n_sub > 8192)
 #endif
@@ -11048,11 +11050,10 @@ static sm_status sm__model_init_weights(sm_model *m, uint64_t seed, sm_error *er
 }
 
 /* Bump allocator over one float arena; with base == NULL it only counts.
- * Every buffer taken starts a whole number of 64-byte lines after the
- * base, so on a 64-byte aligned base (sm__align_panels) no vector load of
- * a row straddles two cache lines: the GEMMs' C tiles and the elementwise
- * passes load and store whole AVX-512 vectors. */
-#define SM__ARENA_ALIGN (SM__PANEL_ALIGN / sizeof(float))
+ * Every buffer taken starts a whole number of cache lines after the base,
+ * so on a line-aligned base (sm__line_aligned) the GEMMs' C tiles and the
+ * elementwise passes load and store whole lines. */
+#define SM__ARENA_ALIGN (SM__LINE / sizeof(float))
 typedef struct {
     float *base;
     size_t used;
@@ -11157,13 +11158,13 @@ static sm_status sm__model_alloc_acts(sm_model *m, int B_max, sm_error *err) {
     sm__carve_acts(m, &count);
     m->act_mem = (float *)sm_alloc(count.used + SM__ARENA_ALIGN, sizeof(float), "activations", err);
     if (!m->act_mem) return SM_ERR_OOM;
-    arena.base = sm__align_panels(m->act_mem), arena.used = 0;
+    arena.base = sm__line_aligned(m->act_mem), arena.used = 0;
     sm__carve_acts(m, &arena);
     count.used = 0;
     sm__carve_grads(m, &count);
     m->grad_mem = (float *)sm_alloc(count.used + SM__ARENA_ALIGN, sizeof(float), "activation gradients", err);
     if (!m->grad_mem) return SM_ERR_OOM;
-    arena.base = sm__align_panels(m->grad_mem), arena.used = 0;
+    arena.base = sm__line_aligned(m->grad_mem), arena.used = 0;
     sm__carve_grads(m, &arena);
     m->inputs = (int *)sm_alloc(N, sizeof(int), "inputs", err);
     m->targets = m->inputs ? (int *)sm_alloc(N, sizeof(int), "targets", err) : NULL;

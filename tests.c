@@ -811,6 +811,34 @@ static int test_model_gradient_every_tensor(void) {
     return 0;
 }
 
+/* The activation arenas hand out buffers that start on 64-byte lines, even
+ * where the one before holds a count of floats that is no multiple of 16
+ * (N = 7 positions of d_model = 8: 56 floats; 7 norm statistics). */
+static int test_model_activations_start_on_cache_lines(void) {
+    sm_model m;
+    sm_model_config cfg = t_tiny_config();
+    sm_error err;
+    int i, j;
+    cfg.seq_len = 7;
+    CHECK_OK(sm_model_init(&m, &cfg, 1, 5, &err));
+    {
+        const float *global[] = {m.emb, m.x_out, m.lnf, m.lnf_rstd, m.logits, m.losses,
+                                 m.dres, m.dy, m.du, m.dln, m.dqkv, m.datty, m.dfch};
+        for (i = 0; i < (int)(sizeof global / sizeof global[0]); i++)
+            CHECK(global[i] && (uintptr_t)global[i] % 64 == 0, "model buffer %d at %p", i,
+                  (const void *)global[i]);
+    }
+    for (j = 0; j < m.n_sub; j++) {
+        const sm_sublayer *s = &m.sub[j];
+        const float *per[] = {s->x_in, s->y, s->ln, s->ln_rstd, s->qkv, s->att, s->fch};
+        for (i = 0; i < (int)(sizeof per / sizeof per[0]); i++)
+            CHECK(!per[i] || (uintptr_t)per[i] % 64 == 0, "sublayer %d buffer %d at %p", j, i,
+                  (const void *)per[i]);
+    }
+    sm_model_free(&m);
+    return 0;
+}
+
 static int test_model_rejects_bad_config_and_tokens(void) {
     sm_model m;
     sm_model_config cfg = t_tiny_config();
@@ -8648,6 +8676,7 @@ static const t_case t_cases[] = {
     T(test_llmc_rejects_bad_files_and_reads_bf16),
     T(test_trainer_init_from_llmc),
     T(test_reproduce_finetune_tiny),
+    T(test_model_activations_start_on_cache_lines),
     T(test_model_rejects_bad_config_and_tokens),
     T(test_model_deterministic_for_seed),
     T(test_model_overfits_fixed_sequence),

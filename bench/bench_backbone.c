@@ -65,9 +65,9 @@ static double time_once(gemm_fn f, const gemm_shape *s, const float *A, const fl
     return sm_now() - t;
 }
 
-/* n zeroed floats from a 64-byte line on, as the model's activations and
- * weights start (its arena): malloc's 16-byte alignment would make every
- * vector load and store of C straddle two lines, for both libraries. */
+/* n zeroed floats from a 64-byte line on, as the model's activations start
+ * (its arena): malloc's 16-byte alignment would make every vector load and
+ * store of C straddle two lines, for both libraries. */
 static float *line_aligned_floats(size_t n) {
     void *p = NULL;
     if (posix_memalign(&p, 64, sizeof(float) * n) != 0) {
