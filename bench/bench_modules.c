@@ -128,7 +128,6 @@ typedef struct {
     sm_row_set rows;
     sm_peer_params pp, pg;
     sm_peer_acts acts;
-    size_t off;          /* the experts' offset in p */
     uint32_t *rows_copy; /* the last step's touched experts, increasing */
     long n_rows;
     double best[5];         /* per phase: route, experts fwd, backward, norm, AdamW */
@@ -159,7 +158,6 @@ static void peer_layer_init(peer_layer *l, int n_sub, int N, sm_rng *rng) {
     sm_peer_bind(&l->pp, l->p.data + off, &l->sz);
     sm_peer_bind(&l->pg, l->p.grad + off, &l->sz);
     sm_peer_init(&l->pp, &l->sz, &l->cfg, rng);
-    l->off = (size_t)(l->pp.experts - l->p.data);
     if (!(l->rows_copy = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)N * l->cfg.heads * l->cfg.topk)))
         exit(1);
     peer_layer_reset_best(l);
@@ -219,8 +217,8 @@ static float row_traffic(float *w, float *g, float *m, float *v, size_t o, int p
  * increasing order, on all threads: what the phase would cost if its
  * arithmetic were free and its rows came in that order. */
 static double rows_traffic_seconds(peer_layer *l, int phase) {
-    const size_t W = EXPERT_ROW;
-    float *w = l->p.data + l->off, *g = l->p.grad + l->off, *m = l->p.m + l->off, *v = l->p.v + l->off;
+    const size_t W = EXPERT_ROW, off = (size_t)(l->pp.experts - l->p.data);
+    float *w = l->p.data + off, *g = l->p.grad + off, *m = l->p.m + off, *v = l->p.v + off;
     float c = one, total = 0.0f;
     double t0 = sm_now();
     long r;
