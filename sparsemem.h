@@ -9959,7 +9959,7 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
     }
 }
 
-/* e^z for the CPU's GELU: z = n ln2 + r with |r| <= ln2/2, e^r by its
+/* e^z for the CPU's GELU and softmax: z = n ln2 + r with |r| <= ln2/2, e^r by its
  * Taylor series to r^7 (the r^8 term is below 6e-9 relative, under float's
  * rounding), times 2^n built in the exponent bits. ln2 is split in two
  * (Cody & Waite) so that n ln2_hi is exact. z is first clamped to [-87, 88]
@@ -10033,6 +10033,81 @@ static sm__av sm__av_gelu_grad_from_exp(sm__av x, sm__av e) {
 #else
 #define SM__GELU_VW 1
 #endif
+
+/* ---- softmax (attention, cross-entropy) ----
+ * A row in place: row_v := e^(z_v) / sum_u e^(z_u), z_v = row_v - max_u row_u,
+ * with e^z from sm__exp_poly (libm's expf, called per element, was most of
+ * the tiny model's cross-entropy), in explicit vectors where the target has
+ * them: an element gets the same bits in a lane as in the scalar tail. The
+ * sum runs in float lanes over chunks of SM__SOFTMAX_CHUNK elements (each
+ * term <= 1) and in double across chunks, in an order fixed by the row's
+ * length alone. Each z is first raised to SM__EXP_LO, keeping NaN (e^-87 ~
+ * 1.6e-38 stands for anything smaller, -inf included), and z - z (0, or
+ * NaN) is added to the sum: a NaN logit makes the sum, every probability
+ * and the loss NaN, as with expf, instead of vanishing in sm__exp_poly's
+ * clamp. */
+#define SM__SOFTMAX_CHUNK 1024
+
+/* max_v row_v by the rule m = x > m ? x : m from m = row[0] (NaN elements
+ * after the first are passed over). */
+static float sm__softmax_max(const float *row, int n) {
+    float m = row[0];
+    int v = 0;
+#ifdef sm__av_exp2i
+    if (n >= SM__AV_WIDTH) {
+        float lane[SM__AV_WIDTH];
+        sm__av vm = sm__av_splat(m);
+        for (; v + SM__AV_WIDTH <= n; v += SM__AV_WIDTH) vm = sm__av_max(sm__av_load(row + v), vm);
+        sm__av_store(lane, vm);
+        for (v = 0; v < SM__AV_WIDTH; v++) m = lane[v] > m ? lane[v] : m;
+        v = n - n % SM__AV_WIDTH;
+    }
+#endif
+    for (; v < n; v++) m = row[v] > m ? row[v] : m;
+    return m;
+}
+
+/* row := e^(row - m); returns the sum (see above). */
+static double sm__softmax_exp_sum(float *row, int n, float m) {
+    double sum = 0.0;
+    int v = 0;
+#ifdef sm__av_exp2i
+    const sm__av vm = sm__av_splat(m), lo = sm__av_splat(SM__EXP_LO);
+    int nv = n - n % SM__AV_WIDTH, end, i;
+    for (; v < nv; v = end) {
+        float lane[SM__AV_WIDTH];
+        sm__av acc = sm__av_splat(0.0f);
+        end = nv - v < SM__SOFTMAX_CHUNK ? nv : v + SM__SOFTMAX_CHUNK;
+        for (i = v; i < end; i += SM__AV_WIDTH) {
+            sm__av z = sm__av_max(lo, sm__av_sub(sm__av_load(row + i), vm)); /* lo > z ? lo : z */
+            sm__av e = sm__av_exp_poly(z);
+            sm__av_store(row + i, e);
+            acc = sm__av_add(acc, sm__av_add(e, sm__av_sub(z, z)));
+        }
+        sm__av_store(lane, acc);
+        for (i = 0; i < SM__AV_WIDTH; i++) sum += lane[i];
+    }
+#endif
+    for (; v < n; v++) {
+        float z = row[v] - m;
+        z = SM__EXP_LO > z ? SM__EXP_LO : z;
+        row[v] = sm__exp_poly(z);
+        sum += (double)row[v] + (z - z);
+    }
+    return sum;
+}
+
+/* The softmax of row[0 .. n), n >= 1, in place; returns sum_v e^(row_v -
+ * max) for a log-sum-exp, and the max in *max_out (if not NULL). */
+static double sm__softmax_inplace(float *row, int n, float *max_out) {
+    float m = sm__softmax_max(row, n), inv;
+    double sum = sm__softmax_exp_sum(row, n, m);
+    int v;
+    inv = (float)(1.0 / sum);
+    for (v = 0; v < n; v++) row[v] *= inv;
+    if (max_out) *max_out = m;
+    return sum;
+}
 
 /* out[0 .. SM__GELU_VW) = gelu(inp[0 .. SM__GELU_VW)) */
 static void sm__gelu_forward_block(float *out, const float *inp) {
@@ -10148,18 +10223,10 @@ static void sm__attention_head_forward(float *out, float *att, float *scratch, c
     sm__attention_transpose_head(kt, qkv + C + h * hs, T, C3, hs);
     for (t = 0; t < T; t++) {
         const float *q = qkv + (size_t)t * C3 + h * hs;
-        float *row = att + (size_t)t * T, maxv = -1e30f, sum = 0.0f, inv;
+        float *row = att + (size_t)t * T;
         sm__attention_dots(row, q, kt, t, T, hs);
-        for (t2 = 0; t2 <= t; t2++) {
-            row[t2] *= scale;
-            if (row[t2] > maxv) maxv = row[t2];
-        }
-        for (t2 = 0; t2 <= t; t2++) {
-            row[t2] = expf(row[t2] - maxv);
-            sum += row[t2];
-        }
-        inv = 1.0f / sum;
-        for (t2 = 0; t2 <= t; t2++) row[t2] *= inv;
+        for (t2 = 0; t2 <= t; t2++) row[t2] *= scale;
+        sm__softmax_inplace(row, t + 1, NULL);
         for (t2 = t + 1; t2 < T; t2++) row[t2] = 0.0f;
         for (i = 0; i < hs; i++) o[i] = 0.0f;
         for (t2 = 0; t2 <= t; t2++) {
@@ -10260,22 +10327,13 @@ SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const
 #pragma omp parallel for schedule(static)
 #endif
     for (n = 0; n < N; n++) {
-        float *row = logits_to_probs + (size_t)n * V;
-        float maxv = row[0], shifted_target;
-        double sum = 0.0;
-        int v;
-        for (v = 1; v < V; v++)
-            if (row[v] > maxv) maxv = row[v];
-        shifted_target = targets[n] == SM_IGNORE_INDEX ? 0.0f : row[targets[n]] - maxv;
-        for (v = 0; v < V; v++) {
-            row[v] = expf(row[v] - maxv);
-            sum += row[v];
-        }
-        for (v = 0; v < V; v++) row[v] = (float)(row[v] / sum);
+        float *row = logits_to_probs + (size_t)n * V, maxv;
+        float target_logit = targets[n] == SM_IGNORE_INDEX ? 0.0f : row[targets[n]];
+        double sum = sm__softmax_inplace(row, V, &maxv);
         /* -log p_target by log-sum-exp, log sum_v exp(z_v - max) - (z_target
          * - max): exact however small p_target (even where it underflows) */
         losses[n] = targets[n] == SM_IGNORE_INDEX ? 0.0f
-                                                   : (float)(log(sum) - shifted_target);
+                                                   : (float)(log(sum) - (target_logit - maxv));
     }
     for (n = 0; n < N; n++) /* serial sum: deterministic */
         if (targets[n] != SM_IGNORE_INDEX) {

@@ -718,6 +718,69 @@ static int test_crossentropy_improbable_target(void) {
     return 0;
 }
 
+/* Reference -log p_target of one row, in double with libm's exp. */
+static double t_ce_reference(const float *row, int V, int target) {
+    double mx = -INFINITY, s = 0.0;
+    int v;
+    for (v = 0; v < V; v++) mx = row[v] > mx ? row[v] : mx;
+    for (v = 0; v < V; v++) s += exp((double)row[v] - mx);
+    return log(s) - ((double)row[target] - mx);
+}
+
+/* Long rows through the softmax's vector lanes, its chunks and its scalar
+ * tail (V = 50307: 50304 in whole vectors of 16 or 8, 3 in the tail):
+ *  0: random logits: loss and probabilities as libm's in double;
+ *  1: one logit at 0 (the target), the rest at -25 ln 2, so each other
+ *     term 2^-25 is below half an ulp of the lane that holds the 1: that
+ *     lane loses its terms until the chunk ends: at most 127 with chunks
+ *     of 1024 on 8 lanes (the bound), V / lanes of them without chunks;
+ *  2, 3: a NaN logit (not the target) in a lane, in the tail: NaN loss and
+ *     probabilities, not a clamp's e^-87;
+ *  4: -inf logits (in a lane, in the tail): probability ~0, the loss the
+ *     rest's;
+ *  5: the tail's logits also in lanes: the same probability bits. */
+static int test_crossentropy_long_rows(void) {
+    enum { V = 50307, ROWS = 6 };
+    float *logits = (float *)t_alloc((size_t)ROWS * V), *probs = (float *)t_alloc((size_t)ROWS * V);
+    float losses[ROWS];
+    int targets[ROWS] = {17, 5, 40000, 2, 9, 4}, n, v;
+    double ref[ROWS], worst = 0.0, tiny_bound = 1024.0 / 8 * ldexp(1.0, -25);
+    sm_rng r;
+    sm_rng_seed(&r, 71);
+    sm_rng_fill_normal(&r, logits, (size_t)ROWS * V, 3.0f);
+    for (v = 0; v < V; v++) logits[V + v] = v == targets[1] ? 0.0f : (float)(-25.0 * log(2.0));
+    logits[2 * V + 1000] = NAN;
+    logits[3 * V + V - 2] = NAN;
+    logits[4 * V + 20000] = logits[4 * V + V - 3] = -INFINITY;
+    for (v = 0; v < 3; v++) logits[5 * V + v] = logits[5 * V + V - 3 + v];
+    for (n = 0; n < ROWS; n++) ref[n] = t_ce_reference(logits + (size_t)n * V, V, targets[n]);
+    memcpy(probs, logits, sizeof(float) * (size_t)ROWS * V);
+    sm_crossentropy_forward(losses, probs, targets, ROWS, V, NULL);
+    CHECK(fabs(losses[0] - ref[0]) <= 1e-6 * ref[0], "random row: loss %.8g, reference %.8g", losses[0], ref[0]);
+    for (v = 0; v < V; v++) { /* beyond 5e-7: z = logit - max rounds to float, |z| 2^-24 in e^z */
+        double log_p = (double)logits[v] - ((double)logits[targets[0]] + ref[0]), p = exp(log_p);
+        double rel = fabs(probs[v] - p) / p / (5e-7 + fabs(log_p) * ldexp(1.0, -24));
+        worst = rel > worst ? rel : worst;
+    }
+    CHECK(worst <= 1.0, "random row: probabilities %.3g of the tolerance off libm's", worst);
+    CHECK(fabs(losses[1] - ref[1]) <= tiny_bound, "terms of 2^-25: loss %.9g, reference %.9g (bound %.2g)",
+          losses[1], ref[1], tiny_bound);
+    for (n = 2; n <= 3; n++) {
+        CHECK(isnan(losses[n]), "row %d: a NaN logit gave the loss %g", n, losses[n]);
+        CHECK(isnan(probs[(size_t)n * V + 7]) && isnan(probs[(size_t)n * V + V - 1]),
+              "row %d: a NaN logit left finite probabilities", n);
+    }
+    CHECK(isfinite(ref[4]) && fabs(losses[4] - ref[4]) <= 1e-6 * ref[4], "-inf logit: loss %.8g, reference %.8g",
+          losses[4], ref[4]);
+    CHECK(probs[4 * V + 20000] < 1e-30f && probs[4 * V + V - 3] < 1e-30f, "-inf logits: probabilities %g, %g",
+          probs[4 * V + 20000], probs[4 * V + V - 3]);
+    for (v = 0; v < 3; v++)
+        CHECK(probs[5 * V + v] == probs[5 * V + V - 3 + v], "a lane and the tail differ: %.9g vs %.9g",
+              probs[5 * V + v], probs[5 * V + V - 3 + v]);
+    free(logits), free(probs);
+    return 0;
+}
+
 typedef struct {
     int B, T, C, V;
     int *tokens;
@@ -8667,6 +8730,7 @@ static const t_case t_cases[] = {
     T(test_attention_gradient_and_causality),
     T(test_crossentropy_gradient_and_ignore),
     T(test_crossentropy_improbable_target),
+    T(test_crossentropy_long_rows),
     T(test_embedding_gradient),
     T(test_model_gradient_every_tensor),
     T(test_model_gpt2_arch_gradient),
