@@ -3030,9 +3030,10 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
  * 12 ymm accumulators), and portable C (4 x 16 floats, vectorised by the
  * compiler if it can: 4x the speed of 6 x 16 with SSE2 only).
  *
- * With SM_USE_CBLAS, sm_sgemm is cblas_sgemm and only the micro-kernel and
- * the panel packing below are compiled: PEER's routing multiplies its
- * queries by the sub-keys tile by tile with them (>>peer routing). */
+ * With SM_USE_CBLAS, sm_sgemm is cblas_sgemm; the built-in product stays
+ * compiled as sm__sgemm_packed for attention's products per head, and
+ * PEER's routing multiplies its queries by the sub-keys tile by tile with
+ * the micro-kernel (>>peer routing). */
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SM__KERNEL_PATH "avx512"
@@ -3201,9 +3202,6 @@ static float *sm__line_aligned(void *p) {
     return (float *)(((uintptr_t)p + SM__LINE - 1) & ~(uintptr_t)(SM__LINE - 1));
 }
 
-#ifndef SM_USE_CBLAS
-#define SM__GEMM_PATH SM__KERNEL_PATH
-
 /* The product, its operands and sizes, as the packing loops need them.
  * overwrite (beta = 0): the first KC slice stores into C instead of adding
  * to it, so C is neither zeroed first nor read. */
@@ -3342,21 +3340,31 @@ static void sm__scale_c(int M, int N, float beta, float *C, int ldc) {
             for (j = 0; j < N; j++) row[j] *= beta;
     }
 }
-#else
+
+#ifdef SM_USE_CBLAS
 #define SM__GEMM_PATH "cblas"
-#endif /* !SM_USE_CBLAS */
+#else
+#define SM__GEMM_PATH SM__KERNEL_PATH
+#endif
 
 SMDEF const char *sm_sgemm_path(void) { return SM__GEMM_PATH; }
 
-SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
-                    const float *A, int lda, const float *B, int ldb, float beta,
-                    float *C, int ldc) {
-#ifdef SM_USE_CBLAS
-    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
-                trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C,
-                ldc);
-#else
-    int nthreads = sm_num_threads();
+/* Threads for one product: 1 where a parallel region inside would get no
+ * more (called from a thread of one, as attention calls it per head). */
+static int sm__gemm_threads(void) {
+#ifdef _OPENMP
+    if (omp_get_active_level() >= omp_get_max_active_levels()) return 1;
+#endif
+    return sm_num_threads();
+}
+
+/* The built-in sm_sgemm, compiled with SM_USE_CBLAS too: attention's
+ * products per head run on it in both builds (called from every thread
+ * at once, a threaded BLAS's own threads fight over the cores). */
+static void sm__sgemm_packed(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                             const float *A, int lda, const float *B, int ldb, float beta,
+                             float *C, int ldc) {
+    int nthreads = sm__gemm_threads();
     size_t a_size = (size_t)SM__MC * SM__KC, b_size = sm__gemm_b_floats(M, N, K, nthreads);
     sm__gemm_job g;
     void *b_mem, *a_mem;
@@ -3394,6 +3402,17 @@ SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
     }
     SM_FREE(b_mem);
     SM_FREE(a_mem);
+}
+
+SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                    const float *A, int lda, const float *B, int ldb, float beta,
+                    float *C, int ldc) {
+#ifdef SM_USE_CBLAS
+    cblas_sgemm(CblasRowMajor, trans_a ? CblasTrans : CblasNoTrans,
+                trans_b ? CblasTrans : CblasNoTrans, M, N, K, alpha, A, lda, B, ldb, beta, C,
+                ldc);
+#else
+    sm__sgemm_packed(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #endif
 }
 
@@ -10190,51 +10209,44 @@ SMDEF void sm_embedding_backward(float *dwte, float *dwpe, const float *dout, co
         }
 }
 
-/* dst[i * T + t] = src[t * C3 + i] for t < T, i < hs: one head's keys or
- * values (hs of the C3 floats of each token's qkv row) turned so that the
- * dot products of a row against all tokens run along t, in vectors. */
-static void sm__attention_transpose_head(float *dst, const float *src, int T, int C3, int hs) {
-    int t, i;
-    for (t = 0; t < T; t++)
-        for (i = 0; i < hs; i++) dst[(size_t)i * T + t] = src[(size_t)t * C3 + i];
+/* Attention as products of the head's blocks, the causal
+ * triangle cut into blocks of SM__ATTN_ROWS query rows: rows [r0, r1) see
+ * keys [0, r1), so the products skip the keys after the block and compute
+ * only the diagonal block's upper half in vain (SM__ATTN_ROWS / T of the
+ * work). Each (batch, head) pair runs on one thread (the built-in
+ * sm_sgemm, sm__sgemm_packed, runs inside the parallel loop on the calling
+ * thread alone) and writes only its own hs columns of out or dqkv. */
+#define SM__ATTN_ROWS 128
+
+/* The row pointers of one (batch, head): q, k, v with stride 3C. */
+typedef struct {
+    const float *q, *k, *v;
+    int T, C3, hs;
+    float scale; /* 1 / sqrt(hs) */
+} sm__attn_head;
+
+static sm__attn_head sm__attn_head_at(const float *qkv, int T, int C, int hs, int h) {
+    sm__attn_head a;
+    a.q = qkv + (size_t)h * hs, a.k = a.q + C, a.v = a.q + 2 * C;
+    a.T = T, a.C3 = 3 * C, a.hs = hs, a.scale = 1.0f / sqrtf((float)hs);
+    return a;
 }
 
-/* row[t2] = sum_i x[i] cols[i * T + t2] for t2 <= t: the dot products of x
- * with the tokens up to t, each summed in i order (as a dot product loop
- * would), all t2 at once. */
-static void sm__attention_dots(float *row, const float *x, const float *cols, int t, int T, int hs) {
-    int i, t2;
-    for (t2 = 0; t2 <= t; t2++) row[t2] = 0.0f;
-    for (i = 0; i < hs; i++) {
-        const float *c = cols + (size_t)i * T;
-        float xi = x[i];
-        for (t2 = 0; t2 <= t; t2++) row[t2] += xi * c[t2];
-    }
-}
-
-/* One (batch, head) pair: scores s = q.k / sqrt(hs) over the causal prefix,
- * softmax into att, then out_t = sum_t2 att[t,t2] v_t2, summed in scratch
- * and then stored (see sm__attention_head_backward). scratch: hs x T for k
- * turned, then hs for out_t. */
-static void sm__attention_head_forward(float *out, float *att, float *scratch, const float *qkv,
-                                       int T, int C, int hs, int h) {
-    int t, t2, i, C3 = 3 * C;
-    float scale = 1.0f / sqrtf((float)hs), *kt = scratch, *o = scratch + (size_t)hs * T;
-    sm__attention_transpose_head(kt, qkv + C + h * hs, T, C3, hs);
-    for (t = 0; t < T; t++) {
-        const float *q = qkv + (size_t)t * C3 + h * hs;
-        float *row = att + (size_t)t * T;
-        sm__attention_dots(row, q, kt, t, T, hs);
-        for (t2 = 0; t2 <= t; t2++) row[t2] *= scale;
-        sm__softmax_inplace(row, t + 1, NULL);
-        for (t2 = t + 1; t2 < T; t2++) row[t2] = 0.0f;
-        for (i = 0; i < hs; i++) o[i] = 0.0f;
-        for (t2 = 0; t2 <= t; t2++) {
-            const float *v = qkv + (size_t)t2 * C3 + 2 * C + h * hs;
-            float a = row[t2];
-            for (i = 0; i < hs; i++) o[i] += a * v[i];
+/* One (batch, head): for each block of rows, s = q k^T / sqrt(hs) over the
+ * keys up to the block's end, the softmax of each row's causal prefix
+ * (zeros after it) into att, then out = att v. */
+static void sm__attention_head_forward(float *out, int ldo, float *att, const sm__attn_head *a) {
+    int T = a->T, r0, t;
+    for (r0 = 0; r0 < T; r0 += SM__ATTN_ROWS) {
+        int r1 = r0 + SM__ATTN_ROWS < T ? r0 + SM__ATTN_ROWS : T;
+        float *s = att + (size_t)r0 * T;
+        sm__sgemm_packed(0, 1, r1 - r0, r1, a->hs, a->scale, a->q + (size_t)r0 * a->C3, a->C3, a->k, a->C3, 0.0f, s, T);
+        for (t = r0; t < r1; t++) {
+            float *row = att + (size_t)t * T;
+            sm__softmax_inplace(row, t + 1, NULL);
+            memset(row + t + 1, 0, sizeof(float) * (size_t)(T - t - 1));
         }
-        memcpy(out + (size_t)t * C + h * hs, o, sizeof(float) * hs);
+        sm__sgemm_packed(0, 0, r1 - r0, a->hs, r1, 1.0f, s, T, a->v, a->C3, 0.0f, out + (size_t)r0 * ldo, ldo);
     }
 }
 
@@ -10246,58 +10258,38 @@ SMDEF void sm_attention_forward(float *out, float *att, const float *qkv, int B,
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
-        float *scratch = (float *)SM_MALLOC(sizeof(float) * (size_t)hs * (T + 1));
-        SM_ASSERT(scratch != NULL);
-        sm__attention_head_forward(out + (size_t)b * T * C, att + (size_t)bh * T * T, scratch,
-                                   qkv + (size_t)b * T * 3 * C, T, C, hs, h);
-        SM_FREE(scratch);
+        sm__attn_head a = sm__attn_head_at(qkv + (size_t)b * T * 3 * C, T, C, hs, h);
+        sm__attention_head_forward(out + (size_t)b * T * C + h * hs, C, att + (size_t)bh * T * T, &a);
     }
 }
 
-/* dst[t * C3 + i] += src[t * hs + i] for t < T, i < hs */
-static void sm__attention_add_head(float *dst, const float *src, int T, int C3, int hs) {
-    int t, i;
-    for (t = 0; t < T; t++)
-        for (i = 0; i < hs; i++) dst[(size_t)t * C3 + i] += src[(size_t)t * hs + i];
+/* ds = att * (datt - <att, datt>) / sqrt(hs) over row t's prefix [0, t],
+ * zero after it up to r1 (datt in ds on entry): the softmax's backward. */
+static void sm__attention_softmax_backward(float *ds, const float *row, int t, int r1, float scale) {
+    float dot = sm__dot(row, ds, t + 1);
+    int t2;
+    for (t2 = 0; t2 <= t; t2++) ds[t2] = row[t2] * (ds[t2] - dot) * scale;
+    for (; t2 < r1; t2++) ds[t2] = 0.0f;
 }
 
-/* Backward of one (batch, head): datt = dout.v, softmax backward
- * ds = att * (datt - sum(att * datt)), then dq += ds k, dk += ds q,
- * dv += att dout. The head's dq, dk, dv are summed in scratch and added to
- * dqkv once: threads on neighbouring heads then do not write the cache
- * lines the heads share, T^2 / 2 times each. scratch: T floats of datt,
- * hs x T of v turned, then dq, dk, dv (T x hs each, zeroed here). */
-static void sm__attention_head_backward(float *dqkv, float *scratch, const float *dout,
-                                        const float *qkv, const float *att, int T, int C, int hs,
-                                        int h) {
-    int t, t2, i, C3 = 3 * C;
-    size_t head = (size_t)T * hs;
-    float scale = 1.0f / sqrtf((float)hs), *datt = scratch, *vt = scratch + T;
-    float *dq = vt + head, *dk = dq + head, *dv = dk + head;
-    sm__attention_transpose_head(vt, qkv + 2 * C + h * hs, T, C3, hs);
-    memset(dq, 0, sizeof(float) * 3 * head);
-    for (t = 0; t < T; t++) {
-        const float *row = att + (size_t)t * T, *d = dout + (size_t)t * C + h * hs;
-        const float *q = qkv + (size_t)t * C3 + h * hs;
-        float *dqt = dq + (size_t)t * hs, dot = 0.0f;
-        sm__attention_dots(datt, d, vt, t, T, hs);
-        for (t2 = 0; t2 <= t; t2++) {
-            float *dvt = dv + (size_t)t2 * hs, a = row[t2];
-            for (i = 0; i < hs; i++) dvt[i] += a * d[i];
-            dot += a * datt[t2];
-        }
-        for (t2 = 0; t2 <= t; t2++) {
-            const float *k = qkv + (size_t)t2 * C3 + C + h * hs;
-            float *dkt = dk + (size_t)t2 * hs, ds = row[t2] * (datt[t2] - dot) * scale;
-            for (i = 0; i < hs; i++) {
-                dqt[i] += ds * k[i];
-                dkt[i] += ds * q[i];
-            }
-        }
+/* Backward of one (batch, head), block by block of rows: datt = dout v^T,
+ * ds (above), then dq += ds k, dk += ds^T q, dv += att^T dout, added into
+ * the head's columns of dqkv (k and v summed over the blocks in order).
+ * ds: SM__ATTN_ROWS x T floats of scratch. */
+static void sm__attention_head_backward(float *dqkv, float *ds, const float *dout, int ldo, const float *att,
+                                        const sm__attn_head *a) {
+    int T = a->T, C3 = a->C3, r0, t;
+    float *dq = dqkv, *dk = dqkv + C3 / 3, *dv = dqkv + 2 * (C3 / 3);
+    for (r0 = 0; r0 < T; r0 += SM__ATTN_ROWS) {
+        int r1 = r0 + SM__ATTN_ROWS < T ? r0 + SM__ATTN_ROWS : T, m = r1 - r0;
+        const float *p = att + (size_t)r0 * T, *d = dout + (size_t)r0 * ldo;
+        sm__sgemm_packed(0, 1, m, r1, a->hs, 1.0f, d, ldo, a->v, C3, 0.0f, ds, T);
+        for (t = r0; t < r1; t++)
+            sm__attention_softmax_backward(ds + (size_t)(t - r0) * T, att + (size_t)t * T, t, r1, a->scale);
+        sm__sgemm_packed(0, 0, m, a->hs, r1, 1.0f, ds, T, a->k, C3, 1.0f, dq + (size_t)r0 * C3, C3);
+        sm__sgemm_packed(1, 0, r1, a->hs, m, 1.0f, ds, T, a->q + (size_t)r0 * C3, C3, 1.0f, dk, C3);
+        sm__sgemm_packed(1, 0, r1, a->hs, m, 1.0f, p, T, d, ldo, 1.0f, dv, C3);
     }
-    sm__attention_add_head(dqkv + h * hs, dq, T, C3, hs);
-    sm__attention_add_head(dqkv + C + h * hs, dk, T, C3, hs);
-    sm__attention_add_head(dqkv + 2 * C + h * hs, dv, T, C3, hs);
 }
 
 SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
@@ -10308,12 +10300,12 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
-        float *scratch = (float *)SM_MALLOC(sizeof(float) * (size_t)T * (4 * (size_t)hs + 1));
-        SM_ASSERT(scratch != NULL);
-        sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C, scratch,
-                                    dout + (size_t)b * T * C, qkv + (size_t)b * T * 3 * C,
-                                    att + (size_t)bh * T * T, T, C, hs, h);
-        SM_FREE(scratch);
+        float *ds = (float *)SM_MALLOC(sizeof(float) * (size_t)SM__ATTN_ROWS * T);
+        sm__attn_head a = sm__attn_head_at(qkv + (size_t)b * T * 3 * C, T, C, hs, h);
+        SM_ASSERT(ds != NULL);
+        sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C + h * hs, ds, dout + (size_t)b * T * C + h * hs,
+                                    C, att + (size_t)bh * T * T, &a);
+        SM_FREE(ds);
     }
 }
 
