@@ -14,10 +14,11 @@
  *                                       the faster, else nothing
  *   ./bench/bench_backbone profile [PRESET...]  where a training step's time
  *                                       goes, per op (sm_profile), for the
- *                                       presets gpt2 (GPT-2 124M, B=4 T=64)
+ *                                       presets gpt2 (GPT-2 124M, B=4 T=64),
+ *                                       gpt2-1024 (the same at B=1 T=1024)
  *                                       and tiny (the trainer's tiny preset
  *                                       with Engram-Nine, PEER and mHC on);
- *                                       both when none is named
+ *                                       gpt2 and tiny when none is named
  *
  * Every ratio is measured in this one run, ours and OpenBLAS's interleaved,
  * the median of the rounds; absolute numbers depend on the machine and its
@@ -274,18 +275,25 @@ static void profile_model(const char *label, sm_model_config cfg, int B, int ste
     free(tokens), free(ids);
 }
 
-/* profile [gpt2] [tiny]: both when none is named. */
+/* profile [gpt2] [gpt2-1024] [tiny]: gpt2 and tiny when none is named. */
 static void profile_presets(int n, char **names) {
     int i, all = n == 0;
     for (i = 0; i < n; i++)
-        if (strcmp(names[i], "gpt2") != 0 && strcmp(names[i], "tiny") != 0) {
-            fprintf(stderr, "bench: unknown preset '%s' (gpt2, tiny)\n", names[i]);
+        if (strcmp(names[i], "gpt2") != 0 && strcmp(names[i], "gpt2-1024") != 0 && strcmp(names[i], "tiny") != 0) {
+            fprintf(stderr, "bench: unknown preset '%s' (gpt2, gpt2-1024, tiny)\n", names[i]);
             exit(1);
         }
     for (i = 0; i < (all ? 2 : n); i++) {
         const char *name = all ? (i == 0 ? "gpt2" : "tiny") : names[i];
-        if (strcmp(name, "gpt2") == 0) profile_model("gpt2-124M", gpt2_config(), 4, 3);
-        else profile_model("tiny, all modules", tiny_all_config(), 8, 10);
+        if (strcmp(name, "gpt2") == 0) {
+            profile_model("gpt2-124M", gpt2_config(), 4, 3);
+        } else if (strcmp(name, "gpt2-1024") == 0) { /* GPT-2's full context: attention's T^2 shows */
+            sm_model_config c = gpt2_config();
+            c.seq_len = 1024;
+            profile_model("gpt2-124M at T=1024", c, 1, 2);
+        } else {
+            profile_model("tiny, all modules", tiny_all_config(), 8, 10);
+        }
     }
 }
 
