@@ -10209,26 +10209,26 @@ SMDEF void sm_embedding_backward(float *dwte, float *dwpe, const float *dout, co
         }
 }
 
-/* Attention as products of the head's blocks, the causal
- * triangle cut into blocks of SM__ATTN_ROWS query rows: rows [r0, r1) see
- * keys [0, r1), so the products skip the keys after the block and compute
- * only the diagonal block's upper half in vain (SM__ATTN_ROWS / T of the
- * work). Each (batch, head) pair runs on one thread (the built-in
- * sm_sgemm, sm__sgemm_packed, runs inside the parallel loop on the calling
- * thread alone) and writes only its own hs columns of out or dqkv. */
+/* Attention as products of a head's blocks, the causal triangle cut into
+ * blocks of SM__ATTN_ROWS query rows: rows [r0, r1) see keys [0, r1), so
+ * the products skip the keys after the block and compute only the diagonal
+ * block's upper half in vain (SM__ATTN_ROWS / T of the work). Each (batch,
+ * head) pair runs on one thread (the built-in sm_sgemm, sm__sgemm_packed,
+ * runs inside the parallel loop on the calling thread alone) and writes
+ * only its own hs columns of out or dqkv. */
 #define SM__ATTN_ROWS 128
 
-/* The row pointers of one (batch, head): q, k, v with stride 3C. */
+/* One (batch, head): its q, k and v columns of the qkv rows (3C apart). */
 typedef struct {
     const float *q, *k, *v;
-    int T, C3, hs;
-    float scale; /* 1 / sqrt(hs) */
+    int T, C, ld, hs; /* ld = 3C */
+    float scale;      /* 1 / sqrt(hs) */
 } sm__attn_head;
 
 static sm__attn_head sm__attn_head_at(const float *qkv, int T, int C, int hs, int h) {
     sm__attn_head a;
     a.q = qkv + (size_t)h * hs, a.k = a.q + C, a.v = a.q + 2 * C;
-    a.T = T, a.C3 = 3 * C, a.hs = hs, a.scale = 1.0f / sqrtf((float)hs);
+    a.T = T, a.C = C, a.ld = 3 * C, a.hs = hs, a.scale = 1.0f / sqrtf((float)hs);
     return a;
 }
 
@@ -10240,13 +10240,14 @@ static void sm__attention_head_forward(float *out, int ldo, float *att, const sm
     for (r0 = 0; r0 < T; r0 += SM__ATTN_ROWS) {
         int r1 = r0 + SM__ATTN_ROWS < T ? r0 + SM__ATTN_ROWS : T;
         float *s = att + (size_t)r0 * T;
-        sm__sgemm_packed(0, 1, r1 - r0, r1, a->hs, a->scale, a->q + (size_t)r0 * a->C3, a->C3, a->k, a->C3, 0.0f, s, T);
+        sm__sgemm_packed(0, 1, r1 - r0, r1, a->hs, a->scale, a->q + (size_t)r0 * a->ld, a->ld, a->k, a->ld,
+                         0.0f, s, T);
         for (t = r0; t < r1; t++) {
             float *row = att + (size_t)t * T;
             sm__softmax_inplace(row, t + 1, NULL);
             memset(row + t + 1, 0, sizeof(float) * (size_t)(T - t - 1));
         }
-        sm__sgemm_packed(0, 0, r1 - r0, a->hs, r1, 1.0f, s, T, a->v, a->C3, 0.0f, out + (size_t)r0 * ldo, ldo);
+        sm__sgemm_packed(0, 0, r1 - r0, a->hs, r1, 1.0f, s, T, a->v, a->ld, 0.0f, out + (size_t)r0 * ldo, ldo);
     }
 }
 
@@ -10276,19 +10277,20 @@ static void sm__attention_softmax_backward(float *ds, const float *row, int t, i
  * ds (above), then dq += ds k, dk += ds^T q, dv += att^T dout, added into
  * the head's columns of dqkv (k and v summed over the blocks in order).
  * ds: SM__ATTN_ROWS x T floats of scratch. */
-static void sm__attention_head_backward(float *dqkv, float *ds, const float *dout, int ldo, const float *att,
-                                        const sm__attn_head *a) {
-    int T = a->T, C3 = a->C3, r0, t;
-    float *dq = dqkv, *dk = dqkv + C3 / 3, *dv = dqkv + 2 * (C3 / 3);
+static void sm__attention_head_backward(float *dqkv, float *ds, const float *dout, int ldo,
+                                        const float *att, const sm__attn_head *a) {
+    int T = a->T, ld = a->ld, r0, t;
+    float *dq = dqkv, *dk = dqkv + a->C, *dv = dqkv + 2 * a->C;
     for (r0 = 0; r0 < T; r0 += SM__ATTN_ROWS) {
         int r1 = r0 + SM__ATTN_ROWS < T ? r0 + SM__ATTN_ROWS : T, m = r1 - r0;
         const float *p = att + (size_t)r0 * T, *d = dout + (size_t)r0 * ldo;
-        sm__sgemm_packed(0, 1, m, r1, a->hs, 1.0f, d, ldo, a->v, C3, 0.0f, ds, T);
+        sm__sgemm_packed(0, 1, m, r1, a->hs, 1.0f, d, ldo, a->v, ld, 0.0f, ds, T);
         for (t = r0; t < r1; t++)
-            sm__attention_softmax_backward(ds + (size_t)(t - r0) * T, att + (size_t)t * T, t, r1, a->scale);
-        sm__sgemm_packed(0, 0, m, a->hs, r1, 1.0f, ds, T, a->k, C3, 1.0f, dq + (size_t)r0 * C3, C3);
-        sm__sgemm_packed(1, 0, r1, a->hs, m, 1.0f, ds, T, a->q + (size_t)r0 * C3, C3, 1.0f, dk, C3);
-        sm__sgemm_packed(1, 0, r1, a->hs, m, 1.0f, p, T, d, ldo, 1.0f, dv, C3);
+            sm__attention_softmax_backward(ds + (size_t)(t - r0) * T, p + (size_t)(t - r0) * T, t, r1,
+                                           a->scale);
+        sm__sgemm_packed(0, 0, m, a->hs, r1, 1.0f, ds, T, a->k, ld, 1.0f, dq + (size_t)r0 * ld, ld);
+        sm__sgemm_packed(1, 0, r1, a->hs, m, 1.0f, ds, T, a->q + (size_t)r0 * ld, ld, 1.0f, dk, ld);
+        sm__sgemm_packed(1, 0, r1, a->hs, m, 1.0f, p, T, d, ldo, 1.0f, dv, ld);
     }
 }
 
@@ -10303,8 +10305,8 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
         float *ds = (float *)SM_MALLOC(sizeof(float) * (size_t)SM__ATTN_ROWS * T);
         sm__attn_head a = sm__attn_head_at(qkv + (size_t)b * T * 3 * C, T, C, hs, h);
         SM_ASSERT(ds != NULL);
-        sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C + h * hs, ds, dout + (size_t)b * T * C + h * hs,
-                                    C, att + (size_t)bh * T * T, &a);
+        sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C + h * hs, ds,
+                                    dout + (size_t)b * T * C + h * hs, C, att + (size_t)bh * T * T, &a);
         SM_FREE(ds);
     }
 }
