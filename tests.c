@@ -6046,6 +6046,42 @@ static int test_engram_grad_projections(void) {
     return 0;
 }
 
+/* The conv's backward over 150 channels (three blocks of the weight
+ * gradient's 64, the last part-filled), dilation 2, into gradients that
+ * already hold values: dx and dw against sums in double. */
+static int test_engram_conv_backward_wide(void) {
+    enum { B = 2, T = 21, C = 150, DIL = 2, K = SM_ENGRAM_CONV_KERNEL };
+    size_t n = (size_t)B * T * C;
+    sm_rng r;
+    float *dy, *x, *w, *dx, *dw, *dx0 = (float *)t_alloc(n), *dw0 = (float *)t_alloc((size_t)C * K);
+    double worst = 0.0;
+    int b, t, ch, j;
+    sm_rng_seed(&r, 41);
+    dy = t_randn(&r, n, 1), x = t_randn(&r, n, 1), w = t_randn(&r, (size_t)C * K, 1);
+    dx = t_randn(&r, n, 1), dw = t_randn(&r, (size_t)C * K, 1);
+    memcpy(dx0, dx, sizeof(float) * n), memcpy(dw0, dw, sizeof(float) * C * K);
+    sm__engram_conv_backward(dx, dw, dy, x, w, B, T, C, DIL);
+    for (ch = 0; ch < C; ch++)
+        for (j = 0; j < K; j++) {
+            double s = dw0[ch * K + j];
+            for (b = 0; b < B; b++)
+                for (t = j * DIL; t < T; t++)
+                    s += (double)dy[((size_t)b * T + t) * C + ch] * x[((size_t)b * T + t - j * DIL) * C + ch];
+            worst = fmax(worst, fabs(dw[ch * K + j] - s) / (1.0 + fabs(s)));
+        }
+    for (b = 0; b < B; b++)
+        for (t = 0; t < T; t++)
+            for (ch = 0; ch < C; ch++) {
+                size_t at = ((size_t)b * T + t) * C + ch;
+                double s = dx0[at];
+                for (j = 0; j < K && t + j * DIL < T; j++) s += (double)w[ch * K + j] * dy[at + (size_t)j * DIL * C];
+                worst = fmax(worst, fabs(dx[at] - s) / (1.0 + fabs(s)));
+            }
+    CHECK(worst < 1e-6, "conv backward %.3g off the double sums", worst);
+    free(dy), free(x), free(w), free(dx), free(dw), free(dx0), free(dw0);
+    return 0;
+}
+
 static int test_engram_grad_norms_and_conv(void) {
     t_engram f;
     if (t_engram_setup(&f, 1, 33)) return 1;
@@ -6382,7 +6418,8 @@ static int test_engram_streams_grad_variants(void) {
         T(test_engram_hash_collisions_balls_into_bins),                                         \
         T(test_engram_forward_matches_definition), T(test_engram_forward_init_is_gated_value),  \
         T(test_engram_grad_hidden), T(test_engram_grad_projections),                            \
-        T(test_engram_grad_norms_and_conv), T(test_engram_grad_table),                          \
+        T(test_engram_conv_backward_wide),                                                       \
+        T(test_engram_grad_norms_and_conv), T(test_engram_grad_table),                           \
         T(test_engram_grad_plain_gate), T(test_engram_sparse_rows),                             \
         T(test_engram_variants_reduce_to_plain), T(test_engram_grad_hot_key_proj),              \
         T(test_engram_grad_hot_gate), T(test_engram_variant_params),                            \
