@@ -6418,8 +6418,8 @@ static int test_engram_streams_grad_variants(void) {
         T(test_engram_hash_collisions_balls_into_bins),                                         \
         T(test_engram_forward_matches_definition), T(test_engram_forward_init_is_gated_value),  \
         T(test_engram_grad_hidden), T(test_engram_grad_projections),                            \
-        T(test_engram_conv_backward_wide),                                                       \
-        T(test_engram_grad_norms_and_conv), T(test_engram_grad_table),                           \
+        T(test_engram_conv_backward_wide),                                                      \
+        T(test_engram_grad_norms_and_conv), T(test_engram_grad_table),                          \
         T(test_engram_grad_plain_gate), T(test_engram_sparse_rows),                             \
         T(test_engram_variants_reduce_to_plain), T(test_engram_grad_hot_key_proj),              \
         T(test_engram_grad_hot_gate), T(test_engram_variant_params),                            \
