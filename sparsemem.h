@@ -9677,28 +9677,29 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const 
  *     dphi += dz'^T x
  *     dx   += dz' phi - (rstd^2 <dz, z> / nC) x
  * the second line being RMSNorm's backward r (g - x' <g, x'> / nC) for
- * g = dz phi, since <g, x'> = <dz, z>. z is used up (it ends as dz'). */
-static void sm__mhc_project_backward(float *dx, float *dphi, float *z, const float *rstd,
-                                     const float *darg, const float *x, const sm_mhc_params *p,
-                                     int N, int n, int C) {
-    int K = sm_mhc_map_count(n), nC = n * C, t;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
-#endif
-    for (t = 0; t < N; t++) {
-        float *zt = z + (size_t)t * K, *d = dx + (size_t)t * nC, coef;
-        const float *xt = x + (size_t)t * nC;
-        double dot = 0.0;
-        int k, c;
-        for (k = 0; k < K; k++) {
-            float dz = p->gate[sm__mhc_gate_of(k, n)] * darg[(size_t)t * K + k];
-            dot += (double)dz * zt[k];
-            zt[k] = rstd[t] * dz;
-        }
-        coef = (float)((double)rstd[t] * rstd[t] * dot / nC);
-        for (c = 0; c < nC; c++) d[c] -= coef * xt[c];
-    }
-    sm_linear_backward(dx, dphi, NULL, z, x, p->phi, N, nC, K);
+ * g = dz phi, since <g, x'> = <dz, z>. The x term is one token's
+ * (sm__mhc_norm_term_backward, run in sm_mhc_pre_backward's pass over the
+ * tokens while their x and dx are in cache); the rest is
+ * sm__mhc_phi_backward. */
+static void sm__mhc_norm_term_backward(float *dx, const float *x, const float *z, float rstd,
+                                       const float *darg, const sm_mhc_params *p, int n, int C) {
+    int K = sm_mhc_map_count(n), nC = n * C, k, c;
+    double dot = 0.0;
+    float coef;
+    for (k = 0; k < K; k++) dot += (double)(p->gate[sm__mhc_gate_of(k, n)] * darg[k]) * z[k];
+    coef = (float)((double)rstd * rstd * dot / nC);
+    for (c = 0; c < nC; c++) dx[c] -= coef * x[c];
+}
+
+/* dz' = rstd a darg into z (used up), then the products with phi above. */
+static void sm__mhc_phi_backward(float *dx, float *dphi, float *z, const float *rstd,
+                                 const float *darg, const float *x, const sm_mhc_params *p,
+                                 int N, int n, int C) {
+    int K = sm_mhc_map_count(n), t, k;
+    for (t = 0; t < N; t++)
+        for (k = 0; k < K; k++)
+            z[(size_t)t * K + k] = rstd[t] * (p->gate[sm__mhc_gate_of(k, n)] * darg[(size_t)t * K + k]);
+    sm_linear_backward(dx, dphi, NULL, z, x, p->phi, N, n * C, K);
 }
 
 SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
@@ -9716,10 +9717,12 @@ SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const
         sm__mhc_maps_backward(dmaps + (size_t)g * K, act->maps + (size_t)g * K,
                               cfg->dynamic ? act->z + (size_t)g * K : NULL, p, count, n,
                               cfg->sinkhorn_iters);
+        for (t = g; t < g + count && cfg->dynamic; t++)
+            sm__mhc_norm_term_backward(dx + (size_t)t * nC, x + (size_t)t * nC, act->z + (size_t)t * K,
+                                       act->rstd[t], dmaps + (size_t)t * K, p, n, C);
     }
     sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
-    if (cfg->dynamic)
-        sm__mhc_project_backward(dx, dp->phi, act->z, act->rstd, dmaps, x, p, N, n, C);
+    if (cfg->dynamic) sm__mhc_phi_backward(dx, dp->phi, act->z, act->rstd, dmaps, x, p, N, n, C);
 }
 
 /* ---- expand / collapse ---- */
@@ -11783,7 +11786,7 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
  *           sm__peer_query_backward
  *       sm_mhc_pre_backward               >>mhc     through the maps and
  *         sm__mhc_pre_mix_backward, sm__mhc_maps_backward (Sinkhorn in
- *         lanes), sm__mhc_project_backward (phi and the RMSNorm)
+ *         lanes, then RMSNorm's x term), sm__mhc_phi_backward (phi)
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
  *     sm_embedding_backward               >>backbone
  * The optimizer step (sm_params_adamw_step, >>optim) follows. */
