@@ -645,68 +645,78 @@ static int test_attention_gradient_and_causality(void) {
     return 0;
 }
 
+/* Row t of head h of batch b, directly in double: the probabilities p over
+ * the causal prefix, the output o (hs values), and the row's gradients
+ * added into ref (qkv's layout) for the upstream gradient dout. pd: T
+ * doubles of scratch. */
+static void t_attention_reference_row(double *p, double *o, double *ref, double *pd, const float *qkv,
+                                      const float *dout, int T, int C, int hs, int b, int h, int t) {
+    const size_t C3 = 3 * (size_t)C, row = (size_t)b * T;
+    const float *q = qkv + (row + t) * C3 + (size_t)h * hs, *d = dout + (row + t) * C + (size_t)h * hs;
+    double mx = -1e300, sum = 0, pdatt = 0, scale = 1.0 / sqrt((double)hs);
+    int t2, i;
+    for (t2 = 0; t2 <= t; t2++) {
+        const float *k = qkv + (row + t2) * C3 + C + (size_t)h * hs;
+        for (p[t2] = 0, i = 0; i < hs; i++) p[t2] += (double)q[i] * k[i] * scale;
+        mx = p[t2] > mx ? p[t2] : mx;
+    }
+    for (t2 = 0; t2 <= t; t2++) sum += (p[t2] = exp(p[t2] - mx));
+    for (i = 0; i < hs; i++) o[i] = 0;
+    for (t2 = 0; t2 <= t; t2++) { /* o = p v; dv += p dout; pd = p datt, datt = dout . v */
+        const float *v = qkv + (row + t2) * C3 + 2 * C + (size_t)h * hs;
+        double datt = 0;
+        p[t2] /= sum;
+        for (i = 0; i < hs; i++) {
+            o[i] += p[t2] * v[i];
+            datt += (double)d[i] * v[i];
+            ref[(row + t2) * C3 + 2 * C + (size_t)h * hs + i] += p[t2] * d[i];
+        }
+        pdatt += (pd[t2] = p[t2] * datt);
+    }
+    for (t2 = 0; t2 <= t; t2++) { /* ds = p (datt - <p, datt>) / sqrt(hs); dq += ds k, dk += ds q */
+        const float *k = qkv + (row + t2) * C3 + C + (size_t)h * hs;
+        double ds = (pd[t2] - p[t2] * pdatt) * scale;
+        for (i = 0; i < hs; i++) {
+            ref[(row + t) * C3 + (size_t)h * hs + i] += ds * k[i];
+            ref[(row + t2) * C3 + C + (size_t)h * hs + i] += ds * q[i];
+        }
+    }
+}
+
 /* Attention over several blocks of query rows (T = 293: two full blocks
- * of SM__ATTN_ROWS = 128 and a part, hs = 12) against a direct double
- * computation: out, the probabilities (zero after the causal prefix), and
- * dqkv, which the backward adds to (it starts from random values). */
+ * of SM__ATTN_ROWS = 128 and a part, hs = 12) against the direct double
+ * computation above: out, the probabilities (zero after the causal prefix,
+ * whatever the buffer held), and dqkv, which the backward adds to (it
+ * starts from random values). */
 static int test_attention_blocks_against_reference(void) {
     enum { B = 2, T = 293, C = 24, NH = 2, HS = C / NH };
-    size_t n_qkv = (size_t)B * T * 3 * C, n_out = (size_t)B * T * C;
+    size_t n_qkv = (size_t)B * T * 3 * C, n_out = (size_t)B * T * C, n_att = (size_t)B * NH * T * T, i;
     sm_rng r;
-    float *qkv, *dout, *out = (float *)t_alloc(n_out), *att = (float *)t_alloc((size_t)B * NH * T * T);
-    float *dqkv, *dqkv0 = (float *)t_alloc(n_qkv);
-    double *ref = (double *)calloc(n_qkv, sizeof(double)), *p = (double *)malloc(sizeof(double) * 2 * T), *pd = p + T;
-    double worst_out = 0, worst_att = 0, worst_grad = 0, scale = 1.0 / sqrt((double)HS);
-    int b, h, t, t2, i, zeros_ok = 1;
+    float *qkv, *dout, *dqkv, *out = (float *)t_alloc(n_out), *att = (float *)t_alloc(n_att);
+    float *dqkv0 = (float *)t_alloc(n_qkv);
+    double *ref = (double *)calloc(n_qkv, sizeof(double)), *p = (double *)malloc(sizeof(double) * 2 * T);
+    double o[HS], worst_out = 0, worst_att = 0, worst_grad = 0;
+    int b, h, t, t2, j, zeros_ok = 1;
     sm_rng_seed(&r, 29);
     qkv = t_randn(&r, n_qkv, 1), dout = t_randn(&r, n_out, 1), dqkv = t_randn(&r, n_qkv, 1);
     memcpy(dqkv0, dqkv, sizeof(float) * n_qkv);
-    for (i = 0; i < B * NH * T * T; i++) att[i] = 7.0f; /* what a reused buffer may hold */
+    for (i = 0; i < n_att; i++) att[i] = 7.0f; /* what a reused buffer may hold */
     sm_attention_forward(out, att, qkv, B, T, C, NH);
     sm_attention_backward(dqkv, dout, qkv, att, B, T, C, NH);
     for (b = 0; b < B; b++)
         for (h = 0; h < NH; h++)
             for (t = 0; t < T; t++) {
-                const float *q = qkv + ((size_t)b * T + t) * 3 * C + h * HS, *d = dout + ((size_t)b * T + t) * C + h * HS;
                 const float *a = att + (((size_t)b * NH + h) * T + t) * T;
-                double mx = -1e300, sum = 0, pdatt = 0, o;
-                for (t2 = 0; t2 <= t; t2++) {
-                    const float *k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * HS;
-                    for (p[t2] = 0, i = 0; i < HS; i++) p[t2] += (double)q[i] * k[i] * scale;
-                    mx = p[t2] > mx ? p[t2] : mx;
-                }
-                for (t2 = 0; t2 <= t; t2++) sum += (p[t2] = exp(p[t2] - mx));
-                for (t2 = 0; t2 < T; t2++) {
-                    if (t2 > t) {
-                        zeros_ok &= a[t2] == 0.0f;
-                        continue;
-                    }
-                    p[t2] /= sum;
-                    worst_att = fmax(worst_att, fabs(a[t2] - p[t2]));
-                }
-                for (i = 0; i < HS; i++) {
-                    for (o = 0, t2 = 0; t2 <= t; t2++) o += p[t2] * qkv[((size_t)b * T + t2) * 3 * C + 2 * C + h * HS + i];
-                    worst_out = fmax(worst_out, fabs(out[((size_t)b * T + t) * C + h * HS + i] - o));
-                }
-                for (t2 = 0; t2 <= t; t2++) { /* pd = p datt, datt = dout . v */
-                    const float *v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * HS;
-                    double datt = 0;
-                    for (i = 0; i < HS; i++) datt += (double)d[i] * v[i];
-                    for (i = 0; i < HS; i++) ref[((size_t)b * T + t2) * 3 * C + 2 * C + h * HS + i] += p[t2] * d[i];
-                    pdatt += (pd[t2] = p[t2] * datt);
-                }
-                for (t2 = 0; t2 <= t; t2++) { /* ds = p (datt - <p, datt>) / sqrt(hs) */
-                    const float *k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * HS;
-                    double ds = (pd[t2] - p[t2] * pdatt) * scale;
-                    for (i = 0; i < HS; i++) {
-                        ref[((size_t)b * T + t) * 3 * C + h * HS + i] += ds * k[i];
-                        ref[((size_t)b * T + t2) * 3 * C + C + h * HS + i] += ds * q[i];
-                    }
-                }
+                const float *ot = out + ((size_t)b * T + t) * C + h * HS;
+                t_attention_reference_row(p, o, ref, p + T, qkv, dout, T, C, HS, b, h, t);
+                for (t2 = 0; t2 <= t; t2++) worst_att = fmax(worst_att, fabs(a[t2] - p[t2]));
+                for (; t2 < T; t2++) zeros_ok &= a[t2] == 0.0f;
+                for (j = 0; j < HS; j++) worst_out = fmax(worst_out, fabs(ot[j] - o[j]));
             }
-    for (i = 0; i < (int)n_qkv; i++) worst_grad = fmax(worst_grad, fabs((double)dqkv[i] - dqkv0[i] - ref[i]));
+    for (i = 0; i < n_qkv; i++) worst_grad = fmax(worst_grad, fabs((double)dqkv[i] - dqkv0[i] - ref[i]));
     CHECK(zeros_ok, "a probability after the causal prefix is not 0");
-    CHECK(worst_att < 1e-6 && worst_out < 5e-6, "probabilities %.3g, outputs %.3g off the reference", worst_att, worst_out);
+    CHECK(worst_att < 1e-6 && worst_out < 5e-6, "probabilities %.3g, outputs %.3g off the reference", worst_att,
+          worst_out);
     CHECK(worst_grad < 2e-5, "dqkv %.3g off the reference", worst_grad);
     free(qkv), free(dout), free(out), free(att), free(dqkv), free(dqkv0), free(ref), free(p);
     return 0;
