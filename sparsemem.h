@@ -10097,10 +10097,10 @@ static float sm__softmax_max(const float *row, int n) {
     if (n >= SM__AV_WIDTH) {
         float lane[SM__AV_WIDTH];
         sm__av vm = sm__av_splat(m);
+        int l;
         for (; v + SM__AV_WIDTH <= n; v += SM__AV_WIDTH) vm = sm__av_max(sm__av_load(row + v), vm);
         sm__av_store(lane, vm);
-        for (v = 0; v < SM__AV_WIDTH; v++) m = lane[v] > m ? lane[v] : m;
-        v = n - n % SM__AV_WIDTH;
+        for (l = 0; l < SM__AV_WIDTH; l++) m = lane[l] > m ? lane[l] : m;
     }
 #endif
     for (; v < n; v++) m = row[v] > m ? row[v] : m;
