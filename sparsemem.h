@@ -9260,7 +9260,13 @@ static void sm__sinkhorn_forward_group(float *out, const float *logits, size_t l
         lanes = sm__sinkhorn_lanes_for(count - k, n, iters, 0);
         L = w, K = L + nn * lanes, u = K + nn * lanes, v = u + n * lanes, lam = v + n * lanes;
         sm__lanes_gather(L, logits + k * ld, ld, nn, lanes);
-        sm__sinkhorn_forward_lanes(K, K, u, v, lam, L, n, iters, lanes);
+        /* A literal lane count lets the compiler specialise the rounds for
+         * full groups: their loops over the lanes become fixed-length
+         * vector code, without the variable count's scalar remainders. */
+        if (lanes == SM__SINKHORN_LANES)
+            sm__sinkhorn_forward_lanes(K, K, u, v, lam, L, n, iters, SM__SINKHORN_LANES);
+        else
+            sm__sinkhorn_forward_lanes(K, K, u, v, lam, L, n, iters, lanes);
         sm__lanes_scatter(out + k * ld, ld, K, nn, lanes, 0);
     }
 }
@@ -9287,7 +9293,10 @@ static void sm__sinkhorn_backward_group(float *dlogits, const float *dout, const
         wk.tape.fresh = (unsigned char *)(wk.tape.lam + iters * nl);
         sm__lanes_gather(L, logits + k * ld, ld, nn, lanes);
         sm__lanes_gather(D, dout + k * ld, ld, nn, lanes);
-        sm__sinkhorn_backward_lanes(dL, &wk, D, L, n, iters, lanes);
+        if (lanes == SM__SINKHORN_LANES) /* as in the forward */
+            sm__sinkhorn_backward_lanes(dL, &wk, D, L, n, iters, SM__SINKHORN_LANES);
+        else
+            sm__sinkhorn_backward_lanes(dL, &wk, D, L, n, iters, lanes);
         sm__lanes_scatter(dlogits + k * ld, ld, dL, nn, lanes, add);
     }
 }
