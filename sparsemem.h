@@ -2468,12 +2468,14 @@ static SM_HD float sm__silu_grad(float x) {
  * deterministic. */
 static float sm__dot(const float *a, const float *b, int n) {
     float acc[32] = {0}, s;
-    int i, l, w;
+    int i, l;
     for (i = 0; i + 32 <= n; i += 32)
         for (l = 0; l < 32; l++) acc[l] += a[i + l] * b[i + l];
-    for (w = 16; w >= 1; w /= 2)
-        for (l = 0; l < w; l++) acc[l] += acc[l + w];
-    s = acc[0];
+    for (l = 0; l < 16; l++) acc[l] += acc[l + 16]; /* constant widths: the sums stay in */
+    for (l = 0; l < 8; l++) acc[l] += acc[l + 8];   /* registers (a loop over the width */
+    for (l = 0; l < 4; l++) acc[l] += acc[l + 4];   /* went through the stack, at half */
+    for (l = 0; l < 2; l++) acc[l] += acc[l + 2];   /* the speed of the products) */
+    s = acc[0] + acc[1];
     for (; i < n; i++) s += a[i] * b[i];
     return s;
 }
@@ -2484,12 +2486,13 @@ static float sm__dot(const float *a, const float *b, int n) {
  * serial chain of double adds cost 4 cycles per element. */
 static double sm__dot3_double(const float *a, const float *b, const float *c, int n) {
     double acc[16] = {0}, s;
-    int i, l, w;
+    int i, l;
     for (i = 0; i + 16 <= n; i += 16)
         for (l = 0; l < 16; l++) acc[l] += (double)a[i + l] * b[i + l] * (c ? c[i + l] : 1.0f);
-    for (w = 8; w >= 1; w /= 2)
-        for (l = 0; l < w; l++) acc[l] += acc[l + w];
-    s = acc[0];
+    for (l = 0; l < 8; l++) acc[l] += acc[l + 8]; /* as in sm__dot */
+    for (l = 0; l < 4; l++) acc[l] += acc[l + 4];
+    for (l = 0; l < 2; l++) acc[l] += acc[l + 2];
+    s = acc[0] + acc[1];
     for (; i < n; i++) s += (double)a[i] * b[i] * (c ? c[i] : 1.0f);
     return s;
 }
