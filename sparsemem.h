@@ -3182,13 +3182,23 @@ static void sm__pack_panel_transposed(const float *src, size_t rs, int kc, int w
 
 /* dst[k][r] = src[k*ks + r*rs] for k < kc, r < width, and 0 for
  * width <= r < W: a panel of W floats per k. One of ks, rs is 1, and the
- * source is read contiguously either way. */
+ * source is read contiguously either way. With rs = 1 (op(B) = B, op(A) =
+ * A^T: the backward's products) each k reads a few lines of a row of its
+ * own, rows often a page or more apart, where no hardware prefetcher
+ * follows: the row SM__PACK_AHEAD ahead is requested while this one is
+ * copied. */
+#define SM__PACK_AHEAD 8
 static void sm__pack_panel(const float *src, size_t ks, size_t rs, int kc, int width, int W,
                            float *dst) {
     int k, r;
     if (rs == 1)
-        for (k = 0; k < kc; k++)
-            memcpy(dst + (size_t)k * W, src + (size_t)k * ks, sizeof(float) * (size_t)width);
+        for (k = 0; k < kc; k++) {
+            if (k + SM__PACK_AHEAD < kc) {
+                const float *ahead = src + (size_t)(k + SM__PACK_AHEAD) * ks;
+                SM__PREFETCH(ahead), SM__PREFETCH(ahead + width - 1);
+            }
+            for (r = 0; r < width; r++) dst[(size_t)k * W + r] = src[(size_t)k * ks + r];
+        }
     else
         sm__pack_panel_transposed(src, rs, kc, width, W, dst);
     for (k = 0; k < kc; k++)
