@@ -21,7 +21,8 @@
  *   engram  Engram at layer 1, 100K vs 4M rows per hash head (8 heads):
  *           the sparse update makes the step cost independent of table size.
  *   mhc     n = 4 streams (dynamic maps, 20 Sinkhorn iterations) vs baseline,
- *           with the time spent inside the mHC maps and mixing.
+ *           with the time spent inside the mHC maps and mixing, and the ops
+ *           whose time grew.
  *   nine    Engram-Nine (top-50K 2- and 3-grams in the hot tier) vs the
  *           hash-only Engram with exactly as many table rows; tokens drawn
  *           from a Zipf distribution (s = 1.1) so n-grams repeat as in text.
@@ -100,7 +101,7 @@ static void release(bench_cfg *cfgs, int n) {
 
 /* Per-op time of `rounds` more steps of a, then b (profiled; the rounds
  * that give the ratios are not): the ops whose time differs by more than
- * 0.5 ms per step, where the larger table's extra time goes. */
+ * 0.5 ms per step, where b's extra time goes. */
 static void print_op_growth(bench_cfg *a, bench_cfg *b, int rounds) {
     sm_profile prof[2];
     bench_cfg *c[2] = {a, b};
@@ -487,6 +488,7 @@ static void bench_mhc(int rounds) {
     printf("  per sublayer (ms): pre forward %.3f (maps, H_pre x), post forward %.3f,\n"
            "  post backward %.3f, pre backward %.3f (maps, phi, RMSNorm)\n",
            1e3 * part[0], 1e3 * part[1], 1e3 * part[2], 1e3 * part[3]);
+    print_op_growth(&c[0], &c[1], rounds);
     release(c, 2);
 }
 
