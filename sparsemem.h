@@ -9636,12 +9636,19 @@ SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
 }
 
 /* One token of the post backward: dy += H_post^T dx_next, dx += H_res^T
- * dx_next, dH_post[i] += <dx_next[i], y>, dH_res[i,j] += <dx_next[i], x[j]>. */
+ * dx_next, dH_post[i] += <dx_next[i], y>, dH_res[i,j] += <dx_next[i], x[j]>.
+ * Without `add`, the token's dx, dy and all K of its dmaps are zeroed first
+ * (while in cache: no pass of its own over the n-wide gradient). */
 static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
                                       const float *x, const float *y, const float *maps, int n,
-                                      int C) {
+                                      int C, int add) {
     const float *h_post = maps + n, *h_res = maps + 2 * n;
     int i, j, c;
+    if (!add) {
+        memset(dx, 0, sizeof(float) * (size_t)n * C);
+        memset(dy, 0, sizeof(float) * (size_t)C);
+        memset(dmaps, 0, sizeof(float) * (size_t)sm_mhc_map_count(n));
+    }
     for (i = 0; i < n; i++) {
         const float *g = dx_next + i * C;
         for (c = 0; c < C; c++) dy[c] += h_post[i] * g[c];
@@ -9654,9 +9661,11 @@ static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const 
     }
 }
 
-SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
-                                const float *x, const float *y, const sm_mhc_acts *act,
-                                const sm_mhc_config *cfg, int N) {
+/* sm_mhc_post_backward; without `add` dx, dy and dmaps are written, not
+ * added to (the model's backward: no zeroing pass before). */
+static void sm__mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
+                                  const float *x, const float *y, const sm_mhc_acts *act,
+                                  const sm_mhc_config *cfg, int N, int add) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
 #ifdef _OPENMP
@@ -9665,7 +9674,13 @@ SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float 
     for (t = 0; t < N; t++)
         sm__mhc_post_mix_backward(dx + t * nC, dy + (size_t)t * C, dmaps + (size_t)t * K,
                                   dx_next + t * nC, x + t * nC, y + (size_t)t * C,
-                                  act->maps + (size_t)t * K, n, C);
+                                  act->maps + (size_t)t * K, n, C, add);
+}
+
+SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
+                                const float *x, const float *y, const sm_mhc_acts *act,
+                                const sm_mhc_config *cfg, int N) {
+    sm__mhc_post_backward(dx, dy, dmaps, dx_next, x, y, act, cfg, N, 1);
 }
 
 /* One token through u = H_pre x: dx[i] += H_pre[i] du, dH_pre[i] += <du, x[i]>. */
@@ -11778,10 +11793,8 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
         sm_mhc_params mg = sm__mhc_view(m, m->params.grad, s);
-        SM__TIMED(pf, SM_PROF_MHC_STREAMS, memset(m->dres_prev, 0, sizeof(float) * NC * mc->n_streams));
-        SM__TIMED(pf, SM_PROF_MHC_MIX, memset(m->dy, 0, sizeof(float) * NC);
-                  memset(m->dmaps, 0, sizeof(float) * (size_t)N * sm_mhc_map_count(mc->n_streams));
-                  sm_mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N));
+        SM__TIMED(pf, SM_PROF_MHC_MIX, /* writes dres_prev, dy, dmaps */
+                  sm__mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N, 0));
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memset(m->du, 0, sizeof(float) * NC));
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
         SM__TIMED(pf, SM_PROF_MHC_MAPS,
