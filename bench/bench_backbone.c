@@ -12,6 +12,11 @@
  *                                       shapes (~1 s); prints the trainer's
  *                                       flags for cblas_sgemm if OpenBLAS is
  *                                       the faster, else nothing
+ *   ./bench/bench_backbone regions      what one OpenMP parallel region costs
+ *                                       (an empty one on every thread) after
+ *                                       0, 20 and 100 us of serial work: the
+ *                                       waking of sleeping threads under the
+ *                                       environment's wait policy
  *   ./bench/bench_backbone profile [PRESET...]  where a training step's time
  *                                       goes, per op (sm_profile), for the
  *                                       presets gpt2 (GPT-2 124M, B=4 T=64),
@@ -305,6 +310,40 @@ static void bench_steps(void) {
     printf("  llm.c on the same machine: bash bench/vs_llmc.sh LLMC_DIR (interleaved runs, one ratio)\n");
 }
 
+/* Mean seconds of an empty parallel region entered `gap` seconds of
+ * serial work after the previous one ended. A model step runs hundreds of
+ * regions (every op's own); where the wait policy puts idle threads to
+ * sleep at once (OMP_WAIT_POLICY=PASSIVE), each one starts by waking them,
+ * and on a virtual machine that wake can cost tens of microseconds. */
+static volatile int region_sink;
+static double region_seconds(double gap, int reps) {
+    double total = 0.0;
+    int r;
+    for (r = 0; r < reps; r++) {
+        double t = sm_now();
+        while (sm_now() - t < gap) {
+        }
+        t = sm_now();
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+        region_sink = 1;
+        total += sm_now() - t;
+    }
+    return total / reps;
+}
+
+static void bench_regions(void) {
+    static const double gaps[3] = {0.0, 20e-6, 100e-6};
+    int i;
+    printf("one empty parallel region on %d threads, mean of 2000 (OMP_WAIT_POLICY=%s, GOMP_SPINCOUNT=%s):\n",
+           sm_num_threads(), getenv("OMP_WAIT_POLICY") ? getenv("OMP_WAIT_POLICY") : "unset",
+           getenv("GOMP_SPINCOUNT") ? getenv("GOMP_SPINCOUNT") : "unset");
+    region_seconds(0.0, 100); /* the threads exist from here on */
+    for (i = 0; i < 3; i++)
+        printf("  after %3.0f us of serial work: %6.1f us\n", 1e6 * gaps[i], 1e6 * region_seconds(gaps[i], 2000));
+}
+
 int main(int argc, char **argv) {
     char cpu[256];
     if (argc > 1 && strcmp(argv[1], "choose") == 0) {
@@ -313,7 +352,9 @@ int main(int argc, char **argv) {
     }
     cpu_model(cpu, sizeof cpu);
     printf("cpu: %s\nsm_sgemm path: %s\n", cpu, sm_sgemm_path());
-    if (argc > 1 && strcmp(argv[1], "profile") == 0) {
+    if (argc > 1 && strcmp(argv[1], "regions") == 0) {
+        bench_regions();
+    } else if (argc > 1 && strcmp(argv[1], "profile") == 0) {
         profile_presets(argc - 2, argv + 2);
     } else if (argc > 1 && strcmp(argv[1], "gpt2-steps") == 0) {
         int steps = argc > 2 ? atoi(argv[2]) : 4;
