@@ -50,7 +50,8 @@ endif
 # OpenBLAS (Debian: libopenblas-dev): the trainer's GEMM. USE_CBLAS=1 builds it
 # on cblas_sgemm, USE_CBLAS=0 on sm_sgemm; unset, on whichever is faster here:
 # where OpenBLAS is installed, bench_backbone's `choose` mode (built as the
-# trainer is) times both at the MLP's GEMMs (~1 s) and writes the flags into
+# trainer is) times both at the default preset's head and MLP GEMMs (~1 s),
+# what `make reproduce` trains, and writes the flags into
 # build/gemm-choice (measured again when bench_backbone is rebuilt; the
 # verdict is in build/gemm-choice.log).
 HAVE_CBLAS := $(shell printf '\043include <cblas.h>\nint main(void){return 0;}' | $(CC) -x c - -lopenblas -o /dev/null 2>/dev/null && echo 1)

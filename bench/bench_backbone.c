@@ -8,10 +8,11 @@
  *                                       in all three layouts, R rounds (5)
  *   ./bench/bench_backbone gpt2-steps [S]  S timed GPT-2 124M training steps
  *                                       (B=4 T=64), each printed (vs_llmc.sh)
- *   ./bench/bench_backbone choose       the Makefile's choice: three of those
- *                                       shapes (~1 s); prints the trainer's
- *                                       flags for cblas_sgemm if OpenBLAS is
- *                                       the faster, else nothing
+ *   ./bench/bench_backbone choose       the Makefile's choice: the tiny
+ *                                       preset's head and MLP shapes (~1 s);
+ *                                       prints the trainer's flags for
+ *                                       cblas_sgemm if OpenBLAS is the
+ *                                       faster, else nothing
  *   ./bench/bench_backbone regions      what one OpenMP parallel region costs
  *                                       (an empty one on every thread) after
  *                                       0, 20 and 100 us of serial work: the
@@ -139,16 +140,17 @@ static double bench_shapes(FILE *out, const gemm_shape *shapes, int n, int round
     return exp(log_sum / n);
 }
 
-/* The Makefile's measurement: the MLP's GEMMs of a GPT-2 124M step in its
- * three layouts. Prints (stdout) the flags that build the trainer on
- * cblas_sgemm when OpenBLAS was faster (ratio below 1), the table and the
- * verdict on stderr. */
+/* The Makefile's measurement: the GEMMs of the trainer's default preset
+ * (tiny, what `make reproduce` trains), its LM head (most of its GEMM time)
+ * and its MLP, each in its three layouts. Prints (stdout) the flags that
+ * build the trainer on cblas_sgemm when OpenBLAS was faster (ratio below
+ * 1), the table and the verdict on stderr. */
 static void choose_gemm(void) {
-    static const gemm_shape mlp[] = {{"gpt2 fc", "NT", 256, 3072, 768},
-                                     {"gpt2 fc", "NN", 256, 768, 3072},
-                                     {"gpt2 fc", "TN", 3072, 768, 256}};
+    static const gemm_shape tiny[] = {{"tiny head", "NT", 1024, 8192, 128}, {"tiny head", "NN", 1024, 128, 8192},
+                                      {"tiny head", "TN", 8192, 128, 1024}, {"tiny fc", "NT", 1024, 512, 128},
+                                      {"tiny fc", "NN", 1024, 128, 512},    {"tiny fc", "TN", 512, 128, 1024}};
     char cpu[256];
-    double ratio = bench_shapes(stderr, mlp, 3, 7);
+    double ratio = bench_shapes(stderr, tiny, 6, 7);
     int use_blas = ratio > 0 && ratio < 1.0;
     cpu_model(cpu, sizeof cpu);
     fprintf(stderr, "sm_sgemm (%s) / OpenBLAS speed on %s: %.2f (geometric mean): the trainer uses %s\n",
