@@ -1641,9 +1641,12 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
  *   rstd [N]       its 1/rms
  *   z    [N, K]    x' phi^T, the raw projections
  *   maps [N, K]    H_pre | H_post | H_res per token
- * xn, rstd and z exist only in the dynamic variant (NULL when static). */
+ *   phi_panels     the CPU's scratch: phi packed for the GEMM micro-kernel
+ *                  by each pre forward and pre backward (unused on the GPU)
+ * xn, rstd, z and phi_panels exist only in the dynamic variant (NULL when
+ * static). */
 typedef struct sm_mhc_acts {
-    float *xn, *rstd, *z, *maps;
+    float *xn, *rstd, *z, *maps, *phi_panels;
 } sm_mhc_acts;
 SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N);
 SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base);
@@ -3338,6 +3341,51 @@ static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, fl
                 sm__gemm_macro(mc, nc, kc, g->alpha, Ap, Bp, g->C + (size_t)ic * g->ldc + jc, g->ldc,
                                g->overwrite && pc == 0, rowwise);
             }
+        }
+    }
+}
+
+/* ---- the micro-kernel on a block of rows the caller holds ----
+ * For a product with a small op(B) (a few KB) applied to a block of rows
+ * that the caller has just read or written, so still in cache: op(B) is
+ * packed once, as sm__gemm_block packs it (KC slices, NR-wide panels), and
+ * each block's rows go through the micro-kernel where they are, with no
+ * parallel region of its own (the caller's loop over blocks has one). The
+ * arithmetic and its order are sm__sgemm_packed's, so are the results. */
+
+/* Floats of op(B) [K x N] packed whole: every KC slice of it in panels. */
+static size_t sm__gemm_b_packed_floats(int K, int N) {
+    return (size_t)K * (size_t)((N + SM__NR - 1) / SM__NR * SM__NR);
+}
+
+/* op(B) [K x N] (B [N x K] when trans_b) into Bp: slice pc's panel jp at
+ * Bp + pc * N_pad + jp * kc (N_pad: N up to a multiple of NR). */
+static void sm__gemm_pack_b_whole(float *Bp, int trans_b, int K, int N, const float *B, int ldb) {
+    sm__gemm_job g;
+    size_t n_pad = (size_t)((N + SM__NR - 1) / SM__NR * SM__NR);
+    int pc, jp;
+    g.trans_b = trans_b, g.B = B, g.ldb = ldb;
+    for (pc = 0; pc < K; pc += SM__KC) {
+        int kc = K - pc < SM__KC ? K - pc : SM__KC;
+        for (jp = 0; jp < N; jp += SM__NR) sm__pack_b_panel(&g, pc, kc, 0, N, jp, Bp + (size_t)pc * n_pad);
+    }
+}
+
+/* C[rows x N] = (overwrite) or += A[rows x K] op(B), A row-major (lda),
+ * op(B) packed by sm__gemm_pack_b_whole. Ap: SM__MR x SM__KC floats. */
+static void sm__gemm_rows(int rows, int N, int K, const float *A, int lda, const float *Bp, float *C,
+                          int ldc, int overwrite, float *Ap) {
+    size_t n_pad = (size_t)((N + SM__NR - 1) / SM__NR * SM__NR);
+    int pc, ip, jp;
+    for (pc = 0; pc < K; pc += SM__KC) {
+        int kc = K - pc < SM__KC ? K - pc : SM__KC;
+        for (ip = 0; ip < rows; ip += SM__MR) {
+            int r = rows - ip < SM__MR ? rows - ip : SM__MR;
+            sm__pack_panel(A + (size_t)ip * lda + pc, 1, (size_t)lda, kc, r, SM__MR, Ap);
+            for (jp = 0; jp < N; jp += SM__NR)
+                sm__gemm_micro(kc, Ap, Bp + (size_t)pc * n_pad + (size_t)jp * kc, 1.0f,
+                               C + (size_t)ip * ldc + jp, ldc, r, N - jp < SM__NR ? N - jp : SM__NR,
+                               overwrite && pc == 0, 0);
         }
     }
 }
@@ -9511,10 +9559,18 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
     return SM_OK;
 }
 
+/* Floats of phi packed for the micro-kernel, either way (x phi^T in the
+ * forward, dz phi in the backward), from a cache line on. */
+static size_t sm__mhc_phi_panel_floats(const sm_mhc_config *cfg) {
+    int nC = cfg->n_streams * cfg->channels, K = sm_mhc_map_count(cfg->n_streams);
+    size_t fwd = sm__gemm_b_packed_floats(nC, K), bwd = sm__gemm_b_packed_floats(K, nC);
+    return (fwd > bwd ? fwd : bwd) + SM__LINE / sizeof(float);
+}
+
 SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N) {
     size_t n = (size_t)cfg->n_streams, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     size_t per_token = K + (cfg->dynamic ? n * (size_t)cfg->channels + 1 + K : 0);
-    return (size_t)N * per_token;
+    return (size_t)N * per_token + (cfg->dynamic ? sm__mhc_phi_panel_floats(cfg) : 0);
 }
 
 SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
@@ -9524,6 +9580,7 @@ SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
     a.xn = cfg->dynamic ? a.maps + (size_t)N * K : NULL;
     a.rstd = cfg->dynamic ? a.xn + (size_t)N * nC : NULL;
     a.z = cfg->dynamic ? a.rstd + N : NULL;
+    a.phi_panels = cfg->dynamic ? a.z + (size_t)N * K : NULL;
     return a;
 }
 
@@ -9591,22 +9648,37 @@ static void sm__mhc_normalise_z(float *z, float *rstd, const float *x, int nC, i
     for (k = 0; k < K; k++) z[k] *= *rstd;
 }
 
+/* Tokens per block of the pre forward and backward: whole groups of
+ * Sinkhorn lanes and whole MR-tall tiles of every kernel path (MR = 12, 6
+ * or 4). A block's products with phi run in the loop over the blocks
+ * (sm__gemm_rows) on its rows while they are in cache: a GEMM of their own
+ * was another pass over the 4x-wide x or dx and another parallel region,
+ * whose start wakes the sleeping threads. */
+#define SM__MHC_BLOCK 48
+
 SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
                               const sm_mhc_config *cfg, int N) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g;
-    if (cfg->dynamic) sm_linear_forward(act->z, x, p->phi, NULL, N, nC, K); /* x phi^T */
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, b;
+    float *phi_t = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
+    if (cfg->dynamic) sm__gemm_pack_b_whole(phi_t, 1, nC, K, p->phi, nC); /* phi^T */
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (g = 0; g < N; g += SM__SINKHORN_LANES) { /* a group of tokens: their Sinkhorns in lanes */
-        int count = sm__sinkhorn_group_size(N, g), t;
-        for (t = g; t < g + count && cfg->dynamic; t++)
-            sm__mhc_normalise_z(act->z + (size_t)t * K, act->rstd + t, x + (size_t)t * nC, nC, K);
-        sm__mhc_maps_forward(act->maps + (size_t)g * K,
-                             cfg->dynamic ? act->z + (size_t)g * K : NULL, p, count, n,
-                             cfg->sinkhorn_iters);
-        for (t = g; t < g + count; t++)
-            sm__mhc_pre_mix(u + (size_t)t * C, x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
+    for (b = 0; b < N; b += SM__MHC_BLOCK) {
+        float Ap[SM__MR * SM__KC];
+        int end = N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK, g, t;
+        if (cfg->dynamic) /* z = x phi^T */
+            sm__gemm_rows(end - b, K, nC, x + (size_t)b * nC, nC, phi_t, act->z + (size_t)b * K, K, 1, Ap);
+        for (g = b; g < end; g += SM__SINKHORN_LANES) { /* their Sinkhorns in lanes */
+            int count = sm__sinkhorn_group_size(end, g);
+            for (t = g; t < g + count && cfg->dynamic; t++)
+                sm__mhc_normalise_z(act->z + (size_t)t * K, act->rstd + t, x + (size_t)t * nC, nC, K);
+            sm__mhc_maps_forward(act->maps + (size_t)g * K,
+                                 cfg->dynamic ? act->z + (size_t)g * K : NULL, p, count, n,
+                                 cfg->sinkhorn_iters);
+            for (t = g; t < g + count; t++)
+                sm__mhc_pre_mix(u + (size_t)t * C, x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
+        }
     }
 }
 
@@ -9715,9 +9787,10 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const 
  *     dx   += dz' phi - (rstd^2 <dz, z> / nC) x
  * the second line being RMSNorm's backward r (g - x' <g, x'> / nC) for
  * g = dz phi, since <g, x'> = <dz, z>. The x term is one token's
- * (sm__mhc_norm_term_backward, run in sm_mhc_pre_backward's pass over the
- * tokens while their x and dx are in cache); the rest is
- * sm__mhc_phi_backward. */
+ * (sm__mhc_norm_term_backward) and dz' phi one block's
+ * (sm__mhc_pre_backward_block), both run in sm_mhc_pre_backward's pass over
+ * the tokens while their x and dx are in cache; dphi is a product over all
+ * the tokens after it. */
 static void sm__mhc_norm_term_backward(float *dx, const float *x, const float *z, float rstd,
                                        const float *darg, const sm_mhc_params *p, int n, int C) {
     int K = sm_mhc_map_count(n), nC = n * C, k, c;
@@ -9728,26 +9801,24 @@ static void sm__mhc_norm_term_backward(float *dx, const float *x, const float *z
     for (c = 0; c < nC; c++) dx[c] -= coef * x[c];
 }
 
-/* dz' = rstd a darg into z (used up), then the products with phi above. */
-static void sm__mhc_phi_backward(float *dx, float *dphi, float *z, const float *rstd,
-                                 const float *darg, const float *x, const sm_mhc_params *p,
-                                 int N, int n, int C) {
+/* dz' = rstd a darg for `count` tokens (K floats each). */
+static void sm__mhc_dz(float *dz, const float *darg, const float *rstd, const sm_mhc_params *p,
+                       int count, int n) {
     int K = sm_mhc_map_count(n), t, k;
-    for (t = 0; t < N; t++)
+    for (t = 0; t < count; t++)
         for (k = 0; k < K; k++)
-            z[(size_t)t * K + k] = rstd[t] * (p->gate[sm__mhc_gate_of(k, n)] * darg[(size_t)t * K + k]);
-    sm_linear_backward(dx, dphi, NULL, z, x, p->phi, N, n * C, K);
+            dz[(size_t)t * K + k] = rstd[t] * (p->gate[sm__mhc_gate_of(k, n)] * darg[(size_t)t * K + k]);
 }
 
-SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
-                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
-                               const sm_mhc_config *cfg, int N) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
-#endif
-    for (g = 0; g < N; g += SM__SINKHORN_LANES) { /* as in sm_mhc_pre_forward */
-        int count = sm__sinkhorn_group_size(N, g), t;
+/* The pre backward of the tokens [b, end) (end - b <= SM__MHC_BLOCK): per
+ * group of lanes the H_pre path, the maps and RMSNorm's x term, then the
+ * block's dx += dz' phi (phi_nn: phi packed as op(B)). */
+static void sm__mhc_pre_backward_block(float *dx, float *dmaps, const float *du, const float *x,
+                                       const sm_mhc_acts *act, const sm_mhc_params *p,
+                                       const float *phi_nn, const sm_mhc_config *cfg, int b, int end) {
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g, t;
+    for (g = b; g < end; g += SM__SINKHORN_LANES) {
+        int count = sm__sinkhorn_group_size(end, g);
         for (t = g; t < g + count; t++)
             sm__mhc_pre_mix_backward(dx + (size_t)t * nC, dmaps + (size_t)t * K, du + (size_t)t * C,
                                      x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
@@ -9758,8 +9829,31 @@ SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const
             sm__mhc_norm_term_backward(dx + (size_t)t * nC, x + (size_t)t * nC, act->z + (size_t)t * K,
                                        act->rstd[t], dmaps + (size_t)t * K, p, n, C);
     }
+    if (cfg->dynamic) {
+        float dz[SM__MHC_BLOCK * (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)];
+        float Ap[SM__MR * SM__KC];
+        sm__mhc_dz(dz, dmaps + (size_t)b * K, act->rstd + b, p, end - b, n);
+        sm__gemm_rows(end - b, nC, K, dz, K, phi_nn, dx + (size_t)b * nC, nC, 0, Ap);
+    }
+}
+
+SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
+                               const sm_mhc_config *cfg, int N) {
+    int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n), b;
+    float *phi_nn = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
+    if (cfg->dynamic) sm__gemm_pack_b_whole(phi_nn, 0, K, nC, p->phi, nC);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N > 64)
+#endif
+    for (b = 0; b < N; b += SM__MHC_BLOCK) /* as in sm_mhc_pre_forward */
+        sm__mhc_pre_backward_block(dx, dmaps, du, x, act, p, phi_nn, cfg, b,
+                                   N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK);
     sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
-    if (cfg->dynamic) sm__mhc_phi_backward(dx, dp->phi, act->z, act->rstd, dmaps, x, p, N, n, C);
+    if (cfg->dynamic) { /* dphi += dz'^T x, dz' into z (used up) */
+        sm__mhc_dz(act->z, dmaps, act->rstd, p, N, n);
+        sm_linear_backward(NULL, dp->phi, NULL, act->z, x, p->phi, N, nC, K);
+    }
 }
 
 /* ---- expand / collapse ---- */
@@ -11820,8 +11914,9 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
  *           sm__peer_slots_backward, sm__peer_keys_backward,
  *           sm__peer_query_backward
  *       sm_mhc_pre_backward               >>mhc     through the maps and
- *         sm__mhc_pre_mix_backward, sm__mhc_maps_backward (Sinkhorn in
- *         lanes, then RMSNorm's x term), sm__mhc_phi_backward (phi)
+ *         sm__mhc_pre_backward_block: sm__mhc_pre_mix_backward,
+ *         sm__mhc_maps_backward (Sinkhorn in lanes), RMSNorm's x term and
+ *         dz' phi; then dphi
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
  *     sm_embedding_backward               >>backbone
  * The optimizer step (sm_params_adamw_step, >>optim) follows. */
