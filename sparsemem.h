@@ -1666,8 +1666,9 @@ SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float 
 /* From du (and the dmaps left by sm_mhc_post_backward): dx += the pre path
  * H_pre^T du plus the maps' dependence on x through RMSNorm and phi; the
  * parameter gradients accumulate into dp (a view of the gradient block).
- * It reuses dmaps, act->z and act->xn as scratch: afterwards they hold
- * gradients, so run the forward again before another backward. */
+ * It reuses dmaps, act->z and act->xn (GPU) or act->phi_panels (CPU) as
+ * scratch: afterwards they hold gradients, so run the forward again before
+ * another backward. */
 SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
                                const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
                                const sm_mhc_config *cfg, int N);
