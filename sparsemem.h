@@ -3230,17 +3230,44 @@ typedef struct {
     float *C;
 } sm__gemm_job;
 
+/* Rows [i0, i0+mc) x depth [p0, p0+kc) of op(A) = A^T as MR-tall panels,
+ * A's rows in order: row p0 + k of A holds depth k of every panel, mc
+ * floats side by side that the MR-wide panels split between them (12
+ * floats, not a whole number of cache lines). Packed panel by panel, each
+ * of those lines was fetched from far memory by the first panel that
+ * needed it, row after row pages apart; here each row's segment is read
+ * once, front to back, the segment SM__PACK_AHEAD rows ahead requested. */
+static void sm__pack_a_transposed(const float *A, size_t lda, int i0, int mc, int p0, int kc,
+                                  float *Ap) {
+    int k, ip, r;
+    for (k = 0; k < kc; k++) {
+        const float *row = A + (size_t)(p0 + k) * lda + i0;
+        if (k + SM__PACK_AHEAD < kc) {
+            const float *ahead = row + (size_t)SM__PACK_AHEAD * lda;
+            for (r = 0; r < mc; r += 16) SM__PREFETCH(ahead + r);
+            SM__PREFETCH(ahead + mc - 1);
+        }
+        for (ip = 0; ip < mc; ip += SM__MR) {
+            int rows = mc - ip < SM__MR ? mc - ip : SM__MR;
+            float *dst = Ap + (size_t)ip * kc + (size_t)k * SM__MR;
+            for (r = 0; r < rows; r++) dst[r] = row[ip + r];
+            for (; r < SM__MR; r++) dst[r] = 0.0f;
+        }
+    }
+}
+
 /* Rows [i0, i0+mc) x depth [p0, p0+kc) of op(A) as MR-tall panels. */
 static void sm__pack_a(const sm__gemm_job *g, int i0, int mc, int p0, int kc, float *Ap) {
     size_t lda = (size_t)g->lda;
     int ip;
+    if (g->trans_a) {
+        sm__pack_a_transposed(g->A, lda, i0, mc, p0, kc, Ap);
+        return;
+    }
     for (ip = 0; ip < mc; ip += SM__MR) {
         int rows = mc - ip < SM__MR ? mc - ip : SM__MR;
         size_t i = (size_t)(i0 + ip), p = (size_t)p0;
-        if (g->trans_a)
-            sm__pack_panel(g->A + p * lda + i, lda, 1, kc, rows, SM__MR, Ap + (size_t)ip * kc);
-        else
-            sm__pack_panel(g->A + i * lda + p, 1, lda, kc, rows, SM__MR, Ap + (size_t)ip * kc);
+        sm__pack_panel(g->A + i * lda + p, 1, lda, kc, rows, SM__MR, Ap + (size_t)ip * kc);
     }
 }
 
