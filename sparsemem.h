@@ -3186,9 +3186,9 @@ static void sm__pack_panel_transposed(const float *src, size_t rs, int kc, int w
 
 /* dst[k][r] = src[k*ks + r*rs] for k < kc, r < width, and 0 for
  * width <= r < W: a panel of W floats per k. One of ks, rs is 1, and the
- * source is read contiguously either way. With rs = 1 (op(B) = B, op(A) =
- * A^T: the backward's products) each k reads a few lines of a row of its
- * own, rows often a page or more apart, where no hardware prefetcher
+ * source is read contiguously either way. With rs = 1 (op(B) = B: the
+ * backward's products to the input) each k reads a few lines of a row of
+ * its own, rows often a page or more apart, where no hardware prefetcher
  * follows: the row SM__PACK_AHEAD ahead is requested while this one is
  * copied. */
 #define SM__PACK_AHEAD 8
