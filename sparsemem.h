@@ -9684,30 +9684,45 @@ static void sm__mhc_normalise_z(float *z, float *rstd, const float *x, int nC, i
  * whose start wakes the sleeping threads. */
 #define SM__MHC_BLOCK 48
 
+/* phi^T packed into act's scratch for sm__mhc_pre_forward_block; NULL in
+ * the static variant. */
+static const float *sm__mhc_pack_phi_t(sm_mhc_acts *act, const sm_mhc_params *p, const sm_mhc_config *cfg) {
+    int nC = cfg->n_streams * cfg->channels, K = sm_mhc_map_count(cfg->n_streams);
+    float *phi_t = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
+    if (phi_t) sm__gemm_pack_b_whole(phi_t, 1, nC, K, p->phi, nC);
+    return phi_t;
+}
+
+/* The pre forward of the tokens [b, end) (end - b <= SM__MHC_BLOCK): z =
+ * x phi^T on the block's rows, then per group of lanes RMSNorm, the maps
+ * and u = H_pre x. */
+static void sm__mhc_pre_forward_block(float *u, sm_mhc_acts *act, const float *x, const float *phi_t,
+                                      const sm_mhc_params *p, const sm_mhc_config *cfg, int b, int end) {
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g, t;
+    if (cfg->dynamic) {
+        float Ap[SM__MR * SM__KC];
+        sm__gemm_rows(end - b, K, nC, x + (size_t)b * nC, nC, phi_t, act->z + (size_t)b * K, K, 1, Ap);
+    }
+    for (g = b; g < end; g += SM__SINKHORN_LANES) { /* their Sinkhorns in lanes */
+        int count = sm__sinkhorn_group_size(end, g);
+        for (t = g; t < g + count && cfg->dynamic; t++)
+            sm__mhc_normalise_z(act->z + (size_t)t * K, act->rstd + t, x + (size_t)t * nC, nC, K);
+        sm__mhc_maps_forward(act->maps + (size_t)g * K, cfg->dynamic ? act->z + (size_t)g * K : NULL, p,
+                             count, n, cfg->sinkhorn_iters);
+        for (t = g; t < g + count; t++)
+            sm__mhc_pre_mix(u + (size_t)t * C, x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
+    }
+}
+
 SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
                               const sm_mhc_config *cfg, int N) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, b;
-    float *phi_t = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
-    if (cfg->dynamic) sm__gemm_pack_b_whole(phi_t, 1, nC, K, p->phi, nC); /* phi^T */
+    const float *phi_t = sm__mhc_pack_phi_t(act, p, cfg);
+    int b;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (b = 0; b < N; b += SM__MHC_BLOCK) {
-        float Ap[SM__MR * SM__KC];
-        int end = N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK, g, t;
-        if (cfg->dynamic) /* z = x phi^T */
-            sm__gemm_rows(end - b, K, nC, x + (size_t)b * nC, nC, phi_t, act->z + (size_t)b * K, K, 1, Ap);
-        for (g = b; g < end; g += SM__SINKHORN_LANES) { /* their Sinkhorns in lanes */
-            int count = sm__sinkhorn_group_size(end, g);
-            for (t = g; t < g + count && cfg->dynamic; t++)
-                sm__mhc_normalise_z(act->z + (size_t)t * K, act->rstd + t, x + (size_t)t * nC, nC, K);
-            sm__mhc_maps_forward(act->maps + (size_t)g * K,
-                                 cfg->dynamic ? act->z + (size_t)g * K : NULL, p, count, n,
-                                 cfg->sinkhorn_iters);
-            for (t = g; t < g + count; t++)
-                sm__mhc_pre_mix(u + (size_t)t * C, x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
-        }
-    }
+    for (b = 0; b < N; b += SM__MHC_BLOCK)
+        sm__mhc_pre_forward_block(u, act, x, phi_t, p, cfg, b, N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK);
 }
 
 /* x_next[i] = sum_j H_res[i,j] x[j] + H_post[i] y for one token. */
@@ -9733,6 +9748,28 @@ SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
     for (t = 0; t < N; t++)
         sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K,
                          n, C);
+}
+
+/* sm_mhc_post_forward of one sublayer, then sm_mhc_pre_forward of the next
+ * (its x is this x_next; p_next, act_next and u_next are its) in one pass:
+ * each block of tokens goes on to the next sublayer's maps while its rows
+ * of x_next are in cache, and one parallel region serves both. The same
+ * operations as the two calls. */
+static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float *y, const sm_mhc_acts *act,
+                                     float *u_next, sm_mhc_acts *act_next, const sm_mhc_params *p_next,
+                                     const sm_mhc_config *cfg, int N) {
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), b;
+    size_t nC = (size_t)n * C;
+    const float *phi_t = sm__mhc_pack_phi_t(act_next, p_next, cfg);
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (N > 64)
+#endif
+    for (b = 0; b < N; b += SM__MHC_BLOCK) {
+        int end = N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK, t;
+        for (t = b; t < end; t++)
+            sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K, n, C);
+        sm__mhc_pre_forward_block(u_next, act_next, x_next, phi_t, p_next, cfg, b, end);
+    }
 }
 
 /* One token of the post backward: dy += H_post^T dx_next, dx += H_res^T
@@ -11662,13 +11699,19 @@ static sm_mhc_params sm__mhc_view(const sm_model *m, float *base, const sm_subla
 }
 
 /* x_next = x + F(x) (every stream: F reads them all), or in an mHC branch:
- * u = H_pre x, x_next = H_res x + H_post^T F(u). */
-static sm_status sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next, sm_error *err) {
+ * u = H_pre x, x_next = H_res x + H_post^T F(u). `next`: the following
+ * sublayer when it is an mHC branch too (its x is x_next), whose pre
+ * forward then runs with this post forward (sm__mhc_post_pre_forward).
+ * *pre_done: on entry, whether s's pre forward ran that way; on return,
+ * whether next's did. */
+static sm_status sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next, sm_sublayer *next,
+                                      int *pre_done, sm_error *err) {
     size_t NSC = (size_t)m->B * m->T * sm__streams(&m->cfg) * m->cfg.d_model;
     sm_profile *pf = m->params.profile;
     int N = m->B * m->T;
     sm_status st;
     if (!s->in_mhc) {
+        *pre_done = 0;
         if ((st = sm__sublayer_forward(m, s, s->x_in, err)) != SM_OK) return st;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(x_next, s->x_in, sizeof(float) * NSC);
                   sm__add_inplace(x_next, s->y, NSC));
@@ -11676,10 +11719,20 @@ static sm_status sm__residual_forward(sm_model *m, sm_sublayer *s, float *x_next
     }
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
-        SM__TIMED(pf, SM_PROF_MHC_MAPS, sm_mhc_pre_forward(s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N));
+        if (!*pre_done)
+            SM__TIMED(pf, SM_PROF_MHC_MAPS, sm_mhc_pre_forward(s->u, &s->mhc_acts, s->x_in, &mp, &m->cfg.mhc, N));
+        *pre_done = 0;
         if ((st = sm__sublayer_forward(m, s, s->u, err)) != SM_OK) return st;
-        SM__TIMED(pf, SM_PROF_MHC_MIX,
-                  sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N));
+        if (next && next->in_mhc) { /* timed as the maps, the larger part */
+            sm_mhc_params np = sm__mhc_view(m, m->params.data, next);
+            SM__TIMED(pf, SM_PROF_MHC_MAPS,
+                      sm__mhc_post_pre_forward(x_next, s->x_in, s->y, &s->mhc_acts, next->u, &next->mhc_acts,
+                                               &np, &m->cfg.mhc, N));
+            *pre_done = 1;
+        } else {
+            SM__TIMED(pf, SM_PROF_MHC_MIX,
+                      sm_mhc_post_forward(x_next, s->x_in, s->y, &s->mhc_acts, &m->cfg.mhc, N));
+        }
     }
     return SM_OK;
 }
@@ -11761,7 +11814,9 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *     sm_mhc_expand_forward (use_mhc)     >>mhc     copy into n streams
  *     per sublayer: sm__residual_forward  x <- x + F(x), or in mHC:
  *       sm_mhc_pre_forward                >>mhc     maps from x, u = H_pre x
- *         sm_linear_forward (phi), per group of tokens sm__mhc_normalise_z,
+ *         (the first sublayer's; the others' run with the post forward
+ *         before them), per block of tokens sm__mhc_pre_forward_block:
+ *         sm__gemm_rows (phi), per group sm__mhc_normalise_z,
  *         sm__mhc_maps_forward
  *         -> sm__sinkhorn_forward_group (H_res in lanes), sm__mhc_pre_mix
  *       sm__sublayer_forward              y = F(u), by kind:
@@ -11777,7 +11832,9 @@ static sm_status sm__check_batch(const sm_model *m, const int *inputs, const int
  *               sm__peer_route_block -> sm__peer_score_block, sm_peer_product_topk
  *             [sm__fetch_rows (sharded tables) >>comm  the retrieved experts]
  *             sm_peer_apply: sm__peer_experts_forward  sum of the k experts
- *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y
+ *       sm_mhc_post_forward               >>mhc     x = H_res x + H_post^T y, or
+ *         sm__mhc_post_pre_forward: with the next sublayer's pre forward,
+ *         block by block
  *     sm_mhc_collapse_forward (use_mhc)   >>mhc     average of the streams
  *     sm__norm_forward, sm_sgemm          >>backbone final norm (sm_rmsnorm_forward,
  *                                         or sm_layernorm_forward: GPT-2), LM head
@@ -11788,7 +11845,7 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
     const sm_model_config *c = &m->cfg;
     const float *w = m->params.data;
     sm_profile *pf = m->params.profile;
-    int i, N = B * T, C = c->d_model, V = c->vocab_size;
+    int i, N = B * T, C = c->d_model, V = c->vocab_size, pre_done = 0;
     sm_status st = sm__check_batch(m, inputs, targets, B, T, err);
     if (st != SM_OK) return st;
     m->B = B;
@@ -11814,7 +11871,9 @@ SMDEF sm_status sm_model_forward(sm_model *m, const int *inputs, const int *targ
     for (i = 0; i < m->n_sub; i++) {
         sm_sublayer *s = &m->sub[i];
         float *next = i + 1 < m->n_sub ? m->sub[i + 1].x_in : c->use_mhc ? m->x_final : m->x_out;
-        if ((st = sm__residual_forward(m, s, next, err)) != SM_OK) return st;
+        if ((st = sm__residual_forward(m, s, next, i + 1 < m->n_sub ? &m->sub[i + 1] : NULL, &pre_done,
+                                       err)) != SM_OK)
+            return st;
     }
     if (c->use_mhc)
         SM__TIMED(pf, SM_PROF_MHC_STREAMS,
