@@ -1988,7 +1988,7 @@ typedef struct sm_model {
     float loss;
     int n_counted;
     /* backward scratch */
-    float *grad_mem, *dres, *dres_prev, *dmaps, *dy, *du, *dln, *dqkv, *datty, *dfch, *dfch_gelu;
+    float *grad_mem, *dres, *dres_prev, *dmaps, *dmaps_next, *dy, *du, *dln, *dqkv, *datty, *dfch, *dfch_gelu;
 } sm_model;
 
 /* Lay out and initialise the parameters (seeded), and allocate activations
@@ -9902,23 +9902,53 @@ static void sm__mhc_pre_backward_block(float *dx, float *dmaps, const float *du,
     }
 }
 
-SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
-                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
-                               const sm_mhc_config *cfg, int N) {
+/* The post backward of the sublayer before (the model's, writing dx, dy
+ * and dmaps: sm__mhc_post_mix_backward without `add`), whose dx_next is
+ * the dx a pre backward finishes block by block. */
+typedef struct {
+    float *dx, *dy, *dmaps;
+    const float *dx_next, *x, *y;
+    const sm_mhc_acts *act;
+} sm__mhc_post_bwd;
+
+static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int b, int end) {
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
+    size_t nC = (size_t)n * C;
+    for (t = b; t < end; t++)
+        sm__mhc_post_mix_backward(j->dx + t * nC, j->dy + (size_t)t * C, j->dmaps + (size_t)t * K,
+                                  j->dx_next + t * nC, j->x + t * nC, j->y + (size_t)t * C,
+                                  j->act->maps + (size_t)t * K, n, C, 0);
+}
+
+/* sm_mhc_pre_backward, and with `then` the previous sublayer's post
+ * backward on each block as soon as the block's dx is final (the dx rows
+ * in cache, one parallel region for both; the same operations as the two
+ * calls). */
+static void sm__mhc_pre_backward_then(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                                      const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
+                                      const sm_mhc_config *cfg, int N, const sm__mhc_post_bwd *then) {
     int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n), b;
     float *phi_nn = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
     if (cfg->dynamic) sm__gemm_pack_b_whole(phi_nn, 0, K, nC, p->phi, nC);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (b = 0; b < N; b += SM__MHC_BLOCK) /* as in sm_mhc_pre_forward */
-        sm__mhc_pre_backward_block(dx, dmaps, du, x, act, p, phi_nn, cfg, b,
-                                   N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK);
+    for (b = 0; b < N; b += SM__MHC_BLOCK) { /* as in sm_mhc_pre_forward */
+        int end = N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK;
+        sm__mhc_pre_backward_block(dx, dmaps, du, x, act, p, phi_nn, cfg, b, end);
+        if (then) sm__mhc_post_backward_rows(then, cfg, b, end);
+    }
     sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
     if (cfg->dynamic) { /* dphi += dz'^T x, dz' into z (used up) */
         sm__mhc_dz(act->z, dmaps, act->rstd, p, N, n);
         sm_linear_backward(NULL, dp->phi, NULL, act->z, x, p->phi, N, nC, K);
     }
+}
+
+SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
+                               const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
+                               const sm_mhc_config *cfg, int N) {
+    sm__mhc_pre_backward_then(dx, dp, dmaps, du, x, act, p, cfg, N, NULL);
 }
 
 /* ---- expand / collapse ---- */
@@ -11389,6 +11419,7 @@ static void sm__carve_grads(sm_model *m, sm__arena *a) {
     m->dres = sm__take(a, N * S * C);
     m->dres_prev = m->cfg.use_mhc ? sm__take(a, N * S * C) : NULL;
     m->dmaps = m->cfg.use_mhc ? sm__take(a, N * (size_t)sm_mhc_map_count(m->cfg.mhc.n_streams)) : NULL;
+    m->dmaps_next = m->cfg.use_mhc ? sm__take(a, N * (size_t)sm_mhc_map_count(m->cfg.mhc.n_streams)) : NULL;
     m->dy = sm__take(a, N * S * C); /* [N, S*C] for a per-stream Engram */
     m->du = sm__take(a, N * C);
     m->dln = sm__take(a, N * C);
@@ -11959,14 +11990,20 @@ static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const 
     else sm__ffn_backward(m, s, du, dy, u);
 }
 
-/* m->dres holds dL/dx_next on entry and dL/dx_in on return. */
-static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
+/* m->dres holds dL/dx_next on entry and dL/dx_in on return. `prev`: the
+ * sublayer before when it is an mHC branch too, whose post backward then
+ * runs with this pre backward (sm__mhc_pre_backward_then), into dres (free
+ * by then), dy and dmaps_next. *post_done: on entry, whether s's post
+ * backward ran that way (its dx in dres_prev, dy, dmaps); on return,
+ * whether prev's did. */
+static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev, int *post_done) {
     const sm_mhc_config *mc = &m->cfg.mhc;
     sm_profile *pf = m->params.profile;
     int N = m->B * m->T;
     size_t NC = (size_t)N * m->cfg.d_model;
     float *swap;
     if (!s->in_mhc) { /* dy = dx_next, and dx = dx_next + dF/dx^T dy */
+        *post_done = 0;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->dy, m->dres, sizeof(float) * NC * sm__streams(&m->cfg)));
         sm__sublayer_backward(m, s, m->dres, m->dy, s->x_in);
         return;
@@ -11974,12 +12011,25 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
         sm_mhc_params mg = sm__mhc_view(m, m->params.grad, s);
-        SM__TIMED(pf, SM_PROF_MHC_MIX, /* writes dres_prev, dy, dmaps */
-                  sm__mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N, 0));
+        if (!*post_done)
+            SM__TIMED(pf, SM_PROF_MHC_MIX, /* writes dres_prev, dy, dmaps */
+                      sm__mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N, 0));
+        *post_done = 0;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memset(m->du, 0, sizeof(float) * NC));
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
-        SM__TIMED(pf, SM_PROF_MHC_MAPS,
-                  sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc, N));
+        if (prev && prev->in_mhc) { /* timed as the maps, the larger part */
+            sm__mhc_post_bwd then;
+            then.dx = m->dres, then.dy = m->dy, then.dmaps = m->dmaps_next;
+            then.dx_next = m->dres_prev, then.x = prev->x_in, then.y = prev->y, then.act = &prev->mhc_acts;
+            SM__TIMED(pf, SM_PROF_MHC_MAPS,
+                      sm__mhc_pre_backward_then(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp,
+                                                mc, N, &then));
+            swap = m->dmaps, m->dmaps = m->dmaps_next, m->dmaps_next = swap;
+            *post_done = 1;
+        } else {
+            SM__TIMED(pf, SM_PROF_MHC_MAPS,
+                      sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc, N));
+        }
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;
 }
@@ -11990,7 +12040,9 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
  *     sm_sgemm x2, sm__norm_backward      >>backbone LM head, final norm
  *     sm_mhc_collapse_backward (use_mhc)  >>mhc
  *     per sublayer, last first: sm__residual_backward
- *       sm_mhc_post_backward              >>mhc     (mHC branch)
+ *       sm_mhc_post_backward              >>mhc     (mHC branch; the last
+ *                                         sublayer's: the others' run with
+ *                                         the pre backward after them)
  *       sm__sublayer_backward             by kind:
  *         sm__engram_backward -> sm_engram_backward_routed        >>engram
  *           sm__engram_conv_backward, sm__engram_gate_backward,
@@ -12003,7 +12055,8 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s) {
  *       sm_mhc_pre_backward               >>mhc     through the maps and
  *         sm__mhc_pre_backward_block: sm__mhc_pre_mix_backward,
  *         sm__mhc_maps_backward (Sinkhorn in lanes), RMSNorm's x term and
- *         dz' phi; then dphi
+ *         dz' phi; then dphi. Or sm__mhc_pre_backward_then: with the
+ *         previous sublayer's post backward, block by block
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
  *     sm_embedding_backward               >>backbone
  * The optimizer step (sm_params_adamw_step, >>optim) follows. */
@@ -12014,7 +12067,7 @@ static void sm__model_backward_with(sm_model *m, void (*after)(void *ctx, int i)
     const float *w = m->params.data;
     float *g = m->params.grad;
     sm_profile *pf = m->params.profile;
-    int i, N = m->B * m->T, C = c->d_model, V = c->vocab_size;
+    int i, N = m->B * m->T, C = c->d_model, V = c->vocab_size, post_done = 0;
     size_t NC = (size_t)N * C;
     float dloss = m->n_counted ? 1.0f / (float)m->n_counted : 0.0f;
     /* m->logits holds the probabilities; turn them into dlogits in place */
@@ -12031,7 +12084,7 @@ static void sm__model_backward_with(sm_model *m, void (*after)(void *ctx, int i)
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->dres, m->du, sizeof(float) * NC));
     }
     for (i = m->n_sub - 1; i >= 0; i--) {
-        sm__residual_backward(m, &m->sub[i]);
+        sm__residual_backward(m, &m->sub[i], i > 0 ? &m->sub[i - 1] : NULL, &post_done);
         if (after) after(ctx, i);
     }
     if (c->use_mhc)
