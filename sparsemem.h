@@ -3381,16 +3381,17 @@ static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, fl
  * parallel region of its own (the caller's loop over blocks has one). The
  * arithmetic and its order are sm__sgemm_packed's, so are the results. */
 
+/* N up to a whole number of NR-wide panels. */
+static size_t sm__nr_padded(int N) { return (size_t)((N + SM__NR - 1) / SM__NR * SM__NR); }
+
 /* Floats of op(B) [K x N] packed whole: every KC slice of it in panels. */
-static size_t sm__gemm_b_packed_floats(int K, int N) {
-    return (size_t)K * (size_t)((N + SM__NR - 1) / SM__NR * SM__NR);
-}
+static size_t sm__gemm_b_packed_floats(int K, int N) { return (size_t)K * sm__nr_padded(N); }
 
 /* op(B) [K x N] (B [N x K] when trans_b) into Bp: slice pc's panel jp at
  * Bp + pc * N_pad + jp * kc (N_pad: N up to a multiple of NR). */
 static void sm__gemm_pack_b_whole(float *Bp, int trans_b, int K, int N, const float *B, int ldb) {
     sm__gemm_job g;
-    size_t n_pad = (size_t)((N + SM__NR - 1) / SM__NR * SM__NR);
+    size_t n_pad = sm__nr_padded(N);
     int pc, jp;
     g.trans_b = trans_b, g.B = B, g.ldb = ldb;
     for (pc = 0; pc < K; pc += SM__KC) {
@@ -3403,7 +3404,7 @@ static void sm__gemm_pack_b_whole(float *Bp, int trans_b, int K, int N, const fl
  * op(B) packed by sm__gemm_pack_b_whole. Ap: SM__MR x SM__KC floats. */
 static void sm__gemm_rows(int rows, int N, int K, const float *A, int lda, const float *Bp, float *C,
                           int ldc, int overwrite, float *Ap) {
-    size_t n_pad = (size_t)((N + SM__NR - 1) / SM__NR * SM__NR);
+    size_t n_pad = sm__nr_padded(N);
     int pc, ip, jp;
     for (pc = 0; pc < K; pc += SM__KC) {
         int kc = K - pc < SM__KC ? K - pc : SM__KC;
@@ -9684,13 +9685,18 @@ static void sm__mhc_normalise_z(float *z, float *rstd, const float *x, int nC, i
  * whose start wakes the sleeping threads. */
 #define SM__MHC_BLOCK 48
 
-/* phi^T packed into act's scratch for sm__mhc_pre_forward_block; NULL in
- * the static variant. */
-static const float *sm__mhc_pack_phi_t(sm_mhc_acts *act, const sm_mhc_params *p, const sm_mhc_config *cfg) {
+/* The end of the block of tokens that starts at b. */
+static int sm__mhc_block_end(int N, int b) { return N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK; }
+
+/* phi [K, nC] packed into act's scratch as the micro-kernel's op(B): phi^T
+ * for x phi^T (`transposed`, the forward), phi for dz' phi (the backward).
+ * NULL in the static variant. */
+static const float *sm__mhc_pack_phi(sm_mhc_acts *act, const sm_mhc_params *p, const sm_mhc_config *cfg,
+                                     int transposed) {
     int nC = cfg->n_streams * cfg->channels, K = sm_mhc_map_count(cfg->n_streams);
-    float *phi_t = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
-    if (phi_t) sm__gemm_pack_b_whole(phi_t, 1, nC, K, p->phi, nC);
-    return phi_t;
+    float *panels = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
+    if (panels) sm__gemm_pack_b_whole(panels, transposed, transposed ? nC : K, transposed ? K : nC, p->phi, nC);
+    return panels;
 }
 
 /* The pre forward of the tokens [b, end) (end - b <= SM__MHC_BLOCK): z =
@@ -9716,13 +9722,13 @@ static void sm__mhc_pre_forward_block(float *u, sm_mhc_acts *act, const float *x
 
 SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
                               const sm_mhc_config *cfg, int N) {
-    const float *phi_t = sm__mhc_pack_phi_t(act, p, cfg);
+    const float *phi_t = sm__mhc_pack_phi(act, p, cfg, 1);
     int b;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (b = 0; b < N; b += SM__MHC_BLOCK)
-        sm__mhc_pre_forward_block(u, act, x, phi_t, p, cfg, b, N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK);
+        sm__mhc_pre_forward_block(u, act, x, phi_t, p, cfg, b, sm__mhc_block_end(N, b));
 }
 
 /* x_next[i] = sum_j H_res[i,j] x[j] + H_post[i] y for one token. */
@@ -9760,12 +9766,12 @@ static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float 
                                      const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), b;
     size_t nC = (size_t)n * C;
-    const float *phi_t = sm__mhc_pack_phi_t(act_next, p_next, cfg);
+    const float *phi_t = sm__mhc_pack_phi(act_next, p_next, cfg, 1);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (b = 0; b < N; b += SM__MHC_BLOCK) {
-        int end = N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK, t;
+        int end = sm__mhc_block_end(N, b), t;
         for (t = b; t < end; t++)
             sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K, n, C);
         sm__mhc_pre_forward_block(u_next, act_next, x_next, phi_t, p_next, cfg, b, end);
@@ -9798,26 +9804,39 @@ static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const 
     }
 }
 
-/* sm_mhc_post_backward; without `add` dx, dy and dmaps are written, not
- * added to (the model's backward: no zeroing pass before). */
-static void sm__mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
-                                  const float *x, const float *y, const sm_mhc_acts *act,
-                                  const sm_mhc_config *cfg, int N, int add) {
+/* One post backward's operands: sm_mhc_post_backward's, and whether dx,
+ * dy and dmaps are added to (`add`, the public call) or written (the
+ * model's: no zeroing pass before). */
+typedef struct {
+    float *dx, *dy, *dmaps;
+    const float *dx_next, *x, *y;
+    const sm_mhc_acts *act;
+    int add;
+} sm__mhc_post_bwd;
+
+static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int b, int end) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
     size_t nC = (size_t)n * C;
+    for (t = b; t < end; t++)
+        sm__mhc_post_mix_backward(j->dx + t * nC, j->dy + (size_t)t * C, j->dmaps + (size_t)t * K,
+                                  j->dx_next + t * nC, j->x + t * nC, j->y + (size_t)t * C,
+                                  j->act->maps + (size_t)t * K, n, C, j->add);
+}
+
+static void sm__mhc_post_backward(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int N) {
+    int b;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N * nC > 32768)
+#pragma omp parallel for schedule(static) if (N > 64)
 #endif
-    for (t = 0; t < N; t++)
-        sm__mhc_post_mix_backward(dx + t * nC, dy + (size_t)t * C, dmaps + (size_t)t * K,
-                                  dx_next + t * nC, x + t * nC, y + (size_t)t * C,
-                                  act->maps + (size_t)t * K, n, C, add);
+    for (b = 0; b < N; b += SM__MHC_BLOCK) sm__mhc_post_backward_rows(j, cfg, b, sm__mhc_block_end(N, b));
 }
 
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
                                 const float *x, const float *y, const sm_mhc_acts *act,
                                 const sm_mhc_config *cfg, int N) {
-    sm__mhc_post_backward(dx, dy, dmaps, dx_next, x, y, act, cfg, N, 1);
+    sm__mhc_post_bwd j;
+    j.dx = dx, j.dy = dy, j.dmaps = dmaps, j.dx_next = dx_next, j.x = x, j.y = y, j.act = act, j.add = 1;
+    sm__mhc_post_backward(&j, cfg, N);
 }
 
 /* One token through u = H_pre x: dx[i] += H_pre[i] du, dH_pre[i] += <du, x[i]>. */
@@ -9902,39 +9921,20 @@ static void sm__mhc_pre_backward_block(float *dx, float *dmaps, const float *du,
     }
 }
 
-/* The post backward of the sublayer before (the model's, writing dx, dy
- * and dmaps: sm__mhc_post_mix_backward without `add`), whose dx_next is
- * the dx a pre backward finishes block by block. */
-typedef struct {
-    float *dx, *dy, *dmaps;
-    const float *dx_next, *x, *y;
-    const sm_mhc_acts *act;
-} sm__mhc_post_bwd;
-
-static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int b, int end) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
-    size_t nC = (size_t)n * C;
-    for (t = b; t < end; t++)
-        sm__mhc_post_mix_backward(j->dx + t * nC, j->dy + (size_t)t * C, j->dmaps + (size_t)t * K,
-                                  j->dx_next + t * nC, j->x + t * nC, j->y + (size_t)t * C,
-                                  j->act->maps + (size_t)t * K, n, C, 0);
-}
-
 /* sm_mhc_pre_backward, and with `then` the previous sublayer's post
- * backward on each block as soon as the block's dx is final (the dx rows
- * in cache, one parallel region for both; the same operations as the two
- * calls). */
+ * backward (its dx_next this dx) on each block as soon as the block's dx
+ * is final (the dx rows in cache, one parallel region for both; the same
+ * operations as the two calls). */
 static void sm__mhc_pre_backward_then(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
                                       const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
                                       const sm_mhc_config *cfg, int N, const sm__mhc_post_bwd *then) {
     int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n), b;
-    float *phi_nn = cfg->dynamic ? sm__line_aligned(act->phi_panels) : NULL;
-    if (cfg->dynamic) sm__gemm_pack_b_whole(phi_nn, 0, K, nC, p->phi, nC);
+    const float *phi_nn = sm__mhc_pack_phi(act, p, cfg, 0);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (b = 0; b < N; b += SM__MHC_BLOCK) { /* as in sm_mhc_pre_forward */
-        int end = N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK;
+        int end = sm__mhc_block_end(N, b);
         sm__mhc_pre_backward_block(dx, dmaps, du, x, act, p, phi_nn, cfg, b, end);
         if (then) sm__mhc_post_backward_rows(then, cfg, b, end);
     }
@@ -11990,6 +11990,16 @@ static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const 
     else sm__ffn_backward(m, s, du, dy, u);
 }
 
+/* Sublayer s's post backward in the model: dx, its map gradients and dy
+ * (m->dy) written, from dx_next. */
+static sm__mhc_post_bwd sm__model_post_bwd(sm_model *m, sm_sublayer *s, float *dx, float *dmaps,
+                                           const float *dx_next) {
+    sm__mhc_post_bwd j;
+    j.dx = dx, j.dy = m->dy, j.dmaps = dmaps, j.dx_next = dx_next;
+    j.x = s->x_in, j.y = s->y, j.act = &s->mhc_acts, j.add = 0;
+    return j;
+}
+
 /* m->dres holds dL/dx_next on entry and dL/dx_in on return. `prev`: the
  * sublayer before when it is an mHC branch too, whose post backward then
  * runs with this pre backward (sm__mhc_pre_backward_then), into dres (free
@@ -12011,16 +12021,15 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
         sm_mhc_params mg = sm__mhc_view(m, m->params.grad, s);
-        if (!*post_done)
-            SM__TIMED(pf, SM_PROF_MHC_MIX, /* writes dres_prev, dy, dmaps */
-                      sm__mhc_post_backward(m->dres_prev, m->dy, m->dmaps, m->dres, s->x_in, s->y, &s->mhc_acts, mc, N, 0));
+        if (!*post_done) { /* writes dres_prev, dy, dmaps */
+            sm__mhc_post_bwd own = sm__model_post_bwd(m, s, m->dres_prev, m->dmaps, m->dres);
+            SM__TIMED(pf, SM_PROF_MHC_MIX, sm__mhc_post_backward(&own, mc, N));
+        }
         *post_done = 0;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memset(m->du, 0, sizeof(float) * NC));
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
         if (prev && prev->in_mhc) { /* timed as the maps, the larger part */
-            sm__mhc_post_bwd then;
-            then.dx = m->dres, then.dy = m->dy, then.dmaps = m->dmaps_next;
-            then.dx_next = m->dres_prev, then.x = prev->x_in, then.y = prev->y, then.act = &prev->mhc_acts;
+            sm__mhc_post_bwd then = sm__model_post_bwd(m, prev, m->dres, m->dmaps_next, m->dres_prev);
             SM__TIMED(pf, SM_PROF_MHC_MAPS,
                       sm__mhc_pre_backward_then(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp,
                                                 mc, N, &then));
