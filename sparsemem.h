@@ -10816,16 +10816,19 @@ SMDEF float sm_clip_scale(double norm, float max_norm) {
 
 /* AdamW's update in explicit vectors (sm__av, >>backbone) where the target
  * has them: compilers keep sqrtf scalar (it may set errno), which left the
- * optimizer at one element per ~15 cycles. */
+ * optimizer at one element per ~15 cycles. The bias corrections come in as
+ * their reciprocals and are multiplied: divisions and square roots share
+ * one unit, which bounds the loop when its data are in cache, and two of
+ * the three per element were divisions by a constant. */
 #ifdef SM__AV_WIDTH
 /* The vector part of sm__adamw_span: the first n - n % SM__AV_WIDTH
  * elements; returns how many it did. */
 static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v, size_t n,
-                                 const sm_param_group *g, float lr, float clip_scale, float bc1,
-                                 float bc2, float wd) {
+                                 const sm_param_group *g, float lr, float clip_scale, float inv_bc1,
+                                 float inv_bc2, float wd) {
     const sm__av b1 = sm__av_splat(g->beta1), c1 = sm__av_splat(1.0f - g->beta1);
     const sm__av b2 = sm__av_splat(g->beta2), c2 = sm__av_splat(1.0f - g->beta2);
-    const sm__av vclip = sm__av_splat(clip_scale), vbc1 = sm__av_splat(bc1), vbc2 = sm__av_splat(bc2);
+    const sm__av vclip = sm__av_splat(clip_scale), vbc1 = sm__av_splat(inv_bc1), vbc2 = sm__av_splat(inv_bc2);
     const sm__av veps = sm__av_splat(g->eps), vlr = sm__av_splat(lr), vwd = sm__av_splat(wd);
     size_t i, end = n - n % SM__AV_WIDTH;
     for (i = 0; i < end; i += SM__AV_WIDTH) {
@@ -10833,7 +10836,7 @@ static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v
         sm__av mi = sm__av_add(sm__av_mul(b1, sm__av_load(m + i)), sm__av_mul(c1, gi));
         sm__av vi = sm__av_add(sm__av_mul(b2, sm__av_load(v + i)), sm__av_mul(sm__av_mul(c2, gi), gi));
         sm__av wi = sm__av_load(w + i);
-        sm__av step = sm__av_div(sm__av_div(mi, vbc1), sm__av_add(sm__av_sqrt(sm__av_div(vi, vbc2)), veps));
+        sm__av step = sm__av_div(sm__av_mul(mi, vbc1), sm__av_add(sm__av_sqrt(sm__av_mul(vi, vbc2)), veps));
         sm__av_store(m + i, mi);
         sm__av_store(v + i, vi);
         sm__av_store(w + i, sm__av_sub(wi, sm__av_mul(vlr, sm__av_add(step, sm__av_mul(vwd, wi)))));
@@ -10844,14 +10847,15 @@ static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v
 
 /* AdamW (Loshchilov & Hutter) on a contiguous span:
  *   m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
- *   w -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * w) */
+ *   w -= lr * (m/(1-b1^t) / (sqrt(v/(1-b2^t)) + eps) + wd * w)
+ * with inv_bc1 = 1/(1-b1^t), inv_bc2 = 1/(1-b2^t) given. */
 static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size_t n,
-                           const sm_param_group *g, float lr, float clip_scale, float bc1,
-                           float bc2, int no_decay) {
+                           const sm_param_group *g, float lr, float clip_scale, float inv_bc1,
+                           float inv_bc2, int no_decay) {
     size_t i = 0;
     float wd = no_decay ? 0.0f : g->weight_decay;
 #ifdef SM__AV_WIDTH
-    i = sm__adamw_span_vec(w, grad, m, v, n, g, lr, clip_scale, bc1, bc2, wd);
+    i = sm__adamw_span_vec(w, grad, m, v, n, g, lr, clip_scale, inv_bc1, inv_bc2, wd);
 #endif
     for (; i < n; i++) {
         float gi = grad[i] * clip_scale;
@@ -10859,7 +10863,7 @@ static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size
         float vi = g->beta2 * v[i] + (1.0f - g->beta2) * gi * gi;
         m[i] = mi;
         v[i] = vi;
-        w[i] -= lr * ((mi / bc1) / (sqrtf(vi / bc2) + g->eps) + wd * w[i]);
+        w[i] -= lr * ((mi * inv_bc1) / (sqrtf(vi * inv_bc2) + g->eps) + wd * w[i]);
     }
 }
 
@@ -10878,7 +10882,7 @@ static void sm__adam_prefetch_row(const sm_params *p, size_t offset, size_t n) {
  * distinct, so threads never share one; the update is elementwise, so the
  * result does not depend on the thread count. Zeroes the rows' gradients. */
 static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float lr, float clip_scale,
-                           float bc1, float bc2) {
+                           float inv_bc1, float inv_bc2) {
     const sm_param_group *g = &p->groups[t->group];
     const uint32_t *rows = t->rows->rows;
     long n = (long)t->rows->count, r;
@@ -10891,14 +10895,14 @@ static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float l
             sm__adam_prefetch_row(p, t->offset + (size_t)rows[r + SM__ADAM_AHEAD] * t->row_size,
                                   t->row_size);
         sm__adamw_span(p->data + ro, p->grad + ro, p->m + ro, p->v + ro, t->row_size, g, lr,
-                       clip_scale, bc1, bc2, t->no_decay);
+                       clip_scale, inv_bc1, inv_bc2, t->no_decay);
         memset(p->grad + ro, 0, t->row_size * sizeof(float));
     }
 }
 
 #define SM__ADAM_CHUNK 4096 /* floats per thread task of a dense update */
 static void sm__adamw_dense(const sm_params *p, const sm_param_tensor *t, float lr, float clip_scale,
-                            float bc1, float bc2) {
+                            float inv_bc1, float inv_bc2) {
     const sm_param_group *g = &p->groups[t->group];
     long n_chunks = (long)((t->size + SM__ADAM_CHUNK - 1) / SM__ADAM_CHUNK), c;
 #ifdef _OPENMP
@@ -10907,8 +10911,8 @@ static void sm__adamw_dense(const sm_params *p, const sm_param_tensor *t, float 
     for (c = 0; c < n_chunks; c++) {
         size_t o = t->offset + (size_t)c * SM__ADAM_CHUNK, len = t->size - (size_t)c * SM__ADAM_CHUNK;
         if (len > SM__ADAM_CHUNK) len = SM__ADAM_CHUNK;
-        sm__adamw_span(p->data + o, p->grad + o, p->m + o, p->v + o, len, g, lr, clip_scale, bc1,
-                       bc2, t->no_decay);
+        sm__adamw_span(p->data + o, p->grad + o, p->m + o, p->v + o, len, g, lr, clip_scale, inv_bc1,
+                       inv_bc2, t->no_decay);
     }
 }
 
@@ -10917,13 +10921,13 @@ static void sm__adamw_dense(const sm_params *p, const sm_param_tensor *t, float 
 static void sm__adamw_tensor(sm_params *p, const sm_param_tensor *t, float lr_factor, float clip_scale) {
     const sm_param_group *g = &p->groups[t->group];
     float lr = g->lr * g->lr_mult * lr_factor;
-    float bc1 = 1.0f - powf(g->beta1, (float)p->step);
-    float bc2 = 1.0f - powf(g->beta2, (float)p->step);
+    float inv_bc1 = 1.0f / (1.0f - powf(g->beta1, (float)p->step));
+    float inv_bc2 = 1.0f / (1.0f - powf(g->beta2, (float)p->step));
     if (!t->rows) {
-        sm__adamw_dense(p, t, lr, clip_scale, bc1, bc2);
+        sm__adamw_dense(p, t, lr, clip_scale, inv_bc1, inv_bc2);
         return;
     }
-    sm__adamw_rows(p, t, lr, clip_scale, bc1, bc2);
+    sm__adamw_rows(p, t, lr, clip_scale, inv_bc1, inv_bc2);
     sm_row_set_clear(t->rows);
 }
 
@@ -14218,10 +14222,10 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const 
                                     int n);
 /* >>optim */
 static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size_t n,
-                           const sm_param_group *g, float lr, float clip_scale, float bc1,
-                           float bc2, int no_decay);
+                           const sm_param_group *g, float lr, float clip_scale, float inv_bc1,
+                           float inv_bc2, int no_decay);
 static void sm__adamw_rows(const sm_params *p, const sm_param_tensor *t, float lr, float clip_scale,
-                           float bc1, float bc2);
+                           float inv_bc1, float inv_bc2);
 /* >>model */
 static void sm__carve_acts(sm_model *m, sm__arena *a);
 static void sm__carve_grads(sm_model *m, sm__arena *a);

@@ -3208,10 +3208,10 @@ static __global__ void smc__params_zero_rows_kernel(float *g, smc__params_rows s
 }
 
 /* The scalars of one tensor's step (sm_params_adamw_step): lr = group lr *
- * lr_mult * lr_factor, bias corrections bc = 1 - beta^step, decay 0 for
- * no_decay tensors. */
+ * lr_mult * lr_factor, the bias corrections' reciprocals 1 / (1 - beta^step),
+ * decay 0 for no_decay tensors. */
 typedef struct smc__adamw_hp {
-    float lr, beta1, beta2, eps, weight_decay, bc1, bc2, clip_scale;
+    float lr, beta1, beta2, eps, weight_decay, inv_bc1, inv_bc2, clip_scale;
 } smc__adamw_hp;
 
 /* One element of sm__adamw_span:
@@ -3225,7 +3225,7 @@ static __device__ void smc__adamw_element(float *w, float grad, float *m, float 
     float vi = h->beta2 * *v + (1.0f - h->beta2) * gi * gi;
     *m = mi;
     *v = vi;
-    *w -= h->lr * ((mi / h->bc1) / (sqrtf(vi / h->bc2) + h->eps) + h->weight_decay * *w);
+    *w -= h->lr * ((mi * h->inv_bc1) / (sqrtf(vi * h->inv_bc2) + h->eps) + h->weight_decay * *w);
 }
 
 /* AdamW over the rows of s (at lr 0 the moments still move); a sparse
@@ -3420,8 +3420,8 @@ static smc__adamw_hp smc__adamw_hp_of(const sm_params *p, const sm_param_tensor 
     h.beta2 = g->beta2;
     h.eps = g->eps;
     h.weight_decay = t->no_decay ? 0.0f : g->weight_decay;
-    h.bc1 = 1.0f - powf(g->beta1, (float)p->step);
-    h.bc2 = 1.0f - powf(g->beta2, (float)p->step);
+    h.inv_bc1 = 1.0f / (1.0f - powf(g->beta1, (float)p->step));
+    h.inv_bc2 = 1.0f / (1.0f - powf(g->beta2, (float)p->step));
     h.clip_scale = clip_scale;
     return h;
 }
