@@ -10724,12 +10724,23 @@ SMDEF int sm_params_find_group(const sm_params *p, const char *name) {
     return -1;
 }
 
-/* Zeroes a tensor's gradient: all of it, or a sparse table's touched rows. */
+/* Zeroes a tensor's gradient: all of it, or a sparse table's touched rows.
+ * A big dense one in SM__ZERO_CHUNK pieces on all threads: one thread's
+ * stores leave much of the memory's write bandwidth unused, and GPT-2
+ * 124M zeroes 0.5 GB every step. */
+#define SM__ZERO_CHUNK ((size_t)1 << 16) /* floats */
 static void sm__zero_tensor_grad(sm_params *p, const sm_param_tensor *t) {
     float *g = p->grad + t->offset;
+    long n_chunks = (long)((t->size + SM__ZERO_CHUNK - 1) / SM__ZERO_CHUNK), c;
     size_t r;
     if (!t->rows) {
-        memset(g, 0, t->size * sizeof(float));
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) if (n_chunks > 16)
+#endif
+        for (c = 0; c < n_chunks; c++) {
+            size_t o = (size_t)c * SM__ZERO_CHUNK, len = t->size - o < SM__ZERO_CHUNK ? t->size - o : SM__ZERO_CHUNK;
+            memset(g + o, 0, len * sizeof(float));
+        }
         return;
     }
     for (r = 0; r < t->rows->count; r++)
