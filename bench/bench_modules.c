@@ -15,7 +15,9 @@
  *           goes: per profiled op, and one PEER layer alone, per phase,
  *           each phase beside its memory traffic alone (the touched rows
  *           read and written in row order, no arithmetic): how much of the
- *           growth is the rows' memory traffic on this machine.
+ *           growth is the rows' memory traffic on this machine, as the
+ *           gradients are kept and as a compact buffer of the touched rows
+ *           would keep them.
  * Each target ratio also prints its range over the rounds (each round
  * times every configuration once): how far the machine's load moved it.
  *   engram  Engram at layer 1, 100K vs 4M rows per hash head (8 heads):
@@ -120,6 +122,8 @@ static void print_op_growth(bench_cfg *a, bench_cfg *b, int rounds) {
     }
 }
 
+#define EXPERT_ROW 256   /* floats of an expert's row: u and v, d = 128 */
+
 /* One PEER layer alone (the model's: d = 128, B*T = 1024 positions) with
  * its parameter table, for the phase timings below. */
 typedef struct {
@@ -131,14 +135,16 @@ typedef struct {
     sm_peer_acts acts;
     uint32_t *rows_copy; /* the last step's touched experts, increasing */
     long n_rows;
-    double best[5];         /* per phase: route, experts fwd, backward, norm, AdamW */
-    double traffic_best[4]; /* the last four's row traffic alone (rows_traffic_seconds) */
+    float *compact;            /* a gradient row per touched expert, in row_copy's order */
+    double best[5];            /* per phase: route, experts fwd, backward, norm, AdamW */
+    double traffic_best[2][4]; /* the last four's row traffic alone (rows_traffic_seconds),
+                                  [1] with compact gradients */
 } peer_layer;
 
 static void peer_layer_reset_best(peer_layer *l) {
     int i;
     for (i = 0; i < 5; i++) l->best[i] = 1e30;
-    for (i = 0; i < 4; i++) l->traffic_best[i] = 1e30;
+    for (i = 0; i < 8; i++) l->traffic_best[i / 4][i % 4] = 1e30;
 }
 
 static void peer_layer_init(peer_layer *l, int n_sub, int N, sm_rng *rng) {
@@ -159,8 +165,9 @@ static void peer_layer_init(peer_layer *l, int n_sub, int N, sm_rng *rng) {
     sm_peer_bind(&l->pp, l->p.data + off, &l->sz);
     sm_peer_bind(&l->pg, l->p.grad + off, &l->sz);
     sm_peer_init(&l->pp, &l->sz, &l->cfg, rng);
-    if (!(l->rows_copy = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)N * l->cfg.heads * l->cfg.topk)))
-        exit(1);
+    l->rows_copy = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)N * l->cfg.heads * l->cfg.topk);
+    l->compact = (float *)calloc((size_t)N * l->cfg.heads * l->cfg.topk * EXPERT_ROW, sizeof(float));
+    if (!l->rows_copy || !l->compact) exit(1);
     peer_layer_reset_best(l);
 }
 
@@ -168,7 +175,7 @@ static void peer_layer_free(peer_layer *l) {
     sm_peer_acts_free(&l->acts);
     sm_params_free(&l->p);
     sm_row_set_free(&l->rows);
-    free(l->rows_copy);
+    free(l->rows_copy), free(l->compact);
 }
 
 /* Writes 64 MB (twice the L3 of the machines measured here), as the rest of
@@ -187,28 +194,34 @@ static void evict_caches(void) {
  * arithmetic: the forward reads a row's weights; the backward reads them
  * again and adds to its gradient; the norm reads the gradient; AdamW reads
  * and writes weights, moments and gradient (zeroed). Values do not change:
- * it runs after the step, when the gradients are zero. */
+ * it runs after the step, when the gradients are zero. With compact
+ * gradients (g_row: the row's place in a buffer of the touched rows, not
+ * in the table) the backward writes that buffer, the norm reads it, and
+ * AdamW reads it and zeroes nothing in the table: the design that would
+ * spare the table's gradient its random reads and writes. */
 static volatile float one = 1.0f;
 static volatile float sink;
-#define EXPERT_ROW 256   /* floats of an expert's row: u and v, d = 128 */
 #define TRAFFIC_LANES 64 /* independent sums: the reads, not an add chain, set the pace */
 #define TRAFFIC_AHEAD 4  /* rows prefetched ahead, as the sparse AdamW does */
-static float row_traffic(float *w, float *g, float *m, float *v, size_t o, int phase, float c) {
-    float acc[TRAFFIC_LANES] = {0}, sum = 0.0f;
+static float row_traffic(float *w, float *g, float *m, float *v, size_t o, size_t g_row, int phase, int compact,
+                         float c) {
+    float acc[TRAFFIC_LANES] = {0}, sum = 0.0f, *gr = g + g_row;
     size_t i, j;
-    for (i = o; i < o + EXPERT_ROW; i += TRAFFIC_LANES)
+    for (i = 0; i < EXPERT_ROW; i += TRAFFIC_LANES)
         switch (phase) {
         case 0:
-            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[i + j];
+            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[o + i + j];
             break;
         case 1:
-            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[i + j], g[i + j] *= c;
+            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[o + i + j], gr[i + j] = compact ? c - 1.0f : gr[i + j] * c;
             break;
         case 2:
-            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += g[i + j];
+            for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += gr[i + j];
             break;
         default:
-            for (j = 0; j < TRAFFIC_LANES; j++) m[i + j] *= c, v[i + j] *= c, w[i + j] += g[i + j], g[i + j] = 0.0f;
+            for (j = 0; j < TRAFFIC_LANES; j++) m[o + i + j] *= c, v[o + i + j] *= c, w[o + i + j] += gr[i + j];
+            if (!compact)
+                for (j = 0; j < TRAFFIC_LANES; j++) gr[i + j] = 0.0f;
         }
     for (j = 0; j < TRAFFIC_LANES; j++) sum += acc[j];
     return sum;
@@ -217,9 +230,9 @@ static float row_traffic(float *w, float *g, float *m, float *v, size_t o, int p
 /* Seconds of one phase's traffic over the last step's touched rows, in
  * increasing order, on all threads: what the phase would cost if its
  * arithmetic were free and its rows came in that order. */
-static double rows_traffic_seconds(peer_layer *l, int phase) {
+static double rows_traffic_seconds(peer_layer *l, int phase, int compact) {
     const size_t W = EXPERT_ROW, off = (size_t)(l->pp.experts - l->p.data);
-    float *w = l->p.data + off, *g = l->p.grad + off, *m = l->p.m + off, *v = l->p.v + off;
+    float *w = l->p.data + off, *g = compact ? l->compact : l->p.grad + off, *m = l->p.m + off, *v = l->p.v + off;
     float c = one, total = 0.0f;
     double t0 = sm_now();
     long r;
@@ -227,15 +240,15 @@ static double rows_traffic_seconds(peer_layer *l, int phase) {
 #pragma omp parallel for schedule(static) reduction(+ : total)
 #endif
     for (r = 0; r < l->n_rows; r++) {
-        size_t i;
+        size_t i, ahead = (size_t)l->rows_copy[r + TRAFFIC_AHEAD < l->n_rows ? r + TRAFFIC_AHEAD : r] * W;
         if (r + TRAFFIC_AHEAD < l->n_rows)
             for (i = 0; i < W; i += 16) {
-                size_t o = (size_t)l->rows_copy[r + TRAFFIC_AHEAD] * W + i;
-                if (phase != 2) SM__PREFETCH(w + o);
-                if (phase != 0) SM__PREFETCH(g + o);
-                if (phase == 3) SM__PREFETCH(m + o), SM__PREFETCH(v + o);
+                if (phase != 2) SM__PREFETCH(w + ahead + i);
+                if (phase != 0 && !compact) SM__PREFETCH(g + ahead + i);
+                if (phase == 3) SM__PREFETCH(m + ahead + i), SM__PREFETCH(v + ahead + i);
             }
-        total += row_traffic(w, g, m, v, (size_t)l->rows_copy[r] * W, phase, c);
+        total += row_traffic(w, g, m, v, (size_t)l->rows_copy[r] * W, (compact ? (size_t)r : l->rows_copy[r]) * W,
+                             phase, compact, c);
     }
     sink = total;
     return sm_now() - t0;
@@ -270,10 +283,11 @@ static void peer_layer_step(peer_layer *l, float *x, float *dx, float *out, cons
     t[4] = sm_now() - t0;
     sm_params_zero_grad(&l->p);
     for (i = 0; i < 5; i++) l->best[i] = t[i] < l->best[i] ? t[i] : l->best[i];
-    for (i = 0; i < 4; i++) {
+    for (i = 0; i < 8; i++) {
+        double *best = &l->traffic_best[i / 4][i % 4];
         evict_caches();
-        t[i] = rows_traffic_seconds(l, i);
-        l->traffic_best[i] = t[i] < l->traffic_best[i] ? t[i] : l->traffic_best[i];
+        t[0] = rows_traffic_seconds(l, i % 4, i / 4);
+        *best = t[0] < *best ? t[0] : *best;
     }
 }
 
@@ -284,7 +298,7 @@ static void print_peer_phases(int rounds, double step_16k) {
     static const char *phase[5] = {"route", "experts fwd", "backward", "grad norm", "sparse AdamW"};
     peer_layer l[2];
     int N = B * 128, r, i, k;
-    double grew = 0.0, traffic_grew = 0.0;
+    double grew = 0.0, traffic_grew[2] = {0.0, 0.0};
     float *x = (float *)malloc(sizeof(float) * (size_t)N * 128 * 4), *dx = x + (size_t)N * 128;
     float *out = dx + (size_t)N * 128, *dout = out + (size_t)N * 128;
     sm_rng rng;
@@ -299,21 +313,24 @@ static void print_peer_phases(int rounds, double step_16k) {
             peer_layer_step(&l[k], x, dx, out, dout, N, &rng);
         }
     printf("  one PEER layer alone, caches evicted between phases (ms, best of %d), 16K -> 1M;\n"
-           "  then each phase's reads and writes of the touched rows alone, in row order:\n", rounds);
+           "  then each phase's reads and writes of the touched rows alone, in row order, as the\n"
+           "  gradients are kept (in the table) and as they would be in a compact buffer:\n", rounds);
     for (i = 0; i < 5; i++) {
         printf("    %-16s %7.2f -> %7.2f", phase[i], 1e3 * l[0].best[i], 1e3 * l[1].best[i]);
         if (i == 0) {
             printf("\n");
             continue;
         }
-        printf("   traffic alone %6.2f -> %6.2f\n", 1e3 * l[0].traffic_best[i - 1],
-               1e3 * l[1].traffic_best[i - 1]);
+        printf("   traffic alone %6.2f -> %6.2f, compact %6.2f -> %6.2f\n", 1e3 * l[0].traffic_best[0][i - 1],
+               1e3 * l[1].traffic_best[0][i - 1], 1e3 * l[0].traffic_best[1][i - 1], 1e3 * l[1].traffic_best[1][i - 1]);
         grew += l[1].best[i] - l[0].best[i];
-        traffic_grew += l[1].traffic_best[i - 1] - l[0].traffic_best[i - 1];
+        for (k = 0; k < 2; k++) traffic_grew[k] += l[1].traffic_best[k][i - 1] - l[0].traffic_best[k][i - 1];
     }
     printf("  the four row phases grew %.2f ms; their traffic alone grew %.2f ms, %.3f of the\n"
-           "  PEER-16K step (the target allows 0.15 for all of the 1M step's growth)\n",
-           1e3 * grew, 1e3 * traffic_grew, traffic_grew / step_16k);
+           "  PEER-16K step (the target allows 0.15 for all of the 1M step's growth); with\n"
+           "  compact gradients %.2f ms, %.3f\n",
+           1e3 * grew, 1e3 * traffic_grew[0], traffic_grew[0] / step_16k, 1e3 * traffic_grew[1],
+           traffic_grew[1] / step_16k);
     peer_layer_free(&l[0]);
     peer_layer_free(&l[1]);
     free(x);
