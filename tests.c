@@ -2261,6 +2261,39 @@ static int test_adamw_matches_formula(void) {
     return 0;
 }
 
+/* sm_params_zero_grad zeroes a dense tensor big enough to be zeroed in
+ * pieces across threads (more than 16 pieces, the last one short) to its
+ * last float, touches nothing outside it, and zeroes only a table's touched
+ * rows. */
+static int test_zero_grad_big_dense_and_rows(void) {
+    const size_t big = 17 * ((size_t)1 << 16) + 123, rows = 10, width = 3;
+    sm_params p;
+    sm_row_set touched;
+    sm_error err;
+    size_t a, b, c, i;
+    int g;
+    memset(&p, 0, sizeof p);
+    g = sm_params_add_group(&p, sm_param_group_default("g", 0.1f), &err);
+    CHECK_OK(sm_row_set_init(&touched, rows, &err));
+    a = sm_params_add_tensor(&p, "small", 5, g, 0, NULL, &err);
+    b = sm_params_add_tensor(&p, "big", big, g, 0, NULL, &err);
+    c = sm_params_add_tensor(&p, "table", rows * width, g, width, &touched, &err);
+    CHECK_OK(sm_params_alloc(&p, &err));
+    CHECK(a + 5 == b && b + big == c, "layout %zu %zu %zu", a, b, c);
+    for (i = 0; i < p.total; i++) p.grad[i] = 1.0f;
+    sm_row_set_add(&touched, 7);
+    sm_params_zero_grad(&p);
+    for (i = 0; i < p.total; i++) {
+        int in_row7 = i >= c + 7 * width && i < c + 8 * width;
+        float want = i < c || in_row7 ? 0.0f : 1.0f;
+        if (p.grad[i] != want) break;
+    }
+    CHECK(i == p.total, "gradient %zu is %g after zero_grad", i, p.grad[i]);
+    sm_row_set_free(&touched);
+    sm_params_free(&p);
+    return 0;
+}
+
 /* A frozen group (lr_mult 0) keeps its weights, dense tensor and touched
  * table rows alike, while its moments follow the gradients as at any lr
  * (PyTorch's Adam at lr 0); thawed, the next step uses those moments. */
@@ -8907,7 +8940,7 @@ static const t_case t_cases[] = {
     T(test_trainer_cli_messages),
     T(test_trainer_eval_sample_report),
     T(test_trainer_report_reads_diag),
-    T(test_adamw_matches_formula), T(test_adamw_frozen_group_keeps_moments),
+    T(test_adamw_matches_formula), T(test_zero_grad_big_dense_and_rows), T(test_adamw_frozen_group_keeps_moments),
     T(test_adamw_eps_matters),
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),
     T(test_params_decay_rule_every_tensor),
