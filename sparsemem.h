@@ -10839,7 +10839,8 @@ static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v
                                  float inv_bc2, float wd) {
     const sm__av b1 = sm__av_splat(g->beta1), c1 = sm__av_splat(1.0f - g->beta1);
     const sm__av b2 = sm__av_splat(g->beta2), c2 = sm__av_splat(1.0f - g->beta2);
-    const sm__av vclip = sm__av_splat(clip_scale), vbc1 = sm__av_splat(inv_bc1), vbc2 = sm__av_splat(inv_bc2);
+    const sm__av vclip = sm__av_splat(clip_scale);
+    const sm__av v_inv_bc1 = sm__av_splat(inv_bc1), v_inv_bc2 = sm__av_splat(inv_bc2);
     const sm__av veps = sm__av_splat(g->eps), vlr = sm__av_splat(lr), vwd = sm__av_splat(wd);
     size_t i, end = n - n % SM__AV_WIDTH;
     for (i = 0; i < end; i += SM__AV_WIDTH) {
@@ -10847,7 +10848,7 @@ static size_t sm__adamw_span_vec(float *w, const float *grad, float *m, float *v
         sm__av mi = sm__av_add(sm__av_mul(b1, sm__av_load(m + i)), sm__av_mul(c1, gi));
         sm__av vi = sm__av_add(sm__av_mul(b2, sm__av_load(v + i)), sm__av_mul(sm__av_mul(c2, gi), gi));
         sm__av wi = sm__av_load(w + i);
-        sm__av step = sm__av_div(sm__av_mul(mi, vbc1), sm__av_add(sm__av_sqrt(sm__av_mul(vi, vbc2)), veps));
+        sm__av step = sm__av_div(sm__av_mul(mi, v_inv_bc1), sm__av_add(sm__av_sqrt(sm__av_mul(vi, v_inv_bc2)), veps));
         sm__av_store(m + i, mi);
         sm__av_store(v + i, vi);
         sm__av_store(w + i, sm__av_sub(wi, sm__av_mul(vlr, sm__av_add(step, sm__av_mul(vwd, wi)))));
