@@ -135,7 +135,7 @@ typedef struct {
     sm_peer_acts acts;
     uint32_t *rows_copy; /* the last step's touched experts, increasing */
     long n_rows;
-    float *compact;            /* a gradient row per touched expert, in row_copy's order */
+    float *compact;            /* a gradient row per touched expert, in rows_copy's order */
     double best[5];            /* per phase: route, experts fwd, backward, norm, AdamW */
     double traffic_best[2][4]; /* the last four's row traffic alone (rows_traffic_seconds),
                                   [1] with compact gradients */
@@ -212,7 +212,7 @@ static float row_traffic(float *w, float *g, float *m, float *v, size_t o, size_
         case 0:
             for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[o + i + j];
             break;
-        case 1:
+        case 1: /* compact: the buffer written, not read */
             for (j = 0; j < TRAFFIC_LANES; j++) acc[j] += w[o + i + j], gr[i + j] = compact ? c - 1.0f : gr[i + j] * c;
             break;
         case 2:
@@ -240,9 +240,9 @@ static double rows_traffic_seconds(peer_layer *l, int phase, int compact) {
 #pragma omp parallel for schedule(static) reduction(+ : total)
 #endif
     for (r = 0; r < l->n_rows; r++) {
-        size_t i, ahead = (size_t)l->rows_copy[r + TRAFFIC_AHEAD < l->n_rows ? r + TRAFFIC_AHEAD : r] * W;
+        size_t i, ahead;
         if (r + TRAFFIC_AHEAD < l->n_rows)
-            for (i = 0; i < W; i += 16) {
+            for (ahead = (size_t)l->rows_copy[r + TRAFFIC_AHEAD] * W, i = 0; i < W; i += 16) {
                 if (phase != 2) SM__PREFETCH(w + ahead + i);
                 if (phase != 0 && !compact) SM__PREFETCH(g + ahead + i);
                 if (phase == 3) SM__PREFETCH(m + ahead + i), SM__PREFETCH(v + ahead + i);
@@ -284,10 +284,10 @@ static void peer_layer_step(peer_layer *l, float *x, float *dx, float *out, cons
     sm_params_zero_grad(&l->p);
     for (i = 0; i < 5; i++) l->best[i] = t[i] < l->best[i] ? t[i] : l->best[i];
     for (i = 0; i < 8; i++) {
-        double *best = &l->traffic_best[i / 4][i % 4];
+        double *best = &l->traffic_best[i / 4][i % 4], secs;
         evict_caches();
-        t[0] = rows_traffic_seconds(l, i % 4, i / 4);
-        *best = t[0] < *best ? t[0] : *best;
+        secs = rows_traffic_seconds(l, i % 4, i / 4);
+        *best = secs < *best ? secs : *best;
     }
 }
 
