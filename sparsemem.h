@@ -1988,7 +1988,7 @@ typedef struct sm_model {
     float loss;
     int n_counted;
     /* backward scratch */
-    float *grad_mem, *dres, *dres_prev, *dmaps, *dmaps_next, *dy, *du, *dln, *dqkv, *datty, *dfch, *dfch_gelu;
+    float *grad_mem, *dres, *dres_prev, *dmaps, *dy, *du, *dln, *dqkv, *datty, *dfch, *dfch_gelu;
 } sm_model;
 
 /* Lay out and initialise the parameters (seeded), and allocate activations
@@ -9778,23 +9778,32 @@ static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float 
     }
 }
 
-/* One token of the post backward: dy += H_post^T dx_next, dx += H_res^T
- * dx_next, dH_post[i] += <dx_next[i], y>, dH_res[i,j] += <dx_next[i], x[j]>.
- * Without `add`, the token's dx, dy and all K of its dmaps are zeroed first
- * (while in cache: no pass of its own over the n-wide gradient). */
-static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
-                                      const float *x, const float *y, const float *maps, int n,
-                                      int C, int add) {
-    const float *h_post = maps + n, *h_res = maps + 2 * n;
+/* One token of the post backward's dy half: dy += H_post^T dx_next
+ * (written, not added to, without `add`). */
+static void sm__mhc_post_dy_backward(float *dy, const float *dx_next, const float *maps, int n, int C,
+                                     int add) {
+    const float *h_post = maps + n;
+    int i, c;
+    if (!add) memset(dy, 0, sizeof(float) * (size_t)C);
+    for (i = 0; i < n; i++)
+        for (c = 0; c < C; c++) dy[c] += h_post[i] * dx_next[i * C + c];
+}
+
+/* One token of the post backward's dx half: dx += H_res^T dx_next,
+ * dH_post[i] += <dx_next[i], y>, dH_res[i,j] += <dx_next[i], x[j]>. Without
+ * `add`, dx and all K of the token's dmaps are written instead (dH_pre
+ * zeroed for the pre backward to add to), while in cache: no pass of its
+ * own over the n-wide gradient. */
+static void sm__mhc_post_dx_backward(float *dx, float *dmaps, const float *dx_next, const float *x,
+                                     const float *y, const float *maps, int n, int C, int add) {
+    const float *h_res = maps + 2 * n;
     int i, j, c;
     if (!add) {
         memset(dx, 0, sizeof(float) * (size_t)n * C);
-        memset(dy, 0, sizeof(float) * (size_t)C);
         memset(dmaps, 0, sizeof(float) * (size_t)sm_mhc_map_count(n));
     }
     for (i = 0; i < n; i++) {
         const float *g = dx_next + i * C;
-        for (c = 0; c < C; c++) dy[c] += h_post[i] * g[c];
         dmaps[n + i] += sm__dot(g, y, C);
         for (j = 0; j < n; j++) {
             float w = h_res[i * n + j];
@@ -9804,9 +9813,10 @@ static void sm__mhc_post_mix_backward(float *dx, float *dy, float *dmaps, const 
     }
 }
 
-/* One post backward's operands: sm_mhc_post_backward's, and whether dx,
- * dy and dmaps are added to (`add`, the public call) or written (the
- * model's: no zeroing pass before). */
+/* A post backward's operands, sm_mhc_post_backward's: its dy half runs
+ * where dy is set, its dx half (dx and dmaps) where dx is; both add to
+ * their outputs with `add` (the public call) or write them (the model's:
+ * no zeroing pass before). */
 typedef struct {
     float *dx, *dy, *dmaps;
     const float *dx_next, *x, *y;
@@ -9814,15 +9824,23 @@ typedef struct {
     int add;
 } sm__mhc_post_bwd;
 
-static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int b, int end) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), t;
+/* The post backward j of token t. */
+static void sm__mhc_post_backward_token(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int t) {
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n);
     size_t nC = (size_t)n * C;
-    for (t = b; t < end; t++)
-        sm__mhc_post_mix_backward(j->dx + t * nC, j->dy + (size_t)t * C, j->dmaps + (size_t)t * K,
-                                  j->dx_next + t * nC, j->x + t * nC, j->y + (size_t)t * C,
-                                  j->act->maps + (size_t)t * K, n, C, j->add);
+    const float *maps = j->act->maps + (size_t)t * K, *dx_next = j->dx_next + t * nC;
+    if (j->dy) sm__mhc_post_dy_backward(j->dy + (size_t)t * C, dx_next, maps, n, C, j->add);
+    if (j->dx)
+        sm__mhc_post_dx_backward(j->dx + t * nC, j->dmaps + (size_t)t * K, dx_next, j->x + t * nC,
+                                 j->y + (size_t)t * C, maps, n, C, j->add);
 }
 
+static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int b, int end) {
+    int t;
+    for (t = b; t < end; t++) sm__mhc_post_backward_token(j, cfg, t);
+}
+
+/* In the pre passes' blocks, so that each thread has the same tokens. */
 static void sm__mhc_post_backward(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int N) {
     int b;
 #ifdef _OPENMP
@@ -9894,61 +9912,88 @@ static void sm__mhc_dz(float *dz, const float *darg, const float *rstd, const sm
             dz[(size_t)t * K + k] = rstd[t] * (p->gate[sm__mhc_gate_of(k, n)] * darg[(size_t)t * K + k]);
 }
 
+/* One pre backward's operands: sm_mhc_pre_backward's (act's z the forward's
+ * until the pass ends), phi packed as op(B) (phi_nn), and the post
+ * backwards that share its pass over the tokens, or NULL: `own`, this
+ * sublayer's dx half, runs on each token first (its dx and dmaps are
+ * these, written from dx_next, and the pre path adds to them: dx is read
+ * and written once, not written by a pass of its own and read again after
+ * the sublayer's backward); `then`, the previous sublayer's dy half, on
+ * each block once the block's dx is final. */
+typedef struct {
+    float *dx, *dmaps;
+    const float *du, *x, *phi_nn;
+    const sm_mhc_acts *act;
+    const sm_mhc_params *p;
+    const sm__mhc_post_bwd *own, *then;
+} sm__mhc_pre_bwd;
+
 /* The pre backward of the tokens [b, end) (end - b <= SM__MHC_BLOCK): per
  * group of lanes the H_pre path, the maps and RMSNorm's x term, then the
- * block's dx += dz' phi (phi_nn: phi packed as op(B)). */
-static void sm__mhc_pre_backward_block(float *dx, float *dmaps, const float *du, const float *x,
-                                       const sm_mhc_acts *act, const sm_mhc_params *p,
-                                       const float *phi_nn, const sm_mhc_config *cfg, int b, int end) {
+ * block's dx += dz' phi. */
+static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_config *cfg, int b, int end) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g, t;
+    const sm_mhc_acts *act = j->act;
     for (g = b; g < end; g += SM__SINKHORN_LANES) {
         int count = sm__sinkhorn_group_size(end, g);
-        for (t = g; t < g + count; t++)
-            sm__mhc_pre_mix_backward(dx + (size_t)t * nC, dmaps + (size_t)t * K, du + (size_t)t * C,
-                                     x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
-        sm__mhc_maps_backward(dmaps + (size_t)g * K, act->maps + (size_t)g * K,
-                              cfg->dynamic ? act->z + (size_t)g * K : NULL, p, count, n,
+        for (t = g; t < g + count; t++) {
+            if (j->own) sm__mhc_post_backward_token(j->own, cfg, t);
+            sm__mhc_pre_mix_backward(j->dx + (size_t)t * nC, j->dmaps + (size_t)t * K, j->du + (size_t)t * C,
+                                     j->x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
+        }
+        sm__mhc_maps_backward(j->dmaps + (size_t)g * K, act->maps + (size_t)g * K,
+                              cfg->dynamic ? act->z + (size_t)g * K : NULL, j->p, count, n,
                               cfg->sinkhorn_iters);
         for (t = g; t < g + count && cfg->dynamic; t++)
-            sm__mhc_norm_term_backward(dx + (size_t)t * nC, x + (size_t)t * nC, act->z + (size_t)t * K,
-                                       act->rstd[t], dmaps + (size_t)t * K, p, n, C);
+            sm__mhc_norm_term_backward(j->dx + (size_t)t * nC, j->x + (size_t)t * nC, act->z + (size_t)t * K,
+                                       act->rstd[t], j->dmaps + (size_t)t * K, j->p, n, C);
     }
     if (cfg->dynamic) {
         float dz[SM__MHC_BLOCK * (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)];
         float Ap[SM__MR * SM__KC];
-        sm__mhc_dz(dz, dmaps + (size_t)b * K, act->rstd + b, p, end - b, n);
-        sm__gemm_rows(end - b, nC, K, dz, K, phi_nn, dx + (size_t)b * nC, nC, 0, Ap);
+        sm__mhc_dz(dz, j->dmaps + (size_t)b * K, act->rstd + b, j->p, end - b, n);
+        sm__gemm_rows(end - b, nC, K, dz, K, j->phi_nn, j->dx + (size_t)b * nC, nC, 0, Ap);
     }
 }
 
-/* sm_mhc_pre_backward, and with `then` the previous sublayer's post
- * backward (its dx_next this dx) on each block as soon as the block's dx
- * is final (the dx rows in cache, one parallel region for both; the same
- * operations as the two calls). */
-static void sm__mhc_pre_backward_then(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
-                                      const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
-                                      const sm_mhc_config *cfg, int N, const sm__mhc_post_bwd *then) {
+/* The pre backward j, with the post backwards it carries, over all N
+ * tokens in one parallel region (the same operations as separate calls);
+ * then the parameter gradients into dp. */
+static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, sm_mhc_acts *act,
+                                 const sm_mhc_config *cfg, int N) {
     int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n), b;
-    const float *phi_nn = sm__mhc_pack_phi(act, p, cfg, 0);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) if (N > 64)
 #endif
     for (b = 0; b < N; b += SM__MHC_BLOCK) { /* as in sm_mhc_pre_forward */
         int end = sm__mhc_block_end(N, b);
-        sm__mhc_pre_backward_block(dx, dmaps, du, x, act, p, phi_nn, cfg, b, end);
-        if (then) sm__mhc_post_backward_rows(then, cfg, b, end);
+        sm__mhc_pre_backward_block(j, cfg, b, end);
+        if (j->then) sm__mhc_post_backward_rows(j->then, cfg, b, end);
     }
-    sm__mhc_bias_gate_grads(dp, dmaps, act->z, N, n);
+    sm__mhc_bias_gate_grads(dp, j->dmaps, act->z, N, n);
     if (cfg->dynamic) { /* dphi += dz'^T x, dz' into z (used up) */
-        sm__mhc_dz(act->z, dmaps, act->rstd, p, N, n);
-        sm_linear_backward(NULL, dp->phi, NULL, act->z, x, p->phi, N, nC, K);
+        sm__mhc_dz(act->z, j->dmaps, act->rstd, j->p, N, n);
+        sm_linear_backward(NULL, dp->phi, NULL, act->z, j->x, j->p->phi, N, nC, K);
     }
+}
+
+/* sm_mhc_pre_backward's operands, with no post backward in its pass;
+ * packs phi into act. */
+static sm__mhc_pre_bwd sm__mhc_pre_bwd_of(float *dx, float *dmaps, const float *du, const float *x,
+                                          sm_mhc_acts *act, const sm_mhc_params *p,
+                                          const sm_mhc_config *cfg) {
+    sm__mhc_pre_bwd j;
+    j.dx = dx, j.dmaps = dmaps, j.du = du, j.x = x, j.act = act, j.p = p;
+    j.phi_nn = sm__mhc_pack_phi(act, p, cfg, 0);
+    j.own = j.then = NULL;
+    return j;
 }
 
 SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const float *du,
                                const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
                                const sm_mhc_config *cfg, int N) {
-    sm__mhc_pre_backward_then(dx, dp, dmaps, du, x, act, p, cfg, N, NULL);
+    sm__mhc_pre_bwd j = sm__mhc_pre_bwd_of(dx, dmaps, du, x, act, p, cfg);
+    sm__mhc_pre_backward(&j, dp, act, cfg, N);
 }
 
 /* ---- expand / collapse ---- */
@@ -11435,7 +11480,6 @@ static void sm__carve_grads(sm_model *m, sm__arena *a) {
     m->dres = sm__take(a, N * S * C);
     m->dres_prev = m->cfg.use_mhc ? sm__take(a, N * S * C) : NULL;
     m->dmaps = m->cfg.use_mhc ? sm__take(a, N * (size_t)sm_mhc_map_count(m->cfg.mhc.n_streams)) : NULL;
-    m->dmaps_next = m->cfg.use_mhc ? sm__take(a, N * (size_t)sm_mhc_map_count(m->cfg.mhc.n_streams)) : NULL;
     m->dy = sm__take(a, N * S * C); /* [N, S*C] for a per-stream Engram */
     m->du = sm__take(a, N * C);
     m->dln = sm__take(a, N * C);
@@ -12006,30 +12050,33 @@ static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const 
     else sm__ffn_backward(m, s, du, dy, u);
 }
 
-/* Sublayer s's post backward in the model: dx, its map gradients and dy
- * (m->dy) written, from dx_next. */
-static sm__mhc_post_bwd sm__model_post_bwd(sm_model *m, sm_sublayer *s, float *dx, float *dmaps,
-                                           const float *dx_next) {
+/* Half of sublayer s's post backward in the model, from dx_next, written
+ * (not added): the dx half (`dx_half`: dx into dres_prev, the map gradients
+ * into dmaps) or the dy half (into m->dy). */
+static sm__mhc_post_bwd sm__model_post_bwd(sm_model *m, sm_sublayer *s, const float *dx_next, int dx_half) {
     sm__mhc_post_bwd j;
-    j.dx = dx, j.dy = m->dy, j.dmaps = dmaps, j.dx_next = dx_next;
-    j.x = s->x_in, j.y = s->y, j.act = &s->mhc_acts, j.add = 0;
+    memset(&j, 0, sizeof j);
+    j.dx_next = dx_next, j.act = &s->mhc_acts;
+    if (dx_half) j.dx = m->dres_prev, j.dmaps = m->dmaps, j.x = s->x_in, j.y = s->y;
+    else j.dy = m->dy;
     return j;
 }
 
-/* m->dres holds dL/dx_next on entry and dL/dx_in on return. `prev`: the
- * sublayer before when it is an mHC branch too, whose post backward then
- * runs with this pre backward (sm__mhc_pre_backward_then), into dres (free
- * by then), dy and dmaps_next. *post_done: on entry, whether s's post
- * backward ran that way (its dx in dres_prev, dy, dmaps); on return,
- * whether prev's did. */
-static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev, int *post_done) {
+/* m->dres holds dL/dx_next on entry and dL/dx_in on return. In an mHC
+ * branch, the post backward's dy half runs first (dy is the sublayer's
+ * input gradient), and its dx half in the pre backward's pass, after the
+ * sublayer's backward, into dres_prev (sm__mhc_pre_bwd). `prev`: the
+ * sublayer before when it is an mHC branch too, whose dy half then runs in
+ * that pass as well, on dres_prev's blocks once final. *dy_done: on entry,
+ * whether s's dy half ran that way; on return, whether prev's did. */
+static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev, int *dy_done) {
     const sm_mhc_config *mc = &m->cfg.mhc;
     sm_profile *pf = m->params.profile;
     int N = m->B * m->T;
     size_t NC = (size_t)N * m->cfg.d_model;
     float *swap;
     if (!s->in_mhc) { /* dy = dx_next, and dx = dx_next + dF/dx^T dy */
-        *post_done = 0;
+        *dy_done = 0;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->dy, m->dres, sizeof(float) * NC * sm__streams(&m->cfg)));
         sm__sublayer_backward(m, s, m->dres, m->dy, s->x_in);
         return;
@@ -12037,24 +12084,19 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
     {
         sm_mhc_params mp = sm__mhc_view(m, m->params.data, s);
         sm_mhc_params mg = sm__mhc_view(m, m->params.grad, s);
-        if (!*post_done) { /* writes dres_prev, dy, dmaps */
-            sm__mhc_post_bwd own = sm__model_post_bwd(m, s, m->dres_prev, m->dmaps, m->dres);
-            SM__TIMED(pf, SM_PROF_MHC_MIX, sm__mhc_post_backward(&own, mc, N));
+        sm__mhc_post_bwd own = sm__model_post_bwd(m, s, m->dres, 1), then;
+        sm__mhc_pre_bwd j;
+        if (!*dy_done) {
+            sm__mhc_post_bwd dy_half = sm__model_post_bwd(m, s, m->dres, 0);
+            SM__TIMED(pf, SM_PROF_MHC_MIX, sm__mhc_post_backward(&dy_half, mc, N));
         }
-        *post_done = 0;
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memset(m->du, 0, sizeof(float) * NC));
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
-        if (prev && prev->in_mhc) { /* timed as the maps, the larger part */
-            sm__mhc_post_bwd then = sm__model_post_bwd(m, prev, m->dres, m->dmaps_next, m->dres_prev);
-            SM__TIMED(pf, SM_PROF_MHC_MAPS,
-                      sm__mhc_pre_backward_then(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp,
-                                                mc, N, &then));
-            swap = m->dmaps, m->dmaps = m->dmaps_next, m->dmaps_next = swap;
-            *post_done = 1;
-        } else {
-            SM__TIMED(pf, SM_PROF_MHC_MAPS,
-                      sm_mhc_pre_backward(m->dres_prev, &mg, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc, N));
-        }
+        j = sm__mhc_pre_bwd_of(m->dres_prev, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc);
+        j.own = &own;
+        if (prev && prev->in_mhc) then = sm__model_post_bwd(m, prev, m->dres_prev, 0), j.then = &then;
+        *dy_done = j.then != NULL;
+        SM__TIMED(pf, SM_PROF_MHC_MAPS, sm__mhc_pre_backward(&j, &mg, &s->mhc_acts, mc, N));
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;
 }
@@ -12065,8 +12107,8 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
  *     sm_sgemm x2, sm__norm_backward      >>backbone LM head, final norm
  *     sm_mhc_collapse_backward (use_mhc)  >>mhc
  *     per sublayer, last first: sm__residual_backward
- *       sm_mhc_post_backward              >>mhc     (mHC branch; the last
- *                                         sublayer's: the others' run with
+ *       sm__mhc_post_backward, dy half    >>mhc     (mHC branch; the last
+ *                                         sublayer's: the others' run in
  *                                         the pre backward after them)
  *       sm__sublayer_backward             by kind:
  *         sm__engram_backward -> sm_engram_backward_routed        >>engram
@@ -12077,11 +12119,11 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
  *           sm__peer_experts_backward,    >>peer    retrieved experts only
  *           sm__peer_slots_backward, sm__peer_keys_backward,
  *           sm__peer_query_backward
- *       sm_mhc_pre_backward               >>mhc     through the maps and
- *         sm__mhc_pre_backward_block: sm__mhc_pre_mix_backward,
+ *       sm__mhc_pre_backward              >>mhc     through the maps and
+ *         sm__mhc_pre_backward_block: the post backward's dx half
+ *         (sm__mhc_post_dx_backward), sm__mhc_pre_mix_backward,
  *         sm__mhc_maps_backward (Sinkhorn in lanes), RMSNorm's x term and
- *         dz' phi; then dphi. Or sm__mhc_pre_backward_then: with the
- *         previous sublayer's post backward, block by block
+ *         dz' phi; the previous sublayer's dy half; then dphi
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
  *     sm_embedding_backward               >>backbone
  * The optimizer step (sm_params_adamw_step, >>optim) follows. */
@@ -12092,7 +12134,7 @@ static void sm__model_backward_with(sm_model *m, void (*after)(void *ctx, int i)
     const float *w = m->params.data;
     float *g = m->params.grad;
     sm_profile *pf = m->params.profile;
-    int i, N = m->B * m->T, C = c->d_model, V = c->vocab_size, post_done = 0;
+    int i, N = m->B * m->T, C = c->d_model, V = c->vocab_size, dy_done = 0;
     size_t NC = (size_t)N * C;
     float dloss = m->n_counted ? 1.0f / (float)m->n_counted : 0.0f;
     /* m->logits holds the probabilities; turn them into dlogits in place */
@@ -12109,7 +12151,7 @@ static void sm__model_backward_with(sm_model *m, void (*after)(void *ctx, int i)
         SM__TIMED(pf, SM_PROF_ELEMENTWISE, memcpy(m->dres, m->du, sizeof(float) * NC));
     }
     for (i = m->n_sub - 1; i >= 0; i--) {
-        sm__residual_backward(m, &m->sub[i], i > 0 ? &m->sub[i - 1] : NULL, &post_done);
+        sm__residual_backward(m, &m->sub[i], i > 0 ? &m->sub[i - 1] : NULL, &dy_done);
         if (after) after(ctx, i);
     }
     if (c->use_mhc)
