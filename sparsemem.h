@@ -9685,8 +9685,23 @@ static void sm__mhc_normalise_z(float *z, float *rstd, const float *x, int nC, i
  * whose start wakes the sleeping threads. */
 #define SM__MHC_BLOCK 48
 
-/* The end of the block of tokens that starts at b. */
+/* The end of the block of tokens that starts at b, of those before N. */
 static int sm__mhc_block_end(int N, int b) { return N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK; }
+
+/* The calling thread's share [*lo, *hi) of N tokens in a pass over blocks:
+ * equal shares in whole groups of Sinkhorn lanes, the same tokens in every
+ * pass. (Whole blocks per thread, as `omp for` deals them, left the first
+ * of 2 threads 11 of 22 blocks of 48, 528 of 1024 tokens, to the other's
+ * 496, and the pass waiting on it.) */
+static void sm__mhc_share(int N, int *lo, int *hi) {
+    long groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES, id = 0, threads = 1;
+#ifdef _OPENMP
+    id = omp_get_thread_num(), threads = omp_get_num_threads();
+#endif
+    *lo = (int)(groups * id / threads) * SM__SINKHORN_LANES;
+    *hi = (int)(groups * (id + 1) / threads) * SM__SINKHORN_LANES;
+    *lo = *lo < N ? *lo : N, *hi = *hi < N ? *hi : N;
+}
 
 /* phi [K, nC] packed into act's scratch as the micro-kernel's op(B): phi^T
  * for x phi^T (`transposed`, the forward), phi for dz' phi (the backward).
@@ -9723,12 +9738,15 @@ static void sm__mhc_pre_forward_block(float *u, sm_mhc_acts *act, const float *x
 SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const sm_mhc_params *p,
                               const sm_mhc_config *cfg, int N) {
     const float *phi_t = sm__mhc_pack_phi(act, p, cfg, 1);
-    int b;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
+#pragma omp parallel if (N > 64)
 #endif
-    for (b = 0; b < N; b += SM__MHC_BLOCK)
-        sm__mhc_pre_forward_block(u, act, x, phi_t, p, cfg, b, sm__mhc_block_end(N, b));
+    {
+        int lo, hi, b;
+        sm__mhc_share(N, &lo, &hi);
+        for (b = lo; b < hi; b += SM__MHC_BLOCK)
+            sm__mhc_pre_forward_block(u, act, x, phi_t, p, cfg, b, sm__mhc_block_end(hi, b));
+    }
 }
 
 /* x_next[i] = sum_j H_res[i,j] x[j] + H_post[i] y for one token. */
@@ -9764,17 +9782,21 @@ SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
 static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float *y, const sm_mhc_acts *act,
                                      float *u_next, sm_mhc_acts *act_next, const sm_mhc_params *p_next,
                                      const sm_mhc_config *cfg, int N) {
-    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), b;
+    int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n);
     size_t nC = (size_t)n * C;
     const float *phi_t = sm__mhc_pack_phi(act_next, p_next, cfg, 1);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
+#pragma omp parallel if (N > 64)
 #endif
-    for (b = 0; b < N; b += SM__MHC_BLOCK) {
-        int end = sm__mhc_block_end(N, b), t;
-        for (t = b; t < end; t++)
-            sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K, n, C);
-        sm__mhc_pre_forward_block(u_next, act_next, x_next, phi_t, p_next, cfg, b, end);
+    {
+        int lo, hi, b, t;
+        sm__mhc_share(N, &lo, &hi);
+        for (b = lo; b < hi; b += SM__MHC_BLOCK) {
+            int end = sm__mhc_block_end(hi, b);
+            for (t = b; t < end; t++)
+                sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K, n, C);
+            sm__mhc_pre_forward_block(u_next, act_next, x_next, phi_t, p_next, cfg, b, end);
+        }
     }
 }
 
@@ -9840,13 +9862,16 @@ static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_c
     for (t = b; t < end; t++) sm__mhc_post_backward_token(j, cfg, t);
 }
 
-/* In the pre passes' blocks, so that each thread has the same tokens. */
+/* Each thread on the tokens it has in the pre passes. */
 static void sm__mhc_post_backward(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int N) {
-    int b;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
+#pragma omp parallel if (N > 64)
 #endif
-    for (b = 0; b < N; b += SM__MHC_BLOCK) sm__mhc_post_backward_rows(j, cfg, b, sm__mhc_block_end(N, b));
+    {
+        int lo, hi;
+        sm__mhc_share(N, &lo, &hi);
+        sm__mhc_post_backward_rows(j, cfg, lo, hi);
+    }
 }
 
 SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float *dx_next,
@@ -9961,14 +9986,18 @@ static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_co
  * then the parameter gradients into dp. */
 static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, sm_mhc_acts *act,
                                  const sm_mhc_config *cfg, int N) {
-    int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n), b;
+    int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N > 64)
+#pragma omp parallel if (N > 64)
 #endif
-    for (b = 0; b < N; b += SM__MHC_BLOCK) { /* as in sm_mhc_pre_forward */
-        int end = sm__mhc_block_end(N, b);
-        sm__mhc_pre_backward_block(j, cfg, b, end);
-        if (j->then) sm__mhc_post_backward_rows(j->then, cfg, b, end);
+    { /* as in sm_mhc_pre_forward */
+        int lo, hi, b;
+        sm__mhc_share(N, &lo, &hi);
+        for (b = lo; b < hi; b += SM__MHC_BLOCK) {
+            int end = sm__mhc_block_end(hi, b);
+            sm__mhc_pre_backward_block(j, cfg, b, end);
+            if (j->then) sm__mhc_post_backward_rows(j->then, cfg, b, end);
+        }
     }
     sm__mhc_bias_gate_grads(dp, j->dmaps, act->z, N, n);
     if (cfg->dynamic) { /* dphi += dz'^T x, dz' into z (used up) */
