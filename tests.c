@@ -1210,6 +1210,44 @@ static int test_model_with_mhc_gradient(void) {
     return 0;
 }
 
+/* The mHC passes of a model share the tokens out among the threads in
+ * Sinkhorn groups and walk them in blocks (a sublayer's post backward
+ * inside the pre backward's pass): at a batch above their parallel
+ * threshold, 1, 2 and 3 threads (different shares and blocks) give the
+ * same loss and gradients, bit for bit, in both of Engram's forms. */
+static int test_model_mhc_passes_same_for_any_thread_count(void) {
+    enum { B = 2, T = 48 };
+    int inputs[B * T], targets[B * T], i, form, run, threads = sm_num_threads();
+    for (i = 0; i < B * T; i++) inputs[i] = (i * 7 + 3) % 11, targets[i] = (i * 5 + 1) % 11;
+    for (form = SM_ENGRAM_MHC_PER_STREAM; form <= SM_ENGRAM_MHC_BRANCH; form++) {
+        sm_model_config cfg = t_tiny_mhc_config(form);
+        sm_model m;
+        sm_error err;
+        float *grad[3], loss[3];
+        cfg.seq_len = T;
+        CHECK_OK(sm_model_init(&m, &cfg, B, 9, &err));
+        for (run = 0; run < 3; run++) {
+            t_set_threads(run + 1);
+            sm_params_zero_grad(&m.params);
+            CHECK_OK(sm_model_forward(&m, inputs, targets, NULL, B, T, &err));
+            sm_model_backward(&m);
+            loss[run] = m.loss;
+            grad[run] = (float *)t_alloc(m.params.total);
+            memcpy(grad[run], m.params.grad, sizeof(float) * m.params.total);
+        }
+        t_set_threads(threads);
+        for (run = 1; run < 3; run++) {
+            CHECK(loss[run] == loss[0], "form %d: loss %.9g with %d threads, %.9g with 1", form, loss[run],
+                  run + 1, loss[0]);
+            CHECK(memcmp(grad[run], grad[0], sizeof(float) * m.params.total) == 0,
+                  "form %d: the gradients with %d threads differ from 1 thread's", form, run + 1);
+        }
+        for (run = 0; run < 3; run++) free(grad[run]);
+        sm_model_free(&m);
+    }
+    return 0;
+}
+
 /* Size of the tensor called `name` (0 if absent). */
 static size_t t_tensor_size(const sm_model *m, const char *name) {
     int i;
@@ -8922,6 +8960,7 @@ static const t_case t_cases[] = {
     T(test_model_param_count_from_config),
     T(test_model_with_modules_gradient), T(test_model_two_peer_layers_update_own_rows),
     T(test_model_with_mhc_gradient),
+    T(test_model_mhc_passes_same_for_any_thread_count),
     T(test_model_engram_mhc_forms),
     T(test_model_mhc_starts_near_baseline),
     T(test_model_nine_iso_and_gradient),
