@@ -9794,7 +9794,8 @@ static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float 
         for (b = lo; b < hi; b += SM__MHC_BLOCK) {
             int end = sm__mhc_block_end(hi, b);
             for (t = b; t < end; t++)
-                sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C, act->maps + (size_t)t * K, n, C);
+                sm__mhc_post_mix(x_next + t * nC, x + t * nC, y + (size_t)t * C,
+                                 act->maps + (size_t)t * K, n, C);
             sm__mhc_pre_forward_block(u_next, act_next, x_next, phi_t, p_next, cfg, b, end);
         }
     }
@@ -9802,8 +9803,8 @@ static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float 
 
 /* One token of the post backward's dy half: dy += H_post^T dx_next
  * (written, not added to, without `add`). */
-static void sm__mhc_post_dy_backward(float *dy, const float *dx_next, const float *maps, int n, int C,
-                                     int add) {
+static void sm__mhc_post_dy_backward(float *dy, const float *dx_next, const float *maps, int n,
+                                     int C, int add) {
     const float *h_post = maps + n;
     int i, c;
     if (!add) memset(dy, 0, sizeof(float) * (size_t)C);
@@ -9847,7 +9848,8 @@ typedef struct {
 } sm__mhc_post_bwd;
 
 /* The post backward j of token t. */
-static void sm__mhc_post_backward_token(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int t) {
+static void sm__mhc_post_backward_token(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg,
+                                        int t) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n);
     size_t nC = (size_t)n * C;
     const float *maps = j->act->maps + (size_t)t * K, *dx_next = j->dx_next + t * nC;
@@ -9857,7 +9859,8 @@ static void sm__mhc_post_backward_token(const sm__mhc_post_bwd *j, const sm_mhc_
                                  j->y + (size_t)t * C, maps, n, C, j->add);
 }
 
-static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int b, int end) {
+static void sm__mhc_post_backward_rows(const sm__mhc_post_bwd *j, const sm_mhc_config *cfg, int b,
+                                       int end) {
     int t;
     for (t = b; t < end; t++) sm__mhc_post_backward_token(j, cfg, t);
 }
@@ -9956,22 +9959,25 @@ typedef struct {
 /* The pre backward of the tokens [b, end) (end - b <= SM__MHC_BLOCK): per
  * group of lanes the H_pre path, the maps and RMSNorm's x term, then the
  * block's dx += dz' phi. */
-static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_config *cfg, int b, int end) {
+static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_config *cfg, int b,
+                                       int end) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g, t;
     const sm_mhc_acts *act = j->act;
     for (g = b; g < end; g += SM__SINKHORN_LANES) {
         int count = sm__sinkhorn_group_size(end, g);
         for (t = g; t < g + count; t++) {
             if (j->own) sm__mhc_post_backward_token(j->own, cfg, t);
-            sm__mhc_pre_mix_backward(j->dx + (size_t)t * nC, j->dmaps + (size_t)t * K, j->du + (size_t)t * C,
-                                     j->x + (size_t)t * nC, act->maps + (size_t)t * K, n, C);
+            sm__mhc_pre_mix_backward(j->dx + (size_t)t * nC, j->dmaps + (size_t)t * K,
+                                     j->du + (size_t)t * C, j->x + (size_t)t * nC,
+                                     act->maps + (size_t)t * K, n, C);
         }
         sm__mhc_maps_backward(j->dmaps + (size_t)g * K, act->maps + (size_t)g * K,
                               cfg->dynamic ? act->z + (size_t)g * K : NULL, j->p, count, n,
                               cfg->sinkhorn_iters);
         for (t = g; t < g + count && cfg->dynamic; t++)
-            sm__mhc_norm_term_backward(j->dx + (size_t)t * nC, j->x + (size_t)t * nC, act->z + (size_t)t * K,
-                                       act->rstd[t], j->dmaps + (size_t)t * K, j->p, n, C);
+            sm__mhc_norm_term_backward(j->dx + (size_t)t * nC, j->x + (size_t)t * nC,
+                                       act->z + (size_t)t * K, act->rstd[t],
+                                       j->dmaps + (size_t)t * K, j->p, n, C);
     }
     if (cfg->dynamic) {
         float dz[SM__MHC_BLOCK * (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)];
@@ -12082,7 +12088,8 @@ static void sm__sublayer_backward(sm_model *m, sm_sublayer *s, float *du, const 
 /* Half of sublayer s's post backward in the model, from dx_next, written
  * (not added): the dx half (`dx_half`: dx into dres_prev, the map gradients
  * into dmaps) or the dy half (into m->dy). */
-static sm__mhc_post_bwd sm__model_post_bwd(sm_model *m, sm_sublayer *s, const float *dx_next, int dx_half) {
+static sm__mhc_post_bwd sm__model_post_bwd(sm_model *m, sm_sublayer *s, const float *dx_next,
+                                           int dx_half) {
     sm__mhc_post_bwd j;
     memset(&j, 0, sizeof j);
     j.dx_next = dx_next, j.act = &s->mhc_acts;
@@ -12123,7 +12130,8 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
         sm__sublayer_backward(m, s, m->du, m->dy, s->u);
         j = sm__mhc_pre_bwd_of(m->dres_prev, m->dmaps, m->du, s->x_in, &s->mhc_acts, &mp, mc);
         j.own = &own;
-        if (prev && prev->in_mhc) then = sm__model_post_bwd(m, prev, m->dres_prev, 0), j.then = &then;
+        if (prev && prev->in_mhc) /* prev's dy half, from this dx */
+            then = sm__model_post_bwd(m, prev, m->dres_prev, 0), j.then = &then;
         *dy_done = j.then != NULL;
         SM__TIMED(pf, SM_PROF_MHC_MAPS, sm__mhc_pre_backward(&j, &mg, &s->mhc_acts, mc, N));
     }

@@ -1237,8 +1237,8 @@ static int test_model_mhc_passes_same_for_any_thread_count(void) {
         }
         t_set_threads(threads);
         for (run = 1; run < 3; run++) {
-            CHECK(loss[run] == loss[0], "form %d: loss %.9g with %d threads, %.9g with 1", form, loss[run],
-                  run + 1, loss[0]);
+            CHECK(loss[run] == loss[0], "form %d: loss %.9g with %d threads, %.9g with 1", form,
+                  loss[run], run + 1, loss[0]);
             CHECK(memcmp(grad[run], grad[0], sizeof(float) * m.params.total) == 0,
                   "form %d: the gradients with %d threads differ from 1 thread's", form, run + 1);
         }
