@@ -9951,7 +9951,7 @@ static void sm__mhc_dz(float *dz, const float *darg, const float *rstd, const sm
 typedef struct {
     float *dx, *dmaps;
     const float *du, *x, *phi_nn;
-    const sm_mhc_acts *act;
+    sm_mhc_acts *act;
     const sm_mhc_params *p;
     const sm__mhc_post_bwd *own, *then;
 } sm__mhc_pre_bwd;
@@ -9990,9 +9990,10 @@ static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_co
 /* The pre backward j, with the post backwards it carries, over all N
  * tokens in one parallel region (the same operations as separate calls);
  * then the parameter gradients into dp. */
-static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, sm_mhc_acts *act,
-                                 const sm_mhc_config *cfg, int N) {
+static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, const sm_mhc_config *cfg,
+                                 int N) {
     int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n);
+    sm_mhc_acts *act = j->act;
 #ifdef _OPENMP
 #pragma omp parallel if (N > 64)
 #endif
@@ -10028,7 +10029,7 @@ SMDEF void sm_mhc_pre_backward(float *dx, sm_mhc_params *dp, float *dmaps, const
                                const float *x, sm_mhc_acts *act, const sm_mhc_params *p,
                                const sm_mhc_config *cfg, int N) {
     sm__mhc_pre_bwd j = sm__mhc_pre_bwd_of(dx, dmaps, du, x, act, p, cfg);
-    sm__mhc_pre_backward(&j, dp, act, cfg, N);
+    sm__mhc_pre_backward(&j, dp, cfg, N);
 }
 
 /* ---- expand / collapse ---- */
@@ -12133,7 +12134,7 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
         if (prev && prev->in_mhc) /* prev's dy half, from this dx */
             then = sm__model_post_bwd(m, prev, m->dres_prev, 0), j.then = &then;
         *dy_done = j.then != NULL;
-        SM__TIMED(pf, SM_PROF_MHC_MAPS, sm__mhc_pre_backward(&j, &mg, &s->mhc_acts, mc, N));
+        SM__TIMED(pf, SM_PROF_MHC_MAPS, sm__mhc_pre_backward(&j, &mg, mc, N));
     }
     swap = m->dres, m->dres = m->dres_prev, m->dres_prev = swap;
 }
