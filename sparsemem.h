@@ -1643,10 +1643,12 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
  *   maps [N, K]    H_pre | H_post | H_res per token
  *   phi_panels     the CPU's scratch: phi packed for the GEMM micro-kernel
  *                  by each pre forward and pre backward (unused on the GPU)
+ *   group_sums     the CPU's scratch: each group of tokens' share of the
+ *                  bias and gate gradients in the pre backward
  * xn, rstd, z and phi_panels exist only in the dynamic variant (NULL when
  * static). */
 typedef struct sm_mhc_acts {
-    float *xn, *rstd, *z, *maps, *phi_panels;
+    float *xn, *rstd, *z, *maps, *phi_panels, *group_sums;
 } sm_mhc_acts;
 SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N);
 SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base);
@@ -9596,10 +9598,19 @@ static size_t sm__mhc_phi_panel_floats(const sm_mhc_config *cfg) {
     return (fwd > bwd ? fwd : bwd) + SM__LINE / sizeof(float);
 }
 
+/* Floats of act->group_sums, from a cache line on: K + 3 doubles per group
+ * of Sinkhorn lanes (sm__mhc_group_sums). */
+static size_t sm__mhc_group_sums_floats(const sm_mhc_config *cfg, int N) {
+    size_t groups = ((size_t)N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES;
+    size_t per_group = (size_t)sm_mhc_map_count(cfg->n_streams) + 3;
+    return groups * per_group * (sizeof(double) / sizeof(float)) + SM__LINE / sizeof(float);
+}
+
 SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N) {
     size_t n = (size_t)cfg->n_streams, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     size_t per_token = K + (cfg->dynamic ? n * (size_t)cfg->channels + 1 + K : 0);
-    return (size_t)N * per_token + (cfg->dynamic ? sm__mhc_phi_panel_floats(cfg) : 0);
+    return (size_t)N * per_token + (cfg->dynamic ? sm__mhc_phi_panel_floats(cfg) : 0) +
+           sm__mhc_group_sums_floats(cfg, N);
 }
 
 SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
@@ -9610,6 +9621,7 @@ SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
     a.rstd = cfg->dynamic ? a.xn + (size_t)N * nC : NULL;
     a.z = cfg->dynamic ? a.rstd + N : NULL;
     a.phi_panels = cfg->dynamic ? a.z + (size_t)N * K : NULL;
+    a.group_sums = cfg->dynamic ? a.phi_panels + sm__mhc_phi_panel_floats(cfg) : a.maps + (size_t)N * K;
     return a;
 }
 
@@ -9895,20 +9907,40 @@ static void sm__mhc_pre_mix_backward(float *dx, float *dmaps, const float *du, c
     }
 }
 
-/* Serial over tokens (deterministic): dbias += sum_t darg, and in the
- * dynamic variant dgate_g += sum_t sum_{k in g} darg_k z_k. */
-static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z,
-                                    int N, int n) {
+/* The group of lanes at act->group_sums + `group` (K + 3 doubles, line
+ * aligned): its tokens' share of the bias and gate gradients. */
+static double *sm__mhc_group_sums_at(const sm_mhc_acts *act, int group, int n) {
+    return (double *)sm__line_aligned(act->group_sums) + (size_t)group * (sm_mhc_map_count(n) + 3);
+}
+
+/* One group of `count` tokens' shares, in token order: sums[k] = sum_t
+ * darg_k (dbias) and, in the dynamic variant, sums[K + g] = sum_t sum_{k in
+ * g} darg_k z_k (dgate_g). */
+static void sm__mhc_group_sums(double *sums, const float *darg, const float *z, int count, int n) {
     int K = sm_mhc_map_count(n), t, k;
-    double dgate[3] = {0, 0, 0};
-    for (t = 0; t < N; t++)
+    for (k = 0; k < K + 3; k++) sums[k] = 0.0;
+    for (t = 0; t < count; t++)
         for (k = 0; k < K; k++) {
-            float g = darg[(size_t)t * K + k];
-            dp->bias[k] += g;
-            if (z) dgate[sm__mhc_gate_of(k, n)] += (double)g * z[(size_t)t * K + k];
+            double g = darg[(size_t)t * K + k];
+            sums[k] += g;
+            if (z) sums[K + sm__mhc_gate_of(k, n)] += g * z[(size_t)t * K + k];
         }
-    if (z)
-        for (k = 0; k < 3; k++) dp->gate[k] += (float)dgate[k];
+}
+
+/* dbias and (dynamic) dgate += the groups' shares of N tokens, summed in
+ * group order: the same for any thread count. */
+static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const sm_mhc_acts *act, int N, int n,
+                                    int dynamic) {
+    double total[2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N + 3];
+    int K = sm_mhc_map_count(n), groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES, g, k;
+    for (k = 0; k < K + 3; k++) total[k] = 0.0;
+    for (g = 0; g < groups; g++) {
+        const double *sums = sm__mhc_group_sums_at(act, g, n);
+        for (k = 0; k < K + 3; k++) total[k] += sums[k];
+    }
+    for (k = 0; k < K; k++) dp->bias[k] += (float)total[k];
+    if (dynamic)
+        for (k = 0; k < 3; k++) dp->gate[k] += (float)total[K + k];
 }
 
 /* Through z = rstd (x phi^T) (sm__mhc_normalise_z) from darg, with
@@ -9919,7 +9951,8 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const 
  * g = dz phi, since <g, x'> = <dz, z>. The x term is one token's
  * (sm__mhc_norm_term_backward) and dz' phi one block's
  * (sm__mhc_pre_backward_block), both run in sm_mhc_pre_backward's pass over
- * the tokens while their x and dx are in cache; dphi is a product over all
+ * the tokens while their x and dx are in cache, and so does dz' itself
+ * (into act->z, once the token's z is used); dphi is a product over all
  * the tokens after it. */
 static void sm__mhc_norm_term_backward(float *dx, const float *x, const float *z, float rstd,
                                        const float *darg, const sm_mhc_params *p, int n, int C) {
@@ -9957,39 +9990,41 @@ typedef struct {
 } sm__mhc_pre_bwd;
 
 /* The pre backward of the tokens [b, end) (end - b <= SM__MHC_BLOCK): per
- * group of lanes the H_pre path, the maps and RMSNorm's x term, then the
- * block's dx += dz' phi. */
+ * group of lanes the H_pre path, the maps, RMSNorm's x term, the group's
+ * shares of dbias and dgate and its dz' (z used up), then the block's
+ * dx += dz' phi. */
 static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_config *cfg, int b,
                                        int end) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g, t;
     const sm_mhc_acts *act = j->act;
     for (g = b; g < end; g += SM__SINKHORN_LANES) {
         int count = sm__sinkhorn_group_size(end, g);
+        float *darg = j->dmaps + (size_t)g * K, *z = cfg->dynamic ? act->z + (size_t)g * K : NULL;
         for (t = g; t < g + count; t++) {
             if (j->own) sm__mhc_post_backward_token(j->own, cfg, t);
             sm__mhc_pre_mix_backward(j->dx + (size_t)t * nC, j->dmaps + (size_t)t * K,
                                      j->du + (size_t)t * C, j->x + (size_t)t * nC,
                                      act->maps + (size_t)t * K, n, C);
         }
-        sm__mhc_maps_backward(j->dmaps + (size_t)g * K, act->maps + (size_t)g * K,
-                              cfg->dynamic ? act->z + (size_t)g * K : NULL, j->p, count, n,
-                              cfg->sinkhorn_iters);
-        for (t = g; t < g + count && cfg->dynamic; t++)
+        sm__mhc_maps_backward(darg, act->maps + (size_t)g * K, z, j->p, count, n, cfg->sinkhorn_iters);
+        for (t = g; t < g + count && z; t++)
             sm__mhc_norm_term_backward(j->dx + (size_t)t * nC, j->x + (size_t)t * nC,
                                        act->z + (size_t)t * K, act->rstd[t],
                                        j->dmaps + (size_t)t * K, j->p, n, C);
+        sm__mhc_group_sums(sm__mhc_group_sums_at(act, g / SM__SINKHORN_LANES, n), darg, z, count, n);
+        if (z) sm__mhc_dz(z, darg, act->rstd + g, j->p, count, n);
     }
     if (cfg->dynamic) {
-        float dz[SM__MHC_BLOCK * (2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N)];
         float Ap[SM__MR * SM__KC];
-        sm__mhc_dz(dz, j->dmaps + (size_t)b * K, act->rstd + b, j->p, end - b, n);
-        sm__gemm_rows(end - b, nC, K, dz, K, j->phi_nn, j->dx + (size_t)b * nC, nC, 0, Ap);
+        sm__gemm_rows(end - b, nC, K, act->z + (size_t)b * K, K, j->phi_nn, j->dx + (size_t)b * nC,
+                      nC, 0, Ap);
     }
 }
 
 /* The pre backward j, with the post backwards it carries, over all N
  * tokens in one parallel region (the same operations as separate calls);
- * then the parameter gradients into dp. */
+ * then the parameter gradients into dp: dbias and dgate from the groups'
+ * shares, dphi from the dz' the pass left in act->z. */
 static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, const sm_mhc_config *cfg,
                                  int N) {
     int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n);
@@ -10006,11 +10041,9 @@ static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, co
             if (j->then) sm__mhc_post_backward_rows(j->then, cfg, b, end);
         }
     }
-    sm__mhc_bias_gate_grads(dp, j->dmaps, act->z, N, n);
-    if (cfg->dynamic) { /* dphi += dz'^T x, dz' into z (used up) */
-        sm__mhc_dz(act->z, j->dmaps, act->rstd, j->p, N, n);
+    sm__mhc_bias_gate_grads(dp, act, N, n, cfg->dynamic);
+    if (cfg->dynamic) /* dphi += dz'^T x */
         sm_linear_backward(NULL, dp->phi, NULL, act->z, j->x, j->p->phi, N, nC, K);
-    }
 }
 
 /* sm_mhc_pre_backward's operands, with no post backward in its pass;
@@ -14310,8 +14343,8 @@ static void sm__mhc_maps_backward(float *g, const float *maps, const float *z,
 static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n, int C);
 static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, const float *maps,
                              int n, int C);
-static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const float *darg, const float *z, int N,
-                                    int n);
+static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const sm_mhc_acts *act, int N, int n,
+                                    int dynamic);
 /* >>optim */
 static void sm__adamw_span(float *w, const float *grad, float *m, float *v, size_t n,
                            const sm_param_group *g, float lr, float clip_scale, float inv_bc1,
