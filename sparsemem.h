@@ -2508,6 +2508,96 @@ static float sm__rms_rstd(const float *x, int C) {
     return (float)(1.0 / sqrt(sm__dot3_double(x, x, NULL, C) / C + SM_RMSNORM_EPS));
 }
 
+/* Elementwise loops in explicit vectors where the target has them (GELU,
+ * softmax, the Sinkhorn kernel, AdamW): compilers keep expf, tanhf and
+ * sqrtf scalar (they may set errno). Each vector loop does its scalar twin's IEEE operations in the
+ * same order (products and sums unfused, as the Makefile's -std=c99
+ * compiles the scalar code; division, square root and rounding to an
+ * integer exact in both), so the vector lanes and a scalar tail give the
+ * same bits. sm__av_max(a, b) is a > b ? a : b and sm__av_min(a, b) is
+ * a < b ? a : b, NaN included, as the scalar twins write them;
+ * sm__av_where_gt(a, b, x) is a > b ? x : 0. */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define SM__AV_WIDTH 16
+typedef __m512 sm__av;
+#define sm__av_load(p) _mm512_loadu_ps(p)
+#define sm__av_store(p, x) _mm512_storeu_ps(p, x)
+#define sm__av_splat(x) _mm512_set1_ps(x)
+#define sm__av_add(a, b) _mm512_add_ps(a, b)
+#define sm__av_sub(a, b) _mm512_sub_ps(a, b)
+#define sm__av_mul(a, b) _mm512_mul_ps(a, b)
+#define sm__av_div(a, b) _mm512_div_ps(a, b)
+#define sm__av_sqrt(a) _mm512_sqrt_ps(a)
+#define sm__av_max(a, b) _mm512_max_ps(a, b)
+#define sm__av_min(a, b) _mm512_min_ps(a, b)
+#define sm__av_rint(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define sm__av_where_gt(a, b, x) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), x)
+/* 2^n for an integral n in [-126, 127]: n + 127 in the exponent bits */
+#define sm__av_exp2i(n) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
+#elif defined(__AVX__)
+#include <immintrin.h>
+#define SM__AV_WIDTH 8
+typedef __m256 sm__av;
+#define sm__av_load(p) _mm256_loadu_ps(p)
+#define sm__av_store(p, x) _mm256_storeu_ps(p, x)
+#define sm__av_splat(x) _mm256_set1_ps(x)
+#define sm__av_add(a, b) _mm256_add_ps(a, b)
+#define sm__av_sub(a, b) _mm256_sub_ps(a, b)
+#define sm__av_mul(a, b) _mm256_mul_ps(a, b)
+#define sm__av_div(a, b) _mm256_div_ps(a, b)
+#define sm__av_sqrt(a) _mm256_sqrt_ps(a)
+#define sm__av_max(a, b) _mm256_max_ps(a, b)
+#define sm__av_min(a, b) _mm256_min_ps(a, b)
+#define sm__av_rint(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define sm__av_where_gt(a, b, x) _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ), x)
+#if defined(__AVX2__) /* integer vectors of 8 lanes */
+#define sm__av_exp2i(n) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
+#endif
+#endif
+
+/* e^z for the CPU's GELU, softmax and Sinkhorn kernel: z = n ln2 + r with |r| <= ln2/2, e^r by its
+ * Taylor series to r^7 (the r^8 term is below 6e-9 relative, under float's
+ * rounding), times 2^n built in the exponent bits. ln2 is split in two
+ * (Cody & Waite) so that n ln2_hi is exact. z is first clamped to [-87, 88]
+ * (2^n stays a normal float, e^88 < FLT_MAX); NaN becomes -87. */
+#define SM__EXP_LO (-87.0f)
+#define SM__EXP_HI 88.0f
+#define SM__LOG2E 1.44269504f
+#define SM__LN2_HI 0.693359375f /* 355/512: n ln2_hi exact for |n| < 2^15 */
+#define SM__LN2_LO (-2.12194440e-4f)
+static const float sm__exp_taylor[8] = {1.0f,         1.0f,          1.0f / 2.0f,   1.0f / 6.0f,
+                                        1.0f / 24.0f, 1.0f / 120.0f, 1.0f / 720.0f, 1.0f / 5040.0f};
+
+static float sm__exp_poly(float z) {
+    float n, r, p = sm__exp_taylor[7], scale;
+    int32_t bits;
+    int j;
+    z = z > SM__EXP_LO ? z : SM__EXP_LO;
+    z = z < SM__EXP_HI ? z : SM__EXP_HI;
+    n = rintf(z * SM__LOG2E);
+    r = (z - n * SM__LN2_HI) - n * SM__LN2_LO;
+    for (j = 6; j >= 0; j--) p = p * r + sm__exp_taylor[j];
+    bits = ((int32_t)n + 127) * (1 << 23);
+    memcpy(&scale, &bits, sizeof scale);
+    return p * scale;
+}
+
+#ifdef sm__av_exp2i
+/* The scalar twins' operations, in their order, SM__AV_WIDTH at a time. */
+static sm__av sm__av_exp_poly(sm__av z) {
+    sm__av n, r, p = sm__av_splat(sm__exp_taylor[7]);
+    int j;
+    z = sm__av_min(sm__av_max(z, sm__av_splat(SM__EXP_LO)), sm__av_splat(SM__EXP_HI));
+    n = sm__av_rint(sm__av_mul(z, sm__av_splat(SM__LOG2E)));
+    r = sm__av_sub(sm__av_sub(z, sm__av_mul(n, sm__av_splat(SM__LN2_HI))), sm__av_mul(n, sm__av_splat(SM__LN2_LO)));
+    for (j = 6; j >= 0; j--) p = sm__av_add(sm__av_mul(p, r), sm__av_splat(sm__exp_taylor[j]));
+    return sm__av_mul(p, sm__av_exp2i(n));
+}
+#endif
+
 /* Pointers that a function never sees aliased (restrict), so that its
  * loops are vectorised without run-time overlap checks. */
 #if defined(__cplusplus)
@@ -9028,8 +9118,29 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
  * stride `lanes`. */
 #define SM__SINKHORN_LANES 16
 
+/* e^x, or 0 below SM__SINKHORN_EXP_MIN; on the CPU by sm__exp_poly, the
+ * e^x that vector lanes compute with the same bits (sm__sinkhorn_exp_lanes). */
 static SM_HD float sm__sinkhorn_exp(float x) {
+#ifdef __CUDA_ARCH__
     return x > SM__SINKHORN_EXP_MIN ? expf(x) : 0.0f;
+#else
+    return x > SM__SINKHORN_EXP_MIN ? sm__exp_poly(x) : 0.0f;
+#endif
+}
+
+/* out[l] = sm__sinkhorn_exp(x[l] - m[l]) for the `lanes` lanes, in vectors
+ * where the CPU has them. */
+static SM_HD void sm__sinkhorn_exp_lanes(float *SM__RESTRICT out, const float *x, const float *m,
+                                         int lanes) {
+    int l = 0;
+#if defined(sm__av_exp2i) && !defined(__CUDA_ARCH__)
+    const sm__av lo = sm__av_splat(SM__SINKHORN_EXP_MIN);
+    for (; l + SM__AV_WIDTH <= lanes; l += SM__AV_WIDTH) {
+        sm__av z = sm__av_sub(sm__av_load(x + l), sm__av_load(m + l));
+        sm__av_store(out + l, sm__av_where_gt(z, lo, sm__av_exp_poly(z)));
+    }
+#endif
+    for (; l < lanes; l++) out[l] = sm__sinkhorn_exp(x[l] - m[l]);
 }
 
 /* max_j L_ij of row i, L at a lane. */
@@ -9041,8 +9152,28 @@ static SM_HD float sm__sinkhorn_row_max(const float *L, int i, int n, int lanes)
     return m;
 }
 
+/* The first kernel, K = exp(L - m), on every lane: sm__sinkhorn_kernel's
+ * operations for lam == NULL with the lanes innermost, so that the
+ * exponentials run in vectors. */
+static SM_HD void sm__sinkhorn_first_kernel(float *K, const float *L, int n, int lanes) {
+    size_t row = (size_t)n * lanes;
+    float m[SM__SINKHORN_LANES];
+    int i, j, l;
+    for (i = 0; i < n; i++) {
+        const float *Li = L + i * row;
+        for (l = 0; l < lanes; l++) m[l] = Li[l];
+        for (j = 1; j < n; j++)
+            for (l = 0; l < lanes; l++) {
+                float x = Li[(size_t)j * lanes + l];
+                m[l] = x > m[l] ? x : m[l];
+            }
+        for (j = 0; j < n; j++)
+            sm__sinkhorn_exp_lanes(K + i * row + (size_t)j * lanes, Li + (size_t)j * lanes, m, lanes);
+    }
+}
+
 /* The kernel of a segment, K, L and lam at a lane. lam == NULL: the first,
- * K = exp(L - m). Otherwise a column step in log domain: with
+ * K = exp(L - m) (as sm__sinkhorn_first_kernel makes it for every lane). Otherwise a column step in log domain: with
  * x_ij = L_ij - m_i + lam_i and c_j = max_i x_ij,
  * K_ij = exp(x_ij - c_j) / sum_i exp(x_ij - c_j) (each column's largest
  * term is 1, so its sum is in [1, n]). */
@@ -9143,7 +9274,8 @@ static SM_HD void sm__sinkhorn_rounds(float *K, const sm__sinkhorn_tape *tp, con
     unsigned char marks[SM__SINKHORN_LANES];
     int seg[SM__SINKHORN_LANES]; /* per lane: segments begun after the first */
     int t, l;
-    for (l = 0; l < lanes; l++) sm__sinkhorn_kernel(K + l, L + l, NULL, n, lanes), seg[l] = 0;
+    sm__sinkhorn_first_kernel(K, L, n, lanes);
+    for (l = 0; l < lanes; l++) seg[l] = 0;
     for (e = 0; e < nl; e++) tp->v[e] = 1.0f;
     for (t = 1; t <= iters; t++) {
         float *u = tp->u + (t - 1) * step, *v = tp->v + t * step;
@@ -10155,53 +10287,6 @@ SMDEF sm_rowcol_stats sm_mhc_amax_gain_tokens(const sm_mhc_acts *acts, int layer
 
 /* ---- >>backbone  Backbone layers ------------------------------------ */
 
-/* Elementwise loops in explicit vectors where the target has them (GELU
- * here, AdamW in >>optim): compilers keep tanhf and sqrtf scalar (they may
- * set errno). Each vector loop does its scalar twin's IEEE operations in the
- * same order (products and sums unfused, as the Makefile's -std=c99
- * compiles the scalar code; division, square root and rounding to an
- * integer exact in both), so the vector lanes and a scalar tail give the
- * same bits. sm__av_max(a, b) is a > b ? a : b and sm__av_min(a, b) is
- * a < b ? a : b, NaN included, as the scalar twins write them. */
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#define SM__AV_WIDTH 16
-typedef __m512 sm__av;
-#define sm__av_load(p) _mm512_loadu_ps(p)
-#define sm__av_store(p, x) _mm512_storeu_ps(p, x)
-#define sm__av_splat(x) _mm512_set1_ps(x)
-#define sm__av_add(a, b) _mm512_add_ps(a, b)
-#define sm__av_sub(a, b) _mm512_sub_ps(a, b)
-#define sm__av_mul(a, b) _mm512_mul_ps(a, b)
-#define sm__av_div(a, b) _mm512_div_ps(a, b)
-#define sm__av_sqrt(a) _mm512_sqrt_ps(a)
-#define sm__av_max(a, b) _mm512_max_ps(a, b)
-#define sm__av_min(a, b) _mm512_min_ps(a, b)
-#define sm__av_rint(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-/* 2^n for an integral n in [-126, 127]: n + 127 in the exponent bits */
-#define sm__av_exp2i(n) \
-    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
-#elif defined(__AVX__)
-#include <immintrin.h>
-#define SM__AV_WIDTH 8
-typedef __m256 sm__av;
-#define sm__av_load(p) _mm256_loadu_ps(p)
-#define sm__av_store(p, x) _mm256_storeu_ps(p, x)
-#define sm__av_splat(x) _mm256_set1_ps(x)
-#define sm__av_add(a, b) _mm256_add_ps(a, b)
-#define sm__av_sub(a, b) _mm256_sub_ps(a, b)
-#define sm__av_mul(a, b) _mm256_mul_ps(a, b)
-#define sm__av_div(a, b) _mm256_div_ps(a, b)
-#define sm__av_sqrt(a) _mm256_sqrt_ps(a)
-#define sm__av_max(a, b) _mm256_max_ps(a, b)
-#define sm__av_min(a, b) _mm256_min_ps(a, b)
-#define sm__av_rint(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
-#if defined(__AVX2__) /* integer vectors of 8 lanes */
-#define sm__av_exp2i(n) \
-    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
-#endif
-#endif
-
 /* Gain row of row n (NULL: no gain). */
 static const float *sm__rmsnorm_gain(const float *weight, int n, int C, int groups) {
     return weight ? weight + (size_t)(n % groups) * C : NULL;
@@ -10339,33 +10424,6 @@ SMDEF void sm_linear_backward(float *dinp, float *dweight, float *dbias, const f
     }
 }
 
-/* e^z for the CPU's GELU and softmax: z = n ln2 + r with |r| <= ln2/2, e^r by its
- * Taylor series to r^7 (the r^8 term is below 6e-9 relative, under float's
- * rounding), times 2^n built in the exponent bits. ln2 is split in two
- * (Cody & Waite) so that n ln2_hi is exact. z is first clamped to [-87, 88]
- * (2^n stays a normal float, e^88 < FLT_MAX); NaN becomes -87. */
-#define SM__EXP_LO (-87.0f)
-#define SM__EXP_HI 88.0f
-#define SM__LOG2E 1.44269504f
-#define SM__LN2_HI 0.693359375f /* 355/512: n ln2_hi exact for |n| < 2^15 */
-#define SM__LN2_LO (-2.12194440e-4f)
-static const float sm__exp_taylor[8] = {1.0f,         1.0f,          1.0f / 2.0f,   1.0f / 6.0f,
-                                        1.0f / 24.0f, 1.0f / 120.0f, 1.0f / 720.0f, 1.0f / 5040.0f};
-
-static float sm__exp_poly(float z) {
-    float n, r, p = sm__exp_taylor[7], scale;
-    int32_t bits;
-    int j;
-    z = z > SM__EXP_LO ? z : SM__EXP_LO;
-    z = z < SM__EXP_HI ? z : SM__EXP_HI;
-    n = rintf(z * SM__LOG2E);
-    r = (z - n * SM__LN2_HI) - n * SM__LN2_LO;
-    for (j = 6; j >= 0; j--) p = p * r + sm__exp_taylor[j];
-    bits = ((int32_t)n + 127) * (1 << 23);
-    memcpy(&scale, &bits, sizeof scale);
-    return p * scale;
-}
-
 /* GELU on the CPU without tanhf (a libm call per element, ~20 ns): with
  * 1 + tanh(u) = 2 / (1 + e) and 1 - tanh^2(u) = 4 e / (1 + e)^2, where
  * e = e^(-2u), GELU's tanh form (sm__gelu) becomes
@@ -10386,17 +10444,6 @@ static float sm__gelu_grad_from_exp(float x, float e) {
 
 #ifdef sm__av_exp2i
 #define SM__GELU_VW SM__AV_WIDTH
-/* The scalar twins' operations, in their order, SM__AV_WIDTH at a time. */
-static sm__av sm__av_exp_poly(sm__av z) {
-    sm__av n, r, p = sm__av_splat(sm__exp_taylor[7]);
-    int j;
-    z = sm__av_min(sm__av_max(z, sm__av_splat(SM__EXP_LO)), sm__av_splat(SM__EXP_HI));
-    n = sm__av_rint(sm__av_mul(z, sm__av_splat(SM__LOG2E)));
-    r = sm__av_sub(sm__av_sub(z, sm__av_mul(n, sm__av_splat(SM__LN2_HI))), sm__av_mul(n, sm__av_splat(SM__LN2_LO)));
-    for (j = 6; j >= 0; j--) p = sm__av_add(sm__av_mul(p, r), sm__av_splat(sm__exp_taylor[j]));
-    return sm__av_mul(p, sm__av_exp2i(n));
-}
-
 static sm__av sm__av_gelu_exp(sm__av x) {
     sm__av x3 = sm__av_mul(sm__av_mul(sm__av_splat(0.044715f), x), sm__av_mul(x, x));
     sm__av u = sm__av_mul(sm__av_splat(SM__GELU_K), sm__av_add(x, x3));
