@@ -4629,8 +4629,10 @@ static void t_mhc_layer_run(const sm_mhc_config *cfg, const float *params, float
     free(actbuf), free(y), free(dy), free(dmaps);
 }
 
-/* A batch large enough for the OpenMP paths equals token-by-token calls. */
-static int test_mhc_batch_matches_per_token(void) {
+/* A batch large enough for the OpenMP paths equals token-by-token calls,
+ * with 4 streams and with 8 (whose map arguments no longer fit one group of
+ * Sinkhorn lanes on the stack: sm__mhc_maps_backward takes them in parts). */
+static int t_mhc_batch_matches_per_token(int n) {
     sm_mhc_config cfg = sm_mhc_default_config();
     int N = 256, t; /* N * n * C > 32768: every loop takes its parallel path */
     sm_rng r;
@@ -4638,7 +4640,7 @@ static int test_mhc_batch_matches_per_token(void) {
     size_t np, nx, nu;
     float *params, *x, *dxn, *u[2], *xn[2], *dx[2], *g[2];
     int k;
-    cfg.channels = 40;
+    cfg.n_streams = n, cfg.channels = 40;
     np = sm_mhc_param_layout(&cfg).total;
     nu = (size_t)N * cfg.channels;
     nx = nu * cfg.n_streams;
@@ -4652,14 +4654,19 @@ static int test_mhc_batch_matches_per_token(void) {
         g[k] = (float *)t_alloc(np);
     t_mhc_layer_run(&cfg, params, g[0], x, dxn, u[0], xn[0], dx[0], 0, N);
     for (t = 0; t < N; t++) t_mhc_layer_run(&cfg, params, g[1], x, dxn, u[1], xn[1], dx[1], t, 1);
-    CHECK(t_max_abs_diff(u[0], u[1], nu) < 1e-5, "u differs by %g", t_max_abs_diff(u[0], u[1], nu));
-    CHECK(t_max_abs_diff(xn[0], xn[1], nx) < 1e-5, "x_next differs");
-    CHECK(t_max_abs_diff(dx[0], dx[1], nx) < 1e-5, "dx differs by %g", t_max_abs_diff(dx[0], dx[1], nx));
-    CHECK(t_max_abs_diff(g[0], g[1], np) < 1e-4, "param grads differ by %g",
+    CHECK(t_max_abs_diff(u[0], u[1], nu) < 1e-5, "n=%d: u differs by %g", n, t_max_abs_diff(u[0], u[1], nu));
+    CHECK(t_max_abs_diff(xn[0], xn[1], nx) < 1e-5, "n=%d: x_next differs", n);
+    CHECK(t_max_abs_diff(dx[0], dx[1], nx) < 1e-5, "n=%d: dx differs by %g", n,
+          t_max_abs_diff(dx[0], dx[1], nx));
+    CHECK(t_max_abs_diff(g[0], g[1], np) < 1e-4, "n=%d: param grads differ by %g", n,
           t_max_abs_diff(g[0], g[1], np));
     for (k = 0; k < 2; k++) free(u[k]), free(xn[k]), free(dx[k]), free(g[k]);
     free(params), free(x), free(dxn);
     return 0;
+}
+
+static int test_mhc_batch_matches_per_token(void) {
+    return t_mhc_batch_matches_per_token(4) || t_mhc_batch_matches_per_token(8);
 }
 
 /* ---- stacks: an mHC network against the plain residual network ---- */
