@@ -10922,9 +10922,9 @@ SMDEF void sm_params_zero_grad(sm_params *p) {
 }
 
 /* Sum of squares of n floats, in double: sm__dot3_double's interleaved
- * sums over pieces of 2^20 (one chain of double adds, as this was, made
- * the diagnostics' norms of every sublayer's output and output gradient
- * about 4% of a tiny-preset step). */
+ * sums over pieces of 2^20 (one chain of double adds, as this was, waits
+ * on the add's latency at every element; it serves the norms of every
+ * sublayer's output and output gradient, taken at every step). */
 static double sm__sumsq(const float *x, size_t n) {
     const size_t piece = (size_t)1 << 20;
     double s = 0.0;
