@@ -1643,12 +1643,14 @@ SMDEF sm_status sm_mhc_init(float *base, const sm_mhc_config *cfg, sm_rng *rng, 
  *   maps [N, K]    H_pre | H_post | H_res per token
  *   phi_panels     the CPU's scratch: phi packed for the GEMM micro-kernel
  *                  by each pre forward and pre backward (unused on the GPU)
+ *   dphi_parts     the CPU's scratch: each chunk of tokens' share of dphi
+ *                  in the pre backward
  *   group_sums     the CPU's scratch: each group of tokens' share of the
  *                  bias and gate gradients in the pre backward
- * xn, rstd, z and phi_panels exist only in the dynamic variant (NULL when
- * static). */
+ * xn, rstd, z, phi_panels and dphi_parts exist only in the dynamic variant
+ * (NULL when static). */
 typedef struct sm_mhc_acts {
-    float *xn, *rstd, *z, *maps, *phi_panels, *group_sums;
+    float *xn, *rstd, *z, *maps, *phi_panels, *dphi_parts, *group_sums;
 } sm_mhc_acts;
 SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N);
 SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base);
@@ -3186,12 +3188,14 @@ typedef float sm__vf;
 #define SM__ALWAYS_INLINE inline
 #endif
 
-/* acc[i][j] += sum over k of Ap[k][i] * Bp[k][j], one fused multiply-add
- * per k in k order (see above); Ap is kc x MR, Bp kc x NR. */
-static SM__ALWAYS_INLINE void sm__gemm_micro_acc(int kc, const float *Ap, const float *Bp,
-                                                 sm__vf acc[SM__MR][SM__NV]) {
+/* acc[i][j] += sum over k of A[k][i] * B[k][j], one fused multiply-add
+ * per k in k order (see above); row k of A at Ap + k a_step (MR floats),
+ * of B at Bp + k b_step (NR floats): MR and NR for packed panels. */
+static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap, size_t a_step,
+                                                         const float *Bp, size_t b_step,
+                                                         sm__vf acc[SM__MR][SM__NV]) {
     int i, v, k;
-    for (k = 0; k < kc; k++, Ap += SM__MR, Bp += SM__NR) {
+    for (k = 0; k < kc; k++, Ap += a_step, Bp += b_step) {
         sm__vf b[SM__NV];
         for (v = 0; v < SM__NV; v++) b[v] = sm__vf_load(Bp + v * SM__VW);
         for (i = 0; i < SM__MR; i++) {
@@ -3199,6 +3203,12 @@ static SM__ALWAYS_INLINE void sm__gemm_micro_acc(int kc, const float *Ap, const 
             for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_fmadd(a, b[v], acc[i][v]);
         }
     }
+}
+
+/* The same on packed panels: Ap is kc x MR, Bp kc x NR. */
+static SM__ALWAYS_INLINE void sm__gemm_micro_acc(int kc, const float *Ap, const float *Bp,
+                                                 sm__vf acc[SM__MR][SM__NV]) {
+    sm__gemm_micro_acc_strided(kc, Ap, SM__MR, Bp, SM__NR, acc);
 }
 
 /* C[MR x NR] = alpha * acc + C, fused; with `overwrite`, alpha * acc + 0
@@ -9740,11 +9750,26 @@ static size_t sm__mhc_group_sums_floats(const sm_mhc_config *cfg, int N) {
     return groups * per_group * (sizeof(double) / sizeof(float)) + SM__LINE / sizeof(float);
 }
 
+/* At most SM__MHC_CHUNKS chunks of whole groups of Sinkhorn lanes: the
+ * pre backward sums dphi per chunk (sm__mhc_dphi_part), and every pass over
+ * the tokens gives each thread whole chunks (sm__mhc_share). */
+#define SM__MHC_CHUNKS 16
+static int sm__mhc_chunk_count(int N) {
+    int groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES;
+    return groups < 1 ? 1 : groups < SM__MHC_CHUNKS ? groups : SM__MHC_CHUNKS;
+}
+
+/* Floats of act->dphi_parts: a K x nC share of dphi per chunk. */
+static size_t sm__mhc_dphi_parts_floats(const sm_mhc_config *cfg, int N) {
+    size_t nC = (size_t)cfg->n_streams * cfg->channels;
+    return (size_t)sm__mhc_chunk_count(N) * (size_t)sm_mhc_map_count(cfg->n_streams) * nC;
+}
+
 SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N) {
     size_t n = (size_t)cfg->n_streams, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     size_t per_token = K + (cfg->dynamic ? n * (size_t)cfg->channels + 1 + K : 0);
-    return (size_t)N * per_token + (cfg->dynamic ? sm__mhc_phi_panel_floats(cfg) : 0) +
-           sm__mhc_group_sums_floats(cfg, N);
+    size_t scratch = cfg->dynamic ? sm__mhc_phi_panel_floats(cfg) + sm__mhc_dphi_parts_floats(cfg, N) : 0;
+    return (size_t)N * per_token + scratch + sm__mhc_group_sums_floats(cfg, N);
 }
 
 SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
@@ -9755,7 +9780,8 @@ SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
     a.rstd = cfg->dynamic ? a.xn + (size_t)N * nC : NULL;
     a.z = cfg->dynamic ? a.rstd + N : NULL;
     a.phi_panels = cfg->dynamic ? a.z + (size_t)N * K : NULL;
-    a.group_sums = cfg->dynamic ? a.phi_panels + sm__mhc_phi_panel_floats(cfg) : a.maps + (size_t)N * K;
+    a.dphi_parts = cfg->dynamic ? a.phi_panels + sm__mhc_phi_panel_floats(cfg) : NULL;
+    a.group_sums = cfg->dynamic ? a.dphi_parts + sm__mhc_dphi_parts_floats(cfg, N) : a.maps + (size_t)N * K;
     return a;
 }
 
@@ -9839,19 +9865,33 @@ static void sm__mhc_normalise_z(float *z, float *rstd, const float *x, int nC, i
 /* The end of the block of tokens that starts at b, of those before N. */
 static int sm__mhc_block_end(int N, int b) { return N - b < SM__MHC_BLOCK ? N : b + SM__MHC_BLOCK; }
 
-/* The calling thread's share [*lo, *hi) of N tokens in a pass over blocks:
- * equal shares in whole groups of Sinkhorn lanes, the same tokens in every
- * pass. (Whole blocks per thread, as `omp for` deals them, left the first
- * of 2 threads 11 of 22 blocks of 48 tokens, 528 of 1024, to the other's
- * 496, and the pass waiting on it.) */
-static void sm__mhc_share(int N, int *lo, int *hi) {
-    long groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES, id = 0, threads = 1;
+/* The tokens [*lo, *hi) of chunk c of N tokens' S chunks (equal in whole
+ * groups of Sinkhorn lanes); c = S gives the empty range at N. */
+static void sm__mhc_chunk(int N, int S, int c, int *lo, int *hi) {
+    long groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES;
+    *lo = (int)(groups * c / S) * SM__SINKHORN_LANES;
+    *hi = (int)(groups * (c + 1) / S) * SM__SINKHORN_LANES;
+    *lo = *lo < N ? *lo : N, *hi = *hi < N ? *hi : N;
+}
+
+/* The calling thread's share of a pass over N tokens: its equal share of
+ * the chunks, [*c0, *c1), the same in every pass. (Whole blocks per thread,
+ * as `omp for` deals them, left the first of 2 threads 11 of 22 blocks of
+ * 48 tokens, 528 of 1024, to the other's 496, and the pass waiting on it.) */
+static void sm__mhc_share(int N, int *c0, int *c1) {
+    long S = sm__mhc_chunk_count(N), id = 0, threads = 1;
 #ifdef _OPENMP
     id = omp_get_thread_num(), threads = omp_get_num_threads();
 #endif
-    *lo = (int)(groups * id / threads) * SM__SINKHORN_LANES;
-    *hi = (int)(groups * (id + 1) / threads) * SM__SINKHORN_LANES;
-    *lo = *lo < N ? *lo : N, *hi = *hi < N ? *hi : N;
+    *c0 = (int)(S * id / threads), *c1 = (int)(S * (id + 1) / threads);
+}
+
+/* The tokens [*lo, *hi) of the calling thread's share. */
+static void sm__mhc_share_tokens(int N, int *lo, int *hi) {
+    int S = sm__mhc_chunk_count(N), c0, c1, end;
+    sm__mhc_share(N, &c0, &c1);
+    sm__mhc_chunk(N, S, c0, lo, &end);
+    sm__mhc_chunk(N, S, c1, hi, &end);
 }
 
 /* phi [K, nC] packed into act's scratch as the micro-kernel's op(B): phi^T
@@ -9894,7 +9934,7 @@ SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const 
 #endif
     {
         int lo, hi, b;
-        sm__mhc_share(N, &lo, &hi);
+        sm__mhc_share_tokens(N, &lo, &hi);
         for (b = lo; b < hi; b += SM__MHC_BLOCK)
             sm__mhc_pre_forward_block(u, act, x, phi_t, p, cfg, b, sm__mhc_block_end(hi, b));
     }
@@ -9941,7 +9981,7 @@ static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float 
 #endif
     {
         int lo, hi, b, t;
-        sm__mhc_share(N, &lo, &hi);
+        sm__mhc_share_tokens(N, &lo, &hi);
         for (b = lo; b < hi; b += SM__MHC_BLOCK) {
             int end = sm__mhc_block_end(hi, b);
             for (t = b; t < end; t++)
@@ -10023,7 +10063,7 @@ static void sm__mhc_post_backward(const sm__mhc_post_bwd *j, const sm_mhc_config
 #endif
     {
         int lo, hi;
-        sm__mhc_share(N, &lo, &hi);
+        sm__mhc_share_tokens(N, &lo, &hi);
         sm__mhc_post_backward_rows(j, cfg, lo, hi);
     }
 }
@@ -10160,29 +10200,72 @@ static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_co
     }
 }
 
+/* part[K x nC] = sum over `count` tokens of dz'_t x_t^T, dz' rows K floats
+ * apart and x rows nC: whole MR x NR tiles in the GEMM micro-kernel's
+ * registers, reading dz' and x where they are (the chunk's rows of x are
+ * in cache), the edges one element at a time; tokens in order either way. */
+static void sm__mhc_dphi_part(float *part, const float *dz, const float *x, int count, int K, int nC) {
+    int i0, j0, i, j, v, t;
+    for (i0 = 0; i0 < K; i0 += SM__MR)
+        for (j0 = 0; j0 < nC; j0 += SM__NR) {
+            if (i0 + SM__MR <= K && j0 + SM__NR <= nC) {
+                sm__vf acc[SM__MR][SM__NV];
+                for (i = 0; i < SM__MR; i++)
+                    for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
+                sm__gemm_micro_acc_strided(count, dz + i0, (size_t)K, x + j0, (size_t)nC, acc);
+                for (i = 0; i < SM__MR; i++)
+                    for (v = 0; v < SM__NV; v++)
+                        sm__vf_store(part + (size_t)(i0 + i) * nC + j0 + v * SM__VW, acc[i][v]);
+                continue;
+            }
+            for (i = i0; i < K && i < i0 + SM__MR; i++)
+                for (j = j0; j < nC && j < j0 + SM__NR; j++) {
+                    float sum = 0.0f;
+                    for (t = 0; t < count; t++) sum += dz[(size_t)t * K + i] * x[(size_t)t * nC + j];
+                    part[(size_t)i * nC + j] = sum;
+                }
+        }
+}
+
+/* dphi += the S chunks' shares, added in chunk order. */
+static void sm__mhc_add_dphi_parts(float *dphi, const float *parts, int S, size_t size) {
+    size_t e;
+    int c;
+    for (c = 0; c < S; c++)
+        for (e = 0; e < size; e++) dphi[e] += parts[(size_t)c * size + e];
+}
+
 /* The pre backward j, with the post backwards it carries, over all N
- * tokens in one parallel region (the same operations as separate calls);
- * then the parameter gradients into dp: dbias and dgate from the groups'
- * shares, dphi from the dz' the pass left in act->z. */
+ * tokens in one parallel region (the same operations as separate calls),
+ * chunk by chunk, each chunk's share of dphi summed once its dz' is in
+ * act->z (sm__mhc_dphi_part); then the parameter gradients into dp: dbias
+ * and dgate from the groups' shares, dphi from the chunks'. A GEMM of its
+ * own for dphi packed all of x again, from beyond the caches, in a
+ * parallel region of its own. */
 static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, const sm_mhc_config *cfg,
                                  int N) {
-    int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n);
+    int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n), S = sm__mhc_chunk_count(N);
     sm_mhc_acts *act = j->act;
 #ifdef _OPENMP
 #pragma omp parallel if (N > 64)
 #endif
-    { /* as in sm_mhc_pre_forward */
-        int lo, hi, b;
-        sm__mhc_share(N, &lo, &hi);
-        for (b = lo; b < hi; b += SM__MHC_BLOCK) {
-            int end = sm__mhc_block_end(hi, b);
-            sm__mhc_pre_backward_block(j, cfg, b, end);
-            if (j->then) sm__mhc_post_backward_rows(j->then, cfg, b, end);
+    {
+        int c0, c1, c, lo, hi, b;
+        sm__mhc_share(N, &c0, &c1);
+        for (c = c0; c < c1; c++) {
+            sm__mhc_chunk(N, S, c, &lo, &hi);
+            for (b = lo; b < hi; b += SM__MHC_BLOCK) {
+                int end = sm__mhc_block_end(hi, b);
+                sm__mhc_pre_backward_block(j, cfg, b, end);
+                if (j->then) sm__mhc_post_backward_rows(j->then, cfg, b, end);
+            }
+            if (cfg->dynamic)
+                sm__mhc_dphi_part(act->dphi_parts + (size_t)c * K * nC, act->z + (size_t)lo * K,
+                                  j->x + (size_t)lo * nC, hi - lo, K, nC);
         }
     }
     sm__mhc_bias_gate_grads(dp, act, N, n, cfg->dynamic);
-    if (cfg->dynamic) /* dphi += dz'^T x */
-        sm_linear_backward(NULL, dp->phi, NULL, act->z, j->x, j->p->phi, N, nC, K);
+    if (cfg->dynamic) sm__mhc_add_dphi_parts(dp->phi, act->dphi_parts, S, (size_t)K * nC);
 }
 
 /* sm_mhc_pre_backward's operands, with no post backward in its pass;
