@@ -9185,8 +9185,9 @@ static SM_HD void sm__sinkhorn_first_kernel(float *K, const float *L, int n, int
 }
 
 /* The kernel of a segment, K, L and lam at a lane. lam == NULL: the first,
- * K = exp(L - m) (as sm__sinkhorn_first_kernel makes it for every lane). Otherwise a column step in log domain: with
- * x_ij = L_ij - m_i + lam_i and c_j = max_i x_ij,
+ * K = exp(L - m) (as sm__sinkhorn_first_kernel makes it for every lane).
+ * Otherwise a column step in log domain: with x_ij = L_ij - m_i + lam_i
+ * and c_j = max_i x_ij,
  * K_ij = exp(x_ij - c_j) / sum_i exp(x_ij - c_j) (each column's largest
  * term is 1, so its sum is in [1, n]). */
 static SM_HD void sm__sinkhorn_kernel(float *K, const float *L, const float *lam, int n,
@@ -9833,7 +9834,8 @@ static void sm__mhc_maps_backward(float *g, const float *maps, const float *z,
     for (t0 = 0; t0 < count; t0 += per) { /* the Sinkhorns, `per` tokens' arguments at a time */
         int m = count - t0 < per ? count - t0 : per;
         float *gt = g + (size_t)t0 * K + 2 * n;
-        for (t = 0; t < m; t++) sm__mhc_map_args(arg + (size_t)t * K, z ? z + (size_t)(t0 + t) * K : NULL, p, n);
+        for (t = 0; t < m; t++)
+            sm__mhc_map_args(arg + (size_t)t * K, z ? z + (size_t)(t0 + t) * K : NULL, p, n);
         sm__sinkhorn_backward_group(gt, gt, arg + 2 * n, (size_t)K, m, n, iters, 0);
     }
 }
@@ -11012,7 +11014,8 @@ static double sm__sumsq(const float *x, size_t n) {
     const size_t piece = (size_t)1 << 20;
     double s = 0.0;
     size_t i;
-    for (i = 0; i < n; i += piece) s += sm__dot3_double(x + i, x + i, NULL, (int)(n - i < piece ? n - i : piece));
+    for (i = 0; i < n; i += piece)
+        s += sm__dot3_double(x + i, x + i, NULL, (int)(n - i < piece ? n - i : piece));
     return s;
 }
 
