@@ -3189,17 +3189,17 @@ typedef float sm__vf;
 #endif
 
 /* acc[i][j] += sum over k of A[k][i] * B[k][j], one fused multiply-add
- * per k in k order (see above); row k of A at Ap + k a_step (MR floats),
- * of B at Bp + k b_step (NR floats): MR and NR for packed panels. */
+ * per k in k order (see above); A[k][i] at Ap + k a_step + i a_gap, row k
+ * of B (NR floats) at Bp + k b_step: MR, 1 and NR for packed panels. */
 static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap, size_t a_step,
-                                                         const float *Bp, size_t b_step,
+                                                         size_t a_gap, const float *Bp, size_t b_step,
                                                          sm__vf acc[SM__MR][SM__NV]) {
     int i, v, k;
     for (k = 0; k < kc; k++, Ap += a_step, Bp += b_step) {
         sm__vf b[SM__NV];
         for (v = 0; v < SM__NV; v++) b[v] = sm__vf_load(Bp + v * SM__VW);
         for (i = 0; i < SM__MR; i++) {
-            sm__vf a = sm__vf_splat(Ap[i]);
+            sm__vf a = sm__vf_splat(Ap[(size_t)i * a_gap]);
             for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_fmadd(a, b[v], acc[i][v]);
         }
     }
@@ -3208,7 +3208,7 @@ static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap
 /* The same on packed panels: Ap is kc x MR, Bp kc x NR. */
 static SM__ALWAYS_INLINE void sm__gemm_micro_acc(int kc, const float *Ap, const float *Bp,
                                                  sm__vf acc[SM__MR][SM__NV]) {
-    sm__gemm_micro_acc_strided(kc, Ap, SM__MR, Bp, SM__NR, acc);
+    sm__gemm_micro_acc_strided(kc, Ap, SM__MR, 1, Bp, SM__NR, acc);
 }
 
 /* C[MR x NR] = alpha * acc + C, fused; with `overwrite`, alpha * acc + 0
@@ -3226,24 +3226,14 @@ static SM__ALWAYS_INLINE void sm__gemm_add_tile(float *C, int ldc, float alpha,
 
 #define SM__C_AHEAD 32 /* k steps before a tile's end at which fetch_c prefetches its C */
 
-/* C[rows x cols] += alpha * (Ap Bp), or = with `overwrite`: a full tile
+/* C[rows x cols] += alpha * acc, or = with `overwrite`: a full tile
  * straight from the registers, an edge tile through a copy (the same
- * arithmetic). With `fetch_c`, the tile's rows of C are prefetched
- * SM__C_AHEAD steps of k before the end: time to arrive from L2 or L3, too
- * little for the A and B streams to evict them from L1 again. */
-static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha, float *C,
-                           int ldc, int rows, int cols, int overwrite, int fetch_c) {
-    sm__vf acc[SM__MR][SM__NV];
+ * arithmetic). */
+static SM__ALWAYS_INLINE void sm__gemm_store_acc(float *C, int ldc, float alpha,
+                                                 sm__vf acc[SM__MR][SM__NV], int rows, int cols,
+                                                 int overwrite) {
     float tile[SM__MR][SM__NR];
-    int i, j, split = fetch_c && kc > SM__C_AHEAD ? kc - SM__C_AHEAD : kc;
-    for (i = 0; i < SM__MR; i++)
-        for (j = 0; j < SM__NV; j++) acc[i][j] = sm__vf_splat(0.0f);
-    sm__gemm_micro_acc(split, Ap, Bp, acc);
-    if (split < kc) {
-        for (i = 0; i < rows; i++)
-            for (j = 0; j < cols; j += 16) SM__PREFETCH(C + (size_t)i * ldc + j);
-        sm__gemm_micro_acc(kc - split, Ap + (size_t)split * SM__MR, Bp + (size_t)split * SM__NR, acc);
-    }
+    int i;
     if (rows == SM__MR && cols == SM__NR) {
         sm__gemm_add_tile(C, ldc, alpha, acc, overwrite);
         return;
@@ -3253,6 +3243,38 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
         for (i = 0; i < rows; i++) memcpy(tile[i], C + (size_t)i * ldc, sizeof(float) * (size_t)cols);
     sm__gemm_add_tile(&tile[0][0], SM__NR, alpha, acc, 0);
     for (i = 0; i < rows; i++) memcpy(C + (size_t)i * ldc, tile[i], sizeof(float) * (size_t)cols);
+}
+
+/* C[rows x cols] += alpha * (Ap Bp), or = with `overwrite` (see
+ * sm__gemm_store_acc). With `fetch_c`, the tile's rows of C are prefetched
+ * SM__C_AHEAD steps of k before the end: time to arrive from L2 or L3, too
+ * little for the A and B streams to evict them from L1 again. */
+static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha, float *C,
+                           int ldc, int rows, int cols, int overwrite, int fetch_c) {
+    sm__vf acc[SM__MR][SM__NV];
+    int i, j, split = fetch_c && kc > SM__C_AHEAD ? kc - SM__C_AHEAD : kc;
+    for (i = 0; i < SM__MR; i++)
+        for (j = 0; j < SM__NV; j++) acc[i][j] = sm__vf_splat(0.0f);
+    sm__gemm_micro_acc(split, Ap, Bp, acc);
+    if (split < kc) {
+        for (i = 0; i < rows; i++)
+            for (j = 0; j < cols; j += 16) SM__PREFETCH(C + (size_t)i * ldc + j);
+        sm__gemm_micro_acc(kc - split, Ap + (size_t)split * SM__MR, Bp + (size_t)split * SM__NR, acc);
+    }
+    sm__gemm_store_acc(C, ldc, alpha, acc, rows, cols, overwrite);
+}
+
+/* sm__gemm_micro on a whole MR-row tile of a row-major A read where it
+ * is (row i at A + i lda) instead of packed: for an A that serves a single
+ * panel of B, which packing would copy (and transpose) for one use. */
+static void sm__gemm_micro_in_place(int kc, const float *A, int lda, const float *Bp, float *C, int ldc,
+                                    int cols, int overwrite) {
+    sm__vf acc[SM__MR][SM__NV];
+    int i, j;
+    for (i = 0; i < SM__MR; i++)
+        for (j = 0; j < SM__NV; j++) acc[i][j] = sm__vf_splat(0.0f);
+    sm__gemm_micro_acc_strided(kc, A, 1, (size_t)lda, Bp, SM__NR, acc);
+    sm__gemm_store_acc(C, ldc, 1.0f, acc, SM__MR, cols, overwrite);
 }
 
 /* dst[k][r] = src[r*rs + k] for k < kc, r < width: rows of the source
@@ -3503,7 +3525,9 @@ static void sm__gemm_pack_b_whole(float *Bp, int trans_b, int K, int N, const fl
 }
 
 /* C[rows x N] = (overwrite) or += A[rows x K] op(B), A row-major (lda),
- * op(B) packed by sm__gemm_pack_b_whole. Ap: SM__MR x SM__KC floats. */
+ * op(B) packed by sm__gemm_pack_b_whole. Ap: SM__MR x SM__KC floats. Where
+ * op(B) is a single panel (N <= NR: mHC's projections x phi^T), whole tiles
+ * read A where it is (sm__gemm_micro_in_place): the same arithmetic. */
 static void sm__gemm_rows(int rows, int N, int K, const float *A, int lda, const float *Bp, float *C,
                           int ldc, int overwrite, float *Ap) {
     size_t n_pad = sm__nr_padded(N);
@@ -3512,6 +3536,11 @@ static void sm__gemm_rows(int rows, int N, int K, const float *A, int lda, const
         int kc = K - pc < SM__KC ? K - pc : SM__KC;
         for (ip = 0; ip < rows; ip += SM__MR) {
             int r = rows - ip < SM__MR ? rows - ip : SM__MR;
+            if (r == SM__MR && N <= SM__NR) {
+                sm__gemm_micro_in_place(kc, A + (size_t)ip * lda + pc, lda, Bp + (size_t)pc * n_pad,
+                                        C + (size_t)ip * ldc, ldc, N, overwrite && pc == 0);
+                continue;
+            }
             sm__pack_panel(A + (size_t)ip * lda + pc, 1, (size_t)lda, kc, r, SM__MR, Ap);
             for (jp = 0; jp < N; jp += SM__NR)
                 sm__gemm_micro(kc, Ap, Bp + (size_t)pc * n_pad + (size_t)jp * kc, 1.0f,
@@ -10214,7 +10243,7 @@ static void sm__mhc_dphi_part(float *part, const float *dz, const float *x, int 
                 sm__vf acc[SM__MR][SM__NV];
                 for (i = 0; i < SM__MR; i++)
                     for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
-                sm__gemm_micro_acc_strided(count, dz + i0, (size_t)K, x + j0, (size_t)nC, acc);
+                sm__gemm_micro_acc_strided(count, dz + i0, (size_t)K, 1, x + j0, (size_t)nC, acc);
                 for (i = 0; i < SM__MR; i++)
                     for (v = 0; v < SM__NV; v++)
                         sm__vf_store(part + (size_t)(i0 + i) * nC + j0 + v * SM__VW, acc[i][v]);
