@@ -2512,11 +2512,11 @@ static float sm__rms_rstd(const float *x, int C) {
 
 /* Elementwise loops in explicit vectors where the target has them (GELU,
  * softmax, the Sinkhorn kernel, AdamW): compilers keep expf, tanhf and
- * sqrtf scalar (they may set errno). Each vector loop does its scalar twin's IEEE operations in the
- * same order (products and sums unfused, as the Makefile's -std=c99
- * compiles the scalar code; division, square root and rounding to an
- * integer exact in both), so the vector lanes and a scalar tail give the
- * same bits. sm__av_max(a, b) is a > b ? a : b and sm__av_min(a, b) is
+ * sqrtf scalar (they may set errno). Each vector loop does its scalar
+ * twin's IEEE operations in the same order (products and sums unfused, as
+ * the Makefile's -std=c99 compiles the scalar code; division, square root
+ * and rounding to an integer exact in both), so the vector lanes and a
+ * scalar tail give the same bits. sm__av_max(a, b) is a > b ? a : b and sm__av_min(a, b) is
  * a < b ? a : b, NaN included, as the scalar twins write them;
  * sm__av_where_gt(a, b, x) is a > b ? x : 0. */
 #if defined(__AVX512F__)
@@ -2560,9 +2560,10 @@ typedef __m256 sm__av;
 #endif
 #endif
 
-/* e^z for the CPU's GELU, softmax and Sinkhorn kernel: z = n ln2 + r with |r| <= ln2/2, e^r by its
- * Taylor series to r^7 (the r^8 term is below 6e-9 relative, under float's
- * rounding), times 2^n built in the exponent bits. ln2 is split in two
+/* e^z for the CPU's GELU, softmax and Sinkhorn kernel: z = n ln2 + r with
+ * |r| <= ln2/2, e^r by its Taylor series to r^7 (the r^8 term is below
+ * 6e-9 relative, under float's rounding), times 2^n built in the exponent
+ * bits. ln2 is split in two
  * (Cody & Waite) so that n ln2_hi is exact. z is first clamped to [-87, 88]
  * (2^n stays a normal float, e^88 < FLT_MAX); NaN becomes -87. */
 #define SM__EXP_LO (-87.0f)
@@ -3192,8 +3193,8 @@ typedef float sm__vf;
  * per k in k order (see above); A[k][i] at Ap + k a_step + i a_gap, row k
  * of B (NR floats) at Bp + k b_step: MR, 1 and NR for packed panels. */
 static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap, size_t a_step,
-                                                         size_t a_gap, const float *Bp, size_t b_step,
-                                                         sm__vf acc[SM__MR][SM__NV]) {
+                                                         size_t a_gap, const float *Bp,
+                                                         size_t b_step, sm__vf acc[SM__MR][SM__NV]) {
     int i, v, k;
     for (k = 0; k < kc; k++, Ap += a_step, Bp += b_step) {
         sm__vf b[SM__NV];
@@ -3267,8 +3268,8 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
 /* sm__gemm_micro on a whole MR-row tile of a row-major A read where it
  * is (row i at A + i lda) instead of packed: for an A that serves a single
  * panel of B, which packing would copy (and transpose) for one use. */
-static void sm__gemm_micro_in_place(int kc, const float *A, int lda, const float *Bp, float *C, int ldc,
-                                    int cols, int overwrite) {
+static void sm__gemm_micro_in_place(int kc, const float *A, int lda, const float *Bp, float *C,
+                                    int ldc, int cols, int overwrite) {
     sm__vf acc[SM__MR][SM__NV];
     int i, j;
     for (i = 0; i < SM__MR; i++)
@@ -9151,9 +9152,9 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
  * registers, and the rounds' chain of dependent sums and divisions is paid
  * once per group instead of once per matrix. A group is 32 lanes, two
  * such registers per step: their two chains overlap (on the Xeon host the
- * rounds took about a third less time than in groups of 16). A lane does exactly the
- * operations of a lone matrix in the same order, so a matrix's result does
- * not depend on its neighbours or on the lane count. lanes = 1 is one
+ * rounds took about a third less time than in groups of 16). A lane does
+ * exactly the operations of a lone matrix in the same order, so a matrix's
+ * result does not depend on its neighbours or on the lane count. lanes = 1 is one
  * matrix in the plain layout (the CUDA backend's thread per matrix). A
  * function given a pointer "at lane l" reads that lane's elements with
  * stride `lanes`. */
@@ -9208,8 +9209,10 @@ static SM_HD void sm__sinkhorn_first_kernel(float *K, const float *L, int n, int
                 float x = Li[(size_t)j * lanes + l];
                 m[l] = x > m[l] ? x : m[l];
             }
-        for (j = 0; j < n; j++)
-            sm__sinkhorn_exp_lanes(K + i * row + (size_t)j * lanes, Li + (size_t)j * lanes, m, lanes);
+        for (j = 0; j < n; j++) {
+            size_t e = i * row + (size_t)j * lanes;
+            sm__sinkhorn_exp_lanes(K + e, L + e, m, lanes);
+        }
     }
 }
 
@@ -9798,7 +9801,8 @@ static size_t sm__mhc_dphi_parts_floats(const sm_mhc_config *cfg, int N) {
 SMDEF size_t sm_mhc_acts_size(const sm_mhc_config *cfg, int N) {
     size_t n = (size_t)cfg->n_streams, K = (size_t)sm_mhc_map_count(cfg->n_streams);
     size_t per_token = K + (cfg->dynamic ? n * (size_t)cfg->channels + 1 + K : 0);
-    size_t scratch = cfg->dynamic ? sm__mhc_phi_panel_floats(cfg) + sm__mhc_dphi_parts_floats(cfg, N) : 0;
+    size_t scratch =
+        cfg->dynamic ? sm__mhc_phi_panel_floats(cfg) + sm__mhc_dphi_parts_floats(cfg, N) : 0;
     return (size_t)N * per_token + scratch + sm__mhc_group_sums_floats(cfg, N);
 }
 
@@ -9811,7 +9815,8 @@ SMDEF sm_mhc_acts sm_mhc_acts_at(const sm_mhc_config *cfg, int N, float *base) {
     a.z = cfg->dynamic ? a.rstd + N : NULL;
     a.phi_panels = cfg->dynamic ? a.z + (size_t)N * K : NULL;
     a.dphi_parts = cfg->dynamic ? a.phi_panels + sm__mhc_phi_panel_floats(cfg) : NULL;
-    a.group_sums = cfg->dynamic ? a.dphi_parts + sm__mhc_dphi_parts_floats(cfg, N) : a.maps + (size_t)N * K;
+    a.group_sums =
+        cfg->dynamic ? a.dphi_parts + sm__mhc_dphi_parts_floats(cfg, N) : a.maps + (size_t)N * K;
     return a;
 }
 
@@ -9887,8 +9892,8 @@ static void sm__mhc_normalise_z(float *z, float *rstd, const float *x, int nC, i
 
 /* Tokens per block of the pre forward and backward: whole groups of
  * Sinkhorn lanes (3 of 32) and whole MR-tall tiles of every kernel path
- * (MR = 12, 6 or 4). A block's products with phi run in the loop over the blocks
- * (sm__gemm_rows) on its rows while they are in cache: a GEMM of their own
+ * (MR = 12, 6 or 4). A block's products with phi run in the loop over the
+ * blocks (sm__gemm_rows) on its rows while they are in cache: a GEMM of their own
  * was another pass over the 4x-wide x or dx and another parallel region,
  * whose start wakes the sleeping threads. */
 #define SM__MHC_BLOCK 96
@@ -10216,12 +10221,14 @@ static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_co
                                      j->du + (size_t)t * C, j->x + (size_t)t * nC,
                                      act->maps + (size_t)t * K, n, C);
         }
-        sm__mhc_maps_backward(darg, act->maps + (size_t)g * K, z, j->p, count, n, cfg->sinkhorn_iters);
+        sm__mhc_maps_backward(darg, act->maps + (size_t)g * K, z, j->p, count, n,
+                              cfg->sinkhorn_iters);
         for (t = g; t < g + count && z; t++)
             sm__mhc_norm_term_backward(j->dx + (size_t)t * nC, j->x + (size_t)t * nC,
                                        act->z + (size_t)t * K, act->rstd[t],
                                        j->dmaps + (size_t)t * K, j->p, n, C);
-        sm__mhc_group_sums(sm__mhc_group_sums_at(act, g / SM__SINKHORN_LANES, n), darg, z, count, n);
+        sm__mhc_group_sums(sm__mhc_group_sums_at(act, g / SM__SINKHORN_LANES, n), darg, z, count,
+                           n);
         if (z) sm__mhc_dz(z, darg, act->rstd + g, j->p, count, n);
     }
     if (cfg->dynamic) {
@@ -10235,7 +10242,8 @@ static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_co
  * apart and x rows nC: whole MR x NR tiles in the GEMM micro-kernel's
  * registers, reading dz' and x where they are (the chunk's rows of x are
  * in cache), the edges one element at a time; tokens in order either way. */
-static void sm__mhc_dphi_part(float *part, const float *dz, const float *x, int count, int K, int nC) {
+static void sm__mhc_dphi_part(float *part, const float *dz, const float *x, int count, int K,
+                              int nC) {
     int i0, j0, i, j, v, t;
     for (i0 = 0; i0 < K; i0 += SM__MR)
         for (j0 = 0; j0 < nC; j0 += SM__NR) {
@@ -10252,7 +10260,8 @@ static void sm__mhc_dphi_part(float *part, const float *dz, const float *x, int 
             for (i = i0; i < K && i < i0 + SM__MR; i++)
                 for (j = j0; j < nC && j < j0 + SM__NR; j++) {
                     float sum = 0.0f;
-                    for (t = 0; t < count; t++) sum += dz[(size_t)t * K + i] * x[(size_t)t * nC + j];
+                    for (t = 0; t < count; t++)
+                        sum += dz[(size_t)t * K + i] * x[(size_t)t * nC + j];
                     part[(size_t)i * nC + j] = sum;
                 }
         }
@@ -10275,7 +10284,8 @@ static void sm__mhc_add_dphi_parts(float *dphi, const float *parts, int S, size_
  * parallel region of its own. */
 static void sm__mhc_pre_backward(const sm__mhc_pre_bwd *j, sm_mhc_params *dp, const sm_mhc_config *cfg,
                                  int N) {
-    int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n), S = sm__mhc_chunk_count(N);
+    int n = cfg->n_streams, nC = n * cfg->channels, K = sm_mhc_map_count(n);
+    int S = sm__mhc_chunk_count(N);
     sm_mhc_acts *act = j->act;
 #ifdef _OPENMP
 #pragma omp parallel if (N > 64)

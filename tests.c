@@ -4654,7 +4654,8 @@ static int t_mhc_batch_matches_per_token(int n) {
         g[k] = (float *)t_alloc(np);
     t_mhc_layer_run(&cfg, params, g[0], x, dxn, u[0], xn[0], dx[0], 0, N);
     for (t = 0; t < N; t++) t_mhc_layer_run(&cfg, params, g[1], x, dxn, u[1], xn[1], dx[1], t, 1);
-    CHECK(t_max_abs_diff(u[0], u[1], nu) < 1e-5, "n=%d: u differs by %g", n, t_max_abs_diff(u[0], u[1], nu));
+    CHECK(t_max_abs_diff(u[0], u[1], nu) < 1e-5, "n=%d: u differs by %g", n,
+          t_max_abs_diff(u[0], u[1], nu));
     CHECK(t_max_abs_diff(xn[0], xn[1], nx) < 1e-5, "n=%d: x_next differs", n);
     CHECK(t_max_abs_diff(dx[0], dx[1], nx) < 1e-5, "n=%d: dx differs by %g", n,
           t_max_abs_diff(dx[0], dx[1], nx));
