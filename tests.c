@@ -387,26 +387,32 @@ static int test_sgemm_bit_identical_across_runs_and_threads(void) {
 /* The micro-kernel on a caller's block of rows (sm__gemm_rows, op(B)
  * packed whole by sm__gemm_pack_b_whole: the mHC projections) is the
  * built-in product's arithmetic in its order, so its bits: K across two KC
- * slices, N past a multiple of NR, rows past a multiple of MR, a padded
- * lda, B plain and transposed, C overwritten and added to. */
+ * slices, N past a multiple of NR and within one panel, rows past a
+ * multiple of MR, a padded lda, B plain and transposed, C overwritten and
+ * added to. */
 static int test_gemm_rows_matches_sgemm(void) {
-    const int rows = 29, N = 37, K = 300, lda = K + 3;
+    const int rows = 29, K = 300, lda = K + 3;
+    const int widths[2] = {37, SM__NR - 8}; /* N <= NR: whole tiles read A in place */
     sm_rng r;
-    int tb, overwrite;
+    int tb, overwrite, w;
     sm_rng_seed(&r, 18);
-    for (tb = 0; tb < 2; tb++)
-        for (overwrite = 0; overwrite < 2; overwrite++) {
-            float *A = t_randn(&r, (size_t)rows * lda, 1), *B = t_randn(&r, (size_t)K * N, 1);
-            float *C = t_randn(&r, (size_t)rows * N, 1), *D = (float *)t_alloc((size_t)rows * N);
-            float *Bp = (float *)t_alloc(sm__gemm_b_packed_floats(K, N) + 16), Ap[SM__MR * SM__KC];
-            memcpy(D, C, sizeof(float) * rows * N);
-            sm__gemm_pack_b_whole(sm__line_aligned(Bp), tb, K, N, B, tb ? K : N);
-            sm__gemm_rows(rows, N, K, A, lda, sm__line_aligned(Bp), C, N, overwrite, Ap);
-            sm__sgemm_packed(0, tb, rows, N, K, 1.0f, A, lda, B, tb ? K : N, overwrite ? 0.0f : 1.0f, D, N);
-            CHECK(memcmp(C, D, sizeof(float) * rows * N) == 0, "tb%d overwrite%d: differs from sm__sgemm_packed by %g",
-                  tb, overwrite, t_max_abs_diff(C, D, (size_t)rows * N));
-            free(A), free(B), free(C), free(D), free(Bp);
-        }
+    for (w = 0; w < 2; w++)
+        for (tb = 0; tb < 2; tb++)
+            for (overwrite = 0; overwrite < 2; overwrite++) {
+                int N = widths[w];
+                float *A = t_randn(&r, (size_t)rows * lda, 1), *B = t_randn(&r, (size_t)K * N, 1);
+                float *C = t_randn(&r, (size_t)rows * N, 1), *D = (float *)t_alloc((size_t)rows * N);
+                float *Bp = (float *)t_alloc(sm__gemm_b_packed_floats(K, N) + 16), Ap[SM__MR * SM__KC];
+                memcpy(D, C, sizeof(float) * rows * N);
+                sm__gemm_pack_b_whole(sm__line_aligned(Bp), tb, K, N, B, tb ? K : N);
+                sm__gemm_rows(rows, N, K, A, lda, sm__line_aligned(Bp), C, N, overwrite, Ap);
+                sm__sgemm_packed(0, tb, rows, N, K, 1.0f, A, lda, B, tb ? K : N,
+                                 overwrite ? 0.0f : 1.0f, D, N);
+                CHECK(memcmp(C, D, sizeof(float) * rows * N) == 0,
+                      "N %d tb%d overwrite%d: differs from sm__sgemm_packed by %g", N, tb, overwrite,
+                      t_max_abs_diff(C, D, (size_t)rows * N));
+                free(A), free(B), free(C), free(D), free(Bp);
+            }
     return 0;
 }
 
