@@ -3189,6 +3189,13 @@ typedef float sm__vf;
 #define SM__ALWAYS_INLINE inline
 #endif
 
+/* A tile's accumulators, zeroed. */
+static SM__ALWAYS_INLINE void sm__gemm_acc_zero(sm__vf acc[SM__MR][SM__NV]) {
+    int i, v;
+    for (i = 0; i < SM__MR; i++)
+        for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
+}
+
 /* acc[i][j] += sum over k of A[k][i] * B[k][j], one fused multiply-add
  * per k in k order (see above); A[k][i] at Ap + k a_step + i a_gap, row k
  * of B (NR floats) at Bp + k b_step: MR, 1 and NR for packed panels. */
@@ -3254,8 +3261,7 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
                            int ldc, int rows, int cols, int overwrite, int fetch_c) {
     sm__vf acc[SM__MR][SM__NV];
     int i, j, split = fetch_c && kc > SM__C_AHEAD ? kc - SM__C_AHEAD : kc;
-    for (i = 0; i < SM__MR; i++)
-        for (j = 0; j < SM__NV; j++) acc[i][j] = sm__vf_splat(0.0f);
+    sm__gemm_acc_zero(acc);
     sm__gemm_micro_acc(split, Ap, Bp, acc);
     if (split < kc) {
         for (i = 0; i < rows; i++)
@@ -3271,9 +3277,7 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
 static void sm__gemm_micro_in_place(int kc, const float *A, int lda, const float *Bp, float *C,
                                     int ldc, int cols, int overwrite) {
     sm__vf acc[SM__MR][SM__NV];
-    int i, j;
-    for (i = 0; i < SM__MR; i++)
-        for (j = 0; j < SM__NV; j++) acc[i][j] = sm__vf_splat(0.0f);
+    sm__gemm_acc_zero(acc);
     sm__gemm_micro_acc_strided(kc, A, 1, (size_t)lda, Bp, SM__NR, acc);
     sm__gemm_store_acc(C, ldc, 1.0f, acc, SM__MR, cols, overwrite);
 }
@@ -9775,12 +9779,15 @@ static size_t sm__mhc_phi_panel_floats(const sm_mhc_config *cfg) {
     return (fwd > bwd ? fwd : bwd) + SM__LINE / sizeof(float);
 }
 
+/* Groups of Sinkhorn lanes in N tokens. */
+static int sm__mhc_group_count(int N) { return (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES; }
+
 /* Floats of act->group_sums, from a cache line on: K + 3 doubles per group
  * of Sinkhorn lanes (sm__mhc_group_sums). */
 static size_t sm__mhc_group_sums_floats(const sm_mhc_config *cfg, int N) {
-    size_t groups = ((size_t)N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES;
     size_t per_group = (size_t)sm_mhc_map_count(cfg->n_streams) + 3;
-    return groups * per_group * (sizeof(double) / sizeof(float)) + SM__LINE / sizeof(float);
+    return (size_t)sm__mhc_group_count(N) * per_group * (sizeof(double) / sizeof(float)) +
+           SM__LINE / sizeof(float);
 }
 
 /* At most SM__MHC_CHUNKS chunks of whole groups of Sinkhorn lanes: the
@@ -9788,7 +9795,7 @@ static size_t sm__mhc_group_sums_floats(const sm_mhc_config *cfg, int N) {
  * the tokens gives each thread whole chunks (sm__mhc_share). */
 #define SM__MHC_CHUNKS 16
 static int sm__mhc_chunk_count(int N) {
-    int groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES;
+    int groups = sm__mhc_group_count(N);
     return groups < 1 ? 1 : groups < SM__MHC_CHUNKS ? groups : SM__MHC_CHUNKS;
 }
 
@@ -9904,7 +9911,7 @@ static int sm__mhc_block_end(int N, int b) { return N - b < SM__MHC_BLOCK ? N : 
 /* The tokens [*lo, *hi) of chunk c of N tokens' S chunks (equal in whole
  * groups of Sinkhorn lanes); c = S gives the empty range at N. */
 static void sm__mhc_chunk(int N, int S, int c, int *lo, int *hi) {
-    long groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES;
+    long groups = sm__mhc_group_count(N);
     *lo = (int)(groups * c / S) * SM__SINKHORN_LANES;
     *hi = (int)(groups * (c + 1) / S) * SM__SINKHORN_LANES;
     *lo = *lo < N ? *lo : N, *hi = *hi < N ? *hi : N;
@@ -10147,7 +10154,7 @@ static void sm__mhc_group_sums(double *sums, const float *darg, const float *z, 
 static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const sm_mhc_acts *act, int N, int n,
                                     int dynamic) {
     double total[2 * SM_SINKHORN_MAX_N + SM_SINKHORN_MAX_N * SM_SINKHORN_MAX_N + 3];
-    int K = sm_mhc_map_count(n), groups = (N + SM__SINKHORN_LANES - 1) / SM__SINKHORN_LANES, g, k;
+    int K = sm_mhc_map_count(n), groups = sm__mhc_group_count(N), g, k;
     for (k = 0; k < K + 3; k++) total[k] = 0.0;
     for (g = 0; g < groups; g++) {
         const double *sums = sm__mhc_group_sums_at(act, g, n);
@@ -10244,17 +10251,14 @@ static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_co
  * in cache), the edges one element at a time; tokens in order either way. */
 static void sm__mhc_dphi_part(float *part, const float *dz, const float *x, int count, int K,
                               int nC) {
-    int i0, j0, i, j, v, t;
+    int i0, j0, i, j, t;
     for (i0 = 0; i0 < K; i0 += SM__MR)
         for (j0 = 0; j0 < nC; j0 += SM__NR) {
             if (i0 + SM__MR <= K && j0 + SM__NR <= nC) {
                 sm__vf acc[SM__MR][SM__NV];
-                for (i = 0; i < SM__MR; i++)
-                    for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
+                sm__gemm_acc_zero(acc);
                 sm__gemm_micro_acc_strided(count, dz + i0, (size_t)K, 1, x + j0, (size_t)nC, acc);
-                for (i = 0; i < SM__MR; i++)
-                    for (v = 0; v < SM__NV; v++)
-                        sm__vf_store(part + (size_t)(i0 + i) * nC + j0 + v * SM__VW, acc[i][v]);
+                sm__gemm_store_acc(part + (size_t)i0 * nC + j0, nC, 1.0f, acc, SM__MR, SM__NR, 1);
                 continue;
             }
             for (i = i0; i < K && i < i0 + SM__MR; i++)
