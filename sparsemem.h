@@ -9155,8 +9155,8 @@ SMDEF sm_status sm_sinkhorn_check(int n, int iters, sm_error *err) {
  * that the compiler vectorises: sixteen 4x4 matrices fill AVX-512
  * registers, and the rounds' chain of dependent sums and divisions is paid
  * once per group instead of once per matrix. A group is 32 lanes, two
- * such registers per step: their two chains overlap (on the Xeon host the
- * rounds took about a third less time than in groups of 16). A lane does
+ * such registers per step: their two chains overlap, so a group's rounds
+ * wait less on the latency of their sums and divisions. A lane does
  * exactly the operations of a lone matrix in the same order, so a matrix's
  * result does not depend on its neighbours or on the lane count. lanes = 1 is one
  * matrix in the plain layout (the CUDA backend's thread per matrix). A
