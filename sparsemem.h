@@ -2464,12 +2464,6 @@ static SM_HD float sm__gelu_grad(float x) {
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
 }
 
-/* silu(x) = x sigmoid(x); silu'(x) = s (1 + x (1 - s)), s = sigmoid(x). */
-static SM_HD float sm__silu_grad(float x) {
-    float s = sm_sigmoid(x);
-    return s * (1.0f + x * (1.0f - s));
-}
-
 /* a . b in 32 interleaved partial sums, added pairwise at the end: without
  * reassociation flags the compiler keeps them as independent vector chains
  * (a single chain is bound by the add latency). A fixed order, so
@@ -10577,8 +10571,16 @@ static float sm__gelu_grad_from_exp(float x, float e) {
     return s + 2.0f * x * ((e * s) * s) * du; /* e s near 1: no underflow */
 }
 
+/* SiLU on the CPU the same way: with e = e^(-x) and s = sigmoid(x) = 1 / (1 + e),
+ *   silu(x)  = x / (1 + e),
+ *   silu'(x) = s (1 + x (1 - s)) = s (1 + x e s),
+ * e s standing for 1 - s, which loses its digits as s nears 1. */
+static float sm__silu_grad_from_exp(float x, float e) {
+    float s = 1.0f / (1.0f + e);
+    return s * (1.0f + x * (e * s));
+}
+
 #ifdef sm__av_exp2i
-#define SM__GELU_VW SM__AV_WIDTH
 static sm__av sm__av_gelu_exp(sm__av x) {
     sm__av x3 = sm__av_mul(sm__av_mul(sm__av_splat(0.044715f), x), sm__av_mul(x, x));
     sm__av u = sm__av_mul(sm__av_splat(SM__GELU_K), sm__av_add(x, x3));
@@ -10592,8 +10594,11 @@ static sm__av sm__av_gelu_grad_from_exp(sm__av x, sm__av e) {
     sm__av es2 = sm__av_mul(sm__av_mul(e, s), s);
     return sm__av_add(s, sm__av_mul(sm__av_mul(sm__av_mul(sm__av_splat(2.0f), x), es2), du));
 }
-#else
-#define SM__GELU_VW 1
+
+static sm__av sm__av_silu_grad_from_exp(sm__av x, sm__av e) {
+    sm__av s = sm__av_div(sm__av_splat(1.0f), sm__av_add(sm__av_splat(1.0f), e));
+    return sm__av_mul(s, sm__av_add(sm__av_splat(1.0f), sm__av_mul(x, sm__av_mul(e, s))));
+}
 #endif
 
 /* ---- softmax (attention, cross-entropy) ----
@@ -10671,60 +10676,97 @@ static double sm__softmax_inplace(float *row, int n, float *max_out) {
     return sum;
 }
 
-/* out[0 .. SM__GELU_VW) = gelu(inp[0 .. SM__GELU_VW)) */
-static void sm__gelu_forward_block(float *out, const float *inp) {
-#ifdef sm__av_exp2i
-    sm__av x = sm__av_load(inp);
-    sm__av_store(out, sm__av_div(x, sm__av_add(sm__av_splat(1.0f), sm__av_gelu_exp(x))));
-#else
-    *out = *inp / (1.0f + sm__gelu_exp(*inp));
-#endif
-}
+/* Elementwise maps on the CPU (GELU, SiLU and their gradients): a piece
+ * sets y[i] from a[i] and, where the map has one, b[i] for i < m, in
+ * explicit vectors where the target has them and its last elements one at
+ * a time with the same bits; sm__elementwise shares pieces of
+ * SM__ELEM_PIECE elements among the threads, so any thread count gives the
+ * same bits. */
+#define SM__ELEM_PIECE 4096
+#define SM__ELEM_PARALLEL_MIN 32768
+typedef void (*sm__elem_piece)(float *y, const float *a, const float *b, size_t m);
 
-/* dinp[0 .. SM__GELU_VW) += dout * gelu'(inp) */
-static void sm__gelu_backward_block(float *dinp, const float *dout, const float *inp) {
-#ifdef sm__av_exp2i
-    sm__av x = sm__av_load(inp);
-    sm__av g = sm__av_gelu_grad_from_exp(x, sm__av_gelu_exp(x));
-    sm__av_store(dinp, sm__av_add(sm__av_load(dinp), sm__av_mul(sm__av_load(dout), g)));
-#else
-    *dinp += *dout * sm__gelu_grad_from_exp(*inp, sm__gelu_exp(*inp));
-#endif
-}
-
-/* Elementwise, so any thread count gives the same bits: blocks of
- * SM__GELU_VW, then a scalar tail with the same bits per element. */
-#define SM__GELU_PARALLEL_MIN 32768
-SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
-    long b, nb = (long)(n / SM__GELU_VW);
-    size_t i;
+static void sm__elementwise(sm__elem_piece piece, float *y, const float *a, const float *b,
+                            size_t n) {
+    long p, n_pieces = (long)((n + SM__ELEM_PIECE - 1) / SM__ELEM_PIECE);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
+#pragma omp parallel for schedule(static) if (n > SM__ELEM_PARALLEL_MIN)
 #endif
-    for (b = 0; b < nb; b++) sm__gelu_forward_block(out + b * SM__GELU_VW, inp + b * SM__GELU_VW);
-    for (i = (size_t)nb * SM__GELU_VW; i < n; i++) out[i] = inp[i] / (1.0f + sm__gelu_exp(inp[i]));
+    for (p = 0; p < n_pieces; p++) {
+        size_t o = (size_t)p * SM__ELEM_PIECE, m = n - o < SM__ELEM_PIECE ? n - o : SM__ELEM_PIECE;
+        piece(y + o, a + o, b ? b + o : NULL, m);
+    }
+}
+
+/* out = gelu(inp) */
+static void sm__gelu_forward_piece(float *out, const float *inp, const float *unused, size_t m) {
+    size_t i = 0;
+    (void)unused;
+#ifdef sm__av_exp2i
+    for (; i + SM__AV_WIDTH <= m; i += SM__AV_WIDTH) {
+        sm__av x = sm__av_load(inp + i);
+        sm__av_store(out + i, sm__av_div(x, sm__av_add(sm__av_splat(1.0f), sm__av_gelu_exp(x))));
+    }
+#endif
+    for (; i < m; i++) out[i] = inp[i] / (1.0f + sm__gelu_exp(inp[i]));
+}
+
+/* dinp += dout gelu'(inp) */
+static void sm__gelu_backward_piece(float *dinp, const float *dout, const float *inp, size_t m) {
+    size_t i = 0;
+#ifdef sm__av_exp2i
+    for (; i + SM__AV_WIDTH <= m; i += SM__AV_WIDTH) {
+        sm__av x = sm__av_load(inp + i);
+        sm__av g = sm__av_gelu_grad_from_exp(x, sm__av_gelu_exp(x));
+        sm__av dx = sm__av_mul(sm__av_load(dout + i), g);
+        sm__av_store(dinp + i, sm__av_add(sm__av_load(dinp + i), dx));
+    }
+#endif
+    for (; i < m; i++) dinp[i] += dout[i] * sm__gelu_grad_from_exp(inp[i], sm__gelu_exp(inp[i]));
+}
+
+/* out = silu(inp) */
+static void sm__silu_forward_piece(float *out, const float *inp, const float *unused, size_t m) {
+    size_t i = 0;
+    (void)unused;
+#ifdef sm__av_exp2i
+    for (; i + SM__AV_WIDTH <= m; i += SM__AV_WIDTH) {
+        sm__av x = sm__av_load(inp + i), e = sm__av_exp_poly(sm__av_mul(sm__av_splat(-1.0f), x));
+        sm__av_store(out + i, sm__av_div(x, sm__av_add(sm__av_splat(1.0f), e)));
+    }
+#endif
+    for (; i < m; i++) out[i] = inp[i] / (1.0f + sm__exp_poly(-inp[i]));
+}
+
+/* dinp += dout silu'(inp) */
+static void sm__silu_backward_piece(float *dinp, const float *dout, const float *inp, size_t m) {
+    size_t i = 0;
+#ifdef sm__av_exp2i
+    for (; i + SM__AV_WIDTH <= m; i += SM__AV_WIDTH) {
+        sm__av x = sm__av_load(inp + i), e = sm__av_exp_poly(sm__av_mul(sm__av_splat(-1.0f), x));
+        sm__av g = sm__av_silu_grad_from_exp(x, e);
+        sm__av dx = sm__av_mul(sm__av_load(dout + i), g);
+        sm__av_store(dinp + i, sm__av_add(sm__av_load(dinp + i), dx));
+    }
+#endif
+    for (; i < m; i++)
+        dinp[i] += dout[i] * sm__silu_grad_from_exp(inp[i], sm__exp_poly(-inp[i]));
+}
+
+SMDEF void sm_gelu_forward(float *out, const float *inp, size_t n) {
+    sm__elementwise(sm__gelu_forward_piece, out, inp, NULL, n);
 }
 
 SMDEF void sm_gelu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
-    long b, nb = (long)(n / SM__GELU_VW);
-    size_t i;
-#ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (n > SM__GELU_PARALLEL_MIN)
-#endif
-    for (b = 0; b < nb; b++)
-        sm__gelu_backward_block(dinp + b * SM__GELU_VW, dout + b * SM__GELU_VW, inp + b * SM__GELU_VW);
-    for (i = (size_t)nb * SM__GELU_VW; i < n; i++)
-        dinp[i] += dout[i] * sm__gelu_grad_from_exp(inp[i], sm__gelu_exp(inp[i]));
+    sm__elementwise(sm__gelu_backward_piece, dinp, dout, inp, n);
 }
 
 SMDEF void sm_silu_forward(float *out, const float *inp, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) out[i] = inp[i] * sm_sigmoid(inp[i]);
+    sm__elementwise(sm__silu_forward_piece, out, inp, NULL, n);
 }
 
 SMDEF void sm_silu_backward(float *dinp, const float *dout, const float *inp, size_t n) {
-    size_t i;
-    for (i = 0; i < n; i++) dinp[i] += dout[i] * sm__silu_grad(inp[i]);
+    sm__elementwise(sm__silu_backward_piece, dinp, dout, inp, n);
 }
 
 SMDEF void sm_embedding_forward(float *out, const int *tokens, const float *wte, const float *wpe,
@@ -14442,7 +14484,6 @@ static sm_status sm__grow(void **p, size_t *cap, size_t need, size_t elem, const
 /* >>backbone */
 static SM_HD float sm__gelu(float x);
 static SM_HD float sm__gelu_grad(float x);
-static SM_HD float sm__silu_grad(float x);
 /* >>mphf */
 static size_t sm__packed_words(uint64_t count, uint32_t width);
 /* >>engram */

@@ -1341,14 +1341,17 @@ static void smc__engram_linear_weight_grads(smc_ctx *c, float *dweight, float *d
     smc__engram_colsum(c, dbias, 1, dout, NULL, NULL, N, OC, N, 0, 1);
 }
 
+/* silu(x) = x sigmoid(x); silu'(x) = s (1 + x (1 - s)), s = sigmoid(x). */
+static __device__ float smc__silu_grad(float x) {
+    float s = sm_sigmoid(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
 /* dconv = dout SiLU'(conv) (sm_silu_backward into a zeroed buffer). */
 static __global__ void smc__engram_silu_back_kernel(float *dconv, const float *conv,
                                                     const float *dout, size_t total) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    float s;
-    if (i >= total) return;
-    s = sm_sigmoid(conv[i]);
-    dconv[i] = dout[i] * s * (1.0f + conv[i] * (1.0f - s));
+    if (i < total) dconv[i] = dout[i] * smc__silu_grad(conv[i]);
 }
 
 /* dv_n[b,t,ch] = sum_j w[ch,j] dconv[b, t + j*dil, ch] over taps inside the
@@ -2846,7 +2849,7 @@ static __global__ void smc__act_forward_kernel(float *out, const float *inp, siz
 static __global__ void smc__act_backward_kernel(float *dinp, const float *inp, const float *dout,
                                                 size_t n, int silu) {
     size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dinp[i] += dout[i] * (silu ? sm__silu_grad(inp[i]) : sm__gelu_grad(inp[i]));
+    if (i < n) dinp[i] += dout[i] * (silu ? smc__silu_grad(inp[i]) : sm__gelu_grad(inp[i]));
 }
 
 static void smc__act_forward(smc_ctx *c, float *out, const float *inp, size_t n, int silu) {

@@ -557,6 +557,25 @@ static int test_linear_gradient(void) {
     return 0;
 }
 
+/* forward and backward (dout = 1) gave y and d for x[0 .. n) in one call:
+ * each element again as an array of one, which takes the scalar path, must
+ * give the same bits. */
+typedef void (*t_act_forward)(float *, const float *, size_t);
+typedef void (*t_act_backward)(float *, const float *, const float *, size_t);
+static int t_lanes_match_one_at_a_time(const char *name, t_act_forward forward,
+                                       t_act_backward backward, const float *x, const float *y,
+                                       const float *d, int n) {
+    int i;
+    for (i = 0; i < n; i++) {
+        float y1, d1 = 0.0f, one = 1.0f;
+        forward(&y1, &x[i], 1);
+        backward(&d1, &one, &x[i], 1);
+        CHECK(memcmp(&y1, &y[i], sizeof y1) == 0 && memcmp(&d1, &d[i], sizeof d1) == 0,
+              "%s, x %g: lane %.9g, %.9g vs scalar %.9g, %.9g", name, x[i], y[i], d[i], y1, d1);
+    }
+    return 0;
+}
+
 /* GELU and its derivative in double, in the form sm_gelu_* use. */
 static double t_gelu_ref(double x, double *grad) {
     double u = 0.7978845608028654 * (x + 0.044715 * x * x * x), e = exp(-2.0 * u), s = 1.0 / (1.0 + e);
@@ -600,14 +619,48 @@ static int test_gelu_exp_accuracy_clamps_and_lanes(void) {
         CHECK(y[i + 1] == x[i + 1] && d[i + 1] == 1.0f, "x %g: gelu %g, gelu' %g", x[i + 1], y[i + 1], d[i + 1]);
     }
     CHECK(isnan(y[GRID + 4]) && isnan(d[GRID + 4]), "NaN in, %g and %g out", y[GRID + 4], d[GRID + 4]);
-    for (i = 0; i < N; i++) {
-        float y1, d1 = 0.0f;
-        sm_gelu_forward(&y1, &x[i], 1);
-        sm_gelu_backward(&d1, &ones[i], &x[i], 1);
-        CHECK(memcmp(&y1, &y[i], sizeof y1) == 0 && memcmp(&d1, &d[i], sizeof d1) == 0,
-              "x %g: lane %.9g, %.9g vs scalar %.9g, %.9g", x[i], y[i], d[i], y1, d1);
+    return t_lanes_match_one_at_a_time("gelu", sm_gelu_forward, sm_gelu_backward, x, y, d, N);
+}
+
+/* SiLU and its derivative in double. */
+static double t_silu_ref(double x, double *grad) {
+    double s = 1.0 / (1.0 + exp(-x));
+    *grad = s * (1.0 + x * (1.0 - s));
+    return x * s;
+}
+
+/* The CPU's SiLU (e^-x by sm__exp_poly, in vector lanes on all threads)
+ * against double on [-12, 12]: within 3e-7 relative forward; backward
+ * within 2e-7 (1 + |x|), and 3e-7 relative for x >= 0, where computing
+ * 1 - s instead of e s loses digits (7.5e-7 there). Past the exponent's
+ * clamps (x = -100, -1e4: e^-x above e^88; 100, 1e4: below e^-87) finite
+ * and right; NaN stays NaN; the lanes give the scalar tail's bits. */
+static int test_silu_exp_accuracy_clamps_and_lanes(void) {
+    enum { GRID = 2401, N = GRID + 5 };
+    static float x[N], y[N], d[N], ones[N];
+    int i;
+    for (i = 0; i < GRID; i++) x[i] = -12.0f + 0.01f * (float)i;
+    x[GRID] = -100.0f, x[GRID + 1] = 100.0f, x[GRID + 2] = -1e4f, x[GRID + 3] = 1e4f;
+    x[GRID + 4] = NAN;
+    for (i = 0; i < N; i++) ones[i] = 1.0f, d[i] = 0.0f;
+    sm_silu_forward(y, x, N);
+    sm_silu_backward(d, ones, x, N);
+    for (i = 0; i < GRID; i++) {
+        double g, f = t_silu_ref(x[i], &g);
+        CHECK(fabs(y[i] - f) <= 3e-7 * fabs(f) && fabs(d[i] - g) <= 2e-7 * (1.0 + fabs(x[i])),
+              "x %.2f: silu %.9g vs %.9g, silu' %.9g vs %.9g", x[i], y[i], f, d[i], g);
+        if (x[i] >= 0.0f)
+            CHECK(fabs(d[i] - g) <= 3e-7 * g, "x %.2f: silu' %.9g vs %.9g", x[i], d[i], g);
     }
-    return 0;
+    for (i = GRID; i < GRID + 4; i += 2) {
+        CHECK(y[i] <= 0.0f && y[i] > -1e-30f && d[i] <= 0.0f && d[i] > -1e-30f,
+              "x %g: silu %g, silu' %g", x[i], y[i], d[i]);
+        CHECK(y[i + 1] == x[i + 1] && d[i + 1] == 1.0f, "x %g: silu %g, silu' %g", x[i + 1],
+              y[i + 1], d[i + 1]);
+    }
+    CHECK(isnan(y[GRID + 4]) && isnan(d[GRID + 4]), "NaN in, %g and %g out", y[GRID + 4],
+          d[GRID + 4]);
+    return t_lanes_match_one_at_a_time("silu", sm_silu_forward, sm_silu_backward, x, y, d, N);
 }
 
 static double t_gelu_loss(void *p) {
@@ -8953,6 +9006,7 @@ static const t_case t_cases[] = {
     T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient), T(test_layernorm_gradient),
     T(test_linear_gradient),
     T(test_activation_gradients), T(test_gelu_exp_accuracy_clamps_and_lanes),
+    T(test_silu_exp_accuracy_clamps_and_lanes),
     T(test_attention_gradient_and_causality),
     T(test_attention_blocks_against_reference),
     T(test_crossentropy_gradient_and_ignore),
