@@ -576,6 +576,22 @@ static int t_lanes_match_one_at_a_time(const char *name, t_act_forward forward,
     return 0;
 }
 
+/* x: [-12, 12] in steps of 0.01 (T_ACT_GRID values), then -big, big, -1e4,
+ * 1e4 and NaN; y and d: forward and backward (dout = 1) of all of x in one
+ * call each. */
+enum { T_ACT_GRID = 2401, T_ACT_N = T_ACT_GRID + 5 };
+static void t_activation_on_grid(float *x, float *y, float *d, float big, t_act_forward forward,
+                                 t_act_backward backward) {
+    static float ones[T_ACT_N];
+    int i;
+    for (i = 0; i < T_ACT_GRID; i++) x[i] = -12.0f + 0.01f * (float)i;
+    x[T_ACT_GRID] = -big, x[T_ACT_GRID + 1] = big, x[T_ACT_GRID + 2] = -1e4f;
+    x[T_ACT_GRID + 3] = 1e4f, x[T_ACT_GRID + 4] = NAN;
+    for (i = 0; i < T_ACT_N; i++) ones[i] = 1.0f, d[i] = 0.0f;
+    forward(y, x, T_ACT_N);
+    backward(d, ones, x, T_ACT_N);
+}
+
 /* GELU and its derivative in double, in the form sm_gelu_* use. */
 static double t_gelu_ref(double x, double *grad) {
     double u = 0.7978845608028654 * (x + 0.044715 * x * x * x), e = exp(-2.0 * u), s = 1.0 / (1.0 + e);
@@ -593,19 +609,15 @@ static double t_gelu_ref(double x, double *grad) {
  * e^-87) finite and right; NaN stays NaN. The vector lanes give the bits
  * of the scalar tail (each element again as an array of one). */
 static int test_gelu_exp_accuracy_clamps_and_lanes(void) {
-    enum { GRID = 2401, N = GRID + 5 };
-    static float x[N], y[N], d[N], ones[N];
+    enum { GRID = T_ACT_GRID, N = T_ACT_N };
+    static float x[N], y[N], d[N];
     int i;
-    for (i = 0; i < GRID; i++) x[i] = -12.0f + 0.01f * (float)i;
-    x[GRID] = -30.0f, x[GRID + 1] = 30.0f, x[GRID + 2] = -1e4f, x[GRID + 3] = 1e4f, x[GRID + 4] = NAN;
     for (i = 0; i <= 175000; i++) {
         float z = (float)(-87.0 + 0.001 * i);
         double e = exp((double)z);
         CHECK(fabs(sm__exp_poly(z) - e) <= 1.5e-7 * e, "e^%.3f: %.9g vs %.9g", z, sm__exp_poly(z), e);
     }
-    for (i = 0; i < N; i++) ones[i] = 1.0f, d[i] = 0.0f;
-    sm_gelu_forward(y, x, N);
-    sm_gelu_backward(d, ones, x, N);
+    t_activation_on_grid(x, y, d, 30.0f, sm_gelu_forward, sm_gelu_backward);
     for (i = 0; i < GRID; i++) {
         double g, f = t_gelu_ref(x[i], &g), scale = 1.0 + fabs(x[i]);
         CHECK(fabs(y[i] - f) <= 1.5e-7 * scale && fabs(d[i] - g) <= 4e-7 * scale,
@@ -636,15 +648,10 @@ static double t_silu_ref(double x, double *grad) {
  * clamps (x = -100, -1e4: e^-x above e^88; 100, 1e4: below e^-87) finite
  * and right; NaN stays NaN; the lanes give the scalar tail's bits. */
 static int test_silu_exp_accuracy_clamps_and_lanes(void) {
-    enum { GRID = 2401, N = GRID + 5 };
-    static float x[N], y[N], d[N], ones[N];
+    enum { GRID = T_ACT_GRID, N = T_ACT_N };
+    static float x[N], y[N], d[N];
     int i;
-    for (i = 0; i < GRID; i++) x[i] = -12.0f + 0.01f * (float)i;
-    x[GRID] = -100.0f, x[GRID + 1] = 100.0f, x[GRID + 2] = -1e4f, x[GRID + 3] = 1e4f;
-    x[GRID + 4] = NAN;
-    for (i = 0; i < N; i++) ones[i] = 1.0f, d[i] = 0.0f;
-    sm_silu_forward(y, x, N);
-    sm_silu_backward(d, ones, x, N);
+    t_activation_on_grid(x, y, d, 100.0f, sm_silu_forward, sm_silu_backward);
     for (i = 0; i < GRID; i++) {
         double g, f = t_silu_ref(x[i], &g);
         CHECK(fabs(y[i] - f) <= 3e-7 * fabs(f) && fabs(d[i] - g) <= 2e-7 * (1.0 + fabs(x[i])),
