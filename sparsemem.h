@@ -2505,7 +2505,7 @@ static float sm__rms_rstd(const float *x, int C) {
 }
 
 /* Elementwise loops in explicit vectors where the target has them (GELU,
- * softmax, the Sinkhorn kernel, AdamW): compilers keep expf, tanhf and
+ * SiLU, softmax, the Sinkhorn kernel, AdamW): compilers keep expf, tanhf and
  * sqrtf scalar (they may set errno). Each vector loop does its scalar
  * twin's IEEE operations in the same order (products and sums unfused, as
  * the Makefile's -std=c99 compiles the scalar code; division, square root
@@ -2554,7 +2554,7 @@ typedef __m256 sm__av;
 #endif
 #endif
 
-/* e^z for the CPU's GELU, softmax and Sinkhorn kernel: z = n ln2 + r with
+/* e^z for the CPU's GELU, SiLU, softmax and Sinkhorn kernel: z = n ln2 + r with
  * |r| <= ln2/2, e^r by its Taylor series to r^7 (the r^8 term is below
  * 6e-9 relative, under float's rounding), times 2^n built in the exponent
  * bits. ln2 is split in two
