@@ -557,24 +557,8 @@ static int test_linear_gradient(void) {
     return 0;
 }
 
-/* forward and backward (dout = 1) gave y and d for x[0 .. n) in one call:
- * each element again as an array of one, which takes the scalar path, must
- * give the same bits. */
 typedef void (*t_act_forward)(float *, const float *, size_t);
 typedef void (*t_act_backward)(float *, const float *, const float *, size_t);
-static int t_lanes_match_one_at_a_time(const char *name, t_act_forward forward,
-                                       t_act_backward backward, const float *x, const float *y,
-                                       const float *d, int n) {
-    int i;
-    for (i = 0; i < n; i++) {
-        float y1, d1 = 0.0f, one = 1.0f;
-        forward(&y1, &x[i], 1);
-        backward(&d1, &one, &x[i], 1);
-        CHECK(memcmp(&y1, &y[i], sizeof y1) == 0 && memcmp(&d1, &d[i], sizeof d1) == 0,
-              "%s, x %g: lane %.9g, %.9g vs scalar %.9g, %.9g", name, x[i], y[i], d[i], y1, d1);
-    }
-    return 0;
-}
 
 /* x: [-12, 12] in steps of 0.01 (T_ACT_GRID values), then -big, big, -1e4,
  * 1e4 and NaN; y and d: forward and backward (dout = 1) of all of x in one
@@ -590,6 +574,31 @@ static void t_activation_on_grid(float *x, float *y, float *d, float big, t_act_
     for (i = 0; i < T_ACT_N; i++) ones[i] = 1.0f, d[i] = 0.0f;
     forward(y, x, T_ACT_N);
     backward(d, ones, x, T_ACT_N);
+}
+
+/* y and d from t_activation_on_grid: past the exponent's clamps (-big, -1e4) the
+ * activation and its gradient are in (-1e-30, 0] and (grad_floor, 0], at
+ * big and 1e4 x itself and 1; NaN stays NaN; and each element again as an
+ * array of one, which takes the scalar path, gives the same bits. */
+static int t_activation_tails_and_lanes(const char *name, t_act_forward forward,
+                                        t_act_backward backward, const float *x, const float *y,
+                                        const float *d, float grad_floor) {
+    int i, nan = T_ACT_GRID + 4;
+    for (i = T_ACT_GRID; i < nan; i += 2) {
+        CHECK(y[i] <= 0.0f && y[i] > -1e-30f && d[i] <= 0.0f && d[i] > grad_floor,
+              "%s, x %g: %g, gradient %g", name, x[i], y[i], d[i]);
+        CHECK(y[i + 1] == x[i + 1] && d[i + 1] == 1.0f, "%s, x %g: %g, gradient %g", name,
+              x[i + 1], y[i + 1], d[i + 1]);
+    }
+    CHECK(isnan(y[nan]) && isnan(d[nan]), "%s: NaN in, %g and %g out", name, y[nan], d[nan]);
+    for (i = 0; i < T_ACT_N; i++) {
+        float y1, d1 = 0.0f, one = 1.0f;
+        forward(&y1, &x[i], 1);
+        backward(&d1, &one, &x[i], 1);
+        CHECK(memcmp(&y1, &y[i], sizeof y1) == 0 && memcmp(&d1, &d[i], sizeof d1) == 0,
+              "%s, x %g: lane %.9g, %.9g vs scalar %.9g, %.9g", name, x[i], y[i], d[i], y1, d1);
+    }
+    return 0;
 }
 
 /* GELU and its derivative in double, in the form sm_gelu_* use. */
@@ -626,12 +635,7 @@ static int test_gelu_exp_accuracy_clamps_and_lanes(void) {
             CHECK(fabs(y[i] - f) <= 2e-5 * fabs(f) && fabs(d[i] - g) <= 2e-5 * fabs(g),
                   "x %.2f: relative error %.3g, %.3g", x[i], fabs(y[i] - f) / fabs(f), fabs(d[i] - g) / fabs(g));
     }
-    for (i = GRID; i < GRID + 4; i += 2) {
-        CHECK(y[i] <= 0.0f && y[i] > -1e-30f && d[i] <= 0.0f && d[i] > -1e-20f, "x %g: gelu %g, gelu' %g", x[i], y[i], d[i]);
-        CHECK(y[i + 1] == x[i + 1] && d[i + 1] == 1.0f, "x %g: gelu %g, gelu' %g", x[i + 1], y[i + 1], d[i + 1]);
-    }
-    CHECK(isnan(y[GRID + 4]) && isnan(d[GRID + 4]), "NaN in, %g and %g out", y[GRID + 4], d[GRID + 4]);
-    return t_lanes_match_one_at_a_time("gelu", sm_gelu_forward, sm_gelu_backward, x, y, d, N);
+    return t_activation_tails_and_lanes("gelu", sm_gelu_forward, sm_gelu_backward, x, y, d, -1e-20f);
 }
 
 /* SiLU and its derivative in double. */
@@ -659,15 +663,7 @@ static int test_silu_exp_accuracy_clamps_and_lanes(void) {
         if (x[i] >= 0.0f)
             CHECK(fabs(d[i] - g) <= 3e-7 * g, "x %.2f: silu' %.9g vs %.9g", x[i], d[i], g);
     }
-    for (i = GRID; i < GRID + 4; i += 2) {
-        CHECK(y[i] <= 0.0f && y[i] > -1e-30f && d[i] <= 0.0f && d[i] > -1e-30f,
-              "x %g: silu %g, silu' %g", x[i], y[i], d[i]);
-        CHECK(y[i + 1] == x[i + 1] && d[i + 1] == 1.0f, "x %g: silu %g, silu' %g", x[i + 1],
-              y[i + 1], d[i + 1]);
-    }
-    CHECK(isnan(y[GRID + 4]) && isnan(d[GRID + 4]), "NaN in, %g and %g out", y[GRID + 4],
-          d[GRID + 4]);
-    return t_lanes_match_one_at_a_time("silu", sm_silu_forward, sm_silu_backward, x, y, d, N);
+    return t_activation_tails_and_lanes("silu", sm_silu_forward, sm_silu_backward, x, y, d, -1e-30f);
 }
 
 static double t_gelu_loss(void *p) {
