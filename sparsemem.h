@@ -2464,48 +2464,8 @@ static SM_HD float sm__gelu_grad(float x) {
     return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * du;
 }
 
-/* a . b in 32 interleaved partial sums, added pairwise at the end: without
- * reassociation flags the compiler keeps them as independent vector chains
- * (a single chain is bound by the add latency). A fixed order, so
- * deterministic. */
-static float sm__dot(const float *a, const float *b, int n) {
-    float acc[32] = {0}, s;
-    int i, l;
-    for (i = 0; i + 32 <= n; i += 32)
-        for (l = 0; l < 32; l++) acc[l] += a[i + l] * b[i + l];
-    for (l = 0; l < 16; l++) acc[l] += acc[l + 16]; /* constant widths: the sums stay in */
-    for (l = 0; l < 8; l++) acc[l] += acc[l + 8];   /* registers (a loop over the width */
-    for (l = 0; l < 4; l++) acc[l] += acc[l + 4];   /* went through the stack, at half */
-    for (l = 0; l < 2; l++) acc[l] += acc[l + 2];   /* the speed of the products) */
-    s = acc[0] + acc[1];
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
-/* sum of a[i] b[i] c[i] (c NULL: 1) in double, each product formed in
- * double, in 16 interleaved partial sums added pairwise at the end (as
- * sm__dot): the norms' sums of squares and dot products, which as one
- * serial chain of double adds cost 4 cycles per element. */
-static double sm__dot3_double(const float *a, const float *b, const float *c, int n) {
-    double acc[16] = {0}, s;
-    int i, l;
-    for (i = 0; i + 16 <= n; i += 16)
-        for (l = 0; l < 16; l++) acc[l] += (double)a[i + l] * b[i + l] * (c ? c[i + l] : 1.0f);
-    for (l = 0; l < 8; l++) acc[l] += acc[l + 8]; /* as in sm__dot */
-    for (l = 0; l < 4; l++) acc[l] += acc[l + 4];
-    for (l = 0; l < 2; l++) acc[l] += acc[l + 2];
-    s = acc[0] + acc[1];
-    for (; i < n; i++) s += (double)a[i] * b[i] * (c ? c[i] : 1.0f);
-    return s;
-}
-
-/* 1 / sqrt(mean(x^2) + eps) over a row of C. */
-static float sm__rms_rstd(const float *x, int C) {
-    return (float)(1.0 / sqrt(sm__dot3_double(x, x, NULL, C) / C + SM_RMSNORM_EPS));
-}
-
 /* Elementwise loops in explicit vectors where the target has them (GELU,
- * SiLU, softmax, the Sinkhorn kernel, AdamW): compilers keep expf, tanhf and
+ * SiLU, softmax, the Sinkhorn kernel, AdamW, dot products): compilers keep expf, tanhf and
  * sqrtf scalar (they may set errno). Each vector loop does its scalar
  * twin's IEEE operations in the same order (products and sums unfused, as
  * the Makefile's -std=c99 compiles the scalar code; division, square root
@@ -2529,6 +2489,14 @@ typedef __m512 sm__av;
 #define sm__av_min(a, b) _mm512_min_ps(a, b)
 #define sm__av_rint(a) _mm512_roundscale_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define sm__av_where_gt(a, b, x) _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(a, b, _CMP_GT_OQ), x)
+/* doubles, 8 lanes, made from floats (sm__dot3_double) */
+#define SM__DV_WIDTH 8
+typedef __m512d sm__dv;
+#define sm__dv_zero() _mm512_setzero_pd()
+#define sm__dv_load_floats(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+#define sm__dv_store(p, x) _mm512_storeu_pd(p, x)
+#define sm__dv_add(a, b) _mm512_add_pd(a, b)
+#define sm__dv_mul(a, b) _mm512_mul_pd(a, b)
 /* 2^n for an integral n in [-126, 127]: n + 127 in the exponent bits */
 #define sm__av_exp2i(n) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23))
@@ -2548,6 +2516,13 @@ typedef __m256 sm__av;
 #define sm__av_min(a, b) _mm256_min_ps(a, b)
 #define sm__av_rint(a) _mm256_round_ps(a, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
 #define sm__av_where_gt(a, b, x) _mm256_and_ps(_mm256_cmp_ps(a, b, _CMP_GT_OQ), x)
+#define SM__DV_WIDTH 4
+typedef __m256d sm__dv;
+#define sm__dv_zero() _mm256_setzero_pd()
+#define sm__dv_load_floats(p) _mm256_cvtps_pd(_mm_loadu_ps(p))
+#define sm__dv_store(p, x) _mm256_storeu_pd(p, x)
+#define sm__dv_add(a, b) _mm256_add_pd(a, b)
+#define sm__dv_mul(a, b) _mm256_mul_pd(a, b)
 #if defined(__AVX2__) /* integer vectors of 8 lanes */
 #define sm__av_exp2i(n) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23))
@@ -2609,6 +2584,96 @@ static sm__av sm__av_exp_poly(sm__av z) {
 #else
 #define SM__PREFETCH(p) ((void)(p))
 #endif
+
+/* The whole blocks of sm__dot (32 lanes) and of sm__dot3_double (16
+ * lanes) in explicit vectors: lane l's partial sum in acc[l], the same
+ * products and adds in the same order as the scalar lanes, so the same
+ * bits. Compilers leave those lanes to 256-bit vectors on Intel cores, with
+ * spills, or to a mix of vector and scalar code (2.4x slower for the
+ * double sums on a Xeon). Each returns the elements done: the whole blocks
+ * of 32 or 16, or 0 where the target has no vectors. */
+#ifdef SM__AV_WIDTH
+#define SM__DOT_VECTORS (32 / SM__AV_WIDTH)
+static int sm__dot_blocks(float *acc, const float *a, const float *b, int n) {
+    sm__av sum[SM__DOT_VECTORS];
+    int i, k;
+    for (k = 0; k < SM__DOT_VECTORS; k++) sum[k] = sm__av_splat(0.0f);
+    for (i = 0; i + 32 <= n; i += 32)
+        for (k = 0; k < SM__DOT_VECTORS; k++) {
+            const float *ak = a + i + k * SM__AV_WIDTH, *bk = b + i + k * SM__AV_WIDTH;
+            sum[k] = sm__av_add(sum[k], sm__av_mul(sm__av_load(ak), sm__av_load(bk)));
+        }
+    for (k = 0; k < SM__DOT_VECTORS; k++) sm__av_store(acc + k * SM__AV_WIDTH, sum[k]);
+    return i;
+}
+
+#define SM__DOT3_VECTORS (16 / SM__DV_WIDTH)
+static int sm__dot3_double_blocks(double *acc, const float *a, const float *b, const float *c,
+                                  int n) {
+    sm__dv sum[SM__DOT3_VECTORS];
+    int i, k;
+    for (k = 0; k < SM__DOT3_VECTORS; k++) sum[k] = sm__dv_zero();
+    for (i = 0; i + 16 <= n; i += 16)
+        for (k = 0; k < SM__DOT3_VECTORS; k++) {
+            int e = i + k * SM__DV_WIDTH;
+            sm__dv product = sm__dv_mul(sm__dv_load_floats(a + e), sm__dv_load_floats(b + e));
+            if (c) product = sm__dv_mul(product, sm__dv_load_floats(c + e));
+            sum[k] = sm__dv_add(sum[k], product);
+        }
+    for (k = 0; k < SM__DOT3_VECTORS; k++) sm__dv_store(acc + k * SM__DV_WIDTH, sum[k]);
+    return i;
+}
+#else
+static int sm__dot_blocks(float *acc, const float *a, const float *b, int n) {
+    (void)acc, (void)a, (void)b, (void)n;
+    return 0;
+}
+
+static int sm__dot3_double_blocks(double *acc, const float *a, const float *b, const float *c,
+                                  int n) {
+    (void)acc, (void)a, (void)b, (void)c, (void)n;
+    return 0;
+}
+#endif
+
+/* a . b in 32 interleaved partial sums (vectors where the target has them:
+ * sm__dot_blocks), added pairwise at the end: a single chain of adds is
+ * bound by their latency. A fixed order, so deterministic. */
+static float sm__dot(const float *a, const float *b, int n) {
+    float acc[32] = {0}, s;
+    int i = sm__dot_blocks(acc, a, b, n), l;
+    for (; i + 32 <= n; i += 32) /* where the target has no vectors */
+        for (l = 0; l < 32; l++) acc[l] += a[i + l] * b[i + l];
+    for (l = 0; l < 16; l++) acc[l] += acc[l + 16]; /* constant widths: the sums stay in */
+    for (l = 0; l < 8; l++) acc[l] += acc[l + 8];   /* registers (a loop over the width */
+    for (l = 0; l < 4; l++) acc[l] += acc[l + 4];   /* went through the stack, at half */
+    for (l = 0; l < 2; l++) acc[l] += acc[l + 2];   /* the speed of the products) */
+    s = acc[0] + acc[1];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* sum of a[i] b[i] c[i] (c NULL: 1) in double, each product formed in
+ * double, in 16 interleaved partial sums added pairwise at the end (as
+ * sm__dot): the norms' sums of squares and dot products, which as one
+ * serial chain of double adds cost 4 cycles per element. */
+static double sm__dot3_double(const float *a, const float *b, const float *c, int n) {
+    double acc[16] = {0}, s;
+    int i = sm__dot3_double_blocks(acc, a, b, c, n), l;
+    for (; i + 16 <= n; i += 16) /* where the target has no vectors */
+        for (l = 0; l < 16; l++) acc[l] += (double)a[i + l] * b[i + l] * (c ? c[i + l] : 1.0f);
+    for (l = 0; l < 8; l++) acc[l] += acc[l + 8]; /* as in sm__dot */
+    for (l = 0; l < 4; l++) acc[l] += acc[l + 4];
+    for (l = 0; l < 2; l++) acc[l] += acc[l + 2];
+    s = acc[0] + acc[1];
+    for (; i < n; i++) s += (double)a[i] * b[i] * (c ? c[i] : 1.0f);
+    return s;
+}
+
+/* 1 / sqrt(mean(x^2) + eps) over a row of C. */
+static float sm__rms_rstd(const float *x, int C) {
+    return (float)(1.0 / sqrt(sm__dot3_double(x, x, NULL, C) / C + SM_RMSNORM_EPS));
+}
 
 /* ---- >>util  Utilities ---------------------------------------------- */
 

@@ -666,6 +666,53 @@ static int test_silu_exp_accuracy_clamps_and_lanes(void) {
     return t_activation_tails_and_lanes("silu", sm_silu_forward, sm_silu_backward, x, y, d, -1e-30f);
 }
 
+/* Partial sums in `lanes` interleaved lanes over whole blocks, added
+ * pairwise, then the tail, one element at a time: sm__dot's order (32
+ * float lanes) and sm__dot3_double's (16 double lanes, products formed in
+ * double). */
+static double t_dot_in_lanes(const float *a, const float *b, const float *c, int n, int lanes,
+                             int in_double) {
+    double acc[32] = {0}, s;
+    float accf[32] = {0}, sf;
+    int i, l, w;
+    for (i = 0; i + lanes <= n; i += lanes)
+        for (l = 0; l < lanes; l++) {
+            if (in_double) acc[l] += (double)a[i + l] * b[i + l] * (c ? c[i + l] : 1.0f);
+            else accf[l] += a[i + l] * b[i + l];
+        }
+    for (w = lanes / 2; w >= 2; w /= 2)
+        for (l = 0; l < w; l++) acc[l] += acc[l + w], accf[l] += accf[l + w];
+    s = acc[0] + acc[1], sf = accf[0] + accf[1];
+    for (; i < n; i++) {
+        if (in_double) s += (double)a[i] * b[i] * (c ? c[i] : 1.0f);
+        else sf += a[i] * b[i];
+    }
+    return in_double ? s : sf;
+}
+
+/* The dot products in explicit vectors (sm__dot_blocks,
+ * sm__dot3_double_blocks) give the bits of their lanes written out one
+ * element at a time, at every length from 0 to 100 and at 1000 (whole
+ * blocks, tails, both), with and without c. */
+static int test_dots_match_their_scalar_lanes(void) {
+    enum { MAXN = 1000 };
+    static float a[MAXN], b[MAXN], c[MAXN];
+    sm_rng r;
+    int len;
+    sm_rng_seed(&r, 11);
+    sm_rng_fill_normal(&r, a, MAXN, 1.0f), sm_rng_fill_normal(&r, b, MAXN, 1.0f);
+    sm_rng_fill_normal(&r, c, MAXN, 1.0f);
+    for (len = 0; len <= 101; len++) {
+        int n = len <= 100 ? len : MAXN;
+        float d = sm__dot(a, b, n), dr = (float)t_dot_in_lanes(a, b, NULL, n, 32, 0);
+        double s3 = sm__dot3_double(a, b, c, n), s2 = sm__dot3_double(a, a, NULL, n);
+        CHECK(memcmp(&d, &dr, sizeof d) == 0, "sm__dot n=%d: %.9g vs %.9g", n, d, dr);
+        CHECK(s3 == t_dot_in_lanes(a, b, c, n, 16, 1), "sm__dot3_double n=%d", n);
+        CHECK(s2 == t_dot_in_lanes(a, a, NULL, n, 16, 1), "sum of squares n=%d", n);
+    }
+    return 0;
+}
+
 static double t_gelu_loss(void *p) {
     t_layer_ctx *c = (t_layer_ctx *)p;
     if (c->C == 0)
@@ -9010,6 +9057,7 @@ static const t_case t_cases[] = {
     T(test_linear_gradient),
     T(test_activation_gradients), T(test_gelu_exp_accuracy_clamps_and_lanes),
     T(test_silu_exp_accuracy_clamps_and_lanes),
+    T(test_dots_match_their_scalar_lanes),
     T(test_attention_gradient_and_causality),
     T(test_attention_blocks_against_reference),
     T(test_crossentropy_gradient_and_ignore),
