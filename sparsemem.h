@@ -9940,12 +9940,34 @@ static void sm__mhc_maps_backward(float *g, const float *maps, const float *z,
     }
 }
 
+/* out[c] = a0 first[c] + sum_k w[k w_step] rows[k C + c] over k < m, the
+ * terms added in order of k (first NULL: 0 in place of a0 first[c]); out
+ * may be first. Each of mHC's mixes of the streams is one of these per
+ * output row: its sums stay in registers and the row is written once, not
+ * once per stream (the same operations in the same order). */
+static void sm__mhc_mix_rows(float *out, const float *first, float a0, const float *rows,
+                             const float *w, int w_step, int m, int C) {
+    int c = 0, k;
+#ifdef SM__AV_WIDTH
+    for (; c + SM__AV_WIDTH <= C; c += SM__AV_WIDTH) {
+        sm__av s = first ? sm__av_mul(sm__av_splat(a0), sm__av_load(first + c)) : sm__av_splat(0.0f);
+        for (k = 0; k < m; k++) {
+            sm__av row = sm__av_load(rows + (size_t)k * C + c);
+            s = sm__av_add(s, sm__av_mul(sm__av_splat(w[k * w_step]), row));
+        }
+        sm__av_store(out + c, s);
+    }
+#endif
+    for (; c < C; c++) {
+        float s = first ? a0 * first[c] : 0.0f;
+        for (k = 0; k < m; k++) s += w[k * w_step] * rows[(size_t)k * C + c];
+        out[c] = s;
+    }
+}
+
 /* u = sum_i H_pre[i] x[i] for one token. */
 static void sm__mhc_pre_mix(float *u, const float *x, const float *h_pre, int n, int C) {
-    int i, c;
-    for (c = 0; c < C; c++) u[c] = 0.0f;
-    for (i = 0; i < n; i++)
-        for (c = 0; c < C; c++) u[c] += h_pre[i] * x[i * C + c];
+    sm__mhc_mix_rows(u, NULL, 0.0f, x, h_pre, 1, n, C);
 }
 
 /* One token's z = x' phi^T from zx = x phi^T, with x' = RMSNorm(x) folded
@@ -10046,13 +10068,9 @@ SMDEF void sm_mhc_pre_forward(float *u, sm_mhc_acts *act, const float *x, const 
 static void sm__mhc_post_mix(float *x_next, const float *x, const float *y, const float *maps,
                              int n, int C) {
     const float *h_post = maps + n, *h_res = maps + 2 * n;
-    int i, j, c;
-    for (i = 0; i < n; i++) {
-        float *out = x_next + i * C;
-        for (c = 0; c < C; c++) out[c] = h_post[i] * y[c];
-        for (j = 0; j < n; j++)
-            for (c = 0; c < C; c++) out[c] += h_res[i * n + j] * x[j * C + c];
-    }
+    int i;
+    for (i = 0; i < n; i++)
+        sm__mhc_mix_rows(x_next + i * C, y, h_post[i], x, h_res + i * n, 1, n, C);
 }
 
 SMDEF void sm_mhc_post_forward(float *x_next, const float *x, const float *y,
@@ -10098,11 +10116,7 @@ static void sm__mhc_post_pre_forward(float *x_next, const float *x, const float 
  * (written, not added to, without `add`). */
 static void sm__mhc_post_dy_backward(float *dy, const float *dx_next, const float *maps, int n,
                                      int C, int add) {
-    const float *h_post = maps + n;
-    int i, c;
-    if (!add) memset(dy, 0, sizeof(float) * (size_t)C);
-    for (i = 0; i < n; i++)
-        for (c = 0; c < C; c++) dy[c] += h_post[i] * dx_next[i * C + c];
+    sm__mhc_mix_rows(dy, add ? dy : NULL, 1.0f, dx_next, maps + n, 1, n, C);
 }
 
 /* One token of the post backward's dx half: dx += H_res^T dx_next,
@@ -10113,19 +10127,14 @@ static void sm__mhc_post_dy_backward(float *dy, const float *dx_next, const floa
 static void sm__mhc_post_dx_backward(float *dx, float *dmaps, const float *dx_next, const float *x,
                                      const float *y, const float *maps, int n, int C, int add) {
     const float *h_res = maps + 2 * n;
-    int i, j, c;
-    if (!add) {
-        memset(dx, 0, sizeof(float) * (size_t)n * C);
-        memset(dmaps, 0, sizeof(float) * (size_t)sm_mhc_map_count(n));
-    }
+    int i, j;
+    if (!add) memset(dmaps, 0, sizeof(float) * (size_t)sm_mhc_map_count(n));
+    for (j = 0; j < n; j++) /* dx[j] (+)= sum_i H_res[i,j] dx_next[i] */
+        sm__mhc_mix_rows(dx + j * C, add ? dx + j * C : NULL, 1.0f, dx_next, h_res + j, n, n, C);
     for (i = 0; i < n; i++) {
         const float *g = dx_next + i * C;
         dmaps[n + i] += sm__dot(g, y, C);
-        for (j = 0; j < n; j++) {
-            float w = h_res[i * n + j];
-            for (c = 0; c < C; c++) dx[j * C + c] += w * g[c];
-            dmaps[2 * n + i * n + j] += sm__dot(g, x + j * C, C);
-        }
+        for (j = 0; j < n; j++) dmaps[2 * n + i * n + j] += sm__dot(g, x + j * C, C);
     }
 }
 

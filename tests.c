@@ -693,15 +693,20 @@ static double t_dot_in_lanes(const float *a, const float *b, const float *c, int
 /* The dot products in explicit vectors (sm__dot_blocks,
  * sm__dot3_double_blocks) give the bits of their lanes written out one
  * element at a time, at every length from 0 to 100 and at 1000 (whole
- * blocks, tails, both), with and without c. */
-static int test_dots_match_their_scalar_lanes(void) {
-    enum { MAXN = 1000 };
-    static float a[MAXN], b[MAXN], c[MAXN];
+ * blocks, tails, both), with and without c; and mHC's stream mixes
+ * (sm__mhc_mix_rows) give the bits of their scalar form at widths with and
+ * without a tail, written over their first operand or not, and are within
+ * float rounding of the sums in double. */
+static int test_dots_and_stream_mixes_match_their_scalar_lanes(void) {
+    enum { MAXN = 1000, M = 5, C = 37 };
+    static float a[MAXN], b[MAXN], c[MAXN], rows[M * C], first[C], out[C], ref[C];
+    float w[M * M];
     sm_rng r;
-    int len;
+    int len, m, width, in_place;
     sm_rng_seed(&r, 11);
     sm_rng_fill_normal(&r, a, MAXN, 1.0f), sm_rng_fill_normal(&r, b, MAXN, 1.0f);
-    sm_rng_fill_normal(&r, c, MAXN, 1.0f);
+    sm_rng_fill_normal(&r, c, MAXN, 1.0f), sm_rng_fill_normal(&r, rows, M * C, 1.0f);
+    sm_rng_fill_normal(&r, w, M * M, 1.0f);
     for (len = 0; len <= 101; len++) {
         int n = len <= 100 ? len : MAXN;
         float d = sm__dot(a, b, n), dr = (float)t_dot_in_lanes(a, b, NULL, n, 32, 0);
@@ -710,6 +715,27 @@ static int test_dots_match_their_scalar_lanes(void) {
         CHECK(s3 == t_dot_in_lanes(a, b, c, n, 16, 1), "sm__dot3_double n=%d", n);
         CHECK(s2 == t_dot_in_lanes(a, a, NULL, n, 16, 1), "sum of squares n=%d", n);
     }
+    for (width = 1; width <= C; width += 18) /* 1, 19, 37: whole vectors and tails */
+        for (m = 0; m <= M; m += M)
+            for (in_place = 0; in_place < 3; in_place++) {
+                int col, k, w_step = in_place == 2 ? M : 1;
+                sm_rng_fill_normal(&r, first, C, 1.0f);
+                for (col = 0; col < width; col++) {
+                    double exact = in_place < 2 ? 0.75 * first[col] : 0.0;
+                    ref[col] = in_place < 2 ? 0.75f * first[col] : 0.0f;
+                    for (k = 0; k < m; k++) {
+                        ref[col] += w[k * w_step] * rows[k * width + col];
+                        exact += (double)w[k * w_step] * rows[k * width + col];
+                    }
+                    CHECK(fabs(ref[col] - exact) <= 1e-5 * (1.0 + fabs(exact)), "mix reference");
+                }
+                if (in_place == 1) memcpy(out, first, sizeof out);
+                sm__mhc_mix_rows(out, in_place == 0 ? first : in_place == 1 ? out : NULL, 0.75f,
+                                 rows, w, w_step, m, width);
+                CHECK(memcmp(out, ref, sizeof(float) * width) == 0,
+                      "mix of %d rows of %d (form %d): not the scalar form's bits", m, width,
+                      in_place);
+            }
     return 0;
 }
 
@@ -9057,7 +9083,7 @@ static const t_case t_cases[] = {
     T(test_linear_gradient),
     T(test_activation_gradients), T(test_gelu_exp_accuracy_clamps_and_lanes),
     T(test_silu_exp_accuracy_clamps_and_lanes),
-    T(test_dots_match_their_scalar_lanes),
+    T(test_dots_and_stream_mixes_match_their_scalar_lanes),
     T(test_attention_gradient_and_causality),
     T(test_attention_blocks_against_reference),
     T(test_crossentropy_gradient_and_ignore),
