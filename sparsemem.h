@@ -10187,13 +10187,22 @@ SMDEF void sm_mhc_post_backward(float *dx, float *dy, float *dmaps, const float 
     sm__mhc_post_backward(&j, cfg, N);
 }
 
-/* One token through u = H_pre x: dx[i] += H_pre[i] du, dH_pre[i] += <du, x[i]>. */
-static void sm__mhc_pre_mix_backward(float *dx, float *dmaps, const float *du, const float *x,
-                                     const float *maps, int n, int C) {
+/* One token's dH_pre[i] += <du, x[i]> (u = H_pre x). */
+static void sm__mhc_pre_mix_dmaps(float *dmaps, const float *du, const float *x, int n, int C) {
+    int i;
+    for (i = 0; i < n; i++) dmaps[i] += sm__dot(du, x + i * C, C);
+}
+
+/* One token's dx through u = H_pre x and, with x set (the dynamic variant),
+ * RMSNorm's x term (sm__mhc_norm_coef): dx[i] = (dx[i] + H_pre[i] du) -
+ * coef x[i], in one pass over dx (subtracting 0 without x changes no bits). */
+static void sm__mhc_pre_dx_backward(float *dx, const float *du, const float *x, const float *h_pre,
+                                    float coef, int n, int C) {
     int i, c;
     for (i = 0; i < n; i++) {
-        for (c = 0; c < C; c++) dx[i * C + c] += maps[i] * du[c];
-        dmaps[i] += sm__dot(du, x + i * C, C);
+        float *d = dx + (size_t)i * C, h = h_pre[i];
+        const float *xi = x ? x + (size_t)i * C : NULL;
+        for (c = 0; c < C; c++) d[c] = (d[c] + h * du[c]) - (xi ? coef * xi[c] : 0.0f);
     }
 }
 
@@ -10205,16 +10214,24 @@ static double *sm__mhc_group_sums_at(const sm_mhc_acts *act, int group, int n) {
 
 /* One group of `count` tokens' shares, in token order: sums[k] = sum_t
  * darg_k (dbias) and, in the dynamic variant, sums[K + g] = sum_t sum_{k in
- * g} darg_k z_k (dgate_g). */
+ * g} darg_k z_k (dgate_g), each gate's sum in a register (through memory,
+ * at a computed index, each add waited on the last one's store). */
 static void sm__mhc_group_sums(double *sums, const float *darg, const float *z, int count, int n) {
     int K = sm_mhc_map_count(n), t, k;
-    for (k = 0; k < K + 3; k++) sums[k] = 0.0;
-    for (t = 0; t < count; t++)
-        for (k = 0; k < K; k++) {
-            double g = darg[(size_t)t * K + k];
-            sums[k] += g;
-            if (z) sums[K + sm__mhc_gate_of(k, n)] += g * z[(size_t)t * K + k];
+    double pre = 0.0, post = 0.0, res = 0.0;
+    for (k = 0; k < K; k++) sums[k] = 0.0;
+    for (t = 0; t < count; t++) {
+        const float *g = darg + (size_t)t * K, *zt = z ? z + (size_t)t * K : NULL;
+        for (k = 0; k < K; k++) sums[k] += g[k];
+        for (k = 0; zt && k < K; k++) {
+            double term = (double)g[k] * zt[k];
+            if (k < n) pre += term;
+            else if (k < 2 * n) post += term;
+            else res += term;
         }
+    }
+    sums[K + SM_MHC_GATE_PRE] = pre, sums[K + SM_MHC_GATE_POST] = post;
+    sums[K + SM_MHC_GATE_RES] = res;
 }
 
 /* dbias and (dynamic) dgate += the groups' shares of N tokens, summed in
@@ -10239,19 +10256,17 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const sm_mhc_acts *act, i
  *     dx   += dz' phi - (rstd^2 <dz, z> / nC) x
  * the second line being RMSNorm's backward r (g - x' <g, x'> / nC) for
  * g = dz phi, since <g, x'> = <dz, z>. The x term is one token's
- * (sm__mhc_norm_term_backward) and dz' phi one block's
+ * (its coefficient here, sm__mhc_pre_dx_backward) and dz' phi one block's
  * (sm__mhc_pre_backward_block), both run in sm_mhc_pre_backward's pass over
  * the tokens while their x and dx are in cache, and so does dz' itself
  * (into act->z, once the token's z is used); dphi is a product over all
  * the tokens after it. */
-static void sm__mhc_norm_term_backward(float *dx, const float *x, const float *z, float rstd,
-                                       const float *darg, const sm_mhc_params *p, int n, int C) {
-    int K = sm_mhc_map_count(n), nC = n * C, k, c;
+static float sm__mhc_norm_coef(const float *z, float rstd, const float *darg,
+                               const sm_mhc_params *p, int n, int nC) {
+    int K = sm_mhc_map_count(n), k;
     double dot = 0.0;
-    float coef;
     for (k = 0; k < K; k++) dot += (double)(p->gate[sm__mhc_gate_of(k, n)] * darg[k]) * z[k];
-    coef = (float)((double)rstd * rstd * dot / nC);
-    for (c = 0; c < nC; c++) dx[c] -= coef * x[c];
+    return (float)((double)rstd * rstd * dot / nC);
 }
 
 /* dz' = rstd a darg for `count` tokens (K floats each). */
@@ -10280,9 +10295,9 @@ typedef struct {
 } sm__mhc_pre_bwd;
 
 /* The pre backward of the tokens [b, end) (end - b <= SM__MHC_BLOCK): per
- * group of lanes the H_pre path, the maps, RMSNorm's x term, the group's
- * shares of dbias and dgate and its dz' (z used up), then the block's
- * dx += dz' phi. */
+ * group of lanes dH_pre, the maps, dx through H_pre and RMSNorm's x term
+ * (one pass), the group's shares of dbias and dgate and its dz' (z used
+ * up), then the block's dx += dz' phi. */
 static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_config *cfg, int b,
                                        int end) {
     int n = cfg->n_streams, C = cfg->channels, K = sm_mhc_map_count(n), nC = n * C, g, t;
@@ -10292,16 +10307,18 @@ static void sm__mhc_pre_backward_block(const sm__mhc_pre_bwd *j, const sm_mhc_co
         float *darg = j->dmaps + (size_t)g * K, *z = cfg->dynamic ? act->z + (size_t)g * K : NULL;
         for (t = g; t < g + count; t++) {
             if (j->own) sm__mhc_post_backward_token(j->own, cfg, t);
-            sm__mhc_pre_mix_backward(j->dx + (size_t)t * nC, j->dmaps + (size_t)t * K,
-                                     j->du + (size_t)t * C, j->x + (size_t)t * nC,
-                                     act->maps + (size_t)t * K, n, C);
+            sm__mhc_pre_mix_dmaps(j->dmaps + (size_t)t * K, j->du + (size_t)t * C,
+                                  j->x + (size_t)t * nC, n, C);
         }
         sm__mhc_maps_backward(darg, act->maps + (size_t)g * K, z, j->p, count, n,
                               cfg->sinkhorn_iters);
-        for (t = g; t < g + count && z; t++)
-            sm__mhc_norm_term_backward(j->dx + (size_t)t * nC, j->x + (size_t)t * nC,
-                                       act->z + (size_t)t * K, act->rstd[t],
-                                       j->dmaps + (size_t)t * K, j->p, n, C);
+        for (t = g; t < g + count; t++) {
+            const float *zt = z ? act->z + (size_t)t * K : NULL, *darg_t = j->dmaps + (size_t)t * K;
+            float coef = zt ? sm__mhc_norm_coef(zt, act->rstd[t], darg_t, j->p, n, nC) : 0.0f;
+            sm__mhc_pre_dx_backward(j->dx + (size_t)t * nC, j->du + (size_t)t * C,
+                                    zt ? j->x + (size_t)t * nC : NULL, act->maps + (size_t)t * K,
+                                    coef, n, C);
+        }
         sm__mhc_group_sums(sm__mhc_group_sums_at(act, g / SM__SINKHORN_LANES, n), darg, z, count,
                            n);
         if (z) sm__mhc_dz(z, darg, act->rstd + g, j->p, count, n);
@@ -12496,7 +12513,7 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
  *           sm__peer_query_backward
  *       sm__mhc_pre_backward              >>mhc     through the maps and
  *         sm__mhc_pre_backward_block: the post backward's dx half
- *         (sm__mhc_post_dx_backward), sm__mhc_pre_mix_backward,
+ *         (sm__mhc_post_dx_backward), sm__mhc_pre_mix_dmaps,
  *         sm__mhc_maps_backward (Sinkhorn in lanes), RMSNorm's x term and
  *         dz' phi; the previous sublayer's dy half; then dphi
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
