@@ -113,9 +113,9 @@ all: $(ALL_BINARIES)
 
 # The GEMM choice is a timing: under make -j every other binary waits for it,
 # so that no compile shares the cores with it. (Beside a parallel build's
-# compiles, it measured 0.82 and 0.90 on the second Xeon host, where it
-# measures 1.08 on a quiet machine, and built the trainer on the slower
-# OpenBLAS.)
+# compiles it measured 0.90 on the second Xeon host, and 0.82 beside test
+# runs, where it measures 1.08 on a quiet machine: both times it built the
+# trainer on the slower OpenBLAS.)
 $(filter-out bench/bench_backbone,$(ALL_BINARIES)) deps mpi-deps asan valgrind: | $(BLAS_CHOICE)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
