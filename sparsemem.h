@@ -2588,10 +2588,10 @@ static sm__av sm__av_exp_poly(sm__av z) {
 /* The whole blocks of sm__dot (32 lanes) and of sm__dot3_double (16
  * lanes) in explicit vectors: lane l's partial sum in acc[l], the same
  * products and adds in the same order as the scalar lanes, so the same
- * bits. Compilers leave those lanes to 256-bit vectors on Intel cores, with
- * spills, or to a mix of vector and scalar code (2.4x slower for the
- * double sums on a Xeon). Each returns the elements done: the whole blocks
- * of 32 or 16, or 0 where the target has no vectors. */
+ * bits. Compilers left those lanes to 256-bit vectors on Intel cores, with
+ * spills, and the double ones to a mix of vector and scalar code. Each
+ * returns the elements done: the whole blocks of 32 or 16, or 0 where the
+ * target has no vectors. */
 #ifdef SM__AV_WIDTH
 #define SM__DOT_VECTORS (32 / SM__AV_WIDTH)
 static int sm__dot_blocks(float *acc, const float *a, const float *b, int n) {
@@ -10255,8 +10255,8 @@ static void sm__mhc_bias_gate_grads(sm_mhc_params *dp, const sm_mhc_acts *act, i
  *     dphi += dz'^T x
  *     dx   += dz' phi - (rstd^2 <dz, z> / nC) x
  * the second line being RMSNorm's backward r (g - x' <g, x'> / nC) for
- * g = dz phi, since <g, x'> = <dz, z>. The x term is one token's
- * (its coefficient here, sm__mhc_pre_dx_backward) and dz' phi one block's
+ * g = dz phi, since <g, x'> = <dz, z>. The x term is one token's (its
+ * coefficient here, applied by sm__mhc_pre_dx_backward) and dz' phi one block's
  * (sm__mhc_pre_backward_block), both run in sm_mhc_pre_backward's pass over
  * the tokens while their x and dx are in cache, and so does dz' itself
  * (into act->z, once the token's z is used); dphi is a product over all
@@ -12514,8 +12514,9 @@ static void sm__residual_backward(sm_model *m, sm_sublayer *s, sm_sublayer *prev
  *       sm__mhc_pre_backward              >>mhc     through the maps and
  *         sm__mhc_pre_backward_block: the post backward's dx half
  *         (sm__mhc_post_dx_backward), sm__mhc_pre_mix_dmaps,
- *         sm__mhc_maps_backward (Sinkhorn in lanes), RMSNorm's x term and
- *         dz' phi; the previous sublayer's dy half; then dphi
+ *         sm__mhc_maps_backward (Sinkhorn in lanes), dx through H_pre and
+ *         RMSNorm's x term (sm__mhc_pre_dx_backward) and dz' phi; the
+ *         previous sublayer's dy half; then dphi
  *     sm_mhc_expand_backward (use_mhc)    >>mhc
  *     sm_embedding_backward               >>backbone
  * The optimizer step (sm_params_adamw_step, >>optim) follows. */
