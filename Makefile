@@ -111,12 +111,13 @@ ALL_BINARIES = trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) \
                $(if $(and $(MPICC),$(HAVE_NCCL)),tests_nccl trainer_cuda_mpi)
 all: $(ALL_BINARIES)
 
-# The GEMM choice is a timing: under make -j every other binary waits for it,
-# so that no compile shares the cores with it. (Beside a parallel build's
-# compiles it measured 0.90 on the second Xeon host, and 0.82 beside test
-# runs, where it measures 1.08 on a quiet machine: both times it built the
-# trainer on the slower OpenBLAS.)
-$(filter-out bench/bench_backbone,$(ALL_BINARIES)) deps mpi-deps asan valgrind: | $(BLAS_CHOICE)
+# The GEMM choice is a timing: under make -j the other binaries of `all` (and
+# an Open MPI install) wait for it, and it waits for the set-up (deps), so
+# that no compile or install shares the cores with it. (Beside a parallel
+# build's compiles it measured 0.90 on the second Xeon host, and 0.82 beside
+# test runs, where it measures 1.08 on a quiet machine: both times it built
+# the trainer on the slower OpenBLAS.)
+$(filter-out bench/bench_backbone,$(ALL_BINARIES)) mpi-deps: | $(BLAS_CHOICE)
 
 # stb_image_write / stb_easy_font (Debian libstb-dev) for the PNG plots.
 STB_HEADER = /usr/include/stb/stb_image_write.h
@@ -136,7 +137,7 @@ trainer: trainer.c sparsemem.h sparsemem_plot.h $(BLAS_CHOICE) | deps
 $(GPU_BIN)/trainer: trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ trainer.c $(LDLIBS)
 
-$(GEMM_CHOICE): bench/bench_backbone
+$(GEMM_CHOICE): bench/bench_backbone | deps
 	@mkdir -p build
 	$(RUN_ENV) ./bench/bench_backbone choose > $@ 2> $@.log
 	@tail -n 1 $@.log
