@@ -3341,60 +3341,71 @@ static void sm__gemm_micro_in_place(int kc, const float *A, int lda, const float
     sm__gemm_store_acc(C, ldc, 1.0f, acc, SM__MR, cols, overwrite);
 }
 
-/* dst[k][r] = src[r*rs + k] for k < kc, r < width: rows of the source
- * become columns of the panel. Four rows at a time, 4 x 4 blocks are
- * transposed in SSE registers (every x86-64 has them): 4 loads and 4 stores
- * per 16 floats instead of 16 of each; the remaining rows and depths one
- * float at a time. The rows are KC-long pieces of longer rows (a slice of
- * a weight's rows), too short for the hardware prefetchers to follow, so
- * each line of the next four rows is requested while these four are done. */
-static void sm__pack_panel_transposed(const float *src, size_t rs, int kc, int width, int W,
-                                      float *dst) {
-    int k, r = 0, i;
 #if defined(__SSE__)
-    for (; r + 4 <= width; r += 4) {
-        const float *s0 = src + (size_t)r * rs, *s1 = s0 + rs, *s2 = s1 + rs, *s3 = s2 + rs;
-        for (k = 0; k + 4 <= kc; k += 4) {
-            if (k % 16 == 0 && r + 8 <= width)
-                for (i = 4; i < 8; i++) SM__PREFETCH(s0 + (size_t)i * rs + k);
-            __m128 a = _mm_loadu_ps(s0 + k), b = _mm_loadu_ps(s1 + k);
-            __m128 c = _mm_loadu_ps(s2 + k), d = _mm_loadu_ps(s3 + k);
-            float *o = dst + (size_t)k * W + r;
-            _MM_TRANSPOSE4_PS(a, b, c, d);
-            _mm_storeu_ps(o, a), _mm_storeu_ps(o + W, b);
-            _mm_storeu_ps(o + 2 * W, c), _mm_storeu_ps(o + 3 * W, d);
-        }
-        for (; k < kc; k++)
-            for (i = 0; i < 4; i++) dst[(size_t)k * W + r + i] = src[(size_t)(r + i) * rs + k];
+/* Depths k < kc (a multiple of 4) of four source rows (s0, s0 + rs, ...)
+ * into four columns of a panel of W floats per k: 4 x 4 blocks transposed
+ * in SSE registers (every x86-64 has them), 4 loads and 4 stores per 16
+ * floats instead of 16 of each. The rows are KC-long pieces of longer rows
+ * (a slice of a weight's rows), too short for the hardware prefetchers to
+ * follow, so with `ahead` each line of the next four rows is requested
+ * while these four are done. */
+static void sm__pack_4_rows(const float *s0, size_t rs, int kc, int W, float *dst, int ahead) {
+    const float *s1 = s0 + rs, *s2 = s1 + rs, *s3 = s2 + rs;
+    int k, i;
+    for (k = 0; k < kc; k += 4) {
+        __m128 a = _mm_loadu_ps(s0 + k), b = _mm_loadu_ps(s1 + k);
+        __m128 c = _mm_loadu_ps(s2 + k), d = _mm_loadu_ps(s3 + k);
+        float *o = dst + (size_t)k * W;
+        if (ahead && k % 16 == 0)
+            for (i = 4; i < 8; i++) SM__PREFETCH(s0 + (size_t)i * rs + k);
+        _MM_TRANSPOSE4_PS(a, b, c, d);
+        _mm_storeu_ps(o, a), _mm_storeu_ps(o + W, b);
+        _mm_storeu_ps(o + 2 * W, c), _mm_storeu_ps(o + 3 * W, d);
     }
-#endif
-    for (; r < width; r++)
-        for (k = 0; k < kc; k++) dst[(size_t)k * W + r] = src[(size_t)r * rs + k];
 }
 
-/* dst[k][r] = src[k*ks + r*rs] for k < kc, r < width, and 0 for
- * width <= r < W: a panel of W floats per k. One of ks, rs is 1, and the
- * source is read contiguously either way. With rs = 1 (op(B) = B: the
- * backward's products to the input) each k reads a few lines of a row of
- * its own, rows often a page or more apart, where no hardware prefetcher
- * follows: the row SM__PACK_AHEAD ahead is requested while this one is
- * copied. */
-#define SM__PACK_AHEAD 8
-static void sm__pack_panel(const float *src, size_t ks, size_t rs, int kc, int width, int W,
-                           float *dst) {
-    int k, r;
-    if (rs == 1)
-        for (k = 0; k < kc; k++) {
-            if (k + SM__PACK_AHEAD < kc) {
-                const float *ahead = src + (size_t)(k + SM__PACK_AHEAD) * ks;
-                SM__PREFETCH(ahead), SM__PREFETCH(ahead + width - 1);
-            }
-            for (r = 0; r < width; r++) dst[(size_t)k * W + r] = src[(size_t)k * ks + r];
-        }
-    else
-        sm__pack_panel_transposed(src, rs, kc, width, W, dst);
-    for (k = 0; k < kc; k++)
-        for (r = width; r < W; r++) dst[(size_t)k * W + r] = 0.0f;
+/* The same for two rows, in 2 x 4 blocks: AVX2's 6-row panels end in a
+ * pair, which went one float at a time. */
+static void sm__pack_2_rows(const float *s0, size_t rs, int kc, int W, float *dst) {
+    int k;
+    for (k = 0; k < kc; k += 4) {
+        __m128 a = _mm_loadu_ps(s0 + k), b = _mm_loadu_ps(s0 + rs + k);
+        /* lo = a0 b0 a1 b1 (depths k, k + 1), hi = a2 b2 a3 b3 */
+        __m128 lo = _mm_unpacklo_ps(a, b), hi = _mm_unpackhi_ps(a, b);
+        float *o = dst + (size_t)k * W;
+        _mm_storel_pi((__m64 *)o, lo), _mm_storeh_pi((__m64 *)(o + W), lo);
+        _mm_storel_pi((__m64 *)(o + 2 * W), hi), _mm_storeh_pi((__m64 *)(o + 3 * W), hi);
+    }
+}
+#endif
+
+/* dst[k][r] = src[r*rs + k] for rows r0 <= r < r1 and depths k0 <= k < k1,
+ * one float at a time, each row front to back. */
+static void sm__pack_floats(const float *src, size_t rs, int W, float *dst, int r0, int r1, int k0,
+                            int k1) {
+    int r, k;
+    for (r = r0; r < r1; r++)
+        for (k = k0; k < k1; k++) dst[(size_t)k * W + r] = src[(size_t)r * rs + k];
+}
+
+/* dst[k][r] = src[r*rs + k] for k < kc, r < width, and 0 for
+ * width <= r < W: `width` rows of the source (A for A op(B), B for A B^T)
+ * become the columns of a panel of W floats per k. Rows go in blocks of 4,
+ * then 2, over depths in fours; what the blocks leave, one float at a
+ * time. */
+static void sm__pack_panel(const float *src, size_t rs, int kc, int width, int W, float *dst) {
+    int k, r = 0, kc4 = 0;
+#if defined(__SSE__)
+    kc4 = kc - kc % 4;
+    for (; r + 4 <= width; r += 4)
+        sm__pack_4_rows(src + (size_t)r * rs, rs, kc4, W, dst + r, r + 8 <= width);
+    for (; r + 2 <= width; r += 2) sm__pack_2_rows(src + (size_t)r * rs, rs, kc4, W, dst + r);
+#endif
+    sm__pack_floats(src, rs, W, dst, 0, r, kc4, kc);
+    sm__pack_floats(src, rs, W, dst, r, width, 0, kc);
+    if (width < W)
+        for (k = 0; k < kc; k++)
+            memset(dst + (size_t)k * W + width, 0, sizeof(float) * (size_t)(W - width));
 }
 
 /* Buffers whose vectors are loaded whole (the packed panels the
@@ -3418,28 +3429,31 @@ typedef struct {
     float *C;
 } sm__gemm_job;
 
-/* Rows [i0, i0+mc) x depth [p0, p0+kc) of op(A) = A^T as MR-tall panels,
- * A's rows in order: row p0 + k of A holds depth k of every panel, mc
- * floats side by side that the MR-wide panels split between them (12
- * floats, not a whole number of cache lines). Packed panel by panel, each
- * of those lines was fetched from far memory by the first panel that
- * needed it, row after row pages apart; here each row's segment is read
- * once, front to back, the segment SM__PACK_AHEAD rows ahead requested. */
-static void sm__pack_a_transposed(const float *A, size_t lda, int i0, int mc, int p0, int kc,
-                                  float *Ap) {
-    int k, ip, r;
+/* Columns [c0, c0+width) x rows [p0, p0+kc) of a row-major matrix (ld
+ * floats per row) as W-wide panels, panel c/W at dst + c kc, its depth k
+ * at + k W: op(A) = A^T in MR-tall panels, op(B) = B in NR-wide ones (the
+ * backward's products). Row p0 + k holds depth k of every panel, `width`
+ * floats side by side. Packed panel by panel, each panel's few floats of
+ * a row were fetched from far memory on their own, row after row a page or
+ * more apart, where no hardware prefetcher follows; here each row's segment
+ * is read once, front to back, the segment SM__PACK_AHEAD rows ahead
+ * requested. */
+#define SM__PACK_AHEAD 8
+static void sm__pack_panels_by_rows(const float *src, size_t ld, int c0, int width, int p0, int kc,
+                                    int W, float *dst) {
+    int k, c, r;
     for (k = 0; k < kc; k++) {
-        const float *row = A + (size_t)(p0 + k) * lda + i0;
+        const float *row = src + (size_t)(p0 + k) * ld + c0;
         if (k + SM__PACK_AHEAD < kc) {
-            const float *ahead = row + (size_t)SM__PACK_AHEAD * lda;
-            for (r = 0; r < mc; r += 16) SM__PREFETCH(ahead + r);
-            SM__PREFETCH(ahead + mc - 1);
+            const float *ahead = row + (size_t)SM__PACK_AHEAD * ld;
+            for (r = 0; r < width; r += 16) SM__PREFETCH(ahead + r);
+            SM__PREFETCH(ahead + width - 1);
         }
-        for (ip = 0; ip < mc; ip += SM__MR) {
-            int rows = mc - ip < SM__MR ? mc - ip : SM__MR;
-            float *dst = Ap + (size_t)ip * kc + (size_t)k * SM__MR;
-            for (r = 0; r < rows; r++) dst[r] = row[ip + r];
-            for (; r < SM__MR; r++) dst[r] = 0.0f;
+        for (c = 0; c < width; c += W) {
+            int cols = width - c < W ? width - c : W;
+            float *out = dst + (size_t)c * kc + (size_t)k * W;
+            for (r = 0; r < cols; r++) out[r] = row[c + r];
+            for (; r < W; r++) out[r] = 0.0f;
         }
     }
 }
@@ -3449,25 +3463,29 @@ static void sm__pack_a(const sm__gemm_job *g, int i0, int mc, int p0, int kc, fl
     size_t lda = (size_t)g->lda;
     int ip;
     if (g->trans_a) {
-        sm__pack_a_transposed(g->A, lda, i0, mc, p0, kc, Ap);
+        sm__pack_panels_by_rows(g->A, lda, i0, mc, p0, kc, SM__MR, Ap);
         return;
     }
     for (ip = 0; ip < mc; ip += SM__MR) {
         int rows = mc - ip < SM__MR ? mc - ip : SM__MR;
         size_t i = (size_t)(i0 + ip), p = (size_t)p0;
-        sm__pack_panel(g->A + i * lda + p, 1, lda, kc, rows, SM__MR, Ap + (size_t)ip * kc);
+        sm__pack_panel(g->A + i * lda + p, lda, kc, rows, SM__MR, Ap + (size_t)ip * kc);
     }
 }
 
-/* Panel jp/NR of depth [p0, p0+kc) x columns [j0, j0+nc) of op(B). */
-static void sm__pack_b_panel(const sm__gemm_job *g, int p0, int kc, int j0, int nc, int jp,
-                             float *Bp) {
-    size_t ldb = (size_t)g->ldb, j = (size_t)(j0 + jp), p = (size_t)p0;
-    int cols = nc - jp < SM__NR ? nc - jp : SM__NR;
-    if (g->trans_b)
-        sm__pack_panel(g->B + j * ldb + p, 1, ldb, kc, cols, SM__NR, Bp + (size_t)jp * kc);
-    else
-        sm__pack_panel(g->B + p * ldb + j, ldb, 1, kc, cols, SM__NR, Bp + (size_t)jp * kc);
+/* Depth [p0, p0+kc) x columns [j0, j0+nc) of op(B) as NR-wide panels. */
+static void sm__pack_b(const sm__gemm_job *g, int p0, int kc, int j0, int nc, float *Bp) {
+    size_t ldb = (size_t)g->ldb;
+    int jp;
+    if (!g->trans_b) {
+        sm__pack_panels_by_rows(g->B, ldb, j0, nc, p0, kc, SM__NR, Bp);
+        return;
+    }
+    for (jp = 0; jp < nc; jp += SM__NR) {
+        int cols = nc - jp < SM__NR ? nc - jp : SM__NR;
+        sm__pack_panel(g->B + (size_t)(j0 + jp) * ldb + p0, ldb, kc, cols, SM__NR,
+                       Bp + (size_t)jp * kc);
+    }
 }
 
 /* C[mc x nc block] += alpha * Ap Bp (= with `overwrite`), one micro-tile
@@ -3549,8 +3567,8 @@ static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, fl
     for (jc = q.j0; jc < q.j1; jc += nc_max) {
         int nc = q.j1 - jc < nc_max ? q.j1 - jc : nc_max;
         for (pc = 0; pc < g->K; pc += SM__KC) {
-            int kc = g->K - pc < SM__KC ? g->K - pc : SM__KC, jp, ic;
-            for (jp = 0; jp < nc; jp += SM__NR) sm__pack_b_panel(g, pc, kc, jc, nc, jp, Bp);
+            int kc = g->K - pc < SM__KC ? g->K - pc : SM__KC, ic;
+            sm__pack_b(g, pc, kc, jc, nc, Bp);
             for (ic = q.i0; ic < q.i1; ic += SM__MC) {
                 int mc = q.i1 - ic < SM__MC ? q.i1 - ic : SM__MC;
                 sm__pack_a(g, ic, mc, pc, kc, Ap);
@@ -3580,11 +3598,11 @@ static size_t sm__gemm_b_packed_floats(int K, int N) { return (size_t)K * sm__nr
 static void sm__gemm_pack_b_whole(float *Bp, int trans_b, int K, int N, const float *B, int ldb) {
     sm__gemm_job g;
     size_t n_pad = sm__nr_padded(N);
-    int pc, jp;
+    int pc;
     g.trans_b = trans_b, g.B = B, g.ldb = ldb;
     for (pc = 0; pc < K; pc += SM__KC) {
         int kc = K - pc < SM__KC ? K - pc : SM__KC;
-        for (jp = 0; jp < N; jp += SM__NR) sm__pack_b_panel(&g, pc, kc, 0, N, jp, Bp + (size_t)pc * n_pad);
+        sm__pack_b(&g, pc, kc, 0, N, Bp + (size_t)pc * n_pad);
     }
 }
 
@@ -3605,7 +3623,7 @@ static void sm__gemm_rows(int rows, int N, int K, const float *A, int lda, const
                                         C + (size_t)ip * ldc, ldc, N, overwrite && pc == 0);
                 continue;
             }
-            sm__pack_panel(A + (size_t)ip * lda + pc, 1, (size_t)lda, kc, r, SM__MR, Ap);
+            sm__pack_panel(A + (size_t)ip * lda + pc, (size_t)lda, kc, r, SM__MR, Ap);
             for (jp = 0; jp < N; jp += SM__NR)
                 sm__gemm_micro(kc, Ap, Bp + (size_t)pc * n_pad + (size_t)jp * kc, 1.0f,
                                C + (size_t)ip * ldc + jp, ldc, r, N - jp < SM__NR ? N - jp : SM__NR,
@@ -8812,7 +8830,7 @@ static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer
             const float *keys = (h ? p->keys2 : p->keys1) + (size_t)table * s * half;
             float *out = kt + (size_t)(table * 2 + h) * s_pad * half;
             for (a0 = 0; a0 < s; a0 += SM__NR)
-                sm__pack_panel(keys + (size_t)a0 * half, 1, (size_t)half, half,
+                sm__pack_panel(keys + (size_t)a0 * half, (size_t)half, half,
                                s - a0 < SM__NR ? s - a0 : SM__NR, SM__NR, out + (size_t)a0 * half);
         }
 }
@@ -8828,7 +8846,7 @@ static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int
     int ld = (int)sm__peer_score_stride(c->n_sub);
     const float *kt = sm__line_aligned(a->key_panels) + (size_t)(table * 2 + h) * s_pad * half;
     float *Ap = a->q_panel + (size_t)t0 * c->d_key; /* the block's own */
-    sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half, 1,
+    sm__pack_panel(a->q + ((size_t)t0 * c->heads + j) * c->d_key + (size_t)h * half,
                    (size_t)c->heads * c->d_key, half, n, SM__MR, Ap);
     for (a0 = 0; a0 < s_pad; a0 += SM__NR)
         sm__gemm_micro(half, Ap, kt + a0 * half, 1.0f, rows + (size_t)h * s_pad + a0, ld, n, SM__NR, 1, 0);
