@@ -3202,6 +3202,7 @@ typedef __m512 sm__vf;
 #define SM__VW 16
 #define SM__NV 2 /* vectors per tile row */
 #define SM__MR 12
+#define SM__B_AHEAD 0
 #define sm__vf_load(p) _mm512_loadu_ps(p)
 #define sm__vf_store(p, v) _mm512_storeu_ps(p, v)
 #define sm__vf_splat(x) _mm512_set1_ps(x)
@@ -3213,6 +3214,7 @@ typedef __m256 sm__vf;
 #define SM__VW 8
 #define SM__NV 2
 #define SM__MR 6
+#define SM__B_AHEAD 8 /* see sm__gemm_micro_acc_strided */
 #define sm__vf_load(p) _mm256_loadu_ps(p)
 #define sm__vf_store(p, v) _mm256_storeu_ps(p, v)
 #define sm__vf_splat(x) _mm256_set1_ps(x)
@@ -3223,6 +3225,7 @@ typedef float sm__vf;
 #define SM__VW 1
 #define SM__NV 16
 #define SM__MR 4 /* 64 accumulators: 16 SSE registers where the compiler vectorises */
+#define SM__B_AHEAD 0
 #define sm__vf_load(p) (*(p))
 #define sm__vf_store(p, v) (*(p) = (v))
 #define sm__vf_splat(x) (x)
@@ -3257,13 +3260,18 @@ static SM__ALWAYS_INLINE void sm__gemm_acc_zero(sm__vf acc[SM__MR][SM__NV]) {
 
 /* acc[i][j] += sum over k of A[k][i] * B[k][j], one fused multiply-add
  * per k in k order (see above); A[k][i] at Ap + k a_step + i a_gap, row k
- * of B (NR floats) at Bp + k b_step: MR, 1 and NR for packed panels. */
+ * of B (NR floats) at Bp + k b_step: MR, 1 and NR for packed panels.
+ * The AVX2 path requests row k + SM__B_AHEAD of B on the way: along the
+ * rows of C (sm__gemm_macro) the B panels stream through, and on a Zen 3
+ * (512 KB of L2) the kernel waited on them without it (README, GEMM). The
+ * AVX-512 path, measured only on cores where B stays in L2, does without. */
 static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap, size_t a_step,
                                                          size_t a_gap, const float *Bp,
                                                          size_t b_step, sm__vf acc[SM__MR][SM__NV]) {
     int i, v, k;
     for (k = 0; k < kc; k++, Ap += a_step, Bp += b_step) {
         sm__vf b[SM__NV];
+        if (SM__B_AHEAD) SM__PREFETCH(Bp + SM__B_AHEAD * b_step);
         for (v = 0; v < SM__NV; v++) b[v] = sm__vf_load(Bp + v * SM__VW);
         for (i = 0; i < SM__MR; i++) {
             sm__vf a = sm__vf_splat(Ap[(size_t)i * a_gap]);
