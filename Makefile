@@ -148,7 +148,13 @@ tests: tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.
 examples/%: examples/%.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -I. -o $@ $< $(LDLIBS)
 
-bench/%: bench/%.c bench/bench_common.h sparsemem.h
+# The benches time against OpenBLAS where it is installed, so a stamp that
+# changes when it appears or goes rebuilds them, and with bench_backbone the
+# GEMM choice (built before OpenBLAS was installed, the choice had nothing to
+# compare and kept sm_sgemm unmeasured).
+CBLAS_STAMP = build/have-cblas
+$(shell mkdir -p build && { [ "$$(cat $(CBLAS_STAMP) 2>/dev/null)" = "$(HAVE_CBLAS)" ] || echo "$(HAVE_CBLAS)" > $(CBLAS_STAMP); })
+bench/%: bench/%.c bench/bench_common.h sparsemem.h $(CBLAS_STAMP)
 	$(CC) $(BUILD_FLAGS) -I. $(if $(HAVE_CBLAS),-DSM_BENCH_CBLAS) -o $@ $< $(LDLIBS) $(if $(HAVE_CBLAS),-lopenblas)
 
 test: tests trainer
