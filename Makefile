@@ -153,7 +153,8 @@ examples/%: examples/%.c sparsemem.h sparsemem_plot.h | deps
 # GEMM choice (built before OpenBLAS was installed, the choice had nothing to
 # compare and kept sm_sgemm unmeasured).
 CBLAS_STAMP = build/have-cblas
-$(shell mkdir -p build && { [ "$$(cat $(CBLAS_STAMP) 2>/dev/null)" = "$(HAVE_CBLAS)" ] || echo "$(HAVE_CBLAS)" > $(CBLAS_STAMP); })
+$(shell mkdir -p build && { [ "$$(cat $(CBLAS_STAMP) 2>/dev/null)" = "$(HAVE_CBLAS)" ] || \
+  echo "$(HAVE_CBLAS)" > $(CBLAS_STAMP); })
 bench/%: bench/%.c bench/bench_common.h sparsemem.h $(CBLAS_STAMP)
 	$(CC) $(BUILD_FLAGS) -I. $(if $(HAVE_CBLAS),-DSM_BENCH_CBLAS) -o $@ $< $(LDLIBS) $(if $(HAVE_CBLAS),-lopenblas)
 
