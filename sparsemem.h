@@ -3466,34 +3466,32 @@ static void sm__pack_panels_by_rows(const float *src, size_t ld, int c0, int wid
     }
 }
 
+/* Rows [r0, r0+width) x columns [p0, p0+kc) of a row-major matrix (ld
+ * floats per row) as W-wide panels, laid out as sm__pack_panels_by_rows
+ * lays them, each row becoming a column of its panel (sm__pack_panel): A
+ * in MR-tall panels, B^T in NR-wide ones (the forward's products). */
+static void sm__pack_panels_by_columns(const float *src, size_t ld, int r0, int width, int p0,
+                                       int kc, int W, float *dst) {
+    int c;
+    for (c = 0; c < width; c += W)
+        sm__pack_panel(src + (size_t)(r0 + c) * ld + p0, ld, kc, width - c < W ? width - c : W, W,
+                       dst + (size_t)c * kc);
+}
+
 /* Rows [i0, i0+mc) x depth [p0, p0+kc) of op(A) as MR-tall panels. */
 static void sm__pack_a(const sm__gemm_job *g, int i0, int mc, int p0, int kc, float *Ap) {
-    size_t lda = (size_t)g->lda;
-    int ip;
-    if (g->trans_a) {
-        sm__pack_panels_by_rows(g->A, lda, i0, mc, p0, kc, SM__MR, Ap);
-        return;
-    }
-    for (ip = 0; ip < mc; ip += SM__MR) {
-        int rows = mc - ip < SM__MR ? mc - ip : SM__MR;
-        size_t i = (size_t)(i0 + ip), p = (size_t)p0;
-        sm__pack_panel(g->A + i * lda + p, lda, kc, rows, SM__MR, Ap + (size_t)ip * kc);
-    }
+    if (g->trans_a)
+        sm__pack_panels_by_rows(g->A, (size_t)g->lda, i0, mc, p0, kc, SM__MR, Ap);
+    else
+        sm__pack_panels_by_columns(g->A, (size_t)g->lda, i0, mc, p0, kc, SM__MR, Ap);
 }
 
 /* Depth [p0, p0+kc) x columns [j0, j0+nc) of op(B) as NR-wide panels. */
 static void sm__pack_b(const sm__gemm_job *g, int p0, int kc, int j0, int nc, float *Bp) {
-    size_t ldb = (size_t)g->ldb;
-    int jp;
-    if (!g->trans_b) {
-        sm__pack_panels_by_rows(g->B, ldb, j0, nc, p0, kc, SM__NR, Bp);
-        return;
-    }
-    for (jp = 0; jp < nc; jp += SM__NR) {
-        int cols = nc - jp < SM__NR ? nc - jp : SM__NR;
-        sm__pack_panel(g->B + (size_t)(j0 + jp) * ldb + p0, ldb, kc, cols, SM__NR,
-                       Bp + (size_t)jp * kc);
-    }
+    if (g->trans_b)
+        sm__pack_panels_by_columns(g->B, (size_t)g->ldb, j0, nc, p0, kc, SM__NR, Bp);
+    else
+        sm__pack_panels_by_rows(g->B, (size_t)g->ldb, j0, nc, p0, kc, SM__NR, Bp);
 }
 
 /* C[mc x nc block] += alpha * Ap Bp (= with `overwrite`), one micro-tile
