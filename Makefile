@@ -283,9 +283,11 @@ $(GPU_BIN)/build-info.txt: $(GPU_BINARIES)
 gpu-check: gpu-build
 	bash scripts/gpu_check.sh gpu-check $(GPU_CHECK_FLAGS)
 
+# SM_NO_THREAD_BUFFERS: every call allocates its scratch at the size it
+# asks for, so an overrun of it is caught (a kept buffer may be larger).
 asan: tests.c tests_harness.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined \
-	  $(WARN) -o tests_asan tests.c $(LDLIBS)
+	  -DSM_NO_THREAD_BUFFERS $(WARN) -o tests_asan tests.c $(LDLIBS)
 	ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 ./tests_asan
 
 # Portable -O1 build (valgrind does not decode AVX-512); FILTER selects tests.

@@ -29,6 +29,9 @@
  *                                     buffers (>>comm; link -lnccl -lcudart)
  *       #define SM_NO_HUGEPAGES       no madvise(MADV_HUGEPAGE) on the big
  *                                     tables (Linux; results do not change)
+ *       #define SM_NO_THREAD_BUFFERS  sm_sgemm and the attention allocate and
+ *                                     free their scratch at every call, not
+ *                                     once per thread (>>gemm)
  *       #define SM_PROFILE            per-op wall time of training steps in
  *                                     the sm_profile params.profile points at
  *                                     (>>util); undefined: no timing code
@@ -309,6 +312,15 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
 /* Which sm_sgemm this build runs, chosen at compile time: "avx512",
  * "avx2" (AVX2 + FMA), "portable" (plain C) or "cblas" (SM_USE_CBLAS). */
 SMDEF const char *sm_sgemm_path(void);
+/* The built-in sm_sgemm and the attention (whose products are built in
+ * with SM_USE_CBLAS too) keep their scratch, the packed operands and the
+ * score gradients, from call to call: one set per calling thread, grown to
+ * the largest call's (a few MB per thread for GPT-2's shapes). This
+ * frees the calling thread's; a thread that called them and exits without
+ * it leaves its set allocated. No-op with SM_NO_THREAD_BUFFERS or where the
+ * compiler has no thread-local storage (neither GNU C nor C11): there each
+ * call allocates and frees its own. */
+SMDEF void sm_free_thread_buffers(void);
 
 /* ---- >>params  Parameter buffers ---------------------------------------
  * Every trainable tensor lives in one flat float buffer, with gradients and
@@ -3426,6 +3438,73 @@ static float *sm__line_aligned(void *p) {
     return (float *)(((uintptr_t)p + SM__LINE - 1) & ~(uintptr_t)(SM__LINE - 1));
 }
 
+/* ---- scratch kept per thread ----
+ * A product packs its operands into buffers it needs only while it runs.
+ * Allocated and freed at every call, they went back to the system at the
+ * free (glibc trims the top of its heap) and came back as fresh pages at
+ * the next call: ~100 page faults, zeroed by the kernel, in a 1 ms product
+ * (README, GEMM). So each thread keeps one buffer per use, grown when a
+ * call needs more; sm_free_thread_buffers frees them. */
+typedef enum {
+    SM__SCRATCH_GEMM_A,
+    SM__SCRATCH_GEMM_B,
+    SM__SCRATCH_ATTENTION,
+    SM__SCRATCH_USES
+} sm__scratch_use;
+
+typedef struct {
+    void *mem;
+    size_t bytes;
+} sm__scratch;
+
+#if !defined(SM_NO_THREAD_BUFFERS) && defined(__GNUC__)
+#define SM__THREAD_LOCAL __thread
+#elif !defined(SM_NO_THREAD_BUFFERS) && defined(__STDC_VERSION__) && __STDC_VERSION__ >= 201112L
+#define SM__THREAD_LOCAL _Thread_local
+#endif
+#ifdef SM__THREAD_LOCAL
+static SM__THREAD_LOCAL sm__scratch sm__thread_scratch[SM__SCRATCH_USES];
+#endif
+
+/* `floats` floats from a 64-byte boundary for one call's `use` (NULL: out
+ * of memory), until sm__scratch_end(call): the thread's buffer for that
+ * use or, with none kept, one of the call's own, recorded in *call. */
+static float *sm__scratch_begin(sm__scratch *call, sm__scratch_use use, size_t floats) {
+    size_t bytes = floats * sizeof(float) + SM__LINE;
+    sm__scratch *b = call;
+#ifdef SM__THREAD_LOCAL
+    b = &sm__thread_scratch[use];
+#else
+    (void)use;
+    b->mem = NULL, b->bytes = 0;
+#endif
+    if (bytes > b->bytes) {
+        SM_FREE(b->mem);
+        b->mem = SM_MALLOC(bytes);
+        b->bytes = b->mem ? bytes : 0;
+    }
+    return b->mem ? sm__line_aligned(b->mem) : NULL;
+}
+
+/* The call is done with its buffer: freed where none is kept. */
+static void sm__scratch_end(sm__scratch *call) {
+#ifdef SM__THREAD_LOCAL
+    (void)call;
+#else
+    SM_FREE(call->mem);
+#endif
+}
+
+SMDEF void sm_free_thread_buffers(void) {
+#ifdef SM__THREAD_LOCAL
+    int u;
+    for (u = 0; u < SM__SCRATCH_USES; u++) {
+        SM_FREE(sm__thread_scratch[u].mem);
+        sm__thread_scratch[u].mem = NULL, sm__thread_scratch[u].bytes = 0;
+    }
+#endif
+}
+
 /* The product, its operands and sizes, as the packing loops need them.
  * overwrite (beta = 0): the first KC slice stores into C instead of adding
  * to it, so C is neither zeroed first nor read. */
@@ -3676,7 +3755,8 @@ static void sm__sgemm_packed(int trans_a, int trans_b, int M, int N, int K, floa
     int nthreads = sm__gemm_threads();
     size_t a_size = (size_t)SM__MC * SM__KC, b_size = sm__gemm_b_floats(M, N, K, nthreads);
     sm__gemm_job g;
-    void *b_mem, *a_mem;
+    sm__scratch a_call, b_call;
+    float *Ap, *Bp;
     if (M <= 0 || N <= 0) return;
     if ((double)M * N * K < 32768.0) { /* tiny: packing and threads cost more than they save */
         sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
@@ -3687,11 +3767,10 @@ static void sm__sgemm_packed(int trans_a, int trans_b, int M, int N, int K, floa
         return;
     }
     if (beta != 0.0f) sm__scale_c(M, N, beta, C, ldc); /* beta = 0: the first slice stores */
-    b_mem = SM_MALLOC(sizeof(float) * b_size * (size_t)nthreads + SM__LINE);
-    a_mem = SM_MALLOC(sizeof(float) * a_size * (size_t)nthreads + SM__LINE);
-    if (!b_mem || !a_mem) { /* no memory for packing: fall back to the plain loop */
-        SM_FREE(b_mem);
-        SM_FREE(a_mem);
+    Bp = sm__scratch_begin(&b_call, SM__SCRATCH_GEMM_B, b_size * (size_t)nthreads);
+    Ap = Bp ? sm__scratch_begin(&a_call, SM__SCRATCH_GEMM_A, a_size * (size_t)nthreads) : NULL;
+    if (!Ap) { /* no memory for packing: fall back to the plain loop */
+        if (Bp) sm__scratch_end(&b_call);
         sm_sgemm_reference(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb,
                            beta == 0.0f ? 0.0f : 1.0f, C, ldc);
         return;
@@ -3700,7 +3779,6 @@ static void sm__sgemm_packed(int trans_a, int trans_b, int M, int N, int K, floa
     g.overwrite = beta == 0.0f;
     g.A = A, g.B = B, g.C = C, g.lda = lda, g.ldb = ldb, g.ldc = ldc;
     { /* b_size and a_size are multiples of 16 floats: every thread's panels stay aligned */
-        float *Bp = sm__line_aligned(b_mem), *Ap = sm__line_aligned(a_mem);
         int t;
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) num_threads(nthreads)
@@ -3709,8 +3787,8 @@ static void sm__sgemm_packed(int trans_a, int trans_b, int M, int N, int K, floa
             sm__gemm_block(&g, sm__gemm_part_of(M, N, t, nthreads), Bp + b_size * (size_t)t,
                            Ap + a_size * (size_t)t);
     }
-    SM_FREE(b_mem);
-    SM_FREE(a_mem);
+    sm__scratch_end(&b_call);
+    sm__scratch_end(&a_call);
 }
 
 SMDEF void sm_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
@@ -11002,12 +11080,13 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
-        float *ds = (float *)SM_MALLOC(sizeof(float) * (size_t)SM__ATTN_ROWS * T);
+        sm__scratch call;
+        float *ds = sm__scratch_begin(&call, SM__SCRATCH_ATTENTION, (size_t)SM__ATTN_ROWS * T);
         sm__attn_head a = sm__attn_head_at(qkv + (size_t)b * T * 3 * C, T, C, hs, h);
         SM_ASSERT(ds != NULL);
         sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C + h * hs, ds,
                                     dout + (size_t)b * T * C + h * hs, C, att + (size_t)bh * T * T, &a);
-        SM_FREE(ds);
+        sm__scratch_end(&call);
     }
 }
 

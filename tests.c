@@ -416,6 +416,49 @@ static int test_gemm_rows_matches_sgemm(void) {
     return 0;
 }
 
+/* The built-in sm_sgemm keeps its packing buffers on the calling thread:
+ * a second product of the same shape reuses them, a smaller one after a
+ * larger one uses the larger buffers (whose leftovers must not reach C),
+ * and sm_free_thread_buffers frees them (the next call allocates again).
+ * With SM_NO_THREAD_BUFFERS (make asan) none is kept and only the results
+ * are checked. */
+static int test_sgemm_keeps_thread_buffers(void) {
+    sm_rng r;
+    int M = 70, N = 90, K = 300, big = 200;
+    float *A, *B, *C1, *C2, *D;
+    sm_rng_seed(&r, 19);
+    A = t_randn(&r, (size_t)big * big, 1), B = t_randn(&r, (size_t)big * big, 1);
+    C1 = (float *)t_alloc((size_t)big * big), C2 = (float *)t_alloc((size_t)big * big);
+    D = (float *)t_alloc((size_t)big * big);
+    sm_free_thread_buffers();
+    sm_sgemm(1, 0, M, N, K, 1.0f, A, M, B, N, 0.0f, C1, N);
+#if defined(SM__THREAD_LOCAL) && !defined(SM_USE_CBLAS)
+    {
+        const sm__scratch *kept = &sm__thread_scratch[SM__SCRATCH_GEMM_B];
+        void *first = kept->mem;
+        size_t first_bytes = kept->bytes;
+        CHECK(first != NULL && sm__thread_scratch[SM__SCRATCH_GEMM_A].mem != NULL,
+              "no buffers kept");
+        sm_sgemm(1, 0, M, N, K, 1.0f, A, M, B, N, 0.0f, C2, N);
+        CHECK(kept->mem == first, "the same shape allocated again");
+        sm_sgemm(0, 1, big, big, big, 1.0f, A, big, B, big, 0.0f, D, big); /* grows them */
+        CHECK(kept->bytes > first_bytes && kept->mem != NULL,
+              "the larger product's buffers were not kept");
+        sm_free_thread_buffers();
+        CHECK(kept->mem == NULL && kept->bytes == 0, "sm_free_thread_buffers kept %zu bytes",
+              kept->bytes);
+        sm_sgemm(0, 1, big, big, big, 1.0f, A, big, B, big, 0.0f, D, big);
+    }
+#endif
+    sm_sgemm(1, 0, M, N, K, 1.0f, A, M, B, N, 0.0f, C2, N);
+    CHECK(memcmp(C1, C2, sizeof(float) * (size_t)M * N) == 0,
+          "a product differs after a larger one used the buffers (max diff %g)",
+          t_max_abs_diff(C1, C2, (size_t)M * N));
+    sm_free_thread_buffers();
+    free(A), free(B), free(C1), free(C2), free(D);
+    return 0;
+}
+
 /* sm_sgemm_path names the kernel the target macros select. */
 static int test_sgemm_path_matches_target(void) {
     const char *want =
@@ -9078,6 +9121,7 @@ static const t_case t_cases[] = {
     T(test_sgemm_beta_zero_and_one),
     T(test_sgemm_bit_identical_across_runs_and_threads),
     T(test_gemm_rows_matches_sgemm),
+    T(test_sgemm_keeps_thread_buffers),
     T(test_sgemm_path_matches_target),
     T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient), T(test_layernorm_gradient),
     T(test_linear_gradient),

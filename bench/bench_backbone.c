@@ -13,6 +13,12 @@
  *                                       prints the trainer's flags for
  *                                       cblas_sgemm if OpenBLAS is the
  *                                       faster, else nothing
+ *   ./bench/bench_backbone buffers [R]  the tiny preset's products as sm_sgemm
+ *                                       runs them (its packing buffers kept by
+ *                                       the thread) and with the buffers freed
+ *                                       before every call (as each call once
+ *                                       allocated and freed them), alternately:
+ *                                       page faults per call and the ratio
  *   ./bench/bench_backbone regions      what one OpenMP parallel region costs
  *                                       (an empty one on every thread) after
  *                                       0, 20 and 100 us of serial work: the
@@ -35,6 +41,7 @@
 #include "bench_common.h"
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #ifdef SM_BENCH_CBLAS
 #include <cblas.h>
 #endif
@@ -176,6 +183,65 @@ static const gemm_shape model_shapes[] = {
     {"tiny head", "NN", 1024, 128, 8192}, {"tiny fc", "TN", 512, 128, 1024},
     {"tiny proj", "TN", 128, 512, 1024},  {"tiny head", "TN", 8192, 128, 1024},
 };
+
+/* Minor page faults of this process so far. */
+static long page_faults(void) {
+    struct rusage u;
+    return getrusage(RUSAGE_SELF, &u) == 0 ? u.ru_minflt : 0;
+}
+
+/* Ours at shape s `calls` times in a row, the packing buffers freed before
+ * every call when `fresh`; returns the seconds per call, adds the faults. */
+static double time_calls(const gemm_shape *s, const float *A, const float *B, float *C, int calls,
+                         int fresh, long *faults) {
+    long f0 = page_faults();
+    double t = 0;
+    int i;
+    for (i = 0; i < calls; i++) {
+        if (fresh) sm_free_thread_buffers();
+        t += time_once(ours, s, A, B, C);
+    }
+    *faults += page_faults() - f0;
+    return t / calls;
+}
+
+/* `buffers`: what keeping the packing buffers saves, shape by shape (the
+ * tiny preset's: 1 ms products), in a process that has run no other
+ * product, so the allocator's state is the one a program's first products
+ * meet: glibc returns a freed buffer at the top of its heap to the system,
+ * and the next call's first touches fault its pages back, zeroed. */
+static void bench_buffers(int rounds) {
+    static const gemm_shape tiny[] = {
+        {"tiny qkv", "NT", 1024, 384, 128}, {"tiny fc", "NN", 1024, 128, 512},
+        {"tiny fc", "TN", 512, 128, 1024},  {"tiny proj", "TN", 128, 512, 1024},
+        {"tiny head", "NT", 1024, 8192, 128}};
+    int n = (int)(sizeof tiny / sizeof tiny[0]), i, r;
+    if (rounds > 64) rounds = 64;
+    printf("sm_sgemm, %d threads, 10 calls a round, median of %d interleaved rounds:\n"
+           "buffers kept by the thread (as built) vs freed before every call (allocated\n"
+           "by each call, as before); page faults per call\n"
+           "  %-14s %-2s %-22s  %9s %9s  %7s %7s  %5s\n",
+           sm_num_threads(), rounds, "what", "", "M x N x K", "kept ms", "fresh ms", "faults",
+           "faults", "ratio");
+    for (i = 0; i < n; i++) {
+        const gemm_shape *s = &tiny[i];
+        float *A = line_aligned_floats((size_t)s->M * s->K);
+        float *B = line_aligned_floats((size_t)s->K * s->N);
+        float *C = line_aligned_floats((size_t)s->M * s->N);
+        double kept[64], fresh[64], m_kept, m_fresh;
+        long f_kept = 0, f_fresh = 0;
+        time_once(ours, s, A, B, C);
+        for (r = 0; r < rounds; r++) {
+            kept[r] = time_calls(s, A, B, C, 10, 0, &f_kept);
+            fresh[r] = time_calls(s, A, B, C, 10, 1, &f_fresh);
+        }
+        m_kept = median_of(kept, rounds), m_fresh = median_of(fresh, rounds);
+        printf("  %-14s %s %6d x %5d x %5d  %9.3f %9.3f  %7.1f %7.1f  %5.2f\n", s->label, s->layout,
+               s->M, s->N, s->K, 1e3 * m_kept, 1e3 * m_fresh, (double)f_kept / (10.0 * rounds),
+               (double)f_fresh / (10.0 * rounds), m_fresh / m_kept);
+        free(A), free(B), free(C);
+    }
+}
 
 static void init_model(sm_model *m, const sm_model_config *cfg, int B) {
     sm_error err;
@@ -356,6 +422,9 @@ int main(int argc, char **argv) {
     printf("cpu: %s\nsm_sgemm path: %s\n", cpu, sm_sgemm_path());
     if (argc > 1 && strcmp(argv[1], "regions") == 0) {
         bench_regions();
+    } else if (argc > 1 && strcmp(argv[1], "buffers") == 0) {
+        int rounds = argc > 2 ? atoi(argv[2]) : 9;
+        bench_buffers(rounds > 0 ? rounds : 9);
     } else if (argc > 1 && strcmp(argv[1], "profile") == 0) {
         profile_presets(argc - 2, argv + 2);
     } else if (argc > 1 && strcmp(argv[1], "gpt2-steps") == 0) {
