@@ -104,7 +104,7 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE OPENBLAS_THREAD_TIMEOUT=4
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(filter-out bench/bench_dist,$(patsubst %.c,%,$(wildcard bench/*.c))) # bench_dist: MPI, below
 
-.PHONY: all test test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce reproduce-finetune demo \
+.PHONY: all test test-kernels test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce reproduce-finetune demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check gpu-mpi
 ALL_BINARIES = trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) \
                $(if $(MPICC),trainer_mpi tests_mpi bench/bench_dist) \
@@ -160,6 +160,21 @@ bench/%: bench/%.c bench/bench_common.h sparsemem.h $(CBLAS_STAMP)
 
 test: tests trainer
 	$(RUN_ENV) ./tests
+
+# The GEMM tests once more on every kernel path this x86-64 CPU can run (the
+# test binary above runs the native one only): portable C (x86-64), AVX2 + FMA
+# (x86-64-v3), AVX-512 (x86-64-v4). Each build's path is asserted by
+# test_sgemm_path_matches_target.
+cpu_has = $(shell for f in $(1); do grep -qw $$f /proc/cpuinfo 2>/dev/null || exit 1; done && echo y)
+KERNEL_LEVELS = $(if $(filter x86_64,$(shell uname -m)),x86-64 \
+  $(if $(call cpu_has,avx2 fma bmi2 movbe),x86-64-v3) \
+  $(if $(call cpu_has,avx512f avx512bw avx512cd avx512dq avx512vl),x86-64-v4))
+build/tests-%: tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.h sparsemem_plot.h | deps
+	$(CC) -O2 -march=$* $(WARN) $(OMPFLAGS) -D_DEFAULT_SOURCE -o $@ tests.c $(LDLIBS)
+
+test-kernels: $(addprefix build/tests-,$(KERNEL_LEVELS))
+	@for t in $^; do out=$$($(RUN_ENV) ./$$t gemm) || { echo "$$out"; exit 1; }; \
+	  echo "$$t: $$(echo "$$out" | tail -1)"; done
 
 # The CUDA backend against the CPU (skips, passing, without a GPU).
 tests_cuda $(GPU_BIN)/tests_cuda: tests_cuda.cu tests_harness.h sparsemem_cuda.cuh sparsemem.h
