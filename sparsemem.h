@@ -11029,11 +11029,21 @@ static void sm__attention_head_forward(float *out, int ldo, float *att, const sm
     }
 }
 
+#ifdef _OPENMP
+/* Whether the (batch, head) pairs are shared out to the threads: not a
+ * single pair (its products then use the threads), nor a few thousand
+ * scores in all, less work than waking the threads costs (a small model's
+ * every forward did, ~30 us each with passive waiting). */
+static int sm__attention_parallel(int B, int NH, int T) {
+    return B * NH > 1 && (size_t)B * NH * T * T > 32768;
+}
+#endif
+
 SMDEF void sm_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
                                 int NH) {
     int bh, hs = C / NH;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (sm__attention_parallel(B, NH, T))
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
@@ -11076,7 +11086,7 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
                                  int B, int T, int C, int NH) {
     int bh, hs = C / NH;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (sm__attention_parallel(B, NH, T))
 #endif
     for (bh = 0; bh < B * NH; bh++) {
         int b = bh / NH, h = bh % NH;
@@ -11097,7 +11107,7 @@ SMDEF float sm_crossentropy_forward(float *losses, float *logits_to_probs, const
     int n, counted = 0;
     double total = 0.0;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * V > 32768)
 #endif
     for (n = 0; n < N; n++) {
         float *row = logits_to_probs + (size_t)n * V, maxv;
@@ -11121,7 +11131,7 @@ SMDEF void sm_crossentropy_backward(float *dlogits, const float *probs, const in
                                     int V, float dloss) {
     int n;
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if ((size_t)N * V > 32768)
 #endif
     for (n = 0; n < N; n++) {
         float *d = dlogits + (size_t)n * V;
