@@ -3443,8 +3443,9 @@ static float *sm__line_aligned(void *p) {
  * Allocated and freed at every call, they went back to the system at the
  * free (glibc trims the top of its heap) and came back as fresh pages at
  * the next call: ~100 page faults, zeroed by the kernel, in a 1 ms product
- * (README, GEMM). So each thread keeps one buffer per use, grown when a
- * call needs more; sm_free_thread_buffers frees them. */
+ * (README, "Packing buffers kept per thread"). So each thread keeps one
+ * buffer per use, grown when a call needs more; sm_free_thread_buffers
+ * frees them. */
 typedef enum {
     SM__SCRATCH_GEMM_A,
     SM__SCRATCH_GEMM_B,
