@@ -101,19 +101,19 @@ static void release(bench_cfg *cfgs, int n) {
     for (i = 0; i < n; i++) sm_model_free(&cfgs[i].model);
 }
 
-/* Per-op time of `rounds` more steps of a, then b (profiled; the rounds
- * that give the ratios are not): the ops whose time differs by more than
- * 0.5 ms per step, where b's extra time goes. */
+/* Per-op time of `rounds` more steps of a and of b, interleaved as the
+ * timed rounds are (profiled; the rounds that give the ratios are not):
+ * the ops whose time differs by more than 0.5 ms per step, where b's extra
+ * time goes. */
 static void print_op_growth(bench_cfg *a, bench_cfg *b, int rounds) {
     sm_profile prof[2];
     bench_cfg *c[2] = {a, b};
     int i, r, op;
-    for (i = 0; i < 2; i++) {
-        memset(&prof[i], 0, sizeof prof[i]);
-        c[i]->model.params.profile = &prof[i];
-        for (r = 0; r < rounds; r++) step_seconds(&c[i]->model);
-        c[i]->model.params.profile = NULL;
-    }
+    memset(prof, 0, sizeof prof);
+    for (i = 0; i < 2; i++) c[i]->model.params.profile = &prof[i];
+    for (r = 0; r < rounds; r++)
+        for (i = 0; i < 2; i++) step_seconds(&c[i]->model);
+    for (i = 0; i < 2; i++) c[i]->model.params.profile = NULL;
     printf("  per op (ms/step, profiled steps), %s -> %s:\n", a->name, b->name);
     for (op = 0; op < SM_PROF_COUNT; op++) {
         double t0 = 1e3 * prof[0].seconds[op] / rounds, t1 = 1e3 * prof[1].seconds[op] / rounds;
