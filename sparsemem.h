@@ -1470,9 +1470,9 @@ typedef struct sm_peer_acts {
     const uint32_t *expert_row;
     float *weight;      /* [N*h*k] softmax weight per slot */
     float *pre;         /* [N*h*k] u_i . x per slot */
-    float *sub_scores;  /* scratch: half-scores of every sub-key (the CPU: rows
-                         * of 2 s padded to whole panels per position; CUDA:
-                         * one head's [N, s] and [N, s]) */
+    float *sub_scores;  /* CUDA's scratch: one head's half-scores of every
+                         * sub-key, [N, s] and [N, s] (NULL on the CPU, which
+                         * keeps a block's in its thread's scratch) */
     float *key_panels, *q_panel; /* scratch: the sub-keys and queries packed for
                                   * the CPU's routing (small; unused under CUDA) */
     float *dq;          /* [N, h*d_key] scratch for backward */
@@ -3450,6 +3450,7 @@ typedef enum {
     SM__SCRATCH_GEMM_A,
     SM__SCRATCH_GEMM_B,
     SM__SCRATCH_ATTENTION,
+    SM__SCRATCH_PEER_SCORES,
     SM__SCRATCH_USES
 } sm__scratch_use;
 
@@ -8734,7 +8735,7 @@ SMDEF void sm_peer_init(const sm_peer_params *p, const sm_peer_sizes *sz,
 /* n rounded up to a multiple of unit. */
 static size_t sm__peer_padded(size_t n, size_t unit) { return (n + unit - 1) / unit * unit; }
 
-/* Floats per position in the CPU's sub_scores: its two halves' scores,
+/* Floats per position in a routing block's scores: its two halves',
  * each padded to whole NR-wide panels, and 16 more so that the rows of a
  * block do not all fall in one L1 set (s_pad is often a multiple of 1024). */
 static size_t sm__peer_score_stride(int n_sub) {
@@ -8772,8 +8773,6 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->expert = (int32_t *)alloc(slots * sizeof(int32_t), "peer expert ids", err);
     a->weight = (float *)alloc(slots * sizeof(float), "peer weights", err);
     a->pre = (float *)alloc(slots * sizeof(float), "peer pre-activations", err);
-    a->sub_scores = (float *)alloc(bt * sm__peer_score_stride(cfg->n_sub) * sizeof(float),
-                                   "peer sub-key scores", err);
     a->key_panels = (float *)alloc((size_t)sm__peer_key_tables(cfg) * (size_t)cfg->d_key * s_pad *
                                    sizeof(float) + SM__LINE, "peer packed sub-keys", err);
     a->q_panel = (float *)alloc(sm__peer_padded(bt, SM__MR) * (size_t)cfg->d_key * sizeof(float),
@@ -8786,7 +8785,7 @@ static sm_status sm__peer_acts_init_with(sm_peer_acts *a, const sm_peer_config *
     a->sort_slot = (uint32_t *)alloc(2 * slots * sizeof(uint32_t), "peer sort slots", err);
     a->run_start = (uint32_t *)alloc((slots + 1) * sizeof(uint32_t), "peer runs", err);
     if (!a->q_raw || !a->q || !a->q_rstd || !a->q_mean || !a->expert || !a->weight || !a->pre ||
-        !a->sub_scores || !a->key_panels || !a->q_panel || !a->dq || !a->dpre || !a->dscore ||
+        !a->key_panels || !a->q_panel || !a->dq || !a->dpre || !a->dscore ||
         !a->wact || !a->sort_key || !a->sort_slot || !a->run_start) {
         sm__peer_acts_release(a, release);
         return SM_ERR_OOM;
@@ -8938,14 +8937,14 @@ static void sm__peer_score_block(float *rows, const sm_peer_acts *a, int t0, int
 }
 
 /* The positions [t0, t0 + SM__MR) below N, head after head: the
- * half-scores of every sub-key into the block's rows of sub_scores, then
- * per position the product-key top-k and the softmax weights. */
-static void sm__peer_route_block(sm_peer_acts *a, int t0, int N) {
+ * half-scores of every sub-key into `rows` (SM__MR of
+ * sm__peer_score_stride floats, the thread's), then per position the
+ * product-key top-k and the softmax weights. */
+static void sm__peer_route_block(sm_peer_acts *a, float *rows, int t0, int N) {
     const sm_peer_config *c = &a->cfg;
     int k = c->topk, n = N - t0 < SM__MR ? N - t0 : SM__MR, j, t;
     size_t s_pad = sm__peer_padded((size_t)c->n_sub, SM__NR);
     size_t ld = sm__peer_score_stride(c->n_sub);
-    float *rows = a->sub_scores + (size_t)t0 * ld;
     for (j = 0; j < c->heads; j++) {
         sm__peer_score_block(rows, a, t0, n, j, 0);
         sm__peer_score_block(rows, a, t0, n, j, 1);
@@ -8997,17 +8996,36 @@ static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err) {
     return SM_OK;
 }
 
+/* Each thread's blocks share one buffer of scores, kept by the thread
+ * (>>backbone, scratch kept per thread): a block's scores are searched
+ * while they are in cache, and a buffer per position (2 s floats each,
+ * 8 KB at s = 1024) only cost memory and evicted the rest of the step. */
 SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_params *p, int N,
                               sm_error *err) {
     sm_status st = sm__peer_check_n(acts, N, err);
-    int t0;
+    size_t floats = (size_t)SM__MR * sm__peer_score_stride(acts->cfg.n_sub);
+    int no_memory = 0;
     if (st != SM_OK) return st;
     sm__peer_query_forward(acts, x, p, N);
     sm__peer_pack_keys(sm__line_aligned(acts->key_panels), p, &acts->cfg);
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) if (N * acts->cfg.n_sub > 8192)
+#pragma omp parallel if (N * acts->cfg.n_sub > 8192) reduction(| : no_memory)
 #endif
-    for (t0 = 0; t0 < N; t0 += SM__MR) sm__peer_route_block(acts, t0, N);
+    {
+        sm__scratch call;
+        float *rows = sm__scratch_begin(&call, SM__SCRATCH_PEER_SCORES, floats);
+        int t0;
+        no_memory = rows == NULL;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (t0 = 0; t0 < N; t0 += SM__MR)
+            if (rows) sm__peer_route_block(acts, rows, t0, N);
+        sm__scratch_end(&call);
+    }
+    if (no_memory)
+        return sm_fail(err, SM_ERR_OOM, "peer: out of memory for the routing's scores (%zu bytes)",
+                       floats * sizeof(float));
     return SM_OK;
 }
 

@@ -1656,9 +1656,19 @@ SMDEF void smc_peer_product_topk(smc_ctx *c, const float *s1, const float *s2, i
 
 /* ---- activations ---- */
 
+/* sm_peer_acts_init's buffers on the device, and the sub-key scores of
+ * one head (smc__peer_route_head), which the CPU keeps per thread. */
 SMDEF sm_status smc_peer_acts_init(sm_peer_acts *a, const sm_peer_config *cfg, int d_model,
                                    int max_n, sm_error *err) {
-    return sm__peer_acts_init_with(a, cfg, d_model, max_n, smc_malloc, smc_dfree, err);
+    sm_status st = sm__peer_acts_init_with(a, cfg, d_model, max_n, smc_malloc, smc_dfree, err);
+    if (st != SM_OK) return st;
+    a->sub_scores = (float *)smc_malloc(2 * (size_t)max_n * (size_t)cfg->n_sub * sizeof(float),
+                                        "peer sub-key scores", err);
+    if (!a->sub_scores) {
+        sm__peer_acts_release(a, smc_dfree);
+        return SM_ERR_OOM;
+    }
+    return SM_OK;
 }
 
 SMDEF void smc_peer_acts_free(sm_peer_acts *a) { sm__peer_acts_release(a, smc_dfree); }
