@@ -3275,7 +3275,7 @@ static SM__ALWAYS_INLINE void sm__gemm_acc_zero(sm__vf acc[SM__MR][SM__NV]) {
  * of B (NR floats) at Bp + k b_step: MR, 1 and NR for packed panels.
  * The AVX2 path requests row k + SM__B_AHEAD of B on the way: along the
  * rows of C (sm__gemm_macro) the B panels stream through, and on a Zen 3
- * (512 KB of L2) the kernel waited on them without it (README, GEMM). The
+ * (512 KB of L2) the kernel waited on them without it (bench/PERFORMANCE.md). The
  * AVX-512 path, measured only on cores where B stays in L2, does without. */
 static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap, size_t a_step,
                                                          size_t a_gap, const float *Bp,
@@ -3443,7 +3443,7 @@ static float *sm__line_aligned(void *p) {
  * Allocated and freed at every call, they went back to the system at the
  * free (glibc trims the top of its heap) and came back as fresh pages at
  * the next call: ~100 page faults, zeroed by the kernel, in a 1 ms product
- * (README, "Packing buffers kept per thread"). So each thread keeps one
+ * (bench/PERFORMANCE.md, "Packing buffers kept per thread"). So each thread keeps one
  * buffer per use, grown when a call needs more; sm_free_thread_buffers
  * frees them. */
 typedef enum {
@@ -3636,7 +3636,7 @@ static size_t sm__gemm_b_floats(int M, int N, int K, int nthreads) {
  * where C comes from beyond L2 at every slice, because the product has a
  * single KC slice or the block is bigger than SM__C_NEAR. Down the columns,
  * such a C cost the product much of its time on an Intel Xeon
- * (README, GEMM); where C stays in L2 between slices, the columns' lesser
+ * (bench/PERFORMANCE.md); where C stays in L2 between slices, the columns' lesser
  * traffic from L2 wins. */
 static int sm__gemm_rowwise(const sm__gemm_job *g, sm__gemm_part q) {
     size_t c_bytes = (size_t)(q.i1 - q.i0) * (size_t)(q.j1 - q.j0) * sizeof(float);
