@@ -312,10 +312,11 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
 /* Which sm_sgemm this build runs, chosen at compile time: "avx512",
  * "avx2" (AVX2 + FMA), "portable" (plain C) or "cblas" (SM_USE_CBLAS). */
 SMDEF const char *sm_sgemm_path(void);
-/* The built-in sm_sgemm and the attention (whose products are built in
- * with SM_USE_CBLAS too) keep their scratch, the packed operands and the
- * score gradients, from call to call: one set per calling thread, grown to
- * the largest call's (a few MB per thread for GPT-2's shapes). This
+/* The built-in sm_sgemm, the attention (whose products are built in with
+ * SM_USE_CBLAS too) and PEER's routing keep their scratch, the packed
+ * operands, the score gradients and the sub-key scores, from call to call:
+ * one set per calling thread, grown to the largest call's (a few MB per
+ * thread for GPT-2's shapes). This
  * frees the calling thread's; a thread that called them and exits without
  * it leaves its set allocated. No-op with SM_NO_THREAD_BUFFERS or where the
  * compiler has no thread-local storage (neither GNU C nor C11): there each
@@ -3275,8 +3276,9 @@ static SM__ALWAYS_INLINE void sm__gemm_acc_zero(sm__vf acc[SM__MR][SM__NV]) {
  * of B (NR floats) at Bp + k b_step: MR, 1 and NR for packed panels.
  * The AVX2 path requests row k + SM__B_AHEAD of B on the way: along the
  * rows of C (sm__gemm_macro) the B panels stream through, and on a Zen 3
- * (512 KB of L2) the kernel waited on them without it (bench/PERFORMANCE.md). The
- * AVX-512 path, measured only on cores where B stays in L2, does without. */
+ * (512 KB of L2) the kernel waited on them without it (bench/PERFORMANCE.md,
+ * "On an AVX2-only AMD EPYC"). The AVX-512 path, measured only on cores
+ * where B stays in L2, does without. */
 static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap, size_t a_step,
                                                          size_t a_gap, const float *Bp,
                                                          size_t b_step, sm__vf acc[SM__MR][SM__NV]) {
@@ -3443,9 +3445,9 @@ static float *sm__line_aligned(void *p) {
  * Allocated and freed at every call, they went back to the system at the
  * free (glibc trims the top of its heap) and came back as fresh pages at
  * the next call: ~100 page faults, zeroed by the kernel, in a 1 ms product
- * (bench/PERFORMANCE.md, "Packing buffers kept per thread"). So each thread keeps one
- * buffer per use, grown when a call needs more; sm_free_thread_buffers
- * frees them. */
+ * (bench/PERFORMANCE.md, "Packing buffers kept per thread"). So each
+ * thread keeps one buffer per use, grown when a call needs more;
+ * sm_free_thread_buffers frees them. */
 typedef enum {
     SM__SCRATCH_GEMM_A,
     SM__SCRATCH_GEMM_B,
@@ -3636,8 +3638,8 @@ static size_t sm__gemm_b_floats(int M, int N, int K, int nthreads) {
  * where C comes from beyond L2 at every slice, because the product has a
  * single KC slice or the block is bigger than SM__C_NEAR. Down the columns,
  * such a C cost the product much of its time on an Intel Xeon
- * (bench/PERFORMANCE.md); where C stays in L2 between slices, the columns' lesser
- * traffic from L2 wins. */
+ * (bench/PERFORMANCE.md, "On a second Xeon host"); where C stays in L2
+ * between slices, the columns' lesser traffic from L2 wins. */
 static int sm__gemm_rowwise(const sm__gemm_job *g, sm__gemm_part q) {
     size_t c_bytes = (size_t)(q.i1 - q.i0) * (size_t)(q.j1 - q.j0) * sizeof(float);
     return g->K <= SM__KC || c_bytes > SM__C_NEAR;
