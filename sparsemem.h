@@ -29,9 +29,10 @@
  *                                     buffers (>>comm; link -lnccl -lcudart)
  *       #define SM_NO_HUGEPAGES       no madvise(MADV_HUGEPAGE) on the big
  *                                     tables (Linux; results do not change)
- *       #define SM_NO_THREAD_BUFFERS  sm_sgemm and the attention allocate and
- *                                     free their scratch at every call, not
- *                                     once per thread (>>gemm)
+ *       #define SM_NO_THREAD_BUFFERS  sm_sgemm, the attention and PEER's
+ *                                     routing allocate and free their scratch
+ *                                     at every call, not once per thread
+ *                                     (>>gemm)
  *       #define SM_PROFILE            per-op wall time of training steps in
  *                                     the sm_profile params.profile points at
  *                                     (>>util); undefined: no timing code
@@ -316,9 +317,8 @@ SMDEF const char *sm_sgemm_path(void);
  * SM_USE_CBLAS too) and PEER's routing keep their scratch, the packed
  * operands, the score gradients and the sub-key scores, from call to call:
  * one set per calling thread, grown to the largest call's (a few MB per
- * thread for GPT-2's shapes). This
- * frees the calling thread's; a thread that called them and exits without
- * it leaves its set allocated. No-op with SM_NO_THREAD_BUFFERS or where the
+ * thread for GPT-2's shapes). This frees the calling thread's; a thread
+ * that called them and exits without it leaves its set allocated. No-op with SM_NO_THREAD_BUFFERS or where the
  * compiler has no thread-local storage (neither GNU C nor C11): there each
  * call allocates and frees its own. */
 SMDEF void sm_free_thread_buffers(void);
@@ -8909,16 +8909,13 @@ static void sm__peer_query_forward(sm_peer_acts *a, const float *x, const sm_pee
  *   element i of sub-key a0 + l of that half, a0 a multiple of NR, where kt
  *   is key_panels from its first 64-byte boundary on (sm__line_aligned). */
 static void sm__peer_pack_keys(float *kt, const sm_peer_params *p, const sm_peer_config *c) {
-    int s = c->n_sub, half = c->d_key / 2, table, h, a0;
+    int s = c->n_sub, half = c->d_key / 2, table, h;
     size_t s_pad = sm__peer_padded((size_t)s, SM__NR);
     for (table = 0; table < sm__peer_key_tables(c); table++)
-        for (h = 0; h < 2; h++) {
-            const float *keys = (h ? p->keys2 : p->keys1) + (size_t)table * s * half;
-            float *out = kt + (size_t)(table * 2 + h) * s_pad * half;
-            for (a0 = 0; a0 < s; a0 += SM__NR)
-                sm__pack_panel(keys + (size_t)a0 * half, (size_t)half, half,
-                               s - a0 < SM__NR ? s - a0 : SM__NR, SM__NR, out + (size_t)a0 * half);
-        }
+        for (h = 0; h < 2; h++)
+            sm__pack_panels_by_columns((h ? p->keys2 : p->keys1) + (size_t)table * s * half,
+                                       (size_t)half, 0, s, 0, half, SM__NR,
+                                       kt + (size_t)(table * 2 + h) * s_pad * half);
 }
 
 /* Head j's half h of the half-scores of the n <= SM__MR positions from
@@ -8999,7 +8996,7 @@ static sm_status sm__peer_check_n(const sm_peer_acts *a, int N, sm_error *err) {
 }
 
 /* Each thread's blocks share one buffer of scores, kept by the thread
- * (>>backbone, scratch kept per thread): a block's scores are searched
+ * (>>gemm, scratch kept per thread): a block's scores are searched
  * while they are in cache, and a buffer per position (2 s floats each,
  * 8 KB at s = 1024) only cost memory and evicted the rest of the step. */
 SMDEF sm_status sm_peer_route(sm_peer_acts *acts, const float *x, const sm_peer_params *p, int N,
