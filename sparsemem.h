@@ -1772,7 +1772,9 @@ SMDEF void sm_embedding_backward(float *dwte, float *dwpe, const float *dout, co
 
 /* Causal multi-head self-attention on a fused qkv[B,T,3C] (q | k | v, each
  * split into NH heads of C/NH). att[B,NH,T,T] keeps the softmax
- * probabilities for backward (row t holds t+1 valid entries). */
+ * probabilities for backward (row t holds t+1 valid entries). The
+ * backward adds into dqkv; where its scratch (128 x T floats per thread)
+ * cannot be had, it runs a slower loop that needs none. */
 SMDEF void sm_attention_forward(float *out, float *att, const float *qkv, int B, int T, int C,
                                 int NH);
 SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
@@ -11100,6 +11102,30 @@ static void sm__attention_head_backward(float *dqkv, float *ds, const float *dou
     }
 }
 
+/* The same backward with no scratch (for when its buffer cannot be had),
+ * one row t at a time: datt[t2] = dout_t . v_t2 is made twice, once for
+ * <att_t, datt> and once for ds[t2]; slower, but it needs no memory. */
+static void sm__attention_head_backward_unbuffered(float *dqkv, const float *dout, int ldo,
+                                                   const float *att, const sm__attn_head *a) {
+    int T = a->T, ld = a->ld, hs = a->hs, t, t2, i;
+    for (t = 0; t < T; t++) {
+        const float *d = dout + (size_t)t * ldo, *p = att + (size_t)t * T;
+        const float *q = a->q + (size_t)t * ld;
+        float dot = 0.0f, *dq = dqkv + (size_t)t * ld;
+        for (t2 = 0; t2 <= t; t2++) dot += p[t2] * sm__dot(d, a->v + (size_t)t2 * ld, hs);
+        for (t2 = 0; t2 <= t; t2++) {
+            const float *k = a->k + (size_t)t2 * ld;
+            float ds = p[t2] * (sm__dot(d, a->v + (size_t)t2 * ld, hs) - dot) * a->scale;
+            float *dk = dqkv + a->C + (size_t)t2 * ld, *dv = dqkv + 2 * a->C + (size_t)t2 * ld;
+            for (i = 0; i < hs; i++) {
+                dq[i] += ds * k[i];
+                dk[i] += ds * q[i];
+                dv[i] += p[t2] * d[i];
+            }
+        }
+    }
+}
+
 SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qkv, const float *att,
                                  int B, int T, int C, int NH) {
     int bh, hs = C / NH;
@@ -11111,10 +11137,14 @@ SMDEF void sm_attention_backward(float *dqkv, const float *dout, const float *qk
         sm__scratch call;
         float *ds = sm__scratch_begin(&call, SM__SCRATCH_ATTENTION, (size_t)SM__ATTN_ROWS * T);
         sm__attn_head a = sm__attn_head_at(qkv + (size_t)b * T * 3 * C, T, C, hs, h);
-        SM_ASSERT(ds != NULL);
-        sm__attention_head_backward(dqkv + (size_t)b * T * 3 * C + h * hs, ds,
-                                    dout + (size_t)b * T * C + h * hs, C, att + (size_t)bh * T * T, &a);
-        sm__scratch_end(&call);
+        float *dqkv_h = dqkv + (size_t)b * T * 3 * C + h * hs;
+        const float *dout_h = dout + (size_t)b * T * C + h * hs, *att_h = att + (size_t)bh * T * T;
+        if (ds) {
+            sm__attention_head_backward(dqkv_h, ds, dout_h, C, att_h, &a);
+            sm__scratch_end(&call);
+        } else {
+            sm__attention_head_backward_unbuffered(dqkv_h, dout_h, C, att_h, &a);
+        }
     }
 }
 

@@ -5,6 +5,29 @@
  *
  * One line per test; the last line is "N passed, N failed" and the exit
  * status is non-zero when anything failed. */
+#include <stdlib.h>
+/* The library allocates through t_malloc and t_realloc: a test makes them
+ * fail after n more calls (t_allocs_left = n; -1: never) to see
+ * out-of-memory handled where it happens. Which of several threads' calls
+ * comes n-th is not fixed, so counts are for serial code; 0 fails every
+ * call, threads or not. */
+static long t_allocs_left = -1;
+static int t_may_allocate(void) {
+    int ok;
+#ifdef _OPENMP
+#pragma omp critical(t_alloc_count)
+#endif
+    {
+        ok = t_allocs_left != 0;
+        if (t_allocs_left > 0) t_allocs_left--;
+    }
+    return ok;
+}
+static void *t_malloc(size_t n) { return t_may_allocate() ? malloc(n) : NULL; }
+static void *t_realloc(void *p, size_t n) { return t_may_allocate() ? realloc(p, n) : NULL; }
+#define SM_MALLOC(sz) t_malloc(sz)
+#define SM_REALLOC(p, sz) t_realloc(p, sz)
+#define SM_FREE(p) free(p)
 #define TRAINER_NO_MAIN
 #define SM_PROFILE /* the profile's test; every other test runs with no profile attached */
 #include "trainer.c" /* the library, plus the trainer's schedules, checkpoints and plots */
@@ -2791,6 +2814,49 @@ static int test_params_decay_rule_every_tensor(void) {
     return 0;
 }
 
+/* ---- out of memory ------------------------------------------------- */
+
+/* sm_model_init of the model with every module, then its hot set's build,
+ * out of memory at each of their allocations in turn: each refused with
+ * SM_ERR_OOM and a message naming what ran out (nothing leaked: the ASan
+ * build checks), until the first that gets all its memory; the model then
+ * trains a step. */
+static int test_model_init_out_of_memory_at_each_allocation(void) {
+    sm_model_config cfg = t_every_module_config();
+    sm_model m;
+    sm_error err;
+    sm_status st = SM_ERR_OOM;
+    uint32_t stream[400];
+    int inputs[6], i;
+    long n, inits;
+    for (n = 0; st != SM_OK && n < 100000; n++) {
+        t_allocs_left = n;
+        st = sm_model_init(&m, &cfg, 1, 3, &err);
+        t_allocs_left = -1;
+        CHECK(st == SM_OK || (st == SM_ERR_OOM && strstr(err.msg, "out of memory")),
+              "init, allocation %ld failing: %s: %s", n, sm_strerror(st), err.msg);
+    }
+    inits = n;
+    for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
+    for (n = 0, st = SM_ERR_OOM; st != SM_OK && n < 100000; n++) {
+        t_allocs_left = n;
+        st = sm_model_build_hot_set(&m, stream, NULL, 400, &err);
+        t_allocs_left = -1;
+        CHECK(st == SM_OK || (st == SM_ERR_OOM && strstr(err.msg, "out of memory")),
+              "hot set, allocation %ld failing: %s: %s", n, sm_strerror(st), err.msg);
+    }
+    CHECK(inits > 10 && n > 2, "the model initialised after %ld allocations, its hot set after %ld",
+          inits, n);
+    for (i = 0; i < 6; i++) inputs[i] = (i * 5) % cfg.vocab_size;
+    st = sm_model_forward(&m, inputs, inputs, NULL, 1, 6, &err);
+    CHECK(st == SM_OK, "forward: %s", err.msg);
+    sm_params_zero_grad(&m.params);
+    sm_model_backward(&m);
+    CHECK(isfinite(m.loss), "loss %g", m.loss);
+    sm_model_free(&m);
+    return 0;
+}
+
 /* ---- profile (tests.c is built with SM_PROFILE) ---------------------- */
 
 /* The model with every module, wide enough that a step takes ~1 ms. */
@@ -2813,14 +2879,81 @@ static double t_profiled_step(sm_model *m, sm_profile *prof, const int *in, cons
     return sm_now() - t;
 }
 
-/* A model of t_profile_config, its hot set built when it has Engram-Nine. */
-static int t_profile_model(sm_model *m, int modules) {
-    sm_model_config cfg = t_profile_config(modules);
+/* A model of cfg for batches of 4, its hot set built when it has Engram-Nine. */
+static int t_model_with_hot_set(sm_model *m, const sm_model_config *cfg) {
     uint32_t stream[400];
     int i;
     for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
-    CHECK_OK(sm_model_init(m, &cfg, 4, 3, NULL));
-    if (cfg.use_nine) CHECK_OK(sm_model_build_hot_set(m, stream, NULL, 400, NULL));
+    CHECK_OK(sm_model_init(m, cfg, 4, 3, NULL));
+    if (cfg->use_nine) CHECK_OK(sm_model_build_hot_set(m, stream, NULL, 400, NULL));
+    return 0;
+}
+
+/* A model of t_profile_config, its hot set built when it has Engram-Nine. */
+static int t_profile_model(sm_model *m, int modules) {
+    sm_model_config cfg = t_profile_config(modules);
+    return t_model_with_hot_set(m, &cfg);
+}
+
+/* The forward and backward of a batch of 4 x 32 with no memory to spare
+ * (one thread, its kept scratch freed, every allocation failing); the
+ * forward's status. */
+static sm_status t_step_without_memory(sm_model *m, const int *in, const int *tg, sm_error *err) {
+    int threads = sm_num_threads();
+    sm_status st;
+    t_set_threads(1);
+    sm_free_thread_buffers();
+    t_allocs_left = 0;
+    sm_params_zero_grad(&m->params);
+    st = sm_model_forward(m, in, tg, NULL, 4, 32, err);
+    if (st == SM_OK) sm_model_backward(m);
+    t_allocs_left = -1;
+    t_set_threads(threads);
+    return st;
+}
+
+/* A training step with no memory for scratch: the products and the
+ * attention's backward fall back to loops that need none, and the step
+ * gives the loss and gradient a step with memory gives, to float rounding
+ * (the model with Engram and mHC, wide enough that the products pack their
+ * operands). With PEER and the hot tier, whose routings allocate, the
+ * forward refuses: SM_ERR_OOM, saying what ran out. */
+static int test_model_step_without_memory_for_scratch(void) {
+    sm_model_config cfg = t_profile_config(1);
+    sm_model m;
+    sm_error err;
+    sm_status st;
+    int in[128], tg[128], i;
+    float loss, *grad;
+    double worst = 0, largest = 0;
+    size_t k;
+    cfg.use_peer = 0, cfg.peer_n_layers = 0, cfg.use_nine = 0;
+    if (t_model_with_hot_set(&m, &cfg)) return 1;
+    for (i = 0; i < 128; i++) in[i] = (i * 7 + 3) % 64, tg[i] = (i * 11 + 1) % 64;
+    sm_params_zero_grad(&m.params);
+    CHECK_OK(sm_model_forward(&m, in, tg, NULL, 4, 32, &err));
+    sm_model_backward(&m);
+    loss = m.loss;
+    grad = (float *)t_alloc(m.params.total);
+    memcpy(grad, m.params.grad, m.params.total * sizeof(float));
+    st = t_step_without_memory(&m, in, tg, &err);
+    CHECK(st == SM_OK, "forward with no memory for scratch: %s", err.msg);
+    for (k = 0; k < m.params.total; k++) {
+        worst = fmax(worst, fabs((double)m.params.grad[k] - grad[k]));
+        largest = fmax(largest, fabs(grad[k]));
+    }
+    CHECK(fabsf(m.loss - loss) <= 1e-5f * loss, "loss %.8g, with memory %.8g", m.loss, loss);
+    CHECK(largest > 0 && worst <= 1e-4 * largest, "gradient %.3g off the one with memory (largest %.3g)",
+          worst, largest);
+    sm_model_free(&m);
+    free(grad);
+    cfg = t_profile_config(1);
+    CHECK(cfg.use_peer && cfg.use_nine, "the model has no PEER layer or no hot tier");
+    if (t_model_with_hot_set(&m, &cfg)) return 1;
+    st = t_step_without_memory(&m, in, tg, &err);
+    CHECK(st == SM_ERR_OOM && strstr(err.msg, "out of memory"), "PEER and the hot tier with no memory: %s: %s",
+          sm_strerror(st), err.msg);
+    sm_model_free(&m);
     return 0;
 }
 
@@ -9172,6 +9305,7 @@ static const t_case t_cases[] = {
     T(test_adamw_eps_matters),
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),
     T(test_params_decay_rule_every_tensor),
+    T(test_model_init_out_of_memory_at_each_allocation), T(test_model_step_without_memory_for_scratch),
     T(test_profile_sums_to_step_and_names_modules),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
     T(test_adamw_vector_lanes_equal_scalar),
