@@ -2326,8 +2326,8 @@ typedef struct sm_safetensors {
 } sm_safetensors;
 
 /* Parse and check a file (sm_safetensors_load) or a copy of size bytes of
- * memory (sm_safetensors_parse). Free with sm_safetensors_free either way
- * (also after a failure). */
+ * memory (sm_safetensors_parse). Free with sm_safetensors_free; a failure
+ * keeps nothing (freeing after it does nothing). */
 SMDEF sm_status sm_safetensors_load(sm_safetensors *st, const char *path, sm_error *err);
 SMDEF sm_status sm_safetensors_parse(sm_safetensors *st, const unsigned char *data, size_t size,
                                      const char *what, sm_error *err);
@@ -3853,25 +3853,26 @@ typedef struct sm__u64map {
     size_t cap, n;
 } sm__u64map;
 
-static sm_status sm__u64map_init(sm__u64map *m, size_t expect, sm_error *err) {
-    size_t cap = 16;
-    while (cap < expect * 2) cap *= 2;
-    m->keys = (uint64_t *)sm_alloc(cap, sizeof(uint64_t), "hash map keys", err);
-    m->vals = m->keys ? (uint32_t *)sm_alloc(cap, sizeof(uint32_t), "hash map values", err) : NULL;
-    if (!m->vals) {
-        SM_FREE(m->keys);
-        return SM_ERR_OOM;
-    }
-    memset(m->vals, 0xff, cap * sizeof(uint32_t));
-    m->cap = cap;
-    m->n = 0;
-    return SM_OK;
-}
-
 static void sm__u64map_free(sm__u64map *m) {
     SM_FREE(m->keys);
     SM_FREE(m->vals);
     memset(m, 0, sizeof *m);
+}
+
+/* Out of memory, the map is left empty (sm__u64map_free may still run). */
+static sm_status sm__u64map_init(sm__u64map *m, size_t expect, sm_error *err) {
+    size_t cap = 16;
+    memset(m, 0, sizeof *m);
+    while (cap < expect * 2) cap *= 2;
+    m->keys = (uint64_t *)sm_alloc(cap, sizeof(uint64_t), "hash map keys", err);
+    m->vals = m->keys ? (uint32_t *)sm_alloc(cap, sizeof(uint32_t), "hash map values", err) : NULL;
+    if (!m->vals) {
+        sm__u64map_free(m);
+        return SM_ERR_OOM;
+    }
+    memset(m->vals, 0xff, cap * sizeof(uint32_t));
+    m->cap = cap;
+    return SM_OK;
 }
 
 static size_t sm__u64map_slot(const uint64_t *keys, const uint32_t *vals, size_t cap,
@@ -5360,6 +5361,7 @@ static sm_status sm__gpt2_read(const char *path, sm__gpt2_text *t, sm_error *err
     unsigned char *data;
     size_t size;
     sm_status st = sm_read_file(path, &data, &size, err);
+    memset(t, 0, sizeof *t);
     if (st) return st;
     if (size > SM_GPT2_MAX_FILE_BYTES) {
         SM_FREE(data);
@@ -14112,7 +14114,7 @@ static sm_status sm__st_header_length(const sm_safetensors *s, const char *label
 }
 
 /* Parses and checks st->file[0..size). */
-static sm_status sm__st_parse_owned(sm_safetensors *s, const char *what, sm_error *err) {
+static sm_status sm__st_parse(sm_safetensors *s, const char *what, sm_error *err) {
     sm__st_parser p;
     uint64_t n = 0;
     int i;
@@ -14133,6 +14135,13 @@ static sm_status sm__st_parse_owned(sm_safetensors *s, const char *what, sm_erro
         if ((st = sm__st_check_span(s, &s->tensors[i], p.label, err))) return st;
     if ((st = sm__st_check_names(s, p.label, err))) return st;
     return sm__st_check_cover(s, p.label, err);
+}
+
+/* The same, freeing all of st (the file too) when it fails. */
+static sm_status sm__st_parse_owned(sm_safetensors *st, const char *what, sm_error *err) {
+    sm_status s = sm__st_parse(st, what, err);
+    if (s != SM_OK) sm_safetensors_free(st);
+    return s;
 }
 
 SMDEF sm_status sm_safetensors_parse(sm_safetensors *st, const unsigned char *data, size_t size,
