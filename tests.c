@@ -5,26 +5,11 @@
  *
  * One line per test; the last line is "N passed, N failed" and the exit
  * status is non-zero when anything failed. */
-#include <stdlib.h>
-/* The library allocates through t_malloc and t_realloc: a test makes them
- * fail after n more calls (t_allocs_left = n; -1: never) to see
- * out-of-memory handled where it happens. Which of several threads' calls
- * comes n-th is not fixed, so counts are for serial code; 0 fails every
- * call, threads or not. */
-static long t_allocs_left = -1;
-static int t_may_allocate(void) {
-    int ok;
-#ifdef _OPENMP
-#pragma omp critical(t_alloc_count)
-#endif
-    {
-        ok = t_allocs_left != 0;
-        if (t_allocs_left > 0) t_allocs_left--;
-    }
-    return ok;
-}
-static void *t_malloc(size_t n) { return t_may_allocate() ? malloc(n) : NULL; }
-static void *t_realloc(void *p, size_t n) { return t_may_allocate() ? realloc(p, n) : NULL; }
+#include <stddef.h> /* no libc header before trainer.c's _POSIX_C_SOURCE */
+/* The library allocates through t_malloc and t_realloc, which a test can
+ * make fail (t_allocs_left, below). */
+static void *t_malloc(size_t n);
+static void *t_realloc(void *p, size_t n);
 #define SM_MALLOC(sz) t_malloc(sz)
 #define SM_REALLOC(p, sz) t_realloc(p, sz)
 #define SM_FREE(p) free(p)
@@ -42,13 +27,52 @@ static void *t_realloc(void *p, size_t n) { return t_may_allocate() ? realloc(p,
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
+
+/* t_malloc and t_realloc fail after t_allocs_left more calls (-1: never),
+ * so a test sees out-of-memory handled where it happens. Which of several
+ * threads' calls comes n-th is not fixed, so counts are for serial code;
+ * 0 fails every call, threads or not. */
+static long t_allocs_left = -1;
+static int t_may_allocate(void) {
+    int ok;
+#ifdef _OPENMP
+#pragma omp critical(t_alloc_count)
+#endif
+    {
+        ok = t_allocs_left != 0;
+        if (t_allocs_left > 0) t_allocs_left--;
+    }
+    return ok;
+}
+static void *t_malloc(size_t n) { return t_may_allocate() ? malloc(n) : NULL; }
+static void *t_realloc(void *p, size_t n) { return t_may_allocate() ? realloc(p, n) : NULL; }
 
 /* ---- harness -------------------------------------------------------- */
 
 #include "tests_harness.h"
 #include "tests_comm.h"
 #include "tests_trainer.h"
+
+/* Runs `call`, an sm_status expression reporting into `err`, with the
+ * library's allocations failing after 0, 1, 2, ... calls until it
+ * succeeds: each failure must be SM_ERR_OOM with a message saying memory
+ * ran out, and what it did in part must be undone (the ASan build finds a
+ * leak); what the success made stays for the test. It must allocate. */
+#define CHECK_EACH_ALLOCATION_FAILING(call, err)                                                   \
+    do {                                                                                           \
+        sm_status t__st = SM_ERR_OOM;                                                              \
+        long t__n;                                                                                 \
+        for (t__n = 0; t__st != SM_OK && t__n < 100000; t__n++) {                                  \
+            t_allocs_left = t__n;                                                                  \
+            t__st = (call);                                                                        \
+            t_allocs_left = -1;                                                                    \
+            CHECK(t__st == SM_OK || (t__st == SM_ERR_OOM && strstr((err).msg, "out of memory")),   \
+                  "%s, allocation %ld failing: %s: %.200s", #call, t__n, sm_strerror(t__st), (err).msg); \
+        }                                                                                          \
+        CHECK(t__st == SM_OK && t__n > 1, "%s: %s after %ld tries", #call, sm_strerror(t__st), t__n); \
+    } while (0)
 
 static double t_max_abs_diff(const float *a, const float *b, size_t n) {
     double m = 0;
@@ -2817,39 +2841,19 @@ static int test_params_decay_rule_every_tensor(void) {
 /* ---- out of memory ------------------------------------------------- */
 
 /* sm_model_init of the model with every module, then its hot set's build,
- * out of memory at each of their allocations in turn: each refused with
- * SM_ERR_OOM and a message naming what ran out (nothing leaked: the ASan
- * build checks), until the first that gets all its memory; the model then
+ * out of memory at each of their allocations in turn; the model then
  * trains a step. */
 static int test_model_init_out_of_memory_at_each_allocation(void) {
     sm_model_config cfg = t_every_module_config();
     sm_model m;
     sm_error err;
-    sm_status st = SM_ERR_OOM;
     uint32_t stream[400];
     int inputs[6], i;
-    long n, inits;
-    for (n = 0; st != SM_OK && n < 100000; n++) {
-        t_allocs_left = n;
-        st = sm_model_init(&m, &cfg, 1, 3, &err);
-        t_allocs_left = -1;
-        CHECK(st == SM_OK || (st == SM_ERR_OOM && strstr(err.msg, "out of memory")),
-              "init, allocation %ld failing: %s: %s", n, sm_strerror(st), err.msg);
-    }
-    inits = n;
+    CHECK_EACH_ALLOCATION_FAILING(sm_model_init(&m, &cfg, 1, 3, &err), err);
     for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
-    for (n = 0, st = SM_ERR_OOM; st != SM_OK && n < 100000; n++) {
-        t_allocs_left = n;
-        st = sm_model_build_hot_set(&m, stream, NULL, 400, &err);
-        t_allocs_left = -1;
-        CHECK(st == SM_OK || (st == SM_ERR_OOM && strstr(err.msg, "out of memory")),
-              "hot set, allocation %ld failing: %s: %s", n, sm_strerror(st), err.msg);
-    }
-    CHECK(inits > 10 && n > 2, "the model initialised after %ld allocations, its hot set after %ld",
-          inits, n);
+    CHECK_EACH_ALLOCATION_FAILING(sm_model_build_hot_set(&m, stream, NULL, 400, &err), err);
     for (i = 0; i < 6; i++) inputs[i] = (i * 5) % cfg.vocab_size;
-    st = sm_model_forward(&m, inputs, inputs, NULL, 1, 6, &err);
-    CHECK(st == SM_OK, "forward: %s", err.msg);
+    CHECK(sm_model_forward(&m, inputs, inputs, NULL, 1, 6, &err) == SM_OK, "forward: %s", err.msg);
     sm_params_zero_grad(&m.params);
     sm_model_backward(&m);
     CHECK(isfinite(m.loss), "loss %g", m.loss);
@@ -3328,10 +3332,13 @@ static int test_data_bpe_save_load(void) {
     sm_bpe b, l;
     sm_error e;
     uint32_t t1[4096], t2[4096];
+    sm_bpe_config c = sm_bpe_default_config();
     size_t n1, n2, n = strlen(t_data_english);
-    CHECK_OK(t_data_train(&b, t_data_english, 350));
+    c.vocab_size = 350;
+    CHECK_EACH_ALLOCATION_FAILING(
+        sm_bpe_train(&b, &c, (const unsigned char *)t_data_english, n, &e), e);
     CHECK_OK(sm_bpe_save(&b, path, &e));
-    CHECK_OK(sm_bpe_load(&l, path, &e));
+    CHECK_EACH_ALLOCATION_FAILING(sm_bpe_load(&l, path, &e), e);
     CHECK(l.vocab_size == b.vocab_size && memcmp(l.merges, b.merges, b.n_merges * 8) == 0,
           "loaded merges differ");
     CHECK_OK(sm_bpe_encode(&b, (const unsigned char *)t_data_english, n, t1, &n1, NULL));
@@ -3401,12 +3408,13 @@ static int test_data_canon_tokens(void) {
     char text[8192] = "";
     sm_bpe b;
     sm_canon c;
+    sm_error e;
     uint32_t ids[6], i, j, hi, lo;
     for (i = 0; i < 20; i++)
         strcat(text, "The cat and the dog. The dog, the cat then. cafe caf\xc3\xa9 Cafe "
                      "caf\xc3\xa9. the caf\xc3\xa9 the cafe\nthe dog\ncafe\ncaf\xc3\xa9\n");
     CHECK_OK(t_data_train(&b, text, 340));
-    CHECK_OK(sm_canon_build(&c, &b, NULL));
+    CHECK_EACH_ALLOCATION_FAILING(sm_canon_build(&c, &b, &e), e);
     CHECK(c.vocab_size == b.vocab_size && c.n_canon < c.vocab_size, "n_canon %u of %u", c.n_canon,
           c.vocab_size);
     CHECK(fabs(sm_canon_ratio(&c) - (1.0 - (double)c.n_canon / c.vocab_size)) < 1e-6, "ratio");
@@ -3468,7 +3476,7 @@ static int test_data_token_file(void) {
         t.vocab_size = vocabs[v];
         for (i = 0; i < t.n_tokens; i++) t.tokens[i] = sm_rng_below(&r, vocabs[v]);
         CHECK_OK(sm_tokens_save(&t, path, &e));
-        CHECK_OK(sm_tokens_load(&l, path, vocabs[v], &e));
+        CHECK_EACH_ALLOCATION_FAILING(sm_tokens_load(&l, path, vocabs[v], &e), e);
         CHECK(t_data_tokens_equal(&t, &l), "round trip with vocab %u", vocabs[v]);
         sm_tokens_free(&l);
         CHECK(sm_tokens_load(&l, path, vocabs[v] + 1, &e) == SM_ERR_MISMATCH &&
@@ -3534,7 +3542,7 @@ static int test_data_llmc_shard(void) {
     int32_t i;
     for (i = 0; i < 100; i++) tok[i] = (uint16_t)(i % 10 == 0 ? 50256 : 1000 + i * 7);
     CHECK(t_data_write_llmc(path, SM_LLMC_MAGIC, tok, 100, 100) == 0, "write");
-    CHECK_OK(sm_tokens_load_llmc(&t, path, 50257, 50256, &e));
+    CHECK_EACH_ALLOCATION_FAILING(sm_tokens_load_llmc(&t, path, 50257, 50256, &e), e);
     CHECK(t.n_tokens == 100 && t.n_docs == 10 && t.vocab_size == 50257, "%zu tokens %zu docs",
           t.n_tokens, t.n_docs);
     for (i = 0; i < 100; i++) CHECK(t.tokens[i] == tok[i], "token %d", i);
@@ -3839,6 +3847,8 @@ static int test_gpt2_bpe_small(void) {
     size_t n;
     CHECK(system("mkdir -p " T_GPT2_DIR) == 0, "mkdir");
     CHECK(t_gpt2_small(&g, extra, merges, &e) == 0, "load: %s", e.msg);
+    sm_gpt2_free(&g);
+    CHECK_EACH_ALLOCATION_FAILING(sm_gpt2_load_dir(&g, T_GPT2_DIR, &e), e);
     CHECK(g.vocab_size == 262 && g.eot == 261 && g.n_merges == 4 && g.byte_token['a'] == 'a',
           "vocab %u eot %u merges %u", g.vocab_size, g.eot, g.n_merges);
     CHECK(g.n_pairs == 5, "%u pairs (4 merges + 1 read as one)", g.n_pairs);
@@ -4366,10 +4376,10 @@ static int test_mphf_save_load_roundtrip(void) {
     sm_writer w;
     sm_reader r;
     sm_error err;
-    CHECK(sm_mphf_build(&f, keys, n, &cfg, &err) == SM_OK, "%s", err.msg);
+    CHECK_EACH_ALLOCATION_FAILING(sm_mphf_build(&f, keys, n, &cfg, &err), err);
     CHECK(f.num_overflow > 0, "no overflowing pilots: the test misses that path");
     CHECK(sm_mphf_save(&f, path, &err) == SM_OK, "%s", err.msg);
-    CHECK(sm_mphf_load(&g, path, &err) == SM_OK, "%s", err.msg);
+    CHECK_EACH_ALLOCATION_FAILING(sm_mphf_load(&g, path, &err), err);
     if (t_mphf_same_function(&f, &g, keys, n)) return 1;
     sm_mphf_free(&g);
     /* embedded in another file, after other data, with fingerprints */
@@ -7289,7 +7299,7 @@ static int test_nine_write_read(void) {
     if (t_nine_setup(&f, 40, SM_NINE_ROUTE_MPHF, 8))
         return 1;
     CHECK_OK(sm_nine_save(&f.nine, path, NULL));
-    CHECK_OK(sm_nine_load(&back, path, NULL));
+    CHECK_EACH_ALLOCATION_FAILING(sm_nine_load(&back, path, &err), err);
     for (i = 0; i < 2; i++)
         CHECK(back.coverage[i] == f.nine.coverage[i] && back.cfg.n_hot[i] == 40 &&
                   back.hot_offset[i] == f.nine.hot_offset[i],
@@ -8058,7 +8068,7 @@ static int test_llmc_save_load_roundtrip(void) {
           "config from the header: V %d Vp %d T %d L %d NH %d C %d F %d", cfg.vocab_size, cfg.padded_vocab_size,
           cfg.seq_len, cfg.n_layer, cfg.n_head, cfg.d_model, cfg.d_ff);
     CHECK_OK(sm_model_init(&dst, &cfg, 2, 1, &err));
-    CHECK(sm_model_load_llmc(&dst, T_LLMC_PATH, &err) == SM_OK, "%s", err.msg);
+    CHECK_EACH_ALLOCATION_FAILING(sm_model_load_llmc(&dst, T_LLMC_PATH, &err), err);
     CHECK(dst.params.total == src.params.total &&
               memcmp(dst.params.data, src.params.data, src.params.total * sizeof(float)) == 0,
           "parameters differ after save and load");
@@ -8826,6 +8836,59 @@ static int test_parity_sinkhorn(void) {
 
 /* ---- >>safetensors -------------------------------------------------- */
 
+/* a's export (safetensors or llm.c) saved at path with the size a file may
+ * grow to (RLIMIT_FSIZE) set to limit bytes: writes past it fail (EFBIG),
+ * as they do on a full disk. */
+static sm_status t_save_with_size_limit(const sm_model *a, int llmc, const char *path, rlim_t limit,
+                                        sm_error *err) {
+    struct rlimit old, small;
+    void (*handler)(int) = signal(SIGXFSZ, SIG_IGN); /* else the process is killed */
+    sm_status st;
+    getrlimit(RLIMIT_FSIZE, &old);
+    small = old, small.rlim_cur = limit;
+    setrlimit(RLIMIT_FSIZE, &small);
+    st = llmc ? sm_model_save_llmc(a, path, err) : sm_model_save_safetensors(a, path, err);
+    setrlimit(RLIMIT_FSIZE, &old);
+    signal(SIGXFSZ, handler);
+    return st;
+}
+
+/* A save over an existing export that runs out of disk half way: it says
+ * the write failed, and the file there is as it was, with no temp file
+ * left beside it (safetensors and llm.c exports alike). */
+static int test_save_on_a_full_disk_keeps_the_file(void) {
+    const char *paths[2] = {"test_tmp_full.safetensors", "test_tmp_full_llmc.bin"};
+    sm_model_config c = t_tiny_gpt2_config();
+    sm_model a;
+    sm_error err;
+    int llmc;
+    CHECK_OK(sm_model_init(&a, &c, 1, 7, NULL));
+    for (llmc = 0; llmc < 2; llmc++) {
+        unsigned char *before, *after;
+        size_t n_before, n_after;
+        float kept = a.params.data[0];
+        char tmp[256];
+        sm_status st;
+        snprintf(tmp, sizeof tmp, "%s.tmp", paths[llmc]);
+        CHECK_OK(llmc ? sm_model_save_llmc(&a, paths[llmc], &err) : sm_model_save_safetensors(&a, paths[llmc], &err));
+        CHECK_OK(sm_read_file(paths[llmc], &before, &n_before, &err));
+        a.params.data[0] = kept + 1.0f;
+        st = t_save_with_size_limit(&a, llmc, paths[llmc], (rlim_t)(n_before / 2), &err);
+        a.params.data[0] = kept;
+        CHECK(st == SM_ERR_IO && strstr(err.msg, "write failed"), "%s on a full disk: %s: %.200s",
+              paths[llmc], sm_strerror(st), err.msg);
+        CHECK(access(tmp, F_OK) != 0, "a failed save left %s", tmp);
+        CHECK_OK(sm_read_file(paths[llmc], &after, &n_after, &err));
+        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0, "a failed save changed %s",
+              paths[llmc]);
+        sm_free(before), sm_free(after);
+        remove(paths[llmc]);
+    }
+    sm_model_free(&a);
+    return 0;
+}
+
+
 /* A small model with every module (Engram at layer 0, PEER at 1, mHC),
  * untied head, so every naming rule is used. */
 static sm_model_config t_st_config(void) {
@@ -8839,6 +8902,40 @@ static sm_model_config t_st_config(void) {
     c.peer.n_sub = 3, c.peer.heads = 2, c.peer.topk = 2, c.peer.d_key = 4;
     c.use_mhc = 1, c.mhc.n_streams = 2, c.mhc.channels = 8;
     return c;
+}
+
+/* Saving a changed a over its export at path, with the library's
+ * allocations failing after 0, 1, 2, ... calls until a save succeeds: each
+ * failed save says memory ran out and leaves the file as it was and no
+ * temp file. Then a, as it was, is saved there again. */
+static int t_save_out_of_memory_keeps_file(sm_model *a, const char *path) {
+    unsigned char *before, *after;
+    size_t n_before, n_after;
+    char tmp[256];
+    sm_error err;
+    sm_status st = SM_ERR_OOM;
+    float kept = a->params.data[0];
+    long n;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    CHECK_OK(sm_read_file(path, &before, &n_before, &err));
+    a->params.data[0] = kept + 1.0f;
+    for (n = 0; st != SM_OK; n++) {
+        t_allocs_left = n;
+        st = sm_model_save_safetensors(a, path, &err);
+        t_allocs_left = -1;
+        if (st == SM_OK) break;
+        CHECK(st == SM_ERR_OOM && strstr(err.msg, "out of memory"), "save, allocation %ld failing: %.300s", n,
+              err.msg);
+        CHECK(access(tmp, F_OK) != 0, "a failed save left %s", tmp);
+        CHECK_OK(sm_read_file(path, &after, &n_after, &err));
+        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0, "a failed save changed %s", path);
+        sm_free(after);
+    }
+    CHECK(n > 0, "the save allocates nothing");
+    a->params.data[0] = kept;
+    CHECK_OK(sm_model_save_safetensors(a, path, &err));
+    sm_free(before);
+    return 0;
 }
 
 /* The GPT-2 arch exports its LayerNorm biases under HF's names, with the
@@ -8855,13 +8952,14 @@ static int test_safetensors_gpt2_arch_roundtrip(void) {
     CHECK_OK(sm_model_init(&a, &c, 2, 7, NULL));
     for (i = 0; i < (int)a.params.total; i++) a.params.data[i] += 1e-3f * (float)(i % 7); /* biases not 0 */
     CHECK(sm_model_save_safetensors(&a, path, &err) == SM_OK, "save: %s", err.msg);
-    CHECK(sm_safetensors_load(&st, path, &err) == SM_OK, "load: %s", err.msg);
+    if (t_save_out_of_memory_keeps_file(&a, path)) return 1;
+    CHECK_EACH_ALLOCATION_FAILING(sm_safetensors_load(&st, path, &err), err);
     for (i = 0; i < 3; i++) CHECK(sm_safetensors_find(&st, bias[i]), "no tensor %s", bias[i]);
     CHECK(sm_model_config_from_safetensors(&st, &back, &err) == SM_OK, "config: %s", err.msg);
     CHECK(back.arch == SM_ARCH_GPT2 && back.padded_vocab_size == 48, "arch %d, padded vocabulary %d read back",
           back.arch, back.padded_vocab_size);
     CHECK_OK(sm_model_init(&b, &back, 2, 99, NULL));
-    CHECK(sm_model_load_safetensors(&b, &st, &err) == SM_OK, "import: %s", err.msg);
+    CHECK_EACH_ALLOCATION_FAILING(sm_model_load_safetensors(&b, &st, &err), err);
     CHECK(b.params.total == a.params.total &&
           memcmp(a.params.data, b.params.data, a.params.total * sizeof(float)) == 0, "parameters differ after import");
     sm_safetensors_free(&st), sm_model_free(&a), sm_model_free(&b);
@@ -9306,6 +9404,7 @@ static const t_case t_cases[] = {
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),
     T(test_params_decay_rule_every_tensor),
     T(test_model_init_out_of_memory_at_each_allocation), T(test_model_step_without_memory_for_scratch),
+    T(test_save_on_a_full_disk_keeps_the_file),
     T(test_profile_sums_to_step_and_names_modules),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
     T(test_adamw_vector_lanes_equal_scalar),
