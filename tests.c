@@ -2135,6 +2135,49 @@ static int t_cli(const char *cmdline, char *out, size_t out_size) {
     return t_in_child(t_cli_main, (void *)cmdline, out, out_size);
 }
 
+/* tr_train(arg) with the size a file may grow to (RLIMIT_FSIZE) at
+ * t_size_limit bytes: a write past it fails (EFBIG), as on a full disk. */
+static rlim_t t_size_limit;
+static int t_train_on_a_full_disk(void *arg) {
+    struct rlimit small;
+    signal(SIGXFSZ, SIG_IGN); /* else the child is killed at the first write past the limit */
+    getrlimit(RLIMIT_FSIZE, &small);
+    small.rlim_cur = t_size_limit;
+    setrlimit(RLIMIT_FSIZE, &small);
+    return tr_train((tr_opts *)arg);
+}
+
+/* A run resumed from its step-4 checkpoint whose next checkpoint cannot be
+ * written (the disk is full) stops saying so, and keeps the step-4 one
+ * whole, with no temp file beside it. */
+static int test_trainer_full_disk_keeps_checkpoint(void) {
+    const char *ckpt = "test_tmp_run_full/model.ckpt";
+    char out[4096];
+    unsigned char *before, *after;
+    size_t n_before, n_after;
+    sm_error err;
+    tr_opts o;
+    int rc;
+    t_remove_tree("test_tmp_run_full");
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_trainer_opts(&o, "test_tmp_run_full");
+    o.steps = 8, o.stop_after = 4;
+    CHECK(tr_train(&o) == 0, "the first half failed");
+    CHECK_OK(sm_read_file(ckpt, &before, &n_before, &err));
+    t_trainer_opts(&o, "test_tmp_run_full");
+    o.steps = 8, o.resume = 1;
+    t_size_limit = (rlim_t)(n_before / 2);
+    rc = t_in_child(t_train_on_a_full_disk, &o, out, sizeof out);
+    CHECK(rc == 1 && strstr(out, "checkpoint") && strstr(out, "write failed"),
+          "a checkpoint on a full disk: exit %d: %.300s", rc, out);
+    CHECK(!tr_exists("test_tmp_run_full/model.ckpt.tmp"), "a failed checkpoint left its temp file");
+    CHECK_OK(sm_read_file(ckpt, &after, &n_after, &err));
+    CHECK(n_after == n_before && memcmp(after, before, n_before) == 0, "the step-4 checkpoint changed");
+    sm_free(before), sm_free(after);
+    t_remove_tree("test_tmp_run_full");
+    return 0;
+}
+
 /* The command line's dispatch: help, an unknown command. */
 static int test_trainer_cli_commands(void) {
     char out[16384];
@@ -9392,6 +9435,7 @@ static const t_case t_cases[] = {
     T(test_trainer_corrupt_checkpoint_refused),
     T(test_trainer_crafted_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),
+    T(test_trainer_full_disk_keeps_checkpoint),
     T(test_trainer_cli_options),
     T(test_trainer_engram_mhc_option),
     T(test_trainer_cli_commands),
