@@ -142,6 +142,13 @@ $(GEMM_CHOICE): bench/bench_backbone | deps
 	$(RUN_ENV) ./bench/bench_backbone choose > $@ 2> $@.log
 	@tail -n 1 $@.log
 
+# bench_backbone on the trainer's GEMM (the choice above, or USE_CBLAS), so
+# bench/vs_llmc.sh can time the step as the trainer is built here too.
+build/bench_backbone_trainer: bench/bench_backbone.c bench/bench_common.h sparsemem.h $(BLAS_CHOICE) | deps
+	@mkdir -p build
+	$(CC) $(BUILD_FLAGS) -I. $(if $(HAVE_CBLAS),-DSM_BENCH_CBLAS) -o $@ $< $(LDLIBS) \
+	  $(if $(HAVE_CBLAS),-lopenblas) $(BLAS)
+
 tests: tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.h sparsemem_plot.h | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 

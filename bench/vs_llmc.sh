@@ -14,6 +14,9 @@
 # a scratch folder. Each round runs llm.c for STEPS timed steps (after its step
 # 0, which allocates) and then ours for as many; the medians over all rounds
 # and their ratio are printed. OMP_NUM_THREADS (default 2) applies to both.
+# Where `make` builds the trainer on OpenBLAS (build/gemm-choice: its
+# `choose` measurement found cblas_sgemm faster on this machine), each round
+# also times the step on that GEMM, and its ratio is printed as well.
 set -euo pipefail
 LLMC=${1:?usage: bash bench/vs_llmc.sh LLMC_DIR [ROUNDS] [STEPS]}
 ROUNDS=${2:-3}
@@ -25,8 +28,9 @@ command -v python3 >/dev/null || { echo "vs_llmc: python3 is needed to write the
 
 echo "building llm.c's train_gpt2 with its Makefile ($LLMC)"
 make -s -C "$LLMC" train_gpt2 >/dev/null
-echo "building bench/bench_backbone"
-make -s -C "$ROOT" bench/bench_backbone >/dev/null
+echo "building bench/bench_backbone, and it on the trainer's GEMM (build/bench_backbone_trainer)"
+make -s -C "$ROOT" bench/bench_backbone build/bench_backbone_trainer >/dev/null
+TRAINER_ON_BLAS=$(grep -q SM_USE_CBLAS "$ROOT/build/gemm-choice" 2>/dev/null && echo 1 || echo 0)
 
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -67,17 +71,23 @@ llmc_round() {
     wait "$pid" 2>/dev/null || true
     awk -v n="$STEPS" '/^step [0-9]+: train loss/ { s = $2 + 0; if (s >= 1 && s <= n) print $(NF-1) / 1000 }' "$WORK/llmc.log"
 }
-ours_round() {
-    "$ROOT/bench/bench_backbone" gpt2-steps "$STEPS" | tee "$WORK/ours.log" | awk '/^gpt2-step / { print $2 }'
+ours_round() { # $1: the binary, $2: its output's copy
+    "$1" gpt2-steps "$STEPS" | tee "$2" | awk '/^gpt2-step / { print $2 }'
 }
 median() { sort -g | awk '{ v[NR] = $1 } END { print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 : > "$WORK/llmc.txt"
 : > "$WORK/ours.txt"
+: > "$WORK/blas.txt"
 for r in $(seq 1 "$ROUNDS"); do
     llmc_round >> "$WORK/llmc.txt"
-    ours_round >> "$WORK/ours.txt"
-    echo "round $r/$ROUNDS: llm.c $(tail -n "$STEPS" "$WORK/llmc.txt" | median) s/step, ours $(tail -n "$STEPS" "$WORK/ours.txt" | median) s/step"
+    ours_round "$ROOT/bench/bench_backbone" "$WORK/ours.log" >> "$WORK/ours.txt"
+    line="round $r/$ROUNDS: llm.c $(tail -n "$STEPS" "$WORK/llmc.txt" | median) s/step, ours $(tail -n "$STEPS" "$WORK/ours.txt" | median) s/step"
+    if [ "$TRAINER_ON_BLAS" = 1 ]; then
+        ours_round "$ROOT/build/bench_backbone_trainer" "$WORK/blas.log" >> "$WORK/blas.txt"
+        line="$line, ours on OpenBLAS $(tail -n "$STEPS" "$WORK/blas.txt" | median) s/step"
+    fi
+    echo "$line"
 done
 [ -s "$WORK/llmc.txt" ] && [ -s "$WORK/ours.txt" ] || { echo "vs_llmc: a run printed no step times" >&2; exit 1; }
 L=$(median < "$WORK/llmc.txt")
@@ -86,3 +96,8 @@ echo "cpu: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')
 echo "llm.c train_gpt2 (commit $(git -C "$LLMC" rev-parse --short HEAD 2>/dev/null || echo unknown)): $L s/step (median of $(wc -l < "$WORK/llmc.txt") steps)"
 echo "sparsemem (sm_sgemm path $(awk '/^sm_sgemm path:/ { print $3 }' "$WORK/ours.log")): $O s/step (median of $(wc -l < "$WORK/ours.txt") steps)"
 awk -v l="$L" -v o="$O" 'BEGIN { printf "speed-up llm.c / ours = %.2fx (target >= 4)\n", l / o }'
+if [ -s "$WORK/blas.txt" ]; then
+    B=$(median < "$WORK/blas.txt")
+    echo "sparsemem as \`make\` builds the trainer here (cblas_sgemm: OpenBLAS won its \`choose\`): $B s/step (median of $(wc -l < "$WORK/blas.txt") steps)"
+    awk -v l="$L" -v o="$B" 'BEGIN { printf "speed-up llm.c / ours on OpenBLAS = %.2fx\n", l / o }'
+fi
