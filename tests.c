@@ -2135,6 +2135,47 @@ static int t_cli(const char *cmdline, char *out, size_t out_size) {
     return t_in_child(t_cli_main, (void *)cmdline, out, out_size);
 }
 
+/* tr_train(arg) with the library's allocations failing after
+ * t_child_allocs_left more; prints how many were left at its end. */
+static long t_child_allocs_left;
+static int t_train_out_of_memory(void *arg) {
+    int rc;
+    t_allocs_left = t_child_allocs_left;
+    rc = tr_train((tr_opts *)arg);
+    printf("allocations left %ld\n", t_allocs_left);
+    return rc;
+}
+
+/* Training runs (in child processes) out of memory at 100 allocations
+ * spread over a whole run: each either completes (a product then runs the
+ * loop that needs no scratch) or stops with exit status 1 saying what ran
+ * out; none crashes. */
+static int test_trainer_out_of_memory_anywhere(void) {
+    const long plenty = 1L << 40;
+    char out[8192];
+    const char *left;
+    tr_opts o;
+    long total, n;
+    int rc, k;
+    t_write_corpus("test_tmp_corpus.txt", 3);
+    t_remove_tree("test_tmp_run_oom");
+    t_trainer_opts(&o, "test_tmp_run_oom");
+    t_child_allocs_left = plenty;
+    rc = t_in_child(t_train_out_of_memory, &o, out, sizeof out);
+    CHECK(rc == 0 && (left = strstr(out, "allocations left ")) != NULL, "the run: exit %d: %.300s", rc, out);
+    total = plenty - strtol(left + 17, NULL, 10);
+    for (k = 0; k < 100; k++) {
+        n = total * k / 100;
+        t_remove_tree("test_tmp_run_oom");
+        t_child_allocs_left = n;
+        rc = t_in_child(t_train_out_of_memory, &o, out, sizeof out);
+        CHECK(rc == 0 || (rc == 1 && strstr(out, "out of memory")), "allocation %ld of %ld failing: exit %d: %.300s",
+              n, total, rc, out);
+    }
+    t_remove_tree("test_tmp_run_oom");
+    return 0;
+}
+
 /* tr_train(arg) with the size a file may grow to (RLIMIT_FSIZE) at
  * t_size_limit bytes: a write past it fails (EFBIG), as on a full disk. */
 static rlim_t t_size_limit;
@@ -9436,6 +9477,7 @@ static const t_case t_cases[] = {
     T(test_trainer_crafted_checkpoint_refused),
     T(test_trainer_nan_guard_keeps_checkpoint),
     T(test_trainer_full_disk_keeps_checkpoint),
+    T(test_trainer_out_of_memory_anywhere),
     T(test_trainer_cli_options),
     T(test_trainer_engram_mhc_option),
     T(test_trainer_cli_commands),
