@@ -69,9 +69,11 @@ static void *t_realloc(void *p, size_t n) { return t_may_allocate() ? realloc(p,
             t__st = (call);                                                                        \
             t_allocs_left = -1;                                                                    \
             CHECK(t__st == SM_OK || (t__st == SM_ERR_OOM && strstr((err).msg, "out of memory")),   \
-                  "%s, allocation %ld failing: %s: %.200s", #call, t__n, sm_strerror(t__st), (err).msg); \
+                  "%s, allocation %ld failing: %s: %.200s", #call, t__n, sm_strerror(t__st),        \
+                  (err).msg);                                                                      \
         }                                                                                          \
-        CHECK(t__st == SM_OK && t__n > 1, "%s: %s after %ld tries", #call, sm_strerror(t__st), t__n); \
+        CHECK(t__st == SM_OK && t__n > 1, "%s: %s after %ld tries", #call, sm_strerror(t__st),     \
+              t__n);                                                                               \
     } while (0)
 
 static double t_max_abs_diff(const float *a, const float *b, size_t n) {
@@ -2162,15 +2164,16 @@ static int test_trainer_out_of_memory_anywhere(void) {
     t_trainer_opts(&o, "test_tmp_run_oom");
     t_child_allocs_left = plenty;
     rc = t_in_child(t_train_out_of_memory, &o, out, sizeof out);
-    CHECK(rc == 0 && (left = strstr(out, "allocations left ")) != NULL, "the run: exit %d: %.300s", rc, out);
+    left = strstr(out, "allocations left ");
+    CHECK(rc == 0 && left != NULL, "the run: exit %d: %.300s", rc, out);
     total = plenty - strtol(left + 17, NULL, 10);
     for (k = 0; k < 100; k++) {
         n = total * k / 100;
         t_remove_tree("test_tmp_run_oom");
         t_child_allocs_left = n;
         rc = t_in_child(t_train_out_of_memory, &o, out, sizeof out);
-        CHECK(rc == 0 || (rc == 1 && strstr(out, "out of memory")), "allocation %ld of %ld failing: exit %d: %.300s",
-              n, total, rc, out);
+        CHECK(rc == 0 || (rc == 1 && strstr(out, "out of memory")),
+              "allocation %ld of %ld failing: exit %d: %.300s", n, total, rc, out);
     }
     t_remove_tree("test_tmp_run_oom");
     return 0;
@@ -2213,7 +2216,8 @@ static int test_trainer_full_disk_keeps_checkpoint(void) {
           "a checkpoint on a full disk: exit %d: %.300s", rc, out);
     CHECK(!tr_exists("test_tmp_run_full/model.ckpt.tmp"), "a failed checkpoint left its temp file");
     CHECK_OK(sm_read_file(ckpt, &after, &n_after, &err));
-    CHECK(n_after == n_before && memcmp(after, before, n_before) == 0, "the step-4 checkpoint changed");
+    CHECK(n_after == n_before && memcmp(after, before, n_before) == 0,
+          "the step-4 checkpoint changed");
     sm_free(before), sm_free(after);
     t_remove_tree("test_tmp_run_full");
     return 0;
@@ -3031,16 +3035,16 @@ static int test_model_step_without_memory_for_scratch(void) {
         largest = fmax(largest, fabs(grad[k]));
     }
     CHECK(fabsf(m.loss - loss) <= 1e-5f * loss, "loss %.8g, with memory %.8g", m.loss, loss);
-    CHECK(largest > 0 && worst <= 1e-4 * largest, "gradient %.3g off the one with memory (largest %.3g)",
-          worst, largest);
+    CHECK(largest > 0 && worst <= 1e-4 * largest,
+          "gradient %.3g off the one with memory (largest %.3g)", worst, largest);
     sm_model_free(&m);
     free(grad);
     cfg = t_profile_config(1);
     CHECK(cfg.use_peer && cfg.use_nine, "the model has no PEER layer or no hot tier");
     if (t_model_with_hot_set(&m, &cfg)) return 1;
     st = t_step_without_memory(&m, in, tg, &err);
-    CHECK(st == SM_ERR_OOM && strstr(err.msg, "out of memory"), "PEER and the hot tier with no memory: %s: %s",
-          sm_strerror(st), err.msg);
+    CHECK(st == SM_ERR_OOM && strstr(err.msg, "out of memory"),
+          "PEER and the hot tier with no memory: %s: %s", sm_strerror(st), err.msg);
     sm_model_free(&m);
     return 0;
 }
@@ -8954,7 +8958,8 @@ static int test_save_on_a_full_disk_keeps_the_file(void) {
         char tmp[256];
         sm_status st;
         snprintf(tmp, sizeof tmp, "%s.tmp", paths[llmc]);
-        CHECK_OK(llmc ? sm_model_save_llmc(&a, paths[llmc], &err) : sm_model_save_safetensors(&a, paths[llmc], &err));
+        CHECK_OK(llmc ? sm_model_save_llmc(&a, paths[llmc], &err)
+                      : sm_model_save_safetensors(&a, paths[llmc], &err));
         CHECK_OK(sm_read_file(paths[llmc], &before, &n_before, &err));
         a.params.data[0] = kept + 1.0f;
         st = t_save_with_size_limit(&a, llmc, paths[llmc], (rlim_t)(n_before / 2), &err);
@@ -8963,8 +8968,8 @@ static int test_save_on_a_full_disk_keeps_the_file(void) {
               paths[llmc], sm_strerror(st), err.msg);
         CHECK(access(tmp, F_OK) != 0, "a failed save left %s", tmp);
         CHECK_OK(sm_read_file(paths[llmc], &after, &n_after, &err));
-        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0, "a failed save changed %s",
-              paths[llmc]);
+        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0,
+              "a failed save changed %s", paths[llmc]);
         sm_free(before), sm_free(after);
         remove(paths[llmc]);
     }
@@ -9008,11 +9013,12 @@ static int t_save_out_of_memory_keeps_file(sm_model *a, const char *path) {
         st = sm_model_save_safetensors(a, path, &err);
         t_allocs_left = -1;
         if (st == SM_OK) break;
-        CHECK(st == SM_ERR_OOM && strstr(err.msg, "out of memory"), "save, allocation %ld failing: %.300s", n,
-              err.msg);
+        CHECK(st == SM_ERR_OOM && strstr(err.msg, "out of memory"),
+              "save, allocation %ld failing: %.300s", n, err.msg);
         CHECK(access(tmp, F_OK) != 0, "a failed save left %s", tmp);
         CHECK_OK(sm_read_file(path, &after, &n_after, &err));
-        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0, "a failed save changed %s", path);
+        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0,
+              "a failed save changed %s", path);
         sm_free(after);
     }
     CHECK(n > 0, "the save allocates nothing");
@@ -9489,7 +9495,8 @@ static const t_case t_cases[] = {
     T(test_adamw_eps_matters),
     T(test_adamw_sparse_rows_equal_dense), T(test_adamw_sparse_rows_are_lazy),
     T(test_params_decay_rule_every_tensor),
-    T(test_model_init_out_of_memory_at_each_allocation), T(test_model_step_without_memory_for_scratch),
+    T(test_model_init_out_of_memory_at_each_allocation),
+    T(test_model_step_without_memory_for_scratch),
     T(test_save_on_a_full_disk_keeps_the_file),
     T(test_profile_sums_to_step_and_names_modules),
     T(test_grad_clip_and_schedule), T(test_optimizer_deterministic_across_threads),
