@@ -318,9 +318,10 @@ SMDEF const char *sm_sgemm_path(void);
  * operands, the score gradients and the sub-key scores, from call to call:
  * one set per calling thread, grown to the largest call's (a few MB per
  * thread for GPT-2's shapes). This frees the calling thread's; a thread
- * that called them and exits without it leaves its set allocated. No-op with SM_NO_THREAD_BUFFERS or where the
- * compiler has no thread-local storage (neither GNU C nor C11): there each
- * call allocates and frees its own. */
+ * that called them and exits without it leaves its set allocated. No-op
+ * with SM_NO_THREAD_BUFFERS or where the compiler has no thread-local
+ * storage (neither GNU C nor C11): there each call allocates and frees its
+ * own. */
 SMDEF void sm_free_thread_buffers(void);
 
 /* ---- >>params  Parameter buffers ---------------------------------------

@@ -76,6 +76,42 @@ static void *t_realloc(void *p, size_t n) { return t_may_allocate() ? realloc(p,
               t__n);                                                                               \
     } while (0)
 
+/* Files may grow to `limit` bytes (RLIMIT_FSIZE): a write past it fails
+ * (EFBIG), as on a full disk, instead of killing the process (SIGXFSZ).
+ * The limit before into *old; the SIGXFSZ handler before returned. */
+static void (*t_limit_file_size(rlim_t limit, struct rlimit *old))(int) {
+    struct rlimit small;
+    void (*handler)(int) = signal(SIGXFSZ, SIG_IGN);
+    getrlimit(RLIMIT_FSIZE, old);
+    small = *old, small.rlim_cur = limit;
+    setrlimit(RLIMIT_FSIZE, &small);
+    return handler;
+}
+
+/* What a failed atomic write must leave: the file at path holding exactly
+ * before[0..n), and no temp file (path.tmp) beside it. */
+static int t_file_kept(const char *path, const unsigned char *before, size_t n) {
+    char tmp[256];
+    unsigned char *after;
+    size_t n_after;
+    sm_error err;
+    int same;
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    CHECK(access(tmp, F_OK) != 0, "a failed write left %s", tmp);
+    CHECK_OK(sm_read_file(path, &after, &n_after, &err));
+    same = n_after == n && memcmp(after, before, n) == 0;
+    sm_free(after);
+    CHECK(same, "a failed write changed %s", path);
+    return 0;
+}
+
+/* The 400-token stream the tests build hot sets from: 4 of every 7
+ * positions repeat a short cycle, so some n-grams are frequent. */
+static void t_hot_stream(uint32_t stream[400]) {
+    int i;
+    for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
+}
+
 static double t_max_abs_diff(const float *a, const float *b, size_t n) {
     double m = 0;
     size_t i;
@@ -1639,7 +1675,7 @@ static int test_model_nine_iso_and_gradient(void) {
     CHECK_OK(sm_model_init(&nine, &ncfg, 2, 10, &err));
     CHECK(hash.params.total == nine.params.total, "not iso-parameter: hash %zu vs nine %zu", hash.params.total,
           nine.params.total);
-    for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
+    t_hot_stream(stream);
     CHECK(sm_model_forward(&nine, inputs, targets, NULL, 2, 6, &err) == SM_ERR_INVALID_ARG, "forward without a hot set");
     CHECK_OK(sm_model_build_hot_set(&nine, stream, NULL, 400, &err));
     CHECK_OK(sm_model_forward(&nine, inputs, targets, NULL, 2, 6, &err));
@@ -2183,11 +2219,8 @@ static int test_trainer_out_of_memory_anywhere(void) {
  * t_size_limit bytes: a write past it fails (EFBIG), as on a full disk. */
 static rlim_t t_size_limit;
 static int t_train_on_a_full_disk(void *arg) {
-    struct rlimit small;
-    signal(SIGXFSZ, SIG_IGN); /* else the child is killed at the first write past the limit */
-    getrlimit(RLIMIT_FSIZE, &small);
-    small.rlim_cur = t_size_limit;
-    setrlimit(RLIMIT_FSIZE, &small);
+    struct rlimit old;
+    t_limit_file_size(t_size_limit, &old);
     return tr_train((tr_opts *)arg);
 }
 
@@ -2197,8 +2230,8 @@ static int t_train_on_a_full_disk(void *arg) {
 static int test_trainer_full_disk_keeps_checkpoint(void) {
     const char *ckpt = "test_tmp_run_full/model.ckpt";
     char out[4096];
-    unsigned char *before, *after;
-    size_t n_before, n_after;
+    unsigned char *before;
+    size_t n_before;
     sm_error err;
     tr_opts o;
     int rc;
@@ -2214,11 +2247,8 @@ static int test_trainer_full_disk_keeps_checkpoint(void) {
     rc = t_in_child(t_train_on_a_full_disk, &o, out, sizeof out);
     CHECK(rc == 1 && strstr(out, "checkpoint") && strstr(out, "write failed"),
           "a checkpoint on a full disk: exit %d: %.300s", rc, out);
-    CHECK(!tr_exists("test_tmp_run_full/model.ckpt.tmp"), "a failed checkpoint left its temp file");
-    CHECK_OK(sm_read_file(ckpt, &after, &n_after, &err));
-    CHECK(n_after == n_before && memcmp(after, before, n_before) == 0,
-          "the step-4 checkpoint changed");
-    sm_free(before), sm_free(after);
+    if (t_file_kept(ckpt, before, n_before)) return 1;
+    sm_free(before);
     t_remove_tree("test_tmp_run_full");
     return 0;
 }
@@ -2938,7 +2968,7 @@ static int test_model_init_out_of_memory_at_each_allocation(void) {
     uint32_t stream[400];
     int inputs[6], i;
     CHECK_EACH_ALLOCATION_FAILING(sm_model_init(&m, &cfg, 1, 3, &err), err);
-    for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
+    t_hot_stream(stream);
     CHECK_EACH_ALLOCATION_FAILING(sm_model_build_hot_set(&m, stream, NULL, 400, &err), err);
     for (i = 0; i < 6; i++) inputs[i] = (i * 5) % cfg.vocab_size;
     CHECK(sm_model_forward(&m, inputs, inputs, NULL, 1, 6, &err) == SM_OK, "forward: %s", err.msg);
@@ -2974,8 +3004,7 @@ static double t_profiled_step(sm_model *m, sm_profile *prof, const int *in, cons
 /* A model of cfg for batches of 4, its hot set built when it has Engram-Nine. */
 static int t_model_with_hot_set(sm_model *m, const sm_model_config *cfg) {
     uint32_t stream[400];
-    int i;
-    for (i = 0; i < 400; i++) stream[i] = (uint32_t)(i % 7 < 4 ? (i % 7) * 2 + 1 : (i * 5) % 11);
+    t_hot_stream(stream);
     CHECK_OK(sm_model_init(m, cfg, 4, 3, NULL));
     if (cfg->use_nine) CHECK_OK(sm_model_build_hot_set(m, stream, NULL, 400, NULL));
     return 0;
@@ -8929,12 +8958,9 @@ static int test_parity_sinkhorn(void) {
  * as they do on a full disk. */
 static sm_status t_save_with_size_limit(const sm_model *a, int llmc, const char *path, rlim_t limit,
                                         sm_error *err) {
-    struct rlimit old, small;
-    void (*handler)(int) = signal(SIGXFSZ, SIG_IGN); /* else the process is killed */
+    struct rlimit old;
+    void (*handler)(int) = t_limit_file_size(limit, &old);
     sm_status st;
-    getrlimit(RLIMIT_FSIZE, &old);
-    small = old, small.rlim_cur = limit;
-    setrlimit(RLIMIT_FSIZE, &small);
     st = llmc ? sm_model_save_llmc(a, path, err) : sm_model_save_safetensors(a, path, err);
     setrlimit(RLIMIT_FSIZE, &old);
     signal(SIGXFSZ, handler);
@@ -8952,12 +8978,10 @@ static int test_save_on_a_full_disk_keeps_the_file(void) {
     int llmc;
     CHECK_OK(sm_model_init(&a, &c, 1, 7, NULL));
     for (llmc = 0; llmc < 2; llmc++) {
-        unsigned char *before, *after;
-        size_t n_before, n_after;
+        unsigned char *before;
+        size_t n_before;
         float kept = a.params.data[0];
-        char tmp[256];
         sm_status st;
-        snprintf(tmp, sizeof tmp, "%s.tmp", paths[llmc]);
         CHECK_OK(llmc ? sm_model_save_llmc(&a, paths[llmc], &err)
                       : sm_model_save_safetensors(&a, paths[llmc], &err));
         CHECK_OK(sm_read_file(paths[llmc], &before, &n_before, &err));
@@ -8966,11 +8990,8 @@ static int test_save_on_a_full_disk_keeps_the_file(void) {
         a.params.data[0] = kept;
         CHECK(st == SM_ERR_IO && strstr(err.msg, "write failed"), "%s on a full disk: %s: %.200s",
               paths[llmc], sm_strerror(st), err.msg);
-        CHECK(access(tmp, F_OK) != 0, "a failed save left %s", tmp);
-        CHECK_OK(sm_read_file(paths[llmc], &after, &n_after, &err));
-        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0,
-              "a failed save changed %s", paths[llmc]);
-        sm_free(before), sm_free(after);
+        if (t_file_kept(paths[llmc], before, n_before)) return 1;
+        sm_free(before);
         remove(paths[llmc]);
     }
     sm_model_free(&a);
@@ -8998,14 +9019,12 @@ static sm_model_config t_st_config(void) {
  * failed save says memory ran out and leaves the file as it was and no
  * temp file. Then a, as it was, is saved there again. */
 static int t_save_out_of_memory_keeps_file(sm_model *a, const char *path) {
-    unsigned char *before, *after;
-    size_t n_before, n_after;
-    char tmp[256];
+    unsigned char *before;
+    size_t n_before;
     sm_error err;
     sm_status st = SM_ERR_OOM;
     float kept = a->params.data[0];
     long n;
-    snprintf(tmp, sizeof tmp, "%s.tmp", path);
     CHECK_OK(sm_read_file(path, &before, &n_before, &err));
     a->params.data[0] = kept + 1.0f;
     for (n = 0; st != SM_OK; n++) {
@@ -9015,11 +9034,7 @@ static int t_save_out_of_memory_keeps_file(sm_model *a, const char *path) {
         if (st == SM_OK) break;
         CHECK(st == SM_ERR_OOM && strstr(err.msg, "out of memory"),
               "save, allocation %ld failing: %.300s", n, err.msg);
-        CHECK(access(tmp, F_OK) != 0, "a failed save left %s", tmp);
-        CHECK_OK(sm_read_file(path, &after, &n_after, &err));
-        CHECK(n_after == n_before && memcmp(after, before, n_before) == 0,
-              "a failed save changed %s", path);
-        sm_free(after);
+        if (t_file_kept(path, before, n_before)) return 1;
     }
     CHECK(n > 0, "the save allocates nothing");
     a->params.data[0] = kept;
