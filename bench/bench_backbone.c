@@ -39,6 +39,7 @@
 #define SM_PROFILE /* for `profile`; the other modes attach no profile */
 #include "sparsemem.h"
 #include "bench_common.h"
+#include <ctype.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
@@ -67,6 +68,37 @@ static void blas(int ta, int tb, int M, int N, int K, const float *A, int lda, c
                  int ldb, float beta, float *C) {
     cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, M,
                 N, K, 1.0f, A, lda, B, ldb, beta, C, N);
+}
+#endif
+
+#ifdef SM_BENCH_CBLAS
+/* Whether OpenBLAS runs kernels made for AVX2 or AVX-512 (its core names,
+ * any case). */
+static int openblas_core_is_wide(const char *core) {
+    static const char *wide[] = {"haswell", "zen", "skylakex", "cooperlake", "sapphirerapids"};
+    char lower[64];
+    size_t i;
+    for (i = 0; core[i] && i + 1 < sizeof lower; i++) lower[i] = (char)tolower((unsigned char)core[i]);
+    lower[i] = 0;
+    for (i = 0; i < sizeof wide / sizeof wide[0]; i++)
+        if (strcmp(lower, wide[i]) == 0) return 1;
+    return 0;
+}
+
+/* OpenBLAS picks its kernels at run time from the CPU's family and model; a
+ * release older than the CPU does not know it and runs the kernels of an old
+ * one (Debian's 0.3.21 runs its SSE3 "Prescott" kernels on a family 6 model
+ * 207 Xeon, at a fifth of their AVX-512 speed). Prints which it runs, and
+ * says so where they are narrower than sm_sgemm's path, so that a ratio is
+ * not read as one against OpenBLAS at its best on this CPU. */
+static void print_openblas_kernels(FILE *out) {
+    const char *path = sm_sgemm_path(), *core = openblas_get_corename();
+    fprintf(out, "OpenBLAS: %s\n", openblas_get_config());
+    if (strcmp(path, "avx512") != 0 && strcmp(path, "avx2") != 0) return;
+    if (openblas_core_is_wide(core)) return;
+    fprintf(out, "  (OpenBLAS runs its %s kernels here: it does not know this CPU; the ratios below are\n"
+                 "   against those. OPENBLAS_CORETYPE=%s runs its %s ones)\n",
+            core, strcmp(path, "avx512") == 0 ? "SkylakeX" : "Haswell", path);
 }
 #endif
 
@@ -133,6 +165,9 @@ static double bench_shape(FILE *out, const gemm_shape *s, int rounds) {
 static double bench_shapes(FILE *out, const gemm_shape *shapes, int n, int rounds) {
     double log_sum = 0;
     int i;
+#ifdef SM_BENCH_CBLAS
+    print_openblas_kernels(out);
+#endif
     fprintf(out, "GEMM GFLOP/s, %d threads, median of %d interleaved rounds (NT: C = A B^T; NN, TN: C +=, as in the model)\n",
             sm_num_threads(), rounds);
 #ifdef SM_BENCH_CBLAS
