@@ -71,6 +71,15 @@ static void blas(int ta, int tb, int M, int N, int K, const float *A, int lda, c
 }
 #endif
 
+/* The CPU whose kernels OpenBLAS runs here ("none" built without it). */
+static const char *openblas_kernels(void) {
+#ifdef SM_BENCH_CBLAS
+    return openblas_get_corename();
+#else
+    return "none";
+#endif
+}
+
 #ifdef SM_BENCH_CBLAS
 /* Whether OpenBLAS runs kernels made for AVX2 or AVX-512 (its core names,
  * any case). */
@@ -92,7 +101,7 @@ static int openblas_core_is_wide(const char *core) {
  * says so where they are narrower than sm_sgemm's path, so that a ratio is
  * not read as one against OpenBLAS at its best on this CPU. */
 static void print_openblas_kernels(FILE *out) {
-    const char *path = sm_sgemm_path(), *core = openblas_get_corename();
+    const char *path = sm_sgemm_path(), *core = openblas_kernels();
     fprintf(out, "OpenBLAS: %s\n", openblas_get_config());
     if (strcmp(path, "avx512") != 0 && strcmp(path, "avx2") != 0) return;
     if (openblas_core_is_wide(core)) return;
@@ -195,8 +204,9 @@ static void choose_gemm(void) {
     double ratio = bench_shapes(stderr, tiny, 6, 7);
     int use_blas = ratio > 0 && ratio < 1.0;
     cpu_model(cpu, sizeof cpu);
-    fprintf(stderr, "sm_sgemm (%s) / OpenBLAS speed on %s: %.2f (geometric mean): the trainer uses %s\n",
-            sm_sgemm_path(), cpu, ratio, use_blas ? "OpenBLAS (USE_CBLAS=0 overrides)" : "sm_sgemm (USE_CBLAS=1 overrides)");
+    fprintf(stderr, "sm_sgemm (%s) / OpenBLAS (%s kernels) speed on %s: %.2f (geometric mean): the trainer uses %s\n",
+            sm_sgemm_path(), openblas_kernels(), cpu, ratio,
+            use_blas ? "OpenBLAS (USE_CBLAS=0 overrides)" : "sm_sgemm (USE_CBLAS=1 overrides)");
     if (use_blas) printf("-DSM_USE_CBLAS -lopenblas\n");
 }
 
