@@ -2278,12 +2278,24 @@ static void tr_finish_run(tr_run *r, const tr_opts *o, tr_outputs *w) {
     if (w->lead) tr_plot_losses(o);
 }
 
+/* The GEMM a run's products go through, for the start-up line: on the CPU
+ * the one `make` chose (bench_backbone choose) or USE_CBLAS named. */
+static const char *tr_gemm_name(char *out, size_t n, const char *device) {
+    if (strcmp(device, "cuda") == 0)
+        snprintf(out, n, "cuBLAS");
+    else if (strcmp(sm_sgemm_path(), "cblas") == 0)
+        snprintf(out, n, "cblas_sgemm");
+    else
+        snprintf(out, n, "sm_sgemm (%s)", sm_sgemm_path());
+    return out;
+}
+
 /* Returns 0 on success, 2 when stopped by the NaN guard (on every rank:
  * the loss and the gradient norm they test are global). */
 static int tr_train(tr_opts *o) {
     tr_run r;
     tr_outputs w;
-    char msg[256];
+    char msg[256], gemm[32];
     double loss = NAN;
     long end;
     int lead = tr_comm->rank == 0, every;
@@ -2293,9 +2305,10 @@ static int tr_train(tr_opts *o) {
     end = o->stop_after > 0 && o->stop_after < o->steps ? o->stop_after : o->steps;
     tr_outputs_open(&w, o, &r);
     if (!o->quiet)
-        printf("model: %zu parameters%s, %d sublayers, %d threads x %d processes; %zu train / %zu val tokens\n",
+        printf("model: %zu parameters%s, %d sublayers, %d threads x %d processes, GEMM %s; %zu train / %zu val tokens\n",
                r.model.params.total, sm_model_is_sharded(&r.model) ? " on rank 0 (tables sharded)" : "",
-               r.model.n_sub, sm_num_threads(), tr_comm->size, r.data.train.n_tokens, r.data.val.n_tokens);
+               r.model.n_sub, sm_num_threads(), tr_comm->size, tr_gemm_name(gemm, sizeof gemm, o->device),
+               r.data.train.n_tokens, r.data.val.n_tokens);
     while (r.step < end) {
         if (tr_step(&r, o, &loss, msg, sizeof msg) != 0) {
             if (lead) {
