@@ -3355,15 +3355,17 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
     sm__gemm_store_acc(C, ldc, alpha, acc, rows, cols, overwrite);
 }
 
-/* sm__gemm_micro on a whole MR-row tile of a row-major A read where it
- * is (row i at A + i lda) instead of packed: for an A that serves a single
- * panel of B, which packing would copy (and transpose) for one use. */
-static void sm__gemm_micro_in_place(int kc, const float *A, int lda, const float *Bp, float *C,
-                                    int ldc, int cols, int overwrite) {
+/* sm__gemm_micro on a whole MR-row tile of op(A) read where it is instead
+ * of packed, element (i, k) at A + k a_step + i a_gap (a row-major A: 1 and
+ * lda; a transposed one: lda and 1): for an op(A) that serves one or two
+ * panels of B, which packing would copy (and transpose) for as few uses. */
+static void sm__gemm_micro_in_place(int kc, const float *A, size_t a_step, size_t a_gap,
+                                    const float *Bp, float alpha, float *C, int ldc, int cols,
+                                    int overwrite) {
     sm__vf acc[SM__MR][SM__NV];
     sm__gemm_acc_zero(acc);
-    sm__gemm_micro_acc_strided(kc, A, 1, (size_t)lda, Bp, SM__NR, acc);
-    sm__gemm_store_acc(C, ldc, 1.0f, acc, SM__MR, cols, overwrite);
+    sm__gemm_micro_acc_strided(kc, A, a_step, a_gap, Bp, SM__NR, acc);
+    sm__gemm_store_acc(C, ldc, alpha, acc, SM__MR, cols, overwrite);
 }
 
 #if defined(__SSE__)
@@ -3601,6 +3603,33 @@ static void sm__gemm_macro(int mc, int nc, int kc, float alpha, const float *Ap,
     }
 }
 
+/* C[mc x nc block] += alpha * op(A) Bp (= with `overwrite`) with op(A)
+ * read where it is (sm__gemm_micro_in_place), for a block of at most
+ * SM__A_IN_PLACE_PANELS panels of B: packing would copy each element of
+ * op(A) for one or two uses (attention's products per head, N = hs). A
+ * last tile of fewer than MR rows is packed, so that no row past the
+ * block's is read. The same arithmetic as sm__gemm_macro. */
+#define SM__A_IN_PLACE_PANELS 2
+static void sm__gemm_macro_a_in_place(const sm__gemm_job *g, int i0, int mc, int p0, int kc,
+                                      float *C, int nc, const float *Bp, float *Ap, int overwrite) {
+    size_t a_step = g->trans_a ? (size_t)g->lda : 1, a_gap = g->trans_a ? 1 : (size_t)g->lda;
+    int ip, jp;
+    for (ip = 0; ip < mc; ip += SM__MR) {
+        int rows = mc - ip < SM__MR ? mc - ip : SM__MR;
+        const float *A = g->A + (size_t)(i0 + ip) * a_gap + (size_t)p0 * a_step;
+        if (rows < SM__MR) sm__pack_a(g, i0 + ip, rows, p0, kc, Ap);
+        for (jp = 0; jp < nc; jp += SM__NR) {
+            int cols = nc - jp < SM__NR ? nc - jp : SM__NR;
+            float *c = C + (size_t)ip * g->ldc + jp;
+            if (rows < SM__MR)
+                sm__gemm_micro(kc, Ap, Bp + (size_t)jp * kc, g->alpha, c, g->ldc, rows, cols, overwrite, 0);
+            else
+                sm__gemm_micro_in_place(kc, A, a_step, a_gap, Bp + (size_t)jp * kc, g->alpha, c, g->ldc,
+                                        cols, overwrite);
+        }
+    }
+}
+
 /* The block of C one thread computes: rows [i0, i1) x columns [j0, j1). */
 typedef struct {
     int i0, i1, j0, j1;
@@ -3663,6 +3692,11 @@ static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, fl
             sm__pack_b(g, pc, kc, jc, nc, Bp);
             for (ic = q.i0; ic < q.i1; ic += SM__MC) {
                 int mc = q.i1 - ic < SM__MC ? q.i1 - ic : SM__MC;
+                if (nc <= SM__A_IN_PLACE_PANELS * SM__NR) {
+                    sm__gemm_macro_a_in_place(g, ic, mc, pc, kc, g->C + (size_t)ic * g->ldc + jc, nc, Bp, Ap,
+                                              g->overwrite && pc == 0);
+                    continue;
+                }
                 sm__pack_a(g, ic, mc, pc, kc, Ap);
                 sm__gemm_macro(mc, nc, kc, g->alpha, Ap, Bp, g->C + (size_t)ic * g->ldc + jc, g->ldc,
                                g->overwrite && pc == 0, rowwise);
@@ -3711,8 +3745,9 @@ static void sm__gemm_rows(int rows, int N, int K, const float *A, int lda, const
         for (ip = 0; ip < rows; ip += SM__MR) {
             int r = rows - ip < SM__MR ? rows - ip : SM__MR;
             if (r == SM__MR && N <= SM__NR) {
-                sm__gemm_micro_in_place(kc, A + (size_t)ip * lda + pc, lda, Bp + (size_t)pc * n_pad,
-                                        C + (size_t)ip * ldc, ldc, N, overwrite && pc == 0);
+                sm__gemm_micro_in_place(kc, A + (size_t)ip * lda + pc, 1, (size_t)lda,
+                                        Bp + (size_t)pc * n_pad, 1.0f, C + (size_t)ip * ldc, ldc, N,
+                                        overwrite && pc == 0);
                 continue;
             }
             sm__pack_panel(A + (size_t)ip * lda + pc, (size_t)lda, kc, r, SM__MR, Ap);

@@ -387,12 +387,14 @@ static int t_check_sgemm_case(sm_rng *r, const t_gemm_case *t) {
 
 /* Shapes at the edges of the blocking: 1, MR +- 1, NR +- 1 for every path's
  * tile (4, 6 or 12 x 16 or 32), primes, K across KC = 256, M over MC = 144,
- * N over NC = 1024 and 2048 (one slice: C written along its rows); all four
- * transposes, with padded leading dimensions. */
+ * N over NC = 1024 and 2048 (one slice: C written along its rows), N of one
+ * or two panels (op(A) read in place, its last tile of fewer than MR rows
+ * packed) on every path; all four transposes, with padded leading
+ * dimensions. */
 static int test_sgemm_edges_and_transposes(void) {
-    static const int shapes[][3] = {{1, 1, 1},    {1, 37, 300},  {13, 33, 257}, {11, 31, 1},
-                                    {12, 32, 256}, {5, 17, 513}, {7, 15, 29},   {145, 97, 19},
-                                    {3, 2051, 41}, {300, 97, 601}};
+    static const int shapes[][3] = {{1, 1, 1},     {1, 37, 300},  {13, 33, 257}, {11, 31, 1},
+                                    {12, 32, 256},  {5, 17, 513},  {7, 15, 29},   {145, 97, 19},
+                                    {3, 2051, 41},  {300, 97, 601}, {13, 31, 300}, {26, 64, 300}};
     sm_rng r;
     int s, tr;
     sm_rng_seed(&r, 15);
@@ -407,13 +409,14 @@ static int test_sgemm_edges_and_transposes(void) {
 }
 
 /* beta = 0 overwrites C, NaN included (BLAS semantics), on the plain-loop
- * path for tiny products and on the blocked path; beta = 1 adds to C. */
+ * path for tiny products, on the blocked path, and with op(A) read in place
+ * (N of one or two panels on every path); beta = 1 adds to C. */
 static int test_sgemm_beta_zero_and_one(void) {
-    static const int shapes[][3] = {{3, 5, 7}, {70, 90, 300}};
+    static const int shapes[][3] = {{3, 5, 7}, {70, 90, 300}, {70, 30, 300}};
     sm_rng r;
     int s, i;
     sm_rng_seed(&r, 16);
-    for (s = 0; s < 2; s++) {
+    for (s = 0; s < 3; s++) {
         int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
         float *A = t_randn(&r, (size_t)M * K, 1), *B = t_randn(&r, (size_t)K * N, 1);
         float *C = (float *)t_alloc((size_t)M * N), *D = (float *)t_alloc((size_t)M * N);
@@ -440,16 +443,17 @@ static void t_set_threads(int n) { (void)n; }
 /* Each element of C is summed by one thread in a fixed order, so repeated
  * runs agree to the bit, and so do 1, 2 and 3 threads (C is shared out
  * differently, the sums are not). Every layout, at shapes with several
- * blocks and slices of K, split by rows (M > N) and by columns (M < N).
- * The last C (2.2 MB) is above SM__C_NEAR for one thread, which writes it
+ * blocks and slices of K, split by rows (M > N) and by columns (M < N),
+ * and one whose N of two panels or fewer has op(A) read in place.
+ * The third C (2.2 MB) is above SM__C_NEAR for one thread, which writes it
  * along its rows in two NC_ROWWISE blocks, and below it for each of 2 or 3
  * threads, which go down the columns: the two orders must agree too. */
 static int test_sgemm_bit_identical_across_runs_and_threads(void) {
-    static const int shapes[][3] = {{301, 133, 600}, {37, 301, 600}, {500, 1100, 300}};
+    static const int shapes[][3] = {{301, 133, 600}, {37, 301, 600}, {500, 1100, 300}, {301, 29, 600}};
     int s, tr, threads = sm_num_threads();
     sm_rng r;
     sm_rng_seed(&r, 17);
-    for (s = 0; s < 3; s++) {
+    for (s = 0; s < 4; s++) {
         int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
         float *A = t_randn(&r, (size_t)M * K, 1), *B = t_randn(&r, (size_t)K * N, 1), *C[4];
         for (tr = 0; tr < 4; tr++) C[tr] = (float *)t_alloc((size_t)M * N);
