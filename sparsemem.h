@@ -3679,10 +3679,12 @@ static int sm__gemm_rowwise(const sm__gemm_job *g, sm__gemm_part q) {
 
 /* One thread's block of C: for every NC x KC block of op(B) in its
  * columns it packs the B panels, then for every MC rows of its block it
- * packs op(A) and runs the macro-kernel. Every element of C is updated by
- * this one thread, slice after slice, in the same order whatever the
- * number of threads (and whatever the order of the tiles). Written along
- * the rows, the packed B is narrower, to stay in L2 as it goes by. */
+ * packs op(A) and runs the macro-kernel (or, where the block is at most
+ * SM__A_IN_PLACE_PANELS panels wide, reads op(A) in place). Every element
+ * of C is updated by this one thread, slice after slice, in the same order
+ * whatever the number of threads (and whatever the order of the tiles).
+ * Written along the rows, the packed B is narrower, to stay in L2 as it
+ * goes by. */
 static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, float *Ap) {
     int rowwise = sm__gemm_rowwise(g, q), nc_max = rowwise ? SM__NC_ROWWISE : SM__NC, jc, pc;
     for (jc = q.j0; jc < q.j1; jc += nc_max) {
