@@ -3357,8 +3357,8 @@ static void sm__gemm_micro(int kc, const float *Ap, const float *Bp, float alpha
 
 /* sm__gemm_micro on a whole MR-row tile of op(A) read where it is instead
  * of packed, element (i, k) at A + k a_step + i a_gap (a row-major A: 1 and
- * lda; a transposed one: lda and 1): for an op(A) that serves one or two
- * panels of B, which packing would copy (and transpose) for as few uses. */
+ * lda; a transposed one: lda and 1): for an op(A) that serves a few panels
+ * of B, which packing would copy (and transpose) for as few uses. */
 static void sm__gemm_micro_in_place(int kc, const float *A, size_t a_step, size_t a_gap,
                                     const float *Bp, float alpha, float *C, int ldc, int cols,
                                     int overwrite) {
@@ -3605,11 +3605,12 @@ static void sm__gemm_macro(int mc, int nc, int kc, float alpha, const float *Ap,
 
 /* C[mc x nc block] += alpha * op(A) Bp (= with `overwrite`) with op(A)
  * read where it is (sm__gemm_micro_in_place), for a block of at most
- * SM__A_IN_PLACE_PANELS panels of B: packing would copy each element of
- * op(A) for one or two uses (attention's products per head, N = hs). A
- * last tile of fewer than MR rows is packed, so that no row past the
- * block's is read. The same arithmetic as sm__gemm_macro. */
-#define SM__A_IN_PLACE_PANELS 2
+ * SM__A_IN_PLACE_COLS columns (two AVX-512 panels of B, four AVX2 ones):
+ * packing would copy each element of op(A) for as few uses (attention's
+ * products per head, N = hs = 64 in GPT-2). A last tile of fewer than MR
+ * rows is packed, so that no row past the block's is read. The same
+ * arithmetic as sm__gemm_macro. */
+#define SM__A_IN_PLACE_COLS 64
 static void sm__gemm_macro_a_in_place(const sm__gemm_job *g, int i0, int mc, int p0, int kc,
                                       float *C, int nc, const float *Bp, float *Ap, int overwrite) {
     size_t a_step = g->trans_a ? (size_t)g->lda : 1, a_gap = g->trans_a ? 1 : (size_t)g->lda;
@@ -3680,7 +3681,7 @@ static int sm__gemm_rowwise(const sm__gemm_job *g, sm__gemm_part q) {
 /* One thread's block of C: for every NC x KC block of op(B) in its
  * columns it packs the B panels, then for every MC rows of its block it
  * packs op(A) and runs the macro-kernel (or, where the block is at most
- * SM__A_IN_PLACE_PANELS panels wide, reads op(A) in place). Every element
+ * SM__A_IN_PLACE_COLS columns wide, reads op(A) in place). Every element
  * of C is updated by this one thread, slice after slice, in the same order
  * whatever the number of threads (and whatever the order of the tiles).
  * Written along the rows, the packed B is narrower, to stay in L2 as it
@@ -3694,7 +3695,7 @@ static void sm__gemm_block(const sm__gemm_job *g, sm__gemm_part q, float *Bp, fl
             sm__pack_b(g, pc, kc, jc, nc, Bp);
             for (ic = q.i0; ic < q.i1; ic += SM__MC) {
                 int mc = q.i1 - ic < SM__MC ? q.i1 - ic : SM__MC;
-                if (nc <= SM__A_IN_PLACE_PANELS * SM__NR) {
+                if (nc <= SM__A_IN_PLACE_COLS) {
                     sm__gemm_macro_a_in_place(g, ic, mc, pc, kc, g->C + (size_t)ic * g->ldc + jc, nc, Bp, Ap,
                                               g->overwrite && pc == 0);
                     continue;

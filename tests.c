@@ -387,10 +387,10 @@ static int t_check_sgemm_case(sm_rng *r, const t_gemm_case *t) {
 
 /* Shapes at the edges of the blocking: 1, MR +- 1, NR +- 1 for every path's
  * tile (4, 6 or 12 x 16 or 32), primes, K across KC = 256, M over MC = 144,
- * N over NC = 1024 and 2048 (one slice: C written along its rows), N of one
- * or two panels (op(A) read in place, its last tile of fewer than MR rows
- * packed) on every path; all four transposes, with padded leading
- * dimensions. */
+ * N over NC = 1024 and 2048 (one slice: C written along its rows), N of
+ * at most SM__A_IN_PLACE_COLS = 64 (op(A) read in place, its last tile of
+ * fewer than MR rows packed) in one or more panels on every path; all four
+ * transposes, with padded leading dimensions. */
 static int test_sgemm_edges_and_transposes(void) {
     static const int shapes[][3] = {{1, 1, 1},     {1, 37, 300},  {13, 33, 257}, {11, 31, 1},
                                     {12, 32, 256},  {5, 17, 513},  {7, 15, 29},   {145, 97, 19},
@@ -410,7 +410,7 @@ static int test_sgemm_edges_and_transposes(void) {
 
 /* beta = 0 overwrites C, NaN included (BLAS semantics), on the plain-loop
  * path for tiny products, on the blocked path, and with op(A) read in place
- * (N of one or two panels on every path); beta = 1 adds to C. */
+ * (N = 30: one or two panels on every path); beta = 1 adds to C. */
 static int test_sgemm_beta_zero_and_one(void) {
     static const int shapes[][3] = {{3, 5, 7}, {70, 90, 300}, {70, 30, 300}};
     sm_rng r;
@@ -444,7 +444,7 @@ static void t_set_threads(int n) { (void)n; }
  * runs agree to the bit, and so do 1, 2 and 3 threads (C is shared out
  * differently, the sums are not). Every layout, at shapes with several
  * blocks and slices of K, split by rows (M > N) and by columns (M < N),
- * and one whose N of two panels or fewer has op(A) read in place.
+ * and one whose N of at most 64 columns has op(A) read in place.
  * The third C (2.2 MB) is above SM__C_NEAR for one thread, which writes it
  * along its rows in two NC_ROWWISE blocks, and below it for each of 2 or 3
  * threads, which go down the columns: the two orders must agree too. */
