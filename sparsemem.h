@@ -3607,27 +3607,22 @@ static void sm__gemm_macro(int mc, int nc, int kc, float alpha, const float *Ap,
  * read where it is (sm__gemm_micro_in_place), for a block of at most
  * SM__A_IN_PLACE_COLS columns (two AVX-512 panels of B, four AVX2 ones):
  * packing would copy each element of op(A) for as few uses (attention's
- * products per head, N = hs = 64 in GPT-2). A last tile of fewer than MR
- * rows is packed, so that no row past the block's is read. The same
- * arithmetic as sm__gemm_macro. */
+ * products per head, N = hs = 64 in GPT-2). The last rows, fewer than MR,
+ * are packed and go through sm__gemm_macro, so that no row past the
+ * block's is read. The same arithmetic as sm__gemm_macro. */
 #define SM__A_IN_PLACE_COLS 64
 static void sm__gemm_macro_a_in_place(const sm__gemm_job *g, int i0, int mc, int p0, int kc,
                                       float *C, int nc, const float *Bp, float *Ap, int overwrite) {
     size_t a_step = g->trans_a ? (size_t)g->lda : 1, a_gap = g->trans_a ? 1 : (size_t)g->lda;
-    int ip, jp;
-    for (ip = 0; ip < mc; ip += SM__MR) {
-        int rows = mc - ip < SM__MR ? mc - ip : SM__MR;
-        const float *A = g->A + (size_t)(i0 + ip) * a_gap + (size_t)p0 * a_step;
-        if (rows < SM__MR) sm__pack_a(g, i0 + ip, rows, p0, kc, Ap);
-        for (jp = 0; jp < nc; jp += SM__NR) {
-            int cols = nc - jp < SM__NR ? nc - jp : SM__NR;
-            float *c = C + (size_t)ip * g->ldc + jp;
-            if (rows < SM__MR)
-                sm__gemm_micro(kc, Ap, Bp + (size_t)jp * kc, g->alpha, c, g->ldc, rows, cols, overwrite, 0);
-            else
-                sm__gemm_micro_in_place(kc, A, a_step, a_gap, Bp + (size_t)jp * kc, g->alpha, c, g->ldc,
-                                        cols, overwrite);
-        }
+    int full = mc - mc % SM__MR, ip, jp;
+    for (ip = 0; ip < full; ip += SM__MR)
+        for (jp = 0; jp < nc; jp += SM__NR)
+            sm__gemm_micro_in_place(kc, g->A + (size_t)(i0 + ip) * a_gap + (size_t)p0 * a_step, a_step,
+                                    a_gap, Bp + (size_t)jp * kc, g->alpha, C + (size_t)ip * g->ldc + jp,
+                                    g->ldc, nc - jp < SM__NR ? nc - jp : SM__NR, overwrite);
+    if (full < mc) { /* the last rows, fewer than MR */
+        sm__pack_a(g, i0 + full, mc - full, p0, kc, Ap);
+        sm__gemm_macro(mc - full, nc, kc, g->alpha, Ap, Bp, C + (size_t)full * g->ldc, g->ldc, overwrite, 1);
     }
 }
 

@@ -9002,7 +9002,6 @@ static int test_save_on_a_full_disk_keeps_the_file(void) {
     return 0;
 }
 
-
 /* A small model with every module (Engram at layer 0, PEER at 1, mHC),
  * untied head, so every naming rule is used. */
 static sm_model_config t_st_config(void) {
