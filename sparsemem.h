@@ -3260,18 +3260,28 @@ typedef float sm__vf;
 /* The tile's accumulators stay in registers only where the two functions
  * below are inlined into sm__gemm_micro: with two callers of that (the
  * GEMM and PEER's routing) GCC stopped inlining them, and acc went through
- * memory at a third of the speed. */
+ * memory at a third of the speed. And only where the loops over the tile's
+ * MR rows and NV vectors are unrolled whole, so that acc[i][v] names a
+ * register: GCC unrolls them at -O3 but not at -O2, the flags most
+ * projects build a vendored header with, nor does Clang at -O2; there acc
+ * went through memory too, at 0.36-0.38x the speed (bench/PERFORMANCE.md,
+ * "Compiler flags"). SM__UNROLL asks for the whole loop at any -O. */
 #if defined(__GNUC__) || defined(__clang__)
 #define SM__ALWAYS_INLINE __attribute__((always_inline)) inline
 #else
 #define SM__ALWAYS_INLINE inline
 #endif
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__) /* nvcc's front end warns */
+#define SM__UNROLL _Pragma("GCC unroll 16")
+#else
+#define SM__UNROLL
+#endif
 
 /* A tile's accumulators, zeroed. */
 static SM__ALWAYS_INLINE void sm__gemm_acc_zero(sm__vf acc[SM__MR][SM__NV]) {
     int i, v;
-    for (i = 0; i < SM__MR; i++)
-        for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
+    SM__UNROLL for (i = 0; i < SM__MR; i++)
+        SM__UNROLL for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_splat(0.0f);
 }
 
 /* acc[i][j] += sum over k of A[k][i] * B[k][j], one fused multiply-add
@@ -3289,10 +3299,10 @@ static SM__ALWAYS_INLINE void sm__gemm_micro_acc_strided(int kc, const float *Ap
     for (k = 0; k < kc; k++, Ap += a_step, Bp += b_step) {
         sm__vf b[SM__NV];
         if (SM__B_AHEAD) SM__PREFETCH(Bp + SM__B_AHEAD * b_step);
-        for (v = 0; v < SM__NV; v++) b[v] = sm__vf_load(Bp + v * SM__VW);
-        for (i = 0; i < SM__MR; i++) {
+        SM__UNROLL for (v = 0; v < SM__NV; v++) b[v] = sm__vf_load(Bp + v * SM__VW);
+        SM__UNROLL for (i = 0; i < SM__MR; i++) {
             sm__vf a = sm__vf_splat(Ap[(size_t)i * a_gap]);
-            for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_fmadd(a, b[v], acc[i][v]);
+            SM__UNROLL for (v = 0; v < SM__NV; v++) acc[i][v] = sm__vf_fmadd(a, b[v], acc[i][v]);
         }
     }
 }
@@ -3309,8 +3319,8 @@ static SM__ALWAYS_INLINE void sm__gemm_add_tile(float *C, int ldc, float alpha,
                                                 sm__vf acc[SM__MR][SM__NV], int overwrite) {
     sm__vf va = sm__vf_splat(alpha), zero = sm__vf_splat(0.0f);
     int i, v;
-    for (i = 0; i < SM__MR; i++)
-        for (v = 0; v < SM__NV; v++) {
+    SM__UNROLL for (i = 0; i < SM__MR; i++)
+        SM__UNROLL for (v = 0; v < SM__NV; v++) {
             float *c = C + (size_t)i * ldc + v * SM__VW;
             sm__vf_store(c, sm__vf_fmadd(va, acc[i][v], overwrite ? zero : sm__vf_load(c)));
         }
