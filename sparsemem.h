@@ -313,6 +313,13 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
 /* Which sm_sgemm this build runs, chosen at compile time: "avx512",
  * "avx2" (AVX2 + FMA), "portable" (plain C) or "cblas" (SM_USE_CBLAS). */
 SMDEF const char *sm_sgemm_path(void);
+/* NULL where the built-in kernel (the SIMD path built; with SM_USE_CBLAS
+ * attention's products still run on it) is the widest this CPU runs. Else
+ * a sentence naming the wider one the CPU has and the -march that builds
+ * it: the kernel is chosen from the build's target macros, and a build for
+ * x86-64's baseline runs the portable one, several times slower. Known on
+ * x86 with GCC or Clang; elsewhere NULL. */
+SMDEF const char *sm_sgemm_target_advice(void);
 /* The built-in sm_sgemm, the attention (whose products are built in with
  * SM_USE_CBLAS too) and PEER's routing keep their scratch, the packed
  * operands, the score gradients and the sub-key scores, from call to call:
@@ -2450,8 +2457,9 @@ SMDEF sm_status sm_model_load_safetensors(sm_model *m, const sm_safetensors *st,
  * compiler to vectorise, and GCC does that fully only at -O3: at -O2 its
  * vectoriser (GCC 12 on) takes only loops that need no remainder or
  * alias check, and before GCC 12 it does not run at -O2 at all. Most
- * projects build a vendored header at -O2, where that cost a training step
- * a quarter of its speed (bench/flags.sh). So the implementation asks GCC
+ * projects build a vendored header at -O2, where a training step with the
+ * modules took 1.22x its -O3 time, 1.30x with no vectoriser
+ * (bench/PERFORMANCE.md, "Compiler flags"). So the implementation asks GCC
  * for its -O3 vectoriser wherever the build optimises for speed; that
  * changes no result (no float reduction is reordered without
  * -ffast-math). Clang vectorises at -O2 already. */
@@ -3802,6 +3810,35 @@ static void sm__scale_c(int M, int N, float beta, float *C, int ldc) {
 #endif
 
 SMDEF const char *sm_sgemm_path(void) { return SM__GEMM_PATH; }
+
+/* The widest kernel path this CPU runs (as sm_sgemm_path names them), or
+ * NULL where that cannot be asked. __builtin_cpu_supports checks the OS
+ * too: AVX-512 counts only where the OS saves the zmm registers. */
+static const char *sm__cpu_kernel_path(void) {
+#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return "avx512";
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
+    return "portable";
+#else
+    return NULL;
+#endif
+}
+
+/* "portable" < "avx2" < "avx512". */
+static int sm__kernel_path_rank(const char *path) {
+    return strcmp(path, "avx512") == 0 ? 2 : strcmp(path, "avx2") == 0;
+}
+
+SMDEF const char *sm_sgemm_target_advice(void) {
+    const char *cpu = sm__cpu_kernel_path();
+    if (!cpu || sm__kernel_path_rank(cpu) <= sm__kernel_path_rank(SM__KERNEL_PATH)) return NULL;
+    return strcmp(cpu, "avx512") == 0
+               ? "this CPU has AVX-512, which this build's target leaves out (its GEMM kernel: " SM__KERNEL_PATH
+                 "): build with -march=native or -march=x86-64-v4 for the AVX-512 kernel"
+               : "this CPU has AVX2 and FMA, which this build's target leaves out (its GEMM kernel: "
+                 "portable): build with -march=native or -march=x86-64-v3 for the AVX2 kernel";
+}
 
 /* Threads for one product: 1 where a parallel region inside would get no
  * more (called from a thread of one, as attention calls it per head). */

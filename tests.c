@@ -564,6 +564,50 @@ static int test_sgemm_path_matches_target(void) {
     return 0;
 }
 
+/* The widest kernel path /proc/cpuinfo's flags allow, or NULL where the
+ * file is missing (not Linux) or lists no flags (not x86). */
+static const char *t_cpuinfo_kernel_path(void) {
+    static char line[8192];
+    const char *path = NULL;
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    if (!f) return NULL;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, "flags", 5) == 0) {
+            path = strstr(line, " avx512f") ? "avx512"
+                   : strstr(line, " avx2") && strstr(line, " fma") ? "avx2"
+                                                                  : "portable";
+            break;
+        }
+    fclose(f);
+    return path;
+}
+
+/* sm_sgemm_target_advice is quiet where the build's kernel is the widest
+ * the CPU has, and names the -march of the wider one where it is not (the
+ * test-kernels builds for x86-64 and x86-64-v3 on a wider CPU). */
+static int test_sgemm_target_advice_names_the_wider_kernel(void) {
+    const char *cpu = t_cpuinfo_kernel_path(), *advice = sm_sgemm_target_advice(), *built =
+#if defined(__AVX512F__)
+        "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+        "avx2";
+#else
+        "portable";
+#endif
+    if (!cpu) {
+        printf("     (skipped: no /proc/cpuinfo flags to compare with)\n");
+        return 0;
+    }
+    if (strcmp(cpu, built) == 0) {
+        CHECK(advice == NULL, "the build runs the CPU's widest kernel (%s), yet: %s", built, advice);
+        return 0;
+    }
+    CHECK(advice != NULL, "the CPU runs %s, the build %s, and no advice", cpu, built);
+    CHECK(strstr(advice, strcmp(cpu, "avx512") == 0 ? "x86-64-v4" : "x86-64-v3") != NULL,
+          "advice on a CPU with %s: %s", cpu, advice);
+    return 0;
+}
+
 /* ---- >>backbone  backbone layers ------------------------------------ */
 
 /* Context for checking a single-input layer: out = f(inp, weight). */
@@ -9462,6 +9506,7 @@ static const t_case t_cases[] = {
     T(test_gemm_rows_matches_sgemm),
     T(test_sgemm_keeps_thread_buffers),
     T(test_sgemm_path_matches_target),
+    T(test_sgemm_target_advice_names_the_wider_kernel),
     T(test_rmsnorm_gradient), T(test_rmsnorm_grouped_gradient), T(test_layernorm_gradient),
     T(test_linear_gradient),
     T(test_activation_gradients), T(test_gelu_exp_accuracy_clamps_and_lanes),

@@ -2309,6 +2309,8 @@ static int tr_train(tr_opts *o) {
                r.model.params.total, sm_model_is_sharded(&r.model) ? " on rank 0 (tables sharded)" : "",
                r.model.n_sub, sm_num_threads(), tr_comm->size, tr_gemm_name(gemm, sizeof gemm, o->device),
                r.data.train.n_tokens, r.data.val.n_tokens);
+    if (!o->quiet && strcmp(o->device, "cuda") != 0 && sm_sgemm_target_advice())
+        printf("note: %s\n", sm_sgemm_target_advice());
     while (r.step < end) {
         if (tr_step(&r, o, &loss, msg, sizeof msg) != 0) {
             if (lead) {

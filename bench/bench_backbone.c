@@ -465,6 +465,7 @@ int main(int argc, char **argv) {
     }
     cpu_model(cpu, sizeof cpu);
     printf("cpu: %s\nsm_sgemm path: %s\n", cpu, sm_sgemm_path());
+    if (sm_sgemm_target_advice()) printf("  (%s)\n", sm_sgemm_target_advice());
     if (argc > 1 && strcmp(argv[1], "regions") == 0) {
         bench_regions();
     } else if (argc > 1 && strcmp(argv[1], "buffers") == 0) {
