@@ -548,17 +548,23 @@ static int test_sgemm_keeps_thread_buffers(void) {
     return 0;
 }
 
+/* The kernel path the build's target macros select. */
+static const char *t_target_kernel_path(void) {
+#if defined(__AVX512F__)
+    return "avx512";
+#elif defined(__AVX2__) && defined(__FMA__)
+    return "avx2";
+#else
+    return "portable";
+#endif
+}
+
 /* sm_sgemm_path names the kernel the target macros select. */
 static int test_sgemm_path_matches_target(void) {
-    const char *want =
 #if defined(SM_USE_CBLAS)
-        "cblas";
-#elif defined(__AVX512F__)
-        "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-        "avx2";
+    const char *want = "cblas";
 #else
-        "portable";
+    const char *want = t_target_kernel_path();
 #endif
     CHECK(strcmp(sm_sgemm_path(), want) == 0, "path %s, want %s", sm_sgemm_path(), want);
     return 0;
@@ -586,14 +592,8 @@ static const char *t_cpuinfo_kernel_path(void) {
  * the CPU has, and names the -march of the wider one where it is not (the
  * test-kernels builds for x86-64 and x86-64-v3 on a wider CPU). */
 static int test_sgemm_target_advice_names_the_wider_kernel(void) {
-    const char *cpu = t_cpuinfo_kernel_path(), *advice = sm_sgemm_target_advice(), *built =
-#if defined(__AVX512F__)
-        "avx512";
-#elif defined(__AVX2__) && defined(__FMA__)
-        "avx2";
-#else
-        "portable";
-#endif
+    const char *cpu = t_cpuinfo_kernel_path(), *advice = sm_sgemm_target_advice();
+    const char *built = t_target_kernel_path();
     if (!cpu) {
         printf("     (skipped: no /proc/cpuinfo flags to compare with)\n");
         return 0;
