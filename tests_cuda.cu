@@ -2140,7 +2140,7 @@ int main(int argc, char **argv) {
     }
     smc_set_tf32(&T_GPU, 0);
     printf("device: %s (%d SMs)\n", T_GPU.name, T_GPU.sm_count);
-    failed = t_run(t_cases, n, argc > 1 ? argv[1] : NULL);
+    failed = t_run(t_cases, n, argv + 1, argc - 1);
     smc_free(&T_GPU);
     return failed ? 1 : 0;
 }

@@ -53,15 +53,24 @@ typedef struct {
 } t_case;
 #define T(f) {#f, f}
 
-/* Runs the cases whose name contains filter (all with NULL); returns the
- * number that failed. */
-static int t_run(const t_case *cases, size_t n, const char *filter) {
+/* Whether a case named `name` runs: with no filters every case, else those
+ * whose name contains any of them. */
+static int t_selected(const char *name, char **filters, int n_filters) {
+    int f;
+    for (f = 0; f < n_filters; f++)
+        if (strstr(name, filters[f])) return 1;
+    return n_filters == 0;
+}
+
+/* Runs the cases t_selected picks (the command line's arguments are the
+ * filters); returns the number that failed. */
+static int t_run(const t_case *cases, size_t n, char **filters, int n_filters) {
     size_t i;
     int passed = 0, failed = 0;
     for (i = 0; i < n; i++) {
         double t0;
         int bad;
-        if (filter && !strstr(cases[i].name, filter)) continue;
+        if (!t_selected(cases[i].name, filters, n_filters)) continue;
         t_fail_msg[0] = 0;
         t0 = sm_now();
         bad = cases[i].fn();

@@ -358,7 +358,7 @@ int main(int argc, char **argv) {
     if (t_comm.rank == 0) printf("%d ranks\n", t_comm.size);
     else if (!freopen("/dev/null", "w", stdout)) return 2;
     t_agree = t_mpi_agree;
-    failed = t_run(t_cases, sizeof t_cases / sizeof t_cases[0], argc > 1 ? argv[1] : NULL);
+    failed = t_run(t_cases, sizeof t_cases / sizeof t_cases[0], argv + 1, argc - 1);
     sm_comm_free(&t_comm), sm_comm_free(&tr_world);
     MPI_Finalize();
     return failed ? 1 : 0;

@@ -218,8 +218,8 @@ int main(int argc, char **argv) {
                                  shared ? ": they share GPUs, so the NCCL cases are skipped" : "");
     else if (!freopen("/dev/null", "w", stdout)) return 2;
     t_agree = t_nccl_agree;
-    failed = shared ? t_run(t_shared_gpu_cases, sizeof t_shared_gpu_cases / sizeof t_shared_gpu_cases[0], argc > 1 ? argv[1] : NULL)
-                    : t_run(t_cases, sizeof t_cases / sizeof t_cases[0], argc > 1 ? argv[1] : NULL);
+    failed = shared ? t_run(t_shared_gpu_cases, sizeof t_shared_gpu_cases / sizeof t_shared_gpu_cases[0], argv + 1, argc - 1)
+                    : t_run(t_cases, sizeof t_cases / sizeof t_cases[0], argv + 1, argc - 1);
     cudaStreamDestroy(t_stream);
     sm_comm_free(&t_comm);
     MPI_Finalize();
