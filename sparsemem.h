@@ -3259,6 +3259,7 @@ SMDEF void sm_sgemm_reference(int trans_a, int trans_b, int M, int N, int K, flo
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #define SM__KERNEL_PATH "avx512"
+#define SM__KERNEL_RANK 2 /* "portable" 0 < "avx2" 1 < "avx512" 2 */
 typedef __m512 sm__vf;
 #define SM__VW 16
 #define SM__NV 2 /* vectors per tile row */
@@ -3271,6 +3272,7 @@ typedef __m512 sm__vf;
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #define SM__KERNEL_PATH "avx2"
+#define SM__KERNEL_RANK 1
 typedef __m256 sm__vf;
 #define SM__VW 8
 #define SM__NV 2
@@ -3282,6 +3284,7 @@ typedef __m256 sm__vf;
 #define sm__vf_fmadd(a, b, c) _mm256_fmadd_ps(a, b, c)
 #else
 #define SM__KERNEL_PATH "portable"
+#define SM__KERNEL_RANK 0
 typedef float sm__vf;
 #define SM__VW 1
 #define SM__NV 16
@@ -3832,29 +3835,23 @@ static void sm__scale_c(int M, int N, float beta, float *C, int ldc) {
 
 SMDEF const char *sm_sgemm_path(void) { return SM__GEMM_PATH; }
 
-/* The widest kernel path this CPU runs (as sm_sgemm_path names them), or
- * NULL where that cannot be asked. __builtin_cpu_supports checks the OS
- * too: AVX-512 counts only where the OS saves the zmm registers. */
-static const char *sm__cpu_kernel_path(void) {
+/* The rank (SM__KERNEL_RANK) of the widest kernel path this CPU runs, or
+ * -1 where that cannot be asked. __builtin_cpu_supports checks the OS too:
+ * AVX-512 counts only where the OS saves the zmm registers. */
+static int sm__cpu_kernel_rank(void) {
 #if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__))
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f")) return "avx512";
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
-    return "portable";
+    if (__builtin_cpu_supports("avx512f")) return 2;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #else
-    return NULL;
+    return -1;
 #endif
 }
 
-/* "portable" < "avx2" < "avx512". */
-static int sm__kernel_path_rank(const char *path) {
-    return strcmp(path, "avx512") == 0 ? 2 : strcmp(path, "avx2") == 0;
-}
-
 SMDEF const char *sm_sgemm_target_advice(void) {
-    const char *cpu = sm__cpu_kernel_path();
-    if (!cpu || sm__kernel_path_rank(cpu) <= sm__kernel_path_rank(SM__KERNEL_PATH)) return NULL;
-    return strcmp(cpu, "avx512") == 0
+    int cpu = sm__cpu_kernel_rank();
+    if (cpu <= SM__KERNEL_RANK) return NULL;
+    return cpu == 2
                ? "this CPU has AVX-512, which this build's target leaves out (its GEMM kernel: " SM__KERNEL_PATH
                  "): build with -march=native or -march=x86-64-v4 for the AVX-512 kernel"
                : "this CPU has AVX2 and FMA, which this build's target leaves out (its GEMM kernel: "

@@ -28,6 +28,7 @@ static void *t_realloc(void *p, size_t n);
 #include <stdlib.h>
 #include <string.h>
 #include <sys/resource.h>
+#include <sys/wait.h>
 
 /* The scalar references below must round as the library does, which
  * contracts no a * b + c into a fused multiply-add it did not ask for
@@ -38,7 +39,6 @@ static void *t_realloc(void *p, size_t n);
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=off")
 #endif
-#include <sys/wait.h>
 
 /* t_malloc and t_realloc fail after t_allocs_left more calls (-1: never),
  * so a test sees out-of-memory handled where it happens. Which of several

@@ -55,27 +55,25 @@ for ((r = 0; r < rounds; r++)); do
     gemm=$("$work/bench$i" 768 3072 768 2>&1)
     ((r + i)) || grep -E '^(cpu|OpenBLAS):' <<< "$gemm" || true
     tiny=$("$work/bench$i" profile tiny 2>&1)
-    awk -v b="$i" '
+    echo "$(awk -v b="$i" '
       / NT +768 x +3072 x +768 / { gflops = NF >= 10 ? $(NF - 2) : $NF; ratio = NF >= 10 ? $NF : "-" }
       /^step small:/ { for (f = 1; f <= NF; f++) if ($f == "s/step,") small = $(f - 1) }
       /^step gpt2-124M:/ { for (f = 1; f <= NF; f++) if ($f == "s/step,") gpt2 = $(f - 1) }
       /^sm_sgemm path:/ { path = $3 }
-      END { print b, gflops, ratio, small, gpt2, path }' <<< "$gemm" > "$work/gemm"
-    awk '$1 == "step" { print $2 }' <<< "$tiny" > "$work/tiny"
-    echo "$(cat "$work/gemm") $(cat "$work/tiny")" >> "$work/rounds"
+      END { print b, gflops, ratio, small, gpt2, path }' <<< "$gemm") \
+$(awk '$1 == "step" { print $2 }' <<< "$tiny")" >> "$work/rounds"
   done
 done
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR) print (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 printf '\n%-28s %-9s %9s %7s %10s %10s %12s %8s\n' build "sm_sgemm" "GFLOP/s" "/ BLAS" "small s" \
   "gpt2 s" "tiny+mod ms" "/ -O3"
-base=
+# The median of column $2 of build $1's rounds ("-": none measured).
+col() { awk -v b="$1" -v c="$2" '$1 == b && $c != "-" { print $c }' "$work/rounds" | median; }
+base=$(col 0 7)
 for i in "${!names[@]}"; do
-  col() { awk -v b="$i" -v c="$1" '$1 == b { print $c }' "$work/rounds" | median; }
-  tiny_ms=$(col 7)
-  [[ -z $base ]] && base=$tiny_ms
-  ratio=$(awk -v b="$i" '$1 == b { print $3 }' "$work/rounds" | grep -v -- - | median || true)
+  ratio=$(col "$i" 3) tiny_ms=$(col "$i" 7)
   path=$(awk -v b="$i" '$1 == b { print $6; exit }' "$work/rounds")
-  printf '%-28s %-9s %9s %7s %10s %10s %12s %8.2f\n' "${names[$i]}" "$path" "$(col 2)" "${ratio:--}" \
-    "$(col 4)" "$(col 5)" "$tiny_ms" "$(awk -v a="$tiny_ms" -v b="$base" 'BEGIN { print a / b }')"
+  printf '%-28s %-9s %9s %7s %10s %10s %12s %8.2f\n' "${names[$i]}" "$path" "$(col "$i" 2)" "${ratio:--}" \
+    "$(col "$i" 4)" "$(col "$i" 5)" "$tiny_ms" "$(awk -v a="$tiny_ms" -v b="$base" 'BEGIN { print a / b }')"
 done
